@@ -20,7 +20,9 @@ fn run(data: &[u8], chunk: usize) -> Option<Result<Option<String>, ()>> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&first, rest)) = data.split_first() else { return };
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
     let whole = run(rest, rest.len());
     let split = run(rest, usize::from(first % 17) + 1);
     assert_eq!(whole, split);

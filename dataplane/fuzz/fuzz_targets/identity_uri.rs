@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use outrelay_proto::identity::Identity;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(id) = Identity::parse(s) {
         assert_eq!(id.to_string(), s);
     }

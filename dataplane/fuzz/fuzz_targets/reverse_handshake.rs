@@ -7,7 +7,10 @@ use outrelay_proto::reverse::{self, LeaseId};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some(lease_id)) = reverse::decode_preamble(data) {
-        assert_eq!(&reverse::encode_preamble(&lease_id)[..], &data[..reverse::PREAMBLE_BYTES]);
+        assert_eq!(
+            &reverse::encode_preamble(&lease_id)[..],
+            &data[..reverse::PREAMBLE_BYTES]
+        );
     }
     let key = [0x42u8; 32];
     let nonce = [0x24u8; 16];

@@ -221,7 +221,7 @@ fn parse_message(c: &mut Cursor<'_>, cap: usize) -> Result<Outcome, Stop> {
                     }
                     need!(n, ext_end);
                     let name = c.take(n)?;
-                    if used + 1 + n <= 256 && used != usize::MAX {
+                    if used != usize::MAX && used + 1 + n <= 256 {
                         alpn.push(name.to_vec());
                         used += 1 + n;
                     } else {
