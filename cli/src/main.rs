@@ -1,0 +1,633 @@
+//! `outrelay`: the OutRelay operator CLI.
+//!
+//! Talks to the controller over its local Unix socket (default; root and members of
+//! `outrelay-admin` are global admins there) or over `https://host:7444` with a client
+//! certificate. Exit codes: 0 ok, 1 remote error or not found, 2 usage error.
+//!
+//! `outrelay relay status|drain` (the relay's admin socket) are not here yet: the relay admin
+//! socket does not exist.
+#![forbid(unsafe_code)]
+
+mod client;
+mod dev_pki;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use outrelay_api::pb;
+use serde_json::json;
+
+use crate::output::{Output, print_rows};
+
+/// Exit code for a remote error or a missing object.
+const EXIT_REMOTE: u8 = 1;
+
+/// OutRelay operator CLI.
+#[derive(Debug, Parser)]
+#[command(name = "outrelay", version, propagate_version = true)]
+struct Cli {
+    /// Controller address: unix:///path/to.sock or https://host:port.
+    #[arg(
+        long,
+        global = true,
+        default_value = "unix:///run/outrelay/controller.sock",
+        env = "OUTRELAY_CONTROLLER"
+    )]
+    controller: String,
+    /// Client certificate (PEM) for https controllers.
+    #[arg(long, global = true, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Client key (PEM) for https controllers.
+    #[arg(long, global = true, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the controller's certificate.
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Access policy rules.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Certificates.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// Registered services.
+    #[command(subcommand)]
+    Services(ServicesCmd),
+    /// Relays known to the controller.
+    #[command(subcommand)]
+    Relays(RelaysCmd),
+    /// Public leases and their approval.
+    #[command(subcommand)]
+    Leases(LeasesCmd),
+    /// Writes a development PKI (CA and certificates) into a directory.
+    DevPki {
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// The relay's public root host, e.g. relay.example.test.
+        #[arg(long)]
+        root_host: String,
+    },
+    /// Prints shell completions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Writes man pages (one per command) into a directory.
+    Man {
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DecisionArg {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Adds a rule.
+    Add {
+        #[arg(long)]
+        tenant: String,
+        /// Caller pattern (glob, `*` = any run).
+        #[arg(long)]
+        caller: String,
+        /// Target pattern (glob).
+        #[arg(long)]
+        target: String,
+        /// Method pattern (empty = any).
+        #[arg(long, default_value = "")]
+        method: String,
+        /// allow or deny.
+        #[arg(long, value_enum)]
+        decision: DecisionArg,
+        /// Lifetime, e.g. 1h (default: never expires).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// Lists a tenant's rules in creation order.
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Removes a rule.
+    Remove {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Queries events, newest first.
+    Query {
+        /// Tenant (empty: every tenant, global admins only).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        caller: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        /// Only events newer than this, e.g. 1h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Verifies the HMAC chain; prints the head MAC and row count.
+    Verify,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Agent,
+    Relay,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Creates a single-use enrollment token.
+    Create {
+        /// Tenant (agents; relay tokens belong to `system`).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        #[arg(long, value_enum, default_value_t = RoleArg::Agent)]
+        role: RoleArg,
+        /// Lifetime, e.g. 10m (default: the controller's, 10 minutes).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Bind the token to this agent uuid.
+        #[arg(long, conflicts_with_all = ["relay_id", "region"])]
+        agent_uuid: Option<String>,
+        /// Relay id (relay tokens).
+        #[arg(long, requires = "region")]
+        relay_id: Option<String>,
+        /// Relay region (relay tokens).
+        #[arg(long, requires = "relay_id")]
+        region: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCmd {
+    /// Revokes every certificate of an identity.
+    Revoke {
+        #[arg(long)]
+        uri: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServicesCmd {
+    /// Lists registered providers.
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RelaysCmd {
+    /// Lists relays and whether they are up.
+    List,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Auto,
+    Manual,
+}
+
+#[derive(Debug, Subcommand)]
+enum LeasesCmd {
+    /// Lists leases.
+    List {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Approves a pending lease.
+    Approve {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        id: String,
+    },
+    /// Denies a lease.
+    Deny {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        id: String,
+    },
+    /// Bans a lease's name in its tenant.
+    Ban {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        id: String,
+    },
+    /// Sets a tenant's lease quota (0 = unlimited).
+    Quota {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        max: u32,
+    },
+    /// Sets a tenant's approval mode.
+    Mode {
+        #[arg(long)]
+        tenant: String,
+        #[arg(value_enum)]
+        mode: ModeArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outrelay: {e}");
+            return ExitCode::from(EXIT_REMOTE);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(status) = e.downcast_ref::<tonic::Status>() {
+                eprintln!("outrelay: {:?}: {}", status.code(), status.message());
+            } else {
+                eprintln!("outrelay: {e:#}");
+            }
+            ExitCode::from(EXIT_REMOTE)
+        }
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let out = cli.output;
+    let target = client::Target {
+        url: cli.controller.clone(),
+        cert: cli.cert.clone(),
+        key: cli.key.clone(),
+        ca: cli.ca.clone(),
+    };
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "outrelay",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out: dir } => {
+            write_man_pages(&dir)?;
+            println!("man pages written to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DevPki {
+            out: dir,
+            root_host,
+        } => {
+            let files = dev_pki::write(&dir, &root_host)?;
+            print_rows(
+                out,
+                &["file", "what"],
+                files
+                    .iter()
+                    .map(|(f, w)| vec![f.clone(), w.clone()])
+                    .collect(),
+                json!(
+                    files
+                        .iter()
+                        .map(|(f, w)| json!({"file": f, "what": w}))
+                        .collect::<Vec<_>>()
+                ),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy(cmd) => {
+            let mut c = pb::policy_client::PolicyClient::new(client::connect(&target).await?);
+            match cmd {
+                PolicyCmd::Add {
+                    tenant,
+                    caller,
+                    target: tgt,
+                    method,
+                    decision,
+                    expires,
+                } => {
+                    let rule = pb::PolicyRule {
+                        tenant,
+                        caller_pattern: caller,
+                        target_pattern: tgt,
+                        method_pattern: method,
+                        decision: match decision {
+                            DecisionArg::Allow => pb::Decision::Allow as i32,
+                            DecisionArg::Deny => pb::Decision::Deny as i32,
+                        },
+                        expires_unix_ms: expires
+                            .map(|d| now_unix_ms().saturating_add(ms(d)))
+                            .unwrap_or(0),
+                        ..Default::default()
+                    };
+                    let id = c
+                        .add_policy(pb::AddPolicyRequest { rule: Some(rule) })
+                        .await?
+                        .into_inner()
+                        .id;
+                    print_rows(out, &["id"], vec![vec![id.clone()]], json!({ "id": id }));
+                }
+                PolicyCmd::List { tenant } => {
+                    let rules = c
+                        .list_policies(pb::ListPoliciesRequest { tenant })
+                        .await?
+                        .into_inner()
+                        .rules;
+                    output::rules(out, &rules);
+                }
+                PolicyCmd::Remove { tenant, id } => {
+                    let removed = c
+                        .remove_policy(pb::RemovePolicyRequest {
+                            tenant,
+                            id: id.clone(),
+                        })
+                        .await?
+                        .into_inner()
+                        .removed;
+                    if !removed {
+                        eprintln!("outrelay: no rule {id}");
+                        return Ok(ExitCode::from(EXIT_REMOTE));
+                    }
+                    print_rows(
+                        out,
+                        &["removed"],
+                        vec![vec![id.clone()]],
+                        json!({ "removed": id }),
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(cmd) => {
+            let mut c = pb::audit_client::AuditClient::new(client::connect(&target).await?);
+            match cmd {
+                AuditCmd::Query {
+                    tenant,
+                    caller,
+                    target: tgt,
+                    since,
+                    limit,
+                } => {
+                    let since_unix_ms = since
+                        .map(|d| now_unix_ms().saturating_sub(ms(d)))
+                        .unwrap_or(0);
+                    let mut stream = c
+                        .query(pb::QueryRequest {
+                            tenant,
+                            caller,
+                            target: tgt,
+                            since_unix_ms,
+                            limit,
+                        })
+                        .await?
+                        .into_inner();
+                    let mut events = Vec::new();
+                    while let Some(ev) = stream.message().await? {
+                        events.push(ev);
+                    }
+                    output::audit_events(out, &events);
+                    Ok(ExitCode::SUCCESS)
+                }
+                AuditCmd::Verify => {
+                    let v = c.verify(pb::VerifyRequest {}).await?.into_inner();
+                    let j = json!({"ok": v.ok, "row_count": v.row_count, "head_mac": v.head_mac_hex, "first_bad_row": if v.ok { None } else { Some(v.first_bad_seq) }, "error": v.error});
+                    match out {
+                        Output::Json => println!("{j}"),
+                        Output::Table => {
+                            if v.ok {
+                                println!(
+                                    "audit chain OK: {} rows, head MAC {}",
+                                    v.row_count, v.head_mac_hex
+                                );
+                            } else {
+                                println!(
+                                    "audit chain BROKEN at row {}: {} ({} rows)",
+                                    v.first_bad_seq, v.error, v.row_count
+                                );
+                            }
+                        }
+                    }
+                    Ok(if v.ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_REMOTE)
+                    })
+                }
+            }
+        }
+        Command::Token(TokenCmd::Create {
+            tenant,
+            role,
+            ttl,
+            agent_uuid,
+            relay_id,
+            region,
+        }) => {
+            let mut c = pb::pki_client::PkiClient::new(client::connect(&target).await?);
+            let t = c
+                .create_enrollment_token(pb::CreateEnrollmentTokenRequest {
+                    tenant,
+                    role: match role {
+                        RoleArg::Agent => pb::EnrollRole::Agent as i32,
+                        RoleArg::Relay => pb::EnrollRole::Relay as i32,
+                    },
+                    ttl_seconds: ttl.map(|d| d.as_secs()).unwrap_or(0),
+                    agent_uuid: agent_uuid.unwrap_or_default(),
+                    relay_region: region.unwrap_or_default(),
+                    relay_id: relay_id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_rows(
+                out,
+                &["token", "expires_unix_ms", "identity"],
+                vec![vec![
+                    t.token.clone(),
+                    t.expires_unix_ms.to_string(),
+                    t.identity.clone(),
+                ]],
+                json!({"token": t.token, "expires_unix_ms": t.expires_unix_ms, "ca_fingerprint_sha256": t.ca_fingerprint_sha256, "identity": t.identity}),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cert(CertCmd::Revoke { uri }) => {
+            let mut c = pb::pki_client::PkiClient::new(client::connect(&target).await?);
+            let newly = c
+                .revoke(pb::RevokeRequest { uri: uri.clone() })
+                .await?
+                .into_inner()
+                .newly_revoked;
+            print_rows(
+                out,
+                &["uri", "newly_revoked"],
+                vec![vec![uri.clone(), newly.to_string()]],
+                json!({"uri": uri, "newly_revoked": newly}),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Services(ServicesCmd::List { tenant }) => {
+            let mut c = pb::registry_client::RegistryClient::new(client::connect(&target).await?);
+            let providers = c
+                .list_services(pb::ListServicesRequest { tenant })
+                .await?
+                .into_inner()
+                .providers;
+            output::providers(out, &providers);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Relays(RelaysCmd::List) => {
+            let mut c = pb::relays_client::RelaysClient::new(client::connect(&target).await?);
+            let relays = c
+                .list_relays(pb::ListRelaysRequest {})
+                .await?
+                .into_inner()
+                .relays;
+            output::relays(out, &relays);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Leases(cmd) => {
+            let mut c = pb::leases_client::LeasesClient::new(client::connect(&target).await?);
+            match cmd {
+                LeasesCmd::List { tenant } => {
+                    let leases = c
+                        .list(pb::ListLeasesRequest { tenant })
+                        .await?
+                        .into_inner()
+                        .leases;
+                    output::leases(out, &leases);
+                }
+                LeasesCmd::Approve { tenant, id } => {
+                    let l = c
+                        .approve(pb::LeaseActionRequest { tenant, id })
+                        .await?
+                        .into_inner()
+                        .lease;
+                    output::leases(out, &l.into_iter().collect::<Vec<_>>());
+                }
+                LeasesCmd::Deny { tenant, id } => {
+                    let l = c
+                        .deny(pb::LeaseActionRequest { tenant, id })
+                        .await?
+                        .into_inner()
+                        .lease;
+                    output::leases(out, &l.into_iter().collect::<Vec<_>>());
+                }
+                LeasesCmd::Ban { tenant, id } => {
+                    let l = c
+                        .ban(pb::LeaseActionRequest { tenant, id })
+                        .await?
+                        .into_inner()
+                        .lease;
+                    output::leases(out, &l.into_iter().collect::<Vec<_>>());
+                }
+                LeasesCmd::Quota { tenant, max } => {
+                    c.set_quota(pb::SetQuotaRequest {
+                        tenant: tenant.clone(),
+                        max_leases: max,
+                    })
+                    .await?;
+                    print_rows(
+                        out,
+                        &["tenant", "max_leases"],
+                        vec![vec![tenant.clone(), max.to_string()]],
+                        json!({"tenant": tenant, "max_leases": max}),
+                    );
+                }
+                LeasesCmd::Mode { tenant, mode } => {
+                    let (m, name) = match mode {
+                        ModeArg::Auto => (pb::ApprovalMode::Auto, "auto"),
+                        ModeArg::Manual => (pb::ApprovalMode::Manual, "manual"),
+                    };
+                    c.set_approval_mode(pb::SetApprovalModeRequest {
+                        tenant: tenant.clone(),
+                        mode: m as i32,
+                    })
+                    .await?;
+                    print_rows(
+                        out,
+                        &["tenant", "mode"],
+                        vec![vec![tenant.clone(), name.to_owned()]],
+                        json!({"tenant": tenant, "mode": name}),
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    fn walk(cmd: &clap::Command, prefix: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+        let name = if prefix.is_empty() {
+            cmd.get_name().to_owned()
+        } else {
+            format!("{prefix}-{}", cmd.get_name())
+        };
+        let page = clap_mangen::Man::new(cmd.clone().name(name.clone()));
+        let mut buf = Vec::new();
+        page.render(&mut buf)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, buf).with_context(|| format!("write {}", path.display()))?;
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() != "help" {
+                walk(sub, &name, dir)?;
+            }
+        }
+        Ok(())
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    walk(&cmd, "", dir)
+}

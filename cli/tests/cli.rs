@@ -1,0 +1,309 @@
+//! The `outrelay` binary against a real `outrelay-controller` process (mTLS on 127.0.0.1:0,
+//! a dev PKI made by `outrelay dev-pki`, a real SQLite file).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+struct Controller {
+    child: Child,
+    grpc: String,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn controller_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_outrelay")).with_file_name("outrelay-controller");
+    assert!(
+        p.exists(),
+        "{} missing: build it first with `cargo build --release -p outrelay-controller` (or run the workspace tests)",
+        p.display()
+    );
+    p
+}
+
+fn start(dir: &Path, pki: &Path) -> Controller {
+    let config = dir.join("controller.toml");
+    let ready = dir.join("ready.json");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n[admin]\nsocket_path = {sock:?}\n[metrics]\nlisten = \"\"\n",
+            state = pki.display().to_string(),
+            cert = pki.join("controller.pem").display().to_string(),
+            key = pki.join("controller-key.pem").display().to_string(),
+            sock = dir.join("controller.sock").display().to_string(),
+        ),
+    )
+    .expect("config");
+    let child = Command::new(controller_bin())
+        .args(["--log", "warn", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .spawn()
+        .expect("spawn controller");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let grpc = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            break v["grpc"].as_str().expect("grpc").to_owned();
+        }
+        assert!(Instant::now() < deadline, "controller not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Controller { child, grpc }
+}
+
+fn outrelay(c: &Controller, pki: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .arg("--controller")
+        .arg(format!("https://{}", c.grpc))
+        .arg("--cert")
+        .arg(pki.join("admin.pem"))
+        .arg("--key")
+        .arg(pki.join("admin-key.pem"))
+        .arg("--ca")
+        .arg(pki.join("ca.pem"))
+        .args(args)
+        .output()
+        .expect("run outrelay")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn dev_pki(dir: &Path) -> PathBuf {
+    let pki = dir.join("pki");
+    let o = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["dev-pki", "--root-host", "relay.example.test", "--out"])
+        .arg(&pki)
+        .output()
+        .expect("dev-pki");
+    assert!(o.status.success(), "{}", text(&o));
+    pki
+}
+
+#[test]
+fn dev_pki_writes_every_certificate() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = dev_pki(dir.path());
+    for f in [
+        "ca",
+        "controller",
+        "relay",
+        "admin",
+        "agent-1",
+        "agent-2",
+        "root-host",
+        "wildcard",
+        "demo",
+    ] {
+        assert!(pki.join(format!("{f}.pem")).exists(), "{f}.pem");
+    }
+    assert!(pki.join("ca-key.pem").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(pki.join("ca-key.pem"))
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "CA key must be private");
+}
+
+#[test]
+fn policy_audit_and_tamper_detection_end_to_end() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = dev_pki(dir.path());
+    let c = start(dir.path(), &pki);
+
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "policy",
+            "add",
+            "--tenant",
+            "acme",
+            "--caller",
+            "outrelay://acme/agent/*",
+            "--target",
+            "db",
+            "--decision",
+            "allow",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "policy",
+            "add",
+            "--tenant",
+            "acme",
+            "--caller",
+            "*",
+            "--target",
+            "*",
+            "--decision",
+            "deny",
+            "--expires",
+            "1h",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // Any word but allow|deny is a usage error, never an allow.
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "policy",
+            "add",
+            "--tenant",
+            "acme",
+            "--caller",
+            "*",
+            "--target",
+            "db",
+            "--decision",
+            "permit",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // A remote refusal is exit 1.
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "policy",
+            "add",
+            "--tenant",
+            "system",
+            "--caller",
+            "*",
+            "--target",
+            "db",
+            "--decision",
+            "allow",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("rule.tenant"), "{}", text(&o));
+
+    let o = outrelay(
+        &c,
+        &pki,
+        &["--output", "json", "policy", "list", "--tenant", "acme"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rules: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(rules.as_array().map(Vec::len), Some(2));
+    assert_eq!(rules[0]["decision"], "allow");
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "policy",
+            "remove",
+            "--tenant",
+            "acme",
+            "--id",
+            "no-such-rule",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+
+    let o = outrelay(&c, &pki, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("2 rows"), "{}", text(&o));
+    let o = outrelay(
+        &c,
+        &pki,
+        &["--output", "json", "audit", "query", "--tenant", "acme"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(rows.as_array().map(Vec::len), Some(2));
+
+    // Someone with write access to the database (but not the audit key) edits row 1.
+    let db = rusqlite::Connection::open(pki.join("controller.db")).expect("open db");
+    db.execute(
+        "UPDATE audit SET reason = 'nothing to see' WHERE seq = 1",
+        [],
+    )
+    .expect("tamper");
+    drop(db);
+    let o = outrelay(&c, &pki, &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("row 1"), "{}", text(&o));
+
+    let o = outrelay(
+        &c,
+        &pki,
+        &["token", "create", "--tenant", "acme", "--ttl", "5m"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ort1."), "{}", text(&o));
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "cert",
+            "revoke",
+            "--uri",
+            "outrelay://acme/agent/00000000-0000-4000-8000-000000000001",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    for args in [
+        &["services", "list"][..],
+        &["relays", "list"],
+        &["leases", "list"],
+        &["leases", "mode", "--tenant", "acme", "manual"],
+        &["leases", "quota", "--tenant", "acme", "--max", "3"],
+    ] {
+        let o = outrelay(&c, &pki, args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+    }
+}
+
+#[test]
+fn completions_and_man_pages() {
+    let o = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["completions", "bash"])
+        .output()
+        .expect("run");
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("outrelay"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["man", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", text(&o));
+    for page in [
+        "outrelay.1",
+        "outrelay-policy-add.1",
+        "outrelay-audit-verify.1",
+        "outrelay-leases-mode.1",
+    ] {
+        assert!(dir.path().join(page).exists(), "{page}");
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["policy", "frobnicate"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2));
+}

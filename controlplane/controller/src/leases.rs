@@ -1,0 +1,583 @@
+//! Public lease records and their approval (the Leases service).
+//!
+//! Relays report grants, renewals and releases; the controller answers with the decision.
+//! Each tenant has an approval mode (auto by default; manual answers `pending_approval` until an
+//! admin approves) and a quota of active (pending or approved) leases (0 = unlimited). Bans are
+//! by (tenant, name). Records are durable (group commit); decisions reach relays via Watch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use outrelay_api::pb::{self, lease, lease_decision, lease_report_request, leases_server};
+use outrelay_proto::identity::Identity;
+use rusqlite::{Connection, params};
+use tonic::{Request, Response, Status};
+
+use crate::app::{App, now_unix_ms};
+use crate::audit;
+use crate::grpc::{Principal, invalid, store_status, tenant_arg};
+use crate::policy::watch_scope;
+use crate::store::StoreError;
+use crate::watch::WatchStream;
+
+/// Longest lease name, in bytes.
+pub const MAX_LEASE_NAME_BYTES: usize = 253;
+
+/// Per-tenant lease settings.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantSettings {
+    /// Approval mode (`pb::ApprovalMode` as i32).
+    pub mode: i32,
+    /// Most active leases (0 = unlimited).
+    pub max_leases: u32,
+}
+
+impl Default for TenantSettings {
+    fn default() -> Self {
+        TenantSettings {
+            mode: pb::ApprovalMode::Auto as i32,
+            max_leases: 0,
+        }
+    }
+}
+
+/// In-memory mirror of the lease tables.
+#[derive(Debug, Default)]
+pub struct LeaseState {
+    leases: BTreeMap<String, pb::Lease>,
+    bans: BTreeSet<(String, String)>,
+    tenants: BTreeMap<String, TenantSettings>,
+}
+
+impl LeaseState {
+    fn by_name(&self, tenant: &str, name: &str) -> Option<&pb::Lease> {
+        self.leases
+            .values()
+            .find(|l| l.tenant == tenant && l.name == name)
+    }
+
+    fn active_count(&self, tenant: &str) -> usize {
+        self.leases
+            .values()
+            .filter(|l| l.tenant == tenant && is_active(l.state))
+            .count()
+    }
+}
+
+fn is_active(state: i32) -> bool {
+    state == lease::State::Pending as i32 || state == lease::State::Approved as i32
+}
+
+/// Loads leases, bans and tenant settings (start-up).
+///
+/// # Errors
+/// SQLite errors.
+pub fn load_state(conn: &Connection) -> Result<LeaseState, StoreError> {
+    let mut s = LeaseState::default();
+    let mut stmt = conn.prepare(
+        "SELECT id, tenant, name, agent_uri, relay_id, lease_kind, state, created_at_unix_ms, \
+         updated_at_unix_ms, expires_unix_ms FROM leases",
+    )?;
+    for l in stmt.query_map([], |r| {
+        Ok(pb::Lease {
+            id: r.get(0)?,
+            tenant: r.get(1)?,
+            name: r.get(2)?,
+            agent_uri: r.get(3)?,
+            relay_id: r.get(4)?,
+            lease_kind: r.get(5)?,
+            state: r.get(6)?,
+            created_at_unix_ms: r.get(7)?,
+            updated_at_unix_ms: r.get(8)?,
+            expires_unix_ms: r.get(9)?,
+        })
+    })? {
+        let l = l?;
+        s.leases.insert(l.id.clone(), l);
+    }
+    let mut stmt = conn.prepare("SELECT tenant, name FROM lease_bans")?;
+    for b in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+        s.bans.insert(b?);
+    }
+    let mut stmt = conn.prepare("SELECT tenant, approval_mode, max_leases FROM tenant_settings")?;
+    for t in stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            TenantSettings {
+                mode: r.get(1)?,
+                max_leases: r.get(2)?,
+            },
+        ))
+    })? {
+        let (tenant, ts) = t?;
+        s.tenants.insert(tenant, ts);
+    }
+    Ok(s)
+}
+
+fn save_lease(conn: &Connection, l: &pb::Lease) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO leases (id, tenant, name, agent_uri, relay_id, lease_kind, state, \
+         created_at_unix_ms, updated_at_unix_ms, expires_unix_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, \
+         ?7, ?8, ?9, ?10) ON CONFLICT(tenant, name) DO UPDATE SET id = excluded.id, agent_uri = \
+         excluded.agent_uri, relay_id = excluded.relay_id, lease_kind = excluded.lease_kind, \
+         state = excluded.state, updated_at_unix_ms = excluded.updated_at_unix_ms, \
+         expires_unix_ms = excluded.expires_unix_ms",
+    )?
+    .execute(params![
+        l.id,
+        l.tenant,
+        l.name,
+        l.agent_uri,
+        l.relay_id,
+        l.lease_kind,
+        l.state,
+        l.created_at_unix_ms,
+        l.updated_at_unix_ms,
+        l.expires_unix_ms
+    ])?;
+    Ok(())
+}
+
+fn decision_of(l: &pb::Lease) -> Option<lease_decision::Kind> {
+    match lease::State::try_from(l.state).ok()? {
+        lease::State::Approved => Some(lease_decision::Kind::Approved),
+        lease::State::Denied => Some(lease_decision::Kind::Denied),
+        lease::State::Banned => Some(lease_decision::Kind::Banned),
+        _ => None,
+    }
+}
+
+fn lease_event(l: &pb::Lease, kind: lease_decision::Kind) -> (String, pb::LeaseDecision) {
+    (
+        l.tenant.clone(),
+        pb::LeaseDecision {
+            kind: kind as i32,
+            lease: Some(l.clone()),
+            tenant: l.tenant.clone(),
+            max_leases: 0,
+            mode: 0,
+        },
+    )
+}
+
+/// The Leases service.
+#[derive(Clone)]
+pub struct LeasesService(pub Arc<App>);
+
+impl LeasesService {
+    /// Persists `l` with an audit row, then publishes it.
+    async fn commit(&self, l: pb::Lease, ev: pb::AuditEvent, ban: bool) -> Result<(), Status> {
+        let l2 = l.clone();
+        self.0
+            .store
+            .write(move |conn, ctx| {
+                save_lease(conn, &l2)?;
+                if ban {
+                    conn.prepare_cached(
+                        "INSERT OR REPLACE INTO lease_bans (tenant, name, agent_uri, banned_at_unix_ms) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![l2.tenant, l2.name, l2.agent_uri, l2.updated_at_unix_ms])?;
+                }
+                audit::append(conn, &mut ctx.audit, &ev)
+            })
+            .await
+            .map_err(store_status)?;
+        self.0.leases.publish(|s| {
+            if ban {
+                s.bans.insert((l.tenant.clone(), l.name.clone()));
+            }
+            s.leases.insert(l.id.clone(), l.clone());
+            decision_of(&l)
+                .map(|k| lease_event(&l, k))
+                .into_iter()
+                .collect()
+        });
+        Ok(())
+    }
+
+    async fn act(
+        &self,
+        req: Request<pb::LeaseActionRequest>,
+        method: &'static str,
+        state: lease::State,
+    ) -> Result<Response<pb::LeaseActionResponse>, Status> {
+        let app = &self.0;
+        let p = app.authenticate(&req, method)?;
+        let r = req.into_inner();
+        tenant_arg("tenant", &r.tenant)?;
+        app.require_admin_of(&p, method, &r.tenant)?;
+        let Some(mut l) = app.leases.with_state(|s| {
+            s.leases
+                .get(&r.id)
+                .filter(|l| l.tenant == r.tenant)
+                .cloned()
+        }) else {
+            return Err(Status::not_found(format!(
+                "id: no lease `{}` in tenant `{}`",
+                r.id, r.tenant
+            )));
+        };
+        l.state = state as i32;
+        l.updated_at_unix_ms = now_unix_ms();
+        let ev = App::admin_event(
+            &l.tenant,
+            audit::kind::ADMIN,
+            &p.name(),
+            &l.name,
+            method,
+            &format!("lease {} -> {:?}", l.id, state),
+        );
+        self.commit(l.clone(), ev, state == lease::State::Banned)
+            .await?;
+        Ok(Response::new(pb::LeaseActionResponse { lease: Some(l) }))
+    }
+
+    async fn set_tenant(
+        &self,
+        p: &Principal,
+        method: &'static str,
+        tenant: &str,
+        f: impl FnOnce(&mut TenantSettings),
+    ) -> Result<TenantSettings, Status> {
+        let app = &self.0;
+        let mut ts = app
+            .leases
+            .with_state(|s| s.tenants.get(tenant).copied().unwrap_or_default());
+        f(&mut ts);
+        let ev = App::admin_event(
+            tenant,
+            audit::kind::ADMIN,
+            &p.name(),
+            tenant,
+            method,
+            &format!("mode={} max_leases={}", ts.mode, ts.max_leases),
+        );
+        let t2 = tenant.to_owned();
+        app.store
+            .write(move |conn, ctx| {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO tenant_settings (tenant, approval_mode, max_leases) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![t2, ts.mode, ts.max_leases])?;
+                audit::append(conn, &mut ctx.audit, &ev)
+            })
+            .await
+            .map_err(store_status)?;
+        Ok(ts)
+    }
+}
+
+#[tonic::async_trait]
+impl leases_server::Leases for LeasesService {
+    async fn report(
+        &self,
+        req: Request<pb::LeaseReportRequest>,
+    ) -> Result<Response<pb::LeaseReportResponse>, Status> {
+        const M: &str = "Leases.Report";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let (_, relay_id) = app.require_relay(&p, M)?;
+        let r = req.into_inner();
+        tenant_arg("tenant", &r.tenant)?;
+        if r.name.is_empty()
+            || r.name.len() > MAX_LEASE_NAME_BYTES
+            || !r.name.bytes().all(|c| c.is_ascii_graphic())
+        {
+            return Err(invalid("name", "printable ASCII, 1 to 253 bytes"));
+        }
+        match Identity::parse(&r.agent_uri) {
+            Ok(Identity::Agent { tenant, .. }) if tenant.as_str() == r.tenant => {}
+            _ => {
+                return Err(invalid(
+                    "agent_uri",
+                    "must be an agent identity of the request's tenant",
+                ));
+            }
+        }
+        let now = now_unix_ms();
+        let expires = now.saturating_add(i64::try_from(r.ttl_ms).unwrap_or(i64::MAX));
+        let kind = lease_report_request::Kind::try_from(r.kind)
+            .unwrap_or(lease_report_request::Kind::Unspecified);
+        let (existing, banned, ts, active) = app.leases.with_state(|s| {
+            (
+                s.by_name(&r.tenant, &r.name).cloned(),
+                s.bans.contains(&(r.tenant.clone(), r.name.clone())),
+                s.tenants.get(&r.tenant).copied().unwrap_or_default(),
+                s.active_count(&r.tenant),
+            )
+        });
+        let caller = p.name();
+        let ev = |reason: &str| {
+            App::admin_event(&r.tenant, audit::kind::LEASE, &caller, &r.name, M, reason)
+        };
+        let reply = |l: &pb::Lease, msg: &str| {
+            Response::new(pb::LeaseReportResponse {
+                lease: Some(l.clone()),
+                message: msg.to_owned(),
+            })
+        };
+        match kind {
+            lease_report_request::Kind::Unspecified => {
+                Err(invalid("kind", "must be GRANT, RENEW or RELEASE"))
+            }
+            lease_report_request::Kind::Renew | lease_report_request::Kind::Release => {
+                let Some(mut l) = existing.filter(|l| l.agent_uri == r.agent_uri) else {
+                    return Err(Status::not_found(format!(
+                        "name: no lease `{}` for this agent",
+                        r.name
+                    )));
+                };
+                l.updated_at_unix_ms = now;
+                if kind == lease_report_request::Kind::Release {
+                    l.state = lease::State::Released as i32;
+                } else {
+                    l.expires_unix_ms = expires;
+                }
+                self.commit(
+                    l.clone(),
+                    ev(if kind == lease_report_request::Kind::Release {
+                        "release"
+                    } else {
+                        "renew"
+                    }),
+                    false,
+                )
+                .await?;
+                Ok(reply(
+                    &l,
+                    if l.state == lease::State::Pending as i32 {
+                        "pending_approval"
+                    } else {
+                        ""
+                    },
+                ))
+            }
+            lease_report_request::Kind::Grant => {
+                if let Some(l) = &existing
+                    && is_active(l.state)
+                {
+                    if l.agent_uri != r.agent_uri {
+                        let mut denied = l.clone();
+                        denied.state = lease::State::Denied as i32;
+                        return Ok(reply(&denied, "name_taken"));
+                    }
+                    let msg = if l.state == lease::State::Pending as i32 {
+                        "pending_approval"
+                    } else {
+                        ""
+                    };
+                    return Ok(reply(l, msg));
+                }
+                let mut l = pb::Lease {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    tenant: r.tenant.clone(),
+                    name: r.name.clone(),
+                    agent_uri: r.agent_uri.clone(),
+                    relay_id: relay_id.to_string(),
+                    lease_kind: r.lease_kind.clone(),
+                    state: lease::State::Pending as i32,
+                    created_at_unix_ms: now,
+                    updated_at_unix_ms: now,
+                    expires_unix_ms: expires,
+                };
+                if banned {
+                    l.state = lease::State::Banned as i32;
+                    return Ok(reply(&l, "banned"));
+                }
+                if ts.max_leases > 0
+                    && active >= usize::try_from(ts.max_leases).unwrap_or(usize::MAX)
+                {
+                    l.state = lease::State::Denied as i32;
+                    metrics::counter!("outrelay_controller_lease_refused_total", "reason" => "quota_exceeded").increment(1);
+                    return Ok(reply(&l, "quota_exceeded"));
+                }
+                let msg = if ts.mode == pb::ApprovalMode::Manual as i32 {
+                    "pending_approval"
+                } else {
+                    l.state = lease::State::Approved as i32;
+                    ""
+                };
+                self.commit(
+                    l.clone(),
+                    ev(if msg.is_empty() { "granted" } else { msg }),
+                    false,
+                )
+                .await?;
+                Ok(reply(&l, msg))
+            }
+        }
+    }
+
+    type WatchStream = WatchStream<(String, pb::LeaseDecision), pb::LeaseDecision>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchLeasesRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        const M: &str = "Leases.Watch";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let tenant = watch_scope(app, &p, M, &req.into_inner().tenant)?;
+        let t2 = tenant.clone();
+        let sub = app.leases.subscribe(
+            move |s| {
+                let mut out = Vec::new();
+                for (t, ts) in &s.tenants {
+                    if t2.as_deref().is_some_and(|x| x != t) {
+                        continue;
+                    }
+                    out.push((
+                        t.clone(),
+                        pb::LeaseDecision {
+                            kind: lease_decision::Kind::Quota as i32,
+                            lease: None,
+                            tenant: t.clone(),
+                            max_leases: ts.max_leases,
+                            mode: 0,
+                        },
+                    ));
+                    out.push((
+                        t.clone(),
+                        pb::LeaseDecision {
+                            kind: lease_decision::Kind::Mode as i32,
+                            lease: None,
+                            tenant: t.clone(),
+                            max_leases: 0,
+                            mode: ts.mode,
+                        },
+                    ));
+                }
+                for l in s.leases.values() {
+                    if t2.as_deref().is_some_and(|x| x != l.tenant) {
+                        continue;
+                    }
+                    if let Some(k) = decision_of(l) {
+                        out.push(lease_event(l, k));
+                    }
+                }
+                out
+            },
+            move |(t, _): &(String, pb::LeaseDecision)| tenant.as_deref().is_none_or(|x| x == t),
+        );
+        let end = pb::LeaseDecision {
+            kind: lease_decision::Kind::SnapshotEnd as i32,
+            lease: None,
+            tenant: String::new(),
+            max_leases: 0,
+            mode: 0,
+        };
+        Ok(Response::new(sub.into_stream(end, |(_, d)| d)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        const M: &str = "Leases.List";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let tenant = req.into_inner().tenant;
+        let scope = app.require_any_admin(&p, M)?;
+        let filter = if tenant.is_empty() {
+            scope.map(|t| t.to_string())
+        } else {
+            tenant_arg("tenant", &tenant)?;
+            app.require_admin_of(&p, M, &tenant)?;
+            Some(tenant)
+        };
+        let mut leases: Vec<pb::Lease> = app.leases.with_state(|s| {
+            s.leases
+                .values()
+                .filter(|l| filter.as_deref().is_none_or(|t| l.tenant == t))
+                .cloned()
+                .collect()
+        });
+        leases.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
+        Ok(Response::new(pb::ListLeasesResponse { leases }))
+    }
+
+    async fn approve(
+        &self,
+        req: Request<pb::LeaseActionRequest>,
+    ) -> Result<Response<pb::LeaseActionResponse>, Status> {
+        self.act(req, "Leases.Approve", lease::State::Approved)
+            .await
+    }
+
+    async fn deny(
+        &self,
+        req: Request<pb::LeaseActionRequest>,
+    ) -> Result<Response<pb::LeaseActionResponse>, Status> {
+        self.act(req, "Leases.Deny", lease::State::Denied).await
+    }
+
+    async fn ban(
+        &self,
+        req: Request<pb::LeaseActionRequest>,
+    ) -> Result<Response<pb::LeaseActionResponse>, Status> {
+        self.act(req, "Leases.Ban", lease::State::Banned).await
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::SetQuotaResponse>, Status> {
+        const M: &str = "Leases.SetQuota";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let r = req.into_inner();
+        tenant_arg("tenant", &r.tenant)?;
+        app.require_admin_of(&p, M, &r.tenant)?;
+        let ts = self
+            .set_tenant(&p, M, &r.tenant, |ts| ts.max_leases = r.max_leases)
+            .await?;
+        app.leases.publish(|s| {
+            s.tenants.insert(r.tenant.clone(), ts);
+            vec![(
+                r.tenant.clone(),
+                pb::LeaseDecision {
+                    kind: lease_decision::Kind::Quota as i32,
+                    lease: None,
+                    tenant: r.tenant.clone(),
+                    max_leases: ts.max_leases,
+                    mode: 0,
+                },
+            )]
+        });
+        Ok(Response::new(pb::SetQuotaResponse {}))
+    }
+
+    async fn set_approval_mode(
+        &self,
+        req: Request<pb::SetApprovalModeRequest>,
+    ) -> Result<Response<pb::SetApprovalModeResponse>, Status> {
+        const M: &str = "Leases.SetApprovalMode";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let r = req.into_inner();
+        tenant_arg("tenant", &r.tenant)?;
+        if r.mode != pb::ApprovalMode::Auto as i32 && r.mode != pb::ApprovalMode::Manual as i32 {
+            return Err(invalid("mode", "must be AUTO or MANUAL"));
+        }
+        app.require_admin_of(&p, M, &r.tenant)?;
+        let ts = self
+            .set_tenant(&p, M, &r.tenant, |ts| ts.mode = r.mode)
+            .await?;
+        app.leases.publish(|s| {
+            s.tenants.insert(r.tenant.clone(), ts);
+            vec![(
+                r.tenant.clone(),
+                pb::LeaseDecision {
+                    kind: lease_decision::Kind::Mode as i32,
+                    lease: None,
+                    tenant: r.tenant.clone(),
+                    max_leases: 0,
+                    mode: ts.mode,
+                },
+            )]
+        });
+        Ok(Response::new(pb::SetApprovalModeResponse {}))
+    }
+}

@@ -1,0 +1,67 @@
+//! Prometheus `/metrics`: the `metrics` facade with the Prometheus recorder, served by a tiny
+//! HTTP/1.0 responder on its own listener (so a port-0 bind can be reported in the ready file).
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Largest request head read, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// Installs the global recorder.
+///
+/// # Errors
+/// When a recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().install_recorder()
+}
+
+/// Binds `addr`; returns the listener and its bound address.
+///
+/// # Errors
+/// Bind failures.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
+
+/// Serves `GET /metrics` forever.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+            let mut n = 0;
+            while n < buf.len() {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..]))
+                    .await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let ok = buf.starts_with(b"GET /metrics ") || buf.starts_with(b"GET /metrics?");
+            let (status, body) = if ok {
+                ("200 OK", handle.render())
+            } else {
+                ("404 Not Found", "not found\n".to_owned())
+            };
+            let resp = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}

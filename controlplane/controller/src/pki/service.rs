@@ -1,0 +1,473 @@
+//! The Pki service: enrollment tokens, Enroll, Renew, Revoke, CA bundle, WatchRevocations.
+//!
+//! Tokens are `ort1.<secret hex>.<CA SHA-256 hex>`; only SHA-256(secret) is stored. A token is
+//! consumed in the same durable transaction that checks it, so it is single-use across
+//! restarts. A token is burned even when the CSR that came with it is then refused (a CSR naming
+//! another identity is treated as an attack, not a typo).
+
+use std::sync::Arc;
+
+use outrelay_api::pb::{self, pki_server, revocation_event};
+use outrelay_proto::identity::{AgentUuid, Identity, Label, SYSTEM_TENANT};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+use crate::app::{App, Revocations, now_unix_ms};
+use crate::audit;
+use crate::grpc::{Principal, invalid, store_status, tenant_arg};
+use crate::pki::{LeafProfile, PkiError};
+use crate::store::StoreError;
+use crate::watch::WatchStream;
+
+/// Token prefix (format version).
+pub const TOKEN_PREFIX: &str = "ort1";
+/// Random bytes in a token secret.
+pub const TOKEN_SECRET_BYTES: usize = 32;
+
+/// The Pki service.
+#[derive(Clone)]
+pub struct PkiService(pub Arc<App>);
+
+/// Loads every revoked identity (start-up).
+///
+/// # Errors
+/// SQLite errors.
+pub fn load_revocations(conn: &Connection) -> Result<Revocations, StoreError> {
+    let mut stmt = conn.prepare("SELECT uri, revoked_at_unix_ms FROM revocations")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+    Ok(rows.collect::<Result<Revocations, _>>()?)
+}
+
+/// A stored token, as read when it is consumed.
+struct TokenRow {
+    tenant: String,
+    role: String,
+    agent_uuid: String,
+    relay_region: String,
+    relay_id: String,
+}
+
+enum Consumed {
+    Ok(TokenRow),
+    Unknown,
+    AlreadyUsed,
+    Expired,
+}
+
+fn token_hash(secret_hex: &str) -> String {
+    hex::encode(Sha256::digest(secret_hex.as_bytes()))
+}
+
+fn cert_response(
+    app: &App,
+    identity: &Identity,
+    issued: crate::pki::Issued,
+) -> pb::CertificateResponse {
+    pb::CertificateResponse {
+        cert_pem: issued.cert_pem,
+        ca_pem: app.ca.cert_pem().to_owned(),
+        identity: identity.to_string(),
+        not_after_unix_ms: issued.not_after_unix_ms,
+    }
+}
+
+fn pki_status(e: PkiError) -> Status {
+    match e {
+        PkiError::BadCsr(m) => invalid("csr_pem", &m),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+impl PkiService {
+    /// Signs, records the issued serial and audits; used by Enroll and Renew.
+    async fn issue(
+        &self,
+        p: &Principal,
+        method: &'static str,
+        identity: &Identity,
+        csr_pem: &str,
+    ) -> Result<pb::CertificateResponse, Status> {
+        let app = &self.0;
+        let profile = match identity {
+            Identity::Relay { .. } => LeafProfile::ClientServer,
+            _ => LeafProfile::Client,
+        };
+        let issued = match app.ca.issue_from_csr(
+            csr_pem,
+            identity,
+            profile,
+            app.settings.leaf_lifetime_s,
+            OffsetDateTime::now_utc(),
+        ) {
+            Ok(i) => i,
+            Err(e @ PkiError::CsrIdentityMismatch { .. }) => {
+                return Err(app.refuse(p, method, &e.to_string()));
+            }
+            Err(e) => return Err(pki_status(e)),
+        };
+        let uri = identity.to_string();
+        let tenant = identity
+            .tenant()
+            .map(Label::to_string)
+            .unwrap_or_else(|| SYSTEM_TENANT.to_owned());
+        let ev = App::admin_event(
+            &tenant,
+            audit::kind::ENROLL,
+            &p.name(),
+            &uri,
+            method,
+            &format!("issued serial {}", issued.serial_hex),
+        );
+        let (serial, not_after) = (issued.serial_hex.clone(), issued.not_after_unix_ms);
+        app.store
+            .write(move |conn, ctx| {
+                conn.prepare_cached(
+                    "INSERT INTO issued_certs (serial, uri, issued_at_unix_ms, not_after_unix_ms) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![serial, uri, now_unix_ms(), not_after])?;
+                audit::append(conn, &mut ctx.audit, &ev)
+            })
+            .await
+            .map_err(store_status)?;
+        metrics::counter!("outrelay_controller_certificates_issued_total", "method" => method)
+            .increment(1);
+        Ok(cert_response(app, identity, issued))
+    }
+}
+
+#[tonic::async_trait]
+impl pki_server::Pki for PkiService {
+    async fn create_enrollment_token(
+        &self,
+        req: Request<pb::CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<pb::CreateEnrollmentTokenResponse>, Status> {
+        const M: &str = "Pki.CreateEnrollmentToken";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let r = req.into_inner();
+        let role = pb::EnrollRole::try_from(r.role).unwrap_or(pb::EnrollRole::Unspecified);
+        let (tenant, role_name, identity) = match role {
+            pb::EnrollRole::Agent => {
+                let tenant = tenant_arg("tenant", &r.tenant)?;
+                app.require_admin_of(&p, M, tenant.as_str())?;
+                let uuid =
+                    if r.agent_uuid.is_empty() {
+                        None
+                    } else {
+                        Some(AgentUuid::new(&r.agent_uuid).ok_or_else(|| {
+                            invalid("agent_uuid", "not a canonical lowercase UUID")
+                        })?)
+                    };
+                let identity = uuid.map(|uuid| Identity::Agent {
+                    tenant: tenant.clone(),
+                    uuid,
+                });
+                (tenant.to_string(), "agent", identity)
+            }
+            pb::EnrollRole::Relay => {
+                if !(r.tenant.is_empty() || r.tenant == SYSTEM_TENANT) {
+                    return Err(invalid(
+                        "tenant",
+                        "relay tokens belong to tenant `system` (leave it empty)",
+                    ));
+                }
+                app.require_global_admin(&p, M)?;
+                let region = Label::new(&r.relay_region)
+                    .ok_or_else(|| invalid("relay_region", "required, a label"))?;
+                let id = Label::new(&r.relay_id)
+                    .ok_or_else(|| invalid("relay_id", "required, a label"))?;
+                (
+                    SYSTEM_TENANT.to_owned(),
+                    "relay",
+                    Some(Identity::Relay { region, id }),
+                )
+            }
+            pb::EnrollRole::Unspecified => return Err(invalid("role", "must be AGENT or RELAY")),
+        };
+        let ttl_s = if r.ttl_seconds == 0 {
+            app.settings.token_default_ttl_s
+        } else {
+            r.ttl_seconds
+        };
+        if ttl_s > app.settings.token_max_ttl_s {
+            return Err(invalid(
+                "ttl_seconds",
+                &format!("at most {} seconds", app.settings.token_max_ttl_s),
+            ));
+        }
+        let mut secret = [0u8; TOKEN_SECRET_BYTES];
+        getrandom::fill(&mut secret).map_err(|e| Status::internal(format!("getrandom: {e}")))?;
+        let secret_hex = hex::encode(secret);
+        let fingerprint = app.ca.fingerprint_hex();
+        let token = format!("{TOKEN_PREFIX}.{secret_hex}.{fingerprint}");
+        let now = now_unix_ms();
+        let expires =
+            now.saturating_add(i64::try_from(ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX));
+        let hash = token_hash(&secret_hex);
+        let (agent_uuid, relay_region, relay_id) = match &identity {
+            Some(Identity::Agent { uuid, .. }) => (uuid.to_string(), String::new(), String::new()),
+            Some(Identity::Relay { region, id }) => {
+                (String::new(), region.to_string(), id.to_string())
+            }
+            _ => (String::new(), String::new(), String::new()),
+        };
+        let identity_str = identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let ev = App::admin_event(
+            &tenant,
+            audit::kind::ADMIN,
+            &p.name(),
+            &identity_str,
+            M,
+            &format!("{role_name} token, ttl {ttl_s}s"),
+        );
+        let t2 = tenant.clone();
+        app.store
+            .write(move |conn, ctx| {
+                conn.prepare_cached(
+                    "INSERT INTO enrollment_tokens (hash, tenant, role, agent_uuid, relay_region, \
+                     relay_id, created_at_unix_ms, expires_unix_ms, used_at_unix_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+                )?
+                .execute(params![
+                    hash,
+                    t2,
+                    role_name,
+                    agent_uuid,
+                    relay_region,
+                    relay_id,
+                    now,
+                    expires
+                ])?;
+                audit::append(conn, &mut ctx.audit, &ev)
+            })
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::CreateEnrollmentTokenResponse {
+            token,
+            expires_unix_ms: expires,
+            ca_fingerprint_sha256: fingerprint,
+            identity: identity_str,
+        }))
+    }
+
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        const M: &str = "Pki.Enroll";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let r = req.into_inner();
+        let mut parts = r.token.split('.');
+        let (Some(TOKEN_PREFIX), Some(secret_hex), Some(fp), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(app.refuse(&p, M, "malformed enrollment token"));
+        };
+        if fp != app.ca.fingerprint_hex() {
+            return Err(app.refuse(&p, M, "enrollment token was issued by another CA"));
+        }
+        if r.csr_pem.is_empty() {
+            return Err(invalid("csr_pem", "required"));
+        }
+        let hash = token_hash(secret_hex);
+        let now = now_unix_ms();
+        let consumed = app
+            .store
+            .write(move |conn, _ctx| {
+                let row = conn
+                    .prepare_cached(
+                        "SELECT tenant, role, agent_uuid, relay_region, relay_id, expires_unix_ms, \
+                         used_at_unix_ms FROM enrollment_tokens WHERE hash = ?1",
+                    )?
+                    .query_row(params![hash], |r| {
+                        Ok((
+                            TokenRow {
+                                tenant: r.get(0)?,
+                                role: r.get(1)?,
+                                agent_uuid: r.get(2)?,
+                                relay_region: r.get(3)?,
+                                relay_id: r.get(4)?,
+                            },
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, Option<i64>>(6)?,
+                        ))
+                    })
+                    .optional()?;
+                let Some((row, expires, used)) = row else {
+                    return Ok(Consumed::Unknown);
+                };
+                if used.is_some() {
+                    return Ok(Consumed::AlreadyUsed);
+                }
+                if expires <= now {
+                    return Ok(Consumed::Expired);
+                }
+                conn.prepare_cached(
+                    "UPDATE enrollment_tokens SET used_at_unix_ms = ?1 WHERE hash = ?2",
+                )?
+                .execute(params![now, hash])?;
+                Ok(Consumed::Ok(row))
+            })
+            .await
+            .map_err(store_status)?;
+        let row = match consumed {
+            Consumed::Ok(row) => row,
+            Consumed::Unknown => return Err(app.refuse(&p, M, "unknown enrollment token")),
+            Consumed::AlreadyUsed => {
+                return Err(app.refuse(&p, M, "enrollment token already used"));
+            }
+            Consumed::Expired => return Err(app.refuse(&p, M, "enrollment token expired")),
+        };
+        let identity = match row.role.as_str() {
+            "relay" => match (Label::new(&row.relay_region), Label::new(&row.relay_id)) {
+                (Some(region), Some(id)) => Identity::Relay { region, id },
+                _ => return Err(Status::internal("stored relay token is malformed")),
+            },
+            _ => {
+                let tenant = Label::new(&row.tenant)
+                    .ok_or_else(|| Status::internal("stored token tenant is malformed"))?;
+                let uuid = if row.agent_uuid.is_empty() {
+                    AgentUuid::from_bytes(*uuid::Uuid::new_v4().as_bytes())
+                } else {
+                    AgentUuid::new(&row.agent_uuid)
+                        .ok_or_else(|| Status::internal("stored token uuid is malformed"))?
+                };
+                Identity::Agent { tenant, uuid }
+            }
+        };
+        if app.is_revoked(&identity.to_string()) {
+            return Err(app.refuse(&p, M, &format!("identity {identity} is revoked")));
+        }
+        let resp = self.issue(&p, M, &identity, &r.csr_pem).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::CertificateResponse>, Status> {
+        const M: &str = "Pki.Renew";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let identity = match &p {
+            Principal::Agent(id) => id.clone(),
+            Principal::Relay { region, id, .. } => Identity::Relay {
+                region: region.clone(),
+                id: id.clone(),
+            },
+            _ => return Err(app.refuse(&p, M, "only agents and relays renew their certificates")),
+        };
+        let csr = req.into_inner().csr_pem;
+        if csr.is_empty() {
+            return Err(invalid("csr_pem", "required"));
+        }
+        let resp = self.issue(&p, M, &identity, &csr).await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        const M: &str = "Pki.Revoke";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let uri = req.into_inner().uri;
+        let identity = Identity::parse(&uri).map_err(|e| invalid("uri", &e.to_string()))?;
+        let tenant = match &identity {
+            Identity::Agent { tenant, .. } => {
+                app.require_admin_of(&p, M, tenant.as_str())?;
+                tenant.to_string()
+            }
+            _ => {
+                app.require_global_admin(&p, M)?;
+                SYSTEM_TENANT.to_owned()
+            }
+        };
+        let now = now_unix_ms();
+        let ev = App::admin_event(&tenant, audit::kind::ADMIN, &p.name(), &uri, M, "revoked");
+        let (u2, t2) = (uri.clone(), tenant.clone());
+        let newly = app
+            .store
+            .write(move |conn, ctx| {
+                let n = conn
+                    .prepare_cached("INSERT OR IGNORE INTO revocations (uri, tenant, revoked_at_unix_ms) VALUES (?1, ?2, ?3)")?
+                    .execute(params![u2, t2, now])?;
+                if n > 0 {
+                    audit::append(conn, &mut ctx.audit, &ev)?;
+                }
+                Ok(n > 0)
+            })
+            .await
+            .map_err(store_status)?;
+        if newly {
+            metrics::counter!("outrelay_controller_revocations_total").increment(1);
+            app.revocations.publish(|r| {
+                r.insert(uri.clone(), now);
+                vec![pb::RevocationEvent {
+                    kind: revocation_event::Kind::Revoked as i32,
+                    uri: uri.clone(),
+                    revoked_at_unix_ms: now,
+                }]
+            });
+        }
+        Ok(Response::new(pb::RevokeResponse {
+            newly_revoked: newly,
+        }))
+    }
+
+    async fn ca_bundle(
+        &self,
+        req: Request<pb::CaBundleRequest>,
+    ) -> Result<Response<pb::CaBundleResponse>, Status> {
+        const M: &str = "Pki.CaBundle";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        if matches!(p, Principal::Anonymous) {
+            return Err(app.refuse(&p, M, "requires a client certificate"));
+        }
+        Ok(Response::new(pb::CaBundleResponse {
+            ca_pem: app.ca.cert_pem().to_owned(),
+            ca_fingerprint_sha256: app.ca.fingerprint_hex(),
+        }))
+    }
+
+    type WatchRevocationsStream = WatchStream<pb::RevocationEvent, pb::RevocationEvent>;
+
+    async fn watch_revocations(
+        &self,
+        req: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        const M: &str = "Pki.WatchRevocations";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        if !matches!(p, Principal::Relay { .. }) {
+            app.require_global_admin(&p, M)?;
+        }
+        let sub = app.revocations.subscribe(
+            |r| {
+                r.iter()
+                    .map(|(uri, at)| pb::RevocationEvent {
+                        kind: revocation_event::Kind::Revoked as i32,
+                        uri: uri.clone(),
+                        revoked_at_unix_ms: *at,
+                    })
+                    .collect()
+            },
+            |_| true,
+        );
+        let end = pb::RevocationEvent {
+            kind: revocation_event::Kind::SnapshotEnd as i32,
+            uri: String::new(),
+            revoked_at_unix_ms: 0,
+        };
+        Ok(Response::new(sub.into_stream(end, |e| e)))
+    }
+}

@@ -1,0 +1,91 @@
+//! Ordered schema migrations. `PRAGMA user_version` holds how many have been applied; a
+//! migration is never edited once released, only appended.
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+pub(crate) const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r"
+    CREATE TABLE policies (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        caller_pattern TEXT NOT NULL,
+        target_pattern TEXT NOT NULL,
+        method_pattern TEXT NOT NULL,
+        decision INTEGER NOT NULL,
+        expires_unix_ms INTEGER NOT NULL,
+        created_at_unix_ms INTEGER NOT NULL,
+        p2p_mode TEXT NOT NULL,
+        relay_mode TEXT NOT NULL
+    );
+    CREATE INDEX policies_by_tenant ON policies(tenant, seq);
+
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts_unix_ms INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        caller TEXT NOT NULL,
+        target TEXT NOT NULL,
+        method TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        stream_id TEXT NOT NULL,
+        mac BLOB NOT NULL
+    );
+    CREATE INDEX audit_by_tenant_ts ON audit(tenant, ts_unix_ms);
+
+    CREATE TABLE enrollment_tokens (
+        hash TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        role TEXT NOT NULL,
+        agent_uuid TEXT NOT NULL,
+        relay_region TEXT NOT NULL,
+        relay_id TEXT NOT NULL,
+        created_at_unix_ms INTEGER NOT NULL,
+        expires_unix_ms INTEGER NOT NULL,
+        used_at_unix_ms INTEGER
+    );
+
+    CREATE TABLE revocations (
+        uri TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        revoked_at_unix_ms INTEGER NOT NULL
+    );
+
+    CREATE TABLE issued_certs (
+        serial TEXT PRIMARY KEY,
+        uri TEXT NOT NULL,
+        issued_at_unix_ms INTEGER NOT NULL,
+        not_after_unix_ms INTEGER NOT NULL
+    );
+
+    CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        agent_uri TEXT NOT NULL,
+        relay_id TEXT NOT NULL,
+        lease_kind TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        created_at_unix_ms INTEGER NOT NULL,
+        updated_at_unix_ms INTEGER NOT NULL,
+        expires_unix_ms INTEGER NOT NULL,
+        UNIQUE (tenant, name)
+    );
+
+    CREATE TABLE lease_bans (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        agent_uri TEXT NOT NULL,
+        banned_at_unix_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name)
+    );
+
+    CREATE TABLE tenant_settings (
+        tenant TEXT PRIMARY KEY,
+        approval_mode INTEGER NOT NULL,
+        max_leases INTEGER NOT NULL
+    );
+    ",
+];

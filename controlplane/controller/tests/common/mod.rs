@@ -1,0 +1,241 @@
+//! Test harness: runs the real `outrelay-controller` binary on 127.0.0.1:0 with a state dir in
+//! a temp dir, reads the bound addresses from its ready file, and builds real mTLS / Unix-socket
+//! gRPC channels.
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use outrelay_controller::pki::{Ca, LeafProfile};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use tonic::transport::{Channel, Endpoint};
+
+pub const UUID_A: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
+pub const UUID_B: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
+
+pub struct Controller {
+    pub child: Child,
+    pub state_dir: PathBuf,
+    pub grpc: std::net::SocketAddr,
+    pub socket: PathBuf,
+    pub metrics: Option<String>,
+    config: PathBuf,
+    ready: PathBuf,
+}
+
+impl Controller {
+    /// Starts a controller whose state lives in `dir/state`; `extra` is appended to the config.
+    pub fn start(dir: &Path, extra: &str) -> Controller {
+        let state_dir = dir.join("state");
+        let socket = dir.join("controller.sock");
+        let config = dir.join("controller.toml");
+        let ready = dir.join("ready.json");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {state:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = {sock:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
+                state = state_dir.display().to_string(),
+                sock = socket.display().to_string(),
+            ),
+        )
+        .expect("write config");
+        Controller::spawn(state_dir, socket, config, ready)
+    }
+
+    fn spawn(state_dir: PathBuf, socket: PathBuf, config: PathBuf, ready: PathBuf) -> Controller {
+        let _ = std::fs::remove_file(&ready);
+        let child = Command::new(env!("CARGO_BIN_EXE_outrelay-controller"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--log")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn controller");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let json: serde_json::Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready)
+                && let Ok(v) = serde_json::from_str(&text)
+            {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "controller did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Controller {
+            child,
+            state_dir,
+            socket,
+            grpc: json["grpc"]
+                .as_str()
+                .expect("grpc addr")
+                .parse()
+                .expect("addr"),
+            metrics: json["metrics"].as_str().map(str::to_owned),
+            config,
+            ready,
+        }
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh process on the same state and config.
+    pub fn restart(mut self) -> Controller {
+        self.kill9();
+        Controller::spawn(
+            self.state_dir.clone(),
+            self.socket.clone(),
+            self.config.clone(),
+            self.ready.clone(),
+        )
+    }
+
+    pub fn ca(&self) -> Ca {
+        let cert = std::fs::read_to_string(self.state_dir.join("ca.pem")).expect("ca.pem");
+        let key = std::fs::read_to_string(self.state_dir.join("ca-key.pem")).expect("ca key");
+        Ca::from_pem(&cert, &key).expect("ca")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("ca.pem")).expect("ca.pem")
+    }
+
+    /// A certificate for `uri` signed by this controller's CA.
+    pub fn cert(&self, uri: &str, profile: LeafProfile) -> (String, String) {
+        mint(&self.ca(), uri, profile, time::OffsetDateTime::now_utc())
+    }
+
+    pub async fn channel(&self, cert: Option<&(String, String)>) -> Channel {
+        tls_channel(self.grpc, &self.ca_pem(), cert)
+            .await
+            .expect("tls channel")
+    }
+
+    pub async fn unix_channel(&self) -> Channel {
+        unix_channel(self.socket.clone()).await
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn mint(
+    ca: &Ca,
+    uri: &str,
+    profile: LeafProfile,
+    now: time::OffsetDateTime,
+) -> (String, String) {
+    let (issued, key) = ca
+        .issue_with_key(&[], Some(uri), profile, 3600, now)
+        .expect("issue");
+    (issued.cert_pem, key)
+}
+
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    cert: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("ca der"))
+        .expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let mut cfg = match cert {
+        Some((c, k)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(c.as_bytes()).expect("cert")],
+                PrivateKeyDer::from_pem_slice(k.as_bytes()).expect("key"),
+            )
+            .expect("client auth"),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                // Without this, Nagle + delayed ACK add ~40 ms to every small HTTP/2 write.
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from("localhost").expect("name");
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+}
+
+pub async fn unix_channel(path: PathBuf) -> Channel {
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("unix channel")
+}
+
+/// A PEM CSR for a fresh key, optionally naming `uri`.
+pub fn csr(uri: Option<&str>) -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    if let Some(u) = uri {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(u.try_into().expect("ia5")));
+    }
+    params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+/// A CSR and its key, for certificates a test will then use.
+pub fn csr_with_key() -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    let pem = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    (pem, key.serialize_pem())
+}
+
+/// Polls `f` until it returns true or 10 s pass.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
