@@ -1,0 +1,181 @@
+//! `outrelay-bench`: runs named scenarios against OutRelay and its peers (HAProxy, nginx,
+//! rathole, socat, direct loopback) and reports ratios from ONE run, targets interleaved per
+//! round, medians with min-max over rounds.
+//!
+//! Not a test suite: it asserts nothing about figures. Shared machines are noisy; only the
+//! ratios between targets measured side by side mean anything.
+//!
+//! Layout: `target/` starts and stops what traffic goes through; `scenario/` owns a backend
+//! and drives load through a started target; `report` renders; `proc_stats` reads CPU and
+//! memory from /proc; `process` owns child processes and cleans up on every way out.
+
+#![forbid(unsafe_code)]
+
+mod backend;
+mod client_hello;
+mod peers;
+mod proc_stats;
+mod process;
+mod report;
+mod scenario;
+mod stats;
+mod target;
+mod template;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::scenario::{ScenarioName, Settings};
+use crate::target::Availability;
+
+/// Default round count: the minimum for a median with a spread.
+const DEFAULT_ROUNDS: u32 = 3;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Benchmark OutRelay against its peers; ratios from one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one scenario against the targets; Markdown on stdout, progress on stderr.
+    Run(RunArgs),
+    /// List scenarios, and targets with their availability on this machine.
+    List,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The scenario.
+    scenario: ScenarioName,
+    /// Comma-separated targets, in report order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,haproxy,haproxy-chain,nginx,rathole,socat,outrelay"
+    )]
+    targets: Vec<String>,
+    /// Rounds over all targets (default 3; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Short smoke run: 1 round, short durations, few connections.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Install missing peers first (apt-get; cargo install rathole).
+    #[arg(long)]
+    install_peers: bool,
+    /// Seconds per measurement for bulk (default 10, quick 2) and connrate (default 5, quick 1).
+    #[arg(long)]
+    duration_s: Option<u64>,
+    /// Concurrent connections of the connrate client.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Round trips per latency measurement (default 20000, quick 2000).
+    #[arg(long)]
+    round_trips: Option<usize>,
+    /// Idle connections per idle-memory measurement (default 1000, quick 100).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// ClientHello file for connrate (default: the proto crate's captured OpenSSL hello).
+    #[arg(long)]
+    client_hello: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn settings(&self) -> Settings {
+        let pick = |explicit: Option<u64>, normal: u64, quick: u64| {
+            explicit.unwrap_or(if self.quick { quick } else { normal })
+        };
+        Settings {
+            rounds: self
+                .rounds
+                .unwrap_or(if self.quick { 1 } else { DEFAULT_ROUNDS })
+                .max(1),
+            bulk_duration_s: pick(self.duration_s, 10, 2),
+            connrate_duration_s: pick(self.duration_s, 5, 1),
+            connrate_concurrency: self.concurrency.max(1),
+            latency_round_trips: self
+                .round_trips
+                .unwrap_or(if self.quick { 2_000 } else { 20_000 })
+                .max(1),
+            idle_connections: self
+                .connections
+                .unwrap_or(if self.quick { 100 } else { 1_000 })
+                .max(1),
+            client_hello: self.client_hello.clone(),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    process::install_signal_cleanup()?;
+    match cli.command {
+        Cmd::List => {
+            list();
+            Ok(())
+        }
+        Cmd::Run(args) => run(&args),
+    }
+}
+
+fn list() {
+    println!("scenarios:");
+    for s in ScenarioName::all() {
+        println!("  {:<12} {}", s.as_str(), s.description());
+    }
+    println!("targets:");
+    for t in target::all() {
+        let availability = match t.availability() {
+            Availability::Available => "available".to_owned(),
+            Availability::NotAvailable(reason) => format!("not available ({reason})"),
+        };
+        println!(
+            "  {:<14} {:<40} {}",
+            t.name(),
+            availability,
+            t.description()
+        );
+    }
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    let targets = target::by_names(&args.targets)?;
+    if args.install_peers {
+        peers::install_missing(targets.iter().any(|t| t.name() == "rathole"))?;
+    }
+    let settings = args.settings();
+    let env = report::Environment::collect(peers::versions());
+
+    let work = tempfile::Builder::new()
+        .prefix("outrelay-bench-")
+        .tempdir()
+        .context("creating the run's temp dir")?;
+    process::remove_on_signal(work.path());
+    // The runtime drives the in-repo backends and load generators; declared before the
+    // scenario so it outlives the backends running on it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    let mut scenario = scenario::build(args.scenario, &settings, rt.handle(), work.path())?;
+    let result = scenario::run(scenario.as_mut(), &targets, &settings, work.path());
+    drop(scenario);
+
+    print!("{}", report::render_markdown(&env, &result));
+    if let Some(path) = &args.json {
+        let json = report::to_json(&env, &result)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

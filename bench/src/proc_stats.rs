@@ -1,0 +1,256 @@
+//! What the harness reads from `/proc`: CPU time and PSS of a process tree, kernel slab, and
+//! which loopback ports are listening (so readiness checks never open a stray connection).
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs;
+
+use anyhow::{Context, Result, bail};
+
+/// The fields of `/proc/<pid>/stat` the harness uses, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFields {
+    /// Parent process id.
+    pub ppid: u32,
+    /// User-mode CPU of the process (all its threads).
+    pub utime_ticks: u64,
+    /// Kernel-mode CPU of the process (all its threads).
+    pub stime_ticks: u64,
+    /// User-mode CPU of children it has waited for (e.g. socat's forked copies).
+    pub cutime_ticks: u64,
+    /// Kernel-mode CPU of children it has waited for.
+    pub cstime_ticks: u64,
+}
+
+impl StatFields {
+    /// All four CPU counters together: the process and its reaped children.
+    pub fn total_ticks(&self) -> u64 {
+        self.utime_ticks + self.stime_ticks + self.cutime_ticks + self.cstime_ticks
+    }
+}
+
+/// Parses one `/proc/<pid>/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from the LAST `)`.
+pub fn parse_stat(line: &str) -> Result<StatFields> {
+    let close = line.rfind(')').context("stat line without ')'")?;
+    let rest: Vec<&str> = line[close + 1..].split_whitespace().collect();
+    // rest[0] is field 3 (state); field N is rest[N - 3].
+    let field = |n: usize| -> Result<u64> {
+        let raw = rest
+            .get(n - 3)
+            .with_context(|| format!("stat line has no field {n}"))?;
+        raw.parse::<u64>()
+            .with_context(|| format!("stat field {n} is not a number: {raw:?}"))
+    };
+    Ok(StatFields {
+        ppid: u32::try_from(field(4)?).context("ppid out of range")?,
+        utime_ticks: field(14)?,
+        stime_ticks: field(15)?,
+        cutime_ticks: field(16)?,
+        cstime_ticks: field(17)?,
+    })
+}
+
+/// `roots` and all their live descendants, found by scanning `/proc/*/stat` for parent ids.
+/// Processes that exit during the scan are skipped.
+pub fn process_tree(roots: &[u32]) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Ok(stat) = read_stat(pid) {
+                parent_of.push((pid, stat.ppid));
+            }
+        }
+    }
+    let mut tree: BTreeSet<u32> = roots.iter().copied().collect();
+    loop {
+        let before = tree.len();
+        for &(pid, ppid) in &parent_of {
+            if tree.contains(&ppid) {
+                tree.insert(pid);
+            }
+        }
+        if tree.len() == before {
+            return tree.into_iter().collect();
+        }
+    }
+}
+
+/// Reads and parses `/proc/<pid>/stat`.
+pub fn read_stat(pid: u32) -> Result<StatFields> {
+    let line = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    parse_stat(&line)
+}
+
+/// CPU seconds (user + system, including reaped children) used so far by the process trees
+/// under `roots`. Sample before and after a measurement and subtract.
+pub fn tree_cpu_seconds(roots: &[u32]) -> f64 {
+    let ticks: u64 = process_tree(roots)
+        .into_iter()
+        .filter_map(|pid| read_stat(pid).ok())
+        .map(|s| s.total_ticks())
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
+/// `sysconf(_SC_CLK_TCK)`, 100 when it cannot be read (the value on every Linux we run on).
+fn clock_ticks_per_second() -> f64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as f64,
+        _ => 100.0,
+    }
+}
+
+/// Parses the `Pss:` line of `/proc/<pid>/smaps_rollup`, in bytes.
+pub fn parse_smaps_rollup_pss_bytes(text: &str) -> Result<u64> {
+    kib_field(text, "Pss:").map(|kib| kib * 1024)
+}
+
+/// Total proportional set size (bytes) of the process trees under `roots`: shared pages are
+/// divided among the processes sharing them, so summing over a tree does not double-count.
+pub fn tree_pss_bytes(roots: &[u32]) -> u64 {
+    process_tree(roots)
+        .into_iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|text| parse_smaps_rollup_pss_bytes(&text).ok())
+        .sum()
+}
+
+/// Parses the `Slab:` line of `/proc/meminfo`, in bytes.
+pub fn parse_meminfo_slab_bytes(text: &str) -> Result<u64> {
+    kib_field(text, "Slab:").map(|kib| kib * 1024)
+}
+
+/// System-wide kernel slab memory now, in bytes (noisy: every process on the box moves it).
+pub fn slab_bytes() -> Result<u64> {
+    parse_meminfo_slab_bytes(&fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?)
+}
+
+/// Ports with a TCP socket in LISTEN state on 127.0.0.1 or 0.0.0.0 (from `/proc/net/tcp`).
+pub fn listening_loopback_ports() -> Result<HashSet<u16>> {
+    parse_listening_ports(&fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?)
+}
+
+/// Parses `/proc/net/tcp`: local address `0100007F:1F90` (hex, host byte order on x86) and
+/// state `0A` (LISTEN).
+pub fn parse_listening_ports(text: &str) -> Result<HashSet<u16>> {
+    const TCP_LISTEN: &str = "0A";
+    let mut ports = HashSet::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(state)) = (cols.get(1), cols.get(3)) else {
+            bail!("short /proc/net/tcp line: {line:?}");
+        };
+        if *state != TCP_LISTEN {
+            continue;
+        }
+        let (ip, port) = local.split_once(':').context("local address without ':'")?;
+        if ip == "0100007F" || ip == "00000000" {
+            ports.insert(u16::from_str_radix(port, 16).context("port is not hex")?);
+        }
+    }
+    Ok(ports)
+}
+
+/// The number in a `Name:   1234 kB` line.
+fn kib_field(text: &str, name: &str) -> Result<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(name))
+        .with_context(|| format!("no {name} line"))?;
+    let mut words = line[name.len()..].split_whitespace();
+    let value = words
+        .next()
+        .with_context(|| format!("{name} line without a value"))?;
+    if words.next() != Some("kB") {
+        bail!("{name} line is not in kB: {line:?}");
+    }
+    value
+        .parse::<u64>()
+        .with_context(|| format!("{name} value is not a number: {value:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_last_paren() {
+        // A command name with spaces and a ')' inside, as a process may choose.
+        let line = "4242 (weird) name) S 17 4242 4242 0 -1 4194560 300 0 0 0 \
+                    123 45 6 7 20 0 3 0 100 1000000 200 18446744073709551615 0";
+        let s = parse_stat(line).expect("valid stat line");
+        assert_eq!(
+            s,
+            StatFields {
+                ppid: 17,
+                utime_ticks: 123,
+                stime_ticks: 45,
+                cutime_ticks: 6,
+                cstime_ticks: 7
+            }
+        );
+        assert_eq!(s.total_ticks(), 181);
+    }
+
+    #[test]
+    fn truncated_or_garbled_stat_lines_are_errors() {
+        assert!(parse_stat("12 (x) S 1 2 3").is_err());
+        assert!(parse_stat("no paren here").is_err());
+        let garbled = "1 (x) S 0 1 1 0 -1 0 0 0 0 0 abc 1 1 1";
+        assert!(parse_stat(garbled).is_err());
+    }
+
+    #[test]
+    fn our_own_stat_parses_and_we_are_in_our_tree() {
+        let me = std::process::id();
+        read_stat(me).expect("own /proc/self/stat parses");
+        assert!(process_tree(&[me]).contains(&me));
+    }
+
+    #[test]
+    fn pss_and_slab_lines_are_read_in_bytes() {
+        let smaps = "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss: 9000 kB\nPss:  4096 kB\n\
+                     Pss_Anon: 100 kB\n";
+        assert_eq!(
+            parse_smaps_rollup_pss_bytes(smaps).expect("has Pss"),
+            4096 * 1024
+        );
+        let meminfo = "MemTotal: 100 kB\nSlab:     2048 kB\nSReclaimable: 5 kB\n";
+        assert_eq!(
+            parse_meminfo_slab_bytes(meminfo).expect("has Slab"),
+            2048 * 1024
+        );
+        assert!(parse_meminfo_slab_bytes("Slab: 12 pages\n").is_err());
+        assert!(parse_meminfo_slab_bytes("MemTotal: 1 kB\n").is_err());
+    }
+
+    #[test]
+    fn listening_loopback_ports_are_found_and_others_ignored() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+           0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n\
+           1: 0100007F:1F91 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 2\n\
+           2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 3\n\
+           3: 0202000A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 4\n";
+        let ports = parse_listening_ports(text).expect("valid table");
+        assert_eq!(ports, HashSet::from([8080, 22]));
+    }
+
+    #[test]
+    fn a_listener_we_open_shows_up() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let port = l.local_addr().expect("local addr").port();
+        assert!(
+            listening_loopback_ports()
+                .expect("reads /proc/net/tcp")
+                .contains(&port)
+        );
+    }
+}

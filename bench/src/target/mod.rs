@@ -1,0 +1,209 @@
+//! Targets: the things traffic goes through. A target knows how to start itself in front of a
+//! backend address and returns a [`RunningTarget`]: the front address clients connect to, plus
+//! the processes whose CPU and memory count as "the relay". Dropping it stops everything.
+//!
+//! Wiring in a new target (OutRelay's relay + agent) is one file: implement [`Target`] and add
+//! it to [`all`].
+
+mod direct;
+mod haproxy;
+mod nginx;
+mod outrelay;
+mod rathole;
+mod socat;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::proc_stats;
+use crate::process::OwnedProcess;
+
+/// How long a started target gets to open its front port.
+const READY_TIMEOUT_MS: u64 = 10_000;
+
+/// How a target picks the backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Every connection goes to the backend (plain L4 relay).
+    Tcp,
+    /// Connections whose TLS ClientHello names this server go to the backend; others are
+    /// closed. Targets that cannot read SNI fall back to [`Routing::Tcp`] and say so.
+    Sni(&'static str),
+}
+
+/// Whether a target can run on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    /// Installed and runnable.
+    Available,
+    /// Not runnable; the reason is shown in reports as `not available (reason)`.
+    NotAvailable(String),
+}
+
+/// One thing to measure traffic through.
+pub trait Target {
+    /// Short name used on the command line and in reports (`haproxy`, `rathole`, …).
+    fn name(&self) -> &'static str;
+    /// One line: what this target is and how it is configured.
+    fn description(&self) -> &'static str;
+    /// Whether it can run here (binaries installed, built, …).
+    fn availability(&self) -> Availability;
+    /// Starts the target in front of `backend` in the empty directory `dir` and waits until
+    /// its front port is listening.
+    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget>;
+}
+
+/// A started target. Dropping it stops its processes (SIGTERM, then SIGKILL, whole groups).
+#[derive(Debug)]
+pub struct RunningTarget {
+    /// Where clients connect.
+    pub front: SocketAddr,
+    /// Whether connections are routed on SNI (false: every connection is forwarded).
+    pub sni_routed: bool,
+    processes: Vec<OwnedProcess>,
+}
+
+impl RunningTarget {
+    /// A target with no processes of its own (the direct path).
+    pub fn without_processes(front: SocketAddr) -> Self {
+        Self {
+            front,
+            sni_routed: false,
+            processes: Vec::new(),
+        }
+    }
+
+    /// The leaders of the relay's process trees (pass to the `tree_*` functions).
+    pub fn relay_roots(&self) -> Vec<u32> {
+        self.processes.iter().map(OwnedProcess::pid).collect()
+    }
+
+    /// Whether the target has relay processes to measure.
+    pub fn has_relay(&self) -> bool {
+        !self.processes.is_empty()
+    }
+
+    /// Errors if any relay process has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.processes
+            .iter_mut()
+            .try_for_each(OwnedProcess::ensure_running)
+    }
+}
+
+/// Every target the harness knows, in report order.
+pub fn all() -> Vec<Box<dyn Target>> {
+    vec![
+        Box::new(direct::Direct),
+        Box::new(haproxy::Haproxy { hops: 1 }),
+        Box::new(haproxy::Haproxy { hops: 2 }),
+        Box::new(nginx::Nginx),
+        Box::new(rathole::Rathole),
+        Box::new(socat::Socat),
+        Box::new(outrelay::Outrelay),
+    ]
+}
+
+/// The targets named in `names`, in the order given; errors on an unknown name.
+pub fn by_names(names: &[String]) -> Result<Vec<Box<dyn Target>>> {
+    let mut known = all();
+    let mut chosen = Vec::new();
+    for name in names {
+        let Some(i) = known.iter().position(|t| t.name() == name) else {
+            let valid: Vec<&str> = all().iter().map(|t| t.name()).collect();
+            bail!("unknown target {name:?}; known: {}", valid.join(", "));
+        };
+        chosen.push(known.remove(i));
+    }
+    Ok(chosen)
+}
+
+/// A loopback address with a port the kernel just reported free. The port is released before
+/// the peer binds it, so another process could take it in between; with ports from the
+/// kernel's ephemeral range that race is rare, and a lost race fails the start loudly.
+pub fn free_loopback_addr() -> Result<SocketAddr> {
+    let probe = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    probe.local_addr().context("reading probe address")
+}
+
+/// Waits until every address in `addrs` has a listening socket, without connecting to it (a
+/// stray connection would confuse iperf3 and count in the peers' statistics).
+pub fn wait_listening(addrs: &[SocketAddr], processes: &mut [OwnedProcess]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
+    loop {
+        for p in processes.iter_mut() {
+            p.ensure_running()?;
+        }
+        let listening = proc_stats::listening_loopback_ports()?;
+        if addrs.iter().all(|a| listening.contains(&a.port())) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let tails: Vec<String> = processes.iter().map(OwnedProcess::log_tail).collect();
+            bail!(
+                "not listening on {addrs:?} after {READY_TIMEOUT_MS} ms; logs:\n{}",
+                tails.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A template's file name, its text and example values for its placeholders.
+#[cfg(test)]
+pub type TemplateExample = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+);
+
+/// Every template with example values, for the test that renders them all.
+#[cfg(test)]
+pub fn template_examples() -> Vec<TemplateExample> {
+    let mut all = haproxy::template_examples();
+    all.extend(nginx::template_examples());
+    all.extend(rathole::template_examples());
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_resolve() {
+        let names: Vec<String> = all().iter().map(|t| t.name().to_owned()).collect();
+        let mut dedup = names.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), names.len());
+        let chosen = by_names(&names).expect("all known names resolve");
+        assert_eq!(chosen.len(), names.len());
+        assert!(by_names(&["nope".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn outrelay_is_reported_missing_never_faked() {
+        let t = by_names(&["outrelay".to_owned()]).expect("known target");
+        assert_eq!(
+            t[0].availability(),
+            Availability::NotAvailable("relay not built yet".to_owned())
+        );
+    }
+
+    #[test]
+    fn direct_front_is_the_backend_and_has_no_relay() {
+        let backend: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let t = by_names(&["direct".to_owned()]).expect("known target");
+        let running = t[0]
+            .start(backend, Routing::Tcp, dir.path())
+            .expect("direct always starts");
+        assert_eq!(running.front, backend);
+        assert!(!running.has_relay());
+        assert!(running.relay_roots().is_empty());
+    }
+}
