@@ -1,0 +1,736 @@
+//! The splice engine: joins pairs of connected sockets and moves bytes between them in the
+//! kernel (socket → pipe → socket), both ways, until both directions have ended.
+//!
+//! One engine per worker thread; nothing in it is shared, so nothing is locked. Other threads
+//! hand it pairs through an [`EngineHandle`] (a bounded queue plus an eventfd wake-up).
+//!
+//! Per direction the engine calls non-blocking `splice(2)` inline until the kernel says
+//! `EAGAIN`, then arms one-shot readiness for exactly what it is waiting for (source readable,
+//! destination writable) and moves on. Half-close is preserved: when a source reaches EOF and
+//! its pipe has drained, the engine shuts down the write side of the destination, and the
+//! other direction keeps flowing until it ends too.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{SpliceFFlags, splice};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{Shutdown, shutdown};
+
+use crate::pipe::{Pipe, PipeLimits, PipePool, PipeStats};
+use crate::poller::{Backend, INTEREST_BITS, Interest, Poller, WAKE_TOKEN};
+
+/// Settings of one engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Readiness backend.
+    pub backend: Backend,
+    /// Pipe pool limits.
+    pub pipes: PipeLimits,
+    /// Most pairs spliced at once; [`Engine::add`] refuses more.
+    pub max_pairs: usize,
+    /// Capacity of the queue other threads hand pairs through.
+    pub inbox_max: usize,
+    /// A pair with no byte moved for this long is closed.
+    pub idle_timeout: Duration,
+    /// A pair whose one direction has ended is closed this long after, if still open.
+    pub half_closed_timeout: Duration,
+    /// How often timeouts are checked.
+    pub sweep_interval: Duration,
+    /// Bytes one direction may move before the engine serves others (fairness).
+    pub pump_budget_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            backend: Backend::probe(),
+            pipes: PipeLimits::default(),
+            max_pairs: 16_384,
+            inbox_max: 1024,
+            idle_timeout: Duration::from_secs(3600),
+            half_closed_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(1),
+            pump_budget_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why a pair was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions ended with a FIN.
+    Completed,
+    /// A socket reported an error (reset, broken pipe).
+    Error(Errno),
+    /// No byte moved for `idle_timeout`.
+    IdleTimeout,
+    /// One direction ended `half_closed_timeout` ago and the other did not.
+    HalfClosedTimeout,
+    /// The engine was shut down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// A metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CloseReason::Completed => "completed",
+            CloseReason::Error(_) => "error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HalfClosedTimeout => "half_closed_timeout",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A pair the engine is done with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// The caller's tag for the pair.
+    pub tag: u64,
+    /// Bytes moved a → b and b → a.
+    pub bytes: [u64; 2],
+    /// Why it ended.
+    pub reason: CloseReason,
+}
+
+/// Why a pair was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// The engine already splices `max_pairs` pairs (or its inbox is full).
+    #[error("splice engine full")]
+    Full,
+    /// The engine is gone.
+    #[error("splice engine stopped")]
+    Stopped,
+    /// A socket could not be made non-blocking.
+    #[error("socket setup failed: {0}")]
+    Socket(#[from] Errno),
+}
+
+/// Engine counters, read by the owner for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Pairs being spliced now.
+    pub pairs_active: usize,
+    /// Pairs ever added.
+    pub pairs_added: u64,
+    /// Pairs refused because the engine was full.
+    pub pairs_refused: u64,
+    /// Bytes moved, all pairs, both directions.
+    pub bytes: u64,
+    /// `splice(2)` calls made.
+    pub splice_calls: u64,
+    /// Pairs closed, by reason: completed, error, idle, half-closed, shutdown.
+    pub closed: [u64; 5],
+    /// Times a direction waited for the pipe budget.
+    pub pipe_waits: u64,
+    /// The pipe pool's counters.
+    pub pipes: PipeStats,
+}
+
+/// A pair handed over from another thread.
+struct NewPair {
+    a: OwnedFd,
+    b: OwnedFd,
+    tag: u64,
+}
+
+/// Hands pairs to an engine running on another thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<NewPair>,
+    wake: Arc<EventFd>,
+}
+
+impl EngineHandle {
+    /// Queues a pair; the sockets must be connected TCP (or Unix stream) sockets.
+    ///
+    /// # Errors
+    /// [`AddError::Full`] when the inbox is full (counted by the caller), [`AddError::Stopped`]
+    /// when the engine has exited.
+    pub fn add(&self, a: OwnedFd, b: OwnedFd, tag: u64) -> Result<(), AddError> {
+        match self.tx.try_send(NewPair { a, b, tag }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(AddError::Full),
+            Err(TrySendError::Disconnected(_)) => return Err(AddError::Stopped),
+        }
+        self.wake()
+    }
+
+    /// Wakes the engine (to add queued pairs, or to notice a stop request).
+    ///
+    /// # Errors
+    /// [`AddError::Stopped`] if the wake-up cannot be written.
+    pub fn wake(&self) -> Result<(), AddError> {
+        self.wake
+            .write(1)
+            .map(|_| ())
+            .map_err(|_| AddError::Stopped)
+    }
+}
+
+/// One direction of a pair: bytes from `fds[i]` to `fds[1 - i]`.
+#[derive(Debug, Default)]
+struct Direction {
+    pipe: Option<Pipe>,
+    in_pipe: usize,
+    src_eof: bool,
+    finished: bool,
+    waiting_pipe: bool,
+    bytes: u64,
+}
+
+/// What a direction needs next.
+enum Pump {
+    /// Blocked: arm these.
+    Wait { read: bool, write: bool },
+    /// Moved its budget; serve others, then come back.
+    Yield,
+    /// No pipe available within the budget.
+    NeedPipe,
+    /// EOF forwarded; this direction is over.
+    Finished,
+}
+
+impl Direction {
+    fn pump(
+        &mut self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        pool: &mut PipePool,
+        budget_bytes: usize,
+        splice_calls: &mut u64,
+    ) -> Result<Pump, Errno> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        let mut moved = 0usize;
+        loop {
+            let mut progressed = false;
+            let mut read_blocked = false;
+            let mut write_blocked = false;
+            if !self.src_eof && self.pipe.is_none() {
+                // Idle directions hold no pipe: look before taking one.
+                match peek(src) {
+                    Ok(Peeked::Data) => match pool.acquire() {
+                        Some(pipe) => self.pipe = Some(pipe),
+                        None => return Ok(Pump::NeedPipe),
+                    },
+                    Ok(Peeked::Eof) => {
+                        self.src_eof = true;
+                        progressed = true;
+                    }
+                    Ok(Peeked::Empty) => read_blocked = true,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if let (false, Some(pipe)) = (self.src_eof, self.pipe.as_mut()) {
+                let room = pipe.capacity_bytes() - self.in_pipe;
+                if room > 0 {
+                    *splice_calls += 1;
+                    match splice(src, None, pipe.write_end(), None, room, flags) {
+                        Ok(0) => {
+                            self.src_eof = true;
+                            progressed = true;
+                        }
+                        Ok(n) => {
+                            self.in_pipe += n;
+                            progressed = true;
+                            if self.in_pipe == pipe.capacity_bytes() {
+                                // A bulk flow: give it a bigger pipe, budget permitting.
+                                pool.grow(pipe);
+                            }
+                        }
+                        Err(Errno::EAGAIN) => read_blocked = true,
+                        Err(Errno::EINTR) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if self.in_pipe > 0 {
+                let Some(pipe) = self.pipe.as_ref() else {
+                    return Err(Errno::EINVAL); // unreachable: bytes in flight imply a pipe
+                };
+                *splice_calls += 1;
+                match splice(pipe.read_end(), None, dst, None, self.in_pipe, flags) {
+                    Ok(0) => write_blocked = true,
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        self.bytes += n as u64;
+                        moved += n;
+                        progressed = true;
+                    }
+                    Err(Errno::EAGAIN) => write_blocked = true,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.in_pipe == 0 && (read_blocked || self.src_eof) {
+                // Nothing in flight: hold no pipe while idle.
+                if let Some(pipe) = self.pipe.take() {
+                    pool.release(pipe);
+                }
+            }
+            if self.src_eof && self.in_pipe == 0 {
+                match shutdown(dst.as_fd_raw(), Shutdown::Write) {
+                    Ok(()) | Err(Errno::ENOTCONN) => {}
+                    Err(e) => return Err(e),
+                }
+                self.finished = true;
+                return Ok(Pump::Finished);
+            }
+            if moved >= budget_bytes {
+                return Ok(Pump::Yield);
+            }
+            if !progressed {
+                return Ok(Pump::Wait {
+                    read: read_blocked,
+                    write: write_blocked,
+                });
+            }
+        }
+    }
+}
+
+enum Peeked {
+    Data,
+    Eof,
+    Empty,
+}
+
+/// Whether a socket has a byte to read, has reached EOF, or has nothing yet.
+fn peek(src: BorrowedFd<'_>) -> Result<Peeked, Errno> {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut byte = [0u8; 1];
+    match recv(
+        src.as_fd_raw(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => Ok(Peeked::Eof),
+        Ok(_) => Ok(Peeked::Data),
+        Err(Errno::EAGAIN) => Ok(Peeked::Empty),
+        Err(e) => Err(e),
+    }
+}
+
+/// Helpers to keep raw-fd plumbing out of the state machine above.
+trait RawFdExt {
+    fn as_fd_raw(&self) -> std::os::fd::RawFd;
+}
+
+impl RawFdExt for BorrowedFd<'_> {
+    fn as_fd_raw(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+struct Pair {
+    fds: [OwnedFd; 2],
+    armed: [Interest; 2],
+    dirs: [Direction; 2],
+    tag: u64,
+    last_activity: Instant,
+    half_closed_since: Option<Instant>,
+    queued: bool,
+}
+
+struct Slot {
+    generation: u32,
+    pair: Option<Pair>,
+}
+
+const GENERATION_BITS: u32 = 29;
+const GENERATION_MASK: u64 = (1 << GENERATION_BITS) - 1;
+
+fn token(index: u32, generation: u32, side: usize) -> u64 {
+    (u64::from(index) << 32)
+        | ((u64::from(generation) & GENERATION_MASK) << (INTEREST_BITS + 1))
+        | ((side as u64 & 1) << INTEREST_BITS)
+}
+
+fn untoken(token: u64) -> (u32, u32, usize) {
+    let index = u32::try_from(token >> 32).unwrap_or(u32::MAX);
+    let generation = u32::try_from((token >> (INTEREST_BITS + 1)) & GENERATION_MASK).unwrap_or(0);
+    let side = usize::from(token & (1 << INTEREST_BITS) != 0);
+    (index, generation, side)
+}
+
+/// A splice engine (see the module docs). Drive it with [`Engine::run_once`] on one thread.
+pub struct Engine {
+    config: EngineConfig,
+    poller: Poller,
+    pool: PipePool,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    ready: VecDeque<(u32, u32)>,
+    pipe_waiters: VecDeque<(u32, u32)>,
+    stats: EngineStats,
+    fired: Vec<u64>,
+    inbox: Receiver<NewPair>,
+    handle: EngineHandle,
+    last_sweep: Option<Instant>,
+}
+
+impl Engine {
+    /// Creates an engine with the configured backend.
+    ///
+    /// # Errors
+    /// The backend could not be created (for io_uring: the kernel refused a ring).
+    pub fn new(config: EngineConfig) -> std::io::Result<Engine> {
+        let wake = Arc::new(EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+        )?);
+        let entries = u32::try_from(config.max_pairs.clamp(64, 4096)).unwrap_or(4096);
+        let poller = Poller::new(config.backend, wake.as_fd(), entries)?;
+        let (tx, inbox) = sync_channel(config.inbox_max);
+        Ok(Engine {
+            pool: PipePool::new(config.pipes),
+            poller,
+            slots: Vec::new(),
+            free: Vec::new(),
+            ready: VecDeque::new(),
+            pipe_waiters: VecDeque::new(),
+            stats: EngineStats::default(),
+            fired: Vec::with_capacity(256),
+            inbox,
+            handle: EngineHandle { tx, wake },
+            last_sweep: None,
+            config,
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.config.backend
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            pipes: self.pool.stats(),
+            ..self.stats
+        }
+    }
+
+    /// Starts splicing `a` ⇄ `b` (both made non-blocking here).
+    ///
+    /// # Errors
+    /// [`AddError::Full`] at `max_pairs` (the sockets are closed), or a socket error.
+    pub fn add(&mut self, a: OwnedFd, b: OwnedFd, tag: u64, now: Instant) -> Result<(), AddError> {
+        if self.stats.pairs_active >= self.config.max_pairs {
+            self.stats.pairs_refused += 1;
+            return Err(AddError::Full);
+        }
+        for fd in [&a, &b] {
+            let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        }
+        let pair = Pair {
+            fds: [a, b],
+            armed: [Interest::NONE; 2],
+            dirs: [Direction::default(), Direction::default()],
+            tag,
+            last_activity: now,
+            half_closed_since: None,
+            queued: true,
+        };
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    pair: None,
+                });
+                u32::try_from(self.slots.len() - 1).map_err(|_| AddError::Full)?
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.pair = Some(pair);
+        self.ready.push_back((index, slot.generation));
+        self.stats.pairs_active += 1;
+        self.stats.pairs_added += 1;
+        Ok(())
+    }
+
+    /// Runs one round: waits up to `timeout` for readiness (not at all if work is queued),
+    /// serves what fired and what is queued, checks timeouts, and appends pairs that ended to
+    /// `finished`. `clock` is read after the wait (tests inject a fake one).
+    ///
+    /// # Errors
+    /// The readiness backend failed (the engine cannot continue).
+    pub fn run_once(
+        &mut self,
+        timeout: Duration,
+        clock: &mut dyn FnMut() -> Instant,
+        finished: &mut Vec<Finished>,
+    ) -> std::io::Result<()> {
+        let wait = if self.ready.is_empty() {
+            timeout.min(self.config.sweep_interval)
+        } else {
+            Duration::ZERO
+        };
+        let mut fired = std::mem::take(&mut self.fired);
+        fired.clear();
+        self.poller.wait(Some(wait), &mut fired)?;
+        let now = clock();
+        for &t in &fired {
+            if t == WAKE_TOKEN {
+                self.drain_inbox(now);
+                continue;
+            }
+            let (index, generation, side) = untoken(t);
+            let Some(pair) = self.pair_mut(index, generation) else {
+                continue; // stale: the pair was closed and the slot reused
+            };
+            let cleared = Interest::from_bits(t);
+            pair.armed[side] = pair.armed[side].minus(cleared);
+            self.service(index, generation, now, finished);
+        }
+        self.fired = fired;
+        // Serve what was queued before this round (pairs re-queued now wait for the next).
+        for _ in 0..self.ready.len() {
+            let Some((index, generation)) = self.ready.pop_front() else {
+                break;
+            };
+            if let Some(pair) = self.pair_mut(index, generation) {
+                pair.queued = false;
+                self.service(index, generation, now, finished);
+            }
+        }
+        if self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.sweep_interval)
+        {
+            self.last_sweep = Some(now);
+            self.sweep(now, finished);
+        }
+        Ok(())
+    }
+
+    /// Closes every pair (reason [`CloseReason::Shutdown`]).
+    pub fn shutdown(&mut self, finished: &mut Vec<Finished>) {
+        for index in 0..self.slots.len() {
+            let generation = self.slots[index].generation;
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            if self.pair_mut(index, generation).is_some() {
+                self.close(index, CloseReason::Shutdown, finished);
+            }
+        }
+    }
+
+    fn pair_mut(&mut self, index: u32, generation: u32) -> Option<&mut Pair> {
+        let slot = self.slots.get_mut(index as usize)?;
+        if u64::from(slot.generation) & GENERATION_MASK != u64::from(generation) & GENERATION_MASK {
+            return None;
+        }
+        slot.pair.as_mut()
+    }
+
+    fn drain_inbox(&mut self, now: Instant) {
+        let _ = self.handle.wake.read(); // reset the eventfd counter; EAGAIN means already 0
+        while let Ok(new) = self.inbox.try_recv() {
+            // A refused pair's sockets are dropped (closed) here; the count is in the stats.
+            let _ = self.add(new.a, new.b, new.tag, now);
+        }
+    }
+
+    /// Pumps both directions of a pair, then arms what they wait for or closes the pair.
+    fn service(&mut self, index: u32, generation: u32, now: Instant, finished: &mut Vec<Finished>) {
+        let budget = self.config.pump_budget_bytes;
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return;
+        };
+        let Some(pair) = slot.pair.as_mut() else {
+            return;
+        };
+        let mut want = [Interest::NONE; 2];
+        let mut requeue = false;
+        let mut error = None;
+        let bytes_before = pair.dirs[0].bytes + pair.dirs[1].bytes;
+        for d in 0..2 {
+            let dir = &mut pair.dirs[d];
+            if dir.finished || dir.waiting_pipe {
+                continue;
+            }
+            let (src, dst) = (pair.fds[d].as_fd(), pair.fds[1 - d].as_fd());
+            match dir.pump(
+                src,
+                dst,
+                &mut self.pool,
+                budget,
+                &mut self.stats.splice_calls,
+            ) {
+                Ok(Pump::Wait { read, write }) => {
+                    if read {
+                        want[d] = want[d].union(Interest::READ);
+                    }
+                    if write {
+                        want[1 - d] = want[1 - d].union(Interest::WRITE);
+                    }
+                }
+                Ok(Pump::Yield) => requeue = true,
+                Ok(Pump::NeedPipe) => {
+                    dir.waiting_pipe = true;
+                    self.stats.pipe_waits += 1;
+                    self.pipe_waiters.push_back((index, generation));
+                }
+                Ok(Pump::Finished) => {
+                    if pair.half_closed_since.is_none() {
+                        pair.half_closed_since = Some(now);
+                    }
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let moved = pair.dirs[0].bytes + pair.dirs[1].bytes - bytes_before;
+        if moved > 0 {
+            pair.last_activity = now;
+            self.stats.bytes += moved;
+        }
+        let done = pair.dirs[0].finished && pair.dirs[1].finished;
+        if let Some(e) = error {
+            self.close(index, CloseReason::Error(e), finished);
+        } else if done {
+            self.close(index, CloseReason::Completed, finished);
+        } else {
+            if requeue && !pair.queued {
+                pair.queued = true;
+                self.ready.push_back((index, generation));
+            }
+            for (side, want) in want.into_iter().enumerate() {
+                let t = token(index, generation, side);
+                match self
+                    .poller
+                    .arm(pair.fds[side].as_fd(), t, pair.armed[side], want)
+                {
+                    Ok(armed) => pair.armed[side] = armed,
+                    Err(_) => {
+                        error = Some(Errno::ENOMEM);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = error {
+                self.close(index, CloseReason::Error(e), finished);
+            }
+        }
+        self.wake_pipe_waiters();
+    }
+
+    /// Requeues directions that waited for a pipe, now that one may be free.
+    fn wake_pipe_waiters(&mut self) {
+        if !self.pool.has_capacity() {
+            return;
+        }
+        while let Some((index, generation)) = self.pipe_waiters.pop_front() {
+            if let Some(pair) = self.pair_mut(index, generation) {
+                for dir in &mut pair.dirs {
+                    dir.waiting_pipe = false;
+                }
+                if !pair.queued {
+                    pair.queued = true;
+                    self.ready.push_back((index, generation));
+                }
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: Instant, finished: &mut Vec<Finished>) {
+        let idle = self.config.idle_timeout;
+        let half = self.config.half_closed_timeout;
+        for index in 0..self.slots.len() {
+            let Some(pair) = self.slots[index].pair.as_ref() else {
+                continue;
+            };
+            let reason = if now.saturating_duration_since(pair.last_activity) >= idle {
+                Some(CloseReason::IdleTimeout)
+            } else if pair
+                .half_closed_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= half)
+            {
+                Some(CloseReason::HalfClosedTimeout)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.close(u32::try_from(index).unwrap_or(u32::MAX), reason, finished);
+            }
+        }
+    }
+
+    fn close(&mut self, index: u32, reason: CloseReason, finished: &mut Vec<Finished>) {
+        let slot = &mut self.slots[index as usize];
+        let Some(mut pair) = slot.pair.take() else {
+            return;
+        };
+        let generation = slot.generation;
+        slot.generation = slot.generation.wrapping_add(1);
+        for side in 0..2 {
+            let fd = pair.fds[side].as_fd();
+            self.poller
+                .forget(fd, token(index, generation, side), pair.armed[side]);
+            // A poll still pending in the kernel holds a reference to the socket; shutting it
+            // down makes sure the peer sees the close whatever happens to that reference.
+            let _ = shutdown(fd.as_fd_raw(), Shutdown::Both);
+        }
+        for dir in &mut pair.dirs {
+            if let Some(pipe) = dir.pipe.take() {
+                if dir.in_pipe == 0 {
+                    self.pool.release(pipe);
+                } else {
+                    self.pool.discard(pipe);
+                }
+            }
+        }
+        let counter = match reason {
+            CloseReason::Completed => 0,
+            CloseReason::Error(_) => 1,
+            CloseReason::IdleTimeout => 2,
+            CloseReason::HalfClosedTimeout => 3,
+            CloseReason::Shutdown => 4,
+        };
+        self.stats.closed[counter] += 1;
+        self.stats.pairs_active -= 1;
+        self.free.push(index);
+        finished.push(Finished {
+            tag: pair.tag,
+            bytes: [pair.dirs[0].bytes, pair.dirs[1].bytes],
+            reason,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for (i, g, s) in [
+            (0u32, 0u32, 0usize),
+            (7, 12345, 1),
+            (u32::MAX - 1, (1 << 29) - 1, 1),
+        ] {
+            let t = token(i, g, s);
+            assert_eq!(t & 3, 0, "interest bits free");
+            assert_eq!(untoken(t | 3), (i, g, s));
+            assert_ne!(t, WAKE_TOKEN);
+        }
+    }
+}

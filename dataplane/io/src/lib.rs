@@ -1,0 +1,21 @@
+//! OutRelay's zero-copy splice engine, shared by the relay and the agent.
+//!
+//! Joins pairs of connected sockets and moves their bytes through kernel pipes
+//! (`splice(2)`), both ways, with half-close preserved, budgeted pipes and per-pair timeouts.
+//! One [`Engine`] per worker thread; readiness from io_uring ([`Backend::Uring`]) or epoll
+//! ([`Backend::Epoll`], the fallback, forceable so the test suite runs on both).
+//!
+//! Unsafe policy: `unsafe` is denied everywhere except the io_uring module (`uring.rs`),
+//! where each block carries a `// SAFETY:` comment.
+#![deny(unsafe_code)]
+
+pub mod engine;
+pub mod pipe;
+pub mod poller;
+mod uring;
+
+pub use engine::{
+    AddError, CloseReason, Engine, EngineConfig, EngineHandle, EngineStats, Finished,
+};
+pub use pipe::{PipeLimits, PipeStats};
+pub use poller::Backend;

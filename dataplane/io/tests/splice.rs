@@ -1,0 +1,309 @@
+//! The splice engine end to end on real loopback TCP sockets, on both readiness backends.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use outrelay_io::{Backend, CloseReason, Engine, EngineConfig, EngineStats, Finished, PipeLimits};
+use sha2::{Digest, Sha256};
+
+/// The backends this machine can run; io_uring is skipped LOUDLY when unavailable.
+fn backends() -> Vec<Backend> {
+    let mut b = vec![Backend::Epoll];
+    if Backend::probe() == Backend::Uring {
+        b.push(Backend::Uring);
+    } else {
+        eprintln!("SKIP io_uring backend: this kernel or sandbox refuses io_uring_setup");
+    }
+    b
+}
+
+/// A connected loopback pair: (one end, the other end).
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    (a, b)
+}
+
+/// An engine on its own thread. Finished pairs arrive on `finished`.
+struct Running {
+    handle: outrelay_io::EngineHandle,
+    stop: Arc<AtomicBool>,
+    finished: mpsc::Receiver<Finished>,
+    thread: Option<thread::JoinHandle<EngineStats>>,
+}
+
+impl Running {
+    fn start(config: EngineConfig, clock_offset_ms: Arc<AtomicU64>) -> Running {
+        let mut engine = Engine::new(config).expect("engine");
+        let handle = engine.handle();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, finished) = mpsc::channel();
+        let stop2 = stop.clone();
+        let thread = thread::spawn(move || {
+            let base = Instant::now();
+            let mut clock = move || {
+                base + base.elapsed()
+                    + Duration::from_millis(clock_offset_ms.load(Ordering::SeqCst))
+            };
+            let mut out = Vec::new();
+            while !stop2.load(Ordering::SeqCst) {
+                engine
+                    .run_once(Duration::from_millis(50), &mut clock, &mut out)
+                    .expect("engine round");
+                for f in out.drain(..) {
+                    let _ = tx.send(f);
+                }
+            }
+            engine.shutdown(&mut out);
+            engine.stats()
+        });
+        Running {
+            handle,
+            stop,
+            finished,
+            thread: Some(thread),
+        }
+    }
+
+    fn add(&self, a: TcpStream, b: TcpStream, tag: u64) {
+        self.handle
+            .add(OwnedFd::from(a), OwnedFd::from(b), tag)
+            .expect("engine takes the pair");
+    }
+
+    fn next_finished(&self) -> Finished {
+        self.finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a pair finished within 60 s")
+    }
+
+    fn stop(mut self) -> EngineStats {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.handle.wake();
+        self.thread
+            .take()
+            .expect("thread")
+            .join()
+            .expect("engine thread")
+    }
+}
+
+fn config(backend: Backend) -> EngineConfig {
+    EngineConfig {
+        backend,
+        sweep_interval: Duration::from_millis(100),
+        ..EngineConfig::default()
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can hash what they expect.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Writes `data` then half-closes; returns the hash of what was written.
+fn send_all(mut s: TcpStream, data: Vec<u8>) -> thread::JoinHandle<[u8; 32]> {
+    thread::spawn(move || {
+        for chunk in data.chunks(256 * 1024) {
+            s.write_all(chunk).expect("write");
+        }
+        s.shutdown(Shutdown::Write).expect("half-close");
+        Sha256::digest(&data).into()
+    })
+}
+
+/// Reads to EOF; returns (bytes, hash).
+fn recv_all(mut s: TcpStream) -> thread::JoinHandle<(u64, [u8; 32])> {
+    thread::spawn(move || {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf).expect("read");
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            n += k as u64;
+        }
+        (n, h.finalize().into())
+    })
+}
+
+#[test]
+fn hundred_megabytes_each_way_with_half_close() {
+    const LEN: usize = 100 * 1024 * 1024;
+    for backend in backends() {
+        let engine = Running::start(config(backend), Arc::default());
+        let (client, relay_a) = tcp_pair();
+        let (relay_b, server) = tcp_pair();
+        engine.add(relay_a, relay_b, 7);
+
+        let up = pattern(1, LEN);
+        let down = pattern(2, LEN);
+        let client_rx = recv_all(client.try_clone().expect("clone"));
+        let server_rx = recv_all(server.try_clone().expect("clone"));
+        let client_tx = send_all(client, up);
+        let server_tx = send_all(server, down);
+
+        let (up_bytes, up_hash) = server_rx.join().expect("server reader");
+        let (down_bytes, down_hash) = client_rx.join().expect("client reader");
+        assert_eq!(up_bytes, LEN as u64, "{backend:?}: bytes up");
+        assert_eq!(down_bytes, LEN as u64, "{backend:?}: bytes down");
+        assert_eq!(
+            up_hash,
+            client_tx.join().expect("client writer"),
+            "{backend:?}: up hash"
+        );
+        assert_eq!(
+            down_hash,
+            server_tx.join().expect("server writer"),
+            "{backend:?}: down hash"
+        );
+
+        let f = engine.next_finished();
+        assert_eq!(f.tag, 7);
+        assert_eq!(f.reason, CloseReason::Completed, "{backend:?}");
+        assert_eq!(f.bytes, [LEN as u64, LEN as u64]);
+        let stats = engine.stop();
+        assert_eq!(stats.pairs_active, 0);
+        assert_eq!(stats.closed[0], 1);
+        assert!(stats.pipes.held_bytes <= EngineConfig::default().pipes.budget_bytes);
+        eprintln!(
+            "{backend:?}: 2 x 100 MiB in {} splice calls, pipes created {}, grown {}",
+            stats.splice_calls, stats.pipes.created, stats.pipes.grown
+        );
+    }
+}
+
+#[test]
+fn one_direction_ends_and_the_other_keeps_flowing() {
+    for backend in backends() {
+        let engine = Running::start(config(backend), Arc::default());
+        let (mut client, relay_a) = tcp_pair();
+        let (relay_b, mut server) = tcp_pair();
+        engine.add(relay_a, relay_b, 1);
+
+        client.write_all(b"ping").expect("write");
+        client.shutdown(Shutdown::Write).expect("half-close");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).expect("server reads to EOF");
+        assert_eq!(got, b"ping", "{backend:?}");
+
+        // The client's FIN reached the server; the server can still answer.
+        server.write_all(b"pong").expect("write after peer FIN");
+        drop(server);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).expect("client reads to EOF");
+        assert_eq!(got, b"pong", "{backend:?}");
+        assert_eq!(engine.next_finished().reason, CloseReason::Completed);
+        engine.stop();
+    }
+}
+
+#[test]
+fn idle_and_half_closed_timeouts_close_pairs() {
+    for backend in backends() {
+        let offset = Arc::new(AtomicU64::new(0));
+        let mut cfg = config(backend);
+        cfg.idle_timeout = Duration::from_secs(3600);
+        cfg.half_closed_timeout = Duration::from_secs(60);
+        let engine = Running::start(cfg, offset.clone());
+
+        // Idle: nothing moves; an hour passes on the engine's clock.
+        let (mut idle_client, a) = tcp_pair();
+        let (b, _idle_server) = tcp_pair();
+        engine.add(a, b, 1);
+        // Half-closed: the client sends FIN, the server never answers or closes.
+        let (half_client, a) = tcp_pair();
+        let (b, mut half_server) = tcp_pair();
+        engine.add(a, b, 2);
+        half_client.shutdown(Shutdown::Write).expect("half-close");
+        let mut sink = Vec::new();
+        half_server.read_to_end(&mut sink).expect("FIN forwarded");
+
+        offset.store(61_000, Ordering::SeqCst);
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (2, CloseReason::HalfClosedTimeout),
+            "{backend:?}"
+        );
+        offset.store(3_601_000, Ordering::SeqCst);
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (1, CloseReason::IdleTimeout),
+            "{backend:?}"
+        );
+        // The idle client sees its connection end.
+        let mut buf = [0u8; 1];
+        assert_eq!(idle_client.read(&mut buf).unwrap_or(0), 0);
+        let stats = engine.stop();
+        assert_eq!(stats.closed[2..4], [1, 1]);
+    }
+}
+
+#[test]
+fn directions_wait_for_the_pipe_budget_and_then_complete() {
+    // More than the socket buffers on both sides can absorb, so pair 1's pipe stays full.
+    const LEN: usize = 32 * 1024 * 1024;
+    for backend in backends() {
+        let mut cfg = config(backend);
+        // Room for exactly one default-sized pipe and no growth.
+        cfg.pipes = PipeLimits {
+            budget_bytes: 64 * 1024,
+            max_pipe_bytes: 64 * 1024,
+            pool_max: 4,
+        };
+        let engine = Running::start(cfg, Arc::default());
+
+        // Pair 1: data is waiting and its receiver does not read yet, so once its pipe fills
+        // the pipe stays held.
+        let (c1, a1) = tcp_pair();
+        let (b1, s1) = tcp_pair();
+        let tx1 = send_all(c1.try_clone().expect("clone"), pattern(3, LEN));
+        engine.add(a1, b1, 1);
+        thread::sleep(Duration::from_millis(200));
+        // Pair 2 now needs a pipe and must wait for pair 1's.
+        let (c2, a2) = tcp_pair();
+        let (b2, s2) = tcp_pair();
+        let tx2 = send_all(c2.try_clone().expect("clone"), pattern(4, LEN));
+        engine.add(a2, b2, 2);
+        thread::sleep(Duration::from_millis(200));
+
+        let rx1 = recv_all(s1.try_clone().expect("clone"));
+        let rx2 = recv_all(s2.try_clone().expect("clone"));
+        drop((s1, s2));
+        assert_eq!(rx1.join().expect("rx1").1, tx1.join().expect("tx1"));
+        assert_eq!(rx2.join().expect("rx2").1, tx2.join().expect("tx2"));
+        // Close the other directions so the pairs complete.
+        drop((c1, c2));
+        let _ = engine.next_finished();
+        let _ = engine.next_finished();
+        let stats = engine.stop();
+        assert!(
+            stats.pipe_waits > 0,
+            "{backend:?}: the second pair never waited: {stats:?}"
+        );
+        assert!(
+            stats.pipes.created <= 1,
+            "{backend:?}: budget exceeded: {stats:?}"
+        );
+    }
+}
