@@ -6,6 +6,7 @@
 //! it to [`all`].
 
 mod direct;
+mod engine;
 mod haproxy;
 mod nginx;
 mod outrelay;
@@ -103,6 +104,10 @@ pub fn all() -> Vec<Box<dyn Target>> {
         Box::new(nginx::Nginx),
         Box::new(rathole::Rathole),
         Box::new(socat::Socat),
+        Box::new(engine::Engine {
+            backend: "io_uring",
+        }),
+        Box::new(engine::Engine { backend: "epoll" }),
         Box::new(outrelay::Outrelay),
     ]
 }
