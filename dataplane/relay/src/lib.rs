@@ -1,6 +1,11 @@
-//! The OutRelay relay (`outrelay-relay`), built up issue by issue. What exists so far is the
-//! pure lease logic ([`lease`]); the workers, listeners, QUIC endpoint and the binary arrive
-//! with the data-plane work and are not pretended here.
+//! The OutRelay relay (`outrelay-relay`), built up issue by issue. What exists so far: the pure
+//! lease logic ([`lease`]), the snapshot the control side publishes to the data path
+//! ([`state`]), and public ingress ([`ingress`]: reverse sessions, SNI and TCP lease listeners,
+//! hand-off to the splice engine). The QUIC endpoint, the controller client, the admin socket,
+//! metrics and the binary arrive with the rest of the data-plane work and are not pretended
+//! here.
 #![forbid(unsafe_code)]
 
+pub mod ingress;
 pub mod lease;
+pub mod state;

@@ -1,0 +1,433 @@
+//! Public ingress end to end on real loopback sockets: reverse sessions authenticated with the
+//! exporter-keyed MAC, SNI routing of real captured ClientHellos, TCP lease ports, the splice
+//! engine, and every refusal counted by its reason. The QUIC side is replaced by a lease table
+//! and a snapshot published by the test (the keys are what the QUIC exporter would give).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outrelay_io::{Engine, EngineConfig};
+use outrelay_proto::identity::Identity;
+use outrelay_proto::orp;
+use outrelay_proto::reverse::{self, LeaseId};
+use outrelay_relay::ingress::stats::Drop;
+use outrelay_relay::ingress::{Ingress, IngressConfig};
+use outrelay_relay::lease::{ConnId, ControllerDecision, LeaseConfig, LeaseTable, PortLeaseConfig};
+use outrelay_relay::state::{Shared, Snapshot};
+use tokio::net::TcpListener;
+
+const KEY: [u8; 32] = [0x5a; 32];
+const ROOT: &str = "outrelay.test";
+
+fn hello(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../proto/testdata/client_hello/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(path).expect("captured ClientHello")
+}
+
+struct Relay {
+    ingress: Arc<Ingress>,
+    shared: Arc<Shared>,
+    sni: SocketAddr,
+    reverse: SocketAddr,
+    tls_lease: LeaseId,
+    tcp_port: u16,
+}
+
+/// Starts ingress with one TLS lease `demo` and one TCP lease `echo` (published with `KEY`).
+async fn start(config: IngressConfig) -> Relay {
+    let mut engine = Engine::new(EngineConfig::default()).expect("engine");
+    let handle = engine.handle();
+    std::thread::spawn(move || {
+        let mut clock = Instant::now;
+        let mut done = Vec::new();
+        while engine
+            .run_once(Duration::from_millis(100), &mut clock, &mut done)
+            .is_ok()
+        {
+            done.clear();
+        }
+    });
+    // A port range below the ephemeral range, spread by pid to avoid colliding test runs.
+    let base = 20_000 + u16::try_from(std::process::id() % 200).expect("small") * 50;
+    let mut table = LeaseTable::new(LeaseConfig {
+        root_host: ROOT.to_owned(),
+        min_port: base,
+        max_port: base + 49,
+        tcp: PortLeaseConfig::on(),
+        ..LeaseConfig::default()
+    })
+    .expect("lease config");
+    let agent =
+        Identity::parse("outrelay://acme/agent/0f8fad5b-d9cb-469f-a165-70867728950e").expect("uri");
+    let mut ids = {
+        let mut n = 0u8;
+        move || {
+            n += 1;
+            [n; 16]
+        }
+    };
+    let now = Instant::now();
+    let tls = table
+        .register(
+            ConnId(1),
+            &agent,
+            &orp::LeaseRegister {
+                name: "demo".into(),
+                tls: true,
+                ttl_s: 300,
+                ..Default::default()
+            },
+            &ControllerDecision::Approved,
+            &mut ids,
+            now,
+        )
+        .expect("tls lease");
+    let tcp = table
+        .register(
+            ConnId(1),
+            &agent,
+            &orp::LeaseRegister {
+                name: "echo".into(),
+                tcp: true,
+                ttl_s: 300,
+                ..Default::default()
+            },
+            &ControllerDecision::Approved,
+            &mut ids,
+            now,
+        )
+        .expect("tcp lease");
+    let shared = Arc::new(Shared::default());
+    let tls_lease = tls.lease_id;
+    let tcp_port = tcp.tcp_port.expect("tcp port");
+    shared.publish(Snapshot {
+        routes: table.routes(),
+        reverse_keys: HashMap::from([(tls_lease, KEY), (tcp.lease_id, KEY)]),
+        generation: 1,
+    });
+    let ingress = Ingress::new(
+        IngressConfig {
+            lease_bind_ip: [127, 0, 0, 1].into(),
+            ..config
+        },
+        shared.clone(),
+        vec![handle],
+    );
+    let sni = TcpListener::bind("127.0.0.1:0").await.expect("bind sni");
+    let reverse = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind reverse");
+    let (sni_addr, reverse_addr) = (
+        sni.local_addr().expect("addr"),
+        reverse.local_addr().expect("addr"),
+    );
+    ingress.serve_sni(sni);
+    ingress.serve_reverse(reverse);
+    ingress.serve_maintenance();
+    Relay {
+        ingress,
+        shared,
+        sni: sni_addr,
+        reverse: reverse_addr,
+        tls_lease,
+        tcp_port,
+    }
+}
+
+/// The agent's side of one reverse session: handshake, then wait (blocking) for a claim.
+fn open_session(relay: SocketAddr, lease: LeaseId, key: &[u8; 32]) -> TcpStream {
+    let mut s = TcpStream::connect(relay).expect("connect reverse");
+    s.write_all(&reverse::encode_preamble(&lease))
+        .expect("preamble");
+    let mut nonce = [0u8; 16];
+    s.read_exact(&mut nonce).expect("nonce");
+    s.write_all(&reverse::compute_mac(key, &nonce, &lease))
+        .expect("mac");
+    s
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: not within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("{what}: after {:?}", start.elapsed());
+}
+
+/// Reads the marker, skips `replay_len` bytes (checking them), then echoes until EOF.
+fn echo_agent(mut s: TcpStream, want_marker: u8, replay: Vec<u8>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut m = [0u8; 1];
+        s.read_exact(&mut m).expect("marker");
+        assert_eq!(m[0], want_marker, "marker");
+        let mut got = vec![0u8; replay.len()];
+        s.read_exact(&mut got).expect("replayed bytes");
+        assert_eq!(got, replay, "the ClientHello is replayed byte for byte");
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).expect("echo");
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("fin");
+    })
+}
+
+/// Sends `payload` after `head`, half-closes, and returns everything read back.
+fn client_round_trip(
+    addr: SocketAddr,
+    head: Vec<u8>,
+    payload: Vec<u8>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).expect("connect public");
+        c.write_all(&head).expect("head");
+        let reader = {
+            let mut c = c.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                c.read_to_end(&mut all).expect("read back");
+                all
+            })
+        };
+        c.write_all(&payload).expect("payload");
+        c.shutdown(std::net::Shutdown::Write).expect("fin");
+        reader.join().expect("reader")
+    })
+}
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| u8::try_from(i % 251).expect("byte"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_and_tcp_leases_reach_the_agent_through_reverse_sessions() {
+    let relay = start(IngressConfig::default()).await;
+    for (file, sessions) in [
+        ("openssl_tls13.bin", 1),
+        ("rustls_pq.bin", 1),
+        ("chromium.bin", 1),
+    ] {
+        let hello = hello(file);
+        let agent = {
+            let (r, l) = (relay.reverse, relay.tls_lease);
+            tokio::task::spawn_blocking(move || open_session(r, l, &KEY))
+                .await
+                .expect("session")
+        };
+        eventually("session queued", || {
+            relay.ingress.idle_sessions(&relay.tls_lease) == sessions
+        })
+        .await;
+        let echo = echo_agent(agent, 0x02, hello.clone());
+        let data = payload(1 << 20);
+        let back = client_round_trip(relay.sni, hello.clone(), data.clone());
+        let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+            .await
+            .expect("join");
+        assert_eq!(back.len(), data.len(), "{file}: echoed length");
+        assert!(back == data, "{file}: echoed bytes differ");
+        tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+            .await
+            .expect("join");
+    }
+
+    // A TCP lease port: marker 0x01, no replay.
+    let agent = {
+        let r = relay.reverse;
+        let lease = relay
+            .shared
+            .load()
+            .routes
+            .lookup_tcp(relay.tcp_port)
+            .expect("route")
+            .lease_id;
+        tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+            .await
+            .expect("session")
+    };
+    let echo = echo_agent(agent, 0x01, Vec::new());
+    let addr: SocketAddr = ([127, 0, 0, 1], relay.tcp_port).into();
+    // Listening once we can no longer bind it ourselves (a probe connection would claim the
+    // agent's only session).
+    eventually("TCP lease port listening", || {
+        std::net::TcpListener::bind(addr).is_err()
+    })
+    .await;
+    let data = payload(256 * 1024);
+    let back = client_round_trip(addr, Vec::new(), data.clone());
+    let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+        .await
+        .expect("join");
+    assert!(
+        back == data,
+        "TCP lease echo differs ({} bytes back)",
+        back.len()
+    );
+    tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+        .await
+        .expect("join");
+    assert_eq!(
+        relay
+            .ingress
+            .stats
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_counted_by_reason() {
+    let relay = start(IngressConfig {
+        claim_timeout_ms: 300,
+        hello_deadline_ms: 500,
+        ..IngressConfig::default()
+    })
+    .await;
+    let send = |bytes: Vec<u8>| {
+        let addr = relay.sni;
+        std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            let _ = c.write_all(&bytes);
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink);
+        })
+    };
+    let cases: Vec<(Vec<u8>, Drop)> = vec![
+        (
+            b"GET / HTTP/1.1\r\nHost: demo.outrelay.test\r\n\r\n".to_vec(),
+            Drop::PlainHttp,
+        ),
+        (hello("rustls_no_sni.bin"), Drop::NoSni),
+        (vec![0x16, 0x03, 0x01, 0x00, 0x00], Drop::BadHello),
+        (hello("openssl_tls13.bin"), Drop::ClaimTimeout), // routed, but no session is idle
+        (
+            hello("openssl_tls13.bin")[..20].to_vec(),
+            Drop::HelloTimeout,
+        ),
+    ];
+    for (bytes, reason) in cases {
+        let before = relay.ingress.stats.drops(reason);
+        let t = send(bytes);
+        eventually(reason.label(), || {
+            relay.ingress.stats.drops(reason) > before
+        })
+        .await;
+        tokio::task::spawn_blocking(move || t.join().expect("client"))
+            .await
+            .expect("join");
+    }
+
+    // Unknown host: the same hello once the lease is gone from the snapshot.
+    relay.shared.publish(Snapshot::default());
+    let before = relay.ingress.stats.drops(Drop::UnknownHost);
+    let t = send(hello("openssl_tls13.bin"));
+    eventually("unknown_host", || {
+        relay.ingress.stats.drops(Drop::UnknownHost) > before
+    })
+    .await;
+    tokio::task::spawn_blocking(move || t.join().expect("client"))
+        .await
+        .expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_handshakes_that_must_fail_do() {
+    let relay = start(IngressConfig {
+        ready_queue_max: 8,
+        ..IngressConfig::default()
+    })
+    .await;
+    let lease = relay.tls_lease;
+    let reverse_addr = relay.reverse;
+
+    // Wrong key (what a lease held by another QUIC connection would give).
+    let before = relay.ingress.stats.drops(Drop::BadMac);
+    tokio::task::spawn_blocking(move || drop(open_session(reverse_addr, lease, &[1; 32])))
+        .await
+        .expect("join");
+    eventually("bad_mac", || {
+        relay.ingress.stats.drops(Drop::BadMac) > before
+    })
+    .await;
+
+    // Unknown lease id.
+    let before = relay.ingress.stats.drops(Drop::UnknownLease);
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(reverse_addr).expect("connect");
+        s.write_all(&reverse::encode_preamble(&LeaseId([0xee; 16])))
+            .expect("preamble");
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without a nonce");
+    })
+    .await
+    .expect("join");
+    eventually("unknown_lease", || {
+        relay.ingress.stats.drops(Drop::UnknownLease) > before
+    })
+    .await;
+
+    // A recorded handshake replayed: the relay's new nonce makes the old MAC worthless.
+    let before = relay.ingress.stats.drops(Drop::BadMac);
+    tokio::task::spawn_blocking(move || {
+        let mut first = TcpStream::connect(reverse_addr).expect("connect");
+        first
+            .write_all(&reverse::encode_preamble(&lease))
+            .expect("preamble");
+        let mut nonce = [0u8; 16];
+        first.read_exact(&mut nonce).expect("nonce");
+        let recorded = reverse::compute_mac(&KEY, &nonce, &lease);
+        first.write_all(&recorded).expect("mac");
+        let mut replay = TcpStream::connect(reverse_addr).expect("connect");
+        replay
+            .write_all(&reverse::encode_preamble(&lease))
+            .expect("preamble");
+        let mut other = [0u8; 16];
+        replay.read_exact(&mut other).expect("nonce");
+        assert_ne!(other, nonce, "nonces never repeat");
+        replay.write_all(&recorded).expect("replayed mac");
+        let mut b = [0u8; 1];
+        assert_eq!(
+            replay.read(&mut b).unwrap_or(0),
+            0,
+            "replayed handshake closed"
+        );
+        first
+    })
+    .await
+    .expect("join");
+    eventually("replay refused", || {
+        relay.ingress.stats.drops(Drop::BadMac) > before
+    })
+    .await;
+
+    // The 9th idle session is closed (the first one above is idle already).
+    let mut kept = Vec::new();
+    for _ in 0..8 {
+        kept.push(
+            tokio::task::spawn_blocking(move || open_session(reverse_addr, lease, &KEY))
+                .await
+                .expect("join"),
+        );
+    }
+    eventually("ready queue full", || {
+        relay.ingress.stats.drops(Drop::ReadyQueueFull) >= 1
+    })
+    .await;
+    assert_eq!(relay.ingress.idle_sessions(&lease), 8);
+}
