@@ -431,3 +431,84 @@ async fn reverse_handshakes_that_must_fail_do() {
     .await;
     assert_eq!(relay.ingress.idle_sessions(&lease), 8);
 }
+
+/// R2: a thousand clients trickling a ClientHello are all closed by the deadline, while a normal
+/// client still gets through (its latency is logged, not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_hello_senders_are_closed_at_the_deadline() {
+    const SLOW: usize = 1000;
+    let relay = start(IngressConfig {
+        hello_deadline_ms: 1_000,
+        ..IngressConfig::default()
+    })
+    .await;
+    let addr = relay.sni;
+    let hello_bytes = hello("openssl_tls13.bin");
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut conns = Vec::with_capacity(SLOW);
+        for _ in 0..SLOW {
+            let mut c = TcpStream::connect(addr).expect("connect slow client");
+            c.write_all(&hello_bytes[..3]).expect("first bytes");
+            conns.push(c);
+        }
+        conns
+    })
+    .await
+    .expect("join");
+    let opened = Instant::now();
+
+    // A normal client meanwhile.
+    let (r, l) = (relay.reverse, relay.tls_lease);
+    let agent = tokio::task::spawn_blocking(move || open_session(r, l, &KEY))
+        .await
+        .expect("session");
+    eventually("session queued", || {
+        relay.ingress.idle_sessions(&relay.tls_lease) == 1
+    })
+    .await;
+    let hello_bytes = hello("openssl_tls13.bin");
+    let echo = echo_agent(agent, 0x02, hello_bytes.clone());
+    let normal_start = Instant::now();
+    let back = client_round_trip(relay.sni, hello_bytes, b"ping".to_vec());
+    let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+        .await
+        .expect("join");
+    assert_eq!(back, b"ping");
+    eprintln!(
+        "normal client round trip with {SLOW} slow senders pending: {:?}",
+        normal_start.elapsed()
+    );
+    tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+        .await
+        .expect("join");
+
+    // Every slow sender is closed once the deadline has passed.
+    eventually("all slow senders timed out", || {
+        relay.ingress.stats.drops(Drop::HelloTimeout) >= SLOW as u64
+    })
+    .await;
+    let closed_after = opened.elapsed();
+    let still_open = tokio::task::spawn_blocking(move || {
+        slow.into_iter()
+            .filter_map(|mut c| {
+                c.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut b = [0u8; 1];
+                // Closed: EOF or reset. A timeout or a byte means it is still open.
+                let closed = match c.read(&mut b) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                };
+                (!closed).then_some(())
+            })
+            .count()
+    })
+    .await
+    .expect("join");
+    assert_eq!(
+        still_open, 0,
+        "every slow sender sees its connection closed"
+    );
+    eprintln!("{SLOW} slow senders closed {closed_after:?} after opening (deadline 1 s)");
+}
