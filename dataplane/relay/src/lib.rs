@@ -6,6 +6,9 @@
 //! here.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod ingress;
 pub mod lease;
+pub mod metrics;
+pub mod quic;
 pub mod state;

@@ -1,0 +1,373 @@
+//! The relay's configuration: TOML read into raw structs, converted ONCE into validated
+//! [`Settings`] before any socket is bound. Every duration is a config value (at least 100 ms
+//! where the spec says so) so end-to-end tests can use short ones.
+//!
+//! ```toml
+//! public_url = "https://relay.example.com"   # root host: relay.example.com
+//! workers = 0                                # splice engines; 0 = one per core
+//! io_backend = "auto"                        # auto | io_uring | epoll
+//! [tls]      cert = "relay.pem"  key = "relay-key.pem"  ca = "ca.pem"
+//! [listen]   quic = "0.0.0.0:7443"  reverse = "0.0.0.0:7443"  public_tls = "0.0.0.0:443"
+//!            metrics = "127.0.0.1:7460"  lease_bind_ip = "0.0.0.0"
+//! [leases]   min_port = 20000  max_port = 20999  tcp = false  udp = false  ttl_cap_s = 300 ...
+//! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
+//! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
+//! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use outrelay_io::{Backend, PipeLimits};
+use serde::Deserialize;
+
+use crate::ingress::IngressConfig;
+use crate::lease::{LeaseConfig, PortLeaseConfig, root_host_from_url};
+use crate::quic::{QuicConfig, TlsMaterial};
+
+/// Why a configuration was refused: one line naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("invalid config: {key}: {why}"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Raw {
+    public_url: String,
+    workers: usize,
+    io_backend: String,
+    tls: RawTls,
+    listen: RawListen,
+    reverse_advertise: String,
+    leases: RawLeases,
+    ingress: RawIngress,
+    quic: RawQuic,
+    pipes: RawPipes,
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Raw {
+            public_url: String::new(),
+            workers: 0,
+            io_backend: "auto".into(),
+            tls: RawTls::default(),
+            listen: RawListen::default(),
+            reverse_advertise: String::new(),
+            leases: RawLeases::default(),
+            ingress: RawIngress::default(),
+            quic: RawQuic::default(),
+            pipes: RawPipes::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    quic: String,
+    reverse: String,
+    public_tls: String,
+    lease_bind_ip: String,
+    metrics: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen {
+            quic: "0.0.0.0:7443".into(),
+            reverse: "0.0.0.0:7443".into(),
+            public_tls: "0.0.0.0:443".into(),
+            lease_bind_ip: "0.0.0.0".into(),
+            metrics: "127.0.0.1:7460".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLeases {
+    ttl_default_s: u32,
+    ttl_cap_s: u32,
+    reservation_ms: u64,
+    janitor_interval_ms: u64,
+    min_port: u16,
+    max_port: u16,
+    tcp: bool,
+    udp: bool,
+}
+
+impl Default for RawLeases {
+    fn default() -> Self {
+        let d = LeaseConfig::default();
+        RawLeases {
+            ttl_default_s: d.ttl_default_s,
+            ttl_cap_s: d.ttl_cap_s,
+            reservation_ms: d.reservation_ms,
+            janitor_interval_ms: d.janitor_interval_ms,
+            min_port: d.min_port,
+            max_port: d.max_port,
+            tcp: false,
+            udp: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawIngress {
+    hello_deadline_ms: u64,
+    max_hello_bytes: usize,
+    reverse_handshake_deadline_ms: u64,
+    claim_timeout_ms: u64,
+    ready_queue_max: usize,
+    claim_waiters_max: usize,
+    keepalive_interval_ms: u64,
+    lease_sync_interval_ms: u64,
+    marker_write_deadline_ms: u64,
+}
+
+impl Default for RawIngress {
+    fn default() -> Self {
+        let d = IngressConfig::default();
+        RawIngress {
+            hello_deadline_ms: d.hello_deadline_ms,
+            max_hello_bytes: d.max_hello_bytes,
+            reverse_handshake_deadline_ms: d.reverse_handshake_deadline_ms,
+            claim_timeout_ms: d.claim_timeout_ms,
+            ready_queue_max: d.ready_queue_max,
+            claim_waiters_max: d.claim_waiters_max,
+            keepalive_interval_ms: d.keepalive_interval_ms,
+            lease_sync_interval_ms: d.lease_sync_interval_ms,
+            marker_write_deadline_ms: d.marker_write_deadline_ms,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawQuic {
+    idle_timeout_ms: Option<u64>,
+    keep_alive_ms: Option<u64>,
+    hello_deadline_ms: Option<u64>,
+    drain_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPipes {
+    budget_bytes: usize,
+    max_pipe_bytes: usize,
+}
+
+impl Default for RawPipes {
+    fn default() -> Self {
+        let d = PipeLimits::default();
+        RawPipes {
+            budget_bytes: d.budget_bytes,
+            max_pipe_bytes: d.max_pipe_bytes,
+        }
+    }
+}
+
+/// Validated settings; nothing here can be wrong any more.
+#[derive(Debug)]
+pub struct Settings {
+    /// Splice engines to run.
+    pub workers: usize,
+    /// Readiness backend of the engines.
+    pub io_backend: Backend,
+    /// Pipe limits per engine.
+    pub pipes: PipeLimits,
+    /// TCP address of the reverse-session listener.
+    pub reverse_listen: SocketAddr,
+    /// TCP address of the public TLS (SNI) listener.
+    pub public_tls_listen: SocketAddr,
+    /// Prometheus `/metrics` listener; `None` when `listen.metrics = ""`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Lease rules.
+    pub leases: LeaseConfig,
+    /// Ingress limits.
+    pub ingress: IngressConfig,
+    /// The QUIC endpoint.
+    pub quic: QuicConfig,
+}
+
+/// Command-line overrides (applied before validation).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--io-backend`.
+    pub io_backend: Option<String>,
+}
+
+impl Settings {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// One line naming the first bad key (the caller exits 64).
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
+        let raw: Raw =
+            toml::from_str(&text).map_err(|e| bad("config", e.message().replace('\n', " ")))?;
+        Settings::from_raw(raw, overrides, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    fn from_raw(raw: Raw, overrides: &Overrides, base: &Path) -> Result<Settings, ConfigError> {
+        let root_host = root_host_from_url(&raw.public_url).map_err(|e| bad("public_url", e))?;
+        let backend_name = overrides.io_backend.clone().unwrap_or(raw.io_backend);
+        let io_backend = match backend_name.as_str() {
+            "auto" => Backend::probe(),
+            other => other.parse().map_err(|e: String| bad("io_backend", e))?,
+        };
+        let workers = match raw.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n => n,
+        };
+        let addr = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+            v.parse().map_err(|e| bad(key, e))
+        };
+        let port_cfg = |on: bool| {
+            if on {
+                PortLeaseConfig::on()
+            } else {
+                PortLeaseConfig::off()
+            }
+        };
+        let leases = LeaseConfig {
+            root_host: root_host.clone(),
+            ttl_default_s: raw.leases.ttl_default_s,
+            ttl_cap_s: raw.leases.ttl_cap_s,
+            reservation_ms: raw.leases.reservation_ms,
+            janitor_interval_ms: raw.leases.janitor_interval_ms,
+            min_port: raw.leases.min_port,
+            max_port: raw.leases.max_port,
+            tcp: port_cfg(raw.leases.tcp),
+            udp: port_cfg(raw.leases.udp),
+        };
+        leases.validate().map_err(|e| bad("leases", e))?;
+        if let Some((lo, hi)) = ephemeral_range() {
+            leases
+                .check_ephemeral_overlap(lo, hi)
+                .map_err(|e| bad("leases.min_port/max_port", e))?;
+        }
+        let i = raw.ingress;
+        for (key, ms) in [
+            ("ingress.hello_deadline_ms", i.hello_deadline_ms),
+            (
+                "ingress.reverse_handshake_deadline_ms",
+                i.reverse_handshake_deadline_ms,
+            ),
+            ("ingress.claim_timeout_ms", i.claim_timeout_ms),
+            ("ingress.keepalive_interval_ms", i.keepalive_interval_ms),
+            (
+                "ingress.marker_write_deadline_ms",
+                i.marker_write_deadline_ms,
+            ),
+        ] {
+            if ms < 100 {
+                return Err(bad(key, "must be at least 100 ms"));
+            }
+        }
+        let limit = outrelay_proto::client_hello::MAX_HELLO_BYTES_LIMIT;
+        if i.max_hello_bytes == 0 || i.max_hello_bytes > limit {
+            return Err(bad(
+                "ingress.max_hello_bytes",
+                format!("must be 1..={limit}"),
+            ));
+        }
+        if i.ready_queue_max == 0 {
+            return Err(bad("ingress.ready_queue_max", "must be at least 1"));
+        }
+        let ingress = IngressConfig {
+            hello_deadline_ms: i.hello_deadline_ms,
+            max_hello_bytes: i.max_hello_bytes,
+            reverse_handshake_deadline_ms: i.reverse_handshake_deadline_ms,
+            claim_timeout_ms: i.claim_timeout_ms,
+            ready_queue_max: i.ready_queue_max,
+            claim_waiters_max: i.claim_waiters_max.max(1),
+            keepalive_interval_ms: i.keepalive_interval_ms,
+            lease_sync_interval_ms: i.lease_sync_interval_ms.max(10),
+            lease_bind_ip: raw
+                .listen
+                .lease_bind_ip
+                .parse::<IpAddr>()
+                .map_err(|e| bad("listen.lease_bind_ip", e))?,
+            marker_write_deadline_ms: i.marker_write_deadline_ms,
+        };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        if raw.tls.cert.as_os_str().is_empty() {
+            return Err(bad(
+                "tls.cert",
+                "required (the relay's certificate chain, PEM)",
+            ));
+        }
+        let tls = TlsMaterial::from_pem_files(
+            &resolve(&raw.tls.cert),
+            &resolve(&raw.tls.key),
+            &resolve(&raw.tls.ca),
+        )
+        .map_err(|e| bad("tls", e))?;
+        let mut quic = QuicConfig::new(addr("listen.quic", &raw.listen.quic)?, tls, root_host);
+        quic.reverse_addr = raw.reverse_advertise;
+        if let Some(v) = raw.quic.idle_timeout_ms {
+            quic.idle_timeout_ms = v;
+        }
+        if let Some(v) = raw.quic.keep_alive_ms {
+            quic.keep_alive_ms = v;
+        }
+        if let Some(v) = raw.quic.hello_deadline_ms {
+            quic.hello_deadline_ms = v;
+        }
+        if let Some(v) = raw.quic.drain_grace_ms {
+            quic.drain_grace_ms = v;
+        }
+        quic.validate().map_err(|e| bad("quic", e))?;
+        if raw.pipes.budget_bytes < 64 * 1024 {
+            return Err(bad("pipes.budget_bytes", "must be at least 65536"));
+        }
+        Ok(Settings {
+            workers,
+            io_backend,
+            pipes: PipeLimits {
+                budget_bytes: raw.pipes.budget_bytes,
+                max_pipe_bytes: raw.pipes.max_pipe_bytes.max(4096),
+                ..PipeLimits::default()
+            },
+            reverse_listen: addr("listen.reverse", &raw.listen.reverse)?,
+            public_tls_listen: addr("listen.public_tls", &raw.listen.public_tls)?,
+            metrics_listen: match raw.listen.metrics.as_str() {
+                "" => None,
+                m => Some(addr("listen.metrics", m)?),
+            },
+            leases,
+            ingress,
+            quic,
+        })
+    }
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), if readable.
+fn ephemeral_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}

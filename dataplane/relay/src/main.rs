@@ -1,0 +1,186 @@
+//! `outrelay-relay`: validate the config (exit 64 with one line), bind every listener, report
+//! the bound addresses in `--ready-file`, then serve until SIGTERM/SIGINT (GOAWAY to agents).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use outrelay_io::{Engine, EngineConfig, EngineStats};
+use outrelay_relay::config::{Overrides, Settings};
+use outrelay_relay::ingress::Ingress;
+use outrelay_relay::lease::LeaseTable;
+use outrelay_relay::quic::QuicServer;
+use outrelay_relay::state::Shared;
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// OutRelay relay: public ingress (SNI passthrough, TCP lease ports) and the agents' QUIC
+/// endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "outrelay-relay", version)]
+struct Flags {
+    /// Config file (TOML).
+    #[arg(long, value_name = "FILE", default_value = "/etc/outrelay/relay.toml")]
+    config: PathBuf,
+    /// Write the bound addresses here as JSON once every listener is bound.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Force the splice engines' readiness backend (io_uring or epoll); overrides `io_backend`.
+    #[arg(long, value_name = "BACKEND")]
+    io_backend: Option<String>,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, default_value = "info", env = "OUTRELAY_LOG")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let overrides = Overrides {
+        io_backend: flags.io_backend.clone(),
+    };
+    let settings = match Settings::load(&flags.config, &overrides) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("outrelay-relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if flags.check_config {
+        println!("config ok");
+        return ExitCode::SUCCESS;
+    }
+    match run(settings, flags.ready_file) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outrelay-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let metrics_handle = outrelay_relay::metrics::install()?;
+    let mut engines = Vec::with_capacity(settings.workers);
+    let mut engine_stats = Vec::with_capacity(settings.workers);
+    // The pipe budget is the whole relay's (the kernel's per-user pipe limit is per user, not
+    // per thread): each engine gets an equal share.
+    let pipes = outrelay_io::PipeLimits {
+        budget_bytes: (settings.pipes.budget_bytes / settings.workers.max(1)).max(64 * 1024),
+        ..settings.pipes
+    };
+    for i in 0..settings.workers {
+        let mut engine = Engine::new(EngineConfig {
+            backend: settings.io_backend,
+            pipes,
+            ..EngineConfig::default()
+        })?;
+        engines.push(engine.handle());
+        let published = Arc::new(Mutex::new(EngineStats::default()));
+        engine_stats.push(published.clone());
+        std::thread::Builder::new()
+            .name(format!("splice-{i}"))
+            .spawn(move || {
+                let mut clock = Instant::now;
+                let mut finished = Vec::new();
+                let mut last_publish = Instant::now();
+                loop {
+                    if let Err(e) =
+                        engine.run_once(Duration::from_secs(1), &mut clock, &mut finished)
+                    {
+                        tracing::error!(error = %e, "splice engine failed");
+                        std::process::exit(1);
+                    }
+                    finished.clear();
+                    // Stats for /metrics, once a second: one short uncontended lock.
+                    if last_publish.elapsed() >= Duration::from_secs(1) {
+                        last_publish = Instant::now();
+                        if let Ok(mut p) = published.lock() {
+                            *p = engine.stats();
+                        }
+                    }
+                }
+            })?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("relay-control")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let shared = Arc::new(Shared::default());
+        let leases = LeaseTable::new(settings.leases.clone())?;
+        let quic = QuicServer::bind(settings.quic, leases, shared.clone())?;
+        let quic_addr = quic.local_addr()?;
+        let shutdown = quic.shutdown_handle();
+        let ingress = Ingress::new(settings.ingress, shared.clone(), engines);
+        let metrics_addr = match settings.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                let bound = listener.local_addr()?;
+                let sources = Arc::new(outrelay_relay::metrics::Sources {
+                    ingress: ingress.clone(),
+                    quic: quic.stats(),
+                    engines: engine_stats,
+                    backend: settings.io_backend,
+                    shared,
+                });
+                tokio::spawn(outrelay_relay::metrics::serve(
+                    listener,
+                    metrics_handle,
+                    sources,
+                ));
+                Some(bound.to_string())
+            }
+            None => None,
+        };
+        let reverse = tokio::net::TcpListener::bind(settings.reverse_listen).await?;
+        let public_tls = tokio::net::TcpListener::bind(settings.public_tls_listen).await?;
+        let ready = serde_json::json!({
+            "quic": quic_addr.to_string(),
+            "reverse": reverse.local_addr()?.to_string(),
+            "public_tls": public_tls.local_addr()?.to_string(),
+            "metrics": metrics_addr,
+            "io_backend": settings.io_backend.name(),
+            "workers": settings.workers,
+        });
+        ingress.serve_reverse(reverse);
+        ingress.serve_sni(public_tls);
+        ingress.serve_maintenance();
+        let server = tokio::spawn(quic.run());
+        if let Some(path) = ready_file {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, ready.to_string())?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        tracing::info!(%ready, "relay ready");
+        wait_for_stop().await;
+        tracing::info!("stopping: GOAWAY to agents");
+        shutdown.shutdown("relay stopping", 1000);
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,165 @@
+//! Prometheus `/metrics` on its own loopback listener (default 127.0.0.1:7460).
+//!
+//! The data path only bumps plain atomics (ingress and QUIC counters) or publishes a stats
+//! struct once a second (splice engines); a scrape copies them into the `metrics` recorder and
+//! renders it. Nothing on the hot path touches the recorder. Served with hyper (HTTP/1.1).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use outrelay_io::{Backend, EngineStats};
+use outrelay_proto::frame::FrameType;
+use tokio::net::TcpListener;
+
+use crate::ingress::Ingress;
+use crate::ingress::stats::Drop;
+use crate::lease::LeaseErrorCode;
+use crate::quic::QuicStats;
+use crate::state::Shared;
+
+/// Everything a scrape reads.
+pub struct Sources {
+    /// Ingress counters.
+    pub ingress: Arc<Ingress>,
+    /// QUIC endpoint counters.
+    pub quic: Arc<QuicStats>,
+    /// Each splice engine's last published stats.
+    pub engines: Vec<Arc<Mutex<EngineStats>>>,
+    /// The engines' readiness backend.
+    pub backend: Backend,
+    /// The published snapshot (lease counts).
+    pub shared: Arc<Shared>,
+}
+
+/// Installs the Prometheus recorder for this process.
+///
+/// # Errors
+/// A recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().install_recorder()
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sources: Arc<Sources>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (handle, sources) = (handle.clone(), sources.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (handle, sources) = (handle.clone(), sources.clone());
+                async move { Ok::<_, Infallible>(respond(&req, &handle, &sources)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    handle: &PrometheusHandle,
+    sources: &Sources,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
+    update(sources);
+    let mut r = Response::new(Full::new(Bytes::from(handle.render())));
+    if let Ok(v) = hyper::header::HeaderValue::from_str("text/plain; version=0.0.4") {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Copies every counter into the recorder.
+fn update(s: &Sources) {
+    let stats = &s.ingress.stats;
+    for reason in Drop::ALL {
+        counter!("outrelay_relay_ingress_drops_total", "reason" => reason.label())
+            .absolute(stats.drops(reason));
+    }
+    counter!("outrelay_relay_ingress_spliced_total")
+        .absolute(stats.spliced.load(Ordering::Relaxed));
+    counter!("outrelay_relay_reverse_sessions_authenticated_total")
+        .absolute(stats.sessions_authenticated.load(Ordering::Relaxed));
+
+    let q = &s.quic;
+    counter!("outrelay_relay_quic_connections_accepted_total")
+        .absolute(q.connections_accepted.load(Ordering::Relaxed));
+    counter!("outrelay_relay_quic_handshakes_failed_total")
+        .absolute(q.handshakes_failed.load(Ordering::Relaxed));
+    for (reason, c) in [
+        ("bad_chain", &q.refused_bad_chain),
+        ("bad_role", &q.refused_bad_role),
+        ("bad_identity", &q.refused_bad_identity),
+        ("hello_mismatch", &q.refused_hello_mismatch),
+        ("hello_timeout", &q.refused_hello_timeout),
+        ("protocol_error", &q.protocol_errors),
+        ("send_queue_overflow", &q.send_queue_overflows),
+    ] {
+        counter!("outrelay_relay_quic_refused_total", "reason" => reason)
+            .absolute(c.load(Ordering::Relaxed));
+    }
+    for t in FrameType::ALL {
+        counter!("outrelay_relay_quic_frames_total", "type" => t.name()).absolute(q.frames(t));
+    }
+    for code in LeaseErrorCode::ALL {
+        counter!("outrelay_relay_lease_errors_total", "code" => code.as_str())
+            .absolute(q.lease_errors(code));
+    }
+
+    let snapshot = s.shared.load();
+    gauge!("outrelay_relay_routes").set(snapshot.routes.len() as f64);
+    gauge!("outrelay_relay_leases_live").set(snapshot.reverse_keys.len() as f64);
+
+    let mut total = EngineStats::default();
+    for e in &s.engines {
+        let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        total.pairs_active += e.pairs_active;
+        total.pairs_added += e.pairs_added;
+        total.pairs_refused += e.pairs_refused;
+        total.bytes += e.bytes;
+        total.splice_calls += e.splice_calls;
+        total.pipe_waits += e.pipe_waits;
+        total.pipes.held_bytes += e.pipes.held_bytes;
+        total.pipes.created += e.pipes.created;
+        for (t, c) in total.closed.iter_mut().zip(e.closed) {
+            *t += c;
+        }
+    }
+    gauge!("outrelay_relay_splice_pairs_active").set(total.pairs_active as f64);
+    counter!("outrelay_relay_splice_pairs_total").absolute(total.pairs_added);
+    counter!("outrelay_relay_splice_pairs_refused_total").absolute(total.pairs_refused);
+    counter!("outrelay_relay_splice_bytes_total").absolute(total.bytes);
+    counter!("outrelay_relay_splice_calls_total").absolute(total.splice_calls);
+    counter!("outrelay_relay_pipe_waits_total").absolute(total.pipe_waits);
+    counter!("outrelay_relay_pipes_created_total").absolute(total.pipes.created);
+    gauge!("outrelay_relay_pipe_held_bytes").set(total.pipes.held_bytes as f64);
+    for (i, reason) in [
+        "completed",
+        "error",
+        "idle_timeout",
+        "half_closed_timeout",
+        "shutdown",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        counter!("outrelay_relay_splice_closed_total", "reason" => reason)
+            .absolute(total.closed[i]);
+    }
+    gauge!("outrelay_relay_io_backend_info", "backend" => s.backend.name()).set(1.0);
+}

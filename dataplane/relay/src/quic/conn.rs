@@ -1,0 +1,399 @@
+//! One agent connection: handshake, HELLO, then the control-stream loop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outrelay_proto::frame::{Decoded, Frame, FrameError, decode};
+use outrelay_proto::identity::Identity;
+use outrelay_proto::orp;
+use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+
+use super::stats::bump;
+use super::{Ctx, IMPLEMENTED_FEATURES, PROTOCOL_VERSION, close_code};
+use crate::lease::{ConnId, GrantAddrs, LeaseErrorCode, Refusal, release_frame};
+
+/// Bytes read from the control stream per call.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// STREAM_REJECT code for REGISTER while service registration is not served here.
+const REJECT_UNAVAILABLE: u32 = 503;
+
+/// Why a connection ended (the close code and reason sent to the agent).
+struct End {
+    code: u32,
+    reason: String,
+}
+
+impl End {
+    fn new(code: u32, reason: impl Into<String>) -> End {
+        End {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Drives one incoming connection to its end, then removes its leases.
+pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<Ctx>) {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            bump(&ctx.stats.handshakes_failed);
+            tracing::debug!(error = %e, "agent handshake failed");
+            return;
+        }
+    };
+    bump(&ctx.stats.connections_accepted);
+    let end = match serve(&conn, conn_id, &ctx).await {
+        Ok(()) => End::new(close_code::NO_ERROR, "control stream ended"),
+        Err(end) => end,
+    };
+    conn.close(end.code.into(), end.reason.as_bytes());
+    ctx.connection_closed(conn_id).await;
+    tracing::debug!(conn = conn_id.0, reason = %end.reason, "agent connection ended");
+}
+
+/// The peer's identity and its certificate's URI SAN exactly as written.
+fn peer_identity(conn: &quinn::Connection) -> Option<(Identity, String)> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    super::cert_identity(certs.first()?).ok()
+}
+
+async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Result<(), End> {
+    let (identity, cert_uri) = peer_identity(conn)
+        .ok_or_else(|| End::new(close_code::BAD_IDENTITY, "no peer identity"))?;
+
+    // HELLO: the first bidirectional stream, within the deadline.
+    let deadline = Duration::from_millis(ctx.config.hello_deadline_ms);
+    let hello = tokio::time::timeout(deadline, async {
+        let (send, recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| End::new(close_code::NO_ERROR, format!("connection lost: {e}")))?;
+        let mut reader = FrameReader::new(recv);
+        let frame = reader.next(ctx).await?;
+        Ok::<_, End>((send, reader, frame))
+    })
+    .await;
+    let (send, mut reader, frame) = match hello {
+        Ok(r) => r?,
+        Err(_) => {
+            bump(&ctx.stats.refused_hello_timeout);
+            return Err(End::new(close_code::HELLO_TIMEOUT, "no HELLO in time"));
+        }
+    };
+    let hello = match frame {
+        Some(Frame::Hello(h)) => h,
+        Some(other) => {
+            bump(&ctx.stats.protocol_errors);
+            return Err(End::new(
+                close_code::PROTOCOL_ERROR,
+                format!("expected HELLO, got {}", other.frame_type().name()),
+            ));
+        }
+        None => {
+            return Err(End::new(
+                close_code::NO_ERROR,
+                "control stream ended before HELLO",
+            ));
+        }
+    };
+    if hello.agent_uri != cert_uri || hello.protocol_version != PROTOCOL_VERSION {
+        bump(&ctx.stats.refused_hello_mismatch);
+        return Err(End::new(
+            close_code::HELLO_MISMATCH,
+            "HELLO does not match the certificate or protocol",
+        ));
+    }
+
+    let (tx, rx) = mpsc::channel(ctx.config.control_send_queue_max);
+    let drain = Duration::from_millis(ctx.config.drain_grace_ms);
+    let writer = tokio::spawn(write_frames(send, rx, drain));
+    let out = Out { tx, ctx };
+    out.send(Frame::HelloAck(orp::HelloAck {
+        session_id: random_hex(),
+        server_time_unix_ms: unix_ms(),
+        accepted_features: hello
+            .capabilities
+            .iter()
+            .filter(|c| IMPLEMENTED_FEATURES.contains(&c.as_str()))
+            .cloned()
+            .collect(),
+    }))?;
+    // Later bidirectional streams carry OPEN_STREAM, which is not served yet: refuse them.
+    let refuser = tokio::spawn(refuse_streams(conn.clone(), ctx.clone()));
+
+    let mut shutdown = ctx.shutdown.clone();
+    let result = loop {
+        tokio::select! {
+            frame = reader.next(ctx) => {
+                match frame {
+                    Ok(Some(frame)) => {
+                        if let Err(end) = on_frame(frame, conn, conn_id, &identity, &out).await {
+                            break Err(end);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(end) => break Err(end),
+                }
+            }
+            _ = shutdown.changed() => {
+                let goaway = shutdown.borrow().clone();
+                if let Some(goaway) = goaway {
+                    let _ = out.send(Frame::GoAway(goaway));
+                    // Closing the queue makes the writer finish the stream and wait (up to the
+                    // drain grace) for the agent to acknowledge GOAWAY.
+                    drop(out);
+                    let _ = writer.await;
+                    refuser.abort();
+                    return Err(End::new(close_code::GOING_AWAY, "relay stopping"));
+                }
+            }
+        }
+    };
+    refuser.abort();
+    writer.abort();
+    if let Err(end) = &result
+        && end.code == close_code::PROTOCOL_ERROR
+    {
+        // The control stream is the session: a protocol error on it ends both.
+        reader.recv.stop(end.code.into()).ok();
+    }
+    result
+}
+
+/// The connection's side of the bounded control-stream send queue.
+struct Out<'a> {
+    tx: mpsc::Sender<Frame>,
+    ctx: &'a Ctx,
+}
+
+impl Out<'_> {
+    fn send(&self, frame: Frame) -> Result<(), End> {
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&self.ctx.stats.send_queue_overflows);
+                Err(End::new(
+                    close_code::SEND_QUEUE_OVERFLOW,
+                    "control send queue overflow",
+                ))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::new(
+                close_code::NO_ERROR,
+                "control stream writer ended",
+            )),
+        }
+    }
+
+    fn lease_error(&self, request_id: u64, refusal: &Refusal) -> Result<(), End> {
+        self.ctx.stats.count_lease_error(refusal.code);
+        self.send(Frame::LeaseError(refusal.to_frame(request_id)))
+    }
+}
+
+async fn on_frame(
+    frame: Frame,
+    conn: &quinn::Connection,
+    conn_id: ConnId,
+    identity: &Identity,
+    out: &Out<'_>,
+) -> Result<(), End> {
+    let ctx = out.ctx;
+    ctx.stats.count_frame(frame.frame_type());
+    let addrs = GrantAddrs {
+        public_host: &ctx.config.public_host,
+        reverse_addr: &ctx.config.reverse_addr,
+    };
+    match frame {
+        Frame::Ping => out.send(Frame::Pong),
+        Frame::Pong => Ok(()),
+        Frame::LeaseRegister(req) => {
+            let decision = ctx.decider.decide(identity, &req);
+            let mut ids = || {
+                let mut id = [0u8; 16];
+                // A failing OS RNG leaves zeros; the table then refuses a duplicate id with
+                // `internal` after its retries rather than handing out a guessable one twice.
+                if getrandom::fill(&mut id).is_err() {
+                    tracing::error!("getrandom failed for a lease id");
+                }
+                id
+            };
+            let answer = {
+                let mut control = ctx.control.lock().await;
+                let now = Instant::now();
+                match control
+                    .table
+                    .register(conn_id, identity, &req, &decision, &mut ids, now)
+                {
+                    Ok(grant) => {
+                        let mut key = [0u8; EXPORTER_KEY_BYTES];
+                        match conn.export_keying_material(
+                            &mut key,
+                            EXPORTER_LABEL,
+                            &grant.lease_id.0,
+                        ) {
+                            Ok(()) => {
+                                control.keys.insert(grant.lease_id, key);
+                                ctx.publish(&mut control);
+                                Ok(grant.to_frame(req.request_id, addrs, now, unix_ms()))
+                            }
+                            Err(_) => {
+                                // Without K no reverse session could authenticate: undo.
+                                let _ = control.table.release(conn_id, &grant.lease_id.0, now);
+                                ctx.publish(&mut control);
+                                Err(Refusal::from(LeaseErrorCode::Internal))
+                            }
+                        }
+                    }
+                    Err(refusal) => Err(refusal),
+                }
+            };
+            match answer {
+                Ok(grant) => out.send(Frame::LeaseGrant(grant)),
+                Err(refusal) => out.lease_error(req.request_id, &refusal),
+            }
+        }
+        Frame::LeaseRenew(req) => {
+            let answer = {
+                let mut control = ctx.control.lock().await;
+                let now = Instant::now();
+                let r = control.table.renew(conn_id, &req.lease_id, req.ttl_s, now);
+                ctx.publish(&mut control);
+                r.map(|g| g.to_frame(req.request_id, addrs, now, unix_ms()))
+            };
+            match answer {
+                Ok(grant) => out.send(Frame::LeaseGrant(grant)),
+                Err(refusal) => out.lease_error(req.request_id, &refusal),
+            }
+        }
+        Frame::LeaseRelease(req) => {
+            let answer = {
+                let mut control = ctx.control.lock().await;
+                let r = control
+                    .table
+                    .release(conn_id, &req.lease_id, Instant::now());
+                ctx.publish(&mut control);
+                r.map(|lease| release_frame(req.request_id, lease.id))
+            };
+            match answer {
+                Ok(grant) => out.send(Frame::LeaseGrant(grant)),
+                Err(refusal) => out.lease_error(req.request_id, &refusal),
+            }
+        }
+        Frame::Register(req) => out.send(Frame::StreamReject(orp::StreamReject {
+            code: REJECT_UNAVAILABLE,
+            reason: "service registration is not available on this relay".to_owned(),
+            request_id: req.request_id,
+        })),
+        other => {
+            bump(&ctx.stats.protocol_errors);
+            Err(End::new(
+                close_code::PROTOCOL_ERROR,
+                format!(
+                    "{} is not allowed on the control stream",
+                    other.frame_type().name()
+                ),
+            ))
+        }
+    }
+}
+
+/// Incremental frame reader over the control stream.
+struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream) -> FrameReader {
+        FrameReader {
+            recv,
+            buf: Vec::new(),
+            chunk: vec![0; READ_CHUNK_BYTES],
+        }
+    }
+
+    /// The next frame; `None` when the agent finished the stream between frames.
+    async fn next(&mut self, ctx: &Ctx) -> Result<Option<Frame>, End> {
+        loop {
+            let protocol = |e: FrameError| {
+                bump(&ctx.stats.protocol_errors);
+                End::new(close_code::PROTOCOL_ERROR, e.to_string())
+            };
+            match decode(&self.buf).map_err(protocol)? {
+                Decoded::Frame { frame, used } => {
+                    let decoded = Frame::decode(&frame);
+                    if let Err(FrameError::UnknownType(_)) = decoded {
+                        bump(&ctx.stats.frames_unknown);
+                    }
+                    let decoded = decoded.map_err(protocol)?;
+                    self.buf.drain(..used);
+                    return Ok(Some(decoded));
+                }
+                Decoded::NeedMore { .. } => {}
+            }
+            match self.recv.read(&mut self.chunk).await {
+                Ok(Some(n)) => self
+                    .buf
+                    .extend_from_slice(self.chunk.get(..n).unwrap_or_default()),
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => {
+                    bump(&ctx.stats.protocol_errors);
+                    return Err(End::new(close_code::PROTOCOL_ERROR, "truncated frame"));
+                }
+                Err(e) => {
+                    return Err(End::new(
+                        close_code::NO_ERROR,
+                        format!("control stream: {e}"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Drains the queue into the control stream; when the queue closes, finishes the stream and
+/// waits up to `drain` for the agent to acknowledge it.
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>, drain: Duration) {
+    let mut bytes = Vec::new();
+    while let Some(frame) = rx.recv().await {
+        bytes.clear();
+        if frame.encode(&mut bytes).is_err() || send.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(drain, send.stopped()).await;
+    }
+}
+
+/// Refuses every bidirectional stream after the control stream (OPEN_STREAM is not served yet).
+async fn refuse_streams(conn: quinn::Connection, ctx: Arc<Ctx>) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        bump(&ctx.stats.streams_refused);
+        let code = close_code::STREAM_UNSUPPORTED.into();
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// 16 random bytes as lowercase hex (the HELLO_ACK session id).
+fn random_hex() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        tracing::error!("getrandom failed for a session id");
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,444 @@
+//! The relay's QUIC endpoint for agents (`shared/spec/orp.md`): mutual TLS 1.3 with ALPN
+//! `orp/1`, HELLO on the control stream, and the lease frames of `public-ingress.md`.
+//!
+//! Threads of control: [`QuicServer::run`] accepts connections and runs the lease janitor;
+//! each connection has one task reading its control stream and one writer task draining a
+//! bounded queue into it. The lease table is shared behind a `tokio::sync::Mutex` that is never
+//! held across network I/O; every change republishes the whole [`Snapshot`] (routes plus the
+//! reverse-session keys of live leases) through [`Shared::publish`] while the lock is held, so
+//! snapshots are published in generation order.
+//!
+//! Not here yet: REGISTER / OPEN_STREAM (service streams; REGISTER is answered with
+//! STREAM_REJECT 503, later bidirectional streams are refused), relay-to-relay connections,
+//! UDP datagrams, keyless signing.
+
+mod conn;
+mod stats;
+mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use outrelay_proto::identity::{Identity, Role};
+use outrelay_proto::orp;
+use outrelay_proto::reverse::LeaseId;
+use tokio::sync::{Mutex, watch};
+
+use crate::lease::{ConnId, ControllerDecision, LeaseTable, MIN_DURATION_MS};
+use crate::state::{ReverseKey, Shared, Snapshot};
+
+pub use stats::QuicStats;
+pub use tls::{TlsMaterial, cert_identity};
+
+/// Default idle timeout of an agent connection (both ends).
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// Default keep-alive interval (both ends).
+pub const DEFAULT_KEEP_ALIVE_MS: u64 = 3_000;
+/// Default time from the end of the handshake until HELLO must have arrived.
+pub const DEFAULT_HELLO_DEADLINE_MS: u64 = 10_000;
+/// Default bound of one connection's control-stream send queue (frames).
+pub const DEFAULT_CONTROL_SEND_QUEUE_MAX: usize = 64;
+/// Default bound of concurrently open bidirectional streams per connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default time a stopping relay waits for GOAWAY to be acknowledged before closing.
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 1_000;
+/// The HELLO `protocol_version` this relay speaks.
+pub const PROTOCOL_VERSION: &str = "orp/1";
+/// The HELLO capability for lease frames: the only optional feature implemented so far, and so
+/// the only one HELLO_ACK can accept.
+pub const FEATURE_LEASES: &str = "leases";
+/// Every feature this relay implements (what `accepted_features` is drawn from).
+pub const IMPLEMENTED_FEATURES: &[&str] = &[FEATURE_LEASES];
+
+/// QUIC application error codes the relay closes connections and streams with.
+pub mod close_code {
+    /// Orderly close (shutdown after GOAWAY, or the agent ended the control stream).
+    pub const NO_ERROR: u32 = 0;
+    /// A frame that cannot be decoded or is not allowed where it arrived.
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// HELLO's `agent_uri` is not the certificate's URI SAN (or a bad protocol version).
+    pub const HELLO_MISMATCH: u32 = 2;
+    /// No HELLO within the deadline.
+    pub const HELLO_TIMEOUT: u32 = 3;
+    /// The control-stream send queue overflowed (the agent does not read).
+    pub const SEND_QUEUE_OVERFLOW: u32 = 4;
+    /// A stream kind this relay does not serve yet.
+    pub const STREAM_UNSUPPORTED: u32 = 5;
+    /// The relay is stopping (sent after GOAWAY).
+    pub const GOING_AWAY: u32 = 6;
+    /// The peer certificate could not be read after the handshake (should not happen).
+    pub const BAD_IDENTITY: u32 = 7;
+}
+
+/// Configuration of the agent endpoint. Durations are milliseconds, each at least
+/// [`MIN_DURATION_MS`].
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Certificate chain, key and controller CA.
+    pub tls: TlsMaterial,
+    /// Idle timeout of a connection.
+    pub idle_timeout_ms: u64,
+    /// QUIC keep-alive interval (must be below the idle timeout).
+    pub keep_alive_ms: u64,
+    /// HELLO deadline from the end of the handshake.
+    pub hello_deadline_ms: u64,
+    /// Bound of each connection's control-stream send queue, in frames (at least 1).
+    pub control_send_queue_max: usize,
+    /// Concurrent bidirectional streams an agent may have open (at least 1: the control stream).
+    pub max_concurrent_streams: u32,
+    /// Host for `tcp_addr` / `udp_addr` in LEASE_GRANT.
+    pub public_host: String,
+    /// `reverse_addr` in LEASE_GRANT (`host:port`; empty: the host the agent dialled, 7443).
+    pub reverse_addr: String,
+    /// Time a stopping relay waits for each connection's GOAWAY to be acknowledged.
+    pub drain_grace_ms: u64,
+}
+
+impl QuicConfig {
+    /// A configuration with the spec's defaults.
+    pub fn new(listen: SocketAddr, tls: TlsMaterial, public_host: String) -> QuicConfig {
+        QuicConfig {
+            listen,
+            tls,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            keep_alive_ms: DEFAULT_KEEP_ALIVE_MS,
+            hello_deadline_ms: DEFAULT_HELLO_DEADLINE_MS,
+            control_send_queue_max: DEFAULT_CONTROL_SEND_QUEUE_MAX,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            public_host,
+            reverse_addr: String::new(),
+            drain_grace_ms: DEFAULT_DRAIN_GRACE_MS,
+        }
+    }
+
+    /// Checks the limits.
+    ///
+    /// # Errors
+    /// [`QuicError::Config`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), QuicError> {
+        for (field, value_ms) in [
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("keep_alive_ms", self.keep_alive_ms),
+            ("hello_deadline_ms", self.hello_deadline_ms),
+            ("drain_grace_ms", self.drain_grace_ms),
+        ] {
+            if value_ms < MIN_DURATION_MS {
+                return Err(QuicError::Config(format!(
+                    "{field} must be at least {MIN_DURATION_MS} ms, got {value_ms} ms"
+                )));
+            }
+        }
+        if self.keep_alive_ms >= self.idle_timeout_ms {
+            return Err(QuicError::Config(
+                "keep_alive_ms must be below idle_timeout_ms".to_owned(),
+            ));
+        }
+        if self.control_send_queue_max == 0 || self.max_concurrent_streams == 0 {
+            return Err(QuicError::Config(
+                "control_send_queue_max and max_concurrent_streams must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// An invalid configuration value.
+    #[error("quic config: {0}")]
+    Config(String),
+    /// A PEM file could not be read.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS configuration was refused.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// A certificate's identity URI is missing or invalid, or the relay's is not a relay's.
+    #[error("certificate identity: {0}")]
+    BadIdentity(String),
+    /// Binding the UDP socket failed.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where the verdict on a LEASE_REGISTER comes from (the controller: approval mode, quotas,
+/// bans). Called with the lease table unlocked; it must answer from a local cache and not
+/// block.
+pub trait LeaseDecider: Send + Sync + 'static {
+    /// The controller's decision for `identity` asking for `req`.
+    fn decide(&self, identity: &Identity, req: &orp::LeaseRegister) -> ControllerDecision;
+}
+
+impl<F> LeaseDecider for F
+where
+    F: Fn(&Identity, &orp::LeaseRegister) -> ControllerDecision + Send + Sync + 'static,
+{
+    fn decide(&self, identity: &Identity, req: &orp::LeaseRegister) -> ControllerDecision {
+        self(identity, req)
+    }
+}
+
+/// Approves every lease (until the controller client exists).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApproveAll;
+
+impl LeaseDecider for ApproveAll {
+    fn decide(&self, _: &Identity, _: &orp::LeaseRegister) -> ControllerDecision {
+        ControllerDecision::Approved
+    }
+}
+
+/// The lease table with the reverse-session keys of its leases; one lock for both.
+#[derive(Debug)]
+pub(crate) struct Control {
+    pub(crate) table: LeaseTable,
+    pub(crate) keys: HashMap<LeaseId, ReverseKey>,
+    published: u64,
+}
+
+/// State shared by the accept loop, the janitor and every connection.
+pub(crate) struct Ctx {
+    pub(crate) config: QuicConfig,
+    pub(crate) control: Mutex<Control>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) stats: Arc<QuicStats>,
+    pub(crate) decider: Arc<dyn LeaseDecider>,
+    pub(crate) shutdown: watch::Receiver<Option<orp::GoAway>>,
+}
+
+impl Ctx {
+    /// Drops keys of leases that no longer exist and publishes a new snapshot. Call with the
+    /// lock held (publishing is a pointer swap, not I/O).
+    pub(crate) fn publish(&self, control: &mut Control) {
+        let Control {
+            table,
+            keys,
+            published,
+        } = control;
+        keys.retain(|id, _| table.get(id).is_some());
+        *published += 1;
+        self.shared.publish(Snapshot {
+            routes: table.routes(),
+            reverse_keys: keys.clone(),
+            generation: *published,
+        });
+    }
+
+    /// The connection `conn` ended: its leases stop routing now.
+    pub(crate) async fn connection_closed(&self, conn: ConnId) {
+        let mut control = self.control.lock().await;
+        control.table.connection_closed(conn, Instant::now());
+        self.publish(&mut control);
+    }
+}
+
+/// Stops a running [`QuicServer`]: every connection gets GOAWAY, then is closed.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<Option<orp::GoAway>>>,
+}
+
+impl ShutdownHandle {
+    /// Sends GOAWAY{reason, reconnect_after_ms} to every connection, closes them once it is
+    /// acknowledged (or after the drain grace), and makes [`QuicServer::run`] return.
+    pub fn shutdown(&self, reason: &str, reconnect_after_ms: u32) {
+        self.tx.send_replace(Some(orp::GoAway {
+            reason: reason.to_owned(),
+            reconnect_after_ms,
+        }));
+    }
+}
+
+/// The bound agent endpoint.
+pub struct QuicServer {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+    shutdown_tx: Arc<watch::Sender<Option<orp::GoAway>>>,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for QuicServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicServer")
+            .field("local_addr", &self.endpoint.local_addr().ok())
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuicServer {
+    /// [`QuicServer::bind_with_decider`] with [`ApproveAll`] (until the controller client
+    /// exists).
+    ///
+    /// # Errors
+    /// Any [`QuicError`].
+    pub fn bind(
+        config: QuicConfig,
+        leases: LeaseTable,
+        shared: Arc<Shared>,
+    ) -> Result<QuicServer, QuicError> {
+        QuicServer::bind_with_decider(config, leases, shared, Arc::new(ApproveAll))
+    }
+
+    /// Validates the config, builds TLS (the relay identity comes from its own leaf, which
+    /// must be a relay's), derives the stateless-reset key and binds the UDP socket. Must be
+    /// called inside a tokio runtime. `decider` gives the controller's verdict on every
+    /// LEASE_REGISTER.
+    ///
+    /// # Errors
+    /// Any [`QuicError`].
+    pub fn bind_with_decider(
+        config: QuicConfig,
+        leases: LeaseTable,
+        shared: Arc<Shared>,
+        decider: Arc<dyn LeaseDecider>,
+    ) -> Result<QuicServer, QuicError> {
+        config.validate()?;
+        let leaf = config
+            .tls
+            .cert_chain
+            .first()
+            .ok_or_else(|| QuicError::Tls("empty certificate chain".to_owned()))?;
+        let (identity, _) = cert_identity(leaf)?;
+        if identity.role() != Role::Relay {
+            return Err(QuicError::BadIdentity(format!(
+                "the relay certificate names {identity}, not a relay"
+            )));
+        }
+        let stats = Arc::new(QuicStats::default());
+        let crypto = tls::server_crypto(&config.tls, stats.clone())?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
+            .map_err(|e| QuicError::Config(format!("idle_timeout_ms: {e}")))?;
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)))
+            .max_concurrent_bidi_streams(config.max_concurrent_streams.into())
+            .max_concurrent_uni_streams(0u32.into());
+        server_config.transport_config(Arc::new(transport));
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let reset_key = tls::ResetKey::derive(&provider, &config.tls.key)?;
+        let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let socket =
+            std::net::UdpSocket::bind(config.listen).map_err(|source| QuicError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| QuicError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (tx, rx) = watch::channel(None);
+        let ctx = Arc::new(Ctx {
+            config,
+            control: Mutex::new(Control {
+                table: leases,
+                keys: HashMap::new(),
+                published: 0,
+            }),
+            shared,
+            stats,
+            decider,
+            shutdown: rx,
+        });
+        Ok(QuicServer {
+            endpoint,
+            ctx,
+            shutdown_tx: Arc::new(tx),
+            identity,
+        })
+    }
+
+    /// The bound UDP address.
+    ///
+    /// # Errors
+    /// The socket's.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The relay identity from its certificate.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The endpoint's counters.
+    pub fn stats(&self) -> Arc<QuicStats> {
+        self.ctx.stats.clone()
+    }
+
+    /// A handle that stops [`QuicServer::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            tx: self.shutdown_tx.clone(),
+        }
+    }
+
+    /// Accepts agent connections and sweeps expired leases every janitor interval until
+    /// [`ShutdownHandle::shutdown`]; then waits for the connections to drain and closes the
+    /// endpoint.
+    pub async fn run(self) {
+        let ctx = self.ctx;
+        let janitor_every =
+            Duration::from_millis(ctx.control.lock().await.table.config().janitor_interval_ms);
+        let mut janitor = tokio::time::interval(janitor_every);
+        janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = ctx.shutdown.clone();
+        let next_conn = AtomicU64::new(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let conn_id = ConnId(next_conn.fetch_add(1, Ordering::Relaxed));
+                    tasks.spawn(conn::handle(incoming, conn_id, ctx.clone()));
+                }
+                _ = janitor.tick() => {
+                    let mut control = ctx.control.lock().await;
+                    let before = control.table.generation();
+                    let ended = control.table.sweep(Instant::now());
+                    if !ended.is_empty() || control.table.generation() != before {
+                        ctx.publish(&mut control);
+                    }
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || shutdown.borrow().is_some() {
+                        break;
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        // Connections saw the same signal and send GOAWAY; wait for them to finish.
+        let grace = Duration::from_millis(ctx.config.drain_grace_ms.saturating_mul(2));
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tasks.abort_all();
+        self.endpoint
+            .close(close_code::GOING_AWAY.into(), b"relay stopping");
+        let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,83 @@
+//! Counters of the agent endpoint: plain atomics, read by the admin socket and tests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use outrelay_proto::frame::FrameType;
+
+use crate::lease::LeaseErrorCode;
+
+/// Every counter of the agent endpoint. Relaxed atomics: they are statistics, not sync.
+#[derive(Debug, Default)]
+pub struct QuicStats {
+    /// Connections whose handshake completed with an agent certificate.
+    pub connections_accepted: AtomicU64,
+    /// Handshakes that failed for any reason (including the refusals below).
+    pub handshakes_failed: AtomicU64,
+    /// Client certificates that do not chain to the controller CA (or lack clientAuth).
+    pub refused_bad_chain: AtomicU64,
+    /// Client certificates whose URI role is not `agent`.
+    pub refused_bad_role: AtomicU64,
+    /// Client certificates without exactly one valid identity URI.
+    pub refused_bad_identity: AtomicU64,
+    /// Connections closed because HELLO's `agent_uri` (or protocol version) did not match.
+    pub refused_hello_mismatch: AtomicU64,
+    /// Connections closed because HELLO did not arrive in time.
+    pub refused_hello_timeout: AtomicU64,
+    /// Connections closed for a protocol error on the control stream.
+    pub protocol_errors: AtomicU64,
+    /// Connections closed because their control-stream send queue was full.
+    pub send_queue_overflows: AtomicU64,
+    /// Bidirectional streams after the control stream, refused (not served yet).
+    pub streams_refused: AtomicU64,
+    /// Control-stream frames received, by type (index: position in [`FrameType::ALL`]).
+    frames: [AtomicU64; FrameType::ALL.len()],
+    /// Control-stream frames with an unknown type code.
+    pub frames_unknown: AtomicU64,
+    /// LEASE_ERROR answers, by code (index: position in [`LeaseErrorCode::ALL`]).
+    lease_errors: [AtomicU64; LeaseErrorCode::ALL.len()],
+}
+
+impl QuicStats {
+    /// Control-stream frames of `frame_type` received.
+    pub fn frames(&self, frame_type: FrameType) -> u64 {
+        FrameType::ALL
+            .iter()
+            .position(|t| *t == frame_type)
+            .and_then(|i| self.frames.get(i))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// LEASE_ERROR answers with `code`.
+    pub fn lease_errors(&self, code: LeaseErrorCode) -> u64 {
+        LeaseErrorCode::ALL
+            .iter()
+            .position(|c| *c == code)
+            .and_then(|i| self.lease_errors.get(i))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn count_frame(&self, frame_type: FrameType) {
+        if let Some(c) = FrameType::ALL
+            .iter()
+            .position(|t| *t == frame_type)
+            .and_then(|i| self.frames.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn count_lease_error(&self, code: LeaseErrorCode) {
+        if let Some(c) = LeaseErrorCode::ALL
+            .iter()
+            .position(|c| *c == code)
+            .and_then(|i| self.lease_errors.get(i))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
