@@ -1,9 +1,17 @@
-//! The OutRelay relay (`outrelay-relay`), built up issue by issue. What exists so far: the pure
-//! lease logic ([`lease`]), the snapshot the control side publishes to the data path
-//! ([`state`]), and public ingress ([`ingress`]: reverse sessions, SNI and TCP lease listeners,
-//! hand-off to the splice engine). The QUIC endpoint, the controller client, the admin socket,
-//! metrics and the binary arrive with the rest of the data-plane work and are not pretended
-//! here.
+//! The OutRelay relay (`outrelay-relay`), built up issue by issue.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`config`] | TOML → validated [`config::Settings`] (exit 64 on anything invalid) |
+//! | [`quic`] | the agents' QUIC endpoint: mTLS, HELLO, lease frames, reverse-session keys |
+//! | [`lease`] | the lease table, port allocators and the route table (pure) |
+//! | [`state`] | the snapshot control publishes to the data path (one `ArcSwap`) |
+//! | [`ingress`] | reverse sessions, SNI and TCP lease listeners, hand-off to the splice engine |
+//! | [`metrics`] | Prometheus `/metrics` |
+//!
+//! Not built yet (and not pretended): the controller client (lease decisions, revocations),
+//! the admin socket, UDP leases, service-to-service streams, the root-host `/healthz`
+//! listener, per-lease connection caps and SO_REUSEPORT accept sharding.
 #![forbid(unsafe_code)]
 
 pub mod config;
