@@ -77,6 +77,9 @@ enum Command {
     /// Public leases and their approval.
     #[command(subcommand)]
     Leases(LeasesCmd),
+    /// A relay's local admin socket.
+    #[command(subcommand)]
+    Relay(RelayCmd),
     /// Writes a development PKI (CA and certificates) into a directory.
     DevPki {
         /// Output directory (created).
@@ -207,6 +210,20 @@ enum ServicesCmd {
     List {
         #[arg(long, default_value = "")]
         tenant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RelayCmd {
+    /// Workers, leases with their idle reverse sessions, drops by reason, splice counters.
+    Status {
+        /// The relay's admin socket.
+        #[arg(
+            long,
+            default_value = "unix:///run/outrelay/relay.sock",
+            env = "OUTRELAY_RELAY"
+        )]
+        relay: String,
     },
 }
 
@@ -526,6 +543,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::providers(out, &providers);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Relay(RelayCmd::Status { relay }) => relay_status(&relay, out).await,
         Command::Relays(RelaysCmd::List) => {
             let mut c = pb::relays_client::RelaysClient::new(client::connect(&target).await?);
             let relays = c
@@ -630,4 +648,89 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     let mut cmd = Cli::command();
     cmd.build();
     walk(&cmd, "", dir)
+}
+
+/// `outrelay relay status`: one command line to the relay's admin socket, one JSON answer.
+async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = relay
+        .strip_prefix("unix://")
+        .ok_or_else(|| anyhow::anyhow!("--relay must be unix:///path/to/relay.sock"))?;
+    let mut stream = tokio::net::UnixStream::connect(path)
+        .await
+        .map_err(|e| anyhow::anyhow!("relay admin socket {path}: {e}"))?;
+    stream.write_all(b"status\n").await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let status: serde_json::Value = serde_json::from_str(answer.trim())?;
+    if let Some(error) = status.get("error") {
+        eprintln!("outrelay: relay refused: {error}");
+        return Ok(ExitCode::from(EXIT_REMOTE));
+    }
+    if matches!(out, Output::Table) {
+        let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        println!(
+            "io backend {}, {} splice workers, {} pairs active, {} bytes spliced, {} pipe bytes held",
+            status["io_backend"].as_str().unwrap_or("?"),
+            count(&status["workers"]),
+            count(&status["splice"]["pairs_active"]),
+            count(&status["splice"]["bytes"]),
+            count(&status["splice"]["pipe_held_bytes"]),
+        );
+        let drops: Vec<String> = status["drops"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, v)| count(v) > 0)
+                    .map(|(k, v)| format!("{k}={}", count(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "drops: {}",
+            if drops.is_empty() {
+                "none".to_owned()
+            } else {
+                drops.join(" ")
+            }
+        );
+    }
+    let leases = status["leases"].as_array().cloned().unwrap_or_default();
+    let cell = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let rows = leases
+        .iter()
+        .map(|l| {
+            [
+                "hostname",
+                "tenant",
+                "tls",
+                "wildcard",
+                "tcp_port",
+                "udp_port",
+                "idle_sessions",
+            ]
+            .iter()
+            .map(|k| cell(&l[*k]))
+            .collect()
+        })
+        .collect();
+    print_rows(
+        out,
+        &[
+            "HOSTNAME",
+            "TENANT",
+            "TLS",
+            "WILDCARD",
+            "TCP",
+            "UDP",
+            "IDLE SESSIONS",
+        ],
+        rows,
+        status,
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -307,3 +307,90 @@ fn completions_and_man_pages() {
         .expect("run");
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// `outrelay relay status` against a real relay process, with a dev PKI from `outrelay dev-pki`.
+#[test]
+fn relay_status_reads_the_relay_admin_socket() {
+    let relay_bin = Path::new(env!("CARGO_BIN_EXE_outrelay")).with_file_name("outrelay-relay");
+    assert!(
+        relay_bin.exists(),
+        "{} missing: build it first with `cargo build --release -p outrelay-relay` (or run the workspace tests)",
+        relay_bin.display()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let o = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["dev-pki", "--root-host", "relay.outrelay.test", "--out"])
+        .arg(&pki)
+        .output()
+        .expect("dev-pki");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let admin = dir.path().join("relay.sock");
+    let ready = dir.path().join("ready.json");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "public_url = \"https://relay.outrelay.test\"\nworkers = 1\n\
+             [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
+             [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"127.0.0.1:0\"\n\
+             metrics = \"\"\nadmin_socket = \"{a}\"\n",
+            p = pki.display(),
+            a = admin.display()
+        ),
+    )
+    .expect("config");
+    let mut relay = Command::new(&relay_bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start relay");
+    let started = std::time::Instant::now();
+    while !ready.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "relay not ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let relay_arg = format!("unix://{}", admin.display());
+    let table = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["relay", "status", "--relay", &relay_arg])
+        .output()
+        .expect("relay status");
+    let json = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args(["relay", "status", "--output", "json", "--relay", &relay_arg])
+        .output()
+        .expect("relay status json");
+    let missing = Command::new(env!("CARGO_BIN_EXE_outrelay"))
+        .args([
+            "relay",
+            "status",
+            "--relay",
+            "unix:///nonexistent/relay.sock",
+        ])
+        .output()
+        .expect("relay status, no relay");
+    let _ = relay.kill();
+    let _ = relay.wait();
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("splice workers") && text.contains("HOSTNAME"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON status");
+    assert_eq!(v["workers"], 1);
+    assert_eq!(
+        missing.status.code(),
+        Some(1),
+        "an unreachable relay is a remote error"
+    );
+}

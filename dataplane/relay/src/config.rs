@@ -9,6 +9,7 @@
 //! [tls]      cert = "relay.pem"  key = "relay-key.pem"  ca = "ca.pem"
 //! [listen]   quic = "0.0.0.0:7443"  reverse = "0.0.0.0:7443"  public_tls = "0.0.0.0:443"
 //!            metrics = "127.0.0.1:7460"  lease_bind_ip = "0.0.0.0"
+//!            admin_socket = "/run/outrelay/relay.sock"
 //! [leases]   min_port = 20000  max_port = 20999  tcp = false  udp = false  ttl_cap_s = 300 ...
 //! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
@@ -82,6 +83,7 @@ struct RawListen {
     public_tls: String,
     lease_bind_ip: String,
     metrics: String,
+    admin_socket: String,
 }
 
 impl Default for RawListen {
@@ -92,6 +94,7 @@ impl Default for RawListen {
             public_tls: "0.0.0.0:443".into(),
             lease_bind_ip: "0.0.0.0".into(),
             metrics: "127.0.0.1:7460".into(),
+            admin_socket: "/run/outrelay/relay.sock".into(),
         }
     }
 }
@@ -197,6 +200,8 @@ pub struct Settings {
     pub public_tls_listen: SocketAddr,
     /// Prometheus `/metrics` listener; `None` when `listen.metrics = ""`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin Unix socket; `None` when `listen.admin_socket = ""`.
+    pub admin_socket: Option<PathBuf>,
     /// Lease rules.
     pub leases: LeaseConfig,
     /// Ingress limits.
@@ -354,6 +359,10 @@ impl Settings {
             },
             reverse_listen: addr("listen.reverse", &raw.listen.reverse)?,
             public_tls_listen: addr("listen.public_tls", &raw.listen.public_tls)?,
+            admin_socket: match raw.listen.admin_socket.as_str() {
+                "" => None,
+                p => Some(PathBuf::from(p)),
+            },
             metrics_listen: match raw.listen.metrics.as_str() {
                 "" => None,
                 m => Some(addr("listen.metrics", m)?),

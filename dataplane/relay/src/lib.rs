@@ -8,12 +8,14 @@
 //! | [`state`] | the snapshot control publishes to the data path (one `ArcSwap`) |
 //! | [`ingress`] | reverse sessions, SNI and TCP lease listeners, hand-off to the splice engine |
 //! | [`metrics`] | Prometheus `/metrics` |
+//! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //!
 //! Not built yet (and not pretended): the controller client (lease decisions, revocations),
-//! the admin socket, UDP leases, service-to-service streams, the root-host `/healthz`
+//! `outrelay relay drain`, UDP leases, service-to-service streams, the root-host `/healthz`
 //! listener, per-lease connection caps and SO_REUSEPORT accept sharding.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod ingress;
 pub mod lease;

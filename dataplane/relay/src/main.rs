@@ -123,26 +123,31 @@ fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
         let quic_addr = quic.local_addr()?;
         let shutdown = quic.shutdown_handle();
         let ingress = Ingress::new(settings.ingress, shared.clone(), engines);
+        let sources = Arc::new(outrelay_relay::metrics::Sources {
+            ingress: ingress.clone(),
+            quic: quic.stats(),
+            engines: engine_stats,
+            backend: settings.io_backend,
+            shared,
+        });
         let metrics_addr = match settings.metrics_listen {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr).await?;
                 let bound = listener.local_addr()?;
-                let sources = Arc::new(outrelay_relay::metrics::Sources {
-                    ingress: ingress.clone(),
-                    quic: quic.stats(),
-                    engines: engine_stats,
-                    backend: settings.io_backend,
-                    shared,
-                });
                 tokio::spawn(outrelay_relay::metrics::serve(
                     listener,
                     metrics_handle,
-                    sources,
+                    sources.clone(),
                 ));
                 Some(bound.to_string())
             }
             None => None,
         };
+        if let Some(path) = &settings.admin_socket {
+            let listener = outrelay_relay::admin::bind(path)
+                .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))?;
+            tokio::spawn(outrelay_relay::admin::serve(listener, sources));
+        }
         let reverse = tokio::net::TcpListener::bind(settings.reverse_listen).await?;
         let public_tls = tokio::net::TcpListener::bind(settings.public_tls_listen).await?;
         let ready = serde_json::json!({
@@ -150,6 +155,7 @@ fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
             "reverse": reverse.local_addr()?.to_string(),
             "public_tls": public_tls.local_addr()?.to_string(),
             "metrics": metrics_addr,
+            "admin_socket": settings.admin_socket.as_ref().map(|p| p.display().to_string()),
             "io_backend": settings.io_backend.name(),
             "workers": settings.workers,
         });

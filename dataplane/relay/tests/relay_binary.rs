@@ -102,7 +102,10 @@ fn starts_reports_its_addresses_refuses_plain_http_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_pki(dir.path());
     let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config("")).expect("write config");
+    let admin = dir.path().join("relay.sock");
+    // Plain keys after the config's last table land in [listen].
+    let extra = format!("admin_socket = \"{}\"\n", admin.display());
+    std::fs::write(&path, config(&extra)).expect("write config");
     let ready = dir.path().join("ready.json");
     for backend in ["epoll", "io_uring"] {
         let _ = std::fs::remove_file(&ready);
@@ -171,6 +174,12 @@ fn starts_reports_its_addresses_refuses_plain_http_and_stops_on_sigterm() {
             std::thread::sleep(Duration::from_millis(20));
         }
 
+        // The admin socket reports the same refusal, and the io backend.
+        let status = admin_status(&admin);
+        assert_eq!(status["io_backend"], backend, "{status}");
+        assert_eq!(status["drops"]["plain_http"], 1, "{status}");
+        assert_eq!(status["leases"], serde_json::json!([]), "{status}");
+
         let mut relay = relay;
         let pid = relay.0.id();
         let stop = Instant::now();
@@ -203,4 +212,13 @@ fn scrape(addr: &str) -> String {
     c.read_to_string(&mut body).expect("response");
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     body
+}
+
+/// `status` on the relay's admin socket.
+fn admin_status(path: &Path) -> serde_json::Value {
+    let mut c = std::os::unix::net::UnixStream::connect(path).expect("connect admin socket");
+    c.write_all(b"status\n").expect("command");
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).expect("answer");
+    serde_json::from_str(answer.trim()).expect("JSON status")
 }

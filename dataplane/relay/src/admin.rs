@@ -1,0 +1,160 @@
+//! The relay's local admin socket (`/run/outrelay/relay.sock` by default, mode 0660): lease and
+//! tenant information lives here, never on the public side.
+//!
+//! Protocol: the client writes one command line (`status`), the relay answers one JSON
+//! document and closes. Only root and members of the `outrelay-admin` group (checked with
+//! SO_PEERCRED) are served; anyone else gets `{"error": "permission denied"}`.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use outrelay_io::EngineStats;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::ingress::stats::Drop;
+use crate::metrics::Sources;
+
+/// The group whose members (and root) may use the admin socket.
+pub const ADMIN_GROUP: &str = "outrelay-admin";
+/// Longest command line read, in bytes.
+pub const MAX_COMMAND_BYTES: u64 = 1024;
+
+/// Binds the admin socket at `path` (a stale socket file is replaced), mode 0660, group
+/// `outrelay-admin` when that group exists.
+///
+/// # Errors
+/// Bind, chmod or chown failures.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Ok(Some(group)) = nix::unistd::Group::from_name(ADMIN_GROUP) {
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(std::io::Error::from)?;
+    }
+    Ok(listener)
+}
+
+/// Serves admin commands until the task is dropped.
+pub async fn serve(listener: UnixListener, sources: Arc<Sources>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let sources = sources.clone();
+        tokio::spawn(async move { handle(stream, &sources).await });
+    }
+}
+
+async fn handle(stream: UnixStream, sources: &Sources) {
+    let allowed = stream.peer_cred().is_ok_and(|c| is_admin(c.uid(), c.gid()));
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_COMMAND_BYTES));
+    let answer = if !allowed {
+        json!({"error": "permission denied"})
+    } else if reader.read_line(&mut line).await.is_err() {
+        json!({"error": "unreadable command"})
+    } else {
+        match line.trim() {
+            "status" => status(sources),
+            other => json!({"error": format!("unknown command {other:?} (known: status)")}),
+        }
+    };
+    let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+    let _ = write.shutdown().await;
+}
+
+fn is_admin(uid: u32, gid: u32) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Ok(Some(group)) = nix::unistd::Group::from_name(ADMIN_GROUP) else {
+        return false;
+    };
+    if group.gid.as_raw() == gid {
+        return true;
+    }
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .is_some_and(|u| group.mem.contains(&u.name))
+}
+
+/// The status document: workers, leases with their idle sessions, drops, QUIC and splice
+/// counters.
+pub fn status(s: &Sources) -> Value {
+    let snapshot = s.shared.load();
+    let mut leases: BTreeMap<String, Value> = BTreeMap::new();
+    for (name, route) in snapshot.routes.hostnames() {
+        lease_entry(&mut leases, s, route, name)["tls"] = json!(true);
+    }
+    for (_, route) in snapshot.routes.wildcard_parents() {
+        lease_entry(&mut leases, s, route, &route.hostname)["wildcard"] = json!(true);
+    }
+    for (port, route) in snapshot.routes.tcp_ports() {
+        lease_entry(&mut leases, s, route, &route.hostname)["tcp_port"] = json!(port);
+    }
+    for (port, route) in snapshot.routes.udp_ports() {
+        lease_entry(&mut leases, s, route, &route.hostname)["udp_port"] = json!(port);
+    }
+    let drops: BTreeMap<&str, u64> = Drop::ALL
+        .iter()
+        .map(|d| (d.label(), s.ingress.stats.drops(*d)))
+        .collect();
+    let mut splice = EngineStats::default();
+    for e in &s.engines {
+        let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        splice.pairs_active += e.pairs_active;
+        splice.bytes += e.bytes;
+        splice.pipes.held_bytes += e.pipes.held_bytes;
+    }
+    let q = &s.quic;
+    json!({
+        "io_backend": s.backend.name(),
+        "workers": s.engines.len(),
+        "snapshot_generation": snapshot.generation,
+        "leases": leases.into_values().collect::<Vec<_>>(),
+        "drops": drops,
+        "sessions_authenticated": s.ingress.stats.sessions_authenticated.load(Ordering::Relaxed),
+        "public_connections_spliced": s.ingress.stats.spliced.load(Ordering::Relaxed),
+        "quic": {
+            "connections_accepted": q.connections_accepted.load(Ordering::Relaxed),
+            "handshakes_failed": q.handshakes_failed.load(Ordering::Relaxed),
+        },
+        "splice": {
+            "pairs_active": splice.pairs_active,
+            "bytes": splice.bytes,
+            "pipe_held_bytes": splice.pipes.held_bytes,
+        },
+    })
+}
+
+/// The status entry of a route's lease, created on first sight.
+fn lease_entry<'a>(
+    leases: &'a mut BTreeMap<String, Value>,
+    s: &Sources,
+    route: &crate::lease::RouteEntry,
+    hostname: &str,
+) -> &'a mut Value {
+    let key = hex::encode(route.lease_id.0);
+    leases.entry(key.clone()).or_insert_with(|| {
+        json!({
+            "lease_id": key,
+            "tenant": route.tenant,
+            "hostname": hostname,
+            "tls": false,
+            "wildcard": false,
+            "tcp_port": null,
+            "udp_port": null,
+            "idle_sessions": s.ingress.idle_sessions(&route.lease_id),
+        })
+    })
+}
