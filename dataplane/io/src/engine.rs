@@ -246,6 +246,14 @@ impl Direction {
                                 pool.grow(pipe);
                             }
                         }
+                        // EAGAIN with bytes in flight may mean the PIPE ran out of buffer
+                        // slots (one per TCP fragment, 16 by default) rather than the socket
+                        // being empty: wait for the drain, which retries the read when it makes
+                        // progress, instead of arming a read that would fire at once. A pipe
+                        // that fills by slots is a bulk flow: let it grow.
+                        Err(Errno::EAGAIN) if self.in_pipe > 0 => {
+                            pool.grow(pipe);
+                        }
                         Err(Errno::EAGAIN) => read_blocked = true,
                         Err(Errno::EINTR) => continue,
                         Err(e) => return Err(e),
@@ -672,6 +680,10 @@ impl Engine {
                 self.close(u32::try_from(index).unwrap_or(u32::MAX), reason, finished);
             }
         }
+        // Timeouts free pipes, and a kernel refusal (EMFILE, ENOMEM) is retried once per
+        // sweep instead of on every round.
+        self.pool.retry_kernel();
+        self.wake_pipe_waiters();
     }
 
     fn close(&mut self, index: u32, reason: CloseReason, finished: &mut Vec<Finished>) {

@@ -108,6 +108,9 @@ pub struct PipePool {
     limits: PipeLimits,
     idle: Vec<Pipe>,
     stats: PipeStats,
+    /// The kernel refused a pipe and nothing was released since: waiting directions stay
+    /// parked instead of retrying `pipe2` in a loop.
+    kernel_refused: bool,
 }
 
 impl PipePool {
@@ -117,6 +120,7 @@ impl PipePool {
             limits,
             idle: Vec::with_capacity(limits.pool_max),
             stats: PipeStats::default(),
+            kernel_refused: false,
         }
     }
 
@@ -138,6 +142,7 @@ impl PipePool {
             }
             Err(_) => {
                 self.stats.kernel_refusals += 1;
+                self.kernel_refused = true;
                 None
             }
         }
@@ -147,7 +152,14 @@ impl PipePool {
     /// new one).
     pub fn has_capacity(&self) -> bool {
         !self.idle.is_empty()
-            || self.stats.held_bytes + DEFAULT_PIPE_BYTES <= self.limits.budget_bytes
+            || (!self.kernel_refused
+                && self.stats.held_bytes + DEFAULT_PIPE_BYTES <= self.limits.budget_bytes)
+    }
+
+    /// Lets the next [`PipePool::acquire`] ask the kernel again after a refusal (called
+    /// periodically, not per round, so fd exhaustion does not become a busy loop).
+    pub fn retry_kernel(&mut self) {
+        self.kernel_refused = false;
     }
 
     /// Doubles `pipe` (up to the per-pipe maximum) if the budget allows; returns whether it grew.
@@ -173,6 +185,7 @@ impl PipePool {
     /// Returns an EMPTY pipe. Grown pipes are shrunk back to the default first so idle pipes
     /// pin as little memory as possible; pipes beyond `pool_max` are closed.
     pub fn release(&mut self, mut pipe: Pipe) {
+        self.kernel_refused = false;
         if pipe.capacity_bytes > DEFAULT_PIPE_BYTES {
             let old = pipe.capacity_bytes;
             if pipe.resize(DEFAULT_PIPE_BYTES).is_err() {
@@ -190,6 +203,7 @@ impl PipePool {
 
     /// Forgets a pipe that still holds bytes (its connection died); it is closed.
     pub fn discard(&mut self, pipe: Pipe) {
+        self.kernel_refused = false;
         self.stats.held_bytes -= pipe.capacity_bytes;
     }
 

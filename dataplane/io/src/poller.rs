@@ -149,11 +149,10 @@ impl Poller {
     pub(crate) fn forget(&mut self, fd: BorrowedFd<'_>, token: u64, armed: Interest) {
         match self {
             Poller::Uring(u) => {
-                for bit in [Interest::READ, Interest::WRITE] {
-                    if armed.contains(bit) {
-                        u.cancel(token | bit.bits());
-                    }
+                if armed.contains(Interest::READ) {
+                    u.cancel(token | Interest::READ.bits());
                 }
+                u.forget_write(fd.as_raw_fd());
             }
             Poller::Epoll(e) => e.forget(fd),
         }
@@ -190,9 +189,11 @@ impl EpollPoller {
     }
 
     fn arm(&mut self, fd: BorrowedFd<'_>, token: u64, interest: Interest) -> std::io::Result<()> {
-        let mut flags = EpollFlags::EPOLLONESHOT | EpollFlags::EPOLLRDHUP;
+        let mut flags = EpollFlags::EPOLLONESHOT;
         if interest.contains(Interest::READ) {
-            flags |= EpollFlags::EPOLLIN;
+            // RDHUP only with READ: after the peer's FIN it stays set, and a write-only
+            // registration carrying it would fire at once on every re-arm.
+            flags |= EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
         }
         if interest.contains(Interest::WRITE) {
             flags |= EpollFlags::EPOLLOUT;
