@@ -360,7 +360,12 @@ impl Ingress {
         let (Ok(client), Ok(session)) = (client.into_std(), session.into_std()) else {
             return self.stats.drop(Drop::MarkerWriteFailed);
         };
+        // TCP keep-alive on both legs of a spliced pair (public-ingress.md): a vanished peer
+        // is noticed by the kernel instead of holding the pair for the idle timeout.
         let _ = client.set_nodelay(true);
+        for socket in [&client, &session] {
+            let _ = socket2::SockRef::from(socket).set_keepalive(true);
+        }
         let i = self.next_engine.fetch_add(1, Ordering::Relaxed) % self.engines.len().max(1);
         let Some(engine) = self.engines.get(i) else {
             return self.stats.drop(Drop::EngineFull);

@@ -104,9 +104,16 @@ impl SessionPool {
             queue.waiters.push_back(tx);
             rx
         };
-        match tokio::time::timeout(timeout, rx).await {
+        let mut rx = rx;
+        match tokio::time::timeout(timeout, &mut rx).await {
             Ok(Ok(session)) => Some(session),
             _ => {
+                // An offer may have raced the timeout: close the slot, and use a session
+                // that arrived in between rather than dropping it.
+                rx.close();
+                if let Ok(session) = rx.try_recv() {
+                    return Some(session);
+                }
                 stats.drop(Drop::ClaimTimeout);
                 None
             }
