@@ -17,7 +17,7 @@
 pub mod pool;
 pub mod stats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -147,10 +147,11 @@ impl Ingress {
         let me = self.clone();
         tokio::spawn(async move {
             let mut listeners: HashMap<u16, JoinHandle<()>> = HashMap::new();
+            let mut unbindable: HashSet<u16> = HashSet::new();
             let mut last_keepalive = Instant::now();
             let tick = Duration::from_millis(me.config.lease_sync_interval_ms.max(10));
             loop {
-                me.sync_tcp_listeners(&mut listeners);
+                me.sync_tcp_listeners(&mut listeners, &mut unbindable);
                 let now = Instant::now();
                 let interval = Duration::from_millis(me.config.keepalive_interval_ms);
                 if now.saturating_duration_since(last_keepalive) >= tick {
@@ -168,8 +169,15 @@ impl Ingress {
         })
     }
 
-    fn sync_tcp_listeners(self: &Arc<Self>, listeners: &mut HashMap<u16, JoinHandle<()>>) {
+    /// Binds a listener for every routed TCP port and stops those whose route is gone. A port
+    /// that cannot be bound is retried every round but logged once (`unbindable`).
+    fn sync_tcp_listeners(
+        self: &Arc<Self>,
+        listeners: &mut HashMap<u16, JoinHandle<()>>,
+        unbindable: &mut HashSet<u16>,
+    ) {
         let snapshot = self.shared.load();
+        unbindable.retain(|port| snapshot.routes.lookup_tcp(*port).is_some());
         listeners.retain(|port, task| {
             let keep = snapshot.routes.lookup_tcp(*port).is_some();
             if !keep {
@@ -185,7 +193,9 @@ impl Ingress {
             let std = match std::net::TcpListener::bind(addr) {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(%addr, error = %e, "cannot bind TCP lease port; retrying");
+                    if unbindable.insert(port) {
+                        tracing::warn!(%addr, error = %e, "cannot bind TCP lease port; retrying");
+                    }
                     continue;
                 }
             };
