@@ -11,7 +11,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use outrelay_io::EngineStats;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -109,13 +108,7 @@ pub fn status(s: &Sources) -> Value {
         .iter()
         .map(|d| (d.label(), s.ingress.stats.drops(*d)))
         .collect();
-    let mut splice = EngineStats::default();
-    for e in &s.engines {
-        let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        splice.pairs_active += e.pairs_active;
-        splice.bytes += e.bytes;
-        splice.pipes.held_bytes += e.pipes.held_bytes;
-    }
+    let splice = s.splice_totals();
     let q = &s.quic;
     json!({
         "io_backend": s.backend.name(),

@@ -38,6 +38,28 @@ pub struct Sources {
     pub shared: Arc<Shared>,
 }
 
+impl Sources {
+    /// Every splice engine's last published stats, summed.
+    pub fn splice_totals(&self) -> EngineStats {
+        let mut total = EngineStats::default();
+        for e in &self.engines {
+            let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            total.pairs_active += e.pairs_active;
+            total.pairs_added += e.pairs_added;
+            total.pairs_refused += e.pairs_refused;
+            total.bytes += e.bytes;
+            total.splice_calls += e.splice_calls;
+            total.pipe_waits += e.pipe_waits;
+            total.pipes.held_bytes += e.pipes.held_bytes;
+            total.pipes.created += e.pipes.created;
+            for (t, c) in total.closed.iter_mut().zip(e.closed) {
+                *t += c;
+            }
+        }
+        total
+    }
+}
+
 /// Installs the Prometheus recorder for this process.
 ///
 /// # Errors
@@ -125,21 +147,7 @@ fn update(s: &Sources) {
     gauge!("outrelay_relay_routes").set(snapshot.routes.len() as f64);
     gauge!("outrelay_relay_leases_live").set(snapshot.reverse_keys.len() as f64);
 
-    let mut total = EngineStats::default();
-    for e in &s.engines {
-        let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        total.pairs_active += e.pairs_active;
-        total.pairs_added += e.pairs_added;
-        total.pairs_refused += e.pairs_refused;
-        total.bytes += e.bytes;
-        total.splice_calls += e.splice_calls;
-        total.pipe_waits += e.pipe_waits;
-        total.pipes.held_bytes += e.pipes.held_bytes;
-        total.pipes.created += e.pipes.created;
-        for (t, c) in total.closed.iter_mut().zip(e.closed) {
-            *t += c;
-        }
-    }
+    let total = s.splice_totals();
     gauge!("outrelay_relay_splice_pairs_active").set(total.pairs_active as f64);
     counter!("outrelay_relay_splice_pairs_total").absolute(total.pairs_added);
     counter!("outrelay_relay_splice_pairs_refused_total").absolute(total.pairs_refused);
