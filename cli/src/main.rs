@@ -8,7 +8,6 @@
 //! socket does not exist.
 #![forbid(unsafe_code)]
 
-mod client;
 mod dev_pki;
 mod output;
 
@@ -19,6 +18,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use outrelay_api::pb;
+use outrelay_client as client;
 use serde_json::json;
 
 use crate::output::{Output, print_rows};
