@@ -37,7 +37,7 @@ pub struct EngineConfig {
     pub inbox_max: usize,
     /// A pair with no byte moved for this long is closed.
     pub idle_timeout: Duration,
-    /// A pair whose one direction has ended is closed this long after, if still open.
+    /// A pair whose one direction has ended is closed once no byte moved for this long.
     pub half_closed_timeout: Duration,
     /// How often timeouts are checked.
     pub sweep_interval: Duration,
@@ -69,7 +69,7 @@ pub enum CloseReason {
     Error(Errno),
     /// No byte moved for `idle_timeout`.
     IdleTimeout,
-    /// One direction ended `half_closed_timeout` ago and the other did not.
+    /// One direction ended and no byte moved for `half_closed_timeout` since.
     HalfClosedTimeout,
     /// The engine was shut down.
     Shutdown,
@@ -205,6 +205,7 @@ impl Direction {
         dst: BorrowedFd<'_>,
         pool: &mut PipePool,
         budget_bytes: usize,
+        others_waiting: bool,
         splice_calls: &mut u64,
     ) -> Result<Pump, Errno> {
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
@@ -214,8 +215,10 @@ impl Direction {
             let mut read_blocked = false;
             let mut write_blocked = false;
             if !self.src_eof && self.pipe.is_none() {
-                // Idle directions hold no pipe: look before taking one.
+                // Idle directions hold no pipe: look before taking one. When others already
+                // wait for a pipe, queue behind them (FIFO) instead of overtaking them.
                 match peek(src) {
+                    Ok(Peeked::Data) if others_waiting => return Ok(Pump::NeedPipe),
                     Ok(Peeked::Data) => match pool.acquire() {
                         Some(pipe) => self.pipe = Some(pipe),
                         None => return Ok(Pump::NeedPipe),
@@ -241,8 +244,9 @@ impl Direction {
                         Ok(n) => {
                             self.in_pipe += n;
                             progressed = true;
-                            if self.in_pipe == pipe.capacity_bytes() {
-                                // A bulk flow: give it a bigger pipe, budget permitting.
+                            if self.in_pipe == pipe.capacity_bytes() && !others_waiting {
+                                // A bulk flow: give it a bigger pipe, budget permitting (not
+                                // while others wait for any pipe at all).
                                 pool.grow(pipe);
                             }
                         }
@@ -252,7 +256,9 @@ impl Direction {
                         // progress, instead of arming a read that would fire at once. A pipe
                         // that fills by slots is a bulk flow: let it grow.
                         Err(Errno::EAGAIN) if self.in_pipe > 0 => {
-                            pool.grow(pipe);
+                            if !others_waiting {
+                                pool.grow(pipe);
+                            }
                         }
                         Err(Errno::EAGAIN) => read_blocked = true,
                         Err(Errno::EINTR) => continue,
@@ -278,8 +284,11 @@ impl Direction {
                     Err(e) => return Err(e),
                 }
             }
-            if self.in_pipe == 0 && (read_blocked || self.src_eof) {
-                // Nothing in flight: hold no pipe while idle.
+            let turn_over = others_waiting && moved >= budget_bytes;
+            if self.in_pipe == 0 && (read_blocked || self.src_eof || turn_over) {
+                // Nothing in flight: hold no pipe while idle, nor across a yield while others
+                // wait for one (the pipe budget is shared round-robin, not held by the first
+                // bulk flows for their whole transfer).
                 if let Some(pipe) = self.pipe.take() {
                     pool.release(pipe);
                 }
@@ -579,6 +588,7 @@ impl Engine {
                 dst,
                 &mut self.pool,
                 budget,
+                !self.pipe_waiters.is_empty(),
                 &mut self.stats.splice_calls,
             ) {
                 Ok(Pump::Wait { read, write }) => {
@@ -609,6 +619,11 @@ impl Engine {
         let moved = pair.dirs[0].bytes + pair.dirs[1].bytes - bytes_before;
         if moved > 0 {
             pair.last_activity = now;
+            // The half-closed timeout counts from the last byte moved, not from the FIN: a
+            // pair still draining toward a slow reader is not cut.
+            if pair.half_closed_since.is_some() {
+                pair.half_closed_since = Some(now);
+            }
             self.stats.bytes += moved;
         }
         let done = pair.dirs[0].finished && pair.dirs[1].finished;
