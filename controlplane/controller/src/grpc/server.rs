@@ -106,6 +106,18 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Whether `leaf` names `ca` as its issuer (the operator's own file: a name check is enough to
+/// decide whether sending the CA along helps; clients still verify the signature).
+fn issued_by(leaf: &CertificateDer<'_>, ca: &CertificateDer<'_>) -> bool {
+    let (Ok((_, leaf)), Ok((_, ca))) = (
+        x509_parser::parse_x509_certificate(leaf),
+        x509_parser::parse_x509_certificate(ca),
+    ) else {
+        return false;
+    };
+    leaf.issuer() == ca.subject()
+}
+
 /// Builds the rustls server config: our CA as the only client root, client certs optional,
 /// ALPN h2, aws-lc-rs provider (post-quantum hybrid key exchange preferred).
 ///
@@ -121,7 +133,7 @@ pub fn tls_config(app: &App) -> Result<rustls::ServerConfig, TransportError> {
         .allow_unauthenticated()
         .build()
         .map_err(|e| TransportError::Tls(e.to_string()))?;
-    let (chain, key) = match &app.settings.tls_files {
+    let (mut chain, key) = match &app.settings.tls_files {
         Some((cert, key)) => {
             let file_err = |p: &std::path::Path, e: String| TransportError::File {
                 path: p.display().to_string(),
@@ -155,6 +167,12 @@ pub fn tls_config(app: &App) -> Result<rustls::ServerConfig, TransportError> {
             (chain, key)
         }
     };
+    // Enrollees know only the CA's fingerprint (from their token): the controller presents its
+    // CA after a leaf that CA issued, so they can pin it on first contact.
+    let ca_der = CertificateDer::from(app.ca.cert_der().to_vec());
+    if chain.len() == 1 && issued_by(&chain[0], &ca_der) && !chain.contains(&ca_der) {
+        chain.push(ca_der);
+    }
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TransportError::Tls(e.to_string()))?
