@@ -14,7 +14,12 @@
 //! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
+//! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
+//! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
 //! ```
+//!
+//! Without `[controller]` the relay runs standalone: every lease is approved and there is no
+//! revocation list (see [`crate::control`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -48,6 +53,8 @@ struct Raw {
     ingress: RawIngress,
     quic: RawQuic,
     pipes: RawPipes,
+    public_tls: RawPublicTls,
+    controller: Option<RawController>,
 }
 
 impl Default for Raw {
@@ -63,6 +70,8 @@ impl Default for Raw {
             ingress: RawIngress::default(),
             quic: RawQuic::default(),
             pipes: RawPipes::default(),
+            public_tls: RawPublicTls::default(),
+            controller: None,
         }
     }
 }
@@ -73,6 +82,27 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
+}
+
+/// `[controller]`: the controller client (absent: standalone). TLS comes from `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    url: String,
+    heartbeat_interval_ms: Option<u64>,
+    report_timeout_ms: Option<u64>,
+    reconnect_backoff_ms: Option<u64>,
+    reconnect_backoff_max_ms: Option<u64>,
+    report_queue_max: Option<usize>,
+    state_dir: Option<PathBuf>,
+}
+
+/// `[public_tls]`: the root host's certificate (root-host fallback, `/healthz` only).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPublicTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +170,8 @@ struct RawIngress {
     keepalive_interval_ms: u64,
     lease_sync_interval_ms: u64,
     marker_write_deadline_ms: u64,
+    lease_conn_max: usize,
+    pending_conn_max: usize,
 }
 
 impl Default for RawIngress {
@@ -155,6 +187,8 @@ impl Default for RawIngress {
             keepalive_interval_ms: d.keepalive_interval_ms,
             lease_sync_interval_ms: d.lease_sync_interval_ms,
             marker_write_deadline_ms: d.marker_write_deadline_ms,
+            lease_conn_max: d.lease_conn_max,
+            pending_conn_max: d.pending_conn_max,
         }
     }
 }
@@ -208,6 +242,10 @@ pub struct Settings {
     pub ingress: IngressConfig,
     /// The QUIC endpoint.
     pub quic: QuicConfig,
+    /// The root-host listener's TLS (`[public_tls]`); `None`: the root host is refused.
+    pub public_tls: Option<crate::ingress::root::RootTls>,
+    /// The controller client (`[controller]`); `None`: standalone.
+    pub controller: Option<crate::control::ControllerConfig>,
 }
 
 /// Command-line overrides (applied before validation).
@@ -296,6 +334,12 @@ impl Settings {
         if i.ready_queue_max == 0 {
             return Err(bad("ingress.ready_queue_max", "must be at least 1"));
         }
+        if i.lease_conn_max == 0 {
+            return Err(bad("ingress.lease_conn_max", "must be at least 1"));
+        }
+        if i.pending_conn_max == 0 {
+            return Err(bad("ingress.pending_conn_max", "must be at least 1"));
+        }
         let ingress = IngressConfig {
             hello_deadline_ms: i.hello_deadline_ms,
             max_hello_bytes: i.max_hello_bytes,
@@ -311,6 +355,10 @@ impl Settings {
                 .parse::<IpAddr>()
                 .map_err(|e| bad("listen.lease_bind_ip", e))?,
             marker_write_deadline_ms: i.marker_write_deadline_ms,
+            lease_conn_max: i.lease_conn_max,
+            pending_conn_max: i.pending_conn_max,
+            root_host: root_host.clone(),
+            root_fallback: None,
         };
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -331,6 +379,47 @@ impl Settings {
             &resolve(&raw.tls.ca),
         )
         .map_err(|e| bad("tls", e))?;
+        let public_tls = match (
+            raw.public_tls.cert.as_os_str().is_empty(),
+            raw.public_tls.key.as_os_str().is_empty(),
+        ) {
+            (true, true) => None,
+            (false, false) => Some(
+                crate::ingress::root::load_tls(
+                    &resolve(&raw.public_tls.cert),
+                    &resolve(&raw.public_tls.key),
+                )
+                .map_err(|e| bad("public_tls", e))?,
+            ),
+            _ => return Err(bad("public_tls", "cert and key go together")),
+        };
+        let controller = match raw.controller {
+            None => None,
+            Some(c) => {
+                let d = crate::control::ControllerConfig::new(
+                    c.url,
+                    resolve(&raw.tls.cert),
+                    resolve(&raw.tls.key),
+                    resolve(&raw.tls.ca),
+                );
+                let cfg = crate::control::ControllerConfig {
+                    heartbeat_interval_ms: c
+                        .heartbeat_interval_ms
+                        .unwrap_or(d.heartbeat_interval_ms),
+                    report_timeout_ms: c.report_timeout_ms.unwrap_or(d.report_timeout_ms),
+                    reconnect_backoff_ms: c.reconnect_backoff_ms.unwrap_or(d.reconnect_backoff_ms),
+                    reconnect_backoff_max_ms: c
+                        .reconnect_backoff_max_ms
+                        .unwrap_or(d.reconnect_backoff_max_ms),
+                    report_queue_max: c.report_queue_max.unwrap_or(d.report_queue_max),
+                    state_dir: c.state_dir.map_or(d.state_dir.clone(), |p| resolve(&p)),
+                    ..d
+                };
+                cfg.validate()
+                    .map_err(|(key, why)| bad(&format!("controller.{key}"), why))?;
+                Some(cfg)
+            }
+        };
         let mut quic = QuicConfig::new(addr("listen.quic", &raw.listen.quic)?, tls, root_host);
         quic.reverse_addr = raw.reverse_advertise;
         if let Some(v) = raw.quic.idle_timeout_ms {
@@ -370,6 +459,8 @@ impl Settings {
             leases,
             ingress,
             quic,
+            public_tls,
+            controller,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`config`] | TOML → validated [`config::Settings`] (exit 64 on anything invalid) |
+//! | [`control`] | the controller client: heartbeat, lease decisions and reports, revocations |
 //! | [`quic`] | the agents' QUIC endpoint: mTLS, HELLO, lease frames, reverse-session keys |
 //! | [`lease`] | the lease table, port allocators and the route table (pure) |
 //! | [`state`] | the snapshot control publishes to the data path (one `ArcSwap`) |
@@ -10,13 +11,13 @@
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //!
-//! Not built yet (and not pretended): the controller client (lease decisions, revocations),
-//! `outrelay relay drain`, UDP leases, service-to-service streams, the root-host `/healthz`
-//! listener, per-lease connection caps and SO_REUSEPORT accept sharding.
+//! Not built yet (and not pretended): `outrelay relay drain`, UDP leases, service-to-service
+//! streams and SO_REUSEPORT accept sharding.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod ingress;
 pub mod lease;
 pub mod metrics;

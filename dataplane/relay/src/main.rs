@@ -68,8 +68,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let metrics_handle = outrelay_relay::metrics::install()?;
+    // Per-lease connection counts: the engine threads give finished pairs back.
+    let lease_conns = Arc::new(outrelay_relay::ingress::limits::LeaseConns::default());
     let mut engines = Vec::with_capacity(settings.workers);
     let mut engine_stats = Vec::with_capacity(settings.workers);
     // The pipe budget is the whole relay's (the kernel's per-user pipe limit is per user, not
@@ -87,6 +89,7 @@ fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
         engines.push(engine.handle());
         let published = Arc::new(Mutex::new(EngineStats::default()));
         engine_stats.push(published.clone());
+        let conns = lease_conns.clone();
         std::thread::Builder::new()
             .name(format!("splice-{i}"))
             .spawn(move || {
@@ -100,6 +103,7 @@ fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
                         tracing::error!(error = %e, "splice engine failed");
                         std::process::exit(1);
                     }
+                    conns.finished(&finished);
                     finished.clear();
                     // Stats for /metrics, once a second: one short uncontended lock.
                     if last_publish.elapsed() >= Duration::from_secs(1) {
@@ -119,10 +123,43 @@ fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let shared = Arc::new(Shared::default());
         let leases = LeaseTable::new(settings.leases.clone())?;
-        let quic = QuicServer::bind(settings.quic, leases, shared.clone())?;
+        // With `[controller]`: decisions, reports and revocations from the controller;
+        // without: standalone (every lease approved, no revocation list).
+        let controller = settings
+            .controller
+            .map(outrelay_relay::control::Controller::new)
+            .transpose()?;
+        // Bound before the QUIC endpoint so grants can name it: without `reverse_advertise`, a
+        // reverse listener on a specific address is advertised as bound (port 0 resolved); one
+        // on a wildcard address as `<root host>:<port>`.
+        let reverse = tokio::net::TcpListener::bind(settings.reverse_listen).await?;
+        if settings.quic.reverse_addr.is_empty() {
+            let bound = reverse.local_addr()?;
+            settings.quic.reverse_addr = if bound.ip().is_unspecified() {
+                format!("{}:{}", settings.leases.root_host, bound.port())
+            } else {
+                bound.to_string()
+            };
+        }
+        let quic = match &controller {
+            Some(c) => {
+                QuicServer::bind_with_decider(settings.quic, leases, shared.clone(), c.decider())?
+            }
+            None => QuicServer::bind(settings.quic, leases, shared.clone())?,
+        };
         let quic_addr = quic.local_addr()?;
+        let _control_tasks = controller.map(|c| {
+            let endpoint = format!("{}:{}", settings.leases.root_host, quic_addr.port());
+            c.start(quic.handle(), quic.identity(), endpoint)
+        });
         let shutdown = quic.shutdown_handle();
-        let ingress = Ingress::new(settings.ingress, shared.clone(), engines);
+        let mut ingress_config = settings.ingress;
+        if let Some(tls) = settings.public_tls {
+            // The root host's own HTTPS listener (loopback only; `/healthz`).
+            let (addr, _task) = outrelay_relay::ingress::root::spawn(tls).await?;
+            ingress_config.root_fallback = Some(addr);
+        }
+        let ingress = Ingress::with_conns(ingress_config, shared.clone(), engines, lease_conns);
         let sources = Arc::new(outrelay_relay::metrics::Sources {
             ingress: ingress.clone(),
             quic: quic.stats(),
@@ -148,7 +185,6 @@ fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))?;
             tokio::spawn(outrelay_relay::admin::serve(listener, sources));
         }
-        let reverse = tokio::net::TcpListener::bind(settings.reverse_listen).await?;
         let public_tls = tokio::net::TcpListener::bind(settings.public_tls_listen).await?;
         let ready = serde_json::json!({
             "quic": quic_addr.to_string(),

@@ -117,6 +117,9 @@ fn update(s: &Sources) {
         .absolute(stats.spliced.load(Ordering::Relaxed));
     counter!("outrelay_relay_reverse_sessions_authenticated_total")
         .absolute(stats.sessions_authenticated.load(Ordering::Relaxed));
+    counter!("outrelay_relay_ingress_root_host_total")
+        .absolute(stats.root_host.load(Ordering::Relaxed));
+    gauge!("outrelay_relay_ingress_pending_connections").set(s.ingress.pending_conns() as f64);
 
     let q = &s.quic;
     counter!("outrelay_relay_quic_connections_accepted_total")
@@ -129,6 +132,11 @@ fn update(s: &Sources) {
         ("bad_identity", &q.refused_bad_identity),
         ("hello_mismatch", &q.refused_hello_mismatch),
         ("hello_timeout", &q.refused_hello_timeout),
+        ("revoked", &q.refused_revoked),
+        (
+            "revocations_unavailable",
+            &q.refused_revocations_unavailable,
+        ),
         ("protocol_error", &q.protocol_errors),
         ("send_queue_overflow", &q.send_queue_overflows),
     ] {

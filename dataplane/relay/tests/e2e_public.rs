@@ -27,6 +27,8 @@ use tokio::task::JoinHandle;
 
 const PUBLIC_URL: &str = "https://relay.outrelay.test";
 const DEMO_HOST: &str = "demo.relay.outrelay.test";
+/// The root host (`PUBLIC_URL`'s host): served by the relay itself (`/healthz` only).
+const ROOT_HOST: &str = "relay.outrelay.test";
 const AGENT: &str = "outrelay://test/agent/00000000-0000-4000-8000-0000000000e2";
 const RELAY: &str = "outrelay://test/relay/r1";
 /// Bound on every single wait (generous: the machine may be shared).
@@ -113,7 +115,10 @@ struct Relay {
     quic: SocketAddr,
     reverse: SocketAddr,
     public_tls: SocketAddr,
-    _dir: tempfile::TempDir,
+    /// `/metrics` address.
+    metrics: String,
+    opts: Opts,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Relay {
@@ -121,6 +126,21 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How to start a relay.
+#[derive(Clone, Default)]
+struct Opts {
+    /// The `[leases]` table body.
+    leases: String,
+    /// More `[ingress]` keys.
+    ingress: String,
+    /// Whole tables appended to the config (e.g. `[pipes]`).
+    tables: String,
+    /// `--io-backend`.
+    backend: Option<String>,
+    /// Run as `nobody` through `setpriv` (the caller has probed that it can).
+    unprivileged: bool,
 }
 
 fn addr_of(info: &serde_json::Value, key: &str) -> SocketAddr {
@@ -134,6 +154,20 @@ fn addr_of(info: &serde_json::Value, key: &str) -> SocketAddr {
 /// Writes the relay's PKI and config into a temp dir, starts the binary and waits for its
 /// ready file. `leases` is the `[leases]` table body; `backend` forces `--io-backend`.
 async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay {
+    start_relay_with(
+        ca,
+        Opts {
+            leases: leases.to_owned(),
+            backend: backend.map(str::to_owned),
+            ..Opts::default()
+        },
+    )
+    .await
+}
+
+/// [`start_relay`] with every option. The relay also gets a root-host certificate
+/// (`[public_tls]`, for `relay.outrelay.test`) and `/metrics` on loopback.
+async fn start_relay_with(ca: &Ca, opts: Opts) -> Relay {
     let dir = tempfile::tempdir().expect("temp dir");
     let relay_leaf = ca.leaf(
         "relay r1",
@@ -144,27 +178,84 @@ async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay {
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
     );
-    std::fs::write(dir.path().join("relay.pem"), &relay_leaf.cert_pem).expect("write cert");
-    std::fs::write(dir.path().join("relay-key.pem"), &relay_leaf.key_pem).expect("write key");
-    std::fs::write(dir.path().join("ca.pem"), &ca.pem).expect("write ca");
-    // The admin socket lives in the temp dir, never in /run.
-    let admin = dir.path().join("admin.sock").display().to_string();
+    let root_leaf = ca.leaf(
+        ROOT_HOST,
+        &[ROOT_HOST],
+        None,
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+    );
+    for (name, text) in [
+        ("relay.pem", &relay_leaf.cert_pem),
+        ("relay-key.pem", &relay_leaf.key_pem),
+        ("root.pem", &root_leaf.cert_pem),
+        ("root-key.pem", &root_leaf.key_pem),
+        ("ca.pem", &ca.pem),
+    ] {
+        std::fs::write(dir.path().join(name), text).expect("write PKI");
+    }
+    // The admin socket lives in the temp dir, never in /run (none for an unprivileged relay).
+    let admin = if opts.unprivileged {
+        String::new()
+    } else {
+        dir.path().join("admin.sock").display().to_string()
+    };
     let config = format!(
         "public_url = \"{PUBLIC_URL}\"\nworkers = 2\n\
          [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nca = \"ca.pem\"\n\
+         [public_tls]\ncert = \"root.pem\"\nkey = \"root-key.pem\"\n\
          [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"127.0.0.1:0\"\n\
-         metrics = \"\"\nlease_bind_ip = \"127.0.0.1\"\n\
+         metrics = \"127.0.0.1:0\"\nlease_bind_ip = \"127.0.0.1\"\n\
          admin_socket = \"{admin}\"\n\
-         [leases]\nttl_default_s = 60\nttl_cap_s = 300\njanitor_interval_ms = 200\n{leases}\n\
+         [leases]\nttl_default_s = 60\nttl_cap_s = 300\njanitor_interval_ms = 200\n{}\n\
          [ingress]\nclaim_timeout_ms = 5000\nkeepalive_interval_ms = 1000\n\
          lease_sync_interval_ms = 20\nreverse_handshake_deadline_ms = 5000\n\
-         marker_write_deadline_ms = 2000\n"
+         marker_write_deadline_ms = 2000\n{}\n{}\n",
+        opts.leases, opts.ingress, opts.tables
     );
+    std::fs::write(dir.path().join("relay.toml"), config).expect("write config");
+    if opts.unprivileged {
+        // nobody reads every file and writes its ready file here.
+        use std::os::unix::fs::PermissionsExt;
+        for entry in std::fs::read_dir(dir.path()).expect("list dir") {
+            let path = entry.expect("entry").path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .expect("chmod 0644");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 0755");
+        nix::unistd::chown(
+            dir.path(),
+            Some(nix::unistd::Uid::from_raw(NOBODY)),
+            Some(nix::unistd::Gid::from_raw(NOBODY)),
+        )
+        .expect("chown the temp dir to nobody");
+    }
+    spawn_relay(dir, opts).await
+}
+
+/// The uid and gid of `nobody`.
+const NOBODY: u32 = 65534;
+
+/// Starts the binary on the config in `dir` and waits for its ready file.
+async fn spawn_relay(dir: tempfile::TempDir, opts: Opts) -> Relay {
     let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).expect("write config");
     let ready = dir.path().join("ready.json");
+    let _ = std::fs::remove_file(&ready);
     let started = Instant::now();
-    let mut cmd = Command::new(PathBuf::from(env!("CARGO_BIN_EXE_outrelay-relay")));
+    let binary = PathBuf::from(env!("CARGO_BIN_EXE_outrelay-relay"));
+    let mut cmd = if opts.unprivileged {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&binary);
+        c
+    } else {
+        Command::new(&binary)
+    };
     cmd.arg("--config")
         .arg(&path)
         .arg("--ready-file")
@@ -172,7 +263,7 @@ async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay {
         .arg("--log")
         .arg("warn")
         .stdin(Stdio::null());
-    if let Some(backend) = backend {
+    if let Some(backend) = &opts.backend {
         cmd.arg("--io-backend").arg(backend);
     }
     let child = cmd.spawn().expect("start outrelay-relay");
@@ -181,7 +272,9 @@ async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay {
         quic: "0.0.0.0:0".parse().expect("placeholder"),
         reverse: "0.0.0.0:0".parse().expect("placeholder"),
         public_tls: "0.0.0.0:0".parse().expect("placeholder"),
-        _dir: dir,
+        metrics: String::new(),
+        opts,
+        dir,
     };
     while !ready.exists() {
         if let Some(status) = relay.child.try_wait().expect("poll relay") {
@@ -196,8 +289,68 @@ async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay {
     relay.quic = addr_of(&info, "quic");
     relay.reverse = addr_of(&info, "reverse");
     relay.public_tls = addr_of(&info, "public_tls");
+    relay.metrics = addr_of(&info, "metrics").to_string();
     eprintln!("relay ready after {:?}: {info}", started.elapsed());
     relay
+}
+
+impl Relay {
+    /// Kills the relay (SIGKILL: nothing is saved) and starts it again on the same config.
+    async fn restart(self) -> Relay {
+        let mut me = self;
+        let _ = me.child.kill();
+        let _ = me.child.wait();
+        let dir = tempfile::tempdir().expect("placeholder dir");
+        let dir = std::mem::replace(&mut me.dir, dir);
+        let opts = me.opts.clone();
+        drop(me);
+        spawn_relay(dir, opts).await
+    }
+
+    /// One scrape of `/metrics`.
+    async fn scrape(&self) -> String {
+        let mut c = TcpStream::connect(&self.metrics)
+            .await
+            .expect("connect metrics");
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = String::new();
+        c.read_to_string(&mut body).await.expect("response");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        body
+    }
+
+    /// The value of the sample `series` (name with labels, exactly as rendered); 0 if absent.
+    async fn metric(&self, series: &str) -> f64 {
+        sample(&self.scrape().await, series)
+    }
+
+    /// Waits until `series` exceeds `above`.
+    async fn metric_above(&self, series: &str, above: f64) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(series).await;
+            if v > above {
+                return v;
+            }
+            assert!(start.elapsed() < WAIT, "{series} stayed at {v} (≤ {above})");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The value of `series` in a Prometheus text body; 0 if absent.
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 /// A free range of 10 TCP ports on 127.0.0.1 in 20000..30000 (below the ephemeral range).
@@ -244,10 +397,15 @@ impl Agent {
     /// Connects with an agent certificate (clientAuth only), opens the control stream and
     /// says HELLO.
     async fn connect(relay: &Relay, ca: &Ca) -> Agent {
+        Agent::connect_as(relay, ca, AGENT).await
+    }
+
+    /// [`Agent::connect`] with the identity `uri`.
+    async fn connect_as(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
         let leaf = ca.leaf(
-            AGENT,
+            uri,
             &[],
-            Some(AGENT),
+            Some(uri),
             vec![ExtendedKeyUsagePurpose::ClientAuth],
         );
         let mut roots = rustls::RootCertStore::empty();
@@ -291,7 +449,7 @@ impl Agent {
         let ack = agent
             .call(Frame::Hello(orp::Hello {
                 protocol_version: "orp/1".to_owned(),
-                agent_uri: AGENT.to_owned(),
+                agent_uri: uri.to_owned(),
                 capabilities: vec!["leases".to_owned()],
             }))
             .await;
@@ -322,31 +480,66 @@ impl Agent {
 
     /// LEASE_REGISTER, expecting LEASE_GRANT.
     async fn register(&mut self, name: &str, tls: bool, tcp: bool) -> orp::LeaseGrant {
-        let answer = self
-            .call(Frame::LeaseRegister(orp::LeaseRegister {
-                name: name.to_owned(),
-                tls,
-                tcp,
-                ttl_s: 300,
-                request_id: 1,
-                ..orp::LeaseRegister::default()
-            }))
-            .await;
-        match answer {
+        self.register_with(orp::LeaseRegister {
+            name: name.to_owned(),
+            tls,
+            tcp,
+            ttl_s: 300,
+            request_id: 1,
+            ..orp::LeaseRegister::default()
+        })
+        .await
+    }
+
+    /// LEASE_REGISTER of `req`, expecting LEASE_GRANT.
+    async fn register_with(&mut self, req: orp::LeaseRegister) -> orp::LeaseGrant {
+        let name = req.name.clone();
+        match self.call(Frame::LeaseRegister(req)).await {
             Frame::LeaseGrant(g) => g,
             other => panic!("expected LEASE_GRANT for {name}, got {other:?}"),
         }
     }
 
-    /// Keeps [`SESSIONS`] reverse sessions of the lease open; each claimed one is piped to
-    /// `target` (after its marker byte) and replaced by a fresh one.
-    fn serve_lease(&mut self, relay: &Relay, grant: &orp::LeaseGrant, target: SocketAddr) {
-        let lease = LeaseId::from_slice(&grant.lease_id).expect("16-byte lease id");
+    /// LEASE_RELEASE, expecting the releasing LEASE_GRANT (`expires_unix_ms: 0`).
+    async fn release(&mut self, grant: &orp::LeaseGrant) {
+        let answer = self
+            .call(Frame::LeaseRelease(orp::LeaseRelease {
+                lease_id: grant.lease_id.clone(),
+                request_id: 2,
+            }))
+            .await;
+        match answer {
+            Frame::LeaseGrant(g) => assert_eq!(g.expires_unix_ms, 0, "released: {g:?}"),
+            other => panic!("expected LEASE_GRANT for the release, got {other:?}"),
+        }
+    }
+
+    /// This connection's reverse-session key for `grant` (its TLS exporter).
+    fn key(&self, grant: &orp::LeaseGrant) -> [u8; EXPORTER_KEY_BYTES] {
         let mut key = [0u8; EXPORTER_KEY_BYTES];
         self.conn
             .export_keying_material(&mut key, EXPORTER_LABEL, &grant.lease_id)
             .expect("exporter");
-        for _ in 0..SESSIONS {
+        key
+    }
+
+    /// Keeps [`SESSIONS`] reverse sessions of the lease open; each claimed one is piped to
+    /// `target` (after its marker byte) and replaced by a fresh one.
+    fn serve_lease(&mut self, relay: &Relay, grant: &orp::LeaseGrant, target: SocketAddr) {
+        self.serve_lease_with(relay, grant, target, SESSIONS);
+    }
+
+    /// [`Agent::serve_lease`] with `sessions` reverse sessions.
+    fn serve_lease_with(
+        &mut self,
+        relay: &Relay,
+        grant: &orp::LeaseGrant,
+        target: SocketAddr,
+        sessions: usize,
+    ) {
+        let lease = LeaseId::from_slice(&grant.lease_id).expect("16-byte lease id");
+        let key = self.key(grant);
+        for _ in 0..sessions {
             let claims = self.claims.clone();
             let reverse_addr = relay.reverse;
             self.workers.push(tokio::spawn(async move {
@@ -746,4 +939,555 @@ fn io_backends() -> Vec<&'static str> {
         eprintln!("SKIP io_uring backend: this kernel or sandbox refuses io_uring_setup");
     }
     backends
+}
+
+// ---------- root host, expiry, sticky ports, restart, foreign sessions ----------
+
+/// A TLS client trusting `ca`: connects to the relay's public TLS port with SNI `host`, sends
+/// `GET path` and returns the whole response. `Err` when the relay refuses the connection.
+async fn https_get(relay: &Relay, ca: &Ca, host: &str, path: &str) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.clone()).expect("CA root");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).expect("server name");
+    let attempt = async {
+        let tcp = TcpStream::connect(relay.public_tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tls.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        // Servers may close without close_notify; what was read counts.
+        let _ = tls.read_to_end(&mut answer).await;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    };
+    tokio::time::timeout(WAIT, attempt)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+fn drops(reason: &str) -> String {
+    format!("outrelay_relay_ingress_drops_total{{reason=\"{reason}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn root_host_answers_healthz_and_nothing_else() {
+    if !have("curl", "--version") {
+        eprintln!("SKIP root_host_answers_healthz_and_nothing_else: no curl");
+        return;
+    }
+    let ca = Ca::new();
+    let relay = start_relay(&ca, "", None).await;
+    let files = tempfile::tempdir().expect("temp dir");
+    std::fs::write(files.path().join("ca.pem"), &ca.pem).expect("write ca");
+    let port = relay.public_tls.port();
+    let curl = |path: &str| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "20", "--cacert"])
+            .arg(ca_file(files.path()))
+            .arg("--resolve")
+            .arg(format!("{ROOT_HOST}:{port}:127.0.0.1"))
+            .args(["--write-out", "\n%{http_code}"])
+            .arg(format!("https://{ROOT_HOST}:{port}{path}"));
+        cmd
+    };
+    for (path, want) in [
+        ("/healthz", "ok\n\n200"),
+        ("/anything", "not found\n\n404"),
+        ("/metrics", "not found\n\n404"),
+        ("/", "not found\n\n404"),
+    ] {
+        let started = Instant::now();
+        let out = run_blocking(curl(path)).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("curl {path}: {:?}", started.elapsed());
+        assert!(out.status.success(), "curl {path} failed: {stderr}");
+        assert_eq!(stdout, want, "curl {path} (stderr: {stderr})");
+    }
+    let served = relay.metric("outrelay_relay_ingress_root_host_total").await;
+    assert_eq!(served, 4.0, "every root-host connection counted");
+    assert_eq!(relay.metric(&drops("unknown_host")).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lease_expiry_stops_routing() {
+    let ca = Ca::new();
+    let relay = start_relay(&ca, "", None).await;
+    let (target, _task) = tls_target(&ca).await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    // TTL 3 s and never renewed.
+    let grant = agent
+        .register_with(orp::LeaseRegister {
+            name: "demo".to_owned(),
+            tls: true,
+            ttl_s: 3,
+            request_id: 1,
+            ..orp::LeaseRegister::default()
+        })
+        .await;
+    let granted = Instant::now();
+    agent.serve_lease(&relay, &grant, target);
+    let body = https_get(&relay, &ca, DEMO_HOST, "/").await;
+    assert!(
+        body.as_deref().is_ok_and(|b| b.ends_with(BODY)),
+        "routed before expiry ({:?} after the grant): {body:?}",
+        granted.elapsed()
+    );
+    let start = Instant::now();
+    while relay.metric("outrelay_relay_leases_live").await > 0.0 {
+        assert!(start.elapsed() < WAIT, "the lease never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "lease gone {:?} after its grant (TTL 3 s)",
+        granted.elapsed()
+    );
+    let before = relay.metric(&drops("unknown_host")).await;
+    let after = https_get(&relay, &ca, DEMO_HOST, "/").await;
+    assert!(after.is_err(), "refused after expiry, got {after:?}");
+    relay.metric_above(&drops("unknown_host"), before).await;
+}
+
+/// Parses the port of a grant's `tcp_addr`.
+fn tcp_port(grant: &orp::LeaseGrant) -> u16 {
+    grant
+        .tcp_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("tcp_addr with a port: {grant:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_released_tcp_port_is_given_back_to_its_name_within_the_sticky_window() {
+    let ca = Ca::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay(
+        &ca,
+        &format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+        None,
+    )
+    .await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let first = agent.register("one", false, true).await;
+    let port = tcp_port(&first);
+    assert_eq!(port, lo, "lowest free port first");
+    agent.release(&first).await;
+    // Another name must not get the released port: it is reserved to `one`.
+    let other = agent.register("two", false, true).await;
+    assert_eq!(tcp_port(&other), lo + 1, "the reserved port is skipped");
+    let again = agent.register("one", false, true).await;
+    assert_eq!(tcp_port(&again), port, "the same name gets its port back");
+    assert_ne!(again.lease_id, first.lease_id, "a new lease");
+}
+
+/// What a relay restart keeps: nothing is persisted, so the agent registers again on its new
+/// connection; it gets the same hostname (names are `<name>.<root>`) and, with a fresh table
+/// and the lowest-free-first rule, the same port for the same first registration, and the
+/// lease routes again. (The spec's sticky-port promise is for agent reconnects to a running
+/// relay; the reservation table lives in memory and does not survive a restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_registers_again_after_a_relay_restart_and_routes() {
+    let ca = Ca::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay(
+        &ca,
+        &format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+        None,
+    )
+    .await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let before = agent
+        .register_with(orp::LeaseRegister {
+            name: "raw".to_owned(),
+            tls: true,
+            tcp: true,
+            ttl_s: 300,
+            request_id: 1,
+            ..orp::LeaseRegister::default()
+        })
+        .await;
+    drop(agent);
+    let relay = relay.restart().await;
+    let (target, echo) = echo_target().await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let after = agent
+        .register_with(orp::LeaseRegister {
+            name: "raw".to_owned(),
+            tls: true,
+            tcp: true,
+            ttl_s: 300,
+            request_id: 1,
+            ..orp::LeaseRegister::default()
+        })
+        .await;
+    assert_eq!(after.hostname, before.hostname, "same hostname");
+    assert_eq!(
+        tcp_port(&after),
+        tcp_port(&before),
+        "same (lowest free) port"
+    );
+    agent.serve_lease(&relay, &after, target);
+    let port = tcp_port(&after);
+    let start = Instant::now();
+    let mut client = loop {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "port {port} never listened again: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    client.write_all(b"after restart").await.expect("write");
+    client.shutdown().await.expect("fin");
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).await.expect("read");
+    let (total, _) = tokio::time::timeout(WAIT, echo)
+        .await
+        .expect("echo done")
+        .expect("echo task");
+    assert_eq!(total, 13);
+    assert_eq!(
+        &back[..13],
+        b"after restart",
+        "echoed through the new lease"
+    );
+}
+
+/// A reverse session for a lease held by ANOTHER agent connection is refused: the second
+/// connection's exporter key is not the holder's, so its MAC fails (`bad_mac`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reverse_session_for_another_connections_lease_is_refused() {
+    let ca = Ca::new();
+    let relay = start_relay(&ca, "", None).await;
+    let mut holder = Agent::connect(&relay, &ca).await;
+    let grant = holder.register("demo", true, false).await;
+    let intruder = Agent::connect_as(
+        &relay,
+        &ca,
+        "outrelay://test/agent/00000000-0000-4000-8000-0000000000e3",
+    )
+    .await;
+    let lease = LeaseId::from_slice(&grant.lease_id).expect("lease id");
+    let before = relay.metric(&drops("bad_mac")).await;
+    let mut s = TcpStream::connect(relay.reverse).await.expect("connect");
+    s.write_all(&reverse::encode_preamble(&lease))
+        .await
+        .expect("preamble");
+    let mut nonce = [0u8; reverse::NONCE_BYTES];
+    s.read_exact(&mut nonce).await.expect("nonce");
+    s.write_all(&reverse::compute_mac(&intruder.key(&grant), &nonce, &lease))
+        .await
+        .expect("mac");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    relay.metric_above(&drops("bad_mac"), before).await;
+    // The holder's own key is accepted on the same relay (the refusal was about the key).
+    let mut ok = TcpStream::connect(relay.reverse).await.expect("connect");
+    ok.write_all(&reverse::encode_preamble(&lease))
+        .await
+        .expect("preamble");
+    ok.read_exact(&mut nonce).await.expect("nonce");
+    ok.write_all(&reverse::compute_mac(&holder.key(&grant), &nonce, &lease))
+        .await
+        .expect("mac");
+    let authed = "outrelay_relay_reverse_sessions_authenticated_total";
+    relay.metric_above(authed, 0.0).await;
+}
+
+// ---------- unprivileged relay under its pipe budget ----------
+
+/// Why the relay cannot be run as `nobody` here, if it cannot.
+fn unprivileged_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root: cannot switch to nobody".to_owned());
+    }
+    if !have("setpriv", "--version") {
+        return Some("no setpriv (util-linux)".to_owned());
+    }
+    let binary = env!("CARGO_BIN_EXE_outrelay-relay");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", binary])
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "nobody cannot run {binary}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("setpriv: {e}")),
+    }
+}
+
+/// An echo target for any number of connections: each is echoed, and after the client's FIN
+/// gets the SHA-256 of what it sent as a 32-byte trailer.
+async fn echo_many_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.into_split();
+                let mut hasher = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            hasher.update(&buf[..n]);
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = w.write_all(&hasher.finalize()).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// One bulk client: `bytes` of pseudo-random data (seeded by `seed`) up, everything back, then
+/// the target's trailer. It reads slowly through a small receive buffer, so the relay's
+/// client-bound pipes fill and stay full (what makes the pipe budget bind). Returns an error
+/// naming what did not match.
+async fn bulk_client(port: u16, seed: u64, bytes: usize) -> Result<(), String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    socket
+        .set_recv_buffer_size(16 * 1024)
+        .map_err(|e| format!("SO_RCVBUF: {e}"))?;
+    let c = socket
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut r, mut w) = c.into_split();
+    let mut data = vec![0u8; bytes];
+    let mut state = seed | 1;
+    for word in data.chunks_exact_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        word.copy_from_slice(&state.to_le_bytes());
+    }
+    let sent_hash = Sha256::digest(&data).to_vec();
+    // The FIN goes out only once every byte has come back: a pair whose one direction has
+    // ended is closed 60 s later whatever the other is doing (the engine's half-closed
+    // timeout), and under a binding pipe budget a direction can wait that long for a pipe
+    // (see the issue note); this test is about the budget and the bytes, not that timer.
+    let (echoed_tx, echoed_rx) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        for chunk in data.chunks(64 * 1024) {
+            w.write_all(chunk).await?;
+        }
+        let _ = echoed_rx.await;
+        w.shutdown().await
+    });
+    let mut back = Vec::with_capacity(bytes + 32);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut echoed_tx = Some(echoed_tx);
+    loop {
+        let n = r.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        back.extend_from_slice(&chunk[..n]);
+        if back.len() >= bytes
+            && let Some(tx) = echoed_tx.take()
+        {
+            let _ = tx.send(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(echoed_tx); // cut short: let the writer finish
+    writer
+        .await
+        .map_err(|e| format!("writer: {e}"))?
+        .map_err(|e| format!("write: {e}"))?;
+    if back.len() != bytes + 32 {
+        return Err(format!("{} bytes back, want {}", back.len(), bytes + 32));
+    }
+    if Sha256::digest(&back[..bytes]).to_vec() != sent_hash {
+        return Err("echoed bytes differ".to_owned());
+    }
+    if back[bytes..] != sent_hash[..] {
+        return Err("the target's trailer differs".to_owned());
+    }
+    Ok(())
+}
+
+/// P5 / issue 5: the relay run as `nobody` (root hides the kernel's per-user pipe limit,
+/// `fs.pipe-user-pages-soft`) splices a few hundred concurrent bulk connections through a TCP
+/// lease with every byte intact, while the pipe memory it reports on `/metrics` stays under
+/// its configured budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connections() {
+    const CONNS: usize = 300;
+    // Enough that, with slow readers, data waits in the relay's pipes and the budget (well
+    // below 300 pipes' worth) binds: measured here, 4 MiB each gives a held maximum equal to
+    // the budget and tens of thousands of pipe waits in about 18 s. Beyond about 6 MiB each
+    // the run falls off a cliff (minutes; pairs starved of a pipe for over 60 s): see the
+    // note on pipe fairness in the issue. `OUTRELAY_PIPE_TEST_MIB` overrides it, to explore.
+    let bytes_each: usize = std::env::var("OUTRELAY_PIPE_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+        << 20;
+    const BUDGET: u64 = 8 * 1024 * 1024;
+    if let Some(why) = unprivileged_unavailable() {
+        eprintln!(
+            "SKIP an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connections: {why}"
+        );
+        return;
+    }
+    let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft").unwrap_or_default();
+    eprintln!("fs.pipe-user-pages-soft = {} pages", soft.trim());
+    let ca = Ca::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            leases: format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+            ingress: "ready_queue_max = 64\n".to_owned(),
+            tables: format!("[pipes]\nbudget_bytes = {BUDGET}\nmax_pipe_bytes = 1048576\n"),
+            unprivileged: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", relay.child.id()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        uid.split_whitespace().nth(1) == Some("65534"),
+        "the relay runs as nobody: {uid}"
+    );
+    let (target, _echo) = echo_many_target().await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let grant = agent.register("bulk", false, true).await;
+    let port = tcp_port(&grant);
+    agent.serve_lease_with(&relay, &grant, target, 32);
+    let start = Instant::now();
+    while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        assert!(start.elapsed() < WAIT, "lease port {port} never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Sample /metrics while the connections run.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let metrics = relay.metrics.clone();
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let (mut max_held, mut max_pairs, mut samples) = (0f64, 0f64, 0u32);
+            while sampling.load(Ordering::Relaxed) {
+                if let Ok(body) = scrape_at(&metrics).await {
+                    max_held = max_held.max(sample(&body, "outrelay_relay_pipe_held_bytes"));
+                    max_pairs = max_pairs.max(sample(&body, "outrelay_relay_splice_pairs_active"));
+                    samples += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (max_held, max_pairs, samples)
+        })
+    };
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CONNS)
+        .map(|i| tokio::spawn(bulk_client(port, 0x9E37_79B9 + i as u64, bytes_each)))
+        .collect();
+    let mut failures = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(300), c).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => failures.push(format!("#{i}: {e}")),
+            Ok(Err(e)) => failures.push(format!("#{i}: task {e}")),
+            Err(_) => failures.push(format!("#{i}: timed out")),
+        }
+    }
+    let took = started.elapsed();
+    // One more second so the engines publish their last stats.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sampling.store(false, Ordering::Relaxed);
+    let (max_held, max_pairs, samples) = sampler.await.expect("sampler");
+    let body = relay.scrape().await;
+    let waits = sample(&body, "outrelay_relay_pipe_waits_total");
+    let created = sample(&body, "outrelay_relay_pipes_created_total");
+    let errors = sample(
+        &body,
+        "outrelay_relay_splice_closed_total{reason=\"error\"}",
+    );
+    let completed = sample(
+        &body,
+        "outrelay_relay_splice_closed_total{reason=\"completed\"}",
+    );
+    eprintln!(
+        "{CONNS} x {} KiB each way as nobody in {took:?}: pipe bytes held max {:.1} MiB \
+         (budget {} MiB, {samples} samples), pairs active max {max_pairs}, pipes created \
+         {created}, pipe waits {waits}, pairs completed {completed}, errors {errors}",
+        bytes_each / 1024,
+        max_held / (1024.0 * 1024.0),
+        BUDGET / (1024 * 1024),
+    );
+    for line in body.lines().filter(|l| {
+        (l.starts_with("outrelay_relay_ingress_drops_total")
+            || l.starts_with("outrelay_relay_splice_closed_total"))
+            && !l.ends_with(" 0")
+    }) {
+        eprintln!("  {line}");
+    }
+    failures.truncate(10);
+    assert!(failures.is_empty(), "failed (first 10): {failures:?}");
+    assert!(samples > 0, "/metrics was sampled");
+    assert!(created > 0.0, "pipes were used");
+    assert!(
+        max_held <= BUDGET as f64,
+        "pipe bytes held {max_held} over the budget {BUDGET}"
+    );
+    assert_eq!(errors, 0.0, "no pair ended in an error");
+    assert!(
+        completed >= CONNS as f64,
+        "every pair completed: {completed}"
+    );
+}
+
+/// One scrape of `/metrics` at `addr`.
+async fn scrape_at(addr: &str) -> std::io::Result<String> {
+    let mut c = TcpStream::connect(addr).await?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    c.read_to_string(&mut body).await?;
+    Ok(body)
 }

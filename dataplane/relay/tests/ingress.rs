@@ -13,6 +13,7 @@ use outrelay_io::{Engine, EngineConfig};
 use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{self, LeaseId};
+use outrelay_relay::ingress::limits::LeaseConns;
 use outrelay_relay::ingress::stats::Drop;
 use outrelay_relay::ingress::{Ingress, IngressConfig};
 use outrelay_relay::lease::{ConnId, ControllerDecision, LeaseConfig, LeaseTable, PortLeaseConfig};
@@ -36,13 +37,18 @@ struct Relay {
     sni: SocketAddr,
     reverse: SocketAddr,
     tls_lease: LeaseId,
+    wild_lease: LeaseId,
     tcp_port: u16,
 }
 
-/// Starts ingress with one TLS lease `demo` and one TCP lease `echo` (published with `KEY`).
+/// Starts ingress with one TLS lease `demo`, one TLS lease `wild` with a wildcard, and one
+/// TCP lease `echo` (published with `KEY`). The engine's finished pairs go back to the
+/// ingress's per-lease connection counts, as in the relay binary.
 async fn start(config: IngressConfig) -> Relay {
     let mut engine = Engine::new(EngineConfig::default()).expect("engine");
     let handle = engine.handle();
+    let conns = Arc::new(LeaseConns::default());
+    let engine_conns = conns.clone();
     std::thread::spawn(move || {
         let mut clock = Instant::now;
         let mut done = Vec::new();
@@ -50,6 +56,7 @@ async fn start(config: IngressConfig) -> Relay {
             .run_once(Duration::from_millis(100), &mut clock, &mut done)
             .is_ok()
         {
+            engine_conns.finished(&done);
             done.clear();
         }
     });
@@ -96,6 +103,22 @@ async fn start(config: IngressConfig) -> Relay {
             now,
         )
         .expect("tls lease");
+    let wild = table
+        .register(
+            ConnId(1),
+            &agent,
+            &orp::LeaseRegister {
+                name: "wild".into(),
+                tls: true,
+                wildcard: true,
+                ttl_s: 300,
+                ..Default::default()
+            },
+            &ControllerDecision::Approved,
+            &mut ids,
+            now,
+        )
+        .expect("wildcard lease");
     let tcp = table
         .register(
             ConnId(1),
@@ -116,16 +139,17 @@ async fn start(config: IngressConfig) -> Relay {
     let tcp_port = tcp.tcp_port.expect("tcp port");
     shared.publish(Snapshot {
         routes: table.routes(),
-        reverse_keys: HashMap::from([(tls_lease, KEY), (tcp.lease_id, KEY)]),
+        reverse_keys: HashMap::from([(tls_lease, KEY), (wild.lease_id, KEY), (tcp.lease_id, KEY)]),
         generation: 1,
     });
-    let ingress = Ingress::new(
+    let ingress = Ingress::with_conns(
         IngressConfig {
             lease_bind_ip: [127, 0, 0, 1].into(),
             ..config
         },
         shared.clone(),
         vec![handle],
+        conns,
     );
     let sni = TcpListener::bind("127.0.0.1:0").await.expect("bind sni");
     let reverse = TcpListener::bind("127.0.0.1:0")
@@ -144,6 +168,7 @@ async fn start(config: IngressConfig) -> Relay {
         sni: sni_addr,
         reverse: reverse_addr,
         tls_lease,
+        wild_lease: wild.lease_id,
         tcp_port,
     }
 }
@@ -519,4 +544,322 @@ async fn slow_hello_senders_are_closed_at_the_deadline() {
         "every slow sender sees its connection closed"
     );
     eprintln!("{SLOW} slow senders closed {closed_after:?} after opening (deadline 1 s)");
+}
+
+// ---------- hellos rebuilt from the captured ones ----------
+
+/// The handshake bytes of `records` (TLS records), without the record headers.
+fn handshake_bytes(records: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = records;
+    while !rest.is_empty() {
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        out.extend_from_slice(&rest[5..5 + len]);
+        rest = &rest[5 + len..];
+    }
+    out
+}
+
+/// `handshake` framed as `n` handshake records of (nearly) equal size.
+fn reframe(handshake: &[u8], n: usize) -> Vec<u8> {
+    let size = handshake.len().div_ceil(n);
+    let mut out = Vec::new();
+    for chunk in handshake.chunks(size) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&be16(chunk.len()));
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+fn be16(n: usize) -> [u8; 2] {
+    u16::try_from(n).expect("fits u16").to_be_bytes()
+}
+
+/// The captured OpenSSL hello with its server_name replaced by `name`, every enclosing
+/// length (extension, extensions, handshake, record) fixed up.
+fn with_sni(name: &str) -> Vec<u8> {
+    let handshake = handshake_bytes(&hello("openssl_tls13.bin"));
+    let body = &handshake[4..];
+    // version, random, session id, cipher suites, compression methods, then extensions.
+    let mut at = 2 + 32;
+    at += 1 + usize::from(body[at]);
+    at += 2 + usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+    at += 1 + usize::from(body[at]);
+    let mut exts = &body[at + 2..];
+    let mut new_exts = Vec::new();
+    while !exts.is_empty() {
+        let kind = u16::from_be_bytes([exts[0], exts[1]]);
+        let len = usize::from(u16::from_be_bytes([exts[2], exts[3]]));
+        if kind == 0 {
+            let n = name.len();
+            new_exts.extend_from_slice(&[0, 0]);
+            new_exts.extend_from_slice(&be16(n + 5));
+            new_exts.extend_from_slice(&be16(n + 3));
+            new_exts.push(0);
+            new_exts.extend_from_slice(&be16(n));
+            new_exts.extend_from_slice(name.as_bytes());
+        } else {
+            new_exts.extend_from_slice(&exts[..4 + len]);
+        }
+        exts = &exts[4 + len..];
+    }
+    let mut new_body = body[..at].to_vec();
+    new_body.extend_from_slice(&be16(new_exts.len()));
+    new_body.extend_from_slice(&new_exts);
+    let len = u32::try_from(new_body.len()).expect("fits").to_be_bytes();
+    let mut new_handshake = vec![0x01, len[1], len[2], len[3]];
+    new_handshake.extend_from_slice(&new_body);
+    reframe(&new_handshake, 1)
+}
+
+/// A public client: sends `head` (one byte per TCP segment when `per_byte`: TCP_NODELAY and a
+/// short pause after each byte), then `payload`, half-closes and returns what came back.
+fn trickle_round_trip(
+    addr: SocketAddr,
+    head: Vec<u8>,
+    per_byte: bool,
+    payload: Vec<u8>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).expect("connect public");
+        c.set_nodelay(true).expect("nodelay");
+        if per_byte {
+            for b in &head {
+                c.write_all(std::slice::from_ref(b)).expect("one byte");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        } else {
+            c.write_all(&head).expect("head");
+        }
+        c.write_all(&payload).expect("payload");
+        c.shutdown(std::net::Shutdown::Write).expect("fin");
+        let mut all = Vec::new();
+        let _ = c.read_to_end(&mut all);
+        all
+    })
+}
+
+/// Opens one session of `lease`, waits until it is idle, sends `head` as a public client and
+/// checks the agent gets marker 0x02, `head` replayed byte for byte, and a working echo.
+async fn routes_to(relay: &Relay, lease: LeaseId, head: Vec<u8>, per_byte: bool, what: &str) {
+    let (r, before) = (relay.reverse, relay.ingress.idle_sessions(&lease));
+    let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+        .await
+        .expect("session");
+    eventually("session queued", || {
+        relay.ingress.idle_sessions(&lease) == before + 1
+    })
+    .await;
+    let echo = echo_agent(agent, 0x02, head.clone());
+    let data = format!("ping through {what}").into_bytes();
+    let started = Instant::now();
+    let back = trickle_round_trip(relay.sni, head, per_byte, data.clone());
+    let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+        .await
+        .expect("join");
+    assert_eq!(back, data, "{what}: echoed through the lease");
+    tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+        .await
+        .expect("join");
+    eprintln!("{what}: routed in {:?}", started.elapsed());
+}
+
+/// Sends `bytes` to the SNI listener and waits until `reason` is counted once more.
+async fn refused_with(relay: &Relay, bytes: Vec<u8>, reason: Drop) {
+    let before = relay.ingress.stats.drops(reason);
+    let addr = relay.sni;
+    let t = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).expect("connect");
+        let _ = c.write_all(&bytes);
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
+        sink
+    });
+    eventually(reason.label(), || {
+        relay.ingress.stats.drops(reason) > before
+    })
+    .await;
+    let answer = tokio::task::spawn_blocking(move || t.join().expect("client"))
+        .await
+        .expect("join");
+    assert!(answer.is_empty(), "{}: not a byte back", reason.label());
+}
+
+// ---------- routing under adversarial segmentation, wildcard, refusals ----------
+
+/// R1 end to end: every captured hello with an SNI, sent one byte per TCP segment, re-framed
+/// into several TLS records, and both at once, reaches the lease with its bytes replayed
+/// exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hellos_one_byte_per_segment_and_split_across_records_route_to_the_lease() {
+    let relay = start(IngressConfig::default()).await;
+    for file in [
+        "openssl_tls13.bin",
+        "curl.bin",
+        "rustls_pq.bin",
+        "rustls_ech_grease.bin",
+        "rustls_fragmented.bin",
+        "chromium.bin",
+    ] {
+        let original = hello(file);
+        let handshake = handshake_bytes(&original);
+        let variants = [
+            ("one byte per segment", original.clone(), true),
+            ("2 records", reframe(&handshake, 2), false),
+            (
+                "7 records, one byte per segment",
+                reframe(&handshake, 7),
+                true,
+            ),
+        ];
+        for (how, bytes, per_byte) in variants {
+            let what = format!("{file}, {how}");
+            routes_to(&relay, relay.tls_lease, bytes, per_byte, &what).await;
+        }
+    }
+    assert_eq!(relay.ingress.stats.drops(Drop::BadHello), 0);
+    assert_eq!(relay.ingress.stats.drops(Drop::HelloTimeout), 0);
+}
+
+/// `*.wild.<root>` routes one level below the wildcard lease, never two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_level_wildcard_routes_a_child_but_not_a_grandchild() {
+    let relay = start(IngressConfig::default()).await;
+    let child = with_sni("a.wild.outrelay.test");
+    routes_to(
+        &relay,
+        relay.wild_lease,
+        child,
+        false,
+        "a.wild.outrelay.test",
+    )
+    .await;
+    let idle = relay.ingress.idle_sessions(&relay.wild_lease);
+    refused_with(
+        &relay,
+        with_sni("a.b.wild.outrelay.test"),
+        Drop::UnknownHost,
+    )
+    .await;
+    assert_eq!(
+        relay.ingress.idle_sessions(&relay.wild_lease),
+        idle,
+        "the grandchild claimed nothing"
+    );
+    // The captured hellos name demo, which has no wildcard: a child of demo is unknown.
+    refused_with(&relay, with_sni("a.demo.outrelay.test"), Drop::UnknownHost).await;
+}
+
+/// IP-literal SNIs (v4 and v6), and the root host when no root-host listener is configured,
+/// are refused and counted under their own reasons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_literal_sni_and_an_unserved_root_host_are_refused_and_counted() {
+    let relay = start(IngressConfig {
+        root_host: ROOT.to_owned(),
+        root_fallback: None,
+        ..IngressConfig::default()
+    })
+    .await;
+    refused_with(&relay, with_sni("10.0.0.1"), Drop::IpLiteralSni).await;
+    refused_with(&relay, with_sni("::ffff:10.20.30.40"), Drop::IpLiteralSni).await;
+    refused_with(&relay, with_sni(ROOT), Drop::RootUnavailable).await;
+    assert_eq!(relay.ingress.stats.drops(Drop::IpLiteralSni), 2);
+}
+
+/// Beyond `lease_conn_max` concurrent public connections a lease refuses more (counted); a
+/// finished pair gives its place back through the engine's finished list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_lease_cap_are_refused_until_one_ends() {
+    let relay = start(IngressConfig {
+        lease_conn_max: 2,
+        ..IngressConfig::default()
+    })
+    .await;
+    let lease = relay.tls_lease;
+    let hello_bytes = hello("openssl_tls13.bin");
+    let mut agents = Vec::new();
+    for _ in 0..3 {
+        let r = relay.reverse;
+        agents.push(
+            tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+                .await
+                .expect("session"),
+        );
+    }
+    eventually("3 sessions idle", || {
+        relay.ingress.idle_sessions(&lease) == 3
+    })
+    .await;
+    // Two public connections, spliced and held open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(relay.sni).expect("connect");
+        c.write_all(&hello_bytes).expect("hello");
+        held.push(c);
+    }
+    eventually("2 connections spliced", || {
+        relay
+            .ingress
+            .stats
+            .spliced
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2
+    })
+    .await;
+    assert_eq!(relay.ingress.lease_conns().count(&lease), 2);
+    refused_with(&relay, hello_bytes.clone(), Drop::LeaseConnLimit).await;
+    assert_eq!(
+        relay.ingress.idle_sessions(&lease),
+        1,
+        "the refused connection claimed no session"
+    );
+
+    // One pair ends (client and agent close): its place comes back.
+    drop(held.remove(0));
+    for s in agents.iter().take(2) {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    eventually("a place given back", || {
+        relay.ingress.lease_conns().count(&lease) < 2
+    })
+    .await;
+    let third = agents.pop().expect("third session");
+    let echo = echo_agent(third, 0x02, hello_bytes.clone());
+    let back = trickle_round_trip(relay.sni, hello_bytes, false, b"again".to_vec());
+    let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+        .await
+        .expect("join");
+    assert_eq!(back, b"again");
+    tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+        .await
+        .expect("join");
+    assert_eq!(relay.ingress.stats.drops(Drop::LeaseConnLimit), 1);
+}
+
+/// Beyond `pending_conn_max` public connections in set-up, new ones are closed at once and
+/// counted; places come back when the pending ones end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_connections_beyond_the_global_cap_are_refused() {
+    let relay = start(IngressConfig {
+        pending_conn_max: 3,
+        hello_deadline_ms: 10_000,
+        ..IngressConfig::default()
+    })
+    .await;
+    // Three silent clients (and one on a TCP lease port would count the same).
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(relay.sni).expect("connect"));
+    }
+    eventually("3 pending", || relay.ingress.pending_conns() == 3).await;
+    refused_with(&relay, hello("openssl_tls13.bin"), Drop::PendingFull).await;
+    assert_eq!(relay.ingress.stats.drops(Drop::HelloTimeout), 0);
+    drop(silent);
+    eventually("pending places given back", || {
+        relay.ingress.pending_conns() == 0
+    })
+    .await;
+    refused_with(&relay, b"GET / HTTP/1.1\r\n\r\n".to_vec(), Drop::PlainHttp).await;
+    assert_eq!(relay.ingress.stats.drops(Drop::PendingFull), 1);
 }

@@ -69,6 +69,16 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
             "leases.min_port/max_port",
         ),
         ("bogus_key = 1\n", "bogus_key"),
+        ("[ingress]\nlease_conn_max = 0\n", "ingress.lease_conn_max"),
+        (
+            "[ingress]\npending_conn_max = 0\n",
+            "ingress.pending_conn_max",
+        ),
+        ("[public_tls]\ncert = \"relay.pem\"\n", "public_tls"),
+        (
+            "[public_tls]\ncert = \"relay.pem\"\nkey = \"missing.pem\"\n",
+            "public_tls",
+        ),
     ];
     for (bad, key) in cases {
         let text = if bad.starts_with("public_url") {

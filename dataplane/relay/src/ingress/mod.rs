@@ -14,7 +14,9 @@
 //! which the two sockets are handed. Routes and reverse-session keys come from the published
 //! [`Snapshot`](crate::state::Snapshot), loaded per connection.
 
+pub mod limits;
 pub mod pool;
+pub mod root;
 pub mod stats;
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::state::Shared;
+use limits::{LeaseConns, PendingConns};
 use pool::{IdleSession, SessionPool};
 use stats::{Drop, IngressStats};
 
@@ -59,6 +62,17 @@ pub struct IngressConfig {
     pub lease_bind_ip: IpAddr,
     /// Writing the marker and the replayed bytes to a claimed session.
     pub marker_write_deadline_ms: u64,
+    /// Concurrent public connections per lease (claim wait to pair close); more are refused
+    /// (`lease_conn_limit`).
+    pub lease_conn_max: usize,
+    /// Public connections in set-up (before their pair is spliced) across the relay; more are
+    /// refused at accept (`pending_full`).
+    pub pending_conn_max: usize,
+    /// The root host (`public_url`'s host); its exact SNI goes to `root_fallback`.
+    pub root_host: String,
+    /// The root-host HTTPS listener on loopback ([`root`]); `None`: the root host is refused
+    /// (`root_unavailable`).
+    pub root_fallback: Option<SocketAddr>,
 }
 
 impl Default for IngressConfig {
@@ -74,9 +88,21 @@ impl Default for IngressConfig {
             lease_sync_interval_ms: 100,
             lease_bind_ip: IpAddr::from([0, 0, 0, 0]),
             marker_write_deadline_ms: 5_000,
+            lease_conn_max: DEFAULT_LEASE_CONN_MAX,
+            pending_conn_max: DEFAULT_PENDING_CONN_MAX,
+            root_host: String::new(),
+            root_fallback: None,
         }
     }
 }
+
+/// Default cap on concurrent public connections per lease (the spec names the key, not a
+/// value: high enough for a busy site behind one agent, low enough that one lease cannot take
+/// every file descriptor of the relay).
+pub const DEFAULT_LEASE_CONN_MAX: usize = 4096;
+/// Default cap on public connections in set-up across the relay (below the 20,000 open files a
+/// relay gets, so a slowloris flood leaves descriptors for spliced pairs and agents).
+pub const DEFAULT_PENDING_CONN_MAX: usize = 10_000;
 
 /// The ingress side of a relay.
 pub struct Ingress {
@@ -85,16 +111,32 @@ pub struct Ingress {
     pool: SessionPool,
     engines: Vec<EngineHandle>,
     next_engine: AtomicUsize,
+    conns: Arc<LeaseConns>,
+    pending: PendingConns,
     /// Counters by reason.
     pub stats: IngressStats,
 }
 
 impl Ingress {
     /// An ingress reading routes from `shared` and splicing on `engines` (at least one).
+    /// Per-lease connection counts are only given back if the engines' finished pairs reach
+    /// [`Ingress::lease_conns`]; use [`Ingress::with_conns`] to share them with the engines'
+    /// drivers from the start.
     pub fn new(
         config: IngressConfig,
         shared: Arc<Shared>,
         engines: Vec<EngineHandle>,
+    ) -> Arc<Ingress> {
+        Ingress::with_conns(config, shared, engines, Arc::default())
+    }
+
+    /// [`Ingress::new`] with the per-lease connection counts `conns`, which the threads driving
+    /// the splice engines feed with [`LeaseConns::finished`].
+    pub fn with_conns(
+        config: IngressConfig,
+        shared: Arc<Shared>,
+        engines: Vec<EngineHandle>,
+        conns: Arc<LeaseConns>,
     ) -> Arc<Ingress> {
         Arc::new(Ingress {
             pool: SessionPool::new(config.ready_queue_max, config.claim_waiters_max),
@@ -102,8 +144,20 @@ impl Ingress {
             shared,
             engines,
             next_engine: AtomicUsize::new(0),
+            conns,
+            pending: PendingConns::default(),
             stats: IngressStats::default(),
         })
+    }
+
+    /// The per-lease connection counts (give finished pairs back through it).
+    pub fn lease_conns(&self) -> &Arc<LeaseConns> {
+        &self.conns
+    }
+
+    /// Public connections in set-up now.
+    pub fn pending_conns(&self) -> usize {
+        self.pending.count()
     }
 
     /// Idle sessions of a lease.
@@ -136,7 +190,12 @@ impl Ingress {
                     continue;
                 };
                 let me = me.clone();
-                tokio::spawn(async move { me.sni_connection(stream).await });
+                tokio::spawn(async move {
+                    let Some(_pending) = me.pending.acquire(me.config.pending_conn_max) else {
+                        return me.stats.drop(Drop::PendingFull);
+                    };
+                    me.sni_connection(stream).await;
+                });
             }
         })
     }
@@ -215,7 +274,13 @@ impl Ingress {
                             continue;
                         };
                         let me = me.clone();
-                        tokio::spawn(async move { me.tcp_lease_connection(stream, port).await });
+                        tokio::spawn(async move {
+                            let max = me.config.pending_conn_max;
+                            let Some(_pending) = me.pending.acquire(max) else {
+                                return me.stats.drop(Drop::PendingFull);
+                            };
+                            me.tcp_lease_connection(stream, port).await;
+                        });
                     }
                 }),
             );
@@ -298,6 +363,9 @@ impl Ingress {
             Ok(Ok(None)) => return self.stats.drop(Drop::NoSni),
             Ok(Ok(Some(name))) => name,
         };
+        if server_name.as_str() == self.config.root_host {
+            return self.serve_root(stream, &replay).await;
+        }
         let lease = {
             let snapshot = self.shared.load();
             match snapshot.routes.lookup_sni(&server_name) {
@@ -307,6 +375,28 @@ impl Ingress {
         };
         self.claim_and_splice(stream, lease, Marker::Tls, &replay)
             .await;
+    }
+
+    /// The root host: replay the ClientHello to the loopback HTTPS listener and copy both ways
+    /// (low volume: a user-space copy, bounded by [`root::ROOT_CONN_MAX_MS`]).
+    async fn serve_root(&self, client: TcpStream, replay: &[u8]) {
+        let Some(addr) = self.config.root_fallback else {
+            return self.stats.drop(Drop::RootUnavailable);
+        };
+        let limit = Duration::from_millis(root::ROOT_CONN_MAX_MS);
+        let mut client = client;
+        let copied = tokio::time::timeout(limit, async {
+            let mut upstream = TcpStream::connect(addr).await.ok()?;
+            let _ = upstream.set_nodelay(true);
+            upstream.write_all(replay).await.ok()?;
+            self.stats.root_host.fetch_add(1, Ordering::Relaxed);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            Some(())
+        })
+        .await;
+        if matches!(copied, Ok(None)) {
+            self.stats.drop(Drop::RootUnavailable);
+        }
     }
 
     /// Reads until the ClientHello is complete; keeps every byte read in `replay`.
@@ -350,6 +440,9 @@ impl Ingress {
         marker: Marker,
         replay: &[u8],
     ) {
+        let Some(slot) = self.conns.acquire(lease, self.config.lease_conn_max) else {
+            return self.stats.drop(Drop::LeaseConnLimit);
+        };
         let timeout = Duration::from_millis(self.config.claim_timeout_ms);
         let Some(session) = self.pool.claim(lease, timeout, &self.stats).await else {
             return;
@@ -380,11 +473,13 @@ impl Ingress {
         let Some(engine) = self.engines.get(i) else {
             return self.stats.drop(Drop::EngineFull);
         };
-        match engine.add(OwnedFd::from(client), OwnedFd::from(session), 0) {
+        let tag = slot.into_tag();
+        match engine.add(OwnedFd::from(client), OwnedFd::from(session), tag) {
             Ok(()) => {
                 self.stats.spliced.fetch_add(1, Ordering::Relaxed);
             }
             Err(AddError::Full | AddError::Stopped | AddError::Socket(_)) => {
+                self.conns.release_tag(tag);
                 self.stats.drop(Drop::EngineFull)
             }
         }

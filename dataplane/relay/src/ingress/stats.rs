@@ -44,11 +44,17 @@ pub enum Drop {
     EngineFull,
     /// A TCP lease port has no route (any more).
     NoTcpRoute,
+    /// The lease already has `lease_conn_max` public connections.
+    LeaseConnLimit,
+    /// `pending_conn_max` public connections are already in set-up.
+    PendingFull,
+    /// The SNI is the root host but no root-host listener is configured (or it is unreachable).
+    RootUnavailable,
 }
 
 impl Drop {
     /// Every reason, in counter order.
-    pub const ALL: [Drop; 19] = [
+    pub const ALL: [Drop; 22] = [
         Drop::NoSni,
         Drop::UnknownHost,
         Drop::BadHello,
@@ -68,6 +74,9 @@ impl Drop {
         Drop::MarkerWriteFailed,
         Drop::EngineFull,
         Drop::NoTcpRoute,
+        Drop::LeaseConnLimit,
+        Drop::PendingFull,
+        Drop::RootUnavailable,
     ];
 
     /// The metric label.
@@ -92,6 +101,9 @@ impl Drop {
             Drop::MarkerWriteFailed => "marker_write_failed",
             Drop::EngineFull => "engine_full",
             Drop::NoTcpRoute => "no_tcp_route",
+            Drop::LeaseConnLimit => "lease_conn_limit",
+            Drop::PendingFull => "pending_full",
+            Drop::RootUnavailable => "root_unavailable",
         }
     }
 }
@@ -104,6 +116,8 @@ pub struct IngressStats {
     pub spliced: AtomicU64,
     /// Reverse sessions authenticated.
     pub sessions_authenticated: AtomicU64,
+    /// Public connections for the root host handed to the root-host listener.
+    pub root_host: AtomicU64,
 }
 
 impl IngressStats {

@@ -11,8 +11,12 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 use super::stats::bump;
-use super::{Ctx, IMPLEMENTED_FEATURES, PROTOCOL_VERSION, close_code};
+use super::{
+    Admission, AgentConn, Ctx, IMPLEMENTED_FEATURES, LeaseEvent, LeaseEventKind, PROTOCOL_VERSION,
+    close_code, lease_kind,
+};
 use crate::lease::{ConnId, GrantAddrs, LeaseErrorCode, Refusal, release_frame};
+use outrelay_proto::hostname::LeaseName;
 
 /// Bytes read from the control stream per call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
@@ -50,6 +54,7 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
         Err(end) => end,
     };
     conn.close(end.code.into(), end.reason.as_bytes());
+    ctx.agents().remove(&conn_id);
     ctx.connection_closed(conn_id).await;
     tracing::debug!(conn = conn_id.0, reason = %end.reason, "agent connection ended");
 }
@@ -108,6 +113,29 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             close_code::HELLO_MISMATCH,
             "HELLO does not match the certificate or protocol",
         ));
+    }
+    // Registered BEFORE the revocation check: a revocation that lands in between is either
+    // seen by `admit` or finds this connection in the registry and closes it.
+    ctx.agents().insert(
+        conn_id,
+        AgentConn {
+            uri: cert_uri.clone(),
+            conn: conn.clone(),
+        },
+    );
+    match ctx.decider.admit(&identity) {
+        Admission::Admit => {}
+        Admission::Revoked => {
+            bump(&ctx.stats.refused_revoked);
+            return Err(End::new(close_code::REVOKED, "identity revoked"));
+        }
+        Admission::NotReady => {
+            bump(&ctx.stats.refused_revocations_unavailable);
+            return Err(End::new(
+                close_code::REVOCATIONS_UNAVAILABLE,
+                "relay has no revocation list yet; retry later",
+            ));
+        }
     }
 
     let (tx, rx) = mpsc::channel(ctx.config.control_send_queue_max);
@@ -238,6 +266,10 @@ async fn on_frame(
                             &grant.lease_id.0,
                         ) {
                             Ok(()) => {
+                                if let Some(lease) = control.table.get(&grant.lease_id) {
+                                    ctx.decider
+                                        .report(LeaseEvent::of(LeaseEventKind::Granted, lease));
+                                }
                                 control.keys.insert(grant.lease_id, key);
                                 ctx.publish(&mut control);
                                 Ok(grant.to_frame(req.request_id, addrs, now, unix_ms()))
@@ -250,7 +282,14 @@ async fn on_frame(
                             }
                         }
                     }
-                    Err(refusal) => Err(refusal),
+                    Err(refusal) => {
+                        if decision == crate::lease::ControllerDecision::PendingApproval
+                            && refusal.code == LeaseErrorCode::LeaseRejected
+                        {
+                            report_request(ctx, identity, &req);
+                        }
+                        Err(refusal)
+                    }
                 }
             };
             match answer {
@@ -264,6 +303,12 @@ async fn on_frame(
                 let now = Instant::now();
                 let r = control.table.renew(conn_id, &req.lease_id, req.ttl_s, now);
                 ctx.publish(&mut control);
+                if let Ok(g) = &r
+                    && let Some(lease) = control.table.get(&g.lease_id)
+                {
+                    ctx.decider
+                        .report(LeaseEvent::of(LeaseEventKind::Renewed, lease));
+                }
                 r.map(|g| g.to_frame(req.request_id, addrs, now, unix_ms()))
             };
             match answer {
@@ -278,6 +323,10 @@ async fn on_frame(
                     .table
                     .release(conn_id, &req.lease_id, Instant::now());
                 ctx.publish(&mut control);
+                if let Ok(lease) = &r {
+                    ctx.decider
+                        .report(LeaseEvent::of(LeaseEventKind::Released, lease));
+                }
                 r.map(|lease| release_frame(req.request_id, lease.id))
             };
             match answer {
@@ -301,6 +350,22 @@ async fn on_frame(
             ))
         }
     }
+}
+
+/// A register refused with `pending_approval`: the controller creates its pending record from
+/// this request (so an admin can approve it).
+fn report_request(ctx: &Ctx, identity: &Identity, req: &orp::LeaseRegister) {
+    let (Identity::Agent { tenant, .. }, Ok(name)) = (identity, LeaseName::parse(&req.name)) else {
+        return;
+    };
+    ctx.decider.report(LeaseEvent {
+        kind: LeaseEventKind::Requested,
+        tenant: tenant.as_str().to_owned(),
+        name: name.as_str().to_owned(),
+        agent_uri: identity.to_string(),
+        lease_kind: lease_kind(req.tls, req.tcp, req.udp),
+        ttl_s: req.ttl_s,
+    });
 }
 
 /// Incremental frame reader over the control stream.

@@ -27,7 +27,7 @@ use outrelay_proto::orp;
 use outrelay_proto::reverse::LeaseId;
 use tokio::sync::{Mutex, watch};
 
-use crate::lease::{ConnId, ControllerDecision, LeaseTable, MIN_DURATION_MS};
+use crate::lease::{ConnId, ControllerDecision, Lease, LeaseTable, MIN_DURATION_MS};
 use crate::state::{ReverseKey, Shared, Snapshot};
 
 pub use stats::QuicStats;
@@ -71,6 +71,12 @@ pub mod close_code {
     pub const GOING_AWAY: u32 = 6;
     /// The peer certificate could not be read after the handshake (should not happen).
     pub const BAD_IDENTITY: u32 = 7;
+    /// The agent's identity is revoked (`Pki.WatchRevocations`): refused at HELLO, or its live
+    /// connections closed when the revocation arrives.
+    pub const REVOKED: u32 = 8;
+    /// A controller is configured but no revocation snapshot is loaded yet (neither from the
+    /// controller nor from the state file): agents are refused until one is.
+    pub const REVOCATIONS_UNAVAILABLE: u32 = 9;
 }
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least
@@ -178,11 +184,95 @@ pub enum QuicError {
 }
 
 /// Where the verdict on a LEASE_REGISTER comes from (the controller: approval mode, quotas,
-/// bans). Called with the lease table unlocked; it must answer from a local cache and not
-/// block.
+/// bans), whether an agent is admitted at all (revocations), and where lease changes are
+/// reported. Every method is called on the connection's task, some with the lease table
+/// locked: each must answer from a local snapshot and never block or do I/O.
 pub trait LeaseDecider: Send + Sync + 'static {
     /// The controller's decision for `identity` asking for `req`.
     fn decide(&self, identity: &Identity, req: &orp::LeaseRegister) -> ControllerDecision;
+
+    /// Whether `identity` may hold a session; asked after HELLO, once the connection is in
+    /// the registry (so a revocation arriving meanwhile closes it either way). Default: yes.
+    fn admit(&self, _identity: &Identity) -> Admission {
+        Admission::Admit
+    }
+
+    /// A lease changed (for the controller's records). Must not block: queue or drop.
+    /// Default: nothing.
+    fn report(&self, _event: LeaseEvent) {}
+}
+
+/// The answer of [`LeaseDecider::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The agent may proceed.
+    Admit,
+    /// The identity is revoked: close with [`close_code::REVOKED`].
+    Revoked,
+    /// No revocation snapshot yet: close with [`close_code::REVOCATIONS_UNAVAILABLE`].
+    NotReady,
+}
+
+/// What happened to a lease, as reported to the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEventKind {
+    /// A LEASE_REGISTER refused with `pending_approval`: the controller needs the request to
+    /// create its pending record (reported as a GRANT request).
+    Requested,
+    /// A lease was granted (or re-granted to the same identity and name).
+    Granted,
+    /// A lease was renewed.
+    Renewed,
+    /// A lease ended: released by the agent, expired, or its connection closed.
+    Released,
+}
+
+/// One lease change for [`LeaseDecider::report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEvent {
+    /// What happened.
+    pub kind: LeaseEventKind,
+    /// The agent's tenant.
+    pub tenant: String,
+    /// The normalised lease name.
+    pub name: String,
+    /// The agent's identity URI.
+    pub agent_uri: String,
+    /// The exposures, `+`-joined (`tls`, `tcp`, `udp`, `tls+tcp`, ...).
+    pub lease_kind: String,
+    /// The lease's TTL in seconds (0 for releases).
+    pub ttl_s: u32,
+}
+
+impl LeaseEvent {
+    /// The event `kind` for `lease`.
+    pub fn of(kind: LeaseEventKind, lease: &Lease) -> LeaseEvent {
+        LeaseEvent {
+            kind,
+            tenant: lease.owner.tenant.clone(),
+            name: lease.name.as_str().to_owned(),
+            agent_uri: lease.owner.agent_uri.clone(),
+            lease_kind: lease_kind(
+                lease.tls,
+                lease.tcp_port.is_some(),
+                lease.udp_port.is_some(),
+            ),
+            ttl_s: if kind == LeaseEventKind::Released {
+                0
+            } else {
+                lease.ttl_s
+            },
+        }
+    }
+}
+
+/// `tls`, `tcp`, `udp` joined with `+`, in that order.
+pub(crate) fn lease_kind(tls: bool, tcp: bool, udp: bool) -> String {
+    let parts: Vec<&str> = [(tls, "tls"), (tcp, "tcp"), (udp, "udp")]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+    parts.join("+")
 }
 
 impl<F> LeaseDecider for F
@@ -220,6 +310,15 @@ pub(crate) struct Ctx {
     pub(crate) stats: Arc<QuicStats>,
     pub(crate) decider: Arc<dyn LeaseDecider>,
     pub(crate) shutdown: watch::Receiver<Option<orp::GoAway>>,
+    /// Agents past HELLO, by connection (to close a revoked identity's connections). A std
+    /// mutex: held for map operations only, never across an await.
+    pub(crate) agents: std::sync::Mutex<HashMap<ConnId, AgentConn>>,
+}
+
+/// One registered agent connection.
+pub(crate) struct AgentConn {
+    pub(crate) uri: String,
+    pub(crate) conn: quinn::Connection,
 }
 
 impl Ctx {
@@ -243,8 +342,75 @@ impl Ctx {
     /// The connection `conn` ended: its leases stop routing now.
     pub(crate) async fn connection_closed(&self, conn: ConnId) {
         let mut control = self.control.lock().await;
-        control.table.connection_closed(conn, Instant::now());
+        let ended = control.table.connection_closed(conn, Instant::now());
         self.publish(&mut control);
+        drop(control);
+        for lease in &ended {
+            self.decider
+                .report(LeaseEvent::of(LeaseEventKind::Released, lease));
+        }
+    }
+
+    pub(crate) fn agents(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, AgentConn>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What the controller client may do to a running [`QuicServer`]: end leases the controller
+/// revoked and close the connections of revoked identities.
+#[derive(Clone)]
+pub struct RelayHandle {
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle").finish_non_exhaustive()
+    }
+}
+
+impl RelayHandle {
+    /// Closes every connection of `agent_uri` with `code` and `reason`; returns how many.
+    /// Their leases stop routing as the connection tasks end.
+    pub fn close_agent(&self, agent_uri: &str, code: u32, reason: &str) -> usize {
+        let agents = self.ctx.agents();
+        let mut closed = 0;
+        for agent in agents.values().filter(|a| a.uri == agent_uri) {
+            agent.conn.close(code.into(), reason.as_bytes());
+            closed += 1;
+        }
+        closed
+    }
+
+    /// The identity URIs of every agent connection past HELLO.
+    pub fn agent_uris(&self) -> Vec<String> {
+        self.ctx.agents().values().map(|a| a.uri.clone()).collect()
+    }
+
+    /// Ends every live lease for which `revoked` is true (a controller decision: ban, denial,
+    /// quota) and publishes the routes without them. They are NOT reported back as releases:
+    /// the controller's record already says why they ended. Returns the leases ended.
+    pub async fn revoke_leases(&self, revoked: impl Fn(&Lease) -> bool) -> Vec<Lease> {
+        let mut control = self.ctx.control.lock().await;
+        let now = Instant::now();
+        let targets: Vec<(ConnId, LeaseId)> = control
+            .table
+            .leases()
+            .filter(|l| revoked(l))
+            .map(|l| (l.conn, l.id))
+            .collect();
+        let mut ended = Vec::with_capacity(targets.len());
+        for (conn, id) in targets {
+            if let Ok(lease) = control.table.release(conn, &id.0, now) {
+                ended.push(lease);
+            }
+        }
+        if !ended.is_empty() {
+            self.ctx.publish(&mut control);
+        }
+        ended
     }
 }
 
@@ -335,7 +501,15 @@ impl QuicServer {
         server_config.transport_config(Arc::new(transport));
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let reset_key = tls::ResetKey::derive(&provider, &config.tls.key)?;
-        let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // Connection ids keyed from the same secret: after a restart the new process still
+        // recognises its predecessor's ids as its own and answers them with a stateless reset
+        // (a random per-process key would make it drop them silently, and agents would only
+        // notice through missed pings).
+        let cid_key = reset_key.cid_key();
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let socket =
             std::net::UdpSocket::bind(config.listen).map_err(|source| QuicError::Bind {
                 addr: config.listen,
@@ -363,6 +537,7 @@ impl QuicServer {
             stats,
             decider,
             shutdown: rx,
+            agents: std::sync::Mutex::new(HashMap::new()),
         });
         Ok(QuicServer {
             endpoint,
@@ -388,6 +563,13 @@ impl QuicServer {
     /// The endpoint's counters.
     pub fn stats(&self) -> Arc<QuicStats> {
         self.ctx.stats.clone()
+    }
+
+    /// A handle for the controller client (lease revocation, closing revoked agents).
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            ctx: self.ctx.clone(),
+        }
     }
 
     /// A handle that stops [`QuicServer::run`].
@@ -422,6 +604,10 @@ impl QuicServer {
                     let ended = control.table.sweep(Instant::now());
                     if !ended.is_empty() || control.table.generation() != before {
                         ctx.publish(&mut control);
+                    }
+                    drop(control);
+                    for lease in &ended {
+                        ctx.decider.report(LeaseEvent::of(LeaseEventKind::Released, lease));
                     }
                 }
                 changed = shutdown.changed() => {

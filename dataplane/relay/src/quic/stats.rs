@@ -23,6 +23,10 @@ pub struct QuicStats {
     pub refused_hello_mismatch: AtomicU64,
     /// Connections closed because HELLO did not arrive in time.
     pub refused_hello_timeout: AtomicU64,
+    /// Connections refused after HELLO, or closed later, because the identity is revoked.
+    pub refused_revoked: AtomicU64,
+    /// Connections refused after HELLO because no revocation snapshot is loaded yet.
+    pub refused_revocations_unavailable: AtomicU64,
     /// Connections closed for a protocol error on the control stream.
     pub protocol_errors: AtomicU64,
     /// Connections closed because their control-stream send queue was full.

@@ -232,6 +232,16 @@ impl ResetKey {
             .expand_block(&[RESET_KEY_INFO]);
         Ok(ResetKey { hkdf, key })
     }
+
+    /// A 64-bit key for hashed connection ids, derived from the same secret.
+    pub(crate) fn cid_key(&self) -> u64 {
+        let tag = self
+            .hkdf
+            .hmac_sign(&self.key, b"outrelay connection id key");
+        let mut first = [0_u8; 8];
+        first.copy_from_slice(&tag.as_ref()[..8]);
+        u64::from_le_bytes(first)
+    }
 }
 
 impl quinn::crypto::HmacKey for ResetKey {
