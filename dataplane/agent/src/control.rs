@@ -1,0 +1,748 @@
+//! One relay: dial (QUIC mTLS, ALPN `orp/1`), HELLO, register every lease, renew at TTL/2,
+//! re-register on `lease_not_found`, retry `pending_approval` at TTL/2, PING, follow GOAWAY,
+//! reconnect with backoff (initial doubling to max, ±20 % jitter), release on stop.
+//!
+//! Tasks per connection: this task (state machine; owns every lease's state, so nothing is
+//! locked), a reader task that decodes control-stream frames into a bounded queue, and a writer
+//! task that drains a bounded queue into the control stream. Pools are separate tasks, aborted
+//! when their grant ends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outrelay_proto::frame::{Decoded, Frame, decode};
+use outrelay_proto::orp;
+use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL, LeaseId};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{LeaseSpec, Settings};
+use crate::pool::{self, FailLog, PoolCtx, PoolParams};
+use crate::stats::{Board, LeaseState, LeaseStatus, PoolGauge, RelayStatus, Stats};
+
+/// The HELLO `protocol_version`.
+pub const PROTOCOL_VERSION: &str = "orp/1";
+/// The HELLO capability for lease frames.
+pub const FEATURE_LEASES: &str = "leases";
+/// Reverse-session port when a grant's `reverse_addr` is empty (public-ingress.md).
+pub const DEFAULT_REVERSE_PORT: u16 = 7443;
+/// Bound of the control-stream send and receive queues, in frames.
+const CONTROL_QUEUE_FRAMES: usize = 64;
+/// Bytes read from the control stream per call.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// A connection with no frame for this many ping intervals is considered dead.
+const PING_MISSES_MAX: u32 = 3;
+/// Longest wait for the QUIC endpoint to flush its close on stop.
+const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+
+/// What every relay task shares.
+pub struct RelayCtx {
+    /// Validated settings.
+    pub settings: Arc<Settings>,
+    /// The agent's URI SAN (HELLO).
+    pub agent_uri: String,
+    /// quinn client configuration (mTLS, relay-role verifier).
+    pub client: quinn::ClientConfig,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Status board.
+    pub board: Arc<Board>,
+    /// What pools share.
+    pub pools: Arc<PoolCtx>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum Lost {
+    #[error("resolve {0}")]
+    Resolve(String),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("no HELLO_ACK in time")]
+    HelloTimeout,
+    #[error("control stream: {0}")]
+    Control(String),
+    #[error("relay sent {0} where HELLO_ACK was expected")]
+    NotHelloAck(&'static str),
+    #[error("no frame for {0:?}")]
+    Silent(Duration),
+}
+
+enum Outcome {
+    /// The agent is stopping (leases released).
+    Stopped,
+    /// GOAWAY: reconnect after the relay's delay.
+    GoAway(Duration),
+    /// The connection failed or ended; `established` when HELLO_ACK had arrived.
+    Lost { error: Lost, established: bool },
+}
+
+/// Per lease state that outlives connections.
+struct Slot {
+    spec: LeaseSpec,
+    name: Arc<str>,
+    tls_to: Option<Arc<str>>,
+    tcp_to: Option<Arc<str>>,
+    fail_log: Arc<FailLog>,
+}
+
+/// Per lease state on one connection.
+struct Live {
+    state: LeaseState,
+    lease_id: Option<LeaseId>,
+    hostname: String,
+    tcp_addr: Option<String>,
+    last_error: Option<String>,
+    pool: Option<JoinHandle<()>>,
+    gauge: Arc<PoolGauge>,
+    /// Renew (granted) or retry (pending, refused) at this time.
+    due: Option<Instant>,
+}
+
+impl Live {
+    fn new() -> Live {
+        Live {
+            state: LeaseState::Registering,
+            lease_id: None,
+            hostname: String::new(),
+            tcp_addr: None,
+            last_error: None,
+            pool: None,
+            gauge: Arc::new(PoolGauge::default()),
+            due: None,
+        }
+    }
+
+    fn stop_pool(&mut self) {
+        if let Some(p) = self.pool.take() {
+            p.abort();
+        }
+        self.gauge = Arc::new(PoolGauge::default());
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.stop_pool();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Request {
+    Register(usize),
+    Renew(usize),
+    Release,
+}
+
+/// Runs relay `index` until `stop` turns true.
+pub async fn run(index: usize, ctx: Arc<RelayCtx>, mut stop: watch::Receiver<bool>) {
+    let addr = ctx.settings.relays[index].clone();
+    let slots: Vec<Slot> = ctx
+        .settings
+        .leases
+        .iter()
+        .map(|spec| Slot {
+            spec: spec.clone(),
+            name: Arc::from(spec.name.as_str()),
+            tls_to: spec.tls_to.as_deref().map(Arc::from),
+            tcp_to: spec.tcp_to.as_deref().map(Arc::from),
+            fail_log: Arc::new(FailLog::default()),
+        })
+        .collect();
+    let conn_cfg = ctx.settings.connection.clone();
+    let mut backoff = conn_cfg.reconnect_initial;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        ctx.stats.connect_attempts.fetch_add(1, Ordering::Relaxed);
+        let outcome = connect_once(index, &addr, &ctx, &slots, &mut stop).await;
+        publish_disconnected(index, &addr, &ctx, &slots);
+        let delay = match outcome {
+            Outcome::Stopped => return,
+            Outcome::GoAway(after) => {
+                ctx.stats.goaways.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(relay = %addr, after_ms = after.as_millis(), "GOAWAY: reconnecting");
+                backoff = conn_cfg.reconnect_initial;
+                after
+            }
+            Outcome::Lost { error, established } => {
+                if established {
+                    ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    backoff = conn_cfg.reconnect_initial;
+                    tracing::warn!(relay = %addr, %error, "relay connection lost: reconnecting");
+                } else {
+                    ctx.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(relay = %addr, %error, retry_ms = backoff.as_millis(), "cannot connect to relay");
+                }
+                let d = backoff;
+                backoff = (backoff * 2).min(conn_cfg.reconnect_max);
+                d
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(jitter(delay)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// `d` ± 20 %.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() {
+        f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
+    } else {
+        0.5
+    };
+    d.mul_f64(0.8 + 0.4 * r)
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, Lost> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Lost::Resolve(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| Lost::Resolve(format!("{addr}: no address")))
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal kept).
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]) {
+    ctx.board.set(
+        index,
+        RelayStatus {
+            addr: addr.to_owned(),
+            connected: false,
+            leases: slots
+                .iter()
+                .map(|s| LeaseStatus {
+                    name: s.spec.name.clone(),
+                    state: LeaseState::Disconnected,
+                    hostname: String::new(),
+                    tcp_addr: None,
+                    last_error: None,
+                    pool: None,
+                })
+                .collect(),
+        },
+    );
+}
+
+/// One connection from dial to its end.
+async fn connect_once(
+    index: usize,
+    addr: &str,
+    ctx: &Arc<RelayCtx>,
+    slots: &[Slot],
+    stop: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let lost = |error| Outcome::Lost {
+        error,
+        established: false,
+    };
+    let cfg = &ctx.settings.connection;
+    let remote = match resolve(addr).await {
+        Ok(a) => a,
+        Err(e) => return lost(e),
+    };
+    let bind: SocketAddr = if remote.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let mut endpoint = match quinn::Endpoint::client(bind) {
+        Ok(e) => e,
+        Err(e) => return lost(Lost::Endpoint(e)),
+    };
+    endpoint.set_default_client_config(ctx.client.clone());
+    let started = Instant::now();
+    let handshake = async {
+        let conn = endpoint
+            .connect(remote, &ctx.settings.server_name)
+            .map_err(|e| Lost::Connect(e.to_string()))?
+            .await
+            .map_err(|e| Lost::Connect(e.to_string()))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| Lost::Control(e.to_string()))?;
+        Ok::<_, Lost>((conn, send, recv))
+    };
+    let (conn, send, recv) = tokio::select! {
+        r = tokio::time::timeout(cfg.hello_timeout, handshake) => match r {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return lost(e),
+            Err(_) => return lost(Lost::HelloTimeout),
+        },
+        _ = stop.changed() => return Outcome::Stopped,
+    };
+    let (out_tx, out_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE_FRAMES);
+    let writer = tokio::spawn(write_frames(send, out_rx));
+    let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, String>>(CONTROL_QUEUE_FRAMES);
+    let reader = tokio::spawn(read_frames(recv, in_tx));
+    let _tasks = AbortOnDrop(vec![writer, reader]);
+
+    let hello = Frame::Hello(orp::Hello {
+        protocol_version: PROTOCOL_VERSION.to_owned(),
+        agent_uri: ctx.agent_uri.clone(),
+        capabilities: vec![FEATURE_LEASES.to_owned()],
+    });
+    if out_tx.send(hello).await.is_err() {
+        return lost(Lost::Control("writer ended".into()));
+    }
+    let remaining = cfg.hello_timeout.saturating_sub(started.elapsed());
+    let ack = tokio::select! {
+        r = tokio::time::timeout(remaining, in_rx.recv()) => r,
+        _ = stop.changed() => return Outcome::Stopped,
+    };
+    let ack = match ack {
+        Err(_) => return lost(Lost::HelloTimeout),
+        Ok(None) => return lost(Lost::Control("ended before HELLO_ACK".into())),
+        Ok(Some(Err(e))) => return lost(Lost::Control(e)),
+        Ok(Some(Ok(Frame::HelloAck(ack)))) => ack,
+        Ok(Some(Ok(other))) => return lost(Lost::NotHelloAck(other.frame_type().name())),
+    };
+    if !ack.accepted_features.iter().any(|f| f == FEATURE_LEASES) {
+        tracing::warn!(relay = %addr, "relay did not accept the leases feature");
+    }
+    // Relay clock minus ours, for reading grant expiry times.
+    let clock_offset_ms = ack.server_time_unix_ms.saturating_sub(unix_ms());
+    tracing::info!(relay = %addr, session = %ack.session_id, took_ms = started.elapsed().as_millis(), "connected to relay");
+
+    let mut c = Conn {
+        index,
+        addr,
+        ctx,
+        slots,
+        conn: &conn,
+        out: &out_tx,
+        live: slots.iter().map(|_| Live::new()).collect(),
+        requests: HashMap::new(),
+        next_request: 1,
+        clock_offset_ms,
+        default_reverse: format!("{}:{DEFAULT_REVERSE_PORT}", host_of(addr)),
+        broken: false,
+    };
+    for i in 0..slots.len() {
+        c.register(i);
+    }
+    c.publish();
+    let mut last_rx = Instant::now();
+    let mut next_ping = Instant::now() + cfg.ping_interval;
+    let silent_max = cfg.ping_interval * PING_MISSES_MAX;
+    let result = loop {
+        if c.broken {
+            break Outcome::Lost {
+                error: Lost::Control("control send queue full".into()),
+                established: true,
+            };
+        }
+        let due = c
+            .live
+            .iter()
+            .filter_map(|l| l.due)
+            .min()
+            .map_or(next_ping, |d| d.min(next_ping));
+        tokio::select! {
+            frame = in_rx.recv() => {
+                last_rx = Instant::now();
+                match frame {
+                    Some(Ok(Frame::GoAway(g))) => {
+                        let after = Duration::from_millis(u64::from(g.reconnect_after_ms));
+                        tracing::info!(relay = %addr, reason = %g.reason, "GOAWAY");
+                        break Outcome::GoAway(after);
+                    }
+                    Some(Ok(frame)) => c.on_frame(frame),
+                    Some(Err(e)) => break Outcome::Lost { error: Lost::Control(e), established: true },
+                    None => break Outcome::Lost { error: Lost::Control("reader ended".into()), established: true },
+                }
+            }
+            _ = tokio::time::sleep_until(due.into()) => {
+                let now = Instant::now();
+                if now >= next_ping {
+                    if now.saturating_duration_since(last_rx) > silent_max {
+                        break Outcome::Lost { error: Lost::Silent(silent_max), established: true };
+                    }
+                    c.send(Frame::Ping);
+                    next_ping = now + cfg.ping_interval;
+                }
+                c.on_timers(now);
+            }
+            e = conn.closed() => {
+                break Outcome::Lost { error: Lost::Control(e.to_string()), established: true };
+            }
+            _ = stop.changed() => {
+                c.release_all(&mut in_rx).await;
+                break Outcome::Stopped;
+            }
+        }
+    };
+    // Idle sessions of this connection can never be claimed any more.
+    for l in &mut c.live {
+        l.stop_pool();
+    }
+    drop(c);
+    conn.close(0u32.into(), b"agent reconnecting or stopping");
+    let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+    result
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// One established connection's state machine.
+struct Conn<'a> {
+    index: usize,
+    addr: &'a str,
+    ctx: &'a Arc<RelayCtx>,
+    slots: &'a [Slot],
+    conn: &'a quinn::Connection,
+    out: &'a mpsc::Sender<Frame>,
+    live: Vec<Live>,
+    requests: HashMap<u64, Request>,
+    next_request: u64,
+    clock_offset_ms: i64,
+    default_reverse: String,
+    /// A frame could not be queued: end this connection.
+    broken: bool,
+}
+
+impl Conn<'_> {
+    fn send(&mut self, frame: Frame) {
+        // A full queue means the relay stopped reading. Never block the state machine, and
+        // never lose a lease frame silently: the connection is redialled instead.
+        if self.out.try_send(frame).is_err() {
+            self.broken = true;
+        }
+    }
+
+    fn request_id(&mut self, r: Request) -> u64 {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.requests.insert(id, r);
+        id
+    }
+
+    fn register(&mut self, i: usize) {
+        let spec = &self.slots[i].spec;
+        let frame = orp::LeaseRegister {
+            name: spec.name.clone(),
+            tls: spec.tls_to.is_some(),
+            tcp: spec.tcp_to.is_some(),
+            udp: false,
+            ttl_s: spec.ttl_s,
+            reverse_tls: false,
+            request_id: 0,
+            wildcard: spec.wildcard,
+        };
+        let id = self.request_id(Request::Register(i));
+        self.live[i].state = LeaseState::Registering;
+        self.live[i].due = None;
+        self.send(Frame::LeaseRegister(orp::LeaseRegister {
+            request_id: id,
+            ..frame
+        }));
+    }
+
+    fn half_ttl(&self, i: usize) -> Duration {
+        Duration::from_millis(u64::from(self.slots[i].spec.ttl_s) * 500)
+            .max(Duration::from_millis(crate::config::MIN_DURATION_MS))
+    }
+
+    /// When to renew a grant that expires at `expires_unix_ms` (relay clock).
+    fn renew_after(&self, i: usize, expires_unix_ms: i64) -> Duration {
+        if let Some(fixed) = self.ctx.settings.connection.renew {
+            return fixed;
+        }
+        let relay_now = unix_ms().saturating_add(self.clock_offset_ms);
+        let left_ms = u64::try_from(expires_unix_ms.saturating_sub(relay_now)).unwrap_or(0);
+        Duration::from_millis(left_ms / 2)
+            .min(self.half_ttl(i))
+            .max(Duration::from_millis(crate::config::MIN_DURATION_MS))
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Ping => self.send(Frame::Pong),
+            Frame::Pong | Frame::HelloAck(_) | Frame::StreamReady(_) => {}
+            Frame::LeaseGrant(g) => {
+                match self.requests.remove(&g.request_id) {
+                    Some(Request::Register(i) | Request::Renew(i)) => self.on_grant(i, &g),
+                    Some(Request::Release) | None => {}
+                }
+                self.publish();
+            }
+            Frame::LeaseError(e) => {
+                self.ctx.stats.lease_errors.fetch_add(1, Ordering::Relaxed);
+                match self.requests.remove(&e.request_id) {
+                    Some(Request::Register(i)) => self.on_register_error(i, &e),
+                    Some(Request::Renew(i)) => {
+                        tracing::info!(relay = %self.addr, lease = %self.slots[i].name, code = %e.code, "renew refused: registering again");
+                        self.ctx
+                            .stats
+                            .lease_reregistered
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.live[i].stop_pool();
+                        self.live[i].lease_id = None;
+                        self.register(i);
+                    }
+                    Some(Request::Release) | None => {}
+                }
+                self.publish();
+            }
+            other => {
+                tracing::debug!(relay = %self.addr, frame = other.frame_type().name(), "ignored frame");
+            }
+        }
+    }
+
+    fn on_grant(&mut self, i: usize, g: &orp::LeaseGrant) {
+        let Some(lease_id) = LeaseId::from_slice(&g.lease_id) else {
+            tracing::warn!(relay = %self.addr, lease = %self.slots[i].name, "grant without a 16-byte lease id: registering again");
+            self.register(i);
+            return;
+        };
+        let renew = self.renew_after(i, g.expires_unix_ms);
+        let same = self.live[i].lease_id == Some(lease_id) && self.live[i].pool.is_some();
+        {
+            let l = &mut self.live[i];
+            l.state = LeaseState::Granted;
+            l.hostname.clone_from(&g.hostname);
+            l.tcp_addr = (!g.tcp_addr.is_empty()).then(|| g.tcp_addr.clone());
+            l.last_error = None;
+            l.due = Some(Instant::now() + renew);
+        }
+        if same {
+            return;
+        }
+        let mut key = [0u8; EXPORTER_KEY_BYTES];
+        if self
+            .conn
+            .export_keying_material(&mut key, EXPORTER_LABEL, &lease_id.0)
+            .is_err()
+        {
+            tracing::error!(relay = %self.addr, "TLS exporter failed: no reverse sessions possible");
+            return;
+        }
+        let reverse_addr = if g.reverse_addr.is_empty() {
+            self.default_reverse.clone()
+        } else {
+            g.reverse_addr.clone()
+        };
+        let slot = &self.slots[i];
+        tracing::info!(
+            relay = %self.addr,
+            lease = %slot.name,
+            hostname = %g.hostname,
+            tcp_addr = %g.tcp_addr,
+            reverse = %reverse_addr,
+            renew_ms = renew.as_millis(),
+            "lease granted"
+        );
+        let l = &mut self.live[i];
+        l.stop_pool();
+        l.lease_id = Some(lease_id);
+        let params = PoolParams {
+            name: slot.name.clone(),
+            reverse_addr,
+            lease_id,
+            key,
+            tls_to: slot.tls_to.clone(),
+            tcp_to: slot.tcp_to.clone(),
+            gauge: l.gauge.clone(),
+            fail_log: slot.fail_log.clone(),
+        };
+        l.pool = Some(pool::spawn(params, self.ctx.pools.clone()));
+    }
+
+    fn on_register_error(&mut self, i: usize, e: &orp::LeaseError) {
+        let pending = e.code == "pending_approval" || e.message == "pending_approval";
+        let retry = self.half_ttl(i);
+        let l = &mut self.live[i];
+        let text = format!("{}: {}", e.code, e.message);
+        if l.last_error.as_deref() != Some(text.as_str()) {
+            tracing::warn!(relay = %self.addr, lease = %self.slots[i].name, error = %text, retry_ms = retry.as_millis(), "lease refused");
+        }
+        l.stop_pool();
+        l.lease_id = None;
+        l.state = if pending {
+            LeaseState::Pending
+        } else {
+            LeaseState::Refused
+        };
+        l.last_error = Some(text);
+        l.due = Some(Instant::now() + retry);
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        for i in 0..self.live.len() {
+            let Some(due) = self.live[i].due else {
+                continue;
+            };
+            if due > now {
+                continue;
+            }
+            self.live[i].due = None;
+            match (self.live[i].state, self.live[i].lease_id) {
+                (LeaseState::Granted, Some(id)) => {
+                    let rid = self.request_id(Request::Renew(i));
+                    self.send(Frame::LeaseRenew(orp::LeaseRenew {
+                        lease_id: id.0.to_vec(),
+                        ttl_s: self.slots[i].spec.ttl_s,
+                        request_id: rid,
+                    }));
+                }
+                _ => self.register(i),
+            }
+        }
+        self.publish();
+    }
+
+    /// Releases every granted lease and waits (bounded) for the answers.
+    async fn release_all(&mut self, in_rx: &mut mpsc::Receiver<Result<Frame, String>>) {
+        for l in &mut self.live {
+            l.stop_pool();
+        }
+        let mut waiting = 0usize;
+        for i in 0..self.live.len() {
+            if let Some(id) = self.live[i].lease_id.take() {
+                let rid = self.request_id(Request::Release);
+                self.send(Frame::LeaseRelease(orp::LeaseRelease {
+                    lease_id: id.0.to_vec(),
+                    request_id: rid,
+                }));
+                waiting += 1;
+            }
+        }
+        let deadline = Instant::now() + self.ctx.settings.connection.release_timeout;
+        while waiting > 0 {
+            match tokio::time::timeout_at(deadline.into(), in_rx.recv()).await {
+                Ok(Some(Ok(Frame::LeaseGrant(_) | Frame::LeaseError(_)))) => waiting -= 1,
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        tracing::info!(relay = %self.addr, unanswered = waiting, "leases released");
+    }
+
+    fn publish(&self) {
+        self.ctx.board.set(
+            self.index,
+            RelayStatus {
+                addr: self.addr.to_owned(),
+                connected: true,
+                leases: self
+                    .slots
+                    .iter()
+                    .zip(&self.live)
+                    .map(|(s, l)| LeaseStatus {
+                        name: s.spec.name.clone(),
+                        state: l.state,
+                        hostname: l.hostname.clone(),
+                        tcp_addr: l.tcp_addr.clone(),
+                        last_error: l.last_error.clone(),
+                        pool: Some(l.gauge.clone()),
+                    })
+                    .collect(),
+            },
+        );
+    }
+}
+
+/// Decodes control-stream frames into `tx` until the stream ends or fails.
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Result<Frame, String>>) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    loop {
+        match decode(&buf) {
+            Ok(Decoded::Frame { frame, used }) => {
+                let decoded = Frame::decode(&frame).map_err(|e| e.to_string());
+                buf.drain(..used);
+                let failed = decoded.is_err();
+                if tx.send(decoded).await.is_err() || failed {
+                    return;
+                }
+                continue;
+            }
+            Ok(Decoded::NeedMore { .. }) => {}
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return;
+            }
+        }
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Ok(None) => {
+                let _ = tx
+                    .send(Err("relay finished the control stream".into()))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string())).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Drains the queue into the control stream; finishes it when the queue closes.
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>) {
+    let mut bytes = Vec::new();
+    while let Some(frame) = rx.recv().await {
+        bytes.clear();
+        if frame.encode(&mut bytes).is_err() || send.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        for _ in 0..1000 {
+            let d = jitter(Duration::from_millis(1000));
+            assert!(
+                d >= Duration::from_millis(800) && d <= Duration::from_millis(1200),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_of_keeps_names_and_ipv6_brackets() {
+        assert_eq!(host_of("relay.example.com:7443"), "relay.example.com");
+        assert_eq!(host_of("127.0.0.1:9"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7443"), "[::1]");
+    }
+}

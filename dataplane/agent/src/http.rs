@@ -1,0 +1,231 @@
+//! The agent's loopback HTTP listener (default 127.0.0.1:7462): `GET /metrics` (Prometheus
+//! text) and `GET /status` (JSON, read by `outrelay-agent status`).
+//!
+//! The data path only bumps atomics; a scrape copies them into the `metrics` recorder and
+//! renders it. `/status` JSON:
+//!
+//! ```json
+//! {"agent_uri": "outrelay://t/agent/…",
+//!  "relays": [{"addr": "…", "connected": true,
+//!              "leases": [{"name": "demo", "state": "granted", "hostname": "demo.example.com",
+//!                          "tcp_addr": "example.com:20000" | null, "last_error": null,
+//!                          "pool": {"open": 2, "idle": 2, "target": 2}}]}],
+//!  "counters": {"sessions_opened": 0, …, "local_connect_failed": {"refused": 0, …}},
+//!  "splice": {"pairs_active": 0, "pairs_total": 0, "bytes": 0}}
+//! ```
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use outrelay_io::EngineStats;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::stats::{Board, LeaseState, LocalFail, SessionFail, Stats, splice_totals};
+
+/// Everything a request reads.
+pub struct Sources {
+    /// The agent's identity URI.
+    pub agent_uri: String,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Status board.
+    pub board: Arc<Board>,
+    /// The splice engines' last published stats.
+    pub engines: Vec<Arc<Mutex<EngineStats>>>,
+}
+
+/// Installs the Prometheus recorder for this process.
+///
+/// # Errors
+/// A recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().install_recorder()
+}
+
+/// Serves `/metrics` and `/status` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sources: Arc<Sources>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (handle, sources) = (handle.clone(), sources.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (handle, sources) = (handle.clone(), sources.clone());
+                async move { Ok::<_, Infallible>(respond(&req, &handle, &sources)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(
+    req: &Request<hyper::body::Incoming>,
+    handle: &PrometheusHandle,
+    sources: &Sources,
+) -> Response<Full<Bytes>> {
+    let (body, content_type) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => {
+            update(sources);
+            (handle.render(), "text/plain; version=0.0.4")
+        }
+        (&hyper::Method::GET, "/status") => (status_json(sources).to_string(), "application/json"),
+        _ => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            return r;
+        }
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// The `/status` document.
+pub fn status_json(s: &Sources) -> serde_json::Value {
+    let relays: Vec<serde_json::Value> = s
+        .board
+        .snapshot()
+        .iter()
+        .map(|r| {
+            let leases: Vec<serde_json::Value> = r
+                .leases
+                .iter()
+                .map(|l| {
+                    let pool = l.pool.as_ref().map(|g| {
+                        json!({
+                            "open": g.open.load(Ordering::Relaxed),
+                            "idle": g.idle.load(Ordering::Relaxed),
+                            "target": g.target.load(Ordering::Relaxed),
+                        })
+                    });
+                    json!({
+                        "name": l.name,
+                        "state": l.state,
+                        "hostname": l.hostname,
+                        "tcp_addr": l.tcp_addr,
+                        "last_error": l.last_error,
+                        "pool": pool,
+                    })
+                })
+                .collect();
+            json!({"addr": r.addr, "connected": r.connected, "leases": leases})
+        })
+        .collect();
+    let st = &s.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let local: serde_json::Map<String, serde_json::Value> = LocalFail::ALL
+        .iter()
+        .map(|r| (r.label().to_owned(), json!(st.local_failures(*r))))
+        .collect();
+    let failed: serde_json::Map<String, serde_json::Value> = SessionFail::ALL
+        .iter()
+        .map(|r| (r.label().to_owned(), json!(st.session_failures(*r))))
+        .collect();
+    let splice = splice_totals(&s.engines);
+    json!({
+        "agent_uri": s.agent_uri,
+        "relays": relays,
+        "counters": {
+            "sessions_opened": load(&st.sessions_opened),
+            "sessions_claimed_tls": load(&st.sessions_claimed_tls),
+            "sessions_claimed_tcp": load(&st.sessions_claimed_tcp),
+            "sessions_dead": load(&st.sessions_dead),
+            "sessions_failed": failed,
+            "splices": load(&st.splices),
+            "local_connect_failed": local,
+            "connect_attempts": load(&st.connect_attempts),
+            "connect_failed": load(&st.connect_failed),
+            "reconnects": load(&st.reconnects),
+            "goaways": load(&st.goaways),
+            "lease_errors": load(&st.lease_errors),
+            "lease_reregistered": load(&st.lease_reregistered),
+        },
+        "splice": {
+            "pairs_active": splice.pairs_active,
+            "pairs_total": splice.pairs_added,
+            "bytes": splice.bytes,
+        },
+    })
+}
+
+/// Copies every counter into the recorder.
+fn update(s: &Sources) {
+    let st = &s.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    counter!("outrelay_agent_reverse_sessions_opened_total").absolute(load(&st.sessions_opened));
+    counter!("outrelay_agent_reverse_sessions_claimed_total", "marker" => "tls")
+        .absolute(load(&st.sessions_claimed_tls));
+    counter!("outrelay_agent_reverse_sessions_claimed_total", "marker" => "tcp")
+        .absolute(load(&st.sessions_claimed_tcp));
+    counter!("outrelay_agent_reverse_sessions_dead_total").absolute(load(&st.sessions_dead));
+    for r in SessionFail::ALL {
+        counter!("outrelay_agent_reverse_sessions_failed_total", "reason" => r.label())
+            .absolute(st.session_failures(r));
+    }
+    counter!("outrelay_agent_splices_total").absolute(load(&st.splices));
+    for r in LocalFail::ALL {
+        counter!("outrelay_agent_local_connect_failed_total", "reason" => r.label())
+            .absolute(st.local_failures(r));
+    }
+    counter!("outrelay_agent_relay_connect_attempts_total").absolute(load(&st.connect_attempts));
+    counter!("outrelay_agent_relay_connect_failed_total").absolute(load(&st.connect_failed));
+    counter!("outrelay_agent_relay_reconnects_total").absolute(load(&st.reconnects));
+    counter!("outrelay_agent_relay_goaways_total").absolute(load(&st.goaways));
+    counter!("outrelay_agent_lease_errors_total").absolute(load(&st.lease_errors));
+    counter!("outrelay_agent_lease_reregistered_total").absolute(load(&st.lease_reregistered));
+
+    let board = s.board.snapshot();
+    gauge!("outrelay_agent_relays_connected")
+        .set(board.iter().filter(|r| r.connected).count() as f64);
+    for state in LeaseState::ALL {
+        let n = board
+            .iter()
+            .flat_map(|r| &r.leases)
+            .filter(|l| l.state == state)
+            .count();
+        gauge!("outrelay_agent_leases", "state" => state.label()).set(n as f64);
+    }
+    let (mut open, mut idle) = (0usize, 0usize);
+    for l in board.iter().flat_map(|r| &r.leases) {
+        if let Some(g) = &l.pool {
+            open += g.open.load(Ordering::Relaxed);
+            idle += g.idle.load(Ordering::Relaxed);
+        }
+    }
+    gauge!("outrelay_agent_reverse_sessions_open").set(open as f64);
+    gauge!("outrelay_agent_reverse_sessions_idle").set(idle as f64);
+
+    let total = splice_totals(&s.engines);
+    gauge!("outrelay_agent_splice_pairs_active").set(total.pairs_active as f64);
+    counter!("outrelay_agent_splice_pairs_total").absolute(total.pairs_added);
+    counter!("outrelay_agent_splice_pairs_refused_total").absolute(total.pairs_refused);
+    counter!("outrelay_agent_splice_bytes_total").absolute(total.bytes);
+    counter!("outrelay_agent_splice_calls_total").absolute(total.splice_calls);
+    for (i, reason) in [
+        "completed",
+        "error",
+        "idle_timeout",
+        "half_closed_timeout",
+        "shutdown",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        counter!("outrelay_agent_splice_closed_total", "reason" => reason)
+            .absolute(total.closed[i]);
+    }
+}

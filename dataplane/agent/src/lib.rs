@@ -1,0 +1,176 @@
+//! `outrelay-agent`: runs next to a workload and exposes it through OutRelay relays.
+//!
+//! It dials every configured relay over QUIC mTLS (ALPN `orp/1`), says HELLO with the identity
+//! URI of its certificate, registers each configured lease, and per granted lease keeps a pool
+//! of authenticated idle reverse TCP sessions to the relay. A claimed session is joined to the
+//! lease's local target and spliced in the kernel by the same engine as the relay's
+//! (`outrelay-io`): the agent never copies a payload byte in user space.
+//!
+//! Not here: enrollment (the `outrelay-client` library), UDP leases, service streams.
+//!
+//! Threads: one small tokio runtime (`agent-control`, 2 workers) for QUIC, leases, pools and
+//! the HTTP listener; one thread per splice engine (`splice-N`).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod control;
+pub mod http;
+pub mod pool;
+pub mod ready;
+pub mod splice;
+pub mod stats;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::control::RelayCtx;
+use crate::pool::PoolCtx;
+use crate::splice::Splicer;
+use crate::stats::{Board, Stats};
+use crate::tls::{AgentIdentity, TlsError};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Certificate material.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A listener, engine or file.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The enrolled identity could not be loaded for renewal.
+    #[error("certificate renewal: {0}")]
+    Renewal(String),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> AgentError {
+    move |source| AgentError::Io { what, source }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then releases its leases and returns.
+///
+/// `metrics` is the process's Prometheus recorder handle (installed by the caller, once).
+///
+/// # Errors
+/// Startup failures: identity files, splice engines, the metrics listener.
+pub async fn run(
+    settings: Settings,
+    ready_file: Option<PathBuf>,
+    metrics: PrometheusHandle,
+) -> Result<(), AgentError> {
+    let settings = Arc::new(settings);
+    let identity = AgentIdentity::load(&settings.identity)?;
+    let reloadable = start_renewal(&settings)?;
+    let client = identity.quic_client_config(&settings.connection, reloadable)?;
+    let splicer = Splicer::start(&settings.splice).map_err(io("splice engine"))?;
+    let stats = Arc::new(Stats::default());
+    let board = Arc::new(Board::new(&settings.relays, &settings.leases));
+    let metrics_addr: Option<SocketAddr> = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io("metrics listener"))?;
+            let bound = listener.local_addr().map_err(io("metrics listener"))?;
+            let sources = Arc::new(http::Sources {
+                agent_uri: identity.uri.clone(),
+                stats: stats.clone(),
+                board: board.clone(),
+                engines: splicer.stats.clone(),
+            });
+            tokio::spawn(http::serve(listener, metrics, sources));
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(agent = %identity.uri, metrics = ?metrics_addr, relays = ?settings.relays, "agent starting");
+    let pools = Arc::new(PoolCtx {
+        pool: settings.pool.clone(),
+        local: settings.local.clone(),
+        stats: stats.clone(),
+        splicer,
+    });
+    let ctx = Arc::new(RelayCtx {
+        settings: settings.clone(),
+        agent_uri: identity.uri.clone(),
+        client,
+        stats,
+        board: board.clone(),
+        pools,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut relays = Vec::with_capacity(settings.relays.len());
+    for i in 0..settings.relays.len() {
+        relays.push(tokio::spawn(control::run(i, ctx.clone(), stop_rx.clone())));
+    }
+    let ready_task = ready_file.map(|path| tokio::spawn(ready::run(board, path, metrics_addr)));
+    wait_for_stop().await;
+    tracing::info!("stopping: releasing leases");
+    let _ = stop_tx.send(true);
+    for r in relays {
+        let _ = r.await;
+    }
+    if let Some(t) = ready_task {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// With an enrolled state directory and a controller to renew from: a swappable client
+/// certificate and the renewal loop (at 70 % of the certificate's life, retried with backoff)
+/// that swaps renewed certificates in. `None` when there is nothing to renew from.
+fn start_renewal(
+    settings: &Settings,
+) -> Result<Option<Arc<outrelay_client::Reloadable>>, AgentError> {
+    let Some((dir, url)) = &settings.renewal else {
+        return Ok(None);
+    };
+    let Some(url) = url.clone() else {
+        tracing::warn!(
+            dir = %dir.display(),
+            "no controller for certificate renewal (set [identity] controller): the certificate will expire"
+        );
+        return Ok(None);
+    };
+    let store = outrelay_client::IdentityStore::new(dir.clone());
+    let stored = store
+        .load()
+        .map_err(|e| AgentError::Renewal(e.to_string()))?;
+    let reloadable = outrelay_client::Reloadable::new(&stored.cert_pem, &stored.key_pem)
+        .map_err(|e| AgentError::Renewal(e.to_string()))?;
+    let r = reloadable.clone();
+    tokio::spawn(async move {
+        let done = outrelay_client::renewal_loop(store, url, Some(r), |issued| {
+            tracing::info!(identity = %issued.identity, "client certificate renewed; new connections use it");
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!(error = %e, "certificate renewal stopped");
+        }
+    });
+    Ok(Some(reloadable))
+}

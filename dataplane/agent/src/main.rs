@@ -1,0 +1,334 @@
+//! `outrelay-agent`: `run` (from a TOML config), `expose` (one lease from flags), `status`
+//! (a summary read from a running agent's `/status`). Invalid configuration exits 64 with one
+//! line naming the key.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use outrelay_agent::config::{DEFAULT_METRICS_LISTEN, ExposeArgs, Settings};
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Timeout of the `status` request.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// OutRelay agent: exposes local services through relays (outbound connections only).
+#[derive(Debug, Parser)]
+#[command(name = "outrelay-agent", version)]
+struct Flags {
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, global = true, default_value = "info", env = "OUTRELAY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once at startup: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run from a config file (every lease in it, on every relay in it).
+    Run {
+        /// Config file (TOML).
+        #[arg(long, value_name = "FILE", default_value = "/etc/outrelay/agent.toml")]
+        config: PathBuf,
+        /// Write the metrics address and the leases' public names and ports here as JSON
+        /// once connected with every lease granted.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Expose one local service under a lease name (defaults for everything else).
+    Expose {
+        /// Relay QUIC address (host:port).
+        #[arg(long, value_name = "ADDR")]
+        relay: String,
+        /// Name checked in the relay's certificate.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Lease name: the public hostname is `<name>.<root_host>`.
+        #[arg(long)]
+        name: String,
+        /// Local TLS server for public TLS passthrough (SNI).
+        #[arg(long, value_name = "ADDR")]
+        tls_to: Option<String>,
+        /// Local TCP server for a public TCP port.
+        #[arg(long, value_name = "ADDR")]
+        tcp_to: Option<String>,
+        /// Certificate chain (PEM) with the agent identity URI.
+        #[arg(long, requires_all = ["key", "ca"], conflicts_with = "state_dir")]
+        cert: Option<PathBuf>,
+        /// Private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Controller CA bundle (PEM).
+        #[arg(long, requires = "cert")]
+        ca: Option<PathBuf>,
+        /// State directory holding cert.pem, key.pem and ca.pem (as written by enrollment).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Ready file (as for `run`).
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
+        /// Metrics and status listener ("" = off).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
+    },
+    /// Enroll with the controller: a key made here, a certificate for it from the controller
+    /// (pinned by the CA fingerprint in the one-time token), stored in the state directory.
+    Enroll {
+        /// Controller gRPC address (https://host:port).
+        #[arg(long, value_name = "URL")]
+        controller: String,
+        /// One-time enrollment token (`outrelay token create --role agent`).
+        #[arg(long, env = "OUTRELAY_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where to store key.pem (0600), cert.pem and ca.pem [default: /var/lib/outrelay-agent
+        /// as root, the per-user data directory otherwise].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The controller's CA certificate, when its server certificate does not come with it
+        /// (still checked against the token's fingerprint).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+    /// Print a running agent's connections, leases, pools and counters.
+    Status {
+        /// The agent's metrics/status listener.
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_METRICS_LISTEN)]
+        metrics: String,
+        /// Print the raw JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let (settings, ready_file) = match flags.command {
+        Command::Status { metrics, json } => return status(&metrics, json),
+        Command::Enroll {
+            controller,
+            token,
+            state_dir,
+            ca,
+        } => return enroll(&controller, &token, state_dir, ca),
+        Command::Run {
+            config,
+            ready_file,
+            check_config,
+        } => match Settings::load(&config) {
+            Ok(s) if check_config => {
+                drop(s);
+                println!("config ok");
+                return ExitCode::SUCCESS;
+            }
+            Ok(s) => (s, ready_file),
+            Err(e) => {
+                eprintln!("outrelay-agent: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        Command::Expose {
+            relay,
+            server_name,
+            name,
+            tls_to,
+            tcp_to,
+            cert,
+            key,
+            ca,
+            state_dir,
+            ready_file,
+            metrics,
+        } => {
+            let files = match (cert, key, ca) {
+                (Some(c), Some(k), Some(a)) => Some((c, k, a)),
+                _ => None,
+            };
+            let args = ExposeArgs {
+                relay,
+                server_name,
+                name,
+                tls_to,
+                tcp_to,
+                files,
+                state_dir,
+                metrics,
+            };
+            match Settings::from_expose(args) {
+                Ok(s) => (s, ready_file),
+                Err(e) => {
+                    eprintln!("outrelay-agent: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    match run(settings, ready_file) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outrelay-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let metrics = outrelay_agent::http::install()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agent-control")
+        .enable_all()
+        .build()?;
+    runtime.block_on(outrelay_agent::run(settings, ready_file, metrics))?;
+    // Engine threads and lingering tasks end with the process.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    Ok(())
+}
+
+/// `enroll`: enroll, store, and remember the controller for renewal.
+fn enroll(controller: &str, token: &str, dir: Option<PathBuf>, ca: Option<PathBuf>) -> ExitCode {
+    let done = (|| -> anyhow::Result<(PathBuf, String)> {
+        let dir = match dir {
+            Some(d) => d,
+            None => outrelay_client::store::default_dir("agent")?,
+        };
+        let ca_pem = match &ca {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let opts = outrelay_client::EnrollOptions {
+            role: Some(outrelay_proto::identity::Role::Agent),
+            ca_pem,
+            ..outrelay_client::EnrollOptions::default()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let issued = runtime.block_on(outrelay_client::enroll(controller, token, &opts))?;
+        outrelay_client::IdentityStore::new(dir.clone()).save(&issued)?;
+        let url_file = dir.join(outrelay_agent::config::STATE_CONTROLLER_FILE);
+        std::fs::write(&url_file, format!("{controller}\n"))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", url_file.display()))?;
+        Ok((dir, issued.identity.to_string()))
+    })();
+    match done {
+        Ok((dir, identity)) => {
+            println!(
+                "enrolled as {identity}; key, certificate and CA in {}",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outrelay-agent enroll: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `status`: GET /status and print a summary.
+fn status(addr: &str, raw: bool) -> ExitCode {
+    match fetch_status(addr) {
+        Ok(doc) if raw => {
+            println!("{doc:#}");
+            ExitCode::SUCCESS
+        }
+        Ok(doc) => {
+            print!("{}", summary(&doc));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outrelay-agent status: {addr}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fetch_status(addr: &str) -> anyhow::Result<serde_json::Value> {
+    let sock: std::net::SocketAddr = addr.parse()?;
+    let mut s = TcpStream::connect_timeout(&sock, STATUS_TIMEOUT)?;
+    s.set_read_timeout(Some(STATUS_TIMEOUT))?;
+    s.write_all(
+        format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut response = Vec::new();
+    s.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("not an HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{}", head.lines().next().unwrap_or_default());
+    }
+    Ok(serde_json::from_str(body)?)
+}
+
+fn summary(doc: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let _ = writeln!(out, "agent {}", s(&doc["agent_uri"]));
+    for r in doc["relays"].as_array().into_iter().flatten() {
+        let up = if r["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        };
+        let _ = writeln!(out, "relay {} {up}", s(&r["addr"]));
+        for l in r["leases"].as_array().into_iter().flatten() {
+            let mut line = format!("  lease {} {}", s(&l["name"]), s(&l["state"]));
+            if let Some(h) = l["hostname"].as_str().filter(|h| !h.is_empty()) {
+                let _ = write!(line, " https://{h}");
+            }
+            if let Some(t) = l["tcp_addr"].as_str() {
+                let _ = write!(line, " tcp {t}");
+            }
+            if l["pool"].is_object() {
+                let p = &l["pool"];
+                let _ = write!(
+                    line,
+                    " pool idle {}/{} (open {})",
+                    p["idle"], p["target"], p["open"]
+                );
+            }
+            if let Some(e) = l["last_error"].as_str() {
+                let _ = write!(line, " last error: {e}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let c = &doc["counters"];
+    let _ = writeln!(
+        out,
+        "sessions opened {} claimed tls {} tcp {} dead {}; splices {}; reconnects {}",
+        c["sessions_opened"],
+        c["sessions_claimed_tls"],
+        c["sessions_claimed_tcp"],
+        c["sessions_dead"],
+        c["splices"],
+        c["reconnects"]
+    );
+    let _ = writeln!(out, "local connect failures {}", c["local_connect_failed"]);
+    let sp = &doc["splice"];
+    let _ = writeln!(
+        out,
+        "splice pairs active {} total {} bytes {}",
+        sp["pairs_active"], sp["pairs_total"], sp["bytes"]
+    );
+    out
+}

@@ -1,0 +1,138 @@
+//! `--ready-file`: JSON written atomically (temp file + rename) once a relay is connected with
+//! every lease granted, and rewritten whenever that content changes (a new grant, a port moved).
+//! It is never removed while the agent runs: a disconnected relay keeps the last content.
+//!
+//! ```json
+//! {"metrics": "127.0.0.1:7462" | null,
+//!  "relay": "127.0.0.1:7443",
+//!  "leases": [{"name": "demo", "hostname": "demo.example.com", "tcp_addr": "ip:port" | null}],
+//!  "relays": [{"addr": "127.0.0.1:7443", "leases": [ …same shape… ]}]}
+//! ```
+//! `relay` and `leases` describe the first ready relay in config order; `relays` lists every
+//! ready relay.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::stats::{Board, RelayStatus};
+
+/// The ready document for the board's current state; `None` while no relay is ready.
+pub fn document(relays: &[RelayStatus], metrics: Option<SocketAddr>) -> Option<serde_json::Value> {
+    let leases = |r: &RelayStatus| -> Vec<serde_json::Value> {
+        r.leases
+            .iter()
+            .map(|l| json!({"name": l.name, "hostname": l.hostname, "tcp_addr": l.tcp_addr}))
+            .collect()
+    };
+    let ready: Vec<&RelayStatus> = relays.iter().filter(|r| r.ready()).collect();
+    let first = ready.first()?;
+    Some(json!({
+        "metrics": metrics.map(|m| m.to_string()),
+        "relay": first.addr,
+        "leases": leases(first),
+        "relays": ready
+            .iter()
+            .map(|r| json!({"addr": r.addr, "leases": leases(r)}))
+            .collect::<Vec<_>>(),
+    }))
+}
+
+/// Writes `value` to `path` atomically.
+///
+/// # Errors
+/// The temp file could not be written or renamed.
+pub fn write_atomic(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, value.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Rewrites `path` after every board change that changes the document.
+pub async fn run(board: Arc<Board>, path: PathBuf, metrics: Option<SocketAddr>) {
+    let mut last: Option<serde_json::Value> = None;
+    loop {
+        if let Some(doc) = document(&board.snapshot(), metrics)
+            && last.as_ref() != Some(&doc)
+        {
+            match write_atomic(&path, &doc) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), ready = %doc, "ready file written");
+                    last = Some(doc);
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the ready file")
+                }
+            }
+        }
+        board.changed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{LeaseState, LeaseStatus};
+
+    fn relay(addr: &str, connected: bool, states: &[LeaseState]) -> RelayStatus {
+        RelayStatus {
+            addr: addr.to_owned(),
+            connected,
+            leases: states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| LeaseStatus {
+                    name: format!("l{i}"),
+                    state: *s,
+                    hostname: format!("l{i}.example.com"),
+                    tcp_addr: (i == 0).then(|| "example.com:20000".to_owned()),
+                    last_error: None,
+                    pool: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn no_document_until_a_relay_has_every_lease_granted() {
+        use LeaseState::{Granted, Registering};
+        assert_eq!(document(&[relay("a:1", false, &[Granted])], None), None);
+        assert_eq!(
+            document(&[relay("a:1", true, &[Granted, Registering])], None),
+            None
+        );
+        let doc = document(
+            &[
+                relay("a:1", true, &[Granted, Registering]),
+                relay("b:1", true, &[Granted, Granted]),
+            ],
+            Some("127.0.0.1:7462".parse().expect("addr")),
+        )
+        .expect("relay b is ready");
+        assert_eq!(doc["relay"], "b:1");
+        assert_eq!(doc["metrics"], "127.0.0.1:7462");
+        assert_eq!(doc["leases"][0]["tcp_addr"], "example.com:20000");
+        assert!(doc["leases"][1]["tcp_addr"].is_null());
+        assert_eq!(doc["relays"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn write_is_atomic_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ready.json");
+        write_atomic(&path, &json!({"a": 1})).expect("write");
+        write_atomic(&path, &json!({"a": 2})).expect("rewrite");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, r#"{"a":2}"#);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+}

@@ -1,0 +1,303 @@
+//! Counters and the status board: what `/metrics`, `/status` and the ready file read.
+//!
+//! The data path bumps plain atomics; each relay task replaces its own entry of the board under
+//! a short `std::sync::Mutex` (never held across I/O or an `.await`) and pokes a `Notify` so the
+//! ready-file writer can react.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use outrelay_io::EngineStats;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// Why a claimed session could not reach its local target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalFail {
+    /// The target refused the connection (nothing listening).
+    Refused,
+    /// No answer within `local.connect_timeout_ms`.
+    Timeout,
+    /// The address did not resolve.
+    Resolve,
+    /// Any other connect error.
+    Other,
+    /// The marker asked for an exposure this lease has no target for.
+    NoTarget,
+    /// The splice engine refused the pair (full or stopped).
+    EngineRefused,
+}
+
+impl LocalFail {
+    /// Every reason, for metric label registration.
+    pub const ALL: [LocalFail; 6] = [
+        LocalFail::Refused,
+        LocalFail::Timeout,
+        LocalFail::Resolve,
+        LocalFail::Other,
+        LocalFail::NoTarget,
+        LocalFail::EngineRefused,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LocalFail::Refused => "refused",
+            LocalFail::Timeout => "timeout",
+            LocalFail::Resolve => "resolve",
+            LocalFail::Other => "other",
+            LocalFail::NoTarget => "no_target",
+            LocalFail::EngineRefused => "engine_refused",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why an idle reverse session ended without a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionFail {
+    /// TCP connect to the reverse address failed or timed out.
+    Connect,
+    /// The preamble / nonce / MAC exchange failed.
+    Handshake,
+    /// The relay closed the idle session (wrong MAC, lease gone, ready queue full).
+    ClosedByRelay,
+    /// A byte that is neither a keep-alive nor a marker.
+    BadByte,
+}
+
+impl SessionFail {
+    /// Every reason.
+    pub const ALL: [SessionFail; 4] = [
+        SessionFail::Connect,
+        SessionFail::Handshake,
+        SessionFail::ClosedByRelay,
+        SessionFail::BadByte,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionFail::Connect => "connect",
+            SessionFail::Handshake => "handshake",
+            SessionFail::ClosedByRelay => "closed_by_relay",
+            SessionFail::BadByte => "bad_byte",
+        }
+    }
+}
+
+/// Process-wide counters (monotonic unless named a gauge).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reverse sessions that completed the handshake.
+    pub sessions_opened: AtomicU64,
+    /// Reverse sessions claimed with marker 0x02.
+    pub sessions_claimed_tls: AtomicU64,
+    /// Reverse sessions claimed with marker 0x01.
+    pub sessions_claimed_tcp: AtomicU64,
+    /// Idle sessions dropped after the dead-session timeout.
+    pub sessions_dead: AtomicU64,
+    session_failed: [AtomicU64; 4],
+    /// Claimed sessions handed to a splice engine with their local target.
+    pub splices: AtomicU64,
+    local_connect_failed: [AtomicU64; 6],
+    /// QUIC connection attempts to relays.
+    pub connect_attempts: AtomicU64,
+    /// Attempts that failed before HELLO_ACK.
+    pub connect_failed: AtomicU64,
+    /// Reconnects after an established connection ended.
+    pub reconnects: AtomicU64,
+    /// GOAWAY frames received.
+    pub goaways: AtomicU64,
+    /// LEASE_ERROR answers received.
+    pub lease_errors: AtomicU64,
+    /// Leases registered again after `lease_not_found`.
+    pub lease_reregistered: AtomicU64,
+}
+
+impl Stats {
+    /// Counts a local connect failure.
+    pub fn local_failed(&self, reason: LocalFail) {
+        self.local_connect_failed[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Local connect failures for `reason`.
+    pub fn local_failures(&self, reason: LocalFail) -> u64 {
+        self.local_connect_failed[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed idle session.
+    pub fn session_failed(&self, reason: SessionFail) {
+        self.session_failed[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed idle sessions for `reason`.
+    pub fn session_failures(&self, reason: SessionFail) -> u64 {
+        self.session_failed[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Live sizes of one lease's reverse-session pool.
+#[derive(Debug, Default)]
+pub struct PoolGauge {
+    /// Sessions connecting, handshaking or idle.
+    pub open: AtomicUsize,
+    /// Sessions authenticated and waiting for a claim.
+    pub idle: AtomicUsize,
+    /// What the pool currently aims for (grows with the claim rate).
+    pub target: AtomicUsize,
+    /// Idle sessions above the target: that many close at their next keep-alive byte.
+    pub surplus: AtomicUsize,
+}
+
+/// Where a lease stands on one relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Not connected to the relay.
+    Disconnected,
+    /// LEASE_REGISTER sent, no answer yet.
+    Registering,
+    /// Granted: routable, pool running.
+    Granted,
+    /// Refused with `pending_approval`; retried at TTL/2.
+    Pending,
+    /// Refused with another code; retried later.
+    Refused,
+}
+
+impl LeaseState {
+    /// Every state, for gauges.
+    pub const ALL: [LeaseState; 5] = [
+        LeaseState::Disconnected,
+        LeaseState::Registering,
+        LeaseState::Granted,
+        LeaseState::Pending,
+        LeaseState::Refused,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LeaseState::Disconnected => "disconnected",
+            LeaseState::Registering => "registering",
+            LeaseState::Granted => "granted",
+            LeaseState::Pending => "pending",
+            LeaseState::Refused => "refused",
+        }
+    }
+}
+
+/// One lease on one relay, as shown by `/status` and the ready file.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseStatus {
+    /// Lease name.
+    pub name: String,
+    /// State.
+    pub state: LeaseState,
+    /// Public hostname from the grant (empty until granted or without `tls`).
+    pub hostname: String,
+    /// Public TCP address from the grant.
+    pub tcp_addr: Option<String>,
+    /// The last refusal, `code: message`.
+    pub last_error: Option<String>,
+    /// Pool sizes (not serialised directly).
+    #[serde(skip)]
+    pub pool: Option<Arc<PoolGauge>>,
+}
+
+/// One relay connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayStatus {
+    /// The configured address.
+    pub addr: String,
+    /// HELLO_ACK received and the connection is up.
+    pub connected: bool,
+    /// The leases.
+    pub leases: Vec<LeaseStatus>,
+}
+
+impl RelayStatus {
+    /// Connected with every lease granted.
+    pub fn ready(&self) -> bool {
+        self.connected && self.leases.iter().all(|l| l.state == LeaseState::Granted)
+    }
+}
+
+/// The status of every relay connection, and who to wake when it changes.
+#[derive(Debug, Default)]
+pub struct Board {
+    relays: Mutex<Vec<RelayStatus>>,
+    /// Notified after every change.
+    pub changed: Notify,
+}
+
+impl Board {
+    /// A board with one disconnected entry per relay.
+    pub fn new(relays: &[String], leases: &[crate::config::LeaseSpec]) -> Board {
+        let entries = relays
+            .iter()
+            .map(|addr| RelayStatus {
+                addr: addr.clone(),
+                connected: false,
+                leases: leases
+                    .iter()
+                    .map(|l| LeaseStatus {
+                        name: l.name.clone(),
+                        state: LeaseState::Disconnected,
+                        hostname: String::new(),
+                        tcp_addr: None,
+                        last_error: None,
+                        pool: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Board {
+            relays: Mutex::new(entries),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Replaces relay `index`'s entry.
+    pub fn set(&self, index: usize, status: RelayStatus) {
+        {
+            let mut relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(slot) = relays.get_mut(index) {
+                *slot = status;
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    /// A copy of every entry.
+    pub fn snapshot(&self) -> Vec<RelayStatus> {
+        self.relays
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Every splice engine's last published stats, summed.
+pub fn splice_totals(engines: &[Arc<Mutex<EngineStats>>]) -> EngineStats {
+    let mut total = EngineStats::default();
+    for e in engines {
+        let e = *e.lock().unwrap_or_else(PoisonError::into_inner);
+        total.pairs_active += e.pairs_active;
+        total.pairs_added += e.pairs_added;
+        total.pairs_refused += e.pairs_refused;
+        total.bytes += e.bytes;
+        total.splice_calls += e.splice_calls;
+        total.pipe_waits += e.pipe_waits;
+        total.pipes.held_bytes += e.pipes.held_bytes;
+        total.pipes.created += e.pipes.created;
+        for (t, c) in total.closed.iter_mut().zip(e.closed) {
+            *t += c;
+        }
+    }
+    total
+}

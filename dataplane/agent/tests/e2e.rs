@@ -1,0 +1,1422 @@
+//! The agent end to end: the REAL `outrelay-relay` and `outrelay-agent` binaries as processes,
+//! an rcgen PKI written to temp files, local targets in this process (a tokio-rustls HTTPS
+//! server, TCP echo servers), and real public clients (`curl --resolve` through SNI
+//! passthrough, TCP clients on the lease port).
+//!
+//! The relay binary is found next to this test's deps directory (`target/release/`); build it
+//! first (`cargo build --release -p outrelay-relay`; a workspace run builds it anyway).
+//!
+//! Durations are logged; bounds are generous (at least 10 times the targets) because the
+//! machine may be shared.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const PUBLIC_URL: &str = "https://relay.outrelay.test";
+const DEMO_HOST: &str = "demo.relay.outrelay.test";
+const AGENT: &str = "outrelay://test/agent/00000000-0000-4000-8000-0000000000a9";
+const RELAY: &str = "outrelay://test/relay/r1";
+/// Bound on single waits (process start, ready files).
+const WAIT: Duration = Duration::from_secs(30);
+/// Bound on the agent's recovery after a relay restart (10 × the 5 s target).
+const RECONNECT_BOUND: Duration = Duration::from_secs(60);
+/// Bound on the public client being closed when the local target is down.
+const CLOSE_BOUND: Duration = Duration::from_secs(10);
+/// Bytes sent each way through the TCP lease.
+const BULK_BYTES: u64 = 100 * 1024 * 1024;
+/// The body the in-process HTTPS target serves.
+const BODY: &str = "hello from the service behind outrelay-agent\n";
+
+// ---------- PKI ----------
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+struct Leaf {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "outrelay agent e2e CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("CA cert");
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn leaf(
+        &self,
+        cn: &str,
+        dns: &[&str],
+        uri: Option<&str>,
+        eku: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut p = CertificateParams::new(dns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .expect("leaf params");
+        if let Some(uri) = uri {
+            p.subject_alt_names
+                .push(SanType::URI(uri.try_into().expect("URI SAN")));
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = eku;
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
+        Leaf {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// CA, relay and agent certificates written into one temp dir.
+struct Pki {
+    ca: Ca,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        Pki::with_relay_uri(RELAY)
+    }
+
+    /// A PKI whose relay certificate carries `relay_uri` as its identity.
+    fn with_relay_uri(relay_uri: &str) -> Pki {
+        let ca = Ca::new();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let relay = ca.leaf(
+            "relay r1",
+            &["localhost"],
+            Some(relay_uri),
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        );
+        let agent = ca.leaf(
+            AGENT,
+            &[],
+            Some(AGENT),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path().join(name), text).expect("write PKI file");
+        };
+        write("ca.pem", &ca.pem);
+        write("relay.pem", &relay.cert_pem);
+        write("relay-key.pem", &relay.key_pem);
+        write("agent.pem", &agent.cert_pem);
+        write("agent-key.pem", &agent.key_pem);
+        Pki { ca, dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+// ---------- processes ----------
+
+/// A child process killed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn relay_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/release/deps/e2e-HASH → target/release/outrelay-relay
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("outrelay-relay");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p outrelay-relay` first",
+        bin.display()
+    );
+    bin
+}
+
+/// The relay's listening addresses.
+#[derive(Debug, Clone)]
+struct RelayAddrs {
+    quic: SocketAddr,
+    reverse: SocketAddr,
+    public_tls: SocketAddr,
+}
+
+struct Relay {
+    /// Killed with -9 on drop.
+    proc: Proc,
+    addrs: RelayAddrs,
+}
+
+/// A port that was free a moment ago.
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A free range of 10 TCP ports on 127.0.0.1 in 20000..30000 (below the ephemeral range).
+fn free_port_range() -> (u16, u16) {
+    // Successive calls in one process get different ranges (a lease port is bound only after
+    // its grant, so the bind probe alone cannot tell two relays of one test apart).
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let offset = u16::try_from(std::process::id() % 997).expect("small") + call * 13;
+    for i in 0..1000u16 {
+        let lo = 20000 + ((offset + i * 7) % 1000) * 10;
+        if (lo..lo + 10).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return (lo, lo + 9);
+        }
+    }
+    panic!("no free 10-port range in 20000..30000");
+}
+
+async fn wait_for_file(path: &Path, child: &mut Proc, what: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            return v;
+        }
+        if let Some(status) = child.0.try_wait().expect("poll child") {
+            panic!("{what} exited before it was ready: {status}");
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{what}: no ready file within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn addr_of(info: &serde_json::Value, key: &str) -> SocketAddr {
+    info[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ready file names {key}: {info}"))
+        .parse()
+        .expect("socket address")
+}
+
+/// Starts the relay with the PKI in `pki`. `quic`/`public_tls` may be port 0; `reverse` must be
+/// a real port (it is advertised in grants). `ports` is the TCP lease port range.
+async fn start_relay(
+    pki: &Pki,
+    quic: &str,
+    reverse: u16,
+    public_tls: &str,
+    ports: (u16, u16),
+) -> Relay {
+    start_relay_with(pki, quic, reverse, public_tls, ports, 1000).await
+}
+
+/// As [`start_relay`], with the idle-session keep-alive interval.
+async fn start_relay_with(
+    pki: &Pki,
+    quic: &str,
+    reverse: u16,
+    public_tls: &str,
+    ports: (u16, u16),
+    keepalive_ms: u64,
+) -> Relay {
+    start_relay_in(pki.path(), quic, reverse, public_tls, ports, keepalive_ms).await
+}
+
+/// As [`start_relay_with`], with its config, ready file and admin socket in `dir` (which must
+/// hold ca.pem, relay.pem and relay-key.pem).
+async fn start_relay_in(
+    dir: &Path,
+    quic: &str,
+    reverse: u16,
+    public_tls: &str,
+    ports: (u16, u16),
+    keepalive_ms: u64,
+) -> Relay {
+    let admin = dir.join("relay-admin.sock");
+    let _ = std::fs::remove_file(&admin);
+    let ready = dir.join("relay-ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let config = format!(
+        "public_url = \"{PUBLIC_URL}\"\nworkers = 1\nreverse_advertise = \"127.0.0.1:{reverse}\"\n\
+         [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nca = \"ca.pem\"\n\
+         [listen]\nquic = \"{quic}\"\nreverse = \"127.0.0.1:{reverse}\"\npublic_tls = \"{public_tls}\"\n\
+         metrics = \"\"\nlease_bind_ip = \"127.0.0.1\"\nadmin_socket = \"{}\"\n\
+         [leases]\nttl_default_s = 30\njanitor_interval_ms = 200\ntcp = true\n\
+         min_port = {}\nmax_port = {}\n\
+         [ingress]\nclaim_timeout_ms = 5000\nkeepalive_interval_ms = {keepalive_ms}\n\
+         lease_sync_interval_ms = 20\n",
+        admin.display(),
+        ports.0,
+        ports.1
+    );
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, config).expect("write relay config");
+    let started = Instant::now();
+    let child = Command::new(relay_binary())
+        .arg("--config")
+        .arg(&path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .args(["--log", "warn"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start outrelay-relay");
+    let mut proc = Proc(child);
+    let info = wait_for_file(&ready, &mut proc, "relay").await;
+    eprintln!("relay ready after {:?}: {info}", started.elapsed());
+    Relay {
+        addrs: RelayAddrs {
+            quic: addr_of(&info, "quic"),
+            reverse: addr_of(&info, "reverse"),
+            public_tls: addr_of(&info, "public_tls"),
+        },
+        proc,
+    }
+}
+
+struct Agent {
+    proc: Proc,
+    ready: PathBuf,
+    started: Instant,
+}
+
+/// Writes the agent config (short intervals) and starts `outrelay-agent run`.
+fn start_agent(pki: &Pki, relay: &RelayAddrs, leases: &str) -> Agent {
+    start_agent_with(pki, &[relay.quic], leases, 5000, "")
+}
+
+/// As [`start_agent`], with the dead-session timeout.
+fn start_agent_with(
+    pki: &Pki,
+    relays: &[SocketAddr],
+    leases: &str,
+    dead_session_ms: u64,
+    connection_extra: &str,
+) -> Agent {
+    let dir = pki.path();
+    let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
+    let config = format!(
+        "relays = {relays:?}\nserver_name = \"localhost\"\n\
+         [identity]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\nca = \"ca.pem\"\n\
+         {leases}\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [pool]\nidle = 2\nmax = 8\ndead_session_ms = {dead_session_ms}\n\
+         [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
+         reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n{connection_extra}\n\
+         [local]\nconnect_timeout_ms = 2000\nfailure_log_interval_ms = 1000\n"
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config).expect("write agent config");
+    let ready = dir.join("agent-ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+        .args(["--log", "info", "run", "--config"])
+        .arg(&path)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start outrelay-agent");
+    Agent {
+        proc: Proc(child),
+        ready,
+        started,
+    }
+}
+
+impl Agent {
+    async fn ready(&mut self) -> serde_json::Value {
+        let info = wait_for_file(&self.ready, &mut self.proc, "agent").await;
+        eprintln!("agent ready after {:?}: {info}", self.started.elapsed());
+        info
+    }
+}
+
+/// The public TCP port of lease `name` in the agent's ready file.
+fn lease_port(ready: &serde_json::Value, name: &str) -> u16 {
+    let lease = ready["leases"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+        .unwrap_or_else(|| panic!("lease {name} in {ready}"));
+    let addr = lease["tcp_addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("tcp_addr of {name} in {ready}"));
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("port in {addr}"))
+}
+
+/// GET `path` on the agent's metrics listener.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the agent's listener");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// The value of the sample line that starts with `series` (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+// ---------- targets ----------
+
+/// An HTTPS server for `demo` answering every request with [`BODY`].
+async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
+    let leaf = ca.leaf(
+        DEMO_HOST,
+        &[DEMO_HOST],
+        None,
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+    );
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain, leaf.key)
+        .expect("server cert");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+    let addr = listener.local_addr().expect("target addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP echo server for any number of connections.
+async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
+/// the SHA-256 of what it received and closes. Yields (bytes received, their SHA-256).
+async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept echo");
+        let _ = s.set_nodelay(true);
+        let (mut r, mut w) = s.into_split();
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.expect("echo read");
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+            w.write_all(&buf[..n]).await.expect("echo write");
+        }
+        let digest = hasher.finalize().to_vec();
+        w.write_all(&digest).await.expect("trailer");
+        w.shutdown().await.expect("echo fin");
+        (total, digest)
+    });
+    (addr, task)
+}
+
+// ---------- helpers ----------
+
+fn have(bin: &str, arg: &str) -> bool {
+    Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+async fn run_blocking(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
+        .await
+        .expect("join")
+        .expect("run command")
+}
+
+/// One echo round trip through the public TCP port; `Err` with the reason when it fails.
+async fn echo_once(port: u16) -> Result<(), String> {
+    let attempt = async {
+        let mut c = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        c.write_all(b"ping through the relay")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = [0u8; 22];
+        c.read_exact(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if &buf == b"ping through the relay" {
+            Ok(())
+        } else {
+            Err("wrong echo".to_owned())
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timeout".to_owned()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------- tests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_reaches_the_tls_server_behind_the_agent_through_sni() {
+    if !have("curl", "--version") {
+        eprintln!("SKIP curl_reaches_the_tls_server_behind_the_agent_through_sni: no curl");
+        return;
+    }
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _target_task) = tls_target(&pki.ca).await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"demo\"\ntls_to = \"{target}\"\n"),
+    );
+    let ready = agent.ready().await;
+    assert_eq!(ready["relay"], relay.addrs.quic.to_string());
+    assert_eq!(ready["leases"][0]["hostname"], DEMO_HOST);
+    assert!(ready["leases"][0]["tcp_addr"].is_null(), "{ready}");
+    let port = relay.addrs.public_tls.port();
+    let url = format!("https://{DEMO_HOST}:{port}/");
+    // The first routable request: retry from agent start until curl succeeds.
+    let (stdout, first) = loop {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+            .arg(pki.path().join("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("{DEMO_HOST}:{port}:127.0.0.1"))
+            .arg(&url);
+        let out = run_blocking(cmd).await;
+        if out.status.success() {
+            break (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                agent.started.elapsed(),
+            );
+        }
+        assert!(
+            agent.started.elapsed() < WAIT,
+            "curl never succeeded: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("MEASURED agent start -> first routable request (curl via SNI): {first:?}");
+    assert_eq!(stdout, BODY);
+
+    // A few more, then the counters and `status` show them.
+    for _ in 0..5 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+            .arg(pki.path().join("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("{DEMO_HOST}:{port}:127.0.0.1"))
+            .arg(&url);
+        let out = run_blocking(cmd).await;
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), BODY);
+    }
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let text = http_get(&metrics_addr, "/metrics");
+    let claimed = metric(
+        &text,
+        "outrelay_agent_reverse_sessions_claimed_total{marker=\"tls\"}",
+    );
+    assert!(
+        claimed >= 6.0,
+        "6 TLS claims counted, got {claimed}:\n{text}"
+    );
+    // The burst grew the pool; once claims stop it shrinks back to `idle` (2) as the surplus
+    // sessions close at their next keep-alive (every second here).
+    let pool_open = |addr: &str| -> u64 {
+        let text = http_get(addr, "/status");
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let doc: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        doc["relays"][0]["leases"][0]["pool"]["open"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let after_burst = pool_open(&metrics_addr);
+    let start = Instant::now();
+    while pool_open(&metrics_addr) != 2 {
+        assert!(
+            start.elapsed() < WAIT,
+            "pool back to 2 open sessions (was {after_burst} after the burst)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "pool: {after_burst} open right after the burst, back to 2 in {:?}",
+        start.elapsed()
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+        .args(["status", "--metrics", &metrics_addr])
+        .output()
+        .expect("run status");
+    let summary = String::from_utf8_lossy(&status.stdout);
+    eprintln!("outrelay-agent status:\n{summary}");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(summary.contains("connected"), "{summary}");
+    assert!(
+        summary.contains(&format!("lease demo granted https://{DEMO_HOST}")),
+        "{summary}"
+    );
+    assert!(summary.contains(AGENT), "{summary}");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tcp_lease_carries_100_mib_each_way_with_equal_hashes() {
+    // The agent's splice engine on each readiness backend this kernel offers.
+    let mut backends = vec!["epoll"];
+    if outrelay_io::Backend::probe() == outrelay_io::Backend::Uring {
+        backends.push("io_uring");
+    } else {
+        eprintln!(
+            "SKIP io_uring backend for the agent: this kernel or sandbox refuses io_uring_setup"
+        );
+    }
+    for backend in backends {
+        eprintln!("--- agent io backend {backend}");
+        bulk_through_tcp_lease(backend).await;
+    }
+}
+
+async fn bulk_through_tcp_lease(backend: &str) {
+    let pki = Pki::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        (lo, hi),
+    )
+    .await;
+    let (target, echo) = hashing_echo_target().await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!(
+            "[[lease]]\nname = \"raw\"\ntcp_to = \"{target}\"\n[splice]\nio_backend = \"{backend}\"\n"
+        ),
+    );
+    let ready = agent.ready().await;
+    let port = lease_port(&ready, "raw");
+    assert!((lo..=hi).contains(&port), "port {port} in {lo}..={hi}");
+    // The relay binds the lease port on its next route sync: retry until it listens.
+    let start = Instant::now();
+    let client = loop {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "lease port {port} never listened: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    client.set_nodelay(true).expect("nodelay");
+    let (mut r, mut w) = client.into_split();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < BULK_BYTES {
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            let n = usize::try_from((BULK_BYTES - sent).min(chunk.len() as u64)).expect("fits");
+            hasher.update(&chunk[..n]);
+            w.write_all(&chunk[..n]).await.expect("client write");
+            sent += n as u64;
+        }
+        w.shutdown().await.expect("client shutdown(Write)");
+        (sent, hasher.finalize().to_vec(), started.elapsed())
+    });
+    let reader = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut got = 0u64;
+        let mut trailer = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.expect("client read");
+            if n == 0 {
+                break;
+            }
+            let data = &buf[..n];
+            let want = usize::try_from((BULK_BYTES - got).min(n as u64)).expect("fits");
+            hasher.update(&data[..want]);
+            got += want as u64;
+            trailer.extend_from_slice(&data[want..]);
+        }
+        (got, hasher.finalize().to_vec(), trailer, started.elapsed())
+    });
+    let (sent, sent_hash, write_took) = tokio::time::timeout(Duration::from_secs(300), writer)
+        .await
+        .expect("writer finished")
+        .expect("writer task");
+    let (got, got_hash, trailer, read_took) =
+        tokio::time::timeout(Duration::from_secs(300), reader)
+            .await
+            .expect("reader finished")
+            .expect("reader task");
+    let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
+        .await
+        .expect("echo finished")
+        .expect("echo task");
+    let mib = BULK_BYTES as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "MEASURED tcp lease through relay + agent ({backend}): {mib:.0} MiB up in {write_took:?} ({:.0} MiB/s), \
+         {mib:.0} MiB back in {read_took:?} ({:.0} MiB/s), both directions at once",
+        mib / write_took.as_secs_f64(),
+        mib / read_took.as_secs_f64()
+    );
+    eprintln!("sha256 sent {}", hex(&sent_hash));
+    assert_eq!(sent, BULK_BYTES);
+    assert_eq!(echo_total, BULK_BYTES, "the target received every byte");
+    assert_eq!(echo_hash, sent_hash, "SHA-256 at the target = SHA-256 sent");
+    assert_eq!(got, BULK_BYTES, "every byte came back");
+    assert_eq!(got_hash, sent_hash, "SHA-256 of the echo = SHA-256 sent");
+    assert_eq!(
+        trailer, sent_hash,
+        "trailer after our FIN arrived (half-close kept)"
+    );
+
+    // The bytes went through the agent's splice engine (stats are published once a second).
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let start = Instant::now();
+    loop {
+        let text = http_get(&metrics_addr, "/metrics");
+        let bytes = metric(&text, "outrelay_agent_splice_bytes_total");
+        if bytes >= 2.0 * BULK_BYTES as f64 {
+            eprintln!("agent splice engine moved {bytes} bytes");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "engine bytes {bytes} < 200 MiB:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_a_relay_restart_on_the_same_ports() {
+    let pki = Pki::new();
+    let ports = free_port_range();
+    let reverse = free_tcp_port();
+    let relay = start_relay(&pki, "127.0.0.1:0", reverse, "127.0.0.1:0", ports).await;
+    let (target, _echo) = echo_server().await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"raw\"\ntcp_to = \"{target}\"\n"),
+    );
+    let ready = agent.ready().await;
+    let port = lease_port(&ready, "raw");
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(start.elapsed() < WAIT, "first echo never worked: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "MEASURED agent start -> first routable request (TCP lease): {:?}",
+        agent.started.elapsed()
+    );
+
+    // Kill -9 the relay and start it again on the same ports with the same key.
+    let addrs = relay.addrs.clone();
+    drop(relay);
+    let killed = Instant::now();
+    let relay = start_relay(
+        &pki,
+        &addrs.quic.to_string(),
+        addrs.reverse.port(),
+        &addrs.public_tls.to_string(),
+        ports,
+    )
+    .await;
+    assert_eq!(relay.addrs.quic, addrs.quic);
+    let restarted = Instant::now();
+    loop {
+        let Err(last) = echo_once(port).await else {
+            break;
+        };
+        assert!(
+            restarted.elapsed() < RECONNECT_BOUND,
+            "public port {port} did not work again within {RECONNECT_BOUND:?}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "MEASURED reconnect after relay restart: public TCP lease works again {:?} after the new \
+         relay was ready ({:?} after the kill)",
+        restarted.elapsed(),
+        killed.elapsed()
+    );
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let text = http_get(&metrics_addr, "/metrics");
+    assert!(
+        metric(&text, "outrelay_agent_relay_reconnects_total") >= 1.0,
+        "reconnect counted:\n{text}"
+    );
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_target_down_closes_the_public_client_promptly_and_is_counted() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    // Nothing listens here.
+    let dead = free_tcp_port();
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"down\"\ntcp_to = \"127.0.0.1:{dead}\"\n"),
+    );
+    let ready = agent.ready().await;
+    let port = lease_port(&ready, "down");
+    let start = Instant::now();
+    let mut client = loop {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "lease port {port} never listened: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let connected = Instant::now();
+    let _ = client.write_all(b"hello?").await;
+    let mut buf = [0u8; 64];
+    let outcome = tokio::time::timeout(CLOSE_BOUND, client.read(&mut buf)).await;
+    let took = connected.elapsed();
+    match outcome {
+        Ok(Ok(0)) => eprintln!("public client got EOF"),
+        Ok(Err(e)) => eprintln!("public client got {e}"),
+        Ok(Ok(n)) => panic!("public client received {n} bytes from a dead target"),
+        Err(_) => panic!("public client still open after {CLOSE_BOUND:?}"),
+    }
+    eprintln!("MEASURED local target down -> public client closed in {took:?}");
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let text = http_get(&metrics_addr, "/metrics");
+    let refused = metric(
+        &text,
+        "outrelay_agent_local_connect_failed_total{reason=\"refused\"}",
+    );
+    assert!(refused >= 1.0, "refusal counted:\n{text}");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_and_exits_zero() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _echo) = echo_server().await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"bye\"\ntcp_to = \"{target}\"\n"),
+    );
+    agent.ready().await;
+    let pid = agent.proc.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = agent.proc.0.try_wait().expect("poll agent") {
+            break s;
+        }
+        assert!(start.elapsed() < WAIT, "agent did not stop after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!(
+        "agent stopped {:?} after SIGTERM: {status}",
+        start.elapsed()
+    );
+    assert!(status.success(), "exit status {status}");
+    drop(relay);
+}
+
+#[test]
+fn invalid_config_exits_64_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases = [
+        ("relays = []\n", "relays"),
+        (
+            "relays = [\"127.0.0.1:7443\"]\n[identity]\nstate_dir = \"s\"\n\
+             [[lease]]\nname = \"x\"\ntcp_to = \"127.0.0.1:9\"\n[pool]\ndead_session_ms = 1\n",
+            "pool.dead_session_ms",
+        ),
+        (
+            "relays = [\"127.0.0.1:7443\"]\n[identity]\nstate_dir = \"s\"\n\
+             [[lease]]\nname = \"x\"\n",
+            "lease[0]",
+        ),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid config: {key}")),
+            "{key}: {stderr}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+        .args([
+            "expose",
+            "--relay",
+            "127.0.0.1:7443",
+            "--name",
+            "x",
+            "--state-dir",
+            "/nonexistent",
+        ])
+        .output()
+        .expect("run expose");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("invalid config: --tls-to/--tcp-to"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_follows_goaway_when_the_relay_stops_gracefully() {
+    let pki = Pki::new();
+    let ports = free_port_range();
+    let relay = start_relay(&pki, "127.0.0.1:0", free_tcp_port(), "127.0.0.1:0", ports).await;
+    let (target, _echo) = echo_server().await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"raw\"\ntcp_to = \"{target}\"\n"),
+    );
+    let ready = agent.ready().await;
+    let port = lease_port(&ready, "raw");
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(start.elapsed() < WAIT, "first echo never worked: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGTERM: the relay sends GOAWAY to its agents before it exits.
+    let addrs = relay.addrs.clone();
+    let mut relay = relay;
+    let pid = relay.proc.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let stopping = Instant::now();
+    while relay.proc.0.try_wait().expect("poll relay").is_none() {
+        assert!(stopping.elapsed() < WAIT, "relay did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(relay);
+    let relay = start_relay(
+        &pki,
+        &addrs.quic.to_string(),
+        addrs.reverse.port(),
+        &addrs.public_tls.to_string(),
+        ports,
+    )
+    .await;
+    let restarted = Instant::now();
+    loop {
+        let Err(last) = echo_once(port).await else {
+            break;
+        };
+        assert!(
+            restarted.elapsed() < RECONNECT_BOUND,
+            "public port {port} did not work again within {RECONNECT_BOUND:?}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "MEASURED reconnect after a graceful relay restart (GOAWAY): {:?} after the new relay \
+         was ready ({:?} after SIGTERM)",
+        restarted.elapsed(),
+        stopping.elapsed()
+    );
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let text = http_get(&metrics_addr, "/metrics");
+    assert!(
+        metric(&text, "outrelay_agent_relay_goaways_total") >= 1.0,
+        "GOAWAY counted:\n{text}"
+    );
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_idle_sessions_are_dropped_as_dead_and_replaced() {
+    let pki = Pki::new();
+    // Relay keep-alives once a minute, agent dead-session timeout 300 ms: every idle session
+    // goes silent for longer than the timeout.
+    let relay = start_relay_with(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+        60_000,
+    )
+    .await;
+    let (target, _echo) = echo_server().await;
+    let mut agent = start_agent_with(
+        &pki,
+        &[relay.addrs.quic],
+        &format!("[[lease]]\nname = \"quiet\"\ntcp_to = \"{target}\"\n"),
+        300,
+        "",
+    );
+    let ready = agent.ready().await;
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let start = Instant::now();
+    let dead = loop {
+        let text = http_get(&metrics_addr, "/metrics");
+        let dead = metric(&text, "outrelay_agent_reverse_sessions_dead_total");
+        if dead >= 4.0 {
+            break dead;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "dead sessions counted: {dead}\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("{dead} dead sessions after {:?}", start.elapsed());
+    // The replacements still serve the lease.
+    let port = lease_port(&ready, "quiet");
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(
+            start.elapsed() < WAIT,
+            "echo through replaced sessions: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expose_serves_tls_and_tcp_of_one_lease_at_once() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (tls, _tls_task) = tls_target(&pki.ca).await;
+    let (tcp, _echo) = echo_server().await;
+    let dir = pki.path();
+    let ready_path = dir.join("expose-ready.json");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    for (from, to) in [
+        ("agent.pem", "cert.pem"),
+        ("agent-key.pem", "key.pem"),
+        ("ca.pem", "ca.pem"),
+    ] {
+        std::fs::copy(dir.join(from), state.join(to)).expect("copy identity");
+    }
+    let started = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+        .args(["--log", "info", "expose", "--relay"])
+        .arg(relay.addrs.quic.to_string())
+        .args(["--name", "demo", "--tls-to"])
+        .arg(tls.to_string())
+        .arg("--tcp-to")
+        .arg(tcp.to_string())
+        // The enrolled layout (outrelay_client::store): cert.pem, key.pem, ca.pem.
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--metrics", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready_path)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start outrelay-agent expose");
+    let mut proc = Proc(child);
+    let ready = wait_for_file(&ready_path, &mut proc, "agent expose").await;
+    eprintln!("expose ready after {:?}: {ready}", started.elapsed());
+    assert_eq!(ready["leases"][0]["hostname"], DEMO_HOST);
+    let port = lease_port(&ready, "demo");
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(start.elapsed() < WAIT, "TCP side of the lease: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if have("curl", "--version") {
+        let public = relay.addrs.public_tls.port();
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+            .arg(dir.join("ca.pem"))
+            .arg("--resolve")
+            .arg(format!("{DEMO_HOST}:{public}:127.0.0.1"))
+            .arg(format!("https://{DEMO_HOST}:{public}/"));
+        let out = run_blocking(cmd).await;
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), BODY);
+    } else {
+        eprintln!("SKIP the curl half of expose_serves_tls_and_tcp_of_one_lease_at_once: no curl");
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_the_relay_forgot_is_registered_again() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _echo) = echo_server().await;
+    // TTL 1 s but renewals only every 2.5 s: the relay's janitor expires the lease first, so
+    // the renewal is answered `lease_not_found` and the agent must register it again.
+    let mut agent = start_agent_with(
+        &pki,
+        &[relay.addrs.quic],
+        &format!("[[lease]]\nname = \"short\"\ntcp_to = \"{target}\"\nttl_s = 1\n"),
+        5000,
+        "renew_ms = 2500",
+    );
+    let ready = agent.ready().await;
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let start = Instant::now();
+    loop {
+        let text = http_get(&metrics_addr, "/metrics");
+        if metric(&text, "outrelay_agent_lease_reregistered_total") >= 1.0 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "no re-registration:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("lease registered again after {:?}", start.elapsed());
+    // The new grant (new lease id, new pool) serves the public port again.
+    let port = lease_port(&ready, "short");
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(start.elapsed() < WAIT, "echo after re-registration: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_the_relay_role_is_refused() {
+    // A QUIC server that chains to the right CA, names localhost and speaks orp/1, but whose
+    // certificate identity is an agent's, not a relay's.
+    let pki = Pki::new();
+    let fake = pki.ca.leaf(
+        "not a relay",
+        &["localhost"],
+        Some("outrelay://test/agent/00000000-0000-4000-8000-0000000000ff"),
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+    );
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(fake.chain, fake.key)
+        .expect("server cert");
+    tls.alpn_protocols = vec![b"orp/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("QUIC TLS");
+    let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr"))
+        .expect("fake relay endpoint");
+    let quic = endpoint.local_addr().expect("fake relay addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (a, r) = (accepted.clone(), refused.clone());
+    let server_task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            match incoming.await {
+                Ok(_) => a.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                Err(_) => r.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            };
+        }
+    });
+    let addrs = RelayAddrs {
+        quic,
+        reverse: "127.0.0.1:9".parse().expect("addr"),
+        public_tls: "127.0.0.1:9".parse().expect("addr"),
+    };
+    let mut agent = start_agent(
+        &pki,
+        &addrs,
+        "[[lease]]\nname = \"nope\"\ntcp_to = \"127.0.0.1:9\"\n",
+    );
+    let start = Instant::now();
+    while refused.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+        assert!(start.elapsed() < WAIT, "the agent did not retry");
+        assert!(
+            agent.proc.0.try_wait().expect("poll agent").is_none(),
+            "the agent keeps retrying instead of exiting"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no handshake with a non-relay server completes"
+    );
+    assert!(!agent.ready.exists(), "no ready file without a relay");
+    server_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lease_is_served_by_every_configured_relay() {
+    let pki = Pki::new();
+    let relay_a = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    // The second relay: same CA and certificate, its own directory.
+    let other = tempfile::tempdir().expect("temp dir");
+    for f in ["ca.pem", "relay.pem", "relay-key.pem"] {
+        std::fs::copy(pki.path().join(f), other.path().join(f)).expect("copy PKI");
+    }
+    let relay_b = start_relay_in(
+        other.path(),
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+        1000,
+    )
+    .await;
+    let (target, _echo) = echo_server().await;
+    let mut agent = start_agent_with(
+        &pki,
+        &[relay_a.addrs.quic, relay_b.addrs.quic],
+        &format!("[[lease]]\nname = \"twice\"\ntcp_to = \"{target}\"\n"),
+        5000,
+        "",
+    );
+    agent.ready().await;
+    // The ready file lists every ready relay; wait until both are in it.
+    let start = Instant::now();
+    let ready = loop {
+        let text = std::fs::read_to_string(&agent.ready).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if v["relays"].as_array().map(Vec::len) == Some(2) {
+            break v;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "both relays in the ready file: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let relays = ready["relays"].as_array().expect("relays");
+    assert_ne!(
+        lease_port(&relays[0], "twice"),
+        lease_port(&relays[1], "twice"),
+        "two relays, two public ports"
+    );
+    for r in relays {
+        let port = lease_port(r, "twice");
+        let start = Instant::now();
+        while let Err(e) = echo_once(port).await {
+            assert!(start.elapsed() < WAIT, "echo through {}: {e}", r["addr"]);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop((relay_a, relay_b));
+}
