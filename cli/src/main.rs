@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod dev_pki;
+mod dev_serve;
 mod output;
 
 use std::path::PathBuf;
@@ -88,6 +89,24 @@ enum Command {
         /// The relay's public root host, e.g. relay.example.test.
         #[arg(long)]
         root_host: String,
+    },
+    /// Runs the quickstart's demo services: an HTTPS server and a TCP echo (development only).
+    DevServe {
+        /// HTTPS listen address.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: std::net::SocketAddr,
+        /// Certificate (PEM) the HTTPS server presents, e.g. the dev PKI's demo.pem.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// TCP echo listen address.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        echo: std::net::SocketAddr,
+        /// Write the bound addresses here as JSON.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
     },
     /// Prints shell completions.
     Completions {
@@ -361,6 +380,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .collect::<Vec<_>>()
                 ),
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DevServe {
+            https,
+            cert,
+            key,
+            echo,
+            ready_file,
+        } => {
+            dev_serve::run(https, &cert, &key, echo, ready_file.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => {
