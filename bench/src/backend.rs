@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,8 @@ pub const REPLY_BYTES: usize = 1024;
 pub struct Backend {
     /// Where the backend listens.
     pub addr: SocketAddr,
+    /// Bytes read after the ClientHello by [`Behaviour::HelloSink`] connections, all together.
+    pub sunk_bytes: Arc<AtomicU64>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -38,6 +41,9 @@ pub enum Behaviour {
     HelloReply,
     /// Echo every byte back until the client closes.
     Echo,
+    /// Read one TLS ClientHello, then read and discard everything until the client closes,
+    /// counting the bytes (a bulk receiver behind an SNI-routed path).
+    HelloSink,
 }
 
 /// Starts a backend on `127.0.0.1:0` on the runtime behind `rt`.
@@ -47,6 +53,8 @@ pub fn start(rt: &Handle, behaviour: Behaviour) -> Result<Backend> {
         .context("binding backend")?;
     let addr = listener.local_addr().context("backend address")?;
     let reply: Arc<[u8]> = vec![0x17; REPLY_BYTES].into();
+    let sunk_bytes = Arc::new(AtomicU64::new(0));
+    let sunk = Arc::clone(&sunk_bytes);
     let accept_loop = rt.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -55,16 +63,22 @@ pub fn start(rt: &Handle, behaviour: Behaviour) -> Result<Backend> {
                 continue;
             };
             let reply = Arc::clone(&reply);
+            let sunk = Arc::clone(&sunk);
             tokio::spawn(async move {
                 // A failed connection only shows up at the client, which counts it.
                 let _ = match behaviour {
                     Behaviour::HelloReply => hello_reply(stream, &reply).await,
                     Behaviour::Echo => echo(stream).await,
+                    Behaviour::HelloSink => hello_sink(stream, &sunk).await,
                 };
             });
         }
     });
-    Ok(Backend { addr, accept_loop })
+    Ok(Backend {
+        addr,
+        sunk_bytes,
+        accept_loop,
+    })
 }
 
 async fn hello_reply(mut stream: TcpStream, reply: &[u8]) -> Result<()> {
@@ -84,5 +98,17 @@ async fn echo(mut stream: TcpStream) -> Result<()> {
             return Ok(());
         }
         stream.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn hello_sink(mut stream: TcpStream, sunk: &AtomicU64) -> Result<()> {
+    read_client_hello(&mut stream).await?;
+    let mut buf = vec![0_u8; 256 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        sunk.fetch_add(n as u64, Ordering::Relaxed);
     }
 }

@@ -7,6 +7,7 @@
 //! summarised (median, min, max) over the rounds.
 
 mod bulk;
+mod bulk_sni;
 mod connrate;
 mod idle_memory;
 mod latency;
@@ -31,6 +32,8 @@ const BETWEEN_TARGETS_MS: u64 = 300;
 pub enum ScenarioName {
     /// iperf3 through the target, 1 and 8 streams: Gbit/s, relay CPU, Gbit/s per relay core.
     Bulk,
+    /// Bulk through the SNI path: a ClientHello, then opaque bytes, 1 and 8 streams: Gbit/s.
+    BulkSni,
     /// New connections per second: connect, TLS ClientHello, 1 KiB reply, close.
     Connrate,
     /// 64-byte ping-pong over one connection: latency added over direct.
@@ -44,6 +47,7 @@ impl ScenarioName {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Bulk => "bulk",
+            Self::BulkSni => "bulk-sni",
             Self::Connrate => "connrate",
             Self::Latency => "latency",
             Self::IdleMemory => "idle-memory",
@@ -51,14 +55,23 @@ impl ScenarioName {
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 4] {
-        [Self::Bulk, Self::Connrate, Self::Latency, Self::IdleMemory]
+    pub fn all() -> [Self; 5] {
+        [
+            Self::Bulk,
+            Self::BulkSni,
+            Self::Connrate,
+            Self::Latency,
+            Self::IdleMemory,
+        ]
     }
 
     /// One line on what it measures.
     pub fn description(self) -> &'static str {
         match self {
             Self::Bulk => "iperf3 1 and 8 streams: Gbit/s, x direct, relay CPU s, Gbit/s per core",
+            Self::BulkSni => {
+                "ClientHello then bulk bytes, 1 and 8 streams, SNI-routed: Gbit/s, x direct"
+            }
             Self::Connrate => "connect + TLS ClientHello + 1 KiB reply + close: conn/s, p50/p99",
             Self::Latency => "64 B ping-pong on one connection: p50/p99/p99.9 added over direct",
             Self::IdleMemory => "N idle relayed connections: PSS and kernel slab bytes per conn",
@@ -156,6 +169,7 @@ pub fn build(
 ) -> Result<Box<dyn Scenario>> {
     Ok(match name {
         ScenarioName::Bulk => Box::new(bulk::Bulk::start(settings, dir)?),
+        ScenarioName::BulkSni => Box::new(bulk_sni::BulkSni::start(settings, rt)?),
         ScenarioName::Connrate => Box::new(connrate::Connrate::start(settings, rt)?),
         ScenarioName::Latency => Box::new(latency::Latency::start(settings, rt)?),
         ScenarioName::IdleMemory => Box::new(idle_memory::IdleMemory::start(settings, rt)?),
