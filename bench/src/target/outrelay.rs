@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr};
+use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
 use crate::process::OwnedProcess;
 
 /// The relay's public root host in the bench PKI.
@@ -141,6 +141,8 @@ impl Target for Outrelay {
                 SocketAddr::from(([127, 0, 0, 1], port))
             }
         };
+        // The relay binds a granted lease port on its next route sync, just after the grant.
+        wait_listening(&[front], &mut processes)?;
         Ok(RunningTarget {
             front,
             sni_routed,

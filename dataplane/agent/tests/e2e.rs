@@ -201,20 +201,9 @@ fn free_tcp_port() -> u16 {
         .port()
 }
 
-/// A free range of 10 TCP ports on 127.0.0.1 in 20000..30000 (below the ephemeral range).
+/// A 10-port lease range no concurrent test process holds (see `outrelay_testkit`).
 fn free_port_range() -> (u16, u16) {
-    // Successive calls in one process get different ranges (a lease port is bound only after
-    // its grant, so the bind probe alone cannot tell two relays of one test apart).
-    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let offset = u16::try_from(std::process::id() % 997).expect("small") + call * 13;
-    for i in 0..1000u16 {
-        let lo = 20000 + ((offset + i * 7) % 1000) * 10;
-        if (lo..lo + 10).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return (lo, lo + 9);
-        }
-    }
-    panic!("no free 10-port range in 20000..30000");
+    outrelay_testkit::claim_port_range()
 }
 
 async fn wait_for_file(path: &Path, child: &mut Proc, what: &str) -> serde_json::Value {

@@ -353,17 +353,9 @@ fn sample(body: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A free range of 10 TCP ports on 127.0.0.1 in 20000..30000 (below the ephemeral range).
+/// A 10-port lease range no concurrent test process holds (see `outrelay_testkit`).
 fn free_port_range() -> (u16, u16) {
-    let offset = u16::try_from(std::process::id() % 997).expect("small");
-    for i in 0..1000u16 {
-        let lo = 20000 + ((offset + i) % 1000) * 10;
-        let all_free = (lo..lo + 10).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if all_free {
-            return (lo, lo + 9);
-        }
-    }
-    panic!("no free 10-port range in 20000..30000");
+    outrelay_testkit::claim_port_range()
 }
 
 // ---------- the test agent ----------

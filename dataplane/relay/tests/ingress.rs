@@ -60,16 +60,8 @@ async fn start(config: IngressConfig) -> Relay {
             done.clear();
         }
     });
-    // A 10-port range below the ephemeral range that no other relay (of this process or a
-    // concurrent test process) is using: start from a pid- and counter-derived candidate and
-    // take the first range whose ports all bind right now.
-    static NEXT_RANGE: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let first = u16::try_from(std::process::id() % 997).expect("small")
-        + NEXT_RANGE.fetch_add(97, std::sync::atomic::Ordering::Relaxed);
-    let base = (0..1000u16)
-        .map(|k| 20_000 + ((first + k * 7) % 1000) * 10)
-        .find(|b| (*b..*b + 10).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()))
-        .expect("a free 10-port range in 20000..30000");
+    // A 10-port range no other relay (of this process or a concurrent test process) uses.
+    let (base, _) = outrelay_testkit::claim_port_range();
     let mut table = LeaseTable::new(LeaseConfig {
         root_host: ROOT.to_owned(),
         min_port: base,

@@ -1,0 +1,56 @@
+//! Helpers shared by the test suites of several crates.
+//!
+//! [`claim_port_range`]: relays under test bind their lease ports only after a grant, so a bind
+//! probe alone cannot keep two concurrent test processes (nextest runs each test in its own)
+//! from picking the same range; one then routes the other's clients. A range is therefore
+//! claimed with an exclusive `flock` on a per-range file that the claiming process holds until
+//! it exits.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// First port of the range area (below the kernel's ephemeral range, 32768 by default).
+const AREA_START: u16 = 20_000;
+/// Ranges in the area.
+const AREA_RANGES: u16 = 1_000;
+/// Ports per range.
+pub const RANGE_PORTS: u16 = 10;
+
+/// Claims held by this process (released when it exits).
+static HELD: Mutex<Vec<Flock<File>>> = Mutex::new(Vec::new());
+
+/// A range of [`RANGE_PORTS`] TCP ports on 127.0.0.1 in 20000..30000 that no other test
+/// process holds and whose ports all bind right now: `(first, last)`.
+///
+/// # Panics
+/// When no range is free.
+pub fn claim_port_range() -> (u16, u16) {
+    let dir = std::env::temp_dir().join("outrelay-test-port-ranges");
+    std::fs::create_dir_all(&dir).expect("create the port-range lock directory");
+    let start = u16::try_from(std::process::id() % u32::from(AREA_RANGES)).expect("small");
+    for k in 0..AREA_RANGES {
+        let lo = AREA_START + ((start + k * 7) % AREA_RANGES) * RANGE_PORTS;
+        let Some(lock) = try_lock(dir.join(lo.to_string())) else {
+            continue;
+        };
+        let hi = lo + RANGE_PORTS - 1;
+        if (lo..=hi).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(lock);
+            return (lo, hi);
+        }
+    }
+    panic!("no free {RANGE_PORTS}-port range in {AREA_START}..30000");
+}
+
+fn try_lock(path: PathBuf) -> Option<Flock<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
+}
