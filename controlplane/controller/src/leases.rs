@@ -188,6 +188,10 @@ impl LeasesService {
             if ban {
                 s.bans.insert((l.tenant.clone(), l.name.clone()));
             }
+            // One record per (tenant, name), as in the table: a re-grant replaces the released
+            // record, so `by_name` can never find the old one and renew it over the live row.
+            s.leases
+                .retain(|id, x| *id == l.id || x.tenant != l.tenant || x.name != l.name);
             s.leases.insert(l.id.clone(), l.clone());
             decision_of(&l)
                 .map(|k| lease_event(&l, k))

@@ -623,6 +623,52 @@ async fn leases_auto_manual_quota_and_ban() {
 }
 
 #[tokio::test]
+async fn a_renewal_after_release_and_regrant_renews_the_live_record() {
+    use outrelay_api::pb::leases_client::LeasesClient;
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start(dir.path(), "");
+    let admin = c.cert("outrelay://acme/admin/alice", LeafProfile::Client);
+    let relay = c.cert(RELAY, LeafProfile::ClientServer);
+    let mut adm = LeasesClient::new(c.channel(Some(&admin)).await);
+    let mut rel = LeasesClient::new(c.channel(Some(&relay)).await);
+    let report = |kind: pb::lease_report_request::Kind| pb::LeaseReportRequest {
+        kind: kind as i32,
+        tenant: "acme".into(),
+        name: "web".into(),
+        agent_uri: format!("outrelay://acme/agent/{UUID_A}"),
+        lease_kind: "tls".into(),
+        ttl_ms: 60_000,
+    };
+    use pb::lease_report_request::Kind;
+    // Several release/re-grant cycles: each leaves an older record id behind that a lookup by
+    // name must never find again.
+    let mut live = String::new();
+    for _ in 0..8 {
+        let granted = rel.report(report(Kind::Grant)).await.expect("grant");
+        live = granted.into_inner().lease.expect("lease").id;
+        let renewed = rel.report(report(Kind::Renew)).await.expect("renew");
+        let renewed = renewed.into_inner().lease.expect("lease");
+        assert_eq!(renewed.id, live, "the renewal found a stale record");
+        assert_eq!(renewed.state, pb::lease::State::Approved as i32);
+        rel.report(report(Kind::Release)).await.expect("release");
+    }
+    rel.report(report(Kind::Grant)).await.expect("grant");
+    rel.report(report(Kind::Renew)).await.expect("renew");
+    let listed = adm
+        .list(pb::ListLeasesRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .leases;
+    let web: Vec<_> = listed.iter().filter(|l| l.name == "web").collect();
+    assert_eq!(web.len(), 1, "{listed:?}");
+    assert_eq!(web[0].state, pb::lease::State::Approved as i32);
+    assert_ne!(web[0].id, live, "the last grant made a new record");
+}
+
+#[tokio::test]
 async fn unix_socket_root_is_global_admin() {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!(
