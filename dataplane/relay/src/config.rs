@@ -12,6 +12,7 @@
 //!            admin_socket = "/run/outrelay/relay.sock"
 //! [leases]   min_port = 20000  max_port = 20999  tcp = false  udp = false  ttl_cap_s = 300 ...
 //! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
+//! [udp]      flow_idle_ms = 30000  flow_max = 1024  queue_max = 1024  socket_buffer_bytes = 4194304
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
@@ -30,6 +31,7 @@ use serde::Deserialize;
 use crate::ingress::IngressConfig;
 use crate::lease::{LeaseConfig, PortLeaseConfig, root_host_from_url};
 use crate::quic::{QuicConfig, TlsMaterial};
+use crate::udp::UdpConfig;
 
 /// Why a configuration was refused: one line naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,7 @@ struct Raw {
     reverse_advertise: String,
     leases: RawLeases,
     ingress: RawIngress,
+    udp: RawUdp,
     quic: RawQuic,
     pipes: RawPipes,
     public_tls: RawPublicTls,
@@ -68,6 +71,7 @@ impl Default for Raw {
             reverse_advertise: String::new(),
             leases: RawLeases::default(),
             ingress: RawIngress::default(),
+            udp: RawUdp::default(),
             quic: RawQuic::default(),
             pipes: RawPipes::default(),
             public_tls: RawPublicTls::default(),
@@ -193,6 +197,29 @@ impl Default for RawIngress {
     }
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUdp {
+    flow_idle_ms: u64,
+    flow_max: usize,
+    queue_max: usize,
+    recv_slot_bytes: usize,
+    socket_buffer_bytes: usize,
+}
+
+impl Default for RawUdp {
+    fn default() -> Self {
+        let d = UdpConfig::default();
+        RawUdp {
+            flow_idle_ms: d.flow_idle_ms,
+            flow_max: d.flow_max,
+            queue_max: d.queue_max,
+            recv_slot_bytes: d.recv_slot_bytes,
+            socket_buffer_bytes: d.socket_buffer_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawQuic {
@@ -240,6 +267,8 @@ pub struct Settings {
     pub leases: LeaseConfig,
     /// Ingress limits.
     pub ingress: IngressConfig,
+    /// UDP lease limits.
+    pub udp: UdpConfig,
     /// The QUIC endpoint.
     pub quic: QuicConfig,
     /// The root-host listener's TLS (`[public_tls]`); `None`: the root host is refused.
@@ -360,6 +389,29 @@ impl Settings {
             root_host: root_host.clone(),
             root_fallback: None,
         };
+        let u = raw.udp;
+        if u.flow_idle_ms < 100 {
+            return Err(bad("udp.flow_idle_ms", "must be at least 100 ms"));
+        }
+        for (key, v) in [("udp.flow_max", u.flow_max), ("udp.queue_max", u.queue_max)] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
+        // Above quinn's largest datagram (MTU upper bound 1452), so nothing that could travel
+        // is ever cut by the receive slot.
+        if !(1500..=65_536).contains(&u.recv_slot_bytes) {
+            return Err(bad("udp.recv_slot_bytes", "must be 1500..=65536"));
+        }
+        let udp = UdpConfig {
+            flow_idle_ms: u.flow_idle_ms,
+            flow_max: u.flow_max,
+            queue_max: u.queue_max,
+            recv_slot_bytes: u.recv_slot_bytes,
+            socket_buffer_bytes: u.socket_buffer_bytes,
+            bind_ip: ingress.lease_bind_ip,
+            ..UdpConfig::default()
+        };
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 p.to_path_buf()
@@ -458,6 +510,7 @@ impl Settings {
             },
             leases,
             ingress,
+            udp,
             quic,
             public_tls,
             controller,

@@ -8,10 +8,11 @@
 //! | [`lease`] | the lease table, port allocators and the route table (pure) |
 //! | [`state`] | the snapshot control publishes to the data path (one `ArcSwap`) |
 //! | [`ingress`] | reverse sessions, SNI and TCP lease listeners, hand-off to the splice engine |
+//! | [`udp`] | UDP lease ports: flows, batched socket I/O, QUIC datagrams to the agents |
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //!
-//! Not built yet (and not pretended): `outrelay relay drain`, UDP leases, service-to-service
+//! Not built yet (and not pretended): `outrelay relay drain`, service-to-service
 //! streams and SO_REUSEPORT accept sharding.
 #![forbid(unsafe_code)]
 
@@ -23,3 +24,4 @@ pub mod lease;
 pub mod metrics;
 pub mod quic;
 pub mod state;
+pub mod udp;

@@ -147,6 +147,9 @@ fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()
             }
             None => QuicServer::bind(settings.quic, leases, shared.clone())?,
         };
+        let udp = outrelay_relay::udp::UdpIngress::new(settings.udp, shared.clone());
+        quic.serve_udp(udp.clone());
+        let _udp_sync = udp.serve();
         let quic_addr = quic.local_addr()?;
         let _control_tasks = controller.map(|c| {
             let endpoint = format!("{}:{}", settings.leases.root_host, quic_addr.port());
@@ -162,6 +165,7 @@ fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()
         let ingress = Ingress::with_conns(ingress_config, shared.clone(), engines, lease_conns);
         let sources = Arc::new(outrelay_relay::metrics::Sources {
             ingress: ingress.clone(),
+            udp: udp.stats.clone(),
             quic: quic.stats(),
             engines: engine_stats,
             backend: settings.io_backend,

@@ -23,11 +23,14 @@ use crate::ingress::stats::Drop;
 use crate::lease::LeaseErrorCode;
 use crate::quic::QuicStats;
 use crate::state::Shared;
+use crate::udp::stats::{UdpDrop, UdpStats};
 
 /// Everything a scrape reads.
 pub struct Sources {
     /// Ingress counters.
     pub ingress: Arc<Ingress>,
+    /// UDP lease counters.
+    pub udp: Arc<UdpStats>,
     /// QUIC endpoint counters.
     pub quic: Arc<QuicStats>,
     /// Each splice engine's last published stats.
@@ -120,6 +123,28 @@ fn update(s: &Sources) {
     counter!("outrelay_relay_ingress_root_host_total")
         .absolute(stats.root_host.load(Ordering::Relaxed));
     gauge!("outrelay_relay_ingress_pending_connections").set(s.ingress.pending_conns() as f64);
+
+    let u = &s.udp;
+    for reason in UdpDrop::ALL {
+        counter!("outrelay_relay_udp_drops_total", "reason" => reason.label())
+            .absolute(u.drops(reason));
+    }
+    for (direction, datagrams, bytes) in [
+        ("to_agent", &u.to_agent_datagrams, &u.to_agent_bytes),
+        ("to_client", &u.to_client_datagrams, &u.to_client_bytes),
+    ] {
+        counter!("outrelay_relay_udp_datagrams_total", "direction" => direction)
+            .absolute(datagrams.load(Ordering::Relaxed));
+        counter!("outrelay_relay_udp_bytes_total", "direction" => direction)
+            .absolute(bytes.load(Ordering::Relaxed));
+    }
+    counter!("outrelay_relay_udp_flows_total").absolute(u.flows_created.load(Ordering::Relaxed));
+    counter!("outrelay_relay_udp_flows_expired_total")
+        .absolute(u.flows_expired.load(Ordering::Relaxed));
+    gauge!("outrelay_relay_udp_flows_active").set(u.flows_active.load(Ordering::Relaxed) as f64);
+    gauge!("outrelay_relay_udp_ports_bound").set(u.ports_bound.load(Ordering::Relaxed) as f64);
+    gauge!("outrelay_relay_udp_payload_max_bytes")
+        .set(u.payload_max_bytes.load(Ordering::Relaxed) as f64);
 
     let q = &s.quic;
     counter!("outrelay_relay_quic_connections_accepted_total")

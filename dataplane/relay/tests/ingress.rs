@@ -132,6 +132,7 @@ async fn start(config: IngressConfig) -> Relay {
     shared.publish(Snapshot {
         routes: table.routes(),
         reverse_keys: HashMap::from([(tls_lease, KEY), (wild.lease_id, KEY), (tcp.lease_id, KEY)]),
+        udp_conns: HashMap::new(),
         generation: 1,
     });
     let ingress = Ingress::with_conns(

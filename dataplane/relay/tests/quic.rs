@@ -10,13 +10,16 @@ use outrelay_proto::frame::{Decoded, Frame, ORP_ALPN, decode};
 use outrelay_proto::hostname::HostName;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL, LeaseId};
+use outrelay_proto::udp::DatagramHeader;
 use outrelay_relay::lease::ControllerDecision;
-use outrelay_relay::lease::{LeaseConfig, LeaseErrorCode, LeaseTable};
+use outrelay_relay::lease::{LeaseConfig, LeaseErrorCode, LeaseTable, PortLeaseConfig};
 use outrelay_relay::quic::{
     ApproveAll, LeaseDecider, QuicConfig, QuicServer, QuicStats, ShutdownHandle, TlsMaterial,
     close_code,
 };
 use outrelay_relay::state::Shared;
+use outrelay_relay::udp::stats::UdpDrop;
+use outrelay_relay::udp::{UdpConfig, UdpIngress};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -109,8 +112,13 @@ struct Relay {
     stats: Arc<QuicStats>,
     stop: ShutdownHandle,
     task: tokio::task::JoinHandle<()>,
+    /// UDP leases (ports from a claimed range, `flow_max` = [`UDP_FLOW_MAX`]).
+    udp: Arc<UdpIngress>,
     _dir: tempfile::TempDir,
 }
+
+/// Flows per UDP lease in these tests (small, so the cap is reachable).
+const UDP_FLOW_MAX: usize = 3;
 
 /// Starts a relay whose certificate and CA are read from PEM files in a temp dir.
 fn start_relay(ca: &Ca, hello_deadline_ms: u64) -> Relay {
@@ -143,15 +151,29 @@ fn start_relay_with(
     config.hello_deadline_ms = hello_deadline_ms;
     config.drain_grace_ms = 500;
     tweak(&mut config);
+    let (min_port, max_port) = outrelay_testkit::claim_port_range();
     let leases = LeaseTable::new(LeaseConfig {
         root_host: ROOT_HOST.to_owned(),
         janitor_interval_ms: 100,
+        min_port,
+        max_port,
+        udp: PortLeaseConfig::on(),
         ..LeaseConfig::default()
     })
     .expect("lease table");
     let shared = Arc::new(Shared::default());
     let server =
         QuicServer::bind_with_decider(config, leases, shared.clone(), decider).expect("bind");
+    let udp = UdpIngress::new(
+        UdpConfig {
+            flow_max: UDP_FLOW_MAX,
+            bind_ip: [127, 0, 0, 1].into(),
+            ..UdpConfig::default()
+        },
+        shared.clone(),
+    );
+    server.serve_udp(udp.clone());
+    udp.serve();
     assert_eq!(server.identity().to_string(), RELAY);
     let addr = server.local_addr().expect("local addr");
     let stats = server.stats();
@@ -163,6 +185,7 @@ fn start_relay_with(
         stats,
         stop,
         task,
+        udp,
         _dir: dir,
     }
 }
@@ -258,15 +281,17 @@ impl Agent {
     }
 
     async fn register(&mut self, name: &str, request_id: u64) -> orp::LeaseGrant {
-        match self
-            .call(Frame::LeaseRegister(orp::LeaseRegister {
-                name: name.to_owned(),
-                tls: true,
-                request_id,
-                ..orp::LeaseRegister::default()
-            }))
-            .await
-        {
+        self.register_with(orp::LeaseRegister {
+            name: name.to_owned(),
+            tls: true,
+            request_id,
+            ..orp::LeaseRegister::default()
+        })
+        .await
+    }
+
+    async fn register_with(&mut self, req: orp::LeaseRegister) -> orp::LeaseGrant {
+        match self.call(Frame::LeaseRegister(req)).await {
             Frame::LeaseGrant(g) => g,
             other => panic!("expected LEASE_GRANT, got {other:?}"),
         }
@@ -682,4 +707,184 @@ async fn a_full_control_send_queue_drops_the_connection() {
         Some(u64::from(close_code::SEND_QUEUE_OVERFLOW))
     );
     assert_eq!(relay.stats.send_queue_overflows.load(Ordering::Relaxed), 1);
+}
+
+// ---------- UDP leases ----------
+
+fn udp_lease(name: &str, request_id: u64) -> orp::LeaseRegister {
+    orp::LeaseRegister {
+        name: name.to_owned(),
+        udp: true,
+        request_id,
+        ..orp::LeaseRegister::default()
+    }
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("port in {addr:?}"))
+}
+
+/// A datagram as an agent sends it: header, then payload.
+fn datagram(slot: u32, flow_id: u64, payload: &[u8]) -> bytes::Bytes {
+    let header = DatagramHeader {
+        udp_slot: slot,
+        flow_id,
+    };
+    let mut out = vec![0u8; header.encoded_len()];
+    header.encode(&mut out);
+    out.extend_from_slice(payload);
+    out.into()
+}
+
+/// The next datagram the relay sends to `agent`: (header, payload).
+async fn next_datagram(agent: &Agent) -> (DatagramHeader, Vec<u8>) {
+    let d = tokio::time::timeout(WAIT, agent.conn.read_datagram())
+        .await
+        .expect("a datagram in time")
+        .expect("connection alive");
+    let (h, payload) = DatagramHeader::decode(&d).expect("relay header");
+    (h, payload.to_vec())
+}
+
+async fn recv_from(socket: &tokio::net::UdpSocket) -> Vec<u8> {
+    let mut buf = vec![0u8; 65_536];
+    let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+        .await
+        .expect("a reply in time")
+        .expect("recv");
+    buf.truncate(n);
+    buf
+}
+
+async fn client(port: u16) -> tokio::net::UdpSocket {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind client");
+    s.connect(("127.0.0.1", port))
+        .await
+        .expect("connect client");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_carry_datagrams_both_ways_within_the_abuse_limits() {
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let stats = relay.udp.stats.clone();
+    let drops = |r: UdpDrop| stats.drops(r);
+    let mut a = connect(&relay, &ca, &ca.leaf(AGENT_1, &[], Eku::Client))
+        .await
+        .expect("agent 1 connects");
+    a.hello(AGENT_1).await;
+    let g = a.register_with(udp_lease("dns", 1)).await;
+    assert_eq!(g.udp_slot, 1);
+    let port = port_of(&g.udp_addr);
+    eventually("the UDP lease port is bound", || {
+        stats.ports_bound.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    // Two client source ports: two flows, counted up from 1, replies to the right client.
+    let (c1, c2) = (client(port).await, client(port).await);
+    c1.send(b"one").await.expect("send");
+    let (h1, p1) = next_datagram(&a).await;
+    c2.send(b"two-two").await.expect("send");
+    let (h2, p2) = next_datagram(&a).await;
+    assert_eq!(
+        (h1.udp_slot, h1.flow_id, p1.as_slice()),
+        (1, 1, &b"one"[..])
+    );
+    assert_eq!(
+        (h2.udp_slot, h2.flow_id, p2.as_slice()),
+        (1, 2, &b"two-two"[..])
+    );
+    a.conn
+        .send_datagram(datagram(1, 2, b"to-two"))
+        .expect("send");
+    a.conn
+        .send_datagram(datagram(1, 1, b"to-one"))
+        .expect("send");
+    assert_eq!(recv_from(&c2).await, b"to-two");
+    assert_eq!(recv_from(&c1).await, b"to-one");
+
+    // Amplification: c1 sent 3 bytes, so 9 may come back; 6 did. 4 more are dropped, 3 pass.
+    a.conn.send_datagram(datagram(1, 1, b"abcd")).expect("send");
+    eventually("the amplification drop is counted", || {
+        drops(UdpDrop::Amplification) == 1
+    })
+    .await;
+    a.conn.send_datagram(datagram(1, 1, b"xyz")).expect("send");
+    assert_eq!(
+        recv_from(&c1).await,
+        b"xyz",
+        "the 4-byte reply never arrived"
+    );
+
+    // A flow id the relay never created.
+    a.conn.send_datagram(datagram(1, 99, b"who")).expect("send");
+    eventually("the unknown flow is counted", || {
+        drops(UdpDrop::UnknownFlow) == 1
+    })
+    .await;
+
+    // Too large: read the current maximum, then send one byte more and exactly the maximum.
+    let max = usize::try_from(stats.payload_max_bytes.load(Ordering::Relaxed)).expect("usize");
+    eprintln!("MEASURED UDP payload maximum on this connection: {max} bytes");
+    assert!(max >= 1_000, "payload max {max}");
+    c1.send(&vec![7u8; max + 1]).await.expect("send");
+    eventually("the oversized datagram is counted", || {
+        drops(UdpDrop::TooLarge) == 1
+    })
+    .await;
+    c1.send(&vec![8u8; max]).await.expect("send");
+    let (h, p) = next_datagram(&a).await;
+    assert_eq!(
+        (h.flow_id, p.len()),
+        (1, max),
+        "the largest datagram arrives whole"
+    );
+    assert!(p.iter().all(|b| *b == 8));
+
+    // Flow cap (3): a third client gets flow 3, a fourth is dropped.
+    let (c3, c4) = (client(port).await, client(port).await);
+    c3.send(b"three").await.expect("send");
+    let (h3, _) = next_datagram(&a).await;
+    assert_eq!(h3.flow_id, 3);
+    c4.send(b"four").await.expect("send");
+    eventually("the flow cap is counted", || drops(UdpDrop::FlowLimit) == 1).await;
+
+    // Another connection cannot reach this lease: its own slot 1 has no flows, and slot 2
+    // (granted to agent 1 only) does not exist for it.
+    let g2 = a.register_with(udp_lease("second", 2)).await;
+    assert_eq!(g2.udp_slot, 2);
+    let mut b = connect(&relay, &ca, &ca.leaf(AGENT_2, &[], Eku::Client))
+        .await
+        .expect("agent 2 connects");
+    b.hello(AGENT_2).await;
+    let gb = b.register_with(udp_lease("other", 3)).await;
+    assert_eq!(gb.udp_slot, 1, "slots are per connection");
+    b.conn
+        .send_datagram(datagram(2, 1, b"spoof"))
+        .expect("send");
+    eventually("a slot of another connection is counted", || {
+        drops(UdpDrop::UnknownSlot) == 1
+    })
+    .await;
+    b.conn
+        .send_datagram(datagram(1, 1, b"spoof"))
+        .expect("send");
+    eventually("a flow of another lease is counted", || {
+        drops(UdpDrop::UnknownFlow) == 2
+    })
+    .await;
+    // c1 received neither: the next datagram it gets is this marker (within budget: c1 sent
+    // max + 1 + max bytes since).
+    a.conn
+        .send_datagram(datagram(1, 1, b"marker"))
+        .expect("send");
+    assert_eq!(recv_from(&c1).await, b"marker");
+    assert_eq!(stats.flows_active.load(Ordering::Relaxed), 3);
 }

@@ -889,6 +889,7 @@ impl LeaseTable {
                 table.tcp.insert(p, entry.clone());
             }
             if let Some(p) = lease.udp_port {
+                table.udp_slots.insert((lease.conn, lease.udp_slot), p);
                 table.udp.insert(p, entry);
             }
         }

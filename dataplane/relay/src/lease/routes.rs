@@ -32,6 +32,8 @@ pub struct RouteTable {
     pub(crate) wildcard: HashMap<Box<str>, RouteEntry>,
     pub(crate) tcp: HashMap<u16, RouteEntry>,
     pub(crate) udp: HashMap<u16, RouteEntry>,
+    /// UDP lease port by (connection, slot): where an agent's datagram goes.
+    pub(crate) udp_slots: HashMap<(ConnId, u32), u16>,
 }
 
 impl RouteTable {
@@ -67,6 +69,12 @@ impl RouteTable {
     /// Every TCP port route.
     pub fn tcp_ports(&self) -> impl Iterator<Item = (u16, &RouteEntry)> {
         self.tcp.iter().map(|(k, v)| (*k, v))
+    }
+
+    /// The UDP lease port of `slot` on connection `conn` (slots are per connection, so a
+    /// datagram can only reach leases of the connection it arrived on).
+    pub fn lookup_udp_slot(&self, conn: ConnId, slot: u32) -> Option<u16> {
+        self.udp_slots.get(&(conn, slot)).copied()
     }
 
     /// Every UDP port route.

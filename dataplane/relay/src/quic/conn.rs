@@ -154,6 +154,11 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
     }))?;
     // Later bidirectional streams carry OPEN_STREAM, which is not served yet: refuse them.
     let refuser = tokio::spawn(refuse_streams(conn.clone(), ctx.clone()));
+    let _datagrams = ctx
+        .udp
+        .get()
+        .cloned()
+        .map(|udp| AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), conn_id, udp))));
 
     let mut shutdown = ctx.shutdown.clone();
     let result = loop {
@@ -439,6 +444,26 @@ async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>
 }
 
 /// Refuses every bidirectional stream after the control stream (OPEN_STREAM is not served yet).
+/// Aborts its task when dropped (the connection's serve ends on every path).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Hands every QUIC datagram of the connection to the UDP ingress until the connection ends.
+async fn read_datagrams(
+    conn: quinn::Connection,
+    conn_id: ConnId,
+    udp: Arc<crate::udp::UdpIngress>,
+) {
+    while let Ok(datagram) = conn.read_datagram().await {
+        udp.from_agent(conn_id, datagram);
+    }
+}
+
 async fn refuse_streams(conn: quinn::Connection, ctx: Arc<Ctx>) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         bump(&ctx.stats.streams_refused);

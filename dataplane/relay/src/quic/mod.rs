@@ -8,9 +8,12 @@
 //! reverse-session keys of live leases) through [`Shared::publish`] while the lock is held, so
 //! snapshots are published in generation order.
 //!
+//! QUIC datagrams from agents (UDP lease replies) are read by one task per connection and handed
+//! to [`crate::udp::UdpIngress::from_agent`].
+//!
 //! Not here yet: REGISTER / OPEN_STREAM (service streams; REGISTER is answered with
 //! STREAM_REJECT 503, later bidirectional streams are refused), relay-to-relay connections,
-//! UDP datagrams, keyless signing.
+//! keyless signing.
 
 mod conn;
 mod stats;
@@ -313,6 +316,8 @@ pub(crate) struct Ctx {
     /// Agents past HELLO, by connection (to close a revoked identity's connections). A std
     /// mutex: held for map operations only, never across an await.
     pub(crate) agents: std::sync::Mutex<HashMap<ConnId, AgentConn>>,
+    /// Where agents' QUIC datagrams go (UDP leases); unset: datagrams are not read.
+    pub(crate) udp: std::sync::OnceLock<Arc<crate::udp::UdpIngress>>,
 }
 
 /// One registered agent connection.
@@ -332,9 +337,18 @@ impl Ctx {
         } = control;
         keys.retain(|id, _| table.get(id).is_some());
         *published += 1;
+        let routes = table.routes();
+        let udp_conns = {
+            let agents = self.agents();
+            routes
+                .udp_ports()
+                .filter_map(|(_, r)| Some((r.conn, agents.get(&r.conn)?.conn.clone())))
+                .collect()
+        };
         self.shared.publish(Snapshot {
-            routes: table.routes(),
+            routes,
             reverse_keys: keys.clone(),
+            udp_conns,
             generation: *published,
         });
     }
@@ -538,6 +552,7 @@ impl QuicServer {
             decider,
             shutdown: rx,
             agents: std::sync::Mutex::new(HashMap::new()),
+            udp: std::sync::OnceLock::new(),
         });
         Ok(QuicServer {
             endpoint,
@@ -545,6 +560,12 @@ impl QuicServer {
             shutdown_tx: Arc::new(tx),
             identity,
         })
+    }
+
+    /// Routes agents' QUIC datagrams to `udp` (UDP leases). Call before [`QuicServer::run`];
+    /// without it, datagrams from agents are not read.
+    pub fn serve_udp(&self, udp: Arc<crate::udp::UdpIngress>) {
+        let _ = self.ctx.udp.set(udp);
     }
 
     /// The bound UDP address.

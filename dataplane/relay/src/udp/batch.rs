@@ -1,0 +1,233 @@
+//! Batched datagram I/O on a non-blocking UDP socket: one `recvmmsg(2)` fills up to [`BATCH`]
+//! datagrams, one `sendmmsg(2)` sends up to [`BATCH`] replies to as many addresses. Data
+//! buffers and address arrays are allocated once per port and reused; nix's message-header
+//! array (`MultiHeaders`, raw pointers, so not `Send`) is built per call and never held across
+//! an await: one small allocation per batch of up to 32 datagrams, instead of an `unsafe impl
+//! Send` outside the io_uring module.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use bytes::Bytes;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+
+/// Datagrams per system call.
+pub const BATCH: usize = 32;
+
+/// One received datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    /// Bytes stored in its slot (at most the slot size).
+    pub len: usize,
+    /// The sender.
+    pub from: SocketAddr,
+    /// Larger than the slot: cut by the kernel (the caller drops it as too large).
+    pub truncated: bool,
+}
+
+/// Receive buffers: [`BATCH`] slots of `slot_bytes`.
+pub struct RecvBatch {
+    buf: Vec<u8>,
+    slot_bytes: usize,
+    got: Vec<Received>,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("slot_bytes", &self.slot_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecvBatch {
+    /// Buffers for [`BATCH`] datagrams of up to `slot_bytes` each.
+    pub fn new(slot_bytes: usize) -> RecvBatch {
+        RecvBatch {
+            buf: vec![0; slot_bytes * BATCH],
+            slot_bytes,
+            got: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// One `recvmmsg` without blocking. Returns how many datagrams arrived (0 never: no datagram
+    /// is `WouldBlock`).
+    ///
+    /// # Errors
+    /// The socket's error (`WouldBlock` when nothing is queued).
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+        self.got.clear();
+        let mut chunks = self.buf.chunks_mut(self.slot_bytes);
+        let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
+            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        let results = recvmmsg(
+            fd.as_raw_fd(),
+            &mut headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        for r in results {
+            let Some(from) = r.address.as_ref().and_then(to_socket_addr) else {
+                continue;
+            };
+            self.got.push(Received {
+                len: r.bytes,
+                from,
+                truncated: r.flags.contains(MsgFlags::MSG_TRUNC),
+            });
+        }
+        Ok(self.got.len())
+    }
+
+    /// The datagrams of the last [`RecvBatch::recv`], with their bytes.
+    pub fn received(&self) -> impl Iterator<Item = (Received, &[u8])> {
+        self.got.iter().enumerate().map(|(i, r)| {
+            let start = i * self.slot_bytes;
+            (*r, &self.buf[start..start + r.len])
+        })
+    }
+}
+
+/// Replies waiting for one `sendmmsg`.
+pub struct SendBatch {
+    payloads: Vec<Bytes>,
+    addrs: [Option<SockaddrStorage>; BATCH],
+}
+
+impl std::fmt::Debug for SendBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("queued", &self.payloads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SendBatch {
+    fn default() -> Self {
+        SendBatch {
+            payloads: Vec::with_capacity(BATCH),
+            addrs: [None; BATCH],
+        }
+    }
+}
+
+impl SendBatch {
+    /// Queues one reply; false when the batch is full (flush first).
+    pub fn push(&mut self, to: SocketAddr, payload: Bytes) -> bool {
+        let i = self.payloads.len();
+        if i == BATCH {
+            return false;
+        }
+        self.addrs[i] = Some(SockaddrStorage::from(to));
+        self.payloads.push(payload);
+        true
+    }
+
+    /// Queued replies.
+    pub fn len(&self) -> usize {
+        self.payloads.len()
+    }
+
+    /// No reply queued.
+    pub fn is_empty(&self) -> bool {
+        self.payloads.is_empty()
+    }
+
+    /// Sends the queued replies with as few `sendmmsg` calls as the kernel allows. Returns
+    /// `(datagrams sent, bytes sent)`; what the socket could not take at once (`WouldBlock`) or
+    /// refused is dropped: the caller counts `queued - sent` as dropped. The batch is empty
+    /// afterwards.
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> (usize, u64) {
+        let n = self.payloads.len();
+        let mut sent = 0;
+        let mut bytes = 0u64;
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        while sent < n {
+            let slices: [[IoSlice<'_>; 1]; BATCH] = std::array::from_fn(|i| {
+                [IoSlice::new(
+                    self.payloads.get(sent + i).map_or(&[][..], |b| &b[..]),
+                )]
+            });
+            let result = sendmmsg(
+                fd.as_raw_fd(),
+                &mut headers,
+                slices[..n - sent].iter(),
+                &self.addrs[sent..n],
+                [],
+                MsgFlags::MSG_DONTWAIT,
+            );
+            let Ok(results) = result else { break };
+            let mut round = 0;
+            for r in results {
+                round += 1;
+                bytes += r.bytes as u64;
+            }
+            if round == 0 {
+                break;
+            }
+            sent += round;
+        }
+        self.payloads.clear();
+        self.addrs = [None; BATCH];
+        (sent, bytes)
+    }
+}
+
+fn to_socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    s.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_batch_round_trips_between_two_sockets_and_marks_truncation() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b_addr = b.local_addr().unwrap();
+        let mut out = SendBatch::default();
+        for i in 0..40u8 {
+            if !out.push(b_addr, Bytes::from(vec![i; 10 + usize::from(i)])) {
+                break;
+            }
+        }
+        assert_eq!(out.len(), BATCH);
+        let (sent, bytes) = out.flush(a.as_fd());
+        assert_eq!(sent, BATCH);
+        assert_eq!(bytes, (0..BATCH as u64).map(|i| 10 + i).sum::<u64>());
+        assert!(out.is_empty());
+        // One datagram larger than the receive slot.
+        a.send_to(&[7; 100], b_addr).unwrap();
+        let mut rx = RecvBatch::new(32);
+        let mut seen = Vec::new();
+        while seen.len() < BATCH + 1 {
+            match rx.recv(b.as_fd()) {
+                Ok(_) => seen.extend(rx.received().map(|(r, d)| (r, d.to_vec()))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        for (i, (r, d)) in seen.iter().take(22).enumerate() {
+            assert_eq!(r.from, a.local_addr().unwrap());
+            assert_eq!(d, &vec![i as u8; 10 + i]);
+            assert!(!r.truncated);
+        }
+        // 10 + 22 = 32 bytes fit exactly; 33 and above are cut and marked.
+        assert!(seen[23].0.truncated);
+        let last = seen.last().unwrap();
+        assert!(last.0.truncated);
+        assert_eq!(last.1.len(), 32);
+    }
+}

@@ -1,0 +1,225 @@
+//! UDP port leases (`public-ingress.md`, "UDP port leases"): the relay binds each leased UDP
+//! port; every distinct client address is a flow (ids per lease counting up from 1, idle after
+//! `flow_idle_ms`); client datagrams travel to the agent as QUIC DATAGRAM frames on its ORP
+//! connection (`uvarint udp_slot`, `uvarint flow_id`, payload) and replies leave from the lease
+//! port to the flow's client.
+//!
+//! ```text
+//! client ──UDP lease port──► port task (recvmmsg) ──QUIC DATAGRAM──► agent
+//! client ◄─────────────────── port task (sendmmsg) ◄─ bounded queue ◄─ datagram reader of the
+//!                                                                      agent's connection
+//! ```
+//!
+//! One task per lease port owns its socket and flows (no locks on the data path). Sockets are
+//! bound and dropped by [`UdpIngress::serve`] as routes change (woken by every published
+//! snapshot). Agent datagrams are accepted only for slots granted on their own connection and
+//! flow ids the port created. Nothing is truncated: a datagram larger than the connection's
+//! current maximum datagram size (read per send; it moves with path MTU discovery) is dropped
+//! and counted as `udp_too_large`. Every queue is bounded and every drop counted
+//! ([`stats::UdpDrop`]).
+
+mod batch;
+mod port;
+pub mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use outrelay_proto::udp::DatagramHeader;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::lease::ConnId;
+use crate::state::Shared;
+use port::{AgentDatagram, Port};
+use stats::{UdpDrop, UdpStats};
+
+/// UDP lease limits (`[udp]` in the config). Durations in milliseconds.
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    /// A flow with no datagram either way for this long ends (spec: 30 s).
+    pub flow_idle_ms: u64,
+    /// Flows per lease; new client addresses beyond are dropped (`flow_limit`).
+    pub flow_max: usize,
+    /// A flow may receive this many times the bytes its client sent (spec: 3).
+    pub reply_factor: u64,
+    /// Agent datagrams queued per port before the newest are dropped.
+    pub queue_max: usize,
+    /// Receive slot per datagram; anything longer is cut by the kernel and dropped as too
+    /// large. Must exceed the largest QUIC datagram payload (quinn's MTU upper bound is 1452).
+    pub recv_slot_bytes: usize,
+    /// SO_RCVBUF / SO_SNDBUF of each lease port (the kernel caps it at `rmem_max`/`wmem_max`).
+    pub socket_buffer_bytes: usize,
+    /// Address lease ports bind on.
+    pub bind_ip: IpAddr,
+    /// Longest wait between two route syncs (a published snapshot wakes the sync at once).
+    pub sync_interval_ms: u64,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            flow_idle_ms: 30_000,
+            flow_max: 1024,
+            reply_factor: 3,
+            queue_max: 1024,
+            recv_slot_bytes: 2048,
+            socket_buffer_bytes: 4 * 1024 * 1024,
+            bind_ip: IpAddr::from([0, 0, 0, 0]),
+            sync_interval_ms: 1_000,
+        }
+    }
+}
+
+/// A bound lease port: its task and the queue into it.
+struct Bound {
+    task: JoinHandle<()>,
+    tx: mpsc::Sender<AgentDatagram>,
+}
+
+/// The UDP side of a relay.
+pub struct UdpIngress {
+    config: UdpConfig,
+    shared: Arc<Shared>,
+    /// Each bound port's queue, published by the sync loop for the agents' datagram readers.
+    queues: ArcSwap<HashMap<u16, mpsc::Sender<AgentDatagram>>>,
+    /// Counters by reason.
+    pub stats: Arc<UdpStats>,
+}
+
+impl std::fmt::Debug for UdpIngress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpIngress")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UdpIngress {
+    /// UDP ingress reading routes from `shared`.
+    pub fn new(config: UdpConfig, shared: Arc<Shared>) -> Arc<UdpIngress> {
+        Arc::new(UdpIngress {
+            config,
+            shared,
+            queues: ArcSwap::default(),
+            stats: Arc::default(),
+        })
+    }
+
+    /// Keeps one bound socket and task per routed UDP port until the runtime stops: binds new
+    /// ports as soon as a snapshot publishes them, ends the tasks of ports whose route is gone.
+    /// A port that cannot be bound is retried at every sync and logged once.
+    pub fn serve(self: &Arc<Self>) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut changed = me.shared.subscribe();
+            let mut bound: HashMap<u16, Bound> = HashMap::new();
+            let mut unbindable: HashSet<u16> = HashSet::new();
+            let tick = Duration::from_millis(me.config.sync_interval_ms.max(10));
+            loop {
+                me.sync(&mut bound, &mut unbindable);
+                let _ = tokio::time::timeout(tick, changed.changed()).await;
+            }
+        })
+    }
+
+    fn sync(&self, bound: &mut HashMap<u16, Bound>, unbindable: &mut HashSet<u16>) {
+        let snapshot = self.shared.load();
+        let before: Vec<u16> = bound.keys().copied().collect();
+        unbindable.retain(|p| snapshot.routes.lookup_udp(*p).is_some());
+        bound.retain(|port, b| {
+            let keep = snapshot.routes.lookup_udp(*port).is_some();
+            if !keep {
+                b.task.abort();
+            }
+            keep
+        });
+        for (port, _) in snapshot.routes.udp_ports() {
+            if bound.contains_key(&port) {
+                continue;
+            }
+            match self.bind(port) {
+                Ok(socket) => {
+                    let (tx, rx) = mpsc::channel(self.config.queue_max.max(1));
+                    let port_task = Port::new(
+                        port,
+                        socket,
+                        rx,
+                        self.shared.clone(),
+                        self.stats.clone(),
+                        self.config.clone(),
+                    );
+                    let task = tokio::spawn(port_task.run());
+                    bound.insert(port, Bound { task, tx });
+                    unbindable.remove(&port);
+                }
+                Err(e) => {
+                    if unbindable.insert(port) {
+                        tracing::warn!(port, error = %e, "cannot bind UDP lease port; retrying");
+                    }
+                }
+            }
+        }
+        let mut now: Vec<u16> = bound.keys().copied().collect();
+        now.sort_unstable();
+        let mut was = before;
+        was.sort_unstable();
+        if now != was {
+            self.stats
+                .ports_bound
+                .store(bound.len() as u64, Ordering::Relaxed);
+            self.queues.store(Arc::new(
+                bound.iter().map(|(p, b)| (*p, b.tx.clone())).collect(),
+            ));
+        }
+    }
+
+    fn bind(&self, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+        let addr = SocketAddr::new(self.config.bind_ip, port);
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        // Larger buffers absorb bursts between two batches; the kernel caps them silently.
+        let _ = socket.set_recv_buffer_size(self.config.socket_buffer_bytes);
+        let _ = socket.set_send_buffer_size(self.config.socket_buffer_bytes);
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        tokio::net::UdpSocket::from_std(socket.into())
+    }
+
+    /// A datagram from agent connection `conn`: routed to the lease port of its slot on that
+    /// same connection, or dropped and counted.
+    pub fn from_agent(&self, conn: ConnId, datagram: Bytes) {
+        let Ok((header, payload)) = DatagramHeader::decode(&datagram) else {
+            return self.stats.dropped(UdpDrop::BadHeader);
+        };
+        let offset = datagram.len() - payload.len();
+        let snapshot = self.shared.load();
+        let Some(port) = snapshot.routes.lookup_udp_slot(conn, header.udp_slot) else {
+            return self.stats.dropped(UdpDrop::UnknownSlot);
+        };
+        let queues = self.queues.load();
+        let Some(tx) = queues.get(&port) else {
+            return self.stats.dropped(UdpDrop::NoRoute);
+        };
+        let d = AgentDatagram {
+            conn,
+            flow_id: header.flow_id,
+            payload: datagram.slice(offset..),
+        };
+        match tx.try_send(d) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats.dropped(UdpDrop::FromAgentQueueFull)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.stats.dropped(UdpDrop::NoRoute),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! One UDP lease port: a single task owns the socket, the lease's flows and their
+//! amplification budgets, so nothing here is locked. Client datagrams arrive in `recvmmsg`
+//! batches and go to the agent as QUIC DATAGRAM frames; agent datagrams arrive through a
+//! bounded queue (from the agent connection's datagram reader) and leave in `sendmmsg`
+//! batches from the lease port.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use outrelay_proto::reverse::LeaseId;
+use outrelay_proto::udp::DatagramHeader;
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+
+use super::UdpConfig;
+use super::batch::{BATCH, RecvBatch, SendBatch};
+use super::stats::{UdpDrop, UdpStats};
+use crate::lease::ConnId;
+use crate::state::Shared;
+
+/// A datagram from an agent for one flow of this port's lease.
+#[derive(Debug)]
+pub(crate) struct AgentDatagram {
+    /// The agent connection it arrived on.
+    pub(crate) conn: ConnId,
+    /// The flow it answers.
+    pub(crate) flow_id: u64,
+    /// The payload (header stripped).
+    pub(crate) payload: Bytes,
+}
+
+/// One client address of the lease.
+#[derive(Debug)]
+struct Flow {
+    id: u64,
+    /// Reply bytes this flow may still receive: 3 × what its client sent, less what was sent
+    /// back since.
+    budget_bytes: u64,
+    last_active: Instant,
+}
+
+/// The state of one lease port.
+pub(crate) struct Port {
+    pub(crate) port: u16,
+    pub(crate) socket: tokio::net::UdpSocket,
+    pub(crate) rx: mpsc::Receiver<AgentDatagram>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) stats: Arc<UdpStats>,
+    pub(crate) config: UdpConfig,
+    lease: Option<LeaseId>,
+    flows: HashMap<SocketAddr, Flow>,
+    by_id: HashMap<u64, SocketAddr>,
+    next_flow_id: u64,
+}
+
+impl Port {
+    pub(crate) fn new(
+        port: u16,
+        socket: tokio::net::UdpSocket,
+        rx: mpsc::Receiver<AgentDatagram>,
+        shared: Arc<Shared>,
+        stats: Arc<UdpStats>,
+        config: UdpConfig,
+    ) -> Port {
+        Port {
+            port,
+            socket,
+            rx,
+            shared,
+            stats,
+            config,
+            lease: None,
+            flows: HashMap::new(),
+            by_id: HashMap::new(),
+            next_flow_id: 1,
+        }
+    }
+
+    /// Serves the port until its queue closes (the lease is gone and the sync loop dropped
+    /// the sender) or the task is aborted.
+    pub(crate) async fn run(mut self) {
+        let mut recv = RecvBatch::new(self.config.recv_slot_bytes);
+        let mut send = SendBatch::default();
+        let mut from_agent = Vec::with_capacity(BATCH);
+        let every = Duration::from_millis((self.config.flow_idle_ms / 4).clamp(50, 1_000));
+        let mut sweep = tokio::time::interval(every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ready = self.socket.readable() => {
+                    if ready.is_err() {
+                        break;
+                    }
+                    let socket = &self.socket;
+                    match socket.try_io(Interest::READABLE, || recv.recv(socket.as_fd())) {
+                        Ok(_) => self.to_agent(&recv),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // ICMP errors of earlier replies surface here; nothing was received.
+                        Err(e) => tracing::trace!(port = self.port, error = %e, "udp receive"),
+                    }
+                }
+                n = self.rx.recv_many(&mut from_agent, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    self.to_clients(&mut from_agent, &mut send);
+                }
+                _ = sweep.tick() => self.sweep(Instant::now()),
+            }
+        }
+        let flows = self.flows.len() as u64;
+        self.stats.flows_active.fetch_sub(flows, Ordering::Relaxed);
+    }
+
+    /// A new lease on this port (first use, or the agent registered again): flows start over.
+    fn reset(&mut self, lease: LeaseId) {
+        let flows = self.flows.len() as u64;
+        self.stats.flows_active.fetch_sub(flows, Ordering::Relaxed);
+        self.flows.clear();
+        self.by_id.clear();
+        self.next_flow_id = 1;
+        self.lease = Some(lease);
+    }
+
+    /// Client datagrams of one receive batch to the lease's agent.
+    fn to_agent(&mut self, recv: &RecvBatch) {
+        let now = Instant::now();
+        let snapshot = self.shared.load();
+        let batch = recv.received().count() as u64;
+        let Some(route) = snapshot.routes.lookup_udp(self.port) else {
+            return self.stats.dropped_n(UdpDrop::NoRoute, batch);
+        };
+        if self.lease != Some(route.lease_id) {
+            self.reset(route.lease_id);
+        }
+        let conn = snapshot.udp_conns.get(&route.conn);
+        let Some((conn, max)) = conn.and_then(|c| Some((c, c.max_datagram_size()?))) else {
+            return self.stats.dropped_n(UdpDrop::NoAgent, batch);
+        };
+        for (r, payload) in recv.received() {
+            let full = self.flows.len() >= self.config.flow_max;
+            let flow_id = match self.flows.get_mut(&r.from) {
+                Some(flow) => {
+                    flow.last_active = now;
+                    flow.budget_bytes = flow
+                        .budget_bytes
+                        .saturating_add(self.config.reply_factor * payload.len() as u64);
+                    flow.id
+                }
+                None if full => {
+                    self.stats.dropped(UdpDrop::FlowLimit);
+                    continue;
+                }
+                None => self.new_flow(r.from, payload.len(), now),
+            };
+            let header = DatagramHeader {
+                udp_slot: route.udp_slot,
+                flow_id,
+            };
+            let header_len = header.encoded_len();
+            self.stats
+                .payload_max_bytes
+                .store(max.saturating_sub(header_len) as u64, Ordering::Relaxed);
+            let len = header_len + payload.len();
+            if r.truncated || len > max {
+                self.stats.dropped(UdpDrop::TooLarge);
+                continue;
+            }
+            if conn.datagram_send_buffer_space() < len {
+                self.stats.dropped(UdpDrop::ToAgentQueueFull);
+                continue;
+            }
+            let mut datagram = BytesMut::with_capacity(len);
+            datagram.resize(header_len, 0);
+            header.encode(&mut datagram);
+            datagram.put_slice(payload);
+            match conn.send_datagram(datagram.freeze()) {
+                Ok(()) => {
+                    self.stats
+                        .to_agent_datagrams
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .to_agent_bytes
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                }
+                Err(quinn::SendDatagramError::TooLarge) => self.stats.dropped(UdpDrop::TooLarge),
+                Err(_) => self.stats.dropped(UdpDrop::NoAgent),
+            }
+        }
+    }
+
+    fn new_flow(&mut self, from: SocketAddr, sent_bytes: usize, now: Instant) -> u64 {
+        let id = self.next_flow_id;
+        self.next_flow_id += 1;
+        self.flows.insert(
+            from,
+            Flow {
+                id,
+                budget_bytes: self.config.reply_factor * sent_bytes as u64,
+                last_active: now,
+            },
+        );
+        self.by_id.insert(id, from);
+        self.stats.flows_created.fetch_add(1, Ordering::Relaxed);
+        self.stats.flows_active.fetch_add(1, Ordering::Relaxed);
+        id
+    }
+
+    /// Agent datagrams to their flows' clients, in `sendmmsg` batches.
+    fn to_clients(&mut self, datagrams: &mut Vec<AgentDatagram>, send: &mut SendBatch) {
+        let now = Instant::now();
+        let snapshot = self.shared.load();
+        let route = snapshot.routes.lookup_udp(self.port);
+        for d in datagrams.drain(..) {
+            // Only the connection that holds the lease now, only for the lease this port's
+            // flows belong to.
+            let Some(route) = route.filter(|r| r.conn == d.conn) else {
+                self.stats.dropped(UdpDrop::UnknownSlot);
+                continue;
+            };
+            if self.lease != Some(route.lease_id) {
+                self.stats.dropped(UdpDrop::UnknownFlow);
+                continue;
+            }
+            let Some(flow) = self
+                .by_id
+                .get(&d.flow_id)
+                .and_then(|addr| self.flows.get_mut(addr).map(|f| (*addr, f)))
+            else {
+                self.stats.dropped(UdpDrop::UnknownFlow);
+                continue;
+            };
+            let (addr, flow) = flow;
+            let len = d.payload.len() as u64;
+            if len > flow.budget_bytes {
+                self.stats.dropped(UdpDrop::Amplification);
+                continue;
+            }
+            flow.budget_bytes -= len;
+            flow.last_active = now;
+            if !send.push(addr, d.payload) {
+                self.flush(send);
+            }
+        }
+        self.flush(send);
+    }
+
+    fn flush(&self, send: &mut SendBatch) {
+        if send.is_empty() {
+            return;
+        }
+        let queued = send.len();
+        let (sent, bytes) = send.flush(self.socket.as_fd());
+        self.stats
+            .to_client_datagrams
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        self.stats
+            .to_client_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        self.stats
+            .dropped_n(UdpDrop::SendFailed, (queued - sent) as u64);
+    }
+
+    /// Ends flows idle for `flow_idle_ms` (no datagram either way).
+    fn sweep(&mut self, now: Instant) {
+        let idle = Duration::from_millis(self.config.flow_idle_ms);
+        let before = self.flows.len();
+        let by_id = &mut self.by_id;
+        self.flows.retain(|_, f| {
+            let keep = now.saturating_duration_since(f.last_active) < idle;
+            if !keep {
+                by_id.remove(&f.id);
+            }
+            keep
+        });
+        let ended = (before - self.flows.len()) as u64;
+        if ended > 0 {
+            self.stats.flows_expired.fetch_add(ended, Ordering::Relaxed);
+            self.stats.flows_active.fetch_sub(ended, Ordering::Relaxed);
+        }
+    }
+}
