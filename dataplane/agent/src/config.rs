@@ -11,7 +11,8 @@
 //! #               controller = "https://controller:7444" (renewal at 70 % of the certificate's
 //! #               life; default: the `controller` file `outrelay-agent enroll` wrote there)
 //! [[lease]]   name = "demo"  tls_to = "127.0.0.1:8443"  tcp_to = "127.0.0.1:9000"
-//!             wildcard = false  ttl_s = 30
+//!             udp_to = "127.0.0.1:5353"  wildcard = false  ttl_s = 30
+//! [udp]       flow_idle_ms = 30000  flow_max = 1024   # per UDP lease: one local socket per flow
 //! [metrics]   listen = "127.0.0.1:7462"        # "" = off (also turns off /status)
 //! [pool]      idle = 2  max = 8  dead_session_ms = 30000  connect_timeout_ms = 5000
 //!             handshake_timeout_ms = 5000  growth_window_ms = 1000
@@ -69,6 +70,7 @@ struct Raw {
     connection: RawConnection,
     local: RawLocal,
     splice: RawSplice,
+    udp: RawUdp,
 }
 
 impl Default for Raw {
@@ -83,6 +85,7 @@ impl Default for Raw {
             connection: RawConnection::default(),
             local: RawLocal::default(),
             splice: RawSplice::default(),
+            udp: RawUdp::default(),
         }
     }
 }
@@ -106,6 +109,8 @@ struct RawLease {
     #[serde(default)]
     tcp_to: String,
     #[serde(default)]
+    udp_to: String,
+    #[serde(default)]
     wildcard: bool,
     #[serde(default = "default_ttl")]
     ttl_s: u32,
@@ -113,6 +118,23 @@ struct RawLease {
 
 fn default_ttl() -> u32 {
     DEFAULT_LEASE_TTL_S
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUdp {
+    flow_idle_ms: u64,
+    flow_max: usize,
+}
+
+impl Default for RawUdp {
+    fn default() -> Self {
+        let d = UdpConfig::default();
+        RawUdp {
+            flow_idle_ms: u64::try_from(d.flow_idle.as_millis()).unwrap_or(u64::MAX),
+            flow_max: d.flow_max,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +282,8 @@ pub struct LeaseSpec {
     pub tls_to: Option<String>,
     /// Local TCP server for TCP-port claims (marker 0x01); `None`: no `tcp` exposure.
     pub tcp_to: Option<String>,
+    /// Local UDP service for the lease's UDP port; `None`: no `udp` exposure.
+    pub udp_to: Option<String>,
     /// Also route `*.<name>.<root_host>`.
     pub wildcard: bool,
     /// TTL asked for, in seconds.
@@ -358,6 +382,24 @@ impl Default for LocalConfig {
     }
 }
 
+/// UDP leases: flows to the local services.
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    /// A flow with no datagram either way for this long is closed (its local socket too).
+    pub flow_idle: Duration,
+    /// Flows per UDP lease (the relay caps them too); datagrams of further flows are dropped.
+    pub flow_max: usize,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            flow_idle: Duration::from_secs(30),
+            flow_max: 1024,
+        }
+    }
+}
+
 /// The splice engines.
 #[derive(Debug, Clone)]
 pub struct SpliceConfig {
@@ -393,6 +435,8 @@ pub struct Settings {
     pub connection: ConnectionConfig,
     /// Local targets.
     pub local: LocalConfig,
+    /// UDP flows.
+    pub udp: UdpConfig,
     /// Splice engines.
     pub splice: SpliceConfig,
 }
@@ -410,6 +454,8 @@ pub struct ExposeArgs {
     pub tls_to: Option<String>,
     /// `--tcp-to`.
     pub tcp_to: Option<String>,
+    /// `--udp-to`.
+    pub udp_to: Option<String>,
     /// `--cert/--key/--ca`.
     pub files: Option<(PathBuf, PathBuf, PathBuf)>,
     /// `--state-dir`.
@@ -436,8 +482,8 @@ impl Settings {
     /// # Errors
     /// As [`Settings::load`], naming the flag.
     pub fn from_expose(args: ExposeArgs) -> Result<Settings, ConfigError> {
-        if args.tls_to.is_none() && args.tcp_to.is_none() {
-            return Err(bad("--tls-to/--tcp-to", "give at least one"));
+        if args.tls_to.is_none() && args.tcp_to.is_none() && args.udp_to.is_none() {
+            return Err(bad("--tls-to/--tcp-to/--udp-to", "give at least one"));
         }
         if args.files.is_none() && args.state_dir.is_none() {
             return Err(bad("--cert/--key/--ca", "give them, or --state-dir"));
@@ -464,6 +510,7 @@ impl Settings {
             name: args.name,
             tls_to: args.tls_to.unwrap_or_default(),
             tcp_to: args.tcp_to.unwrap_or_default(),
+            udp_to: args.udp_to.unwrap_or_default(),
             wildcard: false,
             ttl_s: DEFAULT_LEASE_TTL_S,
         });
@@ -548,8 +595,14 @@ impl Settings {
             };
             let tls_to = opt("tls_to", l.tls_to)?;
             let tcp_to = opt("tcp_to", l.tcp_to)?;
-            if tls_to.is_none() && tcp_to.is_none() {
-                return Err(bad(&key, "give tls_to, tcp_to or both"));
+            let udp_to = opt("udp_to", l.udp_to)?;
+            if let Some(u) = &udp_to
+                && u.parse::<SocketAddr>().is_err()
+            {
+                return Err(bad(&format!("{key}.udp_to"), "must be ip:port"));
+            }
+            if tls_to.is_none() && tcp_to.is_none() && udp_to.is_none() {
+                return Err(bad(&key, "give tls_to, tcp_to or udp_to"));
             }
             if l.wildcard && tls_to.is_none() {
                 return Err(bad(&format!("{key}.wildcard"), "needs tls_to"));
@@ -561,6 +614,7 @@ impl Settings {
                 name: l.name,
                 tls_to,
                 tcp_to,
+                udp_to,
                 wildcard: l.wildcard,
                 ttl_s: l.ttl_s,
             });
@@ -647,6 +701,13 @@ impl Settings {
             idle_timeout: dur("splice.idle_timeout_ms", s.idle_timeout_ms)?,
             half_closed_timeout: dur("splice.half_closed_timeout_ms", s.half_closed_timeout_ms)?,
         };
+        if raw.udp.flow_max == 0 {
+            return Err(bad("udp.flow_max", "must be at least 1"));
+        }
+        let udp = UdpConfig {
+            flow_idle: dur("udp.flow_idle_ms", raw.udp.flow_idle_ms)?,
+            flow_max: raw.udp.flow_max,
+        };
         Ok(Settings {
             relays: raw.relays,
             server_name: raw.server_name,
@@ -657,6 +718,7 @@ impl Settings {
             pool,
             connection,
             local,
+            udp,
             splice,
         })
     }

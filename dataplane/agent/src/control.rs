@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use crate::config::{LeaseSpec, Settings};
 use crate::pool::{self, FailLog, PoolCtx, PoolParams};
 use crate::stats::{Board, LeaseState, LeaseStatus, PoolGauge, RelayStatus, Stats};
+use crate::udp;
 
 /// The HELLO `protocol_version`.
 pub const PROTOCOL_VERSION: &str = "orp/1";
@@ -88,6 +89,7 @@ struct Slot {
     name: Arc<str>,
     tls_to: Option<Arc<str>>,
     tcp_to: Option<Arc<str>>,
+    udp_to: Option<Arc<str>>,
     fail_log: Arc<FailLog>,
 }
 
@@ -97,6 +99,9 @@ struct Live {
     lease_id: Option<LeaseId>,
     hostname: String,
     tcp_addr: Option<String>,
+    udp_addr: Option<String>,
+    /// The slot this connection's mux serves for the lease.
+    udp_slot: Option<u32>,
     last_error: Option<String>,
     pool: Option<JoinHandle<()>>,
     gauge: Arc<PoolGauge>,
@@ -111,6 +116,8 @@ impl Live {
             lease_id: None,
             hostname: String::new(),
             tcp_addr: None,
+            udp_addr: None,
+            udp_slot: None,
             last_error: None,
             pool: None,
             gauge: Arc::new(PoolGauge::default()),
@@ -151,6 +158,7 @@ pub async fn run(index: usize, ctx: Arc<RelayCtx>, mut stop: watch::Receiver<boo
             name: Arc::from(spec.name.as_str()),
             tls_to: spec.tls_to.as_deref().map(Arc::from),
             tcp_to: spec.tcp_to.as_deref().map(Arc::from),
+            udp_to: spec.udp_to.as_deref().map(Arc::from),
             fail_log: Arc::new(FailLog::default()),
         })
         .collect();
@@ -238,6 +246,7 @@ fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]
                     state: LeaseState::Disconnected,
                     hostname: String::new(),
                     tcp_addr: None,
+                    udp_addr: None,
                     last_error: None,
                     pool: None,
                 })
@@ -298,7 +307,12 @@ async fn connect_once(
     let writer = tokio::spawn(write_frames(send, out_rx));
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, String>>(CONTROL_QUEUE_FRAMES);
     let reader = tokio::spawn(read_frames(recv, in_tx));
-    let _tasks = AbortOnDrop(vec![writer, reader]);
+    let (udp, udp_task) = udp::spawn(
+        conn.clone(),
+        ctx.stats.udp.clone(),
+        ctx.settings.udp.clone(),
+    );
+    let _tasks = AbortOnDrop(vec![writer, reader, udp_task]);
 
     let hello = Frame::Hello(orp::Hello {
         protocol_version: PROTOCOL_VERSION.to_owned(),
@@ -334,6 +348,7 @@ async fn connect_once(
         slots,
         conn: &conn,
         out: &out_tx,
+        udp,
         live: slots.iter().map(|_| Live::new()).collect(),
         requests: HashMap::new(),
         next_request: 1,
@@ -424,6 +439,8 @@ struct Conn<'a> {
     slots: &'a [Slot],
     conn: &'a quinn::Connection,
     out: &'a mpsc::Sender<Frame>,
+    /// This connection's UDP lease mux.
+    udp: udp::Mux,
     live: Vec<Live>,
     requests: HashMap<u64, Request>,
     next_request: u64,
@@ -455,7 +472,7 @@ impl Conn<'_> {
             name: spec.name.clone(),
             tls: spec.tls_to.is_some(),
             tcp: spec.tcp_to.is_some(),
-            udp: false,
+            udp: spec.udp_to.is_some(),
             ttl_s: spec.ttl_s,
             reverse_tls: false,
             request_id: 0,
@@ -535,9 +552,11 @@ impl Conn<'_> {
             l.state = LeaseState::Granted;
             l.hostname.clone_from(&g.hostname);
             l.tcp_addr = (!g.tcp_addr.is_empty()).then(|| g.tcp_addr.clone());
+            l.udp_addr = (!g.udp_addr.is_empty()).then(|| g.udp_addr.clone());
             l.last_error = None;
             l.due = Some(Instant::now() + renew);
         }
+        self.serve_udp(i, g.udp_slot);
         if same {
             return;
         }
@@ -561,6 +580,7 @@ impl Conn<'_> {
             lease = %slot.name,
             hostname = %g.hostname,
             tcp_addr = %g.tcp_addr,
+            udp_addr = %g.udp_addr,
             reverse = %reverse_addr,
             renew_ms = renew.as_millis(),
             "lease granted"
@@ -568,6 +588,10 @@ impl Conn<'_> {
         let l = &mut self.live[i];
         l.stop_pool();
         l.lease_id = Some(lease_id);
+        if slot.tls_to.is_none() && slot.tcp_to.is_none() {
+            // A UDP-only lease has no reverse sessions.
+            return;
+        }
         let params = PoolParams {
             name: slot.name.clone(),
             reverse_addr,
@@ -579,6 +603,25 @@ impl Conn<'_> {
             fail_log: slot.fail_log.clone(),
         };
         l.pool = Some(pool::spawn(params, self.ctx.pools.clone()));
+    }
+
+    /// Points the mux at the lease's local UDP service for the granted slot (0: no UDP).
+    fn serve_udp(&mut self, i: usize, slot: u32) {
+        let target = self.slots[i]
+            .udp_to
+            .as_deref()
+            .and_then(|t| t.parse::<SocketAddr>().ok());
+        let want = target.filter(|_| slot != 0).map(|t| (slot, t));
+        let l = &mut self.live[i];
+        if let Some(old) = l.udp_slot
+            && want.map(|(s, _)| s) != Some(old)
+        {
+            self.udp.remove(old);
+        }
+        l.udp_slot = want.map(|(s, _)| s);
+        if let Some((slot, target)) = want {
+            self.udp.set(slot, target);
+        }
     }
 
     fn on_register_error(&mut self, i: usize, e: &orp::LeaseError) {
@@ -666,6 +709,7 @@ impl Conn<'_> {
                         state: l.state,
                         hostname: l.hostname.clone(),
                         tcp_addr: l.tcp_addr.clone(),
+                        udp_addr: l.udp_addr.clone(),
                         last_error: l.last_error.clone(),
                         pool: Some(l.gauge.clone()),
                     })

@@ -187,6 +187,16 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_relay_goaways_total").absolute(load(&st.goaways));
     counter!("outrelay_agent_lease_errors_total").absolute(load(&st.lease_errors));
     counter!("outrelay_agent_lease_reregistered_total").absolute(load(&st.lease_reregistered));
+    let u = &st.udp;
+    for r in crate::udp::UdpDrop::ALL {
+        counter!("outrelay_agent_udp_drops_total", "reason" => r.label()).absolute(u.drops(r));
+    }
+    counter!("outrelay_agent_udp_datagrams_total", "direction" => "to_local")
+        .absolute(load(&u.to_local));
+    counter!("outrelay_agent_udp_datagrams_total", "direction" => "to_relay")
+        .absolute(load(&u.to_relay));
+    counter!("outrelay_agent_udp_flows_total").absolute(load(&u.flows_opened));
+    counter!("outrelay_agent_udp_flows_expired_total").absolute(load(&u.flows_expired));
 
     let board = s.board.snapshot();
     gauge!("outrelay_agent_relays_connected")

@@ -6,7 +6,7 @@
 //! lease's local target and spliced in the kernel by the same engine as the relay's
 //! (`outrelay-io`): the agent never copies a payload byte in user space.
 //!
-//! Not here: enrollment (the `outrelay-client` library), UDP leases, service streams.
+//! Not here: enrollment (the `outrelay-client` library), service streams.
 //!
 //! Threads: one small tokio runtime (`agent-control`, 2 workers) for QUIC, leases, pools and
 //! the HTTP listener; one thread per splice engine (`splice-N`).
@@ -20,6 +20,7 @@ pub mod ready;
 pub mod splice;
 pub mod stats;
 pub mod tls;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -61,6 +61,9 @@ enum Command {
         /// Local TCP server for a public TCP port.
         #[arg(long, value_name = "ADDR")]
         tcp_to: Option<String>,
+        /// Local UDP service (ip:port) for a public UDP port.
+        #[arg(long, value_name = "ADDR")]
+        udp_to: Option<String>,
         /// Certificate chain (PEM) with the agent identity URI.
         #[arg(long, requires_all = ["key", "ca"], conflicts_with = "state_dir")]
         cert: Option<PathBuf>,
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
             name,
             tls_to,
             tcp_to,
+            udp_to,
             cert,
             key,
             ca,
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
                 name,
                 tls_to,
                 tcp_to,
+                udp_to,
                 files,
                 state_dir,
                 metrics,

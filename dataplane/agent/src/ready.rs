@@ -5,7 +5,8 @@
 //! ```json
 //! {"metrics": "127.0.0.1:7462" | null,
 //!  "relay": "127.0.0.1:7443",
-//!  "leases": [{"name": "demo", "hostname": "demo.example.com", "tcp_addr": "ip:port" | null}],
+//!  "leases": [{"name": "demo", "hostname": "demo.example.com", "tcp_addr": "ip:port" | null,
+//!              "udp_addr": "ip:port" | null}],
 //!  "relays": [{"addr": "127.0.0.1:7443", "leases": [ …same shape… ]}]}
 //! ```
 //! `relay` and `leases` describe the first ready relay in config order; `relays` lists every
@@ -24,7 +25,10 @@ pub fn document(relays: &[RelayStatus], metrics: Option<SocketAddr>) -> Option<s
     let leases = |r: &RelayStatus| -> Vec<serde_json::Value> {
         r.leases
             .iter()
-            .map(|l| json!({"name": l.name, "hostname": l.hostname, "tcp_addr": l.tcp_addr}))
+            .map(|l| {
+                json!({"name": l.name, "hostname": l.hostname, "tcp_addr": l.tcp_addr,
+                       "udp_addr": l.udp_addr})
+            })
             .collect()
     };
     let ready: Vec<&RelayStatus> = relays.iter().filter(|r| r.ready()).collect();
@@ -90,6 +94,7 @@ mod tests {
                     state: *s,
                     hostname: format!("l{i}.example.com"),
                     tcp_addr: (i == 0).then(|| "example.com:20000".to_owned()),
+                    udp_addr: None,
                     last_error: None,
                     pool: None,
                 })

@@ -116,6 +116,8 @@ pub struct Stats {
     pub lease_errors: AtomicU64,
     /// Leases registered again after `lease_not_found`.
     pub lease_reregistered: AtomicU64,
+    /// UDP lease counters.
+    pub udp: Arc<crate::udp::UdpStats>,
 }
 
 impl Stats {
@@ -202,6 +204,8 @@ pub struct LeaseStatus {
     pub hostname: String,
     /// Public TCP address from the grant.
     pub tcp_addr: Option<String>,
+    /// Public UDP address from the grant.
+    pub udp_addr: Option<String>,
     /// The last refusal, `code: message`.
     pub last_error: Option<String>,
     /// Pool sizes (not serialised directly).
@@ -250,6 +254,7 @@ impl Board {
                         state: LeaseState::Disconnected,
                         hostname: String::new(),
                         tcp_addr: None,
+                        udp_addr: None,
                         last_error: None,
                         pool: None,
                     })

@@ -1,0 +1,328 @@
+//! UDP leases on the agent side (`public-ingress.md`, "UDP port leases"): QUIC datagrams from
+//! the relay carry `uvarint udp_slot`, `uvarint flow_id`, payload. Each flow (one public client
+//! of the lease) gets its own local UDP socket connected to the lease's `udp_to`, so the local
+//! service sees distinct clients; its replies go back on the same connection with the same
+//! header. Flows idle for `udp.flow_idle_ms` are closed; at most `udp.flow_max` per lease.
+//!
+//! One mux task per relay connection owns the slot and flow tables (no locks); one reply task
+//! per flow reads its local socket. Nothing is truncated: a reply larger than the connection's
+//! current maximum datagram size (read per send) is dropped and counted `udp_too_large`; a
+//! full datagram send buffer drops the newest (`queue_full`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use outrelay_proto::udp::DatagramHeader;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::UdpConfig;
+
+/// Bytes read from a flow's local socket per datagram: above any QUIC datagram (quinn's MTU
+/// upper bound is 1452), so a reply that fills it is too large to travel anyway.
+const LOCAL_RECV_BYTES: usize = 2048;
+/// Slot changes queued from the connection's state machine.
+const COMMAND_QUEUE: usize = 64;
+
+/// Why a datagram was dropped on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum UdpDrop {
+    /// A relay datagram whose header does not decode.
+    BadHeader,
+    /// A relay datagram for a slot this connection has no UDP lease on.
+    UnknownSlot,
+    /// A new flow while the lease already has `flow_max`.
+    FlowLimit,
+    /// A reply larger than the connection's maximum datagram size.
+    TooLarge,
+    /// The connection's datagram send buffer was full, or the local socket would block.
+    QueueFull,
+    /// The local service could not be reached (socket error, ICMP unreachable).
+    LocalError,
+}
+
+impl UdpDrop {
+    /// Every reason, in counter order.
+    pub const ALL: [UdpDrop; 6] = [
+        UdpDrop::BadHeader,
+        UdpDrop::UnknownSlot,
+        UdpDrop::FlowLimit,
+        UdpDrop::TooLarge,
+        UdpDrop::QueueFull,
+        UdpDrop::LocalError,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            UdpDrop::BadHeader => "bad_header",
+            UdpDrop::UnknownSlot => "unknown_slot",
+            UdpDrop::FlowLimit => "flow_limit",
+            UdpDrop::TooLarge => "udp_too_large",
+            UdpDrop::QueueFull => "queue_full",
+            UdpDrop::LocalError => "local_error",
+        }
+    }
+}
+
+/// UDP counters (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    drops: [AtomicU64; UdpDrop::ALL.len()],
+    /// Datagrams handed to local services.
+    pub to_local: AtomicU64,
+    /// Replies sent to the relay.
+    pub to_relay: AtomicU64,
+    /// Flows opened.
+    pub flows_opened: AtomicU64,
+    /// Flows closed after the idle timeout.
+    pub flows_expired: AtomicU64,
+}
+
+impl UdpStats {
+    /// Counts one drop.
+    pub fn dropped(&self, reason: UdpDrop) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count of one reason.
+    pub fn drops(&self, reason: UdpDrop) -> u64 {
+        self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+enum Command {
+    Set { slot: u32, target: SocketAddr },
+    Remove { slot: u32 },
+}
+
+/// The state machine's handle on its connection's mux.
+#[derive(Debug, Clone)]
+pub struct Mux {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Mux {
+    /// Serves `slot` (from LEASE_GRANT) with the local service `target`.
+    pub fn set(&self, slot: u32, target: SocketAddr) {
+        // The queue only fills if the mux stopped; then the connection is ending anyway.
+        let _ = self.tx.try_send(Command::Set { slot, target });
+    }
+
+    /// Stops serving `slot` (its flows close).
+    pub fn remove(&self, slot: u32) {
+        let _ = self.tx.try_send(Command::Remove { slot });
+    }
+}
+
+struct Flow {
+    socket: Arc<UdpSocket>,
+    task: JoinHandle<()>,
+    /// Milliseconds since the mux started, of the last datagram either way.
+    last_active_ms: Arc<AtomicU64>,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts the mux of one relay connection; it ends with the connection (abort it earlier by
+/// dropping the handle's task).
+pub fn spawn(
+    conn: quinn::Connection,
+    stats: Arc<UdpStats>,
+    config: UdpConfig,
+) -> (Mux, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let task = tokio::spawn(run(conn, rx, stats, config));
+    (Mux { tx }, task)
+}
+
+async fn run(
+    conn: quinn::Connection,
+    mut commands: mpsc::Receiver<Command>,
+    stats: Arc<UdpStats>,
+    config: UdpConfig,
+) {
+    let epoch = Instant::now();
+    let mut slots: HashMap<u32, SocketAddr> = HashMap::new();
+    let mut flows: HashMap<(u32, u64), Flow> = HashMap::new();
+    let mut per_slot: HashMap<u32, usize> = HashMap::new();
+    let mut sweep = tokio::time::interval(
+        (config.flow_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+    );
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => {
+                let Ok(datagram) = d else { break };
+                let Ok((header, payload)) = DatagramHeader::decode(&datagram) else {
+                    stats.dropped(UdpDrop::BadHeader);
+                    continue;
+                };
+                let Some(target) = slots.get(&header.udp_slot).copied() else {
+                    stats.dropped(UdpDrop::UnknownSlot);
+                    continue;
+                };
+                let key = (header.udp_slot, header.flow_id);
+                let now_ms = ms_since(epoch);
+                if !flows.contains_key(&key) {
+                    let count = per_slot.entry(header.udp_slot).or_default();
+                    if *count >= config.flow_max {
+                        stats.dropped(UdpDrop::FlowLimit);
+                        continue;
+                    }
+                    match open_flow(target, header, conn.clone(), stats.clone(), epoch) {
+                        Ok(flow) => {
+                            *count += 1;
+                            stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+                            flows.insert(key, flow);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%target, error = %e, "cannot open a local UDP socket");
+                            stats.dropped(UdpDrop::LocalError);
+                            continue;
+                        }
+                    }
+                }
+                let Some(flow) = flows.get(&key) else { continue };
+                flow.last_active_ms.store(now_ms, Ordering::Relaxed);
+                match flow.socket.try_send(payload) {
+                    Ok(_) => {
+                        stats.to_local.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stats.dropped(UdpDrop::QueueFull),
+                    Err(_) => stats.dropped(UdpDrop::LocalError),
+                }
+            }
+            c = commands.recv() => match c {
+                None => break,
+                Some(Command::Set { slot, target }) => {
+                    if slots.insert(slot, target) != Some(target) {
+                        close_slot(slot, &mut flows, &mut per_slot);
+                    }
+                }
+                Some(Command::Remove { slot }) => {
+                    slots.remove(&slot);
+                    close_slot(slot, &mut flows, &mut per_slot);
+                }
+            },
+            _ = sweep.tick() => {
+                let now_ms = ms_since(epoch);
+                let idle_ms = u64::try_from(config.flow_idle.as_millis()).unwrap_or(u64::MAX);
+                flows.retain(|(slot, _), f| {
+                    let keep = now_ms.saturating_sub(f.last_active_ms.load(Ordering::Relaxed)) < idle_ms;
+                    if !keep {
+                        stats.flows_expired.fetch_add(1, Ordering::Relaxed);
+                        if let Some(c) = per_slot.get_mut(slot) {
+                            *c = c.saturating_sub(1);
+                        }
+                    }
+                    keep
+                });
+            }
+        }
+    }
+}
+
+fn close_slot(
+    slot: u32,
+    flows: &mut HashMap<(u32, u64), Flow>,
+    per_slot: &mut HashMap<u32, usize>,
+) {
+    flows.retain(|(s, _), _| *s != slot);
+    per_slot.remove(&slot);
+}
+
+fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A local socket connected to `target` and the task that carries its replies to the relay.
+fn open_flow(
+    target: SocketAddr,
+    header: DatagramHeader,
+    conn: quinn::Connection,
+    stats: Arc<UdpStats>,
+    epoch: Instant,
+) -> std::io::Result<Flow> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let std = std::net::UdpSocket::bind(bind)?;
+    std.connect(target)?;
+    std.set_nonblocking(true)?;
+    let socket = Arc::new(UdpSocket::from_std(std)?);
+    let last_active_ms = Arc::new(AtomicU64::new(ms_since(epoch)));
+    let task = tokio::spawn(replies(
+        socket.clone(),
+        conn,
+        header,
+        stats,
+        last_active_ms.clone(),
+        epoch,
+    ));
+    Ok(Flow {
+        socket,
+        task,
+        last_active_ms,
+    })
+}
+
+async fn replies(
+    socket: Arc<UdpSocket>,
+    conn: quinn::Connection,
+    header: DatagramHeader,
+    stats: Arc<UdpStats>,
+    last_active_ms: Arc<AtomicU64>,
+    epoch: Instant,
+) {
+    let mut buf = vec![0u8; LOCAL_RECV_BYTES];
+    let mut head = [0u8; outrelay_proto::udp::MAX_DATAGRAM_HEADER_BYTES];
+    let head_len = header.encode(&mut head);
+    loop {
+        let n = match socket.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => {
+                // ICMP unreachable from the local service: counted, and the flow stays (the
+                // service may come back before the flow idles out).
+                stats.dropped(UdpDrop::LocalError);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        last_active_ms.store(ms_since(epoch), Ordering::Relaxed);
+        let len = head_len + n;
+        let Some(max) = conn.max_datagram_size() else {
+            stats.dropped(UdpDrop::TooLarge);
+            continue;
+        };
+        if n == buf.len() || len > max {
+            stats.dropped(UdpDrop::TooLarge);
+            continue;
+        }
+        if conn.datagram_send_buffer_space() < len {
+            stats.dropped(UdpDrop::QueueFull);
+            continue;
+        }
+        let mut d = BytesMut::with_capacity(len);
+        d.put_slice(&head[..head_len]);
+        d.put_slice(&buf[..n]);
+        match conn.send_datagram(Bytes::from(d)) {
+            Ok(()) => {
+                stats.to_relay.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
+            Err(_) => stats.dropped(UdpDrop::TooLarge),
+        }
+    }
+}
