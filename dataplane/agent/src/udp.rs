@@ -122,7 +122,11 @@ impl Mux {
 }
 
 struct Flow {
-    socket: Arc<UdpSocket>,
+    /// Sending side (a duplicate of the reply task's socket): a plain non-blocking send, which
+    /// does not wait for tokio to learn the new socket's readiness (tokio's `try_send` on a
+    /// fresh socket reports `WouldBlock` until the reactor has polled it, and the flow's
+    /// first datagram would be lost).
+    socket: std::net::UdpSocket,
     task: JoinHandle<()>,
     /// Milliseconds since the mux started, of the last datagram either way.
     last_active_ms: Arc<AtomicU64>,
@@ -194,7 +198,7 @@ async fn run(
                 }
                 let Some(flow) = flows.get(&key) else { continue };
                 flow.last_active_ms.store(now_ms, Ordering::Relaxed);
-                match flow.socket.try_send(payload) {
+                match flow.socket.send(payload) {
                     Ok(_) => {
                         stats.to_local.fetch_add(1, Ordering::Relaxed);
                     }
@@ -261,10 +265,11 @@ fn open_flow(
     let std = std::net::UdpSocket::bind(bind)?;
     std.connect(target)?;
     std.set_nonblocking(true)?;
-    let socket = Arc::new(UdpSocket::from_std(std)?);
+    let send = std.try_clone()?;
+    let socket = UdpSocket::from_std(std)?;
     let last_active_ms = Arc::new(AtomicU64::new(ms_since(epoch)));
     let task = tokio::spawn(replies(
-        socket.clone(),
+        socket,
         conn,
         header,
         stats,
@@ -272,14 +277,14 @@ fn open_flow(
         epoch,
     ));
     Ok(Flow {
-        socket,
+        socket: send,
         task,
         last_active_ms,
     })
 }
 
 async fn replies(
-    socket: Arc<UdpSocket>,
+    socket: UdpSocket,
     conn: quinn::Connection,
     header: DatagramHeader,
     stats: Arc<UdpStats>,

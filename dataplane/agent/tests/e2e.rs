@@ -185,6 +185,8 @@ struct RelayAddrs {
     quic: SocketAddr,
     reverse: SocketAddr,
     public_tls: SocketAddr,
+    /// `/metrics` (`None` for a fake relay).
+    metrics: Option<SocketAddr>,
 }
 
 struct Relay {
@@ -275,8 +277,8 @@ async fn start_relay_in(
         "public_url = \"{PUBLIC_URL}\"\nworkers = 1\nreverse_advertise = \"127.0.0.1:{reverse}\"\n\
          [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nca = \"ca.pem\"\n\
          [listen]\nquic = \"{quic}\"\nreverse = \"127.0.0.1:{reverse}\"\npublic_tls = \"{public_tls}\"\n\
-         metrics = \"\"\nlease_bind_ip = \"127.0.0.1\"\nadmin_socket = \"{}\"\n\
-         [leases]\nttl_default_s = 30\njanitor_interval_ms = 200\ntcp = true\n\
+         metrics = \"127.0.0.1:0\"\nlease_bind_ip = \"127.0.0.1\"\nadmin_socket = \"{}\"\n\
+         [leases]\nttl_default_s = 30\njanitor_interval_ms = 200\ntcp = true\nudp = true\n\
          min_port = {}\nmax_port = {}\n\
          [ingress]\nclaim_timeout_ms = 5000\nkeepalive_interval_ms = {keepalive_ms}\n\
          lease_sync_interval_ms = 20\n",
@@ -304,6 +306,7 @@ async fn start_relay_in(
             quic: addr_of(&info, "quic"),
             reverse: addr_of(&info, "reverse"),
             public_tls: addr_of(&info, "public_tls"),
+            metrics: Some(addr_of(&info, "metrics")),
         },
         proc,
     }
@@ -1321,6 +1324,7 @@ async fn a_server_without_the_relay_role_is_refused() {
         quic,
         reverse: "127.0.0.1:9".parse().expect("addr"),
         public_tls: "127.0.0.1:9".parse().expect("addr"),
+        metrics: None,
     };
     let mut agent = start_agent(
         &pki,
@@ -1408,4 +1412,321 @@ async fn every_lease_is_served_by_every_configured_relay() {
         }
     }
     drop((relay_a, relay_b));
+}
+
+// ---------- UDP leases ----------
+
+/// The public UDP port of lease `name` in the agent's ready file.
+fn udp_lease_port(ready: &serde_json::Value, name: &str) -> u16 {
+    let lease = ready["leases"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+        .unwrap_or_else(|| panic!("lease {name} in {ready}"));
+    let addr = lease["udp_addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("udp_addr of {name} in {ready}"));
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("port in {addr}"))
+}
+
+/// A UDP echo service in this process.
+async fn udp_echo() -> (SocketAddr, JoinHandle<()>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind UDP echo");
+    let addr = socket.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, task)
+}
+
+async fn udp_client(port: u16) -> tokio::net::UdpSocket {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind client");
+    s.connect(("127.0.0.1", port)).await.expect("connect");
+    s
+}
+
+/// Sends `payload` and waits for one datagram back (`None`: nothing within `wait`).
+async fn udp_round_trip(
+    s: &tokio::net::UdpSocket,
+    payload: &[u8],
+    wait: Duration,
+) -> Option<Vec<u8>> {
+    s.send(payload).await.expect("send");
+    let mut buf = vec![0u8; 65_536];
+    match tokio::time::timeout(wait, s.recv(&mut buf)).await {
+        Ok(Ok(n)) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+/// Round trips until one works (the lease port is bound a moment after the grant).
+async fn udp_first_echo(s: &tokio::net::UdpSocket) -> Duration {
+    let start = Instant::now();
+    loop {
+        if udp_round_trip(s, b"hello", Duration::from_millis(200))
+            .await
+            .as_deref()
+            == Some(&b"hello"[..])
+        {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < WAIT, "no UDP echo within {WAIT:?}");
+    }
+}
+
+fn relay_metric(relay: &RelayAddrs, series: &str) -> f64 {
+    let addr = relay.metrics.expect("relay metrics").to_string();
+    metric(&http_get(&addr, "/metrics"), series)
+}
+
+/// A datagram `i` of `len` bytes: its index, then a pattern derived from it.
+fn numbered(i: u32, len: usize) -> Vec<u8> {
+    let mut d: Vec<u8> = (0..len)
+        .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect();
+    d[..4].copy_from_slice(&i.to_be_bytes());
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_echo_matches_1000_datagrams_of_varied_sizes_on_two_flows() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _echo) = udp_echo().await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"echo\"\nudp_to = \"{target}\"\n"),
+    );
+    let ready = agent.ready().await;
+    let port = udp_lease_port(&ready, "echo");
+    let (a, b) = (udp_client(port).await, udp_client(port).await);
+    let first = udp_first_echo(&a).await;
+    eprintln!(
+        "MEASURED agent start -> first UDP echo: {:?} (first echo {first:?} after ready)",
+        agent.started.elapsed()
+    );
+    udp_first_echo(&b).await;
+    for (who, addr) in [
+        ("relay", relay.addrs.metrics.expect("metrics").to_string()),
+        (
+            "agent",
+            ready["metrics"].as_str().expect("agent metrics").to_owned(),
+        ),
+    ] {
+        let text = http_get(&addr, "/metrics");
+        let udp: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("_udp_") && !l.starts_with('#') && !l.ends_with(" 0"))
+            .collect();
+        eprintln!("{who} UDP counters after the first echoes: {udp:?}");
+    }
+    assert_eq!(
+        relay_metric(&relay.addrs, "outrelay_relay_udp_flows_total"),
+        2.0
+    );
+
+    // Read the current maximum payload when sending (it moves with path MTU discovery).
+    let max = relay_metric(&relay.addrs, "outrelay_relay_udp_payload_max_bytes") as usize;
+    eprintln!("MEASURED UDP payload maximum: {max} bytes");
+    assert!(max >= 1_000, "payload max {max}");
+    let started = Instant::now();
+    for i in 0..1_000u32 {
+        // Sizes cycle through 4..=max, with the maximum itself every 100th datagram.
+        let len = if i % 100 == 99 {
+            max
+        } else {
+            4 + (i as usize * 977) % (max - 3)
+        };
+        let (client, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let d = numbered(i, len);
+        let back = udp_round_trip(client, &d, Duration::from_secs(5)).await;
+        assert_eq!(back.as_deref(), Some(&d[..]), "datagram {i} of {len} bytes");
+        // Nothing crossed to the other flow.
+        let mut buf = [0u8; 16];
+        assert!(
+            other.try_recv(&mut buf).is_err(),
+            "datagram {i} leaked to the other flow"
+        );
+    }
+    eprintln!(
+        "MEASURED 1000 UDP echoes (stop and wait): {:?}",
+        started.elapsed()
+    );
+    for (who, addr, series) in [
+        (
+            "relay",
+            relay.addrs.metrics.expect("metrics").to_string(),
+            "outrelay_relay_udp_drops_total",
+        ),
+        (
+            "agent",
+            ready["metrics"].as_str().expect("agent metrics").to_owned(),
+            "outrelay_agent_udp_drops_total",
+        ),
+    ] {
+        let text = http_get(&addr, "/metrics");
+        let dropped: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(series) && !l.ends_with(" 0"))
+            .collect();
+        assert!(dropped.is_empty(), "{who} dropped datagrams: {dropped:?}");
+    }
+
+    // One byte over the maximum: dropped and counted, never truncated.
+    let before = relay_metric(
+        &relay.addrs,
+        "outrelay_relay_udp_drops_total{reason=\"udp_too_large\"}",
+    );
+    let max = relay_metric(&relay.addrs, "outrelay_relay_udp_payload_max_bytes") as usize;
+    let back = udp_round_trip(&a, &numbered(7, max + 1), Duration::from_millis(500)).await;
+    assert_eq!(back, None, "an oversized datagram came back");
+    let after = relay_metric(
+        &relay.addrs,
+        "outrelay_relay_udp_drops_total{reason=\"udp_too_large\"}",
+    );
+    assert_eq!(after, before + 1.0);
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_resolves_through_the_relay_from_dnsmasq_behind_the_agent() {
+    if !have("dig", "-v") || !have("dnsmasq", "--version") {
+        eprintln!("SKIP: dig or dnsmasq not installed (apt-get install bind9-dnsutils dnsmasq)");
+        return;
+    }
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    // A UDP port that was free a moment ago for dnsmasq.
+    let dns_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free UDP port")
+        .port();
+    let user = if nix_is_root() { "root" } else { "nobody" };
+    let dnsmasq = Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--pid-file=",
+            &format!("--user={user}"),
+            &format!("--port={dns_port}"),
+            "--address=/svc.outrelay.test/10.9.8.7",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start dnsmasq");
+    let _dnsmasq = Proc(dnsmasq);
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"dns\"\nudp_to = \"127.0.0.1:{dns_port}\"\n"),
+    );
+    let ready = agent.ready().await;
+    let port = udp_lease_port(&ready, "dns");
+    let start = Instant::now();
+    loop {
+        let mut cmd = Command::new("dig");
+        cmd.args([
+            "@127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "svc.outrelay.test",
+            "A",
+            "+short",
+            "+tries=1",
+            "+time=1",
+        ]);
+        let out = run_blocking(cmd).await;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if text == "10.9.8.7" {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "dig through the relay: {text:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "MEASURED dig answered through the relay {:?} after the agent was ready",
+        start.elapsed()
+    );
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_lease_keeps_its_port_when_the_agent_connection_comes_back() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _echo) = udp_echo().await;
+    let two = format!(
+        "[[lease]]\nname = \"first\"\nudp_to = \"{target}\"\n\
+         [[lease]]\nname = \"second\"\nudp_to = \"{target}\"\n"
+    );
+    let mut agent = start_agent(&pki, &relay.addrs, &two);
+    let ready = agent.ready().await;
+    let (p1, p2) = (
+        udp_lease_port(&ready, "first"),
+        udp_lease_port(&ready, "second"),
+    );
+    assert_ne!(p1, p2);
+    udp_first_echo(&udp_client(p2).await).await;
+    // The agent's QUIC connection goes away without a goodbye; the new one holds only
+    // "second". Lowest-free would hand it p1; the lease keeps p2.
+    drop(agent);
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!("[[lease]]\nname = \"second\"\nudp_to = \"{target}\"\n"),
+    );
+    let ready = agent.ready().await;
+    assert_eq!(
+        udp_lease_port(&ready, "second"),
+        p2,
+        "the UDP port moved: {ready}"
+    );
+    let took = udp_first_echo(&udp_client(p2).await).await;
+    eprintln!("MEASURED UDP echo on the same port {took:?} after the new agent was ready");
+    drop(agent);
 }

@@ -351,6 +351,10 @@ impl Ctx {
             udp_conns,
             generation: *published,
         });
+        // Bound before any grant naming them goes out (this runs with the lease lock held).
+        if let Some(udp) = self.udp.get() {
+            udp.sync();
+        }
     }
 
     /// The connection `conn` ended: its leases stop routing now.

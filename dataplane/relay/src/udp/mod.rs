@@ -11,8 +11,10 @@
 //! ```
 //!
 //! One task per lease port owns its socket and flows (no locks on the data path). Sockets are
-//! bound and dropped by [`UdpIngress::serve`] as routes change (woken by every published
-//! snapshot). Agent datagrams are accepted only for slots granted on their own connection and
+//! bound and dropped by [`UdpIngress::sync`], which the QUIC side calls right after publishing
+//! a snapshot and before answering LEASE_GRANT (so a granted port is already bound when the
+//! agent learns it), and [`UdpIngress::serve`] repeats to retry ports that could not be bound.
+//! Agent datagrams are accepted only for slots granted on their own connection and
 //! flow ids the port created. Nothing is truncated: a datagram larger than the connection's
 //! current maximum datagram size (read per send; it moves with path MTU discovery) is dropped
 //! and counted as `udp_too_large`. Every queue is bounded and every drop counted
@@ -82,12 +84,21 @@ struct Bound {
     tx: mpsc::Sender<AgentDatagram>,
 }
 
+#[derive(Default)]
+struct Ports {
+    bound: HashMap<u16, Bound>,
+    unbindable: HashSet<u16>,
+}
+
 /// The UDP side of a relay.
 pub struct UdpIngress {
     config: UdpConfig,
     shared: Arc<Shared>,
     /// Each bound port's queue, published by the sync loop for the agents' datagram readers.
     queues: ArcSwap<HashMap<u16, mpsc::Sender<AgentDatagram>>>,
+    /// Bound ports and ports that failed to bind (control path only: lease changes and the
+    /// retry tick; never taken by a datagram).
+    ports: std::sync::Mutex<Ports>,
     /// Counters by reason.
     pub stats: Arc<UdpStats>,
 }
@@ -107,6 +118,7 @@ impl UdpIngress {
             config,
             shared,
             queues: ArcSwap::default(),
+            ports: std::sync::Mutex::default(),
             stats: Arc::default(),
         })
     }
@@ -118,17 +130,22 @@ impl UdpIngress {
         let me = self.clone();
         tokio::spawn(async move {
             let mut changed = me.shared.subscribe();
-            let mut bound: HashMap<u16, Bound> = HashMap::new();
-            let mut unbindable: HashSet<u16> = HashSet::new();
             let tick = Duration::from_millis(me.config.sync_interval_ms.max(10));
             loop {
-                me.sync(&mut bound, &mut unbindable);
+                me.sync();
                 let _ = tokio::time::timeout(tick, changed.changed()).await;
             }
         })
     }
 
-    fn sync(&self, bound: &mut HashMap<u16, Bound>, unbindable: &mut HashSet<u16>) {
+    /// Brings the bound ports in line with the current snapshot's UDP routes. Must run inside
+    /// the tokio runtime (it spawns port tasks).
+    pub fn sync(&self) {
+        let mut ports = self
+            .ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Ports { bound, unbindable } = &mut *ports;
         let snapshot = self.shared.load();
         let before: Vec<u16> = bound.keys().copied().collect();
         unbindable.retain(|p| snapshot.routes.lookup_udp(*p).is_some());
