@@ -1,6 +1,6 @@
 //! `outrelay dev-serve`: the quickstart's demo services, a small HTTPS server (the service an
-//! agent exposes by SNI passthrough, so the relay never sees its key) and a TCP echo (the
-//! service behind a TCP port lease). Development only.
+//! agent exposes by SNI passthrough, so the relay never sees its key), a TCP echo (the
+//! service behind a TCP port lease) and a UDP echo (behind a UDP port lease). Development only.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 /// The demo HTTPS answer's first line (the quickstart's self-test looks for it).
 pub const GREETING: &str = "hello from the OutRelay demo service";
 
-/// Serves until the process is stopped; writes `{"https": addr, "echo": addr}` to `ready`.
+/// Serves until the process is stopped; writes `{"https": addr, "echo": addr, "udp_echo":
+/// addr}` to `ready`.
 ///
 /// # Errors
 /// Unreadable PEM files or unbindable addresses.
@@ -27,6 +28,7 @@ pub async fn run(
     cert: &Path,
     key: &Path,
     echo: SocketAddr,
+    udp_echo: SocketAddr,
     ready: Option<&Path>,
 ) -> anyhow::Result<()> {
     let chain = CertificateDer::pem_file_iter(cert)
@@ -49,9 +51,13 @@ pub async fn run(
     let echo = TcpListener::bind(echo)
         .await
         .with_context(|| format!("bind {echo}"))?;
+    let udp_echo = tokio::net::UdpSocket::bind(udp_echo)
+        .await
+        .with_context(|| format!("bind UDP {udp_echo}"))?;
     let bound = serde_json::json!({
         "https": https.local_addr()?.to_string(),
         "echo": echo.local_addr()?.to_string(),
+        "udp_echo": udp_echo.local_addr()?.to_string(),
     });
     if let Some(path) = ready {
         let tmp = path.with_extension("tmp");
@@ -60,6 +66,7 @@ pub async fn run(
     }
     eprintln!("outrelay dev-serve: {bound}");
     tokio::spawn(serve_echo(echo));
+    tokio::spawn(serve_udp_echo(udp_echo));
     loop {
         let Ok((tcp, peer)) = https.accept().await else {
             continue;
@@ -92,5 +99,12 @@ async fn serve_echo(listener: TcpListener) {
             let (mut r, mut w) = tcp.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
         });
+    }
+}
+
+async fn serve_udp_echo(socket: tokio::net::UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+        let _ = socket.send_to(&buf[..n], from).await;
     }
 }

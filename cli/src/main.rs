@@ -90,7 +90,8 @@ enum Command {
         #[arg(long)]
         root_host: String,
     },
-    /// Runs the quickstart's demo services: an HTTPS server and a TCP echo (development only).
+    /// Runs the quickstart's demo services: an HTTPS server, a TCP echo and a UDP echo
+    /// (development only).
     DevServe {
         /// HTTPS listen address.
         #[arg(long, default_value = "127.0.0.1:8443")]
@@ -104,6 +105,9 @@ enum Command {
         /// TCP echo listen address.
         #[arg(long, default_value = "127.0.0.1:9000")]
         echo: std::net::SocketAddr,
+        /// UDP echo listen address.
+        #[arg(long, default_value = "127.0.0.1:9053")]
+        udp_echo: std::net::SocketAddr,
         /// Write the bound addresses here as JSON.
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
@@ -387,9 +391,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cert,
             key,
             echo,
+            udp_echo,
             ready_file,
         } => {
-            dev_serve::run(https, &cert, &key, echo, ready_file.as_deref()).await?;
+            dev_serve::run(https, &cert, &key, echo, udp_echo, ready_file.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => {
