@@ -73,6 +73,10 @@ pub enum CloseReason {
     HalfClosedTimeout,
     /// The engine was shut down.
     Shutdown,
+    /// Handed over through [`EngineHandle::add`] but refused when the engine took it from its
+    /// inbox (`max_pairs` reached); never spliced. Reported so the caller can give back what
+    /// it reserved for the pair; counted in `pairs_refused`, not in `closed`.
+    Refused,
 }
 
 impl CloseReason {
@@ -84,6 +88,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::HalfClosedTimeout => "half_closed_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Refused => "refused",
         }
     }
 }
@@ -505,7 +510,7 @@ impl Engine {
         let now = clock();
         for &t in &fired {
             if t == WAKE_TOKEN {
-                self.drain_inbox(now);
+                self.drain_inbox(now, finished);
                 continue;
             }
             let (index, generation, side) = untoken(t);
@@ -556,11 +561,19 @@ impl Engine {
         slot.pair.as_mut()
     }
 
-    fn drain_inbox(&mut self, now: Instant) {
+    fn drain_inbox(&mut self, now: Instant, finished: &mut Vec<Finished>) {
         let _ = self.handle.wake.read(); // reset the eventfd counter; EAGAIN means already 0
         while let Ok(new) = self.inbox.try_recv() {
-            // A refused pair's sockets are dropped (closed) here; the count is in the stats.
-            let _ = self.add(new.a, new.b, new.tag, now);
+            // A refused pair's sockets are dropped (closed) here; the count is in the stats,
+            // and the caller hears about the tag like any finished pair.
+            let tag = new.tag;
+            if self.add(new.a, new.b, tag, now).is_err() {
+                finished.push(Finished {
+                    tag,
+                    bytes: [0, 0],
+                    reason: CloseReason::Refused,
+                });
+            }
         }
     }
 
@@ -730,7 +743,7 @@ impl Engine {
             CloseReason::Error(_) => 1,
             CloseReason::IdleTimeout => 2,
             CloseReason::HalfClosedTimeout => 3,
-            CloseReason::Shutdown => 4,
+            CloseReason::Shutdown | CloseReason::Refused => 4,
         };
         self.stats.closed[counter] += 1;
         self.stats.pairs_active -= 1;

@@ -352,3 +352,26 @@ fn a_slow_half_closed_reader_does_not_make_the_engine_spin() {
         );
     }
 }
+
+#[test]
+fn a_pair_refused_from_the_inbox_is_reported_with_its_tag() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        cfg.max_pairs = 1;
+        let engine = Running::start(cfg, Arc::new(AtomicU64::new(0)));
+        let (a1, b1) = tcp_pair();
+        let (a2, b2) = tcp_pair();
+        // Both are accepted by the handle (the inbox has room); the engine takes the first and
+        // refuses the second when it drains the inbox.
+        engine.add(a1, b1, 1);
+        engine.add(a2, b2, 2);
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason, f.bytes),
+            (2, CloseReason::Refused, [0, 0]),
+            "{backend:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.pairs_refused, 1, "{backend:?}");
+    }
+}
