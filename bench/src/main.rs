@@ -74,7 +74,8 @@ struct RunArgs {
     /// Install missing peers first (apt-get; cargo install rathole).
     #[arg(long)]
     install_peers: bool,
-    /// Seconds per measurement for bulk (default 10, quick 2) and connrate (default 5, quick 1).
+    /// Seconds per measurement for bulk (default 10, quick 2), connrate (default 5, quick 1)
+    /// and each UDP phase (default 5, quick 1).
     #[arg(long)]
     duration_s: Option<u64>,
     /// Concurrent connections of the connrate client.
@@ -103,6 +104,7 @@ impl RunArgs {
                 .max(1),
             bulk_duration_s: pick(self.duration_s, 10, 2),
             connrate_duration_s: pick(self.duration_s, 5, 1),
+            udp_duration_s: pick(self.duration_s, 5, 1),
             connrate_concurrency: self.concurrency.max(1),
             latency_round_trips: self
                 .round_trips

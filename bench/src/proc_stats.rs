@@ -138,17 +138,30 @@ pub fn listening_loopback_ports() -> Result<HashSet<u16>> {
     parse_listening_ports(&fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?)
 }
 
+/// Ports with a bound UDP socket on 127.0.0.1 or 0.0.0.0 (from `/proc/net/udp`).
+pub fn bound_udp_loopback_ports() -> Result<HashSet<u16>> {
+    parse_loopback_ports(
+        &fs::read_to_string("/proc/net/udp").context("reading /proc/net/udp")?,
+        None,
+    )
+}
+
 /// Parses `/proc/net/tcp`: local address `0100007F:1F90` (hex, host byte order on x86) and
 /// state `0A` (LISTEN).
 pub fn parse_listening_ports(text: &str) -> Result<HashSet<u16>> {
     const TCP_LISTEN: &str = "0A";
+    parse_loopback_ports(text, Some(TCP_LISTEN))
+}
+
+/// Loopback or wildcard local ports of a `/proc/net/{tcp,udp}` table, only in `state` if given.
+fn parse_loopback_ports(text: &str, state_filter: Option<&str>) -> Result<HashSet<u16>> {
     let mut ports = HashSet::new();
     for line in text.lines().skip(1) {
         let cols: Vec<&str> = line.split_whitespace().collect();
         let (Some(local), Some(state)) = (cols.get(1), cols.get(3)) else {
-            bail!("short /proc/net/tcp line: {line:?}");
+            bail!("short /proc/net table line: {line:?}");
         };
-        if *state != TCP_LISTEN {
+        if state_filter.is_some_and(|f| f != *state) {
             continue;
         }
         let (ip, port) = local.split_once(':').context("local address without ':'")?;
@@ -251,6 +264,24 @@ mod tests {
             listening_loopback_ports()
                 .expect("reads /proc/net/tcp")
                 .contains(&port)
+        );
+    }
+
+    #[test]
+    fn a_udp_socket_we_bind_shows_up_in_any_state() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        let port = s.local_addr().expect("local addr").port();
+        assert!(
+            bound_udp_loopback_ports()
+                .expect("reads /proc/net/udp")
+                .contains(&port)
+        );
+        // A connected UDP socket is state 01 (ESTABLISHED); still bound.
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue\n\
+           0: 0100007F:1F90 0100007F:0035 01 00000000:00000000 00:00000000 00000000 0 0 1\n";
+        assert_eq!(
+            parse_loopback_ports(text, None).expect("valid table"),
+            HashSet::from([8080])
         );
     }
 }

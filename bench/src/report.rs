@@ -209,6 +209,7 @@ mod tests {
                 rounds: 3,
                 bulk_duration_s: 10,
                 connrate_duration_s: 5,
+                udp_duration_s: 5,
                 connrate_concurrency: 32,
                 latency_round_trips: 20_000,
                 idle_connections: 1_000,

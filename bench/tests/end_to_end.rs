@@ -97,6 +97,42 @@ fn latency_quick_through_direct_and_outrelay_measures_both() {
 }
 
 #[test]
+fn udp_quick_through_direct_and_outrelay_counts_datagrams_and_skips_tcp_only_peers() {
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "udp",
+        "--targets",
+        "direct,haproxy,outrelay",
+        "--quick",
+    ]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    let cell = |target: &str, variant: &str, key: &str| {
+        rows.iter()
+            .find(|r| r["target"] == target && r["variant"] == variant)
+            .map(|r| median(r, key))
+            .unwrap_or_else(|| panic!("no {target} {variant} row: {doc:#}"))
+    };
+    assert!(cell("direct", "saturate", "dgram_per_s") > 0.0);
+    let outrelay = row(&doc, "outrelay");
+    assert!(
+        outrelay["status"].is_null(),
+        "outrelay not measured: {outrelay}"
+    );
+    assert!(cell("outrelay", "saturate", "dgram_per_s") > 0.0);
+    // The paced phase exists (outrelay was calibrated) and its loss is a percentage.
+    let loss = cell("outrelay", "paced 80 %", "loss_pct");
+    assert!((0.0..=100.0).contains(&loss), "{loss}");
+    let haproxy = row(&doc, "haproxy");
+    assert!(
+        haproxy["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("no UDP")),
+        "{haproxy}"
+    );
+    assert!(md.contains("| outrelay | paced 80 % |"), "{md}");
+}
+
+#[test]
 fn list_shows_every_scenario_and_target() {
     let out = harness(&["list"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -106,6 +142,7 @@ fn list_shows_every_scenario_and_target() {
         "connrate",
         "latency",
         "idle-memory",
+        "udp",
         "direct",
         "haproxy",
         "haproxy-chain",

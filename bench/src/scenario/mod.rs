@@ -4,13 +4,16 @@
 //! time. [`run`] interleaves the targets within each round (round 1: direct, haproxy, …;
 //! round 2: …), restarting every target per round, so slow drift on a shared machine spreads
 //! over all targets instead of biasing one. Ratios to direct are taken per round, then
-//! summarised (median, min, max) over the rounds.
+//! summarised (median, min, max) over the rounds. A scenario may [`Scenario::prepare`] once
+//! before the rounds (the UDP scenario measures OutRelay's maximum there, to pace every target
+//! at the same fraction of it).
 
 mod bulk;
 mod bulk_sni;
 mod connrate;
 mod idle_memory;
 mod latency;
+mod udp;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,6 +43,9 @@ pub enum ScenarioName {
     Latency,
     /// Many idle relayed connections: user-space (PSS) and kernel slab bytes per connection.
     IdleMemory,
+    /// 1200-byte UDP datagrams through a UDP lease: maximum datagrams/s, loss at 80 % of
+    /// OutRelay's maximum.
+    Udp,
 }
 
 impl ScenarioName {
@@ -51,17 +57,19 @@ impl ScenarioName {
             Self::Connrate => "connrate",
             Self::Latency => "latency",
             Self::IdleMemory => "idle-memory",
+            Self::Udp => "udp",
         }
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 5] {
+    pub fn all() -> [Self; 6] {
         [
             Self::Bulk,
             Self::BulkSni,
             Self::Connrate,
             Self::Latency,
             Self::IdleMemory,
+            Self::Udp,
         ]
     }
 
@@ -75,6 +83,7 @@ impl ScenarioName {
             Self::Connrate => "connect + TLS ClientHello + 1 KiB reply + close: conn/s, p50/p99",
             Self::Latency => "64 B ping-pong on one connection: p50/p99/p99.9 added over direct",
             Self::IdleMemory => "N idle relayed connections: PSS and kernel slab bytes per conn",
+            Self::Udp => "1200 B UDP datagrams: max datagrams/s, loss % at 80 % of outrelay's max",
         }
     }
 }
@@ -94,6 +103,8 @@ pub struct Settings {
     pub latency_round_trips: usize,
     /// Idle connections per idle-memory measurement.
     pub idle_connections: usize,
+    /// Send time per UDP measurement (saturation and paced phases each).
+    pub udp_duration_s: u64,
     /// ClientHello file for connrate (default: the proto crate's captured OpenSSL hello).
     pub client_hello: Option<PathBuf>,
 }
@@ -119,6 +130,9 @@ pub enum Value {
     RatioToDirect(&'static str),
     /// The metric minus direct's in the same round and variant.
     AddedOverDirect(&'static str),
+    /// The metric divided by the named target's in the same round and variant
+    /// (`RatioToTarget("rathole", "dgram_per_s")`).
+    RatioToTarget(&'static str, &'static str),
 }
 
 impl Value {
@@ -128,6 +142,7 @@ impl Value {
             Self::Metric(m) => m.to_owned(),
             Self::RatioToDirect(m) => format!("{m}_ratio_to_direct"),
             Self::AddedOverDirect(m) => format!("{m}_added_over_direct"),
+            Self::RatioToTarget(t, m) => format!("{m}_ratio_to_{t}"),
         }
     }
 }
@@ -158,6 +173,11 @@ pub trait Scenario {
     fn measure(&mut self, target: &mut RunningTarget, dir: &Path) -> Result<Vec<Measurement>>;
     /// Lines for the report below the table (what was sent, caveats).
     fn notes(&self) -> Vec<String>;
+    /// Runs once before the rounds with the available targets (default: nothing). An error is
+    /// noted in the report; the rounds still run.
+    fn prepare(&mut self, _targets: &[&dyn Target], _work: &Path) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Starts the named scenario's backend.
@@ -173,6 +193,7 @@ pub fn build(
         ScenarioName::Connrate => Box::new(connrate::Connrate::start(settings, rt)?),
         ScenarioName::Latency => Box::new(latency::Latency::start(settings, rt)?),
         ScenarioName::IdleMemory => Box::new(idle_memory::IdleMemory::start(settings, rt)?),
+        ScenarioName::Udp => Box::new(udp::Udp::start(settings)?),
     })
 }
 
@@ -233,13 +254,26 @@ pub fn run(
     let mut unavailable = BTreeMap::new();
     let mut available = Vec::new();
     for t in targets {
-        match t.availability() {
+        let availability = if scenario.routing() == Routing::Udp && !t.supports_udp() {
+            Availability::NotAvailable("no UDP forwarding in this harness".to_owned())
+        } else {
+            t.availability()
+        };
+        match availability {
             Availability::Available => available.push(t.as_ref()),
             Availability::NotAvailable(reason) => {
                 eprintln!("{}: not available ({reason}); skipped", t.name());
                 unavailable.insert(t.name(), reason);
             }
         }
+    }
+    let mut prepare_failure = None;
+    if let Err(e) = scenario.prepare(&available, work) {
+        eprintln!("{name}: preparation failed: {e:#}");
+        prepare_failure = Some(format!(
+            "preparation failed: {}",
+            first_line(&format!("{e:#}"))
+        ));
     }
     let mut samples = Vec::new();
     let mut failures: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -278,6 +312,7 @@ pub fn run(
     derive(&mut samples, &columns);
     let rows = summarise(targets, &samples, &columns, &unavailable, &failures);
     let mut notes = scenario.notes();
+    notes.extend(prepare_failure);
     for (target, errors) in &failures {
         for e in errors {
             notes.push(format!("{target} failed in {}", first_line(e)));
@@ -307,25 +342,23 @@ fn measure_one(
     Ok(measurements)
 }
 
-/// Fills in the ratio-to-direct and added-over-direct values of every sample.
+/// Fills in the derived values (ratios to direct or another target, added over direct) of
+/// every sample, each against the reference target's sample of the same round and variant.
 pub fn derive(samples: &mut [Sample], columns: &[Column]) {
-    let direct: Vec<Sample> = samples
-        .iter()
-        .filter(|s| s.target == "direct")
-        .cloned()
-        .collect();
+    let reference = samples.to_vec();
     for s in samples.iter_mut() {
-        let Some(d) = direct
-            .iter()
-            .find(|d| d.round == s.round && d.variant == s.variant)
-        else {
-            continue;
-        };
         for c in columns {
-            let (metric, combine): (&str, fn(f64, f64) -> f64) = match c.value {
+            let (target, metric, combine): (&str, &str, fn(f64, f64) -> f64) = match c.value {
                 Value::Metric(_) => continue,
-                Value::RatioToDirect(m) => (m, |x, d| x / d),
-                Value::AddedOverDirect(m) => (m, |x, d| x - d),
+                Value::RatioToDirect(m) => ("direct", m, |x, d| x / d),
+                Value::AddedOverDirect(m) => ("direct", m, |x, d| x - d),
+                Value::RatioToTarget(t, m) => (t, m, |x, d| x / d),
+            };
+            let Some(d) = reference
+                .iter()
+                .find(|d| d.target == target && d.round == s.round && d.variant == s.variant)
+            else {
+                continue;
             };
             if let (Some(x), Some(dv)) = (s.metrics.get(metric), d.metrics.get(metric)) {
                 let v = combine(*x, *dv);

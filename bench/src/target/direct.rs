@@ -24,6 +24,10 @@ impl Target for Direct {
         Availability::Available
     }
 
+    fn supports_udp(&self) -> bool {
+        true
+    }
+
     fn start(&self, backend: SocketAddr, _routing: Routing, _dir: &Path) -> Result<RunningTarget> {
         Ok(RunningTarget::without_processes(backend))
     }

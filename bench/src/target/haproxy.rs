@@ -90,6 +90,7 @@ fn spawn(
             TCP_TEMPLATE,
             &[("front_addr", &front), ("backend_addr", &backend)],
         )?,
+        Routing::Udp => anyhow::bail!("haproxy does not forward UDP"),
         Routing::Sni(name) => render(
             SNI_TEMPLATE,
             &[

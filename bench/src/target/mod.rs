@@ -13,7 +13,7 @@ mod outrelay;
 mod rathole;
 mod socat;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,9 @@ pub enum Routing {
     /// Connections whose TLS ClientHello names this server go to the backend; others are
     /// closed. Targets that cannot read SNI fall back to [`Routing::Tcp`] and say so.
     Sni(&'static str),
+    /// UDP datagrams from the front address go to the backend UDP address; replies follow
+    /// the flow back. Only targets whose [`Target::supports_udp`] is true are started with it.
+    Udp,
 }
 
 /// Whether a target can run on this machine.
@@ -52,8 +55,13 @@ pub trait Target {
     fn description(&self) -> &'static str;
     /// Whether it can run here (binaries installed, built, …).
     fn availability(&self) -> Availability;
+    /// Whether it can forward UDP ([`Routing::Udp`]); the UDP scenario reports the others as
+    /// not available.
+    fn supports_udp(&self) -> bool {
+        false
+    }
     /// Starts the target in front of `backend` in the empty directory `dir` and waits until
-    /// its front port is listening.
+    /// its front port is listening (a TCP listener, or a bound UDP socket for [`Routing::Udp`]).
     fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget>;
 }
 
@@ -132,6 +140,37 @@ pub fn by_names(names: &[String]) -> Result<Vec<Box<dyn Target>>> {
 pub fn free_loopback_addr() -> Result<SocketAddr> {
     let probe = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     probe.local_addr().context("reading probe address")
+}
+
+/// A loopback address with a UDP port the kernel just reported free (same race as
+/// [`free_loopback_addr`]).
+pub fn free_loopback_udp_addr() -> Result<SocketAddr> {
+    let probe = UdpSocket::bind("127.0.0.1:0").context("binding UDP 127.0.0.1:0")?;
+    probe.local_addr().context("reading probe address")
+}
+
+/// Waits until every address in `addrs` has a bound UDP socket (`/proc/net/udp`), without
+/// sending to it. A bound port says the socket exists, not that the path behind it is up: the
+/// UDP scenario also waits for a first datagram to come through.
+pub fn wait_udp_bound(addrs: &[SocketAddr], processes: &mut [OwnedProcess]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
+    loop {
+        for p in processes.iter_mut() {
+            p.ensure_running()?;
+        }
+        let bound = proc_stats::bound_udp_loopback_ports()?;
+        if addrs.iter().all(|a| bound.contains(&a.port())) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let tails: Vec<String> = processes.iter().map(OwnedProcess::log_tail).collect();
+            bail!(
+                "no UDP socket bound on {addrs:?} after {READY_TIMEOUT_MS} ms; logs:\n{}",
+                tails.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Waits until every address in `addrs` has a listening socket, without connecting to it (a

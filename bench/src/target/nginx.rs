@@ -55,6 +55,7 @@ impl Target for Nginx {
         ];
         let template = match routing {
             Routing::Tcp => TCP_TEMPLATE,
+            Routing::Udp => anyhow::bail!("the nginx target has no UDP template"),
             Routing::Sni(name) => {
                 vars.push(("sni_name", name));
                 SNI_TEMPLATE

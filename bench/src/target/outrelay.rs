@@ -3,7 +3,9 @@
 //! dials it over QUIC and keeps reverse sessions to it. With [`Routing::Tcp`] the front is the
 //! agent's TCP port lease on the relay (client → relay → reverse session → agent → backend);
 //! with [`Routing::Sni`] the front is the relay's public TLS listener and the lease routes the
-//! ClientHello's server name to the backend (a TLS server). Both processes count as the relay.
+//! ClientHello's server name to the backend (a TLS server); with [`Routing::Udp`] the front is
+//! the agent's UDP lease port (datagrams ride QUIC datagrams between relay and agent). Both
+//! processes count as the relay.
 //! Build them with `cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli`.
 
 use std::net::SocketAddr;
@@ -12,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
+use super::{
+    Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+    wait_udp_bound,
+};
 use crate::process::OwnedProcess;
 
 /// The relay's public root host in the bench PKI.
@@ -51,6 +56,10 @@ impl Target for Outrelay {
         }
     }
 
+    fn supports_udp(&self) -> bool {
+        true
+    }
+
     fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
         let pki = dir.join("pki");
         let out = std::process::Command::new(binary("outrelay"))
@@ -70,10 +79,11 @@ impl Target for Outrelay {
                  [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
                  [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
                  lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
-                 [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\n",
+                 [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = {udp}\n",
                 p = pki.display(),
                 lo = LEASE_PORTS.0,
                 hi = LEASE_PORTS.1,
+                udp = routing == Routing::Udp,
             ),
         )?;
         let relay_ready = dir.join("relay.ready");
@@ -95,12 +105,13 @@ impl Target for Outrelay {
         let (lease_line, sni_routed) = match routing {
             Routing::Tcp => (format!("tcp_to = \"{backend}\""), false),
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
+            Routing::Udp => (format!("udp_to = \"{backend}\""), false),
         };
         let name = match routing {
             Routing::Sni(server_name) => server_name
                 .strip_suffix(&format!(".{ROOT_HOST}"))
                 .with_context(|| format!("SNI {server_name} is not under {ROOT_HOST}"))?,
-            Routing::Tcp => "bench",
+            Routing::Tcp | Routing::Udp => "bench",
         };
         let agent_config = dir.join("agent.toml");
         std::fs::write(
@@ -130,25 +141,34 @@ impl Target for Outrelay {
         let front = match routing {
             Routing::Sni(_) => public_tls,
             // The grant names the relay's public host; the port listens on lease_bind_ip.
-            Routing::Tcp => {
-                let granted = agent["leases"][0]["tcp_addr"]
-                    .as_str()
-                    .context("agent ready file: leases[0].tcp_addr")?;
-                let port = granted
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .with_context(|| format!("agent ready file: tcp_addr {granted}"))?;
-                SocketAddr::from(([127, 0, 0, 1], port))
-            }
+            Routing::Tcp => granted_port(&agent, "tcp_addr")?,
+            Routing::Udp => granted_port(&agent, "udp_addr")?,
         };
         // The relay binds a granted lease port on its next route sync, just after the grant.
-        wait_listening(&[front], &mut processes)?;
+        if routing == Routing::Udp {
+            wait_udp_bound(&[front], &mut processes)?;
+        } else {
+            wait_listening(&[front], &mut processes)?;
+        }
         Ok(RunningTarget {
             front,
             sni_routed,
             processes,
         })
     }
+}
+
+/// `127.0.0.1:<port>` of the first lease's `key` (`tcp_addr`, `udp_addr`: "<root host>:<port>")
+/// in the agent's ready file.
+fn granted_port(agent: &serde_json::Value, key: &str) -> Result<SocketAddr> {
+    let granted = agent["leases"][0][key]
+        .as_str()
+        .with_context(|| format!("agent ready file: leases[0].{key}"))?;
+    let port = granted
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .with_context(|| format!("agent ready file: {key} {granted}"))?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 /// The JSON of a daemon's `--ready-file`, once written.

@@ -1,13 +1,17 @@
 //! `rathole`: reverse tunnel, two hops like OutRelay (server = public hop, client = the inside
 //! hop that dials out). Both processes count as the relay. No SNI routing: every visitor is
-//! forwarded.
+//! forwarded. With [`Routing::Udp`] the service is `type = "udp"` (datagrams carried over the
+//! client's TCP data channel).
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
+use super::{
+    Availability, Routing, RunningTarget, Target, free_loopback_addr, free_loopback_udp_addr,
+    wait_listening, wait_udp_bound,
+};
 use crate::peers::find_binary;
 use crate::process::OwnedProcess;
 use crate::template::render;
@@ -35,10 +39,19 @@ impl Target for Rathole {
         }
     }
 
-    fn start(&self, backend: SocketAddr, _routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn supports_udp(&self) -> bool {
+        true
+    }
+
+    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
         let binary = find_binary("rathole").context("rathole not installed")?;
         let control = free_loopback_addr()?.to_string();
-        let front = free_loopback_addr()?;
+        let udp = routing == Routing::Udp;
+        let (front, service_type) = if udp {
+            (free_loopback_udp_addr()?, "udp")
+        } else {
+            (free_loopback_addr()?, "tcp")
+        };
         let (front_text, backend_text) = (front.to_string(), backend.to_string());
         let server = render(
             SERVER_TEMPLATE,
@@ -46,6 +59,7 @@ impl Target for Rathole {
                 ("control_addr", &control),
                 ("token", TOKEN),
                 ("front_addr", &front_text),
+                ("service_type", service_type),
             ],
         )?;
         let client = render(
@@ -54,6 +68,7 @@ impl Target for Rathole {
                 ("control_addr", &control),
                 ("token", TOKEN),
                 ("backend_addr", &backend_text),
+                ("service_type", service_type),
             ],
         )?;
         let server_path = dir.join("rathole-server.toml");
@@ -75,8 +90,12 @@ impl Target for Rathole {
             )?,
         ];
         // The server opens the service port only once the client's control channel is up, so
-        // a listening front port means the whole tunnel is ready.
-        wait_listening(&[front], &mut processes)?;
+        // a listening (bound, for UDP) front port means the whole tunnel is ready.
+        if udp {
+            wait_udp_bound(&[front], &mut processes)?;
+        } else {
+            wait_listening(&[front], &mut processes)?;
+        }
         Ok(RunningTarget {
             front,
             sni_routed: false,
@@ -95,6 +114,7 @@ pub fn template_examples() -> Vec<super::TemplateExample> {
                 ("control_addr", "127.0.0.1:1"),
                 ("token", "t"),
                 ("front_addr", "127.0.0.1:2"),
+                ("service_type", "udp"),
             ],
         ),
         (
@@ -104,6 +124,7 @@ pub fn template_examples() -> Vec<super::TemplateExample> {
                 ("control_addr", "127.0.0.1:1"),
                 ("token", "t"),
                 ("backend_addr", "127.0.0.1:3"),
+                ("service_type", "tcp"),
             ],
         ),
     ]
