@@ -277,7 +277,7 @@ async fn connect_once(
     } else {
         SocketAddr::from(([0u16; 8], 0))
     };
-    let mut endpoint = match quinn::Endpoint::client(bind) {
+    let mut endpoint = match client_endpoint(bind) {
         Ok(e) => e,
         Err(e) => return lost(Lost::Endpoint(e)),
     };
@@ -418,6 +418,27 @@ async fn connect_once(
     conn.close(0u32.into(), b"agent reconnecting or stopping");
     let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
     result
+}
+
+/// A client endpoint on `bind` whose socket has room for datagram bursts.
+fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel caps the sizes; a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(udp::QUIC_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(udp::QUIC_SOCKET_BUFFER_BYTES);
+    socket.bind(&bind.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        runtime,
+    )
 }
 
 /// Aborts its tasks when dropped.

@@ -116,6 +116,11 @@ impl AgentIdentity {
             .map_err(|e| TlsError::Setup(e.to_string()))?;
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(conn.keepalive));
+        // UDP leases: room for bursts of datagrams both ways (quinn drops the OLDEST received
+        // datagram when its buffer is full, uncounted; the defaults hold about a millisecond
+        // of a busy lease).
+        transport.datagram_receive_buffer_size(Some(crate::udp::QUIC_DATAGRAM_BUFFER_BYTES));
+        transport.datagram_send_buffer_size(crate::udp::QUIC_DATAGRAM_BUFFER_BYTES);
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(conn.idle_timeout.min(Duration::from_secs(600)))
                 .map_err(|e| TlsError::Setup(format!("idle timeout: {e}")))?,

@@ -26,6 +26,12 @@ use crate::config::UdpConfig;
 /// Bytes read from a flow's local socket per datagram: above any QUIC datagram (quinn's MTU
 /// upper bound is 1452), so a reply that fills it is too large to travel anyway.
 const LOCAL_RECV_BYTES: usize = 2048;
+/// quinn's datagram buffers on the agent's relay connections, each way.
+pub const QUIC_DATAGRAM_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// SO_RCVBUF / SO_SNDBUF asked for the agent's QUIC socket (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`): the kernel's default holds a few milliseconds of a busy
+/// UDP lease, less than a scheduling gap on a loaded host.
+pub const QUIC_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// Slot changes queued from the connection's state machine.
 const COMMAND_QUEUE: usize = 64;
 
@@ -177,26 +183,28 @@ async fn run(
                 };
                 let key = (header.udp_slot, header.flow_id);
                 let now_ms = ms_since(epoch);
-                if !flows.contains_key(&key) {
-                    let count = per_slot.entry(header.udp_slot).or_default();
-                    if *count >= config.flow_max {
-                        stats.dropped(UdpDrop::FlowLimit);
-                        continue;
-                    }
-                    match open_flow(target, header, conn.clone(), stats.clone(), epoch) {
-                        Ok(flow) => {
-                            *count += 1;
-                            stats.flows_opened.fetch_add(1, Ordering::Relaxed);
-                            flows.insert(key, flow);
-                        }
-                        Err(e) => {
-                            tracing::debug!(%target, error = %e, "cannot open a local UDP socket");
-                            stats.dropped(UdpDrop::LocalError);
+                let flow = match flows.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let count = per_slot.entry(header.udp_slot).or_default();
+                        if *count >= config.flow_max {
+                            stats.dropped(UdpDrop::FlowLimit);
                             continue;
                         }
+                        match open_flow(target, header, conn.clone(), stats.clone(), epoch) {
+                            Ok(flow) => {
+                                *count += 1;
+                                stats.flows_opened.fetch_add(1, Ordering::Relaxed);
+                                e.insert(flow)
+                            }
+                            Err(err) => {
+                                tracing::debug!(%target, error = %err, "cannot open a local UDP socket");
+                                stats.dropped(UdpDrop::LocalError);
+                                continue;
+                            }
+                        }
                     }
-                }
-                let Some(flow) = flows.get(&key) else { continue };
+                };
                 flow.last_active_ms.store(now_ms, Ordering::Relaxed);
                 match flow.socket.send(payload) {
                     Ok(_) => {

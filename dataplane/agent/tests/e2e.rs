@@ -1488,10 +1488,22 @@ fn relay_metric(relay: &RelayAddrs, series: &str) -> f64 {
     metric(&http_get(&addr, "/metrics"), series)
 }
 
+/// The relay's current maximum UDP payload (`outrelay_relay_udp_payload_max_bytes`).
+fn payload_max(relay: &RelayAddrs) -> usize {
+    let v = relay_metric(relay, "outrelay_relay_udp_payload_max_bytes");
+    format!("{v:.0}").parse().expect("a whole number of bytes")
+}
+
 /// A datagram `i` of `len` bytes: its index, then a pattern derived from it.
 fn numbered(i: u32, len: usize) -> Vec<u8> {
     let mut d: Vec<u8> = (0..len)
-        .map(|k| (k as u32).wrapping_mul(31).wrapping_add(i) as u8)
+        .map(|k| {
+            (u32::try_from(k)
+                .unwrap_or(0)
+                .wrapping_mul(31)
+                .wrapping_add(i))
+            .to_le_bytes()[0]
+        })
         .collect();
     d[..4].copy_from_slice(&i.to_be_bytes());
     d
@@ -1543,7 +1555,7 @@ async fn udp_echo_matches_1000_datagrams_of_varied_sizes_on_two_flows() {
     );
 
     // Read the current maximum payload when sending (it moves with path MTU discovery).
-    let max = relay_metric(&relay.addrs, "outrelay_relay_udp_payload_max_bytes") as usize;
+    let max = payload_max(&relay.addrs);
     eprintln!("MEASURED UDP payload maximum: {max} bytes");
     assert!(max >= 1_000, "payload max {max}");
     let started = Instant::now();
@@ -1594,7 +1606,7 @@ async fn udp_echo_matches_1000_datagrams_of_varied_sizes_on_two_flows() {
         &relay.addrs,
         "outrelay_relay_udp_drops_total{reason=\"udp_too_large\"}",
     );
-    let max = relay_metric(&relay.addrs, "outrelay_relay_udp_payload_max_bytes") as usize;
+    let max = payload_max(&relay.addrs);
     let back = udp_round_trip(&a, &numbered(7, max + 1), Duration::from_millis(500)).await;
     assert_eq!(back, None, "an oversized datagram came back");
     let after = relay_metric(

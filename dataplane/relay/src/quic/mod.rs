@@ -36,6 +36,25 @@ use crate::state::{ReverseKey, Shared, Snapshot};
 pub use stats::QuicStats;
 pub use tls::{TlsMaterial, cert_identity};
 
+/// quinn's datagram buffers per agent connection, each way (UDP leases).
+pub const QUIC_DATAGRAM_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// SO_RCVBUF / SO_SNDBUF asked for the agents' QUIC socket (capped by the kernel at
+/// `net.core.rmem_max` / `wmem_max`): every agent's datagrams arrive on this one socket.
+pub const QUIC_SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// The agents' UDP socket, with buffers for datagram bursts (best effort: the kernel caps them).
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = socket.set_recv_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(QUIC_SOCKET_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// Default idle timeout of an agent connection (both ends).
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Default keep-alive interval (both ends).
@@ -515,7 +534,11 @@ impl QuicServer {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)))
             .max_concurrent_bidi_streams(config.max_concurrent_streams.into())
-            .max_concurrent_uni_streams(0u32.into());
+            .max_concurrent_uni_streams(0u32.into())
+            // UDP leases: room for bursts (quinn drops the oldest received datagram when full,
+            // and a full send buffer makes the port task drop the newest, counted).
+            .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER_BYTES))
+            .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER_BYTES);
         server_config.transport_config(Arc::new(transport));
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let reset_key = tls::ResetKey::derive(&provider, &config.tls.key)?;
@@ -528,11 +551,10 @@ impl QuicServer {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let socket =
-            std::net::UdpSocket::bind(config.listen).map_err(|source| QuicError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let socket = bind_udp(config.listen).map_err(|source| QuicError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server_config),

@@ -192,9 +192,9 @@ mod tests {
 
     #[test]
     fn a_batch_round_trips_between_two_sockets_and_marks_truncation() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b_addr = b.local_addr().unwrap();
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let b_addr = b.local_addr().expect("addr");
         let mut out = SendBatch::default();
         for i in 0..40u8 {
             if !out.push(b_addr, Bytes::from(vec![i; 10 + usize::from(i)])) {
@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(bytes, (0..BATCH as u64).map(|i| 10 + i).sum::<u64>());
         assert!(out.is_empty());
         // One datagram larger than the receive slot.
-        a.send_to(&[7; 100], b_addr).unwrap();
+        a.send_to(&[7; 100], b_addr).expect("send");
         let mut rx = RecvBatch::new(32);
         let mut seen = Vec::new();
         while seen.len() < BATCH + 1 {
@@ -220,13 +220,13 @@ mod tests {
             }
         }
         for (i, (r, d)) in seen.iter().take(22).enumerate() {
-            assert_eq!(r.from, a.local_addr().unwrap());
-            assert_eq!(d, &vec![i as u8; 10 + i]);
+            assert_eq!(r.from, a.local_addr().expect("addr"));
+            assert_eq!(d, &vec![u8::try_from(i).expect("small"); 10 + i]);
             assert!(!r.truncated);
         }
         // 10 + 22 = 32 bytes fit exactly; 33 and above are cut and marked.
         assert!(seen[23].0.truncated);
-        let last = seen.last().unwrap();
+        let last = seen.last().expect("a datagram");
         assert!(last.0.truncated);
         assert_eq!(last.1.len(), 32);
     }

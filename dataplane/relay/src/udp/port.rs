@@ -98,7 +98,7 @@ impl Port {
                     }
                     let socket = &self.socket;
                     match socket.try_io(Interest::READABLE, || recv.recv(socket.as_fd())) {
-                        Ok(_) => self.to_agent(&recv),
+                        Ok(_) => self.forward_to_agent(&recv),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         // ICMP errors of earlier replies surface here; nothing was received.
                         Err(e) => tracing::trace!(port = self.port, error = %e, "udp receive"),
@@ -108,7 +108,7 @@ impl Port {
                     if n == 0 {
                         break;
                     }
-                    self.to_clients(&mut from_agent, &mut send);
+                    self.forward_to_clients(&mut from_agent, &mut send);
                 }
                 _ = sweep.tick() => self.sweep(Instant::now()),
             }
@@ -128,7 +128,7 @@ impl Port {
     }
 
     /// Client datagrams of one receive batch to the lease's agent.
-    fn to_agent(&mut self, recv: &RecvBatch) {
+    fn forward_to_agent(&mut self, recv: &RecvBatch) {
         let now = Instant::now();
         let snapshot = self.shared.load();
         let batch = recv.received().count() as u64;
@@ -212,7 +212,7 @@ impl Port {
     }
 
     /// Agent datagrams to their flows' clients, in `sendmmsg` batches.
-    fn to_clients(&mut self, datagrams: &mut Vec<AgentDatagram>, send: &mut SendBatch) {
+    fn forward_to_clients(&mut self, datagrams: &mut Vec<AgentDatagram>, send: &mut SendBatch) {
         let now = Instant::now();
         let snapshot = self.shared.load();
         let route = snapshot.routes.lookup_udp(self.port);
