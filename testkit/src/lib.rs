@@ -5,6 +5,11 @@
 //! from picking the same range; one then routes the other's clients. A range is therefore
 //! claimed with an exclusive `flock` on a per-range file that the claiming process holds until
 //! it exits.
+//!
+//! [`notify::NotifyListener`]: a `NOTIFY_SOCKET` of the test's own, to check systemd
+//! readiness and watchdog notifications without systemd.
+
+pub mod notify;
 
 use std::fs::File;
 use std::path::PathBuf;

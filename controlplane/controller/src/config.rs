@@ -63,6 +63,9 @@ pub struct RawConfig {
     /// Store tuning.
     #[serde(default)]
     pub store: RawStore,
+    /// SIGTERM grace.
+    #[serde(default)]
+    pub lifecycle: outrelay_lifecycle::RawLifecycle,
 }
 
 /// `[grpc]`
@@ -153,6 +156,8 @@ pub struct Overrides {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// After SIGTERM, how long in-flight RPCs and streams may take to finish.
+    pub shutdown_grace_ms: u64,
     /// State directory.
     pub state_dir: PathBuf,
     /// gRPC listen address.
@@ -310,6 +315,7 @@ impl Settings {
             token_max_ttl_s,
             write_queue_max,
             max_batch,
+            shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
         })
     }
 }

@@ -64,6 +64,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let handle = match outrelay_controller::metrics::install() {
         Ok(h) => Some(h),
@@ -82,10 +83,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let reload = outrelay_controller::run::Reload {
+        path: flags.config.clone(),
+        load: Box::new(move || {
+            Settings::load(flags.config.as_deref(), &ov)
+                .map(|s| s.shutdown_grace_ms)
+                .map_err(|e| e.to_string())
+        }),
+    };
     match rt.block_on(outrelay_controller::run::run(
         settings,
         flags.ready_file.as_deref(),
         handle,
+        reload,
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

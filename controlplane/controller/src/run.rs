@@ -1,5 +1,7 @@
 //! Start-up order: settings (already validated) → state dir, audit key, store, CA → TLS config
-//! → bind gRPC, admin socket, metrics → ready file → serve until SIGTERM/SIGINT.
+//! → bind gRPC, admin socket, metrics → ready file, `READY=1` → serve; SIGHUP re-validates the
+//! config (only `[lifecycle]` is live), SIGTERM/SIGINT stops accepting and lets in-flight RPCs
+//! and streams finish within `lifecycle.shutdown_grace_ms`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -40,6 +42,15 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// How SIGHUP re-reads the config: the file and the daemon's full validation (the new grace in
+/// ms, or the one-line reason it is refused).
+pub struct Reload {
+    /// The config file (`None`: defaults only).
+    pub path: Option<std::path::PathBuf>,
+    /// Loads and validates it again.
+    pub load: Box<dyn Fn() -> Result<u64, String> + Send>,
+}
+
 /// Runs the controller until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -48,7 +59,13 @@ pub async fn run(
     settings: Settings,
     ready_file: Option<&Path>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    reload: Reload,
 ) -> Result<(), RunError> {
+    let reloader = outrelay_lifecycle::Reloader::new(reload.path, settings.shutdown_grace_ms);
+    let mut signals = outrelay_lifecycle::Signals::install().map_err(|source| RunError::Bind {
+        what: "signal handlers".to_owned(),
+        source,
+    })?;
     let app = App::open(settings)?;
     let tls = server::tls_config(&app)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -92,7 +109,38 @@ pub async fn run(
         })?;
     }
     tracing::info!(grpc = %grpc_addr, admin = ?admin_socket, metrics = ?metrics_addr, "controller ready");
-    server::serve(app, rx, shutdown_signal()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut serving = tokio::spawn(server::serve(app, rx, async {
+        let _ = stop_rx.await;
+    }));
+    outrelay_lifecycle::notify_ready();
+    outrelay_lifecycle::Watchdog::default().start("controller-runtime");
+    loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                outrelay_lifecycle::Signal::Reload => {
+                    reloader.reload(&reload.load);
+                }
+                outrelay_lifecycle::Signal::Stop => break,
+            },
+            done = &mut serving => {
+                return done.unwrap_or(Ok(())).map_err(RunError::from);
+            }
+        }
+    }
+    // SIGTERM: tonic stops taking connections and waits for in-flight ones; long-lived
+    // streams (relays' watches) are cut when the grace is over.
+    outrelay_lifecycle::notify_stopping();
+    let grace = reloader.shutdown_grace();
+    tracing::info!(grace_ms = grace.as_millis(), "stopping: draining RPCs");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, &mut serving).await {
+        Ok(done) => done.unwrap_or(Ok(()))?,
+        Err(_) => {
+            serving.abort();
+            tracing::warn!("grace period over: cutting the remaining streams");
+        }
+    }
     tracing::info!("controller stopped");
     Ok(())
 }
@@ -101,20 +149,4 @@ fn write_ready(path: &Path, json: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, json)?;
     std::fs::rename(&tmp, path)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, run until killed.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -71,6 +71,7 @@ struct Raw {
     local: RawLocal,
     splice: RawSplice,
     udp: RawUdp,
+    lifecycle: outrelay_lifecycle::RawLifecycle,
 }
 
 impl Default for Raw {
@@ -86,6 +87,7 @@ impl Default for Raw {
             local: RawLocal::default(),
             splice: RawSplice::default(),
             udp: RawUdp::default(),
+            lifecycle: outrelay_lifecycle::RawLifecycle::default(),
         }
     }
 }
@@ -439,6 +441,8 @@ pub struct Settings {
     pub udp: UdpConfig,
     /// Splice engines.
     pub splice: SpliceConfig,
+    /// After SIGTERM, how long spliced connections may take to finish.
+    pub shutdown_grace_ms: u64,
 }
 
 /// The flags of `outrelay-agent expose`.
@@ -720,6 +724,7 @@ impl Settings {
             local,
             udp,
             splice,
+            shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
         })
     }
 }

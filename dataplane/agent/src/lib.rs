@@ -15,6 +15,7 @@
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod metric_help;
 pub mod pool;
 pub mod ready;
 pub mod splice;
@@ -65,16 +66,21 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> AgentError {
 ///
 /// # Errors
 /// Startup failures: identity files, splice engines, the metrics listener.
+/// `config` is the file SIGHUP re-reads (`None`: `expose`, nothing to re-read).
 pub async fn run(
     settings: Settings,
     ready_file: Option<PathBuf>,
     metrics: PrometheusHandle,
+    config: Option<PathBuf>,
 ) -> Result<(), AgentError> {
+    let reloader = outrelay_lifecycle::Reloader::new(config.clone(), settings.shutdown_grace_ms);
+    let mut signals = outrelay_lifecycle::Signals::install().map_err(io("signal handlers"))?;
     let settings = Arc::new(settings);
     let identity = AgentIdentity::load(&settings.identity)?;
     let reloadable = start_renewal(&settings)?;
     let client = identity.quic_client_config(&settings.connection, reloadable)?;
     let splicer = Splicer::start(&settings.splice).map_err(io("splice engine"))?;
+    let engines = splicer.stats.clone();
     let stats = Arc::new(Stats::default());
     let board = Arc::new(Board::new(&settings.relays, &settings.leases));
     let metrics_addr: Option<SocketAddr> = match settings.metrics_listen {
@@ -114,31 +120,44 @@ pub async fn run(
     for i in 0..settings.relays.len() {
         relays.push(tokio::spawn(control::run(i, ctx.clone(), stop_rx.clone())));
     }
-    let ready_task = ready_file.map(|path| tokio::spawn(ready::run(board, path, metrics_addr)));
-    wait_for_stop().await;
-    tracing::info!("stopping: releasing leases");
+    let ready_task = tokio::spawn(ready::run(board, ready_file, metrics_addr));
+    outrelay_lifecycle::Watchdog::default().start("agent-control");
+    while signals.next().await == outrelay_lifecycle::Signal::Reload {
+        reloader.reload(|| match &config {
+            Some(path) => Settings::load(path)
+                .map(|s| s.shutdown_grace_ms)
+                .map_err(|e| e.to_string()),
+            None => Ok(reloader
+                .shutdown_grace()
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX)),
+        });
+    }
+    outrelay_lifecycle::notify_stopping();
+    let grace = reloader.shutdown_grace();
+    tracing::info!(
+        grace_ms = grace.as_millis(),
+        "stopping: releasing leases, draining"
+    );
     let _ = stop_tx.send(true);
     for r in relays {
         let _ = r.await;
     }
-    if let Some(t) = ready_task {
-        t.abort();
+    ready_task.abort();
+    // Spliced connections already running finish within the grace (engine stats are
+    // published every STATS_PUBLISH_INTERVAL, so this can over-wait by that much).
+    let active = || {
+        engines
+            .iter()
+            .map(|e| e.lock().map_or(0, |s| s.pairs_active))
+            .sum::<usize>()
+    };
+    let left = outrelay_lifecycle::drain(grace, active).await;
+    if left > 0 {
+        tracing::warn!(cut = left, "grace period over: cutting connections");
     }
     Ok(())
-}
-
-async fn wait_for_stop() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// With an enrolled state directory and a controller to renew from: a swappable client

@@ -117,7 +117,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let config_path = match &flags.command {
+        Command::Run { config, .. } => Some(config.clone()),
+        _ => None,
+    };
     let (settings, ready_file) = match flags.command {
         Command::Status { metrics, json } => return status(&metrics, json),
         Command::Enroll {
@@ -180,7 +185,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    match run(settings, ready_file) {
+    match run(settings, ready_file, config_path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrelay-agent: {e:#}");
@@ -189,14 +194,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(
+    settings: Settings,
+    ready_file: Option<PathBuf>,
+    config_path: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let metrics = outrelay_agent::http::install()?;
+    outrelay_agent::metric_help::describe();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("agent-control")
         .enable_all()
         .build()?;
-    runtime.block_on(outrelay_agent::run(settings, ready_file, metrics))?;
+    runtime.block_on(outrelay_agent::run(
+        settings,
+        ready_file,
+        metrics,
+        config_path,
+    ))?;
     // Engine threads and lingering tasks end with the process.
     runtime.shutdown_timeout(Duration::from_millis(100));
     Ok(())

@@ -56,17 +56,27 @@ pub fn write_atomic(path: &Path, value: &serde_json::Value) -> std::io::Result<(
     std::fs::rename(&tmp, path)
 }
 
-/// Rewrites `path` after every board change that changes the document.
-pub async fn run(board: Arc<Board>, path: PathBuf, metrics: Option<SocketAddr>) {
+/// Rewrites `path` (if any) after every board change that changes the document; the first
+/// ready document also sends systemd's `READY=1` (with or without a file).
+pub async fn run(board: Arc<Board>, path: Option<PathBuf>, metrics: Option<SocketAddr>) {
     let mut last: Option<serde_json::Value> = None;
+    let mut notified = false;
     loop {
         if let Some(doc) = document(&board.snapshot(), metrics)
             && last.as_ref() != Some(&doc)
         {
-            match write_atomic(&path, &doc) {
+            let Some(path) = &path else {
+                outrelay_lifecycle::notify_ready();
+                return;
+            };
+            match write_atomic(path, &doc) {
                 Ok(()) => {
                     tracing::info!(path = %path.display(), ready = %doc, "ready file written");
                     last = Some(doc);
+                    if !notified {
+                        outrelay_lifecycle::notify_ready();
+                        notified = true;
+                    }
                 }
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "cannot write the ready file")

@@ -331,6 +331,18 @@ fn start_agent_with(
     dead_session_ms: u64,
     connection_extra: &str,
 ) -> Agent {
+    spawn_agent(pki, relays, leases, dead_session_ms, connection_extra, &[])
+}
+
+/// As [`start_agent_with`], with extra environment (e.g. `NOTIFY_SOCKET`).
+fn spawn_agent(
+    pki: &Pki,
+    relays: &[SocketAddr],
+    leases: &str,
+    dead_session_ms: u64,
+    connection_extra: &str,
+    env: &[(&str, String)],
+) -> Agent {
     let dir = pki.path();
     let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
     let config = format!(
@@ -353,6 +365,7 @@ fn start_agent_with(
         .arg(&path)
         .arg("--ready-file")
         .arg(&ready)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .spawn()
         .expect("start outrelay-agent");
@@ -1741,4 +1754,95 @@ async fn a_udp_lease_keeps_its_port_when_the_agent_connection_comes_back() {
     let took = udp_first_echo(&udp_client(p2).await).await;
     eprintln!("MEASURED UDP echo on the same port {took:?} after the new agent was ready");
     drop(agent);
+}
+
+// ---------- lifecycle ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_notifies_systemd_and_lets_a_spliced_connection_finish_after_sigterm() {
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _echo) = echo_server().await;
+    let notify_dir = tempfile::tempdir().expect("temp dir");
+    let mut notify = outrelay_testkit::notify::NotifyListener::bind(notify_dir.path(), None);
+    let mut agent = spawn_agent(
+        &pki,
+        &[relay.addrs.quic],
+        &format!("[[lease]]\nname = \"raw\"\ntcp_to = \"{target}\"\n"),
+        5000,
+        "",
+        &[
+            ("NOTIFY_SOCKET", notify.path.display().to_string()),
+            ("WATCHDOG_USEC", "1000000".to_owned()),
+        ],
+    );
+    let ready_doc = agent.ready().await;
+    let ready =
+        tokio::task::block_in_place(|| notify.wait_for("READY=1", 1, WAIT)).expect("READY=1");
+    let written = std::fs::metadata(&agent.ready)
+        .and_then(|m| m.modified())
+        .expect("ready file mtime");
+    assert!(ready.wall >= written, "READY=1 came before the ready file");
+    tokio::task::block_in_place(|| notify.wait_for("WATCHDOG=1", 3, WAIT))
+        .expect("3 WATCHDOG=1 pings");
+
+    // A connection spliced through the agent, then SIGTERM: the connection keeps working
+    // until the client ends it, and only then does the agent exit.
+    let port = lease_port(&ready_doc, "raw");
+    let start = Instant::now();
+    let mut c = loop {
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", port)).await {
+            let mut buf = [0u8; 4];
+            if c.write_all(b"ping").await.is_ok()
+                && tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut buf))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                break c;
+            }
+        }
+        assert!(start.elapsed() < WAIT, "no echo through the lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.proc.0.id()).expect("pid"));
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    tokio::task::block_in_place(|| notify.wait_for("STOPPING=1", 1, WAIT)).expect("STOPPING=1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        agent.proc.0.try_wait().expect("poll").is_none(),
+        "the agent exited with a connection still spliced"
+    );
+    c.write_all(b"still here")
+        .await
+        .expect("write after SIGTERM");
+    let mut buf = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf))
+        .await
+        .expect("echo after SIGTERM in time")
+        .expect("echo after SIGTERM");
+    assert_eq!(&buf, b"still here");
+    drop(c);
+    let exited = loop {
+        if let Some(status) = agent.proc.0.try_wait().expect("poll") {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < WAIT,
+            "the agent did not exit after its last connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exited.success(), "{exited}");
+    eprintln!(
+        "MEASURED agent exit {:?} after SIGTERM (connection closed after about 300 ms)",
+        sent.elapsed()
+    );
 }

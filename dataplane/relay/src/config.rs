@@ -17,6 +17,7 @@
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
 //! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
+//! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
 //! ```
 //!
 //! Without `[controller]` the relay runs standalone: every lease is approved and there is no
@@ -58,6 +59,7 @@ struct Raw {
     pipes: RawPipes,
     public_tls: RawPublicTls,
     controller: Option<RawController>,
+    lifecycle: RawLifecycle,
 }
 
 impl Default for Raw {
@@ -76,6 +78,7 @@ impl Default for Raw {
             pipes: RawPipes::default(),
             public_tls: RawPublicTls::default(),
             controller: None,
+            lifecycle: RawLifecycle::default(),
         }
     }
 }
@@ -99,6 +102,21 @@ struct RawController {
     reconnect_backoff_max_ms: Option<u64>,
     report_queue_max: Option<usize>,
     state_dir: Option<PathBuf>,
+}
+
+/// `[lifecycle]`: SIGTERM behaviour (read again on SIGHUP; applied live).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLifecycle {
+    shutdown_grace_ms: u64,
+}
+
+impl Default for RawLifecycle {
+    fn default() -> Self {
+        RawLifecycle {
+            shutdown_grace_ms: outrelay_lifecycle::DEFAULT_SHUTDOWN_GRACE_MS,
+        }
+    }
 }
 
 /// `[public_tls]`: the root host's certificate (root-host fallback, `/healthz` only).
@@ -275,6 +293,8 @@ pub struct Settings {
     pub public_tls: Option<crate::ingress::root::RootTls>,
     /// The controller client (`[controller]`); `None`: standalone.
     pub controller: Option<crate::control::ControllerConfig>,
+    /// After SIGTERM, how long established connections may take to finish.
+    pub shutdown_grace_ms: u64,
 }
 
 /// Command-line overrides (applied before validation).
@@ -514,6 +534,7 @@ impl Settings {
             quic,
             public_tls,
             controller,
+            shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
         })
     }
 }

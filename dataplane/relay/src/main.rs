@@ -1,5 +1,6 @@
 //! `outrelay-relay`: validate the config (exit 64 with one line), bind every listener, report
-//! the bound addresses in `--ready-file`, then serve until SIGTERM/SIGINT (GOAWAY to agents).
+//! the bound addresses in `--ready-file` (then `READY=1`), then serve: SIGHUP reloads the
+//! config, SIGTERM/SIGINT stops accepting, sends GOAWAY to agents and drains (`[lifecycle]`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let overrides = Overrides {
         io_backend: flags.io_backend.clone(),
@@ -59,7 +61,8 @@ fn main() -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    match run(settings, flags.ready_file) {
+    let reloader = outrelay_relay::lifecycle::Reloader::new(flags.config, overrides, &settings);
+    match run(settings, flags.ready_file, reloader) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrelay-relay: {e:#}");
@@ -68,8 +71,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+fn run(
+    mut settings: Settings,
+    ready_file: Option<PathBuf>,
+    reloader: outrelay_relay::lifecycle::Reloader,
+) -> anyhow::Result<()> {
     let metrics_handle = outrelay_relay::metrics::install()?;
+    outrelay_relay::metric_help::describe();
+    // WATCHDOG=1 only while every splice engine thread and the control runtime beat.
+    let watchdog = outrelay_lifecycle::Watchdog::default();
     // Per-lease connection counts: the engine threads give finished pairs back.
     let lease_conns = Arc::new(outrelay_relay::ingress::limits::LeaseConns::default());
     let mut engines = Vec::with_capacity(settings.workers);
@@ -90,6 +100,7 @@ fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()
         let published = Arc::new(Mutex::new(EngineStats::default()));
         engine_stats.push(published.clone());
         let conns = lease_conns.clone();
+        let beat = watchdog.register(&format!("splice-{i}"));
         std::thread::Builder::new()
             .name(format!("splice-{i}"))
             .spawn(move || {
@@ -105,6 +116,7 @@ fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()
                     }
                     conns.finished(&finished);
                     finished.clear();
+                    beat.beat();
                     // Stats for /metrics, once a second: one short uncontended lock.
                     if last_publish.elapsed() >= Duration::from_secs(1) {
                         last_publish = Instant::now();
@@ -121,6 +133,7 @@ fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let mut signals = outrelay_lifecycle::Signals::install()?;
         let shared = Arc::new(Shared::default());
         let leases = LeaseTable::new(settings.leases.clone())?;
         // With `[controller]`: decisions, reports and revocations from the controller;
@@ -209,24 +222,35 @@ fn run(mut settings: Settings, ready_file: Option<PathBuf>) -> anyhow::Result<()
             std::fs::rename(&tmp, &path)?;
         }
         tracing::info!(%ready, "relay ready");
-        wait_for_stop().await;
-        tracing::info!("stopping: GOAWAY to agents");
+        outrelay_lifecycle::notify_ready();
+        watchdog.start("relay-control");
+        while signals.next().await == outrelay_lifecycle::Signal::Reload {
+            reloader.reload();
+        }
+        // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.
+        outrelay_lifecycle::notify_stopping();
+        let grace = reloader.shutdown_grace();
+        tracing::info!(
+            grace_ms = grace.as_millis(),
+            in_flight = ingress.in_flight(),
+            "stopping: listeners closed, GOAWAY to agents, draining"
+        );
+        let started = Instant::now();
+        ingress.stop_accepting();
         shutdown.shutdown("relay stopping", 1000);
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        let left = outrelay_lifecycle::drain(grace, || ingress.in_flight()).await;
+        let drain_ms = started.elapsed().as_millis();
+        if left == 0 {
+            tracing::info!(drain_ms, "drained: every connection finished");
+        } else {
+            tracing::warn!(
+                drain_ms,
+                cut = left,
+                "grace period over: cutting connections"
+            );
+        }
+        let rest = grace.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(rest.max(Duration::from_secs(1)), server).await;
         anyhow::Ok(())
     })
-}
-
-async fn wait_for_stop() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

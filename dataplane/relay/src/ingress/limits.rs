@@ -59,6 +59,11 @@ impl LeaseConns {
         })
     }
 
+    /// Current connections of every lease.
+    pub fn total(&self) -> usize {
+        self.lock().per_lease.values().sum()
+    }
+
     /// Current connections of `lease`.
     pub fn count(&self, lease: &LeaseId) -> usize {
         self.lock().per_lease.get(lease).copied().unwrap_or(0)

@@ -113,6 +113,8 @@ pub struct Ingress {
     next_engine: AtomicUsize,
     conns: Arc<LeaseConns>,
     pending: PendingConns,
+    /// Set once by [`Ingress::stop_accepting`]; every accept loop ends on it.
+    stopping: tokio::sync::watch::Sender<bool>,
     /// Counters by reason.
     pub stats: IngressStats,
 }
@@ -146,6 +148,7 @@ impl Ingress {
             next_engine: AtomicUsize::new(0),
             conns,
             pending: PendingConns::default(),
+            stopping: tokio::sync::watch::Sender::new(false),
             stats: IngressStats::default(),
         })
     }
@@ -160,6 +163,35 @@ impl Ingress {
         self.pending.count()
     }
 
+    /// Closes every listener (public TLS, reverse sessions, TCP lease ports) and binds no new
+    /// one; connections already accepted go on (SIGTERM's first step).
+    pub fn stop_accepting(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Public connections not finished yet: in set-up, or admitted to a lease (spliced, or
+    /// handed to an engine). Zero once a drain is complete.
+    pub fn in_flight(&self) -> usize {
+        self.pending.count() + self.conns.total()
+    }
+
+    /// The next accepted stream, or `None` once [`Ingress::stop_accepting`] was called.
+    async fn accept(&self, listener: &TcpListener) -> Option<TcpStream> {
+        let mut stop = self.stopping.subscribe();
+        loop {
+            if *stop.borrow_and_update() {
+                return None;
+            }
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => return Some(stream),
+                    Err(_) => accept_backoff().await,
+                },
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
     /// Idle sessions of a lease.
     pub fn idle_sessions(&self, lease: &LeaseId) -> usize {
         self.pool.idle_count(lease)
@@ -170,9 +202,8 @@ impl Ingress {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    accept_backoff().await;
-                    continue;
+                let Some(stream) = me.accept(&listener).await else {
+                    return;
                 };
                 let me = me.clone();
                 tokio::spawn(async move { me.reverse_session(stream).await });
@@ -185,9 +216,8 @@ impl Ingress {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    accept_backoff().await;
-                    continue;
+                let Some(stream) = me.accept(&listener).await else {
+                    return;
                 };
                 let me = me.clone();
                 tokio::spawn(async move {
@@ -245,7 +275,7 @@ impl Ingress {
             keep
         });
         for (port, _) in snapshot.routes.tcp_ports() {
-            if listeners.contains_key(&port) {
+            if listeners.contains_key(&port) || *self.stopping.borrow() {
                 continue;
             }
             let addr = SocketAddr::new(self.config.lease_bind_ip, port);
@@ -269,9 +299,8 @@ impl Ingress {
                 port,
                 tokio::spawn(async move {
                     loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            accept_backoff().await;
-                            continue;
+                        let Some(stream) = me.accept(&listener).await else {
+                            return;
                         };
                         let me = me.clone();
                         tokio::spawn(async move {

@@ -1,0 +1,101 @@
+//! `# HELP` text for every metric the agent exports (promtool wants one per family).
+//! Called once after the recorder is installed; a new metric gets its line here.
+
+/// Registers the descriptions.
+pub fn describe() {
+    metrics::describe_counter!(
+        "outrelay_agent_lease_errors_total",
+        "Lease requests the relay refused, by code."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_lease_reregistered_total",
+        "Leases registered again after a reconnect."
+    );
+    metrics::describe_gauge!("outrelay_agent_leases", "Leases by state.");
+    metrics::describe_counter!(
+        "outrelay_agent_local_connect_failed_total",
+        "Connections to local targets that failed."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_relay_connect_attempts_total",
+        "Connection attempts to relays."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_relay_connect_failed_total",
+        "Connection attempts to relays that failed."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_relay_goaways_total",
+        "GOAWAY frames received from relays."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_relay_reconnects_total",
+        "Reconnections to relays."
+    );
+    metrics::describe_gauge!("outrelay_agent_relays_connected", "Relays connected now.");
+    metrics::describe_counter!(
+        "outrelay_agent_reverse_sessions_claimed_total",
+        "Reverse sessions claimed by a public connection."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_reverse_sessions_dead_total",
+        "Idle reverse sessions found dead."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_reverse_sessions_failed_total",
+        "Reverse sessions that failed to open."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_reverse_sessions_idle",
+        "Idle reverse sessions waiting for a claim."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_reverse_sessions_open",
+        "Reverse sessions open."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_reverse_sessions_opened_total",
+        "Reverse sessions opened."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_bytes_total",
+        "Bytes moved by the splice engines, both directions."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_calls_total",
+        "splice(2) calls made by the engines."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_closed_total",
+        "Spliced pairs closed, by reason."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_splice_pairs_active",
+        "Pairs being spliced now."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_pairs_refused_total",
+        "Pairs refused by a full splice engine."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_pairs_total",
+        "Pairs added to the splice engines."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splices_total",
+        "Claimed sessions joined to a local target."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_udp_datagrams_total",
+        "UDP lease datagrams, by direction."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_udp_drops_total",
+        "UDP lease datagrams dropped, by reason."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_udp_flows_expired_total",
+        "UDP flows closed after their idle time."
+    );
+    metrics::describe_counter!("outrelay_agent_udp_flows_total", "UDP flows opened.");
+}

@@ -1,0 +1,152 @@
+//! `# HELP` text for every metric the relay exports (promtool wants one per family).
+//! Called once after the recorder is installed; a new metric gets its line here.
+
+/// Registers the descriptions.
+pub fn describe() {
+    metrics::describe_gauge!(
+        "outrelay_relay_controller_connected",
+        "1 while the controller stream is up."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_decisions_total",
+        "Lease decisions received from the controller."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_heartbeats_total",
+        "Heartbeats sent to the controller, by result."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_leases_revoked_total",
+        "Leases dropped because the controller revoked them."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_reports_dropped_total",
+        "Lease reports dropped because the report queue was full."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_reports_total",
+        "Lease reports sent to the controller."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_revocations_applied_total",
+        "Identity revocations applied."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_controller_revoked_connections_closed_total",
+        "Agent connections closed because their identity was revoked."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_ingress_drops_total",
+        "Public connections and reverse sessions dropped, by reason."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_ingress_pending_connections",
+        "Public connections in set-up."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_ingress_root_host_total",
+        "Connections for the root host (served by the relay itself)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_ingress_spliced_total",
+        "Public connections handed to a splice engine."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_io_backend_info",
+        "The splice engines readiness backend (label backend)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_lease_errors_total",
+        "Lease requests refused, by error code."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_leases_live",
+        "Leases granted and not expired."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_pipe_held_bytes",
+        "Pipe capacity held by the splice engines, in bytes."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_pipe_waits_total",
+        "Times a direction waited for a pipe under the budget."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_pipes_created_total",
+        "Pipes created by the splice engines."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_connections_accepted_total",
+        "Agent QUIC connections accepted."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_frames_total",
+        "ORP frames received from agents, by type."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_handshakes_failed_total",
+        "Agent QUIC handshakes that failed."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_refused_total",
+        "Agent connections refused, by reason."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_reverse_sessions_authenticated_total",
+        "Reverse sessions that passed the handshake."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_routes",
+        "Routes in the published snapshot, by kind."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_splice_bytes_total",
+        "Bytes moved by the splice engines, both directions."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_splice_calls_total",
+        "splice(2) calls made by the engines."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_splice_closed_total",
+        "Spliced pairs closed, by reason."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_splice_pairs_active",
+        "Pairs being spliced now."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_splice_pairs_refused_total",
+        "Pairs refused by a full splice engine."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_splice_pairs_total",
+        "Pairs added to the splice engines."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_udp_bytes_total",
+        "UDP lease payload bytes, by direction."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_udp_datagrams_total",
+        "UDP lease datagrams, by direction."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_udp_drops_total",
+        "UDP lease datagrams dropped, by reason."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_udp_flows_active",
+        "UDP flows (client addresses) alive now."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_udp_flows_expired_total",
+        "UDP flows closed after their idle time."
+    );
+    metrics::describe_counter!("outrelay_relay_udp_flows_total", "UDP flows opened.");
+    metrics::describe_gauge!(
+        "outrelay_relay_udp_payload_max_bytes",
+        "Largest UDP payload that fits a QUIC datagram now, in bytes."
+    );
+    metrics::describe_gauge!("outrelay_relay_udp_ports_bound", "UDP lease ports bound.");
+}
