@@ -386,13 +386,18 @@ impl Agent {
 
 /// The public TCP port of lease `name` in the agent's ready file.
 fn lease_port(ready: &serde_json::Value, name: &str) -> u16 {
+    port_in_ready(ready, name, "tcp_addr")
+}
+
+/// The port of the `key` address (`tcp_addr`, `udp_addr`) of lease `name` in a ready file.
+fn port_in_ready(ready: &serde_json::Value, name: &str, key: &str) -> u16 {
     let lease = ready["leases"]
         .as_array()
         .and_then(|ls| ls.iter().find(|l| l["name"] == name))
         .unwrap_or_else(|| panic!("lease {name} in {ready}"));
-    let addr = lease["tcp_addr"]
+    let addr = lease[key]
         .as_str()
-        .unwrap_or_else(|| panic!("tcp_addr of {name} in {ready}"));
+        .unwrap_or_else(|| panic!("{key} of {name} in {ready}"));
     addr.rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
@@ -1431,17 +1436,7 @@ async fn every_lease_is_served_by_every_configured_relay() {
 
 /// The public UDP port of lease `name` in the agent's ready file.
 fn udp_lease_port(ready: &serde_json::Value, name: &str) -> u16 {
-    let lease = ready["leases"]
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
-        .unwrap_or_else(|| panic!("lease {name} in {ready}"));
-    let addr = lease["udp_addr"]
-        .as_str()
-        .unwrap_or_else(|| panic!("udp_addr of {name} in {ready}"));
-    addr.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("port in {addr}"))
+    port_in_ready(ready, name, "udp_addr")
 }
 
 /// A UDP echo service in this process.
