@@ -11,7 +11,6 @@
 //! | [`udp`] | UDP lease ports: flows, batched socket I/O, QUIC datagrams to the agents |
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
-//! | [`lifecycle`] | SIGHUP reload (what is live, what needs a restart) |
 //!
 //! Not built yet (and not pretended): `outrelay relay drain`, service-to-service
 //! streams and SO_REUSEPORT accept sharding.
@@ -22,7 +21,6 @@ pub mod config;
 pub mod control;
 pub mod ingress;
 pub mod lease;
-pub mod lifecycle;
 pub mod metric_help;
 pub mod metrics;
 pub mod quic;

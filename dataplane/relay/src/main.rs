@@ -61,8 +61,16 @@ fn main() -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    let reloader = outrelay_relay::lifecycle::Reloader::new(flags.config, overrides, &settings);
-    match run(settings, flags.ready_file, reloader) {
+    // SIGHUP: the same validation as start-up; `[lifecycle]` applies live (outrelay-lifecycle).
+    let reloader =
+        outrelay_lifecycle::Reloader::new(Some(flags.config.clone()), settings.shutdown_grace_ms);
+    let config = flags.config;
+    let reload = move || {
+        Settings::load(&config, &overrides)
+            .map(|s| s.shutdown_grace_ms)
+            .map_err(|e| e.to_string())
+    };
+    match run(settings, flags.ready_file, reloader, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrelay-relay: {e:#}");
@@ -74,7 +82,8 @@ fn main() -> ExitCode {
 fn run(
     mut settings: Settings,
     ready_file: Option<PathBuf>,
-    reloader: outrelay_relay::lifecycle::Reloader,
+    reloader: outrelay_lifecycle::Reloader,
+    reload: impl Fn() -> Result<u64, String>,
 ) -> anyhow::Result<()> {
     let metrics_handle = outrelay_relay::metrics::install()?;
     outrelay_relay::metric_help::describe();
@@ -225,7 +234,7 @@ fn run(
         outrelay_lifecycle::notify_ready();
         watchdog.start("relay-control");
         while signals.next().await == outrelay_lifecycle::Signal::Reload {
-            reloader.reload();
+            reloader.reload(&reload);
         }
         // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.
         outrelay_lifecycle::notify_stopping();
