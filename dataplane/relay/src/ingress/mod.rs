@@ -175,9 +175,12 @@ impl Ingress {
         self.pending.count() + self.conns.total()
     }
 
-    /// The next accepted stream, or `None` once [`Ingress::stop_accepting`] was called.
-    async fn accept(&self, listener: &TcpListener) -> Option<TcpStream> {
-        let mut stop = self.stopping.subscribe();
+    /// The next accepted stream, or `None` once [`Ingress::stop_accepting`] was called. `stop`
+    /// is the listener's subscription to `stopping`, taken once per listener (not per accept).
+    async fn accept(
+        listener: &TcpListener,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<TcpStream> {
         loop {
             if *stop.borrow_and_update() {
                 return None;
@@ -201,8 +204,9 @@ impl Ingress {
     pub fn serve_reverse(self: &Arc<Self>, listener: TcpListener) -> JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
+            let mut stop = me.stopping.subscribe();
             loop {
-                let Some(stream) = me.accept(&listener).await else {
+                let Some(stream) = Ingress::accept(&listener, &mut stop).await else {
                     return;
                 };
                 let me = me.clone();
@@ -215,8 +219,9 @@ impl Ingress {
     pub fn serve_sni(self: &Arc<Self>, listener: TcpListener) -> JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
+            let mut stop = me.stopping.subscribe();
             loop {
-                let Some(stream) = me.accept(&listener).await else {
+                let Some(stream) = Ingress::accept(&listener, &mut stop).await else {
                     return;
                 };
                 let me = me.clone();
@@ -298,8 +303,9 @@ impl Ingress {
             listeners.insert(
                 port,
                 tokio::spawn(async move {
+                    let mut stop = me.stopping.subscribe();
                     loop {
-                        let Some(stream) = me.accept(&listener).await else {
+                        let Some(stream) = Ingress::accept(&listener, &mut stop).await else {
                             return;
                         };
                         let me = me.clone();
