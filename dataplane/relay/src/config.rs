@@ -18,10 +18,14 @@
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
 //! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
+//! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64
+//!            decision_cache_max = 4096  decision_cache_ttl_ms = 5000
+//! [[policy]] tenant = "demo"  caller = "*"  target = "payments"  method = ""  decision = "allow"
 //! ```
 //!
-//! Without `[controller]` the relay runs standalone: every lease is approved and there is no
-//! revocation list (see [`crate::control`]).
+//! Without `[controller]` the relay runs standalone: every lease is approved, there is no
+//! revocation list (see [`crate::control`]), and the `[[policy]]` rules are the stream policy
+//! (with a controller they are refused: the controller's rules are the only ones).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -31,6 +35,8 @@ use serde::Deserialize;
 
 use crate::ingress::IngressConfig;
 use crate::lease::{LeaseConfig, PortLeaseConfig, root_host_from_url};
+use crate::mesh::MeshConfig;
+use crate::mesh::policy::StaticRule;
 use crate::quic::{QuicConfig, TlsMaterial};
 use crate::udp::UdpConfig;
 
@@ -60,6 +66,40 @@ struct Raw {
     public_tls: RawPublicTls,
     controller: Option<RawController>,
     lifecycle: RawLifecycle,
+    mesh: RawMesh,
+    policy: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMesh {
+    open_timeout_ms: u64,
+    max_services_per_agent: usize,
+    decision_cache_max: usize,
+    decision_cache_ttl_ms: u64,
+}
+
+impl Default for RawMesh {
+    fn default() -> Self {
+        let d = MeshConfig::default();
+        RawMesh {
+            open_timeout_ms: d.open_timeout_ms,
+            max_services_per_agent: d.max_services_per_agent,
+            decision_cache_max: d.decision_cache_max,
+            decision_cache_ttl_ms: d.decision_cache_ttl_ms,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    tenant: String,
+    caller: String,
+    target: String,
+    #[serde(default)]
+    method: String,
+    decision: String,
 }
 
 impl Default for Raw {
@@ -79,6 +119,8 @@ impl Default for Raw {
             public_tls: RawPublicTls::default(),
             controller: None,
             lifecycle: RawLifecycle::default(),
+            mesh: RawMesh::default(),
+            policy: Vec::new(),
         }
     }
 }
@@ -295,6 +337,69 @@ pub struct Settings {
     pub controller: Option<crate::control::ControllerConfig>,
     /// After SIGTERM, how long established connections may take to finish.
     pub shutdown_grace_ms: u64,
+    /// Service streams (`[mesh]`, and `[[policy]]` when standalone).
+    pub mesh: MeshConfig,
+}
+
+/// `[mesh]` and `[[policy]]`, checked.
+fn mesh_config(
+    m: RawMesh,
+    rules: Vec<RawPolicy>,
+    standalone: bool,
+) -> Result<MeshConfig, ConfigError> {
+    if m.open_timeout_ms < 100 {
+        return Err(bad("mesh.open_timeout_ms", "must be at least 100 ms"));
+    }
+    if m.max_services_per_agent == 0 {
+        return Err(bad("mesh.max_services_per_agent", "must be at least 1"));
+    }
+    if !rules.is_empty() && !standalone {
+        return Err(bad(
+            "policy",
+            "static rules are for a relay without [controller]; with one, add rules with `outrelay policy add`",
+        ));
+    }
+    let mut static_rules = Vec::with_capacity(rules.len());
+    for (i, r) in rules.into_iter().enumerate() {
+        let key = |k: &str| format!("policy[{i}].{k}");
+        for (k, v) in [
+            ("tenant", &r.tenant),
+            ("caller", &r.caller),
+            ("target", &r.target),
+        ] {
+            if v.is_empty() {
+                return Err(bad(&key(k), "required"));
+            }
+        }
+        for (k, v) in [
+            ("caller", &r.caller),
+            ("target", &r.target),
+            ("method", &r.method),
+        ] {
+            if v.len() > 512 || !v.is_ascii() {
+                return Err(bad(&key(k), "ASCII, at most 512 bytes"));
+            }
+        }
+        let allow = match r.decision.as_str() {
+            "allow" => true,
+            "deny" => false,
+            _ => return Err(bad(&key("decision"), "must be allow or deny")),
+        };
+        static_rules.push(StaticRule {
+            tenant: r.tenant,
+            caller: r.caller,
+            target: r.target,
+            method: r.method,
+            allow,
+        });
+    }
+    Ok(MeshConfig {
+        open_timeout_ms: m.open_timeout_ms,
+        max_services_per_agent: m.max_services_per_agent,
+        decision_cache_max: m.decision_cache_max,
+        decision_cache_ttl_ms: m.decision_cache_ttl_ms,
+        static_rules,
+    })
 }
 
 /// Command-line overrides (applied before validation).
@@ -510,6 +615,7 @@ impl Settings {
         if raw.pipes.budget_bytes < 64 * 1024 {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));
         }
+        let mesh = mesh_config(raw.mesh, raw.policy, controller.is_none())?;
         Ok(Settings {
             workers,
             io_backend,
@@ -535,6 +641,7 @@ impl Settings {
             public_tls,
             controller,
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
+            mesh,
         })
     }
 }

@@ -9,11 +9,12 @@
 //! | [`state`] | the snapshot control publishes to the data path (one `ArcSwap`) |
 //! | [`ingress`] | reverse sessions, SNI and TCP lease listeners, hand-off to the splice engine |
 //! | [`udp`] | UDP lease ports: flows, batched socket I/O, QUIC datagrams to the agents |
+//! | [`mesh`] | service streams: local providers, registry view, policy snapshot, audit |
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //!
-//! Not built yet (and not pretended): `outrelay relay drain`, service-to-service
-//! streams and SO_REUSEPORT accept sharding.
+//! Not built yet (and not pretended): `outrelay relay drain`, relay-to-relay stream
+//! forwarding, stream resume and SO_REUSEPORT accept sharding.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod ingress;
 pub mod lease;
+pub mod mesh;
 pub mod metric_help;
 pub mod metrics;
 pub mod quic;

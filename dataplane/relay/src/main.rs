@@ -147,7 +147,7 @@ fn run(
         let leases = LeaseTable::new(settings.leases.clone())?;
         // With `[controller]`: decisions, reports and revocations from the controller;
         // without: standalone (every lease approved, no revocation list).
-        let controller = settings
+        let mut controller = settings
             .controller
             .map(outrelay_relay::control::Controller::new)
             .transpose()?;
@@ -172,6 +172,22 @@ fn run(
         let udp = outrelay_relay::udp::UdpIngress::new(settings.udp, shared.clone());
         quic.serve_udp(udp.clone());
         let _udp_sync = udp.serve();
+        // Service streams: the controller's registry, policy and audit, or standalone with the
+        // config's `[[policy]]` rules.
+        let relay_id = match quic.identity() {
+            outrelay_proto::identity::Identity::Relay { id, .. } => id.as_str().to_owned(),
+            other => other.to_string(),
+        };
+        let mesh = match &mut controller {
+            Some(c) => {
+                let mesh =
+                    outrelay_relay::mesh::Mesh::new(settings.mesh, relay_id, c.mesh_backend());
+                c.serve_mesh(mesh.clone());
+                mesh
+            }
+            None => outrelay_relay::mesh::Mesh::standalone(settings.mesh, relay_id),
+        };
+        quic.serve_mesh(mesh.clone());
         let quic_addr = quic.local_addr()?;
         let _control_tasks = controller.map(|c| {
             let endpoint = format!("{}:{}", settings.leases.root_host, quic_addr.port());
@@ -189,6 +205,7 @@ fn run(
             ingress: ingress.clone(),
             udp: udp.stats.clone(),
             quic: quic.stats(),
+            mesh: mesh.stats.clone(),
             engines: engine_stats,
             backend: settings.io_backend,
             shared,

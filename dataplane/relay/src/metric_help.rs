@@ -3,6 +3,62 @@
 
 /// Registers the descriptions.
 pub fn describe() {
+    for (name, help) in [
+        (
+            "outrelay_relay_mesh_streams_total",
+            "Service stream opens, by result (accepted or the reject code).",
+        ),
+        (
+            "outrelay_relay_mesh_bytes_total",
+            "Bytes carried by joined service streams, by direction.",
+        ),
+        (
+            "outrelay_relay_mesh_streams_cut_total",
+            "Live service streams cut because the policy no longer allows them, by reason.",
+        ),
+        (
+            "outrelay_relay_mesh_streams_failed_total",
+            "Joined service streams that ended with a reset or a lost connection.",
+        ),
+        (
+            "outrelay_relay_mesh_registrations_total",
+            "REGISTER frames answered, by result.",
+        ),
+        (
+            "outrelay_relay_mesh_policy_updates_total",
+            "Policy snapshots installed (each flushes the decision cache).",
+        ),
+        (
+            "outrelay_relay_mesh_audit_events_total",
+            "Audit events produced for stream decisions.",
+        ),
+        (
+            "outrelay_relay_mesh_audit_dropped_total",
+            "Audit events dropped because the audit queue was full.",
+        ),
+        (
+            "outrelay_relay_mesh_audit_sent_total",
+            "Audit events the controller recorded.",
+        ),
+        (
+            "outrelay_relay_mesh_deregistrations_dropped_total",
+            "Agent deregistrations dropped because the registry queue was full.",
+        ),
+        (
+            "outrelay_relay_mesh_policy_events_total",
+            "Policy watch events received from the controller.",
+        ),
+        (
+            "outrelay_relay_mesh_ready_dropped_total",
+            "STREAM_READY frames not sent because a control queue was full.",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+    }
+    metrics::describe_gauge!(
+        "outrelay_relay_mesh_streams_active",
+        "Service streams joined right now."
+    );
     metrics::describe_gauge!(
         "outrelay_relay_controller_connected",
         "1 while the controller stream is up."

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::ingress::Ingress;
 use crate::ingress::stats::Drop;
 use crate::lease::LeaseErrorCode;
+use crate::mesh::{MeshResult, MeshStats};
 use crate::quic::QuicStats;
 use crate::state::Shared;
 use crate::udp::stats::{UdpDrop, UdpStats};
@@ -33,6 +34,8 @@ pub struct Sources {
     pub udp: Arc<UdpStats>,
     /// QUIC endpoint counters.
     pub quic: Arc<QuicStats>,
+    /// Service-stream counters.
+    pub mesh: Arc<MeshStats>,
     /// Each splice engine's last published stats.
     pub engines: Vec<Arc<Mutex<EngineStats>>>,
     /// The engines' readiness backend.
@@ -146,6 +149,32 @@ fn update(s: &Sources) {
     gauge!("outrelay_relay_udp_payload_max_bytes")
         .set(u.payload_max_bytes.load(Ordering::Relaxed) as f64);
 
+    let m = &s.mesh;
+    for r in MeshResult::ALL {
+        counter!("outrelay_relay_mesh_streams_total", "result" => r.label()).absolute(m.result(r));
+    }
+    gauge!("outrelay_relay_mesh_streams_active")
+        .set(m.streams_active.load(Ordering::Relaxed) as f64);
+    counter!("outrelay_relay_mesh_bytes_total", "direction" => "to_provider")
+        .absolute(m.bytes_to_provider.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_bytes_total", "direction" => "to_consumer")
+        .absolute(m.bytes_to_consumer.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_streams_cut_total", "reason" => "policy")
+        .absolute(m.cut_policy.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_streams_cut_total", "reason" => "rule_expired")
+        .absolute(m.cut_expired.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_streams_failed_total")
+        .absolute(m.streams_failed.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_registrations_total", "result" => "ok")
+        .absolute(m.registrations_ok.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_registrations_total", "result" => "rejected")
+        .absolute(m.registrations_rejected.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_policy_updates_total")
+        .absolute(m.policy_updates.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_audit_events_total")
+        .absolute(m.audit_events.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_ready_dropped_total")
+        .absolute(m.ready_dropped.load(Ordering::Relaxed));
     let q = &s.quic;
     counter!("outrelay_relay_quic_connections_accepted_total")
         .absolute(q.connections_accepted.load(Ordering::Relaxed));

@@ -13,6 +13,10 @@ use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL, LeaseId};
 use outrelay_proto::udp::DatagramHeader;
 use outrelay_relay::lease::ControllerDecision;
 use outrelay_relay::lease::{LeaseConfig, LeaseErrorCode, LeaseTable, PortLeaseConfig};
+use outrelay_relay::mesh::policy::StaticRule;
+use outrelay_relay::mesh::{
+    Mesh, MeshBackend, MeshConfig, MeshResult, RegisterFuture, Registration, Standalone,
+};
 use outrelay_relay::quic::{
     ApproveAll, LeaseDecider, QuicConfig, QuicServer, QuicStats, ShutdownHandle, TlsMaterial,
     close_code,
@@ -131,6 +135,16 @@ fn start_relay_with(
     tweak: impl FnOnce(&mut QuicConfig),
     decider: Arc<dyn LeaseDecider>,
 ) -> Relay {
+    start_relay_full(ca, hello_deadline_ms, tweak, decider, None)
+}
+
+fn start_relay_full(
+    ca: &Ca,
+    hello_deadline_ms: u64,
+    tweak: impl FnOnce(&mut QuicConfig),
+    decider: Arc<dyn LeaseDecider>,
+    mesh: Option<Arc<Mesh>>,
+) -> Relay {
     let dir = tempfile::tempdir().expect("temp dir");
     let relay = ca.leaf(RELAY, &["localhost"], Eku::Both);
     let (cert, key, ca_path) = (
@@ -173,6 +187,9 @@ fn start_relay_with(
         shared.clone(),
     );
     server.serve_udp(udp.clone());
+    if let Some(mesh) = mesh {
+        server.serve_mesh(mesh);
+    }
     udp.serve();
     assert_eq!(server.identity().to_string(), RELAY);
     let addr = server.local_addr().expect("local addr");
@@ -887,4 +904,416 @@ async fn udp_flows_carry_datagrams_both_ways_within_the_abuse_limits() {
         .expect("send");
     assert_eq!(recv_from(&c1).await, b"marker");
     assert_eq!(stats.flows_active.load(Ordering::Relaxed), 3);
+}
+
+// ---------- service streams (REGISTER / OPEN_STREAM) ----------
+
+const OTHER_TENANT_AGENT: &str = "outrelay://other/agent/00000000-0000-4000-8000-000000000003";
+
+/// Keeps every audit row (the standalone backend only logs them).
+#[derive(Default)]
+struct AuditLog(std::sync::Mutex<Vec<outrelay_api::pb::AuditEvent>>);
+
+impl MeshBackend for AuditLog {
+    fn register(&self, reg: Registration) -> RegisterFuture {
+        Standalone.register(reg)
+    }
+    fn deregister(&self, _: &str, _: &str, _: Vec<Registration>) {}
+    fn audit(&self, event: outrelay_api::pb::AuditEvent) {
+        self.0.lock().expect("audit lock").push(event);
+    }
+}
+
+fn allow(tenant: &str, caller: &str, target: &str) -> StaticRule {
+    StaticRule {
+        tenant: tenant.into(),
+        caller: caller.into(),
+        target: target.into(),
+        method: String::new(),
+        allow: true,
+    }
+}
+
+fn deny(tenant: &str, caller: &str, target: &str) -> StaticRule {
+    StaticRule {
+        allow: false,
+        ..allow(tenant, caller, target)
+    }
+}
+
+fn rules(list: &[StaticRule]) -> Vec<outrelay_api::pb::PolicyRule> {
+    list.iter().enumerate().map(|(i, r)| r.to_rule(i)).collect()
+}
+
+struct MeshWorld {
+    relay: Relay,
+    mesh: Arc<Mesh>,
+    audit: Arc<AuditLog>,
+    ca: Ca,
+}
+
+fn mesh_world(policy: &[StaticRule]) -> MeshWorld {
+    let ca = Ca::new("test CA");
+    let audit = Arc::new(AuditLog::default());
+    let config = MeshConfig {
+        open_timeout_ms: 2_000,
+        ..MeshConfig::default()
+    };
+    let mesh = Mesh::new(config, "relay-1".into(), audit.clone());
+    mesh.set_policy(rules(policy));
+    let relay = start_relay_full(
+        &ca,
+        10_000,
+        |_| {},
+        Arc::new(ApproveAll),
+        Some(mesh.clone()),
+    );
+    MeshWorld {
+        relay,
+        mesh,
+        audit,
+        ca,
+    }
+}
+
+impl MeshWorld {
+    async fn agent(&self, uri: &str) -> Agent {
+        let mut a = connect(&self.relay, &self.ca, &self.ca.leaf(uri, &[], Eku::Client))
+            .await
+            .expect("connects");
+        a.hello(uri).await;
+        a
+    }
+}
+
+impl Agent {
+    async fn provide(&mut self, service: &str, request_id: u64) -> Frame {
+        self.call(Frame::Register(orp::Register {
+            service_name: service.to_owned(),
+            local_addr: "127.0.0.1:8080".to_owned(),
+            request_id,
+        }))
+        .await
+    }
+
+    /// Opens a stream with OPEN_STREAM; the relay's one answer and the stream.
+    async fn open(
+        &self,
+        service: &str,
+        method: &str,
+        stream_id: u64,
+    ) -> (Frame, quinn::SendStream, quinn::RecvStream) {
+        let (mut send, mut recv) = self.conn.open_bi().await.expect("open stream");
+        let open = Frame::OpenStream(orp::OpenStream {
+            target_service: service.to_owned(),
+            method: method.to_owned(),
+            stream_id,
+        });
+        send.write_all(&open.to_vec().expect("encode"))
+            .await
+            .expect("write OPEN_STREAM");
+        let answer = read_one(&mut recv).await;
+        (answer, send, recv)
+    }
+
+    /// Accepts the relay's next stream: its INCOMING_STREAM and the stream.
+    async fn incoming(&self) -> (orp::IncomingStream, quinn::SendStream, quinn::RecvStream) {
+        let (send, mut recv) = tokio::time::timeout(WAIT, self.conn.accept_bi())
+            .await
+            .expect("incoming stream in time")
+            .expect("accept_bi");
+        match read_one(&mut recv).await {
+            Frame::IncomingStream(i) => (i, send, recv),
+            other => panic!("expected INCOMING_STREAM, got {other:?}"),
+        }
+    }
+}
+
+/// Reads exactly one frame from the start of a stream (nothing beyond it).
+async fn read_one(recv: &mut quinn::RecvStream) -> Frame {
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Decoded::Frame { frame, used } = decode(&buf).expect("frame") {
+                assert_eq!(used, buf.len(), "bytes after the answer frame");
+                return Frame::decode(&frame).expect("payload");
+            }
+            let mut byte = [0u8; 1];
+            match recv.read(&mut byte).await {
+                Ok(Some(1)) => buf.push(byte[0]),
+                other => panic!("stream ended before a frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a frame in time")
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: Frame) {
+    send.write_all(&frame.to_vec().expect("encode"))
+        .await
+        .expect("write frame");
+}
+
+fn reject_code(f: &Frame) -> u32 {
+    match f {
+        Frame::StreamReject(r) => r.code,
+        other => panic!("expected STREAM_REJECT, got {other:?}"),
+    }
+}
+
+/// Sends `len` pseudo-random bytes then FIN; returns their SHA-256.
+async fn send_bulk(send: &mut quinn::SendStream, len: usize, seed: u8) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut block = vec![0u8; 64 * 1024];
+    let mut sent = 0;
+    let mut x = u32::from(seed) + 1;
+    while sent < len {
+        for b in &mut block {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x.to_le_bytes()[0];
+        }
+        let n = block.len().min(len - sent);
+        hash.update(&block[..n]);
+        send.write_all(&block[..n]).await.expect("bulk write");
+        sent += n;
+    }
+    send.finish().expect("finish");
+    hash.finalize().to_vec()
+}
+
+/// Reads to FIN; returns the byte count and SHA-256.
+async fn recv_bulk(recv: &mut quinn::RecvStream) -> (usize, Vec<u8>) {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    let mut n = 0;
+    while let Some(chunk) = recv.read_chunk(1 << 20, true).await.expect("bulk read") {
+        n += chunk.bytes.len();
+        hash.update(&chunk.bytes);
+    }
+    (n, hash.finalize().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_stream_is_registered_opened_joined_and_half_closed() {
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let mut provider = w.agent(AGENT_2).await;
+    match provider.provide("pay", 11).await {
+        Frame::RegisterAck(ack) => {
+            assert_eq!((ack.service_id.as_str(), ack.request_id), ("demo/pay", 11))
+        }
+        other => panic!("expected REGISTER_ACK, got {other:?}"),
+    }
+    let mut consumer = w.agent(AGENT_1).await;
+    let opening = consumer.open("pay", "charge", 42);
+    let accepting = async {
+        let (inc, mut send, recv) = provider.incoming().await;
+        assert_eq!(
+            (
+                inc.target_service.as_str(),
+                inc.method.as_str(),
+                inc.source_agent_uri.as_str(),
+                inc.stream_id
+            ),
+            ("pay", "charge", AGENT_1, 42)
+        );
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        (send, recv)
+    };
+    let ((answer, mut c_send, mut c_recv), (mut p_send, mut p_recv)) =
+        tokio::join!(opening, accepting);
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    for (agent, peer) in [(&mut consumer, AGENT_2), (&mut provider, AGENT_1)] {
+        match agent.recv().await.expect("STREAM_READY") {
+            Frame::StreamReady(r) => {
+                assert_eq!((r.stream_id, r.peer_agent_uri.as_str()), (42, peer))
+            }
+            other => panic!("expected STREAM_READY, got {other:?}"),
+        }
+    }
+
+    // 8 MiB up, FIN; the provider still answers with 8 MiB after it saw the FIN (half-close).
+    const LEN: usize = 8 << 20;
+    let up = async {
+        let (sent, got) = tokio::join!(send_bulk(&mut c_send, LEN, 1), recv_bulk(&mut p_recv));
+        assert_eq!(got, (LEN, sent), "consumer → provider bytes");
+        send_bulk(&mut p_send, LEN, 2).await
+    };
+    let (sent_down, got_down) = tokio::join!(up, recv_bulk(&mut c_recv));
+    assert_eq!(got_down, (LEN, sent_down), "provider → consumer bytes");
+    assert_eq!(w.mesh.stats.result(MeshResult::Accepted), 1);
+
+    // Both decisions audited with the stream id.
+    let rows = w.audit.0.lock().expect("audit").clone();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.stream_id == "42" && r.decision == "allow" && r.kind == "stream")
+    );
+    assert_eq!(
+        (rows[0].caller.as_str(), rows[0].target.as_str()),
+        (AGENT_1, "pay")
+    );
+    assert!(
+        rows[0].reason.starts_with("caller-side: rule static-0"),
+        "{}",
+        rows[0].reason
+    );
+    assert_eq!(
+        (rows[1].caller.as_str(), rows[1].target.as_str()),
+        (AGENT_2, AGENT_1)
+    );
+    assert!(
+        rows[1].reason.starts_with("callee-side: no matching rule"),
+        "{}",
+        rows[1].reason
+    );
+
+    // The provider's connection ends: its service goes with it.
+    provider.conn.close(0u32.into(), b"bye");
+    let took = eventually("service deregistered", || {
+        matches!(
+            w.mesh.resolve("demo", "pay"),
+            outrelay_relay::mesh::Resolved::NotFound
+        )
+    })
+    .await;
+    eprintln!("MEASURED: service gone {took:?} after the provider closed");
+    let (answer, _, _) = consumer.open("pay", "", 43).await;
+    assert_eq!(reject_code(&answer), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_opens_are_refused_with_the_specified_codes() {
+    let w = mesh_world(&[
+        allow("demo", "*", "*"),
+        deny("demo", "*", "secret"),
+        deny("demo", AGENT_2, AGENT_1),
+        allow("other", "*", "*"),
+    ]);
+    let mut provider = w.agent(AGENT_2).await;
+    for (i, name) in ["pay", "secret", "picky"].iter().enumerate() {
+        assert!(matches!(
+            provider.provide(name, i as u64 + 1).await,
+            Frame::RegisterAck(_)
+        ));
+    }
+    let consumer = w.agent(AGENT_1).await;
+
+    // 403: an exact-target deny beats the wildcard allow.
+    let (answer, _, _) = consumer.open("secret", "", 1).await;
+    assert_eq!(reject_code(&answer), 403);
+    // 403: the provider's callee-side deny names this consumer.
+    let (answer, _, _) = consumer.open("pay", "", 2).await;
+    assert_eq!(reject_code(&answer), 403);
+    // 404: nobody provides it.
+    let (answer, _, _) = consumer.open("nope", "", 3).await;
+    assert_eq!(reject_code(&answer), 404);
+    // Tenant isolation: tenant `other` may call anything of its own, and `pay` is not its.
+    let stranger = w.agent(OTHER_TENANT_AGENT).await;
+    let (answer, _, _) = stranger.open("pay", "", 4).await;
+    assert_eq!(reject_code(&answer), 404);
+
+    // Without the callee-side deny (third consumer identity) the provider is asked; it
+    // rejects (no handler) → 503; then it accepts one, and a second open with the same id → 409.
+    w.mesh.set_policy(rules(&[allow("demo", "*", "*")]));
+    let open = consumer.open("picky", "unknown", 5);
+    let refuse = async {
+        let (inc, mut send, _recv) = provider.incoming().await;
+        assert_eq!(inc.stream_id, 5);
+        write_frame(
+            &mut send,
+            Frame::StreamReject(orp::StreamReject {
+                code: 404,
+                reason: "no handler".into(),
+                request_id: 0,
+            }),
+        )
+        .await;
+    };
+    let ((answer, _, _), ()) = tokio::join!(open, refuse);
+    assert_eq!(reject_code(&answer), 503);
+
+    let open = consumer.open("pay", "", 7);
+    let accept = async {
+        let (_, mut send, recv) = provider.incoming().await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        (send, recv)
+    };
+    let ((answer, _c_send, mut c_recv), (_p_send, _p_recv)) = tokio::join!(open, accept);
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    let (answer, _, _) = consumer.open("pay", "", 7).await;
+    assert_eq!(reject_code(&answer), 409);
+    for (r, n) in [
+        (MeshResult::Denied, 2),
+        (MeshResult::NotFound, 2),
+        (MeshResult::ProviderRejected, 1),
+        (MeshResult::Collision, 1),
+        (MeshResult::Accepted, 1),
+    ] {
+        assert_eq!(w.mesh.stats.result(r), n, "{r:?}");
+    }
+
+    // A policy change cuts the live stream (both halves), well within 1 s.
+    let changed = Instant::now();
+    w.mesh.set_policy(rules(&[allow("demo", "*", "secret")]));
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, c_recv.read(&mut byte))
+        .await
+        .expect("cut in time");
+    let took = changed.elapsed();
+    eprintln!("MEASURED: live stream cut {took:?} after the policy change (target 1 s)");
+    assert!(
+        matches!(read, Err(quinn::ReadError::Reset(code)) if code.into_inner() == u64::from(close_code::POLICY_CUT)),
+        "{read:?}"
+    );
+    assert_eq!(w.mesh.stats.cut_policy.load(Ordering::Relaxed), 1);
+
+    // A stream that does not start with OPEN_STREAM is reset; the connection lives on.
+    let (mut send, mut recv) = consumer.conn.open_bi().await.expect("open");
+    write_frame(&mut send, Frame::Ping).await;
+    let read = tokio::time::timeout(WAIT, recv.read(&mut byte))
+        .await
+        .expect("reset in time");
+    assert!(read.is_err(), "{read:?}");
+    assert_eq!(w.mesh.stats.result(MeshResult::ProtocolError), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_any_policy_every_open_is_refused() {
+    let ca = Ca::new("test CA");
+    let mesh = Mesh::new(
+        MeshConfig::default(),
+        "relay-1".into(),
+        Arc::new(Standalone),
+    );
+    let relay = start_relay_full(
+        &ca,
+        10_000,
+        |_| {},
+        Arc::new(ApproveAll),
+        Some(mesh.clone()),
+    );
+    let w = MeshWorld {
+        relay,
+        mesh,
+        audit: Arc::new(AuditLog::default()),
+        ca,
+    };
+    let mut provider = w.agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    // Invalid names are refused with the request id.
+    match provider.provide("has space", 2).await {
+        Frame::StreamReject(r) => assert_eq!((r.code, r.request_id), (400, 2)),
+        other => panic!("expected STREAM_REJECT, got {other:?}"),
+    }
+    let consumer = w.agent(AGENT_1).await;
+    let (answer, _, _) = consumer.open("pay", "", 9).await;
+    assert_eq!(reject_code(&answer), 403);
 }

@@ -21,11 +21,16 @@
 //!   controller or that file, a revoked identity is refused at HELLO and its live connections
 //!   are closed with [`crate::quic::close_code::REVOKED`] as soon as the event arrives.
 //!
+//! - **Service streams** ([`mesh`]): registrations and deregistrations through one ordered
+//!   queue into `Registry`, audit events into `Audit.Record`, and `Policy.Watch` /
+//!   `Registry.Watch` into the [`crate::mesh::Mesh`] (see [`Controller::serve_mesh`]).
+//!
 //! Every stream reconnects with exponential backoff (`reconnect_backoff_ms` doubling up to
 //! `reconnect_backoff_max_ms`); while the controller is away the relay keeps serving from its
 //! last snapshots.
 
 pub mod decisions;
+pub mod mesh;
 pub mod revocations;
 mod tasks;
 
@@ -274,6 +279,9 @@ pub struct Controller {
     config: ControllerConfig,
     decider: Arc<ControllerDecider>,
     reports: mpsc::Receiver<LeaseEvent>,
+    mesh_backend: Arc<mesh::ControllerMesh>,
+    mesh_queues: mesh::Queues,
+    mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -321,16 +329,31 @@ impl Controller {
             reports: tx,
             stats: Arc::new(ControlStats::default()),
         });
+        let (mesh_backend, mesh_queues) = mesh::ControllerMesh::new(config.report_queue_max);
         Ok(Controller {
             config,
             decider,
             reports: rx,
+            mesh_backend: Arc::new(mesh_backend),
+            mesh_queues,
+            mesh: None,
         })
     }
 
     /// The decider to hand to [`crate::quic::QuicServer::bind_with_decider`].
     pub fn decider(&self) -> Arc<ControllerDecider> {
         self.decider.clone()
+    }
+
+    /// The backend to build the relay's [`crate::mesh::Mesh`] with (registrations and audit
+    /// events go to the controller).
+    pub fn mesh_backend(&self) -> Arc<mesh::ControllerMesh> {
+        self.mesh_backend.clone()
+    }
+
+    /// Feeds `mesh` from the controller (policy and registry watches) once started.
+    pub fn serve_mesh(&mut self, mesh: Arc<crate::mesh::Mesh>) {
+        self.mesh = Some(mesh);
     }
 
     /// Starts the heartbeat, the two watch streams and the report drain on the current tokio
@@ -350,10 +373,20 @@ impl Controller {
             relay,
         });
         let mut set = tokio::task::JoinSet::new();
-        set.spawn(tasks::heartbeat(ctx.clone(), id, region, endpoint));
+        set.spawn(tasks::heartbeat(ctx.clone(), id.clone(), region, endpoint));
         set.spawn(tasks::watch_leases(ctx.clone()));
         set.spawn(tasks::watch_revocations(ctx.clone()));
-        set.spawn(tasks::drain_reports(ctx, self.reports));
+        set.spawn(tasks::drain_reports(ctx.clone(), self.reports));
+        set.spawn(mesh::registry_ops(
+            ctx.clone(),
+            id.clone(),
+            self.mesh_queues.ops,
+        ));
+        set.spawn(mesh::drain_audit(ctx.clone(), self.mesh_queues.audit));
+        if let Some(m) = self.mesh {
+            set.spawn(mesh::watch_policies(ctx.clone(), m.clone()));
+            set.spawn(mesh::watch_services(ctx, m, id.clone()));
+        }
         ControlTasks { _tasks: set }
     }
 }

@@ -1,4 +1,5 @@
-//! The controller client's tasks: heartbeat, lease Watch, revocation Watch, report drain.
+//! The controller client's tasks: heartbeat, lease Watch, revocation Watch, report drain (the
+//! service-stream tasks are in `super::mesh`).
 //! Each logs a failure once when its state changes (up → failing, failing → up), never per
 //! attempt, and counts everything.
 
@@ -33,7 +34,7 @@ impl TaskCtx {
         &self.decider.stats
     }
 
-    fn call_timeout(&self) -> Duration {
+    pub(super) fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.config.report_timeout_ms)
     }
 
@@ -106,7 +107,7 @@ impl Link {
         }
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
+    pub(super) async fn channel(&self) -> Result<Channel, String> {
         let mut slot = self.channel.lock().await;
         if let Some(c) = &*slot {
             return Ok(c.clone());
@@ -124,24 +125,24 @@ impl Link {
 }
 
 /// Logs a state change of one link (heartbeat, a watch, reports) once.
-struct Health {
+pub(super) struct Health {
     what: &'static str,
     ok: Option<bool>,
 }
 
 impl Health {
-    fn new(what: &'static str) -> Health {
+    pub(super) fn new(what: &'static str) -> Health {
         Health { what, ok: None }
     }
 
-    fn up(&mut self) {
+    pub(super) fn up(&mut self) {
         if self.ok != Some(true) {
             tracing::info!(link = self.what, "controller link up");
         }
         self.ok = Some(true);
     }
 
-    fn down(&mut self, error: &str) {
+    pub(super) fn down(&mut self, error: &str) {
         if self.ok != Some(false) {
             tracing::warn!(
                 link = self.what,
@@ -200,14 +201,14 @@ pub(super) async fn heartbeat(ctx: Arc<TaskCtx>, id: String, region: String, end
 }
 
 /// Exponential backoff between reconnects; reset once a stream delivered its snapshot.
-struct Backoff {
+pub(super) struct Backoff {
     first_ms: u64,
     max_ms: u64,
     next_ms: u64,
 }
 
 impl Backoff {
-    fn new(config: &ControllerConfig) -> Backoff {
+    pub(super) fn new(config: &ControllerConfig) -> Backoff {
         Backoff {
             first_ms: config.reconnect_backoff_ms,
             max_ms: config.reconnect_backoff_max_ms,
@@ -215,11 +216,11 @@ impl Backoff {
         }
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.next_ms = self.first_ms;
     }
 
-    async fn wait(&mut self) {
+    pub(super) async fn wait(&mut self) {
         tokio::time::sleep(Duration::from_millis(self.next_ms)).await;
         self.next_ms = self.next_ms.saturating_mul(2).min(self.max_ms);
     }

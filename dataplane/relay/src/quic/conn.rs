@@ -13,15 +13,20 @@ use tokio::sync::mpsc;
 use super::stats::bump;
 use super::{
     Admission, AgentConn, Ctx, IMPLEMENTED_FEATURES, LeaseEvent, LeaseEventKind, PROTOCOL_VERSION,
-    close_code, lease_kind,
+    close_code, lease_kind, streams,
 };
 use crate::lease::{ConnId, GrantAddrs, LeaseErrorCode, Refusal, release_frame};
 use outrelay_proto::hostname::LeaseName;
 
 /// Bytes read from the control stream per call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
-/// STREAM_REJECT code for REGISTER while service registration is not served here.
+/// STREAM_REJECT code for REGISTER where service registration is not served (no mesh, or a
+/// peer that is not an agent) and when the registry cannot be reached.
 const REJECT_UNAVAILABLE: u32 = 503;
+/// STREAM_REJECT code for a REGISTER with an invalid service name.
+const REJECT_INVALID: u32 = 400;
+/// STREAM_REJECT code for a REGISTER over the per-agent service bound.
+const REJECT_TOO_MANY: u32 = 429;
 
 /// Why a connection ended (the close code and reason sent to the agent).
 struct End {
@@ -55,6 +60,9 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
     };
     conn.close(end.code.into(), end.reason.as_bytes());
     ctx.agents().remove(&conn_id);
+    if let Some(mesh) = ctx.mesh.get() {
+        mesh.connection_closed(conn_id);
+    }
     ctx.connection_closed(conn_id).await;
     tracing::debug!(conn = conn_id.0, reason = %end.reason, "agent connection ended");
 }
@@ -114,6 +122,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             "HELLO does not match the certificate or protocol",
         ));
     }
+    let (tx, rx) = mpsc::channel(ctx.config.control_send_queue_max);
     // Registered BEFORE the revocation check: a revocation that lands in between is either
     // seen by `admit` or finds this connection in the registry and closes it.
     ctx.agents().insert(
@@ -121,6 +130,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         AgentConn {
             uri: cert_uri.clone(),
             conn: conn.clone(),
+            control: tx.clone(),
         },
     );
     match ctx.decider.admit(&identity) {
@@ -138,7 +148,6 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         }
     }
 
-    let (tx, rx) = mpsc::channel(ctx.config.control_send_queue_max);
     let drain = Duration::from_millis(ctx.config.drain_grace_ms);
     let writer = tokio::spawn(write_frames(send, rx, drain));
     let out = Out { tx, ctx };
@@ -152,8 +161,21 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             .cloned()
             .collect(),
     }))?;
-    // Later bidirectional streams carry OPEN_STREAM, which is not served yet: refuse them.
-    let refuser = tokio::spawn(refuse_streams(conn.clone(), ctx.clone()));
+    // Later bidirectional streams carry OPEN_STREAM: served by the mesh for agents, refused
+    // otherwise (no mesh, or a relay peer: relay-to-relay forwarding is not built).
+    let refuser = match (ctx.mesh.get(), &identity) {
+        (Some(mesh), Identity::Agent { tenant, .. }) => {
+            mesh.connection_opened(conn_id, tenant.as_str(), &cert_uri);
+            let consumer = Arc::new(streams::Peer {
+                tenant: tenant.as_str().to_owned(),
+                uri: cert_uri.clone(),
+                conn: conn.clone(),
+                control: out.tx.clone(),
+            });
+            tokio::spawn(streams::accept(consumer, mesh.clone(), ctx.clone()))
+        }
+        _ => tokio::spawn(refuse_streams(conn.clone(), ctx.clone())),
+    };
     let _datagrams = ctx
         .udp
         .get()
@@ -339,11 +361,7 @@ async fn on_frame(
                 Err(refusal) => out.lease_error(req.request_id, &refusal),
             }
         }
-        Frame::Register(req) => out.send(Frame::StreamReject(orp::StreamReject {
-            code: REJECT_UNAVAILABLE,
-            reason: "service registration is not available on this relay".to_owned(),
-            request_id: req.request_id,
-        })),
+        Frame::Register(req) => register(req, conn, conn_id, identity, out),
         other => {
             bump(&ctx.stats.protocol_errors);
             Err(End::new(
@@ -355,6 +373,89 @@ async fn on_frame(
             ))
         }
     }
+}
+
+/// REGISTER: checked here, then registered with the backend (the controller's registry) on a
+/// task of its own, so a slow controller never stalls the control stream; the answer
+/// (REGISTER_ACK, or STREAM_REJECT carrying the request id) goes through the control queue.
+fn register(
+    req: orp::Register,
+    conn: &quinn::Connection,
+    conn_id: ConnId,
+    identity: &Identity,
+    out: &Out<'_>,
+) -> Result<(), End> {
+    let ctx = out.ctx;
+    let refuse = |code: u32, reason: String| {
+        if let Some(mesh) = ctx.mesh.get() {
+            bump(&mesh.stats.registrations_rejected);
+        }
+        out.send(Frame::StreamReject(orp::StreamReject {
+            code,
+            reason,
+            request_id: req.request_id,
+        }))
+    };
+    let (Some(mesh), Identity::Agent { tenant, .. }) = (ctx.mesh.get(), identity) else {
+        return refuse(
+            REJECT_UNAVAILABLE,
+            "service registration is not available on this relay".to_owned(),
+        );
+    };
+    if !crate::mesh::valid_service_name(&req.service_name) {
+        return refuse(
+            REJECT_INVALID,
+            "service name must be 1 to 253 printable ASCII bytes".to_owned(),
+        );
+    }
+    if mesh.registered_on(conn_id) >= mesh.config.max_services_per_agent {
+        return refuse(
+            REJECT_TOO_MANY,
+            format!(
+                "at most {} services per agent connection",
+                mesh.config.max_services_per_agent
+            ),
+        );
+    }
+    let reg = crate::mesh::Registration {
+        tenant: tenant.as_str().to_owned(),
+        service: req.service_name,
+        agent_uri: identity.to_string(),
+        local_addr: req.local_addr,
+    };
+    let (mesh, tx, conn, request_id) = (mesh.clone(), out.tx.clone(), conn.clone(), req.request_id);
+    let overflows = ctx.stats.clone();
+    tokio::spawn(async move {
+        let answer = match mesh.backend().register(reg.clone()).await {
+            Ok(service_id) => {
+                if !mesh.register_local(conn_id, &reg) {
+                    return; // the connection ended meanwhile
+                }
+                bump(&mesh.stats.registrations_ok);
+                tracing::debug!(tenant = %reg.tenant, service = %reg.service, agent = %reg.agent_uri, "service registered");
+                Frame::RegisterAck(orp::RegisterAck {
+                    service_id,
+                    request_id,
+                })
+            }
+            Err(rejection) => {
+                bump(&mesh.stats.registrations_rejected);
+                Frame::StreamReject(orp::StreamReject {
+                    code: rejection.code,
+                    reason: rejection.reason,
+                    request_id,
+                })
+            }
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(answer) {
+            bump(&overflows.send_queue_overflows);
+            conn.close(
+                close_code::SEND_QUEUE_OVERFLOW.into(),
+                b"control send queue overflow",
+            );
+        }
+    });
+    Ok(())
 }
 
 /// A register refused with `pending_approval`: the controller creates its pending record from

@@ -11,12 +11,12 @@
 //! QUIC datagrams from agents (UDP lease replies) are read by one task per connection and handed
 //! to [`crate::udp::UdpIngress::from_agent`].
 //!
-//! Not here yet: REGISTER / OPEN_STREAM (service streams; REGISTER is answered with
-//! STREAM_REJECT 503, later bidirectional streams are refused), relay-to-relay connections,
-//! keyless signing.
+//! Service streams (REGISTER, OPEN_STREAM and the join) are in `streams` with their state in
+//! [`crate::mesh`]. Not here yet: relay-to-relay connections, resume, keyless signing.
 
 mod conn;
 mod stats;
+mod streams;
 mod tls;
 
 use std::collections::HashMap;
@@ -73,7 +73,9 @@ pub const PROTOCOL_VERSION: &str = "orp/1";
 /// the only one HELLO_ACK can accept.
 pub const FEATURE_LEASES: &str = "leases";
 /// Every feature this relay implements (what `accepted_features` is drawn from).
-pub const IMPLEMENTED_FEATURES: &[&str] = &[FEATURE_LEASES];
+pub const IMPLEMENTED_FEATURES: &[&str] = &[FEATURE_LEASES, FEATURE_STREAMS];
+/// HELLO capability: service streams (REGISTER / OPEN_STREAM).
+pub const FEATURE_STREAMS: &str = "streams";
 
 /// QUIC application error codes the relay closes connections and streams with.
 pub mod close_code {
@@ -99,6 +101,12 @@ pub mod close_code {
     /// A controller is configured but no revocation snapshot is loaded yet (neither from the
     /// controller nor from the state file): agents are refused until one is.
     pub const REVOCATIONS_UNAVAILABLE: u32 = 9;
+    /// Stream reset: the policy no longer allows this stream (or its rule expired).
+    pub const POLICY_CUT: u32 = 10;
+    /// Stream reset: the other half of a joined stream failed.
+    pub const PEER_FAILED: u32 = 11;
+    /// Stream reset: the first frame did not come in time.
+    pub const OPEN_TIMEOUT: u32 = 12;
 }
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least
@@ -337,12 +345,16 @@ pub(crate) struct Ctx {
     pub(crate) agents: std::sync::Mutex<HashMap<ConnId, AgentConn>>,
     /// Where agents' QUIC datagrams go (UDP leases); unset: datagrams are not read.
     pub(crate) udp: std::sync::OnceLock<Arc<crate::udp::UdpIngress>>,
+    /// Service streams (REGISTER / OPEN_STREAM); unset: refused.
+    pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 /// One registered agent connection.
 pub(crate) struct AgentConn {
     pub(crate) uri: String,
     pub(crate) conn: quinn::Connection,
+    /// Its control-stream send queue (STREAM_READY).
+    pub(crate) control: tokio::sync::mpsc::Sender<outrelay_proto::frame::Frame>,
 }
 
 impl Ctx {
@@ -579,6 +591,7 @@ impl QuicServer {
             shutdown: rx,
             agents: std::sync::Mutex::new(HashMap::new()),
             udp: std::sync::OnceLock::new(),
+            mesh: std::sync::OnceLock::new(),
         });
         Ok(QuicServer {
             endpoint,
@@ -592,6 +605,12 @@ impl QuicServer {
     /// without it, datagrams from agents are not read.
     pub fn serve_udp(&self, udp: Arc<crate::udp::UdpIngress>) {
         let _ = self.ctx.udp.set(udp);
+    }
+
+    /// Serves REGISTER and OPEN_STREAM from `mesh`. Call before [`QuicServer::run`]; without
+    /// it REGISTER is answered with STREAM_REJECT 503 and application streams are refused.
+    pub fn serve_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
+        let _ = self.ctx.mesh.set(mesh);
     }
 
     /// The bound UDP address.

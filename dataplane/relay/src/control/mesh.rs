@@ -1,0 +1,414 @@
+//! The controller's side of service streams: the relay's [`MeshBackend`] (registrations and
+//! audit events to the controller) and the two watches that feed the mesh (`Policy.Watch` and
+//! `Registry.Watch`, all tenants).
+//!
+//! - Registrations and deregistrations go through ONE ordered queue drained by one task, so a
+//!   deregistration (connection ended) can never overtake the registration it undoes; a
+//!   registration waits for its answer (`Registry.RegisterService`), a deregistration is
+//!   followed by the re-registration of what the agent's other live connections provide. A full
+//!   queue refuses the REGISTER with 503 (never blocks the control stream).
+//! - Audit events: a bounded queue drained with up to [`AUDIT_IN_FLIGHT`] `Audit.Record` calls
+//!   at once (the controller's group commit batches them); a full queue drops the event,
+//!   counted (`outrelay_relay_mesh_audit_dropped_total`); a failed call is retried with
+//!   backoff while the queue holds it back.
+//! - Each watch builds a fresh snapshot aside and swaps it in at SNAPSHOT_END; live events
+//!   update a copy. The policy watch's swap flushes the decision cache and wakes live streams;
+//!   when the registry watch (re)connects, the relay registers its local providers again
+//!   (the controller keeps the registry in memory only, so a restarted controller starts empty).
+
+use std::sync::Arc;
+
+use metrics::counter;
+use outrelay_api::pb::{
+    self, audit_client::AuditClient, policy_client::PolicyClient, policy_event,
+    registry_client::RegistryClient, watch_event,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::tasks::{Backoff, Health, TaskCtx};
+use crate::mesh::{Mesh, MeshBackend, RegisterFuture, Registration, Rejection, RemoteProviders};
+
+/// `Audit.Record` calls in flight at once.
+pub const AUDIT_IN_FLIGHT: usize = 16;
+
+/// One registry operation, in order.
+pub(super) enum Op {
+    Register(
+        Registration,
+        Option<oneshot::Sender<Result<String, Rejection>>>,
+    ),
+    Deregister {
+        tenant: String,
+        agent_uri: String,
+        remaining: Vec<Registration>,
+    },
+}
+
+/// The relay's mesh backend when a controller is configured.
+pub struct ControllerMesh {
+    ops: mpsc::Sender<Op>,
+    audit: mpsc::Sender<pb::AuditEvent>,
+}
+
+impl std::fmt::Debug for ControllerMesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerMesh").finish_non_exhaustive()
+    }
+}
+
+/// The receiving ends, handed to the tasks at start.
+pub(super) struct Queues {
+    pub(super) ops: mpsc::Receiver<Op>,
+    pub(super) audit: mpsc::Receiver<pb::AuditEvent>,
+}
+
+impl ControllerMesh {
+    pub(super) fn new(queue_max: usize) -> (ControllerMesh, Queues) {
+        let (ops_tx, ops) = mpsc::channel(queue_max);
+        let (audit_tx, audit) = mpsc::channel(queue_max);
+        (
+            ControllerMesh {
+                ops: ops_tx,
+                audit: audit_tx,
+            },
+            Queues { ops, audit },
+        )
+    }
+}
+
+impl MeshBackend for ControllerMesh {
+    fn register(&self, reg: Registration) -> RegisterFuture {
+        let (tx, rx) = oneshot::channel();
+        let queued = self.ops.try_send(Op::Register(reg, Some(tx)));
+        Box::pin(async move {
+            let unavailable = |why: &str| Rejection {
+                code: 503,
+                reason: format!("service registry unavailable: {why}"),
+            };
+            if queued.is_err() {
+                return Err(unavailable("registration queue full"));
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(unavailable("relay stopping")))
+        })
+    }
+
+    fn deregister(&self, tenant: &str, agent_uri: &str, remaining: Vec<Registration>) {
+        let op = Op::Deregister {
+            tenant: tenant.to_owned(),
+            agent_uri: agent_uri.to_owned(),
+            remaining,
+        };
+        if self.ops.try_send(op).is_err() {
+            // The controller will not hear of it: its entry stays until the relay's next
+            // registry watch reconnect (or the relay is marked down). Counted and logged.
+            counter!("outrelay_relay_mesh_deregistrations_dropped_total").increment(1);
+            tracing::warn!(agent = agent_uri, "deregistration dropped: queue full");
+        }
+    }
+
+    fn audit(&self, event: pb::AuditEvent) {
+        if self.audit.try_send(event).is_err() {
+            // Rare (the controller is away and the queue is full): the recorder is fine here.
+            counter!("outrelay_relay_mesh_audit_dropped_total").increment(1);
+        }
+    }
+}
+
+fn status_to_rejection(s: &tonic::Status) -> Rejection {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument => 400,
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => 403,
+        tonic::Code::AlreadyExists => 409,
+        _ => 503,
+    };
+    Rejection {
+        code,
+        reason: format!("registry: {}", s.message()),
+    }
+}
+
+async fn register_once(
+    ctx: &TaskCtx,
+    relay_id: &str,
+    reg: &Registration,
+) -> Result<String, Rejection> {
+    let req = pb::RegisterServiceRequest {
+        tenant: reg.tenant.clone(),
+        service_name: reg.service.clone(),
+        agent_uri: reg.agent_uri.clone(),
+        relay_id: relay_id.to_owned(),
+        local_addr: reg.local_addr.clone(),
+    };
+    tokio::time::timeout(ctx.call_timeout(), async {
+        let channel = ctx.link.channel().await.map_err(|e| Rejection {
+            code: 503,
+            reason: format!("service registry unavailable: {e}"),
+        })?;
+        RegistryClient::new(channel)
+            .register_service(req)
+            .await
+            .map(|r| r.into_inner().service_id)
+            .map_err(|s| status_to_rejection(&s))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(Rejection {
+            code: 503,
+            reason: "service registry unavailable: timed out".to_owned(),
+        })
+    })
+}
+
+/// Drains the registry operations in order for the life of the relay.
+pub(super) async fn registry_ops(ctx: Arc<TaskCtx>, relay_id: String, mut rx: mpsc::Receiver<Op>) {
+    let mut health = Health::new("registry");
+    while let Some(op) = rx.recv().await {
+        match op {
+            Op::Register(reg, reply) => {
+                let r = register_once(&ctx, &relay_id, &reg).await;
+                match &r {
+                    Ok(_) => health.up(),
+                    Err(e) if e.code == 503 => health.down(&e.reason),
+                    Err(_) => {}
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            Op::Deregister {
+                tenant,
+                agent_uri,
+                remaining,
+            } => {
+                let req = pb::DeregisterAgentRequest {
+                    tenant,
+                    agent_uri,
+                    relay_id: relay_id.clone(),
+                };
+                let r = tokio::time::timeout(ctx.call_timeout(), async {
+                    let channel = ctx.link.channel().await?;
+                    RegistryClient::new(channel)
+                        .deregister_agent(req)
+                        .await
+                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                })
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_owned()));
+                match r {
+                    Ok(_) => health.up(),
+                    Err(e) => health.down(&e),
+                }
+                for reg in &remaining {
+                    let _ = register_once(&ctx, &relay_id, reg).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sends audit events, up to [`AUDIT_IN_FLIGHT`] at once; a failed one is retried after a
+/// backoff (the queue fills meanwhile and drops, counted, rather than growing).
+pub(super) async fn drain_audit(ctx: Arc<TaskCtx>, mut rx: mpsc::Receiver<pb::AuditEvent>) {
+    type Outcome = Result<(), (pb::AuditEvent, String)>;
+    let mut health = Health::new("audit");
+    let mut backoff = Backoff::new(&ctx.config);
+    let mut in_flight: tokio::task::JoinSet<Outcome> = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            event = rx.recv(), if in_flight.len() < AUDIT_IN_FLIGHT => {
+                let Some(event) = event else { break };
+                in_flight.spawn(record(ctx.clone(), event));
+            }
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                match done {
+                    Ok(Ok(())) => {
+                        health.up();
+                        backoff.reset();
+                    }
+                    Ok(Err((event, e))) => {
+                        health.down(&e);
+                        backoff.wait().await;
+                        in_flight.spawn(record(ctx.clone(), event));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn record(ctx: Arc<TaskCtx>, event: pb::AuditEvent) -> Result<(), (pb::AuditEvent, String)> {
+    let req = pb::RecordRequest {
+        event: Some(event.clone()),
+    };
+    let r = tokio::time::timeout(ctx.call_timeout(), async {
+        let channel = ctx.link.channel().await?;
+        AuditClient::new(channel)
+            .record(req)
+            .await
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    match r {
+        Ok(_) => {
+            counter!("outrelay_relay_mesh_audit_sent_total").increment(1);
+            Ok(())
+        }
+        Err(e) => Err((event, e)),
+    }
+}
+
+/// Follows `Policy.Watch` (all tenants) into the mesh's policy for the life of the relay.
+pub(super) async fn watch_policies(ctx: Arc<TaskCtx>, mesh: Arc<Mesh>) {
+    let mut health = Health::new("policy watch");
+    let mut backoff = Backoff::new(&ctx.config);
+    loop {
+        let e = watch_policies_once(&ctx, &mesh, &mut health, &mut backoff).await;
+        health.down(&e);
+        backoff.wait().await;
+    }
+}
+
+async fn watch_policies_once(
+    ctx: &TaskCtx,
+    mesh: &Mesh,
+    health: &mut Health,
+    backoff: &mut Backoff,
+) -> String {
+    let channel = match tokio::time::timeout(ctx.call_timeout(), ctx.link.channel()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return e,
+        Err(_) => return "connect timed out".to_owned(),
+    };
+    let mut stream = match PolicyClient::new(channel)
+        .watch(pb::WatchPoliciesRequest {
+            tenant: String::new(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return format!("{}: {}", s.code(), s.message()),
+    };
+    let mut building: Option<Vec<pb::PolicyRule>> = Some(Vec::new());
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return "stream ended".to_owned(),
+            Err(s) => return format!("{}: {}", s.code(), s.message()),
+        };
+        counter!("outrelay_relay_mesh_policy_events_total").increment(1);
+        let kind = event.kind;
+        match &mut building {
+            Some(rules) => {
+                if kind == policy_event::Kind::SnapshotEnd as i32 {
+                    let rules = building.take().unwrap_or_default();
+                    tracing::debug!(rules = rules.len(), "policy snapshot");
+                    mesh.set_policy(rules);
+                    health.up();
+                    backoff.reset();
+                } else if kind == policy_event::Kind::Added as i32
+                    && let Some(rule) = event.rule
+                {
+                    rules.retain(|r| r.id != rule.id);
+                    rules.push(rule);
+                }
+            }
+            None => {
+                let mut rules: Vec<pb::PolicyRule> = mesh
+                    .policy()
+                    .map(|p| p.rules().cloned().collect())
+                    .unwrap_or_default();
+                if kind == policy_event::Kind::Added as i32
+                    && let Some(rule) = event.rule
+                {
+                    rules.retain(|r| r.id != rule.id);
+                    rules.push(rule);
+                } else if kind == policy_event::Kind::Removed as i32 {
+                    rules.retain(|r| r.id != event.removed_id);
+                } else {
+                    continue;
+                }
+                mesh.set_policy(rules);
+            }
+        }
+    }
+}
+
+/// Follows `Registry.Watch` (all tenants) into the mesh's view of remote providers.
+pub(super) async fn watch_services(ctx: Arc<TaskCtx>, mesh: Arc<Mesh>, relay_id: String) {
+    let mut health = Health::new("registry watch");
+    let mut backoff = Backoff::new(&ctx.config);
+    loop {
+        let e = watch_services_once(&ctx, &mesh, &relay_id, &mut health, &mut backoff).await;
+        health.down(&e);
+        backoff.wait().await;
+    }
+}
+
+async fn watch_services_once(
+    ctx: &TaskCtx,
+    mesh: &Mesh,
+    relay_id: &str,
+    health: &mut Health,
+    backoff: &mut Backoff,
+) -> String {
+    let channel = match tokio::time::timeout(ctx.call_timeout(), ctx.link.channel()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return e,
+        Err(_) => return "connect timed out".to_owned(),
+    };
+    let mut stream = match RegistryClient::new(channel)
+        .watch(pb::WatchServicesRequest {
+            tenant: String::new(),
+            service_names: Vec::new(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return format!("{}: {}", s.code(), s.message()),
+    };
+    let mut building = Some(RemoteProviders::default());
+    loop {
+        let event = match stream.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) => return "stream ended".to_owned(),
+            Err(s) => return format!("{}: {}", s.code(), s.message()),
+        };
+        match &mut building {
+            Some(b) => {
+                if event.kind == watch_event::Kind::SnapshotEnd as i32 {
+                    let fresh = building.take().unwrap_or_default();
+                    // What the controller lacks of ours (it restarted: its registry is memory
+                    // only) is registered again, in order with the other operations.
+                    let missing: Vec<Registration> = mesh
+                        .local_registrations()
+                        .into_iter()
+                        .filter(|r| {
+                            !fresh
+                                .by_name
+                                .get(&(r.tenant.clone(), r.service.clone()))
+                                .is_some_and(|l| {
+                                    l.iter().any(|p| {
+                                        p.agent_uri == r.agent_uri && p.relay_id == relay_id
+                                    })
+                                })
+                        })
+                        .collect();
+                    mesh.set_remote(fresh);
+                    for reg in missing {
+                        tracing::info!(tenant = %reg.tenant, service = %reg.service, "registering a local provider again");
+                        // Answer unused: the agent already has its REGISTER_ACK.
+                        drop(mesh.backend().register(reg));
+                    }
+                    health.up();
+                    backoff.reset();
+                } else {
+                    b.apply(&event);
+                }
+            }
+            None => mesh.update_remote(|r| r.apply(&event)),
+        }
+    }
+}

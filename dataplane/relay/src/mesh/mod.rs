@@ -1,0 +1,574 @@
+//! Service-to-service streams (`shared/spec/orp.md`, "Register" and "Open a stream"): which
+//! agent provides which service, who may call whom, and the audit trail.
+//!
+//! This module holds the state; the streams themselves are driven in `crate::quic::streams`.
+//!
+//! - **Local providers** ([`Mesh::register_local`]): services registered by agents connected
+//!   to THIS relay, by `(tenant, name)`; an agent's entries go when its connection ends, and the
+//!   backend is told to deregister the agent (re-registering what its other live connections
+//!   still provide, so a reconnect that overtook the old connection's end keeps its services).
+//! - **Remote providers**: the controller's registry (`Registry.Watch`), consulted only when no
+//!   local agent provides the name; a provider on another relay gets 502 (relay-to-relay
+//!   forwarding is not built).
+//! - **Policy**: one [`policy::PolicySnapshot`] swapped whole (the decision cache lives inside
+//!   it, so a swap flushes it); every swap bumps a generation that live streams watch, so a
+//!   stream no longer allowed is cut at once. Before the first snapshot every open is refused.
+//! - **Backend** ([`MeshBackend`]): where registrations and audit events go. Standalone:
+//!   nowhere but the log (`outrelay::audit` target); with a controller: `control::mesh`.
+//!
+//! Locks: two std mutexes (local providers, active stream ids), held for map operations only
+//! on the stream set-up path, never across an await and never on the byte path.
+
+pub mod policy;
+mod stats;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use outrelay_api::pb;
+use tokio::sync::watch;
+
+use crate::lease::ConnId;
+use policy::{PolicySnapshot, StaticRule};
+pub use stats::{MeshResult, MeshStats};
+
+/// Default deadline for the first frame of a stream (OPEN_STREAM from the consumer, the
+/// provider's answer to INCOMING_STREAM).
+pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 10_000;
+/// Default bound on services one agent connection may register.
+pub const DEFAULT_MAX_SERVICES_PER_AGENT: usize = 64;
+/// Default bound of the caller-side decision cache, in decisions.
+pub const DEFAULT_DECISION_CACHE_MAX: usize = 4096;
+/// Default lifetime of a cached decision.
+pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 5_000;
+/// Longest accepted service name (the controller's limit).
+pub const MAX_SERVICE_NAME_BYTES: usize = 253;
+
+/// `[mesh]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// Deadline of the first frame of a stream, each side.
+    pub open_timeout_ms: u64,
+    /// Services one agent connection may register.
+    pub max_services_per_agent: usize,
+    /// Caller-side decisions cached (0: no cache).
+    pub decision_cache_max: usize,
+    /// Lifetime of a cached decision.
+    pub decision_cache_ttl_ms: u64,
+    /// Standalone relays only (no `[controller]`): the rules, in file order.
+    pub static_rules: Vec<StaticRule>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> MeshConfig {
+        MeshConfig {
+            open_timeout_ms: DEFAULT_OPEN_TIMEOUT_MS,
+            max_services_per_agent: DEFAULT_MAX_SERVICES_PER_AGENT,
+            decision_cache_max: DEFAULT_DECISION_CACHE_MAX,
+            decision_cache_ttl_ms: DEFAULT_DECISION_CACHE_TTL_MS,
+            static_rules: Vec::new(),
+        }
+    }
+}
+
+/// True for a name the controller's registry accepts: printable ASCII, 1 to 253 bytes.
+pub fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SERVICE_NAME_BYTES
+        && name.bytes().all(|c| c.is_ascii_graphic())
+}
+
+/// One service registration of one agent on this relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The agent's tenant.
+    pub tenant: String,
+    /// The service name.
+    pub service: String,
+    /// The agent's identity URI.
+    pub agent_uri: String,
+    /// What the agent said it forwards to (informational).
+    pub local_addr: String,
+}
+
+/// A refused registration: STREAM_REJECT{code, reason}.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// HTTP-like code.
+    pub code: u32,
+    /// Why.
+    pub reason: String,
+}
+
+/// The future of [`MeshBackend::register`].
+pub type RegisterFuture = Pin<Box<dyn Future<Output = Result<String, Rejection>> + Send>>;
+
+/// Where registrations and audit events go. None of these may block: they queue or answer
+/// from memory.
+pub trait MeshBackend: Send + Sync + 'static {
+    /// Registers one provider; resolves to the service id (`<tenant>/<name>`).
+    fn register(&self, reg: Registration) -> RegisterFuture;
+    /// The agent's connection ended: remove its services on this relay, then register
+    /// `remaining` again (what its other live connections still provide).
+    fn deregister(&self, tenant: &str, agent_uri: &str, remaining: Vec<Registration>);
+    /// One audit row (queued; a full queue drops and counts).
+    fn audit(&self, event: pb::AuditEvent);
+}
+
+/// A relay without a controller: registrations are local only, audit rows go to the log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Standalone;
+
+impl MeshBackend for Standalone {
+    fn register(&self, reg: Registration) -> RegisterFuture {
+        Box::pin(async move { Ok(format!("{}/{}", reg.tenant, reg.service)) })
+    }
+
+    fn deregister(&self, _: &str, _: &str, _: Vec<Registration>) {}
+
+    fn audit(&self, e: pb::AuditEvent) {
+        tracing::info!(
+            target: "outrelay::audit",
+            tenant = %e.tenant, caller = %e.caller, target_service = %e.target, method = %e.method,
+            decision = %e.decision, reason = %e.reason, stream_id = %e.stream_id,
+            "stream decision"
+        );
+    }
+}
+
+/// One locally connected provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalProvider {
+    /// Its connection.
+    pub conn: ConnId,
+    /// Its identity URI.
+    pub agent_uri: String,
+    /// Registration order (the newest registration is preferred).
+    pub seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    /// Connections past HELLO that have not ended (a registration finishing after its
+    /// connection ended must not leave a stale entry).
+    live: HashMap<ConnId, (String, String)>,
+    by_name: HashMap<(String, String), Vec<LocalProvider>>,
+    by_conn: HashMap<ConnId, Vec<Registration>>,
+    seq: u64,
+}
+
+/// The registry as the controller last told it: providers by (tenant, service).
+#[derive(Debug, Default, Clone)]
+pub struct RemoteProviders {
+    /// Providers per `(tenant, service)`.
+    pub by_name: HashMap<(String, String), Vec<pb::Provider>>,
+}
+
+impl RemoteProviders {
+    /// Applies one `Registry.Watch` event.
+    pub fn apply(&mut self, event: &pb::WatchEvent) {
+        use pb::watch_event::Kind;
+        let Some(p) = &event.provider else { return };
+        let tenant = p
+            .service_id
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let key = (tenant, event.service_name.clone());
+        let list = self.by_name.entry(key.clone()).or_default();
+        list.retain(|q| !(q.agent_uri == p.agent_uri && q.relay_id == p.relay_id));
+        if event.kind == Kind::Register as i32 {
+            list.push(p.clone());
+        }
+        if list.is_empty() {
+            self.by_name.remove(&key);
+        }
+    }
+}
+
+/// Where an OPEN_STREAM's target is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// An agent connected here.
+    Local(LocalProvider),
+    /// Known to the registry, on another relay.
+    Remote {
+        /// That relay's id.
+        relay_id: String,
+    },
+    /// Nobody provides it in this tenant.
+    NotFound,
+}
+
+/// The mesh state shared by every connection of the relay.
+pub struct Mesh {
+    pub(crate) config: MeshConfig,
+    relay_id: String,
+    backend: Arc<dyn MeshBackend>,
+    policy: ArcSwapOption<PolicySnapshot>,
+    policy_generation: watch::Sender<u64>,
+    remote: ArcSwap<RemoteProviders>,
+    local: Mutex<Local>,
+    active_ids: Mutex<HashSet<u64>>,
+    /// Counters (exported by the metrics scrape).
+    pub stats: Arc<MeshStats>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("relay_id", &self.relay_id)
+            .field("policy_loaded", &self.policy.load().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mesh {
+    /// A mesh for the relay `relay_id`. With a standalone backend the static rules of
+    /// `config` are the policy from the start; with a controller the policy arrives with its
+    /// first `Policy.Watch` snapshot (until then opens are refused).
+    pub fn new(config: MeshConfig, relay_id: String, backend: Arc<dyn MeshBackend>) -> Arc<Mesh> {
+        let (generation, _) = watch::channel(0);
+        Arc::new(Mesh {
+            config,
+            relay_id,
+            backend,
+            policy: ArcSwapOption::empty(),
+            policy_generation: generation,
+            remote: ArcSwap::from_pointee(RemoteProviders::default()),
+            local: Mutex::new(Local::default()),
+            active_ids: Mutex::new(HashSet::new()),
+            stats: Arc::new(MeshStats::default()),
+        })
+    }
+
+    /// A standalone mesh whose policy is the config's `[[policy]]` rules.
+    pub fn standalone(config: MeshConfig, relay_id: String) -> Arc<Mesh> {
+        let rules = config
+            .static_rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.to_rule(i))
+            .collect();
+        let mesh = Mesh::new(config, relay_id, Arc::new(Standalone));
+        mesh.set_policy(rules);
+        mesh
+    }
+
+    /// This relay's id (as in its certificate).
+    pub fn relay_id(&self) -> &str {
+        &self.relay_id
+    }
+
+    pub(crate) fn backend(&self) -> &dyn MeshBackend {
+        &*self.backend
+    }
+
+    /// Replaces the policy with `rules` (one swap; the decision cache starts empty) and
+    /// wakes every live stream to check itself again.
+    pub fn set_policy(&self, rules: Vec<pb::PolicyRule>) {
+        let snapshot = PolicySnapshot::new(
+            rules,
+            self.config.decision_cache_max,
+            Duration::from_millis(self.config.decision_cache_ttl_ms),
+        );
+        self.policy.store(Some(Arc::new(snapshot)));
+        self.policy_generation.send_modify(|g| *g += 1);
+        self.stats.policy_updates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The current policy; `None` before the first snapshot.
+    pub fn policy(&self) -> Option<Arc<PolicySnapshot>> {
+        self.policy.load_full()
+    }
+
+    /// Changes every time the policy is replaced.
+    pub fn policy_changes(&self) -> watch::Receiver<u64> {
+        self.policy_generation.subscribe()
+    }
+
+    /// Replaces the registry view.
+    pub fn set_remote(&self, remote: RemoteProviders) {
+        self.remote.store(Arc::new(remote));
+    }
+
+    /// Applies `f` to a copy of the registry view and swaps it in.
+    pub fn update_remote(&self, f: impl Fn(&mut RemoteProviders)) {
+        self.remote.rcu(|cur| {
+            let mut next = RemoteProviders::clone(cur);
+            f(&mut next);
+            next
+        });
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An agent connection passed HELLO.
+    pub(crate) fn connection_opened(&self, conn: ConnId, tenant: &str, agent_uri: &str) {
+        self.local()
+            .live
+            .insert(conn, (tenant.to_owned(), agent_uri.to_owned()));
+    }
+
+    /// How many services `conn` has registered.
+    pub(crate) fn registered_on(&self, conn: ConnId) -> usize {
+        self.local().by_conn.get(&conn).map_or(0, Vec::len)
+    }
+
+    /// Records a registration the backend accepted; false when the connection has ended
+    /// meanwhile (nothing is recorded).
+    pub(crate) fn register_local(&self, conn: ConnId, reg: &Registration) -> bool {
+        let mut local = self.local();
+        if !local.live.contains_key(&conn) {
+            return false;
+        }
+        local.seq += 1;
+        let seq = local.seq;
+        let key = (reg.tenant.clone(), reg.service.clone());
+        let list = local.by_name.entry(key).or_default();
+        list.retain(|p| p.conn != conn);
+        list.push(LocalProvider {
+            conn,
+            agent_uri: reg.agent_uri.clone(),
+            seq,
+        });
+        let mine = local.by_conn.entry(conn).or_default();
+        mine.retain(|r| r.service != reg.service);
+        mine.push(reg.clone());
+        true
+    }
+
+    /// The connection ended: its services go, and the backend deregisters the agent on this
+    /// relay (re-registering what the agent's other live connections provide).
+    pub(crate) fn connection_closed(&self, conn: ConnId) {
+        let (who, removed, remaining) = {
+            let mut local = self.local();
+            let who = local.live.remove(&conn);
+            let removed = local.by_conn.remove(&conn).unwrap_or_default();
+            for reg in &removed {
+                let key = (reg.tenant.clone(), reg.service.clone());
+                if let Some(list) = local.by_name.get_mut(&key) {
+                    list.retain(|p| p.conn != conn);
+                    if list.is_empty() {
+                        local.by_name.remove(&key);
+                    }
+                }
+            }
+            let remaining: Vec<Registration> = match &who {
+                Some((_, uri)) => local
+                    .by_conn
+                    .values()
+                    .flatten()
+                    .filter(|r| &r.agent_uri == uri)
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            };
+            (who, removed, remaining)
+        };
+        if let Some((tenant, uri)) = who
+            && !removed.is_empty()
+        {
+            self.backend.deregister(&tenant, &uri, remaining);
+        }
+    }
+
+    /// Every local registration (re-sent to a controller that restarted).
+    pub fn local_registrations(&self) -> Vec<Registration> {
+        self.local().by_conn.values().flatten().cloned().collect()
+    }
+
+    /// Finds the provider of `service` in `tenant`: a local agent first (the newest
+    /// registration), else the registry.
+    pub fn resolve(&self, tenant: &str, service: &str) -> Resolved {
+        let key = (tenant.to_owned(), service.to_owned());
+        if let Some(p) = self
+            .local()
+            .by_name
+            .get(&key)
+            .and_then(|list| list.iter().max_by_key(|p| p.seq))
+        {
+            return Resolved::Local(p.clone());
+        }
+        let remote = self.remote.load();
+        match remote
+            .by_name
+            .get(&key)
+            .and_then(|list| list.iter().find(|p| p.relay_id != self.relay_id))
+        {
+            Some(p) => Resolved::Remote {
+                relay_id: p.relay_id.clone(),
+            },
+            None => Resolved::NotFound,
+        }
+    }
+
+    /// Reserves a stream id for the life of its stream; false when it is already in use.
+    pub(crate) fn claim_stream_id(&self, id: u64) -> bool {
+        self.active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id)
+    }
+
+    /// Gives a stream id back.
+    pub(crate) fn release_stream_id(&self, id: u64) {
+        self.active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Audits one decision on a stream (`kind` "stream", the stream id in decimal).
+    pub(crate) fn audit(&self, row: &AuditRow<'_>, allow: bool, reason: String) {
+        let AuditRow {
+            tenant,
+            caller,
+            target,
+            method,
+            stream_id,
+        } = *row;
+        self.stats.audit_events.fetch_add(1, Ordering::Relaxed);
+        self.backend.audit(pb::AuditEvent {
+            ts_unix_ms: unix_ms(),
+            tenant: tenant.to_owned(),
+            caller: caller.to_owned(),
+            target: target.to_owned(),
+            method: method.to_owned(),
+            decision: if allow { "allow" } else { "deny" }.to_owned(),
+            reason,
+            stream_id: stream_id.to_string(),
+            kind: "stream".to_owned(),
+            seq: 0,
+        });
+    }
+}
+
+/// Who called whom on which stream, for [`Mesh::audit`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AuditRow<'a> {
+    pub(crate) tenant: &'a str,
+    pub(crate) caller: &'a str,
+    pub(crate) target: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) stream_id: u64,
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A monotonically increasing count, for counters shared with the scrape.
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U1: &str = "outrelay://a/agent/00000000-0000-4000-8000-000000000001";
+
+    fn reg(service: &str) -> Registration {
+        Registration {
+            tenant: "a".into(),
+            service: service.into(),
+            agent_uri: U1.into(),
+            local_addr: String::new(),
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, usize)>>);
+
+    impl MeshBackend for Recorder {
+        fn register(&self, reg: Registration) -> RegisterFuture {
+            Standalone.register(reg)
+        }
+        fn deregister(&self, _: &str, uri: &str, remaining: Vec<Registration>) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((uri.to_owned(), remaining.len()));
+        }
+        fn audit(&self, _: pb::AuditEvent) {}
+    }
+
+    #[test]
+    fn local_first_newest_wins_and_a_closed_connection_takes_its_services() {
+        let rec = Arc::new(Recorder::default());
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), rec.clone());
+        mesh.connection_opened(ConnId(1), "a", U1);
+        mesh.connection_opened(ConnId(2), "a", U1);
+        assert!(mesh.register_local(ConnId(1), &reg("pay")));
+        assert!(mesh.register_local(ConnId(2), &reg("pay")));
+        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(2)));
+        assert_eq!(mesh.resolve("b", "pay"), Resolved::NotFound);
+        mesh.connection_closed(ConnId(2));
+        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(1)));
+        // The agent still provides `pay` on connection 1: it is registered again.
+        assert_eq!(*rec.0.lock().expect("lock"), vec![(U1.to_owned(), 1)]);
+        mesh.connection_closed(ConnId(1));
+        assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
+        // A registration finishing after its connection ended leaves nothing behind.
+        assert!(!mesh.register_local(ConnId(1), &reg("pay")));
+        assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
+    }
+
+    #[test]
+    fn remote_providers_on_another_relay_resolve_as_remote() {
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), Arc::new(Standalone));
+        let provider = |relay: &str| pb::Provider {
+            service_id: "a/pay".into(),
+            agent_uri: U1.into(),
+            relay_id: relay.into(),
+            ..pb::Provider::default()
+        };
+        let event = |relay: &str, kind: pb::watch_event::Kind| pb::WatchEvent {
+            kind: kind as i32,
+            provider: Some(provider(relay)),
+            service_name: "pay".into(),
+        };
+        mesh.update_remote(|r| r.apply(&event("r1", pb::watch_event::Kind::Register)));
+        // Only this relay has it (stale: no local agent): not found.
+        assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
+        mesh.update_remote(|r| r.apply(&event("r2", pb::watch_event::Kind::Register)));
+        assert_eq!(
+            mesh.resolve("a", "pay"),
+            Resolved::Remote {
+                relay_id: "r2".into()
+            }
+        );
+        mesh.update_remote(|r| r.apply(&event("r2", pb::watch_event::Kind::Deregister)));
+        assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
+    }
+
+    #[test]
+    fn stream_ids_are_exclusive_while_in_use() {
+        let mesh = Mesh::standalone(MeshConfig::default(), "r1".into());
+        assert!(mesh.claim_stream_id(7));
+        assert!(!mesh.claim_stream_id(7));
+        mesh.release_stream_id(7);
+        assert!(mesh.claim_stream_id(7));
+    }
+
+    #[test]
+    fn service_names_follow_the_registry_rules() {
+        assert!(valid_service_name("payments"));
+        assert!(valid_service_name("Pay.v2"));
+        assert!(!valid_service_name(""));
+        assert!(!valid_service_name("a b"));
+        assert!(!valid_service_name(&"x".repeat(254)));
+    }
+}

@@ -1,0 +1,105 @@
+//! The mesh's counters: plain atomics bumped on the set-up path and per chunk on the byte path,
+//! copied into the metrics recorder by the scrape.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How an OPEN_STREAM ended (`outrelay_relay_mesh_streams_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshResult {
+    /// Joined with its provider.
+    Accepted,
+    /// 403: a policy decision.
+    Denied,
+    /// 404: no provider in the caller's tenant.
+    NotFound,
+    /// 409: the stream id is in use.
+    Collision,
+    /// 502: the provider (or its relay) cannot be reached.
+    Unreachable,
+    /// 503: the provider refused.
+    ProviderRejected,
+    /// The stream broke the protocol (no STREAM_REJECT is owed: it is reset).
+    ProtocolError,
+}
+
+impl MeshResult {
+    /// Every result, in label order.
+    pub const ALL: [MeshResult; 7] = [
+        MeshResult::Accepted,
+        MeshResult::Denied,
+        MeshResult::NotFound,
+        MeshResult::Collision,
+        MeshResult::Unreachable,
+        MeshResult::ProviderRejected,
+        MeshResult::ProtocolError,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            MeshResult::Accepted => "accepted",
+            MeshResult::Denied => "rejected_403",
+            MeshResult::NotFound => "rejected_404",
+            MeshResult::Collision => "rejected_409",
+            MeshResult::Unreachable => "rejected_502",
+            MeshResult::ProviderRejected => "rejected_503",
+            MeshResult::ProtocolError => "protocol_error",
+        }
+    }
+
+    /// The STREAM_REJECT code (0 for the two that send none).
+    pub fn code(self) -> u32 {
+        match self {
+            MeshResult::Accepted | MeshResult::ProtocolError => 0,
+            MeshResult::Denied => 403,
+            MeshResult::NotFound => 404,
+            MeshResult::Collision => 409,
+            MeshResult::Unreachable => 502,
+            MeshResult::ProviderRejected => 503,
+        }
+    }
+}
+
+/// Counters of the mesh.
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    results: [AtomicU64; 7],
+    /// Streams joined right now.
+    pub streams_active: AtomicU64,
+    /// Bytes consumer → provider.
+    pub bytes_to_provider: AtomicU64,
+    /// Bytes provider → consumer.
+    pub bytes_to_consumer: AtomicU64,
+    /// Live streams cut because the policy no longer allows them.
+    pub cut_policy: AtomicU64,
+    /// Live streams cut because their allowing rule expired.
+    pub cut_expired: AtomicU64,
+    /// Joined streams that ended with a reset or a lost connection on either side.
+    pub streams_failed: AtomicU64,
+    /// REGISTER frames answered with REGISTER_ACK.
+    pub registrations_ok: AtomicU64,
+    /// REGISTER frames answered with STREAM_REJECT.
+    pub registrations_rejected: AtomicU64,
+    /// Policy snapshots installed.
+    pub policy_updates: AtomicU64,
+    /// Audit events produced.
+    pub audit_events: AtomicU64,
+    /// STREAM_READY frames not sent because a control queue was full.
+    pub ready_dropped: AtomicU64,
+}
+
+impl MeshStats {
+    /// Counts one finished open.
+    pub fn count(&self, r: MeshResult) {
+        if let Some(c) = self.results.get(r as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Opens that ended as `r`.
+    pub fn result(&self, r: MeshResult) -> u64 {
+        self.results
+            .get(r as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}

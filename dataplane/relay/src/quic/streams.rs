@@ -1,0 +1,513 @@
+//! Application streams (`orp.md`, "Open a stream"): every bidirectional stream an agent opens
+//! after its control stream carries one OPEN_STREAM; the relay checks policy, finds the
+//! provider, opens a stream to it with INCOMING_STREAM, answers the consumer with exactly one
+//! STREAM_ACCEPT or STREAM_REJECT and then joins the two streams.
+//!
+//! The join moves quinn's receive chunks (`Bytes`, no copy) from one stream to the other, one
+//! chunk in flight per direction, so the memory per stream is bounded by the QUIC flow-control
+//! windows. A FIN on one side becomes a FIN on the other (each direction ends on its own); a
+//! reset or a lost connection on one side resets the other. While joined, the stream watches
+//! the policy generation and its allowing rule's expiry: when the caller-side decision turns to
+//! deny, or a callee-side deny appears, both halves are reset with
+//! [`close_code::POLICY_CUT`] at once (well within the spec's 1 s).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use outrelay_proto::frame::{Decoded, Frame, decode};
+use outrelay_proto::orp;
+use tokio::sync::mpsc;
+
+use super::{Ctx, close_code};
+use crate::mesh::{AuditRow, Mesh, MeshResult, Resolved, bump, unix_ms, valid_service_name};
+
+/// Largest chunk moved per read (quinn hands out what it has, up to this).
+const CHUNK_MAX_BYTES: usize = 256 * 1024;
+/// Bytes read per call while waiting for a stream's first frame.
+const FIRST_FRAME_READ_BYTES: usize = 4096;
+
+/// The agent on one side of a stream.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub(crate) tenant: String,
+    pub(crate) uri: String,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) control: mpsc::Sender<Frame>,
+}
+
+/// Accepts the consumer's application streams until its connection ends; each gets a task.
+pub(crate) async fn accept(consumer: Arc<Peer>, mesh: Arc<Mesh>, ctx: Arc<Ctx>) {
+    while let Ok((send, recv)) = consumer.conn.accept_bi().await {
+        tokio::spawn(open(
+            consumer.clone(),
+            send,
+            recv,
+            mesh.clone(),
+            ctx.clone(),
+        ));
+    }
+}
+
+/// Why a stream's first frame did not arrive.
+#[derive(Debug, thiserror::Error)]
+enum FirstFrame {
+    #[error("timed out")]
+    Timeout,
+    #[error("stream closed: {0}")]
+    Closed(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Reads exactly one frame from the start of a stream; returns it and any bytes that came
+/// after it (raw payload, forwarded as is).
+async fn first_frame(
+    recv: &mut quinn::RecvStream,
+    deadline: Duration,
+) -> Result<(Frame, Bytes), FirstFrame> {
+    tokio::time::timeout(deadline, async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; FIRST_FRAME_READ_BYTES];
+        loop {
+            match decode(&buf).map_err(|e| FirstFrame::Protocol(e.to_string()))? {
+                Decoded::Frame { frame, used } => {
+                    let decoded =
+                        Frame::decode(&frame).map_err(|e| FirstFrame::Protocol(e.to_string()))?;
+                    let rest = Bytes::copy_from_slice(buf.get(used..).unwrap_or_default());
+                    return Ok((decoded, rest));
+                }
+                Decoded::NeedMore { .. } => {}
+            }
+            match recv.read(&mut chunk).await {
+                Ok(Some(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Ok(None) => return Err(FirstFrame::Closed("stream ended before its frame".into())),
+                Err(e) => return Err(FirstFrame::Closed(e.to_string())),
+            }
+        }
+    })
+    .await
+    .unwrap_or(Err(FirstFrame::Timeout))
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    frame.encode(&mut bytes).map_err(|e| e.to_string())?;
+    send.write_all(&bytes).await.map_err(|e| e.to_string())
+}
+
+/// Answers the consumer with STREAM_REJECT and closes its stream.
+async fn reject(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mesh: &Mesh,
+    result: MeshResult,
+    reason: String,
+) {
+    mesh.stats.count(result);
+    tracing::debug!(code = result.code(), %reason, "stream rejected");
+    let frame = Frame::StreamReject(orp::StreamReject {
+        code: result.code(),
+        reason,
+        request_id: 0,
+    });
+    if write_frame(&mut send, &frame).await.is_ok() {
+        let _ = send.finish();
+    }
+    let _ = recv.stop(close_code::NO_ERROR.into());
+}
+
+/// One OPEN_STREAM from `consumer`, to its end.
+async fn open(
+    consumer: Arc<Peer>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mesh: Arc<Mesh>,
+    ctx: Arc<Ctx>,
+) {
+    let deadline = Duration::from_millis(mesh.config.open_timeout_ms);
+    let (req, consumer_rest) = match first_frame(&mut recv, deadline).await {
+        Ok((Frame::OpenStream(req), rest)) => (req, rest),
+        Ok((other, _)) => {
+            mesh.stats.count(MeshResult::ProtocolError);
+            tracing::debug!(
+                frame = other.frame_type().name(),
+                "application stream did not start with OPEN_STREAM"
+            );
+            let _ = send.reset(close_code::PROTOCOL_ERROR.into());
+            let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
+            return;
+        }
+        Err(e) => {
+            mesh.stats.count(MeshResult::ProtocolError);
+            tracing::debug!(error = %e, "no OPEN_STREAM");
+            let _ = send.reset(close_code::PROTOCOL_ERROR.into());
+            let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
+            return;
+        }
+    };
+    let id = req.stream_id;
+    if id == 0 || !mesh.claim_stream_id(id) {
+        let why = if id == 0 {
+            "stream id 0 is not allowed".to_owned()
+        } else {
+            format!("stream id {id} is already in use")
+        };
+        return reject(send, recv, &mesh, MeshResult::Collision, why).await;
+    }
+    let _id = StreamIdGuard { mesh: &mesh, id };
+    let tenant = consumer.tenant.as_str();
+    let (service, method) = (req.target_service.as_str(), req.method.as_str());
+
+    // 2. Caller side: the closed-world gate.
+    let Some(policy) = mesh.policy() else {
+        mesh.audit(
+            &AuditRow {
+                tenant,
+                caller: &consumer.uri,
+                target: service,
+                method,
+                stream_id: id,
+            },
+            false,
+            "caller-side: no policy snapshot yet".to_owned(),
+        );
+        return reject(
+            send,
+            recv,
+            &mesh,
+            MeshResult::Denied,
+            "no policy snapshot yet (closed world)".to_owned(),
+        )
+        .await;
+    };
+    let verdict = policy.caller_side(tenant, &consumer.uri, service, method, unix_ms());
+    mesh.audit(
+        &AuditRow {
+            tenant,
+            caller: &consumer.uri,
+            target: service,
+            method,
+            stream_id: id,
+        },
+        verdict.allow,
+        format!("caller-side: {}", verdict.reason()),
+    );
+    if !verdict.allow {
+        let why = format!("denied: {}", verdict.reason());
+        return reject(send, recv, &mesh, MeshResult::Denied, why).await;
+    }
+
+    // 3. The provider, in the caller's tenant only.
+    let resolved = if valid_service_name(service) {
+        mesh.resolve(tenant, service)
+    } else {
+        Resolved::NotFound
+    };
+    let provider = match resolved {
+        Resolved::Local(p) => {
+            let found = ctx.agents().get(&p.conn).map(|a| Peer {
+                tenant: tenant.to_owned(),
+                uri: a.uri.clone(),
+                conn: a.conn.clone(),
+                control: a.control.clone(),
+            });
+            match found {
+                Some(peer) => peer,
+                None => {
+                    let why = format!("service {service} not found");
+                    return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
+                }
+            }
+        }
+        Resolved::Remote { relay_id } => {
+            let why = format!(
+                "provider of {service} is on relay {relay_id}; forwarding is not available"
+            );
+            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+        }
+        Resolved::NotFound => {
+            let why = format!("service {service} not found");
+            return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
+        }
+    };
+
+    // 4. Callee side: only an explicit deny refuses.
+    let callee = policy.callee_side(tenant, &provider.uri, &consumer.uri, method, unix_ms());
+    mesh.audit(
+        &AuditRow {
+            tenant,
+            caller: &provider.uri,
+            target: &consumer.uri,
+            method,
+            stream_id: id,
+        },
+        callee.allow,
+        format!("callee-side: {}", callee.reason()),
+    );
+    if !callee.allow {
+        let why = format!("denied by the provider's policy: {}", callee.reason());
+        return reject(send, recv, &mesh, MeshResult::Denied, why).await;
+    }
+
+    // 5-6. INCOMING_STREAM to the provider, and its one answer.
+    let incoming = Frame::IncomingStream(orp::IncomingStream {
+        target_service: service.to_owned(),
+        method: method.to_owned(),
+        source_agent_uri: consumer.uri.clone(),
+        stream_id: id,
+    });
+    let opened = tokio::time::timeout(deadline, async {
+        let (mut p_send, p_recv) = provider.conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut p_send, &incoming).await?;
+        Ok::<_, String>((p_send, p_recv))
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out opening a stream".to_owned()));
+    let (mut p_send, mut p_recv) = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("provider unreachable: {e}");
+            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+        }
+    };
+    let provider_rest = match first_frame(&mut p_recv, deadline).await {
+        Ok((Frame::StreamAccept(_), rest)) => rest,
+        Ok((Frame::StreamReject(r), _)) => {
+            let _ = p_send.finish();
+            let why = format!("provider rejected the stream: {} {}", r.code, r.reason);
+            return reject(send, recv, &mesh, MeshResult::ProviderRejected, why).await;
+        }
+        Ok((other, _)) => {
+            let _ = p_send.reset(close_code::PROTOCOL_ERROR.into());
+            let _ = p_recv.stop(close_code::PROTOCOL_ERROR.into());
+            let why = format!("provider answered {}", other.frame_type().name());
+            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+        }
+        Err(e) => {
+            let _ = p_send.reset(close_code::OPEN_TIMEOUT.into());
+            let why = format!("provider did not answer: {e}");
+            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+        }
+    };
+
+    // 7. Accept, tell both control streams, join.
+    if write_frame(&mut send, &Frame::StreamAccept(orp::StreamAccept {}))
+        .await
+        .is_err()
+    {
+        let _ = p_send.reset(close_code::PEER_FAILED.into());
+        let _ = p_recv.stop(close_code::PEER_FAILED.into());
+        mesh.stats.count(MeshResult::ProtocolError);
+        return;
+    }
+    mesh.stats.count(MeshResult::Accepted);
+    for (to, peer_uri) in [
+        (&consumer.control, &provider.uri),
+        (&provider.control, &consumer.uri),
+    ] {
+        let ready = Frame::StreamReady(orp::StreamReady {
+            stream_id: id,
+            peer_agent_uri: peer_uri.clone(),
+        });
+        if to.try_send(ready).is_err() {
+            bump(&mesh.stats.ready_dropped);
+        }
+    }
+    tracing::debug!(stream_id = id, consumer = %consumer.uri, provider = %provider.uri, service, "stream joined");
+    let halves = Halves {
+        c_send: send,
+        c_recv: recv,
+        p_send,
+        p_recv,
+    };
+    let check = Recheck {
+        mesh: &mesh,
+        tenant,
+        consumer: &consumer.uri,
+        provider: &provider.uri,
+        service,
+        method,
+        rule_expires_unix_ms: verdict.rule_expires_unix_ms,
+    };
+    join(halves, consumer_rest, provider_rest, check).await;
+}
+
+/// Gives the stream id back when the stream ends, on every path.
+struct StreamIdGuard<'a> {
+    mesh: &'a Mesh,
+    id: u64,
+}
+
+impl Drop for StreamIdGuard<'_> {
+    fn drop(&mut self) {
+        self.mesh.release_stream_id(self.id);
+    }
+}
+
+struct Halves {
+    c_send: quinn::SendStream,
+    c_recv: quinn::RecvStream,
+    p_send: quinn::SendStream,
+    p_recv: quinn::RecvStream,
+}
+
+/// What a joined stream needs to check itself again after a policy change.
+struct Recheck<'a> {
+    mesh: &'a Mesh,
+    tenant: &'a str,
+    consumer: &'a str,
+    provider: &'a str,
+    service: &'a str,
+    method: &'a str,
+    rule_expires_unix_ms: i64,
+}
+
+/// Why a joined stream was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Policy,
+    Expired,
+}
+
+impl Recheck<'_> {
+    /// Resolves when the stream is no longer allowed.
+    async fn until_denied(&mut self) -> Cut {
+        let mut changes = self.mesh.policy_changes();
+        changes.borrow_and_update();
+        loop {
+            let expiry = self.expiry_sleep();
+            let expired = tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The mesh is gone (relay stopping): never cut for that.
+                        std::future::pending::<()>().await;
+                    }
+                    false
+                }
+                () = expiry => true,
+            };
+            let Some(policy) = self.mesh.policy() else {
+                continue;
+            };
+            let now = unix_ms();
+            let caller =
+                policy.evaluate(self.tenant, self.consumer, self.service, self.method, now);
+            let callee =
+                policy.callee_side(self.tenant, self.provider, self.consumer, self.method, now);
+            if !caller.allow || !callee.allow {
+                return if expired { Cut::Expired } else { Cut::Policy };
+            }
+            self.rule_expires_unix_ms = caller.rule_expires_unix_ms;
+        }
+    }
+
+    /// Sleeps until the allowing rule expires (forever when it never does).
+    fn expiry_sleep(&self) -> impl Future<Output = ()> + use<> {
+        let exp = self.rule_expires_unix_ms;
+        async move {
+            if exp <= 0 {
+                return std::future::pending().await;
+            }
+            let left = u64::try_from(exp.saturating_sub(unix_ms())).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(left)).await;
+        }
+    }
+}
+
+/// Joins the two streams until both directions end or the policy cuts them.
+async fn join(mut h: Halves, consumer_rest: Bytes, provider_rest: Bytes, mut check: Recheck<'_>) {
+    let mesh = check.mesh;
+    let stats = &mesh.stats;
+    stats.streams_active.fetch_add(1, Ordering::Relaxed);
+    let cut = {
+        let up = pipe(
+            &mut h.c_recv,
+            &mut h.p_send,
+            consumer_rest,
+            &stats.bytes_to_provider,
+        );
+        let down = pipe(
+            &mut h.p_recv,
+            &mut h.c_send,
+            provider_rest,
+            &stats.bytes_to_consumer,
+        );
+        let both = async { tokio::join!(up, down) };
+        tokio::select! {
+            (a, b) = both => {
+                if !(a && b) {
+                    bump(&stats.streams_failed);
+                }
+                None
+            }
+            cut = check.until_denied() => Some(cut),
+        }
+    };
+    if let Some(cut) = cut {
+        let code = close_code::POLICY_CUT.into();
+        let _ = h.c_send.reset(code);
+        let _ = h.p_send.reset(code);
+        let _ = h.c_recv.stop(code);
+        let _ = h.p_recv.stop(code);
+        let (counter, reason) = match cut {
+            Cut::Policy => (&stats.cut_policy, "stream cut: policy changed"),
+            Cut::Expired => (&stats.cut_expired, "stream cut: allowing rule expired"),
+        };
+        bump(counter);
+        tracing::info!(
+            consumer = check.consumer,
+            provider = check.provider,
+            service = check.service,
+            reason,
+            "live stream cut"
+        );
+    }
+    stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Moves one direction: `rest` first, then every chunk, then FIN. A reset or a lost
+/// connection on the reading side resets the writing side (and the reverse: a writer the peer
+/// stopped stops the reader). True when the direction ended cleanly.
+async fn pipe(
+    from: &mut quinn::RecvStream,
+    to: &mut quinn::SendStream,
+    rest: Bytes,
+    bytes: &AtomicU64,
+) -> bool {
+    if !rest.is_empty() {
+        bytes.fetch_add(rest.len() as u64, Ordering::Relaxed);
+        if to.write_chunk(rest).await.is_err() {
+            let _ = from.stop(close_code::PEER_FAILED.into());
+            return false;
+        }
+    }
+    loop {
+        match from.read_chunk(CHUNK_MAX_BYTES, true).await {
+            Ok(Some(chunk)) => {
+                bytes.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                if let Err(e) = to.write_chunk(chunk.bytes).await {
+                    let code = match e {
+                        quinn::WriteError::Stopped(code) => code,
+                        _ => close_code::PEER_FAILED.into(),
+                    };
+                    let _ = from.stop(code);
+                    return false;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return true;
+            }
+            Err(e) => {
+                let code = match e {
+                    quinn::ReadError::Reset(code) => code,
+                    _ => close_code::PEER_FAILED.into(),
+                };
+                let _ = to.reset(code);
+                return false;
+            }
+        }
+    }
+}
