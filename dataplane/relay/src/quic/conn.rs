@@ -130,7 +130,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         AgentConn {
             uri: cert_uri.clone(),
             conn: conn.clone(),
-            control: tx.clone(),
+            control: tx.downgrade(),
         },
     );
     match ctx.decider.admit(&identity) {
@@ -170,7 +170,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                 tenant: tenant.as_str().to_owned(),
                 uri: cert_uri.clone(),
                 conn: conn.clone(),
-                control: out.tx.clone(),
+                control: out.tx.downgrade(),
             });
             tokio::spawn(streams::accept(consumer, mesh.clone(), ctx.clone()))
         }
@@ -423,7 +423,12 @@ fn register(
         agent_uri: identity.to_string(),
         local_addr: req.local_addr,
     };
-    let (mesh, tx, conn, request_id) = (mesh.clone(), out.tx.clone(), conn.clone(), req.request_id);
+    let (mesh, tx, conn, request_id) = (
+        mesh.clone(),
+        out.tx.downgrade(),
+        conn.clone(),
+        req.request_id,
+    );
     let overflows = ctx.stats.clone();
     tokio::spawn(async move {
         let answer = match mesh.backend().register(reg.clone()).await {
@@ -446,6 +451,9 @@ fn register(
                     request_id,
                 })
             }
+        };
+        let Some(tx) = tx.upgrade() else {
+            return; // the connection is ending
         };
         if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(answer) {
             bump(&overflows.send_queue_overflows);

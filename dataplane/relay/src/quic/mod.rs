@@ -353,8 +353,9 @@ pub(crate) struct Ctx {
 pub(crate) struct AgentConn {
     pub(crate) uri: String,
     pub(crate) conn: quinn::Connection,
-    /// Its control-stream send queue (STREAM_READY).
-    pub(crate) control: tokio::sync::mpsc::Sender<outrelay_proto::frame::Frame>,
+    /// Its control-stream send queue (STREAM_READY). Weak: the queue closing is what ends the
+    /// control-stream writer at GOAWAY, so nothing but the connection's own task may keep it.
+    pub(crate) control: tokio::sync::mpsc::WeakSender<outrelay_proto::frame::Frame>,
 }
 
 impl Ctx {

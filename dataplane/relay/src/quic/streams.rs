@@ -34,7 +34,8 @@ pub(crate) struct Peer {
     pub(crate) tenant: String,
     pub(crate) uri: String,
     pub(crate) conn: quinn::Connection,
-    pub(crate) control: mpsc::Sender<Frame>,
+    /// Weak (see [`super::AgentConn::control`]).
+    pub(crate) control: mpsc::WeakSender<Frame>,
 }
 
 /// Accepts the consumer's application streams until its connection ends; each gets a task.
@@ -311,7 +312,7 @@ async fn open(
             stream_id: id,
             peer_agent_uri: peer_uri.clone(),
         });
-        if to.try_send(ready).is_err() {
+        if to.upgrade().is_none_or(|to| to.try_send(ready).is_err()) {
             bump(&mesh.stats.ready_dropped);
         }
     }
