@@ -23,8 +23,14 @@
 //! [local]     connect_timeout_ms = 5000  failure_log_interval_ms = 10000
 //! [splice]    workers = 1  io_backend = "auto"  idle_timeout_ms = 3600000
 //!             half_closed_timeout_ms = 60000
+//! [[provide]] service = "payments"  to = "127.0.0.1:8080"       # `to`: the default target
+//!             methods = { charge = "127.0.0.1:8081" }           # per-method targets
+//! [[consume]] service = "payments"  listen = "127.0.0.1:18080"  method = ""   # port 0 allowed
+//! [mesh]      open_timeout_ms = 10000  dial_timeout_ms = 5000
 //! ```
+//! At least one `[[lease]]`, `[[provide]]` or `[[consume]]` is required.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,6 +54,10 @@ pub const STATE_CONTROLLER_FILE: &str = "controller";
 pub const DEFAULT_LEASE_TTL_S: u32 = 30;
 /// Largest pool a lease may grow to (the relay's ready queue caps idle sessions anyway).
 pub const POOL_MAX_LIMIT: usize = 1024;
+/// Most `[[provide]]` (and, separately, `[[consume]]`) entries.
+pub const MESH_ENTRIES_MAX: usize = 256;
+/// Longest method name, in bytes.
+pub const METHOD_MAX_BYTES: usize = 255;
 
 /// Why a configuration was refused: one line naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +82,9 @@ struct Raw {
     splice: RawSplice,
     udp: RawUdp,
     lifecycle: outrelay_lifecycle::RawLifecycle,
+    provide: Vec<RawProvide>,
+    consume: Vec<RawConsume>,
+    mesh: RawMesh,
 }
 
 impl Default for Raw {
@@ -88,6 +101,9 @@ impl Default for Raw {
             splice: RawSplice::default(),
             udp: RawUdp::default(),
             lifecycle: outrelay_lifecycle::RawLifecycle::default(),
+            provide: Vec::new(),
+            consume: Vec::new(),
+            mesh: RawMesh::default(),
         }
     }
 }
@@ -116,6 +132,42 @@ struct RawLease {
     wildcard: bool,
     #[serde(default = "default_ttl")]
     ttl_s: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvide {
+    service: String,
+    #[serde(default)]
+    to: String,
+    #[serde(default)]
+    methods: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsume {
+    service: String,
+    listen: String,
+    #[serde(default)]
+    method: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMesh {
+    open_timeout_ms: u64,
+    dial_timeout_ms: u64,
+}
+
+impl Default for RawMesh {
+    fn default() -> Self {
+        let d = MeshConfig::default();
+        RawMesh {
+            open_timeout_ms: ms(d.open_timeout),
+            dial_timeout_ms: ms(d.dial_timeout),
+        }
+    }
 }
 
 fn default_ttl() -> u32 {
@@ -402,6 +454,57 @@ impl Default for UdpConfig {
     }
 }
 
+/// One provided service (`[[provide]]`, `outrelay-agent provide`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvideSpec {
+    /// The service name (one DNS label, registered with REGISTER).
+    pub service: String,
+    /// The default local target: every method without a target of its own.
+    pub to: Option<String>,
+    /// Per-method local targets.
+    pub methods: BTreeMap<String, String>,
+}
+
+impl ProvideSpec {
+    /// The local target for `method`: its own, else the default; `None` (the provider answers
+    /// 404) when neither exists.
+    pub fn target(&self, method: &str) -> Option<&str> {
+        self.methods
+            .get(method)
+            .or(self.to.as_ref())
+            .map(String::as_str)
+    }
+}
+
+/// One consumed service (`[[consume]]`, `outrelay-agent consume`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeSpec {
+    /// The service name opened (resolved in the agent's tenant by the relay).
+    pub service: String,
+    /// Local listener (port 0: any; the bound address is in the ready file).
+    pub listen: SocketAddr,
+    /// The method claimed in OPEN_STREAM (`""`: none).
+    pub method: String,
+}
+
+/// Service-to-service streams.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Consumer: deadline from a local connection to the relay's STREAM_ACCEPT/REJECT.
+    pub open_timeout: Duration,
+    /// Provider: connect timeout to the local target (and the deadline for INCOMING_STREAM).
+    pub dial_timeout: Duration,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            open_timeout: Duration::from_secs(10),
+            dial_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The splice engines.
 #[derive(Debug, Clone)]
 pub struct SpliceConfig {
@@ -427,8 +530,14 @@ pub struct Settings {
     /// With a state directory: the directory and the controller that renews its certificate
     /// (`None` when neither the config nor the enrollment named one: no renewal).
     pub renewal: Option<(PathBuf, Option<String>)>,
-    /// Leases (at least one, unique names).
+    /// Leases (unique names; with the services below, at least one entry).
     pub leases: Vec<LeaseSpec>,
+    /// Provided services (unique names), registered on every relay.
+    pub provides: Vec<ProvideSpec>,
+    /// Consumed services (unique listen addresses).
+    pub consumes: Vec<ConsumeSpec>,
+    /// Stream timeouts.
+    pub mesh: MeshConfig,
     /// `/metrics` and `/status` listener; `None` when off.
     pub metrics_listen: Option<SocketAddr>,
     /// Reverse-session pools.
@@ -445,13 +554,26 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
 }
 
-/// The flags of `outrelay-agent expose`.
+/// The flags `expose`, `provide` and `consume` share.
 #[derive(Debug, Clone, Default)]
-pub struct ExposeArgs {
+pub struct CommonArgs {
     /// Relay QUIC address.
     pub relay: String,
     /// Server name of the relay certificate.
     pub server_name: String,
+    /// `--cert/--key/--ca`.
+    pub files: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--metrics` (`""` = off; `None` = default).
+    pub metrics: Option<String>,
+}
+
+/// The flags of `outrelay-agent expose`.
+#[derive(Debug, Clone, Default)]
+pub struct ExposeArgs {
+    /// Relay, identity and metrics flags.
+    pub common: CommonArgs,
     /// Lease name.
     pub name: String,
     /// `--tls-to`.
@@ -460,12 +582,79 @@ pub struct ExposeArgs {
     pub tcp_to: Option<String>,
     /// `--udp-to`.
     pub udp_to: Option<String>,
-    /// `--cert/--key/--ca`.
-    pub files: Option<(PathBuf, PathBuf, PathBuf)>,
-    /// `--state-dir`.
-    pub state_dir: Option<PathBuf>,
-    /// `--metrics` (`""` = off; `None` = default).
-    pub metrics: Option<String>,
+}
+
+/// The flags of `outrelay-agent provide`.
+#[derive(Debug, Clone, Default)]
+pub struct ProvideArgs {
+    /// Relay, identity and metrics flags.
+    pub common: CommonArgs,
+    /// `--service`.
+    pub service: String,
+    /// The `--to` given without a `--method` before it.
+    pub to: Option<String>,
+    /// `--method M --to ADDR` pairs.
+    pub methods: Vec<(String, String)>,
+}
+
+/// The flags of `outrelay-agent consume`.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumeArgs {
+    /// Relay, identity and metrics flags.
+    pub common: CommonArgs,
+    /// `--service`.
+    pub service: String,
+    /// `--listen`.
+    pub listen: String,
+    /// `--method` (`""`: none).
+    pub method: String,
+}
+
+/// The default target and the `(method, target)` pairs of `provide`'s flags.
+pub type MethodTargets = (Option<String>, Vec<(String, String)>);
+
+/// Pairs `provide`'s `--method` and `--to` values by their position on the command line
+/// (`(index, value)` as clap's `indices_of` reports them): each `--method` binds to the NEXT
+/// `--to`; a `--to` with no `--method` before it is the default target.
+///
+/// # Errors
+/// A `--method` with no `--to` after it, two defaults, or a method given twice.
+pub fn pair_methods(
+    methods: &[(usize, String)],
+    tos: &[(usize, String)],
+) -> Result<MethodTargets, ConfigError> {
+    let mut all: Vec<(usize, bool, &str)> = methods
+        .iter()
+        .map(|(i, m)| (*i, true, m.as_str()))
+        .chain(tos.iter().map(|(i, t)| (*i, false, t.as_str())))
+        .collect();
+    all.sort_by_key(|(i, _, _)| *i);
+    let mut default = None;
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut pending: Option<&str> = None;
+    for (_, is_method, v) in all {
+        match (is_method, pending.take()) {
+            (true, Some(m)) => return Err(bad("--method", format!("{m:?} has no --to after it"))),
+            (true, None) => pending = Some(v),
+            (false, Some(m)) => {
+                if pairs.iter().any(|(o, _)| o == m) {
+                    return Err(bad("--method", format!("{m:?} given twice")));
+                }
+                pairs.push((m.to_owned(), v.to_owned()));
+            }
+            (false, None) if default.is_some() => {
+                return Err(bad(
+                    "--to",
+                    "more than one default target (give --method before the others)",
+                ));
+            }
+            (false, None) => default = Some(v.to_owned()),
+        }
+    }
+    if let Some(m) = pending {
+        return Err(bad("--method", format!("{m:?} has no --to after it")));
+    }
+    Ok((default, pairs))
 }
 
 impl Settings {
@@ -489,27 +678,7 @@ impl Settings {
         if args.tls_to.is_none() && args.tcp_to.is_none() && args.udp_to.is_none() {
             return Err(bad("--tls-to/--tcp-to/--udp-to", "give at least one"));
         }
-        if args.files.is_none() && args.state_dir.is_none() {
-            return Err(bad("--cert/--key/--ca", "give them, or --state-dir"));
-        }
-        let mut raw = Raw {
-            relays: vec![args.relay],
-            ..Raw::default()
-        };
-        if !args.server_name.is_empty() {
-            raw.server_name = args.server_name;
-        }
-        if let Some((cert, key, ca)) = args.files {
-            raw.identity.cert = cert.display().to_string();
-            raw.identity.key = key.display().to_string();
-            raw.identity.ca = ca.display().to_string();
-        }
-        if let Some(dir) = args.state_dir {
-            raw.identity.state_dir = dir.display().to_string();
-        }
-        if let Some(m) = args.metrics {
-            raw.metrics.listen = m;
-        }
+        let mut raw = Raw::from_common(args.common)?;
         raw.lease.push(RawLease {
             name: args.name,
             tls_to: args.tls_to.unwrap_or_default(),
@@ -518,6 +687,43 @@ impl Settings {
             wildcard: false,
             ttl_s: DEFAULT_LEASE_TTL_S,
         });
+        Settings::from_flags(raw)
+    }
+
+    /// The settings of `provide`: one provided service from flags.
+    ///
+    /// # Errors
+    /// As [`Settings::load`], naming the flag.
+    pub fn from_provide(args: ProvideArgs) -> Result<Settings, ConfigError> {
+        if args.to.is_none() && args.methods.is_empty() {
+            return Err(bad("--to", "give a default target or --method M --to ADDR"));
+        }
+        let mut raw = Raw::from_common(args.common)?;
+        raw.provide.push(RawProvide {
+            service: args.service,
+            to: args.to.unwrap_or_default(),
+            methods: args.methods.into_iter().collect(),
+        });
+        Settings::from_flags(raw)
+    }
+
+    /// The settings of `consume`: one consumed service from flags.
+    ///
+    /// # Errors
+    /// As [`Settings::load`], naming the flag.
+    pub fn from_consume(args: ConsumeArgs) -> Result<Settings, ConfigError> {
+        let mut raw = Raw::from_common(args.common)?;
+        raw.consume.push(RawConsume {
+            service: args.service,
+            listen: args.listen,
+            method: args.method,
+        });
+        Settings::from_flags(raw)
+    }
+
+    /// Validates settings built from flags; errors name the config key, which is the flag's
+    /// spelling in TOML (`provide[0].to` is `--to`).
+    fn from_flags(raw: Raw) -> Result<Settings, ConfigError> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         Settings::from_raw(raw, &cwd)
     }
@@ -575,9 +781,14 @@ impl Settings {
             }
             _ => return Err(bad("identity", "cert, key and ca go together")),
         };
-        if raw.lease.is_empty() {
-            return Err(bad("lease", "at least one [[lease]] is required"));
+        if raw.lease.is_empty() && raw.provide.is_empty() && raw.consume.is_empty() {
+            return Err(bad(
+                "lease",
+                "at least one [[lease]], [[provide]] or [[consume]] is required",
+            ));
         }
+        let provides = provides(raw.provide)?;
+        let consumes = consumes(raw.consume)?;
         let mut leases: Vec<LeaseSpec> = Vec::with_capacity(raw.lease.len());
         for (i, l) in raw.lease.into_iter().enumerate() {
             let key = format!("lease[{i}]");
@@ -712,12 +923,19 @@ impl Settings {
             flow_idle: dur("udp.flow_idle_ms", raw.udp.flow_idle_ms)?,
             flow_max: raw.udp.flow_max,
         };
+        let mesh = MeshConfig {
+            open_timeout: dur("mesh.open_timeout_ms", raw.mesh.open_timeout_ms)?,
+            dial_timeout: dur("mesh.dial_timeout_ms", raw.mesh.dial_timeout_ms)?,
+        };
         Ok(Settings {
             relays: raw.relays,
             server_name: raw.server_name,
             identity,
             renewal,
             leases,
+            provides,
+            consumes,
+            mesh,
             metrics_listen,
             pool,
             connection,
@@ -727,6 +945,136 @@ impl Settings {
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
         })
     }
+}
+
+impl Raw {
+    /// A config with the shared flags filled in.
+    fn from_common(c: CommonArgs) -> Result<Raw, ConfigError> {
+        if c.files.is_none() && c.state_dir.is_none() {
+            return Err(bad("--cert/--key/--ca", "give them, or --state-dir"));
+        }
+        let mut raw = Raw {
+            relays: vec![c.relay],
+            ..Raw::default()
+        };
+        if !c.server_name.is_empty() {
+            raw.server_name = c.server_name;
+        }
+        if let Some((cert, key, ca)) = c.files {
+            raw.identity.cert = cert.display().to_string();
+            raw.identity.key = key.display().to_string();
+            raw.identity.ca = ca.display().to_string();
+        }
+        if let Some(dir) = c.state_dir {
+            raw.identity.state_dir = dir.display().to_string();
+        }
+        if let Some(m) = c.metrics {
+            raw.metrics.listen = m;
+        }
+        Ok(raw)
+    }
+}
+
+/// A service name as the relay registers it: one DNS label, `^[a-z0-9][a-z0-9-]{0,62}$`.
+pub fn is_service_name(s: &str) -> bool {
+    outrelay_proto::identity::is_label(s)
+}
+
+/// A method name: 1..=[`METHOD_MAX_BYTES`] printable ASCII bytes without spaces.
+pub fn is_method_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= METHOD_MAX_BYTES && s.bytes().all(|c| c.is_ascii_graphic())
+}
+
+fn provides(raw: Vec<RawProvide>) -> Result<Vec<ProvideSpec>, ConfigError> {
+    if raw.len() > MESH_ENTRIES_MAX {
+        return Err(bad(
+            "provide",
+            format!("at most {MESH_ENTRIES_MAX} entries"),
+        ));
+    }
+    let mut out: Vec<ProvideSpec> = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let key = format!("provide[{i}]");
+        if !is_service_name(&p.service) {
+            return Err(bad(
+                &format!("{key}.service"),
+                format!(
+                    "{:?} is not a service name (one lowercase DNS label)",
+                    p.service
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.service == p.service) {
+            return Err(bad(&format!("{key}.service"), "duplicate service name"));
+        }
+        let to = if p.to.is_empty() {
+            None
+        } else {
+            check_host_port(&format!("{key}.to"), &p.to)?;
+            Some(p.to)
+        };
+        for (m, t) in &p.methods {
+            if !is_method_name(m) {
+                return Err(bad(
+                    &format!("{key}.methods"),
+                    format!("{m:?} is not a method name"),
+                ));
+            }
+            check_host_port(&format!("{key}.methods.{m}"), t)?;
+        }
+        if to.is_none() && p.methods.is_empty() {
+            return Err(bad(&format!("{key}.to"), "give to or methods"));
+        }
+        out.push(ProvideSpec {
+            service: p.service,
+            to,
+            methods: p.methods,
+        });
+    }
+    Ok(out)
+}
+
+fn consumes(raw: Vec<RawConsume>) -> Result<Vec<ConsumeSpec>, ConfigError> {
+    if raw.len() > MESH_ENTRIES_MAX {
+        return Err(bad(
+            "consume",
+            format!("at most {MESH_ENTRIES_MAX} entries"),
+        ));
+    }
+    let mut out: Vec<ConsumeSpec> = Vec::with_capacity(raw.len());
+    for (i, c) in raw.into_iter().enumerate() {
+        let key = format!("consume[{i}]");
+        if !is_service_name(&c.service) {
+            return Err(bad(
+                &format!("{key}.service"),
+                format!(
+                    "{:?} is not a service name (one lowercase DNS label)",
+                    c.service
+                ),
+            ));
+        }
+        let listen: SocketAddr = c.listen.parse().map_err(|_| {
+            bad(
+                &format!("{key}.listen"),
+                format!("{:?} is not ip:port", c.listen),
+            )
+        })?;
+        if listen.port() != 0 && out.iter().any(|o| o.listen == listen) {
+            return Err(bad(&format!("{key}.listen"), "duplicate listen address"));
+        }
+        if !c.method.is_empty() && !is_method_name(&c.method) {
+            return Err(bad(
+                &format!("{key}.method"),
+                format!("{:?} is not a method name", c.method),
+            ));
+        }
+        out.push(ConsumeSpec {
+            service: c.service,
+            listen,
+            method: c.method,
+        });
+    }
+    Ok(out)
 }
 
 /// `host:port` with a non-empty host and a non-zero port (host names are resolved at dial time).
@@ -815,5 +1163,158 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(s.identity.key, PathBuf::from("/etc/outrelay/state/key.pem"));
+    }
+
+    const MESH_ONLY: &str = "relays = [\"127.0.0.1:7443\"]\n\
+        [identity]\ncert = \"a.pem\"\nkey = \"k.pem\"\nca = \"/ca.pem\"\n\
+        [[provide]]\nservice = \"payments\"\nto = \"127.0.0.1:8080\"\n\
+        methods = { charge = \"127.0.0.1:8081\" }\n\
+        [[consume]]\nservice = \"ledger\"\nlisten = \"127.0.0.1:0\"\nmethod = \"read\"\n";
+
+    #[test]
+    fn services_without_leases_are_a_valid_config() {
+        let s = parse(MESH_ONLY).expect("valid");
+        assert!(s.leases.is_empty());
+        let p = &s.provides[0];
+        assert_eq!(p.service, "payments");
+        assert_eq!(p.target("charge"), Some("127.0.0.1:8081"));
+        assert_eq!(p.target("other"), Some("127.0.0.1:8080"));
+        assert_eq!(
+            s.consumes,
+            vec![ConsumeSpec {
+                service: "ledger".into(),
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                method: "read".into(),
+            }]
+        );
+        assert_eq!(s.mesh.open_timeout, Duration::from_secs(10));
+        assert_eq!(s.mesh.dial_timeout, Duration::from_secs(5));
+        let s = parse(&format!(
+            "{MESH_ONLY}[mesh]\nopen_timeout_ms = 500\ndial_timeout_ms = 200\n"
+        ))
+        .expect("valid");
+        assert_eq!(s.mesh.open_timeout, Duration::from_millis(500));
+        assert_eq!(s.mesh.dial_timeout, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn only_method_targets_means_404_for_other_methods() {
+        let s = parse(&MESH_ONLY.replace("to = \"127.0.0.1:8080\"\n", "")).expect("valid");
+        assert_eq!(s.provides[0].to, None);
+        assert_eq!(s.provides[0].target("charge"), Some("127.0.0.1:8081"));
+        assert_eq!(s.provides[0].target("refund"), None);
+        assert_eq!(s.provides[0].target(""), None);
+    }
+
+    #[test]
+    fn service_errors_name_the_key() {
+        let second_provider = "[[provide]]\nservice = \"payments\"\nto = \"127.0.0.1:9\"\n";
+        let second_consumer = "[[consume]]\nservice = \"x\"\nlisten = \"127.0.0.1:18080\"\n";
+        let cases = [
+            (
+                MESH_ONLY.replace("\"payments\"", "\"Pay_ments\""),
+                "provide[0].service",
+            ),
+            (
+                MESH_ONLY.replace("\"127.0.0.1:8080\"", "\"nope\""),
+                "provide[0].to",
+            ),
+            (
+                MESH_ONLY.replace("\"127.0.0.1:8081\"", "\"127.0.0.1\""),
+                "provide[0].methods.charge",
+            ),
+            (
+                MESH_ONLY.replace("charge = ", "\"a b\" = "),
+                "provide[0].methods",
+            ),
+            (
+                MESH_ONLY
+                    .replace("to = \"127.0.0.1:8080\"\n", "")
+                    .replace("methods = { charge = \"127.0.0.1:8081\" }\n", ""),
+                "provide[0].to",
+            ),
+            (
+                format!("{MESH_ONLY}{second_provider}"),
+                "provide[1].service",
+            ),
+            (
+                MESH_ONLY.replace("\"ledger\"", "\"\""),
+                "consume[0].service",
+            ),
+            (
+                MESH_ONLY.replace("\"127.0.0.1:0\"", "\"localhost:80\""),
+                "consume[0].listen",
+            ),
+            (
+                MESH_ONLY.replace("\"read\"", "\"re ad\""),
+                "consume[0].method",
+            ),
+            (
+                format!(
+                    "{}{second_consumer}{second_consumer}",
+                    MESH_ONLY.replace("127.0.0.1:0", "127.0.0.1:18081")
+                ),
+                "consume[2].listen",
+            ),
+            (
+                format!("{MESH_ONLY}[mesh]\nopen_timeout_ms = 5\n"),
+                "mesh.open_timeout_ms",
+            ),
+            (
+                format!("{MESH_ONLY}[mesh]\ndial_timeout_ms = 0\n"),
+                "mesh.dial_timeout_ms",
+            ),
+            (
+                "relays = [\"127.0.0.1:7443\"]\n[identity]\nstate_dir = \"s\"\n".to_owned(),
+                "lease",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).expect_err(key).to_string();
+            assert!(
+                e.starts_with(&format!("invalid config: {key}:")),
+                "{key}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        // Two port-0 consumers are two different listeners.
+        let two = format!("{MESH_ONLY}[[consume]]\nservice = \"y\"\nlisten = \"127.0.0.1:0\"\n");
+        assert_eq!(parse(&two).expect("valid").consumes.len(), 2);
+    }
+
+    fn at(v: &[(usize, &str)]) -> Vec<(usize, String)> {
+        v.iter().map(|(i, s)| (*i, (*s).to_owned())).collect()
+    }
+
+    #[test]
+    fn methods_pair_with_the_next_to_by_position() {
+        // provide --method a --to A --to D --method b --to B
+        let (default, pairs) = pair_methods(
+            &at(&[(1, "a"), (7, "b")]),
+            &at(&[(3, "A"), (5, "D"), (9, "B")]),
+        )
+        .expect("valid");
+        assert_eq!(default.as_deref(), Some("D"));
+        assert_eq!(
+            pairs,
+            vec![("a".into(), "A".into()), ("b".into(), "B".into())]
+        );
+        // Only a default.
+        let (default, pairs) = pair_methods(&[], &at(&[(1, "D")])).expect("valid");
+        assert_eq!((default.as_deref(), pairs.len()), (Some("D"), 0));
+        let errors = [
+            (at(&[(5, "a")]), at(&[(1, "D")]), "--method"),
+            (at(&[(1, "a"), (3, "b")]), at(&[(5, "A")]), "--method"),
+            (at(&[]), at(&[(1, "D"), (3, "E")]), "--to"),
+            (
+                at(&[(1, "a"), (5, "a")]),
+                at(&[(3, "A"), (7, "B")]),
+                "--method",
+            ),
+        ];
+        for (methods, tos, key) in errors {
+            let e = pair_methods(&methods, &tos).expect_err(key).to_string();
+            assert!(e.starts_with(&format!("invalid config: {key}:")), "{e}");
+        }
     }
 }

@@ -2,6 +2,11 @@
 //! re-register on `lease_not_found`, retry `pending_approval` at TTL/2, PING, follow GOAWAY,
 //! reconnect with backoff (initial doubling to max, ±20 % jitter), release on stop.
 //!
+//! Service streams: every provided service is REGISTERed on every (re)connection; a
+//! STREAM_REJECT answering a REGISTER is retried after [`SERVICE_RETRY_INITIAL`] doubling to
+//! [`SERVICE_RETRY_MAX`]. The live connection is published to [`MeshCtx`] for consumers, and
+//! the streams the relay opens on it are served by [`crate::mesh::serve_incoming`].
+//!
 //! Tasks per connection: this task (state machine; owns every lease's state, so nothing is
 //! locked), a reader task that decodes control-stream frames into a bounded queue, and a writer
 //! task that drains a bounded queue into the control stream. Pools are separate tasks, aborted
@@ -20,8 +25,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{LeaseSpec, Settings};
+use crate::mesh::{self, MeshCtx};
 use crate::pool::{self, FailLog, PoolCtx, PoolParams};
-use crate::stats::{Board, LeaseState, LeaseStatus, PoolGauge, RelayStatus, Stats};
+use crate::stats::{
+    Board, LeaseState, LeaseStatus, PoolGauge, RelayStatus, ServiceState, ServiceStatus, Stats,
+};
 use crate::udp;
 
 /// The HELLO `protocol_version`.
@@ -38,6 +46,10 @@ const READ_CHUNK_BYTES: usize = 16 * 1024;
 const PING_MISSES_MAX: u32 = 3;
 /// Longest wait for the QUIC endpoint to flush its close on stop.
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+/// First delay before a refused REGISTER is sent again.
+pub const SERVICE_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// Longest delay between refused REGISTERs of one service.
+pub const SERVICE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What every relay task shares.
 pub struct RelayCtx {
@@ -53,6 +65,8 @@ pub struct RelayCtx {
     pub board: Arc<Board>,
     /// What pools share.
     pub pools: Arc<PoolCtx>,
+    /// Service streams: where live connections are published, what providers serve.
+    pub mesh: Arc<MeshCtx>,
 }
 
 /// Why a connection ended.
@@ -139,11 +153,36 @@ impl Drop for Live {
     }
 }
 
+/// Per provided service state on one connection.
+struct SvcLive {
+    state: ServiceState,
+    service_id: String,
+    last_error: Option<String>,
+    /// Delay before the next REGISTER after a refusal.
+    backoff: Duration,
+    /// Register again at this time (after a refusal).
+    due: Option<Instant>,
+}
+
+impl SvcLive {
+    fn new() -> SvcLive {
+        SvcLive {
+            state: ServiceState::Registering,
+            service_id: String::new(),
+            last_error: None,
+            backoff: SERVICE_RETRY_INITIAL,
+            due: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Request {
     Register(usize),
     Renew(usize),
     Release,
+    /// REGISTER of provided service `i`.
+    Service(usize),
 }
 
 /// Runs relay `index` until `stop` turns true.
@@ -251,6 +290,12 @@ fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]
                     pool: None,
                 })
                 .collect(),
+            services: ctx
+                .settings
+                .provides
+                .iter()
+                .map(|p| ServiceStatus::disconnected(&p.service))
+                .collect(),
         },
     );
 }
@@ -341,6 +386,9 @@ async fn connect_once(
     let clock_offset_ms = ack.server_time_unix_ms.saturating_sub(unix_ms());
     tracing::info!(relay = %addr, session = %ack.session_id, took_ms = started.elapsed().as_millis(), "connected to relay");
 
+    let incoming = tokio::spawn(mesh::serve_incoming(conn.clone(), ctx.mesh.clone()));
+    let _incoming = AbortOnDrop(vec![incoming]);
+    ctx.mesh.set_connection(index, Some(conn.clone()));
     let mut c = Conn {
         index,
         addr,
@@ -350,6 +398,12 @@ async fn connect_once(
         out: &out_tx,
         udp,
         live: slots.iter().map(|_| Live::new()).collect(),
+        services: ctx
+            .settings
+            .provides
+            .iter()
+            .map(|_| SvcLive::new())
+            .collect(),
         requests: HashMap::new(),
         next_request: 1,
         clock_offset_ms,
@@ -358,6 +412,9 @@ async fn connect_once(
     };
     for i in 0..slots.len() {
         c.register(i);
+    }
+    for i in 0..c.services.len() {
+        c.register_service(i);
     }
     c.publish();
     let mut last_rx = Instant::now();
@@ -374,6 +431,7 @@ async fn connect_once(
             .live
             .iter()
             .filter_map(|l| l.due)
+            .chain(c.services.iter().filter_map(|s| s.due))
             .min()
             .map_or(next_ping, |d| d.min(next_ping));
         tokio::select! {
@@ -410,6 +468,7 @@ async fn connect_once(
             }
         }
     };
+    ctx.mesh.set_connection(index, None);
     // Idle sessions of this connection can never be claimed any more.
     for l in &mut c.live {
         l.stop_pool();
@@ -463,6 +522,8 @@ struct Conn<'a> {
     /// This connection's UDP lease mux.
     udp: udp::Mux,
     live: Vec<Live>,
+    /// Provided services, in `settings.provides` order.
+    services: Vec<SvcLive>,
     requests: HashMap<u64, Request>,
     next_request: u64,
     clock_offset_ms: i64,
@@ -508,6 +569,71 @@ impl Conn<'_> {
         }));
     }
 
+    fn register_service(&mut self, i: usize) {
+        let Some(spec) = self.ctx.settings.provides.get(i) else {
+            return;
+        };
+        let frame = orp::Register {
+            service_name: spec.service.clone(),
+            local_addr: spec.to.clone().unwrap_or_default(),
+            request_id: 0,
+        };
+        let id = self.request_id(Request::Service(i));
+        if let Some(s) = self.services.get_mut(i) {
+            s.state = ServiceState::Registering;
+            s.due = None;
+        }
+        self.send(Frame::Register(orp::Register {
+            request_id: id,
+            ..frame
+        }));
+    }
+
+    fn on_register_ack(&mut self, i: usize, ack: &orp::RegisterAck) {
+        let name = self.service_name(i);
+        self.ctx
+            .stats
+            .mesh
+            .registered
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(relay = %self.addr, service = %name, service_id = %ack.service_id, "service registered");
+        if let Some(s) = self.services.get_mut(i) {
+            s.state = ServiceState::Registered;
+            s.service_id.clone_from(&ack.service_id);
+            s.last_error = None;
+            s.backoff = SERVICE_RETRY_INITIAL;
+            s.due = None;
+        }
+    }
+
+    fn on_register_reject(&mut self, i: usize, r: &orp::StreamReject) {
+        let name = self.service_name(i);
+        self.ctx
+            .stats
+            .mesh
+            .register_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        let addr = self.addr;
+        if let Some(s) = self.services.get_mut(i) {
+            let retry = s.backoff;
+            tracing::warn!(relay = %addr, service = %name, code = r.code, reason = %r.reason, retry_ms = retry.as_millis(), "service registration refused");
+            s.state = ServiceState::Refused;
+            s.service_id.clear();
+            s.last_error = Some(format!("{}: {}", r.code, r.reason));
+            s.due = Some(Instant::now() + retry);
+            s.backoff = (retry * 2).min(SERVICE_RETRY_MAX);
+        }
+    }
+
+    fn service_name(&self, i: usize) -> String {
+        self.ctx
+            .settings
+            .provides
+            .get(i)
+            .map(|p| p.service.clone())
+            .unwrap_or_default()
+    }
+
     fn half_ttl(&self, i: usize) -> Duration {
         Duration::from_millis(u64::from(self.slots[i].spec.ttl_s) * 500)
             .max(Duration::from_millis(crate::config::MIN_DURATION_MS))
@@ -528,11 +654,43 @@ impl Conn<'_> {
     fn on_frame(&mut self, frame: Frame) {
         match frame {
             Frame::Ping => self.send(Frame::Pong),
-            Frame::Pong | Frame::HelloAck(_) | Frame::StreamReady(_) => {}
+            Frame::Pong | Frame::HelloAck(_) => {}
+            Frame::StreamReady(r) => {
+                self.ctx
+                    .stats
+                    .mesh
+                    .stream_ready
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(relay = %self.addr, stream_id = r.stream_id, peer = %r.peer_agent_uri, "STREAM_READY");
+            }
+            Frame::RegisterAck(a) => {
+                match self.requests.remove(&a.request_id) {
+                    Some(Request::Service(i)) => self.on_register_ack(i, &a),
+                    Some(other) => {
+                        self.requests.insert(a.request_id, other);
+                    }
+                    None => {
+                        tracing::debug!(relay = %self.addr, request_id = a.request_id, "REGISTER_ACK for no request");
+                    }
+                }
+                self.publish();
+            }
+            Frame::StreamReject(r) => {
+                match self.requests.remove(&r.request_id) {
+                    Some(Request::Service(i)) => self.on_register_reject(i, &r),
+                    Some(other) => {
+                        self.requests.insert(r.request_id, other);
+                    }
+                    None => {
+                        tracing::debug!(relay = %self.addr, request_id = r.request_id, code = r.code, reason = %r.reason, "STREAM_REJECT for no request");
+                    }
+                }
+                self.publish();
+            }
             Frame::LeaseGrant(g) => {
                 match self.requests.remove(&g.request_id) {
                     Some(Request::Register(i) | Request::Renew(i)) => self.on_grant(i, &g),
-                    Some(Request::Release) | None => {}
+                    Some(Request::Release | Request::Service(_)) | None => {}
                 }
                 self.publish();
             }
@@ -550,7 +708,7 @@ impl Conn<'_> {
                         self.live[i].lease_id = None;
                         self.register(i);
                     }
-                    Some(Request::Release) | None => {}
+                    Some(Request::Release | Request::Service(_)) | None => {}
                 }
                 self.publish();
             }
@@ -665,6 +823,11 @@ impl Conn<'_> {
     }
 
     fn on_timers(&mut self, now: Instant) {
+        for i in 0..self.services.len() {
+            if self.services[i].due.is_some_and(|d| d <= now) {
+                self.register_service(i);
+            }
+        }
         for i in 0..self.live.len() {
             let Some(due) = self.live[i].due else {
                 continue;
@@ -733,6 +896,19 @@ impl Conn<'_> {
                         udp_addr: l.udp_addr.clone(),
                         last_error: l.last_error.clone(),
                         pool: Some(l.gauge.clone()),
+                    })
+                    .collect(),
+                services: self
+                    .ctx
+                    .settings
+                    .provides
+                    .iter()
+                    .zip(&self.services)
+                    .map(|(p, s)| ServiceStatus {
+                        service: p.service.clone(),
+                        state: s.state,
+                        service_id: s.service_id.clone(),
+                        last_error: s.last_error.clone(),
                     })
                     .collect(),
             },

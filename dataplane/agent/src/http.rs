@@ -11,8 +11,13 @@
 //!                          "tcp_addr": "example.com:20000" | null, "last_error": null,
 //!                          "pool": {"open": 2, "idle": 2, "target": 2}}]}],
 //!  "counters": {"sessions_opened": 0, …, "local_connect_failed": {"refused": 0, …}},
+//!  "consumers": [{"service": "payments", "listen_addr": "127.0.0.1:18080"}],
+//!  "mesh": {"consumer": {"streams": {"accepted": 0, "rejected_403": 0, …}, "active": 0,
+//!                        "bytes_to_relay": 0, "bytes_to_local": 0},
+//!           "provider": { …same… }, "registered": 0, "register_rejected": 0, "stream_ready": 0},
 //!  "splice": {"pairs_active": 0, "pairs_total": 0, "bytes": 0}}
 //! ```
+//! Each relay entry also lists `"services": [{"service", "state", "service_id", "last_error"}]`.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -28,7 +33,9 @@ use outrelay_io::EngineStats;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::stats::{Board, LeaseState, LocalFail, SessionFail, Stats, splice_totals};
+use crate::stats::{
+    Board, LeaseState, LocalFail, MeshResult, MeshRole, SessionFail, Stats, splice_totals,
+};
 
 /// Everything a request reads.
 pub struct Sources {
@@ -122,7 +129,8 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
                     })
                 })
                 .collect();
-            json!({"addr": r.addr, "connected": r.connected, "leases": leases})
+            json!({"addr": r.addr, "connected": r.connected, "leases": leases,
+                   "services": r.services})
         })
         .collect();
     let st = &s.stats;
@@ -136,6 +144,19 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
         .map(|r| (r.label().to_owned(), json!(st.session_failures(*r))))
         .collect();
     let splice = splice_totals(&s.engines);
+    let m = &st.mesh;
+    let mesh_role = |role: MeshRole| {
+        let results: serde_json::Map<String, serde_json::Value> = MeshResult::ALL
+            .iter()
+            .map(|r| (r.label().to_owned(), json!(m.streams(role, *r))))
+            .collect();
+        json!({
+            "streams": results,
+            "active": m.active(role),
+            "bytes_to_relay": m.bytes(role, true),
+            "bytes_to_local": m.bytes(role, false),
+        })
+    };
     json!({
         "agent_uri": s.agent_uri,
         "relays": relays,
@@ -153,6 +174,14 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
             "goaways": load(&st.goaways),
             "lease_errors": load(&st.lease_errors),
             "lease_reregistered": load(&st.lease_reregistered),
+        },
+        "consumers": s.board.consumers(),
+        "mesh": {
+            "consumer": mesh_role(MeshRole::Consumer),
+            "provider": mesh_role(MeshRole::Provider),
+            "registered": load(&m.registered),
+            "register_rejected": load(&m.register_rejected),
+            "stream_ready": load(&m.stream_ready),
         },
         "splice": {
             "pairs_active": splice.pairs_active,
@@ -197,6 +226,25 @@ fn update(s: &Sources) {
         .absolute(load(&u.to_relay));
     counter!("outrelay_agent_udp_flows_total").absolute(load(&u.flows_opened));
     counter!("outrelay_agent_udp_flows_expired_total").absolute(load(&u.flows_expired));
+
+    let m = &st.mesh;
+    for role in MeshRole::ALL {
+        for r in MeshResult::ALL {
+            counter!("outrelay_agent_mesh_streams_total", "role" => role.label(), "result" => r.label())
+                .absolute(m.streams(role, r));
+        }
+        for (to_relay, direction) in [(true, "to_relay"), (false, "to_local")] {
+            counter!("outrelay_agent_mesh_bytes_total", "role" => role.label(), "direction" => direction)
+                .absolute(m.bytes(role, to_relay));
+        }
+        gauge!("outrelay_agent_mesh_streams_active", "role" => role.label())
+            .set(m.active(role) as f64);
+    }
+    counter!("outrelay_agent_mesh_registrations_total", "result" => "acked")
+        .absolute(load(&m.registered));
+    counter!("outrelay_agent_mesh_registrations_total", "result" => "rejected")
+        .absolute(load(&m.register_rejected));
+    counter!("outrelay_agent_mesh_stream_ready_total").absolute(load(&m.stream_ready));
 
     let board = s.board.snapshot();
     gauge!("outrelay_agent_relays_connected")

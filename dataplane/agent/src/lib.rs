@@ -4,17 +4,24 @@
 //! URI of its certificate, registers each configured lease, and per granted lease keeps a pool
 //! of authenticated idle reverse TCP sessions to the relay. A claimed session is joined to the
 //! lease's local target and spliced in the kernel by the same engine as the relay's
-//! (`outrelay-io`): the agent never copies a payload byte in user space.
+//! (`outrelay-io`): the agent never copies a lease's payload byte in user space.
 //!
-//! Not here: enrollment (the `outrelay-client` library), service streams.
+//! Service-to-service streams ([`mesh`]): provided services are registered on every relay
+//! and the relay's INCOMING_STREAMs joined to their local targets; each consumer listener
+//! turns local connections into ORP streams on the first connected relay. Their bytes are
+//! QUIC stream data, so they pass through user space (quinn's buffers, handed over without
+//! further copies).
 //!
-//! Threads: one small tokio runtime (`agent-control`, 2 workers) for QUIC, leases, pools and
-//! the HTTP listener; one thread per splice engine (`splice-N`).
+//! Not here: enrollment (the `outrelay-client` library).
+//!
+//! Threads: one small tokio runtime (`agent-control`, 2 workers) for QUIC, leases, pools,
+//! service streams and the HTTP listener; one thread per splice engine (`splice-N`).
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod mesh;
 pub mod metric_help;
 pub mod pool;
 pub mod ready;
@@ -32,9 +39,10 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::control::RelayCtx;
+use crate::mesh::MeshCtx;
 use crate::pool::PoolCtx;
 use crate::splice::Splicer;
-use crate::stats::{Board, Stats};
+use crate::stats::{Board, ConsumerStatus, Stats};
 use crate::tls::{AgentIdentity, TlsError};
 
 /// Why the agent could not start.
@@ -48,6 +56,14 @@ pub enum AgentError {
     Io {
         /// What was being done.
         what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A consumer listener could not be bound.
+    #[error("consumer listener {addr}: {source}")]
+    Listen {
+        /// The configured address.
+        addr: SocketAddr,
         /// The error.
         source: std::io::Error,
     },
@@ -82,7 +98,19 @@ pub async fn run(
     let splicer = Splicer::start(&settings.splice).map_err(io("splice engine"))?;
     let engines = splicer.stats.clone();
     let stats = Arc::new(Stats::default());
-    let board = Arc::new(Board::new(&settings.relays, &settings.leases));
+    let board = Arc::new(Board::new(&settings));
+    let consumers = mesh::bind_consumers(&settings.consumes)
+        .await
+        .map_err(|(addr, source)| AgentError::Listen { addr, source })?;
+    board.set_consumers(
+        consumers
+            .iter()
+            .map(|(spec, _, bound)| ConsumerStatus {
+                service: spec.service.clone(),
+                listen_addr: bound.to_string(),
+            })
+            .collect(),
+    );
     let metrics_addr: Option<SocketAddr> = match settings.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -107,6 +135,8 @@ pub async fn run(
         stats: stats.clone(),
         splicer,
     });
+    let mesh = Arc::new(MeshCtx::new(settings.clone(), stats.clone()));
+    let consumer_tasks = mesh::spawn_consumers(consumers, &mesh);
     let ctx = Arc::new(RelayCtx {
         settings: settings.clone(),
         agent_uri: identity.uri.clone(),
@@ -114,6 +144,7 @@ pub async fn run(
         stats,
         board: board.clone(),
         pools,
+        mesh,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut relays = Vec::with_capacity(settings.relays.len());
@@ -141,6 +172,10 @@ pub async fn run(
         "stopping: releasing leases, draining"
     );
     let _ = stop_tx.send(true);
+    // New local connections are refused from here on; joined streams drain below.
+    for t in consumer_tasks {
+        t.abort();
+    }
     for r in relays {
         let _ = r.await;
     }

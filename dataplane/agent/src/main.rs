@@ -1,6 +1,7 @@
-//! `outrelay-agent`: `run` (from a TOML config), `expose` (one lease from flags), `status`
-//! (a summary read from a running agent's `/status`). Invalid configuration exits 64 with one
-//! line naming the key.
+//! `outrelay-agent`: `run` (from a TOML config), `expose` (one lease from flags), `provide` /
+//! `consume` (one service stream provider / consumer from flags), `status` (a summary read
+//! from a running agent's `/status`). Invalid configuration exits 64 with one line naming the
+//! key.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -8,8 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use outrelay_agent::config::{DEFAULT_METRICS_LISTEN, ExposeArgs, Settings};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use outrelay_agent::config::{
+    CommonArgs, ConfigError, ConsumeArgs, DEFAULT_METRICS_LISTEN, ExposeArgs, ProvideArgs,
+    Settings, pair_methods,
+};
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -46,12 +50,8 @@ enum Command {
     },
     /// Expose one local service under a lease name (defaults for everything else).
     Expose {
-        /// Relay QUIC address (host:port).
-        #[arg(long, value_name = "ADDR")]
-        relay: String,
-        /// Name checked in the relay's certificate.
-        #[arg(long, default_value = "localhost")]
-        server_name: String,
+        #[command(flatten)]
+        common: Common,
         /// Lease name: the public hostname is `<name>.<root_host>`.
         #[arg(long)]
         name: String,
@@ -64,24 +64,37 @@ enum Command {
         /// Local UDP service (ip:port) for a public UDP port.
         #[arg(long, value_name = "ADDR")]
         udp_to: Option<String>,
-        /// Certificate chain (PEM) with the agent identity URI.
-        #[arg(long, requires_all = ["key", "ca"], conflicts_with = "state_dir")]
-        cert: Option<PathBuf>,
-        /// Private key (PEM).
-        #[arg(long, requires = "cert")]
-        key: Option<PathBuf>,
-        /// Controller CA bundle (PEM).
-        #[arg(long, requires = "cert")]
-        ca: Option<PathBuf>,
-        /// State directory holding cert.pem, key.pem and ca.pem (as written by enrollment).
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        /// Ready file (as for `run`).
-        #[arg(long, value_name = "PATH")]
-        ready_file: Option<PathBuf>,
-        /// Metrics and status listener ("" = off).
+    },
+    /// Provide a service to other agents' streams: register it and join incoming streams to
+    /// local targets.
+    Provide {
+        #[command(flatten)]
+        common: Common,
+        /// Service name (one lowercase DNS label).
+        #[arg(long)]
+        service: String,
+        /// Local target (host:port). Without a `--method` just before it: the default target
+        /// of every method that has none of its own.
+        #[arg(long, value_name = "ADDR", required = true)]
+        to: Vec<String>,
+        /// A method whose local target is the NEXT `--to`; other methods go to the default
+        /// target, or get 404 without one.
+        #[arg(long, value_name = "M")]
+        method: Vec<String>,
+    },
+    /// Consume a service: every connection to the local listener becomes a stream to it.
+    Consume {
+        #[command(flatten)]
+        common: Common,
+        /// Service name (resolved in this agent's tenant).
+        #[arg(long)]
+        service: String,
+        /// Local listener (ip:port; port 0 picks one, named in the ready file).
         #[arg(long, value_name = "ADDR")]
-        metrics: Option<String>,
+        listen: String,
+        /// Method claimed when opening streams.
+        #[arg(long, value_name = "M", default_value = "")]
+        method: String,
     },
     /// Enroll with the controller: a key made here, a certificate for it from the controller
     /// (pinned by the CA fingerprint in the one-time token), stored in the state directory.
@@ -112,8 +125,83 @@ enum Command {
     },
 }
 
+/// The flags `expose`, `provide` and `consume` share.
+#[derive(Debug, Args)]
+struct Common {
+    /// Relay QUIC address (host:port).
+    #[arg(long, value_name = "ADDR")]
+    relay: String,
+    /// Name checked in the relay's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Certificate chain (PEM) with the agent identity URI.
+    #[arg(long, requires_all = ["key", "ca"], conflicts_with = "state_dir")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Controller CA bundle (PEM).
+    #[arg(long, requires = "cert")]
+    ca: Option<PathBuf>,
+    /// State directory holding cert.pem, key.pem and ca.pem (as written by enrollment).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Ready file (as for `run`).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Metrics and status listener ("" = off).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+}
+
+impl Common {
+    /// The settings part and the ready file.
+    fn split(self) -> (CommonArgs, Option<PathBuf>) {
+        let files = match (self.cert, self.key, self.ca) {
+            (Some(c), Some(k), Some(a)) => Some((c, k, a)),
+            _ => None,
+        };
+        let args = CommonArgs {
+            relay: self.relay,
+            server_name: self.server_name,
+            files,
+            state_dir: self.state_dir,
+            metrics: self.metrics,
+        };
+        (args, self.ready_file)
+    }
+}
+
+/// The values of `id` with their positions on the command line.
+fn indexed(m: &ArgMatches, id: &str) -> Vec<(usize, String)> {
+    let values = m.get_many::<String>(id).into_iter().flatten().cloned();
+    m.indices_of(id).into_iter().flatten().zip(values).collect()
+}
+
+/// `provide`'s flags as settings: `--method`/`--to` paired by position.
+fn provide_args(
+    common: CommonArgs,
+    service: String,
+    matches: Option<&ArgMatches>,
+) -> Result<ProvideArgs, ConfigError> {
+    let (methods, tos) = matches.map_or_else(Default::default, |m| {
+        (indexed(m, "method"), indexed(m, "to"))
+    });
+    let (to, methods) = pair_methods(&methods, &tos)?;
+    Ok(ProvideArgs {
+        common,
+        service,
+        to,
+        methods,
+    })
+}
+
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let matches = Flags::command().get_matches();
+    let flags = match Flags::from_arg_matches(&matches) {
+        Ok(f) => f,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
         .with_writer(std::io::stderr)
@@ -142,46 +230,54 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             Ok(s) => (s, ready_file),
-            Err(e) => {
-                eprintln!("outrelay-agent: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
+            Err(e) => return config_error(&e),
         },
         Command::Expose {
-            relay,
-            server_name,
+            common,
             name,
             tls_to,
             tcp_to,
             udp_to,
-            cert,
-            key,
-            ca,
-            state_dir,
-            ready_file,
-            metrics,
         } => {
-            let files = match (cert, key, ca) {
-                (Some(c), Some(k), Some(a)) => Some((c, k, a)),
-                _ => None,
-            };
+            let (common, ready_file) = common.split();
             let args = ExposeArgs {
-                relay,
-                server_name,
+                common,
                 name,
                 tls_to,
                 tcp_to,
                 udp_to,
-                files,
-                state_dir,
-                metrics,
             };
             match Settings::from_expose(args) {
                 Ok(s) => (s, ready_file),
-                Err(e) => {
-                    eprintln!("outrelay-agent: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(e) => return config_error(&e),
+            }
+        }
+        Command::Provide {
+            common, service, ..
+        } => {
+            let (common, ready_file) = common.split();
+            let sub = matches.subcommand_matches("provide");
+            match provide_args(common, service, sub).and_then(Settings::from_provide) {
+                Ok(s) => (s, ready_file),
+                Err(e) => return config_error(&e),
+            }
+        }
+        Command::Consume {
+            common,
+            service,
+            listen,
+            method,
+        } => {
+            let (common, ready_file) = common.split();
+            let args = ConsumeArgs {
+                common,
+                service,
+                listen,
+                method,
+            };
+            match Settings::from_consume(args) {
+                Ok(s) => (s, ready_file),
+                Err(e) => return config_error(&e),
             }
         }
     };
@@ -192,6 +288,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("outrelay-agent: {e}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn run(
@@ -331,6 +432,34 @@ fn summary(doc: &serde_json::Value) -> String {
             }
             let _ = writeln!(out, "{line}");
         }
+        for v in r["services"].as_array().into_iter().flatten() {
+            let mut line = format!("  service {} {}", s(&v["service"]), s(&v["state"]));
+            if let Some(id) = v["service_id"].as_str().filter(|i| !i.is_empty()) {
+                let _ = write!(line, " {id}");
+            }
+            if let Some(e) = v["last_error"].as_str() {
+                let _ = write!(line, " last error: {e}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    for c in doc["consumers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "consumer {} on {}",
+            s(&c["service"]),
+            s(&c["listen_addr"])
+        );
+    }
+    for role in ["consumer", "provider"] {
+        let m = &doc["mesh"][role];
+        if m.is_object() {
+            let _ = writeln!(
+                out,
+                "mesh {role}: accepted {} active {} bytes to relay {} to local {}",
+                m["streams"]["accepted"], m["active"], m["bytes_to_relay"], m["bytes_to_local"]
+            );
+        }
     }
     let c = &doc["counters"];
     let _ = writeln!(
@@ -351,4 +480,70 @@ fn summary(doc: &serde_json::Value) -> String {
         sp["pairs_active"], sp["pairs_total"], sp["bytes"]
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provide(argv: &[&str]) -> Result<ProvideArgs, ConfigError> {
+        let base = [
+            "outrelay-agent",
+            "provide",
+            "--relay",
+            "r:1",
+            "--state-dir",
+            "s",
+        ];
+        let matches = Flags::command()
+            .try_get_matches_from(base.iter().chain(argv))
+            .expect("parses");
+        let Ok(Flags {
+            command: Command::Provide {
+                common, service, ..
+            },
+            ..
+        }) = Flags::from_arg_matches(&matches)
+        else {
+            panic!("not provide");
+        };
+        provide_args(
+            common.split().0,
+            service,
+            matches.subcommand_matches("provide"),
+        )
+    }
+
+    #[test]
+    fn each_method_takes_the_next_to_and_a_bare_to_is_the_default() {
+        let a = provide(&[
+            "--service",
+            "payments",
+            "--method",
+            "charge",
+            "--to",
+            "127.0.0.1:8081",
+            "--to",
+            "127.0.0.1:8080",
+            "--method",
+            "refund",
+            "--to",
+            "127.0.0.1:8082",
+        ])
+        .expect("valid");
+        assert_eq!(a.to.as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(
+            a.methods,
+            vec![
+                ("charge".to_owned(), "127.0.0.1:8081".to_owned()),
+                ("refund".to_owned(), "127.0.0.1:8082".to_owned()),
+            ]
+        );
+        let only =
+            provide(&["--service", "p", "--method", "m", "--to", "127.0.0.1:1"]).expect("valid");
+        assert_eq!(only.to, None);
+        let e = provide(&["--service", "p", "--to", "127.0.0.1:1", "--method", "m"])
+            .expect_err("dangling --method");
+        assert!(e.to_string().starts_with("invalid config: --method"), "{e}");
+    }
 }

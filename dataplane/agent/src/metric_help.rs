@@ -17,6 +17,26 @@ pub fn describe() {
         "Connections to local targets that failed."
     );
     metrics::describe_counter!(
+        "outrelay_agent_mesh_bytes_total",
+        "Raw bytes of service streams, by role and direction (to_relay, to_local)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_mesh_registrations_total",
+        "REGISTER answers for provided services, by result (acked, rejected)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_mesh_stream_ready_total",
+        "STREAM_READY frames received on control streams."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_mesh_streams_active",
+        "Service streams joined now, by role."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_mesh_streams_total",
+        "Service stream opens, by role (consumer, provider) and result."
+    );
+    metrics::describe_counter!(
         "outrelay_agent_relay_connect_attempts_total",
         "Connection attempts to relays."
     );

@@ -7,10 +7,14 @@
 //!  "relay": "127.0.0.1:7443",
 //!  "leases": [{"name": "demo", "hostname": "demo.example.com", "tcp_addr": "ip:port" | null,
 //!              "udp_addr": "ip:port" | null}],
-//!  "relays": [{"addr": "127.0.0.1:7443", "leases": [ …same shape… ]}]}
+//!  "relays": [{"addr": "127.0.0.1:7443", "leases": [ …same shape… ],
+//!              "services": [ …same shape… ]}],
+//!  "services": [{"service": "payments", "service_id": "demo/payments"}],
+//!  "consumers": [{"service": "payments", "listen_addr": "127.0.0.1:18080"}]}
 //! ```
-//! `relay` and `leases` describe the first ready relay in config order; `relays` lists every
-//! ready relay.
+//! A relay is ready when connected with every lease granted and every provided service
+//! registered (REGISTER_ACK). `relay`, `leases` and `services` describe the first ready relay
+//! in config order; `relays` lists every ready relay; `consumers` are the bound listeners.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,10 +22,14 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::stats::{Board, RelayStatus};
+use crate::stats::{Board, ConsumerStatus, RelayStatus};
 
 /// The ready document for the board's current state; `None` while no relay is ready.
-pub fn document(relays: &[RelayStatus], metrics: Option<SocketAddr>) -> Option<serde_json::Value> {
+pub fn document(
+    relays: &[RelayStatus],
+    consumers: &[ConsumerStatus],
+    metrics: Option<SocketAddr>,
+) -> Option<serde_json::Value> {
     let leases = |r: &RelayStatus| -> Vec<serde_json::Value> {
         r.leases
             .iter()
@@ -31,15 +39,26 @@ pub fn document(relays: &[RelayStatus], metrics: Option<SocketAddr>) -> Option<s
             })
             .collect()
     };
+    let services = |r: &RelayStatus| -> Vec<serde_json::Value> {
+        r.services
+            .iter()
+            .map(|s| json!({"service": s.service, "service_id": s.service_id}))
+            .collect()
+    };
     let ready: Vec<&RelayStatus> = relays.iter().filter(|r| r.ready()).collect();
     let first = ready.first()?;
     Some(json!({
         "metrics": metrics.map(|m| m.to_string()),
         "relay": first.addr,
         "leases": leases(first),
+        "services": services(first),
+        "consumers": consumers
+            .iter()
+            .map(|c| json!({"service": c.service, "listen_addr": c.listen_addr}))
+            .collect::<Vec<_>>(),
         "relays": ready
             .iter()
-            .map(|r| json!({"addr": r.addr, "leases": leases(r)}))
+            .map(|r| json!({"addr": r.addr, "leases": leases(r), "services": services(r)}))
             .collect::<Vec<_>>(),
     }))
 }
@@ -62,7 +81,7 @@ pub async fn run(board: Arc<Board>, path: Option<PathBuf>, metrics: Option<Socke
     let mut last: Option<serde_json::Value> = None;
     let mut notified = false;
     loop {
-        if let Some(doc) = document(&board.snapshot(), metrics)
+        if let Some(doc) = document(&board.snapshot(), &board.consumers(), metrics)
             && last.as_ref() != Some(&doc)
         {
             let Some(path) = &path else {
@@ -90,7 +109,7 @@ pub async fn run(board: Arc<Board>, path: Option<PathBuf>, metrics: Option<Socke
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{LeaseState, LeaseStatus};
+    use crate::stats::{LeaseState, LeaseStatus, ServiceState, ServiceStatus};
 
     fn relay(addr: &str, connected: bool, states: &[LeaseState]) -> RelayStatus {
         RelayStatus {
@@ -109,15 +128,19 @@ mod tests {
                     pool: None,
                 })
                 .collect(),
+            services: Vec::new(),
         }
     }
 
     #[test]
     fn no_document_until_a_relay_has_every_lease_granted() {
         use LeaseState::{Granted, Registering};
-        assert_eq!(document(&[relay("a:1", false, &[Granted])], None), None);
         assert_eq!(
-            document(&[relay("a:1", true, &[Granted, Registering])], None),
+            document(&[relay("a:1", false, &[Granted])], &[], None),
+            None
+        );
+        assert_eq!(
+            document(&[relay("a:1", true, &[Granted, Registering])], &[], None),
             None
         );
         let doc = document(
@@ -125,6 +148,7 @@ mod tests {
                 relay("a:1", true, &[Granted, Registering]),
                 relay("b:1", true, &[Granted, Granted]),
             ],
+            &[],
             Some("127.0.0.1:7462".parse().expect("addr")),
         )
         .expect("relay b is ready");
@@ -133,6 +157,36 @@ mod tests {
         assert_eq!(doc["leases"][0]["tcp_addr"], "example.com:20000");
         assert!(doc["leases"][1]["tcp_addr"].is_null());
         assert_eq!(doc["relays"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn services_must_be_registered_and_consumers_are_listed() {
+        let mut r = relay("a:1", true, &[]);
+        r.services = vec![ServiceStatus {
+            service: "payments".into(),
+            state: ServiceState::Registering,
+            service_id: String::new(),
+            last_error: None,
+        }];
+        let consumers = [ConsumerStatus {
+            service: "ledger".into(),
+            listen_addr: "127.0.0.1:18080".into(),
+        }];
+        assert_eq!(document(&[r.clone()], &consumers, None), None);
+        if let Some(s) = r.services.first_mut() {
+            s.state = ServiceState::Registered;
+            s.service_id = "demo/payments".into();
+        }
+        let doc = document(&[r], &consumers, None).expect("ready");
+        assert_eq!(
+            doc["services"],
+            json!([{"service": "payments", "service_id": "demo/payments"}])
+        );
+        assert_eq!(
+            doc["consumers"],
+            json!([{"service": "ledger", "listen_addr": "127.0.0.1:18080"}])
+        );
+        assert_eq!(doc["leases"], json!([]));
     }
 
     #[test]

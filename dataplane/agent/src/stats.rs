@@ -118,6 +118,208 @@ pub struct Stats {
     pub lease_reregistered: AtomicU64,
     /// UDP lease counters.
     pub udp: Arc<crate::udp::UdpStats>,
+    /// Service-to-service stream counters.
+    pub mesh: MeshStats,
+}
+
+/// A stream's side in service-to-service streams (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshRole {
+    /// A local connection to a `[[consume]]` listener, opened as an ORP stream.
+    Consumer,
+    /// An INCOMING_STREAM from the relay, joined to a local target.
+    Provider,
+}
+
+impl MeshRole {
+    /// Both roles.
+    pub const ALL: [MeshRole; 2] = [MeshRole::Consumer, MeshRole::Provider];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            MeshRole::Consumer => "consumer",
+            MeshRole::Provider => "provider",
+        }
+    }
+}
+
+/// How one service stream's open ended (the `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshResult {
+    /// STREAM_ACCEPT: bytes flowed.
+    Accepted,
+    /// STREAM_REJECT 403 received (consumer).
+    Rejected403,
+    /// STREAM_REJECT 404 received (consumer) or sent: no handler for the service or method.
+    Rejected404,
+    /// STREAM_REJECT 409 received.
+    Rejected409,
+    /// STREAM_REJECT 502 received, or sent: the local target could not be dialled.
+    Rejected502,
+    /// STREAM_REJECT 503 received.
+    Rejected503,
+    /// STREAM_REJECT with any other code.
+    RejectedOther,
+    /// Consumer: no relay connected.
+    NoRelay,
+    /// No answer (consumer) or no INCOMING_STREAM (provider) in time.
+    Timeout,
+    /// The stream could not be opened, or ended before its first frame.
+    StreamError,
+    /// The first frame was malformed or of the wrong type.
+    BadFrame,
+    /// Consumer: too many local connections on this listener at once.
+    Overloaded,
+}
+
+impl MeshResult {
+    /// Every result.
+    pub const ALL: [MeshResult; 12] = [
+        MeshResult::Accepted,
+        MeshResult::Rejected403,
+        MeshResult::Rejected404,
+        MeshResult::Rejected409,
+        MeshResult::Rejected502,
+        MeshResult::Rejected503,
+        MeshResult::RejectedOther,
+        MeshResult::NoRelay,
+        MeshResult::Timeout,
+        MeshResult::StreamError,
+        MeshResult::BadFrame,
+        MeshResult::Overloaded,
+    ];
+
+    /// The result for a STREAM_REJECT `code`.
+    pub fn rejected(code: u32) -> MeshResult {
+        match code {
+            403 => MeshResult::Rejected403,
+            404 => MeshResult::Rejected404,
+            409 => MeshResult::Rejected409,
+            502 => MeshResult::Rejected502,
+            503 => MeshResult::Rejected503,
+            _ => MeshResult::RejectedOther,
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            MeshResult::Accepted => "accepted",
+            MeshResult::Rejected403 => "rejected_403",
+            MeshResult::Rejected404 => "rejected_404",
+            MeshResult::Rejected409 => "rejected_409",
+            MeshResult::Rejected502 => "rejected_502",
+            MeshResult::Rejected503 => "rejected_503",
+            MeshResult::RejectedOther => "rejected_other",
+            MeshResult::NoRelay => "no_relay",
+            MeshResult::Timeout => "timeout",
+            MeshResult::StreamError => "stream_error",
+            MeshResult::BadFrame => "bad_frame",
+            MeshResult::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// Service-to-service stream counters.
+#[derive(Debug, Default)]
+pub struct MeshStats {
+    streams: [[AtomicU64; 12]; 2],
+    /// Raw bytes per role: `[to_relay, to_local]`.
+    bytes: [[AtomicU64; 2]; 2],
+    /// Streams joined now, per role.
+    active: [AtomicU64; 2],
+    /// REGISTER_ACKs received.
+    pub registered: AtomicU64,
+    /// REGISTERs refused with STREAM_REJECT.
+    pub register_rejected: AtomicU64,
+    /// STREAM_READY frames received on control streams.
+    pub stream_ready: AtomicU64,
+}
+
+impl MeshStats {
+    /// Counts one stream open's outcome.
+    pub fn stream(&self, role: MeshRole, result: MeshResult) {
+        self.streams[role as usize][result as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stream opens for `role` that ended with `result`.
+    pub fn streams(&self, role: MeshRole, result: MeshResult) -> u64 {
+        self.streams[role as usize][result as usize].load(Ordering::Relaxed)
+    }
+
+    /// Adds `n` bytes moved towards the relay (`to_relay`) or the local side.
+    pub fn add_bytes(&self, role: MeshRole, to_relay: bool, n: u64) {
+        self.bytes[role as usize][usize::from(!to_relay)].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes moved for `role` towards the relay (`to_relay`) or the local side.
+    pub fn bytes(&self, role: MeshRole, to_relay: bool) -> u64 {
+        self.bytes[role as usize][usize::from(!to_relay)].load(Ordering::Relaxed)
+    }
+
+    /// A joined stream started (`+1`) or ended (`-1`).
+    pub fn set_active(&self, role: MeshRole, started: bool) {
+        let a = &self.active[role as usize];
+        if started {
+            a.fetch_add(1, Ordering::Relaxed);
+        } else {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Joined streams now.
+    pub fn active(&self, role: MeshRole) -> u64 {
+        self.active[role as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// Where a provided service stands on one relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Not connected to the relay.
+    Disconnected,
+    /// REGISTER sent, no answer yet.
+    Registering,
+    /// REGISTER_ACK received.
+    Registered,
+    /// Refused with STREAM_REJECT; retried with backoff.
+    Refused,
+}
+
+/// One provided service on one relay, as shown by `/status` and the ready file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub service: String,
+    /// State.
+    pub state: ServiceState,
+    /// `<tenant>/<name>` from REGISTER_ACK (empty until registered).
+    pub service_id: String,
+    /// The last refusal, `code: reason`.
+    pub last_error: Option<String>,
+}
+
+impl ServiceStatus {
+    /// A service not registered on a relay.
+    pub fn disconnected(service: &str) -> ServiceStatus {
+        ServiceStatus {
+            service: service.to_owned(),
+            state: ServiceState::Disconnected,
+            service_id: String::new(),
+            last_error: None,
+        }
+    }
+}
+
+/// A consumer listener, as shown by `/status` and the ready file.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConsumerStatus {
+    /// Service name.
+    pub service: String,
+    /// The bound local address.
+    pub listen_addr: String,
 }
 
 impl Stats {
@@ -222,12 +424,19 @@ pub struct RelayStatus {
     pub connected: bool,
     /// The leases.
     pub leases: Vec<LeaseStatus>,
+    /// The provided services.
+    pub services: Vec<ServiceStatus>,
 }
 
 impl RelayStatus {
-    /// Connected with every lease granted.
+    /// Connected with every lease granted and every provided service registered.
     pub fn ready(&self) -> bool {
-        self.connected && self.leases.iter().all(|l| l.state == LeaseState::Granted)
+        self.connected
+            && self.leases.iter().all(|l| l.state == LeaseState::Granted)
+            && self
+                .services
+                .iter()
+                .all(|s| s.state == ServiceState::Registered)
     }
 }
 
@@ -235,14 +444,17 @@ impl RelayStatus {
 #[derive(Debug, Default)]
 pub struct Board {
     relays: Mutex<Vec<RelayStatus>>,
+    consumers: Mutex<Vec<ConsumerStatus>>,
     /// Notified after every change.
     pub changed: Notify,
 }
 
 impl Board {
     /// A board with one disconnected entry per relay.
-    pub fn new(relays: &[String], leases: &[crate::config::LeaseSpec]) -> Board {
-        let entries = relays
+    pub fn new(settings: &crate::config::Settings) -> Board {
+        let leases = &settings.leases;
+        let entries = settings
+            .relays
             .iter()
             .map(|addr| RelayStatus {
                 addr: addr.clone(),
@@ -259,12 +471,35 @@ impl Board {
                         pool: None,
                     })
                     .collect(),
+                services: settings
+                    .provides
+                    .iter()
+                    .map(|p| ServiceStatus::disconnected(&p.service))
+                    .collect(),
             })
             .collect();
         Board {
             relays: Mutex::new(entries),
+            consumers: Mutex::new(Vec::new()),
             changed: Notify::new(),
         }
+    }
+
+    /// Records the bound consumer listeners (once, at start).
+    pub fn set_consumers(&self, consumers: Vec<ConsumerStatus>) {
+        *self
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = consumers;
+        self.changed.notify_one();
+    }
+
+    /// The bound consumer listeners.
+    pub fn consumers(&self) -> Vec<ConsumerStatus> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces relay `index`'s entry.

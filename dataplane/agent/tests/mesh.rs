@@ -1,0 +1,1660 @@
+//! Service-to-service streams end to end (issue #8): the REAL `outrelay-controller`,
+//! `outrelay-relay`, `outrelay-agent` and `outrelay` binaries as processes. One world per test:
+//! a CA made here (rcgen) and handed to the controller as its state directory's CA, a relay
+//! with `[controller]` and short QUIC timeouts, agents of two tenants with certificates from
+//! that CA, policy rules added and removed with `outrelay policy`, audit rows read with
+//! `outrelay audit query`, and local clients on the consumers' listen addresses (one test runs
+//! a standalone relay with static `[[policy]]` rules instead). Every daemon binds 127.0.0.1:0
+//! and reports its addresses in a ready file.
+//!
+//! Build the binaries first (`cargo build --release -p outrelay-controller -p outrelay-relay
+//! -p outrelay-agent -p outrelay-cli`; a workspace run builds them anyway).
+//!
+//! Delays (policy propagation, stream cuts, deregistration) are logged as `MEASURED` lines
+//! against their targets; assertions use generous bounds because the machine may be shared.
+//! When a test fails, the tails of every daemon's log are printed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const ADMIN: &str = "outrelay://system/admin/test";
+const RELAY: &str = "outrelay://dev/relay/relay-1";
+/// The relay id the controller lists (from [`RELAY`]).
+const RELAY_ID: &str = "relay-1";
+const TENANT_A: &str = "acme";
+const TENANT_B: &str = "globex";
+const PROVIDER_A: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a001";
+const CONSUMER_A: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a002";
+const CONSUMER_A2: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a003";
+const PROVIDER_A2: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a004";
+const CONSUMER_B: &str = "outrelay://globex/agent/00000000-0000-4000-8000-00000000b001";
+/// Every agent of tenant A.
+const ANY_A: &str = "outrelay://acme/agent/*";
+/// Bound on single waits (process start, ready files, eventual conditions).
+const WAIT: Duration = Duration::from_secs(30);
+/// Bound on one call through a consumer (the agents' open timeout is 5 s here).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on a policy change reaching the relay / cutting a stream (20 × the 1 s target).
+const POLICY_BOUND: Duration = Duration::from_secs(20);
+/// Bytes sent each way in the bulk test.
+const BULK_BYTES: u64 = 100 * 1024 * 1024;
+/// What the in-test HTTP server answers.
+const BODY: &str = "hello from the provider behind the mesh\n";
+
+// ---------- PKI ----------
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+    key_pem: String,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "outrelay mesh e2e CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("CA cert");
+        Ca {
+            pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem` into `dir`: a leaf for `uri` (clientAuth, plus
+    /// serverAuth and DNS `localhost` when `server`).
+    fn write_leaf(&self, dir: &Path, name: &str, uri: &str, server: bool) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("leaf key");
+        let dns = if server {
+            vec!["localhost".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let mut p = CertificateParams::new(dns).expect("leaf params");
+        p.subject_alt_names
+            .push(SanType::URI(uri.try_into().expect("URI SAN")));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, uri);
+        p.distinguished_name = dn;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = if server {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).expect("write cert");
+        std::fs::write(&k, key.serialize_pem()).expect("write key");
+        (c, k)
+    }
+}
+
+// ---------- processes ----------
+
+/// A child process, SIGKILLed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A binary next to `outrelay-agent` in `target/release/`.
+fn sibling_binary(name: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_outrelay-agent")).with_file_name(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p outrelay-controller -p outrelay-relay \
+         -p outrelay-agent -p outrelay-cli` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log`.
+fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
+    let out = std::fs::File::create(log).expect("create log");
+    let err = out.try_clone().expect("clone log");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    Proc(child)
+}
+
+async fn wait_for_ready(path: &Path, proc: &mut Proc, what: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            return v;
+        }
+        if let Some(status) = proc.0.try_wait().expect("poll child") {
+            panic!("{what} exited before it was ready: {status}");
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{what}: no ready file within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn addr_in(info: &serde_json::Value, key: &str) -> SocketAddr {
+    info[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ready file names {key}: {info}"))
+        .parse()
+        .expect("socket address")
+}
+
+/// A port that was free a moment ago (for a local target that must NOT listen).
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+async fn run_blocking(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
+        .await
+        .expect("join")
+        .expect("run command")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn have(bin: &str, arg: &str) -> bool {
+    Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------- metrics ----------
+
+/// GET `/metrics` from `addr` (blocking; short).
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to a metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// The sum of the samples of `name` whose labels include every `k="v"` of `labels`, in any
+/// order (0 when none).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The `mesh` lines of a metrics page (for failure messages).
+fn mesh_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains("mesh") && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------- local targets ----------
+
+/// An HTTP/1.1 server answering every request with [`BODY`] and closing.
+async fn http_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let addr = listener.local_addr().expect("http addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP echo server for any number of connections.
+async fn echo_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
+/// the SHA-256 of what it received and closes. Yields (bytes received, their SHA-256).
+async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept echo");
+        let _ = s.set_nodelay(true);
+        let (mut r, mut w) = s.into_split();
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.expect("echo read");
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+            w.write_all(&buf[..n]).await.expect("echo write");
+        }
+        let digest = hasher.finalize().to_vec();
+        w.write_all(&digest).await.expect("trailer");
+        w.shutdown().await.expect("echo fin");
+        (total, digest)
+    });
+    (addr, task)
+}
+
+/// Starts the controller with `ca` as its CA (in its state directory under `d`; it issues
+/// itself a server certificate from it); the process and its gRPC URL.
+async fn start_controller(d: &Path, ca: &Ca) -> (Proc, String) {
+    let state = d.join("controller-state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
+    std::fs::write(state.join("ca-key.pem"), &ca.key_pem).expect("ca-key.pem");
+    let config = d.join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = \"\"\n\
+             [metrics]\nlisten = \"\"\n",
+            state = state.display().to_string(),
+        ),
+    )
+    .expect("controller config");
+    let ready = d.join("controller-ready.json");
+    let mut cmd = Command::new(sibling_binary("outrelay-controller"));
+    cmd.args(["--log", "info", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready);
+    let started = Instant::now();
+    let mut controller = spawn_logged(cmd, &d.join("controller.log"));
+    let info = wait_for_ready(&ready, &mut controller, "controller").await;
+    eprintln!("controller ready after {:?}: {info}", started.elapsed());
+    (controller, format!("https://{}", addr_in(&info, "grpc")))
+}
+
+// ---------- the world: controller + relay + CLI ----------
+
+struct World {
+    ca: Ca,
+    /// `None` for a standalone relay.
+    controller: Option<Proc>,
+    /// The controller's gRPC address (`https://…`; empty for a standalone relay).
+    grpc_url: String,
+    _relay: Proc,
+    quic: SocketAddr,
+    relay_metrics: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    /// A controller, and a relay following it.
+    async fn new() -> World {
+        World::start(None).await
+    }
+
+    /// A relay without a controller, with `policy` (`[[policy]]` tables) as its static rules.
+    async fn standalone(policy: &str) -> World {
+        World::start(Some(policy)).await
+    }
+
+    async fn start(standalone_policy: Option<&str>) -> World {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let ca = Ca::new();
+        std::fs::write(d.join("ca.pem"), &ca.pem).expect("ca.pem");
+        ca.write_leaf(d, "relay", RELAY, true);
+        let (controller, grpc_url, relay_tail) = match standalone_policy {
+            Some(policy) => (None, String::new(), policy.to_owned()),
+            None => {
+                let (proc, url) = start_controller(d, &ca).await;
+                let tail = format!(
+                    "[controller]\nurl = \"{url}\"\nheartbeat_interval_ms = 200\n\
+                     reconnect_backoff_ms = 100\nreconnect_backoff_max_ms = 500\n\
+                     state_dir = \"relay-state\"\n"
+                );
+                ca.write_leaf(d, "admin", ADMIN, false);
+                (Some(proc), url, tail)
+            }
+        };
+        let config = d.join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
+                 [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nca = \"ca.pem\"\n\
+                 [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\n\
+                 public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
+                 [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{relay_tail}"
+            ),
+        )
+        .expect("relay config");
+        let ready = d.join("relay-ready.json");
+        let mut cmd = Command::new(sibling_binary("outrelay-relay"));
+        cmd.args(["--log", "info", "--config"])
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready);
+        let started = Instant::now();
+        let mut relay = spawn_logged(cmd, &d.join("relay.log"));
+        let info = wait_for_ready(&ready, &mut relay, "relay").await;
+        eprintln!("relay ready after {:?}: {info}", started.elapsed());
+        World {
+            quic: addr_in(&info, "quic"),
+            relay_metrics: addr_in(&info, "metrics"),
+            ca,
+            controller,
+            grpc_url,
+            _relay: relay,
+            dir,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `outrelay --output json ARGS` as the global admin; the output whatever the exit code.
+    async fn cli_raw(&self, args: &[&str]) -> Output {
+        let d = self.path();
+        let mut cmd = Command::new(sibling_binary("outrelay"));
+        cmd.arg("--controller")
+            .arg(&self.grpc_url)
+            .arg("--cert")
+            .arg(d.join("admin.pem"))
+            .arg("--key")
+            .arg(d.join("admin-key.pem"))
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .args(["--output", "json"])
+            .args(args);
+        run_blocking(cmd).await
+    }
+
+    /// As [`World::cli_raw`], asserting success; stdout parsed as JSON.
+    async fn cli(&self, args: &[&str]) -> serde_json::Value {
+        let o = self.cli_raw(args).await;
+        assert!(o.status.success(), "outrelay {args:?}: {}", text(&o));
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("outrelay {args:?}: not JSON ({e}): {}", text(&o)))
+    }
+
+    /// `outrelay policy add`; the rule id.
+    async fn rule(
+        &self,
+        tenant: &str,
+        caller: &str,
+        target: &str,
+        decision: &str,
+        expires: Option<&str>,
+    ) -> String {
+        let mut args = vec![
+            "policy",
+            "add",
+            "--tenant",
+            tenant,
+            "--caller",
+            caller,
+            "--target",
+            target,
+            "--decision",
+            decision,
+        ];
+        if let Some(e) = expires {
+            args.extend(["--expires", e]);
+        }
+        let v = self.cli(&args).await;
+        let id = v["id"].as_str().expect("rule id").to_owned();
+        eprintln!("policy add {tenant} {caller} -> {target} {decision} {expires:?}: {id}");
+        id
+    }
+
+    async fn remove_rule(&self, tenant: &str, id: &str) {
+        self.cli(&["policy", "remove", "--tenant", tenant, "--id", id])
+            .await;
+    }
+
+    /// `outrelay services list --tenant T`.
+    async fn services(&self, tenant: &str) -> Vec<serde_json::Value> {
+        self.cli(&["services", "list", "--tenant", tenant])
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The `stream` rows of `outrelay audit query --tenant T` (newest first).
+    async fn stream_audit(&self, tenant: &str) -> Vec<serde_json::Value> {
+        self.cli(&["audit", "query", "--tenant", tenant, "--limit", "1000"])
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["kind"] == "stream")
+            .collect()
+    }
+
+    /// Starts `outrelay-agent run` for identity `uri` with `body` ([[provide]] / [[consume]])
+    /// under short timeouts.
+    fn agent(&self, name: &str, uri: &str, body: &str) -> Agent {
+        let d = self.path();
+        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
+        let config = format!(
+            "relays = [\"{quic}\"]\nserver_name = \"localhost\"\n\
+             [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
+             reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
+             [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
+            quic = self.quic,
+            cert = cert.display().to_string(),
+            key = key.display().to_string(),
+            ca = d.join("ca.pem").display().to_string(),
+        );
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("agent config");
+        let ready = d.join(format!("{name}-ready.json"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        cmd.args(["--log", "info", "run", "--config"])
+            .arg(&path)
+            .arg("--ready-file")
+            .arg(&ready);
+        Agent {
+            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
+            name: name.to_owned(),
+            ready,
+            started: Instant::now(),
+            info: serde_json::Value::Null,
+        }
+    }
+
+    /// Starts `outrelay-agent SUBCOMMAND ARGS` (`provide` / `consume` from flags) for identity
+    /// `uri`, with the common flags.
+    fn agent_cli(&self, name: &str, uri: &str, subcommand: &str, args: &[&str]) -> Agent {
+        let d = self.path();
+        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
+        let ready = d.join(format!("{name}-ready.json"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        cmd.args(["--log", "info", subcommand, "--relay"])
+            .arg(self.quic.to_string())
+            .args(["--server-name", "localhost", "--metrics", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(args);
+        Agent {
+            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
+            name: name.to_owned(),
+            ready,
+            started: Instant::now(),
+            info: serde_json::Value::Null,
+        }
+    }
+
+    fn relay_scrape(&self) -> String {
+        scrape(self.relay_metrics)
+    }
+}
+
+impl Drop for World {
+    /// On a failing test: the tail of every daemon's log (they live in the temp dir).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "----- {} (last {} lines)\n{}",
+                log.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+struct Agent {
+    proc: Proc,
+    name: String,
+    ready: PathBuf,
+    started: Instant,
+    info: serde_json::Value,
+}
+
+impl Agent {
+    /// Waits for the ready file (every service registered, every consumer listening).
+    async fn ready(&mut self) -> serde_json::Value {
+        let info = wait_for_ready(&self.ready, &mut self.proc, &self.name).await;
+        eprintln!(
+            "agent {} ready after {:?}: {info}",
+            self.name,
+            self.started.elapsed()
+        );
+        self.info = info.clone();
+        info
+    }
+
+    /// The listen address of the `i`-th consumer in the ready file.
+    fn consumer(&self, i: usize) -> SocketAddr {
+        self.info["consumers"][i]["listen_addr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("consumers[{i}].listen_addr in {}", self.info))
+            .parse()
+            .expect("listen address")
+    }
+
+    fn scrape(&self) -> String {
+        scrape(addr_in(&self.info, "metrics"))
+    }
+
+    /// `outrelay_agent_mesh_streams_total{role, result}`.
+    fn streams(&self, role: &str, result: &str) -> f64 {
+        metric(
+            &self.scrape(),
+            "outrelay_agent_mesh_streams_total",
+            &[("role", role), ("result", result)],
+        )
+    }
+}
+
+// ---------- calls through a consumer ----------
+
+/// One HTTP GET through the consumer listening on `addr`: `Ok` with the response when the
+/// provider's HTTP server answered, `Err` with what happened otherwise.
+async fn http_call(addr: SocketAddr) -> Result<String, String> {
+    let attempt = async {
+        let mut c = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        c.write_all(b"GET /mesh HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        c.read_to_end(&mut out)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.starts_with("HTTP/1.1 200") && text.ends_with(BODY) {
+            Ok(text)
+        } else if text.is_empty() {
+            Err("closed without a response".to_owned())
+        } else {
+            Err(format!("unexpected response {text:?}"))
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {CALL_TIMEOUT:?}")))
+}
+
+/// Calls through `addr` until one succeeds; the time since `from`.
+async fn eventually_ok(addr: SocketAddr, from: Instant, what: &str) -> Duration {
+    loop {
+        match http_call(addr).await {
+            Ok(_) => return from.elapsed(),
+            Err(e) => assert!(
+                from.elapsed() < POLICY_BOUND,
+                "{what}: still failing after {POLICY_BOUND:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cond` every 20 ms up to `bound`; whether it became true.
+async fn poll(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > bound {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One call through the consumer `agent`'s `i`-th listener must fail with `code`: the local
+/// connection is closed without an answer and the agent counts `rejected_<code>`.
+async fn expect_rejected(agent: &Agent, i: usize, code: u16) {
+    let result = format!("rejected_{code}");
+    let before = agent.streams("consumer", &result);
+    let r = http_call(agent.consumer(i)).await;
+    assert!(
+        r.is_err(),
+        "a call expected to be rejected with {code} went through"
+    );
+    let counted = poll(Duration::from_secs(10), || {
+        agent.streams("consumer", &result) > before
+    })
+    .await;
+    assert!(
+        counted,
+        "call failed ({r:?}) but {} did not count consumer {result}:\n{}",
+        agent.name,
+        mesh_lines(&agent.scrape())
+    );
+}
+
+/// Calls through the consumer `agent`'s `i`-th listener until one is rejected with `code`;
+/// the time since `from`. Calls that fail otherwise (another code, a timeout) are retried.
+async fn eventually_rejected(agent: &Agent, i: usize, code: u16, from: Instant) -> Duration {
+    let result = format!("rejected_{code}");
+    loop {
+        let before = agent.streams("consumer", &result);
+        let r = http_call(agent.consumer(i)).await;
+        if r.is_err()
+            && poll(Duration::from_secs(2), || {
+                agent.streams("consumer", &result) > before
+            })
+            .await
+        {
+            return from.elapsed();
+        }
+        assert!(
+            from.elapsed() < WAIT,
+            "no {result} within {WAIT:?} (last call: {r:?}):\n{}",
+            mesh_lines(&agent.scrape())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A long-lived stream through a consumer to an echo target.
+struct LiveStream {
+    conn: TcpStream,
+    n: u64,
+}
+
+impl LiveStream {
+    async fn open(addr: SocketAddr) -> LiveStream {
+        let conn = TcpStream::connect(addr).await.expect("connect consumer");
+        let mut s = LiveStream { conn, n: 0 };
+        s.ping().await.expect("first echo through the live stream");
+        s
+    }
+
+    /// One 16-byte echo round trip.
+    async fn ping(&mut self) -> Result<(), String> {
+        self.n += 1;
+        let msg = format!("ping {:011}", self.n);
+        let attempt = async {
+            self.conn
+                .write_all(msg.as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let mut buf = [0u8; 16];
+            self.conn
+                .read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if buf == msg.as_bytes() {
+                Ok(())
+            } else {
+                Err(format!("wrong echo {:?}", String::from_utf8_lossy(&buf)))
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt)
+            .await
+            .unwrap_or_else(|_| Err("no echo within 5 s".to_owned()))
+    }
+
+    /// Pings every 20 ms until the stream breaks; the time since `from` and the error.
+    async fn wait_cut(&mut self, from: Instant, bound: Duration) -> (Duration, String) {
+        loop {
+            if let Err(e) = self.ping().await {
+                return (from.elapsed(), e);
+            }
+            assert!(
+                from.elapsed() < bound,
+                "the live stream still flows {bound:?} after the change"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Keeps pinging for `d`: every round trip must work.
+    async fn keep_flowing(&mut self, d: Duration) {
+        let start = Instant::now();
+        let mut pings = 0u32;
+        while start.elapsed() < d {
+            self.ping()
+                .await
+                .unwrap_or_else(|e| panic!("the live stream broke after {pings} pings: {e}"));
+            pings += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A consumer of `service` on port 0.
+fn consume(service: &str) -> String {
+    format!("[[consume]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\n")
+}
+
+/// A consumer of `service` calling `method`, on port 0.
+fn consume_method(service: &str, method: &str) -> String {
+    format!(
+        "[[consume]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\nmethod = \"{method}\"\n"
+    )
+}
+
+/// A provider of `service` with default target `to`.
+fn provide(service: &str, to: SocketAddr) -> String {
+    format!("[[provide]]\nservice = \"{service}\"\nto = \"{to}\"\n")
+}
+
+// ---------- tests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_gets_http_through_consumer_relay_provider() {
+    if !have("curl", "--version") {
+        eprintln!("SKIP curl_gets_http_through_consumer_relay_provider: no curl on PATH");
+        return;
+    }
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("web", web));
+    let info = provider.ready().await;
+    assert_eq!(info["services"][0]["service"], "web", "{info}");
+    assert_eq!(info["services"][0]["service_id"], "acme/web", "{info}");
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("web"));
+    let info = consumer.ready().await;
+    assert_eq!(info["consumers"][0]["service"], "web", "{info}");
+    let listen = consumer.consumer(0);
+    let t0 = Instant::now();
+    w.rule(TENANT_A, ANY_A, "web", "allow", None).await;
+    let waited = eventually_ok(listen, t0, "allow rule reaches the relay").await;
+    eprintln!("MEASURED policy add -> first allowed call: {waited:?} (target 1 s)");
+
+    let url = format!("http://{listen}/hello");
+    for _ in 0..5 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "10", &url]);
+        let out = run_blocking(cmd).await;
+        assert!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), BODY);
+    }
+    // Every call was counted as accepted on both agents and on the relay.
+    let accepted = consumer.streams("consumer", "accepted");
+    assert!(accepted >= 6.0, "consumer accepted {accepted}");
+    let served = provider.streams("provider", "accepted");
+    assert!(served >= 6.0, "provider accepted {served}");
+    let relay = metric(
+        &w.relay_scrape(),
+        "outrelay_relay_mesh_streams_total",
+        &[("result", "accepted")],
+    );
+    assert!(
+        relay >= 6.0,
+        "relay accepted {relay}:\n{}",
+        mesh_lines(&w.relay_scrape())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mesh_stream_carries_100_mib_each_way_with_equal_hashes_and_half_close() {
+    let w = World::new().await;
+    let (target, echo) = hashing_echo_target().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent(
+        "provider",
+        PROVIDER_A,
+        &format!("{}{}", provide("bulk", target), provide("web", web)),
+    );
+    provider.ready().await;
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!("{}{}", consume("bulk"), consume("web")),
+    );
+    consumer.ready().await;
+    w.rule(TENANT_A, ANY_A, "*", "allow", None).await;
+    // The hashing target takes ONE connection: probe the rule on `web` first.
+    let waited = eventually_ok(consumer.consumer(1), Instant::now(), "allow").await;
+    eprintln!("allow rule effective after {waited:?}");
+    let client = TcpStream::connect(consumer.consumer(0))
+        .await
+        .expect("connect consumer");
+    client.set_nodelay(true).expect("nodelay");
+    let (mut r, mut w_half) = client.into_split();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < BULK_BYTES {
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            let n = usize::try_from((BULK_BYTES - sent).min(chunk.len() as u64)).expect("fits");
+            hasher.update(&chunk[..n]);
+            w_half.write_all(&chunk[..n]).await.expect("client write");
+            sent += n as u64;
+        }
+        w_half.shutdown().await.expect("client shutdown(Write)");
+        (sent, hasher.finalize().to_vec(), started.elapsed())
+    });
+    let reader = tokio::spawn(async move {
+        let mut hasher = Sha256::new();
+        let mut got = 0u64;
+        let mut trailer = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.expect("client read");
+            if n == 0 {
+                break;
+            }
+            let data = &buf[..n];
+            let want = usize::try_from((BULK_BYTES - got).min(n as u64)).expect("fits");
+            hasher.update(&data[..want]);
+            got += want as u64;
+            trailer.extend_from_slice(&data[want..]);
+        }
+        (got, hasher.finalize().to_vec(), trailer, started.elapsed())
+    });
+    let (sent, sent_hash, write_took) = tokio::time::timeout(Duration::from_secs(300), writer)
+        .await
+        .expect("writer finished within 300 s")
+        .expect("writer task");
+    let (got, got_hash, trailer, read_took) =
+        tokio::time::timeout(Duration::from_secs(300), reader)
+            .await
+            .expect("reader finished within 300 s")
+            .expect("reader task");
+    let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
+        .await
+        .expect("echo finished")
+        .expect("echo task");
+    let mib = BULK_BYTES as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "MEASURED mesh stream consumer -> relay -> provider: {mib:.0} MiB up in {write_took:?} \
+         ({:.0} MiB/s), {mib:.0} MiB back in {read_took:?} ({:.0} MiB/s), both at once",
+        mib / write_took.as_secs_f64(),
+        mib / read_took.as_secs_f64()
+    );
+    eprintln!("sha256 sent {}", hex(&sent_hash));
+    assert_eq!(sent, BULK_BYTES);
+    assert_eq!(
+        echo_total, BULK_BYTES,
+        "the provider's target got every byte"
+    );
+    assert_eq!(echo_hash, sent_hash, "SHA-256 at the target = SHA-256 sent");
+    assert_eq!(got, BULK_BYTES, "every byte came back");
+    assert_eq!(got_hash, sent_hash, "SHA-256 of the echo = SHA-256 sent");
+    assert_eq!(
+        trailer, sent_hash,
+        "the target's answer after our FIN arrived (half-close kept)"
+    );
+    let relay_bytes = {
+        let mut v = 0.0;
+        poll(Duration::from_secs(10), || {
+            v = metric(&w.relay_scrape(), "outrelay_relay_mesh_bytes_total", &[]);
+            v >= 2.0 * BULK_BYTES as f64
+        })
+        .await;
+        v
+    };
+    eprintln!("relay mesh bytes counted: {relay_bytes}");
+    assert!(
+        relay_bytes >= 2.0 * BULK_BYTES as f64,
+        "outrelay_relay_mesh_bytes_total {relay_bytes} < 200 MiB:\n{}",
+        mesh_lines(&w.relay_scrape())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_world_no_rule_is_403_and_policy_changes_reach_the_relay_and_cut_live_streams() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let (echo, _echo_task) = echo_target().await;
+    let mut provider = w.agent(
+        "provider",
+        PROVIDER_A,
+        &format!("{}{}", provide("web", web), provide("echo", echo)),
+    );
+    provider.ready().await;
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!("{}{}", consume("web"), consume("echo")),
+    );
+    consumer.ready().await;
+
+    // No rule at all: closed world.
+    let relay_403 = metric(
+        &w.relay_scrape(),
+        "outrelay_relay_mesh_streams_total",
+        &[("result", "rejected_403")],
+    );
+    expect_rejected(&consumer, 0, 403).await;
+    let now_403 = metric(
+        &w.relay_scrape(),
+        "outrelay_relay_mesh_streams_total",
+        &[("result", "rejected_403")],
+    );
+    assert!(
+        now_403 > relay_403,
+        "relay counted rejected_403 {relay_403} -> {now_403}"
+    );
+
+    // An allow rule reaches the relay.
+    let t0 = Instant::now();
+    w.rule(TENANT_A, ANY_A, "web", "allow", None).await;
+    let cli_took = t0.elapsed();
+    let waited = eventually_ok(consumer.consumer(0), t0, "allow rule reaches the relay").await;
+    eprintln!(
+        "MEASURED policy add (CLI took {cli_took:?}) -> first allowed call: {waited:?} after the \
+         CLI started (target 1 s)"
+    );
+    // The rule names its target exactly: echo is still closed.
+    expect_rejected(&consumer, 1, 403).await;
+
+    // Removing the allow cuts a live stream, and new opens are refused again.
+    let allow_echo = w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
+    let t0 = Instant::now();
+    let mut live = loop {
+        // eventually_ok-like: the echo rule must arrive first.
+        let c = TcpStream::connect(consumer.consumer(1))
+            .await
+            .expect("connect");
+        let mut s = LiveStream { conn: c, n: 0 };
+        if s.ping().await.is_ok() {
+            break s;
+        }
+        assert!(t0.elapsed() < POLICY_BOUND, "echo never allowed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    live.keep_flowing(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    w.remove_rule(TENANT_A, &allow_echo).await;
+    let cli_took = t0.elapsed();
+    let (cut, why) = live.wait_cut(t0, POLICY_BOUND).await;
+    eprintln!(
+        "MEASURED policy remove (CLI took {cli_took:?}) -> live stream cut: {cut:?} ({why}) \
+         (target 1 s)"
+    );
+    eventually_rejected(&consumer, 1, 403, Instant::now()).await;
+    // web is untouched by the removal.
+    http_call(consumer.consumer(0))
+        .await
+        .expect("web still allowed");
+
+    // An exact deny for this consumer added while a stream is open cuts it too.
+    w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
+    let t0 = Instant::now();
+    let mut live = loop {
+        let c = TcpStream::connect(consumer.consumer(1))
+            .await
+            .expect("connect");
+        let mut s = LiveStream { conn: c, n: 0 };
+        if s.ping().await.is_ok() {
+            break s;
+        }
+        assert!(t0.elapsed() < POLICY_BOUND, "echo never allowed again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let t0 = Instant::now();
+    w.rule(TENANT_A, CONSUMER_A, "echo", "deny", None).await;
+    let (cut, why) = live.wait_cut(t0, POLICY_BOUND).await;
+    eprintln!("MEASURED policy add deny -> live stream cut: {cut:?} ({why}) (target 1 s)");
+    eventually_rejected(&consumer, 1, 403, Instant::now()).await;
+    let cuts = metric(
+        &w.relay_scrape(),
+        "outrelay_relay_mesh_streams_cut_total",
+        &[],
+    );
+    eprintln!("relay streams cut: {cuts}");
+    assert!(
+        cuts >= 2.0,
+        "relay counted {cuts} cuts:\n{}",
+        mesh_lines(&w.relay_scrape())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_target_deny_beats_a_wildcard_allow() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent(
+        "provider",
+        PROVIDER_A,
+        &format!(
+            "{}{}{}",
+            provide("web", web),
+            provide("pay-other", web),
+            provide("pay-third", web)
+        ),
+    );
+    provider.ready().await;
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!(
+            "{}{}{}",
+            consume("web"),
+            consume("pay-other"),
+            consume("pay-third")
+        ),
+    );
+    consumer.ready().await;
+    // The deny first, then the allow: once the allow is seen, the deny is too. The allow names
+    // the caller exactly and the deny does not: the target class decides, not the caller.
+    w.rule(TENANT_A, "*", "web", "deny", None).await;
+    w.rule(TENANT_A, CONSUMER_A, "*", "allow", None).await;
+    let t0 = Instant::now();
+    let waited = eventually_ok(consumer.consumer(1), t0, "wildcard allow for pay-other").await;
+    eprintln!("wildcard allow effective after {waited:?}");
+    for _ in 0..3 {
+        expect_rejected(&consumer, 0, 403).await;
+    }
+    // An exact-target allow beats a wildcard-target deny added after it. `pay-third` is
+    // allowed only by the wildcard allow: once the wildcard deny refuses it (same class: deny
+    // beats allow), the relay has both new rules. (`pay-*`, not `*`: a `*` target would also
+    // match the consumer's URI on the callee side, where a deny refuses.)
+    w.rule(TENANT_A, ANY_A, "pay-other", "allow", None).await;
+    w.rule(TENANT_A, "*", "pay-*", "deny", None).await;
+    let waited = eventually_rejected(&consumer, 2, 403, Instant::now()).await;
+    eprintln!("wildcard deny effective after {waited:?}");
+    for _ in 0..3 {
+        http_call(consumer.consumer(1))
+            .await
+            .expect("an exact-target allow beats a wildcard-target deny");
+        expect_rejected(&consumer, 0, 403).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callee_side_deny_blocks_only_that_consumer() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("web", web));
+    provider.ready().await;
+    let mut blocked = w.agent("consumer1", CONSUMER_A, &consume("web"));
+    blocked.ready().await;
+    let mut other = w.agent("consumer2", CONSUMER_A2, &consume("web"));
+    other.ready().await;
+    // The provider refuses CONSUMER_A (callee side); then the tenant-wide allow.
+    w.rule(TENANT_A, PROVIDER_A, CONSUMER_A, "deny", None).await;
+    w.rule(TENANT_A, ANY_A, "web", "allow", None).await;
+    let t0 = Instant::now();
+    eventually_ok(other.consumer(0), t0, "the other consumer").await;
+    for _ in 0..3 {
+        expect_rejected(&blocked, 0, 403).await;
+        http_call(other.consumer(0))
+            .await
+            .expect("the other consumer still works");
+    }
+    // The audit says which side refused.
+    let start = Instant::now();
+    loop {
+        let rows = w.stream_audit(TENANT_A).await;
+        let callee_deny = rows.iter().any(|r| {
+            r["decision"] == "deny"
+                && r["caller"] == PROVIDER_A
+                && r["target"] == CONSUMER_A
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("callee-side"))
+        });
+        if callee_deny {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no callee-side deny row in the audit: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_rule_stops_matching_and_cuts_its_streams() {
+    let w = World::new().await;
+    let (echo, _echo_task) = echo_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
+    consumer.ready().await;
+    let lifetime = Duration::from_secs(8);
+    let added = Instant::now();
+    w.rule(TENANT_A, ANY_A, "echo", "allow", Some("8s")).await;
+    let expires_at = added + lifetime;
+    let mut live = loop {
+        let c = TcpStream::connect(consumer.consumer(0))
+            .await
+            .expect("connect");
+        let mut s = LiveStream { conn: c, n: 0 };
+        if s.ping().await.is_ok() {
+            break s;
+        }
+        assert!(
+            added.elapsed() < lifetime,
+            "the 8 s rule never allowed a stream before it expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("expiring rule effective after {:?}", added.elapsed());
+    let (cut, why) = live
+        .wait_cut(expires_at, lifetime + POLICY_BOUND + Duration::from_secs(5))
+        .await;
+    // `cut` is measured from the expiry instant (the CLI adds 8 s to its own clock, read a
+    // little after `added`), so it can be slightly negative in reality: it saturates to 0.
+    let cut_at = added.elapsed();
+    eprintln!(
+        "MEASURED rule expiry -> live stream cut: {:?} after the expiry ({why}) (target 1 s)",
+        cut_at.saturating_sub(lifetime)
+    );
+    assert!(
+        cut_at + Duration::from_millis(500) >= lifetime,
+        "the stream was cut {cut_at:?} after an 8 s rule was added, before it expired ({cut:?})"
+    );
+    let refused = eventually_rejected(&consumer, 0, 403, Instant::now()).await;
+    eprintln!("new opens refused {refused:?} after the cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_b_cannot_reach_tenant_a_services_and_a_rules_never_match_b() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("payments", web));
+    provider.ready().await;
+    let mut a = w.agent("consumer-a", CONSUMER_A, &consume("payments"));
+    a.ready().await;
+    let mut b = w.agent("consumer-b", CONSUMER_B, &consume("payments"));
+    b.ready().await;
+    // Tenant A allows everything.
+    w.rule(TENANT_A, "*", "*", "allow", None).await;
+    let t0 = Instant::now();
+    eventually_ok(a.consumer(0), t0, "tenant A's own consumer").await;
+    // Tenant B has no rule: A's allow-everything does not match B's caller.
+    expect_rejected(&b, 0, 403).await;
+    // Even a rule of A naming B's agent exactly (if the controller takes it) never lets B in.
+    let o = w
+        .cli_raw(&[
+            "policy",
+            "add",
+            "--tenant",
+            TENANT_A,
+            "--caller",
+            CONSUMER_B,
+            "--target",
+            "payments",
+            "--decision",
+            "allow",
+        ])
+        .await;
+    eprintln!(
+        "tenant-A rule naming a tenant-B caller: exit {:?}: {}",
+        o.status.code(),
+        text(&o).trim()
+    );
+    // A marker added after it: once A's consumer is refused, the relay has both rules.
+    let marker = w.rule(TENANT_A, CONSUMER_A, "payments", "deny", None).await;
+    eventually_rejected(&a, 0, 403, Instant::now()).await;
+    expect_rejected(&b, 0, 403).await;
+    w.remove_rule(TENANT_A, &marker).await;
+    eventually_ok(
+        a.consumer(0),
+        Instant::now(),
+        "A after the marker's removal",
+    )
+    .await;
+    // With B's own allow-everything rule, "payments" resolves inside B: not found.
+    w.rule(TENANT_B, "*", "*", "allow", None).await;
+    let waited = eventually_rejected(&b, 0, 404, Instant::now()).await;
+    eprintln!("tenant B's allow reached the relay: 404 after {waited:?}");
+    for _ in 0..3 {
+        expect_rejected(&b, 0, 404).await;
+    }
+    http_call(a.consumer(0)).await.expect("A still works");
+    // B's services list does not show A's provider.
+    let listed = w.services(TENANT_B).await;
+    assert!(
+        listed.iter().all(|p| p["agent_uri"] != PROVIDER_A),
+        "tenant B lists tenant A's provider: {listed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_service_is_404_and_a_provider_without_a_handler_is_503() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    // Providers from flags: `pay` has a target for method m1 only (no default); `down` has a
+    // default target that does not listen (the provider's 502 becomes the consumer's 503).
+    let mut pay = w.agent_cli(
+        "provider-pay",
+        PROVIDER_A,
+        "provide",
+        &[
+            "--service",
+            "pay",
+            "--method",
+            "m1",
+            "--to",
+            &web.to_string(),
+        ],
+    );
+    let info = pay.ready().await;
+    assert_eq!(info["services"][0]["service_id"], "acme/pay", "{info}");
+    let dead = format!("127.0.0.1:{}", dead_port());
+    let mut down = w.agent_cli(
+        "provider-down",
+        PROVIDER_A2,
+        "provide",
+        &["--service", "down", "--to", &dead],
+    );
+    down.ready().await;
+    // A consumer from flags, and one from the config with several entries.
+    let mut flags = w.agent_cli(
+        "consumer-flags",
+        CONSUMER_A2,
+        "consume",
+        &[
+            "--service",
+            "pay",
+            "--method",
+            "m1",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    flags.ready().await;
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!(
+            "{}{}{}{}",
+            consume_method("pay", "m1"),
+            consume_method("pay", "m2"),
+            consume("nosuch"),
+            consume("down"),
+        ),
+    );
+    consumer.ready().await;
+    w.rule(TENANT_A, "*", "*", "allow", None).await;
+    let t0 = Instant::now();
+    eventually_ok(consumer.consumer(0), t0, "pay/m1").await;
+    http_call(flags.consumer(0))
+        .await
+        .expect("pay/m1 through the consumer started from flags");
+    expect_rejected(&consumer, 1, 503).await;
+    expect_rejected(&consumer, 2, 404).await;
+    expect_rejected(&consumer, 3, 503).await;
+    // The providers counted their own refusals.
+    let no_handler = pay.streams("provider", "rejected_404");
+    assert!(
+        no_handler >= 1.0,
+        "provider pay counted rejected_404 {no_handler}:\n{}",
+        mesh_lines(&pay.scrape())
+    );
+    let dial_failed = down.streams("provider", "rejected_502");
+    assert!(
+        dial_failed >= 1.0,
+        "provider down counted rejected_502 {dial_failed}:\n{}",
+        mesh_lines(&down.scrape())
+    );
+    let relay = w.relay_scrape();
+    for code in ["rejected_404", "rejected_503"] {
+        let n = metric(
+            &relay,
+            "outrelay_relay_mesh_streams_total",
+            &[("result", code)],
+        );
+        assert!(n >= 1.0, "relay {code} = {n}:\n{}", mesh_lines(&relay));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_rows_carry_the_stream_id_and_both_decisions_and_the_chain_verifies() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("web", web));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("web"));
+    consumer.ready().await;
+    expect_rejected(&consumer, 0, 403).await;
+    let rule = w.rule(TENANT_A, ANY_A, "web", "allow", None).await;
+    eventually_ok(consumer.consumer(0), Instant::now(), "allow").await;
+
+    let start = Instant::now();
+    let rows = loop {
+        let rows = w.stream_audit(TENANT_A).await;
+        let caller_allow = rows
+            .iter()
+            .any(|r| r["decision"] == "allow" && r["caller"] == CONSUMER_A && r["target"] == "web");
+        let caller_deny = rows
+            .iter()
+            .any(|r| r["decision"] == "deny" && r["caller"] == CONSUMER_A);
+        let callee = rows.iter().any(|r| r["caller"] == PROVIDER_A);
+        if caller_allow && caller_deny && callee {
+            break rows;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "stream audit rows incomplete after {WAIT:?}: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("stream audit rows: {rows:#?}");
+    let stream_id = |r: &serde_json::Value| -> u64 {
+        let s = r["stream_id"].as_str().unwrap_or("");
+        let id: u64 = s
+            .parse()
+            .unwrap_or_else(|_| panic!("stream_id {s:?} is not a decimal u64: {r}"));
+        assert_ne!(id, 0, "stream id 0 in {r}");
+        id
+    };
+    // The refused open: one caller-side row, no callee-side row with its id.
+    let deny = rows
+        .iter()
+        .find(|r| r["decision"] == "deny" && r["caller"] == CONSUMER_A)
+        .expect("deny row");
+    assert_eq!(deny["target"], "web", "{deny}");
+    assert_eq!(deny["tenant"], TENANT_A, "{deny}");
+    assert_eq!(
+        deny["reason"], "caller-side: no matching rule",
+        "reason of {deny}"
+    );
+    let denied_id = stream_id(deny);
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["caller"] == PROVIDER_A && r["stream_id"] == deny["stream_id"]),
+        "a refused open has no callee-side row: {rows:#?}"
+    );
+    // The allowed open: caller-side row naming the rule, callee-side row with the same id.
+    let allow = rows
+        .iter()
+        .find(|r| r["decision"] == "allow" && r["caller"] == CONSUMER_A && r["target"] == "web")
+        .expect("allow row");
+    assert_eq!(
+        allow["reason"],
+        format!("caller-side: rule {rule}"),
+        "reason of {allow}"
+    );
+    let id = stream_id(allow);
+    assert_ne!(id, denied_id, "two opens, two stream ids");
+    let callee = rows
+        .iter()
+        .find(|r| r["caller"] == PROVIDER_A && r["stream_id"] == allow["stream_id"])
+        .unwrap_or_else(|| panic!("no callee-side row for stream {id}: {rows:#?}"));
+    assert_eq!(callee["target"], CONSUMER_A, "{callee}");
+    assert_eq!(callee["decision"], "allow", "{callee}");
+    assert!(
+        callee["reason"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("callee-side")),
+        "{callee}"
+    );
+
+    let v = w.cli(&["audit", "verify"]).await;
+    eprintln!("outrelay audit verify: {v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        v["row_count"].as_u64().unwrap_or(0) >= 3,
+        "row count in {v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_provider_disappears_from_services_list_and_new_opens_get_404() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("web", web));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("web"));
+    consumer.ready().await;
+    w.rule(TENANT_A, ANY_A, "web", "allow", None).await;
+    eventually_ok(consumer.consumer(0), Instant::now(), "allow").await;
+    let start = Instant::now();
+    let listed = loop {
+        let listed = w.services(TENANT_A).await;
+        if listed
+            .iter()
+            .any(|p| p["service_id"] == "acme/web" && p["agent_uri"] == PROVIDER_A)
+        {
+            break listed;
+        }
+        assert!(start.elapsed() < WAIT, "acme/web never listed: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("outrelay services list --tenant acme: {listed:?}");
+    let p = listed
+        .iter()
+        .find(|p| p["service_id"] == "acme/web")
+        .expect("listed");
+    assert_eq!(p["relay_id"], RELAY_ID, "the provider's relay: {p}");
+
+    let killed = Instant::now();
+    provider.proc.kill9();
+    loop {
+        let listed = w.services(TENANT_A).await;
+        if !listed
+            .iter()
+            .any(|p| p["service_id"] == "acme/web" && p["agent_uri"] == PROVIDER_A)
+        {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "acme/web still listed 60 s after its agent was killed: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "MEASURED provider SIGKILL -> gone from services list: {:?} (target 10 s; relay QUIC idle \
+         timeout 2 s)",
+        killed.elapsed()
+    );
+    let waited = eventually_rejected(&consumer, 0, 404, killed).await;
+    eprintln!("MEASURED provider SIGKILL -> first 404: {waited:?}");
+    expect_rejected(&consumer, 0, 404).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_controller_leaves_live_streams_and_new_opens_working() {
+    let mut w = World::new().await;
+    let (echo, _echo_task) = echo_target().await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent(
+        "provider",
+        PROVIDER_A,
+        &format!("{}{}", provide("echo", echo), provide("web", web)),
+    );
+    provider.ready().await;
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!("{}{}", consume("echo"), consume("web")),
+    );
+    consumer.ready().await;
+    w.rule(TENANT_A, ANY_A, "*", "allow", None).await;
+    eventually_ok(consumer.consumer(1), Instant::now(), "allow").await;
+    let mut live = LiveStream::open(consumer.consumer(0)).await;
+    w.controller.as_mut().expect("controller").kill9();
+    eprintln!("controller killed");
+    // Longer than the relay's heartbeat (200 ms), reconnect backoff (≤ 500 ms) and the agents'
+    // QUIC idle timeouts (2-3 s).
+    live.keep_flowing(Duration::from_secs(4)).await;
+    for i in 0..10 {
+        http_call(consumer.consumer(1))
+            .await
+            .unwrap_or_else(|e| panic!("new open {i} without the controller: {e}"));
+    }
+    let mut second = LiveStream::open(consumer.consumer(0)).await;
+    second.keep_flowing(Duration::from_millis(500)).await;
+    live.keep_flowing(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_relay_applies_its_static_policy_rules() {
+    let w = World::standalone(&format!(
+        "[[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"*\"\ntarget = \"web\"\ndecision = \"allow\"\n\
+         [[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"{CONSUMER_A2}\"\ntarget = \"web\"\n\
+         decision = \"deny\"\n"
+    ))
+    .await;
+    let (web, _web_task) = http_target().await;
+    let mut provider = w.agent(
+        "provider",
+        PROVIDER_A,
+        &format!("{}{}", provide("web", web), provide("other", web)),
+    );
+    let info = provider.ready().await;
+    assert_eq!(info["services"][0]["service_id"], "acme/web", "{info}");
+    let mut allowed = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!(
+            "{}{}{}",
+            consume("web"),
+            consume("other"),
+            consume("nosuch")
+        ),
+    );
+    allowed.ready().await;
+    let mut denied = w.agent("consumer2", CONSUMER_A2, &consume("web"));
+    denied.ready().await;
+    // The rules are there from the start: no waiting.
+    for _ in 0..3 {
+        http_call(allowed.consumer(0))
+            .await
+            .expect("allowed by the static rule");
+    }
+    // Same class (exact target): the deny beats the allow.
+    expect_rejected(&denied, 0, 403).await;
+    // No rule for `other` or `nosuch`: closed world, before the name is even resolved.
+    expect_rejected(&allowed, 1, 403).await;
+    expect_rejected(&allowed, 2, 403).await;
+}
