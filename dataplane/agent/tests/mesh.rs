@@ -1658,3 +1658,39 @@ async fn a_standalone_relay_applies_its_static_policy_rules() {
     expect_rejected(&allowed, 1, 403).await;
     expect_rejected(&allowed, 2, 403).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_consumer_cuts_its_live_stream_and_the_provider_keeps_serving_others() {
+    let w = World::new().await;
+    let (echo, _echo_task) = echo_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
+    consumer.ready().await;
+    let mut other = w.agent("consumer2", CONSUMER_A2, &consume("echo"));
+    other.ready().await;
+    w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
+    let t0 = Instant::now();
+    let mut live = loop {
+        let c = TcpStream::connect(consumer.consumer(0))
+            .await
+            .expect("connect");
+        let mut s = LiveStream { conn: c, n: 0 };
+        if s.ping().await.is_ok() {
+            break s;
+        }
+        assert!(t0.elapsed() < POLICY_BOUND, "echo never allowed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    live.keep_flowing(Duration::from_millis(300)).await;
+    let mut bystander = LiveStream::open(other.consumer(0)).await;
+    bystander.keep_flowing(Duration::from_millis(300)).await;
+
+    let t0 = Instant::now();
+    let out = w.cli_raw(&["cert", "revoke", "--uri", CONSUMER_A]).await;
+    assert!(out.status.success(), "cert revoke: {}", text(&out));
+    let (cut, why) = live.wait_cut(t0, POLICY_BOUND).await;
+    eprintln!("MEASURED revoke (CLI included) -> live stream cut: {cut:?} ({why}) (target 1 s)");
+    // The other consumer's stream is untouched.
+    bystander.keep_flowing(Duration::from_millis(500)).await;
+}
