@@ -112,6 +112,7 @@ pub fn audit_events(out: Output, events: &[pb::AuditEvent]) {
                 e.target.clone(),
                 e.decision.clone(),
                 e.reason.clone(),
+                e.stream_id.clone(),
             ]
         })
         .collect();
@@ -131,6 +132,7 @@ pub fn audit_events(out: Output, events: &[pb::AuditEvent]) {
             "target",
             "decision",
             "reason",
+            "stream_id",
         ],
         rows,
         Value::Array(j),
