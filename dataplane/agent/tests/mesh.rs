@@ -796,6 +796,20 @@ impl LiveStream {
         s
     }
 
+    /// Retries [`LiveStream::open`] until a rule lets the stream through, for up to `bound`.
+    async fn open_when_allowed(addr: SocketAddr, bound: Duration, what: &str) -> LiveStream {
+        let t0 = Instant::now();
+        loop {
+            let conn = TcpStream::connect(addr).await.expect("connect consumer");
+            let mut s = LiveStream { conn, n: 0 };
+            if s.ping().await.is_ok() {
+                return s;
+            }
+            assert!(t0.elapsed() < bound, "{what}: not allowed within {bound:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// One 16-byte echo round trip.
     async fn ping(&mut self) -> Result<(), String> {
         self.n += 1;
@@ -1082,19 +1096,9 @@ async fn closed_world_no_rule_is_403_and_policy_changes_reach_the_relay_and_cut_
 
     // Removing the allow cuts a live stream, and new opens are refused again.
     let allow_echo = w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
-    let t0 = Instant::now();
-    let mut live = loop {
-        // eventually_ok-like: the echo rule must arrive first.
-        let c = TcpStream::connect(consumer.consumer(1))
-            .await
-            .expect("connect");
-        let mut s = LiveStream { conn: c, n: 0 };
-        if s.ping().await.is_ok() {
-            break s;
-        }
-        assert!(t0.elapsed() < POLICY_BOUND, "echo never allowed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut live =
+        LiveStream::open_when_allowed(consumer.consumer(1), POLICY_BOUND, "echo never allowed")
+            .await;
     live.keep_flowing(Duration::from_millis(500)).await;
     let t0 = Instant::now();
     w.remove_rule(TENANT_A, &allow_echo).await;
@@ -1112,18 +1116,12 @@ async fn closed_world_no_rule_is_403_and_policy_changes_reach_the_relay_and_cut_
 
     // An exact deny for this consumer added while a stream is open cuts it too.
     w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
-    let t0 = Instant::now();
-    let mut live = loop {
-        let c = TcpStream::connect(consumer.consumer(1))
-            .await
-            .expect("connect");
-        let mut s = LiveStream { conn: c, n: 0 };
-        if s.ping().await.is_ok() {
-            break s;
-        }
-        assert!(t0.elapsed() < POLICY_BOUND, "echo never allowed again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut live = LiveStream::open_when_allowed(
+        consumer.consumer(1),
+        POLICY_BOUND,
+        "echo never allowed again",
+    )
+    .await;
     let t0 = Instant::now();
     w.rule(TENANT_A, CONSUMER_A, "echo", "deny", None).await;
     let (cut, why) = live.wait_cut(t0, POLICY_BOUND).await;
@@ -1250,20 +1248,8 @@ async fn an_expired_rule_stops_matching_and_cuts_its_streams() {
     let added = Instant::now();
     w.rule(TENANT_A, ANY_A, "echo", "allow", Some("8s")).await;
     let expires_at = added + lifetime;
-    let mut live = loop {
-        let c = TcpStream::connect(consumer.consumer(0))
-            .await
-            .expect("connect");
-        let mut s = LiveStream { conn: c, n: 0 };
-        if s.ping().await.is_ok() {
-            break s;
-        }
-        assert!(
-            added.elapsed() < lifetime,
-            "the 8 s rule never allowed a stream before it expired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut live =
+        LiveStream::open_when_allowed(consumer.consumer(0), lifetime, "the 8 s rule").await;
     eprintln!("expiring rule effective after {:?}", added.elapsed());
     let (cut, why) = live
         .wait_cut(expires_at, lifetime + POLICY_BOUND + Duration::from_secs(5))
@@ -1670,18 +1656,9 @@ async fn revoking_the_consumer_cuts_its_live_stream_and_the_provider_keeps_servi
     let mut other = w.agent("consumer2", CONSUMER_A2, &consume("echo"));
     other.ready().await;
     w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
-    let t0 = Instant::now();
-    let mut live = loop {
-        let c = TcpStream::connect(consumer.consumer(0))
-            .await
-            .expect("connect");
-        let mut s = LiveStream { conn: c, n: 0 };
-        if s.ping().await.is_ok() {
-            break s;
-        }
-        assert!(t0.elapsed() < POLICY_BOUND, "echo never allowed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut live =
+        LiveStream::open_when_allowed(consumer.consumer(0), POLICY_BOUND, "echo never allowed")
+            .await;
     live.keep_flowing(Duration::from_millis(300)).await;
     let mut bystander = LiveStream::open(other.consumer(0)).await;
     bystander.keep_flowing(Duration::from_millis(300)).await;
