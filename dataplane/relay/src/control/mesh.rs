@@ -277,10 +277,9 @@ async fn watch_policies_once(
     health: &mut Health,
     backoff: &mut Backoff,
 ) -> String {
-    let channel = match tokio::time::timeout(ctx.call_timeout(), ctx.link.channel()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return e,
-        Err(_) => return "connect timed out".to_owned(),
+    let channel = match ctx.connect().await {
+        Ok(c) => c,
+        Err(e) => return e,
     };
     let mut stream = match PolicyClient::new(channel)
         .watch(pb::WatchPoliciesRequest {
@@ -354,10 +353,9 @@ async fn watch_services_once(
     health: &mut Health,
     backoff: &mut Backoff,
 ) -> String {
-    let channel = match tokio::time::timeout(ctx.call_timeout(), ctx.link.channel()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return e,
-        Err(_) => return "connect timed out".to_owned(),
+    let channel = match ctx.connect().await {
+        Ok(c) => c,
+        Err(e) => return e,
     };
     let mut stream = match RegistryClient::new(channel)
         .watch(pb::WatchServicesRequest {

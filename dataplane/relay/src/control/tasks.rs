@@ -34,6 +34,13 @@ impl TaskCtx {
         &self.decider.stats
     }
 
+    /// The controller channel, connected within the call timeout (watch streams).
+    pub(super) async fn connect(&self) -> Result<Channel, String> {
+        tokio::time::timeout(self.call_timeout(), self.link.channel())
+            .await
+            .unwrap_or_else(|_| Err("connect timed out".to_owned()))
+    }
+
     pub(super) fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.config.report_timeout_ms)
     }
@@ -239,10 +246,9 @@ pub(super) async fn watch_leases(ctx: Arc<TaskCtx>) {
 }
 
 async fn watch_leases_once(ctx: &TaskCtx, health: &mut Health, backoff: &mut Backoff) -> String {
-    let channel = match tokio::time::timeout(ctx.call_timeout(), ctx.link.channel()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return e,
-        Err(_) => return "connect timed out".to_owned(),
+    let channel = match ctx.connect().await {
+        Ok(c) => c,
+        Err(e) => return e,
     };
     let mut stream = match LeasesClient::new(channel)
         .watch(pb::WatchLeasesRequest {
@@ -308,10 +314,9 @@ async fn watch_revocations_once(
     health: &mut Health,
     backoff: &mut Backoff,
 ) -> String {
-    let channel = match tokio::time::timeout(ctx.call_timeout(), ctx.link.channel()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return e,
-        Err(_) => return "connect timed out".to_owned(),
+    let channel = match ctx.connect().await {
+        Ok(c) => c,
+        Err(e) => return e,
     };
     let mut stream = match PkiClient::new(channel)
         .watch_revocations(pb::WatchRevocationsRequest {})
