@@ -28,7 +28,8 @@ use crate::config::{LeaseSpec, Settings};
 use crate::mesh::{self, MeshCtx};
 use crate::pool::{self, FailLog, PoolCtx, PoolParams};
 use crate::stats::{
-    Board, LeaseState, LeaseStatus, PoolGauge, RelayStatus, ServiceState, ServiceStatus, Stats,
+    Board, LeaseState, LeaseStatus, MeshRole, PoolGauge, RelayStatus, ServiceState, ServiceStatus,
+    Stats,
 };
 use crate::udp;
 
@@ -464,6 +465,18 @@ async fn connect_once(
             }
             _ = stop.changed() => {
                 c.release_all(&mut in_rx).await;
+                // Joined service streams finish within the grace before the connection closes
+                // (the consumer listeners are already closed: nothing new starts locally).
+                let mesh = &ctx.stats.mesh;
+                let grace = Duration::from_millis(ctx.settings.shutdown_grace_ms);
+                let left = outrelay_lifecycle::drain(grace, || {
+                    let n = mesh.active(MeshRole::Consumer) + mesh.active(MeshRole::Provider);
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                })
+                .await;
+                if left > 0 {
+                    tracing::warn!(cut = left, "grace period over: cutting service streams");
+                }
                 break Outcome::Stopped;
             }
         }

@@ -1671,3 +1671,38 @@ async fn revoking_the_consumer_cuts_its_live_stream_and_the_provider_keeps_servi
     // The other consumer's stream is untouched.
     bystander.keep_flowing(Duration::from_millis(500)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_joined_service_stream_finish_before_the_agent_exits() {
+    let w = World::new().await;
+    let (echo, _echo_task) = echo_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
+    consumer.ready().await;
+    w.rule(TENANT_A, ANY_A, "echo", "allow", None).await;
+    let mut live =
+        LiveStream::open_when_allowed(consumer.consumer(0), POLICY_BOUND, "echo never allowed")
+            .await;
+    let pid = i32::try_from(consumer.proc.0.id()).expect("pid");
+    let term = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    // The joined stream keeps flowing after SIGTERM (the default grace is 30 s).
+    live.keep_flowing(Duration::from_millis(500)).await;
+    drop(live);
+    let exited = poll(WAIT, || matches!(consumer.proc.0.try_wait(), Ok(Some(_)))).await;
+    assert!(
+        exited,
+        "the consumer agent did not exit after its stream ended"
+    );
+    let status = consumer.proc.0.try_wait().expect("wait").expect("exited");
+    eprintln!(
+        "MEASURED: consumer agent exited {:?} after SIGTERM ({status}), its stream ended at 500 ms",
+        term.elapsed()
+    );
+    assert!(status.success(), "exit status {status}");
+}
