@@ -3,8 +3,8 @@
 //! provider, opens a stream to it with INCOMING_STREAM, answers the consumer with exactly one
 //! STREAM_ACCEPT or STREAM_REJECT and then joins the two streams.
 //!
-//! The join moves quinn's receive chunks (`Bytes`, no copy) from one stream to the other, one
-//! chunk in flight per direction, so the memory per stream is bounded by the QUIC flow-control
+//! The join moves quinn's receive chunks (`Bytes`, no copy) from one stream to the other, up
+//! to [`CHUNKS_PER_MOVE`] at a time, one batch in flight per direction, so the memory per stream is bounded by the QUIC flow-control
 //! windows. A FIN on one side becomes a FIN on the other (each direction ends on its own); a
 //! reset or a lost connection on one side resets the other. While joined, the stream watches
 //! the policy generation and its allowing rule's expiry: when the caller-side decision turns to
@@ -23,8 +23,9 @@ use tokio::sync::mpsc;
 use super::{Ctx, close_code};
 use crate::mesh::{AuditRow, Mesh, MeshResult, Resolved, bump, unix_ms, valid_service_name};
 
-/// Largest chunk moved per read (quinn hands out what it has, up to this).
-const CHUNK_MAX_BYTES: usize = 256 * 1024;
+/// Received chunks (about one packet each) moved per read/write pair: one wake-up and one
+/// connection-lock round per batch instead of per packet.
+const CHUNKS_PER_MOVE: usize = 32;
 /// Bytes read per call while waiting for a stream's first frame.
 const FIRST_FRAME_READ_BYTES: usize = 4096;
 
@@ -484,17 +485,26 @@ async fn pipe(
             return false;
         }
     }
+    let mut chunks: [Bytes; CHUNKS_PER_MOVE] = Default::default();
     loop {
-        match from.read_chunk(CHUNK_MAX_BYTES, true).await {
-            Ok(Some(chunk)) => {
-                bytes.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                if let Err(e) = to.write_chunk(chunk.bytes).await {
-                    let code = match e {
-                        quinn::WriteError::Stopped(code) => code,
-                        _ => close_code::PEER_FAILED.into(),
-                    };
-                    let _ = from.stop(code);
-                    return false;
+        match from.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                let mut left = chunks.get_mut(..n).unwrap_or_default();
+                let len: usize = left.iter().map(Bytes::len).sum();
+                bytes.fetch_add(len as u64, Ordering::Relaxed);
+                while !left.is_empty() {
+                    match to.write_chunks(left).await {
+                        // Fully written chunks are emptied; a partial one keeps its suffix.
+                        Ok(w) => left = left.get_mut(w.chunks..).unwrap_or_default(),
+                        Err(e) => {
+                            let code = match e {
+                                quinn::WriteError::Stopped(code) => code,
+                                _ => close_code::PEER_FAILED.into(),
+                            };
+                            let _ = from.stop(code);
+                            return false;
+                        }
+                    }
                 }
             }
             Ok(None) => {
