@@ -28,3 +28,10 @@ pub mod metrics;
 pub mod quic;
 pub mod state;
 pub mod udp;
+
+/// Milliseconds since the Unix epoch (0 before it; saturates far in the future).
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -37,7 +37,6 @@ mod tasks;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use outrelay_proto::hostname::LeaseName;
@@ -243,7 +242,7 @@ impl LeaseDecider for ControllerDecider {
                 tenant.as_str(),
                 name.as_str(),
                 &identity.to_string(),
-                unix_ms(),
+                crate::unix_ms(),
             ),
         }
     }
@@ -389,12 +388,6 @@ impl Controller {
         }
         ControlTasks { _tasks: set }
     }
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

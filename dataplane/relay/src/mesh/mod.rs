@@ -25,9 +25,9 @@ mod stats;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use outrelay_api::pb;
@@ -438,7 +438,7 @@ impl Mesh {
         } = *row;
         self.stats.audit_events.fetch_add(1, Ordering::Relaxed);
         self.backend.audit(pb::AuditEvent {
-            ts_unix_ms: unix_ms(),
+            ts_unix_ms: crate::unix_ms(),
             tenant: tenant.to_owned(),
             caller: caller.to_owned(),
             target: target.to_owned(),
@@ -460,18 +460,6 @@ pub(crate) struct AuditRow<'a> {
     pub(crate) target: &'a str,
     pub(crate) method: &'a str,
     pub(crate) stream_id: u64,
-}
-
-/// Milliseconds since the epoch.
-pub(crate) fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// A monotonically increasing count, for counters shared with the scrape.
-pub(crate) fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! One agent connection: handshake, HELLO, then the control-stream loop.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use outrelay_proto::frame::{Decoded, Frame, FrameError, decode};
 use outrelay_proto::identity::Identity;
@@ -153,7 +153,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
     let out = Out { tx, ctx };
     out.send(Frame::HelloAck(orp::HelloAck {
         session_id: random_hex(),
-        server_time_unix_ms: unix_ms(),
+        server_time_unix_ms: crate::unix_ms(),
         accepted_features: hello
             .capabilities
             .iter()
@@ -299,7 +299,7 @@ async fn on_frame(
                                 }
                                 control.keys.insert(grant.lease_id, key);
                                 ctx.publish(&mut control);
-                                Ok(grant.to_frame(req.request_id, addrs, now, unix_ms()))
+                                Ok(grant.to_frame(req.request_id, addrs, now, crate::unix_ms()))
                             }
                             Err(_) => {
                                 // Without K no reverse session could authenticate: undo.
@@ -336,7 +336,7 @@ async fn on_frame(
                     ctx.decider
                         .report(LeaseEvent::of(LeaseEventKind::Renewed, lease));
                 }
-                r.map(|g| g.to_frame(req.request_id, addrs, now, unix_ms()))
+                r.map(|g| g.to_frame(req.request_id, addrs, now, crate::unix_ms()))
             };
             match answer {
                 Ok(grant) => out.send(Frame::LeaseGrant(grant)),
@@ -580,12 +580,6 @@ async fn refuse_streams(conn: quinn::Connection, ctx: Arc<Ctx>) {
         let _ = send.reset(code);
         let _ = recv.stop(code);
     }
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// 16 random bytes as lowercase hex (the HELLO_ACK session id).

@@ -20,8 +20,10 @@ use outrelay_proto::frame::{Decoded, Frame, decode};
 use outrelay_proto::orp;
 use tokio::sync::mpsc;
 
+use super::stats::bump;
 use super::{Ctx, close_code};
-use crate::mesh::{AuditRow, Mesh, MeshResult, Resolved, bump, unix_ms, valid_service_name};
+use crate::mesh::{AuditRow, Mesh, MeshResult, Resolved, valid_service_name};
+use crate::unix_ms;
 
 /// Received chunks (about one packet each) moved per read/write pair: one wake-up and one
 /// connection-lock round per batch instead of per packet.
@@ -208,31 +210,24 @@ async fn open(
         Resolved::NotFound
     };
     let provider = match resolved {
-        Resolved::Local(p) => {
-            let found = ctx.agents().get(&p.conn).map(|a| Peer {
-                tenant: tenant.to_owned(),
-                uri: a.uri.clone(),
-                conn: a.conn.clone(),
-                control: a.control.clone(),
-            });
-            match found {
-                Some(peer) => peer,
-                None => {
-                    let why = format!("service {service} not found");
-                    return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
-                }
-            }
-        }
+        // A local provider whose connection ended meanwhile is as good as none.
+        Resolved::Local(p) => ctx.agents().get(&p.conn).map(|a| Peer {
+            tenant: tenant.to_owned(),
+            uri: a.uri.clone(),
+            conn: a.conn.clone(),
+            control: a.control.clone(),
+        }),
         Resolved::Remote { relay_id } => {
             let why = format!(
                 "provider of {service} is on relay {relay_id}; forwarding is not available"
             );
             return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
         }
-        Resolved::NotFound => {
-            let why = format!("service {service} not found");
-            return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
-        }
+        Resolved::NotFound => None,
+    };
+    let Some(provider) = provider else {
+        let why = format!("service {service} not found");
+        return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
     };
 
     // 4. Callee side: only an explicit deny refuses.
