@@ -22,7 +22,8 @@ pub const REPLY_BYTES: usize = 1024;
 pub struct Backend {
     /// Where the backend listens.
     pub addr: SocketAddr,
-    /// Bytes read after the ClientHello by [`Behaviour::HelloSink`] connections, all together.
+    /// Bytes counted by [`Behaviour::HelloSink`] (after the ClientHello) and
+    /// [`Behaviour::Sink`] connections, all together.
     pub sunk_bytes: Arc<AtomicU64>,
     accept_loop: JoinHandle<()>,
 }
@@ -44,6 +45,9 @@ pub enum Behaviour {
     /// Read one TLS ClientHello, then read and discard everything until the client closes,
     /// counting the bytes (a bulk receiver behind an SNI-routed path).
     HelloSink,
+    /// Read and discard everything until the client closes, counting the bytes (the mesh's
+    /// bulk receiver).
+    Sink,
 }
 
 /// Starts a backend on `127.0.0.1:0` on the runtime behind `rt`.
@@ -70,6 +74,7 @@ pub fn start(rt: &Handle, behaviour: Behaviour) -> Result<Backend> {
                     Behaviour::HelloReply => hello_reply(stream, &reply).await,
                     Behaviour::Echo => echo(stream).await,
                     Behaviour::HelloSink => hello_sink(stream, &sunk).await,
+                    Behaviour::Sink => sink(stream, &sunk).await,
                 };
             });
         }
@@ -103,6 +108,10 @@ async fn echo(mut stream: TcpStream) -> Result<()> {
 
 async fn hello_sink(mut stream: TcpStream, sunk: &AtomicU64) -> Result<()> {
     read_client_hello(&mut stream).await?;
+    sink(stream, sunk).await
+}
+
+async fn sink(mut stream: TcpStream, sunk: &AtomicU64) -> Result<()> {
     let mut buf = vec![0_u8; 256 * 1024];
     loop {
         let n = stream.read(&mut buf).await?;

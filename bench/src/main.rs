@@ -16,6 +16,7 @@ mod client_hello;
 mod peers;
 mod proc_stats;
 mod process;
+mod quic_peer;
 mod report;
 mod scenario;
 mod stats;
@@ -49,19 +50,23 @@ enum Cmd {
     Run(RunArgs),
     /// List scenarios, and targets with their availability on this machine.
     List,
+    /// The `quinn-direct` target's server (started by the harness).
+    #[command(hide = true)]
+    QuinnServer(quic_peer::ServerArgs),
+    /// The `quinn-direct` target's client (started by the harness).
+    #[command(hide = true)]
+    QuinnClient(quic_peer::ClientArgs),
 }
 
 #[derive(Args)]
 struct RunArgs {
     /// The scenario.
     scenario: ScenarioName,
-    /// Comma-separated targets, in report order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "direct,haproxy,haproxy-chain,nginx,rathole,socat,outrelay"
-    )]
-    targets: Vec<String>,
+    /// Comma-separated targets, in report order (default for mesh:
+    /// quinn-direct,quinn-direct-paced,outrelay; for the others:
+    /// direct,haproxy,haproxy-chain,nginx,rathole,socat,outrelay).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
     /// Rounds over all targets (default 3; 1 with --quick).
     #[arg(long)]
     rounds: Option<u32>,
@@ -74,8 +79,8 @@ struct RunArgs {
     /// Install missing peers first (apt-get; cargo install rathole).
     #[arg(long)]
     install_peers: bool,
-    /// Seconds per measurement for bulk (default 10, quick 2), connrate (default 5, quick 1)
-    /// and each UDP phase (default 5, quick 1).
+    /// Seconds per measurement for bulk, bulk-sni and mesh (default 10, quick 2), connrate
+    /// (default 5, quick 1) and each UDP phase (default 5, quick 1).
     #[arg(long)]
     duration_s: Option<u64>,
     /// Concurrent connections of the connrate client.
@@ -128,6 +133,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run(&args),
+        Cmd::QuinnServer(args) => quic_peer::server(&args),
+        Cmd::QuinnClient(args) => quic_peer::client(&args),
     }
 }
 
@@ -152,7 +159,14 @@ fn list() {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
-    let targets = target::by_names(&args.targets)?;
+    let names = args.targets.clone().unwrap_or_else(|| {
+        args.scenario
+            .default_targets()
+            .iter()
+            .map(|&t| t.to_owned())
+            .collect()
+    });
+    let targets = target::by_names(&names)?;
     if args.install_peers {
         peers::install_missing(targets.iter().any(|t| t.name() == "rathole"))?;
     }

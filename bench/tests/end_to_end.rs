@@ -133,6 +133,51 @@ fn udp_quick_through_direct_and_outrelay_counts_datagrams_and_skips_tcp_only_pee
 }
 
 #[test]
+fn mesh_quick_moves_bytes_through_quinn_direct_and_the_outrelay_mesh() {
+    // The workspace test run builds the relay, the agent and the CLI first, so the mesh is
+    // really started here: standalone relay with a static allow rule, provider and consumer
+    // agents, one stream consumer -> relay -> provider -> sink.
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "mesh",
+        "--targets",
+        "quinn-direct,outrelay,haproxy",
+        "--quick",
+        "--duration-s",
+        "1",
+    ]);
+    for target in ["quinn-direct", "outrelay"] {
+        let r = row(&doc, target);
+        assert!(r["status"].is_null(), "{target} not measured: {r:#}");
+        assert!(median(r, "gbps") > 0.0, "{r:#}");
+        assert!(median(r, "cpu_s_per_gbit") > 0.0, "{r:#}");
+    }
+    // P6's ratio: relay CPU per Gbit over quinn client + server CPU per Gbit, per round.
+    let ratio = median(
+        row(&doc, "outrelay"),
+        "cpu_s_per_gbit_ratio_to_quinn-direct",
+    );
+    assert!(ratio.is_finite() && ratio > 0.0, "{ratio}");
+    assert_eq!(
+        median(
+            row(&doc, "quinn-direct"),
+            "cpu_s_per_gbit_ratio_to_quinn-direct"
+        ),
+        1.0
+    );
+    // The agents are the path's ends: reported apart, never as the relay.
+    assert!(median(row(&doc, "outrelay"), "helpers_cpu_s_per_gbit") > 0.0);
+    let haproxy = row(&doc, "haproxy");
+    assert!(
+        haproxy["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("no QUIC mesh")),
+        "{haproxy}"
+    );
+    assert!(md.contains("| outrelay | 1 stream |"), "{md}");
+}
+
+#[test]
 fn list_shows_every_scenario_and_target() {
     let out = harness(&["list"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -143,6 +188,7 @@ fn list_shows_every_scenario_and_target() {
         "latency",
         "idle-memory",
         "udp",
+        "mesh",
         "direct",
         "haproxy",
         "haproxy-chain",
@@ -150,6 +196,7 @@ fn list_shows_every_scenario_and_target() {
         "rathole",
         "socat",
         "outrelay",
+        "quinn-direct",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }

@@ -13,6 +13,7 @@ mod bulk_sni;
 mod connrate;
 mod idle_memory;
 mod latency;
+mod mesh;
 mod udp;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,9 @@ pub enum ScenarioName {
     /// 1200-byte UDP datagrams through a UDP lease: maximum datagrams/s, loss at 80 % of
     /// OutRelay's maximum.
     Udp,
+    /// One bulk stream over QUIC, consumer → relay → provider, against a plain quinn client →
+    /// server transfer: Gbit/s, CPU seconds per Gbit, ratio to quinn-direct.
+    Mesh,
 }
 
 impl ScenarioName {
@@ -58,11 +62,12 @@ impl ScenarioName {
             Self::Latency => "latency",
             Self::IdleMemory => "idle-memory",
             Self::Udp => "udp",
+            Self::Mesh => "mesh",
         }
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 6] {
+    pub fn all() -> [Self; 7] {
         [
             Self::Bulk,
             Self::BulkSni,
@@ -70,7 +75,24 @@ impl ScenarioName {
             Self::Latency,
             Self::IdleMemory,
             Self::Udp,
+            Self::Mesh,
         ]
+    }
+
+    /// The targets run when `--targets` is not given.
+    pub fn default_targets(self) -> &'static [&'static str] {
+        match self {
+            Self::Mesh => &["quinn-direct", "quinn-direct-paced", "outrelay"],
+            _ => &[
+                "direct",
+                "haproxy",
+                "haproxy-chain",
+                "nginx",
+                "rathole",
+                "socat",
+                "outrelay",
+            ],
+        }
     }
 
     /// One line on what it measures.
@@ -84,6 +106,9 @@ impl ScenarioName {
             Self::Latency => "64 B ping-pong on one connection: p50/p99/p99.9 added over direct",
             Self::IdleMemory => "N idle relayed connections: PSS and kernel slab bytes per conn",
             Self::Udp => "1200 B UDP datagrams: max datagrams/s, loss % at 80 % of outrelay's max",
+            Self::Mesh => {
+                "1 QUIC stream bulk, consumer -> relay -> provider: CPU s per Gbit, x quinn"
+            }
         }
     }
 }
@@ -93,7 +118,7 @@ impl ScenarioName {
 pub struct Settings {
     /// Rounds over all targets.
     pub rounds: u32,
-    /// iperf3 transfer time per measurement.
+    /// Transfer time per measurement of bulk, bulk-sni and mesh.
     pub bulk_duration_s: u64,
     /// Load time per connrate measurement.
     pub connrate_duration_s: u64,
@@ -194,6 +219,7 @@ pub fn build(
         ScenarioName::Latency => Box::new(latency::Latency::start(settings, rt)?),
         ScenarioName::IdleMemory => Box::new(idle_memory::IdleMemory::start(settings, rt)?),
         ScenarioName::Udp => Box::new(udp::Udp::start(settings)?),
+        ScenarioName::Mesh => Box::new(mesh::Mesh::start(settings, rt)?),
     })
 }
 
@@ -254,8 +280,9 @@ pub fn run(
     let mut unavailable = BTreeMap::new();
     let mut available = Vec::new();
     for t in targets {
-        let availability = if scenario.routing() == Routing::Udp && !t.supports_udp() {
-            Availability::NotAvailable("no UDP forwarding in this harness".to_owned())
+        let routing = scenario.routing();
+        let availability = if !t.supports(routing) {
+            Availability::NotAvailable(routing.unsupported_reason().to_owned())
         } else {
             t.availability()
         };

@@ -24,7 +24,7 @@ impl Target for Direct {
         Availability::Available
     }
 
-    fn supports_udp(&self) -> bool {
+    fn supports(&self, _routing: Routing) -> bool {
         true
     }
 

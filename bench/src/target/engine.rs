@@ -59,10 +59,6 @@ impl Target for Engine {
                 .context("starting the engine forwarder")?,
         ];
         wait_listening(&[front], &mut processes)?;
-        Ok(RunningTarget {
-            front,
-            sni_routed: false,
-            processes,
-        })
+        Ok(RunningTarget::new(front, false, processes))
     }
 }

@@ -68,11 +68,11 @@ impl Target for Haproxy {
         processes.push(spawn(&binary, dir, "haproxy-hop1", front, next, routing)?);
         listening.push(front);
         wait_listening(&listening, &mut processes)?;
-        Ok(RunningTarget {
+        Ok(RunningTarget::new(
             front,
-            sni_routed: matches!(routing, Routing::Sni(_)),
+            matches!(routing, Routing::Sni(_)),
             processes,
-        })
+        ))
     }
 }
 
@@ -90,7 +90,9 @@ fn spawn(
             TCP_TEMPLATE,
             &[("front_addr", &front), ("backend_addr", &backend)],
         )?,
-        Routing::Udp => anyhow::bail!("haproxy does not forward UDP"),
+        Routing::Udp | Routing::Mesh { .. } => {
+            anyhow::bail!("haproxy does not forward UDP or QUIC")
+        }
         Routing::Sni(name) => render(
             SNI_TEMPLATE,
             &[

@@ -10,6 +10,7 @@ mod engine;
 mod haproxy;
 mod nginx;
 mod outrelay;
+mod quinn_direct;
 mod rathole;
 mod socat;
 
@@ -34,8 +35,26 @@ pub enum Routing {
     /// closed. Targets that cannot read SNI fall back to [`Routing::Tcp`] and say so.
     Sni(&'static str),
     /// UDP datagrams from the front address go to the backend UDP address; replies follow
-    /// the flow back. Only targets whose [`Target::supports_udp`] is true are started with it.
+    /// the flow back.
     Udp,
+    /// One TCP connection to the front becomes one QUIC stream to the backend (OutRelay's
+    /// service mesh: consumer agent → relay → provider agent → backend), or the target carries
+    /// its own QUIC load and counts it ([`RunningTarget::delivered`]: `quinn-direct`).
+    Mesh {
+        /// The rate `quinn-direct-paced` writes at, in Mbit/s (0: not measured yet).
+        pace_mbps: u32,
+    },
+}
+
+impl Routing {
+    /// Why a target that does not [`Target::supports`] this routing is skipped.
+    pub fn unsupported_reason(self) -> &'static str {
+        match self {
+            Self::Udp => "no UDP forwarding in this harness",
+            Self::Mesh { .. } => "no QUIC mesh stream in this harness",
+            Self::Tcp | Self::Sni(_) => "QUIC mesh scenario only",
+        }
+    }
 }
 
 /// Whether a target can run on this machine.
@@ -55,10 +74,10 @@ pub trait Target {
     fn description(&self) -> &'static str;
     /// Whether it can run here (binaries installed, built, …).
     fn availability(&self) -> Availability;
-    /// Whether it can forward UDP ([`Routing::Udp`]); the UDP scenario reports the others as
-    /// not available.
-    fn supports_udp(&self) -> bool {
-        false
+    /// Whether it can be started with `routing`; scenarios report the others as not available
+    /// ([`Routing::unsupported_reason`]). Default: TCP and SNI.
+    fn supports(&self, routing: Routing) -> bool {
+        matches!(routing, Routing::Tcp | Routing::Sni(_))
     }
     /// Starts the target in front of `backend` in the empty directory `dir` and waits until
     /// its front port is listening (a TCP listener, or a bound UDP socket for [`Routing::Udp`]).
@@ -72,17 +91,37 @@ pub struct RunningTarget {
     pub front: SocketAddr,
     /// Whether connections are routed on SNI (false: every connection is forwarded).
     pub sni_routed: bool,
+    /// Set by a target that carries its own load (`quinn-direct`: its client writes from the
+    /// start): the stats address its receiver serves its byte count on
+    /// ([`crate::quic_peer::read_received`]). `None`: the scenario sends through `front`.
+    pub delivered: Option<SocketAddr>,
+    /// The processes whose CPU and memory count as the relay.
     processes: Vec<OwnedProcess>,
+    /// Processes the target needs but that are not the relay (the mesh's consumer and
+    /// provider agents): checked for being alive, never measured as the relay.
+    helpers: Vec<OwnedProcess>,
 }
 
 impl RunningTarget {
-    /// A target with no processes of its own (the direct path).
-    pub fn without_processes(front: SocketAddr) -> Self {
+    /// A target whose `processes` all count as the relay.
+    pub fn new(front: SocketAddr, sni_routed: bool, processes: Vec<OwnedProcess>) -> Self {
         Self {
             front,
-            sni_routed: false,
-            processes: Vec::new(),
+            sni_routed,
+            delivered: None,
+            processes,
+            helpers: Vec::new(),
         }
+    }
+
+    /// A target with no processes of its own (the direct path).
+    pub fn without_processes(front: SocketAddr) -> Self {
+        Self::new(front, false, Vec::new())
+    }
+
+    /// The leaders of the helper processes' trees (not the relay; see [`Self::relay_roots`]).
+    pub fn helper_roots(&self) -> Vec<u32> {
+        self.helpers.iter().map(OwnedProcess::pid).collect()
     }
 
     /// The leaders of the relay's process trees (pass to the `tree_*` functions).
@@ -95,10 +134,11 @@ impl RunningTarget {
         !self.processes.is_empty()
     }
 
-    /// Errors if any relay process has exited.
+    /// Errors if any relay or helper process has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         self.processes
             .iter_mut()
+            .chain(self.helpers.iter_mut())
             .try_for_each(OwnedProcess::ensure_running)
     }
 }
@@ -117,6 +157,8 @@ pub fn all() -> Vec<Box<dyn Target>> {
         }),
         Box::new(engine::Engine { backend: "epoll" }),
         Box::new(outrelay::Outrelay),
+        Box::new(quinn_direct::QuinnDirect { paced: false }),
+        Box::new(quinn_direct::QuinnDirect { paced: true }),
     ]
 }
 
@@ -196,6 +238,35 @@ pub fn wait_listening(addrs: &[SocketAddr], processes: &mut [OwnedProcess]) -> R
     }
 }
 
+/// The JSON of a daemon's `--ready-file`, once written (waits up to `timeout_ms`, failing
+/// early with the logs if a process exits).
+pub fn wait_ready(
+    path: &Path,
+    processes: &mut [OwnedProcess],
+    timeout_ms: u64,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        for p in processes.iter_mut() {
+            p.ensure_running()?;
+        }
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            let tails: Vec<String> = processes.iter().map(OwnedProcess::log_tail).collect();
+            bail!(
+                "{} not written after {timeout_ms} ms; logs:\n{}",
+                path.display(),
+                tails.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A template's file name, its text and example values for its placeholders.
 #[cfg(test)]
 pub type TemplateExample = (
@@ -235,6 +306,26 @@ mod tests {
         if let Availability::NotAvailable(why) = t[0].availability() {
             assert!(why.contains("cargo build --release"), "{why}");
         }
+    }
+
+    #[test]
+    fn quinn_direct_runs_the_mesh_only_and_the_tcp_peers_never_do() {
+        const MESH: Routing = Routing::Mesh { pace_mbps: 0 };
+        let t = by_names(&[
+            "quinn-direct".to_owned(),
+            "outrelay".to_owned(),
+            "haproxy".to_owned(),
+            "direct".to_owned(),
+        ])
+        .expect("known targets");
+        assert!(t[0].supports(MESH));
+        assert!(!t[0].supports(Routing::Tcp) && !t[0].supports(Routing::Udp));
+        assert!(t[1].supports(MESH) && t[1].supports(Routing::Udp));
+        assert!(!t[2].supports(MESH) && !t[2].supports(Routing::Udp));
+        assert!(t[3].supports(MESH));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let backend: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
+        assert!(t[0].start(backend, Routing::Tcp, dir.path()).is_err());
     }
 
     #[test]

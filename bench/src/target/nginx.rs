@@ -55,7 +55,9 @@ impl Target for Nginx {
         ];
         let template = match routing {
             Routing::Tcp => TCP_TEMPLATE,
-            Routing::Udp => anyhow::bail!("the nginx target has no UDP template"),
+            Routing::Udp | Routing::Mesh { .. } => {
+                anyhow::bail!("the nginx target has no UDP or QUIC template")
+            }
             Routing::Sni(name) => {
                 vars.push(("sni_name", name));
                 SNI_TEMPLATE
@@ -75,11 +77,11 @@ impl Target for Nginx {
         .map(str::to_owned);
         let mut processes = vec![OwnedProcess::spawn("nginx", &binary, &args, dir)?];
         wait_listening(&[front], &mut processes)?;
-        Ok(RunningTarget {
+        Ok(RunningTarget::new(
             front,
-            sni_routed: matches!(routing, Routing::Sni(_)),
+            matches!(routing, Routing::Sni(_)),
             processes,
-        })
+        ))
     }
 }
 

@@ -6,16 +6,22 @@
 //! ClientHello's server name to the backend (a TLS server); with [`Routing::Udp`] the front is
 //! the agent's UDP lease port (datagrams ride QUIC datagrams between relay and agent). Both
 //! processes count as the relay.
+//!
+//! With [`Routing::Mesh`] (P6) it is the service mesh instead: a standalone relay (no
+//! controller; one static `[[policy]]` rule allows tenant `demo` to open service `bulk`), a
+//! provider agent (`agent-2`, `[[provide]] bulk` → the backend) and a consumer agent
+//! (`agent-1`, `[[consume]] bulk` on 127.0.0.1:0). The front is the consumer's listen address;
+//! each connection to it becomes one QUIC stream consumer → relay → provider → backend. Only
+//! the relay process counts as the relay; the two agents are helpers (the ends of the path).
 //! Build them with `cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::{
-    Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+    Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening, wait_ready,
     wait_udp_bound,
 };
 use crate::process::OwnedProcess;
@@ -26,6 +32,10 @@ const ROOT_HOST: &str = "outrelay.test";
 const LEASE_PORTS: (u16, u16) = (31_000, 31_099);
 /// How long the relay and the agent get to write their ready files.
 const READY_TIMEOUT_MS: u64 = 20_000;
+/// The service the mesh's provider offers and its consumer opens.
+const MESH_SERVICE: &str = "bulk";
+/// The tenant of the dev PKI's agents.
+const MESH_TENANT: &str = "demo";
 
 /// OutRelay's relay and agent.
 pub struct Outrelay;
@@ -56,7 +66,7 @@ impl Target for Outrelay {
         }
     }
 
-    fn supports_udp(&self) -> bool {
+    fn supports(&self, _routing: Routing) -> bool {
         true
     }
 
@@ -71,78 +81,55 @@ impl Target for Outrelay {
             bail!("dev-pki: {}", String::from_utf8_lossy(&out.stderr));
         }
         let public_tls = free_loopback_addr()?;
-        let relay_config = dir.join("relay.toml");
-        std::fs::write(
-            &relay_config,
+        let policy = if matches!(routing, Routing::Mesh { .. }) {
             format!(
-                "public_url = \"https://{ROOT_HOST}\"\n\
-                 [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
-                 [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
-                 lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
-                 [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = {udp}\n",
-                p = pki.display(),
-                lo = LEASE_PORTS.0,
-                hi = LEASE_PORTS.1,
-                udp = routing == Routing::Udp,
-            ),
-        )?;
-        let relay_ready = dir.join("relay.ready");
-        let mut processes = vec![OwnedProcess::spawn(
-            "outrelay-relay",
-            &binary("outrelay-relay"),
-            &[
-                "--log".to_owned(),
-                "warn".to_owned(),
-                "--config".to_owned(),
-                relay_config.display().to_string(),
-                "--ready-file".to_owned(),
-                relay_ready.display().to_string(),
-            ],
-            dir,
-        )?];
-        let relay = wait_ready(&relay_ready, &mut processes)?;
-        let quic = relay["quic"].as_str().context("relay ready file: quic")?;
+                "[[policy]]\ntenant = \"{MESH_TENANT}\"\ncaller = \"*\"\n\
+                 target = \"{MESH_SERVICE}\"\nmethod = \"\"\ndecision = \"allow\"\n"
+            )
+        } else {
+            String::new()
+        };
+        let relay_config = format!(
+            "public_url = \"https://{ROOT_HOST}\"\n\
+             [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
+             [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
+             lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
+             [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = {udp}\n{policy}",
+            p = pki.display(),
+            lo = LEASE_PORTS.0,
+            hi = LEASE_PORTS.1,
+            udp = routing == Routing::Udp,
+        );
+        let (mut processes, quic) = start_relay(dir, &relay_config)?;
         let (lease_line, sni_routed) = match routing {
             Routing::Tcp => (format!("tcp_to = \"{backend}\""), false),
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
             Routing::Udp => (format!("udp_to = \"{backend}\""), false),
+            Routing::Mesh { .. } => return start_mesh(backend, dir, &pki, &quic, processes),
         };
         let name = match routing {
             Routing::Sni(server_name) => server_name
                 .strip_suffix(&format!(".{ROOT_HOST}"))
                 .with_context(|| format!("SNI {server_name} is not under {ROOT_HOST}"))?,
-            Routing::Tcp | Routing::Udp => "bench",
+            Routing::Tcp | Routing::Udp | Routing::Mesh { .. } => "bench",
         };
-        let agent_config = dir.join("agent.toml");
-        std::fs::write(
-            &agent_config,
-            format!(
-                "relays = [\"{quic}\"]\nserver_name = \"localhost\"\n\
-                 [identity]\ncert = \"{p}/agent-1.pem\"\nkey = \"{p}/agent-1-key.pem\"\nca = \"{p}/ca.pem\"\n\
-                 [metrics]\nlisten = \"\"\n\
-                 [[lease]]\nname = \"{name}\"\n{lease_line}\n",
-                p = pki.display(),
-            ),
-        )?;
-        let agent_ready = dir.join("agent.ready");
-        processes.push(OwnedProcess::spawn(
-            "outrelay-agent",
-            &binary("outrelay-agent"),
-            &[
-                "run".to_owned(),
-                "--config".to_owned(),
-                agent_config.display().to_string(),
-                "--ready-file".to_owned(),
-                agent_ready.display().to_string(),
-            ],
+        let agent = start_agent(
+            "agent",
             dir,
-        )?);
-        let agent = wait_ready(&agent_ready, &mut processes)?;
+            &agent_config(
+                &quic,
+                &pki,
+                "agent-1",
+                &format!("[[lease]]\nname = \"{name}\"\n{lease_line}\n"),
+            ),
+            &mut processes,
+        )?;
         let front = match routing {
             Routing::Sni(_) => public_tls,
             // The grant names the relay's public host; the port listens on lease_bind_ip.
             Routing::Tcp => granted_port(&agent, "tcp_addr")?,
             Routing::Udp => granted_port(&agent, "udp_addr")?,
+            Routing::Mesh { .. } => bail!("the mesh has no lease"),
         };
         // The relay binds a granted lease port on its next route sync, just after the grant.
         if routing == Routing::Udp {
@@ -150,12 +137,109 @@ impl Target for Outrelay {
         } else {
             wait_listening(&[front], &mut processes)?;
         }
-        Ok(RunningTarget {
-            front,
-            sni_routed,
-            processes,
-        })
+        Ok(RunningTarget::new(front, sni_routed, processes))
     }
+}
+
+/// Starts the relay from `config` (TOML text, written to `dir/relay.toml`); returns it with its
+/// QUIC address from the ready file.
+fn start_relay(dir: &Path, config: &str) -> Result<(Vec<OwnedProcess>, String)> {
+    let relay_config = dir.join("relay.toml");
+    std::fs::write(&relay_config, config)?;
+    let relay_ready = dir.join("relay.ready");
+    let mut processes = vec![OwnedProcess::spawn(
+        "outrelay-relay",
+        &binary("outrelay-relay"),
+        &[
+            "--log".to_owned(),
+            "warn".to_owned(),
+            "--config".to_owned(),
+            relay_config.display().to_string(),
+            "--ready-file".to_owned(),
+            relay_ready.display().to_string(),
+        ],
+        dir,
+    )?];
+    let relay = wait_ready(&relay_ready, &mut processes, READY_TIMEOUT_MS)?;
+    let quic = relay["quic"]
+        .as_str()
+        .context("relay ready file: quic")?
+        .to_owned();
+    Ok((processes, quic))
+}
+
+/// An agent's TOML: relay `quic`, the dev PKI's identity `who` (`agent-1`, `agent-2`), metrics
+/// off, then `sections` ([[lease]], [[provide]], [[consume]]).
+fn agent_config(quic: &str, pki: &Path, who: &str, sections: &str) -> String {
+    format!(
+        "relays = [\"{quic}\"]\nserver_name = \"localhost\"\n\
+         [identity]\ncert = \"{p}/{who}.pem\"\nkey = \"{p}/{who}-key.pem\"\nca = \"{p}/ca.pem\"\n\
+         [metrics]\nlisten = \"\"\n{sections}",
+        p = pki.display(),
+    )
+}
+
+/// Starts `outrelay-agent run` from `config` as `dir/<name>.toml`, pushes it onto `processes`
+/// and returns its ready file's JSON.
+fn start_agent(
+    name: &str,
+    dir: &Path,
+    config: &str,
+    processes: &mut Vec<OwnedProcess>,
+) -> Result<serde_json::Value> {
+    let config_path = dir.join(format!("{name}.toml"));
+    std::fs::write(&config_path, config)?;
+    let ready = dir.join(format!("{name}.ready"));
+    processes.push(OwnedProcess::spawn(
+        &format!("outrelay-{name}"),
+        &binary("outrelay-agent"),
+        &[
+            "run".to_owned(),
+            "--config".to_owned(),
+            config_path.display().to_string(),
+            "--ready-file".to_owned(),
+            ready.display().to_string(),
+        ],
+        dir,
+    )?);
+    wait_ready(&ready, processes, READY_TIMEOUT_MS)
+}
+
+/// The mesh (P6): provider `agent-2` serving [`MESH_SERVICE`] to `backend`, consumer `agent-1`
+/// listening for it on 127.0.0.1:0; `relay` (already started) is the only measured process.
+fn start_mesh(
+    backend: SocketAddr,
+    dir: &Path,
+    pki: &Path,
+    quic: &str,
+    relay: Vec<OwnedProcess>,
+) -> Result<RunningTarget> {
+    let mut all = relay;
+    let provide = format!("[[provide]]\nservice = \"{MESH_SERVICE}\"\nto = \"{backend}\"\n");
+    start_agent(
+        "provider",
+        dir,
+        &agent_config(quic, pki, "agent-2", &provide),
+        &mut all,
+    )?;
+    let consume = format!("[[consume]]\nservice = \"{MESH_SERVICE}\"\nlisten = \"127.0.0.1:0\"\n");
+    let consumer = start_agent(
+        "consumer",
+        dir,
+        &agent_config(quic, pki, "agent-1", &consume),
+        &mut all,
+    )?;
+    let listen = consumer["consumers"][0]["listen_addr"]
+        .as_str()
+        .context("consumer ready file: consumers[0].listen_addr")?;
+    let front: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("consumer listen_addr {listen}"))?;
+    wait_listening(&[front], &mut all)?;
+    let helpers = all.split_off(1);
+    let mut running = RunningTarget::new(front, false, all);
+    running.helpers = helpers;
+    Ok(running)
 }
 
 /// `127.0.0.1:<port>` of the first lease's `key` (`tcp_addr`, `udp_addr`: "<root host>:<port>")
@@ -169,28 +253,4 @@ fn granted_port(agent: &serde_json::Value, key: &str) -> Result<SocketAddr> {
         .and_then(|(_, p)| p.parse::<u16>().ok())
         .with_context(|| format!("agent ready file: {key} {granted}"))?;
     Ok(SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
-/// The JSON of a daemon's `--ready-file`, once written.
-fn wait_ready(path: &Path, processes: &mut [OwnedProcess]) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
-    loop {
-        for p in processes.iter_mut() {
-            p.ensure_running()?;
-        }
-        if let Ok(text) = std::fs::read_to_string(path)
-            && let Ok(v) = serde_json::from_str(&text)
-        {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            let tails: Vec<String> = processes.iter().map(OwnedProcess::log_tail).collect();
-            bail!(
-                "{} not written after {READY_TIMEOUT_MS} ms; logs:\n{}",
-                path.display(),
-                tails.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

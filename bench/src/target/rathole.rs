@@ -39,8 +39,8 @@ impl Target for Rathole {
         }
     }
 
-    fn supports_udp(&self) -> bool {
-        true
+    fn supports(&self, routing: Routing) -> bool {
+        !matches!(routing, Routing::Mesh { .. })
     }
 
     fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
@@ -96,11 +96,7 @@ impl Target for Rathole {
         } else {
             wait_listening(&[front], &mut processes)?;
         }
-        Ok(RunningTarget {
-            front,
-            sni_routed: false,
-            processes,
-        })
+        Ok(RunningTarget::new(front, false, processes))
     }
 }
 

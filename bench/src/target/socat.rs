@@ -46,10 +46,6 @@ impl Target for Socat {
         ];
         let mut processes = vec![OwnedProcess::spawn("socat", &binary, &args, dir)?];
         wait_listening(&[front], &mut processes)?;
-        Ok(RunningTarget {
-            front,
-            sni_routed: false,
-            processes,
-        })
+        Ok(RunningTarget::new(front, false, processes))
     }
 }

@@ -1,0 +1,291 @@
+//! `mesh` (P6): one bulk stream over QUIC. Through `outrelay`, a TCP connection to the
+//! consumer agent's listen address becomes one ORP stream consumer → relay → provider, and the
+//! provider writes it into the in-process sink (the backend); a blocking thread writes 256 KiB
+//! blocks into that connection as fast as it can. `quinn-direct` carries its own load: its
+//! client writes one stream straight to its server, which counts the bytes. After a warm-up,
+//! bytes delivered (sink or quinn server) and CPU (utime + stime from `/proc`) are sampled
+//! around a timed window.
+//!
+//! The P6 figure is CPU seconds per Gbit moved: for `outrelay` the relay process alone (the
+//! agents are the path's ends, reported apart); for `quinn-direct` the client and the server
+//! together, since a relay decrypts what the consumer sends like a quinn server and encrypts it
+//! again towards the provider like a quinn client. The ratio to `quinn-direct` is taken per
+//! round.
+//!
+//! QUIC's CPU per byte depends on the rate (at a lower rate fewer packets share a GSO batch, a
+//! wake-up, an ACK), and a relayed path runs slower than a direct one; so when
+//! `quinn-direct-paced` is among the targets, OutRelay's rate is measured once before the
+//! rounds ([`Scenario::prepare`]) and that pair writes at it: the comparison at equal rate.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use tokio::runtime::Handle;
+
+use super::{Column, Measurement, Metrics, Scenario, Settings, Value};
+use crate::backend::{self, Backend, Behaviour};
+use crate::proc_stats::tree_cpu_seconds;
+use crate::quic_peer;
+use crate::target::{Routing, RunningTarget, Target};
+
+/// Bytes per write of the TCP sender.
+const WRITE_BYTES: usize = 256 * 1024;
+/// Time before the timed window: QUIC's congestion window and the stream windows grow, the
+/// relay opens the provider's stream.
+const WARM_UP_MS: u64 = 1_000;
+/// A write that blocks this long means the path stalled: the measurement fails.
+const WRITE_TIMEOUT_S: u64 = 10;
+/// The target P6's ratio is taken against.
+const BASELINE: &str = "quinn-direct";
+/// The same at OutRelay's rate.
+const BASELINE_PACED: &str = "quinn-direct-paced";
+
+/// The mesh scenario: owns the sink backend.
+pub struct Mesh {
+    backend: Backend,
+    duration: Duration,
+    /// OutRelay's rate from [`Scenario::prepare`], in Mbit/s (0: not measured).
+    pace_mbps: u32,
+    calibration: Option<String>,
+}
+
+impl Mesh {
+    /// Starts the sink backend.
+    pub fn start(settings: &Settings, rt: &Handle) -> Result<Self> {
+        Ok(Self {
+            backend: backend::start(rt, Behaviour::Sink)?,
+            duration: Duration::from_secs(settings.bulk_duration_s.max(1)),
+            pace_mbps: 0,
+            calibration: None,
+        })
+    }
+
+    /// Bytes delivered so far: by the target's own receiver, or to the sink.
+    fn delivered(&self, target: &RunningTarget) -> Result<u64> {
+        match target.delivered {
+            Some(stats) => quic_peer::read_received(stats),
+            None => Ok(self.backend.sunk_bytes.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn one(&self, target: &mut RunningTarget) -> Result<Metrics> {
+        let sender = match target.delivered {
+            Some(_) => None,
+            None => Some(Sender::start(target.front)?),
+        };
+        std::thread::sleep(Duration::from_millis(WARM_UP_MS));
+        target.ensure_running()?;
+        let (relay, helpers) = (target.relay_roots(), target.helper_roots());
+        let bytes_before = self.delivered(target)?;
+        let (cpu_before_s, helpers_before_s, start) = (
+            tree_cpu_seconds(&relay),
+            tree_cpu_seconds(&helpers),
+            Instant::now(),
+        );
+        std::thread::sleep(self.duration);
+        let bytes = self.delivered(target)? - bytes_before;
+        let (cpu_s, helpers_s, seconds) = (
+            tree_cpu_seconds(&relay) - cpu_before_s,
+            tree_cpu_seconds(&helpers) - helpers_before_s,
+            start.elapsed().as_secs_f64(),
+        );
+        if let Some(sender) = sender {
+            sender.stop()?;
+        }
+        ensure!(bytes > 0, "no byte was delivered in the timed window");
+        let gbit = bytes as f64 * 8.0 / 1e9;
+        let gbps = gbit / seconds;
+        let mut metrics = Metrics::from([("gbps".to_owned(), gbps)]);
+        if target.has_relay() && cpu_s > 0.0 {
+            metrics.insert("cpu_s".to_owned(), cpu_s);
+            metrics.insert("cpu_s_per_gbit".to_owned(), cpu_s / gbit);
+            metrics.insert("gbps_per_core".to_owned(), gbps / (cpu_s / seconds));
+        }
+        if !helpers.is_empty() {
+            metrics.insert("helpers_cpu_s_per_gbit".to_owned(), helpers_s / gbit);
+        }
+        Ok(metrics)
+    }
+}
+
+/// One TCP connection written to as fast as a blocking thread can.
+struct Sender {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<()>>,
+}
+
+impl Sender {
+    fn start(front: SocketAddr) -> Result<Self> {
+        let mut s = TcpStream::connect(front).with_context(|| format!("connecting to {front}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(WRITE_TIMEOUT_S)))
+            .context("write timeout")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let block = vec![0x17_u8; WRITE_BYTES];
+            while !flag.load(Ordering::Relaxed) {
+                s.write_all(&block).context("sending")?;
+            }
+            Ok(())
+        });
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops writing and closes; errors if a write failed before.
+    fn stop(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map_err(|_| anyhow!("sender panicked"))?
+    }
+}
+
+impl Scenario for Mesh {
+    fn name(&self) -> &'static str {
+        "mesh"
+    }
+
+    fn routing(&self) -> Routing {
+        Routing::Mesh {
+            pace_mbps: self.pace_mbps,
+        }
+    }
+
+    fn prepare(&mut self, targets: &[&dyn Target], work: &Path) -> Result<()> {
+        if !targets.iter().any(|t| t.name() == BASELINE_PACED) {
+            return Ok(());
+        }
+        let Some(outrelay) = targets.iter().find(|t| t.name() == "outrelay") else {
+            self.calibration = Some(format!(
+                "outrelay not among the available targets: {BASELINE_PACED} has no rate"
+            ));
+            return Ok(());
+        };
+        let dir = work.join("mesh-calibration-outrelay");
+        std::fs::create_dir_all(&dir).context("creating calibration dir")?;
+        eprintln!("[mesh] measuring outrelay's rate for {BASELINE_PACED}");
+        let mut running = outrelay.start(self.backend.addr, self.routing(), &dir)?;
+        let gbps = self.one(&mut running)?["gbps"];
+        running.ensure_running()?;
+        self.pace_mbps = mbps(gbps);
+        ensure!(self.pace_mbps > 0, "outrelay moved {gbps} Gbit/s");
+        eprintln!(
+            "[mesh] outrelay {gbps:.2} Gbit/s; {BASELINE_PACED} at {} Mbit/s",
+            self.pace_mbps
+        );
+        self.calibration = Some(format!(
+            "{BASELINE_PACED} writes at {} Mbit/s: outrelay's rate in one {} s measurement \
+             before the rounds",
+            self.pace_mbps,
+            self.duration.as_secs()
+        ));
+        Ok(())
+    }
+
+    fn backend_addr(&self) -> SocketAddr {
+        self.backend.addr
+    }
+
+    fn columns(&self) -> Vec<Column> {
+        vec![
+            Column {
+                header: "Gbit/s",
+                decimals: 2,
+                value: Value::Metric("gbps"),
+            },
+            Column {
+                header: "Gbit/s x quinn-direct",
+                decimals: 2,
+                value: Value::RatioToTarget(BASELINE, "gbps"),
+            },
+            Column {
+                header: "CPU s (relay; quinn: client+server)",
+                decimals: 2,
+                value: Value::Metric("cpu_s"),
+            },
+            Column {
+                header: "CPU s per Gbit",
+                decimals: 3,
+                value: Value::Metric("cpu_s_per_gbit"),
+            },
+            Column {
+                header: "CPU per Gbit x quinn-direct",
+                decimals: 2,
+                value: Value::RatioToTarget(BASELINE, "cpu_s_per_gbit"),
+            },
+            Column {
+                header: "CPU per Gbit x quinn-direct-paced",
+                decimals: 2,
+                value: Value::RatioToTarget(BASELINE_PACED, "cpu_s_per_gbit"),
+            },
+            Column {
+                header: "Gbit/s per core",
+                decimals: 1,
+                value: Value::Metric("gbps_per_core"),
+            },
+            Column {
+                header: "agents CPU s per Gbit",
+                decimals: 3,
+                value: Value::Metric("helpers_cpu_s_per_gbit"),
+            },
+        ]
+    }
+
+    fn measure(&mut self, target: &mut RunningTarget, _dir: &Path) -> Result<Vec<Measurement>> {
+        let metrics = self.one(target)?;
+        target.ensure_running()?;
+        Ok(vec![Measurement {
+            variant: "1 stream".to_owned(),
+            metrics,
+        }])
+    }
+
+    fn notes(&self) -> Vec<String> {
+        let mut notes = vec![format!(
+            "one stream, {WARM_UP_MS} ms warm-up, then a {} s window; Gbit/s = bytes delivered \
+             in the window (outrelay: at the sink behind the provider agent, fed by one TCP \
+             connection to the consumer agent in {WRITE_BYTES} B writes; quinn-direct: at its \
+             server, its client writing {WRITE_BYTES} B chunks from memory); CPU = utime+stime \
+             over the window of the relay process (outrelay) or of the quinn client and server \
+             together (quinn-direct); agents = consumer + provider, not counted as the relay",
+            self.duration.as_secs()
+        )];
+        notes.extend(self.calibration.clone());
+        notes
+    }
+}
+
+/// Gbit/s as whole Mbit/s (0 for a negative or non-finite rate, saturated at `u32::MAX`).
+fn mbps(gbps: f64) -> u32 {
+    let m = (gbps * 1000.0).round();
+    if m.is_finite() && m >= 1.0 {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "finite, at least 1 and saturated by `as`"
+        )]
+        let m = m as u32;
+        m
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_become_whole_mbit_per_second() {
+        assert_eq!(mbps(0.6184), 618);
+        assert_eq!(mbps(2.0), 2000);
+        assert_eq!(mbps(0.0), 0);
+        assert_eq!(mbps(-1.0), 0);
+        assert_eq!(mbps(f64::NAN), 0);
+        assert_eq!(mbps(1e12), u32::MAX);
+    }
+}
