@@ -9,6 +9,8 @@
 //! Durations are logged; bounds are generous (at least 10 times the targets) because the
 //! machine may be shared.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -479,53 +481,6 @@ async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
-/// A TCP echo server for any number of connections.
-async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    (addr, task)
-}
-
-/// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
-/// the SHA-256 of what it received and closes. Yields (bytes received, their SHA-256).
-async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        let (s, _) = listener.accept().await.expect("accept echo");
-        let _ = s.set_nodelay(true);
-        let (mut r, mut w) = s.into_split();
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).await.expect("echo read");
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            total += n as u64;
-            w.write_all(&buf[..n]).await.expect("echo write");
-        }
-        let digest = hasher.finalize().to_vec();
-        w.write_all(&digest).await.expect("trailer");
-        w.shutdown().await.expect("echo fin");
-        (total, digest)
-    });
-    (addr, task)
-}
-
 // ---------- helpers ----------
 
 fn have(bin: &str, arg: &str) -> bool {
@@ -725,7 +680,7 @@ async fn bulk_through_tcp_lease(backend: &str) {
         (lo, hi),
     )
     .await;
-    let (target, echo) = hashing_echo_target().await;
+    let (target, echo) = common::hashing_echo_target().await;
     let mut agent = start_agent(
         &pki,
         &relay.addrs,
@@ -850,7 +805,7 @@ async fn agent_reconnects_after_a_relay_restart_on_the_same_ports() {
     let ports = free_port_range();
     let reverse = free_tcp_port();
     let relay = start_relay(&pki, "127.0.0.1:0", reverse, "127.0.0.1:0", ports).await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     let mut agent = start_agent(
         &pki,
         &relay.addrs,
@@ -979,7 +934,7 @@ async fn sigterm_releases_and_exits_zero() {
         free_port_range(),
     )
     .await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     let mut agent = start_agent(
         &pki,
         &relay.addrs,
@@ -1065,7 +1020,7 @@ async fn agent_follows_goaway_when_the_relay_stops_gracefully() {
     let pki = Pki::new();
     let ports = free_port_range();
     let relay = start_relay(&pki, "127.0.0.1:0", free_tcp_port(), "127.0.0.1:0", ports).await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     let mut agent = start_agent(
         &pki,
         &relay.addrs,
@@ -1146,7 +1101,7 @@ async fn silent_idle_sessions_are_dropped_as_dead_and_replaced() {
         60_000,
     )
     .await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     let mut agent = start_agent_with(
         &pki,
         &[relay.addrs.quic],
@@ -1198,7 +1153,7 @@ async fn expose_serves_tls_and_tcp_of_one_lease_at_once() {
     )
     .await;
     let (tls, _tls_task) = tls_target(&pki.ca).await;
-    let (tcp, _echo) = echo_server().await;
+    let (tcp, _echo) = common::echo_server().await;
     let dir = pki.path();
     let ready_path = dir.join("expose-ready.json");
     let state = dir.join("state");
@@ -1268,7 +1223,7 @@ async fn a_lease_the_relay_forgot_is_registered_again() {
         free_port_range(),
     )
     .await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     // TTL 1 s but renewals only every 2.5 s: the relay's janitor expires the lease first, so
     // the renewal is answered `lease_not_found` and the agent must register it again.
     let mut agent = start_agent_with(
@@ -1392,7 +1347,7 @@ async fn every_lease_is_served_by_every_configured_relay() {
         1000,
     )
     .await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     let mut agent = start_agent_with(
         &pki,
         &[relay_a.addrs.quic, relay_b.addrs.quic],
@@ -1764,7 +1719,7 @@ async fn agent_notifies_systemd_and_lets_a_spliced_connection_finish_after_sigte
         free_port_range(),
     )
     .await;
-    let (target, _echo) = echo_server().await;
+    let (target, _echo) = common::echo_server().await;
     let notify_dir = tempfile::tempdir().expect("temp dir");
     let mut notify = outrelay_testkit::notify::NotifyListener::bind(notify_dir.path(), None);
     let mut agent = spawn_agent(

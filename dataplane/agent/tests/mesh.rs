@@ -14,6 +14,8 @@
 //! against their targets; assertions use generous bounds because the machine may be shared.
 //! When a test fails, the tails of every daemon's log are printed.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -295,53 +297,6 @@ async fn http_target() -> (SocketAddr, JoinHandle<()>) {
                 let _ = s.shutdown().await;
             });
         }
-    });
-    (addr, task)
-}
-
-/// A TCP echo server for any number of connections.
-async fn echo_target() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    (addr, task)
-}
-
-/// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
-/// the SHA-256 of what it received and closes. Yields (bytes received, their SHA-256).
-async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        let (s, _) = listener.accept().await.expect("accept echo");
-        let _ = s.set_nodelay(true);
-        let (mut r, mut w) = s.into_split();
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).await.expect("echo read");
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            total += n as u64;
-            w.write_all(&buf[..n]).await.expect("echo write");
-        }
-        let digest = hasher.finalize().to_vec();
-        w.write_all(&digest).await.expect("trailer");
-        w.shutdown().await.expect("echo fin");
-        (total, digest)
     });
     (addr, task)
 }
@@ -935,7 +890,7 @@ async fn curl_gets_http_through_consumer_relay_provider() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mesh_stream_carries_100_mib_each_way_with_equal_hashes_and_half_close() {
     let w = World::new().await;
-    let (target, echo) = hashing_echo_target().await;
+    let (target, echo) = common::hashing_echo_target().await;
     let (web, _web_task) = http_target().await;
     let mut provider = w.agent(
         "provider",
@@ -1051,7 +1006,7 @@ async fn a_mesh_stream_carries_100_mib_each_way_with_equal_hashes_and_half_close
 async fn closed_world_no_rule_is_403_and_policy_changes_reach_the_relay_and_cut_live_streams() {
     let w = World::new().await;
     let (web, _web_task) = http_target().await;
-    let (echo, _echo_task) = echo_target().await;
+    let (echo, _echo_task) = common::echo_server().await;
     let mut provider = w.agent(
         "provider",
         PROVIDER_A,
@@ -1239,7 +1194,7 @@ async fn a_callee_side_deny_blocks_only_that_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_rule_stops_matching_and_cuts_its_streams() {
     let w = World::new().await;
-    let (echo, _echo_task) = echo_target().await;
+    let (echo, _echo_task) = common::echo_server().await;
     let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
     provider.ready().await;
     let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
@@ -1571,7 +1526,7 @@ async fn a_killed_provider_disappears_from_services_list_and_new_opens_get_404()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_controller_leaves_live_streams_and_new_opens_working() {
     let mut w = World::new().await;
-    let (echo, _echo_task) = echo_target().await;
+    let (echo, _echo_task) = common::echo_server().await;
     let (web, _web_task) = http_target().await;
     let mut provider = w.agent(
         "provider",
@@ -1648,7 +1603,7 @@ async fn a_standalone_relay_applies_its_static_policy_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_consumer_cuts_its_live_stream_and_the_provider_keeps_serving_others() {
     let w = World::new().await;
-    let (echo, _echo_task) = echo_target().await;
+    let (echo, _echo_task) = common::echo_server().await;
     let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
     provider.ready().await;
     let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
@@ -1675,7 +1630,7 @@ async fn revoking_the_consumer_cuts_its_live_stream_and_the_provider_keeps_servi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_joined_service_stream_finish_before_the_agent_exits() {
     let w = World::new().await;
-    let (echo, _echo_task) = echo_target().await;
+    let (echo, _echo_task) = common::echo_server().await;
     let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
     provider.ready().await;
     let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
