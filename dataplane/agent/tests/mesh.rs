@@ -304,6 +304,12 @@ async fn http_target() -> (SocketAddr, JoinHandle<()>) {
 /// Starts the controller with `ca` as its CA (in its state directory under `d`; it issues
 /// itself a server certificate from it); the process and its gRPC URL.
 async fn start_controller(d: &Path, ca: &Ca) -> (Proc, String) {
+    start_controller_on(d, ca, "127.0.0.1:0").await
+}
+
+/// [`start_controller`] on a given gRPC address (a restart keeps the relay's URL valid). The
+/// state directory is kept: a restart finds its CA, database and audit key.
+async fn start_controller_on(d: &Path, ca: &Ca, listen: &str) -> (Proc, String) {
     let state = d.join("controller-state");
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
@@ -312,13 +318,14 @@ async fn start_controller(d: &Path, ca: &Ca) -> (Proc, String) {
     std::fs::write(
         &config,
         format!(
-            "state_dir = {state:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = \"\"\n\
+            "state_dir = {state:?}\n[grpc]\nlisten = {listen:?}\n[admin]\nsocket_path = \"\"\n\
              [metrics]\nlisten = \"\"\n",
             state = state.display().to_string(),
         ),
     )
     .expect("controller config");
     let ready = d.join("controller-ready.json");
+    let _ = std::fs::remove_file(&ready);
     let mut cmd = Command::new(sibling_binary("outrelay-controller"));
     cmd.args(["--log", "info", "--config"])
         .arg(&config)
@@ -1556,6 +1563,33 @@ async fn a_killed_controller_leaves_live_streams_and_new_opens_working() {
     let mut second = LiveStream::open(consumer.consumer(0)).await;
     second.keep_flowing(Duration::from_millis(500)).await;
     live.keep_flowing(Duration::from_millis(500)).await;
+
+    // The controller comes back on the same address with an empty registry (it keeps the
+    // registry in memory only): the relay registers its local providers again.
+    let listen = w.grpc_url.trim_start_matches("https://").to_owned();
+    let (proc, _) = start_controller_on(w.path(), &w.ca, &listen).await;
+    w.controller = Some(proc);
+    let t0 = Instant::now();
+    loop {
+        let services = w.services(TENANT_A).await;
+        let names: Vec<String> = services
+            .iter()
+            .filter_map(|p| p["service_id"].as_str().map(str::to_owned))
+            .collect();
+        if names.iter().any(|n| n == "acme/web") && names.iter().any(|n| n == "acme/echo") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "providers not registered again after the controller restart: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "MEASURED: providers listed again {:?} after the controller restarted",
+        t0.elapsed()
+    );
+    live.keep_flowing(Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
