@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::Ca;
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,11 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rcgen::ExtendedKeyUsagePurpose;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,68 +43,6 @@ const BODY: &str = "hello from the service behind outrelay-agent\n";
 
 // ---------- PKI ----------
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-struct Leaf {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    cert_pem: String,
-    key_pem: String,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "outrelay agent e2e CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).expect("CA cert");
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn leaf(
-        &self,
-        cn: &str,
-        dns: &[&str],
-        uri: Option<&str>,
-        eku: Vec<ExtendedKeyUsagePurpose>,
-    ) -> Leaf {
-        let key = KeyPair::generate().expect("leaf key");
-        let mut p = CertificateParams::new(dns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-            .expect("leaf params");
-        if let Some(uri) = uri {
-            p.subject_alt_names
-                .push(SanType::URI(uri.try_into().expect("URI SAN")));
-        }
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        p.distinguished_name = dn;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = eku;
-        p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
-        Leaf {
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-}
-
 /// CA, relay and agent certificates written into one temp dir.
 struct Pki {
     ca: Ca,
@@ -120,7 +56,7 @@ impl Pki {
 
     /// A PKI whose relay certificate carries `relay_uri` as its identity.
     fn with_relay_uri(relay_uri: &str) -> Pki {
-        let ca = Ca::new();
+        let ca = Ca::new("outrelay agent e2e CA");
         let dir = tempfile::tempdir().expect("temp dir");
         let relay = ca.leaf(
             "relay r1",

@@ -16,15 +16,13 @@
 
 mod common;
 
+use common::Ca;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -55,69 +53,6 @@ const BULK_BYTES: u64 = 100 * 1024 * 1024;
 const BODY: &str = "hello from the provider behind the mesh\n";
 
 // ---------- PKI ----------
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-    key_pem: String,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "outrelay mesh e2e CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).expect("CA cert");
-        Ca {
-            pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// Writes `<name>.pem` and `<name>-key.pem` into `dir`: a leaf for `uri` (clientAuth, plus
-    /// serverAuth and DNS `localhost` when `server`).
-    fn write_leaf(&self, dir: &Path, name: &str, uri: &str, server: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("leaf key");
-        let dns = if server {
-            vec!["localhost".to_owned()]
-        } else {
-            Vec::new()
-        };
-        let mut p = CertificateParams::new(dns).expect("leaf params");
-        p.subject_alt_names
-            .push(SanType::URI(uri.try_into().expect("URI SAN")));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, uri);
-        p.distinguished_name = dn;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = if server {
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ]
-        } else {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        };
-        p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
-        let (c, k) = (
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}-key.pem")),
-        );
-        std::fs::write(&c, cert.pem()).expect("write cert");
-        std::fs::write(&k, key.serialize_pem()).expect("write key");
-        (c, k)
-    }
-}
 
 // ---------- processes ----------
 
@@ -366,7 +301,7 @@ impl World {
     async fn start(standalone_policy: Option<&str>) -> World {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
-        let ca = Ca::new();
+        let ca = Ca::new("outrelay mesh e2e CA");
         std::fs::write(d.join("ca.pem"), &ca.pem).expect("ca.pem");
         ca.write_leaf(d, "relay", RELAY, true);
         let (controller, grpc_url, relay_tail) = match standalone_policy {

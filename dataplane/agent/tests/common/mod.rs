@@ -1,6 +1,14 @@
-//! Local targets shared by the agent's end-to-end test files (`mod common;` in each).
+//! What the agent's end-to-end test files share (`mod common;` in each): a test CA and the local
+//! echo targets.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,4 +60,108 @@ pub async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
         (total, digest)
     });
     (addr, task)
+}
+
+/// A test CA: the controller's role in these tests (it signs relay and agent identities).
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate (PEM).
+    pub pem: String,
+    /// The CA key (PEM), for a controller that is handed this CA.
+    #[allow(dead_code, reason = "used by some of the test files only")]
+    pub key_pem: String,
+}
+
+/// A leaf certificate and its key, in DER (for in-test TLS) and PEM (for daemons' files).
+pub struct Leaf {
+    #[allow(dead_code, reason = "used by some of the test files only")]
+    pub chain: Vec<CertificateDer<'static>>,
+    #[allow(dead_code, reason = "used by some of the test files only")]
+    pub key: PrivateKeyDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Ca {
+    /// A fresh self-signed CA named `cn`.
+    pub fn new(cn: &str) -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("CA cert");
+        Ca {
+            pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf named `cn` with DNS names `dns`, an optional URI SAN and the given EKUs.
+    pub fn leaf(
+        &self,
+        cn: &str,
+        dns: &[&str],
+        uri: Option<&str>,
+        eku: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Leaf {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut p = CertificateParams::new(dns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .expect("leaf params");
+        if let Some(uri) = uri {
+            p.subject_alt_names
+                .push(SanType::URI(uri.try_into().expect("URI SAN")));
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = eku;
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
+        Leaf {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem` into `dir`: a leaf for identity `uri`
+    /// (clientAuth; plus serverAuth and DNS `localhost` when `server`).
+    #[allow(dead_code, reason = "used by some of the test files only")]
+    pub fn write_leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        uri: &str,
+        server: bool,
+    ) -> (PathBuf, PathBuf) {
+        let (dns, eku): (&[&str], _) = if server {
+            (
+                &["localhost"],
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+            )
+        } else {
+            (&[], vec![ExtendedKeyUsagePurpose::ClientAuth])
+        };
+        let leaf = self.leaf(uri, dns, Some(uri), eku);
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, leaf.cert_pem).expect("write cert");
+        std::fs::write(&k, leaf.key_pem).expect("write key");
+        (c, k)
+    }
 }
