@@ -165,6 +165,9 @@ async fn open(
     let (service, method) = (req.target_service.as_str(), req.method.as_str());
 
     // 2. Caller side: the closed-world gate.
+    // Subscribed BEFORE the policy is read: a change after this decision, even one that lands
+    // before the join starts watching, makes the joined stream check itself again.
+    let changes = mesh.policy_changes();
     let Some(policy) = mesh.policy() else {
         mesh.audit(
             &AuditRow {
@@ -327,6 +330,7 @@ async fn open(
         service,
         method,
         rule_expires_unix_ms: verdict.rule_expires_unix_ms,
+        changes,
     };
     join(halves, consumer_rest, provider_rest, check).await;
 }
@@ -359,6 +363,8 @@ struct Recheck<'a> {
     service: &'a str,
     method: &'a str,
     rule_expires_unix_ms: i64,
+    /// Policy swaps since the decision was taken (subscribed before the policy was read).
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Why a joined stream was cut.
@@ -371,12 +377,10 @@ enum Cut {
 impl Recheck<'_> {
     /// Resolves when the stream is no longer allowed.
     async fn until_denied(&mut self) -> Cut {
-        let mut changes = self.mesh.policy_changes();
-        changes.borrow_and_update();
         loop {
             let expiry = self.expiry_sleep();
             let expired = tokio::select! {
-                changed = changes.changed() => {
+                changed = self.changes.changed() => {
                     if changed.is_err() {
                         // The mesh is gone (relay stopping): never cut for that.
                         std::future::pending::<()>().await;
