@@ -186,15 +186,9 @@ pub(super) async fn registry_ops(ctx: Arc<TaskCtx>, relay_id: String, mut rx: mp
                     agent_uri,
                     relay_id: relay_id.clone(),
                 };
-                let r = tokio::time::timeout(ctx.call_timeout(), async {
-                    let channel = ctx.link.channel().await?;
-                    RegistryClient::new(channel)
-                        .deregister_agent(req)
-                        .await
-                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
-                })
-                .await
-                .unwrap_or_else(|_| Err("timed out".to_owned()));
+                let r = ctx
+                    .unary(|c| async move { RegistryClient::new(c).deregister_agent(req).await })
+                    .await;
                 match r {
                     Ok(_) => health.up(),
                     Err(e) => health.down(&e),
@@ -242,15 +236,9 @@ async fn record(ctx: Arc<TaskCtx>, event: pb::AuditEvent) -> Result<(), (pb::Aud
     let req = pb::RecordRequest {
         event: Some(event.clone()),
     };
-    let r = tokio::time::timeout(ctx.call_timeout(), async {
-        let channel = ctx.link.channel().await?;
-        AuditClient::new(channel)
-            .record(req)
-            .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))
-    })
-    .await
-    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    let r = ctx
+        .unary(|c| async move { AuditClient::new(c).record(req).await })
+        .await;
     match r {
         Ok(_) => {
             counter!("outrelay_relay_mesh_audit_sent_total").increment(1);

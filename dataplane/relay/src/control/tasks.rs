@@ -41,6 +41,23 @@ impl TaskCtx {
             .unwrap_or_else(|_| Err("connect timed out".to_owned()))
     }
 
+    /// One unary call on the controller channel within the call timeout; any failure (link,
+    /// status, timeout) as one line for the logs.
+    pub(super) async fn unary<T, Fut>(&self, call: impl FnOnce(Channel) -> Fut) -> Result<T, String>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        tokio::time::timeout(self.call_timeout(), async {
+            let channel = self.link.channel().await?;
+            call(channel)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| format!("{}: {}", s.code(), s.message()))
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
+    }
+
     pub(super) fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.config.report_timeout_ms)
     }
@@ -178,15 +195,9 @@ pub(super) async fn heartbeat(ctx: Arc<TaskCtx>, id: String, region: String, end
             region: region.clone(),
             endpoint: endpoint.clone(),
         };
-        let result = tokio::time::timeout(ctx.call_timeout(), async {
-            let channel = ctx.link.channel().await?;
-            RelaysClient::new(channel)
-                .upsert_relay(req)
-                .await
-                .map_err(|s| format!("{}: {}", s.code(), s.message()))
-        })
-        .await
-        .unwrap_or_else(|_| Err("timed out".to_owned()));
+        let result = ctx
+            .unary(|c| async move { RelaysClient::new(c).upsert_relay(req).await })
+            .await;
         let stats = ctx.stats();
         match result {
             Ok(_) => {
