@@ -13,8 +13,8 @@
 //! A reader that stops reading must not pin the pipe budget (review H1): a direction whose
 //! destination answered `EAGAIN` with bytes in flight is *stalled* until the destination takes
 //! a byte. Pipes grow only when the destination has just drained them. A direction stalled for
-//! `stall_timeout` gives its pipe back: its bytes move to a spill buffer (within the spill
-//! budget) and it reads nothing more from its source until they are written. A direction that
+//! `stall_timeout` gives its pipe (or copy buffer) back: its bytes move to a spill buffer
+//! (within the spill budget) and it reads nothing more from its source until they are written. A direction that
 //! holds bytes for a destination stalled for `write_stall_timeout` closes its pair
 //! ([`CloseReason::WriteStall`]). When the pipe budget is spent, a direction with data moves it
 //! through a small user-space copy buffer instead of waiting; only when that budget is spent too
@@ -79,6 +79,58 @@ impl Default for EngineConfig {
             sweep_interval: Duration::from_secs(1),
             pump_budget_bytes: 4 * 1024 * 1024,
         }
+    }
+}
+
+impl EngineConfig {
+    /// Checks what an operator sets (the `[splice]` keys of the relay and the agent).
+    ///
+    /// # Errors
+    /// The config key (without its table) and why it is refused.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        for (key, d) in [
+            ("idle_timeout_ms", self.idle_timeout),
+            ("half_closed_timeout_ms", self.half_closed_timeout),
+            ("stall_timeout_ms", self.stall_timeout),
+            ("write_stall_timeout_ms", self.write_stall_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err((key, "must be at least 100 ms"));
+            }
+        }
+        if self.stall_timeout >= self.write_stall_timeout {
+            // A stalled pipe must be given back before its pair is cut, or it never is.
+            return Err(("stall_timeout_ms", "must be below write_stall_timeout_ms"));
+        }
+        let b = &self.buffers;
+        if !(4096..=1024 * 1024).contains(&b.copy_buffer_bytes) {
+            return Err(("copy_buffer_bytes", "must be 4096..=1048576"));
+        }
+        if b.copy_budget_bytes != 0 && b.copy_budget_bytes < b.copy_buffer_bytes {
+            return Err((
+                "copy_budget_bytes",
+                "must be 0 (no copy path) or at least copy_buffer_bytes",
+            ));
+        }
+        if self.pipes.budget_bytes < crate::pipe::DEFAULT_PIPE_BYTES {
+            return Err(("pipe_budget_bytes", "must be at least 65536"));
+        }
+        Ok(())
+    }
+
+    /// This config with its budgets (pipes, copy, spill) split evenly across `workers`
+    /// engines: budgets are per process (the kernel's pipe limit is per user), engines are
+    /// per thread. Each engine keeps room for at least one pipe and one copy buffer.
+    pub fn per_worker(&self, workers: usize) -> EngineConfig {
+        let n = workers.max(1);
+        let mut c = self.clone();
+        c.pipes.budget_bytes = (c.pipes.budget_bytes / n).max(crate::pipe::DEFAULT_PIPE_BYTES);
+        if c.buffers.copy_budget_bytes > 0 {
+            c.buffers.copy_budget_bytes =
+                (c.buffers.copy_budget_bytes / n).max(c.buffers.copy_buffer_bytes);
+        }
+        c.buffers.spill_budget_bytes /= n;
+        c
     }
 }
 
@@ -179,6 +231,35 @@ pub struct EngineStats {
     pub pipes: PipeStats,
     /// The copy-path and spill buffers' counters.
     pub buffers: BufferStats,
+}
+
+impl EngineStats {
+    /// Adds `other`'s counters and gauges to these (one total over several engines).
+    pub fn accumulate(&mut self, other: &EngineStats) {
+        self.pairs_active += other.pairs_active;
+        self.pairs_added += other.pairs_added;
+        self.pairs_refused += other.pairs_refused;
+        self.bytes += other.bytes;
+        self.splice_calls += other.splice_calls;
+        for (t, c) in self.closed.iter_mut().zip(other.closed) {
+            *t += c;
+        }
+        self.pipe_waits += other.pipe_waits;
+        self.spills += other.spills;
+        self.spill_refusals += other.spill_refusals;
+        let (p, q) = (&mut self.pipes, &other.pipes);
+        p.created += q.created;
+        p.grown += q.grown;
+        p.budget_refusals += q.budget_refusals;
+        p.kernel_refusals += q.kernel_refusals;
+        p.held_bytes += q.held_bytes;
+        let (b, c) = (&mut self.buffers, &other.buffers);
+        b.copy_held_bytes += c.copy_held_bytes;
+        b.copy_active += c.copy_active;
+        b.copy_taken += c.copy_taken;
+        b.copy_refusals += c.copy_refusals;
+        b.spill_held_bytes += c.spill_held_bytes;
+    }
 }
 
 /// A pair handed over from another thread.
@@ -450,16 +531,32 @@ impl Direction {
         }
     }
 
-    /// Gives back the pipe of a stalled direction: its bytes move to a spill buffer within
-    /// the spill budget. Returns whether it spilled (`false`: no pipe bytes, or no budget).
+    /// Gives back the carrier of a stalled direction (its pipe, or its copy buffer): its
+    /// bytes move to a spill buffer within the spill budget. Returns whether it spilled
+    /// (`false`: nothing held, already a spill, or no budget).
     ///
     /// # Errors
     /// The pipe could not be read back whole (the pair cannot keep its byte order).
     fn spill(&mut self, pool: &mut PipePool, bufs: &mut BufferPool) -> Result<bool, Errno> {
+        if let Some(copy) = self.buf.as_ref() {
+            if copy.kind() != BufKind::Copy || copy.is_empty() {
+                return Ok(false);
+            }
+            let Some(mut spill) = bufs.acquire_spill(copy.pending().len()) else {
+                return Ok(false);
+            };
+            let n = copy.pending().len();
+            spill.space()[..n].copy_from_slice(copy.pending());
+            spill.filled(n);
+            if let Some(copy) = self.buf.replace(spill) {
+                bufs.release(copy);
+            }
+            return Ok(true);
+        }
         let Some(pipe) = self.pipe.as_ref() else {
             return Ok(false);
         };
-        if self.in_pipe == 0 || self.buf.is_some() {
+        if self.in_pipe == 0 {
             return Ok(false);
         }
         let Some(mut buf) = bufs.acquire_spill(self.in_pipe) else {
@@ -881,7 +978,8 @@ impl Engine {
             // A stalled direction gives its pipe back to the pool (bytes to a spill buffer).
             let mut spill_error = None;
             for dir in &mut pair.dirs {
-                if dir.pipe.is_none() || !stalled_for(dir, stall) {
+                let spilled = dir.buf.as_ref().is_some_and(|b| b.kind() == BufKind::Spill);
+                if spilled || !stalled_for(dir, stall) {
                     continue;
                 }
                 match dir.spill(&mut self.pool, &mut self.bufs) {
@@ -967,6 +1065,30 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_checks_name_the_key_and_budgets_split_per_worker() {
+        let ok = EngineConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let mut c = ok.clone();
+        c.stall_timeout = Duration::from_millis(50);
+        assert_eq!(c.validate().map_err(|e| e.0), Err("stall_timeout_ms"));
+        let mut c = ok.clone();
+        c.stall_timeout = c.write_stall_timeout;
+        assert_eq!(c.validate().map_err(|e| e.0), Err("stall_timeout_ms"));
+        let mut c = ok.clone();
+        c.buffers.copy_budget_bytes = 100;
+        assert_eq!(c.validate().map_err(|e| e.0), Err("copy_budget_bytes"));
+        let w = ok.per_worker(4);
+        assert_eq!(w.pipes.budget_bytes, ok.pipes.budget_bytes / 4);
+        assert_eq!(
+            w.buffers.spill_budget_bytes,
+            ok.buffers.spill_budget_bytes / 4
+        );
+        let tiny = ok.per_worker(100_000);
+        assert_eq!(tiny.pipes.budget_bytes, crate::pipe::DEFAULT_PIPE_BYTES);
+        assert_eq!(tiny.buffers.copy_budget_bytes, ok.buffers.copy_buffer_bytes);
+    }
 
     #[test]
     fn tokens_round_trip() {

@@ -689,3 +689,40 @@ fn a_slow_but_progressing_reader_is_not_closed_and_gets_every_byte() {
         assert_eq!(stats.closed[5], 0, "{backend:?}");
     }
 }
+
+#[test]
+fn stalled_directions_on_pipes_and_copy_buffers_both_give_them_back() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        // One pipe and one copy buffer: the first stalled pair takes the pipe, the second the
+        // copy buffer; after the stall time both are spilled and a third pair moves.
+        cfg.pipes = PipeLimits {
+            budget_bytes: 64 * 1024,
+            max_pipe_bytes: 64 * 1024,
+            pool_max: 4,
+        };
+        cfg.buffers.copy_budget_bytes = 16 * 1024;
+        cfg.buffers.copy_buffer_bytes = 16 * 1024;
+        cfg.stall_timeout = Duration::from_millis(200);
+        cfg.write_stall_timeout = Duration::from_secs(60);
+        let engine = Running::start(cfg, Arc::default());
+        let _a = stalled_pair(&engine, 1);
+        engine.wait_for("the pipe is taken", |s| s.pipes.held_bytes > 0);
+        let _b = stalled_pair(&engine, 2);
+        let stats = engine.wait_for("both stalled carriers spilled", |s| {
+            s.spills >= 2 && s.buffers.copy_taken >= 1
+        });
+        eprintln!("{backend:?}: {stats:?}");
+        assert_eq!(stats.buffers.copy_active, 0, "{backend:?}: {stats:?}");
+        let took = transfer(&engine, 3, 1024 * 1024, "third pair");
+        eprintln!("{backend:?}: third pair 2 x 1 MiB in {took:?}");
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (3, CloseReason::Completed),
+            "{backend:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.buffers.spill_held_bytes, 0, "{backend:?}: {stats:?}");
+    }
+}
