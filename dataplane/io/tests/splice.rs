@@ -726,3 +726,31 @@ fn stalled_directions_on_pipes_and_copy_buffers_both_give_them_back() {
         assert_eq!(stats.buffers.spill_held_bytes, 0, "{backend:?}: {stats:?}");
     }
 }
+
+#[test]
+fn a_spent_spill_budget_keeps_the_stalled_pipe_and_is_counted_once() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        cfg.buffers.spill_budget_bytes = 0;
+        cfg.stall_timeout = Duration::from_millis(100);
+        cfg.write_stall_timeout = Duration::from_millis(1500);
+        let engine = Running::start(cfg, Arc::default());
+        let (_client, _server, _writer) = stalled_pair(&engine, 1);
+        let stats = engine.wait_for("the spill refused", |s| s.spill_refusals >= 1);
+        assert_eq!(stats.spills, 0, "{backend:?}: {stats:?}");
+        assert!(
+            stats.pipes.held_bytes > 0,
+            "{backend:?}: pipe kept: {stats:?}"
+        );
+        // Several sweeps later it is still one refusal (one per stall), until the
+        // write-stall timeout closes the pair.
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (1, CloseReason::WriteStall),
+            "{backend:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.spill_refusals, 1, "{backend:?}: {stats:?}");
+    }
+}
