@@ -22,7 +22,10 @@
 //!             renew_ms = 0 (0 = half the granted TTL)  release_timeout_ms = 2000
 //! [local]     connect_timeout_ms = 5000  failure_log_interval_ms = 10000
 //! [splice]    workers = 1  io_backend = "auto"  idle_timeout_ms = 3600000
-//!             half_closed_timeout_ms = 60000
+//!             half_closed_timeout_ms = 60000  stall_timeout_ms = 2000
+//!             write_stall_timeout_ms = 30000  pipe_budget_bytes = 50331648
+//!             max_pipe_bytes = 1048576  copy_budget_bytes = 4194304
+//!             copy_buffer_bytes = 16384  spill_budget_bytes = 8388608   # budgets: whole agent
 //! [[provide]] service = "payments"  to = "127.0.0.1:8080"       # `to`: the default target
 //!             methods = { charge = "127.0.0.1:8081" }           # per-method targets
 //! [[consume]] service = "payments"  listen = "127.0.0.1:18080"  method = ""   # port 0 allowed
@@ -35,7 +38,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use outrelay_io::Backend;
+use outrelay_io::{Backend, BufferLimits, EngineConfig, PipeLimits};
 use serde::Deserialize;
 
 /// Shortest accepted duration for any timeout or interval.
@@ -287,15 +290,31 @@ struct RawSplice {
     io_backend: String,
     idle_timeout_ms: u64,
     half_closed_timeout_ms: u64,
+    stall_timeout_ms: u64,
+    write_stall_timeout_ms: u64,
+    pipe_budget_bytes: usize,
+    max_pipe_bytes: usize,
+    copy_budget_bytes: usize,
+    copy_buffer_bytes: usize,
+    spill_budget_bytes: usize,
 }
 
 impl Default for RawSplice {
     fn default() -> Self {
+        let p = PipeLimits::default();
+        let b = BufferLimits::default();
         RawSplice {
             workers: 1,
             io_backend: "auto".into(),
             idle_timeout_ms: 3_600_000,
             half_closed_timeout_ms: 60_000,
+            stall_timeout_ms: 2_000,
+            write_stall_timeout_ms: 30_000,
+            pipe_budget_bytes: p.budget_bytes,
+            max_pipe_bytes: p.max_pipe_bytes,
+            copy_budget_bytes: b.copy_budget_bytes,
+            copy_buffer_bytes: b.copy_buffer_bytes,
+            spill_budget_bytes: b.spill_budget_bytes,
         }
     }
 }
@@ -512,10 +531,9 @@ pub struct SpliceConfig {
     pub workers: usize,
     /// Readiness backend.
     pub io_backend: Backend,
-    /// A spliced pair with no byte for this long is closed.
-    pub idle_timeout: Duration,
-    /// A pair with one direction ended is closed this long after.
-    pub half_closed_timeout: Duration,
+    /// Timeouts and budgets for the whole agent (each engine runs
+    /// [`EngineConfig::per_worker`] of it).
+    pub engine: EngineConfig,
 }
 
 /// Validated settings; nothing here can be wrong any more.
@@ -910,11 +928,31 @@ impl Settings {
                 .parse()
                 .map_err(|e: String| bad("splice.io_backend", e))?,
         };
+        let engine = EngineConfig {
+            backend: io_backend,
+            pipes: PipeLimits {
+                budget_bytes: s.pipe_budget_bytes,
+                max_pipe_bytes: s.max_pipe_bytes.max(4096),
+                ..PipeLimits::default()
+            },
+            buffers: BufferLimits {
+                copy_budget_bytes: s.copy_budget_bytes,
+                copy_buffer_bytes: s.copy_buffer_bytes,
+                spill_budget_bytes: s.spill_budget_bytes,
+            },
+            idle_timeout: dur("splice.idle_timeout_ms", s.idle_timeout_ms)?,
+            half_closed_timeout: dur("splice.half_closed_timeout_ms", s.half_closed_timeout_ms)?,
+            stall_timeout: dur("splice.stall_timeout_ms", s.stall_timeout_ms)?,
+            write_stall_timeout: dur("splice.write_stall_timeout_ms", s.write_stall_timeout_ms)?,
+            ..EngineConfig::default()
+        };
+        engine
+            .validate()
+            .map_err(|(key, why)| bad(&format!("splice.{key}"), why))?;
         let splice = SpliceConfig {
             workers: s.workers,
             io_backend,
-            idle_timeout: dur("splice.idle_timeout_ms", s.idle_timeout_ms)?,
-            half_closed_timeout: dur("splice.half_closed_timeout_ms", s.half_closed_timeout_ms)?,
+            engine,
         };
         if raw.udp.flow_max == 0 {
             return Err(bad("udp.flow_max", "must be at least 1"));

@@ -273,17 +273,16 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_splice_pairs_refused_total").absolute(total.pairs_refused);
     counter!("outrelay_agent_splice_bytes_total").absolute(total.bytes);
     counter!("outrelay_agent_splice_calls_total").absolute(total.splice_calls);
-    for (i, reason) in [
-        "completed",
-        "error",
-        "idle_timeout",
-        "half_closed_timeout",
-        "shutdown",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        counter!("outrelay_agent_splice_closed_total", "reason" => reason)
-            .absolute(total.closed[i]);
+    counter!("outrelay_agent_pipe_waits_total").absolute(total.pipe_waits);
+    gauge!("outrelay_agent_pipe_held_bytes").set(total.pipes.held_bytes as f64);
+    let b = total.buffers;
+    gauge!("outrelay_agent_splice_spill_held_bytes").set(b.spill_held_bytes as f64);
+    gauge!("outrelay_agent_splice_copy_held_bytes").set(b.copy_held_bytes as f64);
+    gauge!("outrelay_agent_splice_copy_active").set(b.copy_active as f64);
+    counter!("outrelay_agent_splice_copy_fallbacks_total").absolute(b.copy_taken);
+    counter!("outrelay_agent_splice_spills_total").absolute(total.spills);
+    counter!("outrelay_agent_splice_spill_refusals_total").absolute(total.spill_refusals);
+    for (reason, n) in outrelay_io::CLOSED_LABELS.into_iter().zip(total.closed) {
+        counter!("outrelay_agent_splice_closed_total", "reason" => reason).absolute(n);
     }
 }

@@ -87,7 +87,39 @@ pub fn describe() {
     );
     metrics::describe_counter!(
         "outrelay_agent_splice_closed_total",
-        "Spliced pairs closed, by reason."
+        "Spliced pairs closed, by reason (write_stall: a destination took no byte for splice.write_stall_timeout_ms while bytes waited for it)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_pipe_waits_total",
+        "Times a direction waited for a pipe (pipe and copy budgets both spent)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_pipe_held_bytes",
+        "Pipe capacity held by the splice engines, in bytes (bounded by splice.pipe_budget_bytes)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_splice_spill_held_bytes",
+        "Bytes of stalled directions held in user-space spill buffers (bounded by splice.spill_budget_bytes)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_splice_copy_held_bytes",
+        "Bytes of copy-path buffers in use (bounded by splice.copy_budget_bytes)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_splice_copy_active",
+        "Directions moving bytes on the copy path now (pipe budget spent)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_copy_fallbacks_total",
+        "Times a direction took the copy path because the pipe budget was spent."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_spills_total",
+        "Stalled directions that gave their pipe back (bytes moved to a spill buffer)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_splice_spill_refusals_total",
+        "Stalled directions that kept their pipe because the spill budget was spent."
     );
     metrics::describe_gauge!(
         "outrelay_agent_splice_pairs_active",

@@ -32,11 +32,10 @@ impl Splicer {
         let mut handles = Vec::with_capacity(config.workers);
         let mut stats = Vec::with_capacity(config.workers);
         for i in 0..config.workers {
+            // Budgets are the whole agent's: each engine gets an equal share.
             let mut engine = Engine::new(EngineConfig {
                 backend: config.io_backend,
-                idle_timeout: config.idle_timeout,
-                half_closed_timeout: config.half_closed_timeout,
-                ..EngineConfig::default()
+                ..config.engine.per_worker(config.workers)
             })?;
             handles.push(engine.handle());
             let published = Arc::new(Mutex::new(EngineStats::default()));

@@ -527,17 +527,7 @@ pub fn splice_totals(engines: &[Arc<Mutex<EngineStats>>]) -> EngineStats {
     let mut total = EngineStats::default();
     for e in engines {
         let e = *e.lock().unwrap_or_else(PoisonError::into_inner);
-        total.pairs_active += e.pairs_active;
-        total.pairs_added += e.pairs_added;
-        total.pairs_refused += e.pairs_refused;
-        total.bytes += e.bytes;
-        total.splice_calls += e.splice_calls;
-        total.pipe_waits += e.pipe_waits;
-        total.pipes.held_bytes += e.pipes.held_bytes;
-        total.pipes.created += e.pipes.created;
-        for (t, c) in total.closed.iter_mut().zip(e.closed) {
-            *t += c;
-        }
+        total.accumulate(&e);
     }
     total
 }

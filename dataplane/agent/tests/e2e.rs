@@ -914,6 +914,18 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
              [[lease]]\nname = \"x\"\n",
             "lease[0]",
         ),
+        (
+            "relays = [\"127.0.0.1:7443\"]\n[identity]\nstate_dir = \"s\"\n\
+             [[lease]]\nname = \"x\"\ntcp_to = \"127.0.0.1:9\"\n\
+             [splice]\nstall_timeout_ms = 40000\n",
+            "splice.stall_timeout_ms",
+        ),
+        (
+            "relays = [\"127.0.0.1:7443\"]\n[identity]\nstate_dir = \"s\"\n\
+             [[lease]]\nname = \"x\"\ntcp_to = \"127.0.0.1:9\"\n\
+             [splice]\ncopy_buffer_bytes = 1\n",
+            "splice.copy_buffer_bytes",
+        ),
     ];
     for (text, key) in cases {
         let path = dir.path().join("agent.toml");
@@ -1731,4 +1743,175 @@ async fn agent_notifies_systemd_and_lets_a_spliced_connection_finish_after_sigte
         "MEASURED agent exit {:?} after SIGTERM (connection closed after about 300 ms)",
         sent.elapsed()
     );
+}
+
+/// Review H1, the agent's side: the agent splices with the same engine as the relay, so
+/// stalled public readers of one lease (an endless download, `SO_RCVBUF=4096`, never read)
+/// must not stop another lease of the same agent. The agent runs with a four-pipe budget
+/// and short stall and write-stall timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_readers_of_one_lease_do_not_stop_another_lease_of_the_agent() {
+    for backend in common::io_backends() {
+        eprintln!("--- agent io backend {backend}");
+        stalled_readers_against_the_agent(backend).await;
+    }
+}
+
+async fn stalled_readers_against_the_agent(backend: &str) {
+    const ATTACKERS: usize = 30;
+    const PIPE_BUDGET_BYTES: f64 = 262_144.0;
+    let pki = Pki::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        (lo, hi),
+    )
+    .await;
+    let (zeros, _zeros_task) = common::zeros_target().await;
+    let (echo, _echo_task) = common::echo_server().await;
+    let mut agent = start_agent(
+        &pki,
+        &relay.addrs,
+        &format!(
+            "[[lease]]\nname = \"download\"\ntcp_to = \"{zeros}\"\n\
+             [[lease]]\nname = \"echo\"\ntcp_to = \"{echo}\"\n\
+             [splice]\nio_backend = \"{backend}\"\npipe_budget_bytes = 262144\n\
+             max_pipe_bytes = 65536\nstall_timeout_ms = 500\nwrite_stall_timeout_ms = 5000\n"
+        ),
+    );
+    let ready = agent.ready().await;
+    let download = SocketAddr::from(([127, 0, 0, 1], lease_port(&ready, "download")));
+    let echo_port = lease_port(&ready, "echo");
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let before = echo_bytes(echo_port, 1024, 1)
+        .await
+        .unwrap_or_else(|e| panic!("{backend}: echo lease before the attack: {e}"));
+    eprintln!("{backend}: echo lease 1 KiB before the attack: {before:?}");
+
+    let mut attackers = Vec::with_capacity(ATTACKERS);
+    for _ in 0..ATTACKERS {
+        attackers.push(common::stalled_reader(download).await);
+    }
+    let attack_started = Instant::now();
+    // Enough stalled pairs in the agent's engine to pin its four pipes many times over.
+    loop {
+        let text = http_get(&metrics_addr, "/metrics");
+        let active = metric(&text, "outrelay_agent_splice_pairs_active");
+        if active >= 8.0 {
+            break;
+        }
+        assert!(
+            attack_started.elapsed() < WAIT,
+            "{backend}: only {active} stalled pairs in the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = http_get(&metrics_addr, "/metrics");
+    eprintln!(
+        "{backend}: {:?} into the attack: {} pairs, pipe held {} B, spill held {} B, \
+         copy active {}",
+        attack_started.elapsed(),
+        metric(&during, "outrelay_agent_splice_pairs_active"),
+        metric(&during, "outrelay_agent_pipe_held_bytes"),
+        metric(&during, "outrelay_agent_splice_spill_held_bytes"),
+        metric(&during, "outrelay_agent_splice_copy_active"),
+    );
+    let small = echo_bytes(echo_port, 1024, 2)
+        .await
+        .unwrap_or_else(|e| panic!("{backend}: echo lease 1 KiB under attack: {e}"));
+    let bulk = echo_bytes(echo_port, 1024 * 1024, 3)
+        .await
+        .unwrap_or_else(|e| panic!("{backend}: echo lease 1 MiB under attack: {e}"));
+    eprintln!(
+        "{backend}: echo lease under attack: 1 KiB in {small:?}, 1 MiB each way in {bulk:?} \
+         (hashes equal)"
+    );
+
+    // The agent cuts the attackers' pairs at its write-stall timeout, counted.
+    let series = "outrelay_agent_splice_closed_total{reason=\"write_stall\"}";
+    let stalls = loop {
+        let text = http_get(&metrics_addr, "/metrics");
+        let n = metric(&text, series);
+        if n > 0.0 {
+            break n;
+        }
+        assert!(
+            attack_started.elapsed() < 2 * WAIT,
+            "{backend}: no pair closed write_stall:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let after = http_get(&metrics_addr, "/metrics");
+    let pipe_held = metric(&after, "outrelay_agent_pipe_held_bytes");
+    eprintln!(
+        "{backend}: {stalls} pairs closed write_stall after {:?}; pipe held {pipe_held} B, \
+         {} spills",
+        attack_started.elapsed(),
+        metric(&after, "outrelay_agent_splice_spills_total")
+    );
+    for text in [&during, &after] {
+        let held = metric(text, "outrelay_agent_pipe_held_bytes");
+        assert!(
+            held <= PIPE_BUDGET_BYTES,
+            "{backend}: pipe bytes held {held} above the budget"
+        );
+    }
+    drop(attackers);
+    drop(relay);
+}
+
+/// Sends `len` pseudo-random bytes (seeded) through the echo lease on `port`, half-closes,
+/// reads the echo to EOF and compares hashes; returns how long it took.
+async fn echo_bytes(port: u16, len: usize, seed: u64) -> Result<Duration, String> {
+    let started = Instant::now();
+    let attempt = async {
+        let c = loop {
+            match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(format!("connect: {e}")),
+            }
+        };
+        let (mut r, mut w) = c.into_split();
+        let mut x = seed | 1;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect();
+        let sent = Sha256::digest(&data).to_vec();
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await?;
+            w.shutdown().await
+        });
+        let mut back = Vec::with_capacity(len);
+        r.read_to_end(&mut back)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        writer
+            .await
+            .map_err(|e| format!("writer: {e}"))?
+            .map_err(|e| format!("write: {e}"))?;
+        if back.len() != len || Sha256::digest(&back).to_vec() != sent {
+            return Err(format!("{} bytes back, hash equal: false", back.len()));
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(WAIT, attempt).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no echo within {WAIT:?}")),
+    }
 }

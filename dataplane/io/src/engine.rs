@@ -9,6 +9,16 @@
 //! destination writable) and moves on. Half-close is preserved: when a source reaches EOF and
 //! its pipe has drained, the engine shuts down the write side of the destination, and the
 //! other direction keeps flowing until it ends too.
+//!
+//! A reader that stops reading must not pin the pipe budget (review H1): a direction whose
+//! destination answered `EAGAIN` with bytes in flight is *stalled* until the destination takes
+//! a byte. Pipes grow only when the destination has just drained them. A direction stalled for
+//! `stall_timeout` gives its pipe (or copy buffer) back: its bytes move to a spill buffer
+//! (within the spill budget) and it reads nothing more from its source until they are written. A direction that
+//! holds bytes for a destination stalled for `write_stall_timeout` closes its pair
+//! ([`CloseReason::WriteStall`]). When the pipe budget is spent, a direction with data moves it
+//! through a small user-space copy buffer instead of waiting; only when that budget is spent too
+//! does it wait for a pipe (FIFO). All timers are checked in the engine's sweep.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -21,6 +31,7 @@ use nix::fcntl::{SpliceFFlags, splice};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{Shutdown, shutdown};
 
+use crate::buffer::{Buf, BufKind, BufferLimits, BufferPool, BufferStats};
 use crate::pipe::{Pipe, PipeLimits, PipePool, PipeStats};
 use crate::poller::{Backend, INTEREST_BITS, Interest, Poller, WAKE_TOKEN};
 
@@ -31,6 +42,8 @@ pub struct EngineConfig {
     pub backend: Backend,
     /// Pipe pool limits.
     pub pipes: PipeLimits,
+    /// Copy-path and spill budgets.
+    pub buffers: BufferLimits,
     /// Most pairs spliced at once; [`Engine::add`] refuses more.
     pub max_pairs: usize,
     /// Capacity of the queue other threads hand pairs through.
@@ -39,6 +52,12 @@ pub struct EngineConfig {
     pub idle_timeout: Duration,
     /// A pair whose one direction has ended is closed once no byte moved for this long.
     pub half_closed_timeout: Duration,
+    /// A direction whose destination took no byte for this long, with bytes in its pipe,
+    /// gives the pipe back (its bytes move to a spill buffer).
+    pub stall_timeout: Duration,
+    /// A pair holding bytes for a destination that took no byte for this long is closed
+    /// ([`CloseReason::WriteStall`]).
+    pub write_stall_timeout: Duration,
     /// How often timeouts are checked.
     pub sweep_interval: Duration,
     /// Bytes one direction may move before the engine serves others (fairness).
@@ -50,13 +69,68 @@ impl Default for EngineConfig {
         EngineConfig {
             backend: Backend::probe(),
             pipes: PipeLimits::default(),
+            buffers: BufferLimits::default(),
             max_pairs: 16_384,
             inbox_max: 1024,
             idle_timeout: Duration::from_secs(3600),
             half_closed_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(2),
+            write_stall_timeout: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(1),
             pump_budget_bytes: 4 * 1024 * 1024,
         }
+    }
+}
+
+impl EngineConfig {
+    /// Checks what an operator sets (the `[splice]` keys of the relay and the agent).
+    ///
+    /// # Errors
+    /// The config key (without its table) and why it is refused.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        for (key, d) in [
+            ("idle_timeout_ms", self.idle_timeout),
+            ("half_closed_timeout_ms", self.half_closed_timeout),
+            ("stall_timeout_ms", self.stall_timeout),
+            ("write_stall_timeout_ms", self.write_stall_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err((key, "must be at least 100 ms"));
+            }
+        }
+        if self.stall_timeout >= self.write_stall_timeout {
+            // A stalled pipe must be given back before its pair is cut, or it never is.
+            return Err(("stall_timeout_ms", "must be below write_stall_timeout_ms"));
+        }
+        let b = &self.buffers;
+        if !(4096..=1024 * 1024).contains(&b.copy_buffer_bytes) {
+            return Err(("copy_buffer_bytes", "must be 4096..=1048576"));
+        }
+        if b.copy_budget_bytes != 0 && b.copy_budget_bytes < b.copy_buffer_bytes {
+            return Err((
+                "copy_budget_bytes",
+                "must be 0 (no copy path) or at least copy_buffer_bytes",
+            ));
+        }
+        if self.pipes.budget_bytes < crate::pipe::DEFAULT_PIPE_BYTES {
+            return Err(("pipe_budget_bytes", "must be at least 65536"));
+        }
+        Ok(())
+    }
+
+    /// This config with its budgets (pipes, copy, spill) split evenly across `workers`
+    /// engines: budgets are per process (the kernel's pipe limit is per user), engines are
+    /// per thread. Each engine keeps room for at least one pipe and one copy buffer.
+    pub fn per_worker(&self, workers: usize) -> EngineConfig {
+        let n = workers.max(1);
+        let mut c = self.clone();
+        c.pipes.budget_bytes = (c.pipes.budget_bytes / n).max(crate::pipe::DEFAULT_PIPE_BYTES);
+        if c.buffers.copy_budget_bytes > 0 {
+            c.buffers.copy_budget_bytes =
+                (c.buffers.copy_budget_bytes / n).max(c.buffers.copy_buffer_bytes);
+        }
+        c.buffers.spill_budget_bytes /= n;
+        c
     }
 }
 
@@ -73,6 +147,8 @@ pub enum CloseReason {
     HalfClosedTimeout,
     /// The engine was shut down.
     Shutdown,
+    /// A destination took no byte for `write_stall_timeout` while the pair held bytes for it.
+    WriteStall,
     /// Handed over through [`EngineHandle::add`] but refused when the engine took it from its
     /// inbox (`max_pairs` reached); never spliced. Reported so the caller can give back what
     /// it reserved for the pair; counted in `pairs_refused`, not in `closed`.
@@ -89,9 +165,20 @@ impl CloseReason {
             CloseReason::HalfClosedTimeout => "half_closed_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Refused => "refused",
+            CloseReason::WriteStall => "write_stall",
         }
     }
 }
+
+/// The label of each [`EngineStats::closed`] counter, in order.
+pub const CLOSED_LABELS: [&str; 6] = [
+    "completed",
+    "error",
+    "idle_timeout",
+    "half_closed_timeout",
+    "shutdown",
+    "write_stall",
+];
 
 /// A pair the engine is done with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,12 +218,48 @@ pub struct EngineStats {
     pub bytes: u64,
     /// `splice(2)` calls made.
     pub splice_calls: u64,
-    /// Pairs closed, by reason: completed, error, idle, half-closed, shutdown.
-    pub closed: [u64; 5],
-    /// Times a direction waited for the pipe budget.
+    /// Pairs closed, by reason (labels in [`CLOSED_LABELS`]).
+    pub closed: [u64; 6],
+    /// Times a direction waited for a pipe (pipe and copy budgets both spent).
     pub pipe_waits: u64,
+    /// Stalled directions that gave their pipe back (bytes moved to a spill buffer).
+    pub spills: u64,
+    /// Stalled directions that kept their pipe because the spill budget was spent (once per
+    /// stall).
+    pub spill_refusals: u64,
     /// The pipe pool's counters.
     pub pipes: PipeStats,
+    /// The copy-path and spill buffers' counters.
+    pub buffers: BufferStats,
+}
+
+impl EngineStats {
+    /// Adds `other`'s counters and gauges to these (one total over several engines).
+    pub fn accumulate(&mut self, other: &EngineStats) {
+        self.pairs_active += other.pairs_active;
+        self.pairs_added += other.pairs_added;
+        self.pairs_refused += other.pairs_refused;
+        self.bytes += other.bytes;
+        self.splice_calls += other.splice_calls;
+        for (t, c) in self.closed.iter_mut().zip(other.closed) {
+            *t += c;
+        }
+        self.pipe_waits += other.pipe_waits;
+        self.spills += other.spills;
+        self.spill_refusals += other.spill_refusals;
+        let (p, q) = (&mut self.pipes, &other.pipes);
+        p.created += q.created;
+        p.grown += q.grown;
+        p.budget_refusals += q.budget_refusals;
+        p.kernel_refusals += q.kernel_refusals;
+        p.held_bytes += q.held_bytes;
+        let (b, c) = (&mut self.buffers, &other.buffers);
+        b.copy_held_bytes += c.copy_held_bytes;
+        b.copy_active += c.copy_active;
+        b.copy_taken += c.copy_taken;
+        b.copy_refusals += c.copy_refusals;
+        b.spill_held_bytes += c.spill_held_bytes;
+    }
 }
 
 /// A pair handed over from another thread.
@@ -181,13 +304,22 @@ impl EngineHandle {
 }
 
 /// One direction of a pair: bytes from `fds[i]` to `fds[1 - i]`.
+///
+/// Its bytes in flight are in at most one place: the pipe (`in_pipe`) or the user-space
+/// buffer (`buf`: a copy-path buffer, or the spill of a pipe it gave back).
 #[derive(Debug, Default)]
 struct Direction {
     pipe: Option<Pipe>,
     in_pipe: usize,
+    buf: Option<Buf>,
     src_eof: bool,
     finished: bool,
     waiting_pipe: bool,
+    /// Since when the destination has refused bytes (`EAGAIN`) while this direction held
+    /// some; `None` once it takes a byte.
+    stalled_since: Option<Instant>,
+    /// The spill budget refused this stall (counted once per stall).
+    spill_refused: bool,
     bytes: u64,
 }
 
@@ -197,37 +329,58 @@ enum Pump {
     Wait { read: bool, write: bool },
     /// Moved its budget; serve others, then come back.
     Yield,
-    /// No pipe available within the budget.
+    /// No pipe and no copy buffer available within the budgets.
     NeedPipe,
     /// EOF forwarded; this direction is over.
     Finished,
 }
 
+/// What [`Direction::pump`] borrows from the engine.
+struct PumpCx<'a> {
+    pool: &'a mut PipePool,
+    bufs: &'a mut BufferPool,
+    budget_bytes: usize,
+    others_waiting: bool,
+    splice_calls: &'a mut u64,
+    now: Instant,
+}
+
 impl Direction {
+    /// Whether bytes read from the source wait for the destination.
+    fn holds_bytes(&self) -> bool {
+        self.in_pipe > 0 || self.buf.as_ref().is_some_and(|b| !b.is_empty())
+    }
+
     fn pump(
         &mut self,
         src: BorrowedFd<'_>,
         dst: BorrowedFd<'_>,
-        pool: &mut PipePool,
-        budget_bytes: usize,
-        others_waiting: bool,
-        splice_calls: &mut u64,
+        cx: &mut PumpCx<'_>,
     ) -> Result<Pump, Errno> {
+        use nix::sys::socket::{MsgFlags, recv, send};
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         let mut moved = 0usize;
         loop {
             let mut progressed = false;
             let mut read_blocked = false;
             let mut write_blocked = false;
-            if !self.src_eof && self.pipe.is_none() {
+            // The pipe was filled (bytes, or all its buffer slots) by this round's read.
+            let mut filled = false;
+            if !self.src_eof && self.pipe.is_none() && self.buf.is_none() {
                 // Idle directions hold no pipe: look before taking one. When others already
-                // wait for a pipe, queue behind them (FIFO) instead of overtaking them.
+                // wait for a pipe, queue behind them (FIFO) instead of overtaking them. With
+                // the pipe budget spent, copy through a small buffer rather than wait.
                 match peek(src) {
-                    Ok(Peeked::Data) if others_waiting => return Ok(Pump::NeedPipe),
-                    Ok(Peeked::Data) => match pool.acquire() {
-                        Some(pipe) => self.pipe = Some(pipe),
-                        None => return Ok(Pump::NeedPipe),
-                    },
+                    Ok(Peeked::Data) if cx.others_waiting => return Ok(Pump::NeedPipe),
+                    Ok(Peeked::Data) => {
+                        if let Some(pipe) = cx.pool.acquire() {
+                            self.pipe = Some(pipe);
+                        } else if let Some(buf) = cx.bufs.acquire_copy() {
+                            self.buf = Some(buf);
+                        } else {
+                            return Ok(Pump::NeedPipe);
+                        }
+                    }
                     Ok(Peeked::Eof) => {
                         self.src_eof = true;
                         progressed = true;
@@ -237,33 +390,47 @@ impl Direction {
                     Err(e) => return Err(e),
                 }
             }
-            if let (false, Some(pipe)) = (self.src_eof, self.pipe.as_mut()) {
-                let room = pipe.capacity_bytes() - self.in_pipe;
-                if room > 0 {
-                    *splice_calls += 1;
-                    match splice(src, None, pipe.write_end(), None, room, flags) {
+            if !self.src_eof {
+                if let Some(pipe) = self.pipe.as_mut() {
+                    let room = pipe.capacity_bytes() - self.in_pipe;
+                    if room > 0 {
+                        *cx.splice_calls += 1;
+                        match splice(src, None, pipe.write_end(), None, room, flags) {
+                            Ok(0) => {
+                                self.src_eof = true;
+                                progressed = true;
+                            }
+                            Ok(n) => {
+                                self.in_pipe += n;
+                                progressed = true;
+                                filled = self.in_pipe == pipe.capacity_bytes();
+                            }
+                            // EAGAIN with bytes in flight may mean the PIPE ran out of buffer
+                            // slots (one per TCP fragment, 16 by default) rather than the
+                            // socket being empty: wait for the drain, which retries the read
+                            // when it makes progress, instead of arming a read that would fire
+                            // at once. A pipe that fills by slots is a bulk flow.
+                            Err(Errno::EAGAIN) if self.in_pipe > 0 => filled = true,
+                            Err(Errno::EAGAIN) => read_blocked = true,
+                            Err(Errno::EINTR) => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                } else if let Some(buf) = self
+                    .buf
+                    .as_mut()
+                    .filter(|b| b.kind() == BufKind::Copy && b.is_empty())
+                {
+                    // The copy path reads only into an empty buffer: while it holds unwritten
+                    // bytes the rest waits in the source socket. A spill is never refilled.
+                    match recv(src.as_fd_raw(), buf.space(), MsgFlags::MSG_DONTWAIT) {
                         Ok(0) => {
                             self.src_eof = true;
                             progressed = true;
                         }
                         Ok(n) => {
-                            self.in_pipe += n;
+                            buf.filled(n);
                             progressed = true;
-                            if self.in_pipe == pipe.capacity_bytes() && !others_waiting {
-                                // A bulk flow: give it a bigger pipe, budget permitting (not
-                                // while others wait for any pipe at all).
-                                pool.grow(pipe);
-                            }
-                        }
-                        // EAGAIN with bytes in flight may mean the PIPE ran out of buffer
-                        // slots (one per TCP fragment, 16 by default) rather than the socket
-                        // being empty: wait for the drain, which retries the read when it makes
-                        // progress, instead of arming a read that would fire at once. A pipe
-                        // that fills by slots is a bulk flow: let it grow.
-                        Err(Errno::EAGAIN) if self.in_pipe > 0 => {
-                            if !others_waiting {
-                                pool.grow(pipe);
-                            }
                         }
                         Err(Errno::EAGAIN) => read_blocked = true,
                         Err(Errno::EINTR) => continue,
@@ -271,34 +438,80 @@ impl Direction {
                     }
                 }
             }
-            if self.in_pipe > 0 {
+            let wrote = if self.in_pipe > 0 {
                 let Some(pipe) = self.pipe.as_ref() else {
                     return Err(Errno::EINVAL); // unreachable: bytes in flight imply a pipe
                 };
-                *splice_calls += 1;
+                *cx.splice_calls += 1;
                 match splice(pipe.read_end(), None, dst, None, self.in_pipe, flags) {
-                    Ok(0) => write_blocked = true,
+                    Ok(0) | Err(Errno::EAGAIN) => None,
                     Ok(n) => {
                         self.in_pipe -= n;
-                        self.bytes += n as u64;
-                        moved += n;
-                        progressed = true;
+                        Some(n)
                     }
-                    Err(Errno::EAGAIN) => write_blocked = true,
                     Err(Errno::EINTR) => continue,
                     Err(e) => return Err(e),
                 }
+            } else if let Some(buf) = self.buf.as_mut().filter(|b| !b.is_empty()) {
+                let out = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+                match send(dst.as_fd_raw(), buf.pending(), out) {
+                    Ok(0) | Err(Errno::EAGAIN) => None,
+                    Ok(n) => {
+                        buf.consume(n);
+                        Some(n)
+                    }
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                Some(0)
+            };
+            match wrote {
+                Some(0) => {}
+                Some(n) => {
+                    self.bytes += n as u64;
+                    moved += n;
+                    progressed = true;
+                    self.stalled_since = None;
+                    self.spill_refused = false;
+                }
+                None => {
+                    write_blocked = true;
+                    if self.stalled_since.is_none() {
+                        self.stalled_since = Some(cx.now);
+                    }
+                }
             }
-            let turn_over = others_waiting && moved >= budget_bytes;
-            if self.in_pipe == 0 && (read_blocked || self.src_eof || turn_over) {
+            if filled && self.in_pipe == 0 && !cx.others_waiting {
+                // A bulk flow whose destination drained the full pipe at once: give it a
+                // bigger pipe, budget permitting. Never toward a destination that refused
+                // bytes (the pipe would only pin more), nor while others wait for any pipe.
+                if let Some(pipe) = self.pipe.as_mut() {
+                    cx.pool.grow(pipe);
+                }
+            }
+            let turn_over = cx.others_waiting && moved >= cx.budget_bytes;
+            let at_rest = read_blocked || self.src_eof || turn_over;
+            if self.in_pipe == 0 && at_rest {
                 // Nothing in flight: hold no pipe while idle, nor across a yield while others
                 // wait for one (the pipe budget is shared round-robin, not held by the first
                 // bulk flows for their whole transfer).
                 if let Some(pipe) = self.pipe.take() {
-                    pool.release(pipe);
+                    cx.pool.release(pipe);
                 }
             }
-            if self.src_eof && self.in_pipe == 0 {
+            // An empty buffer goes back: a spill at once (the direction splices again), a copy
+            // buffer when at rest or as soon as a pipe could be had again.
+            let give_back = self.buf.as_ref().is_some_and(|b| {
+                b.is_empty() && (b.kind() == BufKind::Spill || at_rest || cx.pool.has_capacity())
+            });
+            if give_back && let Some(buf) = self.buf.take() {
+                cx.bufs.release(buf);
+            }
+            if self.src_eof && !self.holds_bytes() {
+                if let Some(buf) = self.buf.take() {
+                    cx.bufs.release(buf);
+                }
                 match shutdown(dst.as_fd_raw(), Shutdown::Write) {
                     Ok(()) | Err(Errno::ENOTCONN) => {}
                     Err(e) => return Err(e),
@@ -306,7 +519,7 @@ impl Direction {
                 self.finished = true;
                 return Ok(Pump::Finished);
             }
-            if moved >= budget_bytes {
+            if moved >= cx.budget_bytes {
                 return Ok(Pump::Yield);
             }
             if !progressed {
@@ -316,6 +529,61 @@ impl Direction {
                 });
             }
         }
+    }
+
+    /// Gives back the carrier of a stalled direction (its pipe, or its copy buffer): its
+    /// bytes move to a spill buffer within the spill budget. Returns whether it spilled
+    /// (`false`: nothing held, already a spill, or no budget).
+    ///
+    /// # Errors
+    /// The pipe could not be read back whole (the pair cannot keep its byte order).
+    fn spill(&mut self, pool: &mut PipePool, bufs: &mut BufferPool) -> Result<bool, Errno> {
+        if let Some(copy) = self.buf.as_ref() {
+            if copy.kind() != BufKind::Copy || copy.is_empty() {
+                return Ok(false);
+            }
+            let Some(mut spill) = bufs.acquire_spill(copy.pending().len()) else {
+                return Ok(false);
+            };
+            let n = copy.pending().len();
+            spill.space()[..n].copy_from_slice(copy.pending());
+            spill.filled(n);
+            if let Some(copy) = self.buf.replace(spill) {
+                bufs.release(copy);
+            }
+            return Ok(true);
+        }
+        let Some(pipe) = self.pipe.as_ref() else {
+            return Ok(false);
+        };
+        if self.in_pipe == 0 {
+            return Ok(false);
+        }
+        let Some(mut buf) = bufs.acquire_spill(self.in_pipe) else {
+            return Ok(false);
+        };
+        let want = self.in_pipe;
+        let mut got = 0usize;
+        let space = buf.space();
+        while got < want {
+            match nix::unistd::read(pipe.read_end(), &mut space[got..want]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
+        buf.filled(got);
+        self.in_pipe -= got;
+        if got < want {
+            bufs.release(buf);
+            return Err(Errno::EIO);
+        }
+        if let Some(pipe) = self.pipe.take() {
+            pool.release(pipe);
+        }
+        self.buf = Some(buf);
+        Ok(true)
     }
 }
 
@@ -388,6 +656,7 @@ pub struct Engine {
     config: EngineConfig,
     poller: Poller,
     pool: PipePool,
+    bufs: BufferPool,
     slots: Vec<Slot>,
     free: Vec<u32>,
     ready: VecDeque<(u32, u32)>,
@@ -414,6 +683,7 @@ impl Engine {
         let (tx, inbox) = sync_channel(config.inbox_max);
         Ok(Engine {
             pool: PipePool::new(config.pipes),
+            bufs: BufferPool::new(config.buffers),
             poller,
             slots: Vec::new(),
             free: Vec::new(),
@@ -442,6 +712,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             pipes: self.pool.stats(),
+            buffers: self.bufs.stats(),
             ..self.stats
         }
     }
@@ -596,14 +867,15 @@ impl Engine {
                 continue;
             }
             let (src, dst) = (pair.fds[d].as_fd(), pair.fds[1 - d].as_fd());
-            match dir.pump(
-                src,
-                dst,
-                &mut self.pool,
-                budget,
-                !self.pipe_waiters.is_empty(),
-                &mut self.stats.splice_calls,
-            ) {
+            let mut cx = PumpCx {
+                pool: &mut self.pool,
+                bufs: &mut self.bufs,
+                budget_bytes: budget,
+                others_waiting: !self.pipe_waiters.is_empty(),
+                splice_calls: &mut self.stats.splice_calls,
+                now,
+            };
+            match dir.pump(src, dst, &mut cx) {
                 Ok(Pump::Wait { read, write }) => {
                     if read {
                         want[d] = want[d].union(Interest::READ);
@@ -669,9 +941,10 @@ impl Engine {
         self.wake_pipe_waiters();
     }
 
-    /// Requeues directions that waited for a pipe, now that one may be free.
+    /// Requeues directions that waited for a pipe, now that one (or a copy buffer) may be
+    /// free.
     fn wake_pipe_waiters(&mut self) {
-        if !self.pool.has_capacity() {
+        if !self.pool.has_capacity() && !self.bufs.has_copy_capacity() {
             return;
         }
         while let Some((index, generation)) = self.pipe_waiters.pop_front() {
@@ -690,11 +963,40 @@ impl Engine {
     fn sweep(&mut self, now: Instant, finished: &mut Vec<Finished>) {
         let idle = self.config.idle_timeout;
         let half = self.config.half_closed_timeout;
+        let stall = self.config.stall_timeout;
+        let write_stall = self.config.write_stall_timeout;
+        let stalled_for = |dir: &Direction, limit: Duration| {
+            dir.holds_bytes()
+                && dir
+                    .stalled_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= limit)
+        };
         for index in 0..self.slots.len() {
-            let Some(pair) = self.slots[index].pair.as_ref() else {
+            let Some(pair) = self.slots[index].pair.as_mut() else {
                 continue;
             };
-            let reason = if now.saturating_duration_since(pair.last_activity) >= idle {
+            // A stalled direction gives its pipe back to the pool (bytes to a spill buffer).
+            let mut spill_error = None;
+            for dir in &mut pair.dirs {
+                let spilled = dir.buf.as_ref().is_some_and(|b| b.kind() == BufKind::Spill);
+                if spilled || !stalled_for(dir, stall) {
+                    continue;
+                }
+                match dir.spill(&mut self.pool, &mut self.bufs) {
+                    Ok(true) => self.stats.spills += 1,
+                    Ok(false) if !dir.spill_refused => {
+                        dir.spill_refused = true;
+                        self.stats.spill_refusals += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => spill_error = Some(e),
+                }
+            }
+            let reason = if let Some(e) = spill_error {
+                Some(CloseReason::Error(e))
+            } else if pair.dirs.iter().any(|d| stalled_for(d, write_stall)) {
+                Some(CloseReason::WriteStall)
+            } else if now.saturating_duration_since(pair.last_activity) >= idle {
                 Some(CloseReason::IdleTimeout)
             } else if pair
                 .half_closed_since
@@ -737,6 +1039,9 @@ impl Engine {
                     self.pool.discard(pipe);
                 }
             }
+            if let Some(buf) = dir.buf.take() {
+                self.bufs.release(buf);
+            }
         }
         let counter = match reason {
             CloseReason::Completed => 0,
@@ -744,6 +1049,7 @@ impl Engine {
             CloseReason::IdleTimeout => 2,
             CloseReason::HalfClosedTimeout => 3,
             CloseReason::Shutdown | CloseReason::Refused => 4,
+            CloseReason::WriteStall => 5,
         };
         self.stats.closed[counter] += 1;
         self.stats.pairs_active -= 1;
@@ -759,6 +1065,30 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_checks_name_the_key_and_budgets_split_per_worker() {
+        let ok = EngineConfig::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let mut c = ok.clone();
+        c.stall_timeout = Duration::from_millis(50);
+        assert_eq!(c.validate().map_err(|e| e.0), Err("stall_timeout_ms"));
+        let mut c = ok.clone();
+        c.stall_timeout = c.write_stall_timeout;
+        assert_eq!(c.validate().map_err(|e| e.0), Err("stall_timeout_ms"));
+        let mut c = ok.clone();
+        c.buffers.copy_budget_bytes = 100;
+        assert_eq!(c.validate().map_err(|e| e.0), Err("copy_budget_bytes"));
+        let w = ok.per_worker(4);
+        assert_eq!(w.pipes.budget_bytes, ok.pipes.budget_bytes / 4);
+        assert_eq!(
+            w.buffers.spill_budget_bytes,
+            ok.buffers.spill_budget_bytes / 4
+        );
+        let tiny = ok.per_worker(100_000);
+        assert_eq!(tiny.pipes.budget_bytes, crate::pipe::DEFAULT_PIPE_BYTES);
+        assert_eq!(tiny.buffers.copy_budget_bytes, ok.buffers.copy_buffer_bytes);
+    }
 
     #[test]
     fn tokens_round_trip() {

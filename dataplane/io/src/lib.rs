@@ -2,6 +2,8 @@
 //!
 //! Joins pairs of connected sockets and moves their bytes through kernel pipes
 //! (`splice(2)`), both ways, with half-close preserved, budgeted pipes and per-pair timeouts.
+//! A stalled reader never pins a pipe for long (it gives it back after `stall_timeout`), and a
+//! spent pipe budget falls back to a bounded user-space copy path instead of stopping flows.
 //! One [`Engine`] per worker thread; readiness from io_uring ([`Backend::Uring`]) or epoll
 //! ([`Backend::Epoll`], the fallback, forceable so the test suite runs on both).
 //!
@@ -9,13 +11,15 @@
 //! where each block carries a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
+pub mod buffer;
 pub mod engine;
 pub mod pipe;
 pub mod poller;
 mod uring;
 
+pub use buffer::{BufferLimits, BufferStats};
 pub use engine::{
-    AddError, CloseReason, Engine, EngineConfig, EngineHandle, EngineStats, Finished,
+    AddError, CLOSED_LABELS, CloseReason, Engine, EngineConfig, EngineHandle, EngineStats, Finished,
 };
 pub use pipe::{PipeLimits, PipeStats};
 pub use poller::Backend;

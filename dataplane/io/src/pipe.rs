@@ -7,9 +7,11 @@
 //! - a direction holds a pipe only while bytes are in it, and returns it to the pool when the
 //!   pipe drains and the source has nothing more to give;
 //! - pipes start at the kernel default (64 KiB) and grow, one step at a time up to
-//!   `max_pipe_bytes`, when a bulk flow fills them;
-//! - the pool refuses to create or grow a pipe past `budget_bytes`; a refused direction waits
-//!   for a release (counted as a pipe wait).
+//!   `max_pipe_bytes`, when a bulk flow fills them and its destination drains them at once
+//!   (never toward a destination that refused bytes);
+//! - the pool refuses to create or grow a pipe past `budget_bytes`; a refused direction moves
+//!   its bytes through a copy buffer ([`crate::buffer`]), and waits for a release (counted as
+//!   a pipe wait) only when the copy budget is spent too.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 

@@ -5,7 +5,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ struct Running {
     handle: outrelay_io::EngineHandle,
     stop: Arc<AtomicBool>,
     finished: mpsc::Receiver<Finished>,
+    /// The engine's stats, published after every round.
+    live: Arc<Mutex<EngineStats>>,
     thread: Option<thread::JoinHandle<EngineStats>>,
 }
 
@@ -46,6 +48,8 @@ impl Running {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, finished) = mpsc::channel();
         let stop2 = stop.clone();
+        let live = Arc::new(Mutex::new(EngineStats::default()));
+        let live2 = live.clone();
         let thread = thread::spawn(move || {
             let base = Instant::now();
             let mut clock = move || {
@@ -60,6 +64,7 @@ impl Running {
                 for f in out.drain(..) {
                     let _ = tx.send(f);
                 }
+                *live2.lock().expect("stats lock") = engine.stats();
             }
             engine.shutdown(&mut out);
             engine.stats()
@@ -68,6 +73,7 @@ impl Running {
             handle,
             stop,
             finished,
+            live,
             thread: Some(thread),
         }
     }
@@ -82,6 +88,27 @@ impl Running {
         self.finished
             .recv_timeout(Duration::from_secs(60))
             .expect("a pair finished within 60 s")
+    }
+
+    /// The stats after the engine's last round.
+    fn stats(&self) -> EngineStats {
+        *self.live.lock().expect("stats lock")
+    }
+
+    /// Waits (up to 10 s) until the stats satisfy `ok`; panics naming `what` otherwise.
+    fn wait_for(&self, what: &str, ok: impl Fn(&EngineStats) -> bool) -> EngineStats {
+        let start = Instant::now();
+        loop {
+            let stats = self.stats();
+            if ok(&stats) {
+                return stats;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: not within 10 s: {stats:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn stop(mut self) -> EngineStats {
@@ -134,7 +161,10 @@ fn recv_all(mut s: TcpStream) -> thread::JoinHandle<(u64, [u8; 32])> {
         let mut buf = vec![0u8; 256 * 1024];
         let mut n = 0u64;
         loop {
-            let k = s.read(&mut buf).expect("read");
+            let k = match s.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.expect("read"),
+            };
             if k == 0 {
                 break;
             }
@@ -265,12 +295,15 @@ fn directions_wait_for_the_pipe_budget_and_then_complete() {
     const LEN: usize = 32 * 1024 * 1024;
     for backend in backends() {
         let mut cfg = config(backend);
-        // Room for exactly one default-sized pipe and no growth.
+        // Room for exactly one default-sized pipe and no growth, no copy path, and no stall
+        // give-back within the test: the second pair can only wait.
         cfg.pipes = PipeLimits {
             budget_bytes: 64 * 1024,
             max_pipe_bytes: 64 * 1024,
             pool_max: 4,
         };
+        cfg.buffers.copy_budget_bytes = 0;
+        cfg.stall_timeout = Duration::from_secs(60);
         let engine = Running::start(cfg, Arc::default());
 
         // Pair 1: data is waiting and its receiver does not read yet, so once its pipe fills
@@ -373,5 +406,351 @@ fn a_pair_refused_from_the_inbox_is_reported_with_its_tag() {
         );
         let stats = engine.stop();
         assert_eq!(stats.pairs_refused, 1, "{backend:?}");
+    }
+}
+
+// ---------- stalled readers (review H1) ----------
+
+/// Shrinks the kernel buffers in front of a reader that will not read: the engine's send
+/// buffer (`engine_side`) and the reader's receive buffer, so the pipe fills at once.
+fn small_buffers(engine_side: &TcpStream, reader: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(engine_side, sockopt::SndBuf, &4096).expect("SO_SNDBUF");
+    setsockopt(reader, sockopt::RcvBuf, &4096).expect("SO_RCVBUF");
+    reader
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+}
+
+/// Writes zeros until the connection fails (the engine closed it, or the test ended).
+fn flood(mut s: TcpStream) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let chunk = vec![0u8; 64 * 1024];
+        let mut n = 0u64;
+        while let Ok(k) = s.write(&chunk) {
+            n += k as u64;
+        }
+        n
+    })
+}
+
+/// A pair whose server end never reads: (client, server) test ends, flooded by the client.
+fn stalled_pair(engine: &Running, tag: u64) -> (TcpStream, TcpStream, thread::JoinHandle<u64>) {
+    let (client, relay_a) = tcp_pair();
+    let (relay_b, server) = tcp_pair();
+    small_buffers(&relay_b, &server);
+    engine.add(relay_a, relay_b, tag);
+    let writer = flood(client.try_clone().expect("clone"));
+    (client, server, writer)
+}
+
+/// Moves `len` bytes each way through a new pair of `engine`; asserts equal hashes and
+/// returns how long it took.
+fn transfer(engine: &Running, tag: u64, len: usize, what: &str) -> Duration {
+    let started = Instant::now();
+    let (client, relay_a) = tcp_pair();
+    let (relay_b, server) = tcp_pair();
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+    }
+    engine.add(relay_a, relay_b, tag);
+    let client_rx = recv_all(client.try_clone().expect("clone"));
+    let server_rx = recv_all(server.try_clone().expect("clone"));
+    let client_tx = send_all(client, pattern(tag, len));
+    let server_tx = send_all(server, pattern(tag + 1000, len));
+    let (up_bytes, up_hash) = server_rx.join().expect("server reader (timed out?)");
+    let (down_bytes, down_hash) = client_rx.join().expect("client reader (timed out?)");
+    assert_eq!((up_bytes, down_bytes), (len as u64, len as u64), "{what}");
+    assert_eq!(up_hash, client_tx.join().expect("client writer"), "{what}");
+    assert_eq!(
+        down_hash,
+        server_tx.join().expect("server writer"),
+        "{what}"
+    );
+    started.elapsed()
+}
+
+#[test]
+fn a_stalled_reader_gives_its_pipe_back_after_the_stall_time() {
+    const LEN: usize = 16 * 1024 * 1024;
+    for backend in backends() {
+        let mut cfg = config(backend);
+        // One default pipe and no copy path: the second pair below moves only if the
+        // stalled pair gave its pipe back.
+        cfg.pipes = PipeLimits {
+            budget_bytes: 64 * 1024,
+            max_pipe_bytes: 64 * 1024,
+            pool_max: 4,
+        };
+        cfg.buffers.copy_budget_bytes = 0;
+        cfg.stall_timeout = Duration::from_millis(300);
+        cfg.write_stall_timeout = Duration::from_secs(60);
+        let engine = Running::start(cfg, Arc::default());
+        let (client, relay_a) = tcp_pair();
+        let (relay_b, server) = tcp_pair();
+        // Default socket buffers (this reader drains later at full speed): LEN is far more
+        // than they absorb while it does not read.
+        server
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        engine.add(relay_a, relay_b, 1);
+        let sent = send_all(client.try_clone().expect("clone"), pattern(5, LEN));
+        let started = Instant::now();
+        let stats = engine.wait_for("the stalled pipe is spilled", |s| s.spills >= 1);
+        eprintln!(
+            "{backend:?}: stalled pipe given back after {:?}: {stats:?}",
+            started.elapsed()
+        );
+        assert!(stats.buffers.spill_held_bytes > 0, "{backend:?}: {stats:?}");
+        assert!(
+            stats.buffers.spill_held_bytes <= 64 * 1024,
+            "{backend:?}: {stats:?}"
+        );
+        // The only pipe is free again: another pair moves 1 MiB each way through it.
+        let took = transfer(&engine, 2, 1024 * 1024, "second pair");
+        eprintln!("{backend:?}: second pair 2 x 1 MiB in {took:?} beside the stalled one");
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (2, CloseReason::Completed),
+            "{backend:?}"
+        );
+        // The stalled reader now drains: every byte arrives, in order.
+        let received = recv_all(server);
+        assert_eq!(
+            received.join().expect("reader").1,
+            sent.join().expect("writer"),
+            "{backend:?}: the spilled bytes kept their order"
+        );
+        drop(client);
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (1, CloseReason::Completed),
+            "{backend:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.buffers.spill_held_bytes, 0, "{backend:?}: {stats:?}");
+    }
+}
+
+#[test]
+fn pipes_do_not_grow_toward_a_stalled_reader() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        cfg.stall_timeout = Duration::from_secs(60);
+        cfg.write_stall_timeout = Duration::from_secs(60);
+        let engine = Running::start(cfg, Arc::default());
+        let (_client, _server, _writer) = stalled_pair(&engine, 1);
+        // Let it fill its pipe and stall (the source floods, the reader never reads).
+        engine.wait_for("the pair moved bytes", |s| s.bytes > 0);
+        thread::sleep(Duration::from_millis(500));
+        let stats = engine.stats();
+        eprintln!("{backend:?}: toward a stalled reader: {stats:?}");
+        assert_eq!(stats.pipes.grown, 0, "{backend:?}: {stats:?}");
+        assert!(
+            stats.pipes.held_bytes <= 64 * 1024,
+            "{backend:?}: {stats:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.pipes.grown, 0, "{backend:?}: {stats:?}");
+    }
+}
+
+#[test]
+fn a_new_pair_takes_the_copy_path_while_stalled_pairs_pin_every_pipe() {
+    const LEN: usize = 8 * 1024 * 1024;
+    for backend in backends() {
+        let mut cfg = config(backend);
+        // Two default pipes, both pinned by stalled readers for the whole test.
+        cfg.pipes = PipeLimits {
+            budget_bytes: 128 * 1024,
+            max_pipe_bytes: 64 * 1024,
+            pool_max: 4,
+        };
+        cfg.stall_timeout = Duration::from_secs(60);
+        cfg.write_stall_timeout = Duration::from_secs(60);
+        let engine = Running::start(cfg, Arc::default());
+        let _a = stalled_pair(&engine, 1);
+        let _b = stalled_pair(&engine, 2);
+        engine.wait_for("both pipes pinned", |s| {
+            s.pipes.held_bytes >= 128 * 1024 && s.pairs_active == 2
+        });
+        thread::sleep(Duration::from_millis(200));
+        let took = transfer(&engine, 3, LEN, "copy-path pair");
+        eprintln!("{backend:?}: 2 x 8 MiB on the copy path in {took:?}");
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (3, CloseReason::Completed),
+            "{backend:?}"
+        );
+        let stats = engine.stats();
+        eprintln!("{backend:?}: {stats:?}");
+        assert!(stats.buffers.copy_taken >= 1, "{backend:?}: {stats:?}");
+        assert!(
+            stats.pipes.held_bytes <= 128 * 1024,
+            "{backend:?}: {stats:?}"
+        );
+        // Buffers go back when the pair has nothing in flight.
+        assert_eq!(stats.buffers.copy_active, 0, "{backend:?}: {stats:?}");
+        engine.stop();
+    }
+}
+
+#[test]
+fn a_pair_whose_reader_never_drains_is_closed_write_stall() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        cfg.stall_timeout = Duration::from_millis(100);
+        cfg.write_stall_timeout = Duration::from_millis(600);
+        let engine = Running::start(cfg, Arc::default());
+        let started = Instant::now();
+        let (_client, mut server, writer) = stalled_pair(&engine, 1);
+        let f = engine.next_finished();
+        let after = started.elapsed();
+        eprintln!("{backend:?}: closed {:?} after {after:?}", f.reason);
+        assert_eq!(
+            (f.tag, f.reason),
+            (1, CloseReason::WriteStall),
+            "{backend:?}"
+        );
+        assert!(
+            after >= Duration::from_millis(600),
+            "{backend:?}: {after:?}"
+        );
+        // Both ends see the close; the flooding source stops.
+        let mut sink = Vec::new();
+        let _ = server.read_to_end(&mut sink);
+        eprintln!(
+            "{backend:?}: source wrote {} bytes",
+            writer.join().expect("writer")
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.closed[5], 1, "{backend:?}: {stats:?}");
+        assert_eq!(stats.buffers.spill_held_bytes, 0, "{backend:?}: {stats:?}");
+        assert_eq!(
+            outrelay_io::CLOSED_LABELS[5],
+            CloseReason::WriteStall.label()
+        );
+    }
+}
+
+#[test]
+fn a_slow_but_progressing_reader_is_not_closed_and_gets_every_byte() {
+    const LEN: usize = 8 * 1024 * 1024;
+    const BURST: usize = 1024 * 1024;
+    for backend in backends() {
+        let mut cfg = config(backend);
+        cfg.stall_timeout = Duration::from_millis(100);
+        cfg.write_stall_timeout = Duration::from_secs(2);
+        let engine = Running::start(cfg, Arc::default());
+        let (client, relay_a) = tcp_pair();
+        let (relay_b, mut server) = tcp_pair();
+        server
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("read timeout");
+        engine.add(relay_a, relay_b, 1);
+        let sent = send_all(client.try_clone().expect("clone"), pattern(11, LEN));
+        // Reads a burst, then pauses longer than the stall time (the pipe is given back)
+        // and shorter than the write-stall time (the pair is not cut).
+        let mut h = Sha256::new();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let mut burst = 0usize;
+            while burst < BURST {
+                let n = match server.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => r.expect("read"),
+                };
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                burst += n;
+            }
+            got += burst;
+            if burst < BURST {
+                break;
+            }
+            thread::sleep(Duration::from_millis(400));
+        }
+        assert_eq!(got, LEN, "{backend:?}");
+        let digest: [u8; 32] = h.finalize().into();
+        assert_eq!(digest, sent.join().expect("writer"), "{backend:?}");
+        drop((client, server));
+        let f = engine.next_finished();
+        assert_eq!(f.reason, CloseReason::Completed, "{backend:?}");
+        let stats = engine.stop();
+        eprintln!("{backend:?}: slow reader: {stats:?}");
+        assert!(stats.spills >= 1, "{backend:?}: never spilled: {stats:?}");
+        assert_eq!(stats.closed[5], 0, "{backend:?}");
+    }
+}
+
+#[test]
+fn stalled_directions_on_pipes_and_copy_buffers_both_give_them_back() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        // One pipe and one copy buffer: the first stalled pair takes the pipe, the second the
+        // copy buffer; after the stall time both are spilled and a third pair moves.
+        cfg.pipes = PipeLimits {
+            budget_bytes: 64 * 1024,
+            max_pipe_bytes: 64 * 1024,
+            pool_max: 4,
+        };
+        cfg.buffers.copy_budget_bytes = 16 * 1024;
+        cfg.buffers.copy_buffer_bytes = 16 * 1024;
+        cfg.stall_timeout = Duration::from_millis(200);
+        cfg.write_stall_timeout = Duration::from_secs(60);
+        let engine = Running::start(cfg, Arc::default());
+        let _a = stalled_pair(&engine, 1);
+        engine.wait_for("the pipe is taken", |s| s.pipes.held_bytes > 0);
+        let _b = stalled_pair(&engine, 2);
+        let stats = engine.wait_for("both stalled carriers spilled", |s| {
+            s.spills >= 2 && s.buffers.copy_taken >= 1
+        });
+        eprintln!("{backend:?}: {stats:?}");
+        assert_eq!(stats.buffers.copy_active, 0, "{backend:?}: {stats:?}");
+        let took = transfer(&engine, 3, 1024 * 1024, "third pair");
+        eprintln!("{backend:?}: third pair 2 x 1 MiB in {took:?}");
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (3, CloseReason::Completed),
+            "{backend:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.buffers.spill_held_bytes, 0, "{backend:?}: {stats:?}");
+    }
+}
+
+#[test]
+fn a_spent_spill_budget_keeps_the_stalled_pipe_and_is_counted_once() {
+    for backend in backends() {
+        let mut cfg = config(backend);
+        cfg.buffers.spill_budget_bytes = 0;
+        cfg.stall_timeout = Duration::from_millis(100);
+        cfg.write_stall_timeout = Duration::from_millis(1500);
+        let engine = Running::start(cfg, Arc::default());
+        let (_client, _server, _writer) = stalled_pair(&engine, 1);
+        let stats = engine.wait_for("the spill refused", |s| s.spill_refusals >= 1);
+        assert_eq!(stats.spills, 0, "{backend:?}: {stats:?}");
+        assert!(
+            stats.pipes.held_bytes > 0,
+            "{backend:?}: pipe kept: {stats:?}"
+        );
+        // Several sweeps later it is still one refusal (one per stall), until the
+        // write-stall timeout closes the pair.
+        let f = engine.next_finished();
+        assert_eq!(
+            (f.tag, f.reason),
+            (1, CloseReason::WriteStall),
+            "{backend:?}"
+        );
+        let stats = engine.stop();
+        assert_eq!(stats.spill_refusals, 1, "{backend:?}: {stats:?}");
     }
 }

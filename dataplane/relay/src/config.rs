@@ -15,6 +15,9 @@
 //! [udp]      flow_idle_ms = 30000  flow_max = 1024  queue_max = 1024  socket_buffer_bytes = 4194304
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
+//! [splice]   idle_timeout_ms = 3600000  half_closed_timeout_ms = 60000
+//!            stall_timeout_ms = 2000  write_stall_timeout_ms = 30000
+//!            copy_budget_bytes = 8388608  copy_buffer_bytes = 16384  spill_budget_bytes = 16777216
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
 //! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
@@ -30,7 +33,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use outrelay_io::{Backend, PipeLimits};
+use std::time::Duration;
+
+use outrelay_io::{Backend, BufferLimits, EngineConfig, PipeLimits};
 use serde::Deserialize;
 
 use crate::ingress::IngressConfig;
@@ -63,6 +68,7 @@ struct Raw {
     udp: RawUdp,
     quic: RawQuic,
     pipes: RawPipes,
+    splice: RawSplice,
     public_tls: RawPublicTls,
     controller: Option<RawController>,
     lifecycle: RawLifecycle,
@@ -116,6 +122,7 @@ impl Default for Raw {
             udp: RawUdp::default(),
             quic: RawQuic::default(),
             pipes: RawPipes::default(),
+            splice: RawSplice::default(),
             public_tls: RawPublicTls::default(),
             controller: None,
             lifecycle: RawLifecycle::default(),
@@ -306,6 +313,38 @@ impl Default for RawPipes {
     }
 }
 
+/// `[splice]`: the engines' timers and user-space budgets (whole relay, split across
+/// workers like `[pipes]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSplice {
+    idle_timeout_ms: u64,
+    half_closed_timeout_ms: u64,
+    stall_timeout_ms: u64,
+    write_stall_timeout_ms: u64,
+    copy_budget_bytes: usize,
+    copy_buffer_bytes: usize,
+    spill_budget_bytes: usize,
+}
+
+impl Default for RawSplice {
+    fn default() -> Self {
+        let d = EngineConfig::default();
+        let ms = |t: Duration| u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+        // The engine's defaults are per engine; the relay's keys are for the whole relay
+        // (two workers' worth, like the pipe budget's headroom on a 2-core box).
+        RawSplice {
+            idle_timeout_ms: ms(d.idle_timeout),
+            half_closed_timeout_ms: ms(d.half_closed_timeout),
+            stall_timeout_ms: ms(d.stall_timeout),
+            write_stall_timeout_ms: ms(d.write_stall_timeout),
+            copy_budget_bytes: 2 * d.buffers.copy_budget_bytes,
+            copy_buffer_bytes: d.buffers.copy_buffer_bytes,
+            spill_budget_bytes: 2 * d.buffers.spill_budget_bytes,
+        }
+    }
+}
+
 /// Validated settings; nothing here can be wrong any more.
 #[derive(Debug)]
 pub struct Settings {
@@ -313,8 +352,11 @@ pub struct Settings {
     pub workers: usize,
     /// Readiness backend of the engines.
     pub io_backend: Backend,
-    /// Pipe limits per engine.
+    /// Pipe limits of the whole relay (`[pipes]`).
     pub pipes: PipeLimits,
+    /// The splice engines' settings for the whole relay (`[pipes]`, `[splice]`); each worker
+    /// runs [`EngineConfig::per_worker`] of it.
+    pub engine: EngineConfig,
     /// TCP address of the reverse-session listener.
     pub reverse_listen: SocketAddr,
     /// TCP address of the public TLS (SNI) listener.
@@ -616,14 +658,17 @@ impl Settings {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));
         }
         let mesh = mesh_config(raw.mesh, raw.policy, controller.is_none())?;
+        let pipes = PipeLimits {
+            budget_bytes: raw.pipes.budget_bytes,
+            max_pipe_bytes: raw.pipes.max_pipe_bytes.max(4096),
+            ..PipeLimits::default()
+        };
+        let engine = engine_config(raw.splice, io_backend, pipes)?;
         Ok(Settings {
             workers,
             io_backend,
-            pipes: PipeLimits {
-                budget_bytes: raw.pipes.budget_bytes,
-                max_pipe_bytes: raw.pipes.max_pipe_bytes.max(4096),
-                ..PipeLimits::default()
-            },
+            pipes,
+            engine,
             reverse_listen: addr("listen.reverse", &raw.listen.reverse)?,
             public_tls_listen: addr("listen.public_tls", &raw.listen.public_tls)?,
             admin_socket: match raw.listen.admin_socket.as_str() {
@@ -644,6 +689,33 @@ impl Settings {
             mesh,
         })
     }
+}
+
+/// `[splice]` (with `[pipes]`), checked.
+fn engine_config(
+    s: RawSplice,
+    backend: Backend,
+    pipes: PipeLimits,
+) -> Result<EngineConfig, ConfigError> {
+    let config = EngineConfig {
+        backend,
+        pipes,
+        buffers: BufferLimits {
+            copy_budget_bytes: s.copy_budget_bytes,
+            copy_buffer_bytes: s.copy_buffer_bytes,
+            spill_budget_bytes: s.spill_budget_bytes,
+        },
+        idle_timeout: Duration::from_millis(s.idle_timeout_ms),
+        half_closed_timeout: Duration::from_millis(s.half_closed_timeout_ms),
+        stall_timeout: Duration::from_millis(s.stall_timeout_ms),
+        write_stall_timeout: Duration::from_millis(s.write_stall_timeout_ms),
+        ..EngineConfig::default()
+    };
+    config.validate().map_err(|(key, why)| match key {
+        "pipe_budget_bytes" => bad("pipes.budget_bytes", why),
+        key => bad(&format!("splice.{key}"), why),
+    })?;
+    Ok(config)
 }
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), if readable.

@@ -93,18 +93,14 @@ fn run(
     let lease_conns = Arc::new(outrelay_relay::ingress::limits::LeaseConns::default());
     let mut engines = Vec::with_capacity(settings.workers);
     let mut engine_stats = Vec::with_capacity(settings.workers);
-    // The pipe budget is the whole relay's (the kernel's per-user pipe limit is per user, not
-    // per thread): each engine gets an equal share.
-    let pipes = outrelay_io::PipeLimits {
-        budget_bytes: (settings.pipes.budget_bytes / settings.workers.max(1)).max(64 * 1024),
-        ..settings.pipes
+    // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe limit is
+    // per user, not per thread): each engine gets an equal share. Timeouts are `[splice]`'s.
+    let engine_config = EngineConfig {
+        backend: settings.io_backend,
+        ..settings.engine.per_worker(settings.workers)
     };
     for i in 0..settings.workers {
-        let mut engine = Engine::new(EngineConfig {
-            backend: settings.io_backend,
-            pipes,
-            ..EngineConfig::default()
-        })?;
+        let mut engine = Engine::new(engine_config.clone())?;
         engines.push(engine.handle());
         let published = Arc::new(Mutex::new(EngineStats::default()));
         engine_stats.push(published.clone());

@@ -50,17 +50,7 @@ impl Sources {
         let mut total = EngineStats::default();
         for e in &self.engines {
             let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            total.pairs_active += e.pairs_active;
-            total.pairs_added += e.pairs_added;
-            total.pairs_refused += e.pairs_refused;
-            total.bytes += e.bytes;
-            total.splice_calls += e.splice_calls;
-            total.pipe_waits += e.pipe_waits;
-            total.pipes.held_bytes += e.pipes.held_bytes;
-            total.pipes.created += e.pipes.created;
-            for (t, c) in total.closed.iter_mut().zip(e.closed) {
-                *t += c;
-            }
+            total.accumulate(&e);
         }
         total
     }
@@ -218,18 +208,15 @@ fn update(s: &Sources) {
     counter!("outrelay_relay_pipe_waits_total").absolute(total.pipe_waits);
     counter!("outrelay_relay_pipes_created_total").absolute(total.pipes.created);
     gauge!("outrelay_relay_pipe_held_bytes").set(total.pipes.held_bytes as f64);
-    for (i, reason) in [
-        "completed",
-        "error",
-        "idle_timeout",
-        "half_closed_timeout",
-        "shutdown",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        counter!("outrelay_relay_splice_closed_total", "reason" => reason)
-            .absolute(total.closed[i]);
+    let b = total.buffers;
+    gauge!("outrelay_relay_splice_spill_held_bytes").set(b.spill_held_bytes as f64);
+    gauge!("outrelay_relay_splice_copy_held_bytes").set(b.copy_held_bytes as f64);
+    gauge!("outrelay_relay_splice_copy_active").set(b.copy_active as f64);
+    counter!("outrelay_relay_splice_copy_fallbacks_total").absolute(b.copy_taken);
+    counter!("outrelay_relay_splice_spills_total").absolute(total.spills);
+    counter!("outrelay_relay_splice_spill_refusals_total").absolute(total.spill_refusals);
+    for (reason, n) in outrelay_io::CLOSED_LABELS.into_iter().zip(total.closed) {
+        counter!("outrelay_relay_splice_closed_total", "reason" => reason).absolute(n);
     }
     gauge!("outrelay_relay_io_backend_info", "backend" => s.backend.name()).set(1.0);
 }

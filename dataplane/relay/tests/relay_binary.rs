@@ -79,6 +79,19 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
             "[public_tls]\ncert = \"relay.pem\"\nkey = \"missing.pem\"\n",
             "public_tls",
         ),
+        (
+            "[splice]\nstall_timeout_ms = 50\n",
+            "splice.stall_timeout_ms",
+        ),
+        (
+            "[splice]\nstall_timeout_ms = 30000\nwrite_stall_timeout_ms = 30000\n",
+            "splice.stall_timeout_ms",
+        ),
+        (
+            "[splice]\ncopy_buffer_bytes = 10\n",
+            "splice.copy_buffer_bytes",
+        ),
+        ("[splice]\nidle_timeout_ms = 0\n", "splice.idle_timeout_ms"),
     ];
     for (bad, key) in cases {
         let text = if bad.starts_with("public_url") {

@@ -165,3 +165,55 @@ impl Ca {
         (c, k)
     }
 }
+
+/// The readiness backends this kernel offers (io_uring skipped LOUDLY when refused).
+#[allow(dead_code, reason = "used by some of the test files only")]
+pub fn io_backends() -> Vec<&'static str> {
+    let mut backends = vec!["epoll"];
+    if outrelay_io::Backend::probe() == outrelay_io::Backend::Uring {
+        backends.push("io_uring");
+    } else {
+        eprintln!("SKIP io_uring backend: this kernel or sandbox refuses io_uring_setup");
+    }
+    backends
+}
+
+/// A target that writes zeros to every connection until it fails (a large download).
+#[allow(dead_code, reason = "used by some of the test files only")]
+pub async fn zeros_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind zeros");
+    let addr = listener.local_addr().expect("zeros addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let zeros = vec![0u8; 64 * 1024];
+                while s.write_all(&zeros).await.is_ok() {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A public client with `SO_RCVBUF = 4096` that sends nothing and never reads (review H1's
+/// stalled reader); a refused connect is retried (the lease port may not listen yet).
+#[allow(dead_code, reason = "used by some of the test files only")]
+pub async fn stalled_reader(addr: SocketAddr) -> tokio::net::TcpStream {
+    let started = std::time::Instant::now();
+    loop {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        match socket.connect(addr).await {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(20),
+                    "{addr} never listened: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

@@ -801,3 +801,136 @@ pub async fn https_get(relay: &Relay, ca: &Ca, host: &str, path: &str) -> Result
 pub fn drops(reason: &str) -> String {
     format!("outrelay_relay_ingress_drops_total{{reason=\"{reason}\"}}")
 }
+
+// ---------- hostile and legitimate clients of TCP leases ----------
+
+/// The port of a grant's `tcp_addr`.
+pub fn lease_port(grant: &orp::LeaseGrant) -> u16 {
+    grant
+        .tcp_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("tcp_addr with a port: {grant:?}"))
+}
+
+/// A target that writes zeros to every connection until it fails (a large download).
+pub async fn zeros_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind zeros");
+    let addr = listener.local_addr().expect("zeros addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let zeros = vec![0u8; 64 * 1024];
+                while s.write_all(&zeros).await.is_ok() {}
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// An echo target for any number of connections: each is echoed, and after the client's FIN
+/// gets the SHA-256 of what it sent as a 32-byte trailer.
+pub async fn echo_each_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.into_split();
+                let mut hasher = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            hasher.update(&buf[..n]);
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = w.write_all(&hasher.finalize()).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A client that connects with `SO_RCVBUF = 4096`, sends nothing and never reads (a stalled
+/// reader, review H1). Keep it alive to keep the attack up.
+pub async fn stalled_reader(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    socket.connect(addr).await
+}
+
+/// A legitimate client of [`echo_each_target`] through `addr`: sends `bytes` of pseudo-random
+/// data (seeded), half-closes, reads the echo and the trailer, and checks both hashes.
+/// A refused connect is retried (the lease port may not be open yet). Returns how long it took, or what did not match (or timed out after [`WAIT`]).
+pub async fn echo_exchange(addr: SocketAddr, bytes: usize, seed: u64) -> Result<Duration, String> {
+    let started = Instant::now();
+    let run = async {
+        // A lease port opens when the relay's listeners catch up with the grant.
+        let s = loop {
+            match TcpStream::connect(addr).await {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(format!("connect: {e}")),
+            }
+        };
+        let _ = s.set_nodelay(true);
+        let (mut r, mut w) = s.into_split();
+        let mut x = seed | 1;
+        let data: Vec<u8> = (0..bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect();
+        let sent: Vec<u8> = Sha256::digest(&data).to_vec();
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await?;
+            w.shutdown().await
+        });
+        let mut back = Vec::with_capacity(bytes + 32);
+        r.read_to_end(&mut back)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        writer
+            .await
+            .map_err(|e| format!("writer: {e}"))?
+            .map_err(|e| format!("write: {e}"))?;
+        if back.len() != bytes + 32 {
+            return Err(format!(
+                "got {} bytes back, want {}",
+                back.len(),
+                bytes + 32
+            ));
+        }
+        let (echo, trailer) = back.split_at(bytes);
+        if Sha256::digest(echo).as_slice() != sent.as_slice() || trailer != sent.as_slice() {
+            return Err("hash mismatch".to_owned());
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(WAIT, run).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no answer within {WAIT:?}")),
+    }
+}
