@@ -123,6 +123,18 @@ pub fn tree_pss_bytes(roots: &[u32]) -> u64 {
         .sum()
 }
 
+/// Parses the `VmRSS:` line of `/proc/<pid>/status`, in bytes.
+pub fn parse_status_rss_bytes(text: &str) -> Result<u64> {
+    kib_field(text, "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Resident set size of one process now (`/proc/<pid>/status` `VmRSS`), in bytes; `None` when
+/// the process is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_rss_bytes(&text).ok()
+}
+
 /// Parses the `Slab:` line of `/proc/meminfo`, in bytes.
 pub fn parse_meminfo_slab_bytes(text: &str) -> Result<u64> {
     kib_field(text, "Slab:").map(|kib| kib * 1024)
