@@ -38,14 +38,44 @@ const STEP_TIMEOUT_MS: u64 = 5_000;
 /// Bytes per write of the oversized-frame attacker.
 const JUNK_CHUNK_BYTES: usize = 64 * 1024;
 /// Streams the audit flood keeps in flight.
-const AUDIT_IN_FLIGHT: usize = 32;
+pub const AUDIT_IN_FLIGHT: usize = 32;
 /// Anonymous connections the controller flood holds open and idle (next to its churners).
-const CONTROLLER_IDLE_HELD: usize = 256;
+pub const CONTROLLER_IDLE_HELD: usize = 256;
 /// Loops of connect, one junk byte (a failed TLS handshake), close.
-const CONTROLLER_CHURNERS: usize = 32;
+pub const CONTROLLER_CHURNERS: usize = 32;
+
+// Rates. Attacker, relay and legitimate client share the same cores here, so an unpaced loop
+// measures the box more than the relay; each rate is well above what the review says is
+// enough for its attack (root host: 10,000 slots / 30 s = 333/s; slowloris 2,000/s for the
+// full-size cap; our cap is a tenth of it).
+
+/// New connections per second of all slots of [`hold_connections`] together, at most.
+pub const HOLD_CONNECTS_PER_S: u64 = 1_000;
+/// Denied OPEN_STREAMs per second of the audit flood, at most.
+pub const AUDIT_OPENS_PER_S: u64 = 5_000;
+/// Anonymous connections per second of the controller flood's churners, at most.
+pub const CONTROLLER_CONNECTS_PER_S: u64 = 2_000;
 
 fn stopped(stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
+}
+
+/// Sleeps `d`, or less when `stop` is set meanwhile.
+async fn pause(d: Duration, stop: &AtomicBool) {
+    let end = tokio::time::Instant::now() + d;
+    while !stopped(stop) && tokio::time::Instant::now() < end {
+        let left = end - tokio::time::Instant::now();
+        tokio::time::sleep(left.min(Duration::from_millis(POLL_MS))).await;
+    }
+}
+
+/// A ticker that lets each of `tasks` loops go `per_s / tasks` times a second.
+fn pacer(per_s: u64, tasks: usize) -> tokio::time::Interval {
+    let period =
+        Duration::from_nanos(1_000_000_000_u64.saturating_mul(tasks as u64) / per_s.max(1));
+    let mut tick = tokio::time::interval(period.max(Duration::from_micros(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 async fn until_stopped(stop: &AtomicBool) {
@@ -68,10 +98,9 @@ pub async fn stalled_readers(front: SocketAddr, count: usize, stop: Stop) -> Res
             .set_recv_buffer_size(STALLED_RCVBUF_BYTES)
             .context("SO_RCVBUF")?;
         let step = Duration::from_millis(STEP_TIMEOUT_MS);
-        match tokio::time::timeout(step, socket.connect(front)).await {
-            Ok(Ok(stream)) => held.push(stream),
-            // A refused or slow connect is the relay defending itself: count what got in.
-            Ok(Err(_)) | Err(_) => {}
+        // A refused or slow connect is the relay defending itself: count what got in.
+        if let Ok(Ok(stream)) = tokio::time::timeout(step, socket.connect(front)).await {
+            held.push(stream);
         }
     }
     let made = held.len() as u64;
@@ -85,7 +114,8 @@ pub async fn stalled_readers(front: SocketAddr, count: usize, stop: Stop) -> Res
 
 /// H2 (root host, slowloris): `slots` connections to `front` from one source, each sending
 /// `first` (a ClientHello naming the root host, or nothing) and then silent. A slot whose
-/// connection the relay closes connects again, until `stop`. Slots start spread over `ramp`.
+/// connection the relay closes (or refuses) connects again after `slots` ms, so that all slots
+/// together open at most [`HOLD_CONNECTS_PER_S`], until `stop`. Slots start spread over `ramp`.
 /// Returns the connections opened.
 pub async fn hold_connections(
     front: SocketAddr,
@@ -97,18 +127,23 @@ pub async fn hold_connections(
     let opened = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     let spacing = ramp / u32::try_from(slots.max(1)).unwrap_or(u32::MAX);
+    let again = Duration::from_millis((slots as u64).saturating_mul(1_000) / HOLD_CONNECTS_PER_S)
+        .max(Duration::from_millis(1));
     for i in 0..slots {
         let (first, stop, opened) = (Arc::clone(&first), Arc::clone(&stop), Arc::clone(&opened));
         let delay = spacing * u32::try_from(i).unwrap_or(u32::MAX);
         tasks.spawn(async move {
             tokio::time::sleep(delay).await;
+            let mut first_try = true;
             while !stopped(&stop) {
+                if !first_try {
+                    pause(again, &stop).await;
+                }
+                first_try = false;
                 let step = Duration::from_millis(STEP_TIMEOUT_MS);
                 let Ok(Ok(mut stream)) =
                     tokio::time::timeout(step, TcpStream::connect(front)).await
                 else {
-                    // Refused (backlog full, fds): back off a little, like a real flooder.
-                    tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
                     continue;
                 };
                 opened.fetch_add(1, Ordering::Relaxed);
@@ -135,7 +170,8 @@ pub async fn hold_connections(
 }
 
 /// H5: anonymous peers of the controller's gRPC port: [`CONTROLLER_CHURNERS`] loops of
-/// connect, one junk byte (a failed TLS handshake, which the controller audits), close; and
+/// connect, one junk byte (a failed TLS handshake, which the controller audits), close, at
+/// most [`CONTROLLER_CONNECTS_PER_S`] together; and
 /// [`CONTROLLER_IDLE_HELD`] connections held open without a byte. Returns the connections made.
 pub async fn controller_flood(grpc: SocketAddr, stop: Stop) -> Result<u64> {
     let made = Arc::new(AtomicU64::new(0));
@@ -162,10 +198,11 @@ pub async fn controller_flood(grpc: SocketAddr, stop: Stop) -> Result<u64> {
         let (stop, made) = (Arc::clone(&stop), Arc::clone(&made));
         tasks.spawn(async move {
             let step = Duration::from_millis(STEP_TIMEOUT_MS);
+            let mut tick = pacer(CONTROLLER_CONNECTS_PER_S, CONTROLLER_CHURNERS);
             while !stopped(&stop) {
+                tick.tick().await;
                 let Ok(Ok(mut s)) = tokio::time::timeout(step, TcpStream::connect(grpc)).await
                 else {
-                    tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
                     continue;
                 };
                 made.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +371,8 @@ pub async fn oversized_first_frames(
 }
 
 /// M13/H4: OPEN_STREAMs that the closed-world policy denies (no rule names the service), each
-/// one an audited decision, [`AUDIT_IN_FLIGHT`] at a time, at most `max_opens`, until `stop`.
+/// one an audited decision, [`AUDIT_IN_FLIGHT`] at a time and at most [`AUDIT_OPENS_PER_S`],
+/// at most `max_opens` in all, until `stop`.
 /// Returns the streams answered (rejected or otherwise).
 pub async fn audit_flood(agent: &QuicAgent, max_opens: u64, stop: Stop) -> Result<u64> {
     let answered = Arc::new(AtomicU64::new(0));
@@ -357,7 +395,9 @@ pub async fn audit_flood(agent: &QuicAgent, max_opens: u64, stop: Stop) -> Resul
         );
         tasks.spawn(async move {
             let step = Duration::from_millis(STEP_TIMEOUT_MS);
+            let mut tick = pacer(AUDIT_OPENS_PER_S, AUDIT_IN_FLIGHT);
             while !stopped(&stop) {
+                tick.tick().await;
                 let n = issued.fetch_add(1, Ordering::Relaxed);
                 if n >= max_opens {
                     break;
