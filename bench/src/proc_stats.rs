@@ -207,6 +207,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rss_is_read_from_the_status_vmrss_line() {
+        let status = "Name:\toutrelay-relay\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(
+            parse_status_rss_bytes(status).expect("VmRSS"),
+            10_240 * 1024
+        );
+        assert!(parse_status_rss_bytes("Name:\tx\n").is_err());
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+    }
+
+    #[test]
     fn stat_fields_are_counted_after_the_last_paren() {
         // A command name with spaces and a ')' inside, as a process may choose.
         let line = "4242 (weird) name) S 17 4242 4242 0 -1 4194560 300 0 0 0 \

@@ -60,6 +60,8 @@ const TARGET_RATIO: f64 = 0.8;
 /// the default 48 MiB pipe budget plus 16 MiB of connection state).
 const RSS_GROWTH_BUDGET_MIB: f64 = 64.0;
 const MIB: f64 = 1024.0 * 1024.0;
+/// The relay's gauge of bytes held in splice pipes (kernel memory, outside RSS).
+const PIPE_HELD_METRIC: &str = "outrelay_relay_pipe_held_bytes";
 
 /// The attacks, in the order they run within a round (the controller and audit ones last: a
 /// wedged audit pipeline or controller does not reset between attacks).
@@ -211,7 +213,7 @@ impl Abuse {
             _ => ends.relay_pid,
         };
         let rss_before = rss_bytes(pid).context("reading the RSS of the measured process")?;
-        let drops_before = scrape(ends.relay_metrics).unwrap_or_default();
+        let drops_before = parse_reason_counters(&scrape(ends.relay_metrics).unwrap_or_default());
         let unattacked = self.legit(attack, &ends)?;
 
         let stop: Stop = Arc::new(AtomicBool::new(false));
@@ -219,6 +221,10 @@ impl Abuse {
         let task = self.spawn_attack(attack, &ends, Arc::clone(&stop))?;
         std::thread::sleep(self.ramp);
         let attacked = self.legit(attack, &ends);
+        // Pipes are kernel memory (not in RSS): read what the relay holds while still attacked.
+        let pipe_held = scrape(ends.relay_metrics)
+            .ok()
+            .and_then(|body| metric_sum(&body, PIPE_HELD_METRIC));
         stop.store(true, Ordering::Relaxed);
         let units = self.rt.block_on(async {
             tokio::time::timeout(Duration::from_millis(ATTACK_STOP_TIMEOUT_MS), task)
@@ -229,7 +235,7 @@ impl Abuse {
         let peak = sampler.stop();
         let attacked = attacked?;
         let units = units.with_context(|| format!("mounting {}", attack.name()))?;
-        let drops_after = scrape(ends.relay_metrics).unwrap_or_default();
+        let drops_after = parse_reason_counters(&scrape(ends.relay_metrics).unwrap_or_default());
         target.ensure_running()?;
 
         let (refused, risers) = refusals(&drops_before, &drops_after);
@@ -241,7 +247,7 @@ impl Abuse {
             .or_default()
             .push((ratio, growth_mib));
         let meets = ratio >= TARGET_RATIO && growth_mib <= RSS_GROWTH_BUDGET_MIB;
-        Ok(Metrics::from([
+        let mut metrics = Metrics::from([
             ("base_conn_per_s".to_owned(), unattacked.per_s),
             ("attacked_conn_per_s".to_owned(), attacked.per_s),
             ("ratio".to_owned(), ratio),
@@ -253,7 +259,11 @@ impl Abuse {
             ("attack_units".to_owned(), units as f64),
             ("refusals".to_owned(), refused),
             ("meets_target".to_owned(), if meets { 1.0 } else { 0.0 }),
-        ]))
+        ]);
+        if let Some(bytes) = pipe_held {
+            metrics.insert("pipe_held_mib".to_owned(), bytes / MIB);
+        }
+        Ok(metrics)
     }
 
     /// The legitimate client for one window.
@@ -364,6 +374,7 @@ impl Scenario for Abuse {
             metric("errors attacked", 0, "attacked_errors"),
             metric("relay peak RSS MiB", 1, "peak_rss_mib"),
             metric("RSS growth MiB", 1, "rss_growth_mib"),
+            metric("relay pipes held MiB", 1, "pipe_held_mib"),
             metric("attack size", 0, "attack_units"),
             metric("relay refusals", 0, "refusals"),
             metric("meets target (1 = yes)", 0, "meets_target"),
@@ -435,7 +446,9 @@ impl Scenario for Abuse {
             format!(
                 "memory: VmRSS of the relay process (controller-flood: of the controller) \
                  sampled every {RSS_SAMPLE_MS} ms from the attack's start to its end; growth = \
-                 peak - the sample before the unattacked window. relay refusals: the rise of \
+                 peak - the sample before the unattacked window. relay pipes held: \
+                 `outrelay_relay_pipe_held_bytes` (splice pipes are kernel memory, not in RSS) \
+                 read at the end of the attacked window. relay refusals: the rise of \
                  every drop/refused/rejected/failed `*_total` series with a `reason` label on \
                  the relay's /metrics over the attack (refusals by named reason)"
             ),
@@ -620,14 +633,27 @@ impl RssSampler {
     }
 }
 
-/// The relay's `/metrics` as (series, value); empty on any failure (metrics are context).
-fn scrape(addr: SocketAddr) -> Result<BTreeMap<String, f64>> {
+/// The relay's `/metrics` text (Prometheus exposition).
+fn scrape(addr: SocketAddr) -> Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    Ok(parse_reason_counters(&body))
+    Ok(body)
+}
+
+/// The sum of every sample of the metric `name` (all label sets); `None` when absent.
+fn metric_sum(body: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series.split('{').next()? == name).then(|| value.parse().ok())?
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// Words in a counter's name that make it a refusal (`*_drops_total`, `*_refused_total`,
@@ -700,5 +726,15 @@ mod tests {
             top.starts_with("`outrelay_relay_ingress_drops_total{reason=\"pending_full\"}` +7")
         );
         assert!(!top.contains("no_route"), "{top}");
+    }
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets() {
+        let body = "# TYPE outrelay_relay_pipe_held_bytes gauge\n\
+                    outrelay_relay_pipe_held_bytes{worker=\"0\"} 1048576\n\
+                    outrelay_relay_pipe_held_bytes{worker=\"1\"} 1048576\n\
+                    outrelay_relay_pipe_held_bytes_max 9\n";
+        assert_eq!(metric_sum(body, PIPE_HELD_METRIC), Some(2_097_152.0));
+        assert_eq!(metric_sum(body, "absent"), None);
     }
 }
