@@ -30,6 +30,9 @@ use crate::process::OwnedProcess;
 const ROOT_HOST: &str = "outrelay.test";
 /// TCP lease port range (below the kernel's ephemeral range, away from the tests' 20000-30000).
 const LEASE_PORTS: (u16, u16) = (31_000, 31_099);
+/// The abuse topology's lease ports: apart from [`LEASE_PORTS`], so an abuse run and another
+/// scenario's run (the smoke tests run in parallel) never share a lease port.
+const ABUSE_LEASE_PORTS: (u16, u16) = (31_100, 31_199);
 /// How long the relay and the agent get to write their ready files.
 const READY_TIMEOUT_MS: u64 = 20_000;
 /// The service the mesh's provider offers and its consumer opens.
@@ -311,8 +314,8 @@ fn start_abuse(
          [controller]\nurl = \"https://{controller_grpc}\"\nstate_dir = \"{d}/relay-state\"\n",
         p = pki.display(),
         d = dir.display(),
-        lo = LEASE_PORTS.0,
-        hi = LEASE_PORTS.1,
+        lo = ABUSE_LEASE_PORTS.0,
+        hi = ABUSE_LEASE_PORTS.1,
     );
     let (mut processes, quic) = start_relay(dir, &relay_config)?;
     let relay_ready: serde_json::Value = serde_json::from_str(
