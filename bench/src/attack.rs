@@ -8,7 +8,7 @@
 //! The QUIC attackers are an agent with a real certificate from the dev PKI (`agent-2`): mTLS,
 //! ALPN `orp/1`, HELLO on the control stream, then ORP frames encoded with `outrelay-proto`.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +28,11 @@ use tokio::task::JoinSet;
 
 /// A flag the measurement sets when the attack must end.
 pub type Stop = Arc<AtomicBool>;
+
+/// Every attacker connects from this loopback address, the legitimate clients from 127.0.0.1:
+/// per-source budgets (issue 15) must be able to tell the attacker from everyone else, as
+/// they would on the internet. (All of 127.0.0.0/8 is loopback on Linux.)
+pub const ATTACKER_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 /// SO_RCVBUF of a stalled reader (the review's recipe: small, so the relay's side fills fast).
 const STALLED_RCVBUF_BYTES: u32 = 4096;
@@ -58,6 +63,20 @@ pub const CONTROLLER_CONNECTS_PER_S: u64 = 2_000;
 
 fn stopped(stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
+}
+
+/// A TCP socket bound to [`ATTACKER_SOURCE`] (any port).
+fn attacker_socket() -> Result<TcpSocket> {
+    let socket = TcpSocket::new_v4().context("socket")?;
+    socket
+        .bind(SocketAddr::from((ATTACKER_SOURCE, 0)))
+        .context("binding the attacker's source address")?;
+    Ok(socket)
+}
+
+/// Connects to `to` from [`ATTACKER_SOURCE`].
+async fn connect_as_attacker(to: SocketAddr) -> Result<TcpStream> {
+    Ok(attacker_socket()?.connect(to).await?)
 }
 
 /// Sleeps `d`, or less when `stop` is set meanwhile.
@@ -92,7 +111,7 @@ pub async fn stalled_readers(front: SocketAddr, count: usize, stop: Stop) -> Res
         if stopped(&stop) {
             break;
         }
-        let socket = TcpSocket::new_v4().context("socket")?;
+        let socket = attacker_socket()?;
         // Before connect: the window the kernel advertises is fixed by then.
         socket
             .set_recv_buffer_size(STALLED_RCVBUF_BYTES)
@@ -142,7 +161,7 @@ pub async fn hold_connections(
                 first_try = false;
                 let step = Duration::from_millis(STEP_TIMEOUT_MS);
                 let Ok(Ok(mut stream)) =
-                    tokio::time::timeout(step, TcpStream::connect(front)).await
+                    tokio::time::timeout(step, connect_as_attacker(front)).await
                 else {
                     continue;
                 };
@@ -185,7 +204,7 @@ pub async fn controller_flood(grpc: SocketAddr, stop: Stop) -> Result<u64> {
                     break;
                 }
                 let step = Duration::from_millis(STEP_TIMEOUT_MS);
-                if let Ok(Ok(s)) = tokio::time::timeout(step, TcpStream::connect(grpc)).await {
+                if let Ok(Ok(s)) = tokio::time::timeout(step, connect_as_attacker(grpc)).await {
                     made.fetch_add(1, Ordering::Relaxed);
                     held.push(s);
                 }
@@ -201,7 +220,7 @@ pub async fn controller_flood(grpc: SocketAddr, stop: Stop) -> Result<u64> {
             let mut tick = pacer(CONTROLLER_CONNECTS_PER_S, CONTROLLER_CHURNERS);
             while !stopped(&stop) {
                 tick.tick().await;
-                let Ok(Ok(mut s)) = tokio::time::timeout(step, TcpStream::connect(grpc)).await
+                let Ok(Ok(mut s)) = tokio::time::timeout(step, connect_as_attacker(grpc)).await
                 else {
                     continue;
                 };
@@ -266,7 +285,7 @@ impl QuicAgent {
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport));
         let mut endpoint =
-            quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).context("endpoint")?;
+            quinn::Endpoint::client(SocketAddr::from((ATTACKER_SOURCE, 0))).context("endpoint")?;
         endpoint.set_default_client_config(client);
         let step = Duration::from_millis(STEP_TIMEOUT_MS);
         let conn = tokio::time::timeout(
