@@ -217,6 +217,7 @@ impl Abuse {
         let unattacked = self.legit(attack, &ends)?;
 
         let stop: Stop = Arc::new(AtomicBool::new(false));
+        let db_before = controller_db_bytes(&ends.pki);
         let sampler = RssSampler::start(pid);
         let task = self.spawn_attack(attack, &ends, Arc::clone(&stop))?;
         std::thread::sleep(self.ramp);
@@ -233,6 +234,7 @@ impl Abuse {
                 .context("attack task panicked")?
         });
         let peak = sampler.stop();
+        let db_growth = controller_db_bytes(&ends.pki) as f64 - db_before as f64;
         let attacked = attacked?;
         let units = units.with_context(|| format!("mounting {}", attack.name()))?;
         let drops_after = parse_reason_counters(&scrape(ends.relay_metrics).unwrap_or_default());
@@ -259,6 +261,7 @@ impl Abuse {
             ("attack_units".to_owned(), units as f64),
             ("refusals".to_owned(), refused),
             ("meets_target".to_owned(), if meets { 1.0 } else { 0.0 }),
+            ("db_growth_kib".to_owned(), db_growth / 1024.0),
         ]);
         if let Some(bytes) = pipe_held {
             metrics.insert("pipe_held_mib".to_owned(), bytes / MIB);
@@ -375,6 +378,7 @@ impl Scenario for Abuse {
             metric("relay peak RSS MiB", 1, "peak_rss_mib"),
             metric("RSS growth MiB", 1, "rss_growth_mib"),
             metric("relay pipes held MiB", 1, "pipe_held_mib"),
+            metric("controller DB+WAL growth KiB", 0, "db_growth_kib"),
             metric("attack size", 0, "attack_units"),
             metric("relay refusals", 0, "refusals"),
             metric("meets target (1 = yes)", 0, "meets_target"),
@@ -413,7 +417,8 @@ impl Scenario for Abuse {
                 self.window.as_secs()
             ),
             format!(
-                "topology: outrelay-controller (auto approval), outrelay-relay attached to it \
+                "topology (attackers connect from 127.0.0.2, legitimate clients from \
+                 127.0.0.1): outrelay-controller (auto approval), outrelay-relay attached to it \
                  ([ingress] pending_conn_max = {}: the 10,000 default scaled down so a flood \
                  this box can hold reaches it; every other key at its default), agent-1 with \
                  the SNI lease demo (the legitimate path) and the TCP lease bulk (a backend \
@@ -448,7 +453,11 @@ impl Scenario for Abuse {
                  sampled every {RSS_SAMPLE_MS} ms from the attack's start to its end; growth = \
                  peak - the sample before the unattacked window. relay pipes held: \
                  `outrelay_relay_pipe_held_bytes` (splice pipes are kernel memory, not in RSS) \
-                 read at the end of the attacked window. relay refusals: the rise of \
+                 read at the end of the attacked window. controller DB+WAL growth: the size of \
+                 controller.db plus its WAL from the attack's start to its end (durable rows \
+                 the attack caused, approximately: the WAL is reused after a checkpoint; \
+                 controller-flood's includes its legitimate client's policy rows). relay \
+                 refusals: the rise of \
                  every drop/refused/rejected/failed `*_total` series with a `reason` label on \
                  the relay's /metrics over the attack (refusals by named reason)"
             ),
@@ -631,6 +640,16 @@ impl RssSampler {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or(0)
     }
+}
+
+/// Bytes of the controller's SQLite database and its WAL in `state_dir` now (0 for a missing
+/// file). Approximate growth only: SQLite reuses the WAL after a checkpoint.
+fn controller_db_bytes(state_dir: &Path) -> u64 {
+    ["controller.db", "controller.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(state_dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The relay's `/metrics` text (Prometheus exposition).
