@@ -218,8 +218,9 @@ impl Abuse {
 
         let stop: Stop = Arc::new(AtomicBool::new(false));
         let db_before = controller_db_bytes(&ends.pki);
-        let sampler = RssSampler::start(pid);
         let task = self.spawn_attack(attack, &ends, Arc::clone(&stop))?;
+        // Started after a spawn that can fail, so an error never leaves the sampler running.
+        let sampler = RssSampler::start(pid);
         std::thread::sleep(self.ramp);
         let attacked = self.legit(attack, &ends);
         // Pipes are kernel memory (not in RSS): read what the relay holds while still attacked.
