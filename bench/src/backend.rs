@@ -48,6 +48,9 @@ pub enum Behaviour {
     /// Read and discard everything until the client closes, counting the bytes (the mesh's
     /// bulk receiver).
     Sink,
+    /// Write zeros as fast as the connection takes them, never reading, until a write fails
+    /// (the large body behind the abuse scenario's stalled readers).
+    Flood,
 }
 
 /// Starts a backend on `127.0.0.1:0` on the runtime behind `rt`.
@@ -75,6 +78,7 @@ pub fn start(rt: &Handle, behaviour: Behaviour) -> Result<Backend> {
                     Behaviour::Echo => echo(stream).await,
                     Behaviour::HelloSink => hello_sink(stream, &sunk).await,
                     Behaviour::Sink => sink(stream, &sunk).await,
+                    Behaviour::Flood => flood(stream).await,
                 };
             });
         }
@@ -109,6 +113,13 @@ async fn echo(mut stream: TcpStream) -> Result<()> {
 async fn hello_sink(mut stream: TcpStream, sunk: &AtomicU64) -> Result<()> {
     read_client_hello(&mut stream).await?;
     sink(stream, sunk).await
+}
+
+async fn flood(mut stream: TcpStream) -> Result<()> {
+    let block = vec![0_u8; 64 * 1024];
+    loop {
+        stream.write_all(&block).await?;
+    }
 }
 
 async fn sink(mut stream: TcpStream, sunk: &AtomicU64) -> Result<()> {

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attack;
 mod backend;
 mod client_hello;
 mod peers;
@@ -80,7 +81,8 @@ struct RunArgs {
     #[arg(long)]
     install_peers: bool,
     /// Seconds per measurement for bulk, bulk-sni and mesh (default 10, quick 2), connrate
-    /// (default 5, quick 1) and each UDP phase (default 5, quick 1).
+    /// (default 5, quick 1), each UDP phase (default 5, quick 1) and each abuse window
+    /// (default 4, quick 1).
     #[arg(long)]
     duration_s: Option<u64>,
     /// Concurrent connections of the connrate client.
@@ -95,6 +97,10 @@ struct RunArgs {
     /// ClientHello file for connrate (default: the proto crate's captured OpenSSL hello).
     #[arg(long)]
     client_hello: Option<PathBuf>,
+    /// Comma-separated attacks of the abuse scenario (default: all of stalled-readers,
+    /// root-host,slowloris,oversized-frames,audit-flood,controller-flood).
+    #[arg(long, value_delimiter = ',')]
+    attacks: Option<Vec<String>>,
 }
 
 impl RunArgs {
@@ -120,6 +126,11 @@ impl RunArgs {
                 .unwrap_or(if self.quick { 100 } else { 1_000 })
                 .max(1),
             client_hello: self.client_hello.clone(),
+            quick: self.quick,
+            attacks: self.attacks.clone().unwrap_or_default(),
+            // Unattacked and attacked windows of abuse (--duration-s sets both).
+            abuse_window_s: pick(self.duration_s, 4, 1),
+            abuse_ramp_s: if self.quick { 1 } else { 2 },
         }
     }
 }

@@ -123,6 +123,18 @@ pub fn tree_pss_bytes(roots: &[u32]) -> u64 {
         .sum()
 }
 
+/// Parses the `VmRSS:` line of `/proc/<pid>/status`, in bytes.
+pub fn parse_status_rss_bytes(text: &str) -> Result<u64> {
+    kib_field(text, "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Resident set size of one process now (`/proc/<pid>/status` `VmRSS`), in bytes; `None` when
+/// the process is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_rss_bytes(&text).ok()
+}
+
 /// Parses the `Slab:` line of `/proc/meminfo`, in bytes.
 pub fn parse_meminfo_slab_bytes(text: &str) -> Result<u64> {
     kib_field(text, "Slab:").map(|kib| kib * 1024)
@@ -193,6 +205,17 @@ fn kib_field(text: &str, name: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_is_read_from_the_status_vmrss_line() {
+        let status = "Name:\toutrelay-relay\nVmHWM:\t   20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(
+            parse_status_rss_bytes(status).expect("VmRSS"),
+            10_240 * 1024
+        );
+        assert!(parse_status_rss_bytes("Name:\tx\n").is_err());
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
+    }
 
     #[test]
     fn stat_fields_are_counted_after_the_last_paren() {

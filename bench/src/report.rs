@@ -214,6 +214,10 @@ mod tests {
                 latency_round_trips: 20_000,
                 idle_connections: 1_000,
                 client_hello: None,
+                quick: false,
+                attacks: Vec::new(),
+                abuse_window_s: 4,
+                abuse_ramp_s: 2,
             },
             columns: vec![
                 Column {

@@ -178,6 +178,39 @@ fn mesh_quick_moves_bytes_through_quinn_direct_and_the_outrelay_mesh() {
 }
 
 #[test]
+fn abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it() {
+    // The workspace test run builds the controller, relay, agent and CLI first; a run of this
+    // crate alone may not have the controller.
+    let controller =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/outrelay-controller");
+    if !controller.exists() {
+        eprintln!(
+            "SKIP abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it: \
+             {} not built (cargo build --release -p outrelay-controller)",
+            controller.display()
+        );
+        return;
+    }
+    let (md, _stderr, doc) = harness_json(&["run", "abuse", "--quick", "--attacks", "slowloris"]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "one attack, one row: {doc:#}");
+    let r = &rows[0];
+    assert!(r["status"].is_null(), "outrelay not measured: {r:#}");
+    assert_eq!(r["variant"], "slowloris");
+    // Both windows ran and the attack was mounted; figures themselves are not asserted.
+    assert!(median(r, "base_conn_per_s") > 0.0, "{r:#}");
+    assert!(median(r, "attacked_conn_per_s") >= 0.0, "{r:#}");
+    assert!(median(r, "ratio").is_finite(), "{r:#}");
+    assert!(median(r, "attack_units") > 0.0, "{r:#}");
+    assert!(median(r, "peak_rss_mib") > 0.0, "{r:#}");
+    assert!(md.contains("| outrelay | slowloris |"), "{md}");
+    assert!(
+        md.contains("- verdict (medians over rounds): slowloris (H2) "),
+        "{md}"
+    );
+}
+
+#[test]
 fn list_shows_every_scenario_and_target() {
     let out = harness(&["list"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -189,6 +222,7 @@ fn list_shows_every_scenario_and_target() {
         "idle-memory",
         "udp",
         "mesh",
+        "abuse",
         "direct",
         "haproxy",
         "haproxy-chain",

@@ -158,16 +158,17 @@ impl Scenario for Connrate {
     }
 }
 
-/// The outcome of one load run.
-struct Load {
-    completed: u64,
-    errors: u64,
-    first_error: Option<String>,
-    first_byte: Histogram<u64>,
-    elapsed: Duration,
+/// The outcome of one load run (also the abuse scenario's legitimate client).
+pub(super) struct Load {
+    pub(super) completed: u64,
+    pub(super) errors: u64,
+    pub(super) first_error: Option<String>,
+    pub(super) first_byte: Histogram<u64>,
+    pub(super) elapsed: Duration,
 }
 
-async fn load(
+/// `concurrency` workers making connections to `front` until `duration` has passed.
+pub(super) async fn load(
     front: SocketAddr,
     hello: Arc<[u8]>,
     concurrency: usize,
@@ -229,7 +230,7 @@ async fn worker(front: SocketAddr, hello: Arc<[u8]>, deadline: Instant) -> Resul
 }
 
 /// One connection; returns connect-start to first-reply-byte time.
-async fn one_connection(front: SocketAddr, hello: &[u8]) -> Result<Duration> {
+pub(super) async fn one_connection(front: SocketAddr, hello: &[u8]) -> Result<Duration> {
     let start = Instant::now();
     let mut stream = TcpStream::connect(front).await.context("connect")?;
     stream.set_nodelay(true)?;

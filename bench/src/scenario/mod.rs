@@ -8,6 +8,7 @@
 //! before the rounds (the UDP scenario measures OutRelay's maximum there, to pace every target
 //! at the same fraction of it).
 
+mod abuse;
 mod bulk;
 mod bulk_sni;
 mod connrate;
@@ -50,6 +51,10 @@ pub enum ScenarioName {
     /// One bulk stream over QUIC, consumer → relay → provider, against a plain quinn client →
     /// server transfer: Gbit/s, CPU seconds per Gbit, ratio to quinn-direct.
     Mesh,
+    /// A legitimate client's conn/s and p99 first byte with and without each attack of the
+    /// 2026-12 security review (stalled readers, root-host and slowloris floods, oversized
+    /// first frames, audit flood, anonymous controller flood), and the relay's peak RSS.
+    Abuse,
 }
 
 impl ScenarioName {
@@ -63,11 +68,12 @@ impl ScenarioName {
             Self::IdleMemory => "idle-memory",
             Self::Udp => "udp",
             Self::Mesh => "mesh",
+            Self::Abuse => "abuse",
         }
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 7] {
+    pub fn all() -> [Self; 8] {
         [
             Self::Bulk,
             Self::BulkSni,
@@ -76,6 +82,7 @@ impl ScenarioName {
             Self::IdleMemory,
             Self::Udp,
             Self::Mesh,
+            Self::Abuse,
         ]
     }
 
@@ -83,6 +90,7 @@ impl ScenarioName {
     pub fn default_targets(self) -> &'static [&'static str] {
         match self {
             Self::Mesh => &["quinn-direct", "quinn-direct-paced", "outrelay"],
+            Self::Abuse => &["outrelay"],
             _ => &[
                 "direct",
                 "haproxy",
@@ -109,6 +117,9 @@ impl ScenarioName {
             Self::Mesh => {
                 "1 QUIC stream bulk, consumer -> relay -> provider: CPU s per Gbit, x quinn"
             }
+            Self::Abuse => {
+                "conn/s and p99 under each attack vs unattacked, relay peak RSS (outrelay only)"
+            }
         }
     }
 }
@@ -132,6 +143,14 @@ pub struct Settings {
     pub udp_duration_s: u64,
     /// ClientHello file for connrate (default: the proto crate's captured OpenSSL hello).
     pub client_hello: Option<PathBuf>,
+    /// `--quick` was given (scenarios with sizes of their own, abuse, shrink them).
+    pub quick: bool,
+    /// Attacks of the abuse scenario, by name (empty: all).
+    pub attacks: Vec<String>,
+    /// Each of the abuse scenario's two windows (unattacked, attacked).
+    pub abuse_window_s: u64,
+    /// Time an abuse attack runs before its attacked window starts.
+    pub abuse_ramp_s: u64,
 }
 
 /// Metric values by key (`gbps`, `p50_us`, …), for one variant of one measurement.
@@ -220,6 +239,7 @@ pub fn build(
         ScenarioName::IdleMemory => Box::new(idle_memory::IdleMemory::start(settings, rt)?),
         ScenarioName::Udp => Box::new(udp::Udp::start(settings)?),
         ScenarioName::Mesh => Box::new(mesh::Mesh::start(settings, rt)?),
+        ScenarioName::Abuse => Box::new(abuse::Abuse::start(settings, rt)?),
     })
 }
 

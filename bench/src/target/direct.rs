@@ -24,8 +24,9 @@ impl Target for Direct {
         Availability::Available
     }
 
-    fn supports(&self, _routing: Routing) -> bool {
-        true
+    fn supports(&self, routing: Routing) -> bool {
+        // The abuse scenario attacks the relay's own listeners: there is nothing direct.
+        !matches!(routing, Routing::Abuse { .. })
     }
 
     fn start(&self, backend: SocketAddr, _routing: Routing, _dir: &Path) -> Result<RunningTarget> {

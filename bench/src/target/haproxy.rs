@@ -90,7 +90,7 @@ fn spawn(
             TCP_TEMPLATE,
             &[("front_addr", &front), ("backend_addr", &backend)],
         )?,
-        Routing::Udp | Routing::Mesh { .. } => {
+        Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => {
             anyhow::bail!("haproxy does not forward UDP or QUIC")
         }
         Routing::Sni(name) => render(

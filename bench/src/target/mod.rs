@@ -15,10 +15,12 @@ mod rathole;
 mod socat;
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+pub use outrelay::ABUSE_PENDING_CONN_MAX;
 
 use crate::proc_stats;
 use crate::process::OwnedProcess;
@@ -44,6 +46,15 @@ pub enum Routing {
         /// The rate `quinn-direct-paced` writes at, in Mbit/s (0: not measured yet).
         pace_mbps: u32,
     },
+    /// The abuse scenario's topology (outrelay only): a controller, a relay attached to it, and
+    /// one agent with two leases: the SNI lease `demo` to the backend (the legitimate client's
+    /// path) and the TCP lease `bulk` to `flood` (a backend that writes a large body: the lease
+    /// the stalled readers attack). The started target says where to attack in
+    /// [`RunningTarget::abuse`].
+    Abuse {
+        /// The backend behind the attacked `bulk` lease.
+        flood: SocketAddr,
+    },
 }
 
 impl Routing {
@@ -52,6 +63,7 @@ impl Routing {
         match self {
             Self::Udp => "no UDP forwarding in this harness",
             Self::Mesh { .. } => "no QUIC mesh stream in this harness",
+            Self::Abuse { .. } => "the abuse scenario attacks OutRelay's own listeners only",
             Self::Tcp | Self::Sni(_) => "QUIC mesh scenario only",
         }
     }
@@ -100,6 +112,38 @@ pub struct RunningTarget {
     /// Processes the target needs but that are not the relay (the mesh's consumer and
     /// provider agents): checked for being alive, never measured as the relay.
     helpers: Vec<OwnedProcess>,
+    /// Set by `outrelay` for [`Routing::Abuse`]: where the attacks go.
+    pub abuse: Option<AbuseEnds>,
+}
+
+/// Where the abuse scenario's attackers and legitimate clients connect (outrelay's
+/// [`Routing::Abuse`] topology), and which processes' memory it samples.
+#[derive(Debug, Clone)]
+pub struct AbuseEnds {
+    /// The `outrelay` CLI binary.
+    pub cli: PathBuf,
+    /// The relay process (its RSS is the scenario's memory figure).
+    pub relay_pid: u32,
+    /// The controller process.
+    pub controller_pid: u32,
+    /// The relay's Prometheus endpoint (`/metrics`).
+    pub relay_metrics: SocketAddr,
+    /// The relay's QUIC (agent) address.
+    pub relay_quic: SocketAddr,
+    /// The relay's public TLS listener (`:443`): the SNI path, the root host.
+    pub public_tls: SocketAddr,
+    /// The attacked TCP lease's port (`bulk`, in front of the flood backend).
+    pub bulk_front: SocketAddr,
+    /// The relay's root host (its own name on the public listener).
+    pub root_host: &'static str,
+    /// The controller's gRPC (mTLS) address.
+    pub controller_grpc: SocketAddr,
+    /// The dev PKI directory (`outrelay dev-pki`): `ca.pem`, `admin.pem`, `agent-2.pem`, ….
+    pub pki: PathBuf,
+    /// Agent identity URI of `agent-2.pem` (the QUIC attacker's certificate).
+    pub attacker_uri: String,
+    /// The relay's `[ingress] pending_conn_max` in this topology (scaled down to the box).
+    pub pending_conn_max: usize,
 }
 
 impl RunningTarget {
@@ -111,6 +155,7 @@ impl RunningTarget {
             delivered: None,
             processes,
             helpers: Vec::new(),
+            abuse: None,
         }
     }
 

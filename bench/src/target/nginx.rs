@@ -55,7 +55,7 @@ impl Target for Nginx {
         ];
         let template = match routing {
             Routing::Tcp => TCP_TEMPLATE,
-            Routing::Udp | Routing::Mesh { .. } => {
+            Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => {
                 anyhow::bail!("the nginx target has no UDP or QUIC template")
             }
             Routing::Sni(name) => {

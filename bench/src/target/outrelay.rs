@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::{
-    Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening, wait_ready,
-    wait_udp_bound,
+    AbuseEnds, Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+    wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -30,12 +30,21 @@ use crate::process::OwnedProcess;
 const ROOT_HOST: &str = "outrelay.test";
 /// TCP lease port range (below the kernel's ephemeral range, away from the tests' 20000-30000).
 const LEASE_PORTS: (u16, u16) = (31_000, 31_099);
+/// The abuse topology's lease ports: apart from [`LEASE_PORTS`], so an abuse run and another
+/// scenario's run (the smoke tests run in parallel) never share a lease port.
+const ABUSE_LEASE_PORTS: (u16, u16) = (31_100, 31_199);
 /// How long the relay and the agent get to write their ready files.
 const READY_TIMEOUT_MS: u64 = 20_000;
 /// The service the mesh's provider offers and its consumer opens.
 const MESH_SERVICE: &str = "bulk";
 /// The tenant of the dev PKI's agents.
 const MESH_TENANT: &str = "demo";
+/// `agent-2.pem`'s identity in the dev PKI (`outrelay dev-pki`'s second agent UUID).
+const AGENT_2_URI: &str = "outrelay://demo/agent/00000000-0000-4000-8000-000000000002";
+/// `[ingress] pending_conn_max` of the abuse topology: the default (10,000) scaled down so
+/// that a flood this box can hold (each root-host connection costs the relay 3 fds, and open
+/// files are capped at 20,000 here) reaches it, as the full-size flood reaches 10,000.
+pub const ABUSE_PENDING_CONN_MAX: usize = 1_000;
 
 /// OutRelay's relay and agent.
 pub struct Outrelay;
@@ -80,6 +89,9 @@ impl Target for Outrelay {
         if !out.status.success() {
             bail!("dev-pki: {}", String::from_utf8_lossy(&out.stderr));
         }
+        if let Routing::Abuse { flood } = routing {
+            return start_abuse(backend, flood, dir, &pki);
+        }
         let public_tls = free_loopback_addr()?;
         let policy = if matches!(routing, Routing::Mesh { .. }) {
             format!(
@@ -106,12 +118,13 @@ impl Target for Outrelay {
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
             Routing::Udp => (format!("udp_to = \"{backend}\""), false),
             Routing::Mesh { .. } => return start_mesh(backend, dir, &pki, &quic, processes),
+            Routing::Abuse { .. } => bail!("the abuse topology has its own relay"),
         };
         let name = match routing {
             Routing::Sni(server_name) => server_name
                 .strip_suffix(&format!(".{ROOT_HOST}"))
                 .with_context(|| format!("SNI {server_name} is not under {ROOT_HOST}"))?,
-            Routing::Tcp | Routing::Udp | Routing::Mesh { .. } => "bench",
+            Routing::Tcp | Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => "bench",
         };
         let agent = start_agent(
             "agent",
@@ -129,7 +142,7 @@ impl Target for Outrelay {
             // The grant names the relay's public host; the port listens on lease_bind_ip.
             Routing::Tcp => granted_port(&agent, "tcp_addr")?,
             Routing::Udp => granted_port(&agent, "udp_addr")?,
-            Routing::Mesh { .. } => bail!("the mesh has no lease"),
+            Routing::Mesh { .. } | Routing::Abuse { .. } => bail!("no single lease front"),
         };
         // The relay binds a granted lease port on its next route sync, just after the grant.
         if routing == Routing::Udp {
@@ -238,6 +251,114 @@ fn start_mesh(
     wait_listening(&[front], &mut all)?;
     let helpers = all.split_off(1);
     let mut running = RunningTarget::new(front, false, all);
+    running.helpers = helpers;
+    Ok(running)
+}
+
+/// The abuse topology ([`Routing::Abuse`]): `outrelay-controller` (state and CA in the dev
+/// PKI dir, auto approval), a relay attached to it (metrics on, root host served from the dev
+/// PKI's `root-host.pem`, [`ABUSE_PENDING_CONN_MAX`]) and `agent-1` with the SNI lease `demo`
+/// to `backend` and the TCP lease `bulk` to `flood`. The relay and the agent count as the
+/// relay; the controller is a helper.
+fn start_abuse(
+    backend: SocketAddr,
+    flood: SocketAddr,
+    dir: &Path,
+    pki: &Path,
+) -> Result<RunningTarget> {
+    let controller_bin = binary("outrelay-controller");
+    if !controller_bin.exists() {
+        bail!("outrelay-controller not built: cargo build --release -p outrelay-controller");
+    }
+    let controller_config = dir.join("controller.toml");
+    std::fs::write(
+        &controller_config,
+        format!(
+            "state_dir = \"{p}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n\
+             [tls]\ncert_file = \"{p}/controller.pem\"\nkey_file = \"{p}/controller-key.pem\"\n\
+             [admin]\nsocket_path = \"{d}/controller.sock\"\n[metrics]\nlisten = \"\"\n",
+            p = pki.display(),
+            d = dir.display(),
+        ),
+    )?;
+    let controller_ready = dir.join("controller.ready");
+    let mut helpers = vec![OwnedProcess::spawn(
+        "outrelay-controller",
+        &controller_bin,
+        &[
+            "--log".to_owned(),
+            "warn".to_owned(),
+            "--config".to_owned(),
+            controller_config.display().to_string(),
+            "--ready-file".to_owned(),
+            controller_ready.display().to_string(),
+        ],
+        dir,
+    )?];
+    let ready = wait_ready(&controller_ready, &mut helpers, READY_TIMEOUT_MS)?;
+    let controller_grpc: SocketAddr = ready["grpc"]
+        .as_str()
+        .context("controller ready file: grpc")?
+        .parse()
+        .context("controller ready file: grpc address")?;
+
+    let public_tls = free_loopback_addr()?;
+    let relay_config = format!(
+        "public_url = \"https://{ROOT_HOST}\"\n\
+         [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
+         [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
+         lease_bind_ip = \"127.0.0.1\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
+         [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\n\
+         [ingress]\npending_conn_max = {ABUSE_PENDING_CONN_MAX}\n\
+         [public_tls]\ncert = \"{p}/root-host.pem\"\nkey = \"{p}/root-host-key.pem\"\n\
+         [controller]\nurl = \"https://{controller_grpc}\"\nstate_dir = \"{d}/relay-state\"\n",
+        p = pki.display(),
+        d = dir.display(),
+        lo = ABUSE_LEASE_PORTS.0,
+        hi = ABUSE_LEASE_PORTS.1,
+    );
+    let (mut processes, quic) = start_relay(dir, &relay_config)?;
+    let relay_ready: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("relay.ready")).context("reading relay.ready")?,
+    )
+    .context("relay.ready")?;
+    let relay_metrics: SocketAddr = relay_ready["metrics"]
+        .as_str()
+        .context("relay ready file: metrics")?
+        .parse()
+        .context("relay ready file: metrics address")?;
+    let relay_pid = processes[0].pid();
+    let leases = format!(
+        "[[lease]]\nname = \"demo\"\ntls_to = \"{backend}\"\n\
+         [[lease]]\nname = \"bulk\"\ntcp_to = \"{flood}\"\n"
+    );
+    let agent = start_agent(
+        "agent",
+        dir,
+        &agent_config(&quic, pki, "agent-1", &leases),
+        &mut processes,
+    )?;
+    let bulk = agent["leases"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == "bulk"))
+        .context("agent ready file: no lease `bulk`")?;
+    let bulk_front = granted_port(&serde_json::json!({ "leases": [bulk] }), "tcp_addr")?;
+    wait_listening(&[public_tls, bulk_front], &mut processes)?;
+    let mut running = RunningTarget::new(public_tls, true, processes);
+    running.abuse = Some(AbuseEnds {
+        cli: binary("outrelay"),
+        relay_pid,
+        controller_pid: helpers[0].pid(),
+        relay_metrics,
+        relay_quic: quic.parse().context("relay ready file: quic address")?,
+        public_tls,
+        bulk_front,
+        root_host: ROOT_HOST,
+        controller_grpc,
+        pki: pki.to_owned(),
+        attacker_uri: AGENT_2_URI.to_owned(),
+        pending_conn_max: ABUSE_PENDING_CONN_MAX,
+    });
     running.helpers = helpers;
     Ok(running)
 }

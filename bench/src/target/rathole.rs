@@ -40,7 +40,7 @@ impl Target for Rathole {
     }
 
     fn supports(&self, routing: Routing) -> bool {
-        !matches!(routing, Routing::Mesh { .. })
+        matches!(routing, Routing::Tcp | Routing::Sni(_) | Routing::Udp)
     }
 
     fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
