@@ -126,6 +126,10 @@ fn update(s: &Sources) {
     counter!("outrelay_relay_ingress_root_host_total")
         .absolute(stats.root_host.load(Ordering::Relaxed));
     gauge!("outrelay_relay_ingress_pending_connections").set(s.ingress.pending_conns() as f64);
+    gauge!("outrelay_relay_ingress_public_connections").set(s.ingress.public_conns() as f64);
+    gauge!("outrelay_relay_ingress_public_conn_max").set(s.ingress.config().public_conn_max as f64);
+    gauge!("outrelay_relay_ingress_root_connections").set(s.ingress.root_conns() as f64);
+    gauge!("outrelay_relay_reverse_pending_handshakes").set(s.ingress.reverse_pending() as f64);
 
     let u = &s.udp;
     for reason in UdpDrop::ALL {
