@@ -14,7 +14,8 @@
 //! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
 //!            pending_per_source_max = 256  source_conn_max = 1024  tenant_conn_max = 8192
 //!            public_conn_max = 0 (from RLIMIT_NOFILE)  fd_reserve = 2048  root_conn_max = 64 ...
-//! [udp]      flow_idle_ms = 30000  flow_max = 1024  queue_max = 1024  socket_buffer_bytes = 4194304
+//! [udp]      flow_idle_ms = 30000  flow_max = 1024  flow_per_source_max = 64
+//!            flow_evict_idle_ms = 5000  queue_max = 1024  socket_buffer_bytes = 4194304
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
@@ -287,6 +288,8 @@ impl Default for RawIngress {
 struct RawUdp {
     flow_idle_ms: u64,
     flow_max: usize,
+    flow_per_source_max: usize,
+    flow_evict_idle_ms: u64,
     queue_max: usize,
     recv_slot_bytes: usize,
     socket_buffer_bytes: usize,
@@ -298,6 +301,8 @@ impl Default for RawUdp {
         RawUdp {
             flow_idle_ms: d.flow_idle_ms,
             flow_max: d.flow_max,
+            flow_per_source_max: d.flow_per_source_max,
+            flow_evict_idle_ms: d.flow_evict_idle_ms,
             queue_max: d.queue_max,
             recv_slot_bytes: d.recv_slot_bytes,
             socket_buffer_bytes: d.socket_buffer_bytes,
@@ -602,7 +607,14 @@ impl Settings {
         if u.flow_idle_ms < 100 {
             return Err(bad("udp.flow_idle_ms", "must be at least 100 ms"));
         }
-        for (key, v) in [("udp.flow_max", u.flow_max), ("udp.queue_max", u.queue_max)] {
+        if u.flow_evict_idle_ms < 100 {
+            return Err(bad("udp.flow_evict_idle_ms", "must be at least 100 ms"));
+        }
+        for (key, v) in [
+            ("udp.flow_max", u.flow_max),
+            ("udp.flow_per_source_max", u.flow_per_source_max),
+            ("udp.queue_max", u.queue_max),
+        ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1"));
             }
@@ -615,6 +627,8 @@ impl Settings {
         let udp = UdpConfig {
             flow_idle_ms: u.flow_idle_ms,
             flow_max: u.flow_max,
+            flow_per_source_max: u.flow_per_source_max,
+            flow_evict_idle_ms: u.flow_evict_idle_ms,
             queue_max: u.queue_max,
             recv_slot_bytes: u.recv_slot_bytes,
             socket_buffer_bytes: u.socket_buffer_bytes,

@@ -216,6 +216,10 @@ pub fn describe() {
         "UDP flows closed after their idle time."
     );
     metrics::describe_counter!("outrelay_relay_udp_flows_total", "UDP flows opened.");
+    metrics::describe_counter!(
+        "outrelay_relay_udp_flows_evicted_total",
+        "UDP flows evicted from a full table for a new client (client silent for flow_evict_idle_ms)."
+    );
     metrics::describe_gauge!(
         "outrelay_relay_udp_payload_max_bytes",
         "Largest UDP payload that fits a QUIC datagram now, in bytes."

@@ -148,6 +148,8 @@ fn update(s: &Sources) {
     counter!("outrelay_relay_udp_flows_total").absolute(u.flows_created.load(Ordering::Relaxed));
     counter!("outrelay_relay_udp_flows_expired_total")
         .absolute(u.flows_expired.load(Ordering::Relaxed));
+    counter!("outrelay_relay_udp_flows_evicted_total")
+        .absolute(u.flows_evicted.load(Ordering::Relaxed));
     gauge!("outrelay_relay_udp_flows_active").set(u.flows_active.load(Ordering::Relaxed) as f64);
     gauge!("outrelay_relay_udp_ports_bound").set(u.ports_bound.load(Ordering::Relaxed) as f64);
     gauge!("outrelay_relay_udp_payload_max_bytes")
