@@ -12,7 +12,10 @@
 //!            admin_socket = "/run/outrelay/relay.sock"
 //! [leases]   min_port = 20000  max_port = 20999  tcp = false  udp = false  ttl_cap_s = 300 ...
 //! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
-//! [udp]      flow_idle_ms = 30000  flow_max = 1024  queue_max = 1024  socket_buffer_bytes = 4194304
+//!            pending_per_source_max = 256  source_conn_max = 1024  tenant_conn_max = 8192
+//!            public_conn_max = 0 (from RLIMIT_NOFILE)  fd_reserve = 2048  root_conn_max = 64 ...
+//! [udp]      flow_idle_ms = 30000  flow_max = 1024  flow_per_source_max = 64
+//!            flow_evict_idle_ms = 5000  queue_max = 1024  socket_buffer_bytes = 4194304
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
 //! [splice]   idle_timeout_ms = 3600000  half_closed_timeout_ms = 60000
@@ -243,6 +246,17 @@ struct RawIngress {
     marker_write_deadline_ms: u64,
     lease_conn_max: usize,
     pending_conn_max: usize,
+    pending_per_source_max: usize,
+    tenant_conn_max: usize,
+    source_conn_max: usize,
+    public_conn_max: usize,
+    fd_reserve: usize,
+    root_conn_max: usize,
+    root_per_source_max: usize,
+    root_conn_max_ms: u64,
+    reverse_pending_max: usize,
+    reverse_pending_per_source_max: usize,
+    reverse_unauth_per_lease_max: usize,
 }
 
 impl Default for RawIngress {
@@ -260,6 +274,18 @@ impl Default for RawIngress {
             marker_write_deadline_ms: d.marker_write_deadline_ms,
             lease_conn_max: d.lease_conn_max,
             pending_conn_max: d.pending_conn_max,
+            pending_per_source_max: d.pending_per_source_max,
+            tenant_conn_max: d.tenant_conn_max,
+            source_conn_max: d.source_conn_max,
+            // 0: derived from RLIMIT_NOFILE and `fd_reserve` at start.
+            public_conn_max: 0,
+            fd_reserve: crate::ingress::limits::DEFAULT_FD_RESERVE,
+            root_conn_max: d.root_conn_max,
+            root_per_source_max: d.root_per_source_max,
+            root_conn_max_ms: d.root_conn_max_ms,
+            reverse_pending_max: d.reverse_pending_max,
+            reverse_pending_per_source_max: d.reverse_pending_per_source_max,
+            reverse_unauth_per_lease_max: d.reverse_unauth_per_lease_max,
         }
     }
 }
@@ -269,6 +295,8 @@ impl Default for RawIngress {
 struct RawUdp {
     flow_idle_ms: u64,
     flow_max: usize,
+    flow_per_source_max: usize,
+    flow_evict_idle_ms: u64,
     queue_max: usize,
     recv_slot_bytes: usize,
     socket_buffer_bytes: usize,
@@ -280,6 +308,8 @@ impl Default for RawUdp {
         RawUdp {
             flow_idle_ms: d.flow_idle_ms,
             flow_max: d.flow_max,
+            flow_per_source_max: d.flow_per_source_max,
+            flow_evict_idle_ms: d.flow_evict_idle_ms,
             queue_max: d.queue_max,
             recv_slot_bytes: d.recv_slot_bytes,
             socket_buffer_bytes: d.socket_buffer_bytes,
@@ -533,9 +563,58 @@ impl Settings {
         if i.lease_conn_max == 0 {
             return Err(bad("ingress.lease_conn_max", "must be at least 1"));
         }
-        if i.pending_conn_max == 0 {
-            return Err(bad("ingress.pending_conn_max", "must be at least 1"));
+        for (key, v) in [
+            ("ingress.pending_conn_max", i.pending_conn_max),
+            ("ingress.pending_per_source_max", i.pending_per_source_max),
+            ("ingress.tenant_conn_max", i.tenant_conn_max),
+            ("ingress.source_conn_max", i.source_conn_max),
+            ("ingress.root_conn_max", i.root_conn_max),
+            ("ingress.root_per_source_max", i.root_per_source_max),
+            ("ingress.reverse_pending_max", i.reverse_pending_max),
+            (
+                "ingress.reverse_pending_per_source_max",
+                i.reverse_pending_per_source_max,
+            ),
+            (
+                "ingress.reverse_unauth_per_lease_max",
+                i.reverse_unauth_per_lease_max,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
         }
+        if !(100..=crate::ingress::root::ROOT_CONN_MAX_MS).contains(&i.root_conn_max_ms) {
+            return Err(bad(
+                "ingress.root_conn_max_ms",
+                format!("must be 100..={}", crate::ingress::root::ROOT_CONN_MAX_MS),
+            ));
+        }
+        if i.fd_reserve < 64 {
+            return Err(bad("ingress.fd_reserve", "must be at least 64"));
+        }
+        // The descriptor budget of public connections: below RLIMIT_NOFILE, two per spliced
+        // pair, `fd_reserve` kept for listeners, agents and reverse sessions.
+        let nofile = crate::ingress::limits::open_files_limit();
+        let fd_budget = crate::ingress::limits::public_conn_budget(
+            nofile,
+            i.fd_reserve,
+            crate::ingress::DEFAULT_PENDING_CONN_MAX,
+        );
+        let public_conn_max = match i.public_conn_max {
+            0 => fd_budget,
+            n => {
+                if n > fd_budget {
+                    tracing::warn!(
+                        public_conn_max = n,
+                        fd_budget,
+                        ?nofile,
+                        "ingress.public_conn_max is above what the open-files limit allows"
+                    );
+                }
+                n
+            }
+        };
         let ingress = IngressConfig {
             hello_deadline_ms: i.hello_deadline_ms,
             max_hello_bytes: i.max_hello_bytes,
@@ -553,6 +632,16 @@ impl Settings {
             marker_write_deadline_ms: i.marker_write_deadline_ms,
             lease_conn_max: i.lease_conn_max,
             pending_conn_max: i.pending_conn_max,
+            pending_per_source_max: i.pending_per_source_max,
+            tenant_conn_max: i.tenant_conn_max,
+            source_conn_max: i.source_conn_max,
+            public_conn_max,
+            root_conn_max: i.root_conn_max,
+            root_per_source_max: i.root_per_source_max,
+            root_conn_max_ms: i.root_conn_max_ms,
+            reverse_pending_max: i.reverse_pending_max,
+            reverse_pending_per_source_max: i.reverse_pending_per_source_max,
+            reverse_unauth_per_lease_max: i.reverse_unauth_per_lease_max,
             root_host: root_host.clone(),
             root_fallback: None,
         };
@@ -560,7 +649,14 @@ impl Settings {
         if u.flow_idle_ms < 100 {
             return Err(bad("udp.flow_idle_ms", "must be at least 100 ms"));
         }
-        for (key, v) in [("udp.flow_max", u.flow_max), ("udp.queue_max", u.queue_max)] {
+        if u.flow_evict_idle_ms < 100 {
+            return Err(bad("udp.flow_evict_idle_ms", "must be at least 100 ms"));
+        }
+        for (key, v) in [
+            ("udp.flow_max", u.flow_max),
+            ("udp.flow_per_source_max", u.flow_per_source_max),
+            ("udp.queue_max", u.queue_max),
+        ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1"));
             }
@@ -573,6 +669,8 @@ impl Settings {
         let udp = UdpConfig {
             flow_idle_ms: u.flow_idle_ms,
             flow_max: u.flow_max,
+            flow_per_source_max: u.flow_per_source_max,
+            flow_evict_idle_ms: u.flow_evict_idle_ms,
             queue_max: u.queue_max,
             recv_slot_bytes: u.recv_slot_bytes,
             socket_buffer_bytes: u.socket_buffer_bytes,

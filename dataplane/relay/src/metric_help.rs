@@ -99,6 +99,22 @@ pub fn describe() {
         "outrelay_relay_ingress_pending_connections",
         "Public connections in set-up."
     );
+    metrics::describe_gauge!(
+        "outrelay_relay_ingress_public_connections",
+        "Public connections now, in set-up or admitted to a lease (what public_conn_max caps)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_ingress_public_conn_max",
+        "The descriptor budget of public connections (ingress.public_conn_max, from RLIMIT_NOFILE when 0)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_ingress_root_connections",
+        "Root-host connections now (the root host's own pool)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_reverse_pending_handshakes",
+        "Reverse-session handshakes in progress."
+    );
     metrics::describe_counter!(
         "outrelay_relay_ingress_root_host_total",
         "Connections for the root host (served by the relay itself)."
@@ -224,6 +240,10 @@ pub fn describe() {
         "UDP flows closed after their idle time."
     );
     metrics::describe_counter!("outrelay_relay_udp_flows_total", "UDP flows opened.");
+    metrics::describe_counter!(
+        "outrelay_relay_udp_flows_evicted_total",
+        "UDP flows evicted from a full table for a new client (client silent for flow_evict_idle_ms)."
+    );
     metrics::describe_gauge!(
         "outrelay_relay_udp_payload_max_bytes",
         "Largest UDP payload that fits a QUIC datagram now, in bytes."

@@ -116,6 +116,10 @@ fn update(s: &Sources) {
     counter!("outrelay_relay_ingress_root_host_total")
         .absolute(stats.root_host.load(Ordering::Relaxed));
     gauge!("outrelay_relay_ingress_pending_connections").set(s.ingress.pending_conns() as f64);
+    gauge!("outrelay_relay_ingress_public_connections").set(s.ingress.public_conns() as f64);
+    gauge!("outrelay_relay_ingress_public_conn_max").set(s.ingress.config().public_conn_max as f64);
+    gauge!("outrelay_relay_ingress_root_connections").set(s.ingress.root_conns() as f64);
+    gauge!("outrelay_relay_reverse_pending_handshakes").set(s.ingress.reverse_pending() as f64);
 
     let u = &s.udp;
     for reason in UdpDrop::ALL {
@@ -134,6 +138,8 @@ fn update(s: &Sources) {
     counter!("outrelay_relay_udp_flows_total").absolute(u.flows_created.load(Ordering::Relaxed));
     counter!("outrelay_relay_udp_flows_expired_total")
         .absolute(u.flows_expired.load(Ordering::Relaxed));
+    counter!("outrelay_relay_udp_flows_evicted_total")
+        .absolute(u.flows_evicted.load(Ordering::Relaxed));
     gauge!("outrelay_relay_udp_flows_active").set(u.flows_active.load(Ordering::Relaxed) as f64);
     gauge!("outrelay_relay_udp_ports_bound").set(u.ports_bound.load(Ordering::Relaxed) as f64);
     gauge!("outrelay_relay_udp_payload_max_bytes")

@@ -74,6 +74,28 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
             "[ingress]\npending_conn_max = 0\n",
             "ingress.pending_conn_max",
         ),
+        (
+            "[ingress]\npending_per_source_max = 0\n",
+            "ingress.pending_per_source_max",
+        ),
+        (
+            "[ingress]\ntenant_conn_max = 0\n",
+            "ingress.tenant_conn_max",
+        ),
+        (
+            "[ingress]\nreverse_unauth_per_lease_max = 0\n",
+            "ingress.reverse_unauth_per_lease_max",
+        ),
+        ("[ingress]\nfd_reserve = 10\n", "ingress.fd_reserve"),
+        (
+            "[ingress]\nroot_conn_max_ms = 60000\n",
+            "ingress.root_conn_max_ms",
+        ),
+        (
+            "[udp]\nflow_per_source_max = 0\n",
+            "udp.flow_per_source_max",
+        ),
+        ("[udp]\nflow_evict_idle_ms = 5\n", "udp.flow_evict_idle_ms"),
         ("[public_tls]\ncert = \"relay.pem\"\n", "public_tls"),
         (
             "[public_tls]\ncert = \"relay.pem\"\nkey = \"missing.pem\"\n",

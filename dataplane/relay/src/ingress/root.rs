@@ -9,8 +9,10 @@
 //! Why a loopback listener and a user-space copy instead of a splice pair: the root host is
 //! low-volume (health checks), so `tokio::io::copy_bidirectional` is plenty, and keeping the
 //! HTTPS server behind a real socket means the SNI path treats it like any other upstream
-//! (replay, then copy) without a second TLS code path on the public listener. Each connection
-//! is bounded by [`ROOT_CONN_MAX_MS`] in total.
+//! (replay, then copy) without a second TLS code path on the public listener. The SNI side
+//! holds each connection in the root host's own pool (`ingress.root_conn_max`, per source
+//! `root_per_source_max`) for at most `ingress.root_conn_max_ms`; this listener cuts any
+//! connection at [`ROOT_CONN_MAX_MS`], the ceiling of that key.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,8 +29,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// Longest a root-host connection may last, from the relay's accept to close (both on the
-/// public side and on the loopback listener).
+/// Longest a root-host connection may last on the loopback listener, and the ceiling of
+/// `ingress.root_conn_max_ms` (the SNI side's limit, 5 s by default).
 pub const ROOT_CONN_MAX_MS: u64 = 30_000;
 
 /// The TLS configuration of the root-host listener, built once at config validation.

@@ -50,11 +50,34 @@ pub enum Drop {
     PendingFull,
     /// The SNI is the root host but no root-host listener is configured (or it is unreachable).
     RootUnavailable,
+    /// `pending_per_source_max` connections from this address (or IPv6 /64) are in set-up.
+    PendingPerSource,
+    /// The lease's tenant already has `tenant_conn_max` live public connections.
+    TenantConnLimit,
+    /// This address (or IPv6 /64) already has `source_conn_max` live public connections.
+    SourceConnLimit,
+    /// `public_conn_max` public connections (pending and live: the descriptor budget) exist;
+    /// accepted and reset at once.
+    PublicConnFull,
+    /// accept(2) failed for want of descriptors (EMFILE/ENFILE): the connection was taken
+    /// with the listener's reserve descriptor and reset at once.
+    FdExhausted,
+    /// The root host's pool (`root_conn_max`) is full.
+    RootFull,
+    /// This address (or IPv6 /64) already holds `root_per_source_max` root-host connections.
+    RootPerSource,
+    /// `reverse_pending_max` reverse handshakes are in progress.
+    ReversePendingFull,
+    /// `reverse_pending_per_source_max` reverse handshakes from this address (or /64).
+    ReversePendingPerSource,
+    /// The lease already has `reverse_unauth_per_lease_max` sessions past the preamble whose
+    /// MAC is not verified yet.
+    ReverseUnauthPerLease,
 }
 
 impl Drop {
     /// Every reason, in counter order.
-    pub const ALL: [Drop; 22] = [
+    pub const ALL: [Drop; 32] = [
         Drop::NoSni,
         Drop::UnknownHost,
         Drop::BadHello,
@@ -77,6 +100,16 @@ impl Drop {
         Drop::LeaseConnLimit,
         Drop::PendingFull,
         Drop::RootUnavailable,
+        Drop::PendingPerSource,
+        Drop::TenantConnLimit,
+        Drop::SourceConnLimit,
+        Drop::PublicConnFull,
+        Drop::FdExhausted,
+        Drop::RootFull,
+        Drop::RootPerSource,
+        Drop::ReversePendingFull,
+        Drop::ReversePendingPerSource,
+        Drop::ReverseUnauthPerLease,
     ];
 
     /// The metric label.
@@ -104,6 +137,16 @@ impl Drop {
             Drop::LeaseConnLimit => "lease_conn_limit",
             Drop::PendingFull => "pending_full",
             Drop::RootUnavailable => "root_unavailable",
+            Drop::PendingPerSource => "pending_per_source",
+            Drop::TenantConnLimit => "tenant_conn_limit",
+            Drop::SourceConnLimit => "source_conn_limit",
+            Drop::PublicConnFull => "public_conn_full",
+            Drop::FdExhausted => "fd_exhausted",
+            Drop::RootFull => "root_full",
+            Drop::RootPerSource => "root_per_source",
+            Drop::ReversePendingFull => "reverse_pending_full",
+            Drop::ReversePendingPerSource => "reverse_pending_per_source",
+            Drop::ReverseUnauthPerLease => "reverse_unauth_per_lease",
         }
     }
 }

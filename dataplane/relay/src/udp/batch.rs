@@ -24,6 +24,9 @@ pub struct Received {
     pub from: SocketAddr,
     /// Larger than the slot: cut by the kernel (the caller drops it as too large).
     pub truncated: bool,
+    /// The receive slot its bytes are in (its position in the `recvmmsg` batch, which is not
+    /// its position among the datagrams kept when one is skipped).
+    pub slot: usize,
 }
 
 /// Receive buffers: [`BATCH`] slots of `slot_bytes`.
@@ -70,24 +73,22 @@ impl RecvBatch {
             None,
         )
         .map_err(std::io::Error::from)?;
-        for r in results {
-            let Some(from) = r.address.as_ref().and_then(to_socket_addr) else {
-                continue;
-            };
-            self.got.push(Received {
-                len: r.bytes,
-                from,
-                truncated: r.flags.contains(MsgFlags::MSG_TRUNC),
-            });
-        }
+        let results = results.map(|r| {
+            (
+                r.bytes,
+                r.address.as_ref().and_then(to_socket_addr),
+                r.flags.contains(MsgFlags::MSG_TRUNC),
+            )
+        });
+        keep(&mut self.got, self.slot_bytes, results);
         Ok(self.got.len())
     }
 
     /// The datagrams of the last [`RecvBatch::recv`], with their bytes.
     pub fn received(&self) -> impl Iterator<Item = (Received, &[u8])> {
-        self.got.iter().enumerate().map(|(i, r)| {
-            let start = i * self.slot_bytes;
-            (*r, &self.buf[start..start + r.len])
+        self.got.iter().map(|r| {
+            let start = r.slot * self.slot_bytes;
+            (*r, self.buf.get(start..start + r.len).unwrap_or_default())
         })
     }
 }
@@ -177,6 +178,25 @@ impl SendBatch {
     }
 }
 
+/// Keeps the datagrams of one batch, given in slot order as (length, sender, truncated); one
+/// whose sender is not an IPv4/IPv6 address is skipped, and every kept one remembers its own
+/// slot.
+fn keep(
+    got: &mut Vec<Received>,
+    slot_bytes: usize,
+    results: impl Iterator<Item = (usize, Option<SocketAddr>, bool)>,
+) {
+    for (slot, (len, from, truncated)) in results.enumerate() {
+        let Some(from) = from else { continue };
+        got.push(Received {
+            len: len.min(slot_bytes),
+            from,
+            truncated,
+            slot,
+        });
+    }
+}
+
 fn to_socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
@@ -189,6 +209,30 @@ fn to_socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// L8: a skipped datagram (sender not convertible) must not shift the slots of the ones
+    /// after it.
+    #[test]
+    fn a_skipped_datagram_leaves_the_later_payloads_in_their_own_slots() {
+        let mut rx = RecvBatch::new(8);
+        for (slot, chunk) in rx.buf.chunks_mut(8).enumerate().take(3) {
+            chunk.fill(u8::try_from(slot).expect("small") + 1);
+        }
+        let from: SocketAddr = "192.0.2.1:53".parse().expect("addr");
+        rx.got.clear();
+        keep(
+            &mut rx.got,
+            8,
+            [
+                (4, Some(from), false),
+                (5, None, false),
+                (6, Some(from), false),
+            ]
+            .into_iter(),
+        );
+        let got: Vec<(usize, Vec<u8>)> = rx.received().map(|(r, d)| (r.slot, d.to_vec())).collect();
+        assert_eq!(got, vec![(0, vec![1; 4]), (2, vec![3; 6])]);
+    }
 
     #[test]
     fn a_batch_round_trips_between_two_sockets_and_marks_truncation() {

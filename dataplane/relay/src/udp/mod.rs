@@ -46,8 +46,16 @@ use stats::{UdpDrop, UdpStats};
 pub struct UdpConfig {
     /// A flow with no datagram either way for this long ends (spec: 30 s).
     pub flow_idle_ms: u64,
-    /// Flows per lease; new client addresses beyond are dropped (`flow_limit`).
+    /// Flows per lease; a new client address beyond takes the place of the flow whose client
+    /// has been silent longest, if that is at least `flow_evict_idle_ms`, or is dropped
+    /// (`flow_limit`).
     pub flow_max: usize,
+    /// Flows per lease from one source address (IPv6: one /64); more are dropped
+    /// (`flow_per_source`), so one host cannot take a lease's whole table.
+    pub flow_per_source_max: usize,
+    /// A full table evicts a flow whose CLIENT has sent nothing for this long (agent replies
+    /// do not count: a lease's own replies cannot pin its table).
+    pub flow_evict_idle_ms: u64,
     /// A flow may receive this many times the bytes its client sent (spec: 3).
     pub reply_factor: u64,
     /// Agent datagrams queued per port before the newest are dropped.
@@ -68,6 +76,8 @@ impl Default for UdpConfig {
         UdpConfig {
             flow_idle_ms: 30_000,
             flow_max: 1024,
+            flow_per_source_max: 64,
+            flow_evict_idle_ms: 5_000,
             reply_factor: 3,
             queue_max: 1024,
             recv_slot_bytes: 2048,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use super::UdpConfig;
 use super::batch::{BATCH, RecvBatch, SendBatch};
 use super::stats::{UdpDrop, UdpStats};
+use crate::ingress::limits::SourceKey;
 use crate::lease::ConnId;
 use crate::state::Shared;
 
@@ -41,7 +42,12 @@ struct Flow {
     /// Reply bytes this flow may still receive: 3 × what its client sent, less what was sent
     /// back since.
     budget_bytes: u64,
+    /// Last datagram either way (the idle timeout).
     last_active: Instant,
+    /// Last datagram from the client (eviction from a full table: replies do not count).
+    last_client: Instant,
+    /// The client's address or /64 (its per-source share).
+    source: SourceKey,
 }
 
 /// The state of one lease port.
@@ -55,6 +61,10 @@ pub(crate) struct Port {
     lease: Option<LeaseId>,
     flows: HashMap<SocketAddr, Flow>,
     by_id: HashMap<u64, SocketAddr>,
+    /// Flows per source (address or /64); keys at zero are removed.
+    per_source: HashMap<SourceKey, usize>,
+    /// A full table found no evictable flow: none can be before this instant.
+    no_evict_before: Option<Instant>,
     next_flow_id: u64,
 }
 
@@ -77,6 +87,8 @@ impl Port {
             lease: None,
             flows: HashMap::new(),
             by_id: HashMap::new(),
+            per_source: HashMap::new(),
+            no_evict_before: None,
             next_flow_id: 1,
         }
     }
@@ -123,6 +135,8 @@ impl Port {
         self.stats.flows_active.fetch_sub(flows, Ordering::Relaxed);
         self.flows.clear();
         self.by_id.clear();
+        self.per_source.clear();
+        self.no_evict_before = None;
         self.next_flow_id = 1;
         self.lease = Some(lease);
     }
@@ -143,20 +157,22 @@ impl Port {
             return self.stats.dropped_n(UdpDrop::NoAgent, batch);
         };
         for (r, payload) in recv.received() {
-            let full = self.flows.len() >= self.config.flow_max;
             let flow_id = match self.flows.get_mut(&r.from) {
                 Some(flow) => {
                     flow.last_active = now;
+                    flow.last_client = now;
                     flow.budget_bytes = flow
                         .budget_bytes
                         .saturating_add(self.config.reply_factor * payload.len() as u64);
                     flow.id
                 }
-                None if full => {
-                    self.stats.dropped(UdpDrop::FlowLimit);
-                    continue;
-                }
-                None => self.new_flow(r.from, payload.len(), now),
+                None => match self.admit_flow(r.from, now) {
+                    Ok(source) => self.new_flow(r.from, source, payload.len(), now),
+                    Err(reason) => {
+                        self.stats.dropped(reason);
+                        continue;
+                    }
+                },
             };
             let header = DatagramHeader {
                 udp_slot: route.udp_slot,
@@ -194,7 +210,61 @@ impl Port {
         }
     }
 
-    fn new_flow(&mut self, from: SocketAddr, sent_bytes: usize, now: Instant) -> u64 {
+    /// Whether a new client `from` may have a flow: its source's share, then a place in the
+    /// table (evicting the flow whose client has been silent longest, if long enough).
+    fn admit_flow(&mut self, from: SocketAddr, now: Instant) -> Result<SourceKey, UdpDrop> {
+        let source = SourceKey::of(from.ip());
+        let held = self.per_source.get(&source).copied().unwrap_or(0);
+        if held >= self.config.flow_per_source_max {
+            return Err(UdpDrop::FlowPerSource);
+        }
+        if self.flows.len() >= self.config.flow_max && !self.evict_one(now) {
+            return Err(UdpDrop::FlowLimit);
+        }
+        Ok(source)
+    }
+
+    /// Ends the flow whose client has been silent longest if that is at least
+    /// `flow_evict_idle_ms`. One scan of the table, and none at all until the oldest flow can
+    /// qualify, so a flood of new clients against a full table of active ones costs O(1) each.
+    fn evict_one(&mut self, now: Instant) -> bool {
+        if self.no_evict_before.is_some_and(|t| now < t) {
+            return false;
+        }
+        let min_idle = Duration::from_millis(self.config.flow_evict_idle_ms);
+        let oldest = self
+            .flows
+            .iter()
+            .min_by_key(|(_, f)| f.last_client)
+            .map(|(addr, f)| (*addr, f.last_client));
+        let Some((addr, last_client)) = oldest else {
+            return false;
+        };
+        if now.saturating_duration_since(last_client) < min_idle {
+            self.no_evict_before = Some(last_client + min_idle);
+            return false;
+        }
+        self.remove_flow(&addr);
+        self.stats.flows_evicted.fetch_add(1, Ordering::Relaxed);
+        self.stats.flows_active.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Forgets one flow (its id and its source's share).
+    fn remove_flow(&mut self, addr: &SocketAddr) {
+        if let Some(flow) = self.flows.remove(addr) {
+            self.by_id.remove(&flow.id);
+            release_source(&mut self.per_source, &flow.source);
+        }
+    }
+
+    fn new_flow(
+        &mut self,
+        from: SocketAddr,
+        source: SourceKey,
+        sent_bytes: usize,
+        now: Instant,
+    ) -> u64 {
         let id = self.next_flow_id;
         self.next_flow_id += 1;
         self.flows.insert(
@@ -203,8 +273,11 @@ impl Port {
                 id,
                 budget_bytes: self.config.reply_factor * sent_bytes as u64,
                 last_active: now,
+                last_client: now,
+                source,
             },
         );
+        *self.per_source.entry(source).or_insert(0) += 1;
         self.by_id.insert(id, from);
         self.stats.flows_created.fetch_add(1, Ordering::Relaxed);
         self.stats.flows_active.fetch_add(1, Ordering::Relaxed);
@@ -271,10 +344,12 @@ impl Port {
         let idle = Duration::from_millis(self.config.flow_idle_ms);
         let before = self.flows.len();
         let by_id = &mut self.by_id;
+        let per_source = &mut self.per_source;
         self.flows.retain(|_, f| {
             let keep = now.saturating_duration_since(f.last_active) < idle;
             if !keep {
                 by_id.remove(&f.id);
+                release_source(per_source, &f.source);
             }
             keep
         });
@@ -283,5 +358,80 @@ impl Port {
             self.stats.flows_expired.fetch_add(ended, Ordering::Relaxed);
             self.stats.flows_active.fetch_sub(ended, Ordering::Relaxed);
         }
+    }
+}
+
+fn release_source(per_source: &mut HashMap<SourceKey, usize>, source: &SourceKey) {
+    if let Some(n) = per_source.get_mut(source) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            per_source.remove(source);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[tokio::test]
+    async fn flows_are_shared_per_source_and_a_full_table_evicts_the_longest_silent_client() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (_tx, rx) = mpsc::channel(1);
+        let config = UdpConfig {
+            flow_max: 3,
+            flow_per_source_max: 2,
+            flow_evict_idle_ms: 1_000,
+            ..UdpConfig::default()
+        };
+        let mut port = Port::new(0, socket, rx, Arc::default(), Arc::default(), config);
+        let t0 = Instant::now();
+        let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let open = |port: &mut Port, a: SocketAddr, t: Instant| -> Result<u64, UdpDrop> {
+            let source = port.admit_flow(a, t)?;
+            Ok(port.new_flow(a, source, 1, t))
+        };
+        let (a1, a2, a3) = (
+            addr("192.0.2.1:1"),
+            addr("192.0.2.1:2"),
+            addr("192.0.2.1:3"),
+        );
+        open(&mut port, a1, t0).expect("first flow of host a");
+        open(&mut port, a2, at(t0, 100)).expect("second flow of host a");
+        assert_eq!(
+            open(&mut port, a3, at(t0, 200)),
+            Err(UdpDrop::FlowPerSource),
+            "host a has its share"
+        );
+        let b = addr("[2001:db8::1]:9");
+        open(&mut port, b, at(t0, 300)).expect("host b");
+        // Full. The longest silent client (a1) is silent for 500 ms only: nothing to evict.
+        let c = addr("198.51.100.7:5");
+        assert_eq!(open(&mut port, c, at(t0, 500)), Err(UdpDrop::FlowLimit));
+        // Agent replies to a1 refresh its idle timer, not its client's silence.
+        if let Some(f) = port.flows.get_mut(&a1) {
+            f.last_active = at(t0, 1_100);
+        }
+        let id = open(&mut port, c, at(t0, 1_200)).expect("a1 evicted for c");
+        assert!(!port.flows.contains_key(&a1), "a1 evicted");
+        assert!(port.by_id.contains_key(&id));
+        assert_eq!(port.stats.flows_evicted.load(Ordering::Relaxed), 1);
+        // Full again: a2 (silent since 100 ms) is the longest silent client now.
+        open(&mut port, a3, at(t0, 1_300)).expect("a2 evicted for a3");
+        assert!(!port.flows.contains_key(&a2), "a2 evicted");
+        assert_eq!(port.per_source.get(&SourceKey::of(a1.ip())), Some(&1));
+        assert_eq!(port.stats.flows_evicted.load(Ordering::Relaxed), 2);
+        // Another address of b's /64 counts as b.
+        assert_eq!(
+            port.per_source
+                .get(&SourceKey::of("2001:db8::2".parse().expect("ip"))),
+            Some(&1)
+        );
     }
 }

@@ -17,8 +17,11 @@ pub enum UdpDrop {
     ToAgentQueueFull,
     /// The port's queue of agent datagrams is full (newest dropped).
     FromAgentQueueFull,
-    /// A new client while the lease already has `flow_max` flows.
+    /// A new client while the lease already has `flow_max` flows, none evictable.
     FlowLimit,
+    /// A new client whose address (or IPv6 /64) already has `flow_per_source_max` flows of
+    /// the lease.
+    FlowPerSource,
     /// A reply beyond 3 × the bytes its client sent since (no reflection amplifier).
     Amplification,
     /// An agent datagram for a slot not granted on its own connection.
@@ -33,13 +36,14 @@ pub enum UdpDrop {
 
 impl UdpDrop {
     /// Every reason, in counter order.
-    pub const ALL: [UdpDrop; 11] = [
+    pub const ALL: [UdpDrop; 12] = [
         UdpDrop::NoRoute,
         UdpDrop::NoAgent,
         UdpDrop::TooLarge,
         UdpDrop::ToAgentQueueFull,
         UdpDrop::FromAgentQueueFull,
         UdpDrop::FlowLimit,
+        UdpDrop::FlowPerSource,
         UdpDrop::Amplification,
         UdpDrop::UnknownSlot,
         UdpDrop::UnknownFlow,
@@ -56,6 +60,7 @@ impl UdpDrop {
             UdpDrop::ToAgentQueueFull => "to_agent_queue_full",
             UdpDrop::FromAgentQueueFull => "from_agent_queue_full",
             UdpDrop::FlowLimit => "flow_limit",
+            UdpDrop::FlowPerSource => "flow_per_source",
             UdpDrop::Amplification => "amplification_limit",
             UdpDrop::UnknownSlot => "unknown_slot",
             UdpDrop::UnknownFlow => "unknown_flow",
@@ -81,6 +86,8 @@ pub struct UdpStats {
     pub flows_created: AtomicU64,
     /// Flows ended by the idle timeout.
     pub flows_expired: AtomicU64,
+    /// Flows evicted from a full table for a new client (`flow_evict_idle_ms`).
+    pub flows_evicted: AtomicU64,
     /// Flows alive now (all ports).
     pub flows_active: AtomicU64,
     /// Lease ports bound now.

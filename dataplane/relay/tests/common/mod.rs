@@ -146,6 +146,8 @@ pub struct Opts {
     pub log_file: bool,
     /// Extra environment (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// Run under `prlimit --nofile=N:N` (the caller has probed `prlimit`).
+    pub nofile: Option<u64>,
 }
 
 pub fn addr_of(info: &serde_json::Value, key: &str) -> SocketAddr {
@@ -251,7 +253,11 @@ pub async fn spawn_relay(dir: tempfile::TempDir, opts: Opts) -> Relay {
     let _ = std::fs::remove_file(&ready);
     let started = Instant::now();
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_outrelay-relay"));
-    let mut cmd = if opts.unprivileged {
+    let mut cmd = if let Some(n) = opts.nofile {
+        let mut c = Command::new("prlimit");
+        c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&binary);
+        c
+    } else if opts.unprivileged {
         let mut c = Command::new("setpriv");
         c.args([
             "--reuid=65534",
@@ -933,4 +939,190 @@ pub async fn echo_exchange(addr: SocketAddr, bytes: usize, seed: u64) -> Result<
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("no answer within {WAIT:?}")),
     }
+}
+
+// ---------- abuse helpers: sources, process probes, many-connection targets ----------
+
+/// A TCP connection to `to` from the local address `from` (any of 127/8 is loopback, so
+/// `127.0.0.2` is a second source host).
+pub async fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+/// Whether the peer closed (EOF or reset) within `within`; false when the connection stayed
+/// open. Reads and discards whatever arrives.
+pub async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A TCP echo server for any number of connections: each is echoed until the client's FIN,
+/// then closed.
+pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `len` pseudo-random bytes through `stream` (an echo), half-closes, reads everything
+/// back and checks the SHA-256 both ways. Returns the time it took.
+pub async fn echo_round_trip(stream: TcpStream, len: usize) -> Duration {
+    let started = Instant::now();
+    let mut data = vec![0u8; len];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for b in &mut data {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *b = state.to_le_bytes()[0];
+    }
+    let sent = Sha256::digest(&data).to_vec();
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.expect("echo write");
+        w.shutdown().await.expect("echo FIN");
+    });
+    let mut back = Vec::with_capacity(len);
+    tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+        .await
+        .expect("echo back in time")
+        .expect("echo read");
+    writer.await.expect("writer");
+    assert_eq!(back.len(), len, "echoed bytes");
+    assert_eq!(Sha256::digest(&back).to_vec(), sent, "echoed SHA-256");
+    started.elapsed()
+}
+
+/// The port of a grant's `tcp_addr` or `udp_addr`.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a port in {addr:?}"))
+}
+
+/// Connects to a lease port on 127.0.0.1 from `from`, retrying until the relay's next route
+/// sync binds it.
+pub async fn connect_lease_port(from: std::net::IpAddr, port: u16) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match connect_from(from, SocketAddr::from(([127, 0, 0, 1], port))).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "lease port {port} never listened: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+impl Relay {
+    /// The relay's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open descriptors of the relay (`/proc/<pid>/fd`).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(Iterator::count)
+            .unwrap_or(0)
+    }
+
+    /// Resident memory of the relay in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// CPU time of the relay so far (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("read /proc/<pid>/stat");
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime
+        // the 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        f.iter().sum()
+    }
+
+    /// The relay's CPU use over `window`, as a fraction of one core (clock ticks at 100 Hz).
+    pub async fn cpu_over(&self, window: Duration) -> f64 {
+        let before = self.cpu_ticks();
+        tokio::time::sleep(window).await;
+        let ticks = self.cpu_ticks().saturating_sub(before);
+        ticks as f64 / 100.0 / window.as_secs_f64()
+    }
+}
+
+impl Agent {
+    /// Answers every UDP datagram of this connection's leases with the same datagram (an
+    /// echo at the agent: same slot, same flow, same payload).
+    pub fn serve_udp_echo(&mut self) {
+        let conn = self.conn.clone();
+        self.workers.push(tokio::spawn(async move {
+            while let Ok(d) = conn.read_datagram().await {
+                let _ = conn.send_datagram(d);
+            }
+        }));
+    }
+}
+
+/// The raw ClientHello a rustls client sends for `host` (to replay from attack sockets).
+pub fn client_hello_bytes(host: &str) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).expect("server name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("hello bytes");
+    }
+    out
 }
