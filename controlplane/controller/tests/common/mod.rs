@@ -33,10 +33,17 @@ impl Controller {
         let socket = dir.join("controller.sock");
         let config = dir.join("controller.toml");
         let ready = dir.join("ready.json");
+        // A `[grpc]` table in `extra` gets the listen address (a TOML table is written once).
+        let listen = "[grpc]\nlisten = \"127.0.0.1:0\"\n";
+        let (grpc, extra) = if extra.contains("[grpc]\n") {
+            (String::new(), extra.replacen("[grpc]\n", listen, 1))
+        } else {
+            (listen.to_owned(), extra.to_owned())
+        };
         std::fs::write(
             &config,
             format!(
-                "state_dir = {state:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = {sock:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
+                "state_dir = {state:?}\n{grpc}[admin]\nsocket_path = {sock:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
                 state = state_dir.display().to_string(),
                 sock = socket.display().to_string(),
             ),
@@ -123,6 +130,38 @@ impl Controller {
     pub async fn unix_channel(&self) -> Channel {
         unix_channel(self.socket.clone()).await
     }
+
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics.as_deref().expect("metrics enabled");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("response");
+        body
+    }
+
+    /// The sum of every sample whose series starts with `series` (name, or name with the
+    /// opening of its labels, e.g. `x_total{reason="a"`); 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        sum_metric(&self.metrics_text().await, series)
+    }
+}
+
+/// See [`Controller::metric`].
+pub fn sum_metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(series))
+        .filter(|l| {
+            // The name must end where `series` ends or continue with labels.
+            let rest = &l[series.len()..];
+            series.contains('{') || rest.starts_with('{') || rest.starts_with(' ')
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
 }
 
 impl Drop for Controller {
@@ -148,6 +187,11 @@ pub async fn tls_channel(
     ca_pem: &str,
     cert: Option<&(String, String)>,
 ) -> Result<Channel, tonic::transport::Error> {
+    tls_channel_from(addr, None, ca_pem, cert).await
+}
+
+/// A rustls client config trusting `ca_pem`, with `cert` as client certificate if given.
+pub fn client_tls(ca_pem: &str, cert: Option<&(String, String)>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -167,14 +211,40 @@ pub async fn tls_channel(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    cfg
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (127.0.0.0/8 is all local on
+/// Linux, so tests can play distinct sources), or from the default address.
+pub async fn tcp_from(
+    addr: std::net::SocketAddr,
+    from: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = match from {
+        None => tokio::net::TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(std::net::SocketAddr::new(ip, 0))?;
+            sock.connect(addr).await?
+        }
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// A gRPC channel over mTLS (or anonymous TLS) whose connections come from `from`.
+pub async fn tls_channel_from(
+    addr: std::net::SocketAddr,
+    from: Option<std::net::IpAddr>,
+    ca_pem: &str,
+    cert: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(ca_pem, cert)));
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
             async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                // Without this, Nagle + delayed ACK add ~40 ms to every small HTTP/2 write.
-                tcp.set_nodelay(true)?;
+                let tcp = tcp_from(addr, from).await?;
                 let name = ServerName::try_from("localhost").expect("name");
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
