@@ -96,6 +96,8 @@ pub struct RawGrpc {
     pub max_connections_per_source: Option<usize>,
     /// Most open connections without a client certificate.
     pub max_anonymous_connections: Option<usize>,
+    /// New connections one source may open per second (burst: twice that).
+    pub new_connections_per_source_per_s: Option<u32>,
     /// An anonymous connection with no byte either way for this long is closed.
     pub anonymous_idle_timeout_ms: Option<u64>,
     /// An anonymous connection is closed this long after its handshake.
@@ -275,6 +277,8 @@ pub struct ConnLimits {
     pub anonymous_idle_timeout_ms: u64,
     /// Anonymous maximum age.
     pub anonymous_max_age_ms: u64,
+    /// New connections per source per second.
+    pub new_connections_per_source_per_s: u32,
 }
 
 /// How long growth sources are kept once they stopped mattering.
@@ -387,6 +391,15 @@ impl Settings {
                 "grpc.anonymous_max_age_ms",
                 g.anonymous_max_age_ms.unwrap_or(60_000),
             )?,
+            new_connections_per_source_per_s: match g.new_connections_per_source_per_s {
+                Some(0) => {
+                    return invalid(
+                        "grpc.new_connections_per_source_per_s",
+                        "must be at least 1",
+                    );
+                }
+                v => v.unwrap_or(50),
+            },
         };
         let max_message_bytes = g.max_message_bytes.unwrap_or(1 << 20);
         if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&max_message_bytes) {
@@ -545,6 +558,10 @@ mod tests {
     fn abuse_limits_are_validated() {
         for (text, key) in [
             ("[grpc]\nmax_connections = 0", "grpc.max_connections"),
+            (
+                "[grpc]\nnew_connections_per_source_per_s = 0",
+                "grpc.new_connections_per_source_per_s",
+            ),
             ("[grpc]\nmax_message_bytes = 10", "grpc.max_message_bytes"),
             (
                 "[grpc]\nanonymous_max_age_ms = 0",

@@ -54,6 +54,8 @@ pub enum Refusal {
     MaxConnections,
     /// A TCP connection beyond `grpc.max_connections_per_source`.
     SourceConnections,
+    /// A TCP connection beyond `grpc.new_connections_per_source_per_s`.
+    SourceRate,
     /// An anonymous connection beyond `grpc.max_anonymous_connections`.
     AnonymousConnections,
     /// An anonymous connection closed by `grpc.anonymous_idle_timeout_ms`.
@@ -68,7 +70,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, for HELP texts and tests.
-    pub const ALL: [Refusal; 19] = [
+    pub const ALL: [Refusal; 20] = [
         Refusal::TlsHandshake,
         Refusal::UnixNotAdmin,
         Refusal::BadIdentity,
@@ -83,6 +85,7 @@ impl Refusal {
         Refusal::RenewRateLimited,
         Refusal::MaxConnections,
         Refusal::SourceConnections,
+        Refusal::SourceRate,
         Refusal::AnonymousConnections,
         Refusal::AnonymousIdle,
         Refusal::AnonymousMaxAge,
@@ -107,6 +110,7 @@ impl Refusal {
             Refusal::RenewRateLimited => "renew_rate_limited",
             Refusal::MaxConnections => "max_connections",
             Refusal::SourceConnections => "source_connections",
+            Refusal::SourceRate => "source_rate",
             Refusal::AnonymousConnections => "anonymous_connections",
             Refusal::AnonymousIdle => "anonymous_idle",
             Refusal::AnonymousMaxAge => "anonymous_max_age",

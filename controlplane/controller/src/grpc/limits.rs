@@ -1,12 +1,15 @@
 //! Connection caps on the gRPC TCP listener: a global cap, a per-source cap (an IPv4 address,
 //! or an IPv6 /64 so one host cannot multiply itself by its address space) and a cap on
-//! anonymous (no client certificate) connections. A slot is a guard: dropping the connection
-//! gives it back. Counters are atomics and one short-held map lock; no lock is held across I/O.
+//! anonymous (no client certificate) connections, plus a per-source rate of new connections (a
+//! token bucket checked at accept, before any TLS work, so a source that reconnects in a loop
+//! costs an accept and a close, not a handshake). A slot is a guard: dropping the connection
+//! gives it back. Counters are atomics and short-held map locks; no lock is held across I/O.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::config::ConnLimits;
 use crate::refusals::Refusal;
@@ -43,7 +46,12 @@ pub struct Limits {
     open: AtomicUsize,
     anonymous: AtomicUsize,
     per_source: Mutex<HashMap<SourceKey, usize>>,
+    rates: Mutex<HashMap<SourceKey, (f64, Instant)>>,
 }
+
+/// Most sources whose connection-rate buckets are tracked; beyond, full (idle) buckets are
+/// forgotten, and a new source is let through uncounted if none is (the global cap still holds).
+pub const RATE_SOURCES_MAX: usize = 65_536;
 
 /// A connection slot (global and per source); released on drop.
 #[derive(Debug)]
@@ -66,6 +74,7 @@ impl Limits {
             open: AtomicUsize::new(0),
             anonymous: AtomicUsize::new(0),
             per_source: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
         })
     }
 
@@ -74,15 +83,19 @@ impl Limits {
         self.caps
     }
 
-    /// Takes a slot for a connection from `ip`.
+    /// Takes a slot for a connection from `ip` accepted at `now`.
     ///
     /// # Errors
-    /// [`Refusal::MaxConnections`] or [`Refusal::SourceConnections`] when a cap is reached.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refusal> {
+    /// [`Refusal::SourceRate`], [`Refusal::MaxConnections`] or [`Refusal::SourceConnections`]
+    /// when a budget is spent.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<ConnSlot, Refusal> {
+        let source = SourceKey::of(ip);
+        if !self.take_rate(source, now) {
+            return Err(Refusal::SourceRate);
+        }
         if !take(&self.open, self.caps.max_connections) {
             return Err(Refusal::MaxConnections);
         }
-        let source = SourceKey::of(ip);
         let admitted = match self.per_source.lock() {
             Ok(mut m) => {
                 let n = m.entry(source).or_insert(0);
@@ -118,6 +131,32 @@ impl Limits {
         Ok(AnonSlot {
             limits: self.clone(),
         })
+    }
+
+    /// One token of `source`'s connection-rate bucket (`max_new_per_source_per_s`, burst twice
+    /// that).
+    fn take_rate(&self, source: SourceKey, now: Instant) -> bool {
+        let rate = f64::from(self.caps.new_connections_per_source_per_s);
+        let burst = rate * 2.0;
+        let Ok(mut m) = self.rates.lock() else {
+            return true;
+        };
+        let level = |(tokens, at): (f64, Instant)| {
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(burst)
+        };
+        if m.len() >= RATE_SOURCES_MAX && !m.contains_key(&source) {
+            m.retain(|_, b| level(*b) < burst);
+            if m.len() >= RATE_SOURCES_MAX {
+                return true;
+            }
+        }
+        let b = m.entry(source).or_insert((burst, now));
+        let tokens = level(*b);
+        if tokens < 1.0 {
+            return false;
+        }
+        *b = (tokens - 1.0, now);
+        true
     }
 
     /// Open connections now.
@@ -175,30 +214,32 @@ mod tests {
             max_anonymous: 1,
             anonymous_idle_timeout_ms: 1,
             anonymous_max_age_ms: 1,
+            new_connections_per_source_per_s: 1000,
         }
     }
 
     #[test]
     fn caps_per_source_globally_and_for_anonymous_and_release_on_drop() {
         let l = Limits::new(caps());
+        let now = Instant::now();
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
-        let s1 = l.admit(a).expect("1");
-        let _s2 = l.admit(a).expect("2");
-        assert_eq!(l.admit(a).err(), Some(Refusal::SourceConnections));
+        let s1 = l.admit(a, now).expect("1");
+        let _s2 = l.admit(a, now).expect("2");
+        assert_eq!(l.admit(a, now).err(), Some(Refusal::SourceConnections));
         // Same /64: same source.
         let v6a: IpAddr = "2001:db8::1".parse().expect("ip");
         let v6b: IpAddr = "2001:db8::ffff:1".parse().expect("ip");
-        let _s3 = l.admit(v6a).expect("v6");
-        let _s4 = l.admit(v6b).expect("v6 same /64");
-        assert_eq!(l.admit(v6a).err(), Some(Refusal::SourceConnections));
-        let _s5 = l.admit("10.0.0.2".parse().expect("ip")).expect("5");
+        let _s3 = l.admit(v6a, now).expect("v6");
+        let _s4 = l.admit(v6b, now).expect("v6 same /64");
+        assert_eq!(l.admit(v6a, now).err(), Some(Refusal::SourceConnections));
+        let _s5 = l.admit("10.0.0.2".parse().expect("ip"), now).expect("5");
         assert_eq!(
-            l.admit("10.0.0.3".parse().expect("ip")).err(),
+            l.admit("10.0.0.3".parse().expect("ip"), now).err(),
             Some(Refusal::MaxConnections)
         );
         drop(s1);
         assert_eq!(l.open(), 4);
-        let _again = l.admit(a).expect("slot given back");
+        let _again = l.admit(a, now).expect("slot given back");
         let anon = l.admit_anonymous().expect("anon");
         assert_eq!(
             l.admit_anonymous().err(),
@@ -206,5 +247,35 @@ mod tests {
         );
         drop(anon);
         l.admit_anonymous().expect("anon slot given back");
+    }
+
+    #[test]
+    fn a_source_reconnecting_in_a_loop_is_rate_limited_and_refills() {
+        let l = Limits::new(ConnLimits {
+            new_connections_per_source_per_s: 10,
+            ..caps()
+        });
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let mut passed = 0;
+        for _ in 0..100 {
+            match l.admit(a, t0) {
+                Ok(slot) => {
+                    passed += 1;
+                    drop(slot);
+                }
+                Err(why) => assert_eq!(why, Refusal::SourceRate),
+            }
+        }
+        assert_eq!(passed, 20, "a burst of twice the rate");
+        assert!(
+            l.admit("10.0.0.2".parse().expect("ip"), t0).is_ok(),
+            "other sources unaffected"
+        );
+        assert!(
+            l.admit(a, t0 + std::time::Duration::from_millis(150))
+                .is_ok(),
+            "refilled"
+        );
     }
 }

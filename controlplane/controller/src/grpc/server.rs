@@ -292,7 +292,7 @@ pub async fn accept_tls(
                 continue;
             }
         };
-        let slot = match limits.admit(peer.ip()) {
+        let slot = match limits.admit(peer.ip(), std::time::Instant::now()) {
             Ok(slot) => slot,
             Err(why) => {
                 // Closed at once: the peer sees a prompt FIN instead of waiting in the backlog.
