@@ -6,27 +6,23 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Controller, UUID_A, UUID_B, csr, eventually, tcp_from, tls_channel_from};
+use common::{
+    Controller, UUID_A, UUID_B, closed_within, csr, eventually, fingerprint, ip, random_token,
+    tcp_from, tls_channel_from,
+};
 use outrelay_api::pb::{
     self, audit_client::AuditClient, leases_client::LeasesClient, pki_client::PkiClient,
     policy_client::PolicyClient, registry_client::RegistryClient,
 };
 use outrelay_controller::pki::LeafProfile;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const GLOBAL: &str = "outrelay://system/admin/ops";
 const RELAY: &str = "outrelay://eu-west/relay/r1";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("ip")
-}
 
 /// Audit rows of `kind` (all tenants), via the admin socket.
 async fn audit_rows(c: &Controller, kind: &str) -> Vec<pb::AuditEvent> {
@@ -48,39 +44,6 @@ async fn audit_rows(c: &Controller, kind: &str) -> Vec<pb::AuditEvent> {
     out
 }
 
-fn random_token(fingerprint: &str) -> String {
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).expect("random");
-    format!("ort1.{}.{fingerprint}", hex::encode(secret))
-}
-
-async fn fingerprint(c: &Controller) -> String {
-    PkiClient::new(c.unix_channel().await)
-        .ca_bundle(pb::CaBundleRequest {})
-        .await
-        .expect("ca bundle")
-        .into_inner()
-        .ca_fingerprint_sha256
-}
-
-/// True when the server closes `s` (EOF or error) within `within`.
-async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
-    let mut buf = [0u8; 256];
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        match tokio::time::timeout(left, s.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0) | Err(_)) => return true,
-            // Session tickets, HTTP/2 settings: keep reading.
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_flood_writes_bounded_aggregated_audit_and_admin_writes_keep_working() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -89,88 +52,7 @@ async fn anonymous_flood_writes_bounded_aggregated_audit_and_admin_writes_keep_w
         dir.path(),
         "[store]\nwrite_queue_max = 128\n[grpc]\nhandshake_timeout_ms = 1000\n",
     );
-    let fp = fingerprint(&c).await;
-    let ca_pem = c.ca_pem();
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let mut attackers = Vec::new();
-    // Garbage on raw TCP (failed handshakes), from 127.0.0.2.
-    for _ in 0..8 {
-        let (stop, attempts, addr) = (stop.clone(), attempts.clone(), c.grpc);
-        attackers.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(mut s) = tcp_from(addr, Some(ip("127.0.0.2"))).await {
-                    let _ = s.write_all(b"x\r\n\r\n").await;
-                    let _ = closed_within(&mut s, Duration::from_secs(2)).await;
-                }
-                attempts.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    // Client certificates from a foreign CA (failed handshakes), from 127.0.0.2.
-    let (other_cert, other_key) = outrelay_controller::pki::new_ca_pem("intruder").expect("ca");
-    let intruder = outrelay_controller::pki::Ca::from_pem(&other_cert, &other_key).expect("ca");
-    let foreign = common::mint(
-        &intruder,
-        GLOBAL,
-        LeafProfile::Client,
-        time::OffsetDateTime::now_utc(),
-    );
-    for _ in 0..4 {
-        let (stop, attempts, addr) = (stop.clone(), attempts.clone(), c.grpc);
-        let cfg = Arc::new(common::client_tls(&ca_pem, Some(&foreign)));
-        attackers.push(tokio::spawn(async move {
-            let connector = tokio_rustls::TlsConnector::from(cfg);
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(tcp) = tcp_from(addr, Some(ip("127.0.0.2"))).await {
-                    let name = ServerName::try_from("localhost").expect("name");
-                    if let Ok(mut tls) = connector.connect(name, tcp).await {
-                        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
-                        let _ = closed_within(&mut tls, Duration::from_secs(2)).await;
-                    }
-                }
-                attempts.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    // Anonymous Enroll with random tokens (right format, right CA fingerprint), 127.0.0.3.
-    for _ in 0..8 {
-        let (stop, attempts, fp, ca_pem, addr) = (
-            stop.clone(),
-            attempts.clone(),
-            fp.clone(),
-            ca_pem.clone(),
-            c.grpc,
-        );
-        attackers.push(tokio::spawn(async move {
-            let csr = csr(None);
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(ch) = tls_channel_from(addr, Some(ip("127.0.0.3")), &ca_pem, None).await
-                else {
-                    continue;
-                };
-                let mut pki = PkiClient::new(ch);
-                for _ in 0..50 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let r = pki
-                        .enroll(pb::EnrollRequest {
-                            token: random_token(&fp),
-                            csr_pem: csr.clone(),
-                        })
-                        .await;
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    match r {
-                        Err(e) if e.code() == Code::PermissionDenied => {}
-                        // The connection was closed under us (idle/age/caps): reconnect.
-                        Err(_) => break,
-                        Ok(_) => panic!("a random token enrolled"),
-                    }
-                }
-            }
-        }));
-    }
+    let flood = common::Flood::start(&c).await;
 
     // Meanwhile an admin on TCP mTLS adds policies and revokes identities: every call succeeds.
     let admin = c.cert(GLOBAL, LeafProfile::Client);
@@ -204,11 +86,7 @@ async fn anonymous_flood_writes_bounded_aggregated_audit_and_admin_writes_keep_w
         worst = worst.max(t.elapsed());
         i += 1;
     }
-    stop.store(true, Ordering::Relaxed);
-    for a in attackers {
-        let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
-    }
-    let n = attempts.load(Ordering::Relaxed);
+    let n = flood.stop().await;
     println!(
         "flood: {n} hostile attempts; admin: {i} AddPolicy+Revoke pairs, worst pair {} ms",
         worst.as_millis()
@@ -232,6 +110,14 @@ async fn anonymous_flood_writes_bounded_aggregated_audit_and_admin_writes_keep_w
         "handshake refusals counted: {handshakes}"
     );
     assert!(tokens >= 50.0, "token refusals counted: {tokens}");
+    let rate = c
+        .metric("outrelay_controller_refusals_total{reason=\"source_rate\"")
+        .await;
+    println!("connections refused before TLS (source_rate): {rate}");
+    assert!(
+        rate >= 1.0,
+        "a source reconnecting in a loop is rate-limited"
+    );
     let auth = audit_rows(&c, "auth").await;
     println!("auth audit rows: {}", auth.len());
     for r in &auth {

@@ -309,3 +309,160 @@ where
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// A loopback address.
+pub fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().expect("ip")
+}
+
+/// A well-formed enrollment token for the CA with `fingerprint` that was never issued.
+pub fn random_token(fingerprint: &str) -> String {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).expect("random");
+    format!("ort1.{}.{fingerprint}", hex::encode(secret))
+}
+
+/// The controller's CA fingerprint (via the admin socket).
+pub async fn fingerprint(c: &Controller) -> String {
+    outrelay_api::pb::pki_client::PkiClient::new(c.unix_channel().await)
+        .ca_bundle(outrelay_api::pb::CaBundleRequest {})
+        .await
+        .expect("ca bundle")
+        .into_inner()
+        .ca_fingerprint_sha256
+}
+
+/// True when the server closes `s` (EOF or error) within `within`.
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // Session tickets, HTTP/2 settings: keep reading.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// An unauthenticated flood on the controller's TCP port until [`Flood::stop`]: garbage on raw
+/// TCP and client certificates of a foreign CA from 127.0.0.2 (failed handshakes), anonymous
+/// Enroll with random tokens from 127.0.0.3.
+pub struct Flood {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    attempts: Arc<std::sync::atomic::AtomicU64>,
+    attackers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Flood {
+    pub async fn start(c: &Controller) -> Flood {
+        use outrelay_api::pb::{self, pki_client::PkiClient};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use tokio::io::AsyncWriteExt;
+        use tonic::Code;
+        let fp = fingerprint(c).await;
+        let ca_pem = c.ca_pem();
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let mut attackers = Vec::new();
+        // Garbage on raw TCP (failed handshakes), from 127.0.0.2.
+        for _ in 0..8 {
+            let (stop, attempts, addr) = (stop.clone(), attempts.clone(), c.grpc);
+            attackers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = tcp_from(addr, Some(ip("127.0.0.2"))).await {
+                        let _ = s.write_all(b"x\r\n\r\n").await;
+                        let _ = closed_within(&mut s, Duration::from_secs(2)).await;
+                    }
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        // Client certificates from a foreign CA (failed handshakes), from 127.0.0.2.
+        let (other_cert, other_key) = outrelay_controller::pki::new_ca_pem("intruder").expect("ca");
+        let intruder = outrelay_controller::pki::Ca::from_pem(&other_cert, &other_key).expect("ca");
+        let foreign = mint(
+            &intruder,
+            "outrelay://system/admin/ops",
+            LeafProfile::Client,
+            time::OffsetDateTime::now_utc(),
+        );
+        for _ in 0..4 {
+            let (stop, attempts, addr) = (stop.clone(), attempts.clone(), c.grpc);
+            let cfg = Arc::new(client_tls(&ca_pem, Some(&foreign)));
+            attackers.push(tokio::spawn(async move {
+                let connector = tokio_rustls::TlsConnector::from(cfg);
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(tcp) = tcp_from(addr, Some(ip("127.0.0.2"))).await {
+                        let name = ServerName::try_from("localhost").expect("name");
+                        if let Ok(mut tls) = connector.connect(name, tcp).await {
+                            let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+                            let _ = closed_within(&mut tls, Duration::from_secs(2)).await;
+                        }
+                    }
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        // Anonymous Enroll with random tokens (right format, right CA fingerprint), 127.0.0.3.
+        for _ in 0..8 {
+            let (stop, attempts, fp, ca_pem, addr) = (
+                stop.clone(),
+                attempts.clone(),
+                fp.clone(),
+                ca_pem.clone(),
+                c.grpc,
+            );
+            attackers.push(tokio::spawn(async move {
+                let csr = csr(None);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(ch) = tls_channel_from(addr, Some(ip("127.0.0.3")), &ca_pem, None).await
+                    else {
+                        continue;
+                    };
+                    let mut pki = PkiClient::new(ch);
+                    for _ in 0..50 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let r = pki
+                            .enroll(pb::EnrollRequest {
+                                token: random_token(&fp),
+                                csr_pem: csr.clone(),
+                            })
+                            .await;
+                        attempts.fetch_add(1, Ordering::Relaxed);
+                        match r {
+                            Err(e) if e.code() == Code::PermissionDenied => {}
+                            // The connection was closed under us (idle/age/caps): reconnect.
+                            Err(_) => break,
+                            Ok(_) => panic!("a random token enrolled"),
+                        }
+                    }
+                }
+            }));
+        }
+
+        Flood {
+            stop,
+            attempts,
+            attackers,
+        }
+    }
+
+    /// Stops the attackers; returns how many hostile attempts they made.
+    pub async fn stop(self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for a in self.attackers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+        }
+        self.attempts.load(Ordering::Relaxed)
+    }
+}
