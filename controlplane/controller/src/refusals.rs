@@ -56,6 +56,8 @@ pub enum Refusal {
     SourceConnections,
     /// A TCP connection beyond `grpc.new_connections_per_source_per_s`.
     SourceRate,
+    /// A TCP connection accepted on the reserve descriptor and closed (open-files limit).
+    FdExhausted,
     /// An anonymous connection beyond `grpc.max_anonymous_connections`.
     AnonymousConnections,
     /// An anonymous connection closed by `grpc.anonymous_idle_timeout_ms`.
@@ -70,7 +72,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, for HELP texts and tests.
-    pub const ALL: [Refusal; 20] = [
+    pub const ALL: [Refusal; 21] = [
         Refusal::TlsHandshake,
         Refusal::UnixNotAdmin,
         Refusal::BadIdentity,
@@ -86,6 +88,7 @@ impl Refusal {
         Refusal::MaxConnections,
         Refusal::SourceConnections,
         Refusal::SourceRate,
+        Refusal::FdExhausted,
         Refusal::AnonymousConnections,
         Refusal::AnonymousIdle,
         Refusal::AnonymousMaxAge,
@@ -111,6 +114,7 @@ impl Refusal {
             Refusal::MaxConnections => "max_connections",
             Refusal::SourceConnections => "source_connections",
             Refusal::SourceRate => "source_rate",
+            Refusal::FdExhausted => "fd_exhausted",
             Refusal::AnonymousConnections => "anonymous_connections",
             Refusal::AnonymousIdle => "anonymous_idle",
             Refusal::AnonymousMaxAge => "anonymous_max_age",

@@ -274,8 +274,29 @@ pub async fn accept_tls(
     tx: mpsc::Sender<Conn>,
 ) {
     let timeout = Duration::from_millis(app.settings.handshake_timeout_ms);
-    let limits = Limits::new(app.settings.conn);
+    let mut conn_caps = app.settings.conn;
+    if let Some(nofile) = open_files_limit() {
+        // Descriptors for the store, the admin socket, metrics and the runtime stay free.
+        let usable = usize::try_from(nofile)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(FD_HEADROOM)
+            .max(1);
+        if conn_caps.max_connections > usable {
+            tracing::warn!(
+                configured = conn_caps.max_connections,
+                effective = usable,
+                nofile,
+                "grpc.max_connections lowered below the open-files limit"
+            );
+            conn_caps.max_connections = usable;
+        }
+    }
+    let limits = Limits::new(conn_caps);
     let caps = limits.caps();
+    // A descriptor kept in reserve: when accept fails for want of descriptors, it is given up
+    // to accept the waiting connection and close it at once (a prompt refusal instead of a
+    // client hanging in the backlog), then taken again.
+    let mut reserve = std::fs::File::open("/dev/null").ok();
     let (idle, max_age) = (
         Duration::from_millis(caps.anonymous_idle_timeout_ms),
         Duration::from_millis(caps.anonymous_max_age_ms),
@@ -283,12 +304,22 @@ pub async fn accept_tls(
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
+            Err(e) if is_fd_exhaustion(&e) && reserve.is_some() => {
+                drop(reserve.take());
+                if let Ok((tcp, _)) = listener.accept().await {
+                    drop(tcp);
+                }
+                Refusal::FdExhausted.count();
+                reserve = std::fs::File::open("/dev/null").ok();
+                continue;
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+                // Transient errors, or no reserve descriptor: back off instead of spinning.
                 metrics::counter!("outrelay_controller_accept_errors_total", "listener" => "grpc")
                     .increment(1);
-                tracing::warn!(error = %e, "grpc accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tracing::debug!(error = %e, "grpc accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                reserve = reserve.or_else(|| std::fs::File::open("/dev/null").ok());
                 continue;
             }
         };
@@ -343,6 +374,21 @@ pub async fn accept_tls(
             }
         });
     }
+}
+
+/// Descriptors kept free for everything but gRPC TCP connections.
+pub const FD_HEADROOM: usize = 64;
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// The soft RLIMIT_NOFILE, read from /proc (no unsafe, no extra dependency).
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn handshake_failed(app: &App, peer: SocketAddr, reason: &str) {
