@@ -669,3 +669,73 @@ async fn oversized_registration_and_audit_record_are_refused_invalid_argument() 
         .await
         .expect("a normal audit record");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_stay_below_the_open_files_limit_and_the_admin_socket_keeps_working() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // 160 descriptors: grpc.max_connections (4096 by default) is lowered to 160 - 64 = 96.
+    let c = Controller::start_with_nofile(
+        dir.path(),
+        "[grpc]\nmax_connections_per_source = 100000\nnew_connections_per_source_per_s = 100000\n\
+         handshake_timeout_ms = 30000\n",
+        160,
+    );
+    let mut silent = Vec::new();
+    for _ in 0..150 {
+        silent.push(tcp_from(c.grpc, Some(ip("127.0.0.2"))).await.expect("tcp"));
+    }
+    // Meanwhile the admin socket still gets a descriptor and the store writes.
+    let t = Instant::now();
+    PolicyClient::new(c.unix_channel().await)
+        .add_policy(pb::AddPolicyRequest {
+            rule: Some(pb::PolicyRule {
+                tenant: "acme".into(),
+                caller_pattern: "*".into(),
+                target_pattern: "db".into(),
+                decision: pb::Decision::Allow as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("admin write while the TCP port is full");
+    println!(
+        "admin AddPolicy over the Unix socket during the fd flood: {} ms",
+        t.elapsed().as_millis()
+    );
+    let mut closed = 0;
+    for s in &mut silent {
+        if closed_within(s, Duration::from_millis(50)).await {
+            closed += 1;
+        }
+    }
+    println!("closed at accept: {closed} of 150 (cap 96 below a 160-descriptor limit)");
+    assert_eq!(
+        closed, 54,
+        "connections beyond the lowered cap are closed at once"
+    );
+    assert!(
+        c.metric("outrelay_controller_refusals_total{reason=\"max_connections\"")
+            .await
+            >= 54.0
+    );
+    // Once the attacker's connections are gone, a relay connects over TCP.
+    drop(silent);
+    let relay = c.cert(RELAY, LeafProfile::ClientServer);
+    let agent = format!("outrelay://acme/agent/{UUID_A}");
+    eventually("a relay registers over TCP after the flood", || async {
+        let Ok(ch) = common::tls_channel(c.grpc, &c.ca_pem(), Some(&relay)).await else {
+            return false;
+        };
+        RegistryClient::new(ch)
+            .register_service(pb::RegisterServiceRequest {
+                tenant: "acme".into(),
+                service_name: "db".into(),
+                agent_uri: agent.clone(),
+                relay_id: "r1".into(),
+                local_addr: "127.0.0.1:5432".into(),
+            })
+            .await
+            .is_ok()
+    })
+    .await;
+}

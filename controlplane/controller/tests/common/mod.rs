@@ -24,11 +24,22 @@ pub struct Controller {
     pub metrics: Option<String>,
     config: PathBuf,
     ready: PathBuf,
+    nofile: Option<u64>,
 }
 
 impl Controller {
     /// Starts a controller whose state lives in `dir/state`; `extra` is appended to the config.
     pub fn start(dir: &Path, extra: &str) -> Controller {
+        Controller::start_inner(dir, extra, None)
+    }
+
+    /// As [`Controller::start`], with the soft open-files limit set to `nofile` (`ulimit -n`
+    /// in a shell that then execs the controller).
+    pub fn start_with_nofile(dir: &Path, extra: &str, nofile: u64) -> Controller {
+        Controller::start_inner(dir, extra, Some(nofile))
+    }
+
+    fn start_inner(dir: &Path, extra: &str, nofile: Option<u64>) -> Controller {
         let state_dir = dir.join("state");
         let socket = dir.join("controller.sock");
         let config = dir.join("controller.toml");
@@ -49,12 +60,29 @@ impl Controller {
             ),
         )
         .expect("write config");
-        Controller::spawn(state_dir, socket, config, ready)
+        Controller::spawn(state_dir, socket, config, ready, nofile)
     }
 
-    fn spawn(state_dir: PathBuf, socket: PathBuf, config: PathBuf, ready: PathBuf) -> Controller {
+    fn spawn(
+        state_dir: PathBuf,
+        socket: PathBuf,
+        config: PathBuf,
+        ready: PathBuf,
+        nofile: Option<u64>,
+    ) -> Controller {
         let _ = std::fs::remove_file(&ready);
-        let child = Command::new(env!("CARGO_BIN_EXE_outrelay-controller"))
+        let bin = env!("CARGO_BIN_EXE_outrelay-controller");
+        let mut cmd = match nofile {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config)
             .arg("--ready-file")
@@ -86,6 +114,7 @@ impl Controller {
             metrics: json["metrics"].as_str().map(str::to_owned),
             config,
             ready,
+            nofile,
         }
     }
 
@@ -103,6 +132,7 @@ impl Controller {
             self.socket.clone(),
             self.config.clone(),
             self.ready.clone(),
+            self.nofile,
         )
     }
 
