@@ -306,7 +306,10 @@ pub async fn accept_tls(
             Ok(x) => x,
             Err(e) if is_fd_exhaustion(&e) && reserve.is_some() => {
                 drop(reserve.take());
-                if let Ok((tcp, _)) = listener.accept().await {
+                // Only a connection already waiting: never block here for the next one.
+                if let Ok(Ok((tcp, _))) =
+                    tokio::time::timeout(Duration::from_millis(1), listener.accept()).await
+                {
                     drop(tcp);
                 }
                 Refusal::FdExhausted.count();
