@@ -72,6 +72,8 @@ pub struct App {
     /// does not exist, is used or expired is refused without queuing a write.
     pub tokens: Mutex<HashMap<String, TokenMemo>>,
     renew_buckets: Mutex<HashMap<String, Bucket>>,
+    /// Anonymous RPCs per source (`grpc.anonymous_rpcs_per_source_per_s`).
+    pub anonymous_rpcs: crate::grpc::limits::RateBuckets,
 }
 
 /// What the controller remembers of an enrollment token.
@@ -132,6 +134,7 @@ impl App {
         let lease_state = store.read_blocking(crate::leases::load_state)?;
         let tokens = store.read_blocking(crate::pki::service::load_tokens)?;
         let q = settings.watch_queue_events;
+        let anon_rate = settings.anonymous_rpcs_per_source_per_s;
         let (tx, rx) = mpsc::channel(SECURITY_AUDIT_QUEUE_MAX);
         let refusals = RefusalAudit::new(
             Duration::from_millis(settings.refusal_interval_ms),
@@ -150,6 +153,7 @@ impl App {
             refusals,
             tokens: Mutex::new(tokens),
             renew_buckets: Mutex::new(HashMap::new()),
+            anonymous_rpcs: crate::grpc::limits::RateBuckets::new(anon_rate),
         });
         tokio::spawn(security_audit_sink(app.store.clone(), rx));
         tokio::spawn(refusal_flusher(Arc::downgrade(&app)));

@@ -98,6 +98,8 @@ pub struct RawGrpc {
     pub max_anonymous_connections: Option<usize>,
     /// New connections one source may open per second (burst: twice that).
     pub new_connections_per_source_per_s: Option<u32>,
+    /// RPCs one source may make per second without a client certificate (burst: twice that).
+    pub anonymous_rpcs_per_source_per_s: Option<u32>,
     /// An anonymous connection with no byte either way for this long is closed.
     pub anonymous_idle_timeout_ms: Option<u64>,
     /// An anonymous connection is closed this long after its handshake.
@@ -250,6 +252,8 @@ pub struct Settings {
     pub conn: ConnLimits,
     /// Largest request message decoded.
     pub max_message_bytes: usize,
+    /// Anonymous RPCs per source per second.
+    pub anonymous_rpcs_per_source_per_s: u32,
     /// Most distinct services per agent identity.
     pub max_services_per_agent: usize,
     /// Renew token bucket size.
@@ -408,6 +412,12 @@ impl Settings {
                 &format!("must be {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES}"),
             );
         }
+        let anonymous_rpcs_per_source_per_s = match g.anonymous_rpcs_per_source_per_s {
+            Some(0) => {
+                return invalid("grpc.anonymous_rpcs_per_source_per_s", "must be at least 1");
+            }
+            v => v.unwrap_or(20),
+        };
         let max_services_per_agent = at_least_one(
             "registry.max_services_per_agent",
             raw.registry.max_services_per_agent.unwrap_or(64),
@@ -499,6 +509,7 @@ impl Settings {
             max_batch,
             conn,
             max_message_bytes,
+            anonymous_rpcs_per_source_per_s,
             max_services_per_agent,
             renew_burst,
             renew_refill_ms,
@@ -558,6 +569,10 @@ mod tests {
     fn abuse_limits_are_validated() {
         for (text, key) in [
             ("[grpc]\nmax_connections = 0", "grpc.max_connections"),
+            (
+                "[grpc]\nanonymous_rpcs_per_source_per_s = 0",
+                "grpc.anonymous_rpcs_per_source_per_s",
+            ),
             (
                 "[grpc]\nnew_connections_per_source_per_s = 0",
                 "grpc.new_connections_per_source_per_s",

@@ -24,7 +24,7 @@ pub fn describe() {
     metrics::describe_counter!(
         "outrelay_controller_refusals_total",
         "Refusals by reason: tls_handshake, unix_not_admin, bad_identity, revoked, \
-         not_authorized, anonymous, token_malformed, token_unknown, token_used, token_expired, \
+         not_authorized, anonymous, anonymous_rate, token_malformed, token_unknown, token_used, token_expired, \
          csr_mismatch, renew_rate_limited, max_connections, source_connections, source_rate, \
          fd_exhausted, anonymous_connections, anonymous_idle, anonymous_max_age, message_too_large, \
          services_per_agent"

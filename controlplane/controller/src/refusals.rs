@@ -38,6 +38,8 @@ pub enum Refusal {
     NotAuthorized,
     /// An anonymous caller asking for anything but `Pki.Enroll`.
     Anonymous,
+    /// An anonymous source beyond `grpc.anonymous_rpcs_per_source_per_s`.
+    AnonymousRate,
     /// An enrollment token that is malformed or from another CA.
     TokenMalformed,
     /// An enrollment token the controller never issued (or pruned).
@@ -72,13 +74,14 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, for HELP texts and tests.
-    pub const ALL: [Refusal; 21] = [
+    pub const ALL: [Refusal; 22] = [
         Refusal::TlsHandshake,
         Refusal::UnixNotAdmin,
         Refusal::BadIdentity,
         Refusal::Revoked,
         Refusal::NotAuthorized,
         Refusal::Anonymous,
+        Refusal::AnonymousRate,
         Refusal::TokenMalformed,
         Refusal::TokenUnknown,
         Refusal::TokenUsed,
@@ -105,6 +108,7 @@ impl Refusal {
             Refusal::Revoked => "revoked",
             Refusal::NotAuthorized => "not_authorized",
             Refusal::Anonymous => "anonymous",
+            Refusal::AnonymousRate => "anonymous_rate",
             Refusal::TokenMalformed => "token_malformed",
             Refusal::TokenUnknown => "token_unknown",
             Refusal::TokenUsed => "token_used",

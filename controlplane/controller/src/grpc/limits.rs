@@ -46,7 +46,49 @@ pub struct Limits {
     open: AtomicUsize,
     anonymous: AtomicUsize,
     per_source: Mutex<HashMap<SourceKey, usize>>,
-    rates: Mutex<HashMap<SourceKey, (f64, Instant)>>,
+    rates: RateBuckets,
+}
+
+/// Token buckets per source: `rate` per second, burst twice that. Bounded to
+/// [`RATE_SOURCES_MAX`] sources.
+#[derive(Debug)]
+pub struct RateBuckets {
+    rate: f64,
+    buckets: Mutex<HashMap<SourceKey, (f64, Instant)>>,
+}
+
+impl RateBuckets {
+    /// Buckets refilling at `per_s` tokens per second.
+    pub fn new(per_s: u32) -> RateBuckets {
+        RateBuckets {
+            rate: f64::from(per_s),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token of `source`'s bucket at `now`; false when it is empty.
+    pub fn take(&self, source: SourceKey, now: Instant) -> bool {
+        let (rate, burst) = (self.rate, self.rate * 2.0);
+        let Ok(mut m) = self.buckets.lock() else {
+            return true;
+        };
+        let level = |(tokens, at): (f64, Instant)| {
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(burst)
+        };
+        if m.len() >= RATE_SOURCES_MAX && !m.contains_key(&source) {
+            m.retain(|_, b| level(*b) < burst);
+            if m.len() >= RATE_SOURCES_MAX {
+                return true;
+            }
+        }
+        let b = m.entry(source).or_insert((burst, now));
+        let tokens = level(*b);
+        if tokens < 1.0 {
+            return false;
+        }
+        *b = (tokens - 1.0, now);
+        true
+    }
 }
 
 /// Most sources whose connection-rate buckets are tracked; beyond, full (idle) buckets are
@@ -74,7 +116,7 @@ impl Limits {
             open: AtomicUsize::new(0),
             anonymous: AtomicUsize::new(0),
             per_source: Mutex::new(HashMap::new()),
-            rates: Mutex::new(HashMap::new()),
+            rates: RateBuckets::new(caps.new_connections_per_source_per_s),
         })
     }
 
@@ -133,30 +175,8 @@ impl Limits {
         })
     }
 
-    /// One token of `source`'s connection-rate bucket (`max_new_per_source_per_s`, burst twice
-    /// that).
     fn take_rate(&self, source: SourceKey, now: Instant) -> bool {
-        let rate = f64::from(self.caps.new_connections_per_source_per_s);
-        let burst = rate * 2.0;
-        let Ok(mut m) = self.rates.lock() else {
-            return true;
-        };
-        let level = |(tokens, at): (f64, Instant)| {
-            (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(burst)
-        };
-        if m.len() >= RATE_SOURCES_MAX && !m.contains_key(&source) {
-            m.retain(|_, b| level(*b) < burst);
-            if m.len() >= RATE_SOURCES_MAX {
-                return true;
-            }
-        }
-        let b = m.entry(source).or_insert((burst, now));
-        let tokens = level(*b);
-        if tokens < 1.0 {
-            return false;
-        }
-        *b = (tokens - 1.0, now);
-        true
+        self.rates.take(source, now)
     }
 
     /// Open connections now.

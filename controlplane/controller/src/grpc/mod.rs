@@ -105,6 +105,20 @@ impl App {
             .cloned()
             .unwrap_or(Caller::Anonymous(None));
         match caller {
+            Caller::Anonymous(Some(ip))
+                if !self
+                    .anonymous_rpcs
+                    .take(limits::SourceKey::of(ip), std::time::Instant::now()) =>
+            {
+                let refused = self.refuse_named(
+                    Refusal::AnonymousRate,
+                    &format!("anonymous@{ip}"),
+                    SYSTEM_TENANT,
+                    method,
+                    "too many calls without a certificate (grpc.anonymous_rpcs_per_source_per_s)",
+                );
+                Err(Status::resource_exhausted(refused.message().to_owned()))
+            }
             Caller::Anonymous(ip) => Ok(Principal::Anonymous(ip)),
             Caller::Unix { uid, admin } => {
                 let name = format!("unix:uid={uid}");
