@@ -18,17 +18,17 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     PrometheusBuilder::new().install_recorder()
 }
 
-/// HELP texts for the series of the abuse budgets (each refusal reason is a label of
-/// `outrelay_controller_refusals_total`; see [`crate::refusals::Refusal`]).
-pub fn describe() {
-    metrics::describe_counter!(
-        "outrelay_controller_refusals_total",
-        "Refusals by reason: tls_handshake, unix_not_admin, bad_identity, revoked, \
+/// HELP of `outrelay_controller_refusals_total`: names every reason label.
+pub const REFUSALS_HELP: &str = "Refusals by reason: tls_handshake, unix_not_admin, bad_identity, revoked, \
          not_authorized, anonymous, anonymous_rate, token_malformed, token_unknown, token_used, token_expired, \
          csr_mismatch, renew_rate_limited, max_connections, source_connections, source_rate, \
          fd_exhausted, anonymous_connections, anonymous_idle, anonymous_max_age, message_too_large, \
-         services_per_agent"
-    );
+         services_per_agent";
+
+/// HELP texts for the series of the abuse budgets (each refusal reason is a label of
+/// `outrelay_controller_refusals_total`; see [`crate::refusals::Refusal`]).
+pub fn describe() {
+    metrics::describe_counter!("outrelay_controller_refusals_total", REFUSALS_HELP);
     metrics::describe_counter!(
         "outrelay_controller_refusal_audit_rows_total",
         "Aggregated refusal audit rows queued (at most one per source and reason per audit.refusal_interval_ms)"

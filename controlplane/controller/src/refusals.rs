@@ -380,6 +380,17 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_named_in_the_help_text() {
+        for r in Refusal::ALL {
+            assert!(
+                crate::metrics::REFUSALS_HELP.contains(r.as_str()),
+                "{} missing from the HELP text",
+                r.as_str()
+            );
+        }
+    }
+
+    #[test]
     fn huge_fields_are_clipped() {
         let (a, mut rx) = agg(3);
         a.record(
