@@ -1,8 +1,9 @@
 //! The controller's shared state: settings, store, CA, and the in-memory views (with their
 //! Watch hubs) that the gRPC services read and update.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use outrelay_api::pb;
 use tokio::sync::mpsc;
@@ -11,13 +12,16 @@ use crate::audit::{self, AUDIT_MAC_BYTES};
 use crate::config::Settings;
 use crate::leases::LeaseState;
 use crate::pki::Ca;
+use crate::refusals::{Refusal, RefusalAudit};
 use crate::registry::{RegistryEvent, RegistryState};
 use crate::store::{Store, StoreError, StoreSettings};
 use crate::watch::Hub;
 
-/// Security audit events (refusals, failed handshakes) queued for the store; a full queue drops
-/// and counts, so an unauthenticated flood cannot block the accept path.
+/// Security audit events (aggregated refusals) queued for the store; a full queue drops and
+/// counts, so an unauthenticated flood cannot block the accept path.
 pub const SECURITY_AUDIT_QUEUE_MAX: usize = 1024;
+/// Most identities whose `Pki.Renew` buckets are tracked (full buckets are forgotten first).
+pub const RENEW_BUCKETS_MAX: usize = 65_536;
 
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +66,30 @@ pub struct App {
     pub revocations: Hub<Revocations, pb::RevocationEvent>,
     /// Lease records, bans, tenant settings and their watchers.
     pub leases: Hub<LeaseState, (String, pb::LeaseDecision)>,
-    security_audit: mpsc::Sender<pb::AuditEvent>,
+    /// Refusal counting and aggregated audit rows.
+    pub refusals: RefusalAudit,
+    /// Enrollment tokens by hash (mirror of the table, kept until pruned), so a token that
+    /// does not exist, is used or expired is refused without queuing a write.
+    pub tokens: Mutex<HashMap<String, TokenMemo>>,
+    renew_buckets: Mutex<HashMap<String, Bucket>>,
+    /// Anonymous RPCs per source (`grpc.anonymous_rpcs_per_source_per_s`).
+    pub anonymous_rpcs: crate::grpc::limits::RateBuckets,
+}
+
+/// What the controller remembers of an enrollment token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenMemo {
+    /// Expiry.
+    pub expires_unix_ms: i64,
+    /// Consumed.
+    pub used: bool,
+}
+
+/// A `Pki.Renew` token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
 }
 
 /// One policy change as delivered to watchers.
@@ -105,8 +132,15 @@ impl App {
         let rules = store.read_blocking(crate::policy::load_all)?;
         let revoked = store.read_blocking(crate::pki::service::load_revocations)?;
         let lease_state = store.read_blocking(crate::leases::load_state)?;
+        let tokens = store.read_blocking(crate::pki::service::load_tokens)?;
         let q = settings.watch_queue_events;
+        let anon_rate = settings.anonymous_rpcs_per_source_per_s;
         let (tx, rx) = mpsc::channel(SECURITY_AUDIT_QUEUE_MAX);
+        let refusals = RefusalAudit::new(
+            Duration::from_millis(settings.refusal_interval_ms),
+            settings.refusal_keys_max,
+            tx,
+        );
         let app = Arc::new(App {
             policies: Hub::new("policy", rules, q),
             registry: Hub::new("registry", RegistryState::default(), q),
@@ -116,9 +150,14 @@ impl App {
             store,
             audit_key,
             ca,
-            security_audit: tx,
+            refusals,
+            tokens: Mutex::new(tokens),
+            renew_buckets: Mutex::new(HashMap::new()),
+            anonymous_rpcs: crate::grpc::limits::RateBuckets::new(anon_rate),
         });
         tokio::spawn(security_audit_sink(app.store.clone(), rx));
+        tokio::spawn(refusal_flusher(Arc::downgrade(&app)));
+        tokio::spawn(crate::prune::run(Arc::downgrade(&app)));
         Ok(app)
     }
 
@@ -127,24 +166,48 @@ impl App {
         self.revocations.with_state(|r| r.contains_key(uri))
     }
 
-    /// Queues a security audit row (kind `auth`, decision `deny`) without waiting.
-    pub fn audit_security(&self, tenant: &str, caller: &str, method: &str, reason: &str) {
-        let ev = pb::AuditEvent {
-            ts_unix_ms: now_unix_ms(),
-            tenant: tenant.to_owned(),
-            caller: caller.to_owned(),
-            target: String::new(),
-            method: method.to_owned(),
-            decision: "deny".to_owned(),
-            reason: reason.to_owned(),
-            stream_id: String::new(),
-            kind: audit::kind::AUTH.to_owned(),
-            seq: 0,
+    /// Counts a refusal and audits it aggregated (kind `auth`, decision `deny`): at most one
+    /// row per (tenant, caller, method, reason) per `audit.refusal_interval_ms`. Never waits.
+    pub fn audit_security(
+        &self,
+        why: Refusal,
+        tenant: &str,
+        caller: &str,
+        method: &str,
+        reason: &str,
+    ) {
+        self.refusals
+            .record(Instant::now(), why, tenant, caller, method, reason);
+    }
+
+    /// Takes one `Pki.Renew` token from `identity`'s bucket (`pki.renew_burst` tokens, one
+    /// more every `pki.renew_refill_ms`); false when it is empty.
+    pub fn take_renew_token(&self, identity: &str, now: Instant) -> bool {
+        let burst = f64::from(self.settings.renew_burst);
+        let refill_ms = self.settings.renew_refill_ms as f64;
+        let Ok(mut buckets) = self.renew_buckets.lock() else {
+            return false;
         };
-        if self.security_audit.try_send(ev).is_err() {
-            metrics::counter!("outrelay_controller_audit_dropped_total", "reason" => "security_queue_full")
-                .increment(1);
+        let level = |b: &Bucket| {
+            let ms = now.saturating_duration_since(b.at).as_secs_f64() * 1000.0;
+            (b.tokens + ms / refill_ms).min(burst)
+        };
+        if buckets.len() >= RENEW_BUCKETS_MAX && !buckets.contains_key(identity) {
+            buckets.retain(|_, b| level(b) < burst);
         }
+        let b = buckets.entry(identity.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let tokens = level(b);
+        if tokens < 1.0 {
+            return false;
+        }
+        *b = Bucket {
+            tokens: tokens - 1.0,
+            at: now,
+        };
+        true
     }
 
     /// Appends an audit row of kind `kind` inside a store write job.
@@ -168,6 +231,21 @@ impl App {
             kind: kind.to_owned(),
             seq: 0,
         }
+    }
+}
+
+/// Writes the counts of aggregation windows that are over, until the app is gone.
+async fn refusal_flusher(app: std::sync::Weak<App>) {
+    let period = match app.upgrade() {
+        Some(a) => Duration::from_millis((a.settings.refusal_interval_ms / 4).max(50)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        app.refusals.flush(Instant::now());
     }
 }
 

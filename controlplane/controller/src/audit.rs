@@ -306,6 +306,32 @@ const CONTROLLER_KINDS: [&str; 3] = [kind::ADMIN, kind::ENROLL, kind::AUTH];
 
 /// Most rows one Query returns.
 pub const MAX_QUERY_ROWS: u32 = 10_000;
+/// Longest `caller`, `target`, `method`, `decision`, `reason` or `stream_id` of a recorded
+/// event, in bytes (a relay's row over it is refused INVALID_ARGUMENT, which relays treat as
+/// permanent: the row is dropped and counted there, never retried).
+pub const MAX_AUDIT_FIELD_BYTES: usize = 4096;
+/// Longest `kind` of a recorded event, in bytes.
+pub const MAX_AUDIT_KIND_BYTES: usize = 32;
+
+/// Refuses an event with a field over its bound, naming the field.
+fn bounded(ev: &AuditEvent) -> Result<(), tonic::Status> {
+    if ev.kind.len() > MAX_AUDIT_KIND_BYTES {
+        return Err(crate::grpc::invalid("event.kind", "at most 32 bytes"));
+    }
+    for (name, v) in [
+        ("event.caller", &ev.caller),
+        ("event.target", &ev.target),
+        ("event.method", &ev.method),
+        ("event.decision", &ev.decision),
+        ("event.reason", &ev.reason),
+        ("event.stream_id", &ev.stream_id),
+    ] {
+        if v.len() > MAX_AUDIT_FIELD_BYTES {
+            return Err(crate::grpc::invalid(name, "at most 4096 bytes"));
+        }
+    }
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl outrelay_api::pb::audit_server::Audit for AuditService {
@@ -321,6 +347,7 @@ impl outrelay_api::pb::audit_server::Audit for AuditService {
             .into_inner()
             .event
             .ok_or_else(|| crate::grpc::invalid("event", "required"))?;
+        bounded(&ev)?;
         if CONTROLLER_KINDS.contains(&ev.kind.as_str()) {
             return Err(crate::grpc::invalid(
                 "event.kind",

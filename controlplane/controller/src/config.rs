@@ -36,6 +36,14 @@ pub enum ConfigError {
     },
 }
 
+/// One day in milliseconds (retention defaults).
+const DAY_MS: u64 = 86_400_000;
+
+/// Smallest accepted `grpc.max_message_bytes` (a CSR and any admin request fit).
+pub const MIN_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest accepted `grpc.max_message_bytes`.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
 /// The file as written (every key optional; defaults applied in [`Settings::from_raw`]).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +71,12 @@ pub struct RawConfig {
     /// Store tuning.
     #[serde(default)]
     pub store: RawStore,
+    /// Refusal audit aggregation.
+    #[serde(default)]
+    pub audit: RawAudit,
+    /// Retention of growth sources (tokens, lease records, issued certificates).
+    #[serde(default)]
+    pub retention: RawRetention,
     /// SIGTERM grace.
     #[serde(default)]
     pub lifecycle: outrelay_lifecycle::RawLifecycle,
@@ -76,6 +90,22 @@ pub struct RawGrpc {
     pub listen: Option<String>,
     /// TLS handshake deadline.
     pub handshake_timeout_ms: Option<u64>,
+    /// Most open TCP connections (handshaking or served).
+    pub max_connections: Option<usize>,
+    /// Most open TCP connections from one source (an IPv4 address or an IPv6 /64).
+    pub max_connections_per_source: Option<usize>,
+    /// Most open connections without a client certificate.
+    pub max_anonymous_connections: Option<usize>,
+    /// New connections one source may open per second (burst: twice that).
+    pub new_connections_per_source_per_s: Option<u32>,
+    /// RPCs one source may make per second without a client certificate (burst: twice that).
+    pub anonymous_rpcs_per_source_per_s: Option<u32>,
+    /// An anonymous connection with no byte either way for this long is closed.
+    pub anonymous_idle_timeout_ms: Option<u64>,
+    /// An anonymous connection is closed this long after its handshake.
+    pub anonymous_max_age_ms: Option<u64>,
+    /// Largest request message decoded, in bytes.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// `[tls]`
@@ -116,6 +146,8 @@ pub struct RawRegistry {
     pub relay_down_after_ms: Option<u64>,
     /// Events queued per watcher before it is disconnected.
     pub watch_queue_events: Option<usize>,
+    /// Most distinct services one agent identity may register.
+    pub max_services_per_agent: Option<usize>,
 }
 
 /// `[pki]`
@@ -128,6 +160,34 @@ pub struct RawPki {
     pub token_default_ttl_s: Option<u64>,
     /// Longest enrollment token lifetime.
     pub token_max_ttl_s: Option<u64>,
+    /// `Pki.Renew` calls one identity may make at once (token bucket size).
+    pub renew_burst: Option<u32>,
+    /// One more `Pki.Renew` is allowed per identity every this many ms.
+    pub renew_refill_ms: Option<u64>,
+}
+
+/// `[audit]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// Refusals of one (source, method, reason) write at most one row per this interval.
+    pub refusal_interval_ms: Option<u64>,
+    /// Most (source, method, reason) keys tracked; more share one overflow row.
+    pub refusal_keys_max: Option<usize>,
+}
+
+/// `[retention]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    /// How often the prune job runs.
+    pub prune_interval_ms: Option<u64>,
+    /// Used or expired enrollment tokens are deleted this long after use or expiry.
+    pub token_retention_ms: Option<u64>,
+    /// Released or expired lease records are deleted this long after release or expiry.
+    pub lease_retention_ms: Option<u64>,
+    /// Issued-certificate records are deleted this long after the certificate expired.
+    pub cert_retention_ms: Option<u64>,
 }
 
 /// `[store]`
@@ -188,6 +248,54 @@ pub struct Settings {
     pub write_queue_max: usize,
     /// Jobs per commit.
     pub max_batch: usize,
+    /// TCP connection caps and anonymous-connection timeouts.
+    pub conn: ConnLimits,
+    /// Largest request message decoded.
+    pub max_message_bytes: usize,
+    /// Anonymous RPCs per source per second.
+    pub anonymous_rpcs_per_source_per_s: u32,
+    /// Most distinct services per agent identity.
+    pub max_services_per_agent: usize,
+    /// Renew token bucket size.
+    pub renew_burst: u32,
+    /// Renew token bucket refill period.
+    pub renew_refill_ms: u64,
+    /// Refusal audit aggregation window.
+    pub refusal_interval_ms: u64,
+    /// Refusal audit keys tracked.
+    pub refusal_keys_max: usize,
+    /// Retention periods.
+    pub retention: Retention,
+}
+
+/// Caps on the gRPC TCP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Most open connections per source.
+    pub max_per_source: usize,
+    /// Most open anonymous connections.
+    pub max_anonymous: usize,
+    /// Anonymous idle timeout.
+    pub anonymous_idle_timeout_ms: u64,
+    /// Anonymous maximum age.
+    pub anonymous_max_age_ms: u64,
+    /// New connections per source per second.
+    pub new_connections_per_source_per_s: u32,
+}
+
+/// How long growth sources are kept once they stopped mattering.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Prune period.
+    pub prune_interval_ms: u64,
+    /// Used/expired tokens.
+    pub token_ms: u64,
+    /// Released/expired lease records.
+    pub lease_ms: u64,
+    /// Expired issued-certificate records.
+    pub cert_ms: u64,
 }
 
 impl Settings {
@@ -263,8 +371,92 @@ impl Settings {
         };
         let handshake_timeout_ms = positive(
             "grpc.handshake_timeout_ms",
-            raw.grpc.handshake_timeout_ms.unwrap_or(10_000),
+            raw.grpc.handshake_timeout_ms.unwrap_or(5_000),
         )?;
+        let g = &raw.grpc;
+        let conn = ConnLimits {
+            max_connections: at_least_one(
+                "grpc.max_connections",
+                g.max_connections.unwrap_or(4096),
+            )?,
+            max_per_source: at_least_one(
+                "grpc.max_connections_per_source",
+                g.max_connections_per_source.unwrap_or(256),
+            )?,
+            max_anonymous: at_least_one(
+                "grpc.max_anonymous_connections",
+                g.max_anonymous_connections.unwrap_or(256),
+            )?,
+            anonymous_idle_timeout_ms: positive(
+                "grpc.anonymous_idle_timeout_ms",
+                g.anonymous_idle_timeout_ms.unwrap_or(10_000),
+            )?,
+            anonymous_max_age_ms: positive(
+                "grpc.anonymous_max_age_ms",
+                g.anonymous_max_age_ms.unwrap_or(60_000),
+            )?,
+            new_connections_per_source_per_s: match g.new_connections_per_source_per_s {
+                Some(0) => {
+                    return invalid(
+                        "grpc.new_connections_per_source_per_s",
+                        "must be at least 1",
+                    );
+                }
+                v => v.unwrap_or(50),
+            },
+        };
+        let max_message_bytes = g.max_message_bytes.unwrap_or(1 << 20);
+        if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&max_message_bytes) {
+            return invalid(
+                "grpc.max_message_bytes",
+                &format!("must be {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES}"),
+            );
+        }
+        let anonymous_rpcs_per_source_per_s = match g.anonymous_rpcs_per_source_per_s {
+            Some(0) => {
+                return invalid("grpc.anonymous_rpcs_per_source_per_s", "must be at least 1");
+            }
+            v => v.unwrap_or(20),
+        };
+        let max_services_per_agent = at_least_one(
+            "registry.max_services_per_agent",
+            raw.registry.max_services_per_agent.unwrap_or(64),
+        )?;
+        let renew_burst = raw.pki.renew_burst.unwrap_or(5);
+        if renew_burst == 0 {
+            return invalid("pki.renew_burst", "must be at least 1");
+        }
+        let renew_refill_ms = positive(
+            "pki.renew_refill_ms",
+            raw.pki.renew_refill_ms.unwrap_or(60_000),
+        )?;
+        let refusal_interval_ms = positive(
+            "audit.refusal_interval_ms",
+            raw.audit.refusal_interval_ms.unwrap_or(60_000),
+        )?;
+        let refusal_keys_max = at_least_one(
+            "audit.refusal_keys_max",
+            raw.audit.refusal_keys_max.unwrap_or(4096),
+        )?;
+        let rt = &raw.retention;
+        let retention = Retention {
+            prune_interval_ms: positive(
+                "retention.prune_interval_ms",
+                rt.prune_interval_ms.unwrap_or(3_600_000),
+            )?,
+            token_ms: positive(
+                "retention.token_retention_ms",
+                rt.token_retention_ms.unwrap_or(7 * DAY_MS),
+            )?,
+            lease_ms: positive(
+                "retention.lease_retention_ms",
+                rt.lease_retention_ms.unwrap_or(7 * DAY_MS),
+            )?,
+            cert_ms: positive(
+                "retention.cert_retention_ms",
+                rt.cert_retention_ms.unwrap_or(30 * DAY_MS),
+            )?,
+        };
         let relay_down_after_ms = positive(
             "registry.relay_down_after_ms",
             raw.registry.relay_down_after_ms.unwrap_or(30_000),
@@ -315,6 +507,15 @@ impl Settings {
             token_max_ttl_s,
             write_queue_max,
             max_batch,
+            conn,
+            max_message_bytes,
+            anonymous_rpcs_per_source_per_s,
+            max_services_per_agent,
+            renew_burst,
+            renew_refill_ms,
+            refusal_interval_ms,
+            refusal_keys_max,
+            retention,
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
         })
     }
@@ -325,6 +526,14 @@ fn invalid<T>(field: &'static str, reason: &str) -> Result<T, ConfigError> {
         field,
         reason: reason.to_owned(),
     })
+}
+
+fn at_least_one(field: &'static str, v: usize) -> Result<usize, ConfigError> {
+    if v == 0 {
+        invalid(field, "must be at least 1")
+    } else {
+        Ok(v)
+    }
 }
 
 fn positive(field: &'static str, v: u64) -> Result<u64, ConfigError> {
@@ -352,6 +561,45 @@ mod tests {
         assert_eq!(s.grpc_listen.port(), 7444);
         assert_eq!(s.metrics_listen.map(|a| a.port()), Some(7461));
         assert_eq!(s.watch_queue_events, 1024);
+        assert_eq!(s.max_message_bytes, 1 << 20);
+        assert!(s.conn.max_per_source <= s.conn.max_connections);
+    }
+
+    #[test]
+    fn abuse_limits_are_validated() {
+        for (text, key) in [
+            ("[grpc]\nmax_connections = 0", "grpc.max_connections"),
+            (
+                "[grpc]\nanonymous_rpcs_per_source_per_s = 0",
+                "grpc.anonymous_rpcs_per_source_per_s",
+            ),
+            (
+                "[grpc]\nnew_connections_per_source_per_s = 0",
+                "grpc.new_connections_per_source_per_s",
+            ),
+            ("[grpc]\nmax_message_bytes = 10", "grpc.max_message_bytes"),
+            (
+                "[grpc]\nanonymous_max_age_ms = 0",
+                "grpc.anonymous_max_age_ms",
+            ),
+            ("[pki]\nrenew_burst = 0", "pki.renew_burst"),
+            (
+                "[audit]\nrefusal_interval_ms = 0",
+                "audit.refusal_interval_ms",
+            ),
+            (
+                "[retention]\ntoken_retention_ms = 0",
+                "retention.token_retention_ms",
+            ),
+            (
+                "[registry]\nmax_services_per_agent = 0",
+                "registry.max_services_per_agent",
+            ),
+        ] {
+            let raw: RawConfig = toml::from_str(text).expect("toml");
+            let e = Settings::from_raw(raw, &Overrides::default()).expect_err(key);
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -56,6 +56,13 @@ impl LeaseState {
             .find(|l| l.tenant == tenant && l.name == name)
     }
 
+    /// Drops pruned records (the prune job deleted them from the table).
+    pub(crate) fn forget(&mut self, ids: &[String]) {
+        for id in ids {
+            self.leases.remove(id);
+        }
+    }
+
     fn active_count(&self, tenant: &str) -> usize {
         self.leases
             .values()
@@ -166,8 +173,14 @@ fn lease_event(l: &pb::Lease, kind: lease_decision::Kind) -> (String, pb::LeaseD
 pub struct LeasesService(pub Arc<App>);
 
 impl LeasesService {
-    /// Persists `l` with an audit row, then publishes it.
-    async fn commit(&self, l: pb::Lease, ev: pb::AuditEvent, ban: bool) -> Result<(), Status> {
+    /// Persists `l` (with an audit row when it is a state change: renewals carry none), then
+    /// publishes it.
+    async fn commit(
+        &self,
+        l: pb::Lease,
+        ev: Option<pb::AuditEvent>,
+        ban: bool,
+    ) -> Result<(), Status> {
         let l2 = l.clone();
         self.0
             .store
@@ -180,7 +193,10 @@ impl LeasesService {
                     )?
                     .execute(params![l2.tenant, l2.name, l2.agent_uri, l2.updated_at_unix_ms])?;
                 }
-                audit::append(conn, &mut ctx.audit, &ev)
+                match &ev {
+                    Some(ev) => audit::append(conn, &mut ctx.audit, ev).map(|_| ()),
+                    None => Ok(()),
+                }
             })
             .await
             .map_err(store_status)?;
@@ -233,7 +249,7 @@ impl LeasesService {
             method,
             &format!("lease {} -> {:?}", l.id, state),
         );
-        self.commit(l.clone(), ev, state == lease::State::Banned)
+        self.commit(l.clone(), Some(ev), state == lease::State::Banned)
             .await?;
         Ok(Response::new(pb::LeaseActionResponse { lease: Some(l) }))
     }
@@ -339,16 +355,13 @@ impl leases_server::Leases for LeasesService {
                 } else {
                     l.expires_unix_ms = expires;
                 }
-                self.commit(
-                    l.clone(),
-                    ev(if kind == lease_report_request::Kind::Release {
-                        "release"
-                    } else {
-                        "renew"
-                    }),
-                    false,
-                )
-                .await?;
+                // A renewal only moves the expiry: durable, but not an audited state change
+                // (one row per lease per renewal interval would grow the log without bound).
+                let audited = (kind == lease_report_request::Kind::Release).then(|| ev("release"));
+                if audited.is_none() {
+                    metrics::counter!("outrelay_controller_lease_renewals_total").increment(1);
+                }
+                self.commit(l.clone(), audited, false).await?;
                 Ok(reply(
                     &l,
                     if l.state == lease::State::Pending as i32 {
@@ -405,7 +418,7 @@ impl leases_server::Leases for LeasesService {
                 };
                 self.commit(
                     l.clone(),
-                    ev(if msg.is_empty() { "granted" } else { msg }),
+                    Some(ev(if msg.is_empty() { "granted" } else { msg })),
                     false,
                 )
                 .await?;

@@ -15,6 +15,8 @@ pub mod leases;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod prune;
+pub mod refusals;
 pub mod registry;
 pub mod run;
 pub mod store;

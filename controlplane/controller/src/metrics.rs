@@ -18,6 +18,43 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     PrometheusBuilder::new().install_recorder()
 }
 
+/// HELP of `outrelay_controller_refusals_total`: names every reason label.
+pub const REFUSALS_HELP: &str = "Refusals by reason: tls_handshake, unix_not_admin, bad_identity, revoked, \
+         not_authorized, anonymous, anonymous_rate, token_malformed, token_unknown, token_used, token_expired, \
+         csr_mismatch, renew_rate_limited, max_connections, source_connections, source_rate, \
+         fd_exhausted, anonymous_connections, anonymous_idle, anonymous_max_age, message_too_large, \
+         services_per_agent";
+
+/// HELP texts for the series of the abuse budgets (each refusal reason is a label of
+/// `outrelay_controller_refusals_total`; see [`crate::refusals::Refusal`]).
+pub fn describe() {
+    metrics::describe_counter!("outrelay_controller_refusals_total", REFUSALS_HELP);
+    metrics::describe_counter!(
+        "outrelay_controller_refusal_audit_rows_total",
+        "Aggregated refusal audit rows queued (at most one per source and reason per audit.refusal_interval_ms)"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_refusal_audit_overflow_total",
+        "Refusals audited under the shared overflow key (audit.refusal_keys_max reached)"
+    );
+    metrics::describe_gauge!(
+        "outrelay_controller_connections",
+        "Open gRPC TCP connections (kind=all|anonymous)"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_store_jobs_total",
+        "Store write jobs run by the writer thread (result=ok|failed)"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_pruned_rows_total",
+        "Rows deleted by the retention prune (table=enrollment_tokens|leases|issued_certs)"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_lease_renewals_total",
+        "Lease renewals recorded (durable, without an audit row)"
+    );
+}
+
 /// Binds `addr`; returns the listener and its bound address.
 ///
 /// # Errors

@@ -19,6 +19,8 @@ use crate::watch::WatchStream;
 
 /// Longest service name, in bytes.
 pub const MAX_SERVICE_NAME_BYTES: usize = 253;
+/// Longest provider `local_addr` (`host:port`), in bytes.
+pub const MAX_LOCAL_ADDR_BYTES: usize = 255;
 
 /// (tenant, service, agent_uri, relay_id)
 type ProviderKey = (String, String, String, String);
@@ -62,6 +64,19 @@ impl RegistryState {
         }
     }
 
+    /// Distinct services the agent of `k` provides, not counting `k`'s own service (so a
+    /// re-registration is never refused).
+    fn services_of(&self, k: &ProviderKey) -> usize {
+        let mut names: Vec<&str> = self
+            .providers
+            .keys()
+            .filter(|p| p.0 == k.0 && p.2 == k.2 && p.1 != k.1)
+            .map(|p| p.1.as_str())
+            .collect();
+        names.dedup();
+        names.len()
+    }
+
     fn relay_up(&self, id: &str, now: i64, down_after_ms: u64) -> bool {
         self.relays.get(id).is_some_and(|r| {
             now.saturating_sub(r.last_seen_unix_ms)
@@ -86,6 +101,29 @@ fn service_name_arg(name: &str) -> Result<(), Status> {
         return Err(invalid(
             "service_name",
             "printable ASCII, at most 253 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// A provider's `local_addr`: empty, or `host:port` in printable ASCII, at most
+/// [`MAX_LOCAL_ADDR_BYTES`]. It is published to every relay, so it is bounded before it is kept.
+fn local_addr_arg(addr: &str) -> Result<(), Status> {
+    if addr.is_empty() {
+        return Ok(());
+    }
+    if addr.len() > MAX_LOCAL_ADDR_BYTES {
+        return Err(invalid("local_addr", "at most 255 bytes"));
+    }
+    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && host.bytes().all(|c| c.is_ascii_graphic())
+            && port.parse::<u16>().is_ok()
+    });
+    if !ok {
+        return Err(invalid(
+            "local_addr",
+            "must be host:port in printable ASCII",
         ));
     }
     Ok(())
@@ -129,7 +167,9 @@ impl registry_server::Registry for RegistryService {
         tenant_arg("tenant", &r.tenant)?;
         service_name_arg(&r.service_name)?;
         agent_of_tenant(&r.tenant, &r.agent_uri)?;
+        local_addr_arg(&r.local_addr)?;
         let now = now_unix_ms();
+        let cap = app.settings.max_services_per_agent;
         let key: ProviderKey = (
             r.tenant.clone(),
             r.service_name.clone(),
@@ -137,7 +177,14 @@ impl registry_server::Registry for RegistryService {
             r.relay_id,
         );
         let service_id = format!("{}/{}", r.tenant, r.service_name);
+        let mut over_cap = false;
         app.registry.publish(|s| {
+            // Checked and inserted under the same lock: pipelined registrations cannot race
+            // past the cap.
+            if s.services_of(&key) >= cap {
+                over_cap = true;
+                return Vec::new();
+            }
             s.providers.insert(key.clone(), (r.local_addr.clone(), now));
             let provider = s.provider(&key, &r.local_addr, now);
             vec![RegistryEvent {
@@ -149,6 +196,12 @@ impl registry_server::Registry for RegistryService {
                 },
             }]
         });
+        if over_cap {
+            crate::refusals::Refusal::ServicesPerAgent.count();
+            return Err(Status::resource_exhausted(format!(
+                "service_name: agent already provides {cap} services (registry.max_services_per_agent)"
+            )));
+        }
         metrics::counter!("outrelay_controller_registry_changes_total", "op" => "register")
             .increment(1);
         Ok(Response::new(pb::RegisterServiceResponse { service_id }))

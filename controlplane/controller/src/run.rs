@@ -66,6 +66,7 @@ pub async fn run(
         what: "signal handlers".to_owned(),
         source,
     })?;
+    crate::metrics::describe();
     let app = App::open(settings)?;
     let tls = server::tls_config(&app)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));

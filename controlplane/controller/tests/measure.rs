@@ -126,3 +126,79 @@ async fn durable_writes_per_second_and_watch_fanout() {
         lat_us[lat_us.len() - 1]
     );
 }
+
+/// The admin's write path with and without an unauthenticated flood, in the same run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with --ignored --nocapture"]
+async fn admin_writes_with_and_without_an_anonymous_flood() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start(dir.path(), "");
+    let admin = c.cert("outrelay://system/admin/ops", LeafProfile::Client);
+    let mut policy = PolicyClient::new(c.channel(Some(&admin)).await);
+    let mut pki = pb::pki_client::PkiClient::new(c.channel(Some(&admin)).await);
+    let rss_kib = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let mut n = 0u32;
+    for flood in [false, true] {
+        let f = if flood {
+            Some(common::Flood::start(&c).await)
+        } else {
+            None
+        };
+        let jobs0 = c.metric("outrelay_controller_store_jobs_total").await;
+        let start = Instant::now();
+        let mut lat_us = Vec::new();
+        while start.elapsed() < RUN {
+            let t = Instant::now();
+            policy
+                .add_policy(pb::AddPolicyRequest {
+                    rule: Some(pb::PolicyRule {
+                        tenant: "acme".into(),
+                        caller_pattern: "*".into(),
+                        target_pattern: format!("m{n}"),
+                        decision: 1,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("add");
+            pki.revoke(pb::RevokeRequest {
+                uri: format!("outrelay://acme/agent/00000000-0000-4000-8000-{n:012x}"),
+            })
+            .await
+            .expect("revoke");
+            lat_us.push(t.elapsed().as_micros());
+            n += 1;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let rss = rss_kib(c.child.id());
+        let hostile = match f {
+            Some(f) => f.stop().await,
+            None => 0,
+        };
+        let jobs = c.metric("outrelay_controller_store_jobs_total").await - jobs0;
+        lat_us.sort_unstable();
+        let pct = |p: usize| lat_us[(lat_us.len() * p / 100).min(lat_us.len() - 1)];
+        #[allow(clippy::cast_precision_loss)]
+        let rate = lat_us.len() as f64 / secs;
+        #[allow(clippy::cast_precision_loss)]
+        let hostile_rate = hostile as f64 / secs;
+        println!(
+            "flood={flood}: admin AddPolicy+Revoke {rate:.0} pairs/s, p50 {} us, p99 {} us; hostile {hostile_rate:.0}/s; store jobs {jobs}; controller RSS {rss} KiB",
+            pct(50),
+            pct(99),
+        );
+    }
+    let auth = c
+        .metric("outrelay_controller_refusal_audit_rows_total")
+        .await;
+    println!("aggregated refusal audit rows written over the whole run: {auth}");
+}

@@ -4,14 +4,19 @@
 //! certificate's single URI SAN (parsed strictly by `outrelay_proto::identity`) on TCP, or
 //! SO_PEERCRED on the Unix socket. [`App::authenticate`] turns the connection's [`Caller`] into
 //! a [`Principal`] (refusing revoked identities), and each RPC then checks what that principal
-//! may do with one of the `require_*` helpers. Every refusal is PERMISSION_DENIED and audited.
+//! may do with one of the `require_*` helpers. Every refusal is PERMISSION_DENIED, counted by
+//! reason and audited aggregated ([`crate::refusals`]).
 
+pub mod limits;
 pub mod server;
+
+use std::net::IpAddr;
 
 use outrelay_proto::identity::{Identity, Label, SYSTEM_TENANT};
 use tonic::Status;
 
 use crate::app::App;
+use crate::refusals::Refusal;
 use crate::store::StoreError;
 
 /// Who is on the other end of a connection, as established at accept time.
@@ -28,8 +33,8 @@ pub enum Caller {
     Cert(Identity),
     /// A TLS peer whose verified certificate carries no acceptable identity URI.
     BadCert(String),
-    /// A TLS peer without a client certificate (may only call `Pki.Enroll`).
-    Anonymous,
+    /// A TLS peer without a client certificate (may only call `Pki.Enroll`), with its address.
+    Anonymous(Option<IpAddr>),
 }
 
 /// An authenticated caller, after the revocation check.
@@ -55,8 +60,8 @@ pub enum Principal {
     },
     /// `outrelay://<tenant>/agent/<uuid>`.
     Agent(Identity),
-    /// No client certificate.
-    Anonymous,
+    /// No client certificate; the peer's address when known.
+    Anonymous(Option<IpAddr>),
 }
 
 impl Principal {
@@ -66,7 +71,8 @@ impl Principal {
             Principal::GlobalAdmin(n) => n.clone(),
             Principal::TenantAdmin { uri, .. } | Principal::Relay { uri, .. } => uri.clone(),
             Principal::Agent(id) => id.to_string(),
-            Principal::Anonymous => "anonymous".to_owned(),
+            Principal::Anonymous(None) => "anonymous".to_owned(),
+            Principal::Anonymous(Some(ip)) => format!("anonymous@{ip}"),
         }
     }
 
@@ -97,15 +103,30 @@ impl App {
             .extensions()
             .get::<Caller>()
             .cloned()
-            .unwrap_or(Caller::Anonymous);
+            .unwrap_or(Caller::Anonymous(None));
         match caller {
-            Caller::Anonymous => Ok(Principal::Anonymous),
+            Caller::Anonymous(Some(ip))
+                if !self
+                    .anonymous_rpcs
+                    .take(limits::SourceKey::of(ip), std::time::Instant::now()) =>
+            {
+                let refused = self.refuse_named(
+                    Refusal::AnonymousRate,
+                    &format!("anonymous@{ip}"),
+                    SYSTEM_TENANT,
+                    method,
+                    "too many calls without a certificate (grpc.anonymous_rpcs_per_source_per_s)",
+                );
+                Err(Status::resource_exhausted(refused.message().to_owned()))
+            }
+            Caller::Anonymous(ip) => Ok(Principal::Anonymous(ip)),
             Caller::Unix { uid, admin } => {
                 let name = format!("unix:uid={uid}");
                 if admin {
                     Ok(Principal::GlobalAdmin(name))
                 } else {
                     Err(self.refuse_named(
+                        Refusal::UnixNotAdmin,
                         &name,
                         SYSTEM_TENANT,
                         method,
@@ -114,6 +135,7 @@ impl App {
                 }
             }
             Caller::BadCert(reason) => Err(self.refuse_named(
+                Refusal::BadIdentity,
                 "tls:bad-identity",
                 SYSTEM_TENANT,
                 method,
@@ -126,7 +148,13 @@ impl App {
                         .tenant()
                         .map(Label::to_string)
                         .unwrap_or_else(|| SYSTEM_TENANT.to_owned());
-                    return Err(self.refuse_named(&uri, &tenant, method, "identity revoked"));
+                    return Err(self.refuse_named(
+                        Refusal::Revoked,
+                        &uri,
+                        &tenant,
+                        method,
+                        "identity revoked",
+                    ));
                 }
                 Ok(match identity {
                     Identity::Admin { tenant, .. } if tenant.as_str() == SYSTEM_TENANT => {
@@ -204,21 +232,38 @@ impl App {
         }
     }
 
-    /// A refusal of `p`: audits it (kind `auth`, decision `deny`) and returns PERMISSION_DENIED.
+    /// A refusal of `p` (reason `anonymous` or `not_authorized`): counts and audits it
+    /// (aggregated; kind `auth`, decision `deny`) and returns PERMISSION_DENIED.
     pub fn refuse(&self, p: &Principal, method: &'static str, reason: &str) -> Status {
-        self.refuse_named(&p.name(), &p.audit_tenant(), method, reason)
+        let why = match p {
+            Principal::Anonymous(_) => Refusal::Anonymous,
+            _ => Refusal::NotAuthorized,
+        };
+        self.refuse_as(p, why, method, reason)
+    }
+
+    /// A refusal of `p` with a named reason, as [`App::refuse`].
+    pub fn refuse_as(
+        &self,
+        p: &Principal,
+        why: Refusal,
+        method: &'static str,
+        reason: &str,
+    ) -> Status {
+        self.refuse_named(why, &p.name(), &p.audit_tenant(), method, reason)
     }
 
     fn refuse_named(
         &self,
+        why: Refusal,
         caller: &str,
         tenant: &str,
         method: &'static str,
         reason: &str,
     ) -> Status {
         metrics::counter!("outrelay_controller_rpc_refused_total", "method" => method).increment(1);
-        tracing::warn!(caller, method, reason, "refused");
-        self.audit_security(tenant, caller, method, reason);
+        // The log line goes with the (aggregated) audit row, never per event.
+        self.audit_security(why, tenant, caller, method, reason);
         Status::permission_denied(format!("{method}: {reason}"))
     }
 }

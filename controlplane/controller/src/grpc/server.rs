@@ -2,14 +2,24 @@
 //! feeding ONE tonic server with the same services. The server requests (does not require) a
 //! client certificate so `Pki.Enroll` works without one; chain, validity and the clientAuth EKU
 //! are verified by rustls/webpki against our CA. Failed handshakes (wrong CA, expired, ...) are
-//! counted and audited.
+//! counted and audited (aggregated, [`crate::refusals`]).
+//!
+//! The TCP listener is capped ([`super::limits`]): connections over `grpc.max_connections` or
+//! `grpc.max_connections_per_source` are accepted and closed at once (never left in the
+//! backlog), anonymous ones over `grpc.max_anonymous_connections` are closed after the
+//! handshake, and an anonymous connection is closed after `grpc.anonymous_idle_timeout_ms`
+//! without a byte either way or `grpc.anonymous_max_age_ms` after its handshake. Authenticated
+//! connections (relays' long-lived watches) are kept alive and reaped by HTTP/2 PINGs instead.
 
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use outrelay_api::pb;
 use rustls::RootCertStore;
@@ -23,8 +33,10 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use super::Caller;
+use super::limits::{AnonSlot, ConnSlot, Limits};
 use crate::app::App;
 use crate::pki::{LeafProfile, identity_of_cert};
+use crate::refusals::Refusal;
 
 /// Accepted connections waiting for the gRPC server.
 pub const ACCEPT_QUEUE_MAX: usize = 128;
@@ -47,10 +59,59 @@ pub enum TransportError {
     },
 }
 
-/// One accepted connection with its caller.
+/// One accepted connection with its caller (and, on TCP, its slots and anonymous deadlines).
 pub struct Conn {
     io: ConnIo,
     caller: Caller,
+    _slot: Option<ConnSlot>,
+    _anon: Option<AnonSlot>,
+    deadline: Option<Box<AnonDeadline>>,
+}
+
+/// The idle and age deadlines of an anonymous connection.
+struct AnonDeadline {
+    idle: Duration,
+    idle_at: Pin<Box<Sleep>>,
+    max_age: Pin<Box<Sleep>>,
+    fired: bool,
+}
+
+impl AnonDeadline {
+    fn new(idle: Duration, max_age: Duration) -> AnonDeadline {
+        let now = Instant::now();
+        AnonDeadline {
+            idle,
+            idle_at: Box::pin(tokio::time::sleep_until(now + idle)),
+            max_age: Box::pin(tokio::time::sleep_until(now + max_age)),
+            fired: false,
+        }
+    }
+
+    /// An error once either deadline passed (counted once); registers the waker otherwise.
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        let why = if self.fired {
+            None
+        } else if self.max_age.as_mut().poll(cx).is_ready() {
+            Some(Refusal::AnonymousMaxAge)
+        } else if self.idle_at.as_mut().poll(cx).is_ready() {
+            Some(Refusal::AnonymousIdle)
+        } else {
+            return Ok(());
+        };
+        if let Some(why) = why {
+            self.fired = true;
+            why.count();
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "anonymous connection idle or too old",
+        ))
+    }
+
+    fn touch(&mut self) {
+        let at = Instant::now() + self.idle;
+        self.idle_at.as_mut().reset(at);
+    }
 }
 
 enum ConnIo {
@@ -72,10 +133,21 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Some(d) = this.deadline.as_mut() {
+            d.check(cx)?;
+        }
+        let before = buf.filled().len();
+        let r = match &mut this.io {
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             ConnIo::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        };
+        if let (Some(d), Poll::Ready(Ok(()))) = (this.deadline.as_mut(), &r)
+            && buf.filled().len() > before
+        {
+            d.touch();
         }
+        r
     }
 }
 
@@ -85,10 +157,20 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if let Some(d) = this.deadline.as_mut() {
+            d.check(cx)?;
+        }
+        let r = match &mut this.io {
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             ConnIo::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        };
+        if let (Some(d), Poll::Ready(Ok(n))) = (this.deadline.as_mut(), &r)
+            && *n > 0
+        {
+            d.touch();
         }
+        r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -183,7 +265,8 @@ pub fn tls_config(app: &App) -> Result<rustls::ServerConfig, TransportError> {
     Ok(cfg)
 }
 
-/// Accepts TLS connections forever, handing finished handshakes to `tx`.
+/// Accepts TLS connections forever, handing finished handshakes to `tx`. Connections over a
+/// cap are closed at once and counted by reason.
 pub async fn accept_tls(
     app: Arc<App>,
     listener: TcpListener,
@@ -191,20 +274,70 @@ pub async fn accept_tls(
     tx: mpsc::Sender<Conn>,
 ) {
     let timeout = Duration::from_millis(app.settings.handshake_timeout_ms);
+    let mut conn_caps = app.settings.conn;
+    if let Some(nofile) = open_files_limit() {
+        // Descriptors for the store, the admin socket, metrics and the runtime stay free.
+        let usable = usize::try_from(nofile)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(FD_HEADROOM)
+            .max(1);
+        if conn_caps.max_connections > usable {
+            tracing::warn!(
+                configured = conn_caps.max_connections,
+                effective = usable,
+                nofile,
+                "grpc.max_connections lowered below the open-files limit"
+            );
+            conn_caps.max_connections = usable;
+        }
+    }
+    let limits = Limits::new(conn_caps);
+    let caps = limits.caps();
+    // A descriptor kept in reserve: when accept fails for want of descriptors, it is given up
+    // to accept the waiting connection and close it at once (a prompt refusal instead of a
+    // client hanging in the backlog), then taken again.
+    let mut reserve = std::fs::File::open("/dev/null").ok();
+    let (idle, max_age) = (
+        Duration::from_millis(caps.anonymous_idle_timeout_ms),
+        Duration::from_millis(caps.anonymous_max_age_ms),
+    );
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
+            Err(e) if is_fd_exhaustion(&e) && reserve.is_some() => {
+                drop(reserve.take());
+                // Only a connection already waiting: never block here for the next one.
+                if let Ok(Ok((tcp, _))) =
+                    tokio::time::timeout(Duration::from_millis(1), listener.accept()).await
+                {
+                    drop(tcp);
+                }
+                Refusal::FdExhausted.count();
+                reserve = std::fs::File::open("/dev/null").ok();
+                continue;
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+                // Transient errors, or no reserve descriptor: back off instead of spinning.
                 metrics::counter!("outrelay_controller_accept_errors_total", "listener" => "grpc")
                     .increment(1);
-                tracing::warn!(error = %e, "grpc accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tracing::debug!(error = %e, "grpc accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                reserve = reserve.or_else(|| std::fs::File::open("/dev/null").ok());
+                continue;
+            }
+        };
+        let slot = match limits.admit(peer.ip(), std::time::Instant::now()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                // Closed at once: the peer sees a prompt FIN instead of waiting in the backlog.
+                why.count();
+                drop(tcp);
                 continue;
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (app, acceptor, tx) = (app.clone(), acceptor.clone(), tx.clone());
+        let (app, acceptor, tx, limits) =
+            (app.clone(), acceptor.clone(), tx.clone(), limits.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -212,16 +345,30 @@ pub async fn accept_tls(
                 Err(_) => return handshake_failed(&app, peer, "handshake timed out"),
             };
             let caller = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                None => Caller::Anonymous,
+                None => Caller::Anonymous(Some(peer.ip())),
                 Some(leaf) => match identity_of_cert(leaf) {
                     Ok(id) => Caller::Cert(id),
                     Err(e) => Caller::BadCert(e.to_string()),
                 },
             };
+            let (anon, deadline) = if matches!(caller, Caller::Anonymous(_)) {
+                match limits.admit_anonymous() {
+                    Ok(a) => (Some(a), Some(Box::new(AnonDeadline::new(idle, max_age)))),
+                    Err(why) => {
+                        why.count();
+                        return;
+                    }
+                }
+            } else {
+                (None, None)
+            };
             if tx
                 .send(Conn {
                     io: ConnIo::Tls(Box::new(tls)),
                     caller,
+                    _slot: Some(slot),
+                    _anon: anon,
+                    deadline,
                 })
                 .await
                 .is_err()
@@ -232,12 +379,29 @@ pub async fn accept_tls(
     }
 }
 
+/// Descriptors kept free for everything but gRPC TCP connections.
+pub const FD_HEADROOM: usize = 64;
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    // EMFILE (24), ENFILE (23), ENOBUFS (105), ENOMEM (12).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// The soft RLIMIT_NOFILE, read from /proc (no unsafe, no extra dependency).
+fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 fn handshake_failed(app: &App, peer: SocketAddr, reason: &str) {
     metrics::counter!("outrelay_controller_tls_handshake_failures_total").increment(1);
-    tracing::info!(%peer, reason, "tls handshake refused");
+    // One row per source address and reason per interval (the port is left out on purpose:
+    // it changes with every connection).
     app.audit_security(
+        Refusal::TlsHandshake,
         outrelay_proto::identity::SYSTEM_TENANT,
-        &format!("tcp:{peer}"),
+        &format!("tcp:{}", peer.ip()),
         "tls.handshake",
         &format!("tls handshake refused: {reason}"),
     );
@@ -270,6 +434,9 @@ pub async fn accept_unix(app: Arc<App>, listener: UnixListener, tx: mpsc::Sender
             .send(Conn {
                 io: ConnIo::Unix(stream),
                 caller,
+                _slot: None,
+                _anon: None,
+                deadline: None,
             })
             .await
             .is_err()
@@ -279,7 +446,9 @@ pub async fn accept_unix(app: Arc<App>, listener: UnixListener, tx: mpsc::Sender
     }
 }
 
-/// Serves every service on the connections arriving on `rx` until `shutdown` resolves.
+/// Serves every service on the connections arriving on `rx` until `shutdown` resolves. Request
+/// messages over `grpc.max_message_bytes` are refused INVALID_ARGUMENT before they are
+/// buffered.
 ///
 /// # Errors
 /// tonic transport errors.
@@ -289,27 +458,60 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
+    let max = app.settings.max_message_bytes;
     tonic::transport::Server::builder()
-        .add_service(pb::registry_server::RegistryServer::new(
-            crate::registry::RegistryService(app.clone()),
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_invalid::<tonic::body::Body>,
         ))
-        .add_service(pb::relays_server::RelaysServer::new(
-            crate::registry::RelaysService(app.clone()),
-        ))
-        .add_service(pb::policy_server::PolicyServer::new(
-            crate::policy::PolicyService(app.clone()),
-        ))
-        .add_service(pb::audit_server::AuditServer::new(
-            crate::audit::AuditService(app.clone()),
-        ))
-        .add_service(pb::pki_server::PkiServer::new(
-            crate::pki::service::PkiService(app.clone()),
-        ))
-        .add_service(pb::leases_server::LeasesServer::new(
-            crate::leases::LeasesService(app),
-        ))
+        .add_service(
+            pb::registry_server::RegistryServer::new(crate::registry::RegistryService(app.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::relays_server::RelaysServer::new(crate::registry::RelaysService(app.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::policy_server::PolicyServer::new(crate::policy::PolicyService(app.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::audit_server::AuditServer::new(crate::audit::AuditService(app.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::pki_server::PkiServer::new(crate::pki::service::PkiService(app.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::leases_server::LeasesServer::new(crate::leases::LeasesService(app))
+                .max_decoding_message_size(max),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// tonic answers a request message over the decode limit with OUT_OF_RANGE; it is a malformed
+/// (oversized) argument, which relays and clients treat as permanent: INVALID_ARGUMENT, counted.
+fn too_large_is_invalid<B>(
+    mut resp: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    const OUT_OF_RANGE: &str = "11";
+    let h = resp.headers();
+    let oversized = h.get("grpc-status").is_some_and(|v| v == OUT_OF_RANGE)
+        && h.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.windows(14)
+                .any(|w| w == b"length too lar" || w == b"length%20too%2")
+        });
+    if oversized {
+        Refusal::MessageTooLarge.count();
+        resp.headers_mut().insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("3"),
+        );
+    }
+    resp
 }
 
 use tokio_stream::StreamExt as _;

@@ -4,6 +4,12 @@
 //! consumed in the same durable transaction that checks it, so it is single-use across
 //! restarts. A token is burned even when the CSR that came with it is then refused (a CSR naming
 //! another identity is treated as an attack, not a typo).
+//!
+//! Enroll is reachable without a certificate, so it checks the token against the in-memory
+//! mirror ([`App::tokens`]) before anything is queued to the writer: a malformed, unknown, used
+//! or expired token costs no write (only a counted, aggregated refusal). The durable transaction
+//! still re-checks, so the mirror only ever saves work, it never grants anything. `Pki.Renew` is
+//! rate-limited per identity (`pki.renew_burst`, `pki.renew_refill_ms`).
 
 use std::sync::Arc;
 
@@ -14,10 +20,11 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
-use crate::app::{App, Revocations, now_unix_ms};
+use crate::app::{App, Revocations, TokenMemo, now_unix_ms};
 use crate::audit;
 use crate::grpc::{Principal, invalid, store_status, tenant_arg};
 use crate::pki::{LeafProfile, PkiError};
+use crate::refusals::Refusal;
 use crate::store::StoreError;
 use crate::watch::WatchStream;
 
@@ -38,6 +45,27 @@ pub fn load_revocations(conn: &Connection) -> Result<Revocations, StoreError> {
     let mut stmt = conn.prepare("SELECT uri, revoked_at_unix_ms FROM revocations")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     Ok(rows.collect::<Result<Revocations, _>>()?)
+}
+
+/// Loads every stored token's expiry and use (start-up; the table is bounded by retention).
+///
+/// # Errors
+/// SQLite errors.
+pub fn load_tokens(
+    conn: &Connection,
+) -> Result<std::collections::HashMap<String, TokenMemo>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT hash, expires_unix_ms, used_at_unix_ms FROM enrollment_tokens")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            TokenMemo {
+                expires_unix_ms: r.get(1)?,
+                used: r.get::<_, Option<i64>>(2)?.is_some(),
+            },
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// A stored token, as read when it is consumed.
@@ -81,6 +109,50 @@ fn pki_status(e: PkiError) -> Status {
 }
 
 impl PkiService {
+    /// Consumes the token durably (the authoritative check: the mirror may be stale only in
+    /// the direction of refusing less, never of granting more).
+    async fn consume(&self, hash: String, now: i64) -> Result<Consumed, Status> {
+        self.0
+            .store
+            .write(move |conn, _ctx| {
+                let row = conn
+                    .prepare_cached(
+                        "SELECT tenant, role, agent_uuid, relay_region, relay_id, expires_unix_ms, \
+                         used_at_unix_ms FROM enrollment_tokens WHERE hash = ?1",
+                    )?
+                    .query_row(params![hash], |r| {
+                        Ok((
+                            TokenRow {
+                                tenant: r.get(0)?,
+                                role: r.get(1)?,
+                                agent_uuid: r.get(2)?,
+                                relay_region: r.get(3)?,
+                                relay_id: r.get(4)?,
+                            },
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, Option<i64>>(6)?,
+                        ))
+                    })
+                    .optional()?;
+                let Some((row, expires, used)) = row else {
+                    return Ok(Consumed::Unknown);
+                };
+                if used.is_some() {
+                    return Ok(Consumed::AlreadyUsed);
+                }
+                if expires <= now {
+                    return Ok(Consumed::Expired);
+                }
+                conn.prepare_cached(
+                    "UPDATE enrollment_tokens SET used_at_unix_ms = ?1 WHERE hash = ?2",
+                )?
+                .execute(params![now, hash])?;
+                Ok(Consumed::Ok(row))
+            })
+            .await
+            .map_err(store_status)
+    }
+
     /// Signs, records the issued serial and audits; used by Enroll and Renew.
     async fn issue(
         &self,
@@ -103,7 +175,7 @@ impl PkiService {
         ) {
             Ok(i) => i,
             Err(e @ PkiError::CsrIdentityMismatch { .. }) => {
-                return Err(app.refuse(p, method, &e.to_string()));
+                return Err(app.refuse_as(p, Refusal::CsrMismatch, method, &e.to_string()));
             }
             Err(e) => return Err(pki_status(e)),
         };
@@ -227,6 +299,7 @@ impl pki_server::Pki for PkiService {
             &format!("{role_name} token, ttl {ttl_s}s"),
         );
         let t2 = tenant.clone();
+        let h2 = hash.clone();
         app.store
             .write(move |conn, ctx| {
                 conn.prepare_cached(
@@ -235,7 +308,7 @@ impl pki_server::Pki for PkiService {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
                 )?
                 .execute(params![
-                    hash,
+                    h2,
                     t2,
                     role_name,
                     agent_uuid,
@@ -248,6 +321,15 @@ impl pki_server::Pki for PkiService {
             })
             .await
             .map_err(store_status)?;
+        if let Ok(mut t) = app.tokens.lock() {
+            t.insert(
+                hash,
+                TokenMemo {
+                    expires_unix_ms: expires,
+                    used: false,
+                },
+            );
+        }
         Ok(Response::new(pb::CreateEnrollmentTokenResponse {
             token,
             expires_unix_ms: expires,
@@ -268,62 +350,70 @@ impl pki_server::Pki for PkiService {
         let (Some(TOKEN_PREFIX), Some(secret_hex), Some(fp), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(app.refuse(&p, M, "malformed enrollment token"));
+            return Err(app.refuse_as(
+                &p,
+                Refusal::TokenMalformed,
+                M,
+                "malformed enrollment token",
+            ));
         };
         if fp != app.ca.fingerprint_hex() {
-            return Err(app.refuse(&p, M, "enrollment token was issued by another CA"));
+            return Err(app.refuse_as(
+                &p,
+                Refusal::TokenMalformed,
+                M,
+                "enrollment token was issued by another CA",
+            ));
         }
         if r.csr_pem.is_empty() {
             return Err(invalid("csr_pem", "required"));
         }
         let hash = token_hash(secret_hex);
         let now = now_unix_ms();
-        let consumed = app
-            .store
-            .write(move |conn, _ctx| {
-                let row = conn
-                    .prepare_cached(
-                        "SELECT tenant, role, agent_uuid, relay_region, relay_id, expires_unix_ms, \
-                         used_at_unix_ms FROM enrollment_tokens WHERE hash = ?1",
-                    )?
-                    .query_row(params![hash], |r| {
-                        Ok((
-                            TokenRow {
-                                tenant: r.get(0)?,
-                                role: r.get(1)?,
-                                agent_uuid: r.get(2)?,
-                                relay_region: r.get(3)?,
-                                relay_id: r.get(4)?,
-                            },
-                            r.get::<_, i64>(5)?,
-                            r.get::<_, Option<i64>>(6)?,
-                        ))
-                    })
-                    .optional()?;
-                let Some((row, expires, used)) = row else {
-                    return Ok(Consumed::Unknown);
-                };
-                if used.is_some() {
-                    return Ok(Consumed::AlreadyUsed);
-                }
-                if expires <= now {
-                    return Ok(Consumed::Expired);
-                }
-                conn.prepare_cached(
-                    "UPDATE enrollment_tokens SET used_at_unix_ms = ?1 WHERE hash = ?2",
-                )?
-                .execute(params![now, hash])?;
-                Ok(Consumed::Ok(row))
-            })
-            .await
-            .map_err(store_status)?;
+        // Checked in memory first: a token that cannot succeed never reaches the writer.
+        let memo = app.tokens.lock().ok().and_then(|t| t.get(&hash).copied());
+        let early = match memo {
+            None => Some(Consumed::Unknown),
+            Some(m) if m.used => Some(Consumed::AlreadyUsed),
+            Some(m) if m.expires_unix_ms <= now => Some(Consumed::Expired),
+            Some(_) => None,
+        };
+        let consumed = match early {
+            Some(c) => c,
+            None => self.consume(hash.clone(), now).await?,
+        };
+        if matches!(consumed, Consumed::Ok(_) | Consumed::AlreadyUsed)
+            && let Ok(mut t) = app.tokens.lock()
+            && let Some(m) = t.get_mut(&hash)
+        {
+            m.used = true;
+        }
         let row = match consumed {
             Consumed::Ok(row) => row,
-            Consumed::Unknown => return Err(app.refuse(&p, M, "unknown enrollment token")),
-            Consumed::AlreadyUsed => {
-                return Err(app.refuse(&p, M, "enrollment token already used"));
+            Consumed::Unknown => {
+                return Err(app.refuse_as(
+                    &p,
+                    Refusal::TokenUnknown,
+                    M,
+                    "unknown enrollment token",
+                ));
             }
-            Consumed::Expired => return Err(app.refuse(&p, M, "enrollment token expired")),
+            Consumed::AlreadyUsed => {
+                return Err(app.refuse_as(
+                    &p,
+                    Refusal::TokenUsed,
+                    M,
+                    "enrollment token already used",
+                ));
+            }
+            Consumed::Expired => {
+                return Err(app.refuse_as(
+                    &p,
+                    Refusal::TokenExpired,
+                    M,
+                    "enrollment token expired",
+                ));
+            }
         };
         let identity = match row.role.as_str() {
             "relay" => match (Label::new(&row.relay_region), Label::new(&row.relay_id)) {
@@ -367,6 +457,15 @@ impl pki_server::Pki for PkiService {
         let csr = req.into_inner().csr_pem;
         if csr.is_empty() {
             return Err(invalid("csr_pem", "required"));
+        }
+        if !app.take_renew_token(&identity.to_string(), std::time::Instant::now()) {
+            let refused = app.refuse_as(
+                &p,
+                Refusal::RenewRateLimited,
+                M,
+                "renewing too often (pki.renew_burst / pki.renew_refill_ms)",
+            );
+            return Err(Status::resource_exhausted(refused.message().to_owned()));
         }
         let resp = self.issue(&p, M, &identity, &csr).await?;
         Ok(Response::new(resp))
@@ -430,7 +529,7 @@ impl pki_server::Pki for PkiService {
         const M: &str = "Pki.CaBundle";
         let app = &self.0;
         let p = app.authenticate(&req, M)?;
-        if matches!(p, Principal::Anonymous) {
+        if matches!(p, Principal::Anonymous(_)) {
             return Err(app.refuse(&p, M, "requires a client certificate"));
         }
         Ok(Response::new(pb::CaBundleResponse {

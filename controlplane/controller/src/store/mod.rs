@@ -314,6 +314,8 @@ fn writer_loop(conn: Connection, rx: Receiver<Job>, mut ctx: WriteCtx, max_batch
                 continue;
             }
             let (ok, completion) = job(Some((&conn, &mut ctx)));
+            metrics::counter!("outrelay_controller_store_jobs_total", "result" => if ok { "ok" } else { "failed" })
+                .increment(1);
             let released = ok && conn.execute_batch("RELEASE job").is_ok();
             if !released {
                 // Undo this job alone; the rest of the batch is unaffected.
