@@ -22,7 +22,7 @@ use crate::ingress::Ingress;
 use crate::ingress::stats::Drop;
 use crate::lease::LeaseErrorCode;
 use crate::mesh::{MeshResult, MeshStats};
-use crate::quic::QuicStats;
+use crate::quic::{Limit, QuicStats};
 use crate::state::Shared;
 use crate::udp::stats::{UdpDrop, UdpStats};
 
@@ -173,6 +173,8 @@ fn update(s: &Sources) {
         .absolute(m.policy_updates.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_audit_events_total")
         .absolute(m.audit_events.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_audit_truncated_total")
+        .absolute(m.audit_truncated.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_ready_dropped_total")
         .absolute(m.ready_dropped.load(Ordering::Relaxed));
     let q = &s.quic;
@@ -196,6 +198,9 @@ fn update(s: &Sources) {
     ] {
         counter!("outrelay_relay_quic_refused_total", "reason" => reason)
             .absolute(c.load(Ordering::Relaxed));
+    }
+    for l in Limit::ALL {
+        counter!("outrelay_relay_quic_limited_total", "reason" => l.label()).absolute(q.limited(l));
     }
     for t in FrameType::ALL {
         counter!("outrelay_relay_quic_frames_total", "type" => t.name()).absolute(q.frames(t));
