@@ -160,6 +160,10 @@ pub fn describe() {
         "Agent connections refused, by reason."
     );
     metrics::describe_counter!(
+        "outrelay_relay_routes_published_total",
+        "Route snapshots published (each lease change that alters routing publishes one)."
+    );
+    metrics::describe_counter!(
         "outrelay_relay_quic_limited_total",
         "Agent frames, streams and connections refused or slowed by a per-identity, \
          per-connection or per-tenant budget, by reason."

@@ -213,6 +213,7 @@ fn update(s: &Sources) {
     let snapshot = s.shared.load();
     gauge!("outrelay_relay_routes").set(snapshot.routes.len() as f64);
     gauge!("outrelay_relay_leases_live").set(snapshot.reverse_keys.len() as f64);
+    counter!("outrelay_relay_routes_published_total").absolute(snapshot.generation);
 
     let total = s.splice_totals();
     gauge!("outrelay_relay_splice_pairs_active").set(total.pairs_active as f64);

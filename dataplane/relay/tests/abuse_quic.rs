@@ -324,6 +324,7 @@ async fn a_lease_flood_is_capped_and_paced_while_another_agent_registers() {
     assert_eq!(refused, 10, "leases over the per-agent cap");
     assert_eq!(relay.metric(&limited("agent_leases_max")).await, 10.0);
 
+    let published = relay.metric("outrelay_relay_routes_published_total").await;
     // The flood: 2,000 renewals of random ids written at once; a reader counts the answers.
     const FLOOD: usize = 2000;
     let mut flood = Vec::new();
@@ -374,6 +375,14 @@ async fn a_lease_flood_is_capped_and_paced_while_another_agent_registers() {
             .metric("outrelay_relay_lease_errors_total{code=\"lease_not_found\"}")
             .await
             >= FLOOD as f64
+    );
+    // Refused renewals republish nothing: only tenant b's 10 grants (and the janitor, which
+    // publishes only on a change) moved the route table.
+    let republished = relay.metric("outrelay_relay_routes_published_total").await - published;
+    eprintln!("route snapshots published during the flood: {republished}");
+    assert!(
+        republished <= 20.0,
+        "{republished} publishes for {FLOOD} refused renewals"
     );
 }
 
@@ -472,4 +481,69 @@ async fn stalled_joined_streams_are_bounded_and_reset_when_idle() {
     assert!(relay.metric(&limited("stream_idle_timeout")).await >= STREAMS as f64);
     let took = b_echo(&consumer, 2, 1 << 20).await;
     eprintln!("MEASURED: tenant b echo after the idle resets took {took:?}");
+}
+
+/// Every new budget is a validated config key: an invalid value is one line naming the key,
+/// exit 64.
+#[test]
+fn invalid_budget_keys_exit_64_naming_the_key() {
+    let ca = Ca::new();
+    for (table, key) in [
+        (
+            "[quic]\nmax_connections_per_identity = 0\n",
+            "max_connections_per_identity",
+        ),
+        ("[quic]\nlease_frames_per_s = 0\n", "lease_frames_per_s"),
+        ("[quic]\nlease_frames_burst = 0\n", "lease_frames_burst"),
+        (
+            "[quic]\nconnection_receive_window_bytes = 1000\n",
+            "connection_receive_window_bytes",
+        ),
+        (
+            "[quic]\nstream_receive_window_bytes = 1073741824\n",
+            "stream_receive_window_bytes",
+        ),
+        (
+            "[mesh]\nmax_streams_per_tenant = 0\n",
+            "mesh.max_streams_per_tenant",
+        ),
+        (
+            "[mesh]\nstream_idle_timeout_ms = 5\n",
+            "mesh.stream_idle_timeout_ms",
+        ),
+    ] {
+        let dir = relay_dir(
+            &ca,
+            &Opts {
+                tables: table.to_owned(),
+                ..Opts::default()
+            },
+        );
+        check_config_refuses(&dir, key);
+    }
+    let dir = relay_dir(
+        &ca,
+        &Opts {
+            leases: "max_per_agent = 0".to_owned(),
+            ..Opts::default()
+        },
+    );
+    check_config_refuses(&dir, "leases.max_per_agent");
+}
+
+fn check_config_refuses(dir: &tempfile::TempDir, key: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outrelay-relay"))
+        .arg("--config")
+        .arg(dir.path().join("relay.toml"))
+        .arg("--check-config")
+        .output()
+        .expect("run relay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{key}: {stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{key}: one line: {stderr}"
+    );
+    assert!(stderr.contains(key), "{key} named: {stderr}");
 }

@@ -173,6 +173,12 @@ pub async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay 
 /// [`start_relay`] with every option. The relay also gets a root-host certificate
 /// (`[public_tls]`, for `relay.outrelay.test`) and `/metrics` on loopback.
 pub async fn start_relay_with(ca: &Ca, opts: Opts) -> Relay {
+    let dir = relay_dir(ca, &opts);
+    spawn_relay(dir, opts).await
+}
+
+/// The temp dir [`start_relay_with`] runs the relay from: PKI and `relay.toml` for `opts`.
+pub fn relay_dir(ca: &Ca, opts: &Opts) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let relay_leaf = ca.leaf(
         "relay r1",
@@ -238,7 +244,7 @@ pub async fn start_relay_with(ca: &Ca, opts: Opts) -> Relay {
         )
         .expect("chown the temp dir to nobody");
     }
-    spawn_relay(dir, opts).await
+    dir
 }
 
 /// The uid and gid of `nobody`.
