@@ -547,3 +547,52 @@ fn check_config_refuses(dir: &tempfile::TempDir, key: &str) {
     );
     assert!(stderr.contains(key), "{key} named: {stderr}");
 }
+
+/// Per-tenant live streams: tenant a holds `mesh.max_streams_per_tenant` joined streams to a
+/// provider that never reads; its next open is refused 429 (counted) while tenant b's opens
+/// are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_live_stream_cap_is_refused_429_while_another_is_served() {
+    const CAP: u64 = 4;
+    let ca = Ca::new();
+    let relay = relay(&ca, &format!("[mesh]\nmax_streams_per_tenant = {CAP}\n")).await;
+    let mut sink = Agent::connect_as(&relay, &ca, &uri("a", 1)).await;
+    sink.provide("sink").await;
+    sink.serve_streams(false);
+    let consumer_a = Agent::connect_as(&relay, &ca, &uri("a", 2)).await;
+    let (_provider, consumer) = tenant_b(&relay, &ca).await;
+    let mut held = Vec::new();
+    for i in 0..CAP {
+        let (answer, send, recv) = consumer_a.open_stream("sink", "x.read", 1 + i).await;
+        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+        held.push((send, recv));
+    }
+    let (answer, _, _) = consumer_a.open_stream("sink", "x.read", 100).await;
+    assert_eq!(
+        reject_code(&answer),
+        429,
+        "over the tenant's live-stream cap"
+    );
+    assert_eq!(relay.metric(&limited("tenant_streams_max")).await, 1.0);
+    assert_eq!(relay.metric(&streams("rejected_429")).await, 1.0);
+    let mut took = Vec::new();
+    for i in 0..CAP + 2 {
+        took.push(b_echo(&consumer, 200 + i, 256 << 10).await);
+    }
+    eprintln!("MEASURED: tenant b echoes with tenant a at its cap: {took:?}");
+    // A slot comes back when one of a's streams ends.
+    let (mut send, _recv) = held.pop().expect("one");
+    send.reset(0u32.into()).expect("reset");
+    let start = Instant::now();
+    loop {
+        let (answer, _, _) = consumer_a.open_stream("sink", "x.read", 300).await;
+        if answer == Frame::StreamAccept(orp::StreamAccept {}) {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the slot never came back: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -505,11 +505,28 @@ async fn join(
             &stats.bytes_to_consumer,
             (start, &last),
         );
-        let both = async { tokio::join!(up, down) };
+        // Both directions to their end; the first one that FAILS ends the stream (a reset on
+        // one side must not leave the other direction, and the tenant's stream slot, waiting
+        // for a peer that may never write).
+        let both = async {
+            tokio::pin!(up, down);
+            let (mut up_done, mut down_done) = (false, false);
+            while !(up_done && down_done) {
+                let ok = tokio::select! {
+                    ok = &mut up, if !up_done => { up_done = true; ok }
+                    ok = &mut down, if !down_done => { down_done = true; ok }
+                };
+                if !ok {
+                    return false;
+                }
+            }
+            true
+        };
         tokio::select! {
-            (a, b) = both => {
-                if !(a && b) {
+            clean = both => {
+                if !clean {
                     bump(&stats.streams_failed);
+                    return end_failed(h, stats);
                 }
                 None
             }
@@ -543,6 +560,16 @@ async fn join(
             "live stream cut"
         );
     }
+    stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// One direction failed: reset and stop whatever is left of both halves.
+fn end_failed(mut h: Halves, stats: &crate::mesh::MeshStats) {
+    let code = close_code::PEER_FAILED.into();
+    let _ = h.c_send.reset(code);
+    let _ = h.p_send.reset(code);
+    let _ = h.c_recv.stop(code);
+    let _ = h.p_recv.stop(code);
     stats.streams_active.fetch_sub(1, Ordering::Relaxed);
 }
 
