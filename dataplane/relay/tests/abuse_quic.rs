@@ -596,3 +596,116 @@ async fn a_tenant_at_its_live_stream_cap_is_refused_429_while_another_is_served(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Connects as `uri`, retrying while the relay has no revocation list from its controller yet.
+async fn connect_when_ready(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
+    let start = Instant::now();
+    loop {
+        match Agent::try_connect_as(relay, ca, uri).await {
+            Ok(agent) => return agent,
+            Err(e) => {
+                assert!(start.elapsed() < WAIT, "agent {uri} never admitted: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// H4 against the REAL controller: tenant a sends 16 OPEN_STREAMs with 5 MiB methods (refused
+/// 400 from the header, so no row is even produced; rows that are produced are cut to fixed
+/// caps before they are queued), then tenant b's 100 allowed opens are ALL audited: the
+/// relay's audit drain keeps moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_methods_cannot_wedge_the_audit_and_tenant_b_opens_are_all_audited() {
+    use outrelay_api::pb::{self, policy_client::PolicyClient};
+    let ca = Ca::new();
+    let Some(controller) = start_controller(&ca).await else {
+        eprintln!(
+            "SKIP oversized_methods_cannot_wedge_the_audit: outrelay-controller is not built \
+             (cargo build --release -p outrelay-controller)"
+        );
+        return;
+    };
+    let admin = controller.admin(&ca).await;
+    PolicyClient::new(admin)
+        .add_policy(pb::AddPolicyRequest {
+            rule: Some(pb::PolicyRule {
+                tenant: "b".into(),
+                caller_pattern: "*".into(),
+                target_pattern: "echo".into(),
+                decision: pb::Decision::Allow as i32,
+                ..pb::PolicyRule::default()
+            }),
+        })
+        .await
+        .expect("add tenant b's rule");
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            tables: format!(
+                "[controller]\nurl = \"https://{}\"\nheartbeat_interval_ms = 200\n\
+                 reconnect_backoff_ms = 100\nstate_dir = \"relay-state\"\n\
+                 [mesh]\nopen_timeout_ms = 3000\n",
+                controller.grpc
+            ),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let attacker = connect_when_ready(&relay, &ca, &uri("a", 1)).await;
+    let mut provider = connect_when_ready(&relay, &ca, &uri("b", 1)).await;
+    provider.provide("echo").await;
+    provider.serve_streams(true);
+    let consumer = connect_when_ready(&relay, &ca, &uri("b", 2)).await;
+    // The policy reaches the relay through its watch: wait for the first allowed open.
+    let start = Instant::now();
+    loop {
+        let (answer, mut send, mut recv) = consumer.open_stream("echo", "", 1).await;
+        if answer == Frame::StreamAccept(orp::StreamAccept {}) {
+            let (n, sent, got) = echo_through(&mut send, &mut recv, 1024, 1).await;
+            assert_eq!((n, got), (1024, sent));
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "tenant b's rule never arrived: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent_before = relay.metric("outrelay_relay_mesh_audit_sent_total").await;
+
+    let huge = "a".repeat(5 << 20);
+    for i in 0..16 {
+        let (answer, _, _) = attacker.open_stream("echo", &huge, 1000 + i).await;
+        assert_eq!(reject_code(&answer), 400, "a 5 MiB method");
+    }
+    let started = Instant::now();
+    for i in 0..100 {
+        b_echo(&consumer, 2000 + i, 1024).await;
+    }
+    eprintln!(
+        "MEASURED: tenant b's 100 opens took {:?}",
+        started.elapsed()
+    );
+    // Two rows per open (caller side, callee side), all recorded by the controller.
+    let took = Instant::now();
+    relay
+        .metric_above("outrelay_relay_mesh_audit_sent_total", sent_before + 199.0)
+        .await;
+    eprintln!(
+        "MEASURED: 200 audit rows recorded {:?} after the last open",
+        took.elapsed()
+    );
+    assert_eq!(
+        relay
+            .metric("outrelay_relay_mesh_audit_failed_total{reason=\"permanent\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        relay
+            .metric("outrelay_relay_mesh_audit_dropped_total")
+            .await,
+        0.0
+    );
+}

@@ -45,6 +45,8 @@ pub struct Ca {
     pub issuer: Issuer<'static, KeyPair>,
     pub cert: CertificateDer<'static>,
     pub pem: String,
+    /// The CA key (PEM), for a controller that signs with this CA.
+    pub key_pem: String,
 }
 
 pub struct Leaf {
@@ -71,6 +73,7 @@ impl Ca {
         Ca {
             cert: cert.der().clone(),
             pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -845,6 +848,100 @@ pub async fn dial(relay: &Relay, ca: &Ca, uri: &str) -> (quinn::Endpoint, quinn:
     .expect("QUIC connect in time")
     .expect("QUIC handshake");
     (endpoint, conn)
+}
+
+// ---------- the controller process ----------
+
+/// A running `outrelay-controller` (killed on drop) with its gRPC address.
+pub struct ControllerProc {
+    pub child: Child,
+    /// `host:port` of its mTLS gRPC listener.
+    pub grpc: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/release/outrelay-controller` (this test runs from `target/release/deps/`); `None`
+/// when it is not built.
+pub fn controller_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("outrelay-controller");
+    p.exists().then_some(p)
+}
+
+/// Starts the real controller with `ca` as its CA (state in a temp dir), waits for its ready
+/// file. `None` (the caller prints SKIP) when the binary is not built.
+pub async fn start_controller(ca: &Ca) -> Option<ControllerProc> {
+    let bin = controller_bin()?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
+    std::fs::write(state.join("ca-key.pem"), &ca.key_pem).expect("ca-key.pem");
+    let config = dir.path().join("controller.toml");
+    let ready = dir.path().join("ready.json");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = \"\"\n\
+             [metrics]\nlisten = \"\"\n",
+            state.display().to_string()
+        ),
+    )
+    .expect("controller config");
+    let child = Command::new(bin)
+        .args(["--log", "warn", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn controller");
+    let started = Instant::now();
+    let grpc = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            break v["grpc"].as_str().expect("grpc address").to_owned();
+        }
+        assert!(started.elapsed() < WAIT, "controller not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Some(ControllerProc { child, grpc, dir })
+}
+
+impl ControllerProc {
+    /// An mTLS channel as a global admin (`outrelay://system/admin/test`).
+    pub async fn admin(&self, ca: &Ca) -> tonic::transport::Channel {
+        let leaf = ca.leaf(
+            "admin",
+            &[],
+            Some("outrelay://system/admin/test"),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let (cert, key, ca_path) = (
+            self.dir.path().join("admin.pem"),
+            self.dir.path().join("admin-key.pem"),
+            self.dir.path().join("admin-ca.pem"),
+        );
+        std::fs::write(&cert, &leaf.cert_pem).expect("admin cert");
+        std::fs::write(&key, &leaf.key_pem).expect("admin key");
+        std::fs::write(&ca_path, &ca.pem).expect("admin ca");
+        outrelay_client::connect(&outrelay_client::Target {
+            url: format!("https://{}", self.grpc),
+            cert: Some(cert),
+            key: Some(key),
+            ca: Some(ca_path),
+        })
+        .await
+        .expect("admin channel")
+    }
 }
 
 // ---------- targets ----------
