@@ -478,7 +478,9 @@ async fn stalled_joined_streams_are_bounded_and_reset_when_idle() {
     while let Some(r) = tasks.join_next().await {
         r.expect("stalled stream task");
     }
-    assert!(relay.metric(&limited("stream_idle_timeout")).await >= STREAMS as f64);
+    relay
+        .metric_above(&limited("stream_idle_timeout"), STREAMS as f64 - 1.0)
+        .await;
     let took = b_echo(&consumer, 2, 1 << 20).await;
     eprintln!("MEASURED: tenant b echo after the idle resets took {took:?}");
 }

@@ -535,12 +535,13 @@ async fn join(
         }
     };
     if cut == Some(Cut::Idle) {
+        // Counted before the resets go out: whoever sees the reset also sees the count.
+        idle.stats.limit(Limit::StreamIdle);
         let code = close_code::STREAM_IDLE.into();
         let _ = h.c_send.reset(code);
         let _ = h.p_send.reset(code);
         let _ = h.c_recv.stop(code);
         let _ = h.p_recv.stop(code);
-        idle.stats.limit(Limit::StreamIdle);
     } else if let Some(cut) = cut {
         let code = close_code::POLICY_CUT.into();
         let _ = h.c_send.reset(code);
