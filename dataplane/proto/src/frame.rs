@@ -20,6 +20,13 @@ use crate::orp;
 pub const FRAME_HEADER_BYTES: usize = 8;
 /// Largest frame payload, in bytes (16 MiB).
 pub const MAX_FRAME_PAYLOAD_BYTES: u32 = 1 << 24;
+/// Largest payload a receiver accepts for a stream's first frame (HELLO, OPEN_STREAM,
+/// INCOMING_STREAM and the STREAM_ACCEPT / STREAM_REJECT answer), in bytes: every field of
+/// these has a bound of at most 512 bytes, so 4 KiB is ample and a peer cannot make the
+/// receiver buffer more before any check.
+pub const MAX_FIRST_FRAME_PAYLOAD_BYTES: u32 = 4 * 1024;
+/// Largest payload a receiver accepts for any other control-stream frame, in bytes.
+pub const MAX_CONTROL_FRAME_PAYLOAD_BYTES: u32 = 64 * 1024;
 /// The only ORP framing version this crate speaks.
 pub const ORP_VERSION: u8 = 1;
 /// The protocol string carried in HELLO and used as the QUIC ALPN.
@@ -41,6 +48,14 @@ pub enum FrameError {
     /// The payload length exceeds [`MAX_FRAME_PAYLOAD_BYTES`].
     #[error("frame payload of {0} bytes exceeds the 16 MiB cap")]
     PayloadTooLarge(u64),
+    /// The payload length exceeds the receiver's limit for this position ([`decode_limited`]).
+    #[error("frame payload of {len} bytes exceeds the {limit}-byte limit here")]
+    PayloadOverLimit {
+        /// The declared payload length.
+        len: u64,
+        /// The receiver's limit.
+        limit: u32,
+    },
     /// The frame type code is not one this crate knows.
     #[error("unknown frame type {0:#05x}")]
     UnknownType(u16),
@@ -240,6 +255,25 @@ pub fn decode(buf: &[u8]) -> Result<Decoded<'_>, FrameError> {
         }),
         None => Ok(Decoded::NeedMore { at_least: total }),
     }
+}
+
+/// [`decode`] with a receiver's own payload limit (at most [`MAX_FRAME_PAYLOAD_BYTES`]): a
+/// header declaring more than `max_payload_bytes` is refused from the header alone, so the
+/// caller never needs to buffer more than `FRAME_HEADER_BYTES + max_payload_bytes`.
+///
+/// # Errors
+/// [`decode`]'s, and [`FrameError::PayloadOverLimit`].
+pub fn decode_limited(buf: &[u8], max_payload_bytes: u32) -> Result<Decoded<'_>, FrameError> {
+    if let Some(header) = buf.first_chunk::<FRAME_HEADER_BYTES>() {
+        let header = decode_header(header)?;
+        if header.payload_len > max_payload_bytes {
+            return Err(FrameError::PayloadOverLimit {
+                len: u64::from(header.payload_len),
+                limit: max_payload_bytes,
+            });
+        }
+    }
+    decode(buf)
 }
 
 /// Decodes and checks an 8-byte header.
@@ -519,6 +553,40 @@ mod tests {
         assert_eq!(
             decode(&[0x20, 0x01, 0, 0, 0xff, 0xff, 0xff, 0xff]),
             Err(FrameError::PayloadTooLarge(u64::from(u32::MAX)))
+        );
+    }
+
+    #[test]
+    fn a_receiver_limit_refuses_from_the_header() {
+        // HELLO declaring 16 MiB: refused by an 8-byte prefix under a 4 KiB limit.
+        let huge = [0x20, 0x01, 0, 0, 0x01, 0x00, 0x00, 0x00];
+        assert_eq!(
+            decode_limited(&huge, MAX_FIRST_FRAME_PAYLOAD_BYTES),
+            Err(FrameError::PayloadOverLimit {
+                len: 1 << 24,
+                limit: MAX_FIRST_FRAME_PAYLOAD_BYTES
+            })
+        );
+        // Exactly the limit is a valid prefix; a shorter prefix needs the header first.
+        let at = [0x20, 0x01, 0, 0, 0, 0, 0x10, 0x00];
+        assert_eq!(
+            decode_limited(&at, MAX_FIRST_FRAME_PAYLOAD_BYTES),
+            Ok(Decoded::NeedMore {
+                at_least: FRAME_HEADER_BYTES + 4096
+            })
+        );
+        assert_eq!(
+            decode_limited(&huge[..7], 0),
+            Ok(Decoded::NeedMore {
+                at_least: FRAME_HEADER_BYTES
+            })
+        );
+        assert_eq!(decode_limited(&GOLDEN, 2), decode(&GOLDEN));
+        assert!(decode_limited(&GOLDEN, 1).is_err());
+        // Header errors still come first.
+        assert_eq!(
+            decode_limited(&[0x00, 0x01, 0, 0, 0, 0, 0, 0], 0),
+            Err(FrameError::UnsupportedVersion(0))
         );
     }
 

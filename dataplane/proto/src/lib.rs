@@ -6,6 +6,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`frame`] | ORP framing (8-byte header + protobuf payload), incremental decoder, encoder |
+//! | [`fields`] | bounds on ORP string fields (service, method, REGISTER `local_addr`) |
 //! | [`orp`] | the `outrelay.orp.v1` protobuf messages (generated, checked in) |
 //! | [`client_hello`] | incremental TLS ClientHello parser: SNI, ALPN, ECH presence |
 //! | [`hostname`] | host-name and lease-name normalisation shared by SNI and leases |
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client_hello;
+pub mod fields;
 pub mod frame;
 pub mod hostname;
 pub mod identity;

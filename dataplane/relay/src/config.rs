@@ -16,7 +16,9 @@
 //!            public_conn_max = 0 (from RLIMIT_NOFILE)  fd_reserve = 2048  root_conn_max = 64 ...
 //! [udp]      flow_idle_ms = 30000  flow_max = 1024  flow_per_source_max = 64
 //!            flow_evict_idle_ms = 5000  queue_max = 1024  socket_buffer_bytes = 4194304
-//! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000 ...
+//! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000  max_connections_per_identity = 8
+//!            lease_frames_per_s = 50  lease_frames_burst = 100  max_concurrent_streams = 256
+//!            connection_receive_window_bytes = 8388608  stream_receive_window_bytes = 1048576
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
 //! [splice]   idle_timeout_ms = 3600000  half_closed_timeout_ms = 60000
 //!            stall_timeout_ms = 2000  write_stall_timeout_ms = 30000
@@ -26,6 +28,7 @@
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
 //! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64
 //!            decision_cache_max = 4096  decision_cache_ttl_ms = 5000
+//!            max_streams_per_tenant = 4096  stream_idle_timeout_ms = 300000
 //! [[policy]] tenant = "demo"  caller = "*"  target = "payments"  method = ""  decision = "allow"
 //! ```
 //!
@@ -86,6 +89,8 @@ struct RawMesh {
     max_services_per_agent: usize,
     decision_cache_max: usize,
     decision_cache_ttl_ms: u64,
+    max_streams_per_tenant: usize,
+    stream_idle_timeout_ms: u64,
 }
 
 impl Default for RawMesh {
@@ -96,6 +101,8 @@ impl Default for RawMesh {
             max_services_per_agent: d.max_services_per_agent,
             decision_cache_max: d.decision_cache_max,
             decision_cache_ttl_ms: d.decision_cache_ttl_ms,
+            max_streams_per_tenant: d.max_streams_per_tenant,
+            stream_idle_timeout_ms: d.stream_idle_timeout_ms,
         }
     }
 }
@@ -214,6 +221,7 @@ struct RawLeases {
     max_port: u16,
     tcp: bool,
     udp: bool,
+    max_per_agent: usize,
 }
 
 impl Default for RawLeases {
@@ -228,6 +236,7 @@ impl Default for RawLeases {
             max_port: d.max_port,
             tcp: false,
             udp: false,
+            max_per_agent: d.max_leases_per_agent,
         }
     }
 }
@@ -324,6 +333,12 @@ struct RawQuic {
     keep_alive_ms: Option<u64>,
     hello_deadline_ms: Option<u64>,
     drain_grace_ms: Option<u64>,
+    max_concurrent_streams: Option<u32>,
+    max_connections_per_identity: Option<usize>,
+    lease_frames_per_s: Option<u32>,
+    lease_frames_burst: Option<u32>,
+    connection_receive_window_bytes: Option<u64>,
+    stream_receive_window_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +440,15 @@ fn mesh_config(
     if m.max_services_per_agent == 0 {
         return Err(bad("mesh.max_services_per_agent", "must be at least 1"));
     }
+    if m.max_streams_per_tenant == 0 {
+        return Err(bad("mesh.max_streams_per_tenant", "must be at least 1"));
+    }
+    if m.stream_idle_timeout_ms < 100 {
+        return Err(bad(
+            "mesh.stream_idle_timeout_ms",
+            "must be at least 100 ms",
+        ));
+    }
     if !rules.is_empty() && !standalone {
         return Err(bad(
             "policy",
@@ -470,6 +494,8 @@ fn mesh_config(
         max_services_per_agent: m.max_services_per_agent,
         decision_cache_max: m.decision_cache_max,
         decision_cache_ttl_ms: m.decision_cache_ttl_ms,
+        max_streams_per_tenant: m.max_streams_per_tenant,
+        stream_idle_timeout_ms: m.stream_idle_timeout_ms,
         static_rules,
     })
 }
@@ -525,7 +551,11 @@ impl Settings {
             max_port: raw.leases.max_port,
             tcp: port_cfg(raw.leases.tcp),
             udp: port_cfg(raw.leases.udp),
+            max_leases_per_agent: raw.leases.max_per_agent,
         };
+        if leases.max_leases_per_agent == 0 {
+            return Err(bad("leases.max_per_agent", "must be at least 1"));
+        }
         leases.validate().map_err(|e| bad("leases", e))?;
         if let Some((lo, hi)) = ephemeral_range() {
             leases
@@ -751,6 +781,21 @@ impl Settings {
         if let Some(v) = raw.quic.drain_grace_ms {
             quic.drain_grace_ms = v;
         }
+        let q = &raw.quic;
+        quic.max_concurrent_streams = q
+            .max_concurrent_streams
+            .unwrap_or(quic.max_concurrent_streams);
+        quic.max_connections_per_identity = q
+            .max_connections_per_identity
+            .unwrap_or(quic.max_connections_per_identity);
+        quic.lease_frames_per_s = q.lease_frames_per_s.unwrap_or(quic.lease_frames_per_s);
+        quic.lease_frames_burst = q.lease_frames_burst.unwrap_or(quic.lease_frames_burst);
+        quic.connection_receive_window_bytes = q
+            .connection_receive_window_bytes
+            .unwrap_or(quic.connection_receive_window_bytes);
+        quic.stream_receive_window_bytes = q
+            .stream_receive_window_bytes
+            .unwrap_or(quic.stream_receive_window_bytes);
         quic.validate().map_err(|e| bad("quic", e))?;
         if raw.pipes.budget_bytes < 64 * 1024 {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));

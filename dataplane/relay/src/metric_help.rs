@@ -49,6 +49,18 @@ pub fn describe() {
             "Policy watch events received from the controller.",
         ),
         (
+            "outrelay_relay_mesh_audit_failed_total",
+            "Audit events the controller refused for good (dropped), or that ran out of retries, by reason.",
+        ),
+        (
+            "outrelay_relay_mesh_audit_retries_total",
+            "Audit.Record calls retried after a transient error.",
+        ),
+        (
+            "outrelay_relay_mesh_audit_truncated_total",
+            "Audit events with a field cut to its cap before they were queued.",
+        ),
+        (
             "outrelay_relay_mesh_ready_dropped_total",
             "STREAM_READY frames not sent because a control queue was full.",
         ),
@@ -162,6 +174,15 @@ pub fn describe() {
     metrics::describe_counter!(
         "outrelay_relay_quic_refused_total",
         "Agent connections refused, by reason."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_routes_published_total",
+        "Route snapshots published (each lease change that alters routing publishes one)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_limited_total",
+        "Agent frames, streams and connections refused or slowed by a per-identity, \
+         per-connection or per-tenant budget, by reason."
     );
     metrics::describe_counter!(
         "outrelay_relay_reverse_sessions_authenticated_total",

@@ -22,7 +22,7 @@ use crate::ingress::Ingress;
 use crate::ingress::stats::Drop;
 use crate::lease::LeaseErrorCode;
 use crate::mesh::{MeshResult, MeshStats};
-use crate::quic::QuicStats;
+use crate::quic::{Limit, QuicStats};
 use crate::state::Shared;
 use crate::udp::stats::{UdpDrop, UdpStats};
 
@@ -169,6 +169,8 @@ fn update(s: &Sources) {
         .absolute(m.policy_updates.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_audit_events_total")
         .absolute(m.audit_events.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_audit_truncated_total")
+        .absolute(m.audit_truncated.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_ready_dropped_total")
         .absolute(m.ready_dropped.load(Ordering::Relaxed));
     let q = &s.quic;
@@ -193,6 +195,9 @@ fn update(s: &Sources) {
         counter!("outrelay_relay_quic_refused_total", "reason" => reason)
             .absolute(c.load(Ordering::Relaxed));
     }
+    for l in Limit::ALL {
+        counter!("outrelay_relay_quic_limited_total", "reason" => l.label()).absolute(q.limited(l));
+    }
     for t in FrameType::ALL {
         counter!("outrelay_relay_quic_frames_total", "type" => t.name()).absolute(q.frames(t));
     }
@@ -204,6 +209,7 @@ fn update(s: &Sources) {
     let snapshot = s.shared.load();
     gauge!("outrelay_relay_routes").set(snapshot.routes.len() as f64);
     gauge!("outrelay_relay_leases_live").set(snapshot.reverse_keys.len() as f64);
+    counter!("outrelay_relay_routes_published_total").absolute(snapshot.generation);
 
     let total = s.splice_totals();
     gauge!("outrelay_relay_splice_pairs_active").set(total.pairs_active as f64);

@@ -42,6 +42,12 @@ pub const MIN_DURATION_MS: u64 = 100;
 pub const DEFAULT_MIN_PORT: u16 = 20_000;
 /// Default highest public port for TCP/UDP leases.
 pub const DEFAULT_MAX_PORT: u16 = 20_999;
+/// Default bound on live leases one agent identity may hold on this relay (all its
+/// connections together).
+pub const DEFAULT_MAX_LEASES_PER_AGENT: usize = 256;
+/// The LEASE_ERROR message (code `lease_rejected`) when an agent is at
+/// [`LeaseConfig::max_leases_per_agent`].
+pub const AGENT_LEASE_LIMIT: &str = "agent_lease_limit";
 /// How many random lease ids [`LeaseTable::register`] tries before answering `internal`.
 pub const LEASE_ID_ATTEMPTS_MAX: u32 = 4;
 
@@ -101,6 +107,9 @@ pub struct LeaseConfig {
     pub tcp: PortLeaseConfig,
     /// UDP port leases.
     pub udp: PortLeaseConfig,
+    /// Live leases one agent identity may hold (replacing one of its own names does not
+    /// count twice); at least 1.
+    pub max_leases_per_agent: usize,
 }
 
 impl PortLeaseConfig {
@@ -140,6 +149,7 @@ impl Default for LeaseConfig {
             max_port: DEFAULT_MAX_PORT,
             tcp: port,
             udp: port,
+            max_leases_per_agent: DEFAULT_MAX_LEASES_PER_AGENT,
         }
     }
 }
@@ -169,6 +179,9 @@ pub enum ConfigError {
         /// Its value.
         value_ms: u64,
     },
+    /// A count limit of zero.
+    #[error("{0} must be at least 1")]
+    ZeroLimit(&'static str),
     /// The port range overlaps the kernel's ephemeral port range.
     #[error(
         "port range {min_port}..={max_port} overlaps the ephemeral range {eph_min}..={eph_max}"
@@ -208,6 +221,9 @@ impl LeaseConfig {
             if value_ms < MIN_DURATION_MS {
                 return Err(ConfigError::DurationTooShort { field, value_ms });
             }
+        }
+        if self.max_leases_per_agent == 0 {
+            return Err(ConfigError::ZeroLimit("max_leases_per_agent"));
         }
         Ok(())
     }
@@ -574,6 +590,12 @@ pub struct LeaseTable {
     /// Leases that ended since the last [`LeaseTable::sweep`] (expired, not released).
     ended: Vec<Lease>,
     generation: u64,
+    /// Live leases per agent identity URI.
+    per_agent: HashMap<String, usize>,
+    /// No lease expiry and no reservation end is earlier than this (a lower bound, lowered by
+    /// every new expiry or reservation), so operations skip the O(all) expiry scan until it
+    /// passes (review M1).
+    next_deadline: Option<Instant>,
 }
 
 impl LeaseTable {
@@ -595,6 +617,8 @@ impl LeaseTable {
             name_reservations: HashMap::new(),
             ended: Vec::new(),
             generation: 0,
+            per_agent: HashMap::new(),
+            next_deadline: None,
         })
     }
 
@@ -736,6 +760,14 @@ impl LeaseTable {
             ));
         }
         let old = replaced.and_then(|id| self.leases.get(&id));
+        // Replacing one of its own names does not add a lease.
+        let held = self.per_agent.get(&owner.agent_uri).copied().unwrap_or(0);
+        if old.is_none() && held >= self.config.max_leases_per_agent {
+            return Err(Refusal::new(
+                LeaseErrorCode::LeaseRejected,
+                AGENT_LEASE_LIMIT,
+            ));
+        }
         let key: ReservationKey = (owner.tenant.clone(), name.clone());
         let tcp_port = if req.tcp {
             Some(plan_port(
@@ -798,6 +830,11 @@ impl LeaseTable {
             expires_at,
         };
         let grant = lease.grant();
+        *self
+            .per_agent
+            .entry(lease.owner.agent_uri.clone())
+            .or_insert(0) += 1;
+        self.lower_deadline(expires_at);
         self.leases.insert(id, lease);
         self.by_name.insert(name, id);
         self.by_conn.entry(conn).or_default().insert(id);
@@ -829,7 +866,10 @@ impl LeaseTable {
             .ok_or_else(|| Refusal::from(LeaseErrorCode::LeaseNotFound))?;
         lease.ttl_s = ttl_s;
         lease.expires_at = expires_at;
-        Ok(lease.grant())
+        let grant = lease.grant();
+        // A shorter TTL can bring the expiry forward.
+        self.lower_deadline(expires_at);
+        Ok(grant)
     }
 
     /// LEASE_RELEASE: ends the lease now; its hostname and ports go into reservation. Answer
@@ -944,6 +984,9 @@ impl LeaseTable {
 
     /// Ends expired leases and reservations (`expires_at <= now`, `until <= now`).
     fn expire(&mut self, now: Instant) {
+        if self.next_deadline.is_none_or(|d| now < d) {
+            return;
+        }
         // Sorted so that the order of `sweep`'s answer does not depend on hashing.
         let mut expired: Vec<LeaseId> = self
             .leases
@@ -962,6 +1005,19 @@ impl LeaseTable {
         self.name_reservations.retain(|_, r| now < r.until);
         self.tcp.expire(now);
         self.udp.expire(now);
+        // What is left ends after `now`: the earliest of it is the next deadline.
+        self.next_deadline = self
+            .leases
+            .values()
+            .map(|l| l.expires_at)
+            .chain(self.name_reservations.values().map(|r| r.until))
+            .chain(self.tcp.next_until())
+            .chain(self.udp.next_until())
+            .min();
+    }
+
+    fn lower_deadline(&mut self, at: Instant) {
+        self.next_deadline = Some(self.next_deadline.map_or(at, |d| d.min(at)));
     }
 
     /// Removes a lease; its hostname (to its tenant) and ports (to its tenant and name) stay
@@ -969,6 +1025,12 @@ impl LeaseTable {
     fn remove(&mut self, id: LeaseId, ended_at: Instant) -> Option<Lease> {
         let lease = self.leases.remove(&id)?;
         self.generation += 1;
+        if let Some(n) = self.per_agent.get_mut(&lease.owner.agent_uri) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_agent.remove(&lease.owner.agent_uri);
+            }
+        }
         if self.by_name.get(&lease.name) == Some(&id) {
             self.by_name.remove(&lease.name);
         }
@@ -979,6 +1041,7 @@ impl LeaseTable {
             }
         }
         let until = ended_at.checked_add(self.reservation()).unwrap_or(ended_at);
+        self.lower_deadline(until);
         self.name_reservations.insert(
             lease.name.clone(),
             NameReservation {

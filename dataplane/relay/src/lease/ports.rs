@@ -66,6 +66,11 @@ impl PortAllocator {
         }
     }
 
+    /// The earliest end of a reservation, if any.
+    pub(crate) fn next_until(&self) -> Option<Instant> {
+        self.reserved.values().map(|(_, until)| *until).min()
+    }
+
     /// The port `key` would get now, without taking it: its sticky port if one is reserved
     /// to it, else the lowest free port. `None` when the range is exhausted. Call
     /// [`PortAllocator::expire`] first.

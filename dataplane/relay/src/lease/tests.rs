@@ -1275,3 +1275,77 @@ mod model {
         }
     }
 }
+
+#[test]
+fn an_agent_holds_at_most_max_leases_per_agent_across_its_connections() {
+    let mut f = Fixture::with(LeaseConfig {
+        max_leases_per_agent: 2,
+        ..config()
+    });
+    let (a, b) = (agent("acme", 1), agent("acme", 2));
+    f.ok(1, &a, &tls("one"), secs(0));
+    f.ok(2, &a, &tls("two"), secs(0));
+    // A third name, on either connection: refused with the fixed message, nothing changes.
+    let before = f.table.generation();
+    let err = f
+        .reg(1, &a, &tls("three"), secs(1))
+        .expect_err("over the cap");
+    assert_eq!(
+        (err.code, err.message.as_ref()),
+        (LeaseErrorCode::LeaseRejected, AGENT_LEASE_LIMIT)
+    );
+    assert_eq!(f.table.generation(), before, "a refusal publishes nothing");
+    // Re-registering one of its own names replaces it and is not a new lease.
+    f.ok(1, &a, &tls("one"), secs(1));
+    // Another agent of the same tenant has its own budget.
+    f.ok(3, &b, &tls("three"), secs(1));
+    // Releasing frees a slot.
+    let two = f
+        .table
+        .leases()
+        .find(|l| l.name.as_str() == "two")
+        .map(|l| (l.conn, l.id));
+    let (conn, id) = two.expect("two is live");
+    f.table
+        .release(conn, &id.0, f.at(secs(2)))
+        .expect("release");
+    f.ok(2, &a, &tls("four"), secs(2));
+}
+
+#[test]
+fn operations_skip_the_expiry_scan_until_the_next_deadline_and_still_expire_on_time() {
+    let mut f = Fixture::new();
+    let a = agent("acme", 1);
+    f.ok(
+        1,
+        &a,
+        &orp::LeaseRegister {
+            ttl_s: 60,
+            ..tls("long")
+        },
+        secs(0),
+    );
+    let short = f.ok(
+        1,
+        &a,
+        &orp::LeaseRegister {
+            ttl_s: 10,
+            ..tls("short")
+        },
+        secs(0),
+    );
+    // A renewal that SHORTENS the TTL brings the deadline forward.
+    f.table
+        .renew(ConnId(1), &short.lease_id.0, 1, f.at(secs(5)))
+        .expect("renew");
+    assert!(
+        f.table
+            .renew(ConnId(1), &[9; 16], 0, f.at(secs(5)))
+            .is_err()
+    );
+    let ended = f.table.sweep(f.at(secs(6)));
+    assert_eq!(ended.len(), 1, "the shortened lease expired at 6 s");
+    assert_eq!(ended[0].name.as_str(), "short");
+    assert_eq!(f.table.sweep(f.at(secs(59))).len(), 0);
+    assert_eq!(f.table.sweep(f.at(secs(60))).len(), 1);
+}

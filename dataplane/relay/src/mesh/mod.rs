@@ -29,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use outrelay_api::pb;
 use tokio::sync::watch;
 
@@ -47,7 +47,15 @@ pub const DEFAULT_DECISION_CACHE_MAX: usize = 4096;
 /// Default lifetime of a cached decision.
 pub const DEFAULT_DECISION_CACHE_TTL_MS: u64 = 5_000;
 /// Longest accepted service name (the controller's limit).
-pub const MAX_SERVICE_NAME_BYTES: usize = 253;
+pub const MAX_SERVICE_NAME_BYTES: usize = outrelay_proto::fields::MAX_SERVICE_NAME_BYTES;
+/// Default bound on live service streams (opening or joined) per tenant on this relay.
+pub const DEFAULT_MAX_STREAMS_PER_TENANT: usize = 4096;
+/// Default time a joined stream may move no byte either way before it is reset.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// Longest audit field (caller, target, method) once queued; longer values are cut.
+pub const AUDIT_FIELD_MAX_BYTES: usize = 512;
+/// Longest audit reason once queued; longer reasons are cut.
+pub const AUDIT_REASON_MAX_BYTES: usize = 1024;
 
 /// `[mesh]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +68,10 @@ pub struct MeshConfig {
     pub decision_cache_max: usize,
     /// Lifetime of a cached decision.
     pub decision_cache_ttl_ms: u64,
+    /// Live service streams (opening or joined) per tenant.
+    pub max_streams_per_tenant: usize,
+    /// A joined stream that moves no byte either way for this long is reset.
+    pub stream_idle_timeout_ms: u64,
     /// Standalone relays only (no `[controller]`): the rules, in file order.
     pub static_rules: Vec<StaticRule>,
 }
@@ -71,6 +83,8 @@ impl Default for MeshConfig {
             max_services_per_agent: DEFAULT_MAX_SERVICES_PER_AGENT,
             decision_cache_max: DEFAULT_DECISION_CACHE_MAX,
             decision_cache_ttl_ms: DEFAULT_DECISION_CACHE_TTL_MS,
+            max_streams_per_tenant: DEFAULT_MAX_STREAMS_PER_TENANT,
+            stream_idle_timeout_ms: DEFAULT_STREAM_IDLE_TIMEOUT_MS,
             static_rules: Vec::new(),
         }
     }
@@ -78,9 +92,7 @@ impl Default for MeshConfig {
 
 /// True for a name the controller's registry accepts: printable ASCII, 1 to 253 bytes.
 pub fn valid_service_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_SERVICE_NAME_BYTES
-        && name.bytes().all(|c| c.is_ascii_graphic())
+    outrelay_proto::fields::valid_service_name(name)
 }
 
 /// One service registration of one agent on this relay.
@@ -159,6 +171,8 @@ struct Local {
     live: HashMap<ConnId, (String, String)>,
     by_name: HashMap<(String, String), Vec<LocalProvider>>,
     by_conn: HashMap<ConnId, Vec<Registration>>,
+    /// REGISTERs accepted on a connection and still waiting for the backend.
+    pending: HashMap<ConnId, usize>,
     seq: u64,
 }
 
@@ -184,7 +198,14 @@ impl RemoteProviders {
         let list = self.by_name.entry(key.clone()).or_default();
         list.retain(|q| !(q.agent_uri == p.agent_uri && q.relay_id == p.relay_id));
         if event.kind == Kind::Register as i32 {
-            list.push(p.clone());
+            // Only what resolution reads is kept: `local_addr` and the rest are another
+            // relay's business and could be large.
+            list.push(pb::Provider {
+                service_id: String::new(),
+                agent_uri: p.agent_uri.clone(),
+                relay_id: p.relay_id.clone(),
+                ..pb::Provider::default()
+            });
         }
         if list.is_empty() {
             self.by_name.remove(&key);
@@ -213,9 +234,13 @@ pub struct Mesh {
     backend: Arc<dyn MeshBackend>,
     policy: ArcSwapOption<PolicySnapshot>,
     policy_generation: watch::Sender<u64>,
-    remote: ArcSwap<RemoteProviders>,
+    /// The registry view: events are applied in place under this std mutex (held for map
+    /// operations only), never by cloning the whole view per event (review H6).
+    remote: Mutex<RemoteProviders>,
     local: Mutex<Local>,
     active_ids: Mutex<HashSet<u64>>,
+    /// Live streams per tenant (`max_streams_per_tenant`).
+    tenant_streams: Mutex<HashMap<String, usize>>,
     /// Counters (exported by the metrics scrape).
     pub stats: Arc<MeshStats>,
 }
@@ -241,9 +266,10 @@ impl Mesh {
             backend,
             policy: ArcSwapOption::empty(),
             policy_generation: generation,
-            remote: ArcSwap::from_pointee(RemoteProviders::default()),
+            remote: Mutex::new(RemoteProviders::default()),
             local: Mutex::new(Local::default()),
             active_ids: Mutex::new(HashSet::new()),
+            tenant_streams: Mutex::new(HashMap::new()),
             stats: Arc::new(MeshStats::default()),
         })
     }
@@ -295,16 +321,53 @@ impl Mesh {
 
     /// Replaces the registry view.
     pub fn set_remote(&self, remote: RemoteProviders) {
-        self.remote.store(Arc::new(remote));
+        *self.remote() = remote;
     }
 
-    /// Applies `f` to a copy of the registry view and swaps it in.
-    pub fn update_remote(&self, f: impl Fn(&mut RemoteProviders)) {
-        self.remote.rcu(|cur| {
-            let mut next = RemoteProviders::clone(cur);
-            f(&mut next);
-            next
-        });
+    /// Applies `f` to the registry view in place (O(the change), not O(the view)).
+    pub fn update_remote(&self, f: impl FnOnce(&mut RemoteProviders)) {
+        f(&mut self.remote());
+    }
+
+    fn remote(&self) -> MutexGuard<'_, RemoteProviders> {
+        self.remote.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reserves one of `conn`'s service slots for a REGISTER about to go to the backend;
+    /// `None` when its live plus pending registrations are at `max_services_per_agent`. The
+    /// slot counts as pending until the guard drops (after [`Mesh::register_local`]).
+    pub(crate) fn reserve_registration(
+        self: &Arc<Self>,
+        conn: ConnId,
+    ) -> Option<PendingRegistration> {
+        let mut local = self.local();
+        let live = local.by_conn.get(&conn).map_or(0, Vec::len);
+        let pending = local.pending.entry(conn).or_insert(0);
+        if live + *pending >= self.config.max_services_per_agent {
+            return None;
+        }
+        *pending += 1;
+        Some(PendingRegistration {
+            mesh: self.clone(),
+            conn,
+        })
+    }
+
+    /// Takes one of `tenant`'s live-stream slots; `None` at `max_streams_per_tenant`.
+    pub(crate) fn tenant_stream(&self, tenant: &str) -> Option<TenantStream<'_>> {
+        let mut map = self
+            .tenant_streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(tenant.to_owned()).or_insert(0);
+        if *n >= self.config.max_streams_per_tenant {
+            return None;
+        }
+        *n += 1;
+        Some(TenantStream {
+            mesh: self,
+            tenant: tenant.to_owned(),
+        })
     }
 
     fn local(&self) -> MutexGuard<'_, Local> {
@@ -316,11 +379,6 @@ impl Mesh {
         self.local()
             .live
             .insert(conn, (tenant.to_owned(), agent_uri.to_owned()));
-    }
-
-    /// How many services `conn` has registered.
-    pub(crate) fn registered_on(&self, conn: ConnId) -> usize {
-        self.local().by_conn.get(&conn).map_or(0, Vec::len)
     }
 
     /// Records a registration the backend accepted; false when the connection has ended
@@ -398,7 +456,7 @@ impl Mesh {
         {
             return Resolved::Local(p.clone());
         }
-        let remote = self.remote.load();
+        let remote = self.remote();
         match remote
             .by_name
             .get(&key)
@@ -437,18 +495,82 @@ impl Mesh {
             stream_id,
         } = *row;
         self.stats.audit_events.fetch_add(1, Ordering::Relaxed);
-        self.backend.audit(pb::AuditEvent {
+        // Bounded BEFORE it is queued (review H4): whatever a caller let through, a row is at
+        // most a few KiB, far under any decode limit of the controller.
+        let mut cut = false;
+        let mut field = |v: &str, max: usize| {
+            let b = bounded(v, max);
+            cut |= b.len() < v.len();
+            b.to_owned()
+        };
+        let event = pb::AuditEvent {
             ts_unix_ms: crate::unix_ms(),
-            tenant: tenant.to_owned(),
-            caller: caller.to_owned(),
-            target: target.to_owned(),
-            method: method.to_owned(),
+            tenant: field(tenant, AUDIT_FIELD_MAX_BYTES),
+            caller: field(caller, AUDIT_FIELD_MAX_BYTES),
+            target: field(target, AUDIT_FIELD_MAX_BYTES),
+            method: field(method, AUDIT_FIELD_MAX_BYTES),
             decision: if allow { "allow" } else { "deny" }.to_owned(),
-            reason,
+            reason: field(&reason, AUDIT_REASON_MAX_BYTES),
             stream_id: stream_id.to_string(),
             kind: "stream".to_owned(),
             seq: 0,
-        });
+        };
+        if cut {
+            self.stats.audit_truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        self.backend.audit(event);
+    }
+}
+
+/// The longest prefix of `v` of at most `max` bytes that ends on a character boundary.
+pub fn bounded(v: &str, max: usize) -> &str {
+    if v.len() <= max {
+        return v;
+    }
+    let mut end = max;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    &v[..end]
+}
+
+/// A REGISTER counted against its connection's service cap until it is recorded or refused.
+pub(crate) struct PendingRegistration {
+    mesh: Arc<Mesh>,
+    conn: ConnId,
+}
+
+impl Drop for PendingRegistration {
+    fn drop(&mut self) {
+        let mut local = self.mesh.local();
+        if let Some(n) = local.pending.get_mut(&self.conn) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                local.pending.remove(&self.conn);
+            }
+        }
+    }
+}
+
+/// One of a tenant's live-stream slots, given back on drop.
+pub(crate) struct TenantStream<'a> {
+    mesh: &'a Mesh,
+    tenant: String,
+}
+
+impl Drop for TenantStream<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .mesh
+            .tenant_streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.tenant);
+            }
+        }
     }
 }
 
@@ -540,6 +662,55 @@ mod tests {
         );
         mesh.update_remote(|r| r.apply(&event("r2", pb::watch_event::Kind::Deregister)));
         assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
+    }
+
+    #[test]
+    fn the_service_cap_counts_pending_registrations() {
+        let config = MeshConfig {
+            max_services_per_agent: 2,
+            ..MeshConfig::default()
+        };
+        let mesh = Mesh::new(config, "r1".into(), Arc::new(Standalone));
+        mesh.connection_opened(ConnId(1), "a", U1);
+        let a = mesh.reserve_registration(ConnId(1)).expect("first");
+        let b = mesh.reserve_registration(ConnId(1)).expect("second");
+        // Both still pending: a third is refused at once (no await in between).
+        assert!(mesh.reserve_registration(ConnId(1)).is_none());
+        assert!(mesh.register_local(ConnId(1), &reg("x")));
+        drop(a);
+        assert!(
+            mesh.reserve_registration(ConnId(1)).is_none(),
+            "1 live + 1 pending"
+        );
+        drop(b); // refused by the backend, say
+        assert!(mesh.reserve_registration(ConnId(1)).is_some());
+        // Another connection has its own budget.
+        assert!(mesh.reserve_registration(ConnId(2)).is_some());
+    }
+
+    #[test]
+    fn tenant_stream_slots_are_bounded_and_given_back() {
+        let config = MeshConfig {
+            max_streams_per_tenant: 1,
+            ..MeshConfig::default()
+        };
+        let mesh = Mesh::new(config, "r1".into(), Arc::new(Standalone));
+        let s = mesh.tenant_stream("a").expect("first");
+        assert!(mesh.tenant_stream("a").is_none());
+        assert!(mesh.tenant_stream("b").is_some());
+        drop(s);
+        assert!(mesh.tenant_stream("a").is_some());
+    }
+
+    #[test]
+    fn audit_fields_are_cut_on_a_char_boundary() {
+        assert_eq!(bounded("abc", 5), "abc");
+        assert_eq!(bounded("abcdef", 3), "abc");
+        assert_eq!(bounded("aé", 2), "a");
+        assert_eq!(
+            bounded(&"x".repeat(5 << 20), AUDIT_FIELD_MAX_BYTES).len(),
+            512
+        );
     }
 
     #[test]

@@ -20,11 +20,17 @@ pub enum MeshResult {
     ProviderRejected,
     /// The stream broke the protocol (no STREAM_REJECT is owed: it is reset).
     ProtocolError,
+    /// 400: the first frame declared more than the first-frame limit (refused from its header).
+    FrameTooLarge,
+    /// 400: `target_service` or `method` out of bounds (refused before policy, cache, audit).
+    Invalid,
+    /// 429: the tenant is at `max_streams_per_tenant`.
+    TenantLimit,
 }
 
 impl MeshResult {
     /// Every result, in label order.
-    pub const ALL: [MeshResult; 7] = [
+    pub const ALL: [MeshResult; 10] = [
         MeshResult::Accepted,
         MeshResult::Denied,
         MeshResult::NotFound,
@@ -32,6 +38,9 @@ impl MeshResult {
         MeshResult::Unreachable,
         MeshResult::ProviderRejected,
         MeshResult::ProtocolError,
+        MeshResult::FrameTooLarge,
+        MeshResult::Invalid,
+        MeshResult::TenantLimit,
     ];
 
     /// The metric label.
@@ -44,6 +53,9 @@ impl MeshResult {
             MeshResult::Unreachable => "rejected_502",
             MeshResult::ProviderRejected => "rejected_503",
             MeshResult::ProtocolError => "protocol_error",
+            MeshResult::FrameTooLarge => "frame_too_large",
+            MeshResult::Invalid => "rejected_400",
+            MeshResult::TenantLimit => "rejected_429",
         }
     }
 
@@ -56,6 +68,8 @@ impl MeshResult {
             MeshResult::Collision => 409,
             MeshResult::Unreachable => 502,
             MeshResult::ProviderRejected => 503,
+            MeshResult::FrameTooLarge | MeshResult::Invalid => 400,
+            MeshResult::TenantLimit => 429,
         }
     }
 }
@@ -63,7 +77,7 @@ impl MeshResult {
 /// Counters of the mesh.
 #[derive(Debug, Default)]
 pub struct MeshStats {
-    results: [AtomicU64; 7],
+    results: [AtomicU64; MeshResult::ALL.len()],
     /// Streams joined right now.
     pub streams_active: AtomicU64,
     /// Bytes consumer → provider.
@@ -86,6 +100,8 @@ pub struct MeshStats {
     pub audit_events: AtomicU64,
     /// STREAM_READY frames not sent because a control queue was full.
     pub ready_dropped: AtomicU64,
+    /// Audit events with a field cut to its cap.
+    pub audit_truncated: AtomicU64,
 }
 
 impl MeshStats {

@@ -3,14 +3,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrelay_proto::frame::{Decoded, Frame, FrameError, decode};
+use outrelay_proto::frame::{
+    Decoded, Frame, FrameError, MAX_CONTROL_FRAME_PAYLOAD_BYTES, MAX_FIRST_FRAME_PAYLOAD_BYTES,
+    decode_limited,
+};
 use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
-use super::stats::bump;
+use super::stats::{Limit, bump};
 use super::{
     Admission, AgentConn, Ctx, IMPLEMENTED_FEATURES, LeaseEvent, LeaseEventKind, PROTOCOL_VERSION,
     close_code, lease_kind, streams,
@@ -79,6 +82,18 @@ fn peer_identity(conn: &quinn::Connection) -> Option<(Identity, String)> {
 async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Result<(), End> {
     let (identity, cert_uri) = peer_identity(conn)
         .ok_or_else(|| End::new(close_code::BAD_IDENTITY, "no peer identity"))?;
+    // Per-identity connection budget, taken before anything else is read: a fleet of
+    // connections under one certificate multiplies every per-connection budget.
+    let Some(_slot) = IdentitySlot::take(ctx, &cert_uri) else {
+        ctx.stats.limit(Limit::IdentityConnections);
+        return Err(End::new(
+            close_code::TOO_MANY_CONNECTIONS,
+            format!(
+                "at most {} connections per agent identity",
+                ctx.config.max_connections_per_identity
+            ),
+        ));
+    };
 
     // HELLO: the first bidirectional stream, within the deadline.
     let deadline = Duration::from_millis(ctx.config.hello_deadline_ms);
@@ -87,8 +102,9 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             .accept_bi()
             .await
             .map_err(|e| End::new(close_code::NO_ERROR, format!("connection lost: {e}")))?;
-        let mut reader = FrameReader::new(recv);
+        let mut reader = FrameReader::new(recv, MAX_FIRST_FRAME_PAYLOAD_BYTES);
         let frame = reader.next(ctx).await?;
+        reader.limit = MAX_CONTROL_FRAME_PAYLOAD_BYTES;
         Ok::<_, End>((send, reader, frame))
     })
     .await;
@@ -183,11 +199,21 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         .map(|udp| AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), conn_id, udp))));
 
     let mut shutdown = ctx.shutdown.clone();
+    let mut bucket = Bucket::new(ctx.config.lease_frames_per_s, ctx.config.lease_frames_burst);
     let result = loop {
         tokio::select! {
             frame = reader.next(ctx) => {
                 match frame {
                     Ok(Some(frame)) => {
+                        if costly(&frame)
+                            && let Some(wait) = bucket.take(tokio::time::Instant::now())
+                        {
+                            // Paced, not refused: nothing is lost, the agent's own frames wait
+                            // in its stream window, and the lease lock is taken at most at the
+                            // configured rate by this connection.
+                            ctx.stats.limit(Limit::LeaseFrameRate);
+                            tokio::time::sleep(wait).await;
+                        }
                         if let Err(end) = on_frame(frame, conn, conn_id, &identity, &out).await {
                             break Err(end);
                         }
@@ -310,6 +336,10 @@ async fn on_frame(
                         }
                     }
                     Err(refusal) => {
+                        if refusal.message == crate::lease::AGENT_LEASE_LIMIT {
+                            ctx.stats.limit(Limit::AgentLeases);
+                        }
+                        ctx.publish_if_changed(&mut control);
                         if decision == crate::lease::ControllerDecision::PendingApproval
                             && refusal.code == LeaseErrorCode::LeaseRejected
                         {
@@ -329,7 +359,9 @@ async fn on_frame(
                 let mut control = ctx.control.lock().await;
                 let now = Instant::now();
                 let r = control.table.renew(conn_id, &req.lease_id, req.ttl_s, now);
-                ctx.publish(&mut control);
+                // A renewal changes no route: only leases that expired meanwhile (found by the
+                // table's own expiry) republish. A refused renew publishes nothing (M1).
+                ctx.publish_if_changed(&mut control);
                 if let Ok(g) = &r
                     && let Some(lease) = control.table.get(&g.lease_id)
                 {
@@ -349,7 +381,7 @@ async fn on_frame(
                 let r = control
                     .table
                     .release(conn_id, &req.lease_id, Instant::now());
-                ctx.publish(&mut control);
+                ctx.publish_if_changed(&mut control);
                 if let Ok(lease) = &r {
                     ctx.decider
                         .report(LeaseEvent::of(LeaseEventKind::Released, lease));
@@ -408,7 +440,17 @@ fn register(
             "service name must be 1 to 253 printable ASCII bytes".to_owned(),
         );
     }
-    if mesh.registered_on(conn_id) >= mesh.config.max_services_per_agent {
+    if !outrelay_proto::fields::valid_local_addr(&req.local_addr) {
+        ctx.stats.limit(Limit::LocalAddr);
+        return refuse(
+            REJECT_INVALID,
+            "local_addr must be empty or host:port, at most 255 bytes".to_owned(),
+        );
+    }
+    // The cap counts registrations still waiting for the controller: checked and reserved in
+    // one step, so pipelined REGISTERs cannot all pass the check (review H6).
+    let Some(pending) = mesh.reserve_registration(conn_id) else {
+        ctx.stats.limit(Limit::Services);
         return refuse(
             REJECT_TOO_MANY,
             format!(
@@ -416,7 +458,7 @@ fn register(
                 mesh.config.max_services_per_agent
             ),
         );
-    }
+    };
     let reg = crate::mesh::Registration {
         tenant: tenant.as_str().to_owned(),
         service: req.service_name,
@@ -433,7 +475,9 @@ fn register(
     tokio::spawn(async move {
         let answer = match mesh.backend().register(reg.clone()).await {
             Ok(service_id) => {
-                if !mesh.register_local(conn_id, &reg) {
+                let recorded = mesh.register_local(conn_id, &reg);
+                drop(pending);
+                if !recorded {
                     return; // the connection ended meanwhile
                 }
                 bump(&mesh.stats.registrations_ok);
@@ -483,18 +527,23 @@ fn report_request(ctx: &Ctx, identity: &Identity, req: &orp::LeaseRegister) {
 }
 
 /// Incremental frame reader over the control stream.
+///
+/// A frame declaring more than `limit` payload bytes is refused from its header, so `buf`
+/// never holds more than one header, `limit` bytes and one read chunk.
 struct FrameReader {
     recv: quinn::RecvStream,
     buf: Vec<u8>,
     chunk: Vec<u8>,
+    limit: u32,
 }
 
 impl FrameReader {
-    fn new(recv: quinn::RecvStream) -> FrameReader {
+    fn new(recv: quinn::RecvStream, limit: u32) -> FrameReader {
         FrameReader {
             recv,
             buf: Vec::new(),
             chunk: vec![0; READ_CHUNK_BYTES],
+            limit,
         }
     }
 
@@ -502,10 +551,14 @@ impl FrameReader {
     async fn next(&mut self, ctx: &Ctx) -> Result<Option<Frame>, End> {
         loop {
             let protocol = |e: FrameError| {
+                if let FrameError::PayloadOverLimit { .. } = e {
+                    ctx.stats.limit(Limit::ControlFrameTooLarge);
+                    return End::new(close_code::FRAME_TOO_LARGE, e.to_string());
+                }
                 bump(&ctx.stats.protocol_errors);
                 End::new(close_code::PROTOCOL_ERROR, e.to_string())
             };
-            match decode(&self.buf).map_err(protocol)? {
+            match decode_limited(&self.buf, self.limit).map_err(protocol)? {
                 Decoded::Frame { frame, used } => {
                     let decoded = Frame::decode(&frame);
                     if let Err(FrameError::UnknownType(_)) = decoded {
@@ -532,6 +585,82 @@ impl FrameReader {
                         format!("control stream: {e}"),
                     ));
                 }
+            }
+        }
+    }
+}
+
+/// Frames that take the lease lock or queue a registry call: paced by the connection's
+/// token bucket.
+fn costly(frame: &Frame) -> bool {
+    matches!(
+        frame,
+        Frame::LeaseRegister(_)
+            | Frame::LeaseRenew(_)
+            | Frame::LeaseRelease(_)
+            | Frame::Register(_)
+    )
+}
+
+/// A token bucket: `rate` tokens a second up to `burst`. [`Bucket::take`] takes one and says
+/// how long to wait first when none was left (the debt is paid by that wait).
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Bucket {
+        Bucket {
+            tokens: f64::from(burst),
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(-self.tokens / self.rate).ok()
+    }
+}
+
+/// One of an identity's connection slots, given back on drop.
+struct IdentitySlot<'a> {
+    ctx: &'a Ctx,
+    uri: String,
+}
+
+impl<'a> IdentitySlot<'a> {
+    fn take(ctx: &'a Ctx, uri: &str) -> Option<IdentitySlot<'a>> {
+        let mut map = ctx.identities();
+        let n = map.entry(uri.to_owned()).or_insert(0);
+        if *n >= ctx.config.max_connections_per_identity {
+            return None;
+        }
+        *n += 1;
+        Some(IdentitySlot {
+            ctx,
+            uri: uri.to_owned(),
+        })
+    }
+}
+
+impl Drop for IdentitySlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.ctx.identities();
+        if let Some(n) = map.get_mut(&self.uri) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.uri);
             }
         }
     }

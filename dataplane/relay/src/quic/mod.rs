@@ -33,7 +33,7 @@ use tokio::sync::{Mutex, watch};
 use crate::lease::{ConnId, ControllerDecision, Lease, LeaseTable, MIN_DURATION_MS};
 use crate::state::{ReverseKey, Shared, Snapshot};
 
-pub use stats::QuicStats;
+pub use stats::{Limit, QuicStats};
 pub use tls::{TlsMaterial, cert_identity};
 
 /// quinn's datagram buffers per agent connection, each way (UDP leases).
@@ -41,6 +41,10 @@ pub const QUIC_DATAGRAM_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// SO_RCVBUF / SO_SNDBUF asked for the agents' QUIC socket (capped by the kernel at
 /// `net.core.rmem_max` / `wmem_max`): every agent's datagrams arrive on this one socket.
 pub const QUIC_SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+fn varint(v: u64) -> Result<quinn::VarInt, QuicError> {
+    quinn::VarInt::from_u64(v).map_err(|e| QuicError::Config(format!("window: {e}")))
+}
 
 /// The agents' UDP socket, with buffers for datagram bursts (best effort: the kernel caps them).
 fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -65,6 +69,17 @@ pub const DEFAULT_HELLO_DEADLINE_MS: u64 = 10_000;
 pub const DEFAULT_CONTROL_SEND_QUEUE_MAX: usize = 64;
 /// Default bound of concurrently open bidirectional streams per connection.
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default bound of concurrent QUIC connections one agent identity may hold on this relay.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 8;
+/// Default sustained rate of lease and REGISTER frames per connection (token bucket refill).
+pub const DEFAULT_LEASE_FRAMES_PER_S: u32 = 50;
+/// Default burst of lease and REGISTER frames per connection (token bucket size).
+pub const DEFAULT_LEASE_FRAMES_BURST: u32 = 100;
+/// Default QUIC connection-level receive window: what one agent connection can make the relay
+/// buffer, all its streams together (target R19: at most 8 MiB per connection).
+pub const DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+/// Default QUIC per-stream receive window.
+pub const DEFAULT_STREAM_RECEIVE_WINDOW_BYTES: u64 = 1024 * 1024;
 /// Default time a stopping relay waits for GOAWAY to be acknowledged before closing.
 pub const DEFAULT_DRAIN_GRACE_MS: u64 = 1_000;
 /// The HELLO `protocol_version` this relay speaks.
@@ -107,6 +122,13 @@ pub mod close_code {
     pub const PEER_FAILED: u32 = 11;
     /// Stream reset: the first frame did not come in time.
     pub const OPEN_TIMEOUT: u32 = 12;
+    /// Connection refused: its identity already holds `quic.max_connections_per_identity`.
+    pub const TOO_MANY_CONNECTIONS: u32 = 13;
+    /// A frame declared more than the receiver's limit for its position (also a stream reset
+    /// code after STREAM_REJECT 400 for an oversized first frame).
+    pub const FRAME_TOO_LARGE: u32 = 14;
+    /// Stream reset: a joined stream moved no byte for `mesh.stream_idle_timeout_ms`.
+    pub const STREAM_IDLE: u32 = 15;
 }
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least
@@ -133,6 +155,16 @@ pub struct QuicConfig {
     pub reverse_addr: String,
     /// Time a stopping relay waits for each connection's GOAWAY to be acknowledged.
     pub drain_grace_ms: u64,
+    /// Concurrent connections one agent identity may hold (at least 1).
+    pub max_connections_per_identity: usize,
+    /// Sustained lease and REGISTER frames per second per connection (at least 1).
+    pub lease_frames_per_s: u32,
+    /// Burst of lease and REGISTER frames per connection (at least 1).
+    pub lease_frames_burst: u32,
+    /// QUIC connection receive window, bytes (64 KiB ..= 1 GiB).
+    pub connection_receive_window_bytes: u64,
+    /// QUIC stream receive window, bytes (16 KiB ..= the connection window).
+    pub stream_receive_window_bytes: u64,
 }
 
 impl QuicConfig {
@@ -149,6 +181,11 @@ impl QuicConfig {
             public_host,
             reverse_addr: String::new(),
             drain_grace_ms: DEFAULT_DRAIN_GRACE_MS,
+            max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
+            lease_frames_per_s: DEFAULT_LEASE_FRAMES_PER_S,
+            lease_frames_burst: DEFAULT_LEASE_FRAMES_BURST,
+            connection_receive_window_bytes: DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES,
+            stream_receive_window_bytes: DEFAULT_STREAM_RECEIVE_WINDOW_BYTES,
         }
     }
 
@@ -177,6 +214,31 @@ impl QuicConfig {
         if self.control_send_queue_max == 0 || self.max_concurrent_streams == 0 {
             return Err(QuicError::Config(
                 "control_send_queue_max and max_concurrent_streams must be at least 1".to_owned(),
+            ));
+        }
+        for (field, v) in [
+            (
+                "max_connections_per_identity",
+                self.max_connections_per_identity as u64,
+            ),
+            ("lease_frames_per_s", u64::from(self.lease_frames_per_s)),
+            ("lease_frames_burst", u64::from(self.lease_frames_burst)),
+        ] {
+            if v == 0 {
+                return Err(QuicError::Config(format!("{field} must be at least 1")));
+            }
+        }
+        if !(64 * 1024..=1 << 30).contains(&self.connection_receive_window_bytes) {
+            return Err(QuicError::Config(
+                "connection_receive_window_bytes must be 65536..=1073741824".to_owned(),
+            ));
+        }
+        if self.stream_receive_window_bytes < 16 * 1024
+            || self.stream_receive_window_bytes > self.connection_receive_window_bytes
+        {
+            return Err(QuicError::Config(
+                "stream_receive_window_bytes must be 16384..=connection_receive_window_bytes"
+                    .to_owned(),
             ));
         }
         Ok(())
@@ -330,6 +392,8 @@ pub(crate) struct Control {
     pub(crate) table: LeaseTable,
     pub(crate) keys: HashMap<LeaseId, ReverseKey>,
     published: u64,
+    /// The table generation the last publish saw.
+    published_generation: u64,
 }
 
 /// State shared by the accept loop, the janitor and every connection.
@@ -343,6 +407,8 @@ pub(crate) struct Ctx {
     /// Agents past HELLO, by connection (to close a revoked identity's connections). A std
     /// mutex: held for map operations only, never across an await.
     pub(crate) agents: std::sync::Mutex<HashMap<ConnId, AgentConn>>,
+    /// Live connections per agent identity URI (`max_connections_per_identity`).
+    pub(crate) identities: std::sync::Mutex<HashMap<String, usize>>,
     /// Where agents' QUIC datagrams go (UDP leases); unset: datagrams are not read.
     pub(crate) udp: std::sync::OnceLock<Arc<crate::udp::UdpIngress>>,
     /// Service streams (REGISTER / OPEN_STREAM); unset: refused.
@@ -366,9 +432,11 @@ impl Ctx {
             table,
             keys,
             published,
+            published_generation,
         } = control;
         keys.retain(|id, _| table.get(id).is_some());
         *published += 1;
+        *published_generation = table.generation();
         let routes = table.routes();
         let udp_conns = {
             let agents = self.agents();
@@ -389,11 +457,26 @@ impl Ctx {
         }
     }
 
+    /// [`Ctx::publish`] only when the table changed since the last publish (a refused or
+    /// route-neutral operation republishes nothing: review M1).
+    pub(crate) fn publish_if_changed(&self, control: &mut Control) {
+        if control.table.generation() != control.published_generation {
+            self.publish(control);
+        }
+    }
+
+    /// A std mutex over the per-identity connection counts (map operations only).
+    pub(crate) fn identities(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.identities
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The connection `conn` ended: its leases stop routing now.
     pub(crate) async fn connection_closed(&self, conn: ConnId) {
         let mut control = self.control.lock().await;
         let ended = control.table.connection_closed(conn, Instant::now());
-        self.publish(&mut control);
+        self.publish_if_changed(&mut control);
         drop(control);
         for lease in &ended {
             self.decider
@@ -548,6 +631,11 @@ impl QuicServer {
             .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)))
             .max_concurrent_bidi_streams(config.max_concurrent_streams.into())
             .max_concurrent_uni_streams(0u32.into())
+            // M2: what one connection can make the relay buffer (all streams together), and
+            // what the relay keeps unacknowledged toward it.
+            .receive_window(varint(config.connection_receive_window_bytes)?)
+            .stream_receive_window(varint(config.stream_receive_window_bytes)?)
+            .send_window(config.connection_receive_window_bytes)
             // UDP leases: room for bursts (quinn drops the oldest received datagram when full,
             // and a full send buffer makes the port task drop the newest, counted).
             .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER_BYTES))
@@ -585,12 +673,14 @@ impl QuicServer {
                 table: leases,
                 keys: HashMap::new(),
                 published: 0,
+                published_generation: 0,
             }),
             shared,
             stats,
             decider,
             shutdown: rx,
             agents: std::sync::Mutex::new(HashMap::new()),
+            identities: std::sync::Mutex::new(HashMap::new()),
             udp: std::sync::OnceLock::new(),
             mesh: std::sync::OnceLock::new(),
         });

@@ -6,6 +6,60 @@ use outrelay_proto::frame::FrameType;
 
 use crate::lease::LeaseErrorCode;
 
+/// A per-identity, per-connection or per-tenant budget that refused or slowed something
+/// (`outrelay_relay_quic_limited_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A connection refused: its identity already has `quic.max_connections_per_identity`.
+    IdentityConnections,
+    /// A stream's first frame declared more than the first-frame limit (refused 400).
+    FirstFrameTooLarge,
+    /// A control-stream frame declared more than the control-frame limit (connection closed).
+    ControlFrameTooLarge,
+    /// A lease or REGISTER frame waited for the connection's token bucket.
+    LeaseFrameRate,
+    /// LEASE_REGISTER refused: the agent holds `leases.max_per_agent` leases.
+    AgentLeases,
+    /// REGISTER refused: the connection has `mesh.max_services_per_agent` (live or pending).
+    Services,
+    /// REGISTER refused: `local_addr` is not a bounded `host:port`.
+    LocalAddr,
+    /// OPEN_STREAM refused: its tenant has `mesh.max_streams_per_tenant` live streams.
+    TenantStreams,
+    /// A joined stream moved no byte for `mesh.stream_idle_timeout_ms` and was reset.
+    StreamIdle,
+}
+
+impl Limit {
+    /// Every limit, in label order.
+    pub const ALL: [Limit; 9] = [
+        Limit::IdentityConnections,
+        Limit::FirstFrameTooLarge,
+        Limit::ControlFrameTooLarge,
+        Limit::LeaseFrameRate,
+        Limit::AgentLeases,
+        Limit::Services,
+        Limit::LocalAddr,
+        Limit::TenantStreams,
+        Limit::StreamIdle,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::IdentityConnections => "identity_connections_max",
+            Limit::FirstFrameTooLarge => "first_frame_too_large",
+            Limit::ControlFrameTooLarge => "control_frame_too_large",
+            Limit::LeaseFrameRate => "lease_frame_rate",
+            Limit::AgentLeases => "agent_leases_max",
+            Limit::Services => "services_max",
+            Limit::LocalAddr => "invalid_local_addr",
+            Limit::TenantStreams => "tenant_streams_max",
+            Limit::StreamIdle => "stream_idle_timeout",
+        }
+    }
+}
+
 /// Every counter of the agent endpoint. Relaxed atomics: they are statistics, not sync.
 #[derive(Debug, Default)]
 pub struct QuicStats {
@@ -39,6 +93,8 @@ pub struct QuicStats {
     pub frames_unknown: AtomicU64,
     /// LEASE_ERROR answers, by code (index: position in [`LeaseErrorCode::ALL`]).
     lease_errors: [AtomicU64; LeaseErrorCode::ALL.len()],
+    /// Budget refusals, by [`Limit`] (index: position in [`Limit::ALL`]).
+    limited: [AtomicU64; Limit::ALL.len()],
 }
 
 impl QuicStats {
@@ -58,6 +114,20 @@ impl QuicStats {
             .position(|c| *c == code)
             .and_then(|i| self.lease_errors.get(i))
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Refusals (or waits) of `limit`.
+    pub fn limited(&self, limit: Limit) -> u64 {
+        self.limited
+            .get(limit as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Counts one refusal (or wait) of `limit`.
+    pub fn limit(&self, limit: Limit) {
+        if let Some(c) = self.limited.get(limit as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn count_frame(&self, frame_type: FrameType) {

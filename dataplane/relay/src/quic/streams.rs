@@ -16,11 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use outrelay_proto::frame::{Decoded, Frame, decode};
+use outrelay_proto::fields::valid_method;
+use outrelay_proto::frame::{
+    Decoded, Frame, FrameError, MAX_FIRST_FRAME_PAYLOAD_BYTES, decode_limited,
+};
 use outrelay_proto::orp;
 use tokio::sync::mpsc;
 
-use super::stats::bump;
+use super::stats::{Limit, bump};
 use super::{Ctx, close_code};
 use crate::mesh::{AuditRow, Mesh, MeshResult, Resolved, valid_service_name};
 use crate::unix_ms;
@@ -63,19 +66,30 @@ enum FirstFrame {
     Closed(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("first frame declares {len} bytes, over the {limit}-byte limit")]
+    TooLarge { len: u64, limit: u32 },
 }
 
 /// Reads exactly one frame from the start of a stream; returns it and any bytes that came
-/// after it (raw payload, forwarded as is).
+/// after it (raw payload, forwarded as is). A header declaring more than
+/// [`MAX_FIRST_FRAME_PAYLOAD_BYTES`] is refused before its payload is read, so at most one
+/// header, the limit and one read chunk are ever buffered.
 async fn first_frame(
     recv: &mut quinn::RecvStream,
     deadline: Duration,
 ) -> Result<(Frame, Bytes), FirstFrame> {
     tokio::time::timeout(deadline, async {
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; FIRST_FRAME_READ_BYTES];
+        let mut chunk = [0u8; FIRST_FRAME_READ_BYTES];
         loop {
-            match decode(&buf).map_err(|e| FirstFrame::Protocol(e.to_string()))? {
+            let decoded =
+                decode_limited(&buf, MAX_FIRST_FRAME_PAYLOAD_BYTES).map_err(|e| match e {
+                    FrameError::PayloadOverLimit { len, limit } => {
+                        FirstFrame::TooLarge { len, limit }
+                    }
+                    e => FirstFrame::Protocol(e.to_string()),
+                })?;
+            match decoded {
                 Decoded::Frame { frame, used } => {
                     let decoded =
                         Frame::decode(&frame).map_err(|e| FirstFrame::Protocol(e.to_string()))?;
@@ -143,6 +157,13 @@ async fn open(
             let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
             return;
         }
+        Err(FirstFrame::TooLarge { len, limit }) => {
+            // Refused from the header: nothing of the payload was buffered (review H3).
+            ctx.stats.limit(Limit::FirstFrameTooLarge);
+            let why = format!("OPEN_STREAM of {len} bytes is over the {limit}-byte limit");
+            reject(send, recv, &mesh, MeshResult::FrameTooLarge, why).await;
+            return;
+        }
         Err(e) => {
             mesh.stats.count(MeshResult::ProtocolError);
             tracing::debug!(error = %e, "no OPEN_STREAM");
@@ -150,6 +171,20 @@ async fn open(
             let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
             return;
         }
+    };
+    // Bounds first: nothing below (policy, decision cache, audit, logs, the provider) sees an
+    // unbounded name (review H3). The reason never echoes the value.
+    if !valid_service_name(&req.target_service) || !valid_method(&req.method) {
+        let why = "target_service must be 1 to 253 and method at most 512 printable ASCII bytes";
+        return reject(send, recv, &mesh, MeshResult::Invalid, why.to_owned()).await;
+    }
+    let Some(_tenant_slot) = mesh.tenant_stream(&consumer.tenant) else {
+        ctx.stats.limit(Limit::TenantStreams);
+        let why = format!(
+            "at most {} live streams per tenant",
+            mesh.config.max_streams_per_tenant
+        );
+        return reject(send, recv, &mesh, MeshResult::TenantLimit, why).await;
     };
     let id = req.stream_id;
     if id == 0 || !mesh.claim_stream_id(id) {
@@ -207,11 +242,7 @@ async fn open(
     }
 
     // 3. The provider, in the caller's tenant only.
-    let resolved = if valid_service_name(service) {
-        mesh.resolve(tenant, service)
-    } else {
-        Resolved::NotFound
-    };
+    let resolved = mesh.resolve(tenant, service);
     let provider = match resolved {
         // A local provider whose connection ended meanwhile is as good as none.
         Resolved::Local(p) => ctx.agents().get(&p.conn).map(|a| Peer {
@@ -332,7 +363,35 @@ async fn open(
         rule_expires_unix_ms: verdict.rule_expires_unix_ms,
         changes,
     };
-    join(halves, consumer_rest, provider_rest, check).await;
+    let idle = Idle {
+        timeout: Duration::from_millis(mesh.config.stream_idle_timeout_ms),
+        stats: &ctx.stats,
+    };
+    join(halves, consumer_rest, provider_rest, check, idle).await;
+}
+
+/// The joined stream's idle timeout (M2): a stream that moves no byte either way for
+/// `timeout` gives its slots back (both halves reset with [`close_code::STREAM_IDLE`]).
+struct Idle<'a> {
+    timeout: Duration,
+    stats: &'a super::QuicStats,
+}
+
+/// Milliseconds since `start`, for the activity stamp (saturating).
+fn ms_since(start: tokio::time::Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Resolves once no byte has moved for `timeout` (the pipes stamp `last` per batch).
+async fn idle_for(start: tokio::time::Instant, last: &AtomicU64, timeout: Duration) {
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let quiet = ms_since(start).saturating_sub(last.load(Ordering::Relaxed));
+        if quiet >= timeout_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(timeout_ms - quiet)).await;
+    }
 }
 
 /// Gives the stream id back when the stream ends, on every path.
@@ -372,6 +431,7 @@ struct Recheck<'a> {
 enum Cut {
     Policy,
     Expired,
+    Idle,
 }
 
 impl Recheck<'_> {
@@ -418,42 +478,78 @@ impl Recheck<'_> {
 }
 
 /// Joins the two streams until both directions end or the policy cuts them.
-async fn join(mut h: Halves, consumer_rest: Bytes, provider_rest: Bytes, mut check: Recheck<'_>) {
+async fn join(
+    mut h: Halves,
+    consumer_rest: Bytes,
+    provider_rest: Bytes,
+    mut check: Recheck<'_>,
+    idle: Idle<'_>,
+) {
     let mesh = check.mesh;
     let stats = &mesh.stats;
     stats.streams_active.fetch_add(1, Ordering::Relaxed);
+    let start = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
     let cut = {
         let up = pipe(
             &mut h.c_recv,
             &mut h.p_send,
             consumer_rest,
             &stats.bytes_to_provider,
+            (start, &last),
         );
         let down = pipe(
             &mut h.p_recv,
             &mut h.c_send,
             provider_rest,
             &stats.bytes_to_consumer,
+            (start, &last),
         );
-        let both = async { tokio::join!(up, down) };
+        // Both directions to their end; the first one that FAILS ends the stream (a reset on
+        // one side must not leave the other direction, and the tenant's stream slot, waiting
+        // for a peer that may never write).
+        let both = async {
+            tokio::pin!(up, down);
+            let (mut up_done, mut down_done) = (false, false);
+            while !(up_done && down_done) {
+                let ok = tokio::select! {
+                    ok = &mut up, if !up_done => { up_done = true; ok }
+                    ok = &mut down, if !down_done => { down_done = true; ok }
+                };
+                if !ok {
+                    return false;
+                }
+            }
+            true
+        };
         tokio::select! {
-            (a, b) = both => {
-                if !(a && b) {
+            clean = both => {
+                if !clean {
                     bump(&stats.streams_failed);
+                    return end_failed(h, stats);
                 }
                 None
             }
             cut = check.until_denied() => Some(cut),
+            () = idle_for(start, &last, idle.timeout) => Some(Cut::Idle),
         }
     };
-    if let Some(cut) = cut {
+    if cut == Some(Cut::Idle) {
+        // Counted before the resets go out: whoever sees the reset also sees the count.
+        idle.stats.limit(Limit::StreamIdle);
+        let code = close_code::STREAM_IDLE.into();
+        let _ = h.c_send.reset(code);
+        let _ = h.p_send.reset(code);
+        let _ = h.c_recv.stop(code);
+        let _ = h.p_recv.stop(code);
+    } else if let Some(cut) = cut {
         let code = close_code::POLICY_CUT.into();
         let _ = h.c_send.reset(code);
         let _ = h.p_send.reset(code);
         let _ = h.c_recv.stop(code);
         let _ = h.p_recv.stop(code);
         let (counter, reason) = match cut {
-            Cut::Policy => (&stats.cut_policy, "stream cut: policy changed"),
+            Cut::Policy | Cut::Idle => (&stats.cut_policy, "stream cut: policy changed"),
             Cut::Expired => (&stats.cut_expired, "stream cut: allowing rule expired"),
         };
         bump(counter);
@@ -468,6 +564,16 @@ async fn join(mut h: Halves, consumer_rest: Bytes, provider_rest: Bytes, mut che
     stats.streams_active.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// One direction failed: reset and stop whatever is left of both halves.
+fn end_failed(mut h: Halves, stats: &crate::mesh::MeshStats) {
+    let code = close_code::PEER_FAILED.into();
+    let _ = h.c_send.reset(code);
+    let _ = h.p_send.reset(code);
+    let _ = h.c_recv.stop(code);
+    let _ = h.p_recv.stop(code);
+    stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+}
+
 /// Moves one direction: `rest` first, then every chunk, then FIN. A reset or a lost
 /// connection on the reading side resets the writing side (and the reverse: a writer the peer
 /// stopped stops the reader). True when the direction ended cleanly.
@@ -476,6 +582,7 @@ async fn pipe(
     to: &mut quinn::SendStream,
     rest: Bytes,
     bytes: &AtomicU64,
+    (start, last): (tokio::time::Instant, &AtomicU64),
 ) -> bool {
     if !rest.is_empty() {
         bytes.fetch_add(rest.len() as u64, Ordering::Relaxed);
@@ -491,10 +598,14 @@ async fn pipe(
                 let mut left = chunks.get_mut(..n).unwrap_or_default();
                 let len: usize = left.iter().map(Bytes::len).sum();
                 bytes.fetch_add(len as u64, Ordering::Relaxed);
+                last.store(ms_since(start), Ordering::Relaxed);
                 while !left.is_empty() {
                     match to.write_chunks(left).await {
                         // Fully written chunks are emptied; a partial one keeps its suffix.
-                        Ok(w) => left = left.get_mut(w.chunks..).unwrap_or_default(),
+                        Ok(w) => {
+                            left = left.get_mut(w.chunks..).unwrap_or_default();
+                            last.store(ms_since(start), Ordering::Relaxed);
+                        }
                         Err(e) => {
                             let code = match e {
                                 quinn::WriteError::Stopped(code) => code,

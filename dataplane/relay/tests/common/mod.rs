@@ -45,6 +45,8 @@ pub struct Ca {
     pub issuer: Issuer<'static, KeyPair>,
     pub cert: CertificateDer<'static>,
     pub pem: String,
+    /// The CA key (PEM), for a controller that signs with this CA.
+    pub key_pem: String,
 }
 
 pub struct Leaf {
@@ -71,6 +73,7 @@ impl Ca {
         Ca {
             cert: cert.der().clone(),
             pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -175,6 +178,12 @@ pub async fn start_relay(ca: &Ca, leases: &str, backend: Option<&str>) -> Relay 
 /// [`start_relay`] with every option. The relay also gets a root-host certificate
 /// (`[public_tls]`, for `relay.outrelay.test`) and `/metrics` on loopback.
 pub async fn start_relay_with(ca: &Ca, opts: Opts) -> Relay {
+    let dir = relay_dir(ca, &opts);
+    spawn_relay(dir, opts).await
+}
+
+/// The temp dir [`start_relay_with`] runs the relay from: PKI and `relay.toml` for `opts`.
+pub fn relay_dir(ca: &Ca, opts: &Opts) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let relay_leaf = ca.leaf(
         "relay r1",
@@ -240,7 +249,7 @@ pub async fn start_relay_with(ca: &Ca, opts: Opts) -> Relay {
         )
         .expect("chown the temp dir to nobody");
     }
-    spawn_relay(dir, opts).await
+    dir
 }
 
 /// The uid and gid of `nobody`.
@@ -345,6 +354,19 @@ impl Relay {
         sample(&self.scrape().await, series)
     }
 
+    /// The relay's resident set size (`VmRSS` of `/proc/<pid>/status`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kb * 1024
+    }
+
     /// Waits until `series` exceeds `above`.
     pub async fn metric_above(&self, series: &str, above: f64) -> f64 {
         let start = Instant::now();
@@ -413,41 +435,17 @@ impl Agent {
 
     /// [`Agent::connect`] with the identity `uri`.
     pub async fn connect_as(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
-        let leaf = ca.leaf(
-            uri,
-            &[],
-            Some(uri),
-            vec![ExtendedKeyUsagePurpose::ClientAuth],
-        );
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.cert.clone()).expect("CA root");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("TLS 1.3")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(leaf.chain, leaf.key)
-            .expect("client cert");
-        tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(transport));
-        let mut endpoint =
-            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-        endpoint.set_default_client_config(client);
-        let conn = tokio::time::timeout(
-            WAIT,
-            endpoint
-                .connect(relay.quic, "localhost")
-                .expect("connect")
-                .into_future(),
-        )
-        .await
-        .expect("QUIC connect in time")
-        .expect("QUIC handshake");
-        let (send, recv) = conn.open_bi().await.expect("control stream");
+        match Agent::try_connect_as(relay, ca, uri).await {
+            Ok(agent) => agent,
+            Err(e) => panic!("agent {uri} did not get HELLO_ACK: {e}"),
+        }
+    }
+
+    /// [`Agent::connect_as`], but a relay that closes the connection (or answers HELLO with
+    /// anything else) is an `Err` carrying the close reason.
+    pub async fn try_connect_as(relay: &Relay, ca: &Ca, uri: &str) -> Result<Agent, String> {
+        let (endpoint, conn) = dial(relay, ca, uri).await;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let mut agent = Agent {
             _endpoint: endpoint,
             conn,
@@ -457,36 +455,164 @@ impl Agent {
             workers: Vec::new(),
             claims: Arc::new(Claims::default()),
         };
-        let ack = agent
-            .call(Frame::Hello(orp::Hello {
-                protocol_version: "orp/1".to_owned(),
-                agent_uri: uri.to_owned(),
-                capabilities: vec!["leases".to_owned()],
-            }))
-            .await;
-        assert!(matches!(ack, Frame::HelloAck(_)), "HELLO_ACK, got {ack:?}");
-        agent
+        let hello = Frame::Hello(orp::Hello {
+            protocol_version: "orp/1".to_owned(),
+            agent_uri: uri.to_owned(),
+            capabilities: vec!["leases".to_owned(), "streams".to_owned()],
+        });
+        let bytes = hello.to_vec().expect("encode");
+        // A write refused because the relay closed is answered below with the close reason.
+        let _ = agent.send.write_all(&bytes).await;
+        match agent.try_next_frame().await {
+            Ok(Frame::HelloAck(_)) => Ok(agent),
+            Ok(other) => Err(format!("expected HELLO_ACK, got {other:?}")),
+            // The connection's close reason says more than the stream error.
+            Err(e) => Err(match agent.conn.close_reason() {
+                Some(reason) => reason.to_string(),
+                None => e,
+            }),
+        }
     }
 
     pub async fn call(&mut self, frame: Frame) -> Frame {
+        self.send_frame(&frame).await;
+        self.next_frame().await
+    }
+
+    /// Dials as `uri`, writes `bytes` as the start of the control stream (instead of HELLO)
+    /// and returns how the relay ended the connection (its close reason, as text).
+    pub async fn try_connect_as_raw(relay: &Relay, ca: &Ca, uri: &str, bytes: &[u8]) -> String {
+        let (_endpoint, conn) = dial(relay, ca, uri).await;
+        let (mut send, _recv) = conn.open_bi().await.expect("control stream");
+        let _ = send.write_all(bytes).await;
+        tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .expect("the relay closes the connection")
+            .to_string()
+    }
+
+    /// Writes one frame on the control stream without waiting for an answer.
+    pub async fn send_frame(&mut self, frame: &Frame) {
         let bytes = frame.to_vec().expect("encode");
         self.send.write_all(&bytes).await.expect("send frame");
+    }
+
+    /// The relay's next frame on the control stream.
+    pub async fn next_frame(&mut self) -> Frame {
+        match self.try_next_frame().await {
+            Ok(f) => f,
+            Err(e) => panic!("no frame from the relay: {e}"),
+        }
+    }
+
+    /// The relay's next frame on the control stream; `Err` (with the reason) when the stream
+    /// or connection ends first.
+    pub async fn try_next_frame(&mut self) -> Result<Frame, String> {
         tokio::time::timeout(WAIT, async {
             loop {
                 if let Decoded::Frame { frame, used } = decode(&self.buf).expect("relay frame") {
                     let f = Frame::decode(&frame).expect("relay payload");
                     self.buf.drain(..used);
-                    return f;
+                    return Ok(f);
                 }
                 let mut chunk = [0u8; 4096];
-                match self.recv.read(&mut chunk).await.expect("control stream") {
-                    Some(n) => self.buf.extend_from_slice(&chunk[..n]),
-                    None => panic!("control stream finished"),
+                match self.recv.read(&mut chunk).await {
+                    Ok(Some(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(None) => return Err("control stream finished".to_owned()),
+                    Err(e) => return Err(e.to_string()),
                 }
             }
         })
         .await
-        .expect("answer in time")
+        .map_err(|_| "no answer in time".to_owned())?
+    }
+
+    /// Opens an application stream and writes `bytes` (anything: a raw header, a frame, junk)
+    /// without waiting; the write error, if any, is returned with the stream.
+    pub async fn open_raw(
+        &self,
+        bytes: &[u8],
+    ) -> (quinn::SendStream, quinn::RecvStream, Result<(), String>) {
+        let (mut send, recv) = self.conn.open_bi().await.expect("open stream");
+        let wrote = send.write_all(bytes).await.map_err(|e| e.to_string());
+        if wrote.is_err() {
+            // Stopped by the relay: reset, so the unsent rest leaves this end's send buffer
+            // (quinn keeps it until the stream is reset or dropped).
+            let _ = send.reset(0u32.into());
+        }
+        (send, recv, wrote)
+    }
+
+    /// Opens a stream with OPEN_STREAM; the relay's one answer and the stream.
+    pub async fn open_stream(
+        &self,
+        service: &str,
+        method: &str,
+        stream_id: u64,
+    ) -> (Frame, quinn::SendStream, quinn::RecvStream) {
+        let open = Frame::OpenStream(orp::OpenStream {
+            target_service: service.to_owned(),
+            method: method.to_owned(),
+            stream_id,
+        });
+        let (send, mut recv, wrote) = self.open_raw(&open.to_vec().expect("encode")).await;
+        // An oversized frame may be refused (STOP_SENDING) before it is all written.
+        if let Err(e) = wrote {
+            eprintln!("OPEN_STREAM write ended early: {e}");
+        }
+        let answer = read_one(&mut recv).await;
+        (answer, send, recv)
+    }
+
+    /// REGISTER `service`, expecting REGISTER_ACK.
+    pub async fn provide(&mut self, service: &str) {
+        let answer = self
+            .call(Frame::Register(orp::Register {
+                service_name: service.to_owned(),
+                local_addr: "127.0.0.1:8080".to_owned(),
+                request_id: 1,
+            }))
+            .await;
+        assert!(
+            matches!(answer, Frame::RegisterAck(_)),
+            "REGISTER_ACK for {service}, got {answer:?}"
+        );
+    }
+
+    /// Provider side: accepts every relay stream, answers STREAM_ACCEPT and echoes the bytes
+    /// back (`echo`), or never reads them (`!echo`). Runs until the agent is dropped.
+    pub fn serve_streams(&mut self, echo: bool) {
+        let conn = self.conn.clone();
+        self.workers.push(tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    if !matches!(read_one(&mut recv).await, Frame::IncomingStream(_)) {
+                        return;
+                    }
+                    let accept = Frame::StreamAccept(orp::StreamAccept {});
+                    if send
+                        .write_all(&accept.to_vec().expect("encode"))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if !echo {
+                        // Hold both halves without reading until the relay resets them.
+                        let _ = send.stopped().await;
+                        drop(recv);
+                        return;
+                    }
+                    while let Ok(Some(chunk)) = recv.read_chunk(1 << 20, true).await {
+                        if send.write_chunk(chunk.bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                });
+            }
+        }));
     }
 
     /// LEASE_REGISTER, expecting LEASE_GRANT.
@@ -560,6 +686,67 @@ impl Agent {
     }
 }
 
+/// Reads exactly one frame from the start of a stream (one byte at a time: nothing beyond it).
+pub async fn read_one(recv: &mut quinn::RecvStream) -> Frame {
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Decoded::Frame { frame, used } = decode(&buf).expect("frame") {
+                assert_eq!(used, buf.len(), "bytes after the answer frame");
+                return Frame::decode(&frame).expect("payload");
+            }
+            let mut byte = [0u8; 1];
+            match recv.read(&mut byte).await {
+                Ok(Some(1)) => buf.push(byte[0]),
+                other => panic!("stream ended before a frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a frame in time")
+}
+
+/// Sends `len` pseudo-random bytes on `send` while reading them back from `recv` (an echo);
+/// returns (bytes back, SHA-256 sent, SHA-256 received).
+pub async fn echo_through(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    seed: u8,
+) -> (usize, Vec<u8>, Vec<u8>) {
+    let up = async {
+        let mut hash = Sha256::new();
+        let mut block = vec![0u8; 64 * 1024];
+        let mut x = u32::from(seed) + 1;
+        let mut sent = 0;
+        while sent < len {
+            for b in &mut block {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x.to_le_bytes()[0];
+            }
+            let n = block.len().min(len - sent);
+            hash.update(&block[..n]);
+            send.write_all(&block[..n]).await.expect("echo write");
+            sent += n;
+        }
+        send.finish().expect("finish");
+        hash.finalize().to_vec()
+    };
+    let down = async {
+        let mut hash = Sha256::new();
+        let mut n = 0;
+        while let Some(chunk) = recv.read_chunk(1 << 20, true).await.expect("echo read") {
+            n += chunk.bytes.len();
+            hash.update(&chunk.bytes);
+        }
+        (n, hash.finalize().to_vec())
+    };
+    let (sent, (n, got)) = tokio::join!(up, down);
+    (n, sent, got)
+}
+
 /// One reverse-session slot: open, authenticate, wait for the claim, hand the session to a
 /// piping task, repeat.
 pub async fn session_worker(
@@ -626,6 +813,140 @@ pub async fn pipe_to_target(mut session: TcpStream, target: SocketAddr, marker: 
             started.elapsed()
         ),
         Err(e) => eprintln!("agent: {marker:?} session ended with {e}"),
+    }
+}
+
+/// A QUIC connection to the relay with an agent certificate for `uri` (handshake done, no
+/// stream opened yet).
+pub async fn dial(relay: &Relay, ca: &Ca, uri: &str) -> (quinn::Endpoint, quinn::Connection) {
+    let leaf = ca.leaf(
+        uri,
+        &[],
+        Some(uri),
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.clone()).expect("CA root");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(leaf.chain, leaf.key)
+        .expect("client cert");
+    tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport));
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(client);
+    let conn = tokio::time::timeout(
+        WAIT,
+        endpoint
+            .connect(relay.quic, "localhost")
+            .expect("connect")
+            .into_future(),
+    )
+    .await
+    .expect("QUIC connect in time")
+    .expect("QUIC handshake");
+    (endpoint, conn)
+}
+
+// ---------- the controller process ----------
+
+/// A running `outrelay-controller` (killed on drop) with its gRPC address.
+pub struct ControllerProc {
+    pub child: Child,
+    /// `host:port` of its mTLS gRPC listener.
+    pub grpc: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/release/outrelay-controller` (this test runs from `target/release/deps/`); `None`
+/// when it is not built.
+pub fn controller_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("outrelay-controller");
+    p.exists().then_some(p)
+}
+
+/// Starts the real controller with `ca` as its CA (state in a temp dir), waits for its ready
+/// file. `None` (the caller prints SKIP) when the binary is not built.
+pub async fn start_controller(ca: &Ca) -> Option<ControllerProc> {
+    let bin = controller_bin()?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
+    std::fs::write(state.join("ca-key.pem"), &ca.key_pem).expect("ca-key.pem");
+    let config = dir.path().join("controller.toml");
+    let ready = dir.path().join("ready.json");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = \"\"\n\
+             [metrics]\nlisten = \"\"\n",
+            state.display().to_string()
+        ),
+    )
+    .expect("controller config");
+    let child = Command::new(bin)
+        .args(["--log", "warn", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn controller");
+    let started = Instant::now();
+    let grpc = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            break v["grpc"].as_str().expect("grpc address").to_owned();
+        }
+        assert!(started.elapsed() < WAIT, "controller not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    Some(ControllerProc { child, grpc, dir })
+}
+
+impl ControllerProc {
+    /// An mTLS channel as a global admin (`outrelay://system/admin/test`).
+    pub async fn admin(&self, ca: &Ca) -> tonic::transport::Channel {
+        let leaf = ca.leaf(
+            "admin",
+            &[],
+            Some("outrelay://system/admin/test"),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        let (cert, key, ca_path) = (
+            self.dir.path().join("admin.pem"),
+            self.dir.path().join("admin-key.pem"),
+            self.dir.path().join("admin-ca.pem"),
+        );
+        std::fs::write(&cert, &leaf.cert_pem).expect("admin cert");
+        std::fs::write(&key, &leaf.key_pem).expect("admin key");
+        std::fs::write(&ca_path, &ca.pem).expect("admin ca");
+        outrelay_client::connect(&outrelay_client::Target {
+            url: format!("https://{}", self.grpc),
+            cert: Some(cert),
+            key: Some(key),
+            ca: Some(ca_path),
+        })
+        .await
+        .expect("admin channel")
     }
 }
 
