@@ -96,7 +96,7 @@ pub async fn run(
     let reloadable = start_renewal(&settings)?;
     let client = identity.quic_client_config(&settings.connection, reloadable)?;
     let splicer = Splicer::start(&settings.splice).map_err(io("splice engine"))?;
-    let engines = splicer.stats.clone();
+    let in_flight = splicer.in_flight.clone();
     let stats = Arc::new(Stats::default());
     let board = Arc::new(Board::new(&settings));
     let consumers = mesh::bind_consumers(&settings.consumes)
@@ -180,14 +180,8 @@ pub async fn run(
         let _ = r.await;
     }
     ready_task.abort();
-    // Spliced connections already running finish within the grace (engine stats are
-    // published every STATS_PUBLISH_INTERVAL, so this can over-wait by that much).
-    let active = || {
-        engines
-            .iter()
-            .map(|e| e.lock().map_or(0, |s| s.pairs_active))
-            .sum::<usize>()
-    };
+    // Spliced connections already running finish within the grace.
+    let active = || in_flight.load(std::sync::atomic::Ordering::Relaxed);
     let left = outrelay_lifecycle::drain(grace, active).await;
     if left > 0 {
         tracing::warn!(cut = left, "grace period over: cutting connections");

@@ -21,6 +21,9 @@ pub struct Splicer {
     next: Arc<AtomicUsize>,
     /// Each engine's last published stats.
     pub stats: Vec<Arc<Mutex<EngineStats>>>,
+    /// Pairs handed to an engine and not yet finished, exact at every moment (the published
+    /// stats lag by up to [`STATS_PUBLISH_INTERVAL`]; the SIGTERM drain must not).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 impl Splicer {
@@ -31,6 +34,7 @@ impl Splicer {
     pub fn start(config: &SpliceConfig) -> std::io::Result<Splicer> {
         let mut handles = Vec::with_capacity(config.workers);
         let mut stats = Vec::with_capacity(config.workers);
+        let in_flight = Arc::new(AtomicUsize::new(0));
         for i in 0..config.workers {
             // Budgets are the whole agent's: each engine gets an equal share.
             let mut engine = Engine::new(EngineConfig {
@@ -40,6 +44,7 @@ impl Splicer {
             handles.push(engine.handle());
             let published = Arc::new(Mutex::new(EngineStats::default()));
             stats.push(published.clone());
+            let in_flight = in_flight.clone();
             std::thread::Builder::new()
                 .name(format!("splice-{i}"))
                 .spawn(move || {
@@ -53,6 +58,8 @@ impl Splicer {
                             tracing::error!(error = %e, "splice engine failed");
                             std::process::exit(1);
                         }
+                        // Every pair handed over ends up here once (refused ones too).
+                        in_flight.fetch_sub(finished.len(), Ordering::Relaxed);
                         finished.clear();
                         if last_publish.elapsed() >= STATS_PUBLISH_INTERVAL {
                             last_publish = Instant::now();
@@ -66,6 +73,7 @@ impl Splicer {
             handles: Arc::new(handles),
             next: Arc::new(AtomicUsize::new(0)),
             stats,
+            in_flight,
         })
     }
 
@@ -75,9 +83,15 @@ impl Splicer {
     /// The engine's inbox is full or it stopped (the sockets are closed).
     pub fn add(&self, a: OwnedFd, b: OwnedFd, tag: u64) -> Result<(), AddError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len().max(1);
-        match self.handles.get(i) {
+        // Counted before the hand-over: the engine may finish the pair before `add` returns.
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let added = match self.handles.get(i) {
             Some(h) => h.add(a, b, tag),
             None => Err(AddError::Stopped),
+        };
+        if added.is_err() {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        added
     }
 }
