@@ -53,6 +53,77 @@ pub fn describe() {
         "outrelay_controller_lease_renewals_total",
         "Lease renewals recorded (durable, without an audit row)"
     );
+    metrics::describe_counter!(
+        "outrelay_controller_prune_failures_total",
+        "Retention prune jobs that failed (retried at the next interval)"
+    );
+    // Series that existed before the abuse budgets, described here so that every series has
+    // HELP from its first sample (promtool), whichever event makes it appear first.
+    metrics::describe_counter!(
+        "outrelay_controller_accept_errors_total",
+        "Errors accepting a gRPC TCP connection"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_audit_dropped_total",
+        "Audit records refused or lost before they were stored"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_audit_records_total",
+        "Audit records stored"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_certificates_issued_total",
+        "Certificates issued by enrollment or renewal"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_lease_refused_total",
+        "Lease grants refused, by reason"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_policy_changes_total",
+        "Policy rules added or removed"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_registry_changes_total",
+        "Service registry changes"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_relay_heartbeats_total",
+        "Relay heartbeats received"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_revocations_total",
+        "Identities revoked"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_rpc_refused_total",
+        "RPCs refused by the authorisation check"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_store_commit_failures_total",
+        "Store transactions whose COMMIT failed (their jobs were refused)"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_store_rejected_total",
+        "Store jobs refused before the writer took them, by reason"
+    );
+    metrics::describe_histogram!(
+        "outrelay_controller_store_commit_seconds",
+        "Time of one group-commit transaction (synchronous=FULL) in seconds"
+    );
+    metrics::describe_histogram!(
+        "outrelay_controller_store_batch_jobs",
+        "Jobs committed together in one group-commit transaction"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_tls_handshake_failures_total",
+        "TLS handshakes on the gRPC port that failed"
+    );
+    metrics::describe_counter!(
+        "outrelay_controller_watch_disconnects_total",
+        "Watch streams cut because the watcher fell behind or left"
+    );
+    metrics::describe_gauge!("outrelay_controller_watchers", "Open Watch streams");
 }
 
 /// Binds `addr`; returns the listener and its bound address.
