@@ -18,6 +18,7 @@
 //!            flow_evict_idle_ms = 5000  queue_max = 1024  socket_buffer_bytes = 4194304
 //! [quic]     idle_timeout_ms = 10000  keep_alive_ms = 3000  max_connections_per_identity = 8
 //!            lease_frames_per_s = 50  lease_frames_burst = 100  max_concurrent_streams = 256
+//!            stream_opens_per_s = 500  stream_opens_burst = 1000
 //!            connection_receive_window_bytes = 8388608  stream_receive_window_bytes = 1048576
 //! [pipes]    budget_bytes = 50331648  max_pipe_bytes = 1048576
 //! [splice]   idle_timeout_ms = 3600000  half_closed_timeout_ms = 60000
@@ -337,6 +338,8 @@ struct RawQuic {
     max_connections_per_identity: Option<usize>,
     lease_frames_per_s: Option<u32>,
     lease_frames_burst: Option<u32>,
+    stream_opens_per_s: Option<u32>,
+    stream_opens_burst: Option<u32>,
     connection_receive_window_bytes: Option<u64>,
     stream_receive_window_bytes: Option<u64>,
 }
@@ -790,6 +793,8 @@ impl Settings {
             .unwrap_or(quic.max_connections_per_identity);
         quic.lease_frames_per_s = q.lease_frames_per_s.unwrap_or(quic.lease_frames_per_s);
         quic.lease_frames_burst = q.lease_frames_burst.unwrap_or(quic.lease_frames_burst);
+        quic.stream_opens_per_s = q.stream_opens_per_s.unwrap_or(quic.stream_opens_per_s);
+        quic.stream_opens_burst = q.stream_opens_burst.unwrap_or(quic.stream_opens_burst);
         quic.connection_receive_window_bytes = q
             .connection_receive_window_bytes
             .unwrap_or(quic.connection_receive_window_bytes);

@@ -604,7 +604,7 @@ fn costly(frame: &Frame) -> bool {
 
 /// A token bucket: `rate` tokens a second up to `burst`. [`Bucket::take`] takes one and says
 /// how long to wait first when none was left (the debt is paid by that wait).
-struct Bucket {
+pub(super) struct Bucket {
     tokens: f64,
     rate: f64,
     burst: f64,
@@ -612,7 +612,7 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(rate: u32, burst: u32) -> Bucket {
+    pub(super) fn new(rate: u32, burst: u32) -> Bucket {
         Bucket {
             tokens: f64::from(burst),
             rate: f64::from(rate.max(1)),
@@ -621,7 +621,7 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+    pub(super) fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);

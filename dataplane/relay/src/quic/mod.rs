@@ -75,6 +75,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IDENTITY: usize = 8;
 pub const DEFAULT_LEASE_FRAMES_PER_S: u32 = 50;
 /// Default burst of lease and REGISTER frames per connection (token bucket size).
 pub const DEFAULT_LEASE_FRAMES_BURST: u32 = 100;
+/// Default sustained rate of new application streams (OPEN_STREAM) accepted per connection.
+pub const DEFAULT_STREAM_OPENS_PER_S: u32 = 500;
+/// Default burst of new application streams per connection.
+pub const DEFAULT_STREAM_OPENS_BURST: u32 = 1000;
 /// Default QUIC connection-level receive window: what one agent connection can make the relay
 /// buffer, all its streams together (target R19: at most 8 MiB per connection).
 pub const DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
@@ -161,6 +165,10 @@ pub struct QuicConfig {
     pub lease_frames_per_s: u32,
     /// Burst of lease and REGISTER frames per connection (at least 1).
     pub lease_frames_burst: u32,
+    /// New application streams accepted per second per connection (at least 1).
+    pub stream_opens_per_s: u32,
+    /// Burst of new application streams per connection (at least 1).
+    pub stream_opens_burst: u32,
     /// QUIC connection receive window, bytes (64 KiB ..= 1 GiB).
     pub connection_receive_window_bytes: u64,
     /// QUIC stream receive window, bytes (16 KiB ..= the connection window).
@@ -184,6 +192,8 @@ impl QuicConfig {
             max_connections_per_identity: DEFAULT_MAX_CONNECTIONS_PER_IDENTITY,
             lease_frames_per_s: DEFAULT_LEASE_FRAMES_PER_S,
             lease_frames_burst: DEFAULT_LEASE_FRAMES_BURST,
+            stream_opens_per_s: DEFAULT_STREAM_OPENS_PER_S,
+            stream_opens_burst: DEFAULT_STREAM_OPENS_BURST,
             connection_receive_window_bytes: DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES,
             stream_receive_window_bytes: DEFAULT_STREAM_RECEIVE_WINDOW_BYTES,
         }
@@ -223,6 +233,8 @@ impl QuicConfig {
             ),
             ("lease_frames_per_s", u64::from(self.lease_frames_per_s)),
             ("lease_frames_burst", u64::from(self.lease_frames_burst)),
+            ("stream_opens_per_s", u64::from(self.stream_opens_per_s)),
+            ("stream_opens_burst", u64::from(self.stream_opens_burst)),
         ] {
             if v == 0 {
                 return Err(QuicError::Config(format!("{field} must be at least 1")));

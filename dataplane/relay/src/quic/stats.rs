@@ -18,6 +18,8 @@ pub enum Limit {
     ControlFrameTooLarge,
     /// A lease or REGISTER frame waited for the connection's token bucket.
     LeaseFrameRate,
+    /// A new application stream waited for the connection's stream-open token bucket.
+    StreamOpenRate,
     /// LEASE_REGISTER refused: the agent holds `leases.max_per_agent` leases.
     AgentLeases,
     /// REGISTER refused: the connection has `mesh.max_services_per_agent` (live or pending).
@@ -32,11 +34,12 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, in label order.
-    pub const ALL: [Limit; 9] = [
+    pub const ALL: [Limit; 10] = [
         Limit::IdentityConnections,
         Limit::FirstFrameTooLarge,
         Limit::ControlFrameTooLarge,
         Limit::LeaseFrameRate,
+        Limit::StreamOpenRate,
         Limit::AgentLeases,
         Limit::Services,
         Limit::LocalAddr,
@@ -51,6 +54,7 @@ impl Limit {
             Limit::FirstFrameTooLarge => "first_frame_too_large",
             Limit::ControlFrameTooLarge => "control_frame_too_large",
             Limit::LeaseFrameRate => "lease_frame_rate",
+            Limit::StreamOpenRate => "stream_open_rate",
             Limit::AgentLeases => "agent_leases_max",
             Limit::Services => "services_max",
             Limit::LocalAddr => "invalid_local_addr",

@@ -45,8 +45,19 @@ pub(crate) struct Peer {
 }
 
 /// Accepts the consumer's application streams until its connection ends; each gets a task.
+///
+/// New streams are paced by a token bucket per connection (`quic.stream_opens_per_s`): an
+/// agent opening faster waits in QUIC's stream credit (`max_concurrent_streams`) instead of
+/// costing the relay a policy check, an audit row and a controller write per stream (review
+/// M13, the `audit-flood` bench attack). Paced, never refused: nothing is lost.
 pub(crate) async fn accept(consumer: Arc<Peer>, mesh: Arc<Mesh>, ctx: Arc<Ctx>) {
+    let mut bucket =
+        super::conn::Bucket::new(ctx.config.stream_opens_per_s, ctx.config.stream_opens_burst);
     while let Ok((send, recv)) = consumer.conn.accept_bi().await {
+        if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
+            ctx.stats.limit(super::stats::Limit::StreamOpenRate);
+            tokio::time::sleep(wait).await;
+        }
         tokio::spawn(open(
             consumer.clone(),
             send,
