@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,8 +16,7 @@ use outrelay_proto::orp;
 use outrelay_proto::reverse::{self, LeaseId};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 use common::*;
 
@@ -286,16 +284,6 @@ async fn lease_expiry_stops_routing() {
     relay.metric_above(&drops("unknown_host"), before).await;
 }
 
-/// Parses the port of a grant's `tcp_addr`.
-fn tcp_port(grant: &orp::LeaseGrant) -> u16 {
-    grant
-        .tcp_addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("tcp_addr with a port: {grant:?}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_released_tcp_port_is_given_back_to_its_name_within_the_sticky_window() {
     let ca = Ca::new();
@@ -308,14 +296,14 @@ async fn a_released_tcp_port_is_given_back_to_its_name_within_the_sticky_window(
     .await;
     let mut agent = Agent::connect(&relay, &ca).await;
     let first = agent.register("one", false, true).await;
-    let port = tcp_port(&first);
+    let port = lease_port(&first);
     assert_eq!(port, lo, "lowest free port first");
     agent.release(&first).await;
     // Another name must not get the released port: it is reserved to `one`.
     let other = agent.register("two", false, true).await;
-    assert_eq!(tcp_port(&other), lo + 1, "the reserved port is skipped");
+    assert_eq!(lease_port(&other), lo + 1, "the reserved port is skipped");
     let again = agent.register("one", false, true).await;
-    assert_eq!(tcp_port(&again), port, "the same name gets its port back");
+    assert_eq!(lease_port(&again), port, "the same name gets its port back");
     assert_ne!(again.lease_id, first.lease_id, "a new lease");
 }
 
@@ -361,12 +349,12 @@ async fn an_agent_registers_again_after_a_relay_restart_and_routes() {
         .await;
     assert_eq!(after.hostname, before.hostname, "same hostname");
     assert_eq!(
-        tcp_port(&after),
-        tcp_port(&before),
+        lease_port(&after),
+        lease_port(&before),
         "same (lowest free) port"
     );
     agent.serve_lease(&relay, &after, target);
-    let port = tcp_port(&after);
+    let port = lease_port(&after);
     let start = Instant::now();
     let mut client = loop {
         match TcpStream::connect(("127.0.0.1", port)).await {
@@ -465,41 +453,6 @@ fn unprivileged_unavailable() -> Option<String> {
         )),
         Err(e) => Some(format!("setpriv: {e}")),
     }
-}
-
-/// An echo target for any number of connections: each is echoed, and after the client's FIN
-/// gets the SHA-256 of what it sent as a 32-byte trailer.
-async fn echo_many_target() -> (SocketAddr, JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let (mut r, mut w) = s.into_split();
-                let mut hasher = Sha256::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match r.read(&mut buf).await {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            hasher.update(&buf[..n]);
-                            if w.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-                let _ = w.write_all(&hasher.finalize()).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    (addr, task)
 }
 
 /// One bulk client: `bytes` of pseudo-random data (seeded by `seed`) up, everything back, then
@@ -622,10 +575,10 @@ async fn an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connect
         uid.split_whitespace().nth(1) == Some("65534"),
         "the relay runs as nobody: {uid}"
     );
-    let (target, _echo) = echo_many_target().await;
+    let (target, _echo) = echo_each_target().await;
     let mut agent = Agent::connect(&relay, &ca).await;
     let grant = agent.register("bulk", false, true).await;
-    let port = tcp_port(&grant);
+    let port = lease_port(&grant);
     agent.serve_lease_with(&relay, &grant, target, 32);
     let start = Instant::now();
     while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -741,10 +694,10 @@ async fn sigterm_lets_200_connections_in_flight_finish_then_exits() {
         },
     )
     .await;
-    let (target, _echo) = echo_many_target().await;
+    let (target, _echo) = echo_each_target().await;
     let mut agent = Agent::connect(&relay, &ca).await;
     let grant = agent.register("drain", false, true).await;
-    let port = tcp_port(&grant);
+    let port = lease_port(&grant);
     agent.serve_lease_with(&relay, &grant, target, 32);
     let start = Instant::now();
     while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {

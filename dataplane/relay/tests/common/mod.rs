@@ -1133,12 +1133,7 @@ pub fn drops(reason: &str) -> String {
 
 /// The port of a grant's `tcp_addr`.
 pub fn lease_port(grant: &orp::LeaseGrant) -> u16 {
-    grant
-        .tcp_addr
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("tcp_addr with a port: {grant:?}"))
+    port_of(&grant.tcp_addr)
 }
 
 /// A target that writes zeros to every connection until it fails (a large download).
