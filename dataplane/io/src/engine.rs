@@ -644,6 +644,19 @@ fn token(index: u32, generation: u32, side: usize) -> u64 {
         | ((side as u64 & 1) << INTEREST_BITS)
 }
 
+/// Tokens with this bit belong to the owner's own descriptors ([`Engine::arm_user`]); pair
+/// tokens never have it (pair indices stay below 2^31). The three reserved tokens (wake-up,
+/// cancel, write set) have bit 62 set as well, which a user token never has.
+const USER_BIT: u64 = 1 << 63;
+/// User keys are below this, so a user token never collides with a reserved token.
+pub const USER_KEY_LIMIT: u64 = 1 << 60;
+/// Most pair slots (pair tokens must not reach [`USER_BIT`]).
+const MAX_SLOTS: usize = 1 << 31;
+
+fn user_token(key: u64) -> u64 {
+    USER_BIT | (key << INTEREST_BITS)
+}
+
 fn untoken(token: u64) -> (u32, u32, usize) {
     let index = u32::try_from(token >> 32).unwrap_or(u32::MAX);
     let generation = u32::try_from((token >> (INTEREST_BITS + 1)) & GENERATION_MASK).unwrap_or(0);
@@ -743,6 +756,10 @@ impl Engine {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
+                if self.slots.len() >= MAX_SLOTS {
+                    self.stats.pairs_refused += 1;
+                    return Err(AddError::Full);
+                }
                 self.slots.push(Slot {
                     generation: 0,
                     pair: None,
@@ -770,6 +787,46 @@ impl Engine {
         clock: &mut dyn FnMut() -> Instant,
         finished: &mut Vec<Finished>,
     ) -> std::io::Result<()> {
+        let mut user = Vec::new();
+        self.run_once_with(timeout, clock, finished, &mut user)
+    }
+
+    /// Makes sure `want` is armed for the owner's own descriptor `fd` under `key` (below
+    /// [`USER_KEY_LIMIT`]), given what is `armed` already; returns the new armed set. Fired
+    /// keys come back from [`Engine::run_once_with`], one-shot like the pairs' own readiness.
+    /// This is how a worker thread waits for its listeners and connections in set-up on the
+    /// same ring (or epoll set) as its spliced pairs.
+    ///
+    /// # Errors
+    /// The backend refused the request.
+    pub fn arm_user(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        key: u64,
+        armed: Interest,
+        want: Interest,
+    ) -> std::io::Result<Interest> {
+        debug_assert!(key < USER_KEY_LIMIT, "user key {key} out of range");
+        self.poller.arm(fd, user_token(key), armed, want)
+    }
+
+    /// Drops `fd`'s armed interest under `key` before the owner closes it.
+    pub fn forget_user(&mut self, fd: BorrowedFd<'_>, key: u64, armed: Interest) {
+        self.poller.forget(fd, user_token(key), armed);
+    }
+
+    /// [`Engine::run_once`], also appending the owner's fired keys ([`Engine::arm_user`]) with
+    /// the interest that fired to `user`. The wait ends early when a key fires.
+    ///
+    /// # Errors
+    /// The readiness backend failed (the engine cannot continue).
+    pub fn run_once_with(
+        &mut self,
+        timeout: Duration,
+        clock: &mut dyn FnMut() -> Instant,
+        finished: &mut Vec<Finished>,
+        user: &mut Vec<(u64, Interest)>,
+    ) -> std::io::Result<()> {
         let wait = if self.ready.is_empty() {
             timeout.min(self.config.sweep_interval)
         } else {
@@ -782,6 +839,11 @@ impl Engine {
         for &t in &fired {
             if t == WAKE_TOKEN {
                 self.drain_inbox(now, finished);
+                continue;
+            }
+            if t & USER_BIT != 0 {
+                let key = (t & !USER_BIT) >> INTEREST_BITS;
+                user.push((key, Interest::from_bits(t)));
                 continue;
             }
             let (index, generation, side) = untoken(t);
@@ -1088,6 +1150,54 @@ mod tests {
         let tiny = ok.per_worker(100_000);
         assert_eq!(tiny.pipes.budget_bytes, crate::pipe::DEFAULT_PIPE_BYTES);
         assert_eq!(tiny.buffers.copy_budget_bytes, ok.buffers.copy_buffer_bytes);
+    }
+
+    /// The owner's descriptors fire on the engine's own wait, with their key and interest,
+    /// on both backends, and a forgotten key stays silent.
+    #[test]
+    fn user_keys_fire_through_the_engines_wait() {
+        use std::io::Write;
+        use std::os::unix::net::UnixStream;
+        let mut backends = vec![Backend::Epoll];
+        if crate::uring::UringPoller::available() {
+            backends.push(Backend::Uring);
+        }
+        for backend in backends {
+            let mut engine = Engine::new(EngineConfig {
+                backend,
+                ..EngineConfig::default()
+            })
+            .expect("engine");
+            let (mut a, b) = UnixStream::pair().expect("pair");
+            let (c, _d) = UnixStream::pair().expect("pair");
+            let key = USER_KEY_LIMIT - 1;
+            let armed = engine
+                .arm_user(b.as_fd(), key, Interest::NONE, Interest::READ)
+                .expect("arm");
+            let armed_c = engine
+                .arm_user(c.as_fd(), 7, Interest::NONE, Interest::READ)
+                .expect("arm");
+            engine.forget_user(c.as_fd(), 7, armed_c);
+            assert_eq!(armed, Interest::READ);
+            a.write_all(b"x").expect("write");
+            let (mut finished, mut user) = (Vec::new(), Vec::new());
+            let mut clock = Instant::now;
+            for _ in 0..50 {
+                engine
+                    .run_once_with(
+                        Duration::from_millis(20),
+                        &mut clock,
+                        &mut finished,
+                        &mut user,
+                    )
+                    .expect("run");
+                if !user.is_empty() {
+                    break;
+                }
+            }
+            assert_eq!(user, vec![(key, Interest::READ)], "{backend:?}");
+            assert!(finished.is_empty());
+        }
     }
 
     #[test]

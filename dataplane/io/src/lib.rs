@@ -19,7 +19,8 @@ mod uring;
 
 pub use buffer::{BufferLimits, BufferStats};
 pub use engine::{
-    AddError, CLOSED_LABELS, CloseReason, Engine, EngineConfig, EngineHandle, EngineStats, Finished,
+    AddError, CLOSED_LABELS, CloseReason, Engine, EngineConfig, EngineHandle, EngineStats,
+    Finished, USER_KEY_LIMIT,
 };
 pub use pipe::{PipeLimits, PipeStats};
-pub use poller::Backend;
+pub use poller::{Backend, Interest};

@@ -146,6 +146,9 @@ impl UringPoller {
         let mut rearm_wake = false;
         let mut writable = false;
         for cqe in self.ring.completion() {
+            if cqe.result() == -libc::ECANCELED {
+                continue; // a poll we cancelled: nothing fired
+            }
             match cqe.user_data() {
                 CANCEL_TOKEN => {}
                 WAKE_TOKEN => rearm_wake = true,
