@@ -112,7 +112,17 @@ pub fn status(s: &Sources) -> Value {
     let q = &s.quic;
     json!({
         "io_backend": s.backend.name(),
-        "workers": s.engines.len(),
+        "workers": s.ingress.workers(),
+        "worker_stats": s.ingress.worker_stats().iter().enumerate().map(|(i, w)| json!({
+            "worker": i,
+            "accepts_public": w.accepts[0].load(Ordering::Relaxed),
+            "accepts_reverse": w.accepts[1].load(Ordering::Relaxed),
+            "claims": w.claims.load(Ordering::Relaxed),
+            "cross_worker_claims": w.cross_claims.load(Ordering::Relaxed),
+            "handoffs": w.handoffs.load(Ordering::Relaxed),
+            "setup_connections": w.conns.load(Ordering::Relaxed),
+            "pairs_active": w.engine().pairs_active,
+        })).collect::<Vec<_>>(),
         "snapshot_generation": snapshot.generation,
         "leases": leases.into_values().collect::<Vec<_>>(),
         "drops": drops,

@@ -4,7 +4,9 @@
 //!
 //! ```toml
 //! public_url = "https://relay.example.com"   # root host: relay.example.com
-//! workers = 0                                # splice engines; 0 = one per core
+//! workers = 0                                # per-core workers (accept, set-up, splice);
+//!                                            # 0 = one per core
+//! control_threads = 2                        # tokio: QUIC, controller, admin, metrics
 //! io_backend = "auto"                        # auto | io_uring | epoll
 //! [tls]      cert = "relay.pem"  key = "relay-key.pem"  ca = "ca.pem"
 //! [listen]   quic = "0.0.0.0:7443"  reverse = "0.0.0.0:7443"  public_tls = "0.0.0.0:443"
@@ -66,6 +68,7 @@ fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
 struct Raw {
     public_url: String,
     workers: usize,
+    control_threads: usize,
     io_backend: String,
     tls: RawTls,
     listen: RawListen,
@@ -124,6 +127,7 @@ impl Default for Raw {
         Raw {
             public_url: String::new(),
             workers: 0,
+            control_threads: 2,
             io_backend: "auto".into(),
             tls: RawTls::default(),
             listen: RawListen::default(),
@@ -393,11 +397,16 @@ impl Default for RawSplice {
     }
 }
 
+/// Most worker threads (each holds a ring, a listener per port and a board column).
+const MAX_WORKERS: usize = 256;
+
 /// Validated settings; nothing here can be wrong any more.
 #[derive(Debug)]
 pub struct Settings {
-    /// Splice engines to run.
+    /// Worker threads (each: its listeners, connection set-up and splice engine).
     pub workers: usize,
+    /// Threads of the tokio runtime (QUIC endpoint, controller client, admin, metrics).
+    pub control_threads: usize,
     /// Readiness backend of the engines.
     pub io_backend: Backend,
     /// Pipe limits of the whole relay (`[pipes]`).
@@ -532,8 +541,12 @@ impl Settings {
         };
         let workers = match raw.workers {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            n if n > MAX_WORKERS => return Err(bad("workers", format!("at most {MAX_WORKERS}"))),
             n => n,
         };
+        if !(1..=64).contains(&raw.control_threads) {
+            return Err(bad("control_threads", "must be 1..=64"));
+        }
         let addr = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
             v.parse().map_err(|e| bad(key, e))
         };
@@ -814,6 +827,7 @@ impl Settings {
         let engine = engine_config(raw.splice, io_backend, pipes)?;
         Ok(Settings {
             workers,
+            control_threads: raw.control_threads,
             io_backend,
             pipes,
             engine,

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod quic;
 pub mod state;
 pub mod udp;
+pub mod worker;
 
 /// Milliseconds since the Unix epoch (0 before it; saturates far in the future).
 pub(crate) fn unix_ms() -> i64 {

@@ -4,16 +4,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use outrelay_io::{Engine, EngineConfig, EngineStats};
+use outrelay_io::EngineConfig;
 use outrelay_relay::config::{Overrides, Settings};
 use outrelay_relay::ingress::Ingress;
 use outrelay_relay::lease::LeaseTable;
 use outrelay_relay::quic::QuicServer;
 use outrelay_relay::state::Shared;
+use outrelay_relay::worker::{WorkerOptions, bind_reuseport};
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -87,53 +88,10 @@ fn run(
 ) -> anyhow::Result<()> {
     let metrics_handle = outrelay_relay::metrics::install()?;
     outrelay_relay::metric_help::describe();
-    // WATCHDOG=1 only while every splice engine thread and the control runtime beat.
+    // WATCHDOG=1 only while every worker thread and the control runtime beat.
     let watchdog = outrelay_lifecycle::Watchdog::default();
-    // Per-lease connection counts: the engine threads give finished pairs back.
-    let lease_conns = Arc::new(outrelay_relay::ingress::limits::LeaseConns::default());
-    let mut engines = Vec::with_capacity(settings.workers);
-    let mut engine_stats = Vec::with_capacity(settings.workers);
-    // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe limit is
-    // per user, not per thread): each engine gets an equal share. Timeouts are `[splice]`'s.
-    let engine_config = EngineConfig {
-        backend: settings.io_backend,
-        ..settings.engine.per_worker(settings.workers)
-    };
-    for i in 0..settings.workers {
-        let mut engine = Engine::new(engine_config.clone())?;
-        engines.push(engine.handle());
-        let published = Arc::new(Mutex::new(EngineStats::default()));
-        engine_stats.push(published.clone());
-        let conns = lease_conns.clone();
-        let beat = watchdog.register(&format!("splice-{i}"));
-        std::thread::Builder::new()
-            .name(format!("splice-{i}"))
-            .spawn(move || {
-                let mut clock = Instant::now;
-                let mut finished = Vec::new();
-                let mut last_publish = Instant::now();
-                loop {
-                    if let Err(e) =
-                        engine.run_once(Duration::from_secs(1), &mut clock, &mut finished)
-                    {
-                        tracing::error!(error = %e, "splice engine failed");
-                        std::process::exit(1);
-                    }
-                    conns.finished(&finished);
-                    finished.clear();
-                    beat.beat();
-                    // Stats for /metrics, once a second: one short uncontended lock.
-                    if last_publish.elapsed() >= Duration::from_secs(1) {
-                        last_publish = Instant::now();
-                        if let Ok(mut p) = published.lock() {
-                            *p = engine.stats();
-                        }
-                    }
-                }
-            })?;
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(settings.control_threads)
         .thread_name("relay-control")
         .enable_all()
         .build()?;
@@ -150,9 +108,11 @@ fn run(
         // Bound before the QUIC endpoint so grants can name it: without `reverse_advertise`, a
         // reverse listener on a specific address is advertised as bound (port 0 resolved); one
         // on a wildcard address as `<root host>:<port>`.
-        let reverse = tokio::net::TcpListener::bind(settings.reverse_listen).await?;
+        // One SO_REUSEPORT socket per worker for each public listener.
+        let reverse = bind_reuseport(settings.reverse_listen, settings.workers)?;
+        let reverse_bound = reverse[0].local_addr()?;
         if settings.quic.reverse_addr.is_empty() {
-            let bound = reverse.local_addr()?;
+            let bound = reverse_bound;
             settings.quic.reverse_addr = if bound.ip().is_unspecified() {
                 format!("{}:{}", settings.leases.root_host, bound.port())
             } else {
@@ -196,13 +156,36 @@ fn run(
             let (addr, _task) = outrelay_relay::ingress::root::spawn(tls).await?;
             ingress_config.root_fallback = Some(addr);
         }
-        let ingress = Ingress::with_conns(ingress_config, shared.clone(), engines, lease_conns);
+        let ingress = Ingress::new(ingress_config, shared.clone(), settings.workers);
+        let public_tls = bind_reuseport(settings.public_tls_listen, settings.workers)?;
+        let public_tls_bound = public_tls[0].local_addr()?;
+        // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe
+        // limit is per user, not per thread): each worker's engine gets an equal share.
+        let engine = EngineConfig {
+            backend: settings.io_backend,
+            ..settings.engine.per_worker(settings.workers)
+        };
+        let beats = (0..settings.workers)
+            .map(|i| {
+                let beat = watchdog.register(&format!("worker-{i}"));
+                Box::new(move || beat.beat()) as Box<dyn Fn() + Send>
+            })
+            .collect();
+        let _workers = outrelay_relay::worker::start(
+            &ingress,
+            WorkerOptions {
+                engine,
+                sni: public_tls,
+                reverse,
+                runtime: tokio::runtime::Handle::current(),
+                beats,
+            },
+        )?;
         let sources = Arc::new(outrelay_relay::metrics::Sources {
             ingress: ingress.clone(),
             udp: udp.stats.clone(),
             quic: quic.stats(),
             mesh: mesh.stats.clone(),
-            engines: engine_stats,
             backend: settings.io_backend,
             shared,
         });
@@ -224,18 +207,15 @@ fn run(
                 .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))?;
             tokio::spawn(outrelay_relay::admin::serve(listener, sources));
         }
-        let public_tls = tokio::net::TcpListener::bind(settings.public_tls_listen).await?;
         let ready = serde_json::json!({
             "quic": quic_addr.to_string(),
-            "reverse": reverse.local_addr()?.to_string(),
-            "public_tls": public_tls.local_addr()?.to_string(),
+            "reverse": reverse_bound.to_string(),
+            "public_tls": public_tls_bound.to_string(),
             "metrics": metrics_addr,
             "admin_socket": settings.admin_socket.as_ref().map(|p| p.display().to_string()),
             "io_backend": settings.io_backend.name(),
             "workers": settings.workers,
         });
-        ingress.serve_reverse(reverse);
-        ingress.serve_sni(public_tls);
         ingress.serve_maintenance();
         let server = tokio::spawn(quic.run());
         if let Some(path) = ready_file {

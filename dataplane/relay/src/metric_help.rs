@@ -135,6 +135,34 @@ pub fn describe() {
         "outrelay_relay_ingress_spliced_total",
         "Public connections handed to a splice engine."
     );
+    metrics::describe_counter!(
+        "outrelay_relay_worker_accepts_total",
+        "Connections a worker accepted, by worker and listener (public: TLS and TCP lease ports; reverse: agents' sessions)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_worker_claims_total",
+        "Idle reverse sessions claimed by a worker's public connections."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_worker_cross_claims_total",
+        "Claims served with a session another worker handed over (its own had none idle)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_worker_handoffs_total",
+        "Idle sessions a worker handed to another worker's waiting claim."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_worker_inbox_full_total",
+        "Messages to another worker refused because its bounded inbox was full."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_worker_setup_connections",
+        "Connections a worker holds in set-up (hello, handshake, claim wait, marker)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_worker_pairs_active",
+        "Pairs a worker splices now."
+    );
     metrics::describe_gauge!(
         "outrelay_relay_io_backend_info",
         "The splice engines readiness backend (label backend)."

@@ -5,8 +5,8 @@
 //! renders it. Nothing on the hot path touches the recorder. Served with hyper (HTTP/1.1).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -36,8 +36,6 @@ pub struct Sources {
     pub quic: Arc<QuicStats>,
     /// Service-stream counters.
     pub mesh: Arc<MeshStats>,
-    /// Each splice engine's last published stats.
-    pub engines: Vec<Arc<Mutex<EngineStats>>>,
     /// The engines' readiness backend.
     pub backend: Backend,
     /// The published snapshot (lease counts).
@@ -45,12 +43,11 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Every splice engine's last published stats, summed.
+    /// Every worker's engine stats as last published, summed.
     pub fn splice_totals(&self) -> EngineStats {
         let mut total = EngineStats::default();
-        for e in &self.engines {
-            let e = *e.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            total.accumulate(&e);
+        for w in self.ingress.worker_stats() {
+            total.accumulate(&w.engine());
         }
         total
     }
@@ -231,4 +228,24 @@ fn update(s: &Sources) {
         counter!("outrelay_relay_splice_closed_total", "reason" => reason).absolute(n);
     }
     gauge!("outrelay_relay_io_backend_info", "backend" => s.backend.name()).set(1.0);
+
+    for (i, w) in s.ingress.worker_stats().iter().enumerate() {
+        let worker = i.to_string();
+        for (kind, n) in [("public", &w.accepts[0]), ("reverse", &w.accepts[1])] {
+            counter!("outrelay_relay_worker_accepts_total", "worker" => worker.clone(), "listener" => kind)
+                .absolute(n.load(Ordering::Relaxed));
+        }
+        counter!("outrelay_relay_worker_claims_total", "worker" => worker.clone())
+            .absolute(w.claims.load(Ordering::Relaxed));
+        counter!("outrelay_relay_worker_cross_claims_total", "worker" => worker.clone())
+            .absolute(w.cross_claims.load(Ordering::Relaxed));
+        counter!("outrelay_relay_worker_handoffs_total", "worker" => worker.clone())
+            .absolute(w.handoffs.load(Ordering::Relaxed));
+        counter!("outrelay_relay_worker_inbox_full_total", "worker" => worker.clone())
+            .absolute(w.inbox_full.load(Ordering::Relaxed));
+        gauge!("outrelay_relay_worker_setup_connections", "worker" => worker.clone())
+            .set(w.conns.load(Ordering::Relaxed) as f64);
+        gauge!("outrelay_relay_worker_pairs_active", "worker" => worker)
+            .set(w.engine().pairs_active as f64);
+    }
 }

@@ -9,16 +9,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrelay_io::{Engine, EngineConfig};
+use outrelay_io::EngineConfig;
 use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{self, LeaseId};
-use outrelay_relay::ingress::limits::LeaseConns;
 use outrelay_relay::ingress::stats::Drop;
 use outrelay_relay::ingress::{Ingress, IngressConfig};
 use outrelay_relay::lease::{ConnId, ControllerDecision, LeaseConfig, LeaseTable, PortLeaseConfig};
 use outrelay_relay::state::{Shared, Snapshot};
-use tokio::net::TcpListener;
+use outrelay_relay::worker::{WorkerOptions, bind_reuseport};
 
 const KEY: [u8; 32] = [0x5a; 32];
 const ROOT: &str = "outrelay.test";
@@ -45,21 +44,11 @@ struct Relay {
 /// TCP lease `echo` (published with `KEY`). The engine's finished pairs go back to the
 /// ingress's per-lease connection counts, as in the relay binary.
 async fn start(config: IngressConfig) -> Relay {
-    let mut engine = Engine::new(EngineConfig::default()).expect("engine");
-    let handle = engine.handle();
-    let conns = Arc::new(LeaseConns::default());
-    let engine_conns = conns.clone();
-    std::thread::spawn(move || {
-        let mut clock = Instant::now;
-        let mut done = Vec::new();
-        while engine
-            .run_once(Duration::from_millis(100), &mut clock, &mut done)
-            .is_ok()
-        {
-            engine_conns.finished(&done);
-            done.clear();
-        }
-    });
+    start_with_workers(config, 1).await
+}
+
+/// [`start`] with `workers` worker threads.
+async fn start_with_workers(config: IngressConfig, workers: usize) -> Relay {
     // A 10-port range no other relay (of this process or a concurrent test process) uses.
     let (base, _) = outrelay_testkit::claim_port_range();
     let mut table = LeaseTable::new(LeaseConfig {
@@ -135,25 +124,33 @@ async fn start(config: IngressConfig) -> Relay {
         udp_conns: HashMap::new(),
         generation: 1,
     });
-    let ingress = Ingress::with_conns(
+    let ingress = Ingress::new(
         IngressConfig {
             lease_bind_ip: [127, 0, 0, 1].into(),
             ..config
         },
         shared.clone(),
-        vec![handle],
-        conns,
+        workers,
     );
-    let sni = TcpListener::bind("127.0.0.1:0").await.expect("bind sni");
-    let reverse = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind reverse");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let sni = bind_reuseport(any, workers).expect("bind sni");
+    let reverse = bind_reuseport(any, workers).expect("bind reverse");
     let (sni_addr, reverse_addr) = (
-        sni.local_addr().expect("addr"),
-        reverse.local_addr().expect("addr"),
+        sni[0].local_addr().expect("addr"),
+        reverse[0].local_addr().expect("addr"),
     );
-    ingress.serve_sni(sni);
-    ingress.serve_reverse(reverse);
+    let workers = outrelay_relay::worker::start(
+        &ingress,
+        WorkerOptions {
+            engine: EngineConfig::default(),
+            sni,
+            reverse,
+            runtime: tokio::runtime::Handle::current(),
+            beats: Vec::new(),
+        },
+    )
+    .expect("workers");
+    std::mem::forget(workers); // they run until the test process exits
     ingress.serve_maintenance();
     Relay {
         ingress,
@@ -455,7 +452,7 @@ async fn reverse_handshakes_that_must_fail_do() {
         relay.ingress.stats.drops(Drop::ReadyQueueFull) >= 1
     })
     .await;
-    assert_eq!(relay.ingress.idle_sessions(&lease), 8);
+    eventually("8 idle", || relay.ingress.idle_sessions(&lease) == 8).await;
 }
 
 /// R2: a thousand clients trickling a ClientHello are all closed by the deadline, while a normal
@@ -805,11 +802,10 @@ async fn connections_beyond_the_lease_cap_are_refused_until_one_ends() {
     .await;
     assert_eq!(relay.ingress.lease_conns().count(&lease), 2);
     refused_with(&relay, hello_bytes.clone(), Drop::LeaseConnLimit).await;
-    assert_eq!(
-        relay.ingress.idle_sessions(&lease),
-        1,
-        "the refused connection claimed no session"
-    );
+    eventually("the refused connection claimed no session", || {
+        relay.ingress.idle_sessions(&lease) == 1
+    })
+    .await;
 
     // One pair ends (client and agent close): its place comes back.
     drop(held.remove(0));

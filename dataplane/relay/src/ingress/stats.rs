@@ -112,6 +112,27 @@ impl Drop {
         Drop::ReverseUnauthPerLease,
     ];
 
+    /// Whether the connection is reset (SO_LINGER 0) rather than closed: a refusal at a cap,
+    /// so the client learns at once and the relay keeps no TIME_WAIT. Protocol failures and
+    /// timeouts close normally.
+    pub fn resets(self) -> bool {
+        matches!(
+            self,
+            Drop::PendingFull
+                | Drop::PendingPerSource
+                | Drop::PublicConnFull
+                | Drop::FdExhausted
+                | Drop::LeaseConnLimit
+                | Drop::TenantConnLimit
+                | Drop::SourceConnLimit
+                | Drop::RootFull
+                | Drop::RootPerSource
+                | Drop::ReversePendingFull
+                | Drop::ReversePendingPerSource
+                | Drop::ReverseUnauthPerLease
+        )
+    }
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

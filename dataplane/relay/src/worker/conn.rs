@@ -1,0 +1,452 @@
+//! One connection in set-up on a worker, top-down:
+//!
+//! ```text
+//! accept ─┬─ public TLS ── Hello: read the ClientHello into the replay buffer (parser boxed at
+//!         │                the first byte) ── root host → tokio's root-host task
+//!         │                                └─ lease by SNI ─┐
+//!         ├─ TCP lease port ── lease by port ───────────────┴─ admit (caps) ── claim (claim.rs)
+//!         └─ reverse ── preamble ── nonce ── MAC ── verified → idle session (claim.rs: offer)
+//! ```
+//!
+//! Every phase waits on the worker's ring (one-shot readiness under the connection's key) and
+//! is bounded by a timer of its kind (timers.rs); every refusal is a named drop reason.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+
+use outrelay_io::Interest;
+use outrelay_proto::client_hello::{ClientHelloParser, HelloError, Progress};
+use outrelay_proto::hostname::HostName;
+use outrelay_proto::reverse::{self, LeaseId, MAC_BYTES, Marker, NONCE_BYTES, PREAMBLE_BYTES};
+
+use super::Worker;
+use super::listen::{ListenerKind, reset};
+use super::timers::TimerKind;
+use crate::ingress::limits::{ConnSlot, GaugeSlot, KeyedSlot, PendingSlot, SourceKey};
+use crate::ingress::stats::Drop;
+
+/// Bytes the ClientHello buffer grows by per read: what a pending connection holds is what
+/// it sent plus less than this (R2).
+const HELLO_READ_STEP_BYTES: usize = 512;
+
+/// A connection in set-up, and the descriptor interest armed for it under its key.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) socket: TcpStream,
+    pub(crate) armed: Interest,
+    pub(crate) state: State,
+}
+
+/// Where a connection is in its set-up.
+#[derive(Debug)]
+pub(crate) enum State {
+    /// Public TLS: reading the ClientHello.
+    Hello(Box<Hello>),
+    /// Admitted to a lease; waiting for an idle session (not polled).
+    Waiting(Box<Waiting>),
+    /// Writing the marker and replayed bytes to the claimed `session` (polled for writing).
+    Marker(Box<MarkerWrite>),
+    /// Reverse session: reading the preamble, then (nonce sent) the MAC.
+    Reverse(Box<Reverse>),
+}
+
+/// What a public TLS connection holds before its hello is complete.
+#[derive(Debug)]
+pub(crate) struct Hello {
+    pub(crate) source: SourceKey,
+    pub(crate) _pending: PendingSlot,
+    /// Allocated at the first byte: a silent connection holds none.
+    pub(crate) parser: Option<Box<ClientHelloParser>>,
+    pub(crate) replay: Vec<u8>,
+    /// Set when the hello is complete.
+    pub(crate) server_name: Option<HostName>,
+}
+
+/// A connection admitted to a lease, waiting for a session.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    pub(crate) lease: LeaseId,
+    pub(crate) slot: ConnSlot,
+    pub(crate) marker: Marker,
+    pub(crate) replay: Vec<u8>,
+}
+
+/// A marker write that did not complete at once.
+#[derive(Debug)]
+pub(crate) struct MarkerWrite {
+    pub(crate) session: TcpStream,
+    pub(crate) slot: ConnSlot,
+    /// Marker and replay bytes not written yet.
+    pub(crate) rest: Vec<u8>,
+}
+
+/// The places a reverse handshake holds until it ends.
+#[derive(Debug)]
+pub(crate) struct ReversePlaces {
+    pub(crate) _global: GaugeSlot,
+    pub(crate) _source: KeyedSlot<SourceKey>,
+}
+
+/// A reverse session's handshake: preamble, then (after the nonce) the MAC.
+#[derive(Debug)]
+pub(crate) struct Reverse {
+    pub(crate) _places: ReversePlaces,
+    pub(crate) preamble: [u8; PREAMBLE_BYTES],
+    pub(crate) mac: [u8; MAC_BYTES],
+    /// Bytes of the current phase's buffer read so far.
+    pub(crate) have: usize,
+    /// After the preamble: what the MAC must prove.
+    pub(crate) challenge: Option<Challenge>,
+}
+
+/// The nonce sent for a lease, and the key its MAC must use.
+#[derive(Debug)]
+pub(crate) struct Challenge {
+    /// Held until the MAC verifies: a flood of preambles for one lease id cannot take the
+    /// handshake places of other leases.
+    pub(crate) _unauth: KeyedSlot<LeaseId>,
+    pub(crate) lease: LeaseId,
+    pub(crate) key: [u8; reverse::EXPORTER_KEY_BYTES],
+    pub(crate) nonce: [u8; NONCE_BYTES],
+}
+
+/// What a read step decided.
+enum Step {
+    /// Wait for more bytes.
+    Wait,
+    /// Refused: count and close.
+    Drop(Drop),
+    /// Done reading: the caller moves the connection on.
+    Done,
+}
+
+impl Worker {
+    /// A connection `kind`'s listener accepted from `peer`.
+    pub(crate) fn accepted(&mut self, kind: ListenerKind, stream: TcpStream, peer: SocketAddr) {
+        self.stats.accepts[usize::from(kind == ListenerKind::Reverse)]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.ingress.fd_exhausted_recently(self.now) {
+            return self.refuse(stream, Drop::FdExhausted);
+        }
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let source = SourceKey::of(peer.ip());
+        match kind {
+            ListenerKind::Sni => match self.ingress.admit_public(source) {
+                Ok(pending) => {
+                    let state = State::Hello(Box::new(Hello {
+                        source,
+                        _pending: pending,
+                        parser: None,
+                        replay: Vec::new(),
+                        server_name: None,
+                    }));
+                    self.start(stream, state, TimerKind::Hello, self.timeouts.hello);
+                }
+                Err(reason) => self.refuse(stream, reason),
+            },
+            ListenerKind::Tcp(port) => match self.ingress.admit_public(source) {
+                Ok(pending) => {
+                    let admitted = {
+                        let snapshot = self.ingress.shared.load();
+                        match snapshot.routes.lookup_tcp(port) {
+                            Some(route) => self
+                                .ingress
+                                .admit_live(route.lease_id, &route.tenant, source)
+                                .map(|slot| (route.lease_id, slot)),
+                            None => Err(Drop::NoTcpRoute),
+                        }
+                    };
+                    drop(pending);
+                    match admitted {
+                        Ok((lease, slot)) => {
+                            let _ = stream.set_nodelay(true);
+                            self.wait_for_session(stream, lease, slot, Marker::Tcp, Vec::new());
+                        }
+                        Err(reason) => self.refuse(stream, reason),
+                    }
+                }
+                Err(reason) => self.refuse(stream, reason),
+            },
+            ListenerKind::Reverse => match self.ingress.admit_reverse(source) {
+                Ok((global, per_source)) => {
+                    let state = State::Reverse(Box::new(Reverse {
+                        _places: ReversePlaces {
+                            _global: global,
+                            _source: per_source,
+                        },
+                        preamble: [0; PREAMBLE_BYTES],
+                        mac: [0; MAC_BYTES],
+                        have: 0,
+                        challenge: None,
+                    }));
+                    self.start(stream, state, TimerKind::Handshake, self.timeouts.handshake);
+                }
+                Err(reason) => self.refuse(stream, reason),
+            },
+        }
+    }
+
+    /// Counts `reason` and closes `stream`: reset at a cap, a plain close otherwise
+    /// ([`Drop::resets`]).
+    pub(crate) fn refuse(&self, stream: TcpStream, reason: Drop) {
+        self.ingress.stats.drop(reason);
+        if reason.resets() {
+            reset(stream);
+        }
+    }
+
+    /// Stores a new connection, reads what already arrived, and waits for the rest.
+    fn start(
+        &mut self,
+        socket: TcpStream,
+        state: State,
+        kind: TimerKind,
+        after: std::time::Duration,
+    ) {
+        let conn = Conn {
+            socket,
+            armed: Interest::NONE,
+            state,
+        };
+        let Some(key) = self.conns.insert(conn) else {
+            return; // slab full: dropped (closed)
+        };
+        self.timers.arm(kind, key, self.now + after);
+        // Most clients send with their first segment: try before waiting.
+        self.readable(key);
+    }
+
+    /// The connection `key` is readable (or was just accepted).
+    pub(crate) fn readable(&mut self, key: u64) {
+        let max_hello = self.ingress.config().max_hello_bytes;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let step = match &mut conn.state {
+            State::Hello(h) => read_hello(&mut conn.socket, h, max_hello),
+            State::Reverse(r) if r.challenge.is_none() => read_exact_into(
+                &mut conn.socket,
+                &mut r.preamble,
+                &mut r.have,
+                Drop::BadPreamble,
+            ),
+            State::Reverse(r) => {
+                read_exact_into(&mut conn.socket, &mut r.mac, &mut r.have, Drop::BadMac)
+            }
+            // Not waiting for reads.
+            State::Waiting(_) | State::Marker(_) => return,
+        };
+        match step {
+            Step::Wait => self.arm(key, Interest::READ),
+            Step::Drop(reason) => self.close(key, reason),
+            Step::Done => self.advance(key),
+        }
+    }
+
+    /// A read phase finished: route the hello, answer the preamble, or check the MAC.
+    fn advance(&mut self, key: u64) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        match &mut conn.state {
+            State::Hello(_) => self.route_hello(key),
+            State::Reverse(r) if r.challenge.is_none() => {
+                let Ok(Some(lease)) = reverse::decode_preamble(&r.preamble) else {
+                    return self.close(key, Drop::BadPreamble);
+                };
+                match self.ingress.answer_preamble(lease, &conn.socket) {
+                    Ok(challenge) => {
+                        r.challenge = Some(challenge);
+                        r.have = 0;
+                        self.arm(key, Interest::READ);
+                    }
+                    Err(reason) => self.close(key, reason),
+                }
+            }
+            State::Reverse(r) => {
+                let Some(c) = &r.challenge else { return };
+                if reverse::verify_mac(&c.key, &c.nonce, &c.lease, &r.mac).is_err() {
+                    return self.close(key, Drop::BadMac);
+                }
+                let lease = c.lease;
+                let Some(conn) = self.take(key) else { return };
+                let _ = conn.socket.set_nodelay(true);
+                self.ingress
+                    .stats
+                    .sessions_authenticated
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.offer(
+                    lease,
+                    super::pool::IdleSession {
+                        stream: conn.socket,
+                        last_write: self.now,
+                    },
+                    None,
+                );
+            }
+            State::Waiting(_) | State::Marker(_) => {}
+        }
+    }
+
+    /// The ClientHello is complete: the root host, or the lease its SNI names.
+    fn route_hello(&mut self, key: u64) {
+        let Some(conn) = self.take(key) else { return };
+        let State::Hello(hello) = conn.state else {
+            return;
+        };
+        let Hello {
+            source,
+            _pending: pending,
+            parser,
+            replay,
+            server_name,
+        } = *hello;
+        drop(parser);
+        let Some(server_name) = server_name else {
+            return self.refuse(conn.socket, Drop::NoSni);
+        };
+        if server_name.as_str() == self.ingress.config().root_host {
+            // Handed off: the root host's own pool holds it from here.
+            drop(pending);
+            return self.spawn_root(conn.socket, replay, source);
+        }
+        let admitted = {
+            let snapshot = self.ingress.shared.load();
+            match snapshot.routes.lookup_sni(&server_name) {
+                Some(route) => self
+                    .ingress
+                    .admit_live(route.lease_id, &route.tenant, source)
+                    .map(|slot| (route.lease_id, slot)),
+                None => Err(Drop::UnknownHost),
+            }
+        };
+        drop(pending);
+        match admitted {
+            Ok((lease, slot)) => {
+                let _ = conn.socket.set_nodelay(true);
+                self.wait_for_session(conn.socket, lease, slot, Marker::Tls, replay);
+            }
+            Err(reason) => self.refuse(conn.socket, reason),
+        }
+    }
+
+    /// Arms `want` for connection `key`'s socket.
+    pub(crate) fn arm(&mut self, key: u64, want: Interest) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let fd = match &conn.state {
+            State::Marker(m) => m.session.as_fd(),
+            _ => conn.socket.as_fd(),
+        };
+        match self.engine.arm_user(fd, key, conn.armed, want) {
+            Ok(armed) => conn.armed = armed,
+            Err(_) => self.close(key, Drop::EngineFull),
+        }
+    }
+
+    /// Takes connection `key` out of the worker (its readiness forgotten).
+    pub(crate) fn take(&mut self, key: u64) -> Option<Conn> {
+        let conn = self.conns.remove(key)?;
+        if conn.armed != Interest::NONE {
+            let fd = match &conn.state {
+                State::Marker(m) => m.session.as_fd(),
+                _ => conn.socket.as_fd(),
+            };
+            self.engine.forget_user(fd, key, conn.armed);
+        }
+        Some(conn)
+    }
+
+    /// Refuses connection `key` with `reason` (its places given back on drop).
+    pub(crate) fn close(&mut self, key: u64, reason: Drop) {
+        if let Some(conn) = self.take(key) {
+            if let State::Waiting(w) = &conn.state {
+                self.pool.waiter_left(&w.lease);
+                self.ingress.board.waiting_changed(&w.lease, self.id, -1);
+            }
+            self.refuse(conn.socket, reason);
+        }
+    }
+
+    /// A timer of `kind` came up for `key`: close it if it is still in that phase.
+    pub(crate) fn expired(&mut self, kind: TimerKind, key: u64) {
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let reason = match (&conn.state, kind) {
+            (State::Hello(_), TimerKind::Hello) => Drop::HelloTimeout,
+            (State::Reverse(_), TimerKind::Handshake) => Drop::HandshakeTimeout,
+            (State::Waiting(_), TimerKind::Claim) => Drop::ClaimTimeout,
+            (State::Marker(_), TimerKind::Marker) => Drop::MarkerWriteFailed,
+            _ => return,
+        };
+        self.close(key, reason);
+    }
+}
+
+/// Reads what is there of the ClientHello into `h.replay` and feeds it to the parser.
+fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize) -> Step {
+    loop {
+        let start = h.replay.len();
+        let step = max.saturating_sub(start).clamp(1, HELLO_READ_STEP_BYTES);
+        h.replay.resize(start + step, 0);
+        let n = match socket.read(&mut h.replay[start..]) {
+            Ok(0) => return Step::Drop(Drop::BadHello),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                h.replay.truncate(start);
+                return Step::Wait;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                h.replay.truncate(start);
+                continue;
+            }
+            Err(_) => return Step::Drop(Drop::BadHello),
+        };
+        h.replay.truncate(start + n);
+        let parser = h
+            .parser
+            .get_or_insert_with(|| Box::new(ClientHelloParser::new(max)));
+        match parser.feed(&h.replay[start..]) {
+            Ok(Progress::NeedMore) => {}
+            Ok(Progress::Done { hello, .. }) => {
+                h.server_name = hello.server_name;
+                return Step::Done;
+            }
+            Err(HelloError::PlainHttp) => return Step::Drop(Drop::PlainHttp),
+            Err(HelloError::IpLiteral) => return Step::Drop(Drop::IpLiteralSni),
+            Err(_) => return Step::Drop(Drop::BadHello),
+        }
+    }
+}
+
+/// Reads into `buf[*have..]` until it is full (`Done`); a failure is `refusal`.
+fn read_exact_into(
+    socket: &mut TcpStream,
+    buf: &mut [u8],
+    have: &mut usize,
+    refusal: Drop,
+) -> Step {
+    while *have < buf.len() {
+        match socket.read(&mut buf[*have..]) {
+            Ok(0) => return Step::Drop(refusal),
+            Ok(n) => {
+                *have += n;
+                // The preamble is refused at its first wrong byte (a scanner on the reverse
+                // port is not kept waiting for 21 bytes).
+                if refusal == Drop::BadPreamble && reverse::decode_preamble(&buf[..*have]).is_err()
+                {
+                    return Step::Drop(refusal);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::Wait,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Drop(refusal),
+        }
+    }
+    Step::Done
+}
