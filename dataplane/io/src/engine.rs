@@ -741,8 +741,11 @@ impl Engine {
         }
         for fd in [&a, &b] {
             let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
-            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-            nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+            let flags = nix::fcntl::OFlag::from_bits_retain(flags);
+            if !flags.contains(nix::fcntl::OFlag::O_NONBLOCK) {
+                let flags = flags | nix::fcntl::OFlag::O_NONBLOCK;
+                nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+            }
         }
         let pair = Pair {
             fds: [a, b],

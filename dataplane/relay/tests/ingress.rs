@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outrelay_io::EngineConfig;
+use outrelay_io::{Backend, EngineConfig};
 use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{self, LeaseId};
@@ -44,11 +44,23 @@ struct Relay {
 /// TCP lease `echo` (published with `KEY`). The engine's finished pairs go back to the
 /// ingress's per-lease connection counts, as in the relay binary.
 async fn start(config: IngressConfig) -> Relay {
-    start_with_workers(config, 1).await
+    start_on(config, 1, Backend::probe()).await
 }
 
-/// [`start`] with `workers` worker threads.
-async fn start_with_workers(config: IngressConfig, workers: usize) -> Relay {
+/// Both io backends where the kernel lets this process create a ring, else epoll only
+/// (loudly).
+fn backends() -> Vec<Backend> {
+    let mut backends = vec![Backend::Epoll];
+    if Backend::probe() == Backend::Uring {
+        backends.push(Backend::Uring);
+    } else {
+        eprintln!("SKIP io_uring backend: this kernel or sandbox refuses io_uring_setup");
+    }
+    backends
+}
+
+/// [`start`] with `workers` worker threads on `backend`.
+async fn start_on(config: IngressConfig, workers: usize, backend: Backend) -> Relay {
     // A 10-port range no other relay (of this process or a concurrent test process) uses.
     let (base, _) = outrelay_testkit::claim_port_range();
     let mut table = LeaseTable::new(LeaseConfig {
@@ -142,7 +154,10 @@ async fn start_with_workers(config: IngressConfig, workers: usize) -> Relay {
     let workers = outrelay_relay::worker::start(
         &ingress,
         WorkerOptions {
-            engine: EngineConfig::default(),
+            engine: EngineConfig {
+                backend,
+                ..EngineConfig::default()
+            },
             sni,
             reverse,
             runtime: tokio::runtime::Handle::current(),
@@ -239,7 +254,14 @@ fn payload(len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_and_tcp_leases_reach_the_agent_through_reverse_sessions() {
-    let relay = start(IngressConfig::default()).await;
+    for backend in backends() {
+        eprintln!("--- sni_and_tcp_leases_reach_the_agent_through_reverse_sessions on {backend:?}");
+        sni_and_tcp_leases_reach_the_agent_through_reverse_sessions_on(backend).await;
+    }
+}
+
+async fn sni_and_tcp_leases_reach_the_agent_through_reverse_sessions_on(backend: Backend) {
+    let relay = start_on(IngressConfig::default(), 1, backend).await;
     for (file, sessions) in [
         ("openssl_tls13.bin", 1),
         ("rustls_pq.bin", 1),
@@ -316,11 +338,22 @@ async fn sni_and_tcp_leases_reach_the_agent_through_reverse_sessions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_counted_by_reason() {
-    let relay = start(IngressConfig {
-        claim_timeout_ms: 300,
-        hello_deadline_ms: 500,
-        ..IngressConfig::default()
-    })
+    for backend in backends() {
+        eprintln!("--- refusals_are_counted_by_reason on {backend:?}");
+        refusals_are_counted_by_reason_on(backend).await;
+    }
+}
+
+async fn refusals_are_counted_by_reason_on(backend: Backend) {
+    let relay = start_on(
+        IngressConfig {
+            claim_timeout_ms: 300,
+            hello_deadline_ms: 500,
+            ..IngressConfig::default()
+        },
+        1,
+        backend,
+    )
     .await;
     let send = |bytes: Vec<u8>| {
         let addr = relay.sni;
@@ -371,10 +404,21 @@ async fn refusals_are_counted_by_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reverse_handshakes_that_must_fail_do() {
-    let relay = start(IngressConfig {
-        ready_queue_max: 8,
-        ..IngressConfig::default()
-    })
+    for backend in backends() {
+        eprintln!("--- reverse_handshakes_that_must_fail_do on {backend:?}");
+        reverse_handshakes_that_must_fail_do_on(backend).await;
+    }
+}
+
+async fn reverse_handshakes_that_must_fail_do_on(backend: Backend) {
+    let relay = start_on(
+        IngressConfig {
+            ready_queue_max: 8,
+            ..IngressConfig::default()
+        },
+        1,
+        backend,
+    )
     .await;
     let lease = relay.tls_lease;
     let reverse_addr = relay.reverse;
@@ -686,7 +730,18 @@ async fn refused_with(relay: &Relay, bytes: Vec<u8>, reason: Drop) {
 /// exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hellos_one_byte_per_segment_and_split_across_records_route_to_the_lease() {
-    let relay = start(IngressConfig::default()).await;
+    for backend in backends() {
+        eprintln!(
+            "--- hellos_one_byte_per_segment_and_split_across_records_route_to_the_lease on {backend:?}"
+        );
+        hellos_one_byte_per_segment_and_split_across_records_route_to_the_lease_on(backend).await;
+    }
+}
+
+async fn hellos_one_byte_per_segment_and_split_across_records_route_to_the_lease_on(
+    backend: Backend,
+) {
+    let relay = start_on(IngressConfig::default(), 1, backend).await;
     for file in [
         "openssl_tls13.bin",
         "curl.bin",
@@ -854,4 +909,182 @@ async fn pending_connections_beyond_the_global_cap_are_refused() {
     .await;
     refused_with(&relay, b"GET / HTTP/1.1\r\n\r\n".to_vec(), Drop::PlainHttp).await;
     assert_eq!(relay.ingress.stats.drops(Drop::PendingFull), 1);
+}
+
+// ---------- per-core workers ----------
+
+/// Public connections accepted per worker, as the workers count them.
+fn accepts(relay: &Relay, kind: usize) -> Vec<u64> {
+    relay
+        .ingress
+        .worker_stats()
+        .iter()
+        .map(|w| w.accepts[kind].load(std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
+
+fn counter(relay: &Relay, f: impl Fn(&outrelay_relay::worker::WorkerStats) -> u64) -> Vec<u64> {
+    relay.ingress.worker_stats().iter().map(|w| f(w)).collect()
+}
+
+/// The worker whose accept counter (of `kind`) moved between `before` and now; waits for it.
+async fn accepted_by(relay: &Relay, kind: usize, before: &[u64]) -> usize {
+    let mut which = None;
+    eventually("the accept is counted", || {
+        which = accepts(relay, kind)
+            .iter()
+            .zip(before)
+            .position(|(now, was)| now > was);
+        which.is_some()
+    })
+    .await;
+    which.expect("a worker")
+}
+
+/// SO_REUSEPORT spreads public connections and reverse sessions over every worker: each
+/// worker's accept counters move, and every connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_all_workers() {
+    for backend in backends() {
+        let relay = start_on(IngressConfig::default(), 2, backend).await;
+        let lease = relay.tls_lease;
+        let hello_bytes = hello("openssl_tls13.bin");
+        for i in 0..32 {
+            let r = relay.reverse;
+            let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+                .await
+                .expect("session");
+            let echo = echo_agent(agent, 0x02, hello_bytes.clone());
+            let data = format!("connection {i}").into_bytes();
+            let back = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
+            let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+                .await
+                .expect("join");
+            assert_eq!(back, data, "{backend:?}: connection {i} echoed");
+            tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+                .await
+                .expect("join");
+        }
+        let (public, reverse) = (accepts(&relay, 0), accepts(&relay, 1));
+        let claims = counter(&relay, |w| {
+            w.claims.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        eprintln!(
+            "{backend:?}: public accepts per worker {public:?}, reverse {reverse:?}, claims {claims:?}"
+        );
+        // 32 connections each way, hashed by 4-tuple: one worker getting none has odds 2^-31.
+        assert!(public.iter().all(|n| *n > 0), "public spread: {public:?}");
+        assert!(
+            reverse.iter().all(|n| *n > 0),
+            "reverse spread: {reverse:?}"
+        );
+        assert_eq!(public.iter().sum::<u64>(), 32);
+        assert_eq!(claims.iter().sum::<u64>(), 32);
+    }
+}
+
+/// A lease whose only idle session sits on one worker still serves a connection another
+/// worker accepted: that worker steals the session (`cross_claims`). And a claim waiting on
+/// one worker with nothing idle anywhere gets the next session even when another worker
+/// authenticates it (`handoffs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_on_one_worker_serve_connections_accepted_by_another() {
+    for backend in backends() {
+        let relay = start_on(
+            IngressConfig {
+                claim_timeout_ms: 10_000,
+                ..IngressConfig::default()
+            },
+            2,
+            backend,
+        )
+        .await;
+        let lease = relay.tls_lease;
+        let hello_bytes = hello("openssl_tls13.bin");
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+
+        // Part 1: the session is idle on worker W; retry until a connection lands on the
+        // other worker (each round has odds 1/2; 20 rounds).
+        let mut stolen = false;
+        for round in 0..20 {
+            let before = accepts(&relay, 1);
+            let r = relay.reverse;
+            let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+                .await
+                .expect("session");
+            let home = accepted_by(&relay, 1, &before).await;
+            eventually("session idle", || {
+                relay.ingress.worker_stats()[home].idle_sessions(&lease) == 1
+            })
+            .await;
+            let echo = echo_agent(agent, 0x02, hello_bytes.clone());
+            let cross_before = counter(&relay, |w| w.cross_claims.load(relaxed));
+            let before = accepts(&relay, 0);
+            let data = format!("round {round}").into_bytes();
+            let back = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
+            let by = accepted_by(&relay, 0, &before).await;
+            let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
+                .await
+                .expect("join");
+            assert_eq!(back, data, "{backend:?} round {round}: served");
+            tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+                .await
+                .expect("join");
+            if by != home {
+                let cross = counter(&relay, |w| w.cross_claims.load(relaxed));
+                assert_eq!(
+                    cross[by],
+                    cross_before[by] + 1,
+                    "{backend:?}: worker {by} claimed worker {home}'s session"
+                );
+                eprintln!("{backend:?}: stolen across workers in round {round}");
+                stolen = true;
+                break;
+            }
+        }
+        assert!(
+            stolen,
+            "{backend:?}: no connection landed on the other worker in 20 rounds"
+        );
+
+        // Part 2: a claim waits on worker A with nothing idle; sessions arrive until one is
+        // authenticated on the other worker, which hands it over.
+        let mut handed = false;
+        for round in 0..20 {
+            let before = accepts(&relay, 0);
+            let data = format!("waiting {round}").into_bytes();
+            let client = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
+            let waiting_on = accepted_by(&relay, 0, &before).await;
+            let handoffs_before = counter(&relay, |w| w.handoffs.load(relaxed));
+            let before = accepts(&relay, 1);
+            let r = relay.reverse;
+            let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+                .await
+                .expect("session");
+            let home = accepted_by(&relay, 1, &before).await;
+            let echo = echo_agent(agent, 0x02, hello_bytes.clone());
+            let back = tokio::task::spawn_blocking(move || client.join().expect("client"))
+                .await
+                .expect("join");
+            assert_eq!(back, data, "{backend:?} waiting round {round}: served");
+            tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+                .await
+                .expect("join");
+            if home != waiting_on {
+                let handoffs = counter(&relay, |w| w.handoffs.load(relaxed));
+                assert_eq!(
+                    handoffs[home],
+                    handoffs_before[home] + 1,
+                    "{backend:?}: worker {home} handed its new session to worker {waiting_on}"
+                );
+                eprintln!("{backend:?}: handed over to a waiting claim in round {round}");
+                handed = true;
+                break;
+            }
+        }
+        assert!(
+            handed,
+            "{backend:?}: no session landed on the other worker in 20 rounds"
+        );
+    }
 }

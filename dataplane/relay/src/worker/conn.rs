@@ -450,3 +450,24 @@ fn read_exact_into(
     }
     Step::Done
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// L1 / R2: a silent pending public connection holds its slab entry, its boxed hello state
+    /// without a parser (allocated at the first byte) and one timer entry.
+    #[test]
+    fn a_silent_pending_connection_is_small() {
+        let slot = std::mem::size_of::<Option<Conn>>() + std::mem::size_of::<u32>();
+        let hello = std::mem::size_of::<Hello>();
+        let timer = std::mem::size_of::<(u64, std::time::Instant)>();
+        let total = slot + hello + timer;
+        eprintln!(
+            "silent pending connection: slab {slot} + hello {hello} + timer {timer} = {total} bytes \
+             (parser {} allocated at the first byte)",
+            std::mem::size_of::<ClientHelloParser>()
+        );
+        assert!(total <= 384, "{total} bytes");
+    }
+}
