@@ -207,12 +207,19 @@ async fn bulk_through_tcp_lease(backend: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn root_host_answers_healthz_and_nothing_else() {
+    for backend in io_backends() {
+        eprintln!("--- root_host_answers_healthz_and_nothing_else on {backend}");
+        root_host_answers_healthz_and_nothing_else_on(backend).await;
+    }
+}
+
+async fn root_host_answers_healthz_and_nothing_else_on(backend: &str) {
     if !have("curl", "--version") {
         eprintln!("SKIP root_host_answers_healthz_and_nothing_else: no curl");
         return;
     }
     let ca = Ca::new();
-    let relay = start_relay(&ca, "", None).await;
+    let relay = start_relay(&ca, "", Some(backend)).await;
     let files = tempfile::tempdir().expect("temp dir");
     std::fs::write(files.path().join("ca.pem"), &ca.pem).expect("write ca");
     let port = relay.public_tls.port();
@@ -529,6 +536,18 @@ async fn bulk_client(port: u16, seed: u64, bytes: usize) -> Result<(), String> {
 /// its configured budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connections() {
+    for backend in io_backends() {
+        eprintln!(
+            "--- an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connections on {backend}"
+        );
+        an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connections_on(backend)
+            .await;
+    }
+}
+
+async fn an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connections_on(
+    backend: &str,
+) {
     const CONNS: usize = 300;
     // Enough that, with slow readers, data waits in the relay's pipes and the budget (well
     // below 300 pipes' worth) binds: measured here, 4 MiB each gives a held maximum equal to
@@ -561,6 +580,7 @@ async fn an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connect
             claim_timeout_ms: Some(120_000),
             tables: format!("[pipes]\nbudget_bytes = {BUDGET}\nmax_pipe_bytes = 1048576\n"),
             unprivileged: true,
+            backend: Some(backend.to_owned()),
             ..Opts::default()
         },
     )
@@ -679,6 +699,13 @@ async fn scrape_at(addr: &str) -> std::io::Result<String> {
 /// target's trailer back, and the relay exits 0 well within its grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_200_connections_in_flight_finish_then_exits() {
+    for backend in io_backends() {
+        eprintln!("--- sigterm_lets_200_connections_in_flight_finish_then_exits on {backend}");
+        sigterm_lets_200_connections_in_flight_finish_then_exits_on(backend).await;
+    }
+}
+
+async fn sigterm_lets_200_connections_in_flight_finish_then_exits_on(backend: &str) {
     const CONNS: usize = 200;
     const GRACE_MS: u64 = 20_000;
     let ca = Ca::new();
@@ -690,6 +717,7 @@ async fn sigterm_lets_200_connections_in_flight_finish_then_exits() {
             ingress: "ready_queue_max = 64\n".to_owned(),
             tables: format!("[lifecycle]\nshutdown_grace_ms = {GRACE_MS}\n"),
             log_file: true,
+            backend: Some(backend.to_owned()),
             ..Opts::default()
         },
     )
