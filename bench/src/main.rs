@@ -152,7 +152,7 @@ impl RunArgs {
             connrate_paths: self.paths.clone(),
             relay_workers: self.relay_workers.clone(),
             pin_target_cores: pinning.target_cores(),
-            compare_base: names.iter().any(|n| n == "outrelay-base"),
+            compare_base: names.iter().any(|n| n == scenario::BASE_TARGET),
             launch: Launch {
                 pin: pinning.taskset.clone().zip(pinning.launch_cpus.clone()),
                 relay_workers: None,

@@ -170,7 +170,7 @@ impl Scenario for Bulk {
 }
 
 /// The columns `bulk` and `bulk-sni` add when the run compares: Gbit/s and Gbit/s per relay
-/// core × `outrelay-base` (the same round, path and setup), and Gbit/s × the first relay
+/// core × `outrelay-base` (outrelay rows; the same round, path and setup), and Gbit/s × the first relay
 /// worker count (`--relay-workers` with more than one).
 pub(super) fn comparison_columns(settings: &Settings) -> Vec<Column> {
     let mut columns = Vec::new();
@@ -178,12 +178,12 @@ pub(super) fn comparison_columns(settings: &Settings) -> Vec<Column> {
         columns.push(Column {
             header: "Gbit/s x base",
             decimals: 2,
-            value: Value::RatioToTarget("outrelay-base", "gbps"),
+            value: Value::RatioToBase("gbps"),
         });
         columns.push(Column {
             header: "per core x base",
             decimals: 2,
-            value: Value::RatioToTarget("outrelay-base", "gbps_per_relay_core"),
+            value: Value::RatioToBase("gbps_per_relay_core"),
         });
     }
     if settings.relay_workers.len() > 1 {

@@ -145,12 +145,12 @@ impl Scenario for Connrate {
             columns.push(Column {
                 header: "conn/s x base",
                 decimals: 2,
-                value: Value::RatioToTarget("outrelay-base", "conn_per_s"),
+                value: Value::RatioToBase("conn_per_s"),
             });
             columns.push(Column {
                 header: "CPU/conn x base",
                 decimals: 2,
-                value: Value::RatioToTarget("outrelay-base", "relay_cpu_us_per_conn"),
+                value: Value::RatioToBase("relay_cpu_us_per_conn"),
             });
         }
         if self.compare_setups {

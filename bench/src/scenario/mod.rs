@@ -234,7 +234,13 @@ pub enum Value {
     /// The metric divided by the same target's first setup (the first `--relay-workers`
     /// count) in the same round, variant and path.
     RatioToFirstSetup(&'static str),
+    /// For `outrelay` and `outrelay-base` rows only: the metric divided by `outrelay-base`'s
+    /// in the same round and variant (same path and setup where it has them).
+    RatioToBase(&'static str),
 }
+
+/// The target [`Value::RatioToBase`] divides by.
+pub const BASE_TARGET: &str = "outrelay-base";
 
 impl Value {
     /// The key this value is stored under in a sample's metrics.
@@ -245,6 +251,7 @@ impl Value {
             Self::AddedOverDirect(m) => format!("{m}_added_over_direct"),
             Self::RatioToTarget(t, m) => format!("{m}_ratio_to_{t}"),
             Self::RatioToFirstSetup(m) => format!("{m}_ratio_to_first_setup"),
+            Self::RatioToBase(m) => format!("{m}_ratio_to_base"),
         }
     }
 }
@@ -533,6 +540,10 @@ pub fn derive(samples: &mut [Sample], columns: &[Column]) {
                 Value::AddedOverDirect(m) => ("direct", m, |x, d| x - d),
                 Value::RatioToTarget(t, m) => (t, m, |x, d| x / d),
                 Value::RatioToFirstSetup(m) => (s.target.as_str(), m, |x, d| x / d),
+                Value::RatioToBase(_) if s.target != "outrelay" && s.target != BASE_TARGET => {
+                    continue;
+                }
+                Value::RatioToBase(m) => (BASE_TARGET, m, |x, d| x / d),
             };
             let d = if let Value::RatioToFirstSetup(_) = c.value {
                 if s.setup.is_empty() {
@@ -757,7 +768,7 @@ mod tests {
         let columns = [
             Value::RatioToTarget("haproxy-chain", "conn_per_s"),
             Value::RatioToTarget("rathole", "conn_per_s"),
-            Value::RatioToTarget("outrelay-base", "conn_per_s"),
+            Value::RatioToBase("conn_per_s"),
             Value::RatioToFirstSetup("conn_per_s"),
         ]
         .map(|value| Column {
@@ -795,8 +806,10 @@ mod tests {
         assert_eq!(get(6, 3), Some(2.5));
         assert_eq!(get(4, 3), Some(1.0));
         assert_eq!(get(10, 3), Some(5.0));
-        // No setups, no x first w.
+        // No setups, no x first w; x base on the outrelay targets only.
         assert_eq!(get(0, 3), None);
+        assert_eq!(get(0, 2), None);
+        assert_eq!(get(8, 2), Some(1.0));
     }
 
     /// A target for the runner's expansion tests: routes SNI or not, takes workers or not.
