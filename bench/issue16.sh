@@ -18,13 +18,16 @@
 #   OUTRELAY_BASE_BIN=DIR bench/issue16.sh run OUT
 #
 # Without OUTRELAY_BASE_BIN the tables have no outrelay-base rows and no x base columns.
-# Knobs (environment): ROUNDS (5), CONNRATE_S (3), BULK_S (4), ROUND_TRIPS
-# (20000), PIN_TARGETS (0), PIN_LOAD (1), WORKERS (1,2), P8_PIN_TARGETS / P8_PIN_LOAD (unset:
-# P8 unpinned; on the 16-core device: WORKERS=1,4,8,14 P8_PIN_TARGETS=0-13 P8_PIN_LOAD=14-15),
-# ONLY ("p3 p4": a subset of the tables), INSTALL_PEERS (1: --install-peers on the first
-# table). Measured on the shared 2-core box (2026-12-06) at ROUNDS=1: 200 s of tables (p3 45,
-# p3-pinned 28, p4 10, p1 44, p2 39, p8 15, p8-bulk 19) plus the build; ROUNDS=5: about
-# 17 minutes plus the build.
+#
+# Knobs (environment): ROUNDS (5), CONNRATE_S (3), BULK_S (4), CONCURRENCY (32: connrate's
+# concurrent connections), ROUND_TRIPS (20000), PIN_TARGETS (0), PIN_LOAD (1), WORKERS (1,2),
+# P8_PIN_TARGETS / P8_PIN_LOAD (unset: P8 unpinned; on the 16-core device: WORKERS=1,4,8,14
+# P8_PIN_TARGETS=0-13 P8_PIN_LOAD=14-15), ONLY ("p3 p4": a subset of the tables; p8 includes
+# p8-bulk), INSTALL_PEERS (1: --install-peers on the first table).
+#
+# Measured on the shared 2-core box (2026-12-06) at ROUNDS=1: 200 s of tables (p3 45, p3-pinned
+# 28, p4 10, p1 44, p2 39, p8 15, p8-bulk 19) plus the build; ROUNDS=5: about 17 minutes plus
+# the build.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,6 +63,7 @@ rounds=${ROUNDS:-5}
 connrate_s=${CONNRATE_S:-3}
 bulk_s=${BULK_S:-4}
 round_trips=${ROUND_TRIPS:-20000}
+concurrency=${CONCURRENCY:-32}
 pin_targets=${PIN_TARGETS:-0}
 pin_load=${PIN_LOAD:-1}
 workers=${WORKERS:-1,2}
@@ -108,12 +112,14 @@ cpu_count() {
 
 peers=direct,haproxy,haproxy-chain,nginx,rathole,outrelay
 table p3 run connrate --targets "$peers$base" --paths sni,tcp \
-    --rounds "$rounds" --duration-s "$connrate_s" "${install[@]}"
+    --rounds "$rounds" --duration-s "$connrate_s" --concurrency "$concurrency" \
+    "${install[@]}"
 # One relay worker per pinned core, said explicitly rather than left to the relay's default.
 table p3-pinned run connrate --targets "haproxy,haproxy-chain,rathole,outrelay" \
     --paths sni,tcp --pin-targets "$pin_targets" --pin-load "$pin_load" \
     --relay-workers "$(cpu_count "$pin_targets")" \
-    --rounds "$rounds" --duration-s "$connrate_s" "${install[@]}"
+    --rounds "$rounds" --duration-s "$connrate_s" --concurrency "$concurrency" \
+    "${install[@]}"
 table p4 run latency --targets "direct,haproxy,haproxy-chain,rathole,outrelay$base" \
     --rounds "$rounds" --round-trips "$round_trips" "${install[@]}"
 table p1 run bulk --targets "direct,haproxy,rathole,outrelay$base" \
@@ -124,7 +130,8 @@ p8_pin=()
 [ -n "${P8_PIN_TARGETS:-}" ] && p8_pin+=(--pin-targets "$P8_PIN_TARGETS")
 [ -n "${P8_PIN_LOAD:-}" ] && p8_pin+=(--pin-load "$P8_PIN_LOAD")
 table p8 run connrate --targets outrelay --relay-workers "$workers" --paths sni,tcp \
-    --rounds "$rounds" --duration-s "$connrate_s" "${p8_pin[@]}" "${install[@]}"
+    --rounds "$rounds" --duration-s "$connrate_s" --concurrency "$concurrency" \
+    "${p8_pin[@]}" "${install[@]}"
 table p8-bulk run bulk --targets outrelay --relay-workers "$workers" \
     --rounds "$rounds" --duration-s "$bulk_s" "${p8_pin[@]}" "${install[@]}"
 
