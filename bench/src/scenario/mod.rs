@@ -456,7 +456,11 @@ pub fn run(
         }
     }
     let columns = scenario.columns();
-    derive(&mut samples, &columns);
+    let first_setup = settings
+        .relay_workers
+        .first()
+        .map_or_else(String::new, |n| format!("w={n}"));
+    derive(&mut samples, &columns, &first_setup);
     let rows = summarise(targets, &samples, &columns, &unavailable, &failures);
     let mut notes = scenario.notes();
     notes.extend(prepare_failure);
@@ -529,8 +533,9 @@ fn measure_one(
 /// Fills in the derived values (ratios to direct, another target or the first setup, added
 /// over direct) of every sample, each against the reference target's sample of the same
 /// round and variant: of those, the one with the same path and setup, else the same path,
-/// else the same setup, else the first ([`reference_sample`]).
-pub fn derive(samples: &mut [Sample], columns: &[Column]) {
+/// else the same setup, else the first ([`reference_sample`]). `first_setup` is the setup
+/// [`Value::RatioToFirstSetup`] divides by (`w=1` of `--relay-workers 1,2`).
+pub fn derive(samples: &mut [Sample], columns: &[Column], first_setup: &str) {
     let reference = samples.to_vec();
     for s in samples.iter_mut() {
         for c in columns {
@@ -549,15 +554,12 @@ pub fn derive(samples: &mut [Sample], columns: &[Column]) {
                 if s.setup.is_empty() {
                     continue;
                 }
-                let Some(first) = reference.iter().find(|d| d.target == s.target) else {
-                    continue;
-                };
                 reference.iter().find(|d| {
                     d.target == s.target
                         && d.round == s.round
                         && d.variant == s.variant
                         && d.path == s.path
-                        && d.setup == first.setup
+                        && d.setup == first_setup
                 })
             } else {
                 reference_sample(&reference, target, s)
@@ -711,7 +713,7 @@ mod tests {
             sample(2, "haproxy", "1 stream", "gbps", 9.0),
             sample(1, "haproxy", "8 streams", "gbps", 5.0), // no direct for this variant
         ];
-        derive(&mut samples, &columns);
+        derive(&mut samples, &columns, "");
         let key = Value::RatioToDirect("gbps").key();
         assert_eq!(samples[1].metrics[&key], 0.75);
         assert_eq!(samples[3].metrics[&key], 0.9);
@@ -789,7 +791,7 @@ mod tests {
             labelled("outrelay-base", "w=2", "sni", 200.0),
             labelled("outrelay-base", "w=2", "tcp", 500.0),
         ];
-        derive(&mut samples, &columns);
+        derive(&mut samples, &columns, "w=1");
         let get = |i: usize, c: usize| samples[i].metrics.get(&columns[c].value.key()).copied();
         // The peer's same path: sni with sni, tcp with tcp.
         assert_eq!(get(3, 0), Some(3.0));
@@ -810,6 +812,15 @@ mod tests {
         assert_eq!(get(0, 3), None);
         assert_eq!(get(0, 2), None);
         assert_eq!(get(8, 2), Some(1.0));
+        // The first setup is the first count asked for, not the first one measured.
+        let mut reversed: Vec<Sample> = samples.iter().rev().cloned().collect();
+        for s in &mut reversed {
+            s.metrics.retain(|k, _| k == "conn_per_s");
+        }
+        derive(&mut reversed, &columns, "w=1");
+        let key = columns[3].value.key();
+        assert_eq!(reversed[4].metrics.get(&key), Some(&2.5));
+        assert_eq!(reversed[6].metrics.get(&key), Some(&1.0));
     }
 
     /// A target for the runner's expansion tests: routes SNI or not, takes workers or not.
