@@ -312,6 +312,52 @@ mod tests {
     }
 
     #[test]
+    fn setup_and_path_columns_appear_when_a_row_has_them_and_status_rows_stay_aligned() {
+        let row = |target: &str, setup: &str, path: &str, status: Option<&str>| Row {
+            target: target.to_owned(),
+            setup: setup.to_owned(),
+            path: path.to_owned(),
+            variant: if status.is_some() { "" } else { "c=32" }.to_owned(),
+            cells: BTreeMap::from([("conn_per_s".to_owned(), summary(5.0, 5.0, 5.0))]),
+            status: status.map(str::to_owned),
+        };
+        let result = ScenarioResult {
+            scenario: "connrate".to_owned(),
+            rounds: 1,
+            settings: Settings::example(),
+            columns: vec![Column {
+                header: "conn/s",
+                decimals: 0,
+                value: Value::Metric("conn_per_s"),
+            }],
+            rows: vec![
+                row("direct", "", "tcp", None),
+                row("outrelay", "w=2", "sni", None),
+                row(
+                    "rathole",
+                    "",
+                    "",
+                    Some("not available (rathole not installed)"),
+                ),
+            ],
+            samples: Vec::new(),
+            notes: Vec::new(),
+        };
+        let md = render_markdown(&env(), &result);
+        assert!(
+            md.contains("| target | setup | path | variant | conn/s |"),
+            "{md}"
+        );
+        assert!(md.contains("| direct |  | tcp | c=32 | 5 |"), "{md}");
+        assert!(md.contains("| outrelay | w=2 | sni | c=32 | 5 |"), "{md}");
+        let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(table.len(), 5, "{md}");
+        for line in &table {
+            assert_eq!(line.matches('|').count(), 6, "{line}");
+        }
+    }
+
+    #[test]
     fn arguments_are_quoted_only_when_needed() {
         assert_eq!(shell_quote("--targets"), "--targets");
         assert_eq!(shell_quote("direct,haproxy"), "direct,haproxy");
