@@ -455,7 +455,7 @@ pub fn run(
             }
         }
     }
-    let columns = scenario.columns();
+    let columns = comparable_columns(scenario.columns(), targets);
     let first_setup = settings
         .relay_workers
         .first()
@@ -478,6 +478,19 @@ pub fn run(
         samples,
         notes,
     }
+}
+
+/// `columns` without those that divide by (or subtract) a target that is not in the run: they
+/// could only ever show `–`.
+fn comparable_columns(mut columns: Vec<Column>, targets: &[Box<dyn Target>]) -> Vec<Column> {
+    let named = |name: &str| targets.iter().any(|t| t.name() == name);
+    columns.retain(|c| match c.value {
+        Value::RatioToDirect(_) | Value::AddedOverDirect(_) => named("direct"),
+        Value::RatioToTarget(t, _) => named(t),
+        Value::RatioToBase(_) => named(BASE_TARGET),
+        Value::Metric(_) | Value::RatioToFirstSetup(_) => true,
+    });
+    columns
 }
 
 /// The setups `target` runs with in each round: one per `--relay-workers` count for a target
@@ -854,6 +867,50 @@ mod tests {
         ) -> Result<RunningTarget> {
             anyhow::bail!("never started")
         }
+    }
+
+    #[test]
+    fn columns_against_a_target_outside_the_run_are_left_out() {
+        let column = |value| Column {
+            header: "x",
+            decimals: 0,
+            value,
+        };
+        let all = vec![
+            column(Value::Metric("conn_per_s")),
+            column(Value::RatioToDirect("conn_per_s")),
+            column(Value::AddedOverDirect("p50_us")),
+            column(Value::RatioToTarget("rathole", "conn_per_s")),
+            column(Value::RatioToTarget("haproxy-chain", "conn_per_s")),
+            column(Value::RatioToBase("conn_per_s")),
+            column(Value::RatioToFirstSetup("conn_per_s")),
+        ];
+        let targets = crate::target::by_names(&["outrelay".to_owned(), "rathole".to_owned()])
+            .expect("known targets");
+        let kept: Vec<String> = comparable_columns(all.clone(), &targets)
+            .iter()
+            .map(|c| c.value.key())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "conn_per_s",
+                "conn_per_s_ratio_to_rathole",
+                "conn_per_s_ratio_to_first_setup"
+            ]
+        );
+        let everyone = crate::target::by_names(
+            &[
+                "direct",
+                "rathole",
+                "haproxy-chain",
+                "outrelay",
+                "outrelay-base",
+            ]
+            .map(str::to_owned),
+        )
+        .expect("known targets");
+        assert_eq!(comparable_columns(all.clone(), &everyone).len(), all.len());
     }
 
     #[test]
