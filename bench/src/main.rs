@@ -15,6 +15,7 @@ mod attack;
 mod backend;
 mod client_hello;
 mod peers;
+mod pinning;
 mod proc_stats;
 mod process;
 mod quic_peer;
@@ -29,8 +30,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::scenario::{ScenarioName, Settings};
-use crate::target::Availability;
+use crate::pinning::{CpuList, Pinning};
+use crate::scenario::{RoutePath, ScenarioName, Settings};
+use crate::target::{Availability, Launch};
 
 /// Default round count: the minimum for a median with a spread.
 const DEFAULT_ROUNDS: u32 = 3;
@@ -101,10 +103,26 @@ struct RunArgs {
     /// root-host,slowloris,oversized-frames,audit-flood,controller-flood).
     #[arg(long, value_delimiter = ',')]
     attacks: Option<Vec<String>>,
+    /// Paths connrate measures, each a row per target that routes on SNI: sni (routed on the
+    /// ClientHello) and tcp (forwarded; outrelay: its TCP port lease).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [RoutePath::Sni, RoutePath::Tcp])]
+    paths: Vec<RoutePath>,
+    /// Comma-separated relay worker counts (e.g. 1,2): outrelay and outrelay-base run once per
+    /// count in every round, as setups w=N (relay `workers = N`). Default: the relay's default.
+    #[arg(long, value_delimiter = ',')]
+    relay_workers: Vec<usize>,
+    /// CPUs (taskset list, e.g. 0 or 0-3) every process a target starts runs on
+    /// (`taskset -c`); adds conn/s per target core to connrate.
+    #[arg(long)]
+    pin_targets: Option<CpuList>,
+    /// CPUs the harness itself runs on (load generators, in-process backends, iperf3),
+    /// pinned with sched_setaffinity at start.
+    #[arg(long)]
+    pin_load: Option<CpuList>,
 }
 
 impl RunArgs {
-    fn settings(&self) -> Settings {
+    fn settings(&self, names: &[String], pinning: &Pinning) -> Settings {
         let pick = |explicit: Option<u64>, normal: u64, quick: u64| {
             explicit.unwrap_or(if self.quick { quick } else { normal })
         };
@@ -131,6 +149,14 @@ impl RunArgs {
             // Unattacked and attacked windows of abuse (--duration-s sets both).
             abuse_window_s: pick(self.duration_s, 4, 1),
             abuse_ramp_s: if self.quick { 1 } else { 2 },
+            connrate_paths: self.paths.clone(),
+            relay_workers: self.relay_workers.clone(),
+            pin_target_cores: pinning.target_cores(),
+            compare_base: names.iter().any(|n| n == scenario::BASE_TARGET),
+            launch: Launch {
+                pin: pinning.taskset.clone().zip(pinning.launch_cpus.clone()),
+                relay_workers: None,
+            },
         }
     }
 }
@@ -170,6 +196,14 @@ fn list() {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
+    // Before any thread starts (tokio, the signal thread's siblings): they inherit it.
+    let pinning = Pinning::apply(args.pin_targets.clone(), args.pin_load.clone())?;
+    if args.relay_workers.contains(&0) {
+        anyhow::bail!("--relay-workers: counts start at 1 (leave it out for the default)");
+    }
+    if args.paths.is_empty() {
+        anyhow::bail!("--paths: name at least one of sni, tcp");
+    }
     let names = args.targets.clone().unwrap_or_else(|| {
         args.scenario
             .default_targets()
@@ -181,8 +215,8 @@ fn run(args: &RunArgs) -> Result<()> {
     if args.install_peers {
         peers::install_missing(targets.iter().any(|t| t.name() == "rathole"))?;
     }
-    let settings = args.settings();
-    let env = report::Environment::collect(peers::versions());
+    let settings = args.settings(&names, &pinning);
+    let env = report::Environment::collect(peers::versions(), pinning.describe());
 
     let work = tempfile::Builder::new()
         .prefix("outrelay-bench-")

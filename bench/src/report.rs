@@ -26,11 +26,13 @@ pub struct Environment {
     pub peers: Vec<(String, String)>,
     /// The command line as run.
     pub command: String,
+    /// Which CPUs the targets and the load ran on (`none`: not pinned).
+    pub pinning: String,
 }
 
 impl Environment {
-    /// Collects the environment now.
-    pub fn collect(peers: Vec<(String, String)>) -> Self {
+    /// Collects the environment now; `pinning` is [`crate::pinning::Pinning::describe`].
+    pub fn collect(peers: Vec<(String, String)>, pinning: String) -> Self {
         let commit = match command_line("git", &["rev-parse", "--short", "HEAD"]) {
             Some(c) => {
                 let dirty = command_line("git", &["status", "--porcelain"]).is_some();
@@ -54,6 +56,7 @@ impl Environment {
             cores: std::thread::available_parallelism().map_or(0, usize::from),
             peers,
             command: format!("outrelay-bench {}", args.join(" ")),
+            pinning,
         }
     }
 }
@@ -73,6 +76,7 @@ pub fn render_markdown(env: &Environment, result: &ScenarioResult) -> String {
         .collect();
     let _ = writeln!(out, "- peers: {}", peers.join("; "));
     let _ = writeln!(out, "- command: `{}`", env.command);
+    let _ = writeln!(out, "- pinning: {}", env.pinning);
     let _ = writeln!(
         out,
         "- {} round(s), targets interleaved within each round; cells are median (min-max) over \
@@ -80,17 +84,30 @@ pub fn render_markdown(env: &Environment, result: &ScenarioResult) -> String {
         result.rounds
     );
 
-    let mut header = vec!["target", "variant"];
+    let (setups, paths) = shown_labels(result);
+    let mut header = vec!["target"];
+    if setups {
+        header.push("setup");
+    }
+    if paths {
+        header.push("path");
+    }
+    header.push("variant");
+    let labels = header.len();
     header.extend(result.columns.iter().map(|c| c.header));
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let align: Vec<&str> = header
         .iter()
         .enumerate()
-        .map(|(i, _)| if i < 2 { "---" } else { "---:" })
+        .map(|(i, _)| if i < labels { "---" } else { "---:" })
         .collect();
     let _ = writeln!(out, "|{}|", align.join("|"));
     for row in &result.rows {
-        let _ = writeln!(out, "| {} |", row_cells(result, row).join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} |",
+            row_cells(result, row, setups, paths).join(" | ")
+        );
     }
     if !result.notes.is_empty() {
         out.push('\n');
@@ -128,12 +145,27 @@ pub fn format_summary(s: &Summary, decimals: usize) -> String {
     }
 }
 
-fn row_cells(result: &ScenarioResult, row: &Row) -> Vec<String> {
+/// Whether the table needs a setup column and a path column (some row has one).
+fn shown_labels(result: &ScenarioResult) -> (bool, bool) {
+    (
+        result.rows.iter().any(|r| !r.setup.is_empty()),
+        result.rows.iter().any(|r| !r.path.is_empty()),
+    )
+}
+
+fn row_cells(result: &ScenarioResult, row: &Row, setups: bool, paths: bool) -> Vec<String> {
     let mut cells = vec![row.target.clone()];
     if let Some(status) = &row.status {
         cells.push(status.clone());
-        cells.extend(result.columns.iter().map(|_| String::new()));
+        let labels = usize::from(setups) + usize::from(paths);
+        cells.extend((0..labels + result.columns.len()).map(|_| String::new()));
         return cells;
+    }
+    if setups {
+        cells.push(row.setup.clone());
+    }
+    if paths {
+        cells.push(row.path.clone());
     }
     cells.push(row.variant.clone());
     for c in &result.columns {
@@ -178,6 +210,7 @@ mod tests {
             cores: 2,
             peers: vec![("haproxy".to_owned(), "HAProxy version 2.6.12".to_owned())],
             command: "outrelay-bench run bulk --targets direct,haproxy".to_owned(),
+            pinning: "none".to_owned(),
         }
     }
 
@@ -205,20 +238,7 @@ mod tests {
         let result = ScenarioResult {
             scenario: "bulk".to_owned(),
             rounds: 3,
-            settings: Settings {
-                rounds: 3,
-                bulk_duration_s: 10,
-                connrate_duration_s: 5,
-                udp_duration_s: 5,
-                connrate_concurrency: 32,
-                latency_round_trips: 20_000,
-                idle_connections: 1_000,
-                client_hello: None,
-                quick: false,
-                attacks: Vec::new(),
-                abuse_window_s: 4,
-                abuse_ramp_s: 2,
-            },
+            settings: Settings::example(),
             columns: vec![
                 Column {
                     header: "Gbit/s",
@@ -234,6 +254,8 @@ mod tests {
             rows: vec![
                 Row {
                     target: "direct".to_owned(),
+                    setup: String::new(),
+                    path: String::new(),
                     variant: "1 stream".to_owned(),
                     cells: BTreeMap::from([
                         ("gbps".to_owned(), summary(21.0, 20.0, 22.0)),
@@ -243,12 +265,16 @@ mod tests {
                 },
                 Row {
                     target: "socat".to_owned(),
+                    setup: String::new(),
+                    path: String::new(),
                     variant: "1 stream".to_owned(),
                     cells: BTreeMap::from([("gbps".to_owned(), summary(5.0, 5.0, 5.0))]),
                     status: None,
                 },
                 Row {
                     target: "outrelay".to_owned(),
+                    setup: String::new(),
+                    path: String::new(),
                     variant: String::new(),
                     cells: BTreeMap::new(),
                     status: Some("not available (relay not built yet)".to_owned()),
@@ -267,6 +293,7 @@ mod tests {
 - CPU: Test CPU (2 cores)
 - peers: haproxy: `HAProxy version 2.6.12`
 - command: `outrelay-bench run bulk --targets direct,haproxy`
+- pinning: none
 - 3 round(s), targets interleaved within each round; cells are median (min-max) over rounds
 
 | target | variant | Gbit/s | x direct |
@@ -282,6 +309,52 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
         assert_eq!(doc["result"]["rows"][0]["cells"]["gbps"]["median"], 21.0);
         assert_eq!(doc["environment"]["commit"], "abc1234");
+    }
+
+    #[test]
+    fn setup_and_path_columns_appear_when_a_row_has_them_and_status_rows_stay_aligned() {
+        let row = |target: &str, setup: &str, path: &str, status: Option<&str>| Row {
+            target: target.to_owned(),
+            setup: setup.to_owned(),
+            path: path.to_owned(),
+            variant: if status.is_some() { "" } else { "c=32" }.to_owned(),
+            cells: BTreeMap::from([("conn_per_s".to_owned(), summary(5.0, 5.0, 5.0))]),
+            status: status.map(str::to_owned),
+        };
+        let result = ScenarioResult {
+            scenario: "connrate".to_owned(),
+            rounds: 1,
+            settings: Settings::example(),
+            columns: vec![Column {
+                header: "conn/s",
+                decimals: 0,
+                value: Value::Metric("conn_per_s"),
+            }],
+            rows: vec![
+                row("direct", "", "tcp", None),
+                row("outrelay", "w=2", "sni", None),
+                row(
+                    "rathole",
+                    "",
+                    "",
+                    Some("not available (rathole not installed)"),
+                ),
+            ],
+            samples: Vec::new(),
+            notes: Vec::new(),
+        };
+        let md = render_markdown(&env(), &result);
+        assert!(
+            md.contains("| target | setup | path | variant | conn/s |"),
+            "{md}"
+        );
+        assert!(md.contains("| direct |  | tcp | c=32 | 5 |"), "{md}");
+        assert!(md.contains("| outrelay | w=2 | sni | c=32 | 5 |"), "{md}");
+        let table: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(table.len(), 5, "{md}");
+        for line in &table {
+            assert_eq!(line.matches('|').count(), 6, "{line}");
+        }
     }
 
     #[test]

@@ -61,7 +61,8 @@ fn connrate_quick_against_direct_completes_connections_without_errors() {
     assert!(median(direct, "conn_per_s") > 0.0);
     assert_eq!(median(direct, "errors"), 0.0);
     assert!(median(direct, "p99_us") >= median(direct, "p50_us"));
-    assert!(md.contains("| direct | c=32 |"), "{md}");
+    // direct never routes on SNI: one row, the tcp path.
+    assert!(md.contains("| direct | tcp | c=32 |"), "{md}");
     assert!(md.contains("- ClientHello: "), "{md}");
     let header = [
         "- date: ",
@@ -70,10 +71,106 @@ fn connrate_quick_against_direct_completes_connections_without_errors() {
         "- CPU: ",
         "- peers: ",
         "- command: ",
+        "- pinning: none",
     ];
     for line in header {
         assert!(md.contains(line), "missing {line:?} in\n{md}");
     }
+}
+
+/// Issue 16's connrate run in small: outrelay and outrelay-base (the same build, from
+/// `OUTRELAY_BASE_BIN`), relay worker counts 1 and 2, both paths, targets pinned. Every
+/// setup and path is measured, CPU per connection and the per-target-core figure exist, the
+/// comparisons are filled in and the header names the pinning.
+#[test]
+fn connrate_measures_each_worker_count_and_path_pinned_against_a_base_build() {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    if !bin.join("outrelay-relay").exists() || !bin.join("outrelay-agent").exists() {
+        eprintln!(
+            "SKIP connrate_measures_each_worker_count_and_path_pinned_against_a_base_build: \
+             cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli first"
+        );
+        return;
+    }
+    let taskset = Command::new("sh")
+        .args(["-c", "command -v taskset"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !taskset {
+        eprintln!(
+            "SKIP connrate_measures_each_worker_count_and_path_pinned_against_a_base_build: \
+             no taskset (util-linux)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json_path = dir.path().join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_outrelay-bench"))
+        .args([
+            "run",
+            "connrate",
+            "--targets",
+            "direct,outrelay,outrelay-base",
+            "--quick",
+            "--concurrency",
+            "4",
+            "--relay-workers",
+            "1,2",
+            "--pin-targets",
+            "0",
+            "--pin-load",
+            "0",
+            "--json",
+        ])
+        .arg(&json_path)
+        .env("OUTRELAY_BASE_BIN", &bin)
+        .output()
+        .expect("harness binary runs");
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{md}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("JSON written"))
+            .expect("valid JSON");
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    for target in ["outrelay", "outrelay-base"] {
+        for setup in ["w=1", "w=2"] {
+            for path in ["sni", "tcp"] {
+                let r = rows
+                    .iter()
+                    .find(|r| r["target"] == target && r["setup"] == setup && r["path"] == path)
+                    .unwrap_or_else(|| panic!("no {target} {setup} {path} row: {doc:#}"));
+                assert!(median(r, "conn_per_s") > 0.0, "{r:#}");
+                assert_eq!(median(r, "errors"), 0.0, "{r:#}");
+                assert!(median(r, "relay_cpu_us_per_conn") > 0.0, "{r:#}");
+                // One target core: conn/s per core is conn/s.
+                assert_eq!(
+                    median(r, "conn_per_s_per_target_core"),
+                    median(r, "conn_per_s"),
+                    "{r:#}"
+                );
+                assert!(median(r, "conn_per_s_ratio_to_base") > 0.0, "{r:#}");
+                assert!(median(r, "conn_per_s_ratio_to_first_setup") > 0.0, "{r:#}");
+                assert_eq!(median(r, "sni_routed"), f64::from(path == "sni"), "{r:#}");
+            }
+        }
+    }
+    let direct = row(&doc, "direct");
+    assert_eq!(direct["path"], "tcp", "{direct:#}");
+    assert!(
+        direct["cells"]["conn_per_s_ratio_to_base"].is_null(),
+        "x base is for the outrelay rows: {direct:#}"
+    );
+    assert!(
+        md.contains(
+            "- pinning: targets on CPUs 0 (taskset -c 0); load generator and backends on CPUs 0"
+        ),
+        "{md}"
+    );
+    assert!(md.contains("| outrelay | w=2 | tcp | c=4 |"), "{md}");
 }
 
 #[test]

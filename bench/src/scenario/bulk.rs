@@ -26,6 +26,7 @@ pub struct Bulk {
     iperf3: PathBuf,
     server_addr: SocketAddr,
     duration_s: u64,
+    comparisons: Vec<Column>,
     _server: OwnedProcess,
 }
 
@@ -48,6 +49,7 @@ impl Bulk {
             iperf3,
             server_addr,
             duration_s: settings.bulk_duration_s,
+            comparisons: comparison_columns(settings),
             _server: server,
         })
     }
@@ -116,7 +118,7 @@ impl Scenario for Bulk {
     }
 
     fn columns(&self) -> Vec<Column> {
-        vec![
+        let mut columns = vec![
             Column {
                 header: "Gbit/s",
                 decimals: 1,
@@ -137,7 +139,9 @@ impl Scenario for Bulk {
                 decimals: 1,
                 value: Value::Metric("gbps_per_relay_core"),
             },
-        ]
+        ];
+        columns.extend(self.comparisons.iter().cloned());
+        columns
     }
 
     fn measure(&mut self, target: &mut RunningTarget, dir: &Path) -> Result<Vec<Measurement>> {
@@ -163,6 +167,33 @@ impl Scenario for Bulk {
             self.duration_s
         )]
     }
+}
+
+/// The columns `bulk` and `bulk-sni` add when the run compares: Gbit/s and Gbit/s per relay
+/// core × `outrelay-base` (outrelay rows; the same round, path and setup), and Gbit/s × the first relay
+/// worker count (`--relay-workers` with more than one).
+pub(super) fn comparison_columns(settings: &Settings) -> Vec<Column> {
+    let mut columns = Vec::new();
+    if settings.compare_base {
+        columns.push(Column {
+            header: "Gbit/s x base",
+            decimals: 2,
+            value: Value::RatioToBase("gbps"),
+        });
+        columns.push(Column {
+            header: "per core x base",
+            decimals: 2,
+            value: Value::RatioToBase("gbps_per_relay_core"),
+        });
+    }
+    if settings.relay_workers.len() > 1 {
+        columns.push(Column {
+            header: "Gbit/s x first w",
+            decimals: 2,
+            value: Value::RatioToFirstSetup("gbps"),
+        });
+    }
+    columns
 }
 
 /// The receiver-side summary of an iperf3 `-J` run.

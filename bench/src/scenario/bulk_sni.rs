@@ -33,6 +33,7 @@ pub struct BulkSni {
     backend: Backend,
     hello: Vec<u8>,
     duration: Duration,
+    comparisons: Vec<Column>,
 }
 
 impl BulkSni {
@@ -42,6 +43,7 @@ impl BulkSni {
             backend: backend::start(rt, Behaviour::HelloSink)?,
             hello: client_hello::build(DEMO_SNI),
             duration: Duration::from_secs(settings.bulk_duration_s),
+            comparisons: super::bulk::comparison_columns(settings),
         })
     }
 
@@ -109,7 +111,7 @@ impl Scenario for BulkSni {
     }
 
     fn columns(&self) -> Vec<Column> {
-        vec![
+        let mut columns = vec![
             Column {
                 header: "Gbit/s",
                 decimals: 1,
@@ -135,7 +137,9 @@ impl Scenario for BulkSni {
                 decimals: 0,
                 value: Value::Metric("sni_routed"),
             },
-        ]
+        ];
+        columns.extend(self.comparisons.iter().cloned());
+        columns
     }
 
     fn measure(&mut self, target: &mut RunningTarget, _dir: &Path) -> Result<Vec<Measurement>> {

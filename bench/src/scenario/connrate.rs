@@ -1,6 +1,12 @@
 //! `connrate`: new connections per second at a fixed concurrency. Each connection: connect,
 //! send a TLS ClientHello naming `demo.outrelay.test`, read the backend's 1 KiB reply, close.
 //! SNI-capable targets route on the name, so their SNI path is what is measured.
+//!
+//! With `--paths sni,tcp` (the default) every target that routes on SNI is measured twice per
+//! round: `sni` (routed on the name; OutRelay: the public TLS listener) and `tcp` (forwarded
+//! without looking; OutRelay: the agent's TCP port lease, HAProxy and nginx: their plain TCP
+//! configs). Targets that forward every connection anyway (rathole, socat, direct) run once, as
+//! `tcp`. The client is the same on both paths: the hello is sent either way.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 
-use super::{Column, Measurement, Metrics, Scenario, Settings, Value};
+use super::{Column, Measurement, Metrics, RoutePath, Scenario, Settings, Value};
 use crate::backend::{self, Backend, Behaviour, REPLY_BYTES};
 use crate::client_hello::{self, ClientHello, DEMO_SNI};
 use crate::proc_stats::tree_cpu_seconds;
@@ -30,6 +36,13 @@ pub struct Connrate {
     hello: ClientHello,
     duration: Duration,
     concurrency: usize,
+    paths: Vec<RoutePath>,
+    /// Cores of `--pin-targets`: adds conn/s per target core.
+    pin_target_cores: Option<usize>,
+    /// `outrelay-base` runs too: adds the x base columns.
+    compare_base: bool,
+    /// More than one relay worker count: adds the x first w column.
+    compare_setups: bool,
 }
 
 impl Connrate {
@@ -41,6 +54,10 @@ impl Connrate {
             hello: client_hello::load(settings.client_hello.as_deref())?,
             duration: Duration::from_secs(settings.connrate_duration_s),
             concurrency: settings.connrate_concurrency,
+            paths: settings.connrate_paths.clone(),
+            pin_target_cores: settings.pin_target_cores,
+            compare_base: settings.compare_base,
+            compare_setups: settings.relay_workers.len() > 1,
         })
     }
 }
@@ -54,12 +71,22 @@ impl Scenario for Connrate {
         Routing::Sni(DEMO_SNI)
     }
 
+    fn routings(&self) -> Vec<Routing> {
+        self.paths
+            .iter()
+            .map(|p| match p {
+                RoutePath::Sni => Routing::Sni(DEMO_SNI),
+                RoutePath::Tcp => Routing::Tcp,
+            })
+            .collect()
+    }
+
     fn backend_addr(&self) -> SocketAddr {
         self.backend.addr
     }
 
     fn columns(&self) -> Vec<Column> {
-        vec![
+        let mut columns = vec![
             Column {
                 header: "conn/s",
                 decimals: 0,
@@ -69,6 +96,17 @@ impl Scenario for Connrate {
                 header: "x direct",
                 decimals: 2,
                 value: Value::RatioToDirect("conn_per_s"),
+            },
+            // P3's two-hop peers, per round (same path where the peer measured it).
+            Column {
+                header: "x haproxy-chain",
+                decimals: 2,
+                value: Value::RatioToTarget("haproxy-chain", "conn_per_s"),
+            },
+            Column {
+                header: "x rathole",
+                decimals: 2,
+                value: Value::RatioToTarget("rathole", "conn_per_s"),
             },
             Column {
                 header: "first byte p50 µs",
@@ -95,7 +133,34 @@ impl Scenario for Connrate {
                 decimals: 0,
                 value: Value::Metric("sni_routed"),
             },
-        ]
+        ];
+        if self.pin_target_cores.is_some() {
+            columns.push(Column {
+                header: "conn/s per target core",
+                decimals: 0,
+                value: Value::Metric("conn_per_s_per_target_core"),
+            });
+        }
+        if self.compare_base {
+            columns.push(Column {
+                header: "conn/s x base",
+                decimals: 2,
+                value: Value::RatioToBase("conn_per_s"),
+            });
+            columns.push(Column {
+                header: "CPU/conn x base",
+                decimals: 2,
+                value: Value::RatioToBase("relay_cpu_us_per_conn"),
+            });
+        }
+        if self.compare_setups {
+            columns.push(Column {
+                header: "conn/s x first w",
+                decimals: 2,
+                value: Value::RatioToFirstSetup("conn_per_s"),
+            });
+        }
+        columns
     }
 
     fn measure(&mut self, target: &mut RunningTarget, _dir: &Path) -> Result<Vec<Measurement>> {
@@ -118,17 +183,21 @@ impl Scenario for Connrate {
             );
         }
         let completed = load.completed as f64;
+        let conn_per_s = completed / load.elapsed.as_secs_f64();
         let mut metrics = Metrics::from([
-            (
-                "conn_per_s".to_owned(),
-                completed / load.elapsed.as_secs_f64(),
-            ),
+            ("conn_per_s".to_owned(), conn_per_s),
             ("p50_us".to_owned(), quantile_us(&load.first_byte, 0.50)),
             ("p99_us".to_owned(), quantile_us(&load.first_byte, 0.99)),
             ("errors".to_owned(), load.errors as f64),
         ]);
         if target.has_relay() {
             metrics.insert("relay_cpu_us_per_conn".to_owned(), cpu_s * 1e6 / completed);
+            if let Some(cores) = self.pin_target_cores {
+                metrics.insert(
+                    "conn_per_s_per_target_core".to_owned(),
+                    conn_per_s / cores as f64,
+                );
+            }
         }
         // Routing is a column, not part of the variant, so every target compares with direct.
         metrics.insert(
@@ -142,7 +211,7 @@ impl Scenario for Connrate {
     }
 
     fn notes(&self) -> Vec<String> {
-        vec![
+        let mut notes = vec![
             format!("ClientHello: {}", self.hello.source),
             format!(
                 "{} s of load per measurement at {} concurrent connections; first byte = \
@@ -154,7 +223,23 @@ impl Scenario for Connrate {
             "SNI-routed: haproxy (req.ssl_sni; haproxy-chain routes on hop 1, hop 2 forwards), \
              nginx (ssl_preread); rathole and socat forward every connection"
                 .to_owned(),
-        ]
+            "path sni: routed on the ClientHello (outrelay: public TLS listener, TLS lease); \
+             path tcp: forwarded without looking (outrelay: the agent's TCP port lease; \
+             haproxy, haproxy-chain, nginx: their plain TCP configs); targets that never route \
+             (direct, rathole, socat) run once, as tcp; x haproxy-chain and x rathole compare \
+             with the peer's same path in the same round, or its only one"
+                .to_owned(),
+        ];
+        if self.paths.len() < 2 {
+            notes.pop();
+        }
+        notes.push(
+            "relay CPU µs/conn: utime + stime of every relay process tree (relay and agent for \
+             outrelay; both hops for haproxy-chain and rathole) over the load, per completed \
+             connection; conn/s per target core = conn/s / cores in --pin-targets"
+                .to_owned(),
+        );
+        notes
     }
 }
 

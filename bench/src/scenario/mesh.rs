@@ -32,7 +32,7 @@ use super::{Column, Measurement, Metrics, Scenario, Settings, Value};
 use crate::backend::{self, Backend, Behaviour};
 use crate::proc_stats::tree_cpu_seconds;
 use crate::quic_peer;
-use crate::target::{Routing, RunningTarget, Target};
+use crate::target::{Launch, Routing, RunningTarget, Target};
 
 /// Bytes per write of the TCP sender.
 const WRITE_BYTES: usize = 256 * 1024;
@@ -155,7 +155,7 @@ impl Scenario for Mesh {
         }
     }
 
-    fn prepare(&mut self, targets: &[&dyn Target], work: &Path) -> Result<()> {
+    fn prepare(&mut self, targets: &[&dyn Target], work: &Path, launch: &Launch) -> Result<()> {
         if !targets.iter().any(|t| t.name() == BASELINE_PACED) {
             return Ok(());
         }
@@ -168,7 +168,7 @@ impl Scenario for Mesh {
         let dir = work.join("mesh-calibration-outrelay");
         std::fs::create_dir_all(&dir).context("creating calibration dir")?;
         eprintln!("[mesh] measuring outrelay's rate for {BASELINE_PACED}");
-        let mut running = outrelay.start(self.backend.addr, self.routing(), &dir)?;
+        let mut running = outrelay.start(self.backend.addr, self.routing(), &dir, launch)?;
         let gbps = self.one(&mut running)?["gbps"];
         running.ensure_running()?;
         self.pace_mbps = mbps(gbps);

@@ -7,6 +7,12 @@
 //! summarised (median, min, max) over the rounds. A scenario may [`Scenario::prepare`] once
 //! before the rounds (the UDP scenario measures OutRelay's maximum there, to pace every target
 //! at the same fraction of it).
+//!
+//! Within a round a target may run more than once: once per relay worker count
+//! (`--relay-workers`, OutRelay only: the row's setup `w=N`) and, in a scenario that measures
+//! several paths (`connrate`: `sni` and `tcp`), once per path it routes differently. Derived
+//! values compare like with like: the reference sample has the same round and variant, and
+//! the same path and setup where the reference target measured them.
 
 mod abuse;
 mod bulk;
@@ -27,7 +33,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use crate::stats::Summary;
-use crate::target::{Availability, Routing, RunningTarget, Target};
+use crate::target::{Availability, Launch, Routing, RunningTarget, Target};
 
 /// Pause between two targets, so sockets in TIME_WAIT and exiting processes settle.
 const BETWEEN_TARGETS_MS: u64 = 300;
@@ -124,6 +130,16 @@ impl ScenarioName {
     }
 }
 
+/// A path `connrate` measures (`--paths`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutePath {
+    /// Routed on the ClientHello's server name (OutRelay: the public TLS listener).
+    Sni,
+    /// Forwarded without looking (OutRelay: the agent's TCP port lease).
+    Tcp,
+}
+
 /// Knobs for one run, already resolved from `--quick` and the explicit flags.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
@@ -151,6 +167,44 @@ pub struct Settings {
     pub abuse_window_s: u64,
     /// Time an abuse attack runs before its attacked window starts.
     pub abuse_ramp_s: u64,
+    /// Paths `connrate` measures, in report order.
+    pub connrate_paths: Vec<RoutePath>,
+    /// Relay worker counts OutRelay targets run with, each a setup `w=N` (empty: the relay's
+    /// default, one setup).
+    pub relay_workers: Vec<usize>,
+    /// Cores of `--pin-targets` (the divisor of the per-target-core figures), when given.
+    pub pin_target_cores: Option<usize>,
+    /// Whether `outrelay-base` is among the targets (the "x base" columns appear).
+    pub compare_base: bool,
+    /// How targets' processes are launched (pinning); the runner sets the worker count.
+    #[serde(skip)]
+    pub launch: Launch,
+}
+
+#[cfg(test)]
+impl Settings {
+    /// The defaults of a full run, for tests.
+    pub fn example() -> Self {
+        Self {
+            rounds: 3,
+            bulk_duration_s: 10,
+            connrate_duration_s: 5,
+            udp_duration_s: 5,
+            connrate_concurrency: 32,
+            latency_round_trips: 20_000,
+            idle_connections: 1_000,
+            client_hello: None,
+            quick: false,
+            attacks: Vec::new(),
+            abuse_window_s: 4,
+            abuse_ramp_s: 2,
+            connrate_paths: vec![RoutePath::Sni, RoutePath::Tcp],
+            relay_workers: Vec::new(),
+            pin_target_cores: None,
+            compare_base: false,
+            launch: Launch::default(),
+        }
+    }
 }
 
 /// Metric values by key (`gbps`, `p50_us`, …), for one variant of one measurement.
@@ -177,7 +231,16 @@ pub enum Value {
     /// The metric divided by the named target's in the same round and variant
     /// (`RatioToTarget("rathole", "dgram_per_s")`).
     RatioToTarget(&'static str, &'static str),
+    /// The metric divided by the same target's first setup (the first `--relay-workers`
+    /// count) in the same round, variant and path.
+    RatioToFirstSetup(&'static str),
+    /// For `outrelay` and `outrelay-base` rows only: the metric divided by `outrelay-base`'s
+    /// in the same round and variant (same path and setup where it has them).
+    RatioToBase(&'static str),
 }
+
+/// The target [`Value::RatioToBase`] divides by.
+pub const BASE_TARGET: &str = "outrelay-base";
 
 impl Value {
     /// The key this value is stored under in a sample's metrics.
@@ -187,6 +250,8 @@ impl Value {
             Self::RatioToDirect(m) => format!("{m}_ratio_to_direct"),
             Self::AddedOverDirect(m) => format!("{m}_added_over_direct"),
             Self::RatioToTarget(t, m) => format!("{m}_ratio_to_{t}"),
+            Self::RatioToFirstSetup(m) => format!("{m}_ratio_to_first_setup"),
+            Self::RatioToBase(m) => format!("{m}_ratio_to_base"),
         }
     }
 }
@@ -209,6 +274,11 @@ pub trait Scenario {
     fn name(&self) -> &'static str;
     /// How targets should route (SNI for the TLS scenario, TCP otherwise).
     fn routing(&self) -> Routing;
+    /// Every routing measured, each a path of its own when there are several (default: just
+    /// [`Scenario::routing`]).
+    fn routings(&self) -> Vec<Routing> {
+        vec![self.routing()]
+    }
     /// The backend targets forward to.
     fn backend_addr(&self) -> SocketAddr;
     /// Report columns, in order.
@@ -217,9 +287,9 @@ pub trait Scenario {
     fn measure(&mut self, target: &mut RunningTarget, dir: &Path) -> Result<Vec<Measurement>>;
     /// Lines for the report below the table (what was sent, caveats).
     fn notes(&self) -> Vec<String>;
-    /// Runs once before the rounds with the available targets (default: nothing). An error is
-    /// noted in the report; the rounds still run.
-    fn prepare(&mut self, _targets: &[&dyn Target], _work: &Path) -> Result<()> {
+    /// Runs once before the rounds with the available targets, launched with `launch`
+    /// (default: nothing). An error is noted in the report; the rounds still run.
+    fn prepare(&mut self, _targets: &[&dyn Target], _work: &Path, _launch: &Launch) -> Result<()> {
         Ok(())
     }
 }
@@ -250,17 +320,25 @@ pub struct Sample {
     pub round: u32,
     /// Target name.
     pub target: String,
+    /// The target's setup, e.g. `w=2` (empty: the default).
+    pub setup: String,
+    /// The path, e.g. `sni` or `tcp` (empty: the scenario measures one).
+    pub path: String,
     /// Variant, e.g. `8 streams`.
     pub variant: String,
     /// Measured and derived values by key.
     pub metrics: Metrics,
 }
 
-/// A table row: one target and variant.
+/// A table row: one target, setup, path and variant.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     /// Target name.
     pub target: String,
+    /// The target's setup (`w=2`; empty: the default).
+    pub setup: String,
+    /// The path (`sni`, `tcp`; empty: the scenario measures one).
+    pub path: String,
     /// Variant (empty for a target that produced nothing).
     pub variant: String,
     /// Summaries by value key (see [`Value::key`]); missing when not applicable (`–`).
@@ -315,7 +393,7 @@ pub fn run(
         }
     }
     let mut prepare_failure = None;
-    if let Err(e) = scenario.prepare(&available, work) {
+    if let Err(e) = scenario.prepare(&available, work, &settings.launch) {
         eprintln!("{name}: preparation failed: {e:#}");
         prepare_failure = Some(format!(
             "preparation failed: {}",
@@ -324,39 +402,65 @@ pub fn run(
     }
     let mut samples = Vec::new();
     let mut failures: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let routings = scenario.routings();
     for round in 1..=settings.rounds {
         for target in &available {
-            let dir = work.join(format!("{name}-round{round}-{}", target.name()));
-            eprintln!(
-                "[{name} round {round}/{}] {}",
-                settings.rounds,
-                target.name()
-            );
-            match measure_one(scenario, *target, &dir) {
-                Ok(measurements) => {
-                    for m in measurements {
-                        eprintln!("    {}: {}", m.variant, brief(&m.metrics));
-                        samples.push(Sample {
-                            round,
-                            target: target.name().to_owned(),
-                            variant: m.variant,
-                            metrics: m.metrics,
-                        });
+            for (setup, launch) in setups(*target, settings) {
+                for (path, routing) in paths(&routings, *target) {
+                    let label = [setup.as_str(), path]
+                        .iter()
+                        .filter(|l| !l.is_empty())
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let suffix = if label.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({label})")
+                    };
+                    let dir = work.join(format!(
+                        "{name}-round{round}-{}{}",
+                        target.name(),
+                        label.replace(' ', "-").replace('=', "")
+                    ));
+                    eprintln!(
+                        "[{name} round {round}/{}] {}{suffix}",
+                        settings.rounds,
+                        target.name()
+                    );
+                    match measure_one(scenario, *target, routing, &launch, &dir) {
+                        Ok(measurements) => {
+                            for m in measurements {
+                                eprintln!("    {}: {}", m.variant, brief(&m.metrics));
+                                samples.push(Sample {
+                                    round,
+                                    target: target.name().to_owned(),
+                                    setup: setup.clone(),
+                                    path: path.to_owned(),
+                                    variant: m.variant,
+                                    metrics: m.metrics,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("    failed: {e:#}");
+                            failures
+                                .entry(target.name())
+                                .or_default()
+                                .push(format!("round {round}{suffix}: {e:#}"));
+                        }
                     }
-                }
-                Err(e) => {
-                    eprintln!("    failed: {e:#}");
-                    failures
-                        .entry(target.name())
-                        .or_default()
-                        .push(format!("round {round}: {e:#}"));
+                    std::thread::sleep(Duration::from_millis(BETWEEN_TARGETS_MS));
                 }
             }
-            std::thread::sleep(Duration::from_millis(BETWEEN_TARGETS_MS));
         }
     }
-    let columns = scenario.columns();
-    derive(&mut samples, &columns);
+    let columns = comparable_columns(scenario.columns(), targets);
+    let first_setup = settings
+        .relay_workers
+        .first()
+        .map_or_else(String::new, |n| format!("w={n}"));
+    derive(&mut samples, &columns, &first_setup);
     let rows = summarise(targets, &samples, &columns, &unavailable, &failures);
     let mut notes = scenario.notes();
     notes.extend(prepare_failure);
@@ -376,22 +480,75 @@ pub fn run(
     }
 }
 
+/// `columns` without those that divide by (or subtract) a target that is not in the run: they
+/// could only ever show `–`.
+fn comparable_columns(mut columns: Vec<Column>, targets: &[Box<dyn Target>]) -> Vec<Column> {
+    let named = |name: &str| targets.iter().any(|t| t.name() == name);
+    columns.retain(|c| match c.value {
+        Value::RatioToDirect(_) | Value::AddedOverDirect(_) => named("direct"),
+        Value::RatioToTarget(t, _) => named(t),
+        Value::RatioToBase(_) => named(BASE_TARGET),
+        Value::Metric(_) | Value::RatioToFirstSetup(_) => true,
+    });
+    columns
+}
+
+/// The setups `target` runs with in each round: one per `--relay-workers` count for a target
+/// that takes them (`w=N`), else the default (empty label).
+fn setups(target: &dyn Target, settings: &Settings) -> Vec<(String, Launch)> {
+    if !target.takes_relay_workers() || settings.relay_workers.is_empty() {
+        return vec![(String::new(), settings.launch.clone())];
+    }
+    settings
+        .relay_workers
+        .iter()
+        .map(|&n| {
+            let launch = Launch {
+                relay_workers: Some(n),
+                ..settings.launch.clone()
+            };
+            (format!("w={n}"), launch)
+        })
+        .collect()
+}
+
+/// The paths `target` runs, labelled: with one routing, that routing unlabelled; with several,
+/// each by its [`Routing::path_label`], except that a target which does not route on SNI
+/// runs its one path once (as `tcp` when the scenario measures TCP).
+fn paths(routings: &[Routing], target: &dyn Target) -> Vec<(&'static str, Routing)> {
+    if let [only] = routings {
+        return vec![("", *only)];
+    }
+    let mut all: Vec<(&'static str, Routing)> =
+        routings.iter().map(|r| (r.path_label(), *r)).collect();
+    if !target.routes_sni() {
+        let has_tcp = routings.contains(&Routing::Tcp);
+        all.retain(|(_, r)| !(has_tcp && matches!(r, Routing::Sni(_))));
+    }
+    all
+}
+
 fn measure_one(
     scenario: &mut dyn Scenario,
     target: &dyn Target,
+    routing: Routing,
+    launch: &Launch,
     dir: &Path,
 ) -> Result<Vec<Measurement>> {
     std::fs::create_dir_all(dir).context("creating target dir")?;
-    let mut running = target.start(scenario.backend_addr(), scenario.routing(), dir)?;
+    let mut running = target.start(scenario.backend_addr(), routing, dir, launch)?;
     let measurements = scenario.measure(&mut running, dir)?;
     // A relay that crashed under load must not report figures from before the crash.
     running.ensure_running()?;
     Ok(measurements)
 }
 
-/// Fills in the derived values (ratios to direct or another target, added over direct) of
-/// every sample, each against the reference target's sample of the same round and variant.
-pub fn derive(samples: &mut [Sample], columns: &[Column]) {
+/// Fills in the derived values (ratios to direct, another target or the first setup, added
+/// over direct) of every sample, each against the reference target's sample of the same
+/// round and variant: of those, the one with the same path and setup, else the same path,
+/// else the same setup, else the first ([`reference_sample`]). `first_setup` is the setup
+/// [`Value::RatioToFirstSetup`] divides by (`w=1` of `--relay-workers 1,2`).
+pub fn derive(samples: &mut [Sample], columns: &[Column], first_setup: &str) {
     let reference = samples.to_vec();
     for s in samples.iter_mut() {
         for c in columns {
@@ -400,11 +557,27 @@ pub fn derive(samples: &mut [Sample], columns: &[Column]) {
                 Value::RatioToDirect(m) => ("direct", m, |x, d| x / d),
                 Value::AddedOverDirect(m) => ("direct", m, |x, d| x - d),
                 Value::RatioToTarget(t, m) => (t, m, |x, d| x / d),
+                Value::RatioToFirstSetup(m) => (s.target.as_str(), m, |x, d| x / d),
+                Value::RatioToBase(_) if s.target != "outrelay" && s.target != BASE_TARGET => {
+                    continue;
+                }
+                Value::RatioToBase(m) => (BASE_TARGET, m, |x, d| x / d),
             };
-            let Some(d) = reference
-                .iter()
-                .find(|d| d.target == target && d.round == s.round && d.variant == s.variant)
-            else {
+            let d = if let Value::RatioToFirstSetup(_) = c.value {
+                if s.setup.is_empty() {
+                    continue;
+                }
+                reference.iter().find(|d| {
+                    d.target == s.target
+                        && d.round == s.round
+                        && d.variant == s.variant
+                        && d.path == s.path
+                        && d.setup == first_setup
+                })
+            } else {
+                reference_sample(&reference, target, s)
+            };
+            let Some(d) = d else {
                 continue;
             };
             if let (Some(x), Some(dv)) = (s.metrics.get(metric), d.metrics.get(metric)) {
@@ -417,7 +590,25 @@ pub fn derive(samples: &mut [Sample], columns: &[Column]) {
     }
 }
 
-/// Rows in target order, variants in first-measured order, each cell summarised over rounds.
+/// The sample of `target` that `s` is compared with: same round and variant; of those the
+/// best match on path (first) and setup (second).
+fn reference_sample<'a>(reference: &'a [Sample], target: &str, s: &Sample) -> Option<&'a Sample> {
+    let mut best: Option<(&Sample, (bool, bool))> = None;
+    let candidates = reference
+        .iter()
+        .filter(|d| d.target == target && d.round == s.round && d.variant == s.variant);
+    for d in candidates {
+        let rank = (d.path == s.path, d.setup == s.setup);
+        // Strictly better only: of equals the first measured wins.
+        if best.is_none_or(|(_, b)| rank > b) {
+            best = Some((d, rank));
+        }
+    }
+    best.map(|(d, _)| d)
+}
+
+/// Rows in target order, setups, paths and variants in first-measured order, each cell
+/// summarised over rounds.
 pub fn summarise(
     targets: &[Box<dyn Target>],
     samples: &[Sample],
@@ -441,19 +632,20 @@ pub fn summarise(
             rows.push(status_row(name, format!("failed: {why}")));
             continue;
         }
-        let mut variants: Vec<&str> = Vec::new();
+        let mut keys: Vec<(&str, &str, &str)> = Vec::new();
         for s in &mine {
-            if !variants.contains(&s.variant.as_str()) {
-                variants.push(&s.variant);
+            let key = (s.setup.as_str(), s.path.as_str(), s.variant.as_str());
+            if !keys.contains(&key) {
+                keys.push(key);
             }
         }
-        for v in variants {
+        for (setup, path, variant) in keys {
             let mut cells = BTreeMap::new();
             for c in columns {
                 let key = c.value.key();
                 let values: Vec<f64> = mine
                     .iter()
-                    .filter(|s| s.variant == v)
+                    .filter(|s| s.setup == setup && s.path == path && s.variant == variant)
                     .filter_map(|s| s.metrics.get(&key).copied())
                     .collect();
                 if let Some(summary) = Summary::of(&values) {
@@ -462,7 +654,9 @@ pub fn summarise(
             }
             rows.push(Row {
                 target: name.to_owned(),
-                variant: v.to_owned(),
+                setup: setup.to_owned(),
+                path: path.to_owned(),
+                variant: variant.to_owned(),
                 cells,
                 status: None,
             });
@@ -474,6 +668,8 @@ pub fn summarise(
 fn status_row(target: &str, status: String) -> Row {
     Row {
         target: target.to_owned(),
+        setup: String::new(),
+        path: String::new(),
         variant: String::new(),
         cells: BTreeMap::new(),
         status: Some(status),
@@ -497,6 +693,8 @@ mod tests {
         Sample {
             round,
             target: target.to_owned(),
+            setup: String::new(),
+            path: String::new(),
             variant: variant.to_owned(),
             metrics: BTreeMap::from([(metric.to_owned(), value)]),
         }
@@ -528,7 +726,7 @@ mod tests {
             sample(2, "haproxy", "1 stream", "gbps", 9.0),
             sample(1, "haproxy", "8 streams", "gbps", 5.0), // no direct for this variant
         ];
-        derive(&mut samples, &columns);
+        derive(&mut samples, &columns, "");
         let key = Value::RatioToDirect("gbps").key();
         assert_eq!(samples[1].metrics[&key], 0.75);
         assert_eq!(samples[3].metrics[&key], 0.9);
@@ -570,5 +768,195 @@ mod tests {
             Some("not available (relay not built yet)")
         );
         assert_eq!(rows[4].status.as_deref(), Some("failed: round 1: boom"));
+    }
+
+    fn labelled(target: &str, setup: &str, path: &str, value: f64) -> Sample {
+        Sample {
+            setup: setup.to_owned(),
+            path: path.to_owned(),
+            ..sample(1, target, "c=32", "conn_per_s", value)
+        }
+    }
+
+    #[test]
+    fn comparisons_pick_the_same_path_and_setup_and_fall_back_to_the_only_one() {
+        let columns = [
+            Value::RatioToTarget("haproxy-chain", "conn_per_s"),
+            Value::RatioToTarget("rathole", "conn_per_s"),
+            Value::RatioToBase("conn_per_s"),
+            Value::RatioToFirstSetup("conn_per_s"),
+        ]
+        .map(|value| Column {
+            header: "x",
+            decimals: 2,
+            value,
+        });
+        let mut samples = vec![
+            labelled("haproxy-chain", "", "sni", 100.0),
+            labelled("haproxy-chain", "", "tcp", 200.0),
+            labelled("rathole", "", "tcp", 50.0),
+            labelled("outrelay", "w=1", "sni", 300.0),
+            labelled("outrelay", "w=1", "tcp", 400.0),
+            labelled("outrelay", "w=2", "sni", 600.0),
+            labelled("outrelay", "w=2", "tcp", 1000.0),
+            labelled("outrelay-base", "w=1", "sni", 150.0),
+            labelled("outrelay-base", "w=1", "tcp", 100.0),
+            labelled("outrelay-base", "w=2", "sni", 200.0),
+            labelled("outrelay-base", "w=2", "tcp", 500.0),
+        ];
+        derive(&mut samples, &columns, "w=1");
+        let get = |i: usize, c: usize| samples[i].metrics.get(&columns[c].value.key()).copied();
+        // The peer's same path: sni with sni, tcp with tcp.
+        assert_eq!(get(3, 0), Some(3.0));
+        assert_eq!(get(4, 0), Some(2.0));
+        // rathole measured tcp only: every path compares with it.
+        assert_eq!(get(3, 1), Some(6.0));
+        assert_eq!(get(6, 1), Some(20.0));
+        // The base's same setup and path.
+        assert_eq!(get(5, 2), Some(3.0));
+        assert_eq!(get(6, 2), Some(2.0));
+        assert_eq!(get(4, 2), Some(4.0));
+        // The first worker count of the same target and path.
+        assert_eq!(get(5, 3), Some(2.0));
+        assert_eq!(get(6, 3), Some(2.5));
+        assert_eq!(get(4, 3), Some(1.0));
+        assert_eq!(get(10, 3), Some(5.0));
+        // No setups, no x first w; x base on the outrelay targets only.
+        assert_eq!(get(0, 3), None);
+        assert_eq!(get(0, 2), None);
+        assert_eq!(get(8, 2), Some(1.0));
+        // The first setup is the first count asked for, not the first one measured.
+        let mut reversed: Vec<Sample> = samples.iter().rev().cloned().collect();
+        for s in &mut reversed {
+            s.metrics.retain(|k, _| k == "conn_per_s");
+        }
+        derive(&mut reversed, &columns, "w=1");
+        let key = columns[3].value.key();
+        assert_eq!(reversed[4].metrics.get(&key), Some(&2.5));
+        assert_eq!(reversed[6].metrics.get(&key), Some(&1.0));
+    }
+
+    /// A target for the runner's expansion tests: routes SNI or not, takes workers or not.
+    struct Fake {
+        sni: bool,
+        workers: bool,
+    }
+
+    impl Target for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn description(&self) -> &'static str {
+            "test target"
+        }
+        fn availability(&self) -> Availability {
+            Availability::Available
+        }
+        fn routes_sni(&self) -> bool {
+            self.sni
+        }
+        fn takes_relay_workers(&self) -> bool {
+            self.workers
+        }
+        fn start(
+            &self,
+            _backend: SocketAddr,
+            _routing: Routing,
+            _dir: &Path,
+            _launch: &Launch,
+        ) -> Result<RunningTarget> {
+            anyhow::bail!("never started")
+        }
+    }
+
+    #[test]
+    fn columns_against_a_target_outside_the_run_are_left_out() {
+        let column = |value| Column {
+            header: "x",
+            decimals: 0,
+            value,
+        };
+        let all = vec![
+            column(Value::Metric("conn_per_s")),
+            column(Value::RatioToDirect("conn_per_s")),
+            column(Value::AddedOverDirect("p50_us")),
+            column(Value::RatioToTarget("rathole", "conn_per_s")),
+            column(Value::RatioToTarget("haproxy-chain", "conn_per_s")),
+            column(Value::RatioToBase("conn_per_s")),
+            column(Value::RatioToFirstSetup("conn_per_s")),
+        ];
+        let targets = crate::target::by_names(&["outrelay".to_owned(), "rathole".to_owned()])
+            .expect("known targets");
+        let kept: Vec<String> = comparable_columns(all.clone(), &targets)
+            .iter()
+            .map(|c| c.value.key())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "conn_per_s",
+                "conn_per_s_ratio_to_rathole",
+                "conn_per_s_ratio_to_first_setup"
+            ]
+        );
+        let everyone = crate::target::by_names(
+            &[
+                "direct",
+                "rathole",
+                "haproxy-chain",
+                "outrelay",
+                "outrelay-base",
+            ]
+            .map(str::to_owned),
+        )
+        .expect("known targets");
+        assert_eq!(comparable_columns(all.clone(), &everyone).len(), all.len());
+    }
+
+    #[test]
+    fn targets_that_route_sni_run_both_paths_and_the_others_one() {
+        const SNI: Routing = Routing::Sni("demo.outrelay.test");
+        let router = Fake {
+            sni: true,
+            workers: false,
+        };
+        let forwarder = Fake {
+            sni: false,
+            workers: false,
+        };
+        let both = [SNI, Routing::Tcp];
+        assert_eq!(paths(&both, &router), [("sni", SNI), ("tcp", Routing::Tcp)]);
+        assert_eq!(paths(&both, &forwarder), [("tcp", Routing::Tcp)]);
+        // One routing: unlabelled, whoever the target.
+        assert_eq!(paths(&[SNI], &forwarder), [("", SNI)]);
+        assert_eq!(paths(&[Routing::Tcp], &router), [("", Routing::Tcp)]);
+        // SNI only, several paths asked of a forwarder that has no TCP path: it still runs.
+        assert_eq!(paths(&[SNI, SNI], &forwarder).len(), 2);
+    }
+
+    #[test]
+    fn relay_worker_counts_become_setups_of_the_targets_that_take_them() {
+        let mut settings = Settings::example();
+        let relay = Fake {
+            sni: true,
+            workers: true,
+        };
+        let peer = Fake {
+            sni: true,
+            workers: false,
+        };
+        assert_eq!(
+            setups(&relay, &settings),
+            [(String::new(), Launch::default())]
+        );
+        settings.relay_workers = vec![1, 4];
+        let got = setups(&relay, &settings);
+        let labels: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["w=1", "w=4"]);
+        assert_eq!(got[1].1.relay_workers, Some(4));
+        assert_eq!(
+            setups(&peer, &settings),
+            [(String::new(), Launch::default())]
+        );
     }
 }

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{Column, Measurement, Metrics, Scenario, Settings, Value};
 use crate::proc_stats::tree_cpu_seconds;
-use crate::target::{Routing, RunningTarget, Target};
+use crate::target::{Launch, Routing, RunningTarget, Target};
 
 /// UDP payload per datagram (the P7 target's size).
 const PAYLOAD_BYTES: usize = 1200;
@@ -191,7 +191,7 @@ impl Scenario for Udp {
         ]
     }
 
-    fn prepare(&mut self, targets: &[&dyn Target], work: &Path) -> Result<()> {
+    fn prepare(&mut self, targets: &[&dyn Target], work: &Path, launch: &Launch) -> Result<()> {
         let Some(outrelay) = targets.iter().find(|t| t.name() == "outrelay") else {
             self.calibration =
                 Some("outrelay not among the available targets: no paced phase".to_owned());
@@ -200,7 +200,7 @@ impl Scenario for Udp {
         let dir = work.join("udp-calibration-outrelay");
         std::fs::create_dir_all(&dir).context("creating calibration dir")?;
         eprintln!("[udp] calibrating: outrelay's maximum");
-        let mut running = outrelay.start(self.sink.addr, Routing::Udp, &dir)?;
+        let mut running = outrelay.start(self.sink.addr, Routing::Udp, &dir, launch)?;
         let socket = sender(running.front)?;
         self.warm_up(&socket)?;
         // The median of three saturated phases: one phase on a shared machine can land far

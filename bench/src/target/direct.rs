@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{Availability, Routing, RunningTarget, Target};
+use super::{Availability, Launch, Routing, RunningTarget, Target};
 
 /// The direct loopback path.
 pub struct Direct;
@@ -29,7 +29,13 @@ impl Target for Direct {
         !matches!(routing, Routing::Abuse { .. })
     }
 
-    fn start(&self, backend: SocketAddr, _routing: Routing, _dir: &Path) -> Result<RunningTarget> {
+    fn start(
+        &self,
+        backend: SocketAddr,
+        _routing: Routing,
+        _dir: &Path,
+        _launch: &Launch,
+    ) -> Result<RunningTarget> {
         Ok(RunningTarget::without_processes(backend))
     }
 }

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
-use crate::process::OwnedProcess;
+use super::{
+    Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+};
 
 /// The forwarder on one readiness backend.
 pub struct Engine {
@@ -44,7 +45,13 @@ impl Target for Engine {
         }
     }
 
-    fn start(&self, backend: SocketAddr, _routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn start(
+        &self,
+        backend: SocketAddr,
+        _routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
         let front = free_loopback_addr()?;
         let args = [
             "--listen".to_owned(),
@@ -55,7 +62,8 @@ impl Target for Engine {
             self.backend.to_owned(),
         ];
         let mut processes = vec![
-            OwnedProcess::spawn(self.name(), &binary(), &args, dir)
+            launch
+                .spawn(self.name(), &binary(), &args, dir)
                 .context("starting the engine forwarder")?,
         ];
         wait_listening(&[front], &mut processes)?;

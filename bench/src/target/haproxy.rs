@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
+use super::{
+    Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+};
 use crate::peers::find_binary;
 use crate::process::OwnedProcess;
 use crate::template::render;
@@ -45,7 +47,17 @@ impl Target for Haproxy {
         }
     }
 
-    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn routes_sni(&self) -> bool {
+        true
+    }
+
+    fn start(
+        &self,
+        backend: SocketAddr,
+        routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
         let binary = find_binary("haproxy").context("haproxy not installed")?;
         let mut processes = Vec::new();
         let mut listening = Vec::new();
@@ -54,6 +66,7 @@ impl Target for Haproxy {
         if self.hops == 2 {
             let front = free_loopback_addr()?;
             processes.push(spawn(
+                launch,
                 &binary,
                 dir,
                 "haproxy-hop2",
@@ -65,7 +78,15 @@ impl Target for Haproxy {
             next = front;
         }
         let front = free_loopback_addr()?;
-        processes.push(spawn(&binary, dir, "haproxy-hop1", front, next, routing)?);
+        processes.push(spawn(
+            launch,
+            &binary,
+            dir,
+            "haproxy-hop1",
+            front,
+            next,
+            routing,
+        )?);
         listening.push(front);
         wait_listening(&listening, &mut processes)?;
         Ok(RunningTarget::new(
@@ -77,6 +98,7 @@ impl Target for Haproxy {
 }
 
 fn spawn(
+    launch: &Launch,
     binary: &Path,
     dir: &Path,
     name: &str,
@@ -110,7 +132,7 @@ fn spawn(
         "-f".to_owned(),
         path.display().to_string(),
     ];
-    OwnedProcess::spawn(name, binary, &args, dir)
+    launch.spawn(name, binary, &args, dir)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use anyhow::{Context, Result, bail};
 
 pub use outrelay::ABUSE_PENDING_CONN_MAX;
 
+use crate::pinning::CpuList;
 use crate::proc_stats;
 use crate::process::OwnedProcess;
 
@@ -69,6 +70,63 @@ impl Routing {
     }
 }
 
+impl Routing {
+    /// The path label of a scenario that measures more than one routing (`connrate`: `sni`
+    /// and `tcp`); empty for the others.
+    pub fn path_label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Sni(_) => "sni",
+            Self::Udp => "udp",
+            Self::Mesh { .. } => "mesh",
+            Self::Abuse { .. } => "abuse",
+        }
+    }
+}
+
+/// How one start of a target launches its processes: CPU pinning and OutRelay's worker
+/// count. The default launches as the harness itself runs, with the relay's default workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// `(taskset, cpus)`: every process of the target runs under `taskset -c cpus`.
+    pub pin: Option<(PathBuf, CpuList)>,
+    /// OutRelay's relay top-level `workers = N`; `None`: the relay's default (one per core
+    /// it may run on).
+    pub relay_workers: Option<usize>,
+}
+
+impl Launch {
+    /// Starts one of the target's processes ([`OwnedProcess::spawn`]), under `taskset` when
+    /// pinned. `taskset` execs the program, so the pid (whose CPU is measured) is the
+    /// program's own.
+    pub fn spawn(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> Result<OwnedProcess> {
+        let (program, args) = self.command(program, args);
+        OwnedProcess::spawn(name, &program, &args, dir)
+    }
+
+    /// The program and arguments [`Self::spawn`] runs.
+    pub fn command(&self, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+        match &self.pin {
+            None => (program.to_owned(), args.to_vec()),
+            Some((taskset, cpus)) => {
+                let mut all = vec![
+                    "-c".to_owned(),
+                    cpus.to_string(),
+                    program.display().to_string(),
+                ];
+                all.extend_from_slice(args);
+                (taskset.clone(), all)
+            }
+        }
+    }
+}
+
 /// Whether a target can run on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Availability {
@@ -91,9 +149,26 @@ pub trait Target {
     fn supports(&self, routing: Routing) -> bool {
         matches!(routing, Routing::Tcp | Routing::Sni(_))
     }
-    /// Starts the target in front of `backend` in the empty directory `dir` and waits until
-    /// its front port is listening (a TCP listener, or a bound UDP socket for [`Routing::Udp`]).
-    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget>;
+    /// Whether [`Routing::Sni`] makes it route on the ClientHello (default: no, it forwards
+    /// every connection, so its SNI and TCP paths are one path, measured once).
+    fn routes_sni(&self) -> bool {
+        false
+    }
+    /// Whether it takes [`Launch::relay_workers`] (OutRelay's relay), so `--relay-workers`
+    /// runs it once per worker count.
+    fn takes_relay_workers(&self) -> bool {
+        false
+    }
+    /// Starts the target in front of `backend` in the empty directory `dir`, its processes
+    /// launched through `launch`, and waits until its front port is listening (a TCP listener,
+    /// or a bound UDP socket for [`Routing::Udp`]).
+    fn start(
+        &self,
+        backend: SocketAddr,
+        routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget>;
 }
 
 /// A started target. Dropping it stops its processes (SIGTERM, then SIGKILL, whole groups).
@@ -201,7 +276,8 @@ pub fn all() -> Vec<Box<dyn Target>> {
             backend: "io_uring",
         }),
         Box::new(engine::Engine { backend: "epoll" }),
-        Box::new(outrelay::Outrelay),
+        Box::new(outrelay::Outrelay { base: false }),
+        Box::new(outrelay::Outrelay { base: true }),
         Box::new(quinn_direct::QuinnDirect { paced: false }),
         Box::new(quinn_direct::QuinnDirect { paced: true }),
     ]
@@ -370,7 +446,10 @@ mod tests {
         assert!(t[3].supports(MESH));
         let dir = tempfile::tempdir().expect("temp dir");
         let backend: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
-        assert!(t[0].start(backend, Routing::Tcp, dir.path()).is_err());
+        assert!(
+            t[0].start(backend, Routing::Tcp, dir.path(), &Launch::default())
+                .is_err()
+        );
     }
 
     #[test]
@@ -379,10 +458,60 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let t = by_names(&["direct".to_owned()]).expect("known target");
         let running = t[0]
-            .start(backend, Routing::Tcp, dir.path())
+            .start(backend, Routing::Tcp, dir.path(), &Launch::default())
             .expect("direct always starts");
         assert_eq!(running.front, backend);
         assert!(!running.has_relay());
         assert!(running.relay_roots().is_empty());
+    }
+
+    #[test]
+    fn a_pinned_launch_runs_the_program_itself_on_the_given_cpus() {
+        let Some(taskset) = crate::peers::find_binary("taskset") else {
+            eprintln!("SKIP a_pinned_launch_runs_the_program_itself_on_the_given_cpus: no taskset");
+            return;
+        };
+        let sleep = crate::peers::find_binary("sleep").expect("coreutils sleep");
+        // The last CPU this process may use: on a 1-CPU box that is the only one.
+        let now = CpuList::current().expect("sched_getaffinity");
+        let last: CpuList = now
+            .to_string()
+            .rsplit([',', '-'])
+            .next()
+            .expect("non-empty list")
+            .parse()
+            .expect("one CPU");
+        let launch = Launch {
+            pin: Some((taskset, last.clone())),
+            relay_workers: None,
+        };
+        let (program, args) = launch.command(&sleep, &["5".to_owned()]);
+        assert!(program.ends_with("taskset"), "{}", program.display());
+        assert_eq!(args[..2], ["-c".to_owned(), last.to_string()]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = launch
+            .spawn("sleeper", &sleep, &["5".to_owned()], dir.path())
+            .expect("spawns");
+        let pid = child.pid();
+        // taskset execs the program: wait until the pid is `sleep`, then read its affinity.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pid {pid} is still {comm:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim();
+        assert_eq!(allowed, last.to_string());
+        // Unpinned: the program as given.
+        let (program, args) = Launch::default().command(&sleep, &["5".to_owned()]);
+        assert_eq!((program, args), (sleep, vec!["5".to_owned()]));
     }
 }

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
+use super::{
+    Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+};
 use crate::peers::{NGINX_STREAM_MODULE, find_binary};
-use crate::process::OwnedProcess;
 use crate::template::render;
 
 const TCP_TEMPLATE: &str = include_str!("../../templates/nginx-tcp.conf");
@@ -37,7 +38,17 @@ impl Target for Nginx {
         Availability::Available
     }
 
-    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn routes_sni(&self) -> bool {
+        true
+    }
+
+    fn start(
+        &self,
+        backend: SocketAddr,
+        routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
         let binary = find_binary("nginx").context("nginx not installed")?;
         let front = free_loopback_addr()?;
         let load_module = if stream_built_in() {
@@ -75,7 +86,7 @@ impl Target for Nginx {
             &path.display().to_string(),
         ]
         .map(str::to_owned);
-        let mut processes = vec![OwnedProcess::spawn("nginx", &binary, &args, dir)?];
+        let mut processes = vec![launch.spawn("nginx", &binary, &args, dir)?];
         wait_listening(&[front], &mut processes)?;
         Ok(RunningTarget::new(
             front,

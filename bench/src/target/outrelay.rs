@@ -14,6 +14,10 @@
 //! each connection to it becomes one QUIC stream consumer → relay → provider → backend. Only
 //! the relay process counts as the relay; the two agents are helpers (the ends of the path).
 //! Build them with `cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli`.
+//!
+//! `outrelay-base` is the same target with its binaries taken from the directory in
+//! `OUTRELAY_BASE_BIN` (a build of the commit before a change), so one run measures before and
+//! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,8 +25,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::{
-    AbuseEnds, Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
-    wait_ready, wait_udp_bound,
+    AbuseEnds, Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr,
+    wait_listening, wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -46,29 +50,61 @@ const AGENT_2_URI: &str = "outrelay://demo/agent/00000000-0000-4000-8000-0000000
 /// files are capped at 20,000 here) reaches it, as the full-size flood reaches 10,000.
 pub const ABUSE_PENDING_CONN_MAX: usize = 1_000;
 
-/// OutRelay's relay and agent.
-pub struct Outrelay;
+/// The environment variable naming `outrelay-base`'s binary directory.
+pub const BASE_BIN_ENV: &str = "OUTRELAY_BASE_BIN";
 
-fn binary(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/release")
-        .join(name)
+/// OutRelay's relay and agent: `outrelay` (this tree's release build) or `outrelay-base`
+/// (binaries from [`BASE_BIN_ENV`]).
+pub struct Outrelay {
+    /// Whether this is `outrelay-base`.
+    pub base: bool,
 }
 
 const BINARIES: [&str; 3] = ["outrelay-relay", "outrelay-agent", "outrelay"];
 
+impl Outrelay {
+    /// The directory the binaries come from; `None` for `outrelay-base` without
+    /// [`BASE_BIN_ENV`].
+    fn bin_dir(&self) -> Option<PathBuf> {
+        if self.base {
+            std::env::var_os(BASE_BIN_ENV)
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        } else {
+            Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"))
+        }
+    }
+}
+
 impl Target for Outrelay {
     fn name(&self) -> &'static str {
-        "outrelay"
+        if self.base {
+            "outrelay-base"
+        } else {
+            "outrelay"
+        }
     }
 
     fn description(&self) -> &'static str {
-        "OutRelay relay + agent (two hops over a reverse session, splice on both hops); routes by SNI"
+        if self.base {
+            "outrelay with the binaries in $OUTRELAY_BASE_BIN (a build to compare against in the same run)"
+        } else {
+            "OutRelay relay + agent (two hops over a reverse session, splice on both hops); routes by SNI"
+        }
     }
 
     fn availability(&self) -> Availability {
-        match BINARIES.iter().find(|b| !binary(b).exists()) {
+        let Some(dir) = self.bin_dir() else {
+            return Availability::NotAvailable(format!(
+                "{BASE_BIN_ENV} not set (a directory with outrelay-relay, outrelay-agent, outrelay)"
+            ));
+        };
+        match BINARIES.iter().find(|b| !dir.join(b).exists()) {
             None => Availability::Available,
+            Some(missing) if self.base => Availability::NotAvailable(format!(
+                "{missing} not in {BASE_BIN_ENV}={}",
+                dir.display()
+            )),
             Some(missing) => Availability::NotAvailable(format!(
                 "{missing} not built: cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli"
             )),
@@ -79,9 +115,29 @@ impl Target for Outrelay {
         true
     }
 
-    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn routes_sni(&self) -> bool {
+        true
+    }
+
+    fn takes_relay_workers(&self) -> bool {
+        true
+    }
+
+    fn start(
+        &self,
+        backend: SocketAddr,
+        routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
+        let bins = Bins {
+            dir: self
+                .bin_dir()
+                .with_context(|| format!("{BASE_BIN_ENV} not set"))?,
+            launch,
+        };
         let pki = dir.join("pki");
-        let out = std::process::Command::new(binary("outrelay"))
+        let out = std::process::Command::new(bins.path("outrelay"))
             .args(["dev-pki", "--root-host", ROOT_HOST, "--out"])
             .arg(&pki)
             .output()
@@ -90,7 +146,7 @@ impl Target for Outrelay {
             bail!("dev-pki: {}", String::from_utf8_lossy(&out.stderr));
         }
         if let Routing::Abuse { flood } = routing {
-            return start_abuse(backend, flood, dir, &pki);
+            return start_abuse(&bins, backend, flood, dir, &pki);
         }
         let public_tls = free_loopback_addr()?;
         let policy = if matches!(routing, Routing::Mesh { .. }) {
@@ -102,7 +158,7 @@ impl Target for Outrelay {
             String::new()
         };
         let relay_config = format!(
-            "public_url = \"https://{ROOT_HOST}\"\n\
+            "public_url = \"https://{ROOT_HOST}\"\n{workers}\
              [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
              [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
              lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
@@ -111,13 +167,16 @@ impl Target for Outrelay {
             lo = LEASE_PORTS.0,
             hi = LEASE_PORTS.1,
             udp = routing == Routing::Udp,
+            workers = workers_line(launch),
         );
-        let (mut processes, quic) = start_relay(dir, &relay_config)?;
+        let (mut processes, quic) = start_relay(&bins, dir, &relay_config)?;
         let (lease_line, sni_routed) = match routing {
             Routing::Tcp => (format!("tcp_to = \"{backend}\""), false),
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
             Routing::Udp => (format!("udp_to = \"{backend}\""), false),
-            Routing::Mesh { .. } => return start_mesh(backend, dir, &pki, &quic, processes),
+            Routing::Mesh { .. } => {
+                return start_mesh(&bins, backend, dir, &pki, &quic, processes);
+            }
             Routing::Abuse { .. } => bail!("the abuse topology has its own relay"),
         };
         let name = match routing {
@@ -127,6 +186,7 @@ impl Target for Outrelay {
             Routing::Tcp | Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => "bench",
         };
         let agent = start_agent(
+            &bins,
             "agent",
             dir,
             &agent_config(
@@ -154,15 +214,39 @@ impl Target for Outrelay {
     }
 }
 
+/// Where one start's binaries are and how its processes are launched.
+struct Bins<'a> {
+    dir: PathBuf,
+    launch: &'a Launch,
+}
+
+impl Bins<'_> {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Starts `binary` (a name in the bin dir) as `name`, through the launch's pinning.
+    fn spawn(&self, name: &str, binary: &str, args: &[String], dir: &Path) -> Result<OwnedProcess> {
+        self.launch.spawn(name, &self.path(binary), args, dir)
+    }
+}
+
+/// The relay config's top-level `workers = N` line for `launch` (empty: the default).
+fn workers_line(launch: &Launch) -> String {
+    launch
+        .relay_workers
+        .map_or_else(String::new, |n| format!("workers = {n}\n"))
+}
+
 /// Starts the relay from `config` (TOML text, written to `dir/relay.toml`); returns it with its
 /// QUIC address from the ready file.
-fn start_relay(dir: &Path, config: &str) -> Result<(Vec<OwnedProcess>, String)> {
+fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<(Vec<OwnedProcess>, String)> {
     let relay_config = dir.join("relay.toml");
     std::fs::write(&relay_config, config)?;
     let relay_ready = dir.join("relay.ready");
-    let mut processes = vec![OwnedProcess::spawn(
+    let mut processes = vec![bins.spawn(
         "outrelay-relay",
-        &binary("outrelay-relay"),
+        "outrelay-relay",
         &[
             "--log".to_owned(),
             "warn".to_owned(),
@@ -195,6 +279,7 @@ fn agent_config(quic: &str, pki: &Path, who: &str, sections: &str) -> String {
 /// Starts `outrelay-agent run` from `config` as `dir/<name>.toml`, pushes it onto `processes`
 /// and returns its ready file's JSON.
 fn start_agent(
+    bins: &Bins<'_>,
     name: &str,
     dir: &Path,
     config: &str,
@@ -203,9 +288,9 @@ fn start_agent(
     let config_path = dir.join(format!("{name}.toml"));
     std::fs::write(&config_path, config)?;
     let ready = dir.join(format!("{name}.ready"));
-    processes.push(OwnedProcess::spawn(
+    processes.push(bins.spawn(
         &format!("outrelay-{name}"),
-        &binary("outrelay-agent"),
+        "outrelay-agent",
         &[
             "run".to_owned(),
             "--config".to_owned(),
@@ -221,6 +306,7 @@ fn start_agent(
 /// The mesh (P6): provider `agent-2` serving [`MESH_SERVICE`] to `backend`, consumer `agent-1`
 /// listening for it on 127.0.0.1:0; `relay` (already started) is the only measured process.
 fn start_mesh(
+    bins: &Bins<'_>,
     backend: SocketAddr,
     dir: &Path,
     pki: &Path,
@@ -230,6 +316,7 @@ fn start_mesh(
     let mut all = relay;
     let provide = format!("[[provide]]\nservice = \"{MESH_SERVICE}\"\nto = \"{backend}\"\n");
     start_agent(
+        bins,
         "provider",
         dir,
         &agent_config(quic, pki, "agent-2", &provide),
@@ -237,6 +324,7 @@ fn start_mesh(
     )?;
     let consume = format!("[[consume]]\nservice = \"{MESH_SERVICE}\"\nlisten = \"127.0.0.1:0\"\n");
     let consumer = start_agent(
+        bins,
         "consumer",
         dir,
         &agent_config(quic, pki, "agent-1", &consume),
@@ -261,13 +349,13 @@ fn start_mesh(
 /// to `backend` and the TCP lease `bulk` to `flood`. The relay and the agent count as the
 /// relay; the controller is a helper.
 fn start_abuse(
+    bins: &Bins<'_>,
     backend: SocketAddr,
     flood: SocketAddr,
     dir: &Path,
     pki: &Path,
 ) -> Result<RunningTarget> {
-    let controller_bin = binary("outrelay-controller");
-    if !controller_bin.exists() {
+    if !bins.path("outrelay-controller").exists() {
         bail!("outrelay-controller not built: cargo build --release -p outrelay-controller");
     }
     let controller_config = dir.join("controller.toml");
@@ -282,9 +370,9 @@ fn start_abuse(
         ),
     )?;
     let controller_ready = dir.join("controller.ready");
-    let mut helpers = vec![OwnedProcess::spawn(
+    let mut helpers = vec![bins.spawn(
         "outrelay-controller",
-        &controller_bin,
+        "outrelay-controller",
         &[
             "--log".to_owned(),
             "warn".to_owned(),
@@ -304,7 +392,7 @@ fn start_abuse(
 
     let public_tls = free_loopback_addr()?;
     let relay_config = format!(
-        "public_url = \"https://{ROOT_HOST}\"\n\
+        "public_url = \"https://{ROOT_HOST}\"\n{workers}\
          [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
          [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
          lease_bind_ip = \"127.0.0.1\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
@@ -316,8 +404,9 @@ fn start_abuse(
         d = dir.display(),
         lo = ABUSE_LEASE_PORTS.0,
         hi = ABUSE_LEASE_PORTS.1,
+        workers = workers_line(bins.launch),
     );
-    let (mut processes, quic) = start_relay(dir, &relay_config)?;
+    let (mut processes, quic) = start_relay(bins, dir, &relay_config)?;
     let relay_ready: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("relay.ready")).context("reading relay.ready")?,
     )
@@ -333,6 +422,7 @@ fn start_abuse(
          [[lease]]\nname = \"bulk\"\ntcp_to = \"{flood}\"\n"
     );
     let agent = start_agent(
+        bins,
         "agent",
         dir,
         &agent_config(&quic, pki, "agent-1", &leases),
@@ -346,7 +436,7 @@ fn start_abuse(
     wait_listening(&[public_tls, bulk_front], &mut processes)?;
     let mut running = RunningTarget::new(public_tls, true, processes);
     running.abuse = Some(AbuseEnds {
-        cli: binary("outrelay"),
+        cli: bins.path("outrelay"),
         relay_pid,
         controller_pid: helpers[0].pid(),
         relay_metrics,
@@ -374,4 +464,36 @@ fn granted_port(agent: &serde_json::Value, key: &str) -> Result<SocketAddr> {
         .and_then(|(_, p)| p.parse::<u16>().ok())
         .with_context(|| format!("agent ready file: {key} {granted}"))?;
     Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_count_is_a_top_level_line_only_when_given() {
+        assert_eq!(workers_line(&Launch::default()), "");
+        let launch = Launch {
+            relay_workers: Some(3),
+            ..Launch::default()
+        };
+        assert_eq!(workers_line(&launch), "workers = 3\n");
+    }
+
+    #[test]
+    fn the_base_target_needs_its_bin_dir() {
+        let base = Outrelay { base: true };
+        assert_eq!(base.name(), "outrelay-base");
+        // Decided by the environment the tests run in; both answers are checked.
+        match std::env::var_os(BASE_BIN_ENV) {
+            None => {
+                let Availability::NotAvailable(why) = base.availability() else {
+                    panic!("outrelay-base available without {BASE_BIN_ENV}");
+                };
+                assert!(why.contains(BASE_BIN_ENV), "{why}");
+            }
+            Some(dir) => assert_eq!(base.bin_dir(), Some(PathBuf::from(dir))),
+        }
+        assert!(Outrelay { base: false }.bin_dir().is_some());
+    }
 }

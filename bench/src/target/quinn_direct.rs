@@ -16,8 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Availability, Routing, RunningTarget, Target, wait_ready};
-use crate::process::OwnedProcess;
+use super::{Availability, Launch, Routing, RunningTarget, Target, wait_ready};
 
 /// How long the server gets to write its ready file.
 const READY_TIMEOUT_MS: u64 = 10_000;
@@ -56,7 +55,13 @@ impl Target for QuinnDirect {
         matches!(routing, Routing::Mesh { .. })
     }
 
-    fn start(&self, _backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn start(
+        &self,
+        _backend: SocketAddr,
+        routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
         let Routing::Mesh { pace_mbps } = routing else {
             bail!("quinn-direct only runs the mesh scenario");
         };
@@ -70,7 +75,7 @@ impl Target for QuinnDirect {
         };
         let exe = std::env::current_exe().context("own executable")?;
         let ready = dir.join("quinn-server.ready");
-        let mut processes = vec![OwnedProcess::spawn(
+        let mut processes = vec![launch.spawn(
             "quinn-server",
             &exe,
             &[
@@ -89,7 +94,7 @@ impl Target for QuinnDirect {
         };
         let quic: SocketAddr = field("quic")?.parse().context("quinn-server quic")?;
         let stats: SocketAddr = field("stats")?.parse().context("quinn-server stats")?;
-        processes.push(OwnedProcess::spawn(
+        processes.push(launch.spawn(
             "quinn-client",
             &exe,
             &[

@@ -9,11 +9,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{
-    Availability, Routing, RunningTarget, Target, free_loopback_addr, free_loopback_udp_addr,
-    wait_listening, wait_udp_bound,
+    Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr,
+    free_loopback_udp_addr, wait_listening, wait_udp_bound,
 };
 use crate::peers::find_binary;
-use crate::process::OwnedProcess;
 use crate::template::render;
 
 const SERVER_TEMPLATE: &str = include_str!("../../templates/rathole-server.toml");
@@ -43,7 +42,13 @@ impl Target for Rathole {
         matches!(routing, Routing::Tcp | Routing::Sni(_) | Routing::Udp)
     }
 
-    fn start(&self, backend: SocketAddr, routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn start(
+        &self,
+        backend: SocketAddr,
+        routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
         let binary = find_binary("rathole").context("rathole not installed")?;
         let control = free_loopback_addr()?.to_string();
         let udp = routing == Routing::Udp;
@@ -76,13 +81,13 @@ impl Target for Rathole {
         std::fs::write(&server_path, server).context("writing rathole server config")?;
         std::fs::write(&client_path, client).context("writing rathole client config")?;
         let mut processes = vec![
-            OwnedProcess::spawn(
+            launch.spawn(
                 "rathole-server",
                 &binary,
                 &["-s".to_owned(), server_path.display().to_string()],
                 dir,
             )?,
-            OwnedProcess::spawn(
+            launch.spawn(
                 "rathole-client",
                 &binary,
                 &["-c".to_owned(), client_path.display().to_string()],

@@ -7,9 +7,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{Availability, Routing, RunningTarget, Target, free_loopback_addr, wait_listening};
+use super::{
+    Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+};
 use crate::peers::find_binary;
-use crate::process::OwnedProcess;
 
 /// socat's default listen backlog is 5, which would measure the backlog, not socat.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -33,7 +34,13 @@ impl Target for Socat {
         }
     }
 
-    fn start(&self, backend: SocketAddr, _routing: Routing, dir: &Path) -> Result<RunningTarget> {
+    fn start(
+        &self,
+        backend: SocketAddr,
+        _routing: Routing,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
         let binary = find_binary("socat").context("socat not installed")?;
         let front = free_loopback_addr()?;
         let args = [
@@ -44,7 +51,7 @@ impl Target for Socat {
             ),
             format!("TCP:{backend},nodelay"),
         ];
-        let mut processes = vec![OwnedProcess::spawn("socat", &binary, &args, dir)?];
+        let mut processes = vec![launch.spawn("socat", &binary, &args, dir)?];
         wait_listening(&[front], &mut processes)?;
         Ok(RunningTarget::new(front, false, processes))
     }
