@@ -704,13 +704,27 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
     if matches!(out, Output::Table) {
         let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         println!(
-            "io backend {}, {} splice workers, {} pairs active, {} bytes spliced, {} pipe bytes held",
+            "io backend {}, {} workers, {} pairs active, {} bytes spliced, {} pipe bytes held",
             status["io_backend"].as_str().unwrap_or("?"),
             count(&status["workers"]),
             count(&status["splice"]["pairs_active"]),
             count(&status["splice"]["bytes"]),
             count(&status["splice"]["pipe_held_bytes"]),
         );
+        for w in status["worker_stats"].as_array().into_iter().flatten() {
+            println!(
+                "worker {}: accepts {} public / {} reverse, claims {} ({} cross-worker), \
+                 hand-offs {}, in set-up {}, pairs {}",
+                count(&w["worker"]),
+                count(&w["accepts_public"]),
+                count(&w["accepts_reverse"]),
+                count(&w["claims"]),
+                count(&w["cross_worker_claims"]),
+                count(&w["handoffs"]),
+                count(&w["setup_connections"]),
+                count(&w["pairs_active"]),
+            );
+        }
         let drops: Vec<String> = status["drops"]
             .as_object()
             .map(|m| {

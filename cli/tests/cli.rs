@@ -383,11 +383,17 @@ fn relay_status_reads_the_relay_admin_socket() {
     );
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
-        text.contains("splice workers") && text.contains("HOSTNAME"),
+        text.contains(" workers, ")
+            && text.contains("worker 0: accepts")
+            && text.contains("HOSTNAME"),
         "{text}"
     );
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON status");
     assert_eq!(v["workers"], 1);
+    assert_eq!(
+        v["worker_stats"][0]["worker"], 0,
+        "per-worker counters: {v}"
+    );
     assert_eq!(
         missing.status.code(),
         Some(1),
