@@ -758,3 +758,273 @@ fn stream_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     s.set_tcp_nodelay(true)?;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicBool;
+
+    use arc_swap::ArcSwap;
+    use outrelay_io::{Backend, EngineConfig};
+    use outrelay_proto::reverse::{self, LeaseId};
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::SpliceConfig;
+    use crate::pool::{FailLog, PoolParams, Resolved};
+    use crate::splice::Splicer;
+    use crate::stats::PoolGauge;
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    fn backends() -> Vec<Backend> {
+        let mut b = vec![Backend::Epoll];
+        if Backend::probe() == Backend::Uring {
+            b.push(Backend::Uring);
+        } else {
+            eprintln!("SKIP io_uring backend: not available here");
+        }
+        b
+    }
+
+    struct Rig {
+        splicer: Splicer,
+        stats: Arc<Stats>,
+        link: Arc<PoolLink>,
+        events: mpsc::Receiver<Event>,
+        relay: TcpListener,
+        lease_id: LeaseId,
+        key: [u8; reverse::EXPORTER_KEY_BYTES],
+    }
+
+    /// One engine thread, a fake relay listener and a pool link whose TCP target is `tcp`.
+    fn rig(backend: Backend, pool: PoolConfig, tcp: Target) -> Rig {
+        let relay = TcpListener::bind("127.0.0.1:0").expect("relay listener");
+        let stats = Arc::new(Stats::default());
+        let splice = SpliceConfig {
+            workers: 1,
+            io_backend: backend,
+            engine: EngineConfig {
+                backend,
+                ..EngineConfig::default()
+            },
+        };
+        let splicer =
+            Splicer::start(&splice, &pool, &LocalConfig::default(), stats.clone()).expect("engine");
+        let lease_id = LeaseId([7; 16]);
+        let key = [9u8; reverse::EXPORTER_KEY_BYTES];
+        let (tx, events) = mpsc::channel(16);
+        let link = Arc::new(PoolLink {
+            params: Arc::new(PoolParams {
+                name: Arc::from("demo"),
+                reverse_addr: relay.local_addr().expect("addr").to_string(),
+                lease_id,
+                key,
+                tls_to: None,
+                tcp_to: None,
+                gauge: Arc::new(PoolGauge::default()),
+                fail_log: Arc::new(FailLog::default()),
+            }),
+            resolved: ArcSwap::from_pointee(Resolved {
+                reverse: Arc::from(vec![relay.local_addr().expect("addr")]),
+                tls: Target::None,
+                tcp,
+            }),
+            events: tx,
+            closed: AtomicBool::new(false),
+        });
+        Rig {
+            splicer,
+            stats,
+            link,
+            events,
+            relay,
+            lease_id,
+            key,
+        }
+    }
+
+    impl Rig {
+        /// Opens a session and plays the relay's side of the handshake, the nonce in two
+        /// pieces; returns the relay's end once the agent reported it idle.
+        fn handshake(&mut self) -> TcpStream {
+            assert!(self.splicer.open(self.link.clone()), "open queued");
+            let (mut s, _) = self.relay.accept().expect("accept");
+            s.set_read_timeout(Some(BOUND)).expect("timeout");
+            let mut preamble = [0u8; reverse::PREAMBLE_BYTES];
+            s.read_exact(&mut preamble).expect("preamble");
+            assert_eq!(preamble, reverse::encode_preamble(&self.lease_id));
+            let nonce = [3u8; reverse::NONCE_BYTES];
+            s.write_all(&nonce[..5]).expect("nonce");
+            std::thread::sleep(Duration::from_millis(20));
+            s.write_all(&nonce[5..]).expect("nonce");
+            let mut mac = [0u8; reverse::MAC_BYTES];
+            s.read_exact(&mut mac).expect("mac");
+            assert_eq!(mac, reverse::compute_mac(&self.key, &nonce, &self.lease_id));
+            assert!(matches!(self.next_event(), Event::Idle));
+            s
+        }
+
+        fn next_event(&mut self) -> Event {
+            let start = Instant::now();
+            loop {
+                if let Ok(e) = self.events.try_recv() {
+                    return e;
+                }
+                assert!(start.elapsed() < BOUND, "no event from the engine");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn wait_in_flight(&self, want: usize) {
+            let start = Instant::now();
+            while self.splicer.in_flight.load(Ordering::Relaxed) != want {
+                assert!(start.elapsed() < BOUND, "in_flight never reached {want}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// True when the peer closed (EOF) or reset the connection within the bound.
+    fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        s.set_read_timeout(Some(BOUND)).expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_below_the_user_key_limit() {
+        for (i, g, l) in [
+            (0, 0, false),
+            (7, 12345, true),
+            (u32::MAX, GENERATION_MASK, true),
+        ] {
+            let k = key(i, g, l);
+            assert!(k < outrelay_io::USER_KEY_LIMIT);
+            assert_eq!(unkey(k), (i, g, l));
+        }
+    }
+
+    /// Handshake with a split nonce, keep-alives skipped, and the bytes written with the
+    /// marker in one segment reach the local target: the engine consumed the marker only.
+    #[test]
+    fn a_session_splices_exactly_the_bytes_after_its_marker() {
+        for backend in backends() {
+            let target = TcpListener::bind("127.0.0.1:0").expect("target");
+            let addr = target.local_addr().expect("addr");
+            let mut rig = rig(
+                backend,
+                PoolConfig::default(),
+                Target::Addrs(Arc::from("t"), Arc::from(vec![addr])),
+            );
+            let mut relay = rig.handshake();
+            relay.write_all(&[0, 0]).expect("keep-alives");
+            std::thread::sleep(Duration::from_millis(20));
+            relay.write_all(b"\x01hello").expect("marker + bytes");
+            let (mut local, _) = target.accept().expect("local connect");
+            local.set_read_timeout(Some(BOUND)).expect("timeout");
+            let mut got = [0u8; 5];
+            local.read_exact(&mut got).expect("spliced bytes");
+            assert_eq!(&got, b"hello", "{backend:?}");
+            local.write_all(b"back").expect("reply");
+            let mut back = [0u8; 4];
+            relay.read_exact(&mut back).expect("reply spliced");
+            assert_eq!(&back, b"back");
+            assert!(matches!(rig.next_event(), Event::Claimed));
+            assert_eq!(rig.splicer.in_flight.load(Ordering::Relaxed), 1);
+            assert_eq!(rig.stats.sessions_opened.load(Ordering::Relaxed), 1);
+            assert_eq!(rig.stats.sessions_claimed_tcp.load(Ordering::Relaxed), 1);
+            drop(local);
+            drop(relay);
+            rig.wait_in_flight(0);
+        }
+    }
+
+    /// A refused local target resets the session at once and is counted; a second session
+    /// with a target of two addresses, the first refusing, reaches the second.
+    #[test]
+    fn a_refused_target_resets_the_session_and_the_next_address_is_tried() {
+        for backend in backends() {
+            let dead = TcpListener::bind("127.0.0.1:0").expect("port");
+            let dead_addr = dead.local_addr().expect("addr");
+            drop(dead);
+            let mut rig = rig(
+                backend,
+                PoolConfig::default(),
+                Target::Addrs(Arc::from("t"), Arc::from(vec![dead_addr])),
+            );
+            let mut relay = rig.handshake();
+            relay.write_all(&[1]).expect("marker");
+            let mut buf = [0u8; 8];
+            let got = relay.read(&mut buf);
+            assert!(
+                matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "{backend:?}: session reset, got {got:?}"
+            );
+            assert!(matches!(rig.next_event(), Event::Claimed));
+            rig.wait_in_flight(0);
+            assert_eq!(rig.stats.local_failures(LocalFail::Refused), 1);
+
+            let live = TcpListener::bind("127.0.0.1:0").expect("target");
+            let addrs = vec![dead_addr, live.local_addr().expect("addr")];
+            rig.link.resolved.store(Arc::new(Resolved {
+                reverse: rig.link.resolved.load().reverse.clone(),
+                tls: Target::None,
+                tcp: Target::Addrs(Arc::from("t"), Arc::from(addrs)),
+            }));
+            let mut relay = rig.handshake();
+            relay.write_all(b"\x01x").expect("marker");
+            let (mut local, _) = live.accept().expect("second address");
+            local.set_read_timeout(Some(BOUND)).expect("timeout");
+            let mut x = [0u8; 1];
+            local.read_exact(&mut x).expect("byte");
+            assert_eq!(&x, b"x");
+            assert_eq!(rig.stats.local_failures(LocalFail::Refused), 1);
+        }
+    }
+
+    /// A silent idle session is dead after `dead_session`, and a stopped pool closes its idle
+    /// sessions; both reach the relay as a close.
+    #[test]
+    fn dead_and_stopped_sessions_close() {
+        for backend in backends() {
+            let pool = PoolConfig {
+                dead_session: Duration::from_millis(200),
+                ..PoolConfig::default()
+            };
+            let mut rig = rig(backend, pool, Target::None);
+            let mut relay = rig.handshake();
+            let start = Instant::now();
+            assert!(closed(&mut relay), "{backend:?}: dead session closed");
+            assert!(
+                start.elapsed() >= Duration::from_millis(150),
+                "not before its deadline"
+            );
+            assert!(matches!(
+                rig.next_event(),
+                Event::Ended {
+                    was_idle: true,
+                    failed: false
+                }
+            ));
+            assert_eq!(rig.stats.sessions_dead.load(Ordering::Relaxed), 1);
+
+            let mut relay = rig.handshake();
+            rig.link.closed.store(true, Ordering::Relaxed);
+            rig.splicer.pool_stopped();
+            assert!(
+                closed(&mut relay),
+                "{backend:?}: stopped pool's session closed"
+            );
+            assert_eq!(rig.stats.sessions_dead.load(Ordering::Relaxed), 1);
+        }
+    }
+}

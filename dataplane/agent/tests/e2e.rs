@@ -281,6 +281,28 @@ fn spawn_agent(
     connection_extra: &str,
     env: &[(&str, String)],
 ) -> Agent {
+    spawn_agent_sized(
+        pki,
+        relays,
+        leases,
+        dead_session_ms,
+        connection_extra,
+        env,
+        (2, 8),
+    )
+}
+
+/// As [`spawn_agent`], with the pool's `idle` and `max`; `OUTRELAY_AGENT_BIN` overrides the
+/// binary (to measure another build).
+fn spawn_agent_sized(
+    pki: &Pki,
+    relays: &[SocketAddr],
+    leases: &str,
+    dead_session_ms: u64,
+    connection_extra: &str,
+    env: &[(&str, String)],
+    (idle, max): (usize, usize),
+) -> Agent {
     let dir = pki.path();
     let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
     let config = format!(
@@ -288,7 +310,7 @@ fn spawn_agent(
          [identity]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\nca = \"ca.pem\"\n\
          {leases}\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\
-         [pool]\nidle = 2\nmax = 8\ndead_session_ms = {dead_session_ms}\n\
+         [pool]\nidle = {idle}\nmax = {max}\ndead_session_ms = {dead_session_ms}\n\
          [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
          reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n{connection_extra}\n\
          [local]\nconnect_timeout_ms = 2000\nfailure_log_interval_ms = 1000\n"
@@ -298,7 +320,11 @@ fn spawn_agent(
     let ready = dir.join("agent-ready.json");
     let _ = std::fs::remove_file(&ready);
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+    let binary = std::env::var_os("OUTRELAY_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_outrelay-agent")),
+        PathBuf::from,
+    );
+    let child = Command::new(binary)
         .args(["--log", "info", "run", "--config"])
         .arg(&path)
         .arg("--ready-file")
@@ -1914,4 +1940,119 @@ async fn echo_bytes(port: u16, len: usize, seed: u64) -> Result<Duration, String
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("no echo within {WAIT:?}")),
     }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / per_s)
+}
+
+/// How many reverse sessions per second the agent establishes (handshake included) when every
+/// public connection consumes one, and its CPU per session. Ignored by default (it loads the
+/// machine for a few seconds); run it with
+/// `cargo nextest run --release -p outrelay-agent --test e2e --run-ignored only -E 'test(session_rate)' --no-capture`.
+/// `RATE_SECS` (default 5), `RATE_CONC` (public clients at once, 32), `RATE_POOL_MAX` (8) and
+/// `OUTRELAY_AGENT_BIN` (another agent build) vary it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: loads the machine for several seconds"]
+async fn session_rate_through_a_tcp_lease() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (secs, conc, pool_max) = (
+        env("RATE_SECS", 5),
+        env("RATE_CONC", 32),
+        env("RATE_POOL_MAX", 8),
+    );
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, _echo) = common::echo_server().await;
+    let mut agent = spawn_agent_sized(
+        &pki,
+        &[relay.addrs.quic],
+        &format!("[[lease]]\nname = \"rate\"\ntcp_to = \"{target}\"\n"),
+        5000,
+        "",
+        &[],
+        (2, usize::try_from(pool_max).expect("pool max")),
+    );
+    let ready = agent.ready().await;
+    let port = lease_port(&ready, "rate");
+    let metrics = ready["metrics"].as_str().expect("metrics").to_owned();
+    // Warm up until the lease answers.
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(start.elapsed() < WAIT, "lease never answered: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = |text: &str| metric(text, "outrelay_agent_reverse_sessions_opened_total");
+    let opened_before = opened(&http_get(&metrics, "/metrics"));
+    let (agent_pid, relay_pid) = (agent.proc.0.id(), relay.proc.0.id());
+    let (agent_cpu, relay_cpu) = (cpu_time(agent_pid), cpu_time(relay_pid));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..conc {
+        clients.spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while Instant::now() < until {
+                let one = async {
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+                    s.write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await?;
+                    std::io::Result::Ok(())
+                };
+                match tokio::time::timeout(CLOSE_BOUND, one).await {
+                    Ok(Ok(())) => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        });
+    }
+    let (mut ok, mut failed) = (0u64, 0u64);
+    while let Some(r) = clients.join_next().await {
+        let (o, f) = r.expect("client task");
+        ok += o;
+        failed += f;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let agent_us = (cpu_time(agent_pid) - agent_cpu).as_secs_f64() * 1e6;
+    let relay_us = (cpu_time(relay_pid) - relay_cpu).as_secs_f64() * 1e6;
+    let sessions = opened(&http_get(&metrics, "/metrics")) - opened_before;
+    let ok_f = ok as f64;
+    eprintln!(
+        "MEASURED c={conc} pool.max={pool_max} {secs}s: {:.0} conn/s ({ok} ok, {failed} failed), \
+         {:.0} sessions_opened/s, agent CPU {:.1} us/session, relay CPU {:.1} us/conn, \
+         relay + agent {:.1} us/conn",
+        ok_f / took,
+        sessions / took,
+        agent_us / sessions.max(1.0),
+        relay_us / ok_f.max(1.0),
+        (agent_us + relay_us) / ok_f.max(1.0),
+    );
+    assert!(ok > 0, "no public connection completed");
+    drop(relay);
 }
