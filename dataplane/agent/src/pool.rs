@@ -7,10 +7,12 @@
 //! connect, handshake, keep-alives, the dead-session timeout, the marker, the local connect
 //! and the splice, with no tokio task, timer or hand-off per session.
 //!
-//! Replenishment is batched: every event the engines sent since the last round is taken at
-//! once, and the pool asks for all the sessions its target is short of in one go (they open
-//! concurrently on the engine threads), so a burst of N claims costs about log2(N / idle)
-//! handshake round trips to reach its size, not N sequential ones.
+//! Replenishment is batched and local: a claim raises the target by one and the engine thread
+//! that saw it opens every session the pool is then short of at once, on its own ring (no
+//! tokio wake-up per public connection: idle and claimed are atomics in `PoolLink`); the
+//! pool task samples the claim counter for the growth window, tops up after ends and holds
+//! after failures. A burst of N claims therefore costs about log2(N / idle) handshake round
+//! trips to reach its size, not N sequential ones.
 //!
 //! Addresses are resolved here, on tokio, when the pool starts, again at the end of a retry
 //! hold and every [`RESOLVE_INTERVAL`] when one of them is a name; the engine threads read the
@@ -25,7 +27,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -123,15 +125,12 @@ impl FailLog {
     }
 }
 
-/// What a session tells its pool.
+/// What a session tells its pool task (only ends: idle and claimed are counted in atomics,
+/// so a public connection wakes no tokio task).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Event {
-    /// Handshake done; waiting for a claim.
-    Idle,
-    /// Claimed (was idle).
-    Claimed,
-    /// Ended without a claim; `was_idle` when it had reported [`Event::Idle`].
-    Ended { was_idle: bool, failed: bool },
+    /// A session ended without a claim; `failed`: hold the pool's next attempts (backoff).
+    Ended { failed: bool },
 }
 
 /// A local target as last resolved.
@@ -154,14 +153,99 @@ pub(crate) struct Resolved {
     pub(crate) tcp: Target,
 }
 
-/// What a pool shares with the engine threads that run its sessions.
+/// What a pool shares with the engine threads that run its sessions. The counts are the
+/// truth (engines and the pool task update them); the lease's [`PoolGauge`] mirrors them.
 pub(crate) struct PoolLink {
     pub(crate) params: Arc<PoolParams>,
     pub(crate) resolved: ArcSwap<Resolved>,
-    /// Sized for two events per open session: `try_send` never finds it full.
+    /// Sized for one event per open session: `try_send` never finds it full.
     pub(crate) events: mpsc::Sender<Event>,
     /// The pool stopped: its sessions that are not claimed close.
     pub(crate) closed: AtomicBool,
+    /// A retry hold is on: nobody opens sessions.
+    pub(crate) held: AtomicBool,
+    /// `pool.max`.
+    pub(crate) max: usize,
+    /// Sessions connecting, handshaking or idle (reserved before they are asked for).
+    pub(crate) open: AtomicUsize,
+    /// Sessions authenticated and waiting for a claim.
+    pub(crate) idle: AtomicUsize,
+    /// What the pool aims for; a claim raises it by one at once (the pool task recomputes it
+    /// from the growth window).
+    pub(crate) target: AtomicUsize,
+    /// Idle sessions above the target: that many close at their next keep-alive byte.
+    pub(crate) surplus: AtomicUsize,
+    /// Claims ever (the pool task samples it for the growth window).
+    pub(crate) claims: AtomicU64,
+}
+
+impl PoolLink {
+    pub(crate) fn new(
+        params: Arc<PoolParams>,
+        resolved: Resolved,
+        events: mpsc::Sender<Event>,
+        max: usize,
+    ) -> PoolLink {
+        PoolLink {
+            params,
+            resolved: ArcSwap::from_pointee(resolved),
+            events,
+            closed: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            max,
+            open: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            target: AtomicUsize::new(0),
+            surplus: AtomicUsize::new(0),
+            claims: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves one more open session when below the target (and not held or stopped).
+    pub(crate) fn reserve(&self) -> bool {
+        if self.held.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let target = self.target.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+                (o < target).then_some(o + 1)
+            })
+            .is_ok()
+    }
+
+    /// A session completed its handshake.
+    pub(crate) fn became_idle(&self) {
+        self.idle.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An idle session was claimed: it leaves the pool, and the target grows by one.
+    pub(crate) fn claimed(&self) {
+        decrement(&self.idle);
+        decrement(&self.open);
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        let max = self.max;
+        let _ = self
+            .target
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + 1).min(max))
+            });
+    }
+
+    /// A session ended unclaimed (or never opened): counted out, and the pool task told.
+    pub(crate) fn ended(&self, was_idle: bool, failed: bool) {
+        if was_idle {
+            decrement(&self.idle);
+        }
+        decrement(&self.open);
+        let _ = self.events.try_send(Event::Ended { failed });
+    }
+}
+
+/// Decrements `n` if it is positive; true when this caller took one.
+pub(crate) fn decrement(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 /// Marks the pool stopped when its task ends (abort included) and pokes the engines.
@@ -184,35 +268,40 @@ pub fn spawn(params: PoolParams, ctx: Arc<PoolCtx>) -> JoinHandle<()> {
 
 async fn run(p: Arc<PoolParams>, ctx: Arc<PoolCtx>) {
     let cfg = ctx.pool.clone();
-    // Each session sends at most two events, and at most `max` sessions are counted open.
-    let (tx, mut rx) = mpsc::channel::<Event>(cfg.max * 2 + 2);
+    // Each session sends at most one event, and at most `max` sessions are counted open.
+    let (tx, mut rx) = mpsc::channel::<Event>(cfg.max + 2);
     let names = has_names(&p);
-    let link = Arc::new(PoolLink {
-        params: p.clone(),
-        resolved: ArcSwap::from_pointee(resolve(&p).await),
-        events: tx,
-        closed: AtomicBool::new(false),
-    });
+    let link = Arc::new(PoolLink::new(p.clone(), resolve(&p).await, tx, cfg.max));
     let mut resolved_at = Instant::now();
     let _stop = StopGuard {
         link: link.clone(),
         splicer: ctx.splicer.clone(),
     };
-    let mut open = 0usize;
-    let mut idle = 0usize;
-    let mut claims: VecDeque<Instant> = VecDeque::new();
+    // Samples of the claim counter: (when, total) while within the growth window.
+    let tick =
+        (cfg.growth_window / 10).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
+    let (mut base, mut seen) = (0u64, 0u64);
     let mut retry = cfg.retry_initial;
     let mut hold_until: Option<Instant> = None;
     loop {
         let mut now = Instant::now();
-        while claims
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > cfg.growth_window)
-        {
-            claims.pop_front();
+        let total = link.claims.load(Ordering::Relaxed);
+        if total != seen {
+            seen = total;
+            samples.push_back((now, total));
+            retry = cfg.retry_initial;
         }
-        let target = (cfg.idle + claims.len()).min(cfg.max);
-        p.gauge.target.store(target, Ordering::Relaxed);
+        while let Some(&(t, n)) = samples.front() {
+            if now.saturating_duration_since(t) <= cfg.growth_window {
+                break;
+            }
+            base = n;
+            samples.pop_front();
+        }
+        let in_window = usize::try_from(total - base).unwrap_or(usize::MAX);
+        let target = cfg.idle.saturating_add(in_window).min(cfg.max);
+        link.target.store(target, Ordering::Relaxed);
         if hold_until.is_some_and(|t| now >= t) {
             hold_until = None;
             if names {
@@ -226,59 +315,54 @@ async fn run(p: Arc<PoolParams>, ctx: Arc<PoolCtx>) {
             link.resolved.store(Arc::new(resolve(&p).await));
             resolved_at = Instant::now();
         }
-        if hold_until.is_none() {
-            // All that is missing at once: the sessions open concurrently on the engines.
-            while open < target {
-                if !ctx.splicer.open(link.clone()) {
-                    ctx.stats.session_failed(SessionFail::EngineFull);
-                    hold_until = Some(Instant::now() + retry);
-                    retry = (retry * 2).min(cfg.retry_max);
-                    break;
-                }
-                open += 1;
+        link.held.store(hold_until.is_some(), Ordering::Relaxed);
+        // All that is missing at once: the sessions open concurrently on the engines.
+        while link.reserve() {
+            if !ctx.splicer.open(link.clone()) {
+                decrement(&link.open);
+                ctx.stats.session_failed(SessionFail::EngineFull);
+                hold_until = Some(Instant::now() + retry);
+                retry = (retry * 2).min(cfg.retry_max);
+                link.held.store(true, Ordering::Relaxed);
+                break;
             }
         }
-        p.gauge.open.store(open, Ordering::Relaxed);
-        p.gauge.idle.store(idle, Ordering::Relaxed);
-        p.gauge
-            .surplus
-            .store(open.saturating_sub(target).min(idle), Ordering::Relaxed);
-        // Wake for the next event, the end of a retry hold, the growth window sliding or the
-        // next resolution.
-        let wake = hold_until
-            .or_else(|| claims.front().map(|t| *t + cfg.growth_window))
-            .unwrap_or(now + Duration::from_secs(3600))
-            .min(if names {
-                resolved_at + RESOLVE_INTERVAL
+        let (open, idle) = (
+            link.open.load(Ordering::Relaxed),
+            link.idle.load(Ordering::Relaxed),
+        );
+        let surplus = open.saturating_sub(target).min(idle);
+        link.surplus.store(surplus, Ordering::Relaxed);
+        let g = &p.gauge;
+        g.target.store(target, Ordering::Relaxed);
+        g.open.store(open, Ordering::Relaxed);
+        g.idle.store(idle, Ordering::Relaxed);
+        g.surplus.store(surplus, Ordering::Relaxed);
+        // Wake for an end, the end of a retry hold, the next sample while claims are in the
+        // window (or a second otherwise: the gauges) and the next resolution.
+        let mut wake = now
+            + if samples.is_empty() {
+                Duration::from_secs(1)
             } else {
-                now + Duration::from_secs(3600)
-            });
+                tick
+            };
+        if let Some(t) = hold_until {
+            wake = wake.min(t);
+        }
+        if names {
+            wake = wake.min(resolved_at + RESOLVE_INTERVAL);
+        }
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { return };
                 let mut next = Some(ev);
                 // Everything the engines sent since the last round, then one decision.
-                while let Some(ev) = next {
-                    match ev {
-                        Event::Idle => idle += 1,
-                        Event::Claimed => {
-                            idle = idle.saturating_sub(1);
-                            open = open.saturating_sub(1);
-                            claims.push_back(Instant::now());
-                            retry = cfg.retry_initial;
-                        }
-                        Event::Ended { was_idle, failed } => {
-                            if was_idle {
-                                idle = idle.saturating_sub(1);
-                            }
-                            open = open.saturating_sub(1);
-                            if failed {
-                                hold_until = Some(Instant::now() + retry);
-                                retry = (retry * 2).min(cfg.retry_max);
-                            } else {
-                                retry = cfg.retry_initial;
-                            }
-                        }
+                while let Some(Event::Ended { failed }) = next {
+                    if failed {
+                        hold_until = Some(Instant::now() + retry);
+                        retry = (retry * 2).min(cfg.retry_max);
+                    } else {
+                        retry = cfg.retry_initial;
                     }
                     next = rx.try_recv().ok();
                 }

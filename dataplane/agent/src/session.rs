@@ -7,9 +7,10 @@
 //!    on tokio, never here; the next address on failure); on writability the preamble is
 //!    written (a failed connect shows as the write's error);
 //! 2. `Nonce`: the relay's nonce is read (exactly `NONCE_BYTES`, however it is split), the
-//!    exporter-keyed MAC written; the session is idle (`Event::Idle` to the pool);
+//!    exporter-keyed MAC written; the session is idle (counted in the pool's `idle`);
 //! 3. `Idle`: on readability, ONE byte at a time: `0x00` keep-alives are skipped (a surplus
-//!    session closes on one), a marker claims the session (`Event::Claimed`), anything else or
+//!    session closes on one), a marker claims the session (counted out of the pool, whose
+//!    replacements this thread opens at once), anything else or
 //!    an EOF ends it; no byte for `pool.dead_session_ms` ends it as dead;
 //! 4. `Local`: non-blocking connect to the local target; on writability `SO_ERROR` says how it
 //!    went: connected → `Engine::add(session, local)` on this same thread; refused (after every
@@ -22,9 +23,9 @@
 //! leaves a stale entry behind, recognised by its generation and deadline, and stale entries
 //! are compacted away when they outnumber the live sessions. No syscall or task per timer.
 //!
-//! The pool's accounting stays exact: each session sends its pool at most two events (`Idle`,
-//! then `Claimed` or `Ended`) with a non-blocking `try_send` on a channel sized for two per
-//! session the pool counts as open, so the send never fails while the pool lives.
+//! The pool's accounting stays exact and never blocks: idle, open and claims are atomics in
+//! the `PoolLink`, and only an unclaimed end (rare: dead, surplus, failed) is sent to the pool
+//! task, with a `try_send` on a channel sized for one event per session the pool counts open.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -39,7 +40,7 @@ use outrelay_proto::reverse::{self, Marker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{LocalConfig, PoolConfig};
-use crate::pool::{Event, PoolLink, Target};
+use crate::pool::{PoolLink, Target, decrement};
 use crate::stats::{LocalFail, SessionFail, Stats};
 
 /// Key layout: `index << KEY_INDEX_SHIFT | generation << 1 | side` (side 1: the local socket);
@@ -165,22 +166,18 @@ impl Sessions {
         }
     }
 
-    /// Starts a new session of `pool`: the non-blocking connect to the relay.
-    pub(crate) fn open(&mut self, engine: &mut Engine, pool: Arc<PoolLink>, now: Instant) {
+    /// Starts a new session of `pool` (one `open` already reserved for it): the non-blocking
+    /// connect to the relay. False when it could not even start.
+    pub(crate) fn open(&mut self, engine: &mut Engine, pool: Arc<PoolLink>, now: Instant) -> bool {
         if pool.closed.load(Ordering::Relaxed) {
-            return; // queued before its pool stopped
+            decrement(&pool.open); // queued before its pool stopped
+            return false;
         }
         let addrs = pool.resolved.load().reverse.clone();
         let Some(fd) = addrs.first().and_then(|a| stream_socket(*a).ok()) else {
             self.stats.session_failed(SessionFail::Connect);
-            tell(
-                &pool,
-                Event::Ended {
-                    was_idle: false,
-                    failed: true,
-                },
-            );
-            return;
+            pool.ended(false, true);
+            return false;
         };
         let (index, generation) = self.insert(Session {
             fd,
@@ -192,6 +189,17 @@ impl Sessions {
         self.set_timer(index, generation, now);
         if let Err(end) = self.connect_relay(engine, index, generation) {
             self.end(engine, index, end);
+            return false;
+        }
+        true
+    }
+
+    /// Opens, on this thread, every session `pool` is short of (after a claim).
+    fn replenish(&mut self, engine: &mut Engine, pool: &Arc<PoolLink>, now: Instant) {
+        while pool.reserve() {
+            if !self.open(engine, pool.clone(), now) {
+                break; // the failure holds the pool; do not spin on it
+            }
         }
     }
 
@@ -386,7 +394,7 @@ impl Sessions {
             _ => return Err(End::Setup(SessionFail::Handshake)),
         }
         s.state = State::Idle;
-        tell(&s.pool, Event::Idle);
+        s.pool.became_idle();
         self.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
         self.set_timer(index, generation, now);
         self.arm(engine, index, generation, false, Interest::READ)
@@ -410,7 +418,7 @@ impl Sessions {
                 Ok(0) => return Err(End::Idle(Some(SessionFail::ClosedByRelay))),
                 Ok(_) => match Marker::from_byte(byte[0]) {
                     Some(Marker::KeepAlive) => {
-                        if take_one(&s.pool.params.gauge.surplus) {
+                        if decrement(&s.pool.surplus) {
                             return Err(End::Idle(None));
                         }
                         alive = true;
@@ -448,7 +456,7 @@ impl Sessions {
             _ => (&self.stats.sessions_claimed_tcp, &resolved.tcp),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        tell(&s.pool, Event::Claimed);
+        s.pool.claimed();
         // Counted from the claim: the SIGTERM drain waits for claimed sessions not yet spliced.
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let (name, addrs) = match target {
@@ -472,8 +480,12 @@ impl Sessions {
             addr: 0,
             name,
         };
+        let pool = s.pool.clone();
         self.set_timer(index, generation, now);
-        self.connect_local(engine, index, generation, now)
+        let connecting = self.connect_local(engine, index, generation, now);
+        // The replacement starts now, on this ring, after the public client's local connect.
+        self.replenish(engine, &pool, now);
+        connecting
     }
 
     /// Connects the local socket to the target's `addrs[addr]` (state `Local`).
@@ -614,25 +626,13 @@ impl Sessions {
         match end {
             End::Setup(reason) => {
                 self.stats.session_failed(reason);
-                tell(
-                    &s.pool,
-                    Event::Ended {
-                        was_idle: false,
-                        failed: true,
-                    },
-                );
+                s.pool.ended(false, true);
             }
             End::Idle(reason) => {
                 if let Some(reason) = reason {
                     self.stats.session_failed(reason);
                 }
-                tell(
-                    &s.pool,
-                    Event::Ended {
-                        was_idle: true,
-                        failed: reason.is_some(),
-                    },
-                );
+                s.pool.ended(true, reason.is_some());
             }
             End::PoolGone => {}
             End::Local(reason, error, name) => {
@@ -739,22 +739,11 @@ fn slot(slots: &mut [Slot], index: u32, generation: u32) -> Option<&mut Session>
     slot.session.as_mut()
 }
 
-/// Tells a pool; never blocks. The channel holds two events per session the pool counts as
-/// open, so it is never full while the pool lives; a closed channel is a stopped pool.
-fn tell(pool: &PoolLink, event: Event) {
-    let _ = pool.events.try_send(event);
-}
-
-/// Decrements `n` if it is positive; true when this caller took one.
-fn take_one(n: &AtomicUsize) -> bool {
-    n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
-        .is_ok()
-}
-
 /// A non-blocking TCP socket for `addr`, with no delay.
 fn stream_socket(addr: SocketAddr) -> std::io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_nonblocking(true)?;
+    // Non-blocking from the start (socket2 adds CLOEXEC): two fcntl calls fewer per socket.
+    let kind = Type::from(libc::SOCK_STREAM | libc::SOCK_NONBLOCK);
+    let s = Socket::new(Domain::for_address(addr), kind, Some(Protocol::TCP))?;
     s.set_tcp_nodelay(true)?;
     Ok(s)
 }
@@ -763,16 +752,14 @@ fn stream_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::sync::atomic::AtomicBool;
 
-    use arc_swap::ArcSwap;
     use outrelay_io::{Backend, EngineConfig};
     use outrelay_proto::reverse::{self, LeaseId};
     use tokio::sync::mpsc;
 
     use super::*;
     use crate::config::SpliceConfig;
-    use crate::pool::{FailLog, PoolParams, Resolved};
+    use crate::pool::{Event, FailLog, PoolParams, Resolved};
     use crate::splice::Splicer;
     use crate::stats::PoolGauge;
 
@@ -798,8 +785,9 @@ mod tests {
         key: [u8; reverse::EXPORTER_KEY_BYTES],
     }
 
-    /// One engine thread, a fake relay listener and a pool link whose TCP target is `tcp`.
-    fn rig(backend: Backend, pool: PoolConfig, tcp: Target) -> Rig {
+    /// One engine thread, a fake relay listener and a pool link whose TCP target is `tcp`
+    /// (its target 0 and `max` as given: a claim grows it to at most `max`).
+    fn rig(backend: Backend, pool: PoolConfig, tcp: Target, max: usize) -> Rig {
         let relay = TcpListener::bind("127.0.0.1:0").expect("relay listener");
         let stats = Arc::new(Stats::default());
         let splice = SpliceConfig {
@@ -815,8 +803,8 @@ mod tests {
         let lease_id = LeaseId([7; 16]);
         let key = [9u8; reverse::EXPORTER_KEY_BYTES];
         let (tx, events) = mpsc::channel(16);
-        let link = Arc::new(PoolLink {
-            params: Arc::new(PoolParams {
+        let link = Arc::new(PoolLink::new(
+            Arc::new(PoolParams {
                 name: Arc::from("demo"),
                 reverse_addr: relay.local_addr().expect("addr").to_string(),
                 lease_id,
@@ -826,14 +814,14 @@ mod tests {
                 gauge: Arc::new(PoolGauge::default()),
                 fail_log: Arc::new(FailLog::default()),
             }),
-            resolved: ArcSwap::from_pointee(Resolved {
+            Resolved {
                 reverse: Arc::from(vec![relay.local_addr().expect("addr")]),
                 tls: Target::None,
                 tcp,
-            }),
-            events: tx,
-            closed: AtomicBool::new(false),
-        });
+            },
+            tx,
+            max,
+        ));
         Rig {
             splicer,
             stats,
@@ -849,6 +837,7 @@ mod tests {
         /// Opens a session and plays the relay's side of the handshake, the nonce in two
         /// pieces; returns the relay's end once the agent reported it idle.
         fn handshake(&mut self) -> TcpStream {
+            let idle = self.link.idle.load(Ordering::Relaxed);
             assert!(self.splicer.open(self.link.clone()), "open queued");
             let (mut s, _) = self.relay.accept().expect("accept");
             s.set_read_timeout(Some(BOUND)).expect("timeout");
@@ -862,7 +851,10 @@ mod tests {
             let mut mac = [0u8; reverse::MAC_BYTES];
             s.read_exact(&mut mac).expect("mac");
             assert_eq!(mac, reverse::compute_mac(&self.key, &nonce, &self.lease_id));
-            assert!(matches!(self.next_event(), Event::Idle));
+            self.wait_for(
+                || self.link.idle.load(Ordering::Relaxed) == idle + 1,
+                "idle",
+            );
             s
         }
 
@@ -873,6 +865,14 @@ mod tests {
                     return e;
                 }
                 assert!(start.elapsed() < BOUND, "no event from the engine");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn wait_for(&self, done: impl Fn() -> bool, what: &str) {
+            let start = Instant::now();
+            while !done() {
+                assert!(start.elapsed() < BOUND, "never: {what}");
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -924,6 +924,7 @@ mod tests {
                 backend,
                 PoolConfig::default(),
                 Target::Addrs(Arc::from("t"), Arc::from(vec![addr])),
+                1,
             );
             let mut relay = rig.handshake();
             relay.write_all(&[0, 0]).expect("keep-alives");
@@ -938,8 +939,13 @@ mod tests {
             let mut back = [0u8; 4];
             relay.read_exact(&mut back).expect("reply spliced");
             assert_eq!(&back, b"back");
-            assert!(matches!(rig.next_event(), Event::Claimed));
+            assert_eq!(rig.link.claims.load(Ordering::Relaxed), 1);
+            assert_eq!(rig.link.idle.load(Ordering::Relaxed), 0);
             assert_eq!(rig.splicer.in_flight.load(Ordering::Relaxed), 1);
+            // The claim raised the target to 1 and the engine opened the replacement itself.
+            let (replacement, _) = rig.relay.accept().expect("replacement session");
+            assert_eq!(rig.link.open.load(Ordering::Relaxed), 1);
+            drop(replacement);
             assert_eq!(rig.stats.sessions_opened.load(Ordering::Relaxed), 1);
             assert_eq!(rig.stats.sessions_claimed_tcp.load(Ordering::Relaxed), 1);
             drop(local);
@@ -960,6 +966,7 @@ mod tests {
                 backend,
                 PoolConfig::default(),
                 Target::Addrs(Arc::from("t"), Arc::from(vec![dead_addr])),
+                0,
             );
             let mut relay = rig.handshake();
             relay.write_all(&[1]).expect("marker");
@@ -969,7 +976,7 @@ mod tests {
                 matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
                 "{backend:?}: session reset, got {got:?}"
             );
-            assert!(matches!(rig.next_event(), Event::Claimed));
+            assert_eq!(rig.link.claims.load(Ordering::Relaxed), 1);
             rig.wait_in_flight(0);
             assert_eq!(rig.stats.local_failures(LocalFail::Refused), 1);
 
@@ -1000,7 +1007,7 @@ mod tests {
                 dead_session: Duration::from_millis(200),
                 ..PoolConfig::default()
             };
-            let mut rig = rig(backend, pool, Target::None);
+            let mut rig = rig(backend, pool, Target::None, 0);
             let mut relay = rig.handshake();
             let start = Instant::now();
             assert!(closed(&mut relay), "{backend:?}: dead session closed");
@@ -1008,13 +1015,8 @@ mod tests {
                 start.elapsed() >= Duration::from_millis(150),
                 "not before its deadline"
             );
-            assert!(matches!(
-                rig.next_event(),
-                Event::Ended {
-                    was_idle: true,
-                    failed: false
-                }
-            ));
+            assert!(matches!(rig.next_event(), Event::Ended { failed: false }));
+            assert_eq!(rig.link.idle.load(Ordering::Relaxed), 0);
             assert_eq!(rig.stats.sessions_dead.load(Ordering::Relaxed), 1);
 
             let mut relay = rig.handshake();
