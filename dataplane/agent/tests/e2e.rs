@@ -194,11 +194,20 @@ async fn start_relay_with(
     ports: (u16, u16),
     keepalive_ms: u64,
 ) -> Relay {
-    start_relay_in(pki.path(), quic, reverse, public_tls, ports, keepalive_ms).await
+    start_relay_in(
+        pki.path(),
+        quic,
+        reverse,
+        public_tls,
+        ports,
+        keepalive_ms,
+        "",
+    )
+    .await
 }
 
 /// As [`start_relay_with`], with its config, ready file and admin socket in `dir` (which must
-/// hold ca.pem, relay.pem and relay-key.pem).
+/// hold ca.pem, relay.pem and relay-key.pem), and `ingress_extra` lines in `[ingress]`.
 async fn start_relay_in(
     dir: &Path,
     quic: &str,
@@ -206,6 +215,7 @@ async fn start_relay_in(
     public_tls: &str,
     ports: (u16, u16),
     keepalive_ms: u64,
+    ingress_extra: &str,
 ) -> Relay {
     let admin = dir.join("relay-admin.sock");
     let _ = std::fs::remove_file(&admin);
@@ -219,7 +229,7 @@ async fn start_relay_in(
          [leases]\nttl_default_s = 30\njanitor_interval_ms = 200\ntcp = true\nudp = true\n\
          min_port = {}\nmax_port = {}\n\
          [ingress]\nclaim_timeout_ms = 5000\nkeepalive_interval_ms = {keepalive_ms}\n\
-         lease_sync_interval_ms = 20\n",
+         lease_sync_interval_ms = 20\n{ingress_extra}",
         admin.display(),
         ports.0,
         ports.1
@@ -1319,6 +1329,7 @@ async fn every_lease_is_served_by_every_configured_relay() {
         "127.0.0.1:0",
         free_port_range(),
         1000,
+        "",
     )
     .await;
     let (target, _echo) = common::echo_server().await;
@@ -1962,7 +1973,9 @@ fn cpu_time(pid: u32) -> Duration {
 /// public connection consumes one, and its CPU per session. Ignored by default (it loads the
 /// machine for a few seconds); run it with
 /// `cargo nextest run --release -p outrelay-agent --test e2e --run-ignored only -E 'test(session_rate)' --no-capture`.
-/// `RATE_SECS` (default 5), `RATE_CONC` (public clients at once, 32), `RATE_POOL_MAX` (8) and
+/// `RATE_SECS` (default 5), `RATE_CONC` (public clients at once, 32), `RATE_POOL_MAX` (8),
+/// `RATE_READY_QUEUE_MAX` (the relay's `ingress.ready_queue_max`, 8), `RATE_SPLICE_WORKERS` (the
+/// agent's `[splice] workers`, 1), `RATE_IO_BACKEND` (its `io_backend`, auto) and
 /// `OUTRELAY_AGENT_BIN` (another agent build) vary it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check: loads the machine for several seconds"]
@@ -1973,25 +1986,32 @@ async fn session_rate_through_a_tcp_lease() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let (secs, conc, pool_max) = (
+    let (secs, conc, pool_max, ready_max) = (
         env("RATE_SECS", 5),
         env("RATE_CONC", 32),
         env("RATE_POOL_MAX", 8),
+        env("RATE_READY_QUEUE_MAX", 8),
     );
+    let workers = env("RATE_SPLICE_WORKERS", 1);
+    let backend = std::env::var("RATE_IO_BACKEND").unwrap_or_else(|_| "auto".into());
     let pki = Pki::new();
-    let relay = start_relay(
-        &pki,
+    let relay = start_relay_in(
+        pki.path(),
         "127.0.0.1:0",
         free_tcp_port(),
         "127.0.0.1:0",
         free_port_range(),
+        1000,
+        &format!("ready_queue_max = {ready_max}\n"),
     )
     .await;
     let (target, _echo) = common::echo_server().await;
     let mut agent = spawn_agent_sized(
         &pki,
         &[relay.addrs.quic],
-        &format!("[[lease]]\nname = \"rate\"\ntcp_to = \"{target}\"\n"),
+        &format!(
+            "[[lease]]\nname = \"rate\"\ntcp_to = \"{target}\"\n[splice]\nworkers = {workers}\n"
+        ),
         5000,
         "",
         &[],
@@ -2016,7 +2036,9 @@ async fn session_rate_through_a_tcp_lease() {
     for _ in 0..conc {
         clients.spawn(async move {
             let (mut ok, mut failed) = (0u64, 0u64);
+            let mut took_us: Vec<u32> = Vec::new();
             while Instant::now() < until {
+                let begun = Instant::now();
                 let one = async {
                     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
                     s.write_all(b"x").await?;
@@ -2025,34 +2047,64 @@ async fn session_rate_through_a_tcp_lease() {
                     std::io::Result::Ok(())
                 };
                 match tokio::time::timeout(CLOSE_BOUND, one).await {
-                    Ok(Ok(())) => ok += 1,
+                    Ok(Ok(())) => {
+                        ok += 1;
+                        took_us
+                            .push(u32::try_from(begun.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
                     _ => failed += 1,
                 }
             }
-            (ok, failed)
+            (ok, failed, took_us)
         });
     }
     let (mut ok, mut failed) = (0u64, 0u64);
+    let mut took_us = Vec::new();
     while let Some(r) = clients.join_next().await {
-        let (o, f) = r.expect("client task");
+        let (o, f, t) = r.expect("client task");
         ok += o;
         failed += f;
+        took_us.extend(t);
     }
+    took_us.sort_unstable();
+    let pct = |p: usize| took_us.get(took_us.len() * p / 100).copied().unwrap_or(0);
     let took = started.elapsed().as_secs_f64();
     let agent_us = (cpu_time(agent_pid) - agent_cpu).as_secs_f64() * 1e6;
     let relay_us = (cpu_time(relay_pid) - relay_cpu).as_secs_f64() * 1e6;
     let sessions = opened(&http_get(&metrics, "/metrics")) - opened_before;
     let ok_f = ok as f64;
     eprintln!(
-        "MEASURED c={conc} pool.max={pool_max} {secs}s: {:.0} conn/s ({ok} ok, {failed} failed), \
+        "MEASURED c={conc} pool.max={pool_max} ready_queue_max={ready_max} agent workers={workers} io={backend} {secs}s: {:.0} conn/s ({ok} ok, {failed} failed), \
          {:.0} sessions_opened/s, agent CPU {:.1} us/session, relay CPU {:.1} us/conn, \
-         relay + agent {:.1} us/conn",
+         relay + agent {:.1} us/conn; connect to echo p50 {} us p99 {} us",
         ok_f / took,
         sessions / took,
         agent_us / sessions.max(1.0),
         relay_us / ok_f.max(1.0),
         (agent_us + relay_us) / ok_f.max(1.0),
+        pct(50),
+        pct(99),
     );
+    if std::env::var_os("RATE_DUMP").is_some() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let relay_metrics = relay.addrs.metrics.expect("relay metrics").to_string();
+        for (who, addr) in [
+            ("agent", metrics.as_str()),
+            ("relay", relay_metrics.as_str()),
+        ] {
+            for line in http_get(addr, "/metrics").lines() {
+                let interesting = [
+                    "session", "claim", "reverse", "ingress", "failed", "dropped",
+                ];
+                if !line.starts_with('#')
+                    && interesting.iter().any(|k| line.contains(k))
+                    && !line.ends_with(" 0")
+                {
+                    eprintln!("{who}: {line}");
+                }
+            }
+        }
+    }
     assert!(ok > 0, "no public connection completed");
     drop(relay);
 }
