@@ -1973,9 +1973,9 @@ fn cpu_time(pid: u32) -> Duration {
 /// public connection consumes one, and its CPU per session. Ignored by default (it loads the
 /// machine for a few seconds); run it with
 /// `cargo nextest run --release -p outrelay-agent --test e2e --run-ignored only -E 'test(session_rate)' --no-capture`.
-/// `RATE_SECS` (default 5), `RATE_CONC` (public clients at once, 32), `RATE_POOL_MAX` (8),
+/// `RATE_PIN` (agent alone on CPU 1, relay and clients on CPU 0), `RATE_SECS` (default 5), `RATE_CONC` (public clients at once, 32), `RATE_POOL_MAX` (8),
 /// `RATE_READY_QUEUE_MAX` (the relay's `ingress.ready_queue_max`, 8), `RATE_SPLICE_WORKERS` (the
-/// agent's `[splice] workers`, 1), `RATE_IO_BACKEND` (its `io_backend`, auto) and
+/// agent's `[splice] workers`, 2), `RATE_IO_BACKEND` (its `io_backend`, auto) and
 /// `OUTRELAY_AGENT_BIN` (another agent build) vary it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check: loads the machine for several seconds"]
@@ -1992,7 +1992,7 @@ async fn session_rate_through_a_tcp_lease() {
         env("RATE_POOL_MAX", 8),
         env("RATE_READY_QUEUE_MAX", 8),
     );
-    let workers = env("RATE_SPLICE_WORKERS", 1);
+    let workers = env("RATE_SPLICE_WORKERS", 2);
     let backend = std::env::var("RATE_IO_BACKEND").unwrap_or_else(|_| "auto".into());
     let pki = Pki::new();
     let relay = start_relay_in(
@@ -2029,6 +2029,17 @@ async fn session_rate_through_a_tcp_lease() {
     let opened = |text: &str| metric(text, "outrelay_agent_reverse_sessions_opened_total");
     let opened_before = opened(&http_get(&metrics, "/metrics"));
     let (agent_pid, relay_pid) = (agent.proc.0.id(), relay.proc.0.id());
+    if std::env::var_os("RATE_PIN").is_some() {
+        // The agent alone on CPU 1; the relay and this process (clients, echo target) on CPU 0.
+        let me = std::process::id();
+        for (cpu, pid) in [("1", agent_pid), ("0", relay_pid), ("0", me)] {
+            let pinned = Command::new("taskset")
+                .args(["-a", "-pc", cpu, &pid.to_string()])
+                .stdout(Stdio::null())
+                .status();
+            assert!(pinned.is_ok_and(|s| s.success()), "taskset {pid}");
+        }
+    }
     let (agent_cpu, relay_cpu) = (cpu_time(agent_pid), cpu_time(relay_pid));
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
