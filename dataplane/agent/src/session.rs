@@ -914,7 +914,8 @@ mod tests {
     }
 
     /// Handshake with a split nonce, keep-alives skipped, and the bytes written with the
-    /// marker in one segment reach the local target: the engine consumed the marker only.
+    /// marker in one segment reach the local target: the engine consumed the marker only. The
+    /// claim's replacements open at once on the engine.
     #[test]
     fn a_session_splices_exactly_the_bytes_after_its_marker() {
         for backend in backends() {
@@ -924,9 +925,12 @@ mod tests {
                 backend,
                 PoolConfig::default(),
                 Target::Addrs(Arc::from("t"), Arc::from(vec![addr])),
-                1,
+                3,
             );
             let mut relay = rig.handshake();
+            // The pool's view: this one session open, a target of 2, `max` 3.
+            rig.link.open.store(1, Ordering::Relaxed);
+            rig.link.target.store(2, Ordering::Relaxed);
             relay.write_all(&[0, 0]).expect("keep-alives");
             std::thread::sleep(Duration::from_millis(20));
             relay.write_all(b"\x01hello").expect("marker + bytes");
@@ -942,10 +946,14 @@ mod tests {
             assert_eq!(rig.link.claims.load(Ordering::Relaxed), 1);
             assert_eq!(rig.link.idle.load(Ordering::Relaxed), 0);
             assert_eq!(rig.splicer.in_flight.load(Ordering::Relaxed), 1);
-            // The claim raised the target to 1 and the engine opened the replacement itself.
-            let (replacement, _) = rig.relay.accept().expect("replacement session");
-            assert_eq!(rig.link.open.load(Ordering::Relaxed), 1);
-            drop(replacement);
+            // The claim raised the target to 3 and the engine opened all three sessions the pool
+            // was then short of at once, itself: no pool task runs here.
+            let replacements: Vec<TcpStream> = (0..3)
+                .map(|_| rig.relay.accept().expect("replacement session").0)
+                .collect();
+            assert_eq!(rig.link.open.load(Ordering::Relaxed), 3);
+            assert_eq!(rig.link.target.load(Ordering::Relaxed), 3);
+            drop(replacements);
             assert_eq!(rig.stats.sessions_opened.load(Ordering::Relaxed), 1);
             assert_eq!(rig.stats.sessions_claimed_tcp.load(Ordering::Relaxed), 1);
             drop(local);
