@@ -438,8 +438,26 @@ impl Sessions {
         self.claim(engine, index, generation, marker, now)
     }
 
-    /// A marker arrived: the session is the public client's from here on.
+    /// A marker arrived: the session is the public client's from here on; its replacements
+    /// start on this ring right after its local connect (or its failure).
     fn claim(
+        &mut self,
+        engine: &mut Engine,
+        index: u32,
+        generation: u32,
+        marker: Marker,
+        now: Instant,
+    ) -> Result<(), End> {
+        let Some(pool) = slot(&mut self.slots, index, generation).map(|s| s.pool.clone()) else {
+            return Ok(());
+        };
+        let joining = self.join_target(engine, index, generation, marker, now);
+        self.replenish(engine, &pool, now);
+        joining
+    }
+
+    /// Counts the claim and starts the local connect.
+    fn join_target(
         &mut self,
         engine: &mut Engine,
         index: u32,
@@ -480,12 +498,8 @@ impl Sessions {
             addr: 0,
             name,
         };
-        let pool = s.pool.clone();
         self.set_timer(index, generation, now);
-        let connecting = self.connect_local(engine, index, generation, now);
-        // The replacement starts now, on this ring, after the public client's local connect.
-        self.replenish(engine, &pool, now);
-        connecting
+        self.connect_local(engine, index, generation, now)
     }
 
     /// Connects the local socket to the target's `addrs[addr]` (state `Local`).
