@@ -21,7 +21,7 @@
 //!             hello_timeout_ms = 10000  reconnect_initial_ms = 1000  reconnect_max_ms = 30000
 //!             renew_ms = 0 (0 = half the granted TTL)  release_timeout_ms = 2000
 //! [local]     connect_timeout_ms = 5000  failure_log_interval_ms = 10000
-//! [splice]    workers = 1  io_backend = "auto"  idle_timeout_ms = 3600000
+//! [splice]    workers = 2  io_backend = "auto"  idle_timeout_ms = 3600000
 //!             half_closed_timeout_ms = 60000  stall_timeout_ms = 2000
 //!             write_stall_timeout_ms = 30000  pipe_budget_bytes = 50331648
 //!             max_pipe_bytes = 1048576  copy_budget_bytes = 4194304
@@ -304,7 +304,9 @@ impl Default for RawSplice {
         let p = PipeLimits::default();
         let b = BufferLimits::default();
         RawSplice {
-            workers: 1,
+            // Two: a thread splicing is not also the one a session's next set-up step waits for
+            // (measured: one core, 32 clients, 6.4k conn/s with 1, 7.7k with 2).
+            workers: 2,
             io_backend: "auto".into(),
             idle_timeout_ms: 3_600_000,
             half_closed_timeout_ms: 60_000,
@@ -524,10 +526,10 @@ impl Default for MeshConfig {
     }
 }
 
-/// The splice engines.
+/// The engine threads: reverse sessions and their splices.
 #[derive(Debug, Clone)]
 pub struct SpliceConfig {
-    /// Engine threads.
+    /// Engine threads (default 2).
     pub workers: usize,
     /// Readiness backend.
     pub io_backend: Backend,

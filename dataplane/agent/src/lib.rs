@@ -14,8 +14,9 @@
 //!
 //! Not here: enrollment (the `outrelay-client` library).
 //!
-//! Threads: one small tokio runtime (`agent-control`, 2 workers) for QUIC, leases, pools,
-//! service streams and the HTTP listener; one thread per splice engine (`splice-N`).
+//! Threads: one small tokio runtime (`agent-control`, 2 workers) for QUIC, leases, pool
+//! accounting, service streams and the HTTP listener; one thread per splice engine
+//! (`splice-N`), which runs its reverse sessions from connect to splice.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -25,6 +26,7 @@ pub mod mesh;
 pub mod metric_help;
 pub mod pool;
 pub mod ready;
+mod session;
 pub mod splice;
 pub mod stats;
 pub mod tls;
@@ -95,9 +97,15 @@ pub async fn run(
     let identity = AgentIdentity::load(&settings.identity)?;
     let reloadable = start_renewal(&settings)?;
     let client = identity.quic_client_config(&settings.connection, reloadable)?;
-    let splicer = Splicer::start(&settings.splice).map_err(io("splice engine"))?;
-    let in_flight = splicer.in_flight.clone();
     let stats = Arc::new(Stats::default());
+    let splicer = Splicer::start(
+        &settings.splice,
+        &settings.pool,
+        &settings.local,
+        stats.clone(),
+    )
+    .map_err(io("splice engine"))?;
+    let in_flight = splicer.in_flight.clone();
     let board = Arc::new(Board::new(&settings));
     let consumers = mesh::bind_consumers(&settings.consumes)
         .await

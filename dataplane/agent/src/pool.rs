@@ -2,40 +2,45 @@
 //!
 //! The pool keeps `pool.idle` authenticated idle TCP sessions open to the grant's
 //! `reverse_addr`, and more (up to `pool.max`) while claims arrive: its target is `idle` plus
-//! the claims seen within the last `pool.growth_window_ms`. Each session:
+//! the claims seen within the last `pool.growth_window_ms`. The pool task (tokio) only counts
+//! and decides; the sessions themselves run on the splice engine threads (`session`):
+//! connect, handshake, keep-alives, the dead-session timeout, the marker, the local connect
+//! and the splice, with no tokio task, timer or hand-off per session.
 //!
-//! 1. connects, sends the preamble, reads the relay's nonce, answers the exporter-keyed MAC
-//!    (`outrelay_proto::reverse`);
-//! 2. reads ONE byte at a time while idle: `0x00` keep-alives are skipped, a session with no
-//!    byte for `pool.dead_session_ms` is dead (dropped, replaced);
-//! 3. on a marker (`0x02` TLS passthrough → `tls_to`, `0x01` TCP port → `tcp_to`) tells the pool
-//!    (which opens a replacement at once) and, in a task of its own that outlives the pool,
-//!    connects the local target and hands both sockets to a splice engine. A target that
-//!    refuses gets the session reset at once (SO_LINGER 0), so the relay closes the public
-//!    client promptly; the failure is counted by reason and logged at most once per
-//!    `local.failure_log_interval_ms` per lease.
+//! Replenishment is batched and local: a claim raises the target by one and the engine thread
+//! that saw it opens every session the pool is then short of at once, on its own ring (no
+//! tokio wake-up per public connection: idle and claimed are atomics in `PoolLink`); the
+//! pool task samples the claim counter for the growth window, tops up after ends and holds
+//! after failures. A burst of N claims therefore costs about log2(N / idle) handshake round
+//! trips to reach its size, not N sequential ones.
+//!
+//! Addresses are resolved here, on tokio, when the pool starts, again at the end of a retry
+//! hold and every [`RESOLVE_INTERVAL`] when one of them is a name; the engine threads read the
+//! last answer (an `ArcSwap`) and never resolve.
 //!
 //! When claims stop, the target falls back to `idle` and the surplus idle sessions close at
 //! their next keep-alive byte (so a burst does not pin `max` sessions on the relay forever).
 //!
-//! The pool dies with its grant: aborting its task drops the [`JoinSet`] of idle sessions,
-//! which closes them. Claimed sessions are not in the set and keep flowing.
+//! The pool dies with its grant: aborting its task marks it stopped and pokes the engines,
+//! which close its idle sessions. Claimed sessions keep flowing.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use outrelay_proto::reverse::{self, EXPORTER_KEY_BYTES, LeaseId, Marker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use arc_swap::ArcSwap;
+use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, LeaseId};
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::config::{LocalConfig, PoolConfig};
 use crate::splice::Splicer;
 use crate::stats::{LocalFail, PoolGauge, SessionFail, Stats};
+
+/// How often a pool whose addresses are names resolves them again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// What every pool shares.
 pub struct PoolCtx {
@@ -45,7 +50,7 @@ pub struct PoolCtx {
     pub local: LocalConfig,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// The splice engines.
+    /// The splice engines (which also run the sessions).
     pub splicer: Splicer,
 }
 
@@ -70,33 +75,47 @@ pub struct PoolParams {
 }
 
 /// Throttles "local target failed" log lines: one per interval, with the count suppressed.
+/// Lock-free: engine threads note failures.
 #[derive(Debug, Default)]
 pub struct FailLog {
-    last: Mutex<Option<Instant>>,
+    /// Milliseconds since [`log_epoch`] of the last line, plus one (0: never logged).
+    last_ms: AtomicU64,
     suppressed: AtomicU64,
+}
+
+fn log_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl FailLog {
     /// Records one failure; logs it unless another was logged within `interval`.
-    fn note(&self, name: &str, target: &str, reason: LocalFail, error: &str, interval: Duration) {
-        let now = Instant::now();
-        let log = {
-            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-            match *last {
-                Some(t) if now.saturating_duration_since(t) < interval => false,
-                _ => {
-                    *last = Some(now);
-                    true
-                }
-            }
-        };
+    pub(crate) fn note(
+        &self,
+        name: &str,
+        target: &str,
+        reason: LocalFail,
+        error: &dyn std::fmt::Display,
+        interval: Duration,
+    ) {
+        let now_ms = u64::try_from(log_epoch().elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= interval_ms;
+        let log = due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
         if log {
             let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
             tracing::warn!(
                 lease = name,
                 target,
                 reason = reason.label(),
-                error,
+                error = %error,
                 suppressed,
                 "local target unreachable: public client closed"
             );
@@ -106,15 +125,140 @@ impl FailLog {
     }
 }
 
-/// What a session tells its pool.
+/// What a session tells its pool task (only ends: idle and claimed are counted in atomics,
+/// so a public connection wakes no tokio task).
 #[derive(Debug, Clone, Copy)]
-enum Event {
-    /// Handshake done; waiting for a claim.
-    Idle,
-    /// Claimed (was idle).
-    Claimed,
-    /// Ended without a claim; `was_idle` when it had reported [`Event::Idle`].
-    Ended { was_idle: bool, failed: bool },
+pub(crate) enum Event {
+    /// A session ended without a claim; `failed`: hold the pool's next attempts (backoff).
+    Ended { failed: bool },
+}
+
+/// A local target as last resolved.
+pub(crate) enum Target {
+    /// The lease has no target for this marker.
+    None,
+    /// Its name (logs) and addresses, tried in order.
+    Addrs(Arc<str>, Arc<[SocketAddr]>),
+    /// Its name and why it did not resolve.
+    Failed(Arc<str>, String),
+}
+
+/// A pool's addresses as last resolved (on tokio).
+pub(crate) struct Resolved {
+    /// The relay's reverse listener (empty: did not resolve; sessions fail to connect).
+    pub(crate) reverse: Arc<[SocketAddr]>,
+    /// Target of marker 0x02.
+    pub(crate) tls: Target,
+    /// Target of marker 0x01.
+    pub(crate) tcp: Target,
+}
+
+/// What a pool shares with the engine threads that run its sessions. The counts are the
+/// truth (engines and the pool task update them); the lease's [`PoolGauge`] mirrors them.
+pub(crate) struct PoolLink {
+    pub(crate) params: Arc<PoolParams>,
+    pub(crate) resolved: ArcSwap<Resolved>,
+    /// Sized for one event per open session: `try_send` never finds it full.
+    pub(crate) events: mpsc::Sender<Event>,
+    /// The pool stopped: its sessions that are not claimed close.
+    pub(crate) closed: AtomicBool,
+    /// A retry hold is on: nobody opens sessions.
+    pub(crate) held: AtomicBool,
+    /// `pool.max`.
+    pub(crate) max: usize,
+    /// Sessions connecting, handshaking or idle (reserved before they are asked for).
+    pub(crate) open: AtomicUsize,
+    /// Sessions authenticated and waiting for a claim.
+    pub(crate) idle: AtomicUsize,
+    /// What the pool aims for; a claim raises it by one at once (the pool task recomputes it
+    /// from the growth window).
+    pub(crate) target: AtomicUsize,
+    /// Idle sessions above the target: that many close at their next keep-alive byte.
+    pub(crate) surplus: AtomicUsize,
+    /// Claims ever (the pool task samples it for the growth window).
+    pub(crate) claims: AtomicU64,
+}
+
+impl PoolLink {
+    pub(crate) fn new(
+        params: Arc<PoolParams>,
+        resolved: Resolved,
+        events: mpsc::Sender<Event>,
+        max: usize,
+    ) -> PoolLink {
+        PoolLink {
+            params,
+            resolved: ArcSwap::from_pointee(resolved),
+            events,
+            closed: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            max,
+            open: AtomicUsize::new(0),
+            idle: AtomicUsize::new(0),
+            target: AtomicUsize::new(0),
+            surplus: AtomicUsize::new(0),
+            claims: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves one more open session when below the target (and not held or stopped).
+    pub(crate) fn reserve(&self) -> bool {
+        if self.held.load(Ordering::Relaxed) || self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
+        let target = self.target.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+                (o < target).then_some(o + 1)
+            })
+            .is_ok()
+    }
+
+    /// A session completed its handshake.
+    pub(crate) fn became_idle(&self) {
+        self.idle.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An idle session was claimed: it leaves the pool, and the target grows by one.
+    pub(crate) fn claimed(&self) {
+        decrement(&self.idle);
+        decrement(&self.open);
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        let max = self.max;
+        let _ = self
+            .target
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + 1).min(max))
+            });
+    }
+
+    /// A session ended unclaimed (or never opened): counted out, and the pool task told.
+    pub(crate) fn ended(&self, was_idle: bool, failed: bool) {
+        if was_idle {
+            decrement(&self.idle);
+        }
+        decrement(&self.open);
+        let _ = self.events.try_send(Event::Ended { failed });
+    }
+}
+
+/// Decrements `n` if it is positive; true when this caller took one.
+pub(crate) fn decrement(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+/// Marks the pool stopped when its task ends (abort included) and pokes the engines.
+struct StopGuard {
+    link: Arc<PoolLink>,
+    splicer: Splicer,
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        self.link.closed.store(true, Ordering::Relaxed);
+        self.splicer.pool_stopped();
+    }
 }
 
 /// Starts the pool; abort the handle to stop it (idle sessions close, claimed ones go on).
@@ -124,250 +268,148 @@ pub fn spawn(params: PoolParams, ctx: Arc<PoolCtx>) -> JoinHandle<()> {
 
 async fn run(p: Arc<PoolParams>, ctx: Arc<PoolCtx>) {
     let cfg = ctx.pool.clone();
-    // Each session sends at most two events, and at most `max` sessions exist.
-    let (tx, mut rx) = mpsc::channel::<Event>(cfg.max * 2 + 2);
-    let mut sessions = JoinSet::new();
-    let mut open = 0usize;
-    let mut idle = 0usize;
-    let mut claims: VecDeque<Instant> = VecDeque::new();
+    // Each session sends at most one event, and at most `max` sessions are counted open.
+    let (tx, mut rx) = mpsc::channel::<Event>(cfg.max + 2);
+    let names = has_names(&p);
+    let link = Arc::new(PoolLink::new(p.clone(), resolve(&p).await, tx, cfg.max));
+    let mut resolved_at = Instant::now();
+    let _stop = StopGuard {
+        link: link.clone(),
+        splicer: ctx.splicer.clone(),
+    };
+    // Samples of the claim counter: (when, total) while within the growth window.
+    let tick =
+        (cfg.growth_window / 10).clamp(Duration::from_millis(10), Duration::from_millis(100));
+    let mut samples: VecDeque<(Instant, u64)> = VecDeque::new();
+    let (mut base, mut seen) = (0u64, 0u64);
     let mut retry = cfg.retry_initial;
     let mut hold_until: Option<Instant> = None;
     loop {
-        let now = Instant::now();
-        while claims
-            .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) > cfg.growth_window)
-        {
-            claims.pop_front();
+        let mut now = Instant::now();
+        let total = link.claims.load(Ordering::Relaxed);
+        if total != seen {
+            seen = total;
+            samples.push_back((now, total));
+            retry = cfg.retry_initial;
         }
-        let target = (cfg.idle + claims.len()).min(cfg.max);
-        p.gauge.target.store(target, Ordering::Relaxed);
+        while let Some(&(t, n)) = samples.front() {
+            if now.saturating_duration_since(t) <= cfg.growth_window {
+                break;
+            }
+            base = n;
+            samples.pop_front();
+        }
+        let in_window = usize::try_from(total - base).unwrap_or(usize::MAX);
+        let target = cfg.idle.saturating_add(in_window).min(cfg.max);
+        link.target.store(target, Ordering::Relaxed);
         if hold_until.is_some_and(|t| now >= t) {
             hold_until = None;
-        }
-        if hold_until.is_none() {
-            while open < target {
-                open += 1;
-                sessions.spawn(session(p.clone(), ctx.clone(), tx.clone()));
+            if names {
+                // A failure may be a stale address.
+                link.resolved.store(Arc::new(resolve(&p).await));
+                resolved_at = Instant::now();
+                now = resolved_at;
             }
         }
-        p.gauge.open.store(open, Ordering::Relaxed);
-        p.gauge.idle.store(idle, Ordering::Relaxed);
-        p.gauge
-            .surplus
-            .store(open.saturating_sub(target).min(idle), Ordering::Relaxed);
-        // Wake for the next event, the end of a retry hold, or the growth window sliding.
-        let wake = hold_until
-            .or_else(|| claims.front().map(|t| *t + cfg.growth_window))
-            .unwrap_or(now + Duration::from_secs(3600));
+        if names && now.saturating_duration_since(resolved_at) >= RESOLVE_INTERVAL {
+            link.resolved.store(Arc::new(resolve(&p).await));
+            resolved_at = Instant::now();
+        }
+        link.held.store(hold_until.is_some(), Ordering::Relaxed);
+        // All that is missing at once: the sessions open concurrently on the engines.
+        while link.reserve() {
+            if !ctx.splicer.open(link.clone()) {
+                decrement(&link.open);
+                ctx.stats.session_failed(SessionFail::EngineFull);
+                hold_until = Some(Instant::now() + retry);
+                retry = (retry * 2).min(cfg.retry_max);
+                link.held.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+        let (open, idle) = (
+            link.open.load(Ordering::Relaxed),
+            link.idle.load(Ordering::Relaxed),
+        );
+        let surplus = open.saturating_sub(target).min(idle);
+        link.surplus.store(surplus, Ordering::Relaxed);
+        let g = &p.gauge;
+        g.target.store(target, Ordering::Relaxed);
+        g.open.store(open, Ordering::Relaxed);
+        g.idle.store(idle, Ordering::Relaxed);
+        g.surplus.store(surplus, Ordering::Relaxed);
+        // Wake for an end, the end of a retry hold, the next sample while claims are in the
+        // window (or a second otherwise: the gauges) and the next resolution.
+        let mut wake = now
+            + if samples.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                tick
+            };
+        if let Some(t) = hold_until {
+            wake = wake.min(t);
+        }
+        if names {
+            wake = wake.min(resolved_at + RESOLVE_INTERVAL);
+        }
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { return };
-                match ev {
-                    Event::Idle => idle += 1,
-                    Event::Claimed => {
-                        idle = idle.saturating_sub(1);
-                        open = open.saturating_sub(1);
-                        claims.push_back(Instant::now());
+                let mut next = Some(ev);
+                // Everything the engines sent since the last round, then one decision.
+                while let Some(Event::Ended { failed }) = next {
+                    if failed {
+                        hold_until = Some(Instant::now() + retry);
+                        retry = (retry * 2).min(cfg.retry_max);
+                    } else {
                         retry = cfg.retry_initial;
                     }
-                    Event::Ended { was_idle, failed } => {
-                        if was_idle {
-                            idle = idle.saturating_sub(1);
-                        }
-                        open = open.saturating_sub(1);
-                        if failed {
-                            hold_until = Some(Instant::now() + retry);
-                            retry = (retry * 2).min(cfg.retry_max);
-                        } else {
-                            retry = cfg.retry_initial;
-                        }
-                    }
+                    next = rx.try_recv().ok();
                 }
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }
     }
 }
 
-/// One reverse session from connect to claim (or its end).
-async fn session(p: Arc<PoolParams>, ctx: Arc<PoolCtx>, tx: mpsc::Sender<Event>) {
-    let end = |was_idle: bool, failed: bool| Event::Ended { was_idle, failed };
-    let mut s = match handshake(&p, &ctx.pool).await {
-        Ok(s) => s,
-        Err(reason) => {
-            ctx.stats.session_failed(reason);
-            let _ = tx.send(end(false, true)).await;
-            return;
-        }
-    };
-    ctx.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
-    let _ = tx.send(Event::Idle).await;
-    let marker = loop {
-        match tokio::time::timeout(ctx.pool.dead_session, s.read_u8()).await {
-            Err(_) => {
-                ctx.stats.sessions_dead.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(end(true, false)).await;
-                return;
-            }
-            Ok(Err(_)) => {
-                ctx.stats.session_failed(SessionFail::ClosedByRelay);
-                let _ = tx.send(end(true, true)).await;
-                return;
-            }
-            Ok(Ok(byte)) => match Marker::from_byte(byte) {
-                Some(Marker::KeepAlive) => {
-                    if take_one(&p.gauge.surplus) {
-                        let _ = tx.send(end(true, false)).await;
-                        return;
-                    }
-                }
-                Some(m) => break m,
-                None => {
-                    ctx.stats.session_failed(SessionFail::BadByte);
-                    tracing::debug!(lease = %p.name, byte, "unexpected byte on an idle session");
-                    let _ = tx.send(end(true, true)).await;
-                    return;
-                }
-            },
-        }
-    };
-    match marker {
-        Marker::Tls => ctx
-            .stats
-            .sessions_claimed_tls
-            .fetch_add(1, Ordering::Relaxed),
-        _ => ctx
-            .stats
-            .sessions_claimed_tcp
-            .fetch_add(1, Ordering::Relaxed),
-    };
-    let _ = tx.send(Event::Claimed).await;
-    // Detached: the public connection must not die with the pool (a reconnect, say).
-    tokio::spawn(claimed(s, marker, p, ctx));
+/// Whether any address of the pool is a name (IP literals never need resolving again).
+fn has_names(p: &PoolParams) -> bool {
+    let literal = |a: &str| a.parse::<SocketAddr>().is_ok();
+    !literal(&p.reverse_addr)
+        || p.tls_to.as_deref().is_some_and(|a| !literal(a))
+        || p.tcp_to.as_deref().is_some_and(|a| !literal(a))
 }
 
-/// Decrements `n` if it is positive; true when this caller took one.
-fn take_one(n: &std::sync::atomic::AtomicUsize) -> bool {
-    n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
-        .is_ok()
-}
-
-/// Connect, preamble, nonce, MAC.
-async fn handshake(p: &PoolParams, cfg: &PoolConfig) -> Result<TcpStream, SessionFail> {
-    let mut s = match tokio::time::timeout(
-        cfg.connect_timeout,
-        TcpStream::connect(p.reverse_addr.as_str()),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        _ => return Err(SessionFail::Connect),
+async fn resolve(p: &PoolParams) -> Resolved {
+    let reverse = match tokio::net::lookup_host(p.reverse_addr.as_str()).await {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => {
+            tracing::warn!(lease = %p.name, reverse = %p.reverse_addr, error = %e, "reverse address did not resolve");
+            Vec::new()
+        }
     };
-    let _ = s.set_nodelay(true);
-    let exchange = async {
-        s.write_all(&reverse::encode_preamble(&p.lease_id)).await?;
-        let mut nonce = [0u8; reverse::NONCE_BYTES];
-        s.read_exact(&mut nonce).await?;
-        s.write_all(&reverse::compute_mac(&p.key, &nonce, &p.lease_id))
-            .await?;
-        std::io::Result::Ok(())
-    };
-    match tokio::time::timeout(cfg.handshake_timeout, exchange).await {
-        Ok(Ok(())) => Ok(s),
-        _ => Err(SessionFail::Handshake),
+    Resolved {
+        reverse: reverse.into(),
+        tls: target(p.tls_to.as_ref()).await,
+        tcp: target(p.tcp_to.as_ref()).await,
     }
 }
 
-/// A claimed session: connect the local target and splice, or reset the session at once.
-async fn claimed(session: TcpStream, marker: Marker, p: Arc<PoolParams>, ctx: Arc<PoolCtx>) {
-    let target = match marker {
-        Marker::Tls => p.tls_to.clone(),
-        _ => p.tcp_to.clone(),
+async fn target(to: Option<&Arc<str>>) -> Target {
+    let Some(name) = to else {
+        return Target::None;
     };
-    let Some(target) = target else {
-        fail(
-            &session,
-            &p,
-            &ctx,
-            "-",
-            LocalFail::NoTarget,
-            "no target for this marker",
-        );
-        return;
-    };
-    let local =
-        match tokio::time::timeout(ctx.local.connect_timeout, TcpStream::connect(&*target)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                let reason = match e.kind() {
-                    std::io::ErrorKind::ConnectionRefused => LocalFail::Refused,
-                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::NotFound => {
-                        LocalFail::Resolve
-                    }
-                    _ => LocalFail::Other,
-                };
-                fail(&session, &p, &ctx, &target, reason, &e.to_string());
-                return;
+    match tokio::net::lookup_host(&**name).await {
+        Ok(addrs) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if addrs.is_empty() {
+                Target::Failed(name.clone(), "no address".into())
+            } else {
+                Target::Addrs(name.clone(), addrs.into())
             }
-            Err(_) => {
-                fail(
-                    &session,
-                    &p,
-                    &ctx,
-                    &target,
-                    LocalFail::Timeout,
-                    "connect timed out",
-                );
-                return;
-            }
-        };
-    let _ = local.set_nodelay(true);
-    let pair = (|| -> std::io::Result<(OwnedFd, OwnedFd)> {
-        let a = session.into_std()?;
-        let b = local.into_std()?;
-        let _ = socket2::SockRef::from(&a).set_keepalive(true);
-        let _ = socket2::SockRef::from(&b).set_keepalive(true);
-        Ok((OwnedFd::from(a), OwnedFd::from(b)))
-    })();
-    let Ok((a, b)) = pair else {
-        ctx.stats.local_failed(LocalFail::EngineRefused);
-        return;
-    };
-    let tag = ctx.stats.splices.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = ctx.splicer.add(a, b, tag) {
-        ctx.stats.local_failed(LocalFail::EngineRefused);
-        p.fail_log.note(
-            &p.name,
-            &target,
-            LocalFail::EngineRefused,
-            &e.to_string(),
-            ctx.local.failure_log_interval,
-        );
+        }
+        Err(e) => Target::Failed(name.clone(), e.to_string()),
     }
-}
-
-/// Counts, logs (throttled) and resets the session so the relay closes the public client now.
-fn fail(
-    session: &TcpStream,
-    p: &PoolParams,
-    ctx: &PoolCtx,
-    target: &str,
-    reason: LocalFail,
-    error: &str,
-) {
-    ctx.stats.local_failed(reason);
-    p.fail_log.note(
-        &p.name,
-        target,
-        reason,
-        error,
-        ctx.local.failure_log_interval,
-    );
-    // RST instead of FIN: the relay's splice sees an error and closes both sides at once,
-    // rather than half-closing towards the client and waiting for it.
-    let _ = socket2::SockRef::from(session).set_linger(Some(Duration::ZERO));
 }
 
 #[cfg(test)]
@@ -383,7 +425,7 @@ mod tests {
                 "demo",
                 "127.0.0.1:9",
                 LocalFail::Refused,
-                "refused",
+                &"refused",
                 interval,
             );
         }
@@ -397,7 +439,7 @@ mod tests {
             "demo",
             "127.0.0.1:9",
             LocalFail::Refused,
-            "refused",
+            &"refused",
             Duration::ZERO,
         );
         assert_eq!(log.suppressed.load(Ordering::Relaxed), 0);

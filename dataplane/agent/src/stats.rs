@@ -67,15 +67,18 @@ pub enum SessionFail {
     ClosedByRelay,
     /// A byte that is neither a keep-alive nor a marker.
     BadByte,
+    /// The engine threads' queue of sessions to open was full (never opened).
+    EngineFull,
 }
 
 impl SessionFail {
     /// Every reason.
-    pub const ALL: [SessionFail; 4] = [
+    pub const ALL: [SessionFail; 5] = [
         SessionFail::Connect,
         SessionFail::Handshake,
         SessionFail::ClosedByRelay,
         SessionFail::BadByte,
+        SessionFail::EngineFull,
     ];
 
     /// The metric label.
@@ -85,6 +88,7 @@ impl SessionFail {
             SessionFail::Handshake => "handshake",
             SessionFail::ClosedByRelay => "closed_by_relay",
             SessionFail::BadByte => "bad_byte",
+            SessionFail::EngineFull => "engine_full",
         }
     }
 }
@@ -100,7 +104,7 @@ pub struct Stats {
     pub sessions_claimed_tcp: AtomicU64,
     /// Idle sessions dropped after the dead-session timeout.
     pub sessions_dead: AtomicU64,
-    session_failed: [AtomicU64; 4],
+    session_failed: [AtomicU64; 5],
     /// Claimed sessions handed to a splice engine with their local target.
     pub splices: AtomicU64,
     local_connect_failed: [AtomicU64; 6],

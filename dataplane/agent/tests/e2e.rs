@@ -194,11 +194,20 @@ async fn start_relay_with(
     ports: (u16, u16),
     keepalive_ms: u64,
 ) -> Relay {
-    start_relay_in(pki.path(), quic, reverse, public_tls, ports, keepalive_ms).await
+    start_relay_in(
+        pki.path(),
+        quic,
+        reverse,
+        public_tls,
+        ports,
+        keepalive_ms,
+        "",
+    )
+    .await
 }
 
 /// As [`start_relay_with`], with its config, ready file and admin socket in `dir` (which must
-/// hold ca.pem, relay.pem and relay-key.pem).
+/// hold ca.pem, relay.pem and relay-key.pem), and `ingress_extra` lines in `[ingress]`.
 async fn start_relay_in(
     dir: &Path,
     quic: &str,
@@ -206,6 +215,7 @@ async fn start_relay_in(
     public_tls: &str,
     ports: (u16, u16),
     keepalive_ms: u64,
+    ingress_extra: &str,
 ) -> Relay {
     let admin = dir.join("relay-admin.sock");
     let _ = std::fs::remove_file(&admin);
@@ -219,7 +229,7 @@ async fn start_relay_in(
          [leases]\nttl_default_s = 30\njanitor_interval_ms = 200\ntcp = true\nudp = true\n\
          min_port = {}\nmax_port = {}\n\
          [ingress]\nclaim_timeout_ms = 5000\nkeepalive_interval_ms = {keepalive_ms}\n\
-         lease_sync_interval_ms = 20\n",
+         lease_sync_interval_ms = 20\n{ingress_extra}",
         admin.display(),
         ports.0,
         ports.1
@@ -281,6 +291,28 @@ fn spawn_agent(
     connection_extra: &str,
     env: &[(&str, String)],
 ) -> Agent {
+    spawn_agent_sized(
+        pki,
+        relays,
+        leases,
+        dead_session_ms,
+        connection_extra,
+        env,
+        (2, 8),
+    )
+}
+
+/// As [`spawn_agent`], with the pool's `idle` and `max`; `OUTRELAY_AGENT_BIN` overrides the
+/// binary (to measure another build).
+fn spawn_agent_sized(
+    pki: &Pki,
+    relays: &[SocketAddr],
+    leases: &str,
+    dead_session_ms: u64,
+    connection_extra: &str,
+    env: &[(&str, String)],
+    (idle, max): (usize, usize),
+) -> Agent {
     let dir = pki.path();
     let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
     let config = format!(
@@ -288,7 +320,7 @@ fn spawn_agent(
          [identity]\ncert = \"agent.pem\"\nkey = \"agent-key.pem\"\nca = \"ca.pem\"\n\
          {leases}\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\
-         [pool]\nidle = 2\nmax = 8\ndead_session_ms = {dead_session_ms}\n\
+         [pool]\nidle = {idle}\nmax = {max}\ndead_session_ms = {dead_session_ms}\n\
          [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
          reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n{connection_extra}\n\
          [local]\nconnect_timeout_ms = 2000\nfailure_log_interval_ms = 1000\n"
@@ -298,7 +330,11 @@ fn spawn_agent(
     let ready = dir.join("agent-ready.json");
     let _ = std::fs::remove_file(&ready);
     let started = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+    let binary = std::env::var_os("OUTRELAY_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_outrelay-agent")),
+        PathBuf::from,
+    );
+    let child = Command::new(binary)
         .args(["--log", "info", "run", "--config"])
         .arg(&path)
         .arg("--ready-file")
@@ -1293,6 +1329,7 @@ async fn every_lease_is_served_by_every_configured_relay() {
         "127.0.0.1:0",
         free_port_range(),
         1000,
+        "",
     )
     .await;
     let (target, _echo) = common::echo_server().await;
@@ -1914,4 +1951,171 @@ async fn echo_bytes(port: u16, len: usize, seed: u64) -> Result<Duration, String
         Ok(Err(e)) => Err(e),
         Err(_) => Err(format!("no echo within {WAIT:?}")),
     }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or(100);
+    Duration::from_micros(ticks * 1_000_000 / per_s)
+}
+
+/// How many reverse sessions per second the agent establishes (handshake included) when every
+/// public connection consumes one, and its CPU per session. Ignored by default (it loads the
+/// machine for a few seconds); run it with
+/// `cargo nextest run --release -p outrelay-agent --test e2e --run-ignored only -E 'test(session_rate)' --no-capture`.
+/// `RATE_PIN` (agent alone on CPU 1, relay and clients on CPU 0), `RATE_SECS` (default 5), `RATE_CONC` (public clients at once, 32), `RATE_POOL_MAX` (8),
+/// `RATE_READY_QUEUE_MAX` (the relay's `ingress.ready_queue_max`, 8), `RATE_SPLICE_WORKERS` (the
+/// agent's `[splice] workers`, 2), `RATE_IO_BACKEND` (its `io_backend`, auto) and
+/// `OUTRELAY_AGENT_BIN` (another agent build) vary it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: loads the machine for several seconds"]
+async fn session_rate_through_a_tcp_lease() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (secs, conc, pool_max, ready_max) = (
+        env("RATE_SECS", 5),
+        env("RATE_CONC", 32),
+        env("RATE_POOL_MAX", 8),
+        env("RATE_READY_QUEUE_MAX", 8),
+    );
+    let workers = env("RATE_SPLICE_WORKERS", 2);
+    let backend = std::env::var("RATE_IO_BACKEND").unwrap_or_else(|_| "auto".into());
+    let pki = Pki::new();
+    let relay = start_relay_in(
+        pki.path(),
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+        1000,
+        &format!("ready_queue_max = {ready_max}\n"),
+    )
+    .await;
+    let (target, _echo) = common::echo_server().await;
+    let mut agent = spawn_agent_sized(
+        &pki,
+        &[relay.addrs.quic],
+        &format!(
+            "[[lease]]\nname = \"rate\"\ntcp_to = \"{target}\"\n[splice]\nworkers = {workers}\n"
+        ),
+        5000,
+        "",
+        &[],
+        (2, usize::try_from(pool_max).expect("pool max")),
+    );
+    let ready = agent.ready().await;
+    let port = lease_port(&ready, "rate");
+    let metrics = ready["metrics"].as_str().expect("metrics").to_owned();
+    // Warm up until the lease answers.
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(start.elapsed() < WAIT, "lease never answered: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = |text: &str| metric(text, "outrelay_agent_reverse_sessions_opened_total");
+    let opened_before = opened(&http_get(&metrics, "/metrics"));
+    let (agent_pid, relay_pid) = (agent.proc.0.id(), relay.proc.0.id());
+    if std::env::var_os("RATE_PIN").is_some() {
+        // The agent alone on CPU 1; the relay and this process (clients, echo target) on CPU 0.
+        let me = std::process::id();
+        for (cpu, pid) in [("1", agent_pid), ("0", relay_pid), ("0", me)] {
+            let pinned = Command::new("taskset")
+                .args(["-a", "-pc", cpu, &pid.to_string()])
+                .stdout(Stdio::null())
+                .status();
+            assert!(pinned.is_ok_and(|s| s.success()), "taskset {pid}");
+        }
+    }
+    let (agent_cpu, relay_cpu) = (cpu_time(agent_pid), cpu_time(relay_pid));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(secs);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..conc {
+        clients.spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut took_us: Vec<u32> = Vec::new();
+            while Instant::now() < until {
+                let begun = Instant::now();
+                let one = async {
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+                    s.write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await?;
+                    std::io::Result::Ok(())
+                };
+                match tokio::time::timeout(CLOSE_BOUND, one).await {
+                    Ok(Ok(())) => {
+                        ok += 1;
+                        took_us
+                            .push(u32::try_from(begun.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed, took_us)
+        });
+    }
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut took_us = Vec::new();
+    while let Some(r) = clients.join_next().await {
+        let (o, f, t) = r.expect("client task");
+        ok += o;
+        failed += f;
+        took_us.extend(t);
+    }
+    took_us.sort_unstable();
+    let pct = |p: usize| took_us.get(took_us.len() * p / 100).copied().unwrap_or(0);
+    let took = started.elapsed().as_secs_f64();
+    let agent_us = (cpu_time(agent_pid) - agent_cpu).as_secs_f64() * 1e6;
+    let relay_us = (cpu_time(relay_pid) - relay_cpu).as_secs_f64() * 1e6;
+    let sessions = opened(&http_get(&metrics, "/metrics")) - opened_before;
+    let ok_f = ok as f64;
+    eprintln!(
+        "MEASURED c={conc} pool.max={pool_max} ready_queue_max={ready_max} agent workers={workers} io={backend} {secs}s: {:.0} conn/s ({ok} ok, {failed} failed), \
+         {:.0} sessions_opened/s, agent CPU {:.1} us/session, relay CPU {:.1} us/conn, \
+         relay + agent {:.1} us/conn; connect to echo p50 {} us p99 {} us",
+        ok_f / took,
+        sessions / took,
+        agent_us / sessions.max(1.0),
+        relay_us / ok_f.max(1.0),
+        (agent_us + relay_us) / ok_f.max(1.0),
+        pct(50),
+        pct(99),
+    );
+    if std::env::var_os("RATE_DUMP").is_some() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let relay_metrics = relay.addrs.metrics.expect("relay metrics").to_string();
+        for (who, addr) in [
+            ("agent", metrics.as_str()),
+            ("relay", relay_metrics.as_str()),
+        ] {
+            for line in http_get(addr, "/metrics").lines() {
+                let interesting = [
+                    "session", "claim", "reverse", "ingress", "failed", "dropped",
+                ];
+                if !line.starts_with('#')
+                    && interesting.iter().any(|k| line.contains(k))
+                    && !line.ends_with(" 0")
+                {
+                    eprintln!("{who}: {line}");
+                }
+            }
+        }
+    }
+    assert!(ok > 0, "no public connection completed");
+    drop(relay);
 }
