@@ -42,10 +42,18 @@ impl UringPoller {
         // Up to four polls per pair can be outstanding: size the completion queue for them so
         // it does not overflow (which older kernels answer with EBUSY on submit).
         let entries = entries.max(8);
-        let ring = IoUring::builder()
-            .setup_clamp()
-            .setup_cqsize(entries.saturating_mul(4))
-            .build(entries)?;
+        // COOP_TASKRUN (Linux 5.19): completions are run when the worker next enters the
+        // kernel instead of interrupting it with an IPI; the worker enters the kernel in every
+        // round anyway. Older kernels refuse the flag: build without it.
+        let build = |coop: bool| {
+            let mut b = IoUring::builder();
+            b.setup_clamp().setup_cqsize(entries.saturating_mul(4));
+            if coop {
+                b.setup_coop_taskrun();
+            }
+            b.build(entries)
+        };
+        let ring = build(true).or_else(|_| build(false))?;
         let mut poller = UringPoller {
             ring,
             wake_fd: wake.as_raw_fd(),
