@@ -1030,8 +1030,10 @@ mod tests {
                 ..PoolConfig::default()
             };
             let mut rig = rig(backend, pool, Target::None, 0);
-            let mut relay = rig.handshake();
+            // Before the handshake: the session's dead deadline starts when it turns idle,
+            // which is after this however late the test thread runs.
             let start = Instant::now();
+            let mut relay = rig.handshake();
             assert!(closed(&mut relay), "{backend:?}: dead session closed");
             assert!(
                 start.elapsed() >= Duration::from_millis(150),
