@@ -941,6 +941,30 @@ async fn accepted_by(relay: &Relay, kind: usize, before: &[u64]) -> usize {
     which.expect("a worker")
 }
 
+/// Opens a reverse session of `lease` and returns it with the worker that accepted it.
+async fn session_on_a_worker(relay: &Relay, lease: LeaseId) -> (TcpStream, usize) {
+    let before = accepts(relay, 1);
+    let r = relay.reverse;
+    let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+        .await
+        .expect("session");
+    (agent, accepted_by(relay, 1, &before).await)
+}
+
+/// Joins a client and an echo agent thread; the client's bytes back.
+async fn join_both(
+    client: std::thread::JoinHandle<Vec<u8>>,
+    echo: std::thread::JoinHandle<()>,
+) -> Vec<u8> {
+    let back = tokio::task::spawn_blocking(move || client.join().expect("client"))
+        .await
+        .expect("join");
+    tokio::task::spawn_blocking(move || echo.join().expect("agent"))
+        .await
+        .expect("join");
+    back
+}
+
 /// SO_REUSEPORT spreads public connections and reverse sessions over every worker: each
 /// worker's accept counters move, and every connection is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -956,14 +980,9 @@ async fn connections_spread_over_all_workers() {
                 .expect("session");
             let echo = echo_agent(agent, 0x02, hello_bytes.clone());
             let data = format!("connection {i}").into_bytes();
-            let back = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
-            let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
-                .await
-                .expect("join");
+            let client = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
+            let back = join_both(client, echo).await;
             assert_eq!(back, data, "{backend:?}: connection {i} echoed");
-            tokio::task::spawn_blocking(move || echo.join().expect("agent"))
-                .await
-                .expect("join");
         }
         let (public, reverse) = (accepts(&relay, 0), accepts(&relay, 1));
         let claims = counter(&relay, |w| {
@@ -1007,12 +1026,7 @@ async fn sessions_on_one_worker_serve_connections_accepted_by_another() {
         // other worker (each round has odds 1/2; 20 rounds).
         let mut stolen = false;
         for round in 0..20 {
-            let before = accepts(&relay, 1);
-            let r = relay.reverse;
-            let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
-                .await
-                .expect("session");
-            let home = accepted_by(&relay, 1, &before).await;
+            let (agent, home) = session_on_a_worker(&relay, lease).await;
             eventually("session idle", || {
                 relay.ingress.worker_stats()[home].idle_sessions(&lease) == 1
             })
@@ -1021,15 +1035,10 @@ async fn sessions_on_one_worker_serve_connections_accepted_by_another() {
             let cross_before = counter(&relay, |w| w.cross_claims.load(relaxed));
             let before = accepts(&relay, 0);
             let data = format!("round {round}").into_bytes();
-            let back = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
+            let client = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
             let by = accepted_by(&relay, 0, &before).await;
-            let back = tokio::task::spawn_blocking(move || back.join().expect("client"))
-                .await
-                .expect("join");
+            let back = join_both(client, echo).await;
             assert_eq!(back, data, "{backend:?} round {round}: served");
-            tokio::task::spawn_blocking(move || echo.join().expect("agent"))
-                .await
-                .expect("join");
             if by != home {
                 let cross = counter(&relay, |w| w.cross_claims.load(relaxed));
                 assert_eq!(
@@ -1056,20 +1065,10 @@ async fn sessions_on_one_worker_serve_connections_accepted_by_another() {
             let client = client_round_trip(relay.sni, hello_bytes.clone(), data.clone());
             let waiting_on = accepted_by(&relay, 0, &before).await;
             let handoffs_before = counter(&relay, |w| w.handoffs.load(relaxed));
-            let before = accepts(&relay, 1);
-            let r = relay.reverse;
-            let agent = tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
-                .await
-                .expect("session");
-            let home = accepted_by(&relay, 1, &before).await;
+            let (agent, home) = session_on_a_worker(&relay, lease).await;
             let echo = echo_agent(agent, 0x02, hello_bytes.clone());
-            let back = tokio::task::spawn_blocking(move || client.join().expect("client"))
-                .await
-                .expect("join");
+            let back = join_both(client, echo).await;
             assert_eq!(back, data, "{backend:?} waiting round {round}: served");
-            tokio::task::spawn_blocking(move || echo.join().expect("agent"))
-                .await
-                .expect("join");
             if home != waiting_on {
                 let handoffs = counter(&relay, |w| w.handoffs.load(relaxed));
                 assert_eq!(
