@@ -925,7 +925,7 @@ impl Settings {
             return Err(bad("splice.workers", "must be 1..=64"));
         }
         let io_backend = match s.io_backend.as_str() {
-            "auto" => Backend::probe(),
+            "auto" => Backend::auto(),
             other => other
                 .parse()
                 .map_err(|e: String| bad("splice.io_backend", e))?,

@@ -67,7 +67,7 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            backend: Backend::probe(),
+            backend: Backend::auto(),
             pipes: PipeLimits::default(),
             buffers: BufferLimits::default(),
             max_pairs: 16_384,

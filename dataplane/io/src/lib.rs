@@ -23,4 +23,4 @@ pub use engine::{
     Finished, USER_KEY_LIMIT,
 };
 pub use pipe::{PipeLimits, PipeStats};
-pub use poller::{Backend, Interest};
+pub use poller::{BACKEND_ENV, Backend, Interest};

@@ -16,6 +16,9 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use crate::uring::UringPoller;
 
+/// The environment variable [`Backend::auto`] reads.
+pub const BACKEND_ENV: &str = "OUTRELAY_IO_BACKEND";
+
 /// Which readiness backend an engine uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -33,6 +36,19 @@ impl Backend {
         } else {
             Backend::Epoll
         }
+    }
+
+    /// What `io_backend = "auto"` means: the backend named by the environment variable
+    /// [`BACKEND_ENV`] (`io_uring` or `epoll`) when it is set, else [`Backend::probe`]. The
+    /// variable lets an operator (a systemd `Environment=` line) or the test suite (its epoll
+    /// pass) force a backend without editing configs; an unknown value is ignored with the
+    /// probe's answer. A forced `io_uring` the kernel refuses fails at start, like the config
+    /// key.
+    pub fn auto() -> Backend {
+        std::env::var(BACKEND_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(Backend::probe)
     }
 
     /// The metric label.

@@ -536,7 +536,7 @@ impl Settings {
         let root_host = root_host_from_url(&raw.public_url).map_err(|e| bad("public_url", e))?;
         let backend_name = overrides.io_backend.clone().unwrap_or(raw.io_backend);
         let io_backend = match backend_name.as_str() {
-            "auto" => Backend::probe(),
+            "auto" => Backend::auto(),
             other => other.parse().map_err(|e: String| bad("io_backend", e))?,
         };
         let workers = match raw.workers {

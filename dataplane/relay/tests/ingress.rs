@@ -44,7 +44,7 @@ struct Relay {
 /// TCP lease `echo` (published with `KEY`). The engine's finished pairs go back to the
 /// ingress's per-lease connection counts, as in the relay binary.
 async fn start(config: IngressConfig) -> Relay {
-    start_on(config, 1, Backend::probe()).await
+    start_on(config, 1, Backend::auto()).await
 }
 
 /// Both io backends where the kernel lets this process create a ring, else epoll only
