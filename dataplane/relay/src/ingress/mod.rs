@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::state::Shared;
+use crate::worker::listen::reset;
 use crate::worker::{
     Board, Challenge, ListenerKind, Msg, WorkerHandle, WorkerStats, bind_reuseport,
 };
@@ -508,10 +509,4 @@ impl Ingress {
             self.stats.drop(Drop::RootUnavailable);
         }
     }
-}
-
-/// Closes a refused root-host connection with a reset (SO_LINGER 0).
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

@@ -39,19 +39,10 @@ impl Worker {
         marker: Marker,
         replay: Vec<u8>,
     ) {
-        let mut dead = 0;
-        let session = self.pool.take_idle(&lease, &mut dead);
-        self.count_dead(dead);
-        if let Some(session) = session {
-            self.ingress
-                .board
-                .idle_changed(&lease, self.id, -1 - dead_i32(dead));
+        if let Some(session) = self.take_idle(&lease) {
             self.stats.claims.fetch_add(1, Ordering::Relaxed);
             return self.write_marker(client, session.stream, slot, marker, &replay);
         }
-        self.ingress
-            .board
-            .idle_changed(&lease, self.id, -dead_i32(dead));
         if self.pool.waiting(&lease) >= self.waiters_max {
             return self.refuse(client, Drop::ClaimWaitersFull);
         }
@@ -145,13 +136,7 @@ impl Worker {
     /// Worker `to` has a claim of `lease` waiting and nothing idle: give it our oldest idle
     /// session, if we still have one.
     pub(crate) fn steal(&mut self, lease: LeaseId, to: usize) {
-        let mut dead = 0;
-        let session = self.pool.take_idle(&lease, &mut dead);
-        self.count_dead(dead);
-        let Some(session) = session else {
-            self.ingress
-                .board
-                .idle_changed(&lease, self.id, -dead_i32(dead));
+        let Some(session) = self.take_idle(&lease) else {
             return;
         };
         match self.ingress.send_to(
@@ -163,26 +148,29 @@ impl Worker {
             },
         ) {
             Ok(()) => {
-                self.ingress
-                    .board
-                    .idle_changed(&lease, self.id, -1 - dead_i32(dead));
                 self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
             }
             Err(Msg::Session { session, .. }) => {
-                self.ingress
-                    .board
-                    .idle_changed(&lease, self.id, -dead_i32(dead));
                 self.stats.inbox_full.fetch_add(1, Ordering::Relaxed);
                 self.pool.unpark(lease, session);
+                self.ingress.board.idle_changed(&lease, self.id, 1);
             }
             Err(_) => {}
         }
     }
 
-    fn count_dead(&self, dead: u64) {
+    /// Takes the oldest live idle session of `lease` on this worker, counting the sessions
+    /// found closed on the way (`dead_session`), and keeps the board in step.
+    fn take_idle(&mut self, lease: &LeaseId) -> Option<IdleSession> {
+        let mut dead = 0u64;
+        let session = self.pool.take_idle(lease, &mut dead);
         for _ in 0..dead {
             self.ingress.stats.drop(Drop::DeadSession);
         }
+        let taken = dead + u64::from(session.is_some());
+        let delta = i32::try_from(taken).unwrap_or(i32::MAX);
+        self.ingress.board.idle_changed(lease, self.id, -delta);
+        session
     }
 
     /// Writes the marker and `replay` to the claimed `session` (one writev; the rest when it
@@ -296,8 +284,4 @@ impl Worker {
             }
         }
     }
-}
-
-fn dead_i32(dead: u64) -> i32 {
-    i32::try_from(dead).unwrap_or(i32::MAX)
 }

@@ -8,7 +8,7 @@
 //! the loop does not spin (R3). Other failures (ENOBUFS, ENOMEM) park the listener until the
 //! next tick instead of spinning.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -95,7 +95,7 @@ impl AcceptError {
 
 /// Closes a refused connection with a reset (SO_LINGER 0): the client learns at once, and
 /// the relay keeps no TIME_WAIT for it.
-pub(crate) fn reset(stream: TcpStream) {
+pub(crate) fn reset<S: std::os::fd::AsFd>(stream: S) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }
