@@ -404,8 +404,11 @@ fn one_line(what: &str, error: &dyn StdError) -> String {
         let text = e.to_string();
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         let first = lines.next().unwrap_or_default();
-        line.push_str(": ");
-        line.push_str(first);
+        // aya's errors often repeat their source's text: say it once.
+        if !line.contains(first) {
+            line.push_str(": ");
+            line.push_str(first);
+        }
         // The verifier's log ends with statistics; the reason is the line before them.
         if let Some(last) = lines.rev().find(|l| !is_log_statistics(l)) {
             line.push_str(" ... ");
