@@ -326,6 +326,79 @@ fn lookup_on_any_ipv6_address_and_a_range_without_udp_sockets() {
     );
 }
 
+/// Env var that turns [`kill_9_child`] into the child of [`lookup_is_gone_after_kill_9`]:
+/// `ip port_lo port_hi`.
+const CHILD_ENV: &str = "OUTRELAY_EBPF_KILL9_CHILD";
+
+#[test]
+fn lookup_is_gone_after_kill_9() {
+    const TEST: &str = "lookup_is_gone_after_kill_9";
+    if !bpf_or_skip(TEST) {
+        return;
+    }
+    let ip = Ipv4Addr::new(127, 78, own_loopback_ip().octets()[2], 1);
+    let Some(ports) = free_range(ip, 10) else {
+        eprintln!("SKIP (no free 10-port range on {ip}) {TEST}");
+        return;
+    };
+    let port = *ports.start();
+    // Our own plain listener on a port of the range: reachable unless a program refuses it.
+    let listener = TcpListener::bind((ip, port)).expect("plain listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "kill_9_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, format!("{ip} {} {}", ports.start(), ports.end()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("child stdout"));
+    let mut line = String::new();
+    while !line.contains("ATTACHED") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read the child");
+        assert!(n > 0, "the child exited before attaching");
+    }
+    // The child's program holds the range with every port closed: refused by the kernel.
+    assert_refused(ip, port);
+    child.kill().expect("SIGKILL the child");
+    child.wait().expect("reap the child");
+    // Its descriptors are gone, so is the program: the plain listener answers again.
+    let deadline = Instant::now() + WAIT_MAX;
+    loop {
+        match TcpStream::connect((ip, port)) {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "still refused after kill -9: {e}"
+            ),
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    drop(accept_within(&listener));
+}
+
+/// Not a test of its own: the child process of [`lookup_is_gone_after_kill_9`] (does nothing
+/// unless [`CHILD_ENV`] is set). Attaches, says so, and waits to be killed.
+#[test]
+fn kill_9_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut words = spec.split(' ');
+    let mut next = || words.next().expect("three words");
+    let ip: Ipv4Addr = next().parse().expect("ip");
+    let lo: u16 = next().parse().expect("lo");
+    let hi: u16 = next().parse().expect("hi");
+    let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("listener");
+    let no_udp: [&UdpSocket; 0] = [];
+    let _steering = LeasePortSteering::attach(lo..=hi, IpAddr::V4(ip), &[&tcp], &no_udp, &[])
+        .expect("attach in the child");
+    println!("ATTACHED");
+    std::io::stdout().flush().expect("flush");
+    thread::sleep(Duration::from_secs(60));
+    panic!("the parent never killed this child");
+}
+
 // ---- helpers ----
 
 /// The CPUs this process may run on, ascending.
