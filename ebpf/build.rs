@@ -8,7 +8,7 @@ use std::process::Command;
 /// The programs, by file stem; the loader includes `$OUT_DIR/<stem>.bpf.o` for each.
 const PROGRAMS: [&str; 2] = ["reuseport", "lookup"];
 
-const INSTALL_HINT: &str = "install them with `apt-get install clang libbpf-dev`, \
+const INSTALL_HINT: &str = "install clang and libbpf's headers with `apt-get install clang libbpf-dev`, \
      or build without eBPF steering with `--no-default-features` \
      (outrelay-relay: without its `ebpf` feature)";
 

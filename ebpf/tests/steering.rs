@@ -326,6 +326,70 @@ fn lookup_on_any_ipv6_address_and_a_range_without_udp_sockets() {
     );
 }
 
+#[test]
+fn udp_replies_leave_from_the_lease_port_through_a_connected_flow_socket() {
+    const TEST: &str = "udp_replies_leave_from_the_lease_port_through_a_connected_flow_socket";
+    if !bpf_or_skip(TEST) {
+        return;
+    }
+    let ip = Ipv4Addr::new(127, 79, own_loopback_ip().octets()[2], 1);
+    let Some(ports) = free_range(ip, 10) else {
+        eprintln!("SKIP (no free 10-port range on {ip}) {TEST}");
+        return;
+    };
+    let port = *ports.start();
+    let worker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("worker socket");
+    setsockopt(&worker, sockopt::Ipv4OrigDstAddr, &true).expect("IP_RECVORIGDSTADDR");
+    worker.set_read_timeout(Some(WAIT_MAX)).expect("timeout");
+    worker.set_nonblocking(false).expect("blocking");
+    let no_tcp: [&TcpListener; 0] = [];
+    let mut steering =
+        LeasePortSteering::attach(ports, IpAddr::V4(ip), &no_tcp, &[&worker], &[]).expect("attach");
+    steering.open(Proto::Udp, port).expect("open");
+
+    let client = UdpSocket::bind((ip, 0)).expect("client");
+    client.set_read_timeout(Some(WAIT_MAX)).expect("timeout");
+    client.send_to(b"first", (ip, port)).expect("send");
+    let (payload, from, orig_dst) = recv_with_orig_dst(&worker);
+    assert_eq!(
+        (payload.as_slice(), orig_dst),
+        (&b"first"[..], SocketAddrV4::new(ip, port))
+    );
+
+    // A reply must leave from the lease port, which the worker's socket is not bound to: a flow
+    // socket bound to the original destination (SO_REUSEADDR: one per flow on that port) and
+    // connected to the client.
+    let flow = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("socket");
+    setsockopt(&flow, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    bind(flow.as_raw_fd(), &SockaddrIn::from(orig_dst)).expect("bind the lease port");
+    let flow = UdpSocket::from(flow);
+    flow.connect(from).expect("connect to the client");
+    flow.set_read_timeout(Some(WAIT_MAX)).expect("timeout");
+    flow.send(b"reply").expect("reply");
+    let mut buf = [0u8; 16];
+    let (n, reply_from) = client.recv_from(&mut buf).expect("client gets the reply");
+    assert_eq!(
+        (&buf[..n], reply_from),
+        (&b"reply"[..], SocketAddr::from(orig_dst))
+    );
+
+    // The kernel finds a connected socket before running sk_lookup: the flow's next datagram
+    // goes to the flow socket, not to the worker's.
+    let steered = steering.stats().udp_steered;
+    client.send_to(b"second", (ip, port)).expect("send");
+    let n = flow
+        .recv(&mut buf)
+        .expect("flow socket gets the next datagram");
+    assert_eq!(&buf[..n], b"second");
+    assert_eq!(steering.stats().udp_steered, steered, "not steered again");
+}
+
 /// Env var that turns [`kill_9_child`] into the child of [`lookup_is_gone_after_kill_9`]:
 /// `ip port_lo port_hi`.
 const CHILD_ENV: &str = "OUTRELAY_EBPF_KILL9_CHILD";
