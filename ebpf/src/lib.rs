@@ -94,7 +94,9 @@ pub fn probe() -> Result<(), EbpfError> {
 
 /// CPU-local accept for ONE `SO_REUSEPORT` group (the relay makes two: public TLS, reverse).
 ///
-/// Each group is its own load of the program, with its own maps. Drop detaches the program
+/// Each group is its own load of the program, with its own maps, and has at most one
+/// `ReuseportSteering` at a time (a second attach fails with `Map`: a socket sits in one
+/// reuseport socket array only). Drop detaches the program
 /// from the group (`SO_DETACH_REUSEPORT_BPF`); the group then selects by hash again. The value
 /// holds a duplicate of `listeners[0]`'s descriptor for that detach, so that socket stays open
 /// until this is dropped: drop the steering before (or together with) the listeners.

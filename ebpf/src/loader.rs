@@ -76,12 +76,17 @@ impl Reuseport {
 
         let mut sockets: ReusePortSockArray<MapData> = take_map(&mut ebpf, "workers")?;
         for (worker, socket) in (0u32..).zip(listeners) {
-            sockets.set(worker, &socket.as_fd(), 0).map_err(|e| {
-                map_error(
+            if let Err(e) = sockets.set(worker, &socket.as_fd(), 0) {
+                // Release the sockets already placed (see `sockets`); EBUSY here means another
+                // steering still holds this group.
+                for placed in 0..worker {
+                    let _ = sockets.clear_index(&placed);
+                }
+                return Err(map_error(
                     &format!("put worker {worker}'s listener in the group's socket array"),
                     &e,
-                )
-            })?;
+                ));
+            }
         }
         fill_cpu_worker(&mut ebpf, &slots)?;
         let load = take_map_data(&mut ebpf, "load")?;

@@ -159,6 +159,11 @@ fn reuseport_steering_can_be_dropped_and_attached_again() {
     for round in 0..3 {
         let steering = ReuseportSteering::attach(&listeners, &cpu_worker, u32::MAX)
             .unwrap_or_else(|e| panic!("attach round {round}: {e}"));
+        let second = ReuseportSteering::attach(&listeners, &cpu_worker, u32::MAX);
+        assert!(
+            matches!(second, Err(EbpfError::Map(_))),
+            "one steering per group"
+        );
         assert_eq!(
             connect_from_cpu(cpus[0], addr, &listeners),
             vec![1; CONNECTIONS_PER_CPU]
