@@ -342,6 +342,28 @@ fn lookup_on_any_ipv6_address_and_a_range_without_udp_sockets() {
         stats.tcp_steered >= u64::from(hi - lo + 1) && stats.udp_refused >= 1,
         "{stats:?}"
     );
+
+    // The same on one IPv6 address (::1), a second program beside the first on its own range.
+    let (lo2, hi2) = outrelay_testkit::claim_port_range();
+    let mut one = LeasePortSteering::attach(
+        lo2..=hi2,
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+        &[&tcp],
+        &no_udp,
+        &cpu_worker,
+    )
+    .expect("attach on ::1");
+    one.open(Proto::Tcp, hi2).expect("open");
+    let client = TcpStream::connect((Ipv6Addr::LOCALHOST, hi2)).expect("connect");
+    let server = accept_within(&tcp);
+    assert_eq!(server.local_addr().expect("local").port(), hi2);
+    echo_once(client, server);
+    assert_refused(Ipv6Addr::LOCALHOST, lo2);
+    let stats = one.stats();
+    assert!(
+        stats.tcp_steered >= 1 && stats.tcp_refused >= 1,
+        "{stats:?}"
+    );
 }
 
 #[test]
