@@ -276,6 +276,7 @@ fn run(
         );
         let started = Instant::now();
         ingress.stop_accepting();
+        steering.detach_reuseport();
         shutdown.shutdown("relay stopping", 1000);
         let left = outrelay_lifecycle::drain(grace, || ingress.in_flight()).await;
         let drain_ms = started.elapsed().as_millis();

@@ -156,8 +156,10 @@ pub struct Steering {
     mode: EbpfMode,
     /// Why `auto` runs without programs.
     unavailable: Option<String>,
-    public: Option<ReuseportSteering>,
-    reverse: Option<ReuseportSteering>,
+    /// CPU-local accept per group: `[public, reverse]`. Behind a lock only so that stopping
+    /// can detach them (the program holds a duplicate of one listener of its group, which
+    /// would otherwise keep the group taking connections nobody accepts).
+    reuseport: Mutex<[Option<ReuseportSteering>; 2]>,
     lookup: Option<Mutex<Lookup>>,
     /// The CPU each worker is pinned to (`None`: not pinned).
     cpus: Vec<Option<usize>>,
@@ -192,8 +194,7 @@ impl Steering {
         Steering {
             mode,
             unavailable: None,
-            public: None,
-            reverse: None,
+            reuseport: Mutex::new([None, None]),
             lookup: None,
             cpus: vec![None; workers],
             map_errors: AtomicU64::new(0),
@@ -241,16 +242,18 @@ impl Steering {
             let plan = cpu_plan(inputs.workers).map_err(|e| format!("CPU affinity: {e}"))?;
             me.cpus = plan.cpus;
             cpu_worker = plan.cpu_worker;
-            if !inputs.public.is_empty() {
-                me.public = Some(
-                    ReuseportSteering::attach(inputs.public, &cpu_worker, inputs.busy_at)
-                        .map_err(text)?,
-                );
+            let groups = me
+                .reuseport
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (slot, listeners) in groups.iter_mut().zip([inputs.public, inputs.reverse]) {
+                if !listeners.is_empty() {
+                    *slot = Some(
+                        ReuseportSteering::attach(listeners, &cpu_worker, inputs.busy_at)
+                            .map_err(text)?,
+                    );
+                }
             }
-            me.reverse = Some(
-                ReuseportSteering::attach(inputs.reverse, &cpu_worker, inputs.busy_at)
-                    .map_err(text)?,
-            );
         }
         let mut sockets = RangeSockets::default();
         if config.lookup
@@ -273,8 +276,9 @@ impl Steering {
                 udp: HashSet::new(),
             }));
         }
+        let reuseport = me.programs()[..2].iter().any(|(_, on)| *on);
         tracing::info!(
-            reuseport = me.public.is_some() || me.reverse.is_some(),
+            reuseport,
             lookup = me.lookup.is_some(),
             cpus = ?me.cpus,
             "ebpf steering active"
@@ -305,11 +309,25 @@ impl Steering {
 
     /// Which programs run: `(name, active)` for the `ebpf_active` gauge and `relay status`.
     pub fn programs(&self) -> [(&'static str, bool); 3] {
+        let groups = self
+            .reuseport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         [
-            ("reuseport_public", self.public.is_some()),
-            ("reuseport_reverse", self.reverse.is_some()),
+            ("reuseport_public", groups[0].is_some()),
+            ("reuseport_reverse", groups[1].is_some()),
             ("lookup", self.lookup.is_some()),
         ]
+    }
+
+    /// Stopping: detaches CPU-local accept, so the groups' sockets close with the workers'
+    /// listeners (connections arriving meanwhile are refused, not queued).
+    pub fn detach_reuseport(&self) {
+        let mut groups = self
+            .reuseport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *groups = [None, None];
     }
 
     /// Worker `w`'s writers of its load, one per reuseport group (each its own map
@@ -318,8 +336,12 @@ impl Steering {
         let Ok(w) = u32::try_from(w) else {
             return Vec::new();
         };
-        [&self.public, &self.reverse]
-            .into_iter()
+        let groups = self
+            .reuseport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        groups
+            .iter()
             .flatten()
             .filter_map(|p| match p.load_writer(w) {
                 Ok(writer) => Some(writer),
@@ -378,12 +400,17 @@ impl Steering {
             map_errors: self.map_errors.load(Ordering::Relaxed),
             ..SteerCounters::default()
         };
-        for (i, group) in [&self.public, &self.reverse].into_iter().enumerate() {
+        let groups = self
+            .reuseport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (i, group) in groups.iter().enumerate() {
             if let Some(p) = group {
                 let s = p.stats();
                 c.reuseport[i] = [s.local, s.no_worker, s.busy];
             }
         }
+        drop(groups);
         if let Some(lookup) = &self.lookup {
             let s = lookup
                 .lock()

@@ -131,7 +131,9 @@ async fn a_1000_port_range_routes_every_tcp_and_udp_lease_through_one_socket_per
             leases: format!(
                 "tcp = true\nudp = true\nmin_port = {lo}\nmax_port = {hi}\nmax_per_agent = 4096\n"
             ),
-            tables: "[ebpf]\nmode = \"on\"\n".to_owned(),
+            // 2,000 grants at once: above the per-agent lease frame pacing (50/s).
+            tables: "[ebpf]\nmode = \"on\"\n[quic]\nlease_frames_per_s = 100000\nlease_frames_burst = 100000\n"
+                .to_owned(),
             ..Opts::default()
         },
     )
