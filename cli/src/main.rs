@@ -749,10 +749,10 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
         for w in status["worker_stats"].as_array().into_iter().flatten() {
             let cpu = w["cpu"]
                 .as_u64()
-                .map_or(String::new(), |c| format!(" (cpu {c})"));
+                .map_or(String::new(), |c| format!(", on cpu {c}"));
             println!(
-                "worker {}{cpu}: accepts {} public / {} reverse, claims {} ({} cross-worker), \
-                 hand-offs {}, in set-up {}, pairs {}",
+                "worker {}: accepts {} public / {} reverse, claims {} ({} cross-worker), \
+                 hand-offs {}, in set-up {}, pairs {}{cpu}",
                 count(&w["worker"]),
                 count(&w["accepts_public"]),
                 count(&w["accepts_reverse"]),

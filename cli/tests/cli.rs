@@ -384,6 +384,7 @@ fn relay_status_reads_the_relay_admin_socket() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains(" workers, ")
+            && text.contains("ebpf mode ")
             && text.contains("worker 0: accepts")
             && text.contains("HOSTNAME"),
         "{text}"

@@ -576,11 +576,7 @@ async fn an_unprivileged_relay_stays_under_its_pipe_budget_with_300_bulk_connect
     let grant = agent.register("bulk", false, true).await;
     let port = lease_port(&grant);
     agent.serve_lease_with(&relay, &grant, target, 32);
-    let start = Instant::now();
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-        assert!(start.elapsed() < WAIT, "lease port {port} never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_routed(port).await;
 
     // Sample /metrics while the connections run.
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -703,11 +699,7 @@ async fn sigterm_lets_200_connections_in_flight_finish_then_exits_on(backend: &s
     let grant = agent.register("drain", false, true).await;
     let port = lease_port(&grant);
     agent.serve_lease_with(&relay, &grant, target, 32);
-    let start = Instant::now();
-    while std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-        assert!(start.elapsed() < WAIT, "lease port {port} never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_routed(port).await;
 
     // Each client proves its pair is spliced (4 KiB there and back), then waits for SIGTERM.
     let established = Arc::new(tokio::sync::Barrier::new(CONNS + 1));

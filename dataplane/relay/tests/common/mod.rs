@@ -276,6 +276,17 @@ pub fn unprivileged_unavailable() -> Option<String> {
     }
 }
 
+/// Waits until TCP lease port `port` takes connections: bound per port on the maintenance tick
+/// after the grant (plain listeners), or open in the lookup map before it (eBPF). One probe
+/// connection reaches the lease and is closed.
+pub async fn wait_until_routed(port: u16) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(start.elapsed() < WAIT, "lease port {port} never routed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The uid and gid of `nobody`.
 pub const NOBODY: u32 = 65534;
 
