@@ -163,7 +163,7 @@ fn run(
         // one socket per worker. `auto` falls back to plain listeners with one log line.
         let lease_range = (settings.leases.tcp.feature_enabled
             || settings.leases.udp.feature_enabled)
-            .then(|| LeaseRange {
+            .then_some(LeaseRange {
                 ports: settings.leases.min_port..=settings.leases.max_port,
                 bind_ip: ingress_config.lease_bind_ip,
                 tcp: settings.leases.tcp.feature_enabled,

@@ -256,8 +256,17 @@ impl Steering {
             }
         }
         let mut sockets = RangeSockets::default();
+        let range = inputs.lease_range.filter(|r| {
+            // `::` takes IPv4 too (v4-mapped) with plain listeners; the program matches one
+            // family, so a dual-stack range keeps its per-port listeners.
+            let dual_stack = r.bind_ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+            if config.lookup && dual_stack {
+                tracing::warn!("ebpf lookup skipped: lease_bind_ip = \"::\" is dual-stack, the program serves one family; TCP lease ports keep per-port listeners");
+            }
+            !dual_stack
+        });
         if config.lookup
-            && let Some(range) = inputs.lease_range
+            && let Some(range) = range
         {
             sockets = bind_range_sockets(&range, inputs.workers)
                 .map_err(|e| format!("range sockets: {e}"))?;
