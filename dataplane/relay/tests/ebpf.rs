@@ -149,27 +149,21 @@ async fn a_1000_port_range_routes_every_tcp_and_udp_lease_through_one_socket_per
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
     let started = Instant::now();
+    let request = |name: String, udp: bool, i: u16| orp::LeaseRegister {
+        name,
+        tcp: !udp,
+        udp,
+        ttl_s: 300,
+        request_id: u64::from(i),
+        ..orp::LeaseRegister::default()
+    };
     for i in 0..LEASES {
         let grant = agent
-            .register_with(orp::LeaseRegister {
-                name: format!("t{i}"),
-                tcp: true,
-                ttl_s: 300,
-                request_id: u64::from(i),
-                ..orp::LeaseRegister::default()
-            })
+            .register_with(request(format!("t{i}"), false, i))
             .await;
         agent.serve_lease_with(&relay, &grant, targets[usize::from(i % TAGS)], 1);
         tcp.push((lease_port(&grant), i % TAGS, grant));
-        let grant = agent
-            .register_with(orp::LeaseRegister {
-                name: format!("u{i}"),
-                udp: true,
-                ttl_s: 300,
-                request_id: u64::from(i),
-                ..orp::LeaseRegister::default()
-            })
-            .await;
+        let grant = agent.register_with(request(format!("u{i}"), true, i)).await;
         udp.push(port_of(&grant.udp_addr));
     }
     agent.serve_udp_echo();
