@@ -307,6 +307,47 @@ fn abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it() {
     );
 }
 
+/// Issue 17's lease range in small: every port of a 40-port range leased over one agent
+/// connection, on both paths, and 5 grants timed to their first accepted connect.
+#[test]
+fn leases_quick_leases_every_port_of_the_range_and_times_grant_to_route() {
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "leases",
+        "--quick",
+        "--lease-ports",
+        "40",
+        "--grants",
+        "5",
+        "--relay-workers",
+        "1",
+    ]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    let cell = |path: &str, variant: &str, key: &str| -> f64 {
+        let r = rows
+            .iter()
+            .find(|r| r["path"] == path && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {path} {variant} row: {doc:#}"));
+        median(r, key)
+    };
+    for path in ["tcp", "tcp+udp"] {
+        // The range is far below the open-file limit: every port is leased, none is missing.
+        assert_eq!(cell(path, "all leases", "leases"), 40.0, "{doc:#}");
+        assert!(cell(path, "all leases", "fds") > 0.0);
+        assert!(cell(path, "all leases", "rss_mib") > 0.0);
+        let p50 = cell(path, "grant -> routable", "route_p50_ms");
+        assert!(p50 >= 0.0 && p50 <= cell(path, "grant -> routable", "route_max_ms"));
+        let at_grant = cell(path, "grant -> routable", "routable_at_grant_pct");
+        assert!((0.0..=100.0).contains(&at_grant), "{at_grant}");
+    }
+    // Only the tcp+udp path binds UDP ports (one per lease without sk_lookup, none with it).
+    assert_eq!(cell("tcp", "all leases", "udp_sockets"), 0.0);
+    assert!(
+        md.contains("| outrelay | w=1 | tcp+udp | all leases | 40 |"),
+        "{md}"
+    );
+}
+
 #[test]
 fn list_shows_every_scenario_and_target() {
     let out = harness(&["list"]);
@@ -320,6 +361,7 @@ fn list_shows_every_scenario_and_target() {
         "udp",
         "mesh",
         "abuse",
+        "leases",
         "direct",
         "haproxy",
         "haproxy-chain",
