@@ -711,9 +711,47 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
             count(&status["splice"]["bytes"]),
             count(&status["splice"]["pipe_held_bytes"]),
         );
+        let ebpf = &status["ebpf"];
+        let programs: Vec<&str> = ebpf["programs"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, on)| on.as_bool() == Some(true))
+                    .map(|(name, _)| name.as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "ebpf mode {}: {}{}",
+            ebpf["mode"].as_str().unwrap_or("?"),
+            if programs.is_empty() {
+                "no program".to_owned()
+            } else {
+                programs.join(", ")
+            },
+            match ebpf["unavailable"].as_str() {
+                Some(why) => format!(" (unavailable: {why})"),
+                None => format!(
+                    "; accepts local {} / hash {}; lease ports steered {} tcp {} udp, refused {} tcp {} udp",
+                    count(&ebpf["reuseport"]["public"]["local"])
+                        + count(&ebpf["reuseport"]["reverse"]["local"]),
+                    count(&ebpf["reuseport"]["public"]["no_worker"])
+                        + count(&ebpf["reuseport"]["public"]["busy"])
+                        + count(&ebpf["reuseport"]["reverse"]["no_worker"])
+                        + count(&ebpf["reuseport"]["reverse"]["busy"]),
+                    count(&ebpf["lookup"]["tcp"]["steered"]),
+                    count(&ebpf["lookup"]["udp"]["steered"]),
+                    count(&ebpf["lookup"]["tcp"]["refused"]),
+                    count(&ebpf["lookup"]["udp"]["refused"]),
+                ),
+            },
+        );
         for w in status["worker_stats"].as_array().into_iter().flatten() {
+            let cpu = w["cpu"]
+                .as_u64()
+                .map_or(String::new(), |c| format!(" (cpu {c})"));
             println!(
-                "worker {}: accepts {} public / {} reverse, claims {} ({} cross-worker), \
+                "worker {}{cpu}: accepts {} public / {} reverse, claims {} ({} cross-worker), \
                  hand-offs {}, in set-up {}, pairs {}",
                 count(&w["worker"]),
                 count(&w["accepts_public"]),

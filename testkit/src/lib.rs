@@ -50,6 +50,43 @@ pub fn claim_port_range() -> (u16, u16) {
     panic!("no free {RANGE_PORTS}-port range in {AREA_START}..30000");
 }
 
+/// `n` consecutive ranges of [`claim_port_range`] claimed together (`n` × [`RANGE_PORTS`]
+/// ports): for a relay whose eBPF lookup program refuses every unleased port of its range, so
+/// no other test may use any of them.
+///
+/// # Panics
+/// When no such span is free.
+pub fn claim_port_ranges(n: u16) -> (u16, u16) {
+    assert!(
+        (1..=AREA_RANGES / 4).contains(&n),
+        "1..={} ranges",
+        AREA_RANGES / 4
+    );
+    let dir = std::env::temp_dir().join("outrelay-test-port-ranges");
+    std::fs::create_dir_all(&dir).expect("create the port-range lock directory");
+    let spans = AREA_RANGES / n;
+    let start = u16::try_from(std::process::id() % u32::from(spans)).expect("small");
+    for k in 0..spans {
+        let first = ((start + k) % spans) * n;
+        let lo = AREA_START + first * RANGE_PORTS;
+        let hi = lo + n * RANGE_PORTS - 1;
+        let mut locks = Vec::with_capacity(usize::from(n));
+        for r in 0..n {
+            match try_lock(dir.join((lo + r * RANGE_PORTS).to_string())) {
+                Some(lock) => locks.push(lock),
+                None => break,
+            }
+        }
+        if locks.len() == usize::from(n)
+            && (lo..=hi).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).extend(locks);
+            return (lo, hi);
+        }
+    }
+    panic!("no free span of {n} ranges in {AREA_START}..30000");
+}
+
 fn try_lock(path: PathBuf) -> Option<Flock<File>> {
     let file = std::fs::OpenOptions::new()
         .create(true)

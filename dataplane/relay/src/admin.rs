@@ -122,7 +122,9 @@ pub fn status(s: &Sources) -> Value {
             "handoffs": w.handoffs.load(Ordering::Relaxed),
             "setup_connections": w.conns.load(Ordering::Relaxed),
             "pairs_active": w.engine().pairs_active,
+            "cpu": s.steering.worker_cpu(i),
         })).collect::<Vec<_>>(),
+        "ebpf": ebpf_status(&s.steering),
         "snapshot_generation": snapshot.generation,
         "leases": leases.into_values().collect::<Vec<_>>(),
         "drops": drops,
@@ -136,6 +138,26 @@ pub fn status(s: &Sources) -> Value {
             "pairs_active": splice.pairs_active,
             "bytes": splice.bytes,
             "pipe_held_bytes": splice.pipes.held_bytes,
+        },
+    })
+}
+
+/// What eBPF steering runs and what it counted.
+fn ebpf_status(steering: &crate::steer::Steering) -> Value {
+    let c = steering.counters();
+    let programs: BTreeMap<&str, bool> = steering.programs().into_iter().collect();
+    json!({
+        "mode": steering.mode().name(),
+        "unavailable": steering.unavailable(),
+        "programs": programs,
+        "reuseport": {
+            "public": {"local": c.reuseport[0][0], "no_worker": c.reuseport[0][1], "busy": c.reuseport[0][2]},
+            "reverse": {"local": c.reuseport[1][0], "no_worker": c.reuseport[1][1], "busy": c.reuseport[1][2]},
+        },
+        "lookup": {
+            "tcp": {"steered": c.lookup[0][0], "refused": c.lookup[0][1]},
+            "udp": {"steered": c.lookup[1][0], "refused": c.lookup[1][1]},
+            "map_errors": c.map_errors,
         },
     })
 }

@@ -29,6 +29,7 @@
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
 //! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
+//! [ebpf]     mode = "auto"  reuseport = true  lookup = true   # optional steering (crate::steer)
 //! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64
 //!            decision_cache_max = 4096  decision_cache_ttl_ms = 5000
 //!            max_streams_per_tenant = 4096  stream_idle_timeout_ms = 300000
@@ -84,6 +85,26 @@ struct Raw {
     lifecycle: RawLifecycle,
     mesh: RawMesh,
     policy: Vec<RawPolicy>,
+    ebpf: RawEbpf,
+}
+
+/// `[ebpf]`: optional steering programs ([`crate::steer`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawEbpf {
+    mode: String,
+    reuseport: bool,
+    lookup: bool,
+}
+
+impl Default for RawEbpf {
+    fn default() -> Self {
+        RawEbpf {
+            mode: "auto".into(),
+            reuseport: true,
+            lookup: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +164,7 @@ impl Default for Raw {
             lifecycle: RawLifecycle::default(),
             mesh: RawMesh::default(),
             policy: Vec::new(),
+            ebpf: RawEbpf::default(),
         }
     }
 }
@@ -438,6 +460,8 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
     /// Service streams (`[mesh]`, and `[[policy]]` when standalone).
     pub mesh: MeshConfig,
+    /// eBPF steering (`[ebpf]`).
+    pub ebpf: crate::steer::EbpfConfig,
 }
 
 /// `[mesh]` and `[[policy]]`, checked.
@@ -819,6 +843,14 @@ impl Settings {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));
         }
         let mesh = mesh_config(raw.mesh, raw.policy, controller.is_none())?;
+        let ebpf = crate::steer::EbpfConfig {
+            mode: match raw.ebpf.mode.as_str() {
+                "auto" => crate::steer::EbpfMode::auto(),
+                other => other.parse().map_err(|e: String| bad("ebpf.mode", e))?,
+            },
+            reuseport: raw.ebpf.reuseport,
+            lookup: raw.ebpf.lookup,
+        };
         let pipes = PipeLimits {
             budget_bytes: raw.pipes.budget_bytes,
             max_pipe_bytes: raw.pipes.max_pipe_bytes.max(4096),
@@ -849,6 +881,7 @@ impl Settings {
             controller,
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
             mesh,
+            ebpf,
         })
     }
 }

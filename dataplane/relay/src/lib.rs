@@ -12,9 +12,10 @@
 //! | [`mesh`] | service streams: local providers, registry view, policy snapshot, audit |
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
+//! | [`steer`] | optional eBPF steering: CPU-local accept, the lease port range through one socket per worker |
 //!
 //! Not built yet (and not pretended): `outrelay relay drain`, relay-to-relay stream
-//! forwarding, stream resume and SO_REUSEPORT accept sharding.
+//! forwarding and stream resume.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod metric_help;
 pub mod metrics;
 pub mod quic;
 pub mod state;
+pub mod steer;
 pub mod udp;
 pub mod worker;
 

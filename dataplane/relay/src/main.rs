@@ -14,6 +14,7 @@ use outrelay_relay::ingress::Ingress;
 use outrelay_relay::lease::LeaseTable;
 use outrelay_relay::quic::QuicServer;
 use outrelay_relay::state::Shared;
+use outrelay_relay::steer::{Inputs, LeaseRange, Steering};
 use outrelay_relay::worker::{WorkerOptions, bind_reuseport};
 
 /// Exit code for an invalid configuration (EX_USAGE).
@@ -156,9 +157,38 @@ fn run(
             let (addr, _task) = outrelay_relay::ingress::root::spawn(tls).await?;
             ingress_config.root_fallback = Some(addr);
         }
-        let ingress = Ingress::new(ingress_config, shared.clone(), settings.workers);
         let public_tls = bind_reuseport(settings.public_tls_listen, settings.workers)?;
         let public_tls_bound = public_tls[0].local_addr()?;
+        // Optional eBPF steering: CPU-local accept on both groups, the lease port range through
+        // one socket per worker. `auto` falls back to plain listeners with one log line.
+        let lease_range = (settings.leases.tcp.feature_enabled
+            || settings.leases.udp.feature_enabled)
+            .then(|| LeaseRange {
+                ports: settings.leases.min_port..=settings.leases.max_port,
+                bind_ip: ingress_config.lease_bind_ip,
+                tcp: settings.leases.tcp.feature_enabled,
+                udp: settings.leases.udp.feature_enabled,
+            })
+            .filter(|r| r.ports.start() <= r.ports.end() && *r.ports.start() != 0);
+        let (steering, range_sockets) = Steering::start(
+            &settings.ebpf,
+            Inputs {
+                workers: settings.workers,
+                public: &public_tls,
+                reverse: &reverse,
+                lease_range,
+                busy_at: u32::try_from(
+                    ingress_config.pending_conn_max.div_ceil(settings.workers),
+                )
+                .unwrap_or(u32::MAX),
+            },
+        )?;
+        let steering = Arc::new(steering);
+        quic.serve_steering(steering.clone());
+        if !range_sockets.udp.is_empty() {
+            udp.serve_range(range_sockets.udp)?;
+        }
+        let ingress = Ingress::new(ingress_config, shared.clone(), settings.workers);
         // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe
         // limit is per user, not per thread): each worker's engine gets an equal share.
         let engine = EngineConfig {
@@ -179,6 +209,8 @@ fn run(
                 reverse,
                 runtime: tokio::runtime::Handle::current(),
                 beats,
+                steering: steering.clone(),
+                lease_range: range_sockets.tcp,
             },
         )?;
         let sources = Arc::new(outrelay_relay::metrics::Sources {
@@ -188,6 +220,7 @@ fn run(
             mesh: mesh.stats.clone(),
             backend: settings.io_backend,
             shared,
+            steering: steering.clone(),
         });
         let metrics_addr = match settings.metrics_listen {
             Some(addr) => {
@@ -215,8 +248,12 @@ fn run(
             "admin_socket": settings.admin_socket.as_ref().map(|p| p.display().to_string()),
             "io_backend": settings.io_backend.name(),
             "workers": settings.workers,
+            "ebpf": steering.programs().iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect::<Vec<_>>(),
         });
-        ingress.serve_maintenance();
+        if !steering.lookup_active() {
+            // Without the lookup program every TCP lease port is a listener per worker.
+            ingress.serve_maintenance();
+        }
         let server = tokio::spawn(quic.run());
         if let Some(path) = ready_file {
             let tmp = path.with_extension("tmp");
@@ -239,6 +276,7 @@ fn run(
         );
         let started = Instant::now();
         ingress.stop_accepting();
+        steering.detach_reuseport();
         shutdown.shutdown("relay stopping", 1000);
         let left = outrelay_lifecycle::drain(grace, || ingress.in_flight()).await;
         let drain_ms = started.elapsed().as_millis();

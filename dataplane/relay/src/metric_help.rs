@@ -164,6 +164,22 @@ pub fn describe() {
         "Pairs a worker splices now."
     );
     metrics::describe_gauge!(
+        "outrelay_relay_ebpf_active",
+        "1 while the eBPF program runs (reuseport_public, reuseport_reverse: CPU-local accept; lookup: the lease port range through one socket per worker)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_ebpf_reuseport_total",
+        "New connections of a reuseport group by the program's choice: local (the worker on the receiving CPU), no_worker or busy (the kernel's hash picked)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_ebpf_lookup_total",
+        "Lease-port connections (tcp) and datagrams (udp) the lookup program steered to a worker's socket, or refused in the kernel (no live lease on that port)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_ebpf_map_errors_total",
+        "Lease-port map updates the kernel refused (that port kept its old state)."
+    );
+    metrics::describe_gauge!(
         "outrelay_relay_io_backend_info",
         "The splice engines readiness backend (label backend)."
     );

@@ -40,6 +40,8 @@ pub struct Sources {
     pub backend: Backend,
     /// The published snapshot (lease counts).
     pub shared: Arc<Shared>,
+    /// The eBPF steering programs (any may be off).
+    pub steering: Arc<crate::steer::Steering>,
 }
 
 impl Sources {
@@ -248,4 +250,22 @@ fn update(s: &Sources) {
         gauge!("outrelay_relay_worker_pairs_active", "worker" => worker)
             .set(w.engine().pairs_active as f64);
     }
+
+    for (program, on) in s.steering.programs() {
+        gauge!("outrelay_relay_ebpf_active", "program" => program).set(if on { 1.0 } else { 0.0 });
+    }
+    let c = s.steering.counters();
+    for (group, outcomes) in ["public", "reverse"].into_iter().zip(c.reuseport) {
+        for (outcome, n) in ["local", "no_worker", "busy"].into_iter().zip(outcomes) {
+            counter!("outrelay_relay_ebpf_reuseport_total", "group" => group, "outcome" => outcome)
+                .absolute(n);
+        }
+    }
+    for (proto, outcomes) in ["tcp", "udp"].into_iter().zip(c.lookup) {
+        for (outcome, n) in ["steered", "refused"].into_iter().zip(outcomes) {
+            counter!("outrelay_relay_ebpf_lookup_total", "proto" => proto, "outcome" => outcome)
+                .absolute(n);
+        }
+    }
+    counter!("outrelay_relay_ebpf_map_errors_total").absolute(c.map_errors);
 }

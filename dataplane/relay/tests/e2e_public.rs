@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -437,30 +437,6 @@ async fn a_reverse_session_for_another_connections_lease_is_refused() {
 }
 
 // ---------- unprivileged relay under its pipe budget ----------
-
-/// Why the relay cannot be run as `nobody` here, if it cannot.
-fn unprivileged_unavailable() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not root: cannot switch to nobody".to_owned());
-    }
-    if !have("setpriv", "--version") {
-        return Some("no setpriv (util-linux)".to_owned());
-    }
-    let binary = env!("CARGO_BIN_EXE_outrelay-relay");
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", binary])
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!(
-            "nobody cannot run {binary}: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Some(format!("setpriv: {e}")),
-    }
-}
 
 /// One bulk client: `bytes` of pseudo-random data (seeded by `seed`) up, everything back, then
 /// the target's trailer. It reads slowly through a small receive buffer, so the relay's

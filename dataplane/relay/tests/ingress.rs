@@ -162,6 +162,11 @@ async fn start_on(config: IngressConfig, workers: usize, backend: Backend) -> Re
             reverse,
             runtime: tokio::runtime::Handle::current(),
             beats: Vec::new(),
+            steering: std::sync::Arc::new(outrelay_relay::steer::Steering::off(
+                outrelay_relay::steer::EbpfMode::Off,
+                workers,
+            )),
+            lease_range: Vec::new(),
         },
     )
     .expect("workers");

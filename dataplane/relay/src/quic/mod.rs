@@ -423,6 +423,8 @@ pub(crate) struct Ctx {
     pub(crate) identities: std::sync::Mutex<HashMap<String, usize>>,
     /// Where agents' QUIC datagrams go (UDP leases); unset: datagrams are not read.
     pub(crate) udp: std::sync::OnceLock<Arc<crate::udp::UdpIngress>>,
+    /// The lookup program's port map (eBPF steering), synced at each publish.
+    pub(crate) steering: std::sync::OnceLock<Arc<crate::steer::Steering>>,
     /// Service streams (REGISTER / OPEN_STREAM); unset: refused.
     pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
 }
@@ -463,7 +465,11 @@ impl Ctx {
             udp_conns,
             generation: *published,
         });
-        // Bound before any grant naming them goes out (this runs with the lease lock held).
+        // Bound (or opened in the lookup map) before any grant naming them goes out: this
+        // runs with the lease lock held.
+        if let Some(steering) = self.steering.get() {
+            steering.sync_ports(&self.shared.load().routes);
+        }
         if let Some(udp) = self.udp.get() {
             udp.sync();
         }
@@ -694,6 +700,7 @@ impl QuicServer {
             agents: std::sync::Mutex::new(HashMap::new()),
             identities: std::sync::Mutex::new(HashMap::new()),
             udp: std::sync::OnceLock::new(),
+            steering: std::sync::OnceLock::new(),
             mesh: std::sync::OnceLock::new(),
         });
         Ok(QuicServer {
@@ -708,6 +715,12 @@ impl QuicServer {
     /// without it, datagrams from agents are not read.
     pub fn serve_udp(&self, udp: Arc<crate::udp::UdpIngress>) {
         let _ = self.ctx.udp.set(udp);
+    }
+
+    /// Opens and closes lease ports in the eBPF lookup map at every publish. Call before
+    /// [`QuicServer::run`].
+    pub fn serve_steering(&self, steering: Arc<crate::steer::Steering>) {
+        let _ = self.ctx.steering.set(steering);
     }
 
     /// Serves REGISTER and OPEN_STREAM from `mesh`. Call before [`QuicServer::run`]; without

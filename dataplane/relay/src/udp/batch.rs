@@ -27,6 +27,9 @@ pub struct Received {
     /// The receive slot its bytes are in (its position in the `recvmmsg` batch, which is not
     /// its position among the datagrams kept when one is skipped).
     pub slot: usize,
+    /// The port the client sent it to (IP_RECVORIGDSTADDR; only for a batch made with
+    /// [`RecvBatch::with_orig_dst`], else 0).
+    pub to_port: u16,
 }
 
 /// Receive buffers: [`BATCH`] slots of `slot_bytes`.
@@ -34,6 +37,8 @@ pub struct RecvBatch {
     buf: Vec<u8>,
     slot_bytes: usize,
     got: Vec<Received>,
+    /// Ask for each datagram's original destination (a lease-range socket).
+    orig_dst: bool,
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -51,6 +56,16 @@ impl RecvBatch {
             buf: vec![0; slot_bytes * BATCH],
             slot_bytes,
             got: Vec::with_capacity(BATCH),
+            orig_dst: false,
+        }
+    }
+
+    /// [`RecvBatch::new`] that also reads each datagram's original destination port (the
+    /// socket has IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR on).
+    pub fn with_orig_dst(slot_bytes: usize) -> RecvBatch {
+        RecvBatch {
+            orig_dst: true,
+            ..RecvBatch::new(slot_bytes)
         }
     }
 
@@ -64,7 +79,10 @@ impl RecvBatch {
         let mut chunks = self.buf.chunks_mut(self.slot_bytes);
         let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
             std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        let cmsg = self
+            .orig_dst
+            .then(|| nix::cmsg_space!(nix::libc::sockaddr_in6));
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, cmsg);
         let results = recvmmsg(
             fd.as_raw_fd(),
             &mut headers,
@@ -78,6 +96,10 @@ impl RecvBatch {
                 r.bytes,
                 r.address.as_ref().and_then(to_socket_addr),
                 r.flags.contains(MsgFlags::MSG_TRUNC),
+                r.cmsgs()
+                    .ok()
+                    .and_then(|mut c| c.find_map(|m| orig_dst_port(&m)))
+                    .unwrap_or(0),
             )
         });
         keep(&mut self.got, self.slot_bytes, results);
@@ -85,7 +107,7 @@ impl RecvBatch {
     }
 
     /// The datagrams of the last [`RecvBatch::recv`], with their bytes.
-    pub fn received(&self) -> impl Iterator<Item = (Received, &[u8])> {
+    pub fn received(&self) -> impl Iterator<Item = (Received, &[u8])> + Clone {
         self.got.iter().map(|r| {
             let start = r.slot * self.slot_bytes;
             (*r, self.buf.get(start..start + r.len).unwrap_or_default())
@@ -178,22 +200,33 @@ impl SendBatch {
     }
 }
 
-/// Keeps the datagrams of one batch, given in slot order as (length, sender, truncated); one
-/// whose sender is not an IPv4/IPv6 address is skipped, and every kept one remembers its own
-/// slot.
+/// Keeps the datagrams of one batch, given in slot order as (length, sender, truncated,
+/// original destination port); one whose sender is not an IPv4/IPv6 address is skipped, and
+/// every kept one remembers its own slot.
 fn keep(
     got: &mut Vec<Received>,
     slot_bytes: usize,
-    results: impl Iterator<Item = (usize, Option<SocketAddr>, bool)>,
+    results: impl Iterator<Item = (usize, Option<SocketAddr>, bool, u16)>,
 ) {
-    for (slot, (len, from, truncated)) in results.enumerate() {
+    for (slot, (len, from, truncated, to_port)) in results.enumerate() {
         let Some(from) = from else { continue };
         got.push(Received {
             len: len.min(slot_bytes),
             from,
             truncated,
             slot,
+            to_port,
         });
+    }
+}
+
+/// The destination port of an IP_RECVORIGDSTADDR control message.
+fn orig_dst_port(m: &nix::sys::socket::ControlMessageOwned) -> Option<u16> {
+    use nix::sys::socket::ControlMessageOwned;
+    match m {
+        ControlMessageOwned::Ipv4OrigDstAddr(a) => Some(u16::from_be(a.sin_port)),
+        ControlMessageOwned::Ipv6OrigDstAddr(a) => Some(u16::from_be(a.sin6_port)),
+        _ => None,
     }
 }
 
@@ -224,9 +257,9 @@ mod tests {
             &mut rx.got,
             8,
             [
-                (4, Some(from), false),
-                (5, None, false),
-                (6, Some(from), false),
+                (4, Some(from), false, 0),
+                (5, None, false, 0),
+                (6, Some(from), false, 0),
             ]
             .into_iter(),
         );

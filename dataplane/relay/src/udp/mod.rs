@@ -10,7 +10,13 @@
 //!                                                                      agent's connection
 //! ```
 //!
-//! One task per lease port owns its socket and flows (no locks on the data path). Sockets are
+//! One task per lease port owns its socket and flows (no locks on the data path). With the
+//! eBPF lookup program ([`crate::steer`]) client datagrams of the whole lease range arrive on
+//! one socket per worker instead ([`UdpIngress::serve_range`]), which hands each to its port's
+//! task through a bounded queue (`client_queue_full` when full); the port's own socket then
+//! only sends the replies (Linux cannot pick a source port per `sendmsg`, so a reply needs a
+//! socket bound to the lease port; the kernel's lookup hands it nothing, the program runs
+//! first). Sockets are
 //! bound and dropped by [`UdpIngress::sync`], which the QUIC side calls right after publishing
 //! a snapshot and before answering LEASE_GRANT (so a granted port is already bound when the
 //! agent learns it), and [`UdpIngress::serve`] repeats to retry ports that could not be bound.
@@ -38,7 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::lease::ConnId;
 use crate::state::Shared;
-use port::{AgentDatagram, Port};
+use port::{AgentDatagram, ClientDatagram, Port};
 use stats::{UdpDrop, UdpStats};
 
 /// UDP lease limits (`[udp]` in the config). Durations in milliseconds.
@@ -92,6 +98,8 @@ impl Default for UdpConfig {
 struct Bound {
     task: JoinHandle<()>,
     tx: mpsc::Sender<AgentDatagram>,
+    /// Client datagrams from the lease-range sockets (eBPF lookup).
+    client_tx: mpsc::Sender<ClientDatagram>,
 }
 
 #[derive(Default)]
@@ -106,6 +114,8 @@ pub struct UdpIngress {
     shared: Arc<Shared>,
     /// Each bound port's queue, published by the sync loop for the agents' datagram readers.
     queues: ArcSwap<HashMap<u16, mpsc::Sender<AgentDatagram>>>,
+    /// Each bound port's queue of client datagrams from the lease-range sockets.
+    clients: ArcSwap<HashMap<u16, mpsc::Sender<ClientDatagram>>>,
     /// Bound ports and ports that failed to bind (control path only: lease changes and the
     /// retry tick; never taken by a datagram).
     ports: std::sync::Mutex<Ports>,
@@ -128,6 +138,7 @@ impl UdpIngress {
             config,
             shared,
             queues: ArcSwap::default(),
+            clients: ArcSwap::default(),
             ports: std::sync::Mutex::default(),
             stats: Arc::default(),
         })
@@ -173,16 +184,25 @@ impl UdpIngress {
             match self.bind(port) {
                 Ok(socket) => {
                     let (tx, rx) = mpsc::channel(self.config.queue_max.max(1));
+                    let (client_tx, client_rx) = mpsc::channel(self.config.queue_max.max(1));
                     let port_task = Port::new(
                         port,
                         socket,
                         rx,
+                        client_rx,
                         self.shared.clone(),
                         self.stats.clone(),
                         self.config.clone(),
                     );
                     let task = tokio::spawn(port_task.run());
-                    bound.insert(port, Bound { task, tx });
+                    bound.insert(
+                        port,
+                        Bound {
+                            task,
+                            tx,
+                            client_tx,
+                        },
+                    );
                     unbindable.remove(&port);
                 }
                 Err(e) => {
@@ -203,6 +223,64 @@ impl UdpIngress {
             self.queues.store(Arc::new(
                 bound.iter().map(|(p, b)| (*p, b.tx.clone())).collect(),
             ));
+            self.clients.store(Arc::new(
+                bound
+                    .iter()
+                    .map(|(p, b)| (*p, b.client_tx.clone()))
+                    .collect(),
+            ));
+        }
+    }
+
+    /// Reads the lease-range sockets the eBPF lookup program steers every lease-port
+    /// datagram to (one per worker) and hands each datagram to its port's task, by the
+    /// destination port the client used.
+    ///
+    /// # Errors
+    /// A socket could not be registered with tokio.
+    pub fn serve_range(self: &Arc<Self>, sockets: Vec<std::net::UdpSocket>) -> std::io::Result<()> {
+        for socket in sockets {
+            let socket = tokio::net::UdpSocket::from_std(socket)?;
+            tokio::spawn(self.clone().range_task(socket));
+        }
+        Ok(())
+    }
+
+    async fn range_task(self: Arc<Self>, socket: tokio::net::UdpSocket) {
+        use std::os::fd::AsFd;
+        let mut recv = batch::RecvBatch::with_orig_dst(self.config.recv_slot_bytes);
+        loop {
+            if socket.readable().await.is_err() {
+                return;
+            }
+            match socket.try_io(tokio::io::Interest::READABLE, || recv.recv(socket.as_fd())) {
+                Ok(_) => self.dispatch(&recv),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => tracing::trace!(error = %e, "udp range receive"),
+            }
+        }
+    }
+
+    /// One batch from a range socket to the port tasks.
+    fn dispatch(&self, recv: &batch::RecvBatch) {
+        let clients = self.clients.load();
+        for (r, payload) in recv.received() {
+            let Some(tx) = clients.get(&r.to_port) else {
+                self.stats.dropped(UdpDrop::NoRoute);
+                continue;
+            };
+            let d = ClientDatagram {
+                from: r.from,
+                payload: Bytes::copy_from_slice(payload),
+                truncated: r.truncated,
+            };
+            match tx.try_send(d) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.stats.dropped(UdpDrop::ClientQueueFull);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => self.stats.dropped(UdpDrop::NoRoute),
+            }
         }
     }
 

@@ -35,6 +35,15 @@ pub(crate) struct AgentDatagram {
     pub(crate) payload: Bytes,
 }
 
+/// A client datagram for this port that arrived on a lease-range socket (eBPF lookup).
+#[derive(Debug)]
+pub(crate) struct ClientDatagram {
+    pub(crate) from: SocketAddr,
+    pub(crate) payload: Bytes,
+    /// Cut by the kernel (larger than the receive slot).
+    pub(crate) truncated: bool,
+}
+
 /// One client address of the lease.
 #[derive(Debug)]
 struct Flow {
@@ -55,6 +64,7 @@ pub(crate) struct Port {
     pub(crate) port: u16,
     pub(crate) socket: tokio::net::UdpSocket,
     pub(crate) rx: mpsc::Receiver<AgentDatagram>,
+    pub(crate) client_rx: mpsc::Receiver<ClientDatagram>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) stats: Arc<UdpStats>,
     pub(crate) config: UdpConfig,
@@ -73,6 +83,7 @@ impl Port {
         port: u16,
         socket: tokio::net::UdpSocket,
         rx: mpsc::Receiver<AgentDatagram>,
+        client_rx: mpsc::Receiver<ClientDatagram>,
         shared: Arc<Shared>,
         stats: Arc<UdpStats>,
         config: UdpConfig,
@@ -81,6 +92,7 @@ impl Port {
             port,
             socket,
             rx,
+            client_rx,
             shared,
             stats,
             config,
@@ -99,6 +111,7 @@ impl Port {
         let mut recv = RecvBatch::new(self.config.recv_slot_bytes);
         let mut send = SendBatch::default();
         let mut from_agent = Vec::with_capacity(BATCH);
+        let mut from_range = Vec::with_capacity(BATCH);
         let every = Duration::from_millis((self.config.flow_idle_ms / 4).clamp(50, 1_000));
         let mut sweep = tokio::time::interval(every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -110,11 +123,22 @@ impl Port {
                     }
                     let socket = &self.socket;
                     match socket.try_io(Interest::READABLE, || recv.recv(socket.as_fd())) {
-                        Ok(_) => self.forward_to_agent(&recv),
+                        Ok(_) => {
+                            let batch = recv.received().map(|(r, d)| (r.from, d, r.truncated));
+                            self.forward_to_agent(batch);
+                        }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         // ICMP errors of earlier replies surface here; nothing was received.
                         Err(e) => tracing::trace!(port = self.port, error = %e, "udp receive"),
                     }
+                }
+                n = self.client_rx.recv_many(&mut from_range, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let batch = from_range.iter().map(|d| (d.from, &d.payload[..], d.truncated));
+                    self.forward_to_agent(batch);
+                    from_range.clear();
                 }
                 n = self.rx.recv_many(&mut from_agent, BATCH) => {
                     if n == 0 {
@@ -141,11 +165,14 @@ impl Port {
         self.lease = Some(lease);
     }
 
-    /// Client datagrams of one receive batch to the lease's agent.
-    fn forward_to_agent(&mut self, recv: &RecvBatch) {
+    /// Client datagrams of one batch, `(client, payload, truncated)`, to the lease's agent.
+    fn forward_to_agent<'a>(
+        &mut self,
+        datagrams: impl Iterator<Item = (SocketAddr, &'a [u8], bool)> + Clone,
+    ) {
         let now = Instant::now();
         let snapshot = self.shared.load();
-        let batch = recv.received().count() as u64;
+        let batch = datagrams.clone().count() as u64;
         let Some(route) = snapshot.routes.lookup_udp(self.port) else {
             return self.stats.dropped_n(UdpDrop::NoRoute, batch);
         };
@@ -156,8 +183,8 @@ impl Port {
         let Some((conn, max)) = conn.and_then(|c| Some((c, c.max_datagram_size()?))) else {
             return self.stats.dropped_n(UdpDrop::NoAgent, batch);
         };
-        for (r, payload) in recv.received() {
-            let flow_id = match self.flows.get_mut(&r.from) {
+        for (from, payload, truncated) in datagrams {
+            let flow_id = match self.flows.get_mut(&from) {
                 Some(flow) => {
                     flow.last_active = now;
                     flow.last_client = now;
@@ -166,8 +193,8 @@ impl Port {
                         .saturating_add(self.config.reply_factor * payload.len() as u64);
                     flow.id
                 }
-                None => match self.admit_flow(r.from, now) {
-                    Ok(source) => self.new_flow(r.from, source, payload.len(), now),
+                None => match self.admit_flow(from, now) {
+                    Ok(source) => self.new_flow(from, source, payload.len(), now),
                     Err(reason) => {
                         self.stats.dropped(reason);
                         continue;
@@ -183,7 +210,7 @@ impl Port {
                 .payload_max_bytes
                 .store(max.saturating_sub(header_len) as u64, Ordering::Relaxed);
             let len = header_len + payload.len();
-            if r.truncated || len > max {
+            if truncated || len > max {
                 self.stats.dropped(UdpDrop::TooLarge);
                 continue;
             }
@@ -390,7 +417,16 @@ mod tests {
             flow_evict_idle_ms: 1_000,
             ..UdpConfig::default()
         };
-        let mut port = Port::new(0, socket, rx, Arc::default(), Arc::default(), config);
+        let (_client_tx, client_rx) = mpsc::channel(1);
+        let mut port = Port::new(
+            0,
+            socket,
+            rx,
+            client_rx,
+            Arc::default(),
+            Arc::default(),
+            config,
+        );
         let t0 = Instant::now();
         let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
         let open = |port: &mut Port, a: SocketAddr, t: Instant| -> Result<u64, UdpDrop> {

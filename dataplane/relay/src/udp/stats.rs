@@ -32,11 +32,14 @@ pub enum UdpDrop {
     BadHeader,
     /// The lease port's socket did not take a reply at once.
     SendFailed,
+    /// The lease port's queue of client datagrams from the lease-range sockets (eBPF lookup)
+    /// is full (newest dropped).
+    ClientQueueFull,
 }
 
 impl UdpDrop {
     /// Every reason, in counter order.
-    pub const ALL: [UdpDrop; 12] = [
+    pub const ALL: [UdpDrop; 13] = [
         UdpDrop::NoRoute,
         UdpDrop::NoAgent,
         UdpDrop::TooLarge,
@@ -49,6 +52,7 @@ impl UdpDrop {
         UdpDrop::UnknownFlow,
         UdpDrop::BadHeader,
         UdpDrop::SendFailed,
+        UdpDrop::ClientQueueFull,
     ];
 
     /// The metric label.
@@ -66,6 +70,7 @@ impl UdpDrop {
             UdpDrop::UnknownFlow => "unknown_flow",
             UdpDrop::BadHeader => "bad_header",
             UdpDrop::SendFailed => "send_failed",
+            UdpDrop::ClientQueueFull => "client_queue_full",
         }
     }
 }

@@ -147,29 +147,37 @@ impl Worker {
                 }
                 Err(reason) => self.refuse(stream, reason),
             },
-            ListenerKind::Tcp(port) => match self.ingress.admit_public(source) {
-                Ok(pending) => {
-                    let admitted = {
-                        let snapshot = self.ingress.shared.load();
-                        match snapshot.routes.lookup_tcp(port) {
-                            Some(route) => self
-                                .ingress
-                                .admit_live(route.lease_id, &route.tenant, source)
-                                .map(|slot| (route.lease_id, slot)),
-                            None => Err(Drop::NoTcpRoute),
+            ListenerKind::Tcp(_) | ListenerKind::TcpRange => {
+                match self.ingress.admit_public(source) {
+                    Ok(pending) => {
+                        let port = match kind {
+                            ListenerKind::Tcp(port) => port,
+                            // getsockname: the port the client dialled (the lookup program
+                            // steered it here without changing the destination).
+                            _ => stream.local_addr().map_or(0, |local| local.port()),
+                        };
+                        let admitted = {
+                            let snapshot = self.ingress.shared.load();
+                            match snapshot.routes.lookup_tcp(port) {
+                                Some(route) => self
+                                    .ingress
+                                    .admit_live(route.lease_id, &route.tenant, source)
+                                    .map(|slot| (route.lease_id, slot)),
+                                None => Err(Drop::NoTcpRoute),
+                            }
+                        };
+                        drop(pending);
+                        match admitted {
+                            Ok((lease, slot)) => {
+                                let _ = stream.set_nodelay(true);
+                                self.wait_for_session(stream, lease, slot, Marker::Tcp, Vec::new());
+                            }
+                            Err(reason) => self.refuse(stream, reason),
                         }
-                    };
-                    drop(pending);
-                    match admitted {
-                        Ok((lease, slot)) => {
-                            let _ = stream.set_nodelay(true);
-                            self.wait_for_session(stream, lease, slot, Marker::Tcp, Vec::new());
-                        }
-                        Err(reason) => self.refuse(stream, reason),
                     }
+                    Err(reason) => self.refuse(stream, reason),
                 }
-                Err(reason) => self.refuse(stream, reason),
-            },
+            }
             ListenerKind::Reverse => match self.ingress.admit_reverse(source) {
                 Ok((global, per_source)) => {
                     let state = State::Reverse(Box::new(Reverse {

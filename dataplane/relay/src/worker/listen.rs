@@ -36,6 +36,9 @@ pub enum ListenerKind {
     Reverse,
     /// A TCP lease port.
     Tcp(u16),
+    /// Every TCP lease port at once: the lookup program steers them here, and the accepted
+    /// socket's local address names the port the client dialled.
+    TcpRange,
 }
 
 /// Binds `n` SO_REUSEPORT listeners on `addr`: the first on `addr` as given (port 0: the

@@ -38,6 +38,7 @@ use outrelay_proto::reverse::LeaseId;
 
 use crate::ingress::Ingress;
 use crate::ingress::stats::Drop;
+use crate::steer::Steering;
 pub(crate) use conn::Challenge;
 use conn::Conn;
 pub use listen::{ListenerKind, bind_reuseport};
@@ -158,6 +159,12 @@ pub struct WorkerOptions {
     pub runtime: tokio::runtime::Handle,
     /// Called by each worker once per loop (the watchdog's beat), by worker index.
     pub beats: Vec<Box<dyn Fn() + Send>>,
+    /// eBPF steering: the CPU each worker pins itself to, its load writers, the lease-range
+    /// listeners ([`crate::steer`]); [`Steering::off`] for plain listeners.
+    pub steering: Arc<Steering>,
+    /// One lease-range listener per worker (sk_lookup steers every TCP lease port to it);
+    /// empty without the lookup program.
+    pub lease_range: Vec<TcpListener>,
 }
 
 /// Starts `ingress.workers()` worker threads named `worker-N`.
@@ -193,6 +200,10 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
     let mut sni = options.sni.into_iter();
     let mut reverse = options.reverse.into_iter();
     let mut beats = options.beats.into_iter();
+    let mut lease_range = options.lease_range.into_iter();
+    // A worker whose connections in set-up reach its share of the pending budget is skipped
+    // by CPU-local accept (the kernel's hash picks another).
+    let busy_at = config.pending_conn_max.div_ceil(n).max(1);
     let mut workers = Workers {
         stats: Vec::with_capacity(n),
         threads: Vec::with_capacity(n),
@@ -217,22 +228,73 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
             stopping: false,
             now: Instant::now(),
             runtime: options.runtime.clone(),
+            load: Load {
+                writers: options.steering.load_writers(id),
+                busy_at,
+                busy: false,
+            },
         };
         for (kind, listener) in [
             (ListenerKind::Sni, sni.next()),
             (ListenerKind::Reverse, reverse.next()),
+            (ListenerKind::TcpRange, lease_range.next()),
         ] {
             if let Some(l) = listener {
                 worker.listen(kind, l);
             }
         }
         let beat = beats.next();
+        let cpu = options.steering.worker_cpu(id);
         let thread = std::thread::Builder::new()
             .name(format!("worker-{id}"))
-            .spawn(move || worker.run(beat))?;
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to(id, cpu);
+                }
+                worker.run(beat);
+            })?;
         workers.threads.push(thread);
     }
     Ok(workers)
+}
+
+/// Pins the calling worker thread to `cpu` (CPU-local accept sends it the connections that
+/// CPU received). A failure is logged: the worker then runs wherever the scheduler puts it.
+fn pin_to(id: usize, cpu: usize) {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    if let Err(e) = pinned {
+        tracing::warn!(worker = id, cpu, error = %e, "worker not pinned");
+    }
+}
+
+/// What a worker tells the reuseport programs about its load: the count of connections in
+/// set-up, written (one map update per group) when it crosses `busy_at` either way and at
+/// each tick, never per connection.
+struct Load {
+    writers: Vec<outrelay_ebpf::LoadWriter>,
+    busy_at: usize,
+    /// As last written.
+    busy: bool,
+}
+
+impl Load {
+    fn publish(&mut self, conns: usize, force: bool) {
+        let busy = conns >= self.busy_at;
+        if self.writers.is_empty() || (busy == self.busy && !force) {
+            return;
+        }
+        self.busy = busy;
+        let value = u32::try_from(conns).unwrap_or(u32::MAX);
+        for w in &mut self.writers {
+            // A failed write leaves the old value: the program then decides on stale load
+            // until the next tick (nothing breaks).
+            let _ = w.set(value);
+        }
+    }
 }
 
 /// Every timeout a worker arms, from the ingress config.
@@ -267,6 +329,7 @@ pub(crate) struct Worker {
     /// The time of this loop round.
     pub(crate) now: Instant,
     runtime: tokio::runtime::Handle,
+    load: Load,
 }
 
 impl Worker {
@@ -304,6 +367,7 @@ impl Worker {
             for &(kind, key) in &due {
                 self.expired(kind, key);
             }
+            self.load.publish(self.conns.len(), false);
             if self.pool.dirty {
                 self.pool.dirty = false;
                 let mut census = self
@@ -403,6 +467,7 @@ impl Worker {
         self.stats
             .conns
             .store(self.conns.len() as u64, Ordering::Relaxed);
+        self.load.publish(self.conns.len(), true);
     }
 
     /// Serves a root-host connection on tokio (low volume: a user-space copy to the loopback

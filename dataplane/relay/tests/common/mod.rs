@@ -252,6 +252,30 @@ pub fn relay_dir(ca: &Ca, opts: &Opts) -> tempfile::TempDir {
     dir
 }
 
+/// Why the relay cannot be run as `nobody` here, if it cannot.
+pub fn unprivileged_unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not root: cannot switch to nobody".to_owned());
+    }
+    if !have("setpriv", "--version") {
+        return Some("no setpriv (util-linux)".to_owned());
+    }
+    let binary = env!("CARGO_BIN_EXE_outrelay-relay");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", binary])
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "nobody cannot run {binary}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("setpriv: {e}")),
+    }
+}
+
 /// The uid and gid of `nobody`.
 pub const NOBODY: u32 = 65534;
 
