@@ -220,10 +220,12 @@ impl Target for Outrelay {
                 bail!("no single lease front")
             }
         };
-        // The relay binds a granted lease port on its next route sync, just after the grant.
+        // The relay binds a granted lease port on its next route sync, just after the grant;
+        // with the sk_lookup program a TCP lease port has no listener of its own and routes
+        // before the grant goes out (UDP ports keep a socket each, for the replies).
         if routing == Routing::Udp {
             wait_udp_bound(&[front], &mut processes)?;
-        } else {
+        } else if !(routing == Routing::Tcp && launch.relay_ebpf.is_some_and(RelayEbpf::lookup)) {
             wait_listening(&[front], &mut processes)?;
         }
         Ok(RunningTarget::new(front, sni_routed, processes))
@@ -457,7 +459,12 @@ fn start_abuse(
         .and_then(|l| l.iter().find(|l| l["name"] == "bulk"))
         .context("agent ready file: no lease `bulk`")?;
     let bulk_front = granted_port(&serde_json::json!({ "leases": [bulk] }), "tcp_addr")?;
-    wait_listening(&[public_tls, bulk_front], &mut processes)?;
+    if bins.launch.relay_ebpf.is_some_and(RelayEbpf::lookup) {
+        // The lease port has no listener of its own (sk_lookup); it routed at its grant.
+        wait_listening(&[public_tls], &mut processes)?;
+    } else {
+        wait_listening(&[public_tls, bulk_front], &mut processes)?;
+    }
     let mut running = RunningTarget::new(public_tls, true, processes);
     running.abuse = Some(AbuseEnds {
         cli: bins.path("outrelay"),
