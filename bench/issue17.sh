@@ -32,8 +32,8 @@
 # device: WORKERS=14 PIN_TARGETS=0-13 PIN_LOAD=14-15), ONLY ("l1 r1": a subset of the tables),
 # NETNS (1).
 #
-# Measured on the shared 2-core box (2026-12-06) at ROUNDS=3: see docs/benchmarks.md, issue 17
-# (l1 about 6 minutes, r1 and r2 about 1 minute each, plus the build).
+# Measured on the shared 2-core box (2026-12-06) at ROUNDS=3: 622 s of tables (l1 576, r1 23,
+# r2 23) plus the build; figures in docs/benchmarks.md, "Issue 17".
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
