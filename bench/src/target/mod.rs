@@ -154,12 +154,6 @@ impl RelayEbpf {
         };
         format!("[ebpf]\nmode = \"on\"\nreuseport = {reuseport}\nlookup = {lookup}\n")
     }
-
-    /// Whether TCP lease ports are served by the sk_lookup program (no listener per port: a
-    /// granted port routes before its grant goes out, and `/proc/net/tcp` never lists it).
-    pub fn lookup(self) -> bool {
-        matches!(self, Self::Lookup | Self::All)
-    }
 }
 
 impl Launch {

@@ -177,7 +177,11 @@ impl Target for Outrelay {
             workers = workers_line(launch),
             ebpf = ebpf_section(launch),
         );
-        let (mut processes, quic) = start_relay(&bins, dir, &relay_config)?;
+        let StartedRelay {
+            mut processes,
+            quic,
+            lookup,
+        } = start_relay(&bins, dir, &relay_config)?;
         let (lease_line, sni_routed) = match routing {
             Routing::Tcp => (format!("tcp_to = \"{backend}\""), false),
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
@@ -225,7 +229,7 @@ impl Target for Outrelay {
         // before the grant goes out (UDP ports keep a socket each, for the replies).
         if routing == Routing::Udp {
             wait_udp_bound(&[front], &mut processes)?;
-        } else if !(routing == Routing::Tcp && launch.relay_ebpf.is_some_and(RelayEbpf::lookup)) {
+        } else if !(routing == Routing::Tcp && lookup) {
             wait_listening(&[front], &mut processes)?;
         }
         Ok(RunningTarget::new(front, sni_routed, processes))
@@ -263,9 +267,20 @@ fn ebpf_section(launch: &Launch) -> String {
         .map_or_else(String::new, RelayEbpf::config_section)
 }
 
-/// Starts the relay from `config` (TOML text, written to `dir/relay.toml`); returns it with its
-/// QUIC address from the ready file.
-fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<(Vec<OwnedProcess>, String)> {
+/// A started relay: its process, QUIC address and the eBPF programs its ready file says run.
+struct StartedRelay {
+    processes: Vec<OwnedProcess>,
+    quic: String,
+    /// Whether TCP lease ports are served by the sk_lookup program: they then have no
+    /// listener of their own (nothing in `/proc/net/tcp` to wait for) and route before their
+    /// grant goes out. Read from the ready file, so the relay's `auto` default counts too.
+    lookup: bool,
+}
+
+/// Starts the relay from `config` (TOML text, written to `dir/relay.toml`) and reads its ready
+/// file. With an `[ebpf]` setup in `launch`, the programs the relay reports must be the ones
+/// the setup asked for, so a row never describes another setup.
+fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<StartedRelay> {
     let relay_config = dir.join("relay.toml");
     std::fs::write(&relay_config, config)?;
     let relay_ready = dir.join("relay.ready");
@@ -287,7 +302,41 @@ fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<(Vec<OwnedPr
         .as_str()
         .context("relay ready file: quic")?
         .to_owned();
-    Ok((processes, quic))
+    let programs: Vec<&str> = relay["ebpf"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    if let Some(setup) = bins.launch.relay_ebpf {
+        check_programs(setup, &programs)?;
+    }
+    Ok(StartedRelay {
+        processes,
+        quic,
+        lookup: programs.contains(&"lookup"),
+    })
+}
+
+/// Errors unless `running` (the ready file's `ebpf` list) is what `setup` asks for: the public
+/// group's CPU-local accept with `reuseport`/`all`, the lookup program with `lookup`/`all`,
+/// nothing with `off`.
+fn check_programs(setup: RelayEbpf, running: &[&str]) -> Result<()> {
+    let (reuseport, lookup) = match setup {
+        RelayEbpf::Off => (false, false),
+        RelayEbpf::Reuseport => (true, false),
+        RelayEbpf::Lookup => (false, true),
+        RelayEbpf::All => (true, true),
+    };
+    let has = |p: &str| running.contains(&p);
+    if has("reuseport_public") != reuseport
+        || has("lookup") != lookup
+        || (setup == RelayEbpf::Off && !running.is_empty())
+    {
+        bail!(
+            "relay runs eBPF programs {running:?}, not what ebpf={} asks for",
+            setup.as_str()
+        );
+    }
+    Ok(())
 }
 
 /// An agent's TOML: relay `quic`, the dev PKI's identity `who` (`agent-1`, `agent-2`), metrics
@@ -432,7 +481,11 @@ fn start_abuse(
         workers = workers_line(bins.launch),
         ebpf = ebpf_section(bins.launch),
     );
-    let (mut processes, quic) = start_relay(bins, dir, &relay_config)?;
+    let StartedRelay {
+        mut processes,
+        quic,
+        lookup,
+    } = start_relay(bins, dir, &relay_config)?;
     let relay_ready: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("relay.ready")).context("reading relay.ready")?,
     )
@@ -459,7 +512,7 @@ fn start_abuse(
         .and_then(|l| l.iter().find(|l| l["name"] == "bulk"))
         .context("agent ready file: no lease `bulk`")?;
     let bulk_front = granted_port(&serde_json::json!({ "leases": [bulk] }), "tcp_addr")?;
-    if bins.launch.relay_ebpf.is_some_and(RelayEbpf::lookup) {
+    if lookup {
         // The lease port has no listener of its own (sk_lookup); it routed at its grant.
         wait_listening(&[public_tls], &mut processes)?;
     } else {
@@ -515,7 +568,9 @@ fn start_leases(
         workers = workers_line(bins.launch),
         ebpf = ebpf_section(bins.launch),
     );
-    let (processes, quic) = start_relay(bins, dir, &relay_config)?;
+    let StartedRelay {
+        processes, quic, ..
+    } = start_relay(bins, dir, &relay_config)?;
     let relay_pid = processes[0].pid();
     let mut running = RunningTarget::new(public_tls, false, processes);
     running.leases = Some(LeaseEnds {
@@ -580,6 +635,19 @@ mod tests {
             ebpf_section(&with(RelayEbpf::All)),
             "[ebpf]\nmode = \"on\"\nreuseport = true\nlookup = true\n"
         );
+    }
+
+    #[test]
+    fn a_setup_must_find_the_programs_it_asked_for_running() {
+        let all = ["reuseport_public", "reuseport_reverse", "lookup"];
+        assert!(check_programs(RelayEbpf::All, &all).is_ok());
+        assert!(check_programs(RelayEbpf::Reuseport, &all[..2]).is_ok());
+        assert!(check_programs(RelayEbpf::Lookup, &["lookup"]).is_ok());
+        assert!(check_programs(RelayEbpf::Off, &[]).is_ok());
+        // auto fell back, or ran more than asked for: the row would describe another setup.
+        assert!(check_programs(RelayEbpf::Reuseport, &[]).is_err());
+        assert!(check_programs(RelayEbpf::Lookup, &all).is_err());
+        assert!(check_programs(RelayEbpf::Off, &["lookup"]).is_err());
     }
 
     #[test]
