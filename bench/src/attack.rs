@@ -261,57 +261,8 @@ impl QuicAgent {
     /// # Errors
     /// Certificates, the handshake, or a HELLO that is not acknowledged.
     pub async fn connect(relay: SocketAddr, pki: &Path, who: &str, uri: &str) -> Result<Self> {
-        let chain = CertificateDer::pem_file_iter(pki.join(format!("{who}.pem")))
-            .context("agent certificate")?
-            .collect::<Result<Vec<_>, _>>()
-            .context("agent certificate")?;
-        let key = PrivateKeyDer::from_pem_file(pki.join(format!("{who}-key.pem")))
-            .context("agent key")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(pki.join("ca.pem")).context("CA")? {
-            roots.add(ca.context("CA")?).context("CA root")?;
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("TLS 1.3")?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .context("client certificate")?;
-        tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS")?;
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(transport));
-        let mut endpoint =
-            quinn::Endpoint::client(SocketAddr::from((ATTACKER_SOURCE, 0))).context("endpoint")?;
-        endpoint.set_default_client_config(client);
-        let step = Duration::from_millis(STEP_TIMEOUT_MS);
-        let conn = tokio::time::timeout(
-            step,
-            endpoint
-                .connect(relay, "localhost")
-                .context("QUIC connect")?,
-        )
-        .await
-        .context("QUIC handshake timed out")?
-        .context("QUIC handshake")?;
-        let (mut send, mut recv) = conn.open_bi().await.context("control stream")?;
-        let hello = Frame::Hello(orp::Hello {
-            protocol_version: "orp/1".to_owned(),
-            agent_uri: uri.to_owned(),
-            capabilities: vec!["streams".to_owned()],
-        });
-        send.write_all(&hello.to_vec().context("encoding HELLO")?)
-            .await
-            .context("sending HELLO")?;
-        let ack = tokio::time::timeout(step, read_frame(&mut recv))
-            .await
-            .context("HELLO_ACK timed out")??;
-        if !matches!(ack, Frame::HelloAck(_)) {
-            bail!("HELLO answered with {ack:?}");
-        }
+        let (endpoint, conn, send, recv) =
+            connect_orp(ATTACKER_SOURCE, relay, pki, who, uri).await?;
         Ok(Self {
             _endpoint: endpoint,
             conn,
@@ -323,6 +274,78 @@ impl QuicAgent {
     pub fn close(&self) {
         self.conn.close(0_u32.into(), b"bench attack over");
     }
+}
+
+/// A QUIC connection from `source` to `relay` as the dev-PKI agent `pki/<who>.pem` (identity
+/// `uri`): mTLS, ALPN `orp/1`, the control stream opened and HELLO (`streams` capability)
+/// acknowledged. Returns the endpoint (keep it alive), the connection and the control stream.
+///
+/// # Errors
+/// Certificates, the handshake, or a HELLO that is not acknowledged.
+pub async fn connect_orp(
+    source: Ipv4Addr,
+    relay: SocketAddr,
+    pki: &Path,
+    who: &str,
+    uri: &str,
+) -> Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+)> {
+    let chain = CertificateDer::pem_file_iter(pki.join(format!("{who}.pem")))
+        .context("agent certificate")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("agent certificate")?;
+    let key =
+        PrivateKeyDer::from_pem_file(pki.join(format!("{who}-key.pem"))).context("agent key")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(pki.join("ca.pem")).context("CA")? {
+        roots.add(ca.context("CA")?).context("CA root")?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .context("client certificate")?;
+    tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS")?;
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport));
+    let mut endpoint =
+        quinn::Endpoint::client(SocketAddr::from((source, 0))).context("endpoint")?;
+    endpoint.set_default_client_config(client);
+    let step = Duration::from_millis(STEP_TIMEOUT_MS);
+    let conn = tokio::time::timeout(
+        step,
+        endpoint
+            .connect(relay, "localhost")
+            .context("QUIC connect")?,
+    )
+    .await
+    .context("QUIC handshake timed out")?
+    .context("QUIC handshake")?;
+    let (mut send, mut recv) = conn.open_bi().await.context("control stream")?;
+    let hello = Frame::Hello(orp::Hello {
+        protocol_version: "orp/1".to_owned(),
+        agent_uri: uri.to_owned(),
+        capabilities: vec!["streams".to_owned()],
+    });
+    send.write_all(&hello.to_vec().context("encoding HELLO")?)
+        .await
+        .context("sending HELLO")?;
+    let ack = tokio::time::timeout(step, read_frame(&mut recv))
+        .await
+        .context("HELLO_ACK timed out")??;
+    if !matches!(ack, Frame::HelloAck(_)) {
+        bail!("HELLO answered with {ack:?}");
+    }
+    Ok((endpoint, conn, send, recv))
 }
 
 /// Reads one whole frame from the start of `recv`.

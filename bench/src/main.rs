@@ -14,6 +14,7 @@
 mod attack;
 mod backend;
 mod client_hello;
+mod lease_driver;
 mod peers;
 mod pinning;
 mod proc_stats;
@@ -32,7 +33,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::pinning::{CpuList, Pinning};
 use crate::scenario::{RoutePath, ScenarioName, Settings};
-use crate::target::{Availability, Launch};
+use crate::target::{Availability, Launch, RelayEbpf};
 
 /// Default round count: the minimum for a median with a spread.
 const DEFAULT_ROUNDS: u32 = 3;
@@ -50,7 +51,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one scenario against the targets; Markdown on stdout, progress on stderr.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List scenarios, and targets with their availability on this machine.
     List,
     /// The `quinn-direct` target's server (started by the harness).
@@ -111,6 +112,21 @@ struct RunArgs {
     /// count in every round, as setups w=N (relay `workers = N`). Default: the relay's default.
     #[arg(long, value_delimiter = ',')]
     relay_workers: Vec<usize>,
+    /// Comma-separated relay eBPF setups (issue 17): outrelay and outrelay-base run once per
+    /// value in every round (after each worker count), as setups ebpf=V with the relay's
+    /// `[ebpf]`: off (`mode = "off"`), reuseport, lookup or all (`mode = "on"` with that
+    /// program or both). Default: no `[ebpf]` section (the relay's own default).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    relay_ebpf: Vec<RelayEbpf>,
+    /// Ports in the leases scenario's lease range, each granted to a TCP lease (default
+    /// 10000, quick 200). A setup whose listeners would not fit the relay's open-file limit
+    /// stops at the largest count that fits and says so.
+    #[arg(long)]
+    lease_ports: Option<u16>,
+    /// Leases the leases scenario asks for one at a time, timing grant to routable port
+    /// (default 200, quick 20).
+    #[arg(long)]
+    grants: Option<usize>,
     /// CPUs (taskset list, e.g. 0 or 0-3) every process a target starts runs on
     /// (`taskset -c`); adds conn/s per target core to connrate.
     #[arg(long)]
@@ -151,11 +167,20 @@ impl RunArgs {
             abuse_ramp_s: if self.quick { 1 } else { 2 },
             connrate_paths: self.paths.clone(),
             relay_workers: self.relay_workers.clone(),
+            relay_ebpf: self.relay_ebpf.clone(),
+            lease_ports: self
+                .lease_ports
+                .unwrap_or(if self.quick { 200 } else { 10_000 })
+                .max(1),
+            lease_grants: self
+                .grants
+                .unwrap_or(if self.quick { 20 } else { 200 })
+                .max(1),
             pin_target_cores: pinning.target_cores(),
             compare_base: names.iter().any(|n| n == scenario::BASE_TARGET),
             launch: Launch {
                 pin: pinning.taskset.clone().zip(pinning.launch_cpus.clone()),
-                relay_workers: None,
+                ..Launch::default()
             },
         }
     }

@@ -184,6 +184,123 @@ fn parse_loopback_ports(text: &str, state_filter: Option<&str>) -> Result<HashSe
     Ok(ports)
 }
 
+/// Sockets of `/proc/net/<proto>` and `<proto>6` (`tcp`: LISTEN only; `udp`: any state)
+/// whose local port is in `lo..=hi`, on any address; one per socket (SO_REUSEPORT groups
+/// count each member).
+pub fn ports_in_range(proto: &str, lo: u16, hi: u16) -> Result<u64> {
+    let mut n = 0;
+    for table in [proto.to_owned(), format!("{proto}6")] {
+        let path = format!("/proc/net/{table}");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue; // no IPv6 here
+        };
+        n += count_ports_in_range(&text, (proto == "tcp").then_some("0A"), lo, hi)
+            .with_context(|| format!("parsing {path}"))?;
+    }
+    Ok(n)
+}
+
+/// Rows of a `/proc/net/{tcp,udp}{,6}` table with a local port in `lo..=hi` (in `state` if
+/// given).
+pub fn count_ports_in_range(text: &str, state: Option<&str>, lo: u16, hi: u16) -> Result<u64> {
+    let mut n = 0;
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(st)) = (cols.get(1), cols.get(3)) else {
+            bail!("short /proc/net table line: {line:?}");
+        };
+        if state.is_some_and(|s| s != *st) {
+            continue;
+        }
+        let (_, port) = local
+            .rsplit_once(':')
+            .context("local address without ':'")?;
+        let port = u16::from_str_radix(port, 16).context("port is not hex")?;
+        if (lo..=hi).contains(&port) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Open file descriptors of one process now (entries of `/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> Result<u64> {
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("reading /proc/{pid}/fd"))?;
+    Ok(u64::try_from(entries.count()).unwrap_or(u64::MAX))
+}
+
+/// Parses the soft `Max open files` limit of a `/proc/<pid>/limits` text.
+pub fn parse_limits_nofile(text: &str) -> Result<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no Max open files line")?;
+    let soft = line["Max open files".len()..]
+        .split_whitespace()
+        .next()
+        .context("Max open files line without a value")?;
+    if soft == "unlimited" {
+        return Ok(u64::MAX);
+    }
+    soft.parse()
+        .with_context(|| format!("Max open files {soft:?} is not a number"))
+}
+
+/// A process's soft open-file limit (`RLIMIT_NOFILE`).
+pub fn nofile_limit(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .with_context(|| format!("reading /proc/{pid}/limits"))?;
+    parse_limits_nofile(&text)
+}
+
+/// The socket counts of `/proc/net/sockstat` (this network namespace's sockets; the `mem`
+/// figures are pages of buffer memory charged to the protocol across every namespace).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sockstat {
+    /// `sockets: used`.
+    pub sockets_used: u64,
+    /// `TCP: inuse` (listeners included).
+    pub tcp_inuse: u64,
+    /// `TCP: mem`, in pages.
+    pub tcp_mem_pages: u64,
+    /// `UDP: inuse`.
+    pub udp_inuse: u64,
+    /// `UDP: mem`, in pages.
+    pub udp_mem_pages: u64,
+}
+
+/// Parses `/proc/net/sockstat`.
+pub fn parse_sockstat(text: &str) -> Result<Sockstat> {
+    let field = |proto: &str, name: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(proto))
+            .with_context(|| format!("sockstat: no {proto} line"))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| *w == name)
+            .with_context(|| format!("sockstat: no {name} in {line:?}"))?;
+        words
+            .get(at + 1)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("sockstat: {name} in {line:?} has no number"))
+    };
+    Ok(Sockstat {
+        sockets_used: field("sockets:", "used")?,
+        tcp_inuse: field("TCP:", "inuse")?,
+        tcp_mem_pages: field("TCP:", "mem")?,
+        udp_inuse: field("UDP:", "inuse")?,
+        udp_mem_pages: field("UDP:", "mem")?,
+    })
+}
+
+/// `/proc/net/sockstat` now.
+pub fn sockstat() -> Result<Sockstat> {
+    parse_sockstat(&std::fs::read_to_string("/proc/net/sockstat").context("reading sockstat")?)
+}
+
 /// The number in a `Name:   1234 kB` line.
 fn kib_field(text: &str, name: &str) -> Result<u64> {
     let line = text
@@ -205,6 +322,47 @@ fn kib_field(text: &str, name: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sockstat_limits_and_fds_are_read() {
+        let text = "sockets: used 11\nTCP: inuse 3 orphan 0 tw 1 alloc 4 mem 216\n\
+                    UDP: inuse 2 mem 180\nUDPLITE: inuse 0\nRAW: inuse 0\n";
+        assert_eq!(
+            parse_sockstat(text).expect("valid"),
+            Sockstat {
+                sockets_used: 11,
+                tcp_inuse: 3,
+                tcp_mem_pages: 216,
+                udp_inuse: 2,
+                udp_mem_pages: 180
+            }
+        );
+        assert!(parse_sockstat("sockets: used 1\n").is_err());
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            20000                20000                files\n";
+        assert_eq!(parse_limits_nofile(limits).expect("valid"), 20_000);
+        // Our own: a file we open shows up, and the limit is above what we hold.
+        let me = std::process::id();
+        let before = open_fds(me).expect("own fds");
+        let f = std::fs::File::open("/proc/self/stat").expect("open");
+        assert!(open_fds(me).expect("own fds") > before);
+        drop(f);
+        assert!(nofile_limit(me).expect("own limit") >= before);
+        sockstat().expect("this kernel's sockstat");
+        let table = "  sl  local_address rem_address   st\n\
+                     0: 0100007F:2710 00000000:0000 0A\n\
+                     1: 0100007F:2710 00000000:0000 0A\n\
+                     2: 0100007F:4E20 00000000:0000 0A\n\
+                     3: 0100007F:2711 0100007F:9C40 01\n";
+        assert_eq!(
+            count_ports_in_range(table, Some("0A"), 10_000, 19_999).expect("valid"),
+            2
+        );
+        assert_eq!(
+            count_ports_in_range(table, None, 10_000, 20_000).expect("valid"),
+            4
+        );
+    }
 
     #[test]
     fn rss_is_read_from_the_status_vmrss_line() {

@@ -307,6 +307,150 @@ fn abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it() {
     );
 }
 
+/// Issue 17's lease range in small: every port of a 40-port range leased over one agent
+/// connection, on both paths, and 5 grants timed to their first accepted connect.
+#[test]
+fn leases_quick_leases_every_port_of_the_range_and_times_grant_to_route() {
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "leases",
+        "--quick",
+        "--lease-ports",
+        "40",
+        "--grants",
+        "5",
+        "--relay-workers",
+        "1",
+    ]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    let cell = |path: &str, variant: &str, key: &str| -> f64 {
+        let r = rows
+            .iter()
+            .find(|r| r["path"] == path && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {path} {variant} row: {doc:#}"));
+        median(r, key)
+    };
+    for path in ["tcp", "tcp+udp"] {
+        // The range is far below the open-file limit: every port is leased, none is missing.
+        assert_eq!(cell(path, "all leases", "leases"), 40.0, "{doc:#}");
+        assert!(cell(path, "all leases", "fds") > 0.0);
+        assert!(cell(path, "all leases", "rss_mib") > 0.0);
+        let p50 = cell(path, "grant -> routable", "route_p50_ms");
+        assert!(p50 >= 0.0 && p50 <= cell(path, "grant -> routable", "route_max_ms"));
+        let at_grant = cell(path, "grant -> routable", "routable_at_grant_pct");
+        assert!((0.0..=100.0).contains(&at_grant), "{at_grant}");
+    }
+    // Only the tcp+udp path binds UDP ports (one per lease without sk_lookup, none with it).
+    assert_eq!(cell("tcp", "all leases", "udp_sockets"), 0.0);
+    assert!(
+        md.contains("| outrelay | w=1 | tcp+udp | all leases | 40 |"),
+        "{md}"
+    );
+}
+
+/// Whether the relay's eBPF programs can load here; prints a loud SKIP line for `test` when
+/// not (the `--relay-ebpf` setups other than `off` say `mode = "on"` and would fail to start).
+fn bpf_or_skip(test: &str) -> bool {
+    match outrelay_ebpf::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIP {test}: no CAP_BPF/BPF here ({e})");
+            false
+        }
+    }
+}
+
+/// Issue 17's l1 in small: the same range with plain listeners and with sk_lookup.
+#[test]
+fn leases_with_sk_lookup_hold_no_listener_per_port_and_route_at_grant() {
+    if !bpf_or_skip("leases_with_sk_lookup_hold_no_listener_per_port_and_route_at_grant") {
+        return;
+    }
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "leases",
+        "--quick",
+        "--lease-ports",
+        "40",
+        "--grants",
+        "5",
+        "--relay-workers",
+        "2",
+        "--relay-ebpf",
+        "off,lookup",
+    ]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    let cell = |setup: &str, path: &str, variant: &str, key: &str| -> f64 {
+        let r = rows
+            .iter()
+            .find(|r| r["setup"] == setup && r["path"] == path && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {setup} {path} {variant} row: {doc:#}"));
+        median(r, key)
+    };
+    for path in ["tcp", "tcp+udp"] {
+        for setup in ["w=2 ebpf=off", "w=2 ebpf=lookup"] {
+            assert_eq!(cell(setup, path, "all leases", "leases"), 40.0, "{doc:#}");
+        }
+        // Plain: one listener per worker per port. sk_lookup: none on the range's ports, and
+        // the port map is updated before the grant goes out.
+        assert_eq!(
+            cell("w=2 ebpf=off", path, "all leases", "tcp_listeners"),
+            80.0
+        );
+        assert_eq!(
+            cell("w=2 ebpf=lookup", path, "all leases", "tcp_listeners"),
+            0.0
+        );
+        assert_eq!(
+            cell(
+                "w=2 ebpf=lookup",
+                path,
+                "grant -> routable",
+                "routable_at_grant_pct"
+            ),
+            100.0
+        );
+    }
+    assert!(cell("w=2 ebpf=lookup", "tcp", "all leases", "fds_per_lease") < 0.5);
+    assert!(
+        md.contains("| outrelay | w=2 ebpf=lookup | tcp | all leases | 40 |"),
+        "{md}"
+    );
+}
+
+/// Issue 17's r1 in small: the SNI path with and without the CPU-local accept program, the
+/// setups compared with the first.
+#[test]
+fn connrate_runs_each_ebpf_setup_and_compares_with_the_first() {
+    if !bpf_or_skip("connrate_runs_each_ebpf_setup_and_compares_with_the_first") {
+        return;
+    }
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "connrate",
+        "--targets",
+        "outrelay",
+        "--paths",
+        "sni",
+        "--relay-workers",
+        "2",
+        "--relay-ebpf",
+        "off,reuseport",
+        "--quick",
+    ]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    let setups: Vec<&str> = rows.iter().filter_map(|r| r["setup"].as_str()).collect();
+    assert_eq!(setups, ["w=2 ebpf=off", "w=2 ebpf=reuseport"], "{doc:#}");
+    for r in rows {
+        assert!(r["status"].is_null(), "not measured: {r:#}");
+        assert!(median(r, "conn_per_s") > 0.0);
+        assert_eq!(median(r, "errors"), 0.0);
+    }
+    assert_eq!(median(&rows[0], "conn_per_s_ratio_to_first_setup"), 1.0);
+    assert!(median(&rows[1], "relay_cpu_us_per_conn_ratio_to_first_setup") > 0.0);
+    assert!(md.contains("CPU/conn x first setup"), "{md}");
+}
+
 #[test]
 fn list_shows_every_scenario_and_target() {
     let out = harness(&["list"]);
@@ -320,6 +464,7 @@ fn list_shows_every_scenario_and_target() {
         "udp",
         "mesh",
         "abuse",
+        "leases",
         "direct",
         "haproxy",
         "haproxy-chain",

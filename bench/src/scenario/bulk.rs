@@ -186,9 +186,13 @@ pub(super) fn comparison_columns(settings: &Settings) -> Vec<Column> {
             value: Value::RatioToBase("gbps_per_relay_core"),
         });
     }
-    if settings.relay_workers.len() > 1 {
+    if super::several_setups(settings) {
         columns.push(Column {
-            header: "Gbit/s x first w",
+            header: if settings.relay_ebpf.is_empty() {
+                "Gbit/s x first w"
+            } else {
+                "Gbit/s x first setup"
+            },
             decimals: 2,
             value: Value::RatioToFirstSetup("gbps"),
         });

@@ -43,6 +43,9 @@ pub struct Connrate {
     compare_base: bool,
     /// More than one relay worker count: adds the x first w column.
     compare_setups: bool,
+    /// eBPF setups (`--relay-ebpf`): the setup columns compare with the first setup (e.g.
+    /// ebpf=off) and add p99 and CPU per connection.
+    compare_ebpf: bool,
 }
 
 impl Connrate {
@@ -57,7 +60,8 @@ impl Connrate {
             paths: settings.connrate_paths.clone(),
             pin_target_cores: settings.pin_target_cores,
             compare_base: settings.compare_base,
-            compare_setups: settings.relay_workers.len() > 1,
+            compare_setups: super::several_setups(settings),
+            compare_ebpf: !settings.relay_ebpf.is_empty(),
         })
     }
 }
@@ -153,7 +157,25 @@ impl Scenario for Connrate {
                 value: Value::RatioToBase("relay_cpu_us_per_conn"),
             });
         }
-        if self.compare_setups {
+        if self.compare_setups && self.compare_ebpf {
+            columns.extend([
+                Column {
+                    header: "conn/s x first setup",
+                    decimals: 2,
+                    value: Value::RatioToFirstSetup("conn_per_s"),
+                },
+                Column {
+                    header: "p99 x first setup",
+                    decimals: 2,
+                    value: Value::RatioToFirstSetup("p99_us"),
+                },
+                Column {
+                    header: "CPU/conn x first setup",
+                    decimals: 2,
+                    value: Value::RatioToFirstSetup("relay_cpu_us_per_conn"),
+                },
+            ]);
+        } else if self.compare_setups {
             columns.push(Column {
                 header: "conn/s x first w",
                 decimals: 2,

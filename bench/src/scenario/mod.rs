@@ -20,6 +20,7 @@ mod bulk_sni;
 mod connrate;
 mod idle_memory;
 mod latency;
+mod leases;
 mod mesh;
 mod udp;
 
@@ -33,7 +34,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use crate::stats::Summary;
-use crate::target::{Availability, Launch, Routing, RunningTarget, Target};
+use crate::target::{Availability, Launch, RelayEbpf, Routing, RunningTarget, Target};
 
 /// Pause between two targets, so sockets in TIME_WAIT and exiting processes settle.
 const BETWEEN_TARGETS_MS: u64 = 300;
@@ -61,6 +62,9 @@ pub enum ScenarioName {
     /// 2026-12 security review (stalled readers, root-host and slowloris floods, oversized
     /// first frames, audit flood, anonymous controller flood), and the relay's peak RSS.
     Abuse,
+    /// A lease range served to TCP (and TCP+UDP) leases on every port (outrelay only): relay
+    /// descriptors, RSS and sockets per lease, and time from grant to routable port.
+    Leases,
 }
 
 impl ScenarioName {
@@ -75,11 +79,12 @@ impl ScenarioName {
             Self::Udp => "udp",
             Self::Mesh => "mesh",
             Self::Abuse => "abuse",
+            Self::Leases => "leases",
         }
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 8] {
+    pub fn all() -> [Self; 9] {
         [
             Self::Bulk,
             Self::BulkSni,
@@ -89,6 +94,7 @@ impl ScenarioName {
             Self::Udp,
             Self::Mesh,
             Self::Abuse,
+            Self::Leases,
         ]
     }
 
@@ -96,7 +102,7 @@ impl ScenarioName {
     pub fn default_targets(self) -> &'static [&'static str] {
         match self {
             Self::Mesh => &["quinn-direct", "quinn-direct-paced", "outrelay"],
-            Self::Abuse => &["outrelay"],
+            Self::Abuse | Self::Leases => &["outrelay"],
             _ => &[
                 "direct",
                 "haproxy",
@@ -125,6 +131,9 @@ impl ScenarioName {
             }
             Self::Abuse => {
                 "conn/s and p99 under each attack vs unattacked, relay peak RSS (outrelay only)"
+            }
+            Self::Leases => {
+                "N-port lease range all leased: relay fds/RSS per lease, grant -> routable ms"
             }
         }
     }
@@ -172,6 +181,13 @@ pub struct Settings {
     /// Relay worker counts OutRelay targets run with, each a setup `w=N` (empty: the relay's
     /// default, one setup).
     pub relay_workers: Vec<usize>,
+    /// Relay eBPF setups OutRelay targets run with, each a setup `ebpf=V` after the worker
+    /// count (empty: no `[ebpf]` section, one setup).
+    pub relay_ebpf: Vec<RelayEbpf>,
+    /// Ports in the leases scenario's range (each granted to a lease).
+    pub lease_ports: u16,
+    /// Leases the leases scenario times one at a time (grant to routable port).
+    pub lease_grants: usize,
     /// Cores of `--pin-targets` (the divisor of the per-target-core figures), when given.
     pub pin_target_cores: Option<usize>,
     /// Whether `outrelay-base` is among the targets (the "x base" columns appear).
@@ -200,6 +216,9 @@ impl Settings {
             abuse_ramp_s: 2,
             connrate_paths: vec![RoutePath::Sni, RoutePath::Tcp],
             relay_workers: Vec::new(),
+            relay_ebpf: Vec::new(),
+            lease_ports: 10_000,
+            lease_grants: 200,
             pin_target_cores: None,
             compare_base: false,
             launch: Launch::default(),
@@ -310,6 +329,7 @@ pub fn build(
         ScenarioName::Udp => Box::new(udp::Udp::start(settings)?),
         ScenarioName::Mesh => Box::new(mesh::Mesh::start(settings, rt)?),
         ScenarioName::Abuse => Box::new(abuse::Abuse::start(settings, rt)?),
+        ScenarioName::Leases => Box::new(leases::Leases::start(settings, rt)),
     })
 }
 
@@ -456,10 +476,10 @@ pub fn run(
         }
     }
     let columns = comparable_columns(scenario.columns(), targets);
-    let first_setup = settings
-        .relay_workers
-        .first()
-        .map_or_else(String::new, |n| format!("w={n}"));
+    let first_setup = setup_labels(settings)
+        .into_iter()
+        .next()
+        .map_or_else(String::new, |(label, _, _)| label);
     derive(&mut samples, &columns, &first_setup);
     let rows = summarise(targets, &samples, &columns, &unavailable, &failures);
     let mut notes = scenario.notes();
@@ -493,23 +513,57 @@ fn comparable_columns(mut columns: Vec<Column>, targets: &[Box<dyn Target>]) -> 
     columns
 }
 
-/// The setups `target` runs with in each round: one per `--relay-workers` count for a target
-/// that takes them (`w=N`), else the default (empty label).
+/// The setups `target` runs with in each round: for a target that takes them, one per
+/// `--relay-workers` count and `--relay-ebpf` value, workers outermost (`w=N ebpf=V`, either
+/// part left out when not asked for), else the default (empty label).
 fn setups(target: &dyn Target, settings: &Settings) -> Vec<(String, Launch)> {
-    if !target.takes_relay_workers() || settings.relay_workers.is_empty() {
+    if !target.takes_relay_workers() {
         return vec![(String::new(), settings.launch.clone())];
     }
-    settings
-        .relay_workers
-        .iter()
-        .map(|&n| {
+    setup_labels(settings)
+        .into_iter()
+        .map(|(label, relay_workers, relay_ebpf)| {
             let launch = Launch {
-                relay_workers: Some(n),
+                relay_workers,
+                relay_ebpf,
                 ..settings.launch.clone()
             };
-            (format!("w={n}"), launch)
+            (label, launch)
         })
         .collect()
+}
+
+/// Every setup of a target that takes relay workers, in run order: label, worker count and
+/// eBPF setup (one unlabelled default when neither list was given).
+fn setup_labels(settings: &Settings) -> Vec<(String, Option<usize>, Option<RelayEbpf>)> {
+    let workers: Vec<Option<usize>> = if settings.relay_workers.is_empty() {
+        vec![None]
+    } else {
+        settings.relay_workers.iter().copied().map(Some).collect()
+    };
+    let ebpf: Vec<Option<RelayEbpf>> = if settings.relay_ebpf.is_empty() {
+        vec![None]
+    } else {
+        settings.relay_ebpf.iter().copied().map(Some).collect()
+    };
+    let mut all = Vec::new();
+    for w in &workers {
+        for e in &ebpf {
+            let parts: Vec<String> = w
+                .map(|n| format!("w={n}"))
+                .into_iter()
+                .chain(e.map(|e| format!("ebpf={}", e.as_str())))
+                .collect();
+            all.push((parts.join(" "), *w, *e));
+        }
+    }
+    all
+}
+
+/// Whether a target that takes relay workers runs more than one setup per round (the
+/// "x first setup" columns then mean something).
+pub fn several_setups(settings: &Settings) -> bool {
+    setup_labels(settings).len() > 1
 }
 
 /// The paths `target` runs, labelled: with one routing, that routing unlabelled; with several,
@@ -958,5 +1012,46 @@ mod tests {
             setups(&peer, &settings),
             [(String::new(), Launch::default())]
         );
+    }
+
+    #[test]
+    fn ebpf_setups_follow_each_worker_count_and_the_first_is_the_reference() {
+        let mut settings = Settings::example();
+        let relay = Fake {
+            sni: true,
+            workers: true,
+        };
+        settings.relay_ebpf = vec![RelayEbpf::Off, RelayEbpf::Reuseport];
+        let got = setups(&relay, &settings);
+        let labels: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["ebpf=off", "ebpf=reuseport"]);
+        assert_eq!(got[1].1.relay_ebpf, Some(RelayEbpf::Reuseport));
+        assert_eq!(got[1].1.relay_workers, None);
+        assert!(several_setups(&settings));
+        settings.relay_workers = vec![1, 2];
+        let got = setups(&relay, &settings);
+        let labels: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "w=1 ebpf=off",
+                "w=1 ebpf=reuseport",
+                "w=2 ebpf=off",
+                "w=2 ebpf=reuseport"
+            ]
+        );
+        assert_eq!(
+            (got[3].1.relay_workers, got[3].1.relay_ebpf),
+            (Some(2), Some(RelayEbpf::Reuseport))
+        );
+        // A peer runs once, unlabelled; one setup alone compares with nothing.
+        let peer = Fake {
+            sni: true,
+            workers: false,
+        };
+        assert_eq!(setups(&peer, &settings).len(), 1);
+        settings.relay_workers = vec![2];
+        settings.relay_ebpf = vec![RelayEbpf::Lookup];
+        assert!(!several_setups(&settings));
     }
 }

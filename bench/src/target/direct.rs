@@ -26,7 +26,7 @@ impl Target for Direct {
 
     fn supports(&self, routing: Routing) -> bool {
         // The abuse scenario attacks the relay's own listeners: there is nothing direct.
-        !matches!(routing, Routing::Abuse { .. })
+        !matches!(routing, Routing::Abuse { .. } | Routing::Leases { .. })
     }
 
     fn start(

@@ -112,7 +112,7 @@ fn spawn(
             TCP_TEMPLATE,
             &[("front_addr", &front), ("backend_addr", &backend)],
         )?,
-        Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => {
+        Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } | Routing::Leases { .. } => {
             anyhow::bail!("haproxy does not forward UDP or QUIC")
         }
         Routing::Sni(name) => render(

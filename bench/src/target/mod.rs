@@ -56,7 +56,22 @@ pub enum Routing {
         /// The backend behind the attacked `bulk` lease.
         flood: SocketAddr,
     },
+    /// The leases scenario's topology (outrelay only): a relay alone, its lease range
+    /// [`LEASE_RANGE_FIRST`] .. + `ports` open to TCP (and UDP when `udp`) leases with the
+    /// per-agent cap and the lease frame rate raised to the range. No agent: the scenario's
+    /// lease driver ([`crate::lease_driver`]) asks for the leases. The started target says
+    /// where in [`RunningTarget::leases`].
+    Leases {
+        /// Ports in the range.
+        ports: u16,
+        /// Whether the leases also take a UDP port.
+        udp: bool,
+    },
 }
+
+/// First port of the leases scenario's range (below the kernel's ephemeral range, away from
+/// the tests' 20000-30000 and the other scenarios' 31000-31199; 10,000 ports end at 19999).
+pub const LEASE_RANGE_FIRST: u16 = 10_000;
 
 impl Routing {
     /// Why a target that does not [`Target::supports`] this routing is skipped.
@@ -65,6 +80,7 @@ impl Routing {
             Self::Udp => "no UDP forwarding in this harness",
             Self::Mesh { .. } => "no QUIC mesh stream in this harness",
             Self::Abuse { .. } => "the abuse scenario attacks OutRelay's own listeners only",
+            Self::Leases { .. } => "the leases scenario measures OutRelay's lease ports only",
             Self::Tcp | Self::Sni(_) => "QUIC mesh scenario only",
         }
     }
@@ -80,12 +96,15 @@ impl Routing {
             Self::Udp => "udp",
             Self::Mesh { .. } => "mesh",
             Self::Abuse { .. } => "abuse",
+            Self::Leases { udp: false, .. } => "tcp",
+            Self::Leases { udp: true, .. } => "tcp+udp",
         }
     }
 }
 
-/// How one start of a target launches its processes: CPU pinning and OutRelay's worker
-/// count. The default launches as the harness itself runs, with the relay's default workers.
+/// How one start of a target launches its processes: CPU pinning, OutRelay's worker count
+/// and its eBPF programs. The default launches as the harness itself runs, with the relay's
+/// default workers and `[ebpf]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Launch {
     /// `(taskset, cpus)`: every process of the target runs under `taskset -c cpus`.
@@ -93,6 +112,48 @@ pub struct Launch {
     /// OutRelay's relay top-level `workers = N`; `None`: the relay's default (one per core
     /// it may run on).
     pub relay_workers: Option<usize>,
+    /// OutRelay's relay `[ebpf]` section; `None`: none (the relay's default, `mode = "auto"`).
+    pub relay_ebpf: Option<RelayEbpf>,
+}
+
+/// Which of the relay's eBPF programs a setup runs (`--relay-ebpf`, issue 17). Every value
+/// but `off` says `mode = "on"`, so a program that cannot load fails the start loudly instead
+/// of falling back to plain listeners and measuring the wrong thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayEbpf {
+    /// `mode = "off"`: plain SO_REUSEPORT listeners, one listener per worker per lease port.
+    Off,
+    /// The CPU-local accept program only (`reuseport = true`, `lookup = false`).
+    Reuseport,
+    /// The lease port range through one socket per worker only (`reuseport = false`,
+    /// `lookup = true`).
+    Lookup,
+    /// Both programs.
+    All,
+}
+
+impl RelayEbpf {
+    /// The setup label's value (`ebpf=<this>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Reuseport => "reuseport",
+            Self::Lookup => "lookup",
+            Self::All => "all",
+        }
+    }
+
+    /// The relay config's `[ebpf]` section (a whole table, ending in a newline).
+    pub fn config_section(self) -> String {
+        let (reuseport, lookup) = match self {
+            Self::Off => return "[ebpf]\nmode = \"off\"\n".to_owned(),
+            Self::Reuseport => (true, false),
+            Self::Lookup => (false, true),
+            Self::All => (true, true),
+        };
+        format!("[ebpf]\nmode = \"on\"\nreuseport = {reuseport}\nlookup = {lookup}\n")
+    }
 }
 
 impl Launch {
@@ -189,6 +250,28 @@ pub struct RunningTarget {
     helpers: Vec<OwnedProcess>,
     /// Set by `outrelay` for [`Routing::Abuse`]: where the attacks go.
     pub abuse: Option<AbuseEnds>,
+    /// Set by `outrelay` for [`Routing::Leases`]: where the lease driver connects.
+    pub leases: Option<LeaseEnds>,
+}
+
+/// Where the leases scenario's driver asks for leases ([`Routing::Leases`]) and what it
+/// measures.
+#[derive(Debug, Clone)]
+pub struct LeaseEnds {
+    /// The relay process (fds and RSS are read from it).
+    pub relay_pid: u32,
+    /// The relay's QUIC (agent) address.
+    pub relay_quic: SocketAddr,
+    /// The dev PKI directory (`agent-1.pem` is the driver's identity).
+    pub pki: PathBuf,
+    /// The lease range, first and last port.
+    pub ports: (u16, u16),
+    /// The address lease ports are served on.
+    pub bind_ip: std::net::IpAddr,
+    /// The relay's `[ingress] lease_sync_interval_ms`: how often plain listeners are bound.
+    pub lease_sync_interval_ms: u64,
+    /// Whether the range is open to UDP leases too (the driver then asks for both).
+    pub udp: bool,
 }
 
 /// Where the abuse scenario's attackers and legitimate clients connect (outrelay's
@@ -231,6 +314,7 @@ impl RunningTarget {
             processes,
             helpers: Vec::new(),
             abuse: None,
+            leases: None,
         }
     }
 
@@ -483,7 +567,7 @@ mod tests {
             .expect("one CPU");
         let launch = Launch {
             pin: Some((taskset, last.clone())),
-            relay_workers: None,
+            ..Launch::default()
         };
         let (program, args) = launch.command(&sleep, &["5".to_owned()]);
         assert!(program.ends_with("taskset"), "{}", program.display());

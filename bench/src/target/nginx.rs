@@ -66,7 +66,10 @@ impl Target for Nginx {
         ];
         let template = match routing {
             Routing::Tcp => TCP_TEMPLATE,
-            Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => {
+            Routing::Udp
+            | Routing::Mesh { .. }
+            | Routing::Abuse { .. }
+            | Routing::Leases { .. } => {
                 anyhow::bail!("the nginx target has no UDP or QUIC template")
             }
             Routing::Sni(name) => {

@@ -19,14 +19,14 @@
 //! `OUTRELAY_BASE_BIN` (a build of the commit before a change), so one run measures before and
 //! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
 use super::{
-    AbuseEnds, Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr,
-    wait_listening, wait_ready, wait_udp_bound,
+    AbuseEnds, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayEbpf, Routing,
+    RunningTarget, Target, free_loopback_addr, wait_listening, wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -49,6 +49,10 @@ const AGENT_2_URI: &str = "outrelay://demo/agent/00000000-0000-4000-8000-0000000
 /// that a flood this box can hold (each root-host connection costs the relay 3 fds, and open
 /// files are capped at 20,000 here) reaches it, as the full-size flood reaches 10,000.
 pub const ABUSE_PENDING_CONN_MAX: usize = 1_000;
+
+/// `[ingress] lease_sync_interval_ms` of the leases topology: the relay's default, written
+/// out so the grant-to-routable figures can be read against it.
+const LEASE_SYNC_INTERVAL_MS: u64 = 100;
 
 /// The environment variable naming `outrelay-base`'s binary directory.
 pub const BASE_BIN_ENV: &str = "OUTRELAY_BASE_BIN";
@@ -148,6 +152,9 @@ impl Target for Outrelay {
         if let Routing::Abuse { flood } = routing {
             return start_abuse(&bins, backend, flood, dir, &pki);
         }
+        if let Routing::Leases { ports, udp } = routing {
+            return start_leases(&bins, ports, udp, dir, &pki);
+        }
         let public_tls = free_loopback_addr()?;
         let policy = if matches!(routing, Routing::Mesh { .. }) {
             format!(
@@ -162,14 +169,19 @@ impl Target for Outrelay {
              [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
              [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
              lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
-             [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = {udp}\n{policy}",
+             [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = {udp}\n{ebpf}{policy}",
             p = pki.display(),
             lo = LEASE_PORTS.0,
             hi = LEASE_PORTS.1,
             udp = routing == Routing::Udp,
             workers = workers_line(launch),
+            ebpf = ebpf_section(launch),
         );
-        let (mut processes, quic) = start_relay(&bins, dir, &relay_config)?;
+        let StartedRelay {
+            mut processes,
+            quic,
+            lookup,
+        } = start_relay(&bins, dir, &relay_config)?;
         let (lease_line, sni_routed) = match routing {
             Routing::Tcp => (format!("tcp_to = \"{backend}\""), false),
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
@@ -177,13 +189,19 @@ impl Target for Outrelay {
             Routing::Mesh { .. } => {
                 return start_mesh(&bins, backend, dir, &pki, &quic, processes);
             }
-            Routing::Abuse { .. } => bail!("the abuse topology has its own relay"),
+            Routing::Abuse { .. } | Routing::Leases { .. } => {
+                bail!("the abuse and leases topologies have their own relay")
+            }
         };
         let name = match routing {
             Routing::Sni(server_name) => server_name
                 .strip_suffix(&format!(".{ROOT_HOST}"))
                 .with_context(|| format!("SNI {server_name} is not under {ROOT_HOST}"))?,
-            Routing::Tcp | Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } => "bench",
+            Routing::Tcp
+            | Routing::Udp
+            | Routing::Mesh { .. }
+            | Routing::Abuse { .. }
+            | Routing::Leases { .. } => "bench",
         };
         let agent = start_agent(
             &bins,
@@ -202,12 +220,16 @@ impl Target for Outrelay {
             // The grant names the relay's public host; the port listens on lease_bind_ip.
             Routing::Tcp => granted_port(&agent, "tcp_addr")?,
             Routing::Udp => granted_port(&agent, "udp_addr")?,
-            Routing::Mesh { .. } | Routing::Abuse { .. } => bail!("no single lease front"),
+            Routing::Mesh { .. } | Routing::Abuse { .. } | Routing::Leases { .. } => {
+                bail!("no single lease front")
+            }
         };
-        // The relay binds a granted lease port on its next route sync, just after the grant.
+        // The relay binds a granted lease port on its next route sync, just after the grant;
+        // with the sk_lookup program a TCP lease port has no listener of its own and routes
+        // before the grant goes out (UDP ports keep a socket each, for the replies).
         if routing == Routing::Udp {
             wait_udp_bound(&[front], &mut processes)?;
-        } else {
+        } else if !(routing == Routing::Tcp && lookup) {
             wait_listening(&[front], &mut processes)?;
         }
         Ok(RunningTarget::new(front, sni_routed, processes))
@@ -238,9 +260,27 @@ fn workers_line(launch: &Launch) -> String {
         .map_or_else(String::new, |n| format!("workers = {n}\n"))
 }
 
-/// Starts the relay from `config` (TOML text, written to `dir/relay.toml`); returns it with its
-/// QUIC address from the ready file.
-fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<(Vec<OwnedProcess>, String)> {
+/// The relay config's `[ebpf]` section for `launch` (empty: none, the relay's default).
+fn ebpf_section(launch: &Launch) -> String {
+    launch
+        .relay_ebpf
+        .map_or_else(String::new, RelayEbpf::config_section)
+}
+
+/// A started relay: its process, QUIC address and the eBPF programs its ready file says run.
+struct StartedRelay {
+    processes: Vec<OwnedProcess>,
+    quic: String,
+    /// Whether TCP lease ports are served by the sk_lookup program: they then have no
+    /// listener of their own (nothing in `/proc/net/tcp` to wait for) and route before their
+    /// grant goes out. Read from the ready file, so the relay's `auto` default counts too.
+    lookup: bool,
+}
+
+/// Starts the relay from `config` (TOML text, written to `dir/relay.toml`) and reads its ready
+/// file. With an `[ebpf]` setup in `launch`, the programs the relay reports must be the ones
+/// the setup asked for, so a row never describes another setup.
+fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<StartedRelay> {
     let relay_config = dir.join("relay.toml");
     std::fs::write(&relay_config, config)?;
     let relay_ready = dir.join("relay.ready");
@@ -262,7 +302,41 @@ fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<(Vec<OwnedPr
         .as_str()
         .context("relay ready file: quic")?
         .to_owned();
-    Ok((processes, quic))
+    let programs: Vec<&str> = relay["ebpf"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    if let Some(setup) = bins.launch.relay_ebpf {
+        check_programs(setup, &programs)?;
+    }
+    Ok(StartedRelay {
+        processes,
+        quic,
+        lookup: programs.contains(&"lookup"),
+    })
+}
+
+/// Errors unless `running` (the ready file's `ebpf` list) is what `setup` asks for: the public
+/// group's CPU-local accept with `reuseport`/`all`, the lookup program with `lookup`/`all`,
+/// nothing with `off`.
+fn check_programs(setup: RelayEbpf, running: &[&str]) -> Result<()> {
+    let (reuseport, lookup) = match setup {
+        RelayEbpf::Off => (false, false),
+        RelayEbpf::Reuseport => (true, false),
+        RelayEbpf::Lookup => (false, true),
+        RelayEbpf::All => (true, true),
+    };
+    let has = |p: &str| running.contains(&p);
+    if has("reuseport_public") != reuseport
+        || has("lookup") != lookup
+        || (setup == RelayEbpf::Off && !running.is_empty())
+    {
+        bail!(
+            "relay runs eBPF programs {running:?}, not what ebpf={} asks for",
+            setup.as_str()
+        );
+    }
+    Ok(())
 }
 
 /// An agent's TOML: relay `quic`, the dev PKI's identity `who` (`agent-1`, `agent-2`), metrics
@@ -399,14 +473,19 @@ fn start_abuse(
          [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\n\
          [ingress]\npending_conn_max = {ABUSE_PENDING_CONN_MAX}\n\
          [public_tls]\ncert = \"{p}/root-host.pem\"\nkey = \"{p}/root-host-key.pem\"\n\
-         [controller]\nurl = \"https://{controller_grpc}\"\nstate_dir = \"{d}/relay-state\"\n",
+         [controller]\nurl = \"https://{controller_grpc}\"\nstate_dir = \"{d}/relay-state\"\n{ebpf}",
         p = pki.display(),
         d = dir.display(),
         lo = ABUSE_LEASE_PORTS.0,
         hi = ABUSE_LEASE_PORTS.1,
         workers = workers_line(bins.launch),
+        ebpf = ebpf_section(bins.launch),
     );
-    let (mut processes, quic) = start_relay(bins, dir, &relay_config)?;
+    let StartedRelay {
+        mut processes,
+        quic,
+        lookup,
+    } = start_relay(bins, dir, &relay_config)?;
     let relay_ready: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("relay.ready")).context("reading relay.ready")?,
     )
@@ -433,7 +512,12 @@ fn start_abuse(
         .and_then(|l| l.iter().find(|l| l["name"] == "bulk"))
         .context("agent ready file: no lease `bulk`")?;
     let bulk_front = granted_port(&serde_json::json!({ "leases": [bulk] }), "tcp_addr")?;
-    wait_listening(&[public_tls, bulk_front], &mut processes)?;
+    if lookup {
+        // The lease port has no listener of its own (sk_lookup); it routed at its grant.
+        wait_listening(&[public_tls], &mut processes)?;
+    } else {
+        wait_listening(&[public_tls, bulk_front], &mut processes)?;
+    }
     let mut running = RunningTarget::new(public_tls, true, processes);
     running.abuse = Some(AbuseEnds {
         cli: bins.path("outrelay"),
@@ -450,6 +534,54 @@ fn start_abuse(
         pending_conn_max: ABUSE_PENDING_CONN_MAX,
     });
     running.helpers = helpers;
+    Ok(running)
+}
+
+/// The leases topology ([`Routing::Leases`]): a standalone relay (no controller: every lease
+/// is approved) whose lease range is `ports` ports from [`LEASE_RANGE_FIRST`], TCP leases on
+/// (and UDP when `udp`), with the caps that would refuse a range's worth of leases from one
+/// identity raised to the range: `[leases] max_per_agent` and the QUIC lease frame rate. The
+/// lease TTL is the cap (300 s), longer than any measurement. Only the relay runs.
+fn start_leases(
+    bins: &Bins<'_>,
+    ports: u16,
+    udp: bool,
+    dir: &Path,
+    pki: &Path,
+) -> Result<RunningTarget> {
+    let first = LEASE_RANGE_FIRST;
+    let last = first
+        .checked_add(ports.max(1) - 1)
+        .context("lease range past port 65535")?;
+    let public_tls = free_loopback_addr()?;
+    let relay_config = format!(
+        "public_url = \"https://{ROOT_HOST}\"\n{workers}\
+         [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
+         [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
+         lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
+         [leases]\nmin_port = {first}\nmax_port = {last}\ntcp = true\nudp = {udp}\n\
+         max_per_agent = {cap}\n\
+         [ingress]\nlease_sync_interval_ms = {LEASE_SYNC_INTERVAL_MS}\n\
+         [quic]\nlease_frames_per_s = {cap}\nlease_frames_burst = {cap}\n{ebpf}",
+        p = pki.display(),
+        cap = u32::from(ports).max(100) * 2,
+        workers = workers_line(bins.launch),
+        ebpf = ebpf_section(bins.launch),
+    );
+    let StartedRelay {
+        processes, quic, ..
+    } = start_relay(bins, dir, &relay_config)?;
+    let relay_pid = processes[0].pid();
+    let mut running = RunningTarget::new(public_tls, false, processes);
+    running.leases = Some(LeaseEnds {
+        relay_pid,
+        relay_quic: quic.parse().context("relay ready file: quic address")?,
+        pki: pki.to_owned(),
+        ports: (first, last),
+        bind_ip: IpAddr::from([127, 0, 0, 1]),
+        lease_sync_interval_ms: LEASE_SYNC_INTERVAL_MS,
+        udp,
+    });
     Ok(running)
 }
 
@@ -478,6 +610,44 @@ mod tests {
             ..Launch::default()
         };
         assert_eq!(workers_line(&launch), "workers = 3\n");
+    }
+
+    #[test]
+    fn the_ebpf_section_says_mode_on_for_every_program_setup() {
+        assert_eq!(ebpf_section(&Launch::default()), "");
+        let with = |e| Launch {
+            relay_ebpf: Some(e),
+            ..Launch::default()
+        };
+        assert_eq!(
+            ebpf_section(&with(RelayEbpf::Off)),
+            "[ebpf]\nmode = \"off\"\n"
+        );
+        assert_eq!(
+            ebpf_section(&with(RelayEbpf::Reuseport)),
+            "[ebpf]\nmode = \"on\"\nreuseport = true\nlookup = false\n"
+        );
+        assert_eq!(
+            ebpf_section(&with(RelayEbpf::Lookup)),
+            "[ebpf]\nmode = \"on\"\nreuseport = false\nlookup = true\n"
+        );
+        assert_eq!(
+            ebpf_section(&with(RelayEbpf::All)),
+            "[ebpf]\nmode = \"on\"\nreuseport = true\nlookup = true\n"
+        );
+    }
+
+    #[test]
+    fn a_setup_must_find_the_programs_it_asked_for_running() {
+        let all = ["reuseport_public", "reuseport_reverse", "lookup"];
+        assert!(check_programs(RelayEbpf::All, &all).is_ok());
+        assert!(check_programs(RelayEbpf::Reuseport, &all[..2]).is_ok());
+        assert!(check_programs(RelayEbpf::Lookup, &["lookup"]).is_ok());
+        assert!(check_programs(RelayEbpf::Off, &[]).is_ok());
+        // auto fell back, or ran more than asked for: the row would describe another setup.
+        assert!(check_programs(RelayEbpf::Reuseport, &[]).is_err());
+        assert!(check_programs(RelayEbpf::Lookup, &all).is_err());
+        assert!(check_programs(RelayEbpf::Off, &["lookup"]).is_err());
     }
 
     #[test]
