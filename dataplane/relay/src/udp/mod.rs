@@ -102,6 +102,14 @@ struct Bound {
     client_tx: mpsc::Sender<ClientDatagram>,
 }
 
+/// The queues into one bound port's task, as published for the datagram paths.
+struct PortQueues {
+    /// Datagrams from the lease's agent.
+    agent: mpsc::Sender<AgentDatagram>,
+    /// Client datagrams from the lease-range sockets (eBPF lookup).
+    client: mpsc::Sender<ClientDatagram>,
+}
+
 #[derive(Default)]
 struct Ports {
     bound: HashMap<u16, Bound>,
@@ -113,9 +121,7 @@ pub struct UdpIngress {
     config: UdpConfig,
     shared: Arc<Shared>,
     /// Each bound port's queue, published by the sync loop for the agents' datagram readers.
-    queues: ArcSwap<HashMap<u16, mpsc::Sender<AgentDatagram>>>,
-    /// Each bound port's queue of client datagrams from the lease-range sockets.
-    clients: ArcSwap<HashMap<u16, mpsc::Sender<ClientDatagram>>>,
+    queues: ArcSwap<HashMap<u16, PortQueues>>,
     /// Bound ports and ports that failed to bind (control path only: lease changes and the
     /// retry tick; never taken by a datagram).
     ports: std::sync::Mutex<Ports>,
@@ -138,7 +144,6 @@ impl UdpIngress {
             config,
             shared,
             queues: ArcSwap::default(),
-            clients: ArcSwap::default(),
             ports: std::sync::Mutex::default(),
             stats: Arc::default(),
         })
@@ -221,12 +226,15 @@ impl UdpIngress {
                 .ports_bound
                 .store(bound.len() as u64, Ordering::Relaxed);
             self.queues.store(Arc::new(
-                bound.iter().map(|(p, b)| (*p, b.tx.clone())).collect(),
-            ));
-            self.clients.store(Arc::new(
                 bound
                     .iter()
-                    .map(|(p, b)| (*p, b.client_tx.clone()))
+                    .map(|(p, b)| {
+                        let queues = PortQueues {
+                            agent: b.tx.clone(),
+                            client: b.client_tx.clone(),
+                        };
+                        (*p, queues)
+                    })
                     .collect(),
             ));
         }
@@ -263,9 +271,9 @@ impl UdpIngress {
 
     /// One batch from a range socket to the port tasks.
     fn dispatch(&self, recv: &batch::RecvBatch) {
-        let clients = self.clients.load();
+        let queues = self.queues.load();
         for (r, payload) in recv.received() {
-            let Some(tx) = clients.get(&r.to_port) else {
+            let Some(tx) = queues.get(&r.to_port).map(|q| &q.client) else {
                 self.stats.dropped(UdpDrop::NoRoute);
                 continue;
             };
@@ -311,7 +319,7 @@ impl UdpIngress {
             return self.stats.dropped(UdpDrop::UnknownSlot);
         };
         let queues = self.queues.load();
-        let Some(tx) = queues.get(&port) else {
+        let Some(tx) = queues.get(&port).map(|q| &q.agent) else {
             return self.stats.dropped(UdpDrop::NoRoute);
         };
         let d = AgentDatagram {

@@ -108,7 +108,10 @@ impl Port {
     /// Serves the port until its queue closes (the lease is gone and the sync loop dropped
     /// the sender) or the task is aborted.
     pub(crate) async fn run(mut self) {
-        let mut recv = RecvBatch::new(self.config.recv_slot_bytes);
+        // Allocated at the first datagram on the port's own socket: under the eBPF lookup
+        // program that socket only sends replies, and 32 receive slots per UDP lease were most
+        // of its memory (docs/benchmarks.md, issue 17, L1).
+        let mut recv: Option<RecvBatch> = None;
         let mut send = SendBatch::default();
         let mut from_agent = Vec::with_capacity(BATCH);
         let mut from_range = Vec::with_capacity(BATCH);
@@ -122,6 +125,7 @@ impl Port {
                         break;
                     }
                     let socket = &self.socket;
+                    let recv = recv.get_or_insert_with(|| RecvBatch::new(self.config.recv_slot_bytes));
                     match socket.try_io(Interest::READABLE, || recv.recv(socket.as_fd())) {
                         Ok(_) => {
                             let batch = recv.received().map(|(r, d)| (r.from, d, r.truncated));
