@@ -177,9 +177,10 @@ fn run(
                 public: &public_tls,
                 reverse: &reverse,
                 lease_range,
-                busy_at: u32::try_from(
-                    ingress_config.pending_conn_max.div_ceil(settings.workers),
-                )
+                busy_at: u32::try_from(outrelay_relay::steer::busy_at(
+                    ingress_config.pending_conn_max,
+                    settings.workers,
+                ))
                 .unwrap_or(u32::MAX),
             },
         )?;

@@ -101,6 +101,13 @@ impl Default for EbpfConfig {
     }
 }
 
+/// A worker's share of `ingress.pending_conn_max`: with this many connections in set-up it is
+/// skipped by CPU-local accept (the kernel's hash picks another). The program and the workers'
+/// load writers both use it.
+pub fn busy_at(pending_conn_max: usize, workers: usize) -> usize {
+    pending_conn_max.div_ceil(workers.max(1)).max(1)
+}
+
 /// The lease port range the lookup program serves.
 #[derive(Debug, Clone)]
 pub struct LeaseRange {

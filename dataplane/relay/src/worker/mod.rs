@@ -201,9 +201,7 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
     let mut reverse = options.reverse.into_iter();
     let mut beats = options.beats.into_iter();
     let mut lease_range = options.lease_range.into_iter();
-    // A worker whose connections in set-up reach its share of the pending budget is skipped
-    // by CPU-local accept (the kernel's hash picks another).
-    let busy_at = config.pending_conn_max.div_ceil(n).max(1);
+    let busy_at = crate::steer::busy_at(config.pending_conn_max, n);
     let mut workers = Workers {
         stats: Vec::with_capacity(n),
         threads: Vec::with_capacity(n),
