@@ -256,6 +256,12 @@ enum RelaysCmd {
     List,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ModeArg {
     Auto,
@@ -303,6 +309,25 @@ enum LeasesCmd {
         tenant: String,
         #[arg(value_enum)]
         mode: ModeArg,
+    },
+    /// Switches TCP and UDP port leases on or off on every relay, or on one (global admins).
+    #[command(group(clap::ArgGroup::new("transport").required(true).multiple(true).args(["tcp", "udp"])))]
+    Gate {
+        /// TCP port leases.
+        #[arg(long, value_enum)]
+        tcp: Option<OnOff>,
+        /// Most live TCP port leases per relay (0 = no limit beyond the port range).
+        #[arg(long, default_value_t = 0, requires = "tcp")]
+        tcp_max: u32,
+        /// UDP leases.
+        #[arg(long, value_enum)]
+        udp: Option<OnOff>,
+        /// Most live UDP leases per relay (0 = no limit beyond the port range).
+        #[arg(long, default_value_t = 0, requires = "udp")]
+        udp_max: u32,
+        /// One relay's id; absent: the default of every relay.
+        #[arg(long, default_value = "")]
+        relay: String,
     },
 }
 
@@ -634,6 +659,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         &["tenant", "max_leases"],
                         vec![vec![tenant.clone(), max.to_string()]],
                         json!({"tenant": tenant, "max_leases": max}),
+                    );
+                }
+                LeasesCmd::Gate {
+                    tcp,
+                    tcp_max,
+                    udp,
+                    udp_max,
+                    relay,
+                } => {
+                    let gate = |g: Option<OnOff>, max: u32| {
+                        g.map(|g| pb::PortGate {
+                            enabled: g == OnOff::On,
+                            max_leases: max,
+                        })
+                    };
+                    let set = c
+                        .set_gate(pb::SetGateRequest {
+                            relay_id: relay,
+                            tcp: gate(tcp, tcp_max),
+                            udp: gate(udp, udp_max),
+                        })
+                        .await?
+                        .into_inner();
+                    let show = |g: Option<pb::PortGate>| match g {
+                        None => "config".to_owned(),
+                        Some(g) if !g.enabled => "off".to_owned(),
+                        Some(g) if g.max_leases == 0 => "on".to_owned(),
+                        Some(g) => format!("on (max {})", g.max_leases),
+                    };
+                    let relay = if set.relay_id.is_empty() {
+                        "*".to_owned()
+                    } else {
+                        set.relay_id.clone()
+                    };
+                    let (t, u) = (show(set.tcp), show(set.udp));
+                    print_rows(
+                        out,
+                        &["relay", "tcp", "udp"],
+                        vec![vec![relay.clone(), t.clone(), u.clone()]],
+                        json!({"relay": relay, "tcp": t, "udp": u}),
                     );
                 }
                 LeasesCmd::Mode { tenant, mode } => {

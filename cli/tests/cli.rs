@@ -276,6 +276,33 @@ fn policy_audit_and_tamper_detection_end_to_end() {
         let o = outrelay(&c, &pki, args);
         assert!(o.status.success(), "{args:?}: {}", text(&o));
     }
+    // The port lease admin gates (global admins): every relay's default, then one relay's.
+    let o = outrelay(&c, &pki, &["leases", "gate", "--tcp", "off", "--udp", "on"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "--output",
+            "json",
+            "leases",
+            "gate",
+            "--relay",
+            "r1",
+            "--udp",
+            "on",
+            "--udp-max",
+            "5",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let set: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        set,
+        serde_json::json!({"relay": "r1", "tcp": "config", "udp": "on (max 5)"})
+    );
+    let o = outrelay(&c, &pki, &["leases", "gate", "--relay", "r1"]);
+    assert_eq!(o.status.code(), Some(2), "a gate is required: {}", text(&o));
 }
 
 #[test]

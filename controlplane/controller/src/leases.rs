@@ -2,14 +2,26 @@
 //!
 //! Relays report grants, renewals and releases; the controller answers with the decision.
 //! Each tenant has an approval mode (auto by default; manual answers `pending_approval` until an
-//! admin approves) and a quota of active (pending or approved) leases (0 = unlimited). Bans are
-//! by (tenant, name). Records are durable (group commit); decisions reach relays via Watch.
+//! admin approves) and a quota of live leases (pending or approved, expiry not passed;
+//! 0 = unlimited). Bans are by (tenant, name). Records are durable (group commit); decisions
+//! reach relays via Watch.
+//!
+//! Who decides what (review M6, M7):
+//! - quotas, approval modes, bans and the port lease admin gates are operator abuse controls:
+//!   global admins only;
+//! - a tenant admin approves or denies its own tenant's leases, but never a banned name; only a
+//!   global admin's approve lifts a ban;
+//! - an approval belongs to (tenant, name), not to one record: a later grant of the same name
+//!   (after a disconnect, an agent or relay restart) is approved without asking again, until a
+//!   deny or a ban takes the approval back;
+//! - a record whose expiry passed (its relay died without reporting a release) no longer holds
+//!   its name or counts toward the quota.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use outrelay_api::pb::{self, lease, lease_decision, lease_report_request, leases_server};
-use outrelay_proto::identity::Identity;
+use outrelay_proto::identity::{Identity, Label};
 use rusqlite::{Connection, params};
 use tonic::{Request, Response, Status};
 
@@ -41,12 +53,25 @@ impl Default for TenantSettings {
     }
 }
 
+/// The port lease admin gates set for one relay (or for every relay: relay id ``).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gates {
+    /// TCP port leases; `None`: the relay's configured gate.
+    pub tcp: Option<pb::PortGate>,
+    /// UDP leases; `None`: the relay's configured gate.
+    pub udp: Option<pb::PortGate>,
+}
+
 /// In-memory mirror of the lease tables.
 #[derive(Debug, Default)]
 pub struct LeaseState {
     leases: BTreeMap<String, pb::Lease>,
     bans: BTreeSet<(String, String)>,
+    /// (tenant, name) pairs an admin approved (manual mode grants them at once).
+    approved: BTreeSet<(String, String)>,
     tenants: BTreeMap<String, TenantSettings>,
+    /// Admin gates by relay id (`` = every relay).
+    gates: BTreeMap<String, Gates>,
 }
 
 impl LeaseState {
@@ -63,16 +88,56 @@ impl LeaseState {
         }
     }
 
-    fn active_count(&self, tenant: &str) -> usize {
+    /// Live leases of `tenant` at `now_unix_ms` (what the quota counts).
+    fn active_count(&self, tenant: &str, now_unix_ms: i64) -> usize {
         self.leases
             .values()
-            .filter(|l| l.tenant == tenant && is_active(l.state))
+            .filter(|l| l.tenant == tenant && is_live(l, now_unix_ms))
             .count()
     }
 }
 
 fn is_active(state: i32) -> bool {
     state == lease::State::Pending as i32 || state == lease::State::Approved as i32
+}
+
+/// Pending or approved, and not expired: a record whose relay stopped renewing it (killed, or
+/// its release report lost) stops holding its name and counting toward the quota at its expiry.
+fn is_live(l: &pb::Lease, now_unix_ms: i64) -> bool {
+    is_active(l.state) && l.expires_unix_ms > now_unix_ms
+}
+
+/// What a committed record also changes in the ban and approval sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// Nothing.
+    None,
+    /// Ban (tenant, name); its approval is taken back.
+    Ban,
+    /// Approve (tenant, name); lifts a ban (only a global admin gets here with one).
+    Approve,
+    /// Take the approval of (tenant, name) back.
+    Deny,
+}
+
+fn gate_row(enabled: Option<bool>, max: Option<u32>) -> Option<pb::PortGate> {
+    enabled.map(|enabled| pb::PortGate {
+        enabled,
+        max_leases: max.unwrap_or(0),
+    })
+}
+
+fn gate_event(relay_id: &str, g: Gates) -> (String, pb::LeaseDecision) {
+    (
+        String::new(),
+        pb::LeaseDecision {
+            kind: lease_decision::Kind::Gate as i32,
+            relay_id: relay_id.to_owned(),
+            tcp: g.tcp,
+            udp: g.udp,
+            ..Default::default()
+        },
+    )
 }
 
 /// Loads leases, bans and tenant settings (start-up).
@@ -119,6 +184,25 @@ pub fn load_state(conn: &Connection) -> Result<LeaseState, StoreError> {
         let (tenant, ts) = t?;
         s.tenants.insert(tenant, ts);
     }
+    let mut stmt = conn.prepare("SELECT tenant, name FROM lease_approvals")?;
+    for a in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+        s.approved.insert(a?);
+    }
+    let mut stmt = conn.prepare(
+        "SELECT relay_id, tcp_enabled, tcp_max_leases, udp_enabled, udp_max_leases FROM lease_gates",
+    )?;
+    for g in stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Gates {
+                tcp: gate_row(r.get(1)?, r.get(2)?),
+                udp: gate_row(r.get(3)?, r.get(4)?),
+            },
+        ))
+    })? {
+        let (relay, g) = g?;
+        s.gates.insert(relay, g);
+    }
     Ok(s)
 }
 
@@ -162,8 +246,7 @@ fn lease_event(l: &pb::Lease, kind: lease_decision::Kind) -> (String, pb::LeaseD
             kind: kind as i32,
             lease: Some(l.clone()),
             tenant: l.tenant.clone(),
-            max_leases: 0,
-            mode: 0,
+            ..Default::default()
         },
     )
 }
@@ -179,19 +262,34 @@ impl LeasesService {
         &self,
         l: pb::Lease,
         ev: Option<pb::AuditEvent>,
-        ban: bool,
+        mark: Mark,
     ) -> Result<(), Status> {
         let l2 = l.clone();
         self.0
             .store
             .write(move |conn, ctx| {
                 save_lease(conn, &l2)?;
-                if ban {
+                if mark == Mark::Ban {
                     conn.prepare_cached(
                         "INSERT OR REPLACE INTO lease_bans (tenant, name, agent_uri, banned_at_unix_ms) \
                          VALUES (?1, ?2, ?3, ?4)",
                     )?
                     .execute(params![l2.tenant, l2.name, l2.agent_uri, l2.updated_at_unix_ms])?;
+                }
+                if mark == Mark::Approve {
+                    conn.prepare_cached(
+                        "INSERT OR REPLACE INTO lease_approvals (tenant, name, approved_at_unix_ms) \
+                         VALUES (?1, ?2, ?3)",
+                    )?
+                    .execute(params![l2.tenant, l2.name, l2.updated_at_unix_ms])?;
+                    conn.prepare_cached("DELETE FROM lease_bans WHERE tenant = ?1 AND name = ?2")?
+                        .execute(params![l2.tenant, l2.name])?;
+                }
+                if matches!(mark, Mark::Ban | Mark::Deny) {
+                    conn.prepare_cached(
+                        "DELETE FROM lease_approvals WHERE tenant = ?1 AND name = ?2",
+                    )?
+                    .execute(params![l2.tenant, l2.name])?;
                 }
                 match &ev {
                     Some(ev) => audit::append(conn, &mut ctx.audit, ev).map(|_| ()),
@@ -201,8 +299,20 @@ impl LeasesService {
             .await
             .map_err(store_status)?;
         self.0.leases.publish(|s| {
-            if ban {
-                s.bans.insert((l.tenant.clone(), l.name.clone()));
+            let key = (l.tenant.clone(), l.name.clone());
+            match mark {
+                Mark::None => {}
+                Mark::Ban => {
+                    s.approved.remove(&key);
+                    s.bans.insert(key);
+                }
+                Mark::Approve => {
+                    s.bans.remove(&key);
+                    s.approved.insert(key);
+                }
+                Mark::Deny => {
+                    s.approved.remove(&key);
+                }
             }
             // One record per (tenant, name), as in the table: a re-grant replaces the released
             // record, so `by_name` can never find the old one and renew it over the live row.
@@ -227,17 +337,50 @@ impl LeasesService {
         let p = app.authenticate(&req, method)?;
         let r = req.into_inner();
         tenant_arg("tenant", &r.tenant)?;
-        app.require_admin_of(&p, method, &r.tenant)?;
-        let Some(mut l) = app.leases.with_state(|s| {
+        // A ban is an operator's abuse control: a tenant admin must not set or undo it (M6).
+        if state == lease::State::Banned {
+            app.require_global_admin(&p, method)?;
+        } else {
+            app.require_admin_of(&p, method, &r.tenant)?;
+        }
+        let Some((mut l, banned)) = app.leases.with_state(|s| {
             s.leases
                 .get(&r.id)
                 .filter(|l| l.tenant == r.tenant)
-                .cloned()
+                .map(|l| {
+                    (
+                        l.clone(),
+                        s.bans.contains(&(l.tenant.clone(), l.name.clone())),
+                    )
+                })
         }) else {
             return Err(Status::not_found(format!(
                 "id: no lease `{}` in tenant `{}`",
                 r.id, r.tenant
             )));
+        };
+        if banned && state != lease::State::Banned {
+            if state == lease::State::Denied {
+                return Err(Status::failed_precondition(format!(
+                    "lease `{}` is banned: a ban stays until a global admin approves the lease",
+                    l.name
+                )));
+            }
+            if !matches!(p, Principal::GlobalAdmin(_)) {
+                return Err(app.refuse(
+                    &p,
+                    method,
+                    &format!(
+                        "lease `{}` is banned: only a global admin may lift a ban",
+                        l.name
+                    ),
+                ));
+            }
+        }
+        let mark = match state {
+            lease::State::Banned => Mark::Ban,
+            lease::State::Approved => Mark::Approve,
+            _ => Mark::Deny,
         };
         l.state = state as i32;
         l.updated_at_unix_ms = now_unix_ms();
@@ -249,8 +392,7 @@ impl LeasesService {
             method,
             &format!("lease {} -> {:?}", l.id, state),
         );
-        self.commit(l.clone(), Some(ev), state == lease::State::Banned)
-            .await?;
+        self.commit(l.clone(), Some(ev), mark).await?;
         Ok(Response::new(pb::LeaseActionResponse { lease: Some(l) }))
     }
 
@@ -320,12 +462,13 @@ impl leases_server::Leases for LeasesService {
         let expires = now.saturating_add(i64::try_from(r.ttl_ms).unwrap_or(i64::MAX));
         let kind = lease_report_request::Kind::try_from(r.kind)
             .unwrap_or(lease_report_request::Kind::Unspecified);
-        let (existing, banned, ts, active) = app.leases.with_state(|s| {
+        let (existing, banned, ts, active, approved) = app.leases.with_state(|s| {
             (
                 s.by_name(&r.tenant, &r.name).cloned(),
                 s.bans.contains(&(r.tenant.clone(), r.name.clone())),
                 s.tenants.get(&r.tenant).copied().unwrap_or_default(),
-                s.active_count(&r.tenant),
+                s.active_count(&r.tenant, now),
+                s.approved.contains(&(r.tenant.clone(), r.name.clone())),
             )
         });
         let caller = p.name();
@@ -351,7 +494,10 @@ impl leases_server::Leases for LeasesService {
                 };
                 l.updated_at_unix_ms = now;
                 if kind == lease_report_request::Kind::Release {
-                    l.state = lease::State::Released as i32;
+                    // A banned record stays banned: the ban outlives the agent's connection.
+                    if l.state != lease::State::Banned as i32 {
+                        l.state = lease::State::Released as i32;
+                    }
                 } else {
                     l.expires_unix_ms = expires;
                 }
@@ -361,7 +507,7 @@ impl leases_server::Leases for LeasesService {
                 if audited.is_none() {
                     metrics::counter!("outrelay_controller_lease_renewals_total").increment(1);
                 }
-                self.commit(l.clone(), audited, false).await?;
+                self.commit(l.clone(), audited, Mark::None).await?;
                 Ok(reply(
                     &l,
                     if l.state == lease::State::Pending as i32 {
@@ -372,8 +518,25 @@ impl leases_server::Leases for LeasesService {
                 ))
             }
             lease_report_request::Kind::Grant => {
+                // The ban is checked first: a record that is still live never outranks it (M6).
+                if banned {
+                    let mut l = existing.clone().unwrap_or_else(|| pb::Lease {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        tenant: r.tenant.clone(),
+                        name: r.name.clone(),
+                        agent_uri: r.agent_uri.clone(),
+                        relay_id: relay_id.to_string(),
+                        lease_kind: r.lease_kind.clone(),
+                        created_at_unix_ms: now,
+                        updated_at_unix_ms: now,
+                        expires_unix_ms: expires,
+                        ..Default::default()
+                    });
+                    l.state = lease::State::Banned as i32;
+                    return Ok(reply(&l, "banned"));
+                }
                 if let Some(l) = &existing
-                    && is_active(l.state)
+                    && is_live(l, now)
                 {
                     if l.agent_uri != r.agent_uri {
                         let mut denied = l.clone();
@@ -399,10 +562,6 @@ impl leases_server::Leases for LeasesService {
                     updated_at_unix_ms: now,
                     expires_unix_ms: expires,
                 };
-                if banned {
-                    l.state = lease::State::Banned as i32;
-                    return Ok(reply(&l, "banned"));
-                }
                 if ts.max_leases > 0
                     && active >= usize::try_from(ts.max_leases).unwrap_or(usize::MAX)
                 {
@@ -410,18 +569,19 @@ impl leases_server::Leases for LeasesService {
                     metrics::counter!("outrelay_controller_lease_refused_total", "reason" => "quota_exceeded").increment(1);
                     return Ok(reply(&l, "quota_exceeded"));
                 }
-                let msg = if ts.mode == pb::ApprovalMode::Manual as i32 {
-                    "pending_approval"
+                // An approval outlives the record it was given to (M7): the same name granted
+                // again after a disconnect or restart needs no second approval.
+                let (msg, why) = if ts.mode != pb::ApprovalMode::Manual as i32 {
+                    ("", "granted")
+                } else if approved {
+                    ("", "granted (approved earlier)")
                 } else {
-                    l.state = lease::State::Approved as i32;
-                    ""
+                    ("pending_approval", "pending_approval")
                 };
-                self.commit(
-                    l.clone(),
-                    Some(ev(if msg.is_empty() { "granted" } else { msg })),
-                    false,
-                )
-                .await?;
+                if msg.is_empty() {
+                    l.state = lease::State::Approved as i32;
+                }
+                self.commit(l.clone(), Some(ev(why)), Mark::None).await?;
                 Ok(reply(&l, msg))
             }
         }
@@ -449,20 +609,18 @@ impl leases_server::Leases for LeasesService {
                         t.clone(),
                         pb::LeaseDecision {
                             kind: lease_decision::Kind::Quota as i32,
-                            lease: None,
                             tenant: t.clone(),
                             max_leases: ts.max_leases,
-                            mode: 0,
+                            ..Default::default()
                         },
                     ));
                     out.push((
                         t.clone(),
                         pb::LeaseDecision {
                             kind: lease_decision::Kind::Mode as i32,
-                            lease: None,
                             tenant: t.clone(),
-                            max_leases: 0,
                             mode: ts.mode,
+                            ..Default::default()
                         },
                     ));
                 }
@@ -474,16 +632,17 @@ impl leases_server::Leases for LeasesService {
                         out.push(lease_event(l, k));
                     }
                 }
+                // Gates concern relays only (tenant ``): a tenant's watch never sees them.
+                if t2.is_none() {
+                    out.extend(s.gates.iter().map(|(relay, g)| gate_event(relay, *g)));
+                }
                 out
             },
             move |(t, _): &(String, pb::LeaseDecision)| tenant.as_deref().is_none_or(|x| x == t),
         );
         let end = pb::LeaseDecision {
             kind: lease_decision::Kind::SnapshotEnd as i32,
-            lease: None,
-            tenant: String::new(),
-            max_leases: 0,
-            mode: 0,
+            ..Default::default()
         };
         Ok(Response::new(sub.into_stream(end, |(_, d)| d)))
     }
@@ -546,7 +705,7 @@ impl leases_server::Leases for LeasesService {
         let p = app.authenticate(&req, M)?;
         let r = req.into_inner();
         tenant_arg("tenant", &r.tenant)?;
-        app.require_admin_of(&p, M, &r.tenant)?;
+        app.require_global_admin(&p, M)?;
         let ts = self
             .set_tenant(&p, M, &r.tenant, |ts| ts.max_leases = r.max_leases)
             .await?;
@@ -556,10 +715,9 @@ impl leases_server::Leases for LeasesService {
                 r.tenant.clone(),
                 pb::LeaseDecision {
                     kind: lease_decision::Kind::Quota as i32,
-                    lease: None,
                     tenant: r.tenant.clone(),
                     max_leases: ts.max_leases,
-                    mode: 0,
+                    ..Default::default()
                 },
             )]
         });
@@ -578,7 +736,7 @@ impl leases_server::Leases for LeasesService {
         if r.mode != pb::ApprovalMode::Auto as i32 && r.mode != pb::ApprovalMode::Manual as i32 {
             return Err(invalid("mode", "must be AUTO or MANUAL"));
         }
-        app.require_admin_of(&p, M, &r.tenant)?;
+        app.require_global_admin(&p, M)?;
         let ts = self
             .set_tenant(&p, M, &r.tenant, |ts| ts.mode = r.mode)
             .await?;
@@ -588,13 +746,82 @@ impl leases_server::Leases for LeasesService {
                 r.tenant.clone(),
                 pb::LeaseDecision {
                     kind: lease_decision::Kind::Mode as i32,
-                    lease: None,
                     tenant: r.tenant.clone(),
-                    max_leases: 0,
                     mode: ts.mode,
+                    ..Default::default()
                 },
             )]
         });
         Ok(Response::new(pb::SetApprovalModeResponse {}))
+    }
+
+    async fn set_gate(
+        &self,
+        req: Request<pb::SetGateRequest>,
+    ) -> Result<Response<pb::SetGateResponse>, Status> {
+        const M: &str = "Leases.SetGate";
+        let app = &self.0;
+        let p = app.authenticate(&req, M)?;
+        let r = req.into_inner();
+        if !r.relay_id.is_empty() && Label::new(&r.relay_id).is_none() {
+            return Err(invalid(
+                "relay_id",
+                "empty (every relay) or a relay id ^[a-z0-9][a-z0-9-]{0,62}$",
+            ));
+        }
+        if r.tcp.is_none() && r.udp.is_none() {
+            return Err(invalid("tcp", "set tcp, udp or both"));
+        }
+        app.require_global_admin(&p, M)?;
+        let mut g = app
+            .leases
+            .with_state(|s| s.gates.get(&r.relay_id).copied().unwrap_or_default());
+        if r.tcp.is_some() {
+            g.tcp = r.tcp;
+        }
+        if r.udp.is_some() {
+            g.udp = r.udp;
+        }
+        let show = |x: Option<pb::PortGate>| match x {
+            None => "config".to_owned(),
+            Some(x) if !x.enabled => "off".to_owned(),
+            Some(x) => format!("on max_leases={}", x.max_leases),
+        };
+        let relay = if r.relay_id.is_empty() {
+            "*"
+        } else {
+            r.relay_id.as_str()
+        };
+        let ev = App::admin_event(
+            outrelay_proto::identity::SYSTEM_TENANT,
+            audit::kind::ADMIN,
+            &p.name(),
+            relay,
+            M,
+            &format!("tcp={} udp={}", show(g.tcp), show(g.udp)),
+        );
+        let relay_id = r.relay_id.clone();
+        app.store
+            .write(move |conn, ctx| {
+                let col = |x: Option<pb::PortGate>| (x.map(|x| x.enabled), x.map(|x| x.max_leases));
+                let ((te, tm), (ue, um)) = (col(g.tcp), col(g.udp));
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO lease_gates (relay_id, tcp_enabled, tcp_max_leases, \
+                     udp_enabled, udp_max_leases) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![relay_id, te, tm, ue, um])?;
+                audit::append(conn, &mut ctx.audit, &ev).map(|_| ())
+            })
+            .await
+            .map_err(store_status)?;
+        app.leases.publish(|s| {
+            s.gates.insert(r.relay_id.clone(), g);
+            vec![gate_event(&r.relay_id, g)]
+        });
+        Ok(Response::new(pb::SetGateResponse {
+            relay_id: r.relay_id,
+            tcp: g.tcp,
+            udp: g.udp,
+        }))
     }
 }

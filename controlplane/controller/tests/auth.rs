@@ -550,6 +550,8 @@ async fn leases_auto_manual_quota_and_ban() {
     let relay = c.cert(RELAY, LeafProfile::ClientServer);
     let mut adm = LeasesClient::new(c.channel(Some(&admin)).await);
     let mut rel = LeasesClient::new(c.channel(Some(&relay)).await);
+    // Quotas, modes and bans are operator controls (review M6): a global admin sets them.
+    let mut ops = LeasesClient::new(c.channel(Some(&c.cert(GLOBAL, LeafProfile::Client))).await);
     let grant = |name: &str| pb::LeaseReportRequest {
         kind: pb::lease_report_request::Kind::Grant as i32,
         tenant: "acme".into(),
@@ -563,7 +565,7 @@ async fn leases_auto_manual_quota_and_ban() {
         r.lease.expect("lease").state,
         pb::lease::State::Approved as i32
     );
-    adm.set_approval_mode(pb::SetApprovalModeRequest {
+    ops.set_approval_mode(pb::SetApprovalModeRequest {
         tenant: "acme".into(),
         mode: pb::ApprovalMode::Manual as i32,
     })
@@ -584,7 +586,7 @@ async fn leases_auto_manual_quota_and_ban() {
         approved.lease.expect("lease").state,
         pb::lease::State::Approved as i32
     );
-    adm.set_quota(pb::SetQuotaRequest {
+    ops.set_quota(pb::SetQuotaRequest {
         tenant: "acme".into(),
         max_leases: 2,
     })
@@ -596,7 +598,7 @@ async fn leases_auto_manual_quota_and_ban() {
         .expect("quota")
         .into_inner();
     assert_eq!(r.message, "quota_exceeded");
-    adm.ban(pb::LeaseActionRequest {
+    ops.ban(pb::LeaseActionRequest {
         tenant: "acme".into(),
         id,
     })

@@ -20,7 +20,7 @@ use outrelay_relay::control::decisions::RecordState;
 use outrelay_relay::control::{
     ControlStats, ControlTasks, Controller, ControllerConfig, ControllerDecider,
 };
-use outrelay_relay::lease::{LeaseConfig, LeaseTable};
+use outrelay_relay::lease::{LeaseConfig, LeaseTable, PortLeaseConfig};
 use outrelay_relay::quic::{QuicConfig, QuicServer, ShutdownHandle, TlsMaterial, close_code};
 use outrelay_relay::state::Shared;
 use rcgen::{
@@ -202,6 +202,11 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+/// A world whose relay lease table starts from `LeaseConfig::default()` changed by `tune`.
+async fn world_with(tune: impl FnOnce(&mut LeaseConfig)) -> World {
     let dir = tempfile::tempdir().expect("tmp");
     let ca = Ca::new("controller test CA");
     let ca_path = dir.path().join("ca.pem");
@@ -242,12 +247,13 @@ async fn world() -> World {
         ROOT_HOST.to_owned(),
     );
     qc.drain_grace_ms = 200;
-    let leases = LeaseTable::new(LeaseConfig {
+    let mut lc = LeaseConfig {
         root_host: ROOT_HOST.to_owned(),
         janitor_interval_ms: 100,
         ..LeaseConfig::default()
-    })
-    .expect("lease table");
+    };
+    tune(&mut lc);
+    let leases = LeaseTable::new(lc).expect("lease table");
     let shared = Arc::new(Shared::default());
     let server =
         QuicServer::bind_with_decider(qc, leases, shared.clone(), decider.clone()).expect("bind");
@@ -600,6 +606,68 @@ async fn ban_of_a_live_lease_stops_its_routing() {
     let e = refused(b.register("web").await);
     assert_eq!(e.message, "banned");
     assert!(ControlStats::get(&w.decider.stats().leases_revoked) >= 1);
+}
+
+/// A TCP-only LEASE_REGISTER.
+async fn register_tcp(a: &mut Agent, name: &str) -> Result<orp::LeaseGrant, orp::LeaseError> {
+    a.next_request += 1;
+    match a
+        .call(Frame::LeaseRegister(orp::LeaseRegister {
+            name: name.to_owned(),
+            tcp: true,
+            request_id: a.next_request,
+            ..orp::LeaseRegister::default()
+        }))
+        .await
+    {
+        Frame::LeaseGrant(g) => Ok(g),
+        Frame::LeaseError(e) => Err(e),
+        other => panic!("expected LEASE_GRANT or LEASE_ERROR, got {other:?}"),
+    }
+}
+
+/// `Leases.SetGate` (`outrelay leases gate`) reaches the relay's lease table: TCP port leases,
+/// on in the relay's config, are refused `tcp_port_disabled` once a global admin switches them
+/// off for every relay, and granted again once this relay's own gate switches them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_lease_gates_set_on_the_controller_reach_the_relay() {
+    let w = world_with(|lc| lc.tcp = PortLeaseConfig::on()).await;
+    let mut a = w.agent(AGENT_1).await;
+    register_tcp(&mut a, "first")
+        .await
+        .expect("TCP leases are on in the config");
+    let gate = |relay_id: &str, enabled: bool| pb::SetGateRequest {
+        relay_id: relay_id.into(),
+        tcp: Some(pb::PortGate {
+            enabled,
+            max_leases: 0,
+        }),
+        udp: None,
+    };
+    w.leases().set_gate(gate("", false)).await.expect("SetGate");
+    let start = Instant::now();
+    loop {
+        match register_tcp(&mut a, "second").await {
+            Err(e) if e.code == "tcp_port_disabled" => break,
+            other => assert!(
+                start.elapsed() < WAIT,
+                "the gate never reached the relay: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.leases()
+        .set_gate(gate("relay-1", true))
+        .await
+        .expect("SetGate");
+    let start = Instant::now();
+    while let Err(e) = register_tcp(&mut a, "third").await {
+        assert!(
+            start.elapsed() < WAIT,
+            "this relay's own gate never won: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -671,6 +671,15 @@ pub struct LeaseDecision {
     pub max_leases: u32,
     #[prost(enumeration = "ApprovalMode", tag = "5")]
     pub mode: i32,
+    /// With GATE: the relay the gates are for (empty: every relay without its own).
+    #[prost(string, tag = "6")]
+    pub relay_id: ::prost::alloc::string::String,
+    /// With GATE: the TCP port lease gate; absent: the relay's configured gate.
+    #[prost(message, optional, tag = "7")]
+    pub tcp: ::core::option::Option<PortGate>,
+    /// With GATE: the UDP lease gate; absent: the relay's configured gate.
+    #[prost(message, optional, tag = "8")]
+    pub udp: ::core::option::Option<PortGate>,
 }
 /// Nested message and enum types in `LeaseDecision`.
 pub mod lease_decision {
@@ -695,6 +704,8 @@ pub mod lease_decision {
         Quota = 4,
         SnapshotEnd = 5,
         Mode = 6,
+        /// The port lease admin gates of `relay_id` (empty: every relay); `tenant` is empty.
+        Gate = 7,
     }
     impl Kind {
         /// String value of the enum field names used in the ProtoBuf definition.
@@ -710,6 +721,7 @@ pub mod lease_decision {
                 Self::Quota => "QUOTA",
                 Self::SnapshotEnd => "SNAPSHOT_END",
                 Self::Mode => "MODE",
+                Self::Gate => "GATE",
             }
         }
         /// Creates an enum from field names used in the ProtoBuf definition.
@@ -722,10 +734,20 @@ pub mod lease_decision {
                 "QUOTA" => Some(Self::Quota),
                 "SNAPSHOT_END" => Some(Self::SnapshotEnd),
                 "MODE" => Some(Self::Mode),
+                "GATE" => Some(Self::Gate),
                 _ => None,
             }
         }
     }
+}
+/// The admin enablement of one port lease transport (`public-ingress.md` "Gating").
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PortGate {
+    #[prost(bool, tag = "1")]
+    pub enabled: bool,
+    /// Most live leases of this transport on one relay (0 = no limit beyond the port range).
+    #[prost(uint32, tag = "2")]
+    pub max_leases: u32,
 }
 /// Lists one tenant's leases (every tenant for global admins when empty).
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -775,6 +797,27 @@ pub struct SetApprovalModeRequest {
 /// Empty on success.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SetApprovalModeResponse {}
+/// Sets the port lease admin gates of one relay (empty `relay_id`: the default of every relay).
+/// An absent gate is left as it was. Global admins only.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetGateRequest {
+    #[prost(string, tag = "1")]
+    pub relay_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub tcp: ::core::option::Option<PortGate>,
+    #[prost(message, optional, tag = "3")]
+    pub udp: ::core::option::Option<PortGate>,
+}
+/// The gates of `relay_id` after the change.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetGateResponse {
+    #[prost(string, tag = "1")]
+    pub relay_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub tcp: ::core::option::Option<PortGate>,
+    #[prost(message, optional, tag = "3")]
+    pub udp: ::core::option::Option<PortGate>,
+}
 /// A rule's verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -3717,6 +3760,30 @@ pub mod leases_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        pub async fn set_gate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetGateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetGateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/outrelay.control.v1.Leases/SetGate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("outrelay.control.v1.Leases", "SetGate"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3791,6 +3858,10 @@ pub mod leases_server {
             tonic::Response<super::SetApprovalModeResponse>,
             tonic::Status,
         >;
+        async fn set_gate(
+            &self,
+            request: tonic::Request<super::SetGateRequest>,
+        ) -> std::result::Result<tonic::Response<super::SetGateResponse>, tonic::Status>;
     }
     /// Public lease records and their approval.
     #[derive(Debug)]
@@ -4211,6 +4282,49 @@ pub mod leases_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SetApprovalModeSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/outrelay.control.v1.Leases/SetGate" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetGateSvc<T: Leases>(pub Arc<T>);
+                    impl<T: Leases> tonic::server::UnaryService<super::SetGateRequest>
+                    for SetGateSvc<T> {
+                        type Response = super::SetGateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetGateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Leases>::set_gate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetGateSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

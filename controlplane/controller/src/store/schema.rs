@@ -88,4 +88,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         max_leases INTEGER NOT NULL
     );
     ",
+    // 2: approvals that outlive their lease record (review M7), and the port lease admin gates
+    // set by `Leases.SetGate` (NULL: the relay's configured gate).
+    r"
+    CREATE TABLE lease_approvals (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        approved_at_unix_ms INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name)
+    );
+
+    CREATE TABLE lease_gates (
+        relay_id TEXT PRIMARY KEY,
+        tcp_enabled INTEGER,
+        tcp_max_leases INTEGER,
+        udp_enabled INTEGER,
+        udp_max_leases INTEGER
+    );
+    ",
 ];

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use crate::lease::ControllerDecision;
+use crate::lease::{AdminGate, ControllerDecision};
 use outrelay_api::pb::{self, lease, lease_decision};
 
 /// Where a controller lease record stands (the subset the relay acts on).
@@ -75,6 +75,15 @@ pub struct TenantRule {
     pub max_leases: u32,
 }
 
+/// The port lease admin gates an operator set (`Leases.SetGate`); `None`: the configured one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GateRule {
+    /// TCP port leases.
+    pub tcp: Option<AdminGate>,
+    /// UDP leases.
+    pub udp: Option<AdminGate>,
+}
+
 /// Every decision the relay knows, by tenant and (tenant, name).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decisions {
@@ -82,6 +91,8 @@ pub struct Decisions {
     pub tenants: HashMap<String, TenantRule>,
     /// Lease records by `(tenant, name)`.
     pub records: HashMap<(String, String), Record>,
+    /// Port lease admin gates by relay id (`` = every relay).
+    pub gates: HashMap<String, GateRule>,
 }
 
 /// What applying one decision asks the relay to do to its live leases.
@@ -96,6 +107,8 @@ pub enum Enforce {
         /// Lease name.
         name: String,
     },
+    /// Apply this relay's port lease admin gates ([`Decisions::gates_for`]) to the lease table.
+    Gates,
     /// End the live lease of (tenant, name) held by `agent_uri` (a denial).
     EndAgentName {
         /// Tenant.
@@ -108,6 +121,17 @@ pub enum Enforce {
 }
 
 impl Decisions {
+    /// The gates for relay `relay_id`, per transport: its own, else every relay's, else `None`
+    /// (the relay's configuration).
+    pub fn gates_for(&self, relay_id: &str) -> GateRule {
+        let own = self.gates.get(relay_id).copied().unwrap_or_default();
+        let all = self.gates.get("").copied().unwrap_or_default();
+        GateRule {
+            tcp: own.tcp.or(all.tcp),
+            udp: own.udp.or(all.udp),
+        }
+    }
+
     /// The verdict for `agent_uri` of `tenant` asking for lease `name` (normalised) at `now`.
     pub fn decide(
         &self,
@@ -170,6 +194,22 @@ impl Decisions {
                 Some(l) => self.apply_record(l),
                 None => Enforce::Nothing,
             },
+            lease_decision::Kind::Gate => {
+                let gate = |g: Option<pb::PortGate>| {
+                    g.map(|g| AdminGate {
+                        enabled: g.enabled,
+                        max_leases: (g.max_leases > 0).then_some(g.max_leases),
+                    })
+                };
+                self.gates.insert(
+                    d.relay_id.clone(),
+                    GateRule {
+                        tcp: gate(d.tcp),
+                        udp: gate(d.udp),
+                    },
+                );
+                Enforce::Gates
+            }
             lease_decision::Kind::SnapshotEnd | lease_decision::Kind::Unspecified => {
                 Enforce::Nothing
             }
@@ -206,20 +246,24 @@ impl Decisions {
 
     /// Everything to enforce after a fresh snapshot replaced the decisions.
     pub fn enforce_all(&self) -> Vec<Enforce> {
-        self.records
-            .iter()
-            .filter_map(|((tenant, name), r)| match r.state {
-                RecordState::Banned => Some(Enforce::EndName {
-                    tenant: tenant.clone(),
-                    name: name.clone(),
-                }),
-                RecordState::Denied => Some(Enforce::EndAgentName {
-                    tenant: tenant.clone(),
-                    name: name.clone(),
-                    agent_uri: r.agent_uri.clone(),
-                }),
-                _ => None,
-            })
+        // Gates first, always: a fresh snapshot without any puts the configured ones back.
+        std::iter::once(Enforce::Gates)
+            .chain(
+                self.records
+                    .iter()
+                    .filter_map(|((tenant, name), r)| match r.state {
+                        RecordState::Banned => Some(Enforce::EndName {
+                            tenant: tenant.clone(),
+                            name: name.clone(),
+                        }),
+                        RecordState::Denied => Some(Enforce::EndAgentName {
+                            tenant: tenant.clone(),
+                            name: name.clone(),
+                            agent_uri: r.agent_uri.clone(),
+                        }),
+                        _ => None,
+                    }),
+            )
             .collect()
     }
 }
@@ -294,7 +338,45 @@ mod tests {
             }
         );
         assert_eq!(d.decide("demo", "web", A2, 0), ControllerDecision::Banned);
-        assert_eq!(d.enforce_all(), vec![e]);
+        assert_eq!(d.enforce_all(), vec![Enforce::Gates, e]);
+    }
+
+    #[test]
+    fn gates_are_per_relay_then_every_relay_then_configured() {
+        let mut d = Decisions::default();
+        let gate =
+            |relay: &str, tcp: Option<pb::PortGate>, udp: Option<pb::PortGate>| pb::LeaseDecision {
+                kind: lease_decision::Kind::Gate as i32,
+                relay_id: relay.into(),
+                tcp,
+                udp,
+                ..pb::LeaseDecision::default()
+            };
+        let off = pb::PortGate {
+            enabled: false,
+            max_leases: 0,
+        };
+        let two = pb::PortGate {
+            enabled: true,
+            max_leases: 2,
+        };
+        assert_eq!(d.gates_for("r1"), GateRule::default());
+        assert_eq!(d.apply(&gate("", Some(off), Some(off))), Enforce::Gates);
+        assert_eq!(d.apply(&gate("r1", Some(two), None)), Enforce::Gates);
+        let closed = AdminGate {
+            enabled: false,
+            max_leases: None,
+        };
+        let r1 = d.gates_for("r1");
+        assert_eq!(
+            r1.tcp,
+            Some(AdminGate {
+                enabled: true,
+                max_leases: Some(2)
+            })
+        );
+        assert_eq!(r1.udp, Some(closed), "r1 has no UDP gate of its own");
+        assert_eq!(d.gates_for("r2").tcp, Some(closed));
     }
 
     #[test]

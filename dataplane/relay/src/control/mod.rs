@@ -366,6 +366,7 @@ impl Controller {
         };
         let link = Arc::new(tasks::Link::new(&self.config));
         let ctx = Arc::new(tasks::TaskCtx {
+            relay_id: id.clone(),
             config: self.config,
             link,
             decider: self.decider,

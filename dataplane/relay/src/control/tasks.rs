@@ -23,6 +23,8 @@ use crate::quic::{LeaseEvent, LeaseEventKind, RelayHandle, close_code};
 
 /// Everything the tasks share.
 pub(super) struct TaskCtx {
+    /// This relay's id (picks its own port lease gates from the decisions).
+    pub(super) relay_id: String,
     pub(super) config: ControllerConfig,
     pub(super) link: Arc<Link>,
     pub(super) decider: Arc<ControllerDecider>,
@@ -66,6 +68,15 @@ impl TaskCtx {
     async fn enforce(&self, e: Enforce) {
         let ended = match e {
             Enforce::Nothing => return,
+            Enforce::Gates => {
+                let g = self
+                    .decider
+                    .decisions()
+                    .map(|d| d.gates_for(&self.relay_id))
+                    .unwrap_or_default();
+                self.relay.set_admin_gates(g.tcp, g.udp).await;
+                return;
+            }
             Enforce::EndName { tenant, name } => {
                 self.relay
                     .revoke_leases(|l| l.owner.tenant == tenant && l.name.as_str() == name)

@@ -30,7 +30,9 @@ use outrelay_proto::orp;
 use outrelay_proto::reverse::LeaseId;
 use tokio::sync::{Mutex, watch};
 
-use crate::lease::{ConnId, ControllerDecision, Lease, LeaseTable, MIN_DURATION_MS};
+use crate::lease::{
+    AdminGate, ConnId, ControllerDecision, Lease, LeaseTable, MIN_DURATION_MS, PortTransport,
+};
 use crate::state::{ReverseKey, Shared, Snapshot};
 
 pub use stats::{Limit, QuicStats};
@@ -538,6 +540,22 @@ impl RelayHandle {
     /// The identity URIs of every agent connection past HELLO.
     pub fn agent_uris(&self) -> Vec<String> {
         self.ctx.agents().values().map(|a| a.uri.clone()).collect()
+    }
+
+    /// Sets the port lease admin gates (`None`: the configured gate). Existing leases keep
+    /// their ports; the gates apply to new registrations.
+    pub async fn set_admin_gates(&self, tcp: Option<AdminGate>, udp: Option<AdminGate>) {
+        let mut control = self.ctx.control.lock().await;
+        let (tcp_config, udp_config) = (
+            control.table.config().tcp.admin,
+            control.table.config().udp.admin,
+        );
+        control
+            .table
+            .set_admin_gate(PortTransport::Tcp, tcp.unwrap_or(tcp_config));
+        control
+            .table
+            .set_admin_gate(PortTransport::Udp, udp.unwrap_or(udp_config));
     }
 
     /// Ends every live lease for which `revoked` is true (a controller decision: ban, denial,
