@@ -197,8 +197,7 @@ impl UdpIngress {
                     let port_task = Port::new(
                         port,
                         socket,
-                        rx,
-                        client_rx,
+                        (rx, client_rx),
                         self.shared.clone(),
                         self.stats.clone(),
                         self.config.clone(),

@@ -100,11 +100,14 @@ pub(crate) struct Port {
 }
 
 impl Port {
+    /// `queues`: from the lease's agent, and from the lease-range sockets (eBPF lookup).
     pub(crate) fn new(
         port: u16,
         socket: tokio::net::UdpSocket,
-        rx: mpsc::Receiver<AgentDatagram>,
-        client_rx: mpsc::Receiver<ClientDatagram>,
+        (rx, client_rx): (
+            mpsc::Receiver<AgentDatagram>,
+            mpsc::Receiver<ClientDatagram>,
+        ),
         shared: Arc<Shared>,
         stats: Arc<UdpStats>,
         config: UdpConfig,
@@ -446,8 +449,7 @@ mod tests {
         let mut port = Port::new(
             0,
             socket,
-            rx,
-            client_rx,
+            (rx, client_rx),
             Arc::default(),
             Arc::default(),
             config,
@@ -509,8 +511,7 @@ mod tests {
             Port::new(
                 0,
                 socket,
-                rx,
-                client_rx,
+                (rx, client_rx),
                 Arc::default(),
                 Arc::default(),
                 UdpConfig::default(),
