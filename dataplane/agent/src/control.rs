@@ -719,6 +719,9 @@ impl Conn<'_> {
                             .fetch_add(1, Ordering::Relaxed);
                         self.live[i].stop_pool();
                         self.live[i].lease_id = None;
+                        // The lease is gone: so are its UDP flows (the next grant may reuse
+                        // the slot and the port for other clients).
+                        self.stop_udp(i);
                         self.register(i);
                     }
                     Some(Request::Release | Request::Service(_)) | None => {}
@@ -748,7 +751,7 @@ impl Conn<'_> {
             l.last_error = None;
             l.due = Some(Instant::now() + renew);
         }
-        self.serve_udp(i, g.udp_slot);
+        self.serve_udp(i, lease_id, g.udp_slot);
         if same {
             return;
         }
@@ -797,8 +800,9 @@ impl Conn<'_> {
         l.pool = Some(pool::spawn(params, self.ctx.pools.clone()));
     }
 
-    /// Points the mux at the lease's local UDP service for the granted slot (0: no UDP).
-    fn serve_udp(&mut self, i: usize, slot: u32) {
+    /// Points the mux at the lease's local UDP service for the granted slot (0: no UDP). A new
+    /// `lease_id` on the same slot closes the slot's flows (the mux compares it).
+    fn serve_udp(&mut self, i: usize, lease_id: LeaseId, slot: u32) {
         let target = self.slots[i]
             .udp_to
             .as_deref()
@@ -812,13 +816,21 @@ impl Conn<'_> {
         }
         l.udp_slot = want.map(|(s, _)| s);
         if let Some((slot, target)) = want {
-            self.udp.set(slot, target);
+            self.udp.set(slot, lease_id, target);
+        }
+    }
+
+    /// Stops serving the lease's UDP slot, if any (its flows close).
+    fn stop_udp(&mut self, i: usize) {
+        if let Some(old) = self.live[i].udp_slot.take() {
+            self.udp.remove(old);
         }
     }
 
     fn on_register_error(&mut self, i: usize, e: &orp::LeaseError) {
         let pending = e.code == "pending_approval" || e.message == "pending_approval";
         let retry = self.half_ttl(i);
+        self.stop_udp(i);
         let l = &mut self.live[i];
         let text = format!("{}: {}", e.code, e.message);
         if l.last_error.as_deref() != Some(text.as_str()) {

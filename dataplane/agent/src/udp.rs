@@ -3,6 +3,9 @@
 //! of the lease) gets its own local UDP socket connected to the lease's `udp_to`, so the local
 //! service sees distinct clients; its replies go back on the same connection with the same
 //! header. Flows idle for `udp.flow_idle_ms` are closed; at most `udp.flow_max` per lease.
+//! A slot's flows are closed whenever its lease changes (a new lease id, even for the same slot
+//! and target: the agent registered again) or ends, so a flow id of an earlier lease never
+//! reaches a later lease's client.
 //!
 //! One mux task per relay connection owns the slot and flow tables (no locks); one reply task
 //! per flow reads its local socket. Nothing is truncated: a reply larger than the connection's
@@ -16,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use outrelay_proto::reverse::LeaseId;
 use outrelay_proto::udp::DatagramHeader;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -104,8 +108,36 @@ impl UdpStats {
 }
 
 enum Command {
-    Set { slot: u32, target: SocketAddr },
-    Remove { slot: u32 },
+    Set {
+        slot: u32,
+        lease: LeaseId,
+        target: SocketAddr,
+    },
+    Remove {
+        slot: u32,
+    },
+}
+
+/// The slots a connection's mux serves: the lease each was granted for and its local service.
+#[derive(Debug, Default)]
+struct Slots(HashMap<u32, (LeaseId, SocketAddr)>);
+
+impl Slots {
+    /// `slot` now serves `lease` with `target`. True when the slot's flows must close: any
+    /// change, including a new lease id with the same target (review M4: a re-registration
+    /// on the same connection gets the same slot, and an earlier lease's flow sockets must not
+    /// serve the new lease's clients). A renewal (same lease, same target) keeps them.
+    fn set(&mut self, slot: u32, lease: LeaseId, target: SocketAddr) -> bool {
+        self.0.insert(slot, (lease, target)) != Some((lease, target))
+    }
+
+    fn target(&self, slot: u32) -> Option<SocketAddr> {
+        self.0.get(&slot).map(|(_, target)| *target)
+    }
+
+    fn remove(&mut self, slot: u32) {
+        self.0.remove(&slot);
+    }
 }
 
 /// The state machine's handle on its connection's mux.
@@ -115,10 +147,15 @@ pub struct Mux {
 }
 
 impl Mux {
-    /// Serves `slot` (from LEASE_GRANT) with the local service `target`.
-    pub fn set(&self, slot: u32, target: SocketAddr) {
+    /// Serves `slot` of `lease` (from LEASE_GRANT) with the local service `target`. A new lease
+    /// or target on the slot closes its flows; a renewal keeps them.
+    pub fn set(&self, slot: u32, lease: LeaseId, target: SocketAddr) {
         // The queue only fills if the mux stopped; then the connection is ending anyway.
-        let _ = self.tx.try_send(Command::Set { slot, target });
+        let _ = self.tx.try_send(Command::Set {
+            slot,
+            lease,
+            target,
+        });
     }
 
     /// Stops serving `slot` (its flows close).
@@ -163,7 +200,7 @@ async fn run(
     config: UdpConfig,
 ) {
     let epoch = Instant::now();
-    let mut slots: HashMap<u32, SocketAddr> = HashMap::new();
+    let mut slots = Slots::default();
     let mut flows: HashMap<(u32, u64), Flow> = HashMap::new();
     let mut per_slot: HashMap<u32, usize> = HashMap::new();
     let mut sweep = tokio::time::interval(
@@ -177,7 +214,7 @@ async fn run(
                     stats.dropped(UdpDrop::BadHeader);
                     continue;
                 };
-                let Some(target) = slots.get(&header.udp_slot).copied() else {
+                let Some(target) = slots.target(header.udp_slot) else {
                     stats.dropped(UdpDrop::UnknownSlot);
                     continue;
                 };
@@ -216,13 +253,13 @@ async fn run(
             }
             c = commands.recv() => match c {
                 None => break,
-                Some(Command::Set { slot, target }) => {
-                    if slots.insert(slot, target) != Some(target) {
+                Some(Command::Set { slot, lease, target }) => {
+                    if slots.set(slot, lease, target) {
                         close_slot(slot, &mut flows, &mut per_slot);
                     }
                 }
                 Some(Command::Remove { slot }) => {
-                    slots.remove(&slot);
+                    slots.remove(slot);
                     close_slot(slot, &mut flows, &mut per_slot);
                 }
             },
@@ -337,5 +374,29 @@ async fn replies(
             Err(quinn::SendDatagramError::ConnectionLost(_)) => return,
             Err(_) => stats.dropped(UdpDrop::TooLarge),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_lease_on_the_same_slot_and_target_closes_the_slots_flows() {
+        let mut slots = Slots::default();
+        let target: SocketAddr = "127.0.0.1:53".parse().expect("addr");
+        let other: SocketAddr = "127.0.0.1:54".parse().expect("addr");
+        let (first, second) = (LeaseId([1; 16]), LeaseId([2; 16]));
+        assert!(slots.set(1, first, target), "a new slot");
+        assert!(!slots.set(1, first, target), "a renewal keeps the flows");
+        assert!(
+            slots.set(1, second, target),
+            "a re-registration (new lease id, same slot and target) closes the flows"
+        );
+        assert!(slots.set(1, second, other), "a new target closes the flows");
+        assert_eq!(slots.target(1), Some(other));
+        slots.remove(1);
+        assert_eq!(slots.target(1), None);
+        assert!(slots.set(1, second, other), "released, then granted again");
     }
 }

@@ -1691,6 +1691,120 @@ async fn a_udp_lease_keeps_its_port_when_the_agent_connection_comes_back() {
     drop(agent);
 }
 
+/// A local UDP service with per-source session state (as a game or VPN server keyed by the
+/// client's 4-tuple): it answers every datagram with the FIRST datagram its source sent. The
+/// sources it has seen are kept in `sources`.
+async fn udp_session_service() -> (
+    SocketAddr,
+    Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+    JoinHandle<()>,
+) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind UDP service");
+    let addr = socket.local_addr().expect("service addr");
+    let sources = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = sources.clone();
+    let task = tokio::spawn(async move {
+        let mut first: std::collections::HashMap<SocketAddr, Vec<u8>> =
+            std::collections::HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let session = first.entry(from).or_insert_with(|| {
+                seen.lock().expect("sources").push(from);
+                buf[..n].to_vec()
+            });
+            let _ = socket.send_to(session, from).await;
+        }
+    });
+    (addr, sources, task)
+}
+
+/// Sends `payload` every 200 ms until a datagram comes back (`WAIT` at most) and returns it.
+async fn udp_until_answered(s: &tokio::net::UdpSocket, payload: &[u8]) -> Vec<u8> {
+    let start = Instant::now();
+    loop {
+        if let Some(back) = udp_round_trip(s, payload, Duration::from_millis(200)).await {
+            return back;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "no answer to {payload:?} within {WAIT:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_client_after_a_re_registration_never_gets_an_old_clients_flow() {
+    // Review M4: the relay counted a lease's flow ids from 1 again after the agent registered
+    // the lease again on the same connection, and the agent kept its (slot, flow id) sockets
+    // because slot and target were the same: the first new client was handed the previous
+    // client's local socket, so the service took it for that client and answered with its
+    // session.
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let (target, sources, _service) = udp_session_service().await;
+    // TTL 1 s, renewals every 2.5 s: the relay expires the lease before each renewal, the
+    // renewal is refused and the agent registers the lease again on the same connection (same
+    // slot, same sticky port, same target).
+    let mut agent = start_agent_with(
+        &pki,
+        &[relay.addrs.quic],
+        &format!("[[lease]]\nname = \"game\"\nudp_to = \"{target}\"\nttl_s = 1\n"),
+        5000,
+        "renew_ms = 2500",
+    );
+    let ready = agent.ready().await;
+    let port = udp_lease_port(&ready, "game");
+    let metrics_addr = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let reregistered = || {
+        metric(
+            &http_get(&metrics_addr, "/metrics"),
+            "outrelay_agent_lease_reregistered_total",
+        )
+    };
+
+    let a = udp_client(port).await;
+    assert_eq!(udp_until_answered(&a, b"A-secret").await, b"A-secret");
+    let before = reregistered();
+    let start = Instant::now();
+    while reregistered() <= before {
+        assert!(start.elapsed() < WAIT, "no re-registration within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "lease registered again {:?} after A's session began",
+        start.elapsed()
+    );
+    // Client A is silent now (its agent-side socket is well within the 30 s flow idle time).
+    let b = udp_client(port).await;
+    let back = udp_until_answered(&b, b"hello").await;
+    assert_eq!(
+        String::from_utf8_lossy(&back),
+        "hello",
+        "client B was answered with another client's session"
+    );
+    // A few more round trips: every answer is B's own.
+    for _ in 0..5 {
+        if let Some(back) = udp_round_trip(&b, b"again", Duration::from_millis(200)).await {
+            assert_eq!(String::from_utf8_lossy(&back), "hello");
+        }
+    }
+    let seen = sources.lock().expect("sources").clone();
+    assert_eq!(seen.len(), 2, "the service saw A and B as {seen:?}");
+    drop(agent);
+}
+
 // ---------- lifecycle ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -906,6 +906,84 @@ async fn udp_flows_carry_datagrams_both_ways_within_the_abuse_limits() {
     assert_eq!(stats.flows_active.load(Ordering::Relaxed), 3);
 }
 
+/// Sends from `client` every 100 ms until the relay forwards a datagram to `agent` (the lease
+/// port is bound a moment after the grant); its header and payload.
+async fn first_datagram(
+    agent: &Agent,
+    client: &tokio::net::UdpSocket,
+    payload: &[u8],
+) -> (DatagramHeader, Vec<u8>) {
+    let start = Instant::now();
+    loop {
+        client.send(payload).await.expect("send");
+        if let Ok(Ok(d)) =
+            tokio::time::timeout(Duration::from_millis(100), agent.conn.read_datagram()).await
+        {
+            let (h, p) = DatagramHeader::decode(&d).expect("relay header");
+            return (h, p.to_vec());
+        }
+        assert!(start.elapsed() < WAIT, "no datagram reached the agent");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_lease_registered_again_on_the_same_connection_gets_new_flow_ids() {
+    // Review M4: ids restarted at 1 for the new lease, and the agent still mapped the old
+    // lease's (slot, flow id) to the old client's local socket.
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let mut a = connect(&relay, &ca, &ca.leaf(AGENT_1, &[], Eku::Client))
+        .await
+        .expect("agent connects");
+    a.hello(AGENT_1).await;
+    let g1 = a.register_with(udp_lease("game", 1)).await;
+    let port = port_of(&g1.udp_addr);
+    let (c1, c2) = (client(port).await, client(port).await);
+    let (h1, _) = first_datagram(&a, &c1, b"A-secret").await;
+    c2.send(b"second").await.expect("send");
+    let (h2, _) = next_datagram(&a).await;
+    let old = [h1.flow_id, h2.flow_id];
+    match a
+        .call(Frame::LeaseRelease(orp::LeaseRelease {
+            lease_id: g1.lease_id.clone(),
+            request_id: 2,
+        }))
+        .await
+    {
+        Frame::LeaseGrant(g) => assert_eq!(g.expires_unix_ms, 0, "released"),
+        other => panic!("expected LEASE_GRANT, got {other:?}"),
+    }
+    let g2 = a.register_with(udp_lease("game", 3)).await;
+    assert_ne!(g2.lease_id, g1.lease_id);
+    assert_eq!(
+        (g2.udp_slot, port_of(&g2.udp_addr)),
+        (g1.udp_slot, port),
+        "same slot, sticky port: the case where ids collided"
+    );
+    let c3 = client(port).await;
+    let (h3, p3) = first_datagram(&a, &c3, b"hello").await;
+    assert_eq!((h3.udp_slot, p3.as_slice()), (g2.udp_slot, &b"hello"[..]));
+    assert!(
+        !old.contains(&h3.flow_id),
+        "the new lease's first flow reused id {} of {old:?}",
+        h3.flow_id
+    );
+    // The old client is a new flow of the new lease too, with a new id.
+    c1.send(b"back").await.expect("send");
+    let (h4, _) = next_datagram(&a).await;
+    assert!(!old.contains(&h4.flow_id) && h4.flow_id != h3.flow_id);
+    // A reply on an old id reaches nobody.
+    a.conn
+        .send_datagram(datagram(g2.udp_slot, h2.flow_id, b"stale"))
+        .expect("send");
+    a.conn
+        .send_datagram(datagram(g2.udp_slot, h3.flow_id, b"to-three"))
+        .expect("send");
+    assert_eq!(recv_from(&c3).await, b"to-three");
+    let mut buf = [0u8; 16];
+    assert!(c2.try_recv(&mut buf).is_err(), "a stale id reached c2");
+}
+
 // ---------- service streams (REGISTER / OPEN_STREAM) ----------
 
 const OTHER_TENANT_AGENT: &str = "outrelay://other/agent/00000000-0000-4000-8000-000000000003";

@@ -1,6 +1,7 @@
 //! UDP port leases (`public-ingress.md`, "UDP port leases"): the relay binds each leased UDP
-//! port; every distinct client address is a flow (ids per lease counting up from 1, idle after
-//! `flow_idle_ms`); client datagrams travel to the agent as QUIC DATAGRAM frames on its ORP
+//! port; every distinct client address is a flow (idle after `flow_idle_ms`; its id comes from
+//! one relay-wide counter, so no id is ever reused for a later lease while the agent
+//! connection that may still map it lives); client datagrams travel to the agent as QUIC DATAGRAM frames on its ORP
 //! connection (`uvarint udp_slot`, `uvarint flow_id`, payload) and replies leave from the lease
 //! port to the flow's client.
 //!
@@ -44,7 +45,7 @@ use tokio::task::JoinHandle;
 
 use crate::lease::ConnId;
 use crate::state::Shared;
-use port::{AgentDatagram, ClientDatagram, Port};
+use port::{AgentDatagram, ClientDatagram, FlowIds, Port};
 use stats::{UdpDrop, UdpStats};
 
 /// UDP lease limits (`[udp]` in the config). Durations in milliseconds.
@@ -125,6 +126,8 @@ pub struct UdpIngress {
     /// Bound ports and ports that failed to bind (control path only: lease changes and the
     /// retry tick; never taken by a datagram).
     ports: std::sync::Mutex<Ports>,
+    /// Flow ids of every port, never reused while the relay runs.
+    flow_ids: Arc<FlowIds>,
     /// Counters by reason.
     pub stats: Arc<UdpStats>,
 }
@@ -145,6 +148,7 @@ impl UdpIngress {
             shared,
             queues: ArcSwap::default(),
             ports: std::sync::Mutex::default(),
+            flow_ids: Arc::default(),
             stats: Arc::default(),
         })
     }
@@ -193,11 +197,11 @@ impl UdpIngress {
                     let port_task = Port::new(
                         port,
                         socket,
-                        rx,
-                        client_rx,
+                        (rx, client_rx),
                         self.shared.clone(),
                         self.stats.clone(),
                         self.config.clone(),
+                        self.flow_ids.clone(),
                     );
                     let task = tokio::spawn(port_task.run());
                     bound.insert(

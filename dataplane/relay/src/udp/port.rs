@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,6 +23,26 @@ use super::stats::{UdpDrop, UdpStats};
 use crate::ingress::limits::SourceKey;
 use crate::lease::ConnId;
 use crate::state::Shared;
+
+/// The relay's flow id counter, shared by every lease port: an id is handed out once per relay
+/// process, never again for a later lease of the same port or slot (review M4: the agent maps
+/// `(slot, flow_id)` to a local socket, so a reused id handed a new client an old client's
+/// socket). 2^64 ids do not run out.
+#[derive(Debug)]
+pub(crate) struct FlowIds(AtomicU64);
+
+impl Default for FlowIds {
+    fn default() -> Self {
+        FlowIds(AtomicU64::new(1))
+    }
+}
+
+impl FlowIds {
+    /// The next unused id (one relaxed add per new flow, never per datagram).
+    pub(crate) fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
 
 /// A datagram from an agent for one flow of this port's lease.
 #[derive(Debug)]
@@ -75,18 +95,23 @@ pub(crate) struct Port {
     per_source: HashMap<SourceKey, usize>,
     /// A full table found no evictable flow: none can be before this instant.
     no_evict_before: Option<Instant>,
-    next_flow_id: u64,
+    /// Relay-wide: ids keep growing across leases and port tasks.
+    flow_ids: Arc<FlowIds>,
 }
 
 impl Port {
+    /// `queues`: from the lease's agent, and from the lease-range sockets (eBPF lookup).
     pub(crate) fn new(
         port: u16,
         socket: tokio::net::UdpSocket,
-        rx: mpsc::Receiver<AgentDatagram>,
-        client_rx: mpsc::Receiver<ClientDatagram>,
+        (rx, client_rx): (
+            mpsc::Receiver<AgentDatagram>,
+            mpsc::Receiver<ClientDatagram>,
+        ),
         shared: Arc<Shared>,
         stats: Arc<UdpStats>,
         config: UdpConfig,
+        flow_ids: Arc<FlowIds>,
     ) -> Port {
         Port {
             port,
@@ -101,7 +126,7 @@ impl Port {
             by_id: HashMap::new(),
             per_source: HashMap::new(),
             no_evict_before: None,
-            next_flow_id: 1,
+            flow_ids,
         }
     }
 
@@ -157,7 +182,8 @@ impl Port {
         self.stats.flows_active.fetch_sub(flows, Ordering::Relaxed);
     }
 
-    /// A new lease on this port (first use, or the agent registered again): flows start over.
+    /// A new lease on this port (first use, or the agent registered again): flows start over,
+    /// with new ids (the flow id counter is never reset).
     fn reset(&mut self, lease: LeaseId) {
         let flows = self.flows.len() as u64;
         self.stats.flows_active.fetch_sub(flows, Ordering::Relaxed);
@@ -165,7 +191,6 @@ impl Port {
         self.by_id.clear();
         self.per_source.clear();
         self.no_evict_before = None;
-        self.next_flow_id = 1;
         self.lease = Some(lease);
     }
 
@@ -296,8 +321,7 @@ impl Port {
         sent_bytes: usize,
         now: Instant,
     ) -> u64 {
-        let id = self.next_flow_id;
-        self.next_flow_id += 1;
+        let id = self.flow_ids.next();
         self.flows.insert(
             from,
             Flow {
@@ -425,11 +449,11 @@ mod tests {
         let mut port = Port::new(
             0,
             socket,
-            rx,
-            client_rx,
+            (rx, client_rx),
             Arc::default(),
             Arc::default(),
             config,
+            Arc::default(),
         );
         let t0 = Instant::now();
         let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
@@ -473,5 +497,46 @@ mod tests {
                 .get(&SourceKey::of("2001:db8::2".parse().expect("ip"))),
             Some(&1)
         );
+    }
+
+    #[tokio::test]
+    async fn flow_ids_are_never_reused_by_a_later_lease_or_port_task() {
+        let ids = Arc::new(FlowIds::default());
+        let port = |ids: Arc<FlowIds>| async move {
+            let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let (_tx, rx) = mpsc::channel(1);
+            let (_client_tx, client_rx) = mpsc::channel(1);
+            Port::new(
+                0,
+                socket,
+                (rx, client_rx),
+                Arc::default(),
+                Arc::default(),
+                UdpConfig::default(),
+                ids,
+            )
+        };
+        let t0 = Instant::now();
+        let a: SocketAddr = "192.0.2.1:1".parse().expect("addr");
+        let b: SocketAddr = "192.0.2.2:1".parse().expect("addr");
+        let open = |port: &mut Port, from: SocketAddr| -> u64 {
+            let source = port.admit_flow(from, t0).expect("admitted");
+            port.new_flow(from, source, 1, t0)
+        };
+        let mut first = port(ids.clone()).await;
+        first.reset(LeaseId([1; 16]));
+        let mut used = vec![open(&mut first, a), open(&mut first, b)];
+        // The agent registers again on the same connection: a new lease id on the same port.
+        first.reset(LeaseId([2; 16]));
+        let id = open(&mut first, b);
+        assert!(!used.contains(&id), "id {id} reused after {used:?}");
+        used.push(id);
+        // The route went away and came back: a new task for the port.
+        let mut second = port(ids).await;
+        second.reset(LeaseId([3; 16]));
+        let id = open(&mut second, a);
+        assert!(!used.contains(&id), "id {id} reused after {used:?}");
     }
 }
