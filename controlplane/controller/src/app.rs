@@ -66,6 +66,8 @@ pub struct App {
     pub revocations: Hub<Revocations, pb::RevocationEvent>,
     /// Lease records, bans, tenant settings and their watchers.
     pub leases: Hub<LeaseState, (String, pb::LeaseDecision)>,
+    /// Serialises each lease decision with its commit (read, decide, write, publish).
+    pub lease_writes: crate::leases::WriteLocks,
     /// Refusal counting and aggregated audit rows.
     pub refusals: RefusalAudit,
     /// Enrollment tokens by hash (mirror of the table, kept until pruned), so a token that
@@ -146,6 +148,7 @@ impl App {
             registry: Hub::new("registry", RegistryState::default(), q),
             revocations: Hub::new("revocations", revoked, q),
             leases: Hub::new("leases", lease_state, q),
+            lease_writes: crate::leases::WriteLocks::default(),
             settings,
             store,
             audit_key,

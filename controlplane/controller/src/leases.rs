@@ -251,6 +251,60 @@ fn lease_event(l: &pb::Lease, kind: lease_decision::Kind) -> (String, pb::LeaseD
     )
 }
 
+/// Locks that make each lease decision and its commit one step.
+///
+/// A decision reads the mirror, decides, writes the store and publishes; two decisions about the
+/// same (tenant, name) interleaved there lose one of them: two first grants both see no record
+/// and the second replaces the first's id (an admin then approves an id that no longer exists), or
+/// a renewal writes back the `pending` state an approval just replaced. Every write to a record
+/// holds its (tenant, name) stripe; a grant, which also counts the tenant's quota, holds the
+/// tenant's stripe first. Always tenant before name, so two holders never wait on each other.
+/// Striped, so renewals of different names still batch into one group commit.
+pub struct WriteLocks {
+    tenants: [tokio::sync::Mutex<()>; TENANT_STRIPES],
+    names: [tokio::sync::Mutex<()>; NAME_STRIPES],
+}
+
+const TENANT_STRIPES: usize = 16;
+const NAME_STRIPES: usize = 64;
+
+impl Default for WriteLocks {
+    fn default() -> Self {
+        WriteLocks {
+            tenants: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
+            names: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+fn stripe(key: impl std::hash::Hash, stripes: usize) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    usize::try_from(h % stripes as u64).unwrap_or(0)
+}
+
+impl WriteLocks {
+    /// Holds writes to one (tenant, name).
+    async fn name(&self, tenant: &str, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.names[stripe((tenant, name), NAME_STRIPES)]
+            .lock()
+            .await
+    }
+
+    /// Holds grants of the tenant (quota), then writes to the name.
+    async fn grant(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> (
+        tokio::sync::MutexGuard<'_, ()>,
+        tokio::sync::MutexGuard<'_, ()>,
+    ) {
+        let t = self.tenants[stripe(tenant, TENANT_STRIPES)].lock().await;
+        (t, self.name(tenant, name).await)
+    }
+}
+
 /// The Leases service.
 #[derive(Clone)]
 pub struct LeasesService(pub Arc<App>);
@@ -343,6 +397,18 @@ impl LeasesService {
         } else {
             app.require_admin_of(&p, method, &r.tenant)?;
         }
+        let Some(key) = app.leases.with_state(|s| {
+            s.leases
+                .get(&r.id)
+                .map(|l| (l.tenant.clone(), l.name.clone()))
+        }) else {
+            return Err(Status::not_found(format!(
+                "id: no lease `{}` in tenant `{}`",
+                r.id, r.tenant
+            )));
+        };
+        let _held = app.lease_writes.name(&key.0, &key.1).await;
+        // Read again under the lock: a grant may have replaced the record meanwhile.
         let Some((mut l, banned)) = app.leases.with_state(|s| {
             s.leases
                 .get(&r.id)
@@ -458,10 +524,16 @@ impl leases_server::Leases for LeasesService {
                 ));
             }
         }
-        let now = now_unix_ms();
-        let expires = now.saturating_add(i64::try_from(r.ttl_ms).unwrap_or(i64::MAX));
         let kind = lease_report_request::Kind::try_from(r.kind)
             .unwrap_or(lease_report_request::Kind::Unspecified);
+        let _held = if kind == lease_report_request::Kind::Grant {
+            let (t, n) = app.lease_writes.grant(&r.tenant, &r.name).await;
+            (Some(t), n)
+        } else {
+            (None, app.lease_writes.name(&r.tenant, &r.name).await)
+        };
+        let now = now_unix_ms();
+        let expires = now.saturating_add(i64::try_from(r.ttl_ms).unwrap_or(i64::MAX));
         let (existing, banned, ts, active, approved) = app.leases.with_state(|s| {
             (
                 s.by_name(&r.tenant, &r.name).cloned(),
@@ -548,6 +620,15 @@ impl leases_server::Leases for LeasesService {
                     } else {
                         ""
                     };
+                    // A request repeated while it waits for an admin keeps its record (and the
+                    // id the admin sees) alive for another TTL.
+                    if l.expires_unix_ms < expires {
+                        let mut l = l.clone();
+                        l.expires_unix_ms = expires;
+                        l.updated_at_unix_ms = now;
+                        self.commit(l.clone(), None, Mark::None).await?;
+                        return Ok(reply(&l, msg));
+                    }
                     return Ok(reply(l, msg));
                 }
                 let mut l = pb::Lease {

@@ -347,3 +347,77 @@ async fn expired_leases_stop_counting_toward_the_quota() {
         .into_inner();
     assert_eq!(r.message, "quota_exceeded");
 }
+
+/// Concurrent reports are decided one at a time: 16 first grants of one name at once (a relay
+/// retrying while its first report is in flight) make one record whose id an admin can approve,
+/// 16 grants of new names under quota 4 admit exactly 4, and a renewal racing an approval never
+/// writes the record back to pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reports_make_one_record_and_hold_the_quota() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start(dir.path(), "");
+    let mut ops = client(&c, GLOBAL, LeafProfile::Client).await;
+    let rel = client(&c, RELAY, LeafProfile::ClientServer).await;
+    manual(&mut ops).await;
+
+    let grants = (0..16).map(|_| {
+        let mut rel = rel.clone();
+        tokio::spawn(async move { grant(&mut rel, "web").await })
+    });
+    let mut ids = std::collections::BTreeSet::new();
+    for r in all(grants).await {
+        assert_eq!(r.message, "pending_approval");
+        ids.insert(r.lease.expect("lease").id);
+    }
+    assert_eq!(ids.len(), 1, "one name, several records: {ids:?}");
+    let id = ids.pop_first().expect("id");
+
+    // Renewals race the approval; the approval is never undone by one of them.
+    let renews = (0..16).map(|_| {
+        let mut rel = rel.clone();
+        tokio::spawn(async move {
+            rel.report(report(Kind::Renew, "web", UUID_A, 60_000))
+                .await
+                .expect("renew")
+        })
+    });
+    let renews: Vec<_> = renews.collect();
+    ops.approve(action(&id))
+        .await
+        .expect("the first grant's id is the live record's");
+    all(renews.into_iter()).await;
+    let mut rel2 = rel.clone();
+    assert_eq!(grant(&mut rel2, "web").await.message, "", "approval lost");
+
+    ops.set_approval_mode(pb::SetApprovalModeRequest {
+        tenant: "acme".into(),
+        mode: pb::ApprovalMode::Auto as i32,
+    })
+    .await
+    .expect("auto mode");
+    ops.set_quota(pb::SetQuotaRequest {
+        tenant: "acme".into(),
+        max_leases: 4,
+    })
+    .await
+    .expect("quota");
+    let grants = (0..16).map(|i| {
+        let mut rel = rel.clone();
+        tokio::spawn(async move { grant(&mut rel, &format!("n{i}")).await })
+    });
+    let admitted = all(grants)
+        .await
+        .iter()
+        .filter(|g| g.message.is_empty())
+        .count();
+    assert_eq!(admitted, 3, "quota 4 with `web` live admits 3 more");
+}
+
+async fn all<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let tasks: Vec<_> = tasks.collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}

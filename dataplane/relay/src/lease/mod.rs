@@ -936,7 +936,8 @@ impl LeaseTable {
         table
     }
 
-    fn effective_ttl_s(&self, ttl_s: u32) -> u32 {
+    /// The TTL a request for `ttl_s` gets (0: the default; capped).
+    pub fn effective_ttl_s(&self, ttl_s: u32) -> u32 {
         if ttl_s == 0 {
             self.config.ttl_default_s
         } else {

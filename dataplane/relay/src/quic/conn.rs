@@ -226,10 +226,16 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                 let goaway = shutdown.borrow().clone();
                 if let Some(goaway) = goaway {
                     let _ = out.send(Frame::GoAway(goaway));
+                    let deadline = tokio::time::Instant::now()
+                        + Duration::from_millis(ctx.config.drain_grace_ms);
                     // Closing the queue makes the writer finish the stream and wait (up to the
-                    // drain grace) for the agent to acknowledge GOAWAY.
+                    // drain grace) for the agent's transport to acknowledge it.
                     drop(out);
                     let _ = writer.await;
+                    // An acknowledged stream is not a read one: closing now can discard GOAWAY
+                    // from the agent's receive buffer before its reader sees it. The agent closes
+                    // the connection once it has acted on GOAWAY; wait for that, within the grace.
+                    let _ = tokio::time::timeout_at(deadline, conn.closed()).await;
                     refuser.abort();
                     return Err(End::new(close_code::GOING_AWAY, "relay stopping"));
                 }
@@ -343,7 +349,8 @@ async fn on_frame(
                         if decision == crate::lease::ControllerDecision::PendingApproval
                             && refusal.code == LeaseErrorCode::LeaseRejected
                         {
-                            report_request(ctx, identity, &req);
+                            let ttl_s = control.table.effective_ttl_s(req.ttl_s);
+                            report_request(ctx, identity, &req, ttl_s);
                         }
                         Err(refusal)
                     }
@@ -511,8 +518,9 @@ fn register(
 }
 
 /// A register refused with `pending_approval`: the controller creates its pending record from
-/// this request (so an admin can approve it).
-fn report_request(ctx: &Ctx, identity: &Identity, req: &orp::LeaseRegister) {
+/// this request (so an admin can approve it). The record lives for the TTL the lease would get
+/// (`ttl_s`, never the request's 0), so it is still there when the admin looks.
+fn report_request(ctx: &Ctx, identity: &Identity, req: &orp::LeaseRegister, ttl_s: u32) {
     let (Identity::Agent { tenant, .. }, Ok(name)) = (identity, LeaseName::parse(&req.name)) else {
         return;
     };
@@ -522,7 +530,7 @@ fn report_request(ctx: &Ctx, identity: &Identity, req: &orp::LeaseRegister) {
         name: name.as_str().to_owned(),
         agent_uri: identity.to_string(),
         lease_kind: lease_kind(req.tls, req.tcp, req.udp),
-        ttl_s: req.ttl_s,
+        ttl_s,
     });
 }
 
