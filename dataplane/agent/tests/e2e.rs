@@ -2297,10 +2297,17 @@ async fn a_lease_name_and_its_port_stay_reserved_to_the_agent_that_held_them() {
     std::fs::write(path("agent-key.pem"), &p_files.1).expect("P key");
     let mut p = start_agent(&pki, &relay.addrs, &shop);
     let ready = p.ready().await;
-    assert_eq!(lease_port(&ready, "shop"), port, "the sticky port moved: {ready}");
+    assert_eq!(
+        lease_port(&ready, "shop"),
+        port,
+        "the sticky port moved: {ready}"
+    );
     let start = Instant::now();
     while let Err(e) = echo_once(port).await {
-        assert!(start.elapsed() < WAIT, "P's lease does not route again: {e}");
+        assert!(
+            start.elapsed() < WAIT,
+            "P's lease does not route again: {e}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(p);

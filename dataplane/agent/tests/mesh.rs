@@ -1643,7 +1643,12 @@ async fn another_agent_cannot_take_a_service_over_until_a_provide_rule_allows_it
     let mut consumer = w.agent("consumer", CONSUMER_A, &consume("payments"));
     consumer.ready().await;
     w.rule(TENANT_A, "*", "payments", "allow", None).await;
-    eventually_ok(consumer.consumer(0), Instant::now(), "the consumer reaches P").await;
+    eventually_ok(
+        consumer.consumer(0),
+        Instant::now(),
+        "the consumer reaches P",
+    )
+    .await;
 
     // X registers `payments` too: refused (its agent retries with backoff, never ready).
     let mut x = w.agent("provider-x", PROVIDER_A2, &provide("payments", web));
@@ -1689,10 +1694,19 @@ async fn another_agent_cannot_take_a_service_over_until_a_provide_rule_allows_it
             "allow",
         ])
         .await;
-    assert!(o.status.success(), "policy add --method @provide: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "policy add --method @provide: {}",
+        text(&o)
+    );
     x.ready().await;
     let took_over = Instant::now();
-    eventually_ok(consumer.consumer(0), took_over, "the consumer after the takeover").await;
+    eventually_ok(
+        consumer.consumer(0),
+        took_over,
+        "the consumer after the takeover",
+    )
+    .await;
     assert!(
         poll(WAIT, || x.streams("provider", "accepted") >= 1.0).await,
         "no call reached X after its takeover"
@@ -1717,13 +1731,20 @@ async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_i
     p.ready().await;
     let mut consumer = w.agent("consumer", CONSUMER_A, &consume("payments"));
     consumer.ready().await;
-    eventually_ok(consumer.consumer(0), Instant::now(), "the consumer reaches P").await;
+    eventually_ok(
+        consumer.consumer(0),
+        Instant::now(),
+        "the consumer reaches P",
+    )
+    .await;
     assert_eq!(p.streams("provider", "accepted"), 1.0);
 
     // X is allowed: it takes over, new calls reach X.
     let mut x = w.agent("provider-x", PROVIDER_A2, &provide("payments", web));
     x.ready().await;
-    http_call(consumer.consumer(0)).await.expect("a call after X registered");
+    http_call(consumer.consumer(0))
+        .await
+        .expect("a call after X registered");
     assert_eq!(x.streams("provider", "accepted"), 1.0, "the call reached X");
     assert_eq!(p.streams("provider", "accepted"), 1.0);
 
@@ -1742,6 +1763,8 @@ async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_i
         mesh_lines(&w.relay_scrape())
     );
     assert!(!y.ready.exists(), "the third agent registered `payments`");
-    http_call(consumer.consumer(0)).await.expect("X still serves");
+    http_call(consumer.consumer(0))
+        .await
+        .expect("X still serves");
     assert_eq!(x.streams("provider", "accepted"), 2.0);
 }

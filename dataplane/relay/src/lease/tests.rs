@@ -1242,7 +1242,10 @@ mod model {
             return Err(LeaseErrorCode::HostnameConflict);
         }
         // Reserved to another agent identity (of any tenant).
-        if m.names.iter().any(|r| r.0 == name && r.1 != (tenant, agent)) {
+        if m.names
+            .iter()
+            .any(|r| r.0 == name && r.1 != (tenant, agent))
+        {
             return Err(LeaseErrorCode::HostnameConflict);
         }
         let old = holder.map(|i| m.leases[i].clone());

@@ -459,7 +459,11 @@ impl Mesh {
     ///
     /// # Errors
     /// [`Mesh::check_provider`]'s.
-    pub(crate) fn register_local(&self, conn: ConnId, reg: &Registration) -> Result<bool, Rejection> {
+    pub(crate) fn register_local(
+        &self,
+        conn: ConnId,
+        reg: &Registration,
+    ) -> Result<bool, Rejection> {
         let mut local = self.local();
         if !local.live.contains_key(&conn) {
             return Ok(false);

@@ -234,7 +234,14 @@ impl PolicySnapshot {
             .provide_by_tenant
             .get(tenant)
             .map_or(&[][..], Vec::as_slice);
-        let v = evaluate(rules, tenant, provider, service, PROVIDE_METHOD, now_unix_ms);
+        let v = evaluate(
+            rules,
+            tenant,
+            provider,
+            service,
+            PROVIDE_METHOD,
+            now_unix_ms,
+        );
         match v.rule {
             Some(r) if v.allow => ProvideVerdict::Allowed {
                 rule_id: r.id.clone(),
