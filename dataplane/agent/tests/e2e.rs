@@ -2233,3 +2233,82 @@ async fn session_rate_through_a_tcp_lease() {
     assert!(ok > 0, "no public connection completed");
     drop(relay);
 }
+
+/// Review M12, real binaries: agent P's lease dies with its connection (kill -9); within the
+/// reservation agent X of the same tenant asks for the same name and is refused
+/// (`hostname_conflict` / `name_taken`, counted by the relay, X never ready); P, back, gets
+/// the same name and the same (sticky) public port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_name_and_its_port_stay_reserved_to_the_agent_that_held_them() {
+    const AGENT_X: &str = "outrelay://test/agent/00000000-0000-4000-8000-0000000000b1";
+    const CONFLICTS: &str = "outrelay_relay_lease_errors_total{code=\"hostname_conflict\"}";
+    let pki = Pki::new();
+    let relay = start_relay(
+        &pki,
+        "127.0.0.1:0",
+        free_tcp_port(),
+        "127.0.0.1:0",
+        free_port_range(),
+    )
+    .await;
+    let metrics = relay.addrs.metrics.expect("relay metrics").to_string();
+    let relay_metric = |series: &str| metric(&http_get(&metrics, "/metrics"), series);
+    let until = |what: &str, cond: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (target, _echo) = common::echo_server().await;
+    let shop = format!("[[lease]]\nname = \"shop\"\ntcp_to = \"{target}\"\n");
+    let mut p = start_agent(&pki, &relay.addrs, &shop);
+    let ready = p.ready().await;
+    let port = lease_port(&ready, "shop");
+
+    // P dies without a goodbye: the relay ends its lease when the connection times out.
+    drop(p);
+    until("P's lease ended", &|| {
+        relay_metric("outrelay_relay_leases_live ") == 0.0
+    });
+
+    // X: same tenant, another identity, the same lease name (its own certificate).
+    let path = |f: &str| pki.path().join(f);
+    let p_files = (
+        std::fs::read(path("agent.pem")).expect("P cert"),
+        std::fs::read(path("agent-key.pem")).expect("P key"),
+    );
+    let x_leaf = pki.ca.leaf(
+        AGENT_X,
+        &[],
+        Some(AGENT_X),
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+    );
+    std::fs::write(path("agent.pem"), &x_leaf.cert_pem).expect("X cert");
+    std::fs::write(path("agent-key.pem"), &x_leaf.key_pem).expect("X key");
+    let before = relay_metric(CONFLICTS);
+    let x = start_agent(&pki, &relay.addrs, &shop);
+    until("X refused", &|| relay_metric(CONFLICTS) > before);
+    assert!(!x.ready.exists(), "X was granted P's reserved name");
+    drop(x);
+
+    // P comes back within the reservation: same name, same port, and it routes.
+    std::fs::write(path("agent.pem"), &p_files.0).expect("P cert");
+    std::fs::write(path("agent-key.pem"), &p_files.1).expect("P key");
+    let mut p = start_agent(&pki, &relay.addrs, &shop);
+    let ready = p.ready().await;
+    assert_eq!(
+        lease_port(&ready, "shop"),
+        port,
+        "the sticky port moved: {ready}"
+    );
+    let start = Instant::now();
+    while let Err(e) = echo_once(port).await {
+        assert!(
+            start.elapsed() < WAIT,
+            "P's lease does not route again: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(p);
+}

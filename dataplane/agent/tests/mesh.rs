@@ -1630,3 +1630,141 @@ async fn sigterm_lets_a_joined_service_stream_finish_before_the_agent_exits() {
     );
     assert!(status.success(), "exit status {status}");
 }
+
+/// Review M12, real binaries: agent X of the tenant cannot take `payments` over from agent P
+/// (409 `service_taken`, counted; every call still reaches P), until an operator writes a
+/// provide rule with `outrelay policy add --method @provide`: then X takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agent_cannot_take_a_service_over_until_a_provide_rule_allows_it() {
+    let w = World::new().await;
+    let (web, _web_task) = http_target().await;
+    let mut p = w.agent("provider-p", PROVIDER_A, &provide("payments", web));
+    p.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("payments"));
+    consumer.ready().await;
+    w.rule(TENANT_A, "*", "payments", "allow", None).await;
+    eventually_ok(
+        consumer.consumer(0),
+        Instant::now(),
+        "the consumer reaches P",
+    )
+    .await;
+
+    // X registers `payments` too: refused (its agent retries with backoff, never ready).
+    let mut x = w.agent("provider-x", PROVIDER_A2, &provide("payments", web));
+    let taken = || {
+        metric(
+            &w.relay_scrape(),
+            "outrelay_relay_mesh_registrations_total",
+            &[("result", "taken")],
+        )
+    };
+    assert!(
+        poll(WAIT, || taken() >= 1.0).await,
+        "X's REGISTER was not refused as taken: {}",
+        mesh_lines(&w.relay_scrape())
+    );
+    let before = p.streams("provider", "accepted");
+    for i in 0..3 {
+        http_call(consumer.consumer(0))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} while X tries: {e}"));
+    }
+    assert_eq!(
+        p.streams("provider", "accepted"),
+        before + 3.0,
+        "every call reached P"
+    );
+    assert!(!x.ready.exists(), "X registered `payments` without a rule");
+
+    // The operator lets X provide it: X's next retry is granted and it takes over.
+    let o = w
+        .cli_raw(&[
+            "policy",
+            "add",
+            "--tenant",
+            TENANT_A,
+            "--caller",
+            PROVIDER_A2,
+            "--target",
+            "payments",
+            "--method",
+            "@provide",
+            "--decision",
+            "allow",
+        ])
+        .await;
+    assert!(
+        o.status.success(),
+        "policy add --method @provide: {}",
+        text(&o)
+    );
+    x.ready().await;
+    let took_over = Instant::now();
+    eventually_ok(
+        consumer.consumer(0),
+        took_over,
+        "the consumer after the takeover",
+    )
+    .await;
+    assert!(
+        poll(WAIT, || x.streams("provider", "accepted") >= 1.0).await,
+        "no call reached X after its takeover"
+    );
+}
+
+/// Review M12 on a standalone relay: a `[[policy]]` provide rule in relay.toml lets X take
+/// `payments` over from P, and pins it (a third agent of the tenant is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_it() {
+    let w = World::standalone(&format!(
+        "[[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"*\"\ntarget = \"payments\"\n\
+         decision = \"allow\"\n\
+         [[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"{PROVIDER_A2}\"\ntarget = \"payments\"\n\
+         method = \"@provide\"\ndecision = \"allow\"\n\
+         [[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"{PROVIDER_A}\"\ntarget = \"payments\"\n\
+         method = \"@provide\"\ndecision = \"allow\"\n"
+    ))
+    .await;
+    let (web, _web_task) = http_target().await;
+    let mut p = w.agent("provider-p", PROVIDER_A, &provide("payments", web));
+    p.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("payments"));
+    consumer.ready().await;
+    eventually_ok(
+        consumer.consumer(0),
+        Instant::now(),
+        "the consumer reaches P",
+    )
+    .await;
+    assert_eq!(p.streams("provider", "accepted"), 1.0);
+
+    // X is allowed: it takes over, new calls reach X.
+    let mut x = w.agent("provider-x", PROVIDER_A2, &provide("payments", web));
+    x.ready().await;
+    http_call(consumer.consumer(0))
+        .await
+        .expect("a call after X registered");
+    assert_eq!(x.streams("provider", "accepted"), 1.0, "the call reached X");
+    assert_eq!(p.streams("provider", "accepted"), 1.0);
+
+    // A third agent of the tenant (no provide rule) is refused: the rules pin `payments`.
+    let y = w.agent("provider-y", CONSUMER_A2, &provide("payments", web));
+    let denied = || {
+        metric(
+            &w.relay_scrape(),
+            "outrelay_relay_mesh_registrations_total",
+            &[("result", "provide_denied")],
+        )
+    };
+    assert!(
+        poll(WAIT, || denied() >= 1.0).await,
+        "the third agent was not refused: {}",
+        mesh_lines(&w.relay_scrape())
+    );
+    assert!(!y.ready.exists(), "the third agent registered `payments`");
+    http_call(consumer.consumer(0))
+        .await
+        .expect("X still serves");
+    assert_eq!(x.streams("provider", "accepted"), 2.0);
+}

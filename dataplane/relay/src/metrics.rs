@@ -164,6 +164,10 @@ fn update(s: &Sources) {
         .absolute(m.registrations_ok.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_registrations_total", "result" => "rejected")
         .absolute(m.registrations_rejected.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_registrations_total", "result" => "taken")
+        .absolute(m.registrations_taken.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_registrations_total", "result" => "provide_denied")
+        .absolute(m.registrations_provide_denied.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_policy_updates_total")
         .absolute(m.policy_updates.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_audit_events_total")

@@ -1395,3 +1395,175 @@ async fn before_any_policy_every_open_is_refused() {
     let (answer, _, _) = consumer.open("pay", "", 9).await;
     assert_eq!(reject_code(&answer), 403);
 }
+
+// ---------- who may provide a service and hold a name (review M12) ----------
+
+const AGENT_3: &str = "outrelay://demo/agent/00000000-0000-4000-8000-000000000003";
+
+/// A provide rule: `caller` may provide `service` in `tenant`.
+fn provide(tenant: &str, caller: &str, service: &str) -> StaticRule {
+    StaticRule {
+        method: outrelay_relay::mesh::policy::PROVIDE_METHOD.into(),
+        ..allow(tenant, caller, service)
+    }
+}
+
+/// Opens `service` from `consumer` and accepts it on `provider`: the joined stream pair
+/// (consumer send/recv, provider send/recv) after both STREAM_READYs.
+async fn join(
+    consumer: &mut Agent,
+    provider: &mut Agent,
+    service: &str,
+    stream_id: u64,
+) -> (
+    (quinn::SendStream, quinn::RecvStream),
+    (quinn::SendStream, quinn::RecvStream),
+) {
+    let opening = consumer.open(service, "", stream_id);
+    let accepting = async {
+        let (inc, mut send, recv) = provider.incoming().await;
+        assert_eq!(inc.stream_id, stream_id);
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        (send, recv)
+    };
+    let ((answer, c_send, c_recv), p) = tokio::join!(opening, accepting);
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    for agent in [consumer, provider] {
+        assert!(matches!(
+            agent.recv().await.expect("STREAM_READY"),
+            Frame::StreamReady(r) if r.stream_id == stream_id
+        ));
+    }
+    ((c_send, c_recv), p)
+}
+
+/// Writes `msg` on one half and reads exactly it on the other.
+async fn echo(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, msg: &[u8]) {
+    send.write_all(msg).await.expect("write");
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, recv.read_exact(&mut got))
+        .await
+        .expect("bytes in time")
+        .expect("read");
+    assert_eq!(got, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agent_of_the_tenant_cannot_take_a_service_without_a_provide_rule() {
+    let w = mesh_world(&[allow("demo", "*", "payments")]);
+    let mut p = w.agent(AGENT_2).await;
+    assert!(matches!(
+        p.provide("payments", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let mut consumer = w.agent(AGENT_1).await;
+    // A stream to P is live while X tries.
+    let ((mut c_send, mut c_recv), (mut p_send, mut p_recv)) =
+        join(&mut consumer, &mut p, "payments", 1).await;
+
+    // X, same tenant, no rule: refused with 409 `service_taken`, counted.
+    let mut x = w.agent(AGENT_3).await;
+    match x.provide("payments", 7).await {
+        Frame::StreamReject(r) => {
+            assert_eq!((r.code, r.request_id), (409, 7), "{r:?}");
+            assert!(r.reason.starts_with("service_taken"), "{}", r.reason);
+        }
+        other => panic!("expected STREAM_REJECT, got {other:?}"),
+    }
+    assert_eq!(w.mesh.stats.registrations_taken.load(Ordering::Relaxed), 1);
+    // P's live stream keeps working both ways, and a new consumer stream reaches P.
+    echo(&mut c_send, &mut p_recv, b"to P").await;
+    echo(&mut p_send, &mut c_recv, b"from P").await;
+    let ((mut c2_send, _c2_recv), (_p2_send, mut p2_recv)) =
+        join(&mut consumer, &mut p, "payments", 2).await;
+    echo(&mut c2_send, &mut p2_recv, b"still P").await;
+    // P registering again (as after a reconnect) keeps it.
+    assert!(matches!(
+        p.provide("payments", 2).await,
+        Frame::RegisterAck(_)
+    ));
+
+    // An operator rule lets X provide `payments`: X takes over (newest wins), P's live
+    // streams are untouched by the policy change.
+    w.mesh.set_policy(rules(&[
+        allow("demo", "*", "payments"),
+        provide("demo", AGENT_3, "payments"),
+    ]));
+    assert!(matches!(
+        x.provide("payments", 8).await,
+        Frame::RegisterAck(_)
+    ));
+    let ((mut c3_send, _c3_recv), (_x_send, mut x_recv)) =
+        join(&mut consumer, &mut x, "payments", 3).await;
+    echo(&mut c3_send, &mut x_recv, b"to X").await;
+    echo(&mut c_send, &mut p_recv, b"P's first stream lives on").await;
+    // The rule pins `payments` to X: P (no rule) may not register it anew.
+    match p.provide("payments", 3).await {
+        Frame::StreamReject(r) => {
+            assert_eq!(r.code, 403, "{r:?}");
+            assert!(r.reason.starts_with("provide_denied"), "{}", r.reason);
+        }
+        other => panic!("expected STREAM_REJECT, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_lease_name_and_its_sticky_port_stay_with_the_agent_that_held_them() {
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let shop = orp::LeaseRegister {
+        name: "shop".to_owned(),
+        tls: true,
+        udp: true,
+        request_id: 1,
+        ..orp::LeaseRegister::default()
+    };
+    let p_leaf = ca.leaf(AGENT_1, &[], Eku::Client);
+    let mut p = connect(&relay, &ca, &p_leaf).await.expect("P connects");
+    p.hello(AGENT_1).await;
+    let first = p.register_with(shop.clone()).await;
+    assert_eq!(first.hostname, "shop.relay.test");
+    assert!(!first.udp_addr.is_empty());
+    // P's connection drops: the name and the port go into reservation.
+    p.conn.close(0u32.into(), b"network change");
+    eventually("P's routes removed", || {
+        relay
+            .shared
+            .load()
+            .routes
+            .lookup_sni(&sni("shop.relay.test"))
+            .is_none()
+    })
+    .await;
+
+    // X, same tenant, within the reservation: refused by name, counted.
+    let mut x = connect(&relay, &ca, &ca.leaf(AGENT_2, &[], Eku::Client))
+        .await
+        .expect("X connects");
+    x.hello(AGENT_2).await;
+    let before = relay.stats.lease_errors(LeaseErrorCode::HostnameConflict);
+    match x.call(Frame::LeaseRegister(shop.clone())).await {
+        Frame::LeaseError(e) => {
+            assert_eq!(
+                (e.code.as_str(), e.message.as_str(), e.request_id),
+                ("hostname_conflict", "name_taken", 1)
+            );
+        }
+        other => panic!("expected LEASE_ERROR, got {other:?}"),
+    }
+    assert_eq!(
+        relay.stats.lease_errors(LeaseErrorCode::HostnameConflict),
+        before + 1
+    );
+    // X's other names are unaffected.
+    x.register("elsewhere", 2).await;
+
+    // P reconnects and gets the same name and the same (sticky) port.
+    let mut p = connect(&relay, &ca, &p_leaf).await.expect("P reconnects");
+    p.hello(AGENT_1).await;
+    let again = p.register_with(shop).await;
+    assert_eq!(
+        (again.hostname.as_str(), again.udp_addr.as_str()),
+        (first.hostname.as_str(), first.udp_addr.as_str())
+    );
+}

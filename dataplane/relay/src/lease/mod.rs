@@ -51,8 +51,13 @@ pub const AGENT_LEASE_LIMIT: &str = "agent_lease_limit";
 /// How many random lease ids [`LeaseTable::register`] tries before answering `internal`.
 pub const LEASE_ID_ATTEMPTS_MAX: u32 = 4;
 
-/// The LEASE_ERROR message for `hostname_conflict` (held or reserved alike).
+/// The LEASE_ERROR message for `hostname_conflict` when another tenant holds or reserves the
+/// name (held or reserved alike, so a probe learns no more than "not available").
 const HOSTNAME_UNAVAILABLE: &str = "hostname is not available";
+/// The LEASE_ERROR message for `hostname_conflict` when another agent of the same tenant holds
+/// the name, or it is still reserved to that agent (the controller's answer for a live record
+/// of another agent is the same word).
+pub const NAME_TAKEN: &str = "name_taken";
 
 /// Names one agent QUIC connection (the relay numbers them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -94,8 +99,8 @@ pub struct LeaseConfig {
     pub ttl_default_s: u32,
     /// Requested TTLs above this are cut to it.
     pub ttl_cap_s: u32,
-    /// How long a released or expired hostname (to its tenant) and port (to its tenant and
-    /// name) stay reserved.
+    /// How long a released or expired hostname and port stay reserved to the agent identity
+    /// that held them (and that name, for the port).
     pub reservation_ms: u64,
     /// How often the relay calls [`LeaseTable::sweep`] (the table itself does not use it).
     pub janitor_interval_ms: u64,
@@ -276,7 +281,7 @@ pub enum LeaseErrorCode {
     LeaseNotFound,
     /// 403: the controller did not make the lease routable (manual approval, quota, rejection).
     LeaseRejected,
-    /// 409: the hostname is held by another identity or reserved to another tenant.
+    /// 409: the hostname is held by another identity or reserved to another one.
     HostnameConflict,
     /// 409: the requested exposures cannot be served together (see [`LeaseTable::register`]).
     TransportMismatch,
@@ -442,7 +447,8 @@ impl LeaseOwner {
     }
 }
 
-/// The key a released port stays reserved to: `(tenant, name)`.
+/// The key a released port stays reserved to: `(agent identity URI, name)` (the URI names the
+/// tenant too).
 pub(crate) type ReservationKey = (String, LeaseName);
 
 /// A live lease.
@@ -568,10 +574,11 @@ impl<F: FnMut() -> [u8; 16]> LeaseIdSource for F {
     }
 }
 
-/// A hostname reservation: to `tenant` until `until`.
+/// A hostname reservation: to the agent `agent_uri` of `tenant` until `until`.
 #[derive(Debug, Clone)]
 struct NameReservation {
     tenant: String,
+    agent_uri: String,
     until: Instant,
 }
 
@@ -740,24 +747,28 @@ impl LeaseTable {
             }
         }
 
-        // The hostname: held live by another identity, or reserved to another tenant. Both
-        // get the same message, so a probe learns no more than "not available".
+        // The hostname: held live by another identity, or reserved to another one (review
+        // M12: a reservation belongs to the agent that held the lease, not to its tenant).
+        // Another tenant gets the same message either way, so a probe learns no more than
+        // "not available"; another agent of the same tenant gets `name_taken`.
+        let conflict = |tenant: &str| {
+            let message = if tenant == owner.tenant {
+                NAME_TAKEN
+            } else {
+                HOSTNAME_UNAVAILABLE
+            };
+            Err(Refusal::new(LeaseErrorCode::HostnameConflict, message))
+        };
         let replaced = self.by_name.get(&name).copied();
-        if let Some(id) = replaced
-            && self.leases.get(&id).is_some_and(|l| l.owner != owner)
+        if let Some(l) = replaced.and_then(|id| self.leases.get(&id))
+            && l.owner != owner
         {
-            return Err(Refusal::new(
-                LeaseErrorCode::HostnameConflict,
-                HOSTNAME_UNAVAILABLE,
-            ));
+            return conflict(&l.owner.tenant);
         }
         if let Some(r) = self.name_reservations.get(&name)
-            && r.tenant != owner.tenant
+            && (r.tenant != owner.tenant || r.agent_uri != owner.agent_uri)
         {
-            return Err(Refusal::new(
-                LeaseErrorCode::HostnameConflict,
-                HOSTNAME_UNAVAILABLE,
-            ));
+            return conflict(&r.tenant);
         }
         let old = replaced.and_then(|id| self.leases.get(&id));
         // Replacing one of its own names does not add a lease.
@@ -768,7 +779,7 @@ impl LeaseTable {
                 AGENT_LEASE_LIMIT,
             ));
         }
-        let key: ReservationKey = (owner.tenant.clone(), name.clone());
+        let key: ReservationKey = (owner.agent_uri.clone(), name.clone());
         let tcp_port = if req.tcp {
             Some(plan_port(
                 PortTransport::Tcp,
@@ -1021,8 +1032,8 @@ impl LeaseTable {
         self.next_deadline = Some(self.next_deadline.map_or(at, |d| d.min(at)));
     }
 
-    /// Removes a lease; its hostname (to its tenant) and ports (to its tenant and name) stay
-    /// reserved from `ended_at` for the reservation period.
+    /// Removes a lease; its hostname and ports stay reserved to its agent identity (the ports
+    /// to that identity and name) from `ended_at` for the reservation period.
     fn remove(&mut self, id: LeaseId, ended_at: Instant) -> Option<Lease> {
         let lease = self.leases.remove(&id)?;
         self.generation += 1;
@@ -1047,10 +1058,11 @@ impl LeaseTable {
             lease.name.clone(),
             NameReservation {
                 tenant: lease.owner.tenant.clone(),
+                agent_uri: lease.owner.agent_uri.clone(),
                 until,
             },
         );
-        let key: ReservationKey = (lease.owner.tenant.clone(), lease.name.clone());
+        let key: ReservationKey = (lease.owner.agent_uri.clone(), lease.name.clone());
         if let Some(p) = lease.tcp_port {
             self.tcp.release(p, key.clone(), until);
         }

@@ -1,6 +1,6 @@
 //! One public port allocator (the relay keeps one for TCP and one for UDP over the same
 //! configured range): lowest free port first, and a released port stays reserved for its
-//! `(tenant, name)` for the reservation period and is handed back to it (sticky).
+//! `(agent identity, name)` for the reservation period and is handed back to it (sticky).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
@@ -17,7 +17,7 @@ pub(crate) struct PortAllocator {
     free: BTreeSet<u16>,
     /// Held by a live lease.
     held: BTreeSet<u16>,
-    /// Released recently: reserved to a `(tenant, name)` until the instant.
+    /// Released recently: reserved to an `(agent identity, name)` until the instant.
     reserved: HashMap<u16, (ReservationKey, Instant)>,
     /// The reverse index of `reserved` (one reserved port per key at most).
     sticky: HashMap<ReservationKey, u16>,

@@ -329,10 +329,12 @@ fn same_identity_replaces_its_lease_on_any_connection() {
 fn other_identity_gets_hostname_conflict() {
     let mut f = Fixture::new();
     f.ok(1, &agent("acme", 1), &tls("demo"), secs(0));
+    let err = f
+        .reg(2, &agent("acme", 2), &tls("demo"), secs(1))
+        .expect_err("same tenant, other agent");
     assert_eq!(
-        f.code(2, &agent("acme", 2), &tls("demo"), secs(1)),
-        LeaseErrorCode::HostnameConflict,
-        "same tenant, other agent"
+        (err.code, err.message.as_ref()),
+        (LeaseErrorCode::HostnameConflict, NAME_TAKEN)
     );
     assert_eq!(
         f.code(3, &agent("evil", 1), &tcp("DEMO"), secs(1)),
@@ -342,7 +344,7 @@ fn other_identity_gets_hostname_conflict() {
 }
 
 #[test]
-fn released_hostname_stays_reserved_to_its_tenant_for_five_minutes() {
+fn released_hostname_stays_reserved_to_its_agent_for_five_minutes() {
     let mut f = Fixture::new();
     let g = f.ok(1, &agent("acme", 1), &tls("demo"), secs(0));
     f.table
@@ -353,8 +355,16 @@ fn released_hostname_stays_reserved_to_its_tenant_for_five_minutes() {
         f.code(2, &agent("evil", 1), &tls("demo"), secs(10 + 299)),
         LeaseErrorCode::HostnameConflict
     );
-    // Same tenant, another agent: may take it.
-    f.ok(3, &agent("acme", 2), &tls("demo"), secs(20));
+    // Same tenant, another agent: refused by name (review M12), nothing changes.
+    let err = f
+        .reg(3, &agent("acme", 2), &tls("demo"), secs(20))
+        .expect_err("reserved to agent 1");
+    assert_eq!(
+        (err.code, err.message.as_ref()),
+        (LeaseErrorCode::HostnameConflict, NAME_TAKEN)
+    );
+    // The agent that held it takes it back, on a new connection.
+    f.ok(3, &agent("acme", 1), &tls("demo"), secs(20));
     let g = f.table.leases().next().expect("one lease").id;
     f.table
         .release(ConnId(3), &g.0, f.t0 + secs(30))
@@ -399,11 +409,16 @@ fn ports_are_lowest_free_first_and_sticky_for_five_minutes() {
     f.table
         .release(ConnId(1), &ga.lease_id.0, f.t0 + secs(1))
         .expect("release");
-    // MIN is reserved to (acme, a): a newcomer gets the next free port.
+    // MIN is reserved to (agent 1 of acme, a): a newcomer gets the next free port.
     let gc = f.ok(3, &c, &tcp("c"), secs(2));
     assert_eq!(gc.tcp_port, Some(MIN + 2));
-    // (acme, a) comes back within 5 minutes, from another agent of acme: sticky.
-    let ga2 = f.ok(4, &agent("acme", 9), &tcp("a"), secs(200));
+    // Another agent of acme may not have the name (nor its port) within 5 minutes.
+    assert_eq!(
+        f.code(4, &agent("acme", 9), &tcp("a"), secs(200)),
+        LeaseErrorCode::HostnameConflict
+    );
+    // The agent that held it comes back within 5 minutes, on a new connection: sticky.
+    let ga2 = f.ok(4, &a, &tcp("a"), secs(200));
     assert_eq!(ga2.tcp_port, Some(MIN));
     // Released again; after 5 minutes the port is free for anyone, lowest first.
     f.table
@@ -953,15 +968,15 @@ mod model {
         expires_ms: u64,
     }
 
-    /// (port, tenant, name, until_ms)
-    type PortRes = Vec<(u16, u8, usize, u64)>;
+    /// (port, (tenant, agent), name, until_ms)
+    type PortRes = Vec<(u16, (u8, u8), usize, u64)>;
 
     #[derive(Debug, Default)]
     struct Model {
         now_ms: u64,
         leases: Vec<MLease>,
-        /// (name, tenant, until_ms)
-        names: Vec<(usize, u8, u64)>,
+        /// (name, (tenant, agent), until_ms)
+        names: Vec<(usize, (u8, u8), u64)>,
         tcp: PortRes,
         udp: PortRes,
         ended: Vec<LeaseId>,
@@ -976,8 +991,8 @@ mod model {
         }
     }
 
-    fn pick_port(res: &PortRes, live: &[Option<u16>], tenant: u8, name: usize) -> Option<u16> {
-        if let Some(r) = res.iter().find(|r| r.1 == tenant && r.2 == name) {
+    fn pick_port(res: &PortRes, live: &[Option<u16>], who: (u8, u8), name: usize) -> Option<u16> {
+        if let Some(r) = res.iter().find(|r| r.1 == who && r.2 == name) {
             return Some(r.0);
         }
         PORTS
@@ -990,11 +1005,12 @@ mod model {
             let l = self.leases.remove(idx);
             let until = at_ms + RESERVATION_MS;
             self.names.retain(|r| r.0 != l.name);
-            self.names.push((l.name, l.tenant, until));
+            let who = (l.tenant, l.agent);
+            self.names.push((l.name, who, until));
             for (port, res) in [(l.tcp, &mut self.tcp), (l.udp, &mut self.udp)] {
                 if let Some(p) = port {
-                    res.retain(|r| !(r.1 == l.tenant && r.2 == l.name));
-                    res.push((p, l.tenant, l.name, until));
+                    res.retain(|r| !(r.1 == who && r.2 == l.name));
+                    res.push((p, who, l.name, until));
                 }
             }
             l
@@ -1225,7 +1241,11 @@ mod model {
         {
             return Err(LeaseErrorCode::HostnameConflict);
         }
-        if m.names.iter().any(|r| r.0 == name && r.1 != tenant) {
+        // Reserved to another agent identity (of any tenant).
+        if m.names
+            .iter()
+            .any(|r| r.0 == name && r.1 != (tenant, agent))
+        {
             return Err(LeaseErrorCode::HostnameConflict);
         }
         let old = holder.map(|i| m.leases[i].clone());
@@ -1235,7 +1255,7 @@ mod model {
             match old.as_ref().and_then(|o| o.tcp) {
                 Some(p) => Some(p),
                 None => Some(
-                    pick_port(&m.tcp, &live_tcp, tenant, name)
+                    pick_port(&m.tcp, &live_tcp, (tenant, agent), name)
                         .ok_or(LeaseErrorCode::TcpPortExhausted)?,
                 ),
             }
@@ -1246,7 +1266,7 @@ mod model {
             match old.as_ref().and_then(|o| o.udp) {
                 Some(p) => Some(p),
                 None => Some(
-                    pick_port(&m.udp, &live_udp, tenant, name)
+                    pick_port(&m.udp, &live_udp, (tenant, agent), name)
                         .ok_or(LeaseErrorCode::UdpPortExhausted)?,
                 ),
             }

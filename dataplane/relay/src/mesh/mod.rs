@@ -7,6 +7,13 @@
 //!   to THIS relay, by `(tenant, name)`; an agent's entries go when its connection ends, and the
 //!   backend is told to deregister the agent (re-registering what its other live connections
 //!   still provide, so a reconnect that overtook the old connection's end keeps its services).
+//! - **Who may provide** ([`Mesh::check_provider`]): a service held by one identity (a live
+//!   local registration) is refused to another identity of the tenant (409 `service_taken`)
+//!   unless a provide rule (method [`policy::PROVIDE_METHOD`]) allows it, which then takes
+//!   over (the newest allowed registration wins); a provide rule can also deny an identity, or
+//!   close a service to every identity it does not allow (403 `provide_denied`). The same
+//!   identity registering again (a reconnect) always keeps its service. Checked before the
+//!   backend is asked and again, atomically, when the registration is recorded.
 //! - **Remote providers**: the controller's registry (`Registry.Watch`), consulted only when no
 //!   local agent provides the name; a provider on another relay gets 502 (relay-to-relay
 //!   forwarding is not built).
@@ -34,7 +41,7 @@ use outrelay_api::pb;
 use tokio::sync::watch;
 
 use crate::lease::ConnId;
-use policy::{PolicySnapshot, StaticRule};
+use policy::{PolicySnapshot, ProvideVerdict, StaticRule};
 pub use stats::{MeshResult, MeshStats};
 
 /// Default deadline for the first frame of a stream (OPEN_STREAM from the consumer, the
@@ -56,6 +63,14 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 300_000;
 pub const AUDIT_FIELD_MAX_BYTES: usize = 512;
 /// Longest audit reason once queued; longer reasons are cut.
 pub const AUDIT_REASON_MAX_BYTES: usize = 1024;
+/// STREAM_REJECT code of a REGISTER for a service another identity holds.
+pub const REJECT_SERVICE_TAKEN: u32 = 409;
+/// STREAM_REJECT code of a REGISTER a provide rule refuses.
+pub const REJECT_PROVIDE_DENIED: u32 = 403;
+/// The reason of [`REJECT_SERVICE_TAKEN`] starts with this.
+pub const SERVICE_TAKEN: &str = "service_taken";
+/// The reason of [`REJECT_PROVIDE_DENIED`] starts with this.
+pub const PROVIDE_DENIED: &str = "provide_denied";
 
 /// `[mesh]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,12 +396,90 @@ impl Mesh {
             .insert(conn, (tenant.to_owned(), agent_uri.to_owned()));
     }
 
-    /// Records a registration the backend accepted; false when the connection has ended
-    /// meanwhile (nothing is recorded).
-    pub(crate) fn register_local(&self, conn: ConnId, reg: &Registration) -> bool {
+    /// May `reg.agent_uri` provide `reg.service` now (see the module docs)? A refusal is
+    /// counted (`registrations_taken` or `registrations_provide_denied`).
+    ///
+    /// # Errors
+    /// The STREAM_REJECT to answer: 409 `service_taken` or 403 `provide_denied`.
+    pub fn check_provider(&self, reg: &Registration) -> Result<(), Rejection> {
+        let local = self.local();
+        self.may_provide(&local, reg)
+    }
+
+    fn may_provide(&self, local: &Local, reg: &Registration) -> Result<(), Rejection> {
+        let verdict = self.policy().map_or(ProvideVerdict::Unruled, |p| {
+            p.provide(&reg.tenant, &reg.agent_uri, &reg.service, crate::unix_ms())
+        });
+        let denied = |why: String| {
+            self.stats
+                .registrations_provide_denied
+                .fetch_add(1, Ordering::Relaxed);
+            Err(Rejection {
+                code: REJECT_PROVIDE_DENIED,
+                reason: format!("{PROVIDE_DENIED}: {why}"),
+            })
+        };
+        match verdict {
+            ProvideVerdict::Allowed { .. } => return Ok(()),
+            ProvideVerdict::Denied { rule_id } => return denied(format!("rule {rule_id}")),
+            ProvideVerdict::NotAllowed => {
+                return denied(format!(
+                    "no {} rule allows this agent to provide {:?}",
+                    policy::PROVIDE_METHOD,
+                    reg.service
+                ));
+            }
+            ProvideVerdict::Unruled => {}
+        }
+        let key = (reg.tenant.clone(), reg.service.clone());
+        let taken = local
+            .by_name
+            .get(&key)
+            .is_some_and(|list| list.iter().any(|p| p.agent_uri != reg.agent_uri));
+        if taken {
+            self.stats
+                .registrations_taken
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Rejection {
+                code: REJECT_SERVICE_TAKEN,
+                reason: format!(
+                    "{SERVICE_TAKEN}: another agent provides {:?} (a {} rule may allow a takeover)",
+                    reg.service,
+                    policy::PROVIDE_METHOD
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a registration the backend accepted: `Ok(false)` when the connection has ended
+    /// meanwhile (nothing is recorded). The provider check runs again under the same lock, so
+    /// two identities racing for a free service cannot both hold it; the loser is taken out
+    /// of the backend again (its other registrations re-sent).
+    ///
+    /// # Errors
+    /// [`Mesh::check_provider`]'s.
+    pub(crate) fn register_local(
+        &self,
+        conn: ConnId,
+        reg: &Registration,
+    ) -> Result<bool, Rejection> {
         let mut local = self.local();
         if !local.live.contains_key(&conn) {
-            return false;
+            return Ok(false);
+        }
+        if let Err(rejection) = self.may_provide(&local, reg) {
+            let remaining: Vec<Registration> = local
+                .by_conn
+                .values()
+                .flatten()
+                .filter(|r| r.agent_uri == reg.agent_uri)
+                .cloned()
+                .collect();
+            drop(local);
+            self.backend
+                .deregister(&reg.tenant, &reg.agent_uri, remaining);
+            return Err(rejection);
         }
         local.seq += 1;
         let seq = local.seq;
@@ -401,7 +494,7 @@ impl Mesh {
         let mine = local.by_conn.entry(conn).or_default();
         mine.retain(|r| r.service != reg.service);
         mine.push(reg.clone());
-        true
+        Ok(true)
     }
 
     /// The connection ended: its services go, and the backend deregisters the agent on this
@@ -621,8 +714,8 @@ mod tests {
         let mesh = Mesh::new(MeshConfig::default(), "r1".into(), rec.clone());
         mesh.connection_opened(ConnId(1), "a", U1);
         mesh.connection_opened(ConnId(2), "a", U1);
-        assert!(mesh.register_local(ConnId(1), &reg("pay")));
-        assert!(mesh.register_local(ConnId(2), &reg("pay")));
+        assert_eq!(mesh.register_local(ConnId(1), &reg("pay")), Ok(true));
+        assert_eq!(mesh.register_local(ConnId(2), &reg("pay")), Ok(true));
         assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(2)));
         assert_eq!(mesh.resolve("b", "pay"), Resolved::NotFound);
         mesh.connection_closed(ConnId(2));
@@ -632,8 +725,69 @@ mod tests {
         mesh.connection_closed(ConnId(1));
         assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
         // A registration finishing after its connection ended leaves nothing behind.
-        assert!(!mesh.register_local(ConnId(1), &reg("pay")));
+        assert_eq!(mesh.register_local(ConnId(1), &reg("pay")), Ok(false));
         assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
+    }
+
+    const U2: &str = "outrelay://a/agent/00000000-0000-4000-8000-000000000002";
+
+    fn reg_of(uri: &str, service: &str) -> Registration {
+        Registration {
+            agent_uri: uri.into(),
+            ..reg(service)
+        }
+    }
+
+    #[test]
+    fn a_held_service_is_refused_to_another_identity_unless_a_provide_rule_allows_it() {
+        let rec = Arc::new(Recorder::default());
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), rec.clone());
+        mesh.set_policy(Vec::new());
+        mesh.connection_opened(ConnId(1), "a", U1);
+        mesh.connection_opened(ConnId(2), "a", U2);
+        mesh.connection_opened(ConnId(3), "a", U1);
+        assert_eq!(mesh.register_local(ConnId(1), &reg_of(U1, "pay")), Ok(true));
+        assert_eq!(mesh.register_local(ConnId(2), &reg_of(U2, "own")), Ok(true));
+        // Another identity: 409, before the backend (check) and when recording (race loser,
+        // taken out of the backend again with its other services re-sent).
+        let err = mesh.check_provider(&reg_of(U2, "pay")).expect_err("held");
+        assert_eq!(err.code, REJECT_SERVICE_TAKEN);
+        assert!(err.reason.starts_with(SERVICE_TAKEN), "{}", err.reason);
+        let err = mesh
+            .register_local(ConnId(2), &reg_of(U2, "pay"))
+            .expect_err("held");
+        assert_eq!(err.code, REJECT_SERVICE_TAKEN);
+        assert_eq!(*rec.0.lock().expect("lock"), vec![(U2.to_owned(), 1)]);
+        assert_eq!(mesh.stats.registrations_taken.load(Ordering::Relaxed), 2);
+        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(1)));
+        // The same identity on another connection (a reconnect) keeps it.
+        assert_eq!(mesh.register_local(ConnId(3), &reg_of(U1, "pay")), Ok(true));
+        // A provide rule allowing U2 makes the takeover an explicit choice: newest wins.
+        let rule = |caller: &str, allow: bool| StaticRule {
+            tenant: "a".into(),
+            caller: caller.into(),
+            target: "pay".into(),
+            method: policy::PROVIDE_METHOD.into(),
+            allow,
+        };
+        mesh.set_policy(vec![rule(U2, true).to_rule(0)]);
+        assert_eq!(mesh.register_local(ConnId(2), &reg_of(U2, "pay")), Ok(true));
+        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(2)));
+        // That rule pins `pay`: U1 (no rule) may not register it again; a deny says so by id.
+        let err = mesh.check_provider(&reg_of(U1, "pay")).expect_err("pinned");
+        assert_eq!(err.code, REJECT_PROVIDE_DENIED);
+        mesh.set_policy(vec![rule(U2, false).to_rule(0)]);
+        let err = mesh.check_provider(&reg_of(U2, "pay")).expect_err("denied");
+        assert_eq!(
+            (err.code, err.reason.as_str()),
+            (REJECT_PROVIDE_DENIED, "provide_denied: rule static-0")
+        );
+        assert_eq!(
+            mesh.stats
+                .registrations_provide_denied
+                .load(Ordering::Relaxed),
+            2
+        );
     }
 
     #[test]
@@ -676,7 +830,7 @@ mod tests {
         let b = mesh.reserve_registration(ConnId(1)).expect("second");
         // Both still pending: a third is refused at once (no await in between).
         assert!(mesh.reserve_registration(ConnId(1)).is_none());
-        assert!(mesh.register_local(ConnId(1), &reg("x")));
+        assert_eq!(mesh.register_local(ConnId(1), &reg("x")), Ok(true));
         drop(a);
         assert!(
             mesh.reserve_registration(ConnId(1)).is_none(),

@@ -2,13 +2,42 @@
 //! `[[policy]]` rules of a standalone relay), evaluated with [`outrelay_api::policy::evaluate`],
 //! with a bounded decision cache that lives inside the snapshot, so swapping the snapshot is the
 //! cache flush the spec asks for on every policy event.
+//!
+//! Rules whose method pattern is exactly [`PROVIDE_METHOD`] are provide rules: they say which
+//! identity may provide (REGISTER) which service ([`PolicySnapshot::provide`]) and never take
+//! part in a stream decision, so granting a provider never lets anyone call anything.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use outrelay_api::pb::{Decision, PolicyRule};
-use outrelay_api::policy::evaluate;
+use outrelay_api::policy::{evaluate, glob_match};
+
+/// The reserved method of a provide rule: `caller` = the provider's identity URI (glob),
+/// `target` = the service name (glob). Only rules with exactly this method pattern are provide
+/// rules; a rule with an empty or `*` method is a stream rule only.
+pub const PROVIDE_METHOD: &str = "@provide";
+
+/// What the tenant's provide rules say about one identity registering one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvideVerdict {
+    /// A provide rule allows it: it may take the service over from another identity.
+    Allowed {
+        /// The deciding rule.
+        rule_id: String,
+    },
+    /// A provide rule denies it.
+    Denied {
+        /// The deciding rule.
+        rule_id: String,
+    },
+    /// No provide rule names this identity, but an allowing one names the service: only the
+    /// identities such rules allow may provide it.
+    NotAllowed,
+    /// No provide rule concerns this service: the first identity to register it holds it.
+    Unruled,
+}
 
 /// One decision and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +67,10 @@ type CacheKey = (String, String, String, String);
 /// All rules of every tenant, as one immutable value, plus its decision cache.
 #[derive(Debug)]
 pub struct PolicySnapshot {
+    /// Stream rules.
     by_tenant: HashMap<String, Vec<PolicyRule>>,
+    /// Provide rules (method pattern [`PROVIDE_METHOD`]).
+    provide_by_tenant: HashMap<String, Vec<PolicyRule>>,
     /// Per tenant, the earliest future expiry among its rules (cache entries never outlive it).
     next_expiry_unix_ms: HashMap<String, i64>,
     cache: Mutex<HashMap<CacheKey, (Verdict, Instant)>>,
@@ -51,11 +83,18 @@ impl PolicySnapshot {
     /// kept at most `cache_ttl`.
     pub fn new(rules: Vec<PolicyRule>, cache_max: usize, cache_ttl: Duration) -> PolicySnapshot {
         let mut by_tenant: HashMap<String, Vec<PolicyRule>> = HashMap::new();
+        let mut provide_by_tenant: HashMap<String, Vec<PolicyRule>> = HashMap::new();
         for rule in rules {
-            by_tenant.entry(rule.tenant.clone()).or_default().push(rule);
+            let map = if rule.method_pattern == PROVIDE_METHOD {
+                &mut provide_by_tenant
+            } else {
+                &mut by_tenant
+            };
+            map.entry(rule.tenant.clone()).or_default().push(rule);
         }
         PolicySnapshot {
             by_tenant,
+            provide_by_tenant,
             next_expiry_unix_ms: HashMap::new(),
             cache: Mutex::new(HashMap::new()),
             cache_max,
@@ -82,12 +121,15 @@ impl PolicySnapshot {
 
     /// Every rule, in no particular order (the controller task edits a copy).
     pub fn rules(&self) -> impl Iterator<Item = &PolicyRule> {
-        self.by_tenant.values().flatten()
+        self.by_tenant
+            .values()
+            .flatten()
+            .chain(self.provide_by_tenant.values().flatten())
     }
 
     /// Number of rules.
     pub fn len(&self) -> usize {
-        self.by_tenant.values().map(Vec::len).sum()
+        self.rules().count()
     }
 
     /// True when there is no rule at all.
@@ -175,6 +217,48 @@ impl PolicySnapshot {
             };
         }
         v
+    }
+
+    /// May `provider` (an identity URI) provide `service` in `tenant`? The provide rules are
+    /// evaluated like stream rules (exact target first, then DENY, then the oldest); with no
+    /// rule for this identity, a service that some unexpired ALLOW provide rule targets is
+    /// closed to it ([`ProvideVerdict::NotAllowed`]).
+    pub fn provide(
+        &self,
+        tenant: &str,
+        provider: &str,
+        service: &str,
+        now_unix_ms: i64,
+    ) -> ProvideVerdict {
+        let rules = self
+            .provide_by_tenant
+            .get(tenant)
+            .map_or(&[][..], Vec::as_slice);
+        let v = evaluate(
+            rules,
+            tenant,
+            provider,
+            service,
+            PROVIDE_METHOD,
+            now_unix_ms,
+        );
+        match v.rule {
+            Some(r) if v.allow => ProvideVerdict::Allowed {
+                rule_id: r.id.clone(),
+            },
+            Some(r) => ProvideVerdict::Denied {
+                rule_id: r.id.clone(),
+            },
+            None if rules.iter().any(|r| {
+                r.decision == Decision::Allow as i32
+                    && (r.expires_unix_ms == 0 || r.expires_unix_ms > now_unix_ms)
+                    && glob_match(&r.target_pattern, service)
+            }) =>
+            {
+                ProvideVerdict::NotAllowed
+            }
+            None => ProvideVerdict::Unruled,
+        }
     }
 
     /// Decisions held in the cache (tests).
@@ -281,6 +365,51 @@ mod tests {
         let v = s.callee_side("a", B, A, "", 0);
         assert!(!v.allow);
         assert_eq!(v.reason(), "rule deny-a");
+    }
+
+    fn provide(id: &str, caller: &str, target: &str, allow: bool) -> PolicyRule {
+        PolicyRule {
+            method_pattern: PROVIDE_METHOD.into(),
+            ..rule(id, "a", caller, target, allow)
+        }
+    }
+
+    #[test]
+    fn provide_rules_decide_who_provides_and_never_decide_a_stream() {
+        // A stream allow-all (any method) says nothing about providing.
+        let s = snap(vec![rule("all", "a", "*", "*", true)]);
+        assert_eq!(s.provide("a", A, "pay", 0), ProvideVerdict::Unruled);
+        let s = snap(vec![
+            provide("p-a", A, "pay", true),
+            provide("no-b", B, "other", false),
+        ]);
+        assert_eq!(
+            s.provide("a", A, "pay", 0),
+            ProvideVerdict::Allowed {
+                rule_id: "p-a".into()
+            }
+        );
+        // `pay` is pinned by an allowing rule: B may not provide it.
+        assert_eq!(s.provide("a", B, "pay", 0), ProvideVerdict::NotAllowed);
+        assert_eq!(
+            s.provide("a", B, "other", 0),
+            ProvideVerdict::Denied {
+                rule_id: "no-b".into()
+            }
+        );
+        // A deny alone pins nothing for the others.
+        assert_eq!(s.provide("a", A, "other", 0), ProvideVerdict::Unruled);
+        // Another tenant's services are not concerned.
+        assert_eq!(s.provide("b", B, "pay", 0), ProvideVerdict::Unruled);
+        // A provide rule never allows a stream, even one claiming the reserved method.
+        assert!(!s.caller_side("a", A, "pay", PROVIDE_METHOD, 0).allow);
+        assert!(s.callee_side("a", B, A, "", 0).allow);
+        assert_eq!(s.len(), 2);
+        // An expired allowing rule pins nothing.
+        let mut r = provide("old", A, "pay", true);
+        r.expires_unix_ms = 10;
+        let s = snap(vec![r]);
+        assert_eq!(s.provide("a", B, "pay", 10), ProvideVerdict::Unruled);
     }
 
     #[test]

@@ -92,8 +92,12 @@ pub struct MeshStats {
     pub streams_failed: AtomicU64,
     /// REGISTER frames answered with REGISTER_ACK.
     pub registrations_ok: AtomicU64,
-    /// REGISTER frames answered with STREAM_REJECT.
+    /// REGISTER frames answered with STREAM_REJECT, but for the two below.
     pub registrations_rejected: AtomicU64,
+    /// REGISTERs refused because another identity holds the service (409 `service_taken`).
+    pub registrations_taken: AtomicU64,
+    /// REGISTERs refused by a provide rule (403 `provide_denied`).
+    pub registrations_provide_denied: AtomicU64,
     /// Policy snapshots installed.
     pub policy_updates: AtomicU64,
     /// Audit events produced.

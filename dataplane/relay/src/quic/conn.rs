@@ -472,6 +472,15 @@ fn register(
         agent_uri: identity.to_string(),
         local_addr: req.local_addr,
     };
+    // Who may provide it (review M12): refused before the backend hears of it (counted by
+    // the mesh), and checked again when it is recorded.
+    if let Err(rejection) = mesh.check_provider(&reg) {
+        return out.send(Frame::StreamReject(orp::StreamReject {
+            code: rejection.code,
+            reason: rejection.reason,
+            request_id: req.request_id,
+        }));
+    }
     let (mesh, tx, conn, request_id) = (
         mesh.clone(),
         out.tx.downgrade(),
@@ -484,15 +493,23 @@ fn register(
             Ok(service_id) => {
                 let recorded = mesh.register_local(conn_id, &reg);
                 drop(pending);
-                if !recorded {
-                    return; // the connection ended meanwhile
+                match recorded {
+                    Ok(true) => {
+                        bump(&mesh.stats.registrations_ok);
+                        tracing::debug!(tenant = %reg.tenant, service = %reg.service, agent = %reg.agent_uri, "service registered");
+                        Frame::RegisterAck(orp::RegisterAck {
+                            service_id,
+                            request_id,
+                        })
+                    }
+                    Ok(false) => return, // the connection ended meanwhile
+                    // Another identity won the race for the service (counted by the mesh).
+                    Err(rejection) => Frame::StreamReject(orp::StreamReject {
+                        code: rejection.code,
+                        reason: rejection.reason,
+                        request_id,
+                    }),
                 }
-                bump(&mesh.stats.registrations_ok);
-                tracing::debug!(tenant = %reg.tenant, service = %reg.service, agent = %reg.agent_uri, "service registered");
-                Frame::RegisterAck(orp::RegisterAck {
-                    service_id,
-                    request_id,
-                })
             }
             Err(rejection) => {
                 bump(&mesh.stats.registrations_rejected);
