@@ -4,6 +4,7 @@
 //!
 //! Build the relay first (`cargo build --release -p outrelay-relay`). Both relay io backends are
 //! covered by the suite's two runs (`OUTRELAY_IO_BACKEND=epoll` in the second).
+//! `OUTRELAY_AGENT_BIN` / `OUTRELAY_RELAY_BIN` run them against other builds.
 
 mod common;
 
@@ -69,7 +70,12 @@ fn pki() -> tempfile::TempDir {
     dir
 }
 
+/// The relay next to this test's deps directory; `OUTRELAY_RELAY_BIN` overrides it (to run these
+/// tests against another build, e.g. the code before the fix).
 fn relay_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("OUTRELAY_RELAY_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test executable");
     let bin = exe
         .parent()
@@ -185,7 +191,11 @@ fn start_agent(dir: &Path, relays: &[SocketAddr], target: SocketAddr, extra: &st
     std::fs::write(&path, config).expect("write agent config");
     let ready = dir.join("agent-ready.json");
     let _ = std::fs::remove_file(&ready);
-    let child = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"))
+    let binary = std::env::var_os("OUTRELAY_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_outrelay-agent")),
+        PathBuf::from,
+    );
+    let child = Command::new(binary)
         .args(["--log", "info", "run", "--config"])
         .arg(&path)
         .arg("--ready-file")
@@ -365,7 +375,6 @@ async fn a_reverse_address_off_the_relay_host_is_refused_and_a_proxy_sees_nothin
     let mut agent = start_agent(pki.path(), &[relay_a.quic, relay_b.quic], target, "");
     let ready = agent.ready_with(2).await;
     let metrics = ready["metrics"].as_str().expect("metrics").to_owned();
-    metric_reaches(&metrics, "outrelay_agent_reverse_addr_refused_total", 1.0).await;
 
     // Relay B (its own host) serves the lease.
     let port_b = demo_port(&ready, relay_b.quic);
@@ -374,27 +383,33 @@ async fn a_reverse_address_off_the_relay_host_is_refused_and_a_proxy_sees_nothin
         assert!(start.elapsed() < WAIT, "relay B never served the lease");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Relay A has no session for it: the secret is refused, and nobody saw it.
+    // Public clients of relay A: their secret must never reach the proxy.
     let port_a = demo_port(&ready, relay_a.quic);
-    let a_metrics = relay_a.metrics.to_string();
-    let series = "outrelay_relay_ingress_drops_total{reason=\"claim_timeout\"}";
+    let mut replies = Vec::new();
     for _ in 0..3 {
-        assert_eq!(send_secret(port_a).await, b"", "relay A answered");
+        replies.push(send_secret(port_a).await);
     }
-    metric_reaches(&a_metrics, series, 3.0).await;
-    // B still serves while A refuses.
-    assert_eq!(send_secret(port_b).await, SECRET);
+    let seen = seen.lock().expect("lock").clone();
+    assert!(
+        !seen.windows(6).any(|w| w == b"secret"),
+        "the proxy saw the secret ({} bytes through it)",
+        seen.len()
+    );
     assert_eq!(
         *accepted.lock().expect("lock"),
         0,
         "the agent dialled the proxy"
     );
-    let seen = seen.lock().expect("lock").clone();
-    assert!(
-        !seen.windows(6).any(|w| w == b"secret"),
-        "the proxy saw the secret"
-    );
-    // Counted once per refused grant, not per renewal.
+    // Relay A has no session for the lease: each client is refused (claim timeout, counted).
+    for reply in &replies {
+        assert_eq!(reply.as_slice(), b"", "relay A answered");
+    }
+    let series = "outrelay_relay_ingress_drops_total{reason=\"claim_timeout\"}";
+    metric_reaches(&relay_a.metrics.to_string(), series, 3.0).await;
+    // B still serves while A refuses.
+    assert_eq!(send_secret(port_b).await, SECRET);
+    // The refusal is counted once per refused grant, not per renewal.
+    metric_reaches(&metrics, "outrelay_agent_reverse_addr_refused_total", 1.0).await;
     let text = http_get(&metrics, "/metrics");
     assert_eq!(
         metric(&text, "outrelay_agent_reverse_addr_refused_total"),
@@ -477,17 +492,26 @@ async fn a_relay_without_the_key_gets_no_mac_from_the_agent() {
             .await
             .expect("the agent dials the relay's host")
             .expect("accept");
+        // Exactly the preamble, whatever its version (an agent before the fix sends version 1
+        // and answers the first 16 bytes below with its MAC).
         let mut preamble = [0u8; reverse::PREAMBLE_BYTES];
-        tokio::time::timeout(WAIT, s.read_exact(&mut preamble))
-            .await
-            .expect("a whole version 2 preamble in time")
-            .expect("preamble");
-        let Ok(Some(reverse::Preamble::V2 {
-            lease_id,
-            agent_nonce,
-        })) = reverse::decode_preamble(&preamble)
-        else {
-            panic!("not a version 2 preamble: {preamble:?}");
+        let mut have = 0;
+        while have < reverse::preamble_len(&preamble[..have]) {
+            let want = reverse::preamble_len(&preamble[..have]);
+            let n = tokio::time::timeout(WAIT, s.read(&mut preamble[have..want]))
+                .await
+                .expect("the preamble in time")
+                .expect("preamble");
+            assert!(n > 0, "closed inside the preamble");
+            have += n;
+        }
+        let (lease_id, agent_nonce) = match reverse::decode_preamble(&preamble[..have]) {
+            Ok(Some(reverse::Preamble::V2 {
+                lease_id,
+                agent_nonce,
+            })) => (lease_id, agent_nonce),
+            Ok(Some(reverse::Preamble::V1 { lease_id })) => (lease_id, [0; 16]),
+            other => panic!("not a preamble: {other:?}"),
         };
         let mut answer =
             reverse::encode_challenge(&[0x66; 32], &lease_id, &agent_nonce, &[round; 16]).to_vec();
