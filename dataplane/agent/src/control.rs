@@ -283,11 +283,11 @@ pub enum PinRefusal {
     NotPinned,
 }
 
-/// The address to dial for a grant's reverse address `granted`, when the agent may: its host
-/// is `dialled_host` (the host part of the relay address dialled for QUIC; then the sessions go
-/// to `quic_ip`, the IP that QUIC connection verified, so a later DNS answer cannot divert
-/// them), its host is the IP literal `quic_ip`, or `granted` is in `allow` (dialled as named;
-/// `host:port`, the host compared without case).
+/// The address to dial for a grant's reverse address `granted`, when the agent may: `granted`
+/// is in `allow` (`host:port`, the host compared without case; dialled as named), its host is
+/// `dialled_host` (the host part of the relay address dialled for QUIC; then the sessions go to
+/// `quic_ip`, the IP that QUIC connection verified, so a later DNS answer cannot divert them),
+/// or its host is the IP literal `quic_ip`.
 ///
 /// # Errors
 /// [`PinRefusal`].
@@ -308,11 +308,13 @@ pub fn pin_reverse(
         Some(ip) => ip == quic_ip,
         None => bare(host).eq_ignore_ascii_case(&bare(dialled_host)),
     };
-    if same_host {
-        return Ok(SocketAddr::new(quic_ip, port).to_string());
-    }
+    // Listed: dialled as named, even on the dialled host (a reverse listener on another IP
+    // under the relay's name).
     if allow.iter().any(|a| a.eq_ignore_ascii_case(granted)) {
         return Ok(granted.to_owned());
+    }
+    if same_host {
+        return Ok(SocketAddr::new(quic_ip, port).to_string());
     }
     Err(PinRefusal::NotPinned)
 }
@@ -1137,6 +1139,12 @@ mod tests {
         assert_eq!(
             pin_reverse("relay2.example.com:22", "relay.example.com", quic, &allow),
             Err(PinRefusal::NotPinned)
+        );
+        // Listed on the dialled name: by name (a reverse listener on another IP).
+        let own = vec!["relay.example.com:8443".to_owned()];
+        assert_eq!(
+            pin_reverse("relay.example.com:8443", "relay.example.com", quic, &own),
+            Ok("relay.example.com:8443".to_owned())
         );
         for bad in [
             "relay.example.com",
