@@ -6,6 +6,8 @@
 //! ```toml
 //! relays = ["relay.example.com:7443"]   # QUIC addresses, one or more (each gets every lease)
 //! server_name = "localhost"             # name checked in the relay certificate
+//! reverse_allow = ["relay2.example.com:8443"]   # reverse addresses a grant may name besides
+//!                                       # the relay's own dialled host (default: none)
 //! [identity]  cert = "agent.pem"  key = "agent-key.pem"  ca = "ca.pem"   # relative to this file
 //! #           or: state_dir = "/var/lib/outrelay-agent" (cert.pem, key.pem, ca.pem inside: the layout of outrelay_client::store)
 //! #               controller = "https://controller:7444" (renewal at 70 % of the certificate's
@@ -76,6 +78,7 @@ fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
 struct Raw {
     relays: Vec<String>,
     server_name: String,
+    reverse_allow: Vec<String>,
     identity: RawIdentity,
     lease: Vec<RawLease>,
     metrics: RawMetrics,
@@ -95,6 +98,7 @@ impl Default for Raw {
         Raw {
             relays: Vec::new(),
             server_name: "localhost".into(),
+            reverse_allow: Vec::new(),
             identity: RawIdentity::default(),
             lease: Vec::new(),
             metrics: RawMetrics::default(),
@@ -545,6 +549,9 @@ pub struct Settings {
     pub relays: Vec<String>,
     /// Server name checked against the relay certificate's DNS names.
     pub server_name: String,
+    /// `host:port` reverse addresses a grant may name besides the dialled relay host
+    /// (`control::pin_reverse`).
+    pub reverse_allow: Vec<String>,
     /// Identity files.
     pub identity: IdentityFiles,
     /// With a state directory: the directory and the controller that renews its certificate
@@ -754,6 +761,9 @@ impl Settings {
         }
         for r in &raw.relays {
             check_host_port("relays", r)?;
+        }
+        for r in &raw.reverse_allow {
+            check_host_port("reverse_allow", r)?;
         }
         if raw.server_name.is_empty() {
             return Err(bad("server_name", "must not be empty"));
@@ -970,6 +980,7 @@ impl Settings {
         Ok(Settings {
             relays: raw.relays,
             server_name: raw.server_name,
+            reverse_allow: raw.reverse_allow,
             identity,
             renewal,
             leases,
@@ -1152,6 +1163,10 @@ mod tests {
         let s = parse(MINIMAL).expect("valid");
         assert_eq!(s.identity.cert, PathBuf::from("/etc/outrelay/a.pem"));
         assert_eq!(s.identity.ca, PathBuf::from("/ca.pem"));
+        assert!(
+            s.reverse_allow.is_empty(),
+            "no reverse address allowed beyond the relay's host"
+        );
         assert_eq!(s.pool.idle, 2);
         assert_eq!(s.pool.dead_session, Duration::from_secs(30));
         assert_eq!(s.connection.reconnect_initial, Duration::from_secs(1));
@@ -1168,6 +1183,10 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             ("relays = []", "relays"),
+            (
+                &format!("reverse_allow = [\"relay2.example.com\"]\n{MINIMAL}"),
+                "reverse_allow",
+            ),
             (
                 &MINIMAL.replace("tls_to = \"127.0.0.1:8443\"", "") as &str,
                 "lease[0]",

@@ -13,7 +13,7 @@
 //! when their grant ends.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -118,6 +118,8 @@ struct Live {
     /// The slot this connection's mux serves for the lease.
     udp_slot: Option<u32>,
     last_error: Option<String>,
+    /// The grant's reverse address last refused by the pinning rule (logged and counted once).
+    refused_reverse: Option<String>,
     pool: Option<JoinHandle<()>>,
     gauge: Arc<PoolGauge>,
     /// Renew (granted) or retry (pending, refused) at this time.
@@ -134,6 +136,7 @@ impl Live {
             udp_addr: None,
             udp_slot: None,
             last_error: None,
+            refused_reverse: None,
             pool: None,
             gauge: Arc::new(PoolGauge::default()),
             due: None,
@@ -265,6 +268,55 @@ async fn resolve(addr: &str) -> Result<SocketAddr, Lost> {
 /// The host part of `host:port` (brackets of an IPv6 literal kept).
 fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+/// Why a grant's reverse address is not dialled (review M9: a relay, or whoever answers for
+/// it, must not point the agent's pools at any host and port of the agent's network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PinRefusal {
+    /// Not `host:port` with a port above 0.
+    #[error("not host:port")]
+    Malformed,
+    /// Neither the host the agent dialled for QUIC (same name, or the IP its QUIC connection
+    /// went to) nor in `reverse_allow`.
+    #[error("neither the relay's dialled host nor in reverse_allow")]
+    NotPinned,
+}
+
+/// The address to dial for a grant's reverse address `granted`, when the agent may: `granted`
+/// is in `allow` (`host:port`, the host compared without case; dialled as named), its host is
+/// `dialled_host` (the host part of the relay address dialled for QUIC; then the sessions go to
+/// `quic_ip`, the IP that QUIC connection verified, so a later DNS answer cannot divert them),
+/// or its host is the IP literal `quic_ip`.
+///
+/// # Errors
+/// [`PinRefusal`].
+pub fn pin_reverse(
+    granted: &str,
+    dialled_host: &str,
+    quic_ip: IpAddr,
+    allow: &[String],
+) -> Result<String, PinRefusal> {
+    let (host, port) = granted.rsplit_once(':').ok_or(PinRefusal::Malformed)?;
+    let port: u16 = port.parse().map_err(|_| PinRefusal::Malformed)?;
+    if port == 0 || host.is_empty() {
+        return Err(PinRefusal::Malformed);
+    }
+    let bare = |h: &str| -> String { h.trim_start_matches('[').trim_end_matches(']').to_owned() };
+    let literal = bare(host).parse::<IpAddr>().ok();
+    let same_host = match literal {
+        Some(ip) => ip == quic_ip,
+        None => bare(host).eq_ignore_ascii_case(&bare(dialled_host)),
+    };
+    // Listed: dialled as named, even on the dialled host (a reverse listener on another IP
+    // under the relay's name).
+    if allow.iter().any(|a| a.eq_ignore_ascii_case(granted)) {
+        return Ok(granted.to_owned());
+    }
+    if same_host {
+        return Ok(SocketAddr::new(quic_ip, port).to_string());
+    }
+    Err(PinRefusal::NotPinned)
 }
 
 fn unix_ms() -> i64 {
@@ -764,11 +816,41 @@ impl Conn<'_> {
             tracing::error!(relay = %self.addr, "TLS exporter failed: no reverse sessions possible");
             return;
         }
-        let reverse_addr = if g.reverse_addr.is_empty() {
-            self.default_reverse.clone()
+        let granted = if g.reverse_addr.is_empty() {
+            self.default_reverse.as_str()
         } else {
-            g.reverse_addr.clone()
+            g.reverse_addr.as_str()
         };
+        let reverse_addr = match pin_reverse(
+            granted,
+            host_of(self.addr),
+            self.conn.remote_address().ip(),
+            &self.ctx.settings.reverse_allow,
+        ) {
+            Ok(a) => a,
+            Err(why) => {
+                let l = &mut self.live[i];
+                l.stop_pool();
+                l.lease_id = Some(lease_id);
+                l.last_error = Some(format!("reverse address {granted} refused: {why}"));
+                if l.refused_reverse.as_deref() != Some(granted) {
+                    l.refused_reverse = Some(granted.to_owned());
+                    self.ctx
+                        .stats
+                        .reverse_addr_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        relay = %self.addr,
+                        lease = %self.slots[i].name,
+                        reverse = %granted,
+                        reason = %why,
+                        "reverse address refused: no reverse sessions for this lease (add it to reverse_allow if it is the relay's)"
+                    );
+                }
+                return;
+            }
+        };
+        self.live[i].refused_reverse = None;
         let slot = &self.slots[i];
         tracing::info!(
             relay = %self.addr,
@@ -1001,6 +1083,79 @@ mod tests {
             assert!(
                 d >= Duration::from_millis(800) && d <= Duration::from_millis(1200),
                 "{d:?}"
+            );
+        }
+    }
+
+    /// Review M9: the agent dials a grant's reverse address only on the relay's own host (then
+    /// at the IP its QUIC connection verified) or when allow-listed.
+    #[test]
+    fn reverse_addresses_are_pinned_to_the_dialled_host_or_the_allow_list() {
+        let quic: IpAddr = "192.0.2.7".parse().expect("ip");
+        let none: Vec<String> = Vec::new();
+        // Same name (any case): dialled at the QUIC connection's IP, never resolved again.
+        assert_eq!(
+            pin_reverse("Relay.Example.com:8443", "relay.example.com", quic, &none),
+            Ok("192.0.2.7:8443".to_owned())
+        );
+        // The IP literal the QUIC connection went to.
+        assert_eq!(
+            pin_reverse("192.0.2.7:7443", "relay.example.com", quic, &none),
+            Ok("192.0.2.7:7443".to_owned())
+        );
+        let v6: IpAddr = "2001:db8::7".parse().expect("ip");
+        assert_eq!(
+            pin_reverse("[2001:db8::7]:7443", "[2001:db8::7]", v6, &none),
+            Ok("[2001:db8::7]:7443".to_owned())
+        );
+        // Another host, another IP, a name for the dialled IP: refused.
+        for other in [
+            "evil.example.net:7443",
+            "192.0.2.8:7443",
+            "10.0.0.1:22",
+            "relay.example.com.evil.net:7443",
+        ] {
+            assert_eq!(
+                pin_reverse(other, "relay.example.com", quic, &none),
+                Err(PinRefusal::NotPinned),
+                "{other}"
+            );
+        }
+        assert_eq!(
+            pin_reverse(
+                "localhost:7443",
+                "127.0.0.1",
+                "127.0.0.1".parse().expect("ip"),
+                &none
+            ),
+            Err(PinRefusal::NotPinned)
+        );
+        // The allow-list: exact host:port (host without case), dialled by name.
+        let allow = vec!["relay2.example.com:8443".to_owned()];
+        assert_eq!(
+            pin_reverse("RELAY2.example.com:8443", "relay.example.com", quic, &allow),
+            Ok("RELAY2.example.com:8443".to_owned())
+        );
+        assert_eq!(
+            pin_reverse("relay2.example.com:22", "relay.example.com", quic, &allow),
+            Err(PinRefusal::NotPinned)
+        );
+        // Listed on the dialled name: by name (a reverse listener on another IP).
+        let own = vec!["relay.example.com:8443".to_owned()];
+        assert_eq!(
+            pin_reverse("relay.example.com:8443", "relay.example.com", quic, &own),
+            Ok("relay.example.com:8443".to_owned())
+        );
+        for bad in [
+            "relay.example.com",
+            "relay.example.com:0",
+            ":7443",
+            "h:port",
+        ] {
+            assert_eq!(
+                pin_reverse(bad, "relay.example.com", quic, &allow),
+                Err(PinRefusal::Malformed),
+                "{bad}"
             );
         }
     }

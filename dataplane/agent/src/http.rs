@@ -173,6 +173,7 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
             "reconnects": load(&st.reconnects),
             "goaways": load(&st.goaways),
             "lease_errors": load(&st.lease_errors),
+            "reverse_addr_refused": load(&st.reverse_addr_refused),
             "lease_reregistered": load(&st.lease_reregistered),
         },
         "consumers": s.board.consumers(),
@@ -201,6 +202,7 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_reverse_sessions_claimed_total", "marker" => "tcp")
         .absolute(load(&st.sessions_claimed_tcp));
     counter!("outrelay_agent_reverse_sessions_dead_total").absolute(load(&st.sessions_dead));
+    counter!("outrelay_agent_reverse_addr_refused_total").absolute(load(&st.reverse_addr_refused));
     for r in SessionFail::ALL {
         counter!("outrelay_agent_reverse_sessions_failed_total", "reason" => r.label())
             .absolute(st.session_failures(r));

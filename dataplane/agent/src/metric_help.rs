@@ -13,6 +13,10 @@ pub fn describe() {
     );
     metrics::describe_gauge!("outrelay_agent_leases", "Leases by state.");
     metrics::describe_counter!(
+        "outrelay_agent_reverse_addr_refused_total",
+        "Grants whose reverse address is neither the dialled relay host nor in reverse_allow (no pool)."
+    );
+    metrics::describe_counter!(
         "outrelay_agent_local_connect_failed_total",
         "Connections to local targets that failed."
     );

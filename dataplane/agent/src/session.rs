@@ -6,8 +6,11 @@
 //! 1. `Connecting`: non-blocking connect to the relay's reverse address (resolved by the pool
 //!    on tokio, never here; the next address on failure); on writability the preamble is
 //!    written (a failed connect shows as the write's error);
-//! 2. `Nonce`: the relay's nonce is read (exactly `NONCE_BYTES`, however it is split), the
-//!    exporter-keyed MAC written; the session is idle (counted in the pool's `idle`);
+//! 2. `Challenge`: the relay's nonce and proof are read (exactly `CHALLENGE_BYTES`, however
+//!    they are split, never a byte more) and the proof checked in constant time: a peer that
+//!    does not know `K` gets no MAC and no chance to send a marker (closed, counted
+//!    `relay_proof`); then the exporter-keyed MAC over both nonces is written and the session
+//!    is idle (counted in the pool's `idle`);
 //! 3. `Idle`: on readability, ONE byte at a time: `0x00` keep-alives are skipped (a surplus
 //!    session closes on one), a marker claims the session (counted out of the pool, whose
 //!    replacements this thread opens at once), anything else or
@@ -75,10 +78,11 @@ enum State {
         addrs: Arc<[SocketAddr]>,
         addr: usize,
     },
-    /// Preamble sent; `got` bytes of the nonce read.
-    Nonce {
+    /// Preamble with `agent_nonce` sent; `got` bytes of the relay's nonce and proof read.
+    Challenge {
         got: usize,
-        nonce: [u8; reverse::NONCE_BYTES],
+        agent_nonce: reverse::Nonce,
+        challenge: [u8; reverse::CHALLENGE_BYTES],
     },
     /// Authenticated, waiting for a marker.
     Idle,
@@ -96,7 +100,7 @@ impl State {
     fn queue(&self) -> usize {
         match self {
             State::Connecting { .. } => RELAY_CONNECT,
-            State::Nonce { .. } => HANDSHAKE,
+            State::Challenge { .. } => HANDSHAKE,
             State::Idle => DEAD,
             State::Local { .. } => LOCAL_CONNECT,
         }
@@ -218,7 +222,7 @@ impl Sessions {
         }
         let step = match (s.state.queue(), local) {
             (RELAY_CONNECT, false) => self.on_relay_writable(engine, index, generation, now),
-            (HANDSHAKE, false) => self.on_nonce(engine, index, generation, now),
+            (HANDSHAKE, false) => self.on_challenge(engine, index, generation, now),
             (DEAD, false) => self.on_idle_readable(engine, index, generation, now),
             (LOCAL_CONNECT, true) => self.on_local_writable(engine, index, generation, now),
             _ => Ok(()),
@@ -347,7 +351,13 @@ impl Sessions {
         let Some(s) = slot(&mut self.slots, index, generation) else {
             return Ok(());
         };
-        let preamble = reverse::encode_preamble(&s.pool.params.lease_id);
+        // A fresh nonce per attempt (a retry after WouldBlock writes a new one: nothing of the
+        // last was sent).
+        let mut agent_nonce = [0u8; reverse::NONCE_BYTES];
+        if getrandom::fill(&mut agent_nonce).is_err() {
+            return Err(End::Setup(SessionFail::Handshake));
+        }
+        let preamble = reverse::encode_preamble(&s.pool.params.lease_id, &agent_nonce);
         match (&s.fd).write(&preamble) {
             Ok(n) if n == preamble.len() => {}
             Ok(_) => return Err(End::Setup(SessionFail::Handshake)),
@@ -356,15 +366,16 @@ impl Sessions {
             }
             Err(_) => return self.next_relay(engine, index, generation),
         }
-        s.state = State::Nonce {
+        s.state = State::Challenge {
             got: 0,
-            nonce: [0; reverse::NONCE_BYTES],
+            agent_nonce,
+            challenge: [0; reverse::CHALLENGE_BYTES],
         };
         self.set_timer(index, generation, now);
         self.arm(engine, index, generation, false, Interest::READ)
     }
 
-    fn on_nonce(
+    fn on_challenge(
         &mut self,
         engine: &mut Engine,
         index: u32,
@@ -374,21 +385,33 @@ impl Sessions {
         let Some(s) = slot(&mut self.slots, index, generation) else {
             return Ok(());
         };
-        let State::Nonce { got, nonce } = &mut s.state else {
+        let State::Challenge {
+            got,
+            agent_nonce,
+            challenge,
+        } = &mut s.state
+        else {
             return Ok(());
         };
-        // Exactly the nonce's bytes: nothing after it may be consumed here.
-        match (&s.fd).read(&mut nonce[*got..]) {
+        // Exactly the relay's nonce and proof: nothing after them may be consumed here.
+        match (&s.fd).read(&mut challenge[*got..]) {
             Ok(0) => return Err(End::Setup(SessionFail::Handshake)),
             Ok(n) => *got += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return Err(End::Setup(SessionFail::Handshake)),
         }
-        if *got < reverse::NONCE_BYTES {
+        if *got < reverse::CHALLENGE_BYTES {
             return self.arm(engine, index, generation, false, Interest::READ);
         }
         let params = &s.pool.params;
-        let mac = reverse::compute_mac(&params.key, nonce, &params.lease_id);
+        // The relay proves K before the agent answers anything (no MAC oracle, no marker from
+        // a peer that is not the relay).
+        let Ok(relay_nonce) =
+            reverse::verify_challenge(&params.key, &params.lease_id, agent_nonce, challenge)
+        else {
+            return Err(End::Setup(SessionFail::RelayProof));
+        };
+        let mac = reverse::agent_mac(&params.key, &params.lease_id, agent_nonce, &relay_nonce);
         match (&s.fd).write(&mac) {
             Ok(n) if n == mac.len() => {}
             _ => return Err(End::Setup(SessionFail::Handshake)),
@@ -738,7 +761,7 @@ impl Sessions {
         };
         armed.map_err(|e| match s.state {
             State::Connecting { .. } => End::Setup(SessionFail::Connect),
-            State::Nonce { .. } => End::Setup(SessionFail::Handshake),
+            State::Challenge { .. } => End::Setup(SessionFail::Handshake),
             State::Idle => End::Idle(Some(SessionFail::ClosedByRelay)),
             State::Local { .. } => End::Local(LocalFail::Other, Some(e), None),
         })
@@ -855,21 +878,39 @@ mod tests {
             assert!(self.splicer.open(self.link.clone()), "open queued");
             let (mut s, _) = self.relay.accept().expect("accept");
             s.set_read_timeout(Some(BOUND)).expect("timeout");
-            let mut preamble = [0u8; reverse::PREAMBLE_BYTES];
-            s.read_exact(&mut preamble).expect("preamble");
-            assert_eq!(preamble, reverse::encode_preamble(&self.lease_id));
+            let agent_nonce = self.preamble(&mut s);
             let nonce = [3u8; reverse::NONCE_BYTES];
-            s.write_all(&nonce[..5]).expect("nonce");
+            let challenge =
+                reverse::encode_challenge(&self.key, &self.lease_id, &agent_nonce, &nonce);
+            s.write_all(&challenge[..5]).expect("nonce");
             std::thread::sleep(Duration::from_millis(20));
-            s.write_all(&nonce[5..]).expect("nonce");
+            s.write_all(&challenge[5..30]).expect("nonce and proof");
+            std::thread::sleep(Duration::from_millis(20));
+            s.write_all(&challenge[30..]).expect("proof");
             let mut mac = [0u8; reverse::MAC_BYTES];
             s.read_exact(&mut mac).expect("mac");
-            assert_eq!(mac, reverse::compute_mac(&self.key, &nonce, &self.lease_id));
+            assert_eq!(
+                mac,
+                reverse::agent_mac(&self.key, &self.lease_id, &agent_nonce, &nonce)
+            );
             self.wait_for(
                 || self.link.idle.load(Ordering::Relaxed) == idle + 1,
                 "idle",
             );
             s
+        }
+
+        /// Reads and checks the agent's preamble; its nonce.
+        fn preamble(&self, s: &mut TcpStream) -> reverse::Nonce {
+            let mut preamble = [0u8; reverse::PREAMBLE_BYTES];
+            s.read_exact(&mut preamble).expect("preamble");
+            match reverse::decode_preamble(&preamble) {
+                Ok(Some(reverse::Preamble::V2 {
+                    lease_id,
+                    agent_nonce,
+                })) if lease_id == self.lease_id => agent_nonce,
+                other => panic!("not this lease's version 2 preamble: {other:?}"),
+            }
         }
 
         fn next_event(&mut self) -> Event {
@@ -1060,6 +1101,67 @@ mod tests {
                 "{backend:?}: stopped pool's session closed"
             );
             assert_eq!(rig.stats.sessions_dead.load(Ordering::Relaxed), 1);
+        }
+    }
+
+    /// Review M9: a peer that does not know `K` (a DNS-spoofed or on-path "relay", here with a
+    /// wrong key, and one that replays a genuine answer made for another agent nonce) gets no
+    /// MAC and no marker is acted on: the agent closes after the proof without sending a
+    /// byte, counted `relay_proof`, and the target is never connected.
+    #[test]
+    fn a_relay_that_does_not_prove_k_gets_no_mac_and_no_claim() {
+        for backend in backends() {
+            let target = TcpListener::bind("127.0.0.1:0").expect("target");
+            target.set_nonblocking(true).expect("nonblocking");
+            let addr = target.local_addr().expect("addr");
+            let mut rig = rig(
+                backend,
+                PoolConfig::default(),
+                Target::Addrs(Arc::from("t"), Arc::from(vec![addr])),
+                1,
+            );
+            type Forge = fn(&Rig, &reverse::Nonce) -> [u8; reverse::CHALLENGE_BYTES];
+            let forgeries: [Forge; 2] = [
+                // Without K.
+                |_, na| reverse::encode_challenge(&[1; 32], &LeaseId([7; 16]), na, &[3; 16]),
+                // A genuine answer recorded for another agent nonce.
+                |rig, _| reverse::encode_challenge(&rig.key, &rig.lease_id, &[0x55; 16], &[3; 16]),
+            ];
+            for (round, forged) in (1u64..).zip(forgeries) {
+                assert!(rig.splicer.open(rig.link.clone()), "open queued");
+                let (mut s, _) = rig.relay.accept().expect("accept");
+                s.set_read_timeout(Some(BOUND)).expect("timeout");
+                let agent_nonce = rig.preamble(&mut s);
+                let mut bytes = forged(&rig, &agent_nonce).to_vec();
+                // A marker and "payload" right behind the proof: never read, never acted on.
+                bytes.extend_from_slice(b"\x01secret");
+                s.write_all(&bytes).expect("forged answer");
+                // Closed (or reset: the forged bytes stay unread) with nothing sent.
+                let mut rest = Vec::new();
+                let read = s.read_to_end(&mut rest);
+                assert!(
+                    rest.is_empty(),
+                    "{backend:?} round {round}: the agent sent {rest:?}"
+                );
+                assert!(
+                    !read.as_ref().is_err_and(|e| matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )),
+                    "{backend:?} round {round}: not closed within {BOUND:?}"
+                );
+                rig.wait_for(
+                    || rig.stats.session_failures(SessionFail::RelayProof) == round,
+                    "relay_proof counted",
+                );
+                assert!(matches!(rig.next_event(), Event::Ended { failed: true }));
+            }
+            assert_eq!(rig.stats.sessions_opened.load(Ordering::Relaxed), 0);
+            assert_eq!(rig.link.claims.load(Ordering::Relaxed), 0);
+            assert!(
+                target.accept().is_err(),
+                "{backend:?}: the target was connected"
+            );
         }
     }
 }

@@ -61,8 +61,10 @@ impl LocalFail {
 pub enum SessionFail {
     /// TCP connect to the reverse address failed or timed out.
     Connect,
-    /// The preamble / nonce / MAC exchange failed.
+    /// The preamble / nonce / MAC exchange failed (I/O, deadline).
     Handshake,
+    /// The peer of the reverse address did not prove the session key: no MAC was sent.
+    RelayProof,
     /// The relay closed the idle session (wrong MAC, lease gone, ready queue full).
     ClosedByRelay,
     /// A byte that is neither a keep-alive nor a marker.
@@ -73,9 +75,10 @@ pub enum SessionFail {
 
 impl SessionFail {
     /// Every reason.
-    pub const ALL: [SessionFail; 5] = [
+    pub const ALL: [SessionFail; 6] = [
         SessionFail::Connect,
         SessionFail::Handshake,
+        SessionFail::RelayProof,
         SessionFail::ClosedByRelay,
         SessionFail::BadByte,
         SessionFail::EngineFull,
@@ -86,6 +89,7 @@ impl SessionFail {
         match self {
             SessionFail::Connect => "connect",
             SessionFail::Handshake => "handshake",
+            SessionFail::RelayProof => "relay_proof",
             SessionFail::ClosedByRelay => "closed_by_relay",
             SessionFail::BadByte => "bad_byte",
             SessionFail::EngineFull => "engine_full",
@@ -98,13 +102,15 @@ impl SessionFail {
 pub struct Stats {
     /// Reverse sessions that completed the handshake.
     pub sessions_opened: AtomicU64,
+    /// Grants whose reverse address was refused by the pinning rule (no pool started).
+    pub reverse_addr_refused: AtomicU64,
     /// Reverse sessions claimed with marker 0x02.
     pub sessions_claimed_tls: AtomicU64,
     /// Reverse sessions claimed with marker 0x01.
     pub sessions_claimed_tcp: AtomicU64,
     /// Idle sessions dropped after the dead-session timeout.
     pub sessions_dead: AtomicU64,
-    session_failed: [AtomicU64; 5],
+    session_failed: [AtomicU64; SessionFail::ALL.len()],
     /// Claimed sessions handed to a splice engine with their local target.
     pub splices: AtomicU64,
     local_connect_failed: [AtomicU64; 6],

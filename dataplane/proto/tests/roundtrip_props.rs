@@ -155,11 +155,18 @@ proptest! {
     }
 
     #[test]
-    fn preambles_round_trip(id in any::<[u8; 16]>(), key in any::<[u8; 32]>(), nonce in any::<[u8; 16]>()) {
+    fn preambles_round_trip(id in any::<[u8; 16]>(), key in any::<[u8; 32]>(), na in any::<[u8; 16]>(), nr in any::<[u8; 16]>()) {
         let lease = LeaseId(id);
-        prop_assert_eq!(reverse::decode_preamble(&reverse::encode_preamble(&lease)), Ok(Some(lease)));
-        let mac = reverse::compute_mac(&key, &nonce, &lease);
-        prop_assert_eq!(reverse::verify_mac(&key, &nonce, &lease, &mac), Ok(()));
+        prop_assert_eq!(
+            reverse::decode_preamble(&reverse::encode_preamble(&lease, &na)),
+            Ok(Some(reverse::Preamble::V2 { lease_id: lease, agent_nonce: na }))
+        );
+        let challenge = reverse::encode_challenge(&key, &lease, &na, &nr);
+        prop_assert_eq!(reverse::verify_challenge(&key, &lease, &na, &challenge), Ok(nr));
+        let mac = reverse::agent_mac(&key, &lease, &na, &nr);
+        prop_assert_eq!(reverse::verify_agent_mac(&key, &lease, &na, &nr, &mac), Ok(()));
+        let v1 = reverse::compute_mac_v1(&key, &nr, &lease);
+        prop_assert_eq!(reverse::verify_mac_v1(&key, &nr, &lease, &v1), Ok(()));
     }
 
     #[test]

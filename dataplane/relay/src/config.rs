@@ -14,6 +14,7 @@
 //!            admin_socket = "/run/outrelay/relay.sock"
 //! [leases]   min_port = 20000  max_port = 20999  tcp = false  udp = false  ttl_cap_s = 300 ...
 //! [ingress]  claim_timeout_ms = 10000  ready_queue_max = 8 ...
+//!            reverse_accept_v1 = false   # true: old agents' one-way reverse handshake too
 //!            pending_per_source_max = 256  source_conn_max = 1024  tenant_conn_max = 8192
 //!            public_conn_max = 0 (from RLIMIT_NOFILE)  fd_reserve = 2048  root_conn_max = 64 ...
 //! [udp]      flow_idle_ms = 30000  flow_max = 1024  flow_per_source_max = 64
@@ -293,6 +294,7 @@ struct RawIngress {
     reverse_pending_max: usize,
     reverse_pending_per_source_max: usize,
     reverse_unauth_per_lease_max: usize,
+    reverse_accept_v1: bool,
 }
 
 impl Default for RawIngress {
@@ -322,6 +324,7 @@ impl Default for RawIngress {
             reverse_pending_max: d.reverse_pending_max,
             reverse_pending_per_source_max: d.reverse_pending_per_source_max,
             reverse_unauth_per_lease_max: d.reverse_unauth_per_lease_max,
+            reverse_accept_v1: d.reverse_accept_v1,
         }
     }
 }
@@ -712,6 +715,7 @@ impl Settings {
             reverse_pending_max: i.reverse_pending_max,
             reverse_pending_per_source_max: i.reverse_pending_per_source_max,
             reverse_unauth_per_lease_max: i.reverse_unauth_per_lease_max,
+            reverse_accept_v1: i.reverse_accept_v1,
             root_host: root_host.clone(),
             root_fallback: None,
         };

@@ -210,7 +210,7 @@ async fn a_reverse_listener_flood_is_capped_and_descriptors_stay_bounded() {
 
     // Whole preambles for a live lease, then no MAC: the lease's unauthenticated share.
     let lease = LeaseId::from_slice(&grant.lease_id).expect("lease id");
-    let preamble = reverse::encode_preamble(&lease);
+    let preamble = reverse::encode_preamble(&lease, &[0; reverse::NONCE_BYTES]);
     let unauth = silent_connections(attacker(4), relay.reverse, 40, &preamble).await;
     relay
         .metric_above(&drops("reverse_unauth_per_lease"), 0.0)

@@ -407,15 +407,29 @@ async fn a_reverse_session_for_another_connections_lease_is_refused() {
     .await;
     let lease = LeaseId::from_slice(&grant.lease_id).expect("lease id");
     let before = relay.metric(&drops("bad_mac")).await;
+    let agent_nonce = [0x44u8; reverse::NONCE_BYTES];
     let mut s = TcpStream::connect(relay.reverse).await.expect("connect");
-    s.write_all(&reverse::encode_preamble(&lease))
+    s.write_all(&reverse::encode_preamble(&lease, &agent_nonce))
         .await
         .expect("preamble");
-    let mut nonce = [0u8; reverse::NONCE_BYTES];
-    s.read_exact(&mut nonce).await.expect("nonce");
-    s.write_all(&reverse::compute_mac(&intruder.key(&grant), &nonce, &lease))
-        .await
-        .expect("mac");
+    let mut challenge = [0u8; reverse::CHALLENGE_BYTES];
+    s.read_exact(&mut challenge).await.expect("nonce and proof");
+    // The relay proves the holder's key, which is not the intruder's.
+    let intruder_key = intruder.key(&grant);
+    assert_eq!(
+        reverse::verify_challenge(&intruder_key, &lease, &agent_nonce, &challenge),
+        Err(reverse::ReverseError::BadRelayProof)
+    );
+    let nonce = reverse::verify_challenge(&holder.key(&grant), &lease, &agent_nonce, &challenge)
+        .expect("the relay proves the holder's key");
+    s.write_all(&reverse::agent_mac(
+        &intruder_key,
+        &lease,
+        &agent_nonce,
+        &nonce,
+    ))
+    .await
+    .expect("mac");
     let mut rest = Vec::new();
     let n = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
         .await
@@ -425,13 +439,20 @@ async fn a_reverse_session_for_another_connections_lease_is_refused() {
     relay.metric_above(&drops("bad_mac"), before).await;
     // The holder's own key is accepted on the same relay (the refusal was about the key).
     let mut ok = TcpStream::connect(relay.reverse).await.expect("connect");
-    ok.write_all(&reverse::encode_preamble(&lease))
+    ok.write_all(&reverse::encode_preamble(&lease, &agent_nonce))
         .await
         .expect("preamble");
-    ok.read_exact(&mut nonce).await.expect("nonce");
-    ok.write_all(&reverse::compute_mac(&holder.key(&grant), &nonce, &lease))
-        .await
-        .expect("mac");
+    ok.read_exact(&mut challenge).await.expect("nonce");
+    let nonce = reverse::verify_challenge(&holder.key(&grant), &lease, &agent_nonce, &challenge)
+        .expect("proof");
+    ok.write_all(&reverse::agent_mac(
+        &holder.key(&grant),
+        &lease,
+        &agent_nonce,
+        &nonce,
+    ))
+    .await
+    .expect("mac");
     let authed = "outrelay_relay_reverse_sessions_authenticated_total";
     relay.metric_above(authed, 0.0).await;
 }

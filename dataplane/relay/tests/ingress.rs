@@ -1,5 +1,5 @@
-//! Public ingress end to end on real loopback sockets: reverse sessions authenticated with the
-//! exporter-keyed MAC, SNI routing of real captured ClientHellos, TCP lease ports, the splice
+//! Public ingress end to end on real loopback sockets: reverse sessions authenticated both ways
+//! with exporter-keyed MACs, SNI routing of real captured ClientHellos, TCP lease ports, the splice
 //! engine, and every refusal counted by its reason. The QUIC side is replaced by a lease table
 //! and a snapshot published by the test (the keys are what the QUIC exporter would give).
 
@@ -183,14 +183,18 @@ async fn start_on(config: IngressConfig, workers: usize, backend: Backend) -> Re
     }
 }
 
-/// The agent's side of one reverse session: handshake, then wait (blocking) for a claim.
+/// The agent's side of one reverse session: handshake (the relay's proof is read, not
+/// checked: a wrong `key` must reach the relay's MAC check), then wait for a claim.
 fn open_session(relay: SocketAddr, lease: LeaseId, key: &[u8; 32]) -> TcpStream {
     let mut s = TcpStream::connect(relay).expect("connect reverse");
-    s.write_all(&reverse::encode_preamble(&lease))
+    let agent_nonce = [0x11u8; reverse::NONCE_BYTES];
+    s.write_all(&reverse::encode_preamble(&lease, &agent_nonce))
         .expect("preamble");
-    let mut nonce = [0u8; 16];
-    s.read_exact(&mut nonce).expect("nonce");
-    s.write_all(&reverse::compute_mac(key, &nonce, &lease))
+    let mut challenge = [0u8; reverse::CHALLENGE_BYTES];
+    s.read_exact(&mut challenge).expect("nonce and proof");
+    let mut relay_nonce = [0u8; reverse::NONCE_BYTES];
+    relay_nonce.copy_from_slice(&challenge[..reverse::NONCE_BYTES]);
+    s.write_all(&reverse::agent_mac(key, &lease, &agent_nonce, &relay_nonce))
         .expect("mac");
     s
 }
@@ -442,7 +446,7 @@ async fn reverse_handshakes_that_must_fail_do_on(backend: Backend) {
     let before = relay.ingress.stats.drops(Drop::UnknownLease);
     tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(reverse_addr).expect("connect");
-        s.write_all(&reverse::encode_preamble(&LeaseId([0xee; 16])))
+        s.write_all(&reverse::encode_preamble(&LeaseId([0xee; 16]), &[0; 16]))
             .expect("preamble");
         let mut b = [0u8; 1];
         assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without a nonce");
@@ -454,24 +458,65 @@ async fn reverse_handshakes_that_must_fail_do_on(backend: Backend) {
     })
     .await;
 
+    // The relay proves K first: its answer verifies with the lease's key only, and is bound to
+    // this session's agent nonce.
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(reverse_addr).expect("connect");
+        let agent_nonce = [0x22u8; 16];
+        s.write_all(&reverse::encode_preamble(&lease, &agent_nonce))
+            .expect("preamble");
+        let mut challenge = [0u8; reverse::CHALLENGE_BYTES];
+        s.read_exact(&mut challenge).expect("nonce and proof");
+        assert!(reverse::verify_challenge(&KEY, &lease, &agent_nonce, &challenge).is_ok());
+        assert_eq!(
+            reverse::verify_challenge(&[1; 32], &lease, &agent_nonce, &challenge),
+            Err(reverse::ReverseError::BadRelayProof)
+        );
+        assert_eq!(
+            reverse::verify_challenge(&KEY, &lease, &[0x23; 16], &challenge),
+            Err(reverse::ReverseError::BadRelayProof)
+        );
+    })
+    .await
+    .expect("join");
+
+    // An old agent's one-way preamble: refused at its version byte, no nonce, counted.
+    let before = relay.ingress.stats.drops(Drop::ReverseV1Refused);
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(reverse_addr).expect("connect");
+        s.write_all(&reverse::encode_preamble_v1(&lease))
+            .expect("preamble");
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without a nonce");
+    })
+    .await
+    .expect("join");
+    eventually("reverse_v1_refused", || {
+        relay.ingress.stats.drops(Drop::ReverseV1Refused) > before
+    })
+    .await;
+
     // A recorded handshake replayed: the relay's new nonce makes the old MAC worthless.
     let before = relay.ingress.stats.drops(Drop::BadMac);
     tokio::task::spawn_blocking(move || {
+        let agent_nonce = [0x33u8; 16];
         let mut first = TcpStream::connect(reverse_addr).expect("connect");
         first
-            .write_all(&reverse::encode_preamble(&lease))
+            .write_all(&reverse::encode_preamble(&lease, &agent_nonce))
             .expect("preamble");
-        let mut nonce = [0u8; 16];
-        first.read_exact(&mut nonce).expect("nonce");
-        let recorded = reverse::compute_mac(&KEY, &nonce, &lease);
+        let mut challenge = [0u8; reverse::CHALLENGE_BYTES];
+        first.read_exact(&mut challenge).expect("nonce");
+        let nonce = reverse::verify_challenge(&KEY, &lease, &agent_nonce, &challenge)
+            .expect("the relay's proof");
+        let recorded = reverse::agent_mac(&KEY, &lease, &agent_nonce, &nonce);
         first.write_all(&recorded).expect("mac");
         let mut replay = TcpStream::connect(reverse_addr).expect("connect");
         replay
-            .write_all(&reverse::encode_preamble(&lease))
+            .write_all(&reverse::encode_preamble(&lease, &agent_nonce))
             .expect("preamble");
-        let mut other = [0u8; 16];
+        let mut other = [0u8; reverse::CHALLENGE_BYTES];
         replay.read_exact(&mut other).expect("nonce");
-        assert_ne!(other, nonce, "nonces never repeat");
+        assert_ne!(other[..16], nonce, "nonces never repeat");
         replay.write_all(&recorded).expect("replayed mac");
         let mut b = [0u8; 1];
         assert_eq!(
@@ -502,6 +547,40 @@ async fn reverse_handshakes_that_must_fail_do_on(backend: Backend) {
     })
     .await;
     eventually("8 idle", || relay.ingress.idle_sessions(&lease) == 8).await;
+}
+
+/// `ingress.reverse_accept_v1 = true` (an upgrade window): an old agent's one-way handshake
+/// still makes an idle session, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_one_way_handshake_is_accepted_only_when_configured() {
+    for backend in backends() {
+        eprintln!("--- an_old_one_way_handshake_is_accepted_only_when_configured on {backend:?}");
+        let relay = start_on(
+            IngressConfig {
+                reverse_accept_v1: true,
+                ..IngressConfig::default()
+            },
+            1,
+            backend,
+        )
+        .await;
+        let (lease, reverse_addr) = (relay.tls_lease, relay.reverse);
+        let session = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(reverse_addr).expect("connect");
+            s.write_all(&reverse::encode_preamble_v1(&lease))
+                .expect("preamble");
+            let mut nonce = [0u8; reverse::NONCE_BYTES];
+            s.read_exact(&mut nonce).expect("bare nonce");
+            s.write_all(&reverse::compute_mac_v1(&KEY, &nonce, &lease))
+                .expect("mac");
+            s
+        })
+        .await
+        .expect("join");
+        eventually("v1 idle", || relay.ingress.idle_sessions(&lease) == 1).await;
+        assert_eq!(relay.ingress.stats.drops(Drop::ReverseV1Refused), 0);
+        drop(session);
+    }
 }
 
 /// R2: a thousand clients trickling a ClientHello are all closed by the deadline, while a normal

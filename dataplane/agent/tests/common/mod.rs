@@ -35,6 +35,7 @@ pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
 
 /// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
 /// the SHA-256 of what it received and closes. Yields (bytes received, their SHA-256).
+#[allow(dead_code, reason = "used by some of the test files only")]
 pub async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let addr = listener.local_addr().expect("echo addr");

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use outrelay_proto::reverse::{LeaseId, NONCE_BYTES};
+use outrelay_proto::reverse::{self, CHALLENGE_BYTES, LeaseId, NONCE_BYTES, Preamble};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -100,6 +100,9 @@ pub struct IngressConfig {
     /// Reverse sessions of one lease past the preamble whose MAC is not verified yet
     /// (`reverse_unauth_per_lease`).
     pub reverse_unauth_per_lease_max: usize,
+    /// Accept the one-way version 1 reverse handshake of older agents (the relay never proves
+    /// `K` to them); off: refused as `reverse_v1_refused`. Only for an upgrade window.
+    pub reverse_accept_v1: bool,
     /// The root host (`public_url`'s host); its exact SNI goes to `root_fallback`.
     pub root_host: String,
     /// The root-host HTTPS listener on loopback ([`root`]); `None`: the root host is refused
@@ -136,6 +139,7 @@ impl Default for IngressConfig {
             reverse_pending_max: DEFAULT_REVERSE_PENDING_MAX,
             reverse_pending_per_source_max: DEFAULT_REVERSE_PENDING_PER_SOURCE_MAX,
             reverse_unauth_per_lease_max: DEFAULT_REVERSE_UNAUTH_PER_LEASE_MAX,
+            reverse_accept_v1: false,
             root_host: String::new(),
             root_fallback: None,
         }
@@ -372,13 +376,15 @@ impl Ingress {
         Ok((global, per_source))
     }
 
-    /// A preamble for `lease` arrived on `socket`: check the lease is live here, take an
-    /// unauthenticated place of the lease, send a fresh nonce.
+    /// A preamble for a lease arrived on `socket`: check the lease is live here, take an
+    /// unauthenticated place of the lease, send a fresh nonce (version 2: with the relay's
+    /// proof of `K`).
     pub(crate) fn answer_preamble(
         &self,
-        lease: LeaseId,
+        preamble: Preamble,
         socket: &std::net::TcpStream,
     ) -> Result<Challenge, Drop> {
+        let lease = preamble.lease_id();
         let key = *self
             .shared
             .load()
@@ -391,11 +397,26 @@ impl Ingress {
             .ok_or(Drop::ReverseUnauthPerLease)?;
         let mut nonce = [0u8; NONCE_BYTES];
         getrandom::fill(&mut nonce).map_err(|_| Drop::BadPreamble)?;
-        // A fresh connection's send buffer always takes 16 bytes: a short write means the
+        // Version 2: the relay's proof of `K` goes first, with its nonce; version 1 (only when
+        // accepted, checked by the caller): the bare nonce.
+        let (agent_nonce, answer, len) = match preamble {
+            Preamble::V2 { agent_nonce, .. } => (
+                Some(agent_nonce),
+                reverse::encode_challenge(&key, &lease, &agent_nonce, &nonce),
+                CHALLENGE_BYTES,
+            ),
+            Preamble::V1 { .. } => {
+                let mut bare = [0u8; CHALLENGE_BYTES];
+                bare[..NONCE_BYTES].copy_from_slice(&nonce);
+                (None, bare, NONCE_BYTES)
+            }
+        };
+        let answer = &answer[..len];
+        // A fresh connection's send buffer always takes 48 bytes: a short write means the
         // agent is gone.
         let mut s = socket;
-        match s.write(&nonce) {
-            Ok(n) if n == nonce.len() => {}
+        match s.write(answer) {
+            Ok(n) if n == answer.len() => {}
             _ => return Err(Drop::BadPreamble),
         }
         Ok(Challenge {
@@ -403,6 +424,7 @@ impl Ingress {
             lease,
             key,
             nonce,
+            agent_nonce,
         })
     }
 

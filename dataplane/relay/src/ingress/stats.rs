@@ -36,6 +36,9 @@ pub enum Drop {
     UnknownLease,
     /// Reverse handshake: the MAC did not verify (wrong key, or a lease of another connection).
     BadMac,
+    /// Reverse handshake: a version 1 (one-way) preamble while `ingress.reverse_accept_v1` is
+    /// off.
+    ReverseV1Refused,
     /// Reverse handshake: not complete within the deadline.
     HandshakeTimeout,
     /// Writing the marker and replayed bytes to a claimed session failed.
@@ -77,7 +80,7 @@ pub enum Drop {
 
 impl Drop {
     /// Every reason, in counter order.
-    pub const ALL: [Drop; 32] = [
+    pub const ALL: [Drop; 33] = [
         Drop::NoSni,
         Drop::UnknownHost,
         Drop::BadHello,
@@ -93,6 +96,7 @@ impl Drop {
         Drop::BadPreamble,
         Drop::UnknownLease,
         Drop::BadMac,
+        Drop::ReverseV1Refused,
         Drop::HandshakeTimeout,
         Drop::MarkerWriteFailed,
         Drop::EngineFull,
@@ -151,6 +155,7 @@ impl Drop {
             Drop::BadPreamble => "bad_preamble",
             Drop::UnknownLease => "unknown_lease",
             Drop::BadMac => "bad_mac",
+            Drop::ReverseV1Refused => "reverse_v1_refused",
             Drop::HandshakeTimeout => "handshake_timeout",
             Drop::MarkerWriteFailed => "marker_write_failed",
             Drop::EngineFull => "engine_full",
@@ -173,7 +178,7 @@ impl Drop {
 }
 
 /// Counters shared by the ingress tasks (relaxed atomics: they are statistics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IngressStats {
     drops: [AtomicU64; Drop::ALL.len()],
     /// Public connections handed to the splice engine.
@@ -182,6 +187,18 @@ pub struct IngressStats {
     pub sessions_authenticated: AtomicU64,
     /// Public connections for the root host handed to the root-host listener.
     pub root_host: AtomicU64,
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for IngressStats {
+    fn default() -> Self {
+        IngressStats {
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            spliced: AtomicU64::new(0),
+            sessions_authenticated: AtomicU64::new(0),
+            root_host: AtomicU64::new(0),
+        }
+    }
 }
 
 impl IngressStats {

@@ -5,7 +5,7 @@
 //!         │                the first byte) ── root host → tokio's root-host task
 //!         │                                └─ lease by SNI ─┐
 //!         ├─ TCP lease port ── lease by port ───────────────┴─ admit (caps) ── claim (claim.rs)
-//!         └─ reverse ── preamble ── nonce ── MAC ── verified → idle session (claim.rs: offer)
+//!         └─ reverse ── preamble ── nonce + proof ── MAC ── verified → idle session (claim.rs: offer)
 //! ```
 //!
 //! Every phase waits on the worker's ring (one-shot readiness under the connection's key) and
@@ -47,7 +47,7 @@ pub(crate) enum State {
     Waiting(Box<Waiting>),
     /// Writing the marker and replayed bytes to the claimed `session` (polled for writing).
     Marker(Box<MarkerWrite>),
-    /// Reverse session: reading the preamble, then (nonce sent) the MAC.
+    /// Reverse session: reading the preamble, then (nonce and proof sent) the MAC.
     Reverse(Box<Reverse>),
 }
 
@@ -88,7 +88,7 @@ pub(crate) struct ReversePlaces {
     pub(crate) _source: KeyedSlot<SourceKey>,
 }
 
-/// A reverse session's handshake: preamble, then (after the nonce) the MAC.
+/// A reverse session's handshake: preamble, then (after the nonce and proof) the MAC.
 #[derive(Debug)]
 pub(crate) struct Reverse {
     pub(crate) _places: ReversePlaces,
@@ -109,6 +109,8 @@ pub(crate) struct Challenge {
     pub(crate) lease: LeaseId,
     pub(crate) key: [u8; reverse::EXPORTER_KEY_BYTES],
     pub(crate) nonce: [u8; NONCE_BYTES],
+    /// The agent's nonce (version 2); `None`: a version 1 session.
+    pub(crate) agent_nonce: Option<[u8; NONCE_BYTES]>,
 }
 
 /// What a read step decided.
@@ -230,17 +232,15 @@ impl Worker {
     /// The connection `key` is readable (or was just accepted).
     pub(crate) fn readable(&mut self, key: u64) {
         let max_hello = self.ingress.config().max_hello_bytes;
+        let accept_v1 = self.ingress.config().reverse_accept_v1;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let step = match &mut conn.state {
             State::Hello(h) => read_hello(&mut conn.socket, h, max_hello),
-            State::Reverse(r) if r.challenge.is_none() => read_exact_into(
-                &mut conn.socket,
-                &mut r.preamble,
-                &mut r.have,
-                Drop::BadPreamble,
-            ),
+            State::Reverse(r) if r.challenge.is_none() => {
+                read_preamble(&mut conn.socket, &mut r.preamble, &mut r.have, accept_v1)
+            }
             State::Reverse(r) => {
                 read_exact_into(&mut conn.socket, &mut r.mac, &mut r.have, Drop::BadMac)
             }
@@ -262,10 +262,10 @@ impl Worker {
         match &mut conn.state {
             State::Hello(_) => self.route_hello(key),
             State::Reverse(r) if r.challenge.is_none() => {
-                let Ok(Some(lease)) = reverse::decode_preamble(&r.preamble) else {
+                let Ok(Some(preamble)) = reverse::decode_preamble(&r.preamble[..r.have]) else {
                     return self.close(key, Drop::BadPreamble);
                 };
-                match self.ingress.answer_preamble(lease, &conn.socket) {
+                match self.ingress.answer_preamble(preamble, &conn.socket) {
                     Ok(challenge) => {
                         r.challenge = Some(challenge);
                         r.have = 0;
@@ -276,7 +276,13 @@ impl Worker {
             }
             State::Reverse(r) => {
                 let Some(c) = &r.challenge else { return };
-                if reverse::verify_mac(&c.key, &c.nonce, &c.lease, &r.mac).is_err() {
+                let verified = match &c.agent_nonce {
+                    Some(agent_nonce) => {
+                        reverse::verify_agent_mac(&c.key, &c.lease, agent_nonce, &c.nonce, &r.mac)
+                    }
+                    None => reverse::verify_mac_v1(&c.key, &c.nonce, &c.lease, &r.mac),
+                };
+                if verified.is_err() {
                     return self.close(key, Drop::BadMac);
                 }
                 let lease = c.lease;
@@ -442,21 +448,45 @@ fn read_exact_into(
     while *have < buf.len() {
         match socket.read(&mut buf[*have..]) {
             Ok(0) => return Step::Drop(refusal),
-            Ok(n) => {
-                *have += n;
-                // The preamble is refused at its first wrong byte (a scanner on the reverse
-                // port is not kept waiting for 21 bytes).
-                if refusal == Drop::BadPreamble && reverse::decode_preamble(&buf[..*have]).is_err()
-                {
-                    return Step::Drop(refusal);
-                }
-            }
+            Ok(n) => *have += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::Wait,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return Step::Drop(refusal),
         }
     }
     Step::Done
+}
+
+/// Reads the preamble into `buf[*have..]`, never past its end (its version byte says how long
+/// it is), and refuses it at its first wrong byte (a scanner on the reverse port is not kept
+/// waiting for 37 bytes), a version 1 preamble as soon as its version byte when `accept_v1`
+/// is off.
+fn read_preamble(
+    socket: &mut TcpStream,
+    buf: &mut [u8; PREAMBLE_BYTES],
+    have: &mut usize,
+    accept_v1: bool,
+) -> Step {
+    loop {
+        let seen = &buf[..*have];
+        if reverse::decode_preamble(seen).is_err() {
+            return Step::Drop(Drop::BadPreamble);
+        }
+        if !accept_v1 && seen.get(4) == Some(&reverse::PREAMBLE_VERSION_V1) {
+            return Step::Drop(Drop::ReverseV1Refused);
+        }
+        let want = reverse::preamble_len(seen).min(PREAMBLE_BYTES);
+        if *have >= want {
+            return Step::Done;
+        }
+        match socket.read(&mut buf[*have..want]) {
+            Ok(0) => return Step::Drop(Drop::BadPreamble),
+            Ok(n) => *have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Step::Wait,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Drop(Drop::BadPreamble),
+        }
+    }
 }
 
 #[cfg(test)]

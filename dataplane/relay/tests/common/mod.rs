@@ -813,10 +813,16 @@ pub async fn open_and_wait(
 ) -> Option<(TcpStream, Marker)> {
     let mut s = TcpStream::connect(reverse_addr).await.ok()?;
     s.set_nodelay(true).ok()?;
-    s.write_all(&reverse::encode_preamble(&lease)).await.ok()?;
-    let mut nonce = [0u8; reverse::NONCE_BYTES];
-    s.read_exact(&mut nonce).await.ok()?;
-    s.write_all(&reverse::compute_mac(key, &nonce, &lease))
+    let mut agent_nonce = [0u8; reverse::NONCE_BYTES];
+    getrandom::fill(&mut agent_nonce).ok()?;
+    s.write_all(&reverse::encode_preamble(&lease, &agent_nonce))
+        .await
+        .ok()?;
+    let mut challenge = [0u8; reverse::CHALLENGE_BYTES];
+    s.read_exact(&mut challenge).await.ok()?;
+    // As the agent: nothing is answered to a peer that does not prove K.
+    let nonce = reverse::verify_challenge(key, &lease, &agent_nonce, &challenge).ok()?;
+    s.write_all(&reverse::agent_mac(key, &lease, &agent_nonce, &nonce))
         .await
         .ok()?;
     loop {
