@@ -725,7 +725,9 @@ impl leases_server::Leases for LeasesService {
             kind: lease_decision::Kind::SnapshotEnd as i32,
             ..Default::default()
         };
-        Ok(Response::new(sub.into_stream(end, |(_, d)| d)))
+        Ok(Response::new(
+            sub.into_stream(end, |(_, d)| d).until(app.watch_end(&p)),
+        ))
     }
 
     async fn list(

@@ -292,7 +292,9 @@ impl policy_server::Policy for PolicyService {
             rule: None,
             removed_id: String::new(),
         };
-        Ok(Response::new(sub.into_stream(end, |c| c.event)))
+        Ok(Response::new(
+            sub.into_stream(end, |c| c.event).until(app.watch_end(&p)),
+        ))
     }
 }
 

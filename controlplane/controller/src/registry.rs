@@ -322,7 +322,9 @@ impl registry_server::Registry for RegistryService {
             provider: None,
             service_name: String::new(),
         };
-        Ok(Response::new(sub.into_stream(end, |e| e.event)))
+        Ok(Response::new(
+            sub.into_stream(end, |e| e.event).until(app.watch_end(&p)),
+        ))
     }
 
     async fn list_services(

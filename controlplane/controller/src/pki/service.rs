@@ -567,6 +567,8 @@ impl pki_server::Pki for PkiService {
             uri: String::new(),
             revoked_at_unix_ms: 0,
         };
-        Ok(Response::new(sub.into_stream(end, |e| e)))
+        Ok(Response::new(
+            sub.into_stream(end, |e| e).until(app.watch_end(&p)),
+        ))
     }
 }
