@@ -169,6 +169,42 @@ async fn cut_case(backend: &str, action: Action) -> bool {
     true
 }
 
+/// A certificate that expires while its connection is up: the relay closes the connection at
+/// its notAfter (TLS checked it only at the handshake), on a relay without a controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connection_ends_when_its_certificate_expires() {
+    const VALID_FOR: Duration = Duration::from_secs(3);
+    let ca = Ca::new();
+    let relay = start_relay(&ca, "", None).await;
+    let issued = Instant::now();
+    let (_endpoint, conn) = dial_until(&relay, &ca, AGENT, Some(VALID_FOR)).await;
+    let (mut send, _recv) = conn.open_bi().await.expect("control stream");
+    let hello = Frame::Hello(orp::Hello {
+        protocol_version: "orp/1".to_owned(),
+        agent_uri: AGENT.to_owned(),
+        capabilities: vec!["leases".to_owned()],
+    });
+    send.write_all(&hello.to_vec().expect("encode"))
+        .await
+        .expect("HELLO");
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the relay closes the connection of an expired certificate");
+    eprintln!(
+        "MEASURED: a certificate valid for {VALID_FOR:?} (whole seconds) ended its connection \
+         {:?} after it was issued",
+        issued.elapsed()
+    );
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code.into_inner(), 16, "CERT_EXPIRED: {c:?}");
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+    // Not before its notAfter (whole seconds, so at least VALID_FOR - 1 s after `issued`).
+    assert!(issued.elapsed() >= VALID_FOR - Duration::from_secs(1));
+}
+
 /// Connects as `uri`, retrying while the relay has no revocation list from its controller yet.
 async fn connect_when_ready(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
     let start = Instant::now();

@@ -135,6 +135,9 @@ pub mod close_code {
     pub const FRAME_TOO_LARGE: u32 = 14;
     /// Stream reset: a joined stream moved no byte for `mesh.stream_idle_timeout_ms`.
     pub const STREAM_IDLE: u32 = 15;
+    /// The agent's certificate passed its notAfter while connected (TLS checks it only at the
+    /// handshake): it reconnects with its renewed certificate.
+    pub const CERT_EXPIRED: u32 = 16;
 }
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least
