@@ -156,3 +156,40 @@ async fn a_revoked_relays_watches_end_and_it_gets_no_new_rule_while_another_rela
         .expect_err("a revoked relay cannot watch");
     assert_eq!(refused.code(), Code::PermissionDenied);
 }
+
+/// TLS checks a certificate only at the handshake: a watch made with a certificate that
+/// expires while it is open ends then (UNAUTHENTICATED), instead of streaming on.
+#[tokio::test]
+async fn a_watch_ends_when_its_callers_certificate_expires() {
+    const VALID_FOR_S: u64 = 3;
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start(dir.path(), "");
+    let issued = Instant::now();
+    let (cert, key) = c
+        .ca()
+        .issue_with_key(
+            &[],
+            Some(REVOKED),
+            LeafProfile::ClientServer,
+            VALID_FOR_S,
+            time::OffsetDateTime::now_utc(),
+        )
+        .expect("issue");
+    let mut policy = PolicyClient::new(c.channel(Some(&(cert.cert_pem, key))).await)
+        .watch(pb::WatchPoliciesRequest::default())
+        .await
+        .expect("Policy.Watch")
+        .into_inner();
+    let ev = policy.message().await.expect("event").expect("some");
+    assert_eq!(ev.kind, pb::policy_event::Kind::SnapshotEnd as i32);
+    let (code, got) = until_end("Policy.Watch of an expiring certificate", &mut policy).await;
+    eprintln!(
+        "MEASURED: a watch made with a certificate valid for {VALID_FOR_S} s ended {:?} after \
+         it was issued",
+        issued.elapsed()
+    );
+    assert_eq!(code, Some(Code::Unauthenticated));
+    assert!(got.is_empty(), "{got:?}");
+    // Not before its notAfter (whole seconds).
+    assert!(issued.elapsed() >= Duration::from_secs(VALID_FOR_S - 1));
+}
