@@ -272,11 +272,10 @@ impl Echoing {
     /// When the connection ended; `None` if it is still open after `within`.
     async fn ended_within(&self, within: Duration) -> Option<Instant> {
         let mut ended = self.ended.clone();
-        let at = *tokio::time::timeout(within, ended.wait_for(Option::is_some))
+        *tokio::time::timeout(within, ended.wait_for(Option::is_some))
             .await
             .ok()?
-            .ok()?;
-        at
+            .ok()?
     }
 }
 
