@@ -97,36 +97,7 @@ async fn cut_case(backend: &str, action: Action) -> bool {
                 .expect("Revoke");
         }
         Action::Ban => {
-            // The relay reports the grant to the controller on its own time: wait for it.
-            let record = loop {
-                let leases = LeasesClient::new(admin.clone())
-                    .list(pb::ListLeasesRequest {
-                        tenant: "test".into(),
-                    })
-                    .await
-                    .expect("List")
-                    .into_inner()
-                    .leases;
-                if let Some(r) = leases
-                    .into_iter()
-                    .find(|l| l.name == "web" && l.state == pb::lease::State::Approved as i32)
-                {
-                    break r;
-                }
-                assert!(
-                    started.elapsed() < WAIT,
-                    "the victim's lease never reported"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            started = Instant::now();
-            LeasesClient::new(admin.clone())
-                .ban(pb::LeaseActionRequest {
-                    tenant: "test".into(),
-                    id: record.id,
-                })
-                .await
-                .expect("Ban");
+            ban(&admin, "web", &mut started).await;
         }
     }
     let rpc = started.elapsed();
@@ -205,6 +176,112 @@ async fn an_agent_connection_ends_when_its_certificate_expires() {
     assert!(issued.elapsed() >= VALID_FOR - Duration::from_secs(1));
 }
 
+/// Bans tenant `test`'s lease `name` once the relay has reported it; `started` is reset to
+/// just before the Ban call.
+async fn ban(admin: &tonic::transport::Channel, name: &str, started: &mut Instant) {
+    let record = loop {
+        let leases = LeasesClient::new(admin.clone())
+            .list(pb::ListLeasesRequest {
+                tenant: "test".into(),
+            })
+            .await
+            .expect("List")
+            .into_inner()
+            .leases;
+        if let Some(r) = leases
+            .into_iter()
+            .find(|l| l.name == name && l.state == pb::lease::State::Approved as i32)
+        {
+            break r;
+        }
+        assert!(started.elapsed() < WAIT, "lease {name} never reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    *started = Instant::now();
+    LeasesClient::new(admin.clone())
+        .ban(pb::LeaseActionRequest {
+            tenant: "test".into(),
+            id: record.id,
+        })
+        .await
+        .expect("Ban");
+}
+
+/// A banned UDP lease's flow stops being carried: no reply after the ban (the port is
+/// closed with its route), while the agent still echoes whatever reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_udp_lease_stops_carrying_its_flow() {
+    let ca = Ca::new();
+    let Some(controller) = start_controller(&ca).await else {
+        eprintln!(
+            "SKIP a_banned_udp_lease_stops_carrying_its_flow: outrelay-controller is not built"
+        );
+        return;
+    };
+    let admin = controller.admin(&ca).await;
+    let (lo, hi) = free_port_range();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            leases: format!("udp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+            tables: format!(
+                "[controller]\nurl = \"https://{}\"\nheartbeat_interval_ms = 200\n\
+                 reconnect_backoff_ms = 100\nstate_dir = \"relay-state\"\n",
+                controller.grpc
+            ),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut agent = connect_when_ready(&relay, &ca, VICTIM).await;
+    let grant = register_req_when_ready(
+        &mut agent,
+        orp::LeaseRegister {
+            name: "dns".to_owned(),
+            udp: true,
+            ttl_s: 300,
+            request_id: 1,
+            ..orp::LeaseRegister::default()
+        },
+    )
+    .await;
+    agent.serve_udp_echo();
+    let lease = std::net::SocketAddr::from(([127, 0, 0, 1], port_of(&grant.udp_addr)));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut started = Instant::now();
+    while !echoed(&client, lease).await {
+        assert!(started.elapsed() < WAIT, "the UDP lease never echoed");
+    }
+    ban(&admin, "dns", &mut started).await;
+    // Replies stop within the bound and stay stopped.
+    while echoed(&client, lease).await {
+        assert!(
+            started.elapsed() < CUT_WITHIN,
+            "the banned UDP lease still echoes {:?} after the Ban call",
+            started.elapsed()
+        );
+    }
+    eprintln!(
+        "MEASURED: the banned UDP lease's flow stopped {:?} after the Ban call",
+        started.elapsed()
+    );
+    for _ in 0..5 {
+        assert!(!echoed(&client, lease).await, "a reply after the ban");
+    }
+}
+
+/// One datagram to `lease`: whether its echo came back within 200 ms.
+async fn echoed(client: &tokio::net::UdpSocket, lease: std::net::SocketAddr) -> bool {
+    let mut buf = [0u8; 64];
+    client.send_to(b"ping", lease).await.is_ok()
+        && matches!(
+            tokio::time::timeout(Duration::from_millis(200), client.recv_from(&mut buf)).await,
+            Ok(Ok((4, _)))
+        )
+}
+
 /// Connects as `uri`, retrying while the relay has no revocation list from its controller yet.
 async fn connect_when_ready(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
     let start = Instant::now();
@@ -221,17 +298,25 @@ async fn connect_when_ready(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
 
 /// A TCP lease `name`, retrying while the relay has no decisions from its controller yet.
 async fn register_when_ready(agent: &mut Agent, name: &str) -> orp::LeaseGrant {
+    register_req_when_ready(
+        agent,
+        orp::LeaseRegister {
+            name: name.to_owned(),
+            tcp: true,
+            ttl_s: 300,
+            request_id: 1,
+            ..orp::LeaseRegister::default()
+        },
+    )
+    .await
+}
+
+/// LEASE_REGISTER of `req`, retrying while the relay has no decisions from its controller yet.
+async fn register_req_when_ready(agent: &mut Agent, req: orp::LeaseRegister) -> orp::LeaseGrant {
     let start = Instant::now();
+    let name = req.name.clone();
     loop {
-        let answer = agent
-            .call(Frame::LeaseRegister(orp::LeaseRegister {
-                name: name.to_owned(),
-                tcp: true,
-                ttl_s: 300,
-                request_id: 1,
-                ..orp::LeaseRegister::default()
-            }))
-            .await;
+        let answer = agent.call(Frame::LeaseRegister(req.clone())).await;
         match answer {
             Frame::LeaseGrant(g) => return g,
             other => {
