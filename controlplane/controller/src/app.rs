@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::audit::{self, AUDIT_MAC_BYTES};
 use crate::config::Settings;
+use crate::grpc::Principal;
 use crate::leases::LeaseState;
 use crate::pki::Ca;
 use crate::refusals::{Refusal, RefusalAudit};
@@ -162,6 +163,56 @@ impl App {
         tokio::spawn(refusal_flusher(Arc::downgrade(&app)));
         tokio::spawn(crate::prune::run(Arc::downgrade(&app)));
         Ok(app)
+    }
+
+    /// What ends a watch stream of `p` (review M5): its identity being revoked (already, or
+    /// while the stream is open), or its certificate's `not_after_unix_s` passing. `None`
+    /// for a Unix-socket peer (nothing to revoke). A lost revocation subscription ends the
+    /// stream too (it fails closed; the caller reconnects).
+    pub fn watch_end(
+        &self,
+        p: &Principal,
+        not_after_unix_s: Option<i64>,
+    ) -> Option<crate::watch::StreamEnd> {
+        let uri = match p {
+            Principal::GlobalAdmin(uri) if uri.starts_with("outrelay://") => uri.clone(),
+            Principal::TenantAdmin { uri, .. } | Principal::Relay { uri, .. } => uri.clone(),
+            Principal::Agent(identity) => identity.to_string(),
+            Principal::GlobalAdmin(_) | Principal::Anonymous(_) => return None,
+        };
+        let filter_uri = uri.clone();
+        let sub = self.revocations.subscribe(
+            |r| {
+                r.get(&uri)
+                    .map(|at| pb::RevocationEvent {
+                        uri: uri.clone(),
+                        revoked_at_unix_ms: *at,
+                        ..pb::RevocationEvent::default()
+                    })
+                    .into_iter()
+                    .collect()
+            },
+            move |e: &pb::RevocationEvent| e.uri == filter_uri,
+        );
+        let expiry = async move {
+            let Some(not_after) = not_after_unix_s else {
+                return std::future::pending().await;
+            };
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let left_ms = not_after.saturating_mul(1000).saturating_sub(now_ms).max(0);
+            tokio::time::sleep(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0))).await;
+        };
+        Some(Box::pin(async move {
+            tokio::select! {
+                first = sub.first() => match first {
+                    Some(_) => tonic::Status::permission_denied("identity revoked"),
+                    None => tonic::Status::unavailable("revocation watch lost; reconnect"),
+                },
+                () = expiry => tonic::Status::unauthenticated("certificate expired"),
+            }
+        }))
     }
 
     /// True when every certificate of `uri` is refused.

@@ -677,6 +677,7 @@ impl leases_server::Leases for LeasesService {
         const M: &str = "Leases.Watch";
         let app = &self.0;
         let p = app.authenticate(&req, M)?;
+        let expires = crate::grpc::cert_not_after(&req);
         let tenant = watch_scope(app, &p, M, &req.into_inner().tenant)?;
         let t2 = tenant.clone();
         let sub = app.leases.subscribe(
@@ -725,7 +726,10 @@ impl leases_server::Leases for LeasesService {
             kind: lease_decision::Kind::SnapshotEnd as i32,
             ..Default::default()
         };
-        Ok(Response::new(sub.into_stream(end, |(_, d)| d)))
+        Ok(Response::new(
+            sub.into_stream(end, |(_, d)| d)
+                .until(app.watch_end(&p, expires)),
+        ))
     }
 
     async fn list(

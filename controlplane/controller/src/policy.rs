@@ -267,6 +267,7 @@ impl policy_server::Policy for PolicyService {
         const M: &str = "Policy.Watch";
         let app = &self.0;
         let p = app.authenticate(&req, M)?;
+        let expires = crate::grpc::cert_not_after(&req);
         let tenant = req.into_inner().tenant;
         let filter_tenant = watch_scope(app, &p, M, &tenant)?;
         let f2 = filter_tenant.clone();
@@ -292,7 +293,10 @@ impl policy_server::Policy for PolicyService {
             rule: None,
             removed_id: String::new(),
         };
-        Ok(Response::new(sub.into_stream(end, |c| c.event)))
+        Ok(Response::new(
+            sub.into_stream(end, |c| c.event)
+                .until(app.watch_end(&p, expires)),
+        ))
     }
 }
 

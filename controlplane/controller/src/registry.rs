@@ -292,6 +292,7 @@ impl registry_server::Registry for RegistryService {
         const M: &str = "Registry.Watch";
         let app = &self.0;
         let p = app.authenticate(&req, M)?;
+        let expires = crate::grpc::cert_not_after(&req);
         let r = req.into_inner();
         let tenant = watch_scope(app, &p, M, &r.tenant)?;
         let names = r.service_names;
@@ -322,7 +323,10 @@ impl registry_server::Registry for RegistryService {
             provider: None,
             service_name: String::new(),
         };
-        Ok(Response::new(sub.into_stream(end, |e| e.event)))
+        Ok(Response::new(
+            sub.into_stream(end, |e| e.event)
+                .until(app.watch_end(&p, expires)),
+        ))
     }
 
     async fn list_services(

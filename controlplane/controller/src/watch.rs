@@ -7,6 +7,7 @@
 //! and gets a fresh snapshot) and the drop is counted by reason. Memory never grows with a slow
 //! consumer.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -98,6 +99,8 @@ impl<S, E: Clone + Send + 'static> Hub<S, E> {
         let (tx, rx) = mpsc::channel(self.queue_events);
         let overflowed = Arc::new(AtomicBool::new(false));
         let mut inner = self.lock();
+        // Watchers whose stream is gone are otherwise dropped only at the next event.
+        inner.watchers.retain(|w| !w.tx.is_closed());
         let snap = snapshot(&inner.state);
         inner.watchers.push(Watcher {
             filter: Box::new(filter),
@@ -118,6 +121,9 @@ impl<S, E: Clone + Send + 'static> Hub<S, E> {
     }
 }
 
+/// What ends a watch stream early (its caller revoked): yields the status it ends with.
+pub type StreamEnd = Pin<Box<dyn Future<Output = tonic::Status> + Send>>;
+
 /// A new watcher's snapshot and live queue.
 pub struct Subscription<E> {
     /// Current state as events.
@@ -127,6 +133,15 @@ pub struct Subscription<E> {
 }
 
 impl<E: Send + 'static> Subscription<E> {
+    /// The first event of this subscription: from the snapshot, else the first live one;
+    /// `None` when the hub dropped this watcher.
+    pub async fn first(mut self) -> Option<E> {
+        if !self.snapshot.is_empty() {
+            return Some(self.snapshot.swap_remove(0));
+        }
+        self.rx.recv().await
+    }
+
     /// The gRPC stream: snapshot events, then `end` (SNAPSHOT_END), then live events mapped by
     /// `map`; ends with RESOURCE_EXHAUSTED if this watcher was too slow.
     pub fn into_stream<M, F>(self, end: M, map: F) -> WatchStream<E, M>
@@ -143,6 +158,7 @@ impl<E: Send + 'static> Subscription<E> {
             rx: self.rx,
             overflowed: self.overflowed,
             map,
+            end: None,
             done: false,
         }
     }
@@ -154,7 +170,17 @@ pub struct WatchStream<E, M> {
     rx: mpsc::Receiver<E>,
     overflowed: Arc<AtomicBool>,
     map: Arc<dyn Fn(E) -> M + Send + Sync>,
+    end: Option<StreamEnd>,
     done: bool,
+}
+
+impl<E, M> WatchStream<E, M> {
+    /// Ends the stream with the status `end` yields, as soon as it does (before any further
+    /// event): how a watch of a revoked caller ends (review M5).
+    pub fn until(mut self, end: Option<StreamEnd>) -> WatchStream<E, M> {
+        self.end = end;
+        self
+    }
 }
 
 impl<E, M: Unpin> Stream for WatchStream<E, M> {
@@ -164,6 +190,13 @@ impl<E, M: Unpin> Stream for WatchStream<E, M> {
         let this = self.get_mut();
         if this.done {
             return Poll::Ready(None);
+        }
+        if let Some(end) = this.end.as_mut()
+            && let Poll::Ready(status) = end.as_mut().poll(cx)
+        {
+            this.done = true;
+            this.end = None;
+            return Poll::Ready(Some(Err(status)));
         }
         if let Some(m) = this.head.pop_front() {
             return Poll::Ready(Some(Ok(m)));

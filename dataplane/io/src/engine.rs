@@ -153,6 +153,9 @@ pub enum CloseReason {
     /// inbox (`max_pairs` reached); never spliced. Reported so the caller can give back what
     /// it reserved for the pair; counted in `pairs_refused`, not in `closed`.
     Refused,
+    /// The owner closed it ([`Engine::close_where`]): it no longer allows the pair (the
+    /// relay: its lease was banned or its agent revoked).
+    Cut,
 }
 
 impl CloseReason {
@@ -166,18 +169,20 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Refused => "refused",
             CloseReason::WriteStall => "write_stall",
+            CloseReason::Cut => "cut",
         }
     }
 }
 
 /// The label of each [`EngineStats::closed`] counter, in order.
-pub const CLOSED_LABELS: [&str; 6] = [
+pub const CLOSED_LABELS: [&str; 7] = [
     "completed",
     "error",
     "idle_timeout",
     "half_closed_timeout",
     "shutdown",
     "write_stall",
+    "cut",
 ];
 
 /// A pair the engine is done with.
@@ -219,7 +224,7 @@ pub struct EngineStats {
     /// `splice(2)` calls made.
     pub splice_calls: u64,
     /// Pairs closed, by reason (labels in [`CLOSED_LABELS`]).
-    pub closed: [u64; 6],
+    pub closed: [u64; 7],
     /// Times a direction waited for a pipe (pipe and copy budgets both spent).
     pub pipe_waits: u64,
     /// Stalled directions that gave their pipe back (bytes moved to a spill buffer).
@@ -889,6 +894,29 @@ impl Engine {
         }
     }
 
+    /// Closes every pair whose tag `cut` selects (reason [`CloseReason::Cut`]; both sockets
+    /// shut down, so both peers see the end at once) and returns how many. For the owner's
+    /// rare decisions (a ban, a revocation): it scans every slot.
+    pub fn close_where(
+        &mut self,
+        mut cut: impl FnMut(u64) -> bool,
+        finished: &mut Vec<Finished>,
+    ) -> usize {
+        let mut n = 0;
+        for index in 0..self.slots.len() {
+            let selected = self.slots[index]
+                .pair
+                .as_ref()
+                .is_some_and(|pair| cut(pair.tag));
+            if selected {
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                self.close(index, CloseReason::Cut, finished);
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn pair_mut(&mut self, index: u32, generation: u32) -> Option<&mut Pair> {
         let slot = self.slots.get_mut(index as usize)?;
         if u64::from(slot.generation) & GENERATION_MASK != u64::from(generation) & GENERATION_MASK {
@@ -1115,6 +1143,7 @@ impl Engine {
             CloseReason::HalfClosedTimeout => 3,
             CloseReason::Shutdown | CloseReason::Refused => 4,
             CloseReason::WriteStall => 5,
+            CloseReason::Cut => 6,
         };
         self.stats.closed[counter] += 1;
         self.stats.pairs_active -= 1;

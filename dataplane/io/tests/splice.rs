@@ -754,3 +754,67 @@ fn a_spent_spill_budget_keeps_the_stalled_pipe_and_is_counted_once() {
         assert_eq!(stats.spill_refusals, 1, "{backend:?}: {stats:?}");
     }
 }
+
+#[test]
+fn close_where_cuts_the_selected_pairs_and_leaves_the_others() {
+    for backend in backends() {
+        let mut engine = Engine::new(EngineConfig {
+            backend,
+            ..EngineConfig::default()
+        })
+        .expect("engine");
+        let (mut cut_client, cut_a) = tcp_pair();
+        let (cut_b, mut cut_server) = tcp_pair();
+        let (mut kept_client, kept_a) = tcp_pair();
+        let (kept_b, mut kept_server) = tcp_pair();
+        let now = Instant::now();
+        engine
+            .add(OwnedFd::from(cut_a), OwnedFd::from(cut_b), 1, now)
+            .expect("add cut");
+        engine
+            .add(OwnedFd::from(kept_a), OwnedFd::from(kept_b), 2, now)
+            .expect("add kept");
+        let mut finished = Vec::new();
+        let mut clock = Instant::now;
+        engine
+            .run_once(Duration::from_millis(10), &mut clock, &mut finished)
+            .expect("round");
+        assert_eq!(engine.close_where(|tag| tag == 1, &mut finished), 1);
+        assert_eq!(
+            finished,
+            vec![Finished {
+                tag: 1,
+                bytes: [0, 0],
+                reason: CloseReason::Cut
+            }],
+            "{backend:?}"
+        );
+        for s in [&cut_client, &cut_server] {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+        }
+        let mut buf = [0u8; 8];
+        assert_eq!(cut_client.read(&mut buf).unwrap_or(0), 0, "{backend:?}");
+        assert_eq!(cut_server.read(&mut buf).unwrap_or(0), 0, "{backend:?}");
+        // The other pair still carries bytes.
+        kept_client.write_all(b"ping").expect("write");
+        kept_server
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.len() < 4 && Instant::now() < deadline {
+            engine
+                .run_once(Duration::from_millis(10), &mut clock, &mut finished)
+                .expect("round");
+            if let Ok(n) = kept_server.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(got, b"ping", "{backend:?}");
+        let stats = engine.stats();
+        assert_eq!(stats.pairs_active, 1, "{backend:?}");
+        assert_eq!(stats.closed[6], 1, "{backend:?}: counted as cut");
+        assert_eq!(outrelay_io::CLOSED_LABELS[6], "cut");
+    }
+}

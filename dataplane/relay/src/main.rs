@@ -190,6 +190,7 @@ fn run(
             udp.serve_range(range_sockets.udp)?;
         }
         let ingress = Ingress::new(ingress_config, shared.clone(), settings.workers);
+        quic.serve_ingress(ingress.clone());
         // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe
         // limit is per user, not per thread): each worker's engine gets an equal share.
         let engine = EngineConfig {

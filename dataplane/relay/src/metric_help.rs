@@ -136,6 +136,14 @@ pub fn describe() {
         "Public connections handed to a splice engine."
     );
     metrics::describe_counter!(
+        "outrelay_relay_pairs_cut_total",
+        "Live spliced pairs the relay closed because their lease was banned or denied, or its agent revoked, by reason."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_pair_cut_orders_lost_total",
+        "Cut orders a worker's full inbox refused for a second (those pairs run until they end)."
+    );
+    metrics::describe_counter!(
         "outrelay_relay_worker_accepts_total",
         "Connections a worker accepted, by worker and listener (public: TLS and TCP lease ports; reverse: agents' sessions)."
     );

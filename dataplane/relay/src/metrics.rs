@@ -19,7 +19,7 @@ use outrelay_proto::frame::FrameType;
 use tokio::net::TcpListener;
 
 use crate::ingress::Ingress;
-use crate::ingress::stats::Drop;
+use crate::ingress::stats::{CutReason, Drop};
 use crate::lease::LeaseErrorCode;
 use crate::mesh::{MeshResult, MeshStats};
 use crate::quic::{Limit, QuicStats};
@@ -110,6 +110,12 @@ fn update(s: &Sources) {
     }
     counter!("outrelay_relay_ingress_spliced_total")
         .absolute(stats.spliced.load(Ordering::Relaxed));
+    for reason in CutReason::ALL {
+        counter!("outrelay_relay_pairs_cut_total", "reason" => reason.label())
+            .absolute(stats.cuts(reason));
+    }
+    counter!("outrelay_relay_pair_cut_orders_lost_total")
+        .absolute(stats.cut_orders_lost.load(Ordering::Relaxed));
     counter!("outrelay_relay_reverse_sessions_authenticated_total")
         .absolute(stats.sessions_authenticated.load(Ordering::Relaxed));
     counter!("outrelay_relay_ingress_root_host_total")

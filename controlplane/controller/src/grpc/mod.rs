@@ -29,12 +29,22 @@ pub enum Caller {
         /// Root or a member of the admin group.
         admin: bool,
     },
-    /// A TLS peer with a verified certificate and a valid identity URI.
-    Cert(Identity),
+    /// A TLS peer with a verified certificate and a valid identity URI, and the certificate's
+    /// notAfter in Unix seconds (`None`: unreadable; TLS already checked it).
+    Cert(Identity, Option<i64>),
     /// A TLS peer whose verified certificate carries no acceptable identity URI.
     BadCert(String),
     /// A TLS peer without a client certificate (may only call `Pki.Enroll`), with its address.
     Anonymous(Option<IpAddr>),
+}
+
+/// The notAfter (Unix seconds) of the certificate `req`'s connection was made with, if any:
+/// a watch stream ends then (TLS checks it only at the handshake).
+pub fn cert_not_after<T>(req: &tonic::Request<T>) -> Option<i64> {
+    match req.extensions().get::<Caller>() {
+        Some(Caller::Cert(_, not_after)) => *not_after,
+        _ => None,
+    }
 }
 
 /// An authenticated caller, after the revocation check.
@@ -141,7 +151,7 @@ impl App {
                 method,
                 &format!("certificate identity refused: {reason}"),
             )),
-            Caller::Cert(identity) => {
+            Caller::Cert(identity, _) => {
                 let uri = identity.to_string();
                 if self.is_revoked(&uri) {
                     let tenant = identity

@@ -347,7 +347,7 @@ pub async fn accept_tls(
             let caller = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 None => Caller::Anonymous(Some(peer.ip())),
                 Some(leaf) => match identity_of_cert(leaf) {
-                    Ok(id) => Caller::Cert(id),
+                    Ok(id) => Caller::Cert(id, cert_not_after_unix_s(leaf)),
                     Err(e) => Caller::BadCert(e.to_string()),
                 },
             };
@@ -392,6 +392,12 @@ fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A verified leaf's notAfter in Unix seconds.
+fn cert_not_after_unix_s(leaf: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 fn handshake_failed(app: &App, peer: SocketAddr, reason: &str) {

@@ -547,6 +547,7 @@ impl pki_server::Pki for PkiService {
         const M: &str = "Pki.WatchRevocations";
         let app = &self.0;
         let p = app.authenticate(&req, M)?;
+        let expires = crate::grpc::cert_not_after(&req);
         if !matches!(p, Principal::Relay { .. }) {
             app.require_global_admin(&p, M)?;
         }
@@ -567,6 +568,9 @@ impl pki_server::Pki for PkiService {
             uri: String::new(),
             revoked_at_unix_ms: 0,
         };
-        Ok(Response::new(sub.into_stream(end, |e| e)))
+        Ok(Response::new(
+            sub.into_stream(end, |e| e)
+                .until(app.watch_end(&p, expires)),
+        ))
     }
 }

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 use super::decisions::{Decisions, Enforce, RecordState};
 use super::revocations::Revocations;
 use super::{ControlStats, ControllerConfig, ControllerDecider};
+use crate::ingress::stats::CutReason;
 use crate::quic::{LeaseEvent, LeaseEventKind, RelayHandle, close_code};
 
 /// Everything the tasks share.
@@ -66,7 +67,7 @@ impl TaskCtx {
 
     /// Ends the live leases `e` names; counts them.
     async fn enforce(&self, e: Enforce) {
-        let ended = match e {
+        let (ended, reason) = match e {
             Enforce::Nothing => return,
             Enforce::Gates => {
                 let g = self
@@ -77,24 +78,26 @@ impl TaskCtx {
                 self.relay.set_admin_gates(g.tcp, g.udp).await;
                 return;
             }
-            Enforce::EndName { tenant, name } => {
+            Enforce::EndName { tenant, name } => (
                 self.relay
                     .revoke_leases(|l| l.owner.tenant == tenant && l.name.as_str() == name)
-                    .await
-            }
+                    .await,
+                CutReason::Banned,
+            ),
             Enforce::EndAgentName {
                 tenant,
                 name,
                 agent_uri,
-            } => {
+            } => (
                 self.relay
                     .revoke_leases(|l| {
                         l.owner.tenant == tenant
                             && l.name.as_str() == name
                             && l.owner.agent_uri == agent_uri
                     })
-                    .await
-            }
+                    .await,
+                CutReason::Denied,
+            ),
         };
         if !ended.is_empty() {
             let n = u64::try_from(ended.len()).unwrap_or(u64::MAX);
@@ -103,6 +106,9 @@ impl TaskCtx {
             for l in &ended {
                 tracing::info!(tenant = %l.owner.tenant, name = %l.name.as_str(), agent = %l.owner.agent_uri, "lease ended by a controller decision");
             }
+            // Their live public connections end too (review M5).
+            let ids = ended.iter().map(|l| l.id).collect();
+            self.relay.cut_pairs(ids, reason).await;
         }
     }
 
@@ -370,7 +376,7 @@ async fn watch_revocations_once(
                 // Identities revoked while this relay was not listening.
                 for uri in ctx.relay.agent_uris() {
                     if fresh.contains(&uri) {
-                        close_revoked(ctx, &uri);
+                        close_revoked(ctx, &uri).await;
                     }
                 }
             }
@@ -391,7 +397,7 @@ async fn watch_revocations_once(
             Some(r)
         });
         count_revocation(ctx);
-        close_revoked(ctx, &uri);
+        close_revoked(ctx, &uri).await;
         if let Some(r) = next {
             persist(ctx, r).await;
         }
@@ -405,10 +411,11 @@ fn count_revocation(ctx: &TaskCtx) {
     counter!("outrelay_relay_controller_revocations_applied_total").increment(1);
 }
 
-fn close_revoked(ctx: &TaskCtx, uri: &str) {
+async fn close_revoked(ctx: &TaskCtx, uri: &str) {
     let n = ctx
         .relay
-        .close_agent(uri, close_code::REVOKED, "identity revoked");
+        .revoke_agent(uri, close_code::REVOKED, "identity revoked")
+        .await;
     if n > 0 {
         let n = u64::try_from(n).unwrap_or(u64::MAX);
         ctx.stats()

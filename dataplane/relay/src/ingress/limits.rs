@@ -298,6 +298,17 @@ impl LeaseConns {
         }
     }
 
+    /// The engine tags of the live pairs of `leases` (every worker's: each closes its own).
+    /// Scans every pair under the lock: for the rare cut of a banned or revoked lease.
+    pub fn tags_of(&self, leases: &[LeaseId]) -> std::collections::HashSet<u64> {
+        self.lock()
+            .by_tag
+            .iter()
+            .filter(|(_, owner)| leases.contains(&owner.lease))
+            .map(|(tag, _)| *tag)
+            .collect()
+    }
+
     fn release(&self, inner: &mut Inner, owner: &Owner) {
         decrement(&mut inner.per_lease, &owner.lease);
         decrement(&mut inner.per_tenant, owner.tenant.as_str());
@@ -307,6 +318,11 @@ impl LeaseConns {
 }
 
 impl ConnSlot {
+    /// The lease this connection is charged to.
+    pub fn lease(&self) -> Option<&LeaseId> {
+        self.owner.as_ref().map(|o| &o.lease)
+    }
+
     /// Turns the slot into an engine tag: the places are now given back by
     /// [`LeaseConns::finished`] (or [`LeaseConns::release_tag`]) for that tag.
     pub fn into_tag(mut self) -> u64 {

@@ -42,7 +42,7 @@ use limits::{
     ConnSlot, Gauge, GaugeSlot, KeyedCounts, KeyedSlot, LeaseConns, LiveCaps, PendingConns,
     PendingSlot, SourceKey,
 };
-use stats::{Drop, IngressStats};
+use stats::{CutReason, Drop, IngressStats};
 
 /// Ingress limits, all from `public-ingress.md` (durations are config values so tests can
 /// shorten them).
@@ -179,6 +179,10 @@ pub const DEFAULT_REVERSE_UNAUTH_PER_LEASE_MAX: usize = 32;
 /// How long after a worker ran out of descriptors every worker resets new connections.
 const FD_EXHAUSTED_SHED_MS: u64 = 200;
 
+/// Tries to hand a cut order to a worker whose inbox is full, [`CUT_RETRY_MS`] apart.
+const CUT_TRIES_MAX: usize = 20;
+const CUT_RETRY_MS: u64 = 50;
+
 /// The ingress side of a relay: what its workers share.
 pub struct Ingress {
     config: IngressConfig,
@@ -251,6 +255,33 @@ impl Ingress {
             Some(handle) => handle.send(msg),
             None => Err(msg),
         }
+    }
+
+    /// Tells every worker to close its spliced pairs of `leases`, whose routes are already
+    /// unpublished (review M5). A full inbox is retried for up to a second; a worker that
+    /// still refuses is counted (`cut_orders_lost`).
+    pub async fn cut(&self, leases: Vec<LeaseId>, reason: CutReason) {
+        if leases.is_empty() || self.handles.get().is_none() {
+            return;
+        }
+        let leases: Arc<[LeaseId]> = leases.into();
+        let mut pending: Vec<usize> = (0..self.workers).collect();
+        for _ in 0..CUT_TRIES_MAX {
+            pending.retain(|&w| {
+                let msg = Msg::Cut {
+                    leases: leases.clone(),
+                    reason,
+                };
+                self.send_to(w, msg).is_err()
+            });
+            if pending.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(CUT_RETRY_MS)).await;
+        }
+        self.stats
+            .cut_orders_lost
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
     }
 
     /// The per-lease connection counts (the workers give finished pairs back through it).

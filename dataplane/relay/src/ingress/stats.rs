@@ -177,10 +177,40 @@ impl Drop {
     }
 }
 
+/// Why live spliced pairs were cut (closed by the relay, not by their peers): review M5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CutReason {
+    /// The lease's name was banned (`outrelay leases ban`).
+    Banned,
+    /// The lease's record was denied for its agent (`outrelay leases deny`).
+    Denied,
+    /// The lease's agent was revoked (`outrelay cert revoke`).
+    Revoked,
+}
+
+impl CutReason {
+    /// Every reason, in counter order.
+    pub const ALL: [CutReason; 3] = [CutReason::Banned, CutReason::Denied, CutReason::Revoked];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CutReason::Banned => "banned",
+            CutReason::Denied => "denied",
+            CutReason::Revoked => "revoked",
+        }
+    }
+}
+
 /// Counters shared by the ingress tasks (relaxed atomics: they are statistics).
 #[derive(Debug)]
 pub struct IngressStats {
     drops: [AtomicU64; Drop::ALL.len()],
+    cuts: [AtomicU64; CutReason::ALL.len()],
+    /// Cut orders a worker's full inbox still refused after the retries (its pairs of those
+    /// leases then run until they end by themselves).
+    pub cut_orders_lost: AtomicU64,
     /// Public connections handed to the splice engine.
     pub spliced: AtomicU64,
     /// Reverse sessions authenticated.
@@ -210,5 +240,15 @@ impl IngressStats {
     /// The count of one reason.
     pub fn drops(&self, reason: Drop) -> u64 {
         self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` pairs cut for `reason`.
+    pub fn cut(&self, reason: CutReason, n: u64) {
+        self.cuts[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Pairs cut for `reason`.
+    pub fn cuts(&self, reason: CutReason) -> u64 {
+        self.cuts[reason as usize].load(Ordering::Relaxed)
     }
 }

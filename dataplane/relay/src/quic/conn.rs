@@ -57,9 +57,15 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
         }
     };
     bump(&ctx.stats.connections_accepted);
-    let end = match serve(&conn, conn_id, &ctx).await {
-        Ok(()) => End::new(close_code::NO_ERROR, "control stream ended"),
-        Err(end) => end,
+    // TLS checks the certificate only at the handshake: the connection ends at its notAfter
+    // (review M5).
+    let expiry = cert_expiry(&conn);
+    let end = tokio::select! {
+        served = serve(&conn, conn_id, &ctx) => match served {
+            Ok(()) => End::new(close_code::NO_ERROR, "control stream ended"),
+            Err(end) => end,
+        },
+        () = expiry => End::new(close_code::CERT_EXPIRED, "certificate expired"),
     };
     conn.close(end.code.into(), end.reason.as_bytes());
     ctx.agents().remove(&conn_id);
@@ -68,6 +74,21 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
     }
     ctx.connection_closed(conn_id).await;
     tracing::debug!(conn = conn_id.0, reason = %end.reason, "agent connection ended");
+}
+
+/// Sleeps until the peer certificate's notAfter (forever when it cannot be read: the identity
+/// check then ends the connection anyway).
+async fn cert_expiry(conn: &quinn::Connection) {
+    let not_after = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| super::tls::cert_not_after_unix_s(certs.first()?));
+    let Some(not_after) = not_after else {
+        return std::future::pending().await;
+    };
+    let now_ms = crate::unix_ms();
+    let left_ms = not_after.saturating_mul(1000).saturating_sub(now_ms).max(0);
+    tokio::time::sleep(Duration::from_millis(u64::try_from(left_ms).unwrap_or(0))).await;
 }
 
 /// The peer's identity and its certificate's URI SAN exactly as written.

@@ -135,6 +135,9 @@ pub mod close_code {
     pub const FRAME_TOO_LARGE: u32 = 14;
     /// Stream reset: a joined stream moved no byte for `mesh.stream_idle_timeout_ms`.
     pub const STREAM_IDLE: u32 = 15;
+    /// The agent's certificate passed its notAfter while connected (TLS checks it only at the
+    /// handshake): it reconnects with its renewed certificate.
+    pub const CERT_EXPIRED: u32 = 16;
 }
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least
@@ -429,6 +432,9 @@ pub(crate) struct Ctx {
     pub(crate) steering: std::sync::OnceLock<Arc<crate::steer::Steering>>,
     /// Service streams (REGISTER / OPEN_STREAM); unset: refused.
     pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
+    /// The workers' side, to cut the spliced pairs of banned or revoked leases; unset: no
+    /// pairs to cut.
+    pub(crate) ingress: std::sync::OnceLock<Arc<crate::ingress::Ingress>>,
 }
 
 /// One registered agent connection.
@@ -535,6 +541,50 @@ impl RelayHandle {
             closed += 1;
         }
         closed
+    }
+
+    /// Revokes `agent_uri` here (review M5): under the lease lock (so no lease of it can be
+    /// granted meanwhile) closes its connections with `code` and `reason`, ends its leases
+    /// and publishes the routes without them; then reports them released and cuts their
+    /// spliced pairs. Returns how many connections were closed. Its service streams end
+    /// with its connections (the join resets the peer's half).
+    pub async fn revoke_agent(&self, agent_uri: &str, code: u32, reason: &str) -> usize {
+        let mut control = self.ctx.control.lock().await;
+        let targets: Vec<(ConnId, LeaseId)> = control
+            .table
+            .leases()
+            .filter(|l| l.owner.agent_uri == agent_uri)
+            .map(|l| (l.conn, l.id))
+            .collect();
+        let closed = self.close_agent(agent_uri, code, reason);
+        let now = Instant::now();
+        let mut ended = Vec::with_capacity(targets.len());
+        for (conn, id) in &targets {
+            if let Ok(lease) = control.table.release(*conn, &id.0, now) {
+                ended.push(lease);
+            }
+        }
+        if !ended.is_empty() {
+            self.ctx.publish(&mut control);
+        }
+        drop(control);
+        for lease in &ended {
+            self.ctx
+                .decider
+                .report(LeaseEvent::of(LeaseEventKind::Released, lease));
+        }
+        let ids = targets.into_iter().map(|(_, id)| id).collect();
+        self.cut_pairs(ids, crate::ingress::stats::CutReason::Revoked)
+            .await;
+        closed
+    }
+
+    /// Closes the live spliced pairs of `leases` on every worker within a loop round (their
+    /// routes must already be unpublished, as [`RelayHandle::revoke_leases`] does).
+    pub async fn cut_pairs(&self, leases: Vec<LeaseId>, reason: crate::ingress::stats::CutReason) {
+        if let Some(ingress) = self.ctx.ingress.get() {
+            ingress.cut(leases, reason).await;
+        }
     }
 
     /// The identity URIs of every agent connection past HELLO.
@@ -720,6 +770,7 @@ impl QuicServer {
             udp: std::sync::OnceLock::new(),
             steering: std::sync::OnceLock::new(),
             mesh: std::sync::OnceLock::new(),
+            ingress: std::sync::OnceLock::new(),
         });
         Ok(QuicServer {
             endpoint,
@@ -739,6 +790,11 @@ impl QuicServer {
     /// [`QuicServer::run`].
     pub fn serve_steering(&self, steering: Arc<crate::steer::Steering>) {
         let _ = self.ctx.steering.set(steering);
+    }
+
+    /// Lets [`RelayHandle::cut_pairs`] reach the workers. Call before [`QuicServer::run`].
+    pub fn serve_ingress(&self, ingress: Arc<crate::ingress::Ingress>) {
+        let _ = self.ctx.ingress.set(ingress);
     }
 
     /// Serves REGISTER and OPEN_STREAM from `mesh`. Call before [`QuicServer::run`]; without

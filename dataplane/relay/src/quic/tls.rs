@@ -107,6 +107,12 @@ pub fn cert_identity(cert: &CertificateDer<'_>) -> Result<(Identity, String), Qu
     Ok((identity, uri))
 }
 
+/// The certificate's notAfter in Unix seconds (`None`: it cannot be parsed).
+pub(crate) fn cert_not_after_unix_s(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 /// Client-certificate verifier: webpki checks the chain to the controller CA (and the
 /// clientAuth EKU), then the leaf must carry exactly one valid identity URI with role `agent`.
 /// Relay-to-relay connections (role `relay`) are not served by this endpoint yet, so they are

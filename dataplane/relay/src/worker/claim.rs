@@ -265,6 +265,10 @@ impl Worker {
     /// Hands `client` ⇄ `session` to this worker's engine; the lease's places are given back
     /// when the pair ends.
     fn splice(&mut self, client: TcpStream, session: TcpStream, slot: ConnSlot) {
+        if !self.cut.is_empty() && slot.lease().is_some_and(|l| self.cut.contains_key(l)) {
+            // Its lease was cut while this claim was under way: both sockets close here.
+            return self.ingress.stats.drop(Drop::LeaseGone);
+        }
         // TCP keep-alive on both legs of a spliced pair (public-ingress.md): a vanished peer
         // is noticed by the kernel instead of holding the pair for the idle timeout.
         for socket in [&client, &session] {

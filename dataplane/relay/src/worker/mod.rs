@@ -37,7 +37,7 @@ use outrelay_io::{Engine, EngineConfig, EngineHandle, EngineStats, Interest};
 use outrelay_proto::reverse::LeaseId;
 
 use crate::ingress::Ingress;
-use crate::ingress::stats::Drop;
+use crate::ingress::stats::{CutReason, Drop};
 use crate::steer::Steering;
 pub(crate) use conn::Challenge;
 use conn::Conn;
@@ -61,7 +61,18 @@ pub(crate) enum Msg {
         session: IdleSession,
         from: usize,
     },
+    /// Close the spliced pairs of these leases now, and splice none of theirs from now on
+    /// (their routes are already unpublished): they were banned, denied or their agent
+    /// revoked (review M5).
+    Cut {
+        leases: Arc<[LeaseId]>,
+        reason: CutReason,
+    },
 }
+
+/// Cut leases a worker remembers (so a claim already past its route lookup is not spliced
+/// after the cut); beyond it the oldest are forgotten early.
+const CUT_REMEMBERED_MAX: usize = 4096;
 
 /// Capacity of a worker's inbox.
 const INBOX_MAX: usize = 4096;
@@ -223,6 +234,7 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
             waiters_max: config.claim_waiters_max.div_ceil(n).max(1),
             stats,
             reserve: std::fs::File::open("/dev/null").ok(),
+            cut: HashMap::new(),
             stopping: false,
             now: Instant::now(),
             runtime: options.runtime.clone(),
@@ -323,6 +335,9 @@ pub(crate) struct Worker {
     pub(crate) waiters_max: usize,
     pub(crate) stats: Arc<WorkerStats>,
     pub(crate) reserve: Option<std::fs::File>,
+    /// Leases cut recently, with when: a claim of one that completes later is not spliced.
+    /// Lease ids are never reused, so forgetting one after the longest claim is safe.
+    pub(crate) cut: HashMap<LeaseId, Instant>,
     pub(crate) stopping: bool,
     /// The time of this loop round.
     pub(crate) now: Instant,
@@ -428,8 +443,35 @@ impl Worker {
                     session,
                     from,
                 } => self.offer(lease, session, Some(from)),
+                Msg::Cut { leases, reason } => self.cut(&leases, reason),
             }
         }
+    }
+
+    /// Closes this worker's spliced pairs of `leases` and remembers the leases (see
+    /// [`Msg::Cut`]).
+    fn cut(&mut self, leases: &[LeaseId], reason: CutReason) {
+        for lease in leases {
+            if self.cut.len() >= CUT_REMEMBERED_MAX {
+                let oldest = self.cut.iter().min_by_key(|(_, at)| **at).map(|(l, _)| *l);
+                if let Some(oldest) = oldest {
+                    self.cut.remove(&oldest);
+                }
+            }
+            self.cut.insert(*lease, self.now);
+        }
+        let tags = self.ingress.lease_conns().tags_of(leases);
+        if tags.is_empty() {
+            return;
+        }
+        let mut finished = Vec::new();
+        let n = self
+            .engine
+            .close_where(|tag| tags.contains(&tag), &mut finished);
+        self.ingress.lease_conns().finished(&finished);
+        self.ingress
+            .stats
+            .cut(reason, u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// Keep-alives, gone leases, parked listeners, published census.
@@ -462,6 +504,13 @@ impl Worker {
             }
         }
         self.unpark_listeners();
+        if !self.cut.is_empty() {
+            // Long enough for any claim that looked its route up before the cut to end.
+            let keep = self.timeouts.claim + self.timeouts.marker + Duration::from_secs(1);
+            let now = self.now;
+            self.cut
+                .retain(|_, at| now.saturating_duration_since(*at) < keep);
+        }
         self.stats
             .conns
             .store(self.conns.len() as u64, Ordering::Relaxed);

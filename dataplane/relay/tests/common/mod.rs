@@ -86,6 +86,18 @@ impl Ca {
         uri: Option<&str>,
         eku: Vec<ExtendedKeyUsagePurpose>,
     ) -> Leaf {
+        self.leaf_until(cn, dns, uri, eku, None)
+    }
+
+    /// [`Ca::leaf`] whose notAfter is `valid_for` from now (`None`: rcgen's far future).
+    pub fn leaf_until(
+        &self,
+        cn: &str,
+        dns: &[&str],
+        uri: Option<&str>,
+        eku: Vec<ExtendedKeyUsagePurpose>,
+        valid_for: Option<Duration>,
+    ) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let mut p = CertificateParams::new(dns.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
             .expect("leaf params");
@@ -99,6 +111,14 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = eku;
         p.use_authority_key_identifier_extension = true;
+        if let Some(valid_for) = valid_for {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock after 1970");
+            let epoch = rcgen::date_time_ymd(1970, 1, 1);
+            p.not_before = epoch + now.saturating_sub(Duration::from_secs(60));
+            p.not_after = epoch + now + valid_for;
+        }
         let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
         Leaf {
             chain: vec![cert.der().clone()],
@@ -860,11 +880,22 @@ pub async fn pipe_to_target(mut session: TcpStream, target: SocketAddr, marker: 
 /// A QUIC connection to the relay with an agent certificate for `uri` (handshake done, no
 /// stream opened yet).
 pub async fn dial(relay: &Relay, ca: &Ca, uri: &str) -> (quinn::Endpoint, quinn::Connection) {
-    let leaf = ca.leaf(
+    dial_until(relay, ca, uri, None).await
+}
+
+/// [`dial`] with a certificate valid for `valid_for` from now.
+pub async fn dial_until(
+    relay: &Relay,
+    ca: &Ca,
+    uri: &str,
+    valid_for: Option<Duration>,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let leaf = ca.leaf_until(
         uri,
         &[],
         Some(uri),
         vec![ExtendedKeyUsagePurpose::ClientAuth],
+        valid_for,
     );
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert.clone()).expect("CA root");
