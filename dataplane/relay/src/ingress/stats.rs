@@ -224,6 +224,8 @@ impl Default for IngressStats {
     fn default() -> Self {
         IngressStats {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            cuts: std::array::from_fn(|_| AtomicU64::new(0)),
+            cut_orders_lost: AtomicU64::new(0),
             spliced: AtomicU64::new(0),
             sessions_authenticated: AtomicU64::new(0),
             root_host: AtomicU64::new(0),
