@@ -110,7 +110,7 @@ pub fn audit_events(out: Output, events: &[pb::AuditEvent]) {
                 e.caller.clone(),
                 e.method.clone(),
                 e.target.clone(),
-                e.decision.clone(),
+                decision(e.decision).to_owned(),
                 e.reason.clone(),
                 e.stream_id.clone(),
             ]
@@ -118,7 +118,7 @@ pub fn audit_events(out: Output, events: &[pb::AuditEvent]) {
         .collect();
     let j = events
         .iter()
-        .map(|e| json!({"seq": e.seq, "ts_unix_ms": e.ts_unix_ms, "tenant": e.tenant, "kind": e.kind, "caller": e.caller, "target": e.target, "method": e.method, "decision": e.decision, "reason": e.reason, "stream_id": e.stream_id}))
+        .map(|e| json!({"seq": e.seq, "ts_unix_ms": e.ts_unix_ms, "tenant": e.tenant, "kind": e.kind, "caller": e.caller, "target": e.target, "method": e.method, "decision": decision(e.decision), "reason": e.reason, "stream_id": e.stream_id}))
         .collect::<Vec<_>>();
     print_rows(
         out,

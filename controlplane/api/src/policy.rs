@@ -120,8 +120,8 @@ mod tests {
             decision: decision as i32,
             expires_unix_ms: 0,
             created_at_unix_ms: created,
-            p2p_mode: String::new(),
-            relay_mode: String::new(),
+            p2p_mode: 0,
+            relay_mode: 0,
         }
     }
 
@@ -251,8 +251,8 @@ mod tests {
                     decision,
                     expires_unix_ms: expires,
                     created_at_unix_ms: created,
-                    p2p_mode: String::new(),
-                    relay_mode: String::new(),
+                    p2p_mode: 0,
+                    relay_mode: 0,
                 },
             )
     }

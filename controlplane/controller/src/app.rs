@@ -279,7 +279,7 @@ impl App {
             caller: caller.to_owned(),
             target: target.to_owned(),
             method: method.to_owned(),
-            decision: "allow".to_owned(),
+            decision: outrelay_api::pb::Decision::Allow as i32,
             reason: reason.to_owned(),
             stream_id: String::new(),
             kind: kind.to_owned(),

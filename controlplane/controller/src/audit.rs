@@ -13,7 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use hmac::{KeyInit, Mac};
-use outrelay_api::pb::AuditEvent;
+use outrelay_api::pb::{AuditEvent, Decision};
 use rusqlite::{Connection, params};
 use sha2::Sha256;
 
@@ -23,6 +23,25 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// Length of the audit key and of each MAC, in bytes.
 pub const AUDIT_MAC_BYTES: usize = 32;
+
+/// How a decision is stored and chained: the text `allow` or `deny`. The wire carries Go's
+/// `Decision` enum; the table and the MAC keep the text, as rows written before the enum have it.
+pub fn decision_text(decision: i32) -> &'static str {
+    match Decision::try_from(decision) {
+        Ok(Decision::Allow) => "allow",
+        Ok(Decision::Deny) => "deny",
+        _ => "",
+    }
+}
+
+/// The enum of a stored decision text (anything else is `UNSPECIFIED`).
+pub fn decision_of_text(text: &str) -> Decision {
+    match text {
+        "allow" => Decision::Allow,
+        "deny" => Decision::Deny,
+        _ => Decision::Unspecified,
+    }
+}
 
 /// Audit event kinds written by the controller itself.
 pub mod kind {
@@ -171,7 +190,7 @@ pub fn append(conn: &Connection, head: &mut ChainHead, ev: &AuditEvent) -> Resul
         ev.caller,
         ev.target,
         ev.method,
-        ev.decision,
+        decision_text(ev.decision),
         ev.reason,
         ev.stream_id,
         mac.as_slice(),
@@ -246,6 +265,7 @@ pub fn query(conn: &Connection, f: &QueryFilter) -> Result<Vec<AuditEvent>, Stor
 
 fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEvent> {
     let seq: i64 = r.get(0)?;
+    let decision: String = r.get(7)?;
     Ok(AuditEvent {
         seq: u64::try_from(seq).unwrap_or(0),
         ts_unix_ms: r.get(1)?,
@@ -254,7 +274,7 @@ fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEvent> {
         caller: r.get(4)?,
         target: r.get(5)?,
         method: r.get(6)?,
-        decision: r.get(7)?,
+        decision: decision_of_text(&decision) as i32,
         reason: r.get(8)?,
         stream_id: r.get(9)?,
     })
@@ -274,12 +294,12 @@ fn row_mac(
     mac.update(&ev.seq.to_be_bytes());
     mac.update(&ev.ts_unix_ms.to_be_bytes());
     for field in [
-        &ev.tenant,
+        ev.tenant.as_str(),
         &ev.kind,
         &ev.caller,
         &ev.target,
         &ev.method,
-        &ev.decision,
+        decision_text(ev.decision),
         &ev.reason,
         &ev.stream_id,
     ] {
@@ -306,7 +326,7 @@ const CONTROLLER_KINDS: [&str; 3] = [kind::ADMIN, kind::ENROLL, kind::AUTH];
 
 /// Most rows one Query returns.
 pub const MAX_QUERY_ROWS: u32 = 10_000;
-/// Longest `caller`, `target`, `method`, `decision`, `reason` or `stream_id` of a recorded
+/// Longest `caller`, `target`, `method`, `reason` or `stream_id` of a recorded
 /// event, in bytes (a relay's row over it is refused INVALID_ARGUMENT, which relays treat as
 /// permanent: the row is dropped and counted there, never retried).
 pub const MAX_AUDIT_FIELD_BYTES: usize = 4096;
@@ -318,11 +338,16 @@ fn bounded(ev: &AuditEvent) -> Result<(), tonic::Status> {
     if ev.kind.len() > MAX_AUDIT_KIND_BYTES {
         return Err(crate::grpc::invalid("event.kind", "at most 32 bytes"));
     }
+    if decision_text(ev.decision).is_empty() {
+        return Err(crate::grpc::invalid(
+            "event.decision",
+            "must be ALLOW or DENY",
+        ));
+    }
     for (name, v) in [
         ("event.caller", &ev.caller),
         ("event.target", &ev.target),
         ("event.method", &ev.method),
-        ("event.decision", &ev.decision),
         ("event.reason", &ev.reason),
         ("event.stream_id", &ev.stream_id),
     ] {

@@ -18,8 +18,6 @@ use crate::watch::WatchStream;
 
 /// Longest rule id accepted, in bytes.
 pub const MAX_RULE_ID_BYTES: usize = 64;
-/// Longest p2p_mode / relay_mode value, in bytes.
-pub const MAX_MODE_BYTES: usize = 64;
 
 /// The Policy service.
 #[derive(Clone)]
@@ -44,13 +42,17 @@ pub fn validate_rule(rule: Option<pb::PolicyRule>, now_ms: i64) -> Result<pb::Po
             "must be 0 (never) or a time",
         ));
     }
-    for (field, v) in [
-        ("rule.p2p_mode", &rule.p2p_mode),
-        ("rule.relay_mode", &rule.relay_mode),
-    ] {
-        if v.len() > MAX_MODE_BYTES || !v.is_ascii() {
-            return Err(invalid(field, "ASCII, at most 64 bytes"));
-        }
+    if pb::P2pMode::try_from(rule.p2p_mode).is_err() {
+        return Err(invalid(
+            "rule.p2p_mode",
+            "must be P2P_ALLOWED, P2P_FORBIDDEN or P2P_REQUIRED",
+        ));
+    }
+    if pb::RelayMode::try_from(rule.relay_mode).is_err() {
+        return Err(invalid(
+            "rule.relay_mode",
+            "must be RELAY_MODE_SPLICE or RELAY_MODE_FORWARD",
+        ));
     }
     if rule.id.is_empty() {
         rule.id = uuid::Uuid::new_v4().to_string();

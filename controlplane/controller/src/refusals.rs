@@ -281,7 +281,7 @@ impl RefusalAudit {
             caller: k.caller.clone(),
             target: String::new(),
             method: k.method.clone(),
-            decision: "deny".to_owned(),
+            decision: outrelay_api::pb::Decision::Deny as i32,
             reason,
             stream_id: String::new(),
             kind: audit::kind::AUTH.to_owned(),

@@ -612,7 +612,7 @@ async fn oversized_registration_and_audit_record_are_refused_invalid_argument() 
                 event: Some(pb::AuditEvent {
                     tenant: "acme".into(),
                     caller: "c".into(),
-                    decision: "deny".into(),
+                    decision: pb::Decision::Deny as i32,
                     reason,
                     ..Default::default()
                 }),
@@ -674,7 +674,7 @@ async fn oversized_registration_and_audit_record_are_refused_invalid_argument() 
             event: Some(pb::AuditEvent {
                 tenant: "acme".into(),
                 caller: "c".into(),
-                decision: "allow".into(),
+                decision: pb::Decision::Allow as i32,
                 method: "m".repeat(200),
                 ..Default::default()
             }),

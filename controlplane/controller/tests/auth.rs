@@ -48,10 +48,9 @@ async fn refusals(c: &Controller) -> Vec<pb::AuditEvent> {
 async fn refused_audited(c: &Controller, caller: &str, method: &str) {
     let (caller, method) = (caller.to_owned(), method.to_owned());
     eventually(&format!("audit row for {caller} {method}"), || async {
-        refusals(c)
-            .await
-            .iter()
-            .any(|e| e.caller == caller && e.method == method && e.decision == "deny")
+        refusals(c).await.iter().any(|e| {
+            e.caller == caller && e.method == method && e.decision == pb::Decision::Deny as i32
+        })
     })
     .await;
 }

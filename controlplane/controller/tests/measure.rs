@@ -36,7 +36,7 @@ async fn durable_writes_per_second_and_watch_fanout() {
                         tenant: "acme".into(),
                         caller: "c".into(),
                         target: "t".into(),
-                        decision: "allow".into(),
+                        decision: pb::Decision::Allow as i32,
                         ..Default::default()
                     };
                     client

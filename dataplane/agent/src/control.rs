@@ -37,6 +37,9 @@ use crate::udp;
 pub const PROTOCOL_VERSION: &str = "orp/1";
 /// The HELLO capability for lease frames.
 pub const FEATURE_LEASES: &str = "leases";
+/// HELLO capability: STREAM_ACCEPT on our consumer streams (an explicit answer before the
+/// joined bytes; a relay without it would join silently, as the Go relay does).
+pub const FEATURE_STREAM_ACCEPT: &str = "stream_accept";
 /// Reverse-session port when a grant's `reverse_addr` is empty (public-ingress.md).
 pub const DEFAULT_REVERSE_PORT: u16 = 7443;
 /// Bound of the control-stream send and receive queues, in frames.
@@ -415,7 +418,7 @@ async fn connect_once(
     let hello = Frame::Hello(orp::Hello {
         protocol_version: PROTOCOL_VERSION.to_owned(),
         agent_uri: ctx.agent_uri.clone(),
-        capabilities: vec![FEATURE_LEASES.to_owned()],
+        capabilities: vec![FEATURE_LEASES.to_owned(), FEATURE_STREAM_ACCEPT.to_owned()],
     });
     if out_tx.send(hello).await.is_err() {
         return lost(Lost::Control("writer ended".into()));
@@ -432,8 +435,10 @@ async fn connect_once(
         Ok(Some(Ok(Frame::HelloAck(ack)))) => ack,
         Ok(Some(Ok(other))) => return lost(Lost::NotHelloAck(other.frame_type().name())),
     };
-    if !ack.accepted_features.iter().any(|f| f == FEATURE_LEASES) {
-        tracing::warn!(relay = %addr, "relay did not accept the leases feature");
+    for feature in [FEATURE_LEASES, FEATURE_STREAM_ACCEPT] {
+        if !ack.accepted_features.iter().any(|f| f == feature) {
+            tracing::warn!(relay = %addr, feature, "relay did not accept a feature this agent uses");
+        }
     }
     // Relay clock minus ours, for reading grant expiry times.
     let clock_offset_ms = ack.server_time_unix_ms.saturating_sub(unix_ms());

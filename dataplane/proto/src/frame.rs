@@ -108,6 +108,18 @@ pub enum FrameType {
     StreamCheckpoint = 0x110,
     /// Resume request (not yet scheduled).
     StreamResume = 0x111,
+    /// Ask the relay for the agent's address as the relay sees it.
+    ObservedAddrQuery = 0x120,
+    /// The agent's observed address.
+    ObservedAddrResp = 0x121,
+    /// P2P candidates of one stream, forwarded to the paired agent.
+    CandidateOffer = 0x122,
+    /// The paired agent's candidates, forwarded back.
+    CandidateAnswer = 0x123,
+    /// An agent moved a stream to a direct path (recorded).
+    MigrateToP2P = 0x124,
+    /// An agent moves a stream back to the relay.
+    MigrateToRelay = 0x125,
     /// Relay-to-relay forwarded stream (not yet scheduled).
     ForwardStream = 0x140,
     /// Informational: a stream was joined.
@@ -130,7 +142,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, in code order.
-    pub const ALL: [FrameType; 22] = [
+    pub const ALL: [FrameType; 28] = [
         FrameType::Hello,
         FrameType::HelloAck,
         FrameType::Register,
@@ -144,6 +156,12 @@ impl FrameType {
         FrameType::GoAway,
         FrameType::StreamCheckpoint,
         FrameType::StreamResume,
+        FrameType::ObservedAddrQuery,
+        FrameType::ObservedAddrResp,
+        FrameType::CandidateOffer,
+        FrameType::CandidateAnswer,
+        FrameType::MigrateToP2P,
+        FrameType::MigrateToRelay,
         FrameType::ForwardStream,
         FrameType::StreamReady,
         FrameType::LeaseRegister,
@@ -181,6 +199,12 @@ impl FrameType {
             FrameType::GoAway => "GOAWAY",
             FrameType::StreamCheckpoint => "STREAM_CHECKPOINT",
             FrameType::StreamResume => "STREAM_RESUME",
+            FrameType::ObservedAddrQuery => "OBSERVED_ADDR_QUERY",
+            FrameType::ObservedAddrResp => "OBSERVED_ADDR_RESP",
+            FrameType::CandidateOffer => "CANDIDATE_OFFER",
+            FrameType::CandidateAnswer => "CANDIDATE_ANSWER",
+            FrameType::MigrateToP2P => "MIGRATE_TO_P2P",
+            FrameType::MigrateToRelay => "MIGRATE_TO_RELAY",
             FrameType::ForwardStream => "FORWARD_STREAM",
             FrameType::StreamReady => "STREAM_READY",
             FrameType::LeaseRegister => "LEASE_REGISTER",
@@ -341,6 +365,12 @@ pub enum Frame {
     GoAway(orp::GoAway),
     StreamCheckpoint(orp::StreamCheckpoint),
     StreamResume(orp::StreamResume),
+    ObservedAddrQuery(orp::ObservedAddrQuery),
+    ObservedAddrResp(orp::ObservedAddrResp),
+    CandidateOffer(orp::CandidateOffer),
+    CandidateAnswer(orp::CandidateAnswer),
+    MigrateToP2P(orp::MigrateToP2p),
+    MigrateToRelay(orp::MigrateToRelay),
     ForwardStream(orp::IncomingStream),
     StreamReady(orp::StreamReady),
     LeaseRegister(orp::LeaseRegister),
@@ -418,6 +448,12 @@ frame_codec! {
     GoAway => orp::GoAway,
     StreamCheckpoint => orp::StreamCheckpoint,
     StreamResume => orp::StreamResume,
+    ObservedAddrQuery => orp::ObservedAddrQuery,
+    ObservedAddrResp => orp::ObservedAddrResp,
+    CandidateOffer => orp::CandidateOffer,
+    CandidateAnswer => orp::CandidateAnswer,
+    MigrateToP2P => orp::MigrateToP2p,
+    MigrateToRelay => orp::MigrateToRelay,
     ForwardStream => orp::IncomingStream,
     StreamReady => orp::StreamReady,
     LeaseRegister => orp::LeaseRegister,

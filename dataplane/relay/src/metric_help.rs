@@ -220,6 +220,24 @@ pub fn describe() {
         "ORP frames received from agents, by type."
     );
     metrics::describe_counter!(
+        "outrelay_relay_quic_frames_ignored_total",
+        "Control-stream frames skipped, by reason (unknown_type: a code this relay does not know; \
+         unexpected: a known type an agent does not send there)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_p2p_signals_total",
+        "CANDIDATE_OFFER/ANSWER and STREAM_CHECKPOINT frames from agents, by result (forwarded to \
+         the joined stream's other end, no_pair, p2p_forbidden, peer_queue_full)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_migrations_total",
+        "MIGRATE_TO_P2P and MIGRATE_TO_RELAY frames recorded, by direction."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_quic_observed_addr_answers_total",
+        "OBSERVED_ADDR_QUERY frames answered with the agent's observed address."
+    );
+    metrics::describe_counter!(
         "outrelay_relay_quic_handshakes_failed_total",
         "Agent QUIC handshakes that failed."
     );

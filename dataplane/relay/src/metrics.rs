@@ -210,6 +210,26 @@ fn update(s: &Sources) {
     for t in FrameType::ALL {
         counter!("outrelay_relay_quic_frames_total", "type" => t.name()).absolute(q.frames(t));
     }
+    for (reason, c) in [
+        ("unknown_type", &q.frames_unknown),
+        ("unexpected", &q.frames_ignored),
+    ] {
+        counter!("outrelay_relay_quic_frames_ignored_total", "reason" => reason)
+            .absolute(c.load(Ordering::Relaxed));
+    }
+    for o in crate::quic::SignalOutcome::ALL {
+        counter!("outrelay_relay_quic_p2p_signals_total", "result" => o.label())
+            .absolute(q.signals(o));
+    }
+    for (to, c) in [
+        ("p2p", &q.migrations_to_p2p),
+        ("relay", &q.migrations_to_relay),
+    ] {
+        counter!("outrelay_relay_quic_migrations_total", "to" => to)
+            .absolute(c.load(Ordering::Relaxed));
+    }
+    counter!("outrelay_relay_quic_observed_addr_answers_total")
+        .absolute(q.observed_addr_answers.load(Ordering::Relaxed));
     for code in LeaseErrorCode::ALL {
         counter!("outrelay_relay_lease_errors_total", "code" => code.as_str())
             .absolute(q.lease_errors(code));

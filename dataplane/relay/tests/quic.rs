@@ -338,7 +338,20 @@ fn hello(uri: &str) -> Frame {
     Frame::Hello(orp::Hello {
         protocol_version: "orp/1".to_owned(),
         agent_uri: uri.to_owned(),
-        capabilities: vec!["leases".to_owned(), "not-a-feature".to_owned()],
+        capabilities: vec![
+            "leases".to_owned(),
+            "stream_accept".to_owned(),
+            "not-a-feature".to_owned(),
+        ],
+    })
+}
+
+/// HELLO as the Go OutRelay agent sends it: no capabilities.
+fn go_hello(uri: &str) -> Frame {
+    Frame::Hello(orp::Hello {
+        protocol_version: "orp/1".to_owned(),
+        agent_uri: uri.to_owned(),
+        capabilities: Vec::new(),
     })
 }
 
@@ -369,7 +382,10 @@ async fn hello_ping_and_lease_lifecycle_with_matching_reverse_key() {
         .await
         .expect("agent 1 connects");
     let ack = a.hello(AGENT_1).await;
-    assert_eq!(ack.accepted_features, vec!["leases".to_owned()]);
+    assert_eq!(
+        ack.accepted_features,
+        vec!["leases".to_owned(), "stream_accept".to_owned()]
+    );
     assert_eq!(ack.session_id.len(), 32, "16 random bytes in hex");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -550,21 +566,34 @@ async fn no_hello_in_time_closes_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frame_not_allowed_on_the_control_stream_closes_it() {
+async fn unknown_and_unexpected_control_frames_are_counted_and_skipped() {
     let ca = Ca::new("test CA");
     let relay = start_relay(&ca, 10_000);
     let mut a = connect(&relay, &ca, &ca.leaf(AGENT_1, &[], Eku::Client))
         .await
         .expect("connects");
     a.hello(AGENT_1).await;
+    // A type no one defines (0x7ee, with a payload), and one only a relay sends.
+    let mut unknown = vec![0x27, 0xee, 0, 0, 0, 0, 0, 3];
+    unknown.extend_from_slice(b"xyz");
+    a.send.write_all(&unknown).await.expect("send");
     a.send(Frame::HelloAck(orp::HelloAck::default()))
+        .await
+        .expect("send");
+    // Still served: PING gets its PONG.
+    assert_eq!(a.call(Frame::Ping).await, Frame::Pong);
+    assert_eq!(relay.stats.frames_unknown.load(Ordering::Relaxed), 1);
+    assert_eq!(relay.stats.frames_ignored.load(Ordering::Relaxed), 1);
+    assert_eq!(relay.stats.protocol_errors.load(Ordering::Relaxed), 0);
+    // A malformed payload of a known type is still a protocol error.
+    a.send
+        .write_all(&[0x20, 0x20, 0, 0, 0, 0, 0, 1, 0xff])
         .await
         .expect("send");
     assert_eq!(
         a.closed_code().await,
         Some(u64::from(close_code::PROTOCOL_ERROR))
     );
-    assert_eq!(relay.stats.protocol_errors.load(Ordering::Relaxed), 1);
 }
 
 /// Tries HELLO over a connection that the relay must refuse at the handshake.
@@ -1227,10 +1256,9 @@ async fn a_service_stream_is_registered_opened_joined_and_half_closed() {
     // Both decisions audited with the stream id.
     let rows = w.audit.0.lock().expect("audit").clone();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    assert!(
-        rows.iter()
-            .all(|r| r.stream_id == "42" && r.decision == "allow" && r.kind == "stream")
-    );
+    assert!(rows.iter().all(|r| r.stream_id == "42"
+        && r.decision == outrelay_api::pb::Decision::Allow as i32
+        && r.kind == "stream"));
     assert_eq!(
         (rows[0].caller.as_str(), rows[0].target.as_str()),
         (AGENT_1, "pay")
@@ -1566,4 +1594,200 @@ async fn a_reserved_lease_name_and_its_sticky_port_stay_with_the_agent_that_held
         (again.hostname.as_str(), again.udp_addr.as_str()),
         (first.hostname.as_str(), first.udp_addr.as_str())
     );
+}
+
+impl MeshWorld {
+    /// An agent that speaks ORP as the Go OutRelay agent does: HELLO without capabilities.
+    async fn go_agent(&self, uri: &str) -> Agent {
+        let mut a = connect(&self.relay, &self.ca, &self.ca.leaf(uri, &[], Eku::Client))
+            .await
+            .expect("connects");
+        match a.call(go_hello(uri)).await {
+            Frame::HelloAck(ack) => assert!(ack.accepted_features.is_empty(), "{ack:?}"),
+            other => panic!("expected HELLO_ACK, got {other:?}"),
+        }
+        a
+    }
+}
+
+/// Reads exactly `n` raw bytes of a stream.
+async fn read_exact(recv: &mut quinn::RecvStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(WAIT, recv.read_exact(&mut buf))
+        .await
+        .expect("bytes in time")
+        .expect("read_exact");
+    buf
+}
+
+fn candidates(ip: &str) -> Vec<orp::Candidate> {
+    vec![orp::Candidate {
+        kind: "host".to_owned(),
+        ip: ip.to_owned(),
+        port: 5000,
+        priority: 100,
+    }]
+}
+
+/// Issue 19, Go compatibility: two agents speaking ORP as the shipped Go agent does (no HELLO
+/// capabilities, REGISTER without a request id) stream through the relay with no stray byte
+/// before the provider's; OBSERVED_ADDR_QUERY is answered with the agent's address;
+/// CANDIDATE_OFFER/ANSWER and STREAM_CHECKPOINT reach the paired agent (and only it);
+/// MIGRATE_TO_P2P is recorded; the stream keeps flowing throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_agents_stream_without_stray_bytes_and_their_p2p_signals_reach_the_peer() {
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let mut provider = w.go_agent(AGENT_2).await;
+    match provider
+        .call(Frame::Register(orp::Register {
+            service_name: "pay".to_owned(),
+            local_addr: "127.0.0.1:8080".to_owned(),
+            request_id: 0,
+        }))
+        .await
+    {
+        Frame::RegisterAck(ack) => assert_eq!(ack.service_id, "demo/pay"),
+        other => panic!("expected REGISTER_ACK, got {other:?}"),
+    }
+    let mut consumer = w.go_agent(AGENT_1).await;
+
+    // The Go consumer writes OPEN_STREAM and copies the stream raw into its application.
+    let (mut c_send, mut c_recv) = consumer.conn.open_bi().await.expect("open");
+    write_frame(
+        &mut c_send,
+        Frame::OpenStream(orp::OpenStream {
+            target_service: "pay".to_owned(),
+            method: String::new(),
+            stream_id: 42,
+        }),
+    )
+    .await;
+    let (inc, mut p_send, mut p_recv) = provider.incoming().await;
+    assert_eq!(inc.stream_id, 42);
+    write_frame(&mut p_send, Frame::StreamAccept(orp::StreamAccept {})).await;
+    p_send
+        .write_all(b"hello from the provider")
+        .await
+        .expect("write");
+    assert_eq!(
+        read_exact(&mut c_recv, 23).await,
+        b"hello from the provider",
+        "the consumer's stream must start with the provider's bytes"
+    );
+    for a in [&mut consumer, &mut provider] {
+        assert!(matches!(a.recv().await, Ok(Frame::StreamReady(r)) if r.stream_id == 42));
+    }
+
+    // OBSERVED_ADDR_QUERY: the address the relay sees.
+    let local = consumer._endpoint.local_addr().expect("local addr");
+    match consumer
+        .call(Frame::ObservedAddrQuery(orp::ObservedAddrQuery {
+            request_id: 7,
+        }))
+        .await
+    {
+        Frame::ObservedAddrResp(r) => {
+            assert_eq!(
+                (r.request_id, r.ip.as_str(), r.port),
+                (7, "127.0.0.1", u32::from(local.port()))
+            )
+        }
+        other => panic!("expected OBSERVED_ADDR_RESP, got {other:?}"),
+    }
+
+    // Candidates and checkpoints reach the paired agent's control stream, unchanged.
+    let offer = Frame::CandidateOffer(orp::CandidateOffer {
+        stream_id: 42,
+        candidates: candidates("10.0.0.1"),
+    });
+    consumer.send(offer.clone()).await.expect("send");
+    assert_eq!(provider.recv().await.expect("offer"), offer);
+    let answer = Frame::CandidateAnswer(orp::CandidateAnswer {
+        stream_id: 42,
+        candidates: candidates("10.0.0.2"),
+    });
+    provider.send(answer.clone()).await.expect("send");
+    assert_eq!(consumer.recv().await.expect("answer"), answer);
+    let checkpoint = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 42,
+        my_position: 9,
+        peer_ack_position: 23,
+    });
+    consumer.send(checkpoint.clone()).await.expect("send");
+    assert_eq!(provider.recv().await.expect("checkpoint"), checkpoint);
+
+    // An agent not on stream 42 (same tenant) cannot signal into it.
+    let mut other = w.go_agent(AGENT_3).await;
+    other.send(offer.clone()).await.expect("send");
+    assert_eq!(other.call(Frame::Ping).await, Frame::Pong);
+    assert_eq!(
+        provider.call(Frame::Ping).await,
+        Frame::Pong,
+        "the outsider's offer arrived"
+    );
+
+    // MIGRATE_TO_P2P is recorded, and the stream still carries bytes both ways.
+    consumer
+        .send(Frame::MigrateToP2P(orp::MigrateToP2p {
+            stream_id: 42,
+            my_position: 0,
+            peer_ack_position: 23,
+            selected: candidates("10.0.0.2").pop(),
+        }))
+        .await
+        .expect("send");
+    assert_eq!(consumer.call(Frame::Ping).await, Frame::Pong);
+    c_send.write_all(b"still here").await.expect("write");
+    assert_eq!(read_exact(&mut p_recv, 10).await, b"still here");
+
+    let q = &w.relay.stats;
+    use outrelay_relay::quic::SignalOutcome;
+    assert_eq!(q.signals(SignalOutcome::Forwarded), 3);
+    assert_eq!(q.signals(SignalOutcome::NoPair), 1);
+    assert_eq!(q.migrations_to_p2p.load(Ordering::Relaxed), 1);
+    assert_eq!(q.observed_addr_answers.load(Ordering::Relaxed), 1);
+    assert_eq!(q.protocol_errors.load(Ordering::Relaxed), 0);
+}
+
+/// A rule with `P2P_FORBIDDEN` keeps candidates from reaching the peer (checkpoints still do),
+/// and our agents, which ask for `stream_accept`, still get STREAM_ACCEPT first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p2p_forbidden_rule_stops_candidates_and_our_agents_still_get_stream_accept() {
+    let w = mesh_world(&[]);
+    let mut rule = allow("demo", "*", "pay").to_rule(0);
+    rule.p2p_mode = outrelay_api::pb::P2pMode::P2pForbidden as i32;
+    w.mesh.set_policy(vec![rule]);
+    let mut provider = w.go_agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 0).await,
+        Frame::RegisterAck(_)
+    ));
+    let mut consumer = w.agent(AGENT_1).await;
+    let opening = consumer.open("pay", "", 77);
+    let accepting = async {
+        let (_, mut send, recv) = provider.incoming().await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        (send, recv)
+    };
+    let ((answer, _c_send, _c_recv), _p) = tokio::join!(opening, accepting);
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    for a in [&mut consumer, &mut provider] {
+        assert!(matches!(a.recv().await, Ok(Frame::StreamReady(r)) if r.stream_id == 77));
+    }
+    consumer
+        .send(Frame::CandidateOffer(orp::CandidateOffer {
+            stream_id: 77,
+            candidates: candidates("10.0.0.1"),
+        }))
+        .await
+        .expect("send");
+    let checkpoint = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 77,
+        my_position: 1,
+        peer_ack_position: 0,
+    });
+    consumer.send(checkpoint.clone()).await.expect("send");
+    assert_eq!(provider.recv().await.expect("checkpoint"), checkpoint);
+    use outrelay_relay::quic::SignalOutcome;
+    assert_eq!(w.relay.stats.signals(SignalOutcome::Forbidden), 1);
 }

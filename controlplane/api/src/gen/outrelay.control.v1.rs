@@ -199,10 +199,10 @@ pub struct PolicyRule {
     pub expires_unix_ms: i64,
     #[prost(int64, tag = "8")]
     pub created_at_unix_ms: i64,
-    #[prost(string, tag = "9")]
-    pub p2p_mode: ::prost::alloc::string::String,
-    #[prost(string, tag = "10")]
-    pub relay_mode: ::prost::alloc::string::String,
+    #[prost(enumeration = "P2pMode", tag = "9")]
+    pub p2p_mode: i32,
+    #[prost(enumeration = "RelayMode", tag = "10")]
+    pub relay_mode: i32,
 }
 /// Adds a rule; the server generates a UUIDv4 id when `rule.id` is empty.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -317,8 +317,9 @@ pub struct AuditEvent {
     pub target: ::prost::alloc::string::String,
     #[prost(string, tag = "5")]
     pub method: ::prost::alloc::string::String,
-    #[prost(string, tag = "6")]
-    pub decision: ::prost::alloc::string::String,
+    /// ALLOW or DENY (Go's enum; stored as the text `allow`/`deny`).
+    #[prost(enumeration = "Decision", tag = "6")]
+    pub decision: i32,
     #[prost(string, tag = "7")]
     pub reason: ::prost::alloc::string::String,
     #[prost(string, tag = "8")]
@@ -844,6 +845,65 @@ impl Decision {
             "DECISION_UNSPECIFIED" => Some(Self::Unspecified),
             "DECISION_ALLOW" => Some(Self::Allow),
             "DECISION_DENY" => Some(Self::Deny),
+            _ => None,
+        }
+    }
+}
+/// How the relay carries a stream's data (Go's enum; only SPLICE is implemented here: a
+/// FORWARD rule is stored and served to Go relays, and our relay splices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RelayMode {
+    Splice = 0,
+    Forward = 1,
+}
+impl RelayMode {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Splice => "RELAY_MODE_SPLICE",
+            Self::Forward => "RELAY_MODE_FORWARD",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "RELAY_MODE_SPLICE" => Some(Self::Splice),
+            "RELAY_MODE_FORWARD" => Some(Self::Forward),
+            _ => None,
+        }
+    }
+}
+/// Whether streams matching a rule may move to a direct agent-to-agent path (Go's enum). Our
+/// relay forwards P2P signalling only when neither side's deciding rule says FORBIDDEN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum P2pMode {
+    P2pAllowed = 0,
+    P2pForbidden = 1,
+    P2pRequired = 2,
+}
+impl P2pMode {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::P2pAllowed => "P2P_ALLOWED",
+            Self::P2pForbidden => "P2P_FORBIDDEN",
+            Self::P2pRequired => "P2P_REQUIRED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "P2P_ALLOWED" => Some(Self::P2pAllowed),
+            "P2P_FORBIDDEN" => Some(Self::P2pForbidden),
+            "P2P_REQUIRED" => Some(Self::P2pRequired),
             _ => None,
         }
     }

@@ -374,6 +374,50 @@ mod tests {
         }
     }
 
+    /// Migration 3: rules stored with text p2p/relay modes (any text was accepted) load as
+    /// Go's enums; an unknown P2P text becomes FORBIDDEN.
+    #[test]
+    fn text_policy_modes_migrate_to_go_enums() {
+        use outrelay_api::pb::{P2pMode, RelayMode};
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = settings(dir.path());
+        let conn = Connection::open(&s.path).expect("open");
+        for (i, sql) in schema::MIGRATIONS.iter().take(2).enumerate() {
+            conn.execute_batch(&format!("{sql}; PRAGMA user_version = {};", i + 1))
+                .expect("old schema");
+        }
+        for (id, p2p, relay) in [
+            ("a", "", ""),
+            ("b", "forbidden", "forward"),
+            ("c", "P2P_REQUIRED", "splice"),
+            ("d", "whatever", "whatever"),
+        ] {
+            conn.execute(
+                "INSERT INTO policies (id, tenant, caller_pattern, target_pattern, method_pattern, \
+                 decision, expires_unix_ms, created_at_unix_ms, p2p_mode, relay_mode) \
+                 VALUES (?1, 't', '*', '*', '', 1, 0, 0, ?2, ?3)",
+                rusqlite::params![id, p2p, relay],
+            )
+            .expect("old row");
+        }
+        drop(conn);
+        let store = Store::open(&s, [7; 32]).expect("migrates");
+        let rules = store.read_blocking(crate::policy::load_all).expect("load");
+        let modes: Vec<(&str, i32, i32)> = rules
+            .iter()
+            .map(|r| (r.id.as_str(), r.p2p_mode, r.relay_mode))
+            .collect();
+        assert_eq!(
+            modes,
+            vec![
+                ("a", P2pMode::P2pAllowed as i32, RelayMode::Splice as i32),
+                ("b", P2pMode::P2pForbidden as i32, RelayMode::Forward as i32),
+                ("c", P2pMode::P2pRequired as i32, RelayMode::Splice as i32),
+                ("d", P2pMode::P2pForbidden as i32, RelayMode::Splice as i32),
+            ]
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_commit_acknowledges_each_job_and_isolates_failures() {
         let dir = tempfile::tempdir().expect("tmp");

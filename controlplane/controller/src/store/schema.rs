@@ -106,4 +106,24 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         udp_max_leases INTEGER
     );
     ",
+    // 3: a rule's p2p_mode and relay_mode become Go's enums (docs/protocol.md, "Compatibility
+    // with Go OutRelay"). Stored text is mapped; an unknown P2P text becomes FORBIDDEN (the
+    // choice that never lets bytes leave the relay's audit), an unknown relay mode SPLICE.
+    r"
+    ALTER TABLE policies ADD COLUMN p2p INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE policies ADD COLUMN relay INTEGER NOT NULL DEFAULT 0;
+    UPDATE policies SET
+        p2p = CASE lower(p2p_mode)
+            WHEN '' THEN 0 WHEN 'allowed' THEN 0 WHEN 'p2p_allowed' THEN 0 WHEN '0' THEN 0
+            WHEN 'forbidden' THEN 1 WHEN 'p2p_forbidden' THEN 1 WHEN '1' THEN 1
+            WHEN 'required' THEN 2 WHEN 'p2p_required' THEN 2 WHEN '2' THEN 2
+            ELSE 1 END,
+        relay = CASE lower(relay_mode)
+            WHEN 'forward' THEN 1 WHEN 'relay_mode_forward' THEN 1 WHEN '1' THEN 1
+            ELSE 0 END;
+    ALTER TABLE policies DROP COLUMN p2p_mode;
+    ALTER TABLE policies DROP COLUMN relay_mode;
+    ALTER TABLE policies RENAME COLUMN p2p TO p2p_mode;
+    ALTER TABLE policies RENAME COLUMN relay TO relay_mode;
+    ",
 ];

@@ -108,6 +108,75 @@ pub struct StreamResume {
     #[prost(string, tag = "4")]
     pub peer_agent_uri: ::prost::alloc::string::String,
 }
+/// 0x120 OBSERVED_ADDR_QUERY
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ObservedAddrQuery {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+}
+/// 0x121 OBSERVED_ADDR_RESP: the agent's address as the relay sees it (server reflexive).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ObservedAddrResp {
+    #[prost(uint64, tag = "1")]
+    pub request_id: u64,
+    #[prost(string, tag = "2")]
+    pub ip: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+}
+/// An address an agent may be reached at.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Candidate {
+    /// "host" | "srflx"
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub ip: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub port: u32,
+    #[prost(uint32, tag = "4")]
+    pub priority: u32,
+}
+/// 0x122 CANDIDATE_OFFER
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CandidateOffer {
+    #[prost(uint64, tag = "1")]
+    pub stream_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub candidates: ::prost::alloc::vec::Vec<Candidate>,
+}
+/// 0x123 CANDIDATE_ANSWER
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CandidateAnswer {
+    #[prost(uint64, tag = "1")]
+    pub stream_id: u64,
+    #[prost(message, repeated, tag = "2")]
+    pub candidates: ::prost::alloc::vec::Vec<Candidate>,
+}
+/// 0x124 MIGRATE_TO_P2P
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MigrateToP2p {
+    #[prost(uint64, tag = "1")]
+    pub stream_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub my_position: u64,
+    #[prost(uint64, tag = "3")]
+    pub peer_ack_position: u64,
+    #[prost(message, optional, tag = "4")]
+    pub selected: ::core::option::Option<Candidate>,
+}
+/// 0x125 MIGRATE_TO_RELAY
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MigrateToRelay {
+    #[prost(uint64, tag = "1")]
+    pub stream_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub my_position: u64,
+    #[prost(uint64, tag = "3")]
+    pub peer_ack_position: u64,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+}
 /// 0x152 STREAM_READY
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamReady {

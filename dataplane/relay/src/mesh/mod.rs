@@ -29,7 +29,7 @@
 pub mod policy;
 mod stats;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -242,6 +242,36 @@ pub enum Resolved {
     NotFound,
 }
 
+/// One end of a joined stream, for signals forwarded to it.
+#[derive(Debug, Clone)]
+pub(crate) struct PairEnd {
+    /// The agent's certificate URI.
+    pub(crate) uri: String,
+    /// Its control stream's send queue (weak: the connection owns it).
+    pub(crate) control: tokio::sync::mpsc::WeakSender<outrelay_proto::frame::Frame>,
+}
+
+/// The two ends of a joined stream, and whether the policy that allowed it lets the agents
+/// move it to a direct path (Go's P2P promotion).
+#[derive(Debug, Clone)]
+pub(crate) struct JoinedPair {
+    pub(crate) consumer: PairEnd,
+    pub(crate) provider: PairEnd,
+    /// A deciding rule on either side says `P2P_FORBIDDEN`: candidates are not forwarded.
+    pub(crate) p2p_forbidden: bool,
+}
+
+impl JoinedPair {
+    /// The end opposite `agent_uri`.
+    pub(crate) fn peer_of(&self, agent_uri: &str) -> &PairEnd {
+        if self.consumer.uri == agent_uri {
+            &self.provider
+        } else {
+            &self.consumer
+        }
+    }
+}
+
 /// The mesh state shared by every connection of the relay.
 pub struct Mesh {
     pub(crate) config: MeshConfig,
@@ -253,7 +283,8 @@ pub struct Mesh {
     /// operations only), never by cloning the whole view per event (review H6).
     remote: Mutex<RemoteProviders>,
     local: Mutex<Local>,
-    active_ids: Mutex<HashSet<u64>>,
+    /// Stream ids in use; a joined stream's two ends once it is joined (P2P signalling).
+    active_ids: Mutex<HashMap<u64, Option<Arc<JoinedPair>>>>,
     /// Live streams per tenant (`max_streams_per_tenant`).
     tenant_streams: Mutex<HashMap<String, usize>>,
     /// Counters (exported by the metrics scrape).
@@ -283,7 +314,7 @@ impl Mesh {
             policy_generation: generation,
             remote: Mutex::new(RemoteProviders::default()),
             local: Mutex::new(Local::default()),
-            active_ids: Mutex::new(HashSet::new()),
+            active_ids: Mutex::new(HashMap::new()),
             tenant_streams: Mutex::new(HashMap::new()),
             stats: Arc::new(MeshStats::default()),
         })
@@ -564,10 +595,41 @@ impl Mesh {
 
     /// Reserves a stream id for the life of its stream; false when it is already in use.
     pub(crate) fn claim_stream_id(&self, id: u64) -> bool {
+        let mut ids = self
+            .active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match ids.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(None);
+                true
+            }
+        }
+    }
+
+    /// Records the two ends of the joined stream `id` (P2P signalling is forwarded between
+    /// them while it lives).
+    pub(crate) fn stream_joined(&self, id: u64, pair: JoinedPair) {
+        if let Some(slot) = self
+            .active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&id)
+        {
+            *slot = Some(Arc::new(pair));
+        }
+    }
+
+    /// The joined stream `id` when `agent_uri` is one of its two ends (a signal for any other
+    /// stream, or from an agent that is not on it, finds nothing).
+    pub(crate) fn joined_pair(&self, id: u64, agent_uri: &str) -> Option<Arc<JoinedPair>> {
         self.active_ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id)
+            .get(&id)
+            .and_then(Option::clone)
+            .filter(|p| p.consumer.uri == agent_uri || p.provider.uri == agent_uri)
     }
 
     /// Gives a stream id back.
@@ -602,7 +664,11 @@ impl Mesh {
             caller: field(caller, AUDIT_FIELD_MAX_BYTES),
             target: field(target, AUDIT_FIELD_MAX_BYTES),
             method: field(method, AUDIT_FIELD_MAX_BYTES),
-            decision: if allow { "allow" } else { "deny" }.to_owned(),
+            decision: if allow {
+                pb::Decision::Allow
+            } else {
+                pb::Decision::Deny
+            } as i32,
             reason: field(&reason, AUDIT_REASON_MAX_BYTES),
             stream_id: stream_id.to_string(),
             kind: "stream".to_owned(),

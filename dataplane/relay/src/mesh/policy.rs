@@ -49,6 +49,8 @@ pub struct Verdict {
     /// When the deciding rule expires (unix ms; 0 = never or no rule): a live stream allowed by
     /// it is checked again then.
     pub rule_expires_unix_ms: i64,
+    /// The deciding rule says `P2P_FORBIDDEN` (no rule: P2P allowed, Go's default).
+    pub p2p_forbidden: bool,
 }
 
 impl Verdict {
@@ -152,6 +154,9 @@ impl PolicySnapshot {
             allow: v.allow,
             rule_id: v.rule.map(|r| r.id.clone()),
             rule_expires_unix_ms: v.rule.map_or(0, |r| r.expires_unix_ms),
+            p2p_forbidden: v
+                .rule
+                .is_some_and(|r| r.p2p_mode == outrelay_api::pb::P2pMode::P2pForbidden as i32),
         }
     }
 
@@ -214,6 +219,7 @@ impl PolicySnapshot {
                 allow: true,
                 rule_id: None,
                 rule_expires_unix_ms: 0,
+                p2p_forbidden: false,
             };
         }
         v

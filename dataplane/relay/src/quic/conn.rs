@@ -13,7 +13,7 @@ use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
-use super::stats::{Limit, bump};
+use super::stats::{Limit, SignalOutcome, bump};
 use super::{
     Admission, AgentConn, Ctx, IMPLEMENTED_FEATURES, LeaseEvent, LeaseEventKind, PROTOCOL_VERSION,
     close_code, lease_kind, streams,
@@ -208,6 +208,10 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                 uri: cert_uri.clone(),
                 conn: conn.clone(),
                 control: out.tx.downgrade(),
+                explicit_accept: hello
+                    .capabilities
+                    .iter()
+                    .any(|c| c == super::FEATURE_STREAM_ACCEPT),
             });
             tokio::spawn(streams::accept(consumer, mesh.clone(), ctx.clone()))
         }
@@ -422,17 +426,64 @@ async fn on_frame(
             }
         }
         Frame::Register(req) => register(req, conn, conn_id, identity, out),
+        Frame::ObservedAddrQuery(q) => {
+            // The agent's address as this relay sees it (Go agents use it as their
+            // server-reflexive P2P candidate).
+            let addr = conn.remote_address();
+            let ip = addr.ip().to_canonical();
+            bump(&ctx.stats.observed_addr_answers);
+            out.send(Frame::ObservedAddrResp(orp::ObservedAddrResp {
+                request_id: q.request_id,
+                ip: ip.to_string(),
+                port: u32::from(addr.port()),
+            }))
+        }
+        Frame::CandidateOffer(orp::CandidateOffer { stream_id, .. })
+        | Frame::CandidateAnswer(orp::CandidateAnswer { stream_id, .. }) => {
+            forward_signal(ctx, identity, stream_id, frame, true);
+            Ok(())
+        }
+        Frame::StreamCheckpoint(orp::StreamCheckpoint { stream_id, .. }) => {
+            forward_signal(ctx, identity, stream_id, frame, false);
+            Ok(())
+        }
+        Frame::MigrateToP2P(m) => {
+            bump(&ctx.stats.migrations_to_p2p);
+            tracing::info!(agent = %identity, stream_id = m.stream_id, "agent moved a stream to a direct path");
+            Ok(())
+        }
         other => {
-            bump(&ctx.stats.protocol_errors);
-            Err(End::new(
-                close_code::PROTOCOL_ERROR,
-                format!(
-                    "{} is not allowed on the control stream",
-                    other.frame_type().name()
-                ),
-            ))
+            // Known, but not something an agent sends on its control stream: counted and
+            // skipped, as the Go relay does (docs/protocol.md, compatibility rules).
+            bump(&ctx.stats.frames_ignored);
+            tracing::debug!(
+                agent = %identity,
+                frame = other.frame_type().name(),
+                "frame ignored on the control stream"
+            );
+            Ok(())
         }
     }
+}
+
+/// Forwards a P2P signal (`candidate`) or a STREAM_CHECKPOINT of `stream_id` from `from` to
+/// the other end of that joined stream, as the Go relay does. Nothing is forwarded for a stream
+/// `from` is not on, nor candidates when the policy forbids P2P; a full peer queue drops the
+/// signal (each outcome counted).
+fn forward_signal(ctx: &Ctx, from: &Identity, stream_id: u64, frame: Frame, candidate: bool) {
+    let outcome = match ctx
+        .mesh
+        .get()
+        .and_then(|m| m.joined_pair(stream_id, &from.to_string()))
+    {
+        None => SignalOutcome::NoPair,
+        Some(pair) if candidate && pair.p2p_forbidden => SignalOutcome::Forbidden,
+        Some(pair) => match pair.peer_of(&from.to_string()).control.upgrade() {
+            Some(to) if to.try_send(frame).is_ok() => SignalOutcome::Forwarded,
+            _ => SignalOutcome::PeerQueueFull,
+        },
+    };
+    ctx.stats.count_signal(outcome);
 }
 
 /// REGISTER: checked here, then registered with the backend (the controller's registry) on a
@@ -608,7 +659,11 @@ impl FrameReader {
                 Decoded::Frame { frame, used } => {
                     let decoded = Frame::decode(&frame);
                     if let Err(FrameError::UnknownType(_)) = decoded {
+                        // A type this relay does not know (a newer or a Go agent's): counted
+                        // and skipped, never fatal (docs/protocol.md, compatibility rules).
                         bump(&ctx.stats.frames_unknown);
+                        self.buf.drain(..used);
+                        continue;
                     }
                     let decoded = decoded.map_err(protocol)?;
                     self.buf.drain(..used);

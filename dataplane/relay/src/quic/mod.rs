@@ -35,7 +35,7 @@ use crate::lease::{
 };
 use crate::state::{ReverseKey, Shared, Snapshot};
 
-pub use stats::{Limit, QuicStats};
+pub use stats::{Limit, QuicStats, SignalOutcome};
 pub use tls::{TlsMaterial, cert_identity};
 
 /// quinn's datagram buffers per agent connection, each way (UDP leases).
@@ -94,7 +94,11 @@ pub const PROTOCOL_VERSION: &str = "orp/1";
 /// the only one HELLO_ACK can accept.
 pub const FEATURE_LEASES: &str = "leases";
 /// Every feature this relay implements (what `accepted_features` is drawn from).
-pub const IMPLEMENTED_FEATURES: &[&str] = &[FEATURE_LEASES, FEATURE_STREAMS];
+pub const IMPLEMENTED_FEATURES: &[&str] = &[FEATURE_LEASES, FEATURE_STREAMS, FEATURE_STREAM_ACCEPT];
+/// HELLO capability: answer this agent's OPEN_STREAM with STREAM_ACCEPT on the stream before the
+/// joined bytes. Without it (Go agents) an accepted stream carries only the provider's bytes, as
+/// from the Go relay; refusals are STREAM_REJECT either way.
+pub const FEATURE_STREAM_ACCEPT: &str = "stream_accept";
 /// HELLO capability: service streams (REGISTER / OPEN_STREAM).
 pub const FEATURE_STREAMS: &str = "streams";
 

@@ -64,6 +64,39 @@ impl Limit {
     }
 }
 
+/// What became of a P2P signal or checkpoint an agent sent for one of its joined streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalOutcome {
+    /// Sent to the other end's control stream.
+    Forwarded = 0,
+    /// No joined stream with that id has the sender on it.
+    NoPair,
+    /// Candidates of a stream whose policy says `P2P_FORBIDDEN`.
+    Forbidden,
+    /// The other end's control queue was full (or its connection gone).
+    PeerQueueFull,
+}
+
+impl SignalOutcome {
+    /// Every outcome, in index order.
+    pub const ALL: [SignalOutcome; 4] = [
+        SignalOutcome::Forwarded,
+        SignalOutcome::NoPair,
+        SignalOutcome::Forbidden,
+        SignalOutcome::PeerQueueFull,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            SignalOutcome::Forwarded => "forwarded",
+            SignalOutcome::NoPair => "no_pair",
+            SignalOutcome::Forbidden => "p2p_forbidden",
+            SignalOutcome::PeerQueueFull => "peer_queue_full",
+        }
+    }
+}
+
 /// Every counter of the agent endpoint. Relaxed atomics: they are statistics, not sync.
 #[derive(Debug, Default)]
 pub struct QuicStats {
@@ -93,8 +126,18 @@ pub struct QuicStats {
     pub streams_refused: AtomicU64,
     /// Control-stream frames received, by type (index: position in [`FrameType::ALL`]).
     frames: [AtomicU64; FrameType::ALL.len()],
-    /// Control-stream frames with an unknown type code.
+    /// Control-stream frames with an unknown type code (skipped).
     pub frames_unknown: AtomicU64,
+    /// Control-stream frames of a known type an agent has no reason to send there (skipped).
+    pub frames_ignored: AtomicU64,
+    /// OBSERVED_ADDR_QUERY answered.
+    pub observed_addr_answers: AtomicU64,
+    /// MIGRATE_TO_P2P recorded.
+    pub migrations_to_p2p: AtomicU64,
+    /// MIGRATE_TO_RELAY received (on a fresh stream; refused until streams resume).
+    pub migrations_to_relay: AtomicU64,
+    /// P2P signals and checkpoints, by [`SignalOutcome`].
+    signals: [AtomicU64; SignalOutcome::ALL.len()],
     /// LEASE_ERROR answers, by code (index: position in [`LeaseErrorCode::ALL`]).
     lease_errors: [AtomicU64; LeaseErrorCode::ALL.len()],
     /// Budget refusals, by [`Limit`] (index: position in [`Limit::ALL`]).
@@ -130,6 +173,19 @@ impl QuicStats {
     /// Counts one refusal (or wait) of `limit`.
     pub fn limit(&self, limit: Limit) {
         if let Some(c) = self.limited.get(limit as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// P2P signals (CANDIDATE_OFFER/ANSWER, STREAM_CHECKPOINT) with `outcome`.
+    pub fn signals(&self, outcome: SignalOutcome) -> u64 {
+        self.signals
+            .get(outcome as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn count_signal(&self, outcome: SignalOutcome) {
+        if let Some(c) = self.signals.get(outcome as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }

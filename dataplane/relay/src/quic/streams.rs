@@ -1,7 +1,9 @@
 //! Application streams (`orp.md`, "Open a stream"): every bidirectional stream an agent opens
 //! after its control stream carries one OPEN_STREAM; the relay checks policy, finds the
-//! provider, opens a stream to it with INCOMING_STREAM, answers the consumer with exactly one
-//! STREAM_ACCEPT or STREAM_REJECT and then joins the two streams.
+//! provider, opens a stream to it with INCOMING_STREAM, answers the consumer (STREAM_REJECT, or
+//! STREAM_ACCEPT when its HELLO asked for `stream_accept`: a Go agent copies the stream raw into
+//! its application, so it gets no accept frame, as from the Go relay) and then joins the two
+//! streams.
 //!
 //! The join moves quinn's receive chunks (`Bytes`, no copy) from one stream to the other, up
 //! to [`CHUNKS_PER_MOVE`] at a time, one batch in flight per direction, so the memory per stream is bounded by the QUIC flow-control
@@ -42,6 +44,8 @@ pub(crate) struct Peer {
     pub(crate) conn: quinn::Connection,
     /// Weak (see [`super::AgentConn::control`]).
     pub(crate) control: mpsc::WeakSender<Frame>,
+    /// Its HELLO asked for STREAM_ACCEPT on its consumer streams ([`super::FEATURE_STREAM_ACCEPT`]).
+    pub(crate) explicit_accept: bool,
 }
 
 /// Accepts the consumer's application streams until its connection ends; each gets a task.
@@ -158,6 +162,14 @@ async fn open(
     let deadline = Duration::from_millis(mesh.config.open_timeout_ms);
     let (req, consumer_rest) = match first_frame(&mut recv, deadline).await {
         Ok((Frame::OpenStream(req), rest)) => (req, rest),
+        Ok((Frame::MigrateToRelay(m), _)) => {
+            // A Go agent moving a stream back from a direct path: recorded; joining it again
+            // needs stream resume, which this relay does not offer yet.
+            bump(&ctx.stats.migrations_to_relay);
+            tracing::info!(agent = %consumer.uri, stream_id = m.stream_id, reason = %m.reason, "agent asked to move a stream back to the relay");
+            let why = "streams cannot move back to this relay (no resume)".to_owned();
+            return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
+        }
         Ok((other, _)) => {
             mesh.stats.count(MeshResult::ProtocolError);
             tracing::debug!(
@@ -261,6 +273,7 @@ async fn open(
             uri: a.uri.clone(),
             conn: a.conn.clone(),
             control: a.control.clone(),
+            explicit_accept: false,
         }),
         Resolved::Remote { relay_id } => {
             let why = format!(
@@ -334,10 +347,11 @@ async fn open(
         }
     };
 
-    // 7. Accept, tell both control streams, join.
-    if write_frame(&mut send, &Frame::StreamAccept(orp::StreamAccept {}))
-        .await
-        .is_err()
+    // 7. Accept (for agents that asked), tell both control streams, join.
+    if consumer.explicit_accept
+        && write_frame(&mut send, &Frame::StreamAccept(orp::StreamAccept {}))
+            .await
+            .is_err()
     {
         let _ = p_send.reset(close_code::PEER_FAILED.into());
         let _ = p_recv.stop(close_code::PEER_FAILED.into());
@@ -357,6 +371,20 @@ async fn open(
             bump(&mesh.stats.ready_dropped);
         }
     }
+    mesh.stream_joined(
+        id,
+        crate::mesh::JoinedPair {
+            consumer: crate::mesh::PairEnd {
+                uri: consumer.uri.clone(),
+                control: consumer.control.clone(),
+            },
+            provider: crate::mesh::PairEnd {
+                uri: provider.uri.clone(),
+                control: provider.control.clone(),
+            },
+            p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
+        },
+    );
     tracing::debug!(stream_id = id, consumer = %consumer.uri, provider = %provider.uri, service, "stream joined");
     let halves = Halves {
         c_send: send,
