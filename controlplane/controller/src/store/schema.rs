@@ -106,4 +106,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         udp_max_leases INTEGER
     );
     ",
+    // 3: idempotent enrollment (review M11: the certificate is stored with the token that
+    // issued it, in the same transaction) and relay names (review M10: the DNS names and IPs a
+    // relay enrolled with, kept by every renewal).
+    r"
+    ALTER TABLE enrollment_tokens ADD COLUMN issued_spki_sha256 TEXT;
+    ALTER TABLE enrollment_tokens ADD COLUMN issued_cert_pem TEXT;
+
+    CREATE TABLE relay_names (
+        uri TEXT PRIMARY KEY,
+        names TEXT NOT NULL
+    );
+    ",
 ];
