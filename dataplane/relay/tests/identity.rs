@@ -261,7 +261,7 @@ async fn renewal_swaps_the_certificate_under_a_running_transfer() {
     // First half of the transfer, then wait for the swap, then the second half.
     const HALF_BYTES: usize = 4 << 20;
     let data: Vec<u8> = (0..2 * HALF_BYTES)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
         .collect();
     let sent_hash = Sha256::digest(&data).to_vec();
     let started = Instant::now();
@@ -320,7 +320,7 @@ async fn renewal_swaps_the_certificate_under_a_running_transfer() {
     );
     assert_eq!(trailer, sent_hash.as_slice(), "hash at the target end");
     let (n, target_hash) = echo.await.expect("echo target");
-    assert_eq!(n as usize, data.len());
+    assert_eq!(usize::try_from(n).expect("fits"), data.len());
     assert_eq!(target_hash, sent_hash);
     assert!(
         agent.conn.close_reason().is_none(),
