@@ -425,8 +425,16 @@ fn run(
         while signals.next().await == outrelay_lifecycle::Signal::Reload {
             reloader.reload(&reload);
             match live.reload() {
-                Ok(changed) => tracing::info!(changed, "certificate files reloaded"),
-                Err(e) => tracing::warn!(error = %e, "certificate reload refused; serving the previous one"),
+                Ok(changed) => {
+                    metrics::counter!("outrelay_relay_cert_reloads_total", "result" => "ok")
+                        .increment(1);
+                    tracing::info!(changed, "certificate files reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!("outrelay_relay_cert_reloads_total", "result" => "refused")
+                        .increment(1);
+                    tracing::warn!(error = %e, "certificate reload refused; serving the previous one");
+                }
             }
         }
         // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.

@@ -80,6 +80,10 @@ pub fn describe() {
         "Renewals of the relay's own certificate, by result (ok or error)."
     );
     metrics::describe_counter!(
+        "outrelay_relay_cert_reloads_total",
+        "SIGHUP reloads of the certificate files, by result (ok or refused)."
+    );
+    metrics::describe_counter!(
         "outrelay_relay_cert_swaps_total",
         "Relay certificate changes taken into use (renewal or SIGHUP)."
     );

@@ -340,3 +340,152 @@ async fn renewal_swaps_the_certificate_under_a_running_transfer() {
             > 0.0
     );
 }
+
+/// The serial of the certificate the relay's root host (`[public_tls]`) presents.
+async fn root_serial(relay: &Relay, ca: &Ca) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.clone()).expect("CA root");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(relay.public_tls)
+        .await
+        .expect("public TLS");
+    let name = rustls::pki_types::ServerName::try_from(ROOT_HOST).expect("name");
+    let s = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .expect("root host handshake in time")
+    .expect("root host handshake");
+    let leaf = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("root host certificate");
+    serial(leaf.as_ref())
+}
+
+fn sighup(relay: &Relay) {
+    let pid = i32::try_from(relay.child.id()).expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+}
+
+/// Writes `leaf` over `<name>.pem` / `<name>-key.pem` in `dir`, each by rename.
+fn replace_files(dir: &Path, name: &str, leaf: &Leaf) {
+    for (file, text) in [
+        (format!("{name}.pem"), &leaf.cert_pem),
+        (format!("{name}-key.pem"), &leaf.key_pem),
+    ] {
+        let tmp = dir.join(format!("{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, dir.join(file)).expect("rename");
+    }
+}
+
+/// The operator's path: certificate files replaced by hand, then SIGHUP (`systemctl reload`).
+/// New agent handshakes and the root host get the new certificates, an established agent
+/// connection is untouched, and a certificate naming another relay is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_serves_replaced_certificate_files() {
+    let ca = Ca::new();
+    let relay = start_relay(&ca, "", None).await;
+    let agent = Agent::connect(&relay, &ca).await;
+    let (_e, c, leaf) = dial_by_name(relay.quic, &ca, "localhost")
+        .await
+        .expect("first handshake");
+    c.close(0u32.into(), b"done");
+    let first = serial(leaf.as_ref());
+    let root_first = root_serial(&relay, &ca).await;
+
+    let eku = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    replace_files(
+        relay.dir.path(),
+        "relay",
+        &ca.leaf("relay r1", &["localhost"], Some(RELAY), eku.clone()),
+    );
+    replace_files(
+        relay.dir.path(),
+        "root",
+        &ca.leaf(
+            ROOT_HOST,
+            &[ROOT_HOST],
+            None,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        ),
+    );
+    sighup(&relay);
+    let started = Instant::now();
+    let second = loop {
+        let (_e, c, leaf) = dial_by_name(relay.quic, &ca, "localhost")
+            .await
+            .expect("handshake after SIGHUP");
+        c.close(0u32.into(), b"done");
+        let s = serial(leaf.as_ref());
+        if s != first {
+            break s;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "SIGHUP never swapped the certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(
+        root_serial(&relay, &ca).await,
+        root_first,
+        "root host reloaded"
+    );
+    assert!(
+        agent.conn.close_reason().is_none(),
+        "established agent connection untouched"
+    );
+
+    // Another relay's certificate: refused, the current one stays.
+    replace_files(
+        relay.dir.path(),
+        "relay",
+        &ca.leaf(
+            "relay r2",
+            &["localhost"],
+            Some("outrelay://test/relay/r2"),
+            eku,
+        ),
+    );
+    sighup(&relay);
+    let started = Instant::now();
+    while relay
+        .metric("outrelay_relay_cert_reloads_total{result=\"refused\"}")
+        .await
+        < 1.0
+    {
+        assert!(started.elapsed() < WAIT, "the reload was never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_e, c, leaf) = dial_by_name(relay.quic, &ca, "localhost")
+        .await
+        .expect("handshake after a refused reload");
+    c.close(0u32.into(), b"done");
+    assert_eq!(
+        serial(leaf.as_ref()),
+        second,
+        "another identity is not swapped in"
+    );
+    assert_eq!(
+        relay.metric("outrelay_relay_cert_swaps_total").await,
+        1.0,
+        "one swap"
+    );
+}
