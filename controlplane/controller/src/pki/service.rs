@@ -555,24 +555,24 @@ impl pki_server::Pki for PkiService {
         if r.csr_pem.is_empty() {
             return Err(invalid("csr_pem", "required"));
         }
-        // A CSR that does not parse, or asks for bad names, is refused before the token is
-        // looked at: it spends nothing.
-        let csr = crate::pki::inspect_csr(&r.csr_pem).map_err(pki_status)?;
         let hash = token_hash(secret_hex);
         let now = now_unix_ms();
         // Checked in memory first: a token that cannot succeed never reaches the writer (a
-        // used one is answered from a read: the same key gets its certificate again).
+        // used one is answered from a read: the same key gets its certificate again). A CSR
+        // that does not parse, or asks for bad names, is refused before the token is touched:
+        // it spends nothing.
         let memo = app.tokens.lock().ok().and_then(|t| t.get(&hash).copied());
         let outcome = match memo {
             None => Enrolled::Unknown,
             Some(m) if m.expires_unix_ms <= now => Enrolled::Expired,
-            Some(m) if m.used => {
-                self.replay(hash.clone(), csr.spki_sha256.clone(), now)
-                    .await?
-            }
-            Some(_) => {
-                self.enroll_txn(&p, hash.clone(), now, r.csr_pem, csr)
-                    .await?
+            Some(m) => {
+                let csr = crate::pki::inspect_csr(&r.csr_pem).map_err(pki_status)?;
+                if m.used {
+                    self.replay(hash.clone(), csr.spki_sha256, now).await?
+                } else {
+                    self.enroll_txn(&p, hash.clone(), now, r.csr_pem, csr)
+                        .await?
+                }
             }
         };
         if matches!(
