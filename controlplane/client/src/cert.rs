@@ -210,10 +210,22 @@ fn verify_client_leaf(
 }
 
 /// A new ECDSA P-256 key and a CSR for it. The CSR names nothing: the controller chooses the
-/// identity, and a CSR carrying another URI would be refused (and burn the token).
+/// identity, and a CSR carrying another URI would be refused.
 pub(crate) fn key_and_csr() -> Result<(rcgen::KeyPair, String), rcgen::Error> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    key_and_csr_with(None, &[])
+}
+
+/// A CSR for `key_pem` (a new ECDSA P-256 key when `None`) asking for `names` (DNS names and
+/// IPs) as SANs; the controller takes them only for relays.
+pub(crate) fn key_and_csr_with(
+    key_pem: Option<&str>,
+    names: &[String],
+) -> Result<(rcgen::KeyPair, String), rcgen::Error> {
+    let key = match key_pem {
+        Some(pem) => rcgen::KeyPair::from_pem(pem)?,
+        None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+    };
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&key)?.pem()?;
     Ok((key, csr))

@@ -138,7 +138,7 @@ pub enum EnrollError {
 }
 
 /// Options for [`enroll`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EnrollOptions {
     /// The role the caller is (agents pass `Some(Role::Agent)`, relays `Some(Role::Relay)`).
     /// A certificate for another role is refused after issuance (and the token is spent).
@@ -149,6 +149,25 @@ pub struct EnrollOptions {
     pub ca_pem: Option<String>,
     /// Deadline for connecting, and again for the call.
     pub timeout: Duration,
+    /// DNS names and IPs asked for as SANs (relays: the names agents dial; the controller
+    /// ignores them for agents).
+    pub names: Vec<String>,
+    /// The private key (PKCS#8 PEM) to enroll, instead of a new one: a caller that keeps the
+    /// key until the certificate is saved can retry after a lost answer, and the controller
+    /// returns the same certificate for the same token and key.
+    pub key_pem: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for EnrollOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollOptions")
+            .field("role", &self.role)
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("timeout", &self.timeout)
+            .field("names", &self.names)
+            .field("key_pem", &self.key_pem.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Default for EnrollOptions {
@@ -157,6 +176,8 @@ impl Default for EnrollOptions {
             role: None,
             ca_pem: None,
             timeout: Duration::from_millis(ENROLL_TIMEOUT_MS),
+            names: Vec::new(),
+            key_pem: None,
         }
     }
 }
@@ -212,6 +233,15 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// A new ECDSA P-256 private key (PKCS#8 PEM) for [`EnrollOptions::key_pem`].
+///
+/// # Errors
+/// Key generation failures.
+pub fn new_key_pem() -> Result<Zeroizing<String>, rcgen::Error> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    Ok(Zeroizing::new(key.serialize_pem()))
+}
+
 /// Enrolls with the controller at `controller_url` (`https://host:port`).
 ///
 /// Generates an ECDSA P-256 key here, sends only a CSR, pins the controller (see the module
@@ -258,7 +288,8 @@ pub async fn enroll(
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone())
         .with_no_client_auth();
-    let (key, csr_pem) = cert::key_and_csr()?;
+    let (key, csr_pem) =
+        cert::key_and_csr_with(opts.key_pem.as_ref().map(|k| k.as_str()), &opts.names)?;
     let channel = match tls::channel(&url, cfg, opts.timeout).await {
         Ok(ch) => ch,
         Err(source) => {

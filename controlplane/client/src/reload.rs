@@ -56,6 +56,18 @@ impl Reloadable {
         }))
     }
 
+    /// A resolver serving `key` (built by the caller, e.g. from DER).
+    pub fn from_certified(key: CertifiedKey) -> Arc<Reloadable> {
+        Arc::new(Reloadable {
+            current: ArcSwap::from_pointee(key),
+        })
+    }
+
+    /// Replaces the certificate for every later handshake with `key`.
+    pub fn swap_certified(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
+    }
+
     /// Replaces the certificate for every later handshake.
     ///
     /// # Errors

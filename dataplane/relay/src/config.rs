@@ -9,6 +9,8 @@
 //! control_threads = 2                        # tokio: QUIC, controller, admin, metrics
 //! io_backend = "auto"                        # auto | io_uring | epoll
 //! [tls]      cert = "relay.pem"  key = "relay-key.pem"  ca = "ca.pem"
+//!            # or: state_dir = "/var/lib/outrelay-relay"  (what `outrelay-relay enroll` wrote:
+//!            # cert.pem, key.pem, ca.pem; renewed at 70 % of the leaf's life with [controller])
 //! [listen]   quic = "0.0.0.0:7443"  reverse = "0.0.0.0:7443"  public_tls = "0.0.0.0:443"
 //!            metrics = "127.0.0.1:7460"  lease_bind_ip = "0.0.0.0"
 //!            admin_socket = "/run/outrelay/relay.sock"
@@ -171,11 +173,12 @@ impl Default for Raw {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
+    state_dir: PathBuf,
 }
 
 /// `[controller]`: the controller client (absent: standalone). TLS comes from `[tls]`.
@@ -457,6 +460,10 @@ pub struct Settings {
     pub quic: QuicConfig,
     /// The root-host listener's TLS (`[public_tls]`); `None`: the root host is refused.
     pub public_tls: Option<crate::ingress::root::RootTls>,
+    /// The relay's own certificate, key and CA files (`[tls]`), read again on SIGHUP.
+    pub tls_files: crate::identity::IdentityFiles,
+    /// `[tls] state_dir`: the enrolled identity, renewed by the relay (with `[controller]`).
+    pub tls_state_dir: Option<PathBuf>,
     /// The controller client (`[controller]`); `None`: standalone.
     pub controller: Option<crate::control::ControllerConfig>,
     /// After SIGTERM, how long established connections may take to finish.
@@ -559,7 +566,7 @@ impl Settings {
         Settings::from_raw(raw, overrides, path.parent().unwrap_or(Path::new(".")))
     }
 
-    fn from_raw(raw: Raw, overrides: &Overrides, base: &Path) -> Result<Settings, ConfigError> {
+    fn from_raw(mut raw: Raw, overrides: &Overrides, base: &Path) -> Result<Settings, ConfigError> {
         let root_host = root_host_from_url(&raw.public_url).map_err(|e| bad("public_url", e))?;
         let backend_name = overrides.io_backend.clone().unwrap_or(raw.io_backend);
         let io_backend = match backend_name.as_str() {
@@ -758,18 +765,37 @@ impl Settings {
                 base.join(p)
             }
         };
+        let tls_state_dir = if raw.tls.state_dir.as_os_str().is_empty() {
+            None
+        } else {
+            if [&raw.tls.cert, &raw.tls.key, &raw.tls.ca]
+                .iter()
+                .any(|p| !p.as_os_str().is_empty())
+            {
+                return Err(bad(
+                    "tls.state_dir",
+                    "names the enrolled cert.pem, key.pem and ca.pem: leave cert, key and ca out",
+                ));
+            }
+            let dir = resolve(&raw.tls.state_dir);
+            raw.tls.cert = dir.join(outrelay_client::store::CERT_FILE);
+            raw.tls.key = dir.join(outrelay_client::store::KEY_FILE);
+            raw.tls.ca = dir.join(outrelay_client::store::CA_FILE);
+            Some(dir)
+        };
         if raw.tls.cert.as_os_str().is_empty() {
             return Err(bad(
                 "tls.cert",
-                "required (the relay's certificate chain, PEM)",
+                "required (the relay's certificate chain, PEM), or tls.state_dir",
             ));
         }
-        let tls = TlsMaterial::from_pem_files(
-            &resolve(&raw.tls.cert),
-            &resolve(&raw.tls.key),
-            &resolve(&raw.tls.ca),
-        )
-        .map_err(|e| bad("tls", e))?;
+        let tls_files = crate::identity::IdentityFiles {
+            cert: resolve(&raw.tls.cert),
+            key: resolve(&raw.tls.key),
+            ca: resolve(&raw.tls.ca),
+        };
+        let tls = TlsMaterial::from_pem_files(&tls_files.cert, &tls_files.key, &tls_files.ca)
+            .map_err(|e| bad("tls", e))?;
         let public_tls = match (
             raw.public_tls.cert.as_os_str().is_empty(),
             raw.public_tls.key.as_os_str().is_empty(),
@@ -882,6 +908,8 @@ impl Settings {
             udp,
             quic,
             public_tls,
+            tls_files,
+            tls_state_dir,
             controller,
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
             mesh,

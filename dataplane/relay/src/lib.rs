@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod config;
 pub mod control;
+pub mod identity;
 pub mod ingress;
 pub mod lease;
 pub mod mesh;

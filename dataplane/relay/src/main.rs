@@ -1,6 +1,11 @@
 //! `outrelay-relay`: validate the config (exit 64 with one line), bind every listener, report
 //! the bound addresses in `--ready-file` (then `READY=1`), then serve: SIGHUP reloads the
-//! config, SIGTERM/SIGINT stops accepting, sends GOAWAY to agents and drains (`[lifecycle]`).
+//! config and the certificate files, SIGTERM/SIGINT stops accepting, sends GOAWAY to agents
+//! and drains (`[lifecycle]`).
+//!
+//! `outrelay-relay enroll --controller URL --token T --state-dir D [--name DNS]... [--ip IP]...`
+//! enrolls the relay's identity into `D` (see [`outrelay_relay::identity`]); usage errors exit
+//! 64.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,17 +43,68 @@ struct Flags {
     #[arg(long, value_name = "BACKEND")]
     io_backend: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, default_value = "info", env = "OUTRELAY_LOG")]
+    #[arg(long, global = true, default_value = "info", env = "OUTRELAY_LOG")]
     log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Enroll this relay with a `outrelay token create --role relay` token: key generated
+    /// here, controller pinned by the token, cert.pem/key.pem/ca.pem written into the state
+    /// directory (point `[tls] state_dir` at it). Safe to run again after a lost answer.
+    Enroll {
+        /// The controller, `https://host:port`.
+        #[arg(long, value_name = "URL")]
+        controller: String,
+        /// The enrollment token (`ort1.…`).
+        #[arg(long, env = "OUTRELAY_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where the identity goes.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/outrelay-relay")]
+        state_dir: PathBuf,
+        /// A DNS name agents dial this relay by (repeatable).
+        #[arg(long = "name", value_name = "DNS")]
+        names: Vec<String>,
+        /// An IP address agents dial this relay by (repeatable).
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<std::net::IpAddr>,
+        /// Also take the host of this relay config's `public_url` as a name.
+        #[arg(long = "config", value_name = "FILE")]
+        names_from: Option<PathBuf>,
+        /// The controller's CA certificate (PEM), when it is not in the controller's chain.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(Command::Enroll {
+        controller,
+        token,
+        state_dir,
+        names,
+        ips,
+        names_from,
+        ca,
+    }) = flags.command
+    {
+        return enroll(controller, token, state_dir, names, ips, names_from, ca);
+    }
     let overrides = Overrides {
         io_backend: flags.io_backend.clone(),
     };
@@ -81,6 +137,80 @@ fn main() -> ExitCode {
     }
 }
 
+/// `outrelay-relay enroll`: one line on success, exit 64 for bad arguments, 1 otherwise.
+fn enroll(
+    controller: String,
+    token: String,
+    state_dir: PathBuf,
+    mut names: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+    names_from: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> ExitCode {
+    let usage = |e: &str| {
+        eprintln!("outrelay-relay enroll: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    if let Err(e) = outrelay_client::Token::parse(&token) {
+        return usage(&e.to_string());
+    }
+    if let Some(config) = &names_from {
+        match outrelay_relay::identity::public_host_of(config) {
+            Ok(host) => names.push(host),
+            Err(e) => return usage(&e),
+        }
+    }
+    names.extend(ips.iter().map(ToString::to_string));
+    for n in &names {
+        if n.parse::<std::net::IpAddr>().is_err()
+            && outrelay_proto::hostname::HostName::parse(n.as_bytes()).is_err()
+            && n != "localhost"
+        {
+            return usage(&format!("--name {n}: not a DNS host name"));
+        }
+    }
+    let ca_pem = match &ca {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => return usage(&format!("--ca {}: {e}", path.display())),
+        },
+        None => None,
+    };
+    let args = outrelay_relay::identity::EnrollArgs {
+        controller,
+        token,
+        state_dir,
+        names,
+        ca_pem,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outrelay-relay enroll: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(outrelay_relay::identity::enroll(&args)) {
+        Ok(identity) => {
+            println!(
+                "enrolled as {identity}; key, certificate and CA in {}",
+                args.state_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(outrelay_relay::identity::IdentityError::Enroll(
+            e @ (outrelay_client::EnrollError::Token(_) | outrelay_client::EnrollError::Url(_)),
+        )) => usage(&e.to_string()),
+        Err(e) => {
+            eprintln!("outrelay-relay enroll: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(
     mut settings: Settings,
     ready_file: Option<PathBuf>,
@@ -102,6 +232,7 @@ fn run(
         let leases = LeaseTable::new(settings.leases.clone())?;
         // With `[controller]`: decisions, reports and revocations from the controller;
         // without: standalone (every lease approved, no revocation list).
+        let controller_url = settings.controller.as_ref().map(|c| c.url.clone());
         let mut controller = settings
             .controller
             .map(outrelay_relay::control::Controller::new)
@@ -146,15 +277,42 @@ fn run(
         };
         quic.serve_mesh(mesh.clone());
         let quic_addr = quic.local_addr()?;
-        let _control_tasks = controller.map(|c| {
+        let control_tasks = controller.map(|c| {
             let endpoint = format!("{}:{}", settings.leases.root_host, quic_addr.port());
-            c.start(quic.handle(), quic.identity(), endpoint)
+            Arc::new(c.start(quic.handle(), quic.identity(), endpoint))
         });
+        // The relay's own certificate: swapped on SIGHUP and after each renewal.
+        let relink: Box<dyn Fn() + Send + Sync> = match &control_tasks {
+            Some(t) => {
+                let t = t.clone();
+                Box::new(move || t.relink())
+            }
+            None => Box::new(|| {}),
+        };
+        let live = Arc::new(outrelay_relay::identity::LiveIdentity::new(
+            quic.identity().clone(),
+            settings.tls_files.clone(),
+            quic.cert_resolver(),
+            settings.public_tls.clone(),
+            relink,
+        ));
+        let _renewal = match (&settings.tls_state_dir, controller_url) {
+            (Some(dir), Some(url)) => Some(tokio::spawn(outrelay_relay::identity::renewal_loop(
+                live.clone(),
+                outrelay_client::IdentityStore::new(dir.clone()),
+                url,
+            ))),
+            (Some(_), None) => {
+                tracing::warn!("[tls] state_dir without [controller]: the certificate is not renewed");
+                None
+            }
+            _ => None,
+        };
         let shutdown = quic.shutdown_handle();
         let mut ingress_config = settings.ingress;
         if let Some(tls) = settings.public_tls {
             // The root host's own HTTPS listener (loopback only; `/healthz`).
-            let (addr, _task) = outrelay_relay::ingress::root::spawn(tls).await?;
+            let (addr, _task) = outrelay_relay::ingress::root::spawn(tls.config).await?;
             ingress_config.root_fallback = Some(addr);
         }
         let public_tls = bind_reuseport(settings.public_tls_listen, settings.workers)?;
@@ -267,6 +425,18 @@ fn run(
         watchdog.start("relay-control");
         while signals.next().await == outrelay_lifecycle::Signal::Reload {
             reloader.reload(&reload);
+            match live.reload() {
+                Ok(changed) => {
+                    metrics::counter!("outrelay_relay_cert_reloads_total", "result" => "ok")
+                        .increment(1);
+                    tracing::info!(changed, "certificate files reloaded");
+                }
+                Err(e) => {
+                    metrics::counter!("outrelay_relay_cert_reloads_total", "result" => "refused")
+                        .increment(1);
+                    tracing::warn!(error = %e, "certificate reload refused; serving the previous one");
+                }
+            }
         }
         // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.
         outrelay_lifecycle::notify_stopping();

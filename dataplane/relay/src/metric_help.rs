@@ -72,6 +72,22 @@ pub fn describe() {
         "Service streams joined right now."
     );
     metrics::describe_gauge!(
+        "outrelay_relay_cert_expiry_unix_seconds",
+        "notAfter of the relay certificate new handshakes get (Unix seconds)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_cert_renewals_total",
+        "Renewals of the relay's own certificate, by result (ok or error)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_cert_reloads_total",
+        "SIGHUP reloads of the certificate files, by result (ok or refused)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_cert_swaps_total",
+        "Relay certificate changes taken into use (renewal or SIGHUP)."
+    );
+    metrics::describe_gauge!(
         "outrelay_relay_controller_connected",
         "1 while the controller stream is up."
     );

@@ -52,6 +52,87 @@ pub enum PkiError {
     /// A certificate could not be parsed.
     #[error("certificate parse: {0}")]
     Parse(String),
+    /// A relay name in the CSR is not a DNS name (RFC 1123) or an IP address, or there are
+    /// too many.
+    #[error("relay names: {0}")]
+    BadName(String),
+}
+
+/// Most DNS names and IPs one relay certificate carries.
+pub const RELAY_NAMES_MAX: usize = 8;
+
+/// What the controller reads from a CSR before anything is written: the public key's hash
+/// (idempotent enrollment) and the DNS names and IPs it asks for (used for relays only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsrInfo {
+    /// SHA-256 of the CSR's public key bytes, lowercase hex.
+    pub spki_sha256: String,
+    /// The DNS and IP SANs, validated ([`relay_names`]), lowercase, deduplicated, in order.
+    pub names: Vec<String>,
+}
+
+/// Parses and checks a CSR (signature, SAN kinds, names) without issuing anything.
+///
+/// # Errors
+/// [`PkiError::BadCsr`] or [`PkiError::BadName`].
+pub fn inspect_csr(csr_pem: &str) -> Result<CsrInfo, PkiError> {
+    use rcgen::PublicKeyData as _;
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    let mut names = Vec::new();
+    for san in &csr.params.subject_alt_names {
+        match san {
+            SanType::DnsName(n) => names.push(n.as_str().to_owned()),
+            SanType::IpAddress(ip) => names.push(ip.to_string()),
+            SanType::URI(_) => {}
+            other => return Err(PkiError::BadCsr(format!("unsupported SAN {other:?}"))),
+        }
+    }
+    Ok(CsrInfo {
+        spki_sha256: hex::encode(Sha256::digest(csr.public_key.der_bytes())),
+        names: relay_names(&names)?,
+    })
+}
+
+/// Validates relay names: at most [`RELAY_NAMES_MAX`], each an IP address or a DNS host name
+/// per RFC 1123 (labels of 1..=63 letters, digits and inner hyphens, at most 253 characters,
+/// no wildcard, no trailing dot). Returns them lowercased and deduplicated.
+///
+/// # Errors
+/// [`PkiError::BadName`] naming the first bad one.
+pub fn relay_names(names: &[String]) -> Result<Vec<String>, PkiError> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for n in names {
+        let n = n.to_ascii_lowercase();
+        let ok = n.parse::<std::net::IpAddr>().is_ok() || is_dns_name(&n);
+        if !ok {
+            return Err(PkiError::BadName(format!(
+                "`{n}` is neither a DNS host name (RFC 1123) nor an IP address"
+            )));
+        }
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    if out.len() > RELAY_NAMES_MAX {
+        return Err(PkiError::BadName(format!(
+            "{} names, at most {RELAY_NAMES_MAX}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn is_dns_name(n: &str) -> bool {
+    n.len() <= 253
+        && n.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 /// The loaded CA.
@@ -143,6 +224,8 @@ impl Ca {
 
     /// Issues a leaf for `identity` with the public key of `csr_pem`. The CSR's own subject
     /// and extensions are ignored, except that any URI SAN it carries must equal `identity`.
+    /// `names` (DNS names and IPs, already validated with [`relay_names`]) become DNS/IP SANs;
+    /// the caller passes them only for relays.
     ///
     /// # Errors
     /// [`PkiError::BadCsr`], [`PkiError::CsrIdentityMismatch`], or a signing failure.
@@ -150,6 +233,7 @@ impl Ca {
         &self,
         csr_pem: &str,
         identity: &Identity,
+        names: &[String],
         profile: LeafProfile,
         lifetime_s: u64,
         now: OffsetDateTime,
@@ -167,7 +251,7 @@ impl Ca {
                 });
             }
         }
-        let params = leaf_params(&[], Some(&chosen), profile, lifetime_s, now)?;
+        let params = leaf_params(names, Some(&chosen), profile, lifetime_s, now)?;
         self.sign(&params, &csr.public_key)
     }
 
@@ -204,7 +288,8 @@ impl Ca {
         Ok(Issued {
             cert_pem: cert.pem(),
             serial_hex,
-            not_after_unix_ms: unix_ms(params.not_after),
+            // X.509 times have whole seconds: the expiry the certificate really carries.
+            not_after_unix_ms: params.not_after.unix_timestamp().saturating_mul(1000),
         })
     }
 }
@@ -357,7 +442,7 @@ mod tests {
             .expect("pem");
         let now = OffsetDateTime::now_utc();
         let issued = ca
-            .issue_from_csr(&csr, &id, LeafProfile::Client, 3600, now)
+            .issue_from_csr(&csr, &id, &[], LeafProfile::Client, 3600, now)
             .expect("issue");
         let der = pem_to_der(&issued.cert_pem).expect("der");
         assert_eq!(identity_of_cert(&der).expect("identity"), id);
@@ -374,8 +459,79 @@ mod tests {
             .pem()
             .expect("pem");
         assert!(matches!(
-            ca.issue_from_csr(&csr, &id, LeafProfile::Client, 3600, now),
+            ca.issue_from_csr(&csr, &id, &[], LeafProfile::Client, 3600, now),
             Err(PkiError::CsrIdentityMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn relay_names_are_validated_and_become_sans() {
+        let ok = relay_names(&[
+            "Relay.Example.com".to_owned(),
+            "relay.example.com".to_owned(),
+            "192.0.2.7".to_owned(),
+            "2001:db8::1".to_owned(),
+            "localhost".to_owned(),
+        ])
+        .expect("valid");
+        assert_eq!(
+            ok,
+            ["relay.example.com", "192.0.2.7", "2001:db8::1", "localhost"]
+        );
+        for bad in [
+            "*.example.com",
+            "-a.example.com",
+            "a-.example.com",
+            "a..b",
+            "example.com.",
+            "under_score.example",
+            "",
+        ] {
+            assert!(
+                matches!(relay_names(&[bad.to_owned()]), Err(PkiError::BadName(_))),
+                "{bad:?}"
+            );
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        assert!(relay_names(&[long]).is_err());
+        let many: Vec<String> = (0..=RELAY_NAMES_MAX)
+            .map(|i| format!("r{i}.test"))
+            .collect();
+        assert!(relay_names(&many).is_err());
+
+        let (cert, key) = new_ca_pem("test").expect("ca");
+        let ca = Ca::from_pem(&cert, &key).expect("load");
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = CertificateParams::new(vec!["relay.test".to_owned(), "127.0.0.1".to_owned()])
+            .expect("params")
+            .serialize_request(&leaf_key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let info = inspect_csr(&csr).expect("inspect");
+        assert_eq!(info.names, ["relay.test", "127.0.0.1"]);
+        let id = Identity::parse("outrelay://eu/relay/r1").expect("id");
+        let issued = ca
+            .issue_from_csr(
+                &csr,
+                &id,
+                &info.names,
+                LeafProfile::ClientServer,
+                3600,
+                OffsetDateTime::now_utc(),
+            )
+            .expect("issue");
+        let der = pem_to_der(&issued.cert_pem).expect("der");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let san = parsed
+            .subject_alternative_name()
+            .expect("san")
+            .expect("present");
+        let text = format!("{:?}", san.value.general_names);
+        assert!(
+            text.contains("relay.test") && text.contains("outrelay://eu/relay/r1"),
+            "{text}"
+        );
+        assert!(inspect_csr("junk").is_err());
     }
 }

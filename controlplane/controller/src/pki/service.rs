@@ -1,15 +1,25 @@
 //! The Pki service: enrollment tokens, Enroll, Renew, Revoke, CA bundle, WatchRevocations.
 //!
-//! Tokens are `ort1.<secret hex>.<CA SHA-256 hex>`; only SHA-256(secret) is stored. A token is
-//! consumed in the same durable transaction that checks it, so it is single-use across
-//! restarts. A token is burned even when the CSR that came with it is then refused (a CSR naming
-//! another identity is treated as an attack, not a typo).
+//! Tokens are `ort1.<secret hex>.<CA SHA-256 hex>`; only SHA-256(secret) is stored.
+//!
+//! Enroll is idempotent (review M11): the token is marked used in the SAME durable transaction
+//! that stores the issued certificate (with the SHA-256 of its public key) on the token's row,
+//! so a crash or a failed commit leaves the token unspent, and a retry with the same token and
+//! the same public key within the token's lifetime gets the stored certificate back,
+//! byte-identical, without a second issue. Another key with a used token is refused. A CSR
+//! that does not parse, or that names another identity, is refused without spending the token.
+//!
+//! Relay tokens take the DNS and IP SANs of the CSR (validated: [`crate::pki::relay_names`])
+//! into the relay's leaf, so agents verify the relay by name (review M10); they are stored in
+//! `relay_names` and every `Pki.Renew` of that relay issues the same names. Agent CSRs' names
+//! are ignored.
 //!
 //! Enroll is reachable without a certificate, so it checks the token against the in-memory
-//! mirror ([`App::tokens`]) before anything is queued to the writer: a malformed, unknown, used
-//! or expired token costs no write (only a counted, aggregated refusal). The durable transaction
-//! still re-checks, so the mirror only ever saves work, it never grants anything. `Pki.Renew` is
-//! rate-limited per identity (`pki.renew_burst`, `pki.renew_refill_ms`).
+//! mirror ([`App::tokens`]) before anything is queued to the writer: a malformed, unknown or
+//! expired token, or a used one (answered from a read), costs no write (only a counted,
+//! aggregated refusal). The durable transaction still re-checks, so the mirror only ever saves
+//! work, it never grants anything. `Pki.Renew` is rate-limited per identity
+//! (`pki.renew_burst`, `pki.renew_refill_ms`).
 
 use std::sync::Arc;
 
@@ -77,15 +87,79 @@ struct TokenRow {
     relay_id: String,
 }
 
-enum Consumed {
-    Ok(TokenRow),
+/// The outcome of the enrollment transaction.
+enum Enrolled {
+    /// Issued now (token spent in the same transaction).
+    Issued(Identity, crate::pki::Issued),
+    /// The token was already spent on this public key: the stored certificate.
+    Replayed(String),
     Unknown,
     AlreadyUsed,
     Expired,
+    Revoked(Identity),
+    Refused(PkiError),
+    /// The stored token row does not make an identity (a bug or a damaged database).
+    Damaged(&'static str),
 }
 
 fn token_hash(secret_hex: &str) -> String {
     hex::encode(Sha256::digest(secret_hex.as_bytes()))
+}
+
+/// The identity a stored token enrolls (a fresh uuid for an agent token bound to none).
+fn token_identity(row: &TokenRow) -> Result<Identity, &'static str> {
+    match row.role.as_str() {
+        "relay" => match (Label::new(&row.relay_region), Label::new(&row.relay_id)) {
+            (Some(region), Some(id)) => Ok(Identity::Relay { region, id }),
+            _ => Err("stored relay token is malformed"),
+        },
+        _ => {
+            let tenant = Label::new(&row.tenant).ok_or("stored token tenant is malformed")?;
+            let uuid = if row.agent_uuid.is_empty() {
+                AgentUuid::from_bytes(*uuid::Uuid::new_v4().as_bytes())
+            } else {
+                AgentUuid::new(&row.agent_uuid).ok_or("stored token uuid is malformed")?
+            };
+            Ok(Identity::Agent { tenant, uuid })
+        }
+    }
+}
+
+/// Records an issued serial (inside the caller's transaction).
+fn record_issued(
+    conn: &Connection,
+    uri: &str,
+    issued: &crate::pki::Issued,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO issued_certs (serial, uri, issued_at_unix_ms, not_after_unix_ms) \
+         VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        issued.serial_hex,
+        uri,
+        now_unix_ms(),
+        issued.not_after_unix_ms
+    ])?;
+    Ok(())
+}
+
+/// The answer for a certificate stored at enrollment (identity and expiry read back from it).
+fn replayed_response(app: &App, cert_pem: String) -> Result<pb::CertificateResponse, Status> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| Status::internal(format!("stored certificate: {e}")))?;
+    let identity = crate::pki::identity_of_cert(&der)
+        .map_err(|e| Status::internal(format!("stored certificate: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| Status::internal(format!("stored certificate: {e}")))?;
+    let not_after_unix_ms = parsed.validity().not_after.timestamp().saturating_mul(1000);
+    Ok(pb::CertificateResponse {
+        cert_pem,
+        ca_pem: app.ca.cert_pem().to_owned(),
+        identity: identity.to_string(),
+        not_after_unix_ms,
+    })
 }
 
 fn cert_response(
@@ -104,21 +178,64 @@ fn cert_response(
 fn pki_status(e: PkiError) -> Status {
     match e {
         PkiError::BadCsr(m) => invalid("csr_pem", &m),
+        e @ PkiError::BadName(_) => invalid("csr_pem", &e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
 
 impl PkiService {
-    /// Consumes the token durably (the authoritative check: the mirror may be stale only in
-    /// the direction of refusing less, never of granting more).
-    async fn consume(&self, hash: String, now: i64) -> Result<Consumed, Status> {
+    /// The used-token path without a write: the stored certificate when `spki` is the key it
+    /// was issued for and the token has not expired.
+    async fn replay(&self, hash: String, spki: String, now: i64) -> Result<Enrolled, Status> {
         self.0
             .store
-            .write(move |conn, _ctx| {
+            .read(move |conn| {
+                let row = conn
+                    .prepare_cached(
+                        "SELECT expires_unix_ms, issued_spki_sha256, issued_cert_pem \
+                         FROM enrollment_tokens WHERE hash = ?1",
+                    )?
+                    .query_row(params![hash], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Option<String>>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                        ))
+                    })
+                    .optional()?;
+                Ok(match row {
+                    None => Enrolled::Unknown,
+                    Some((expires, Some(k), Some(pem))) if k == spki && expires > now => {
+                        Enrolled::Replayed(pem)
+                    }
+                    Some(_) => Enrolled::AlreadyUsed,
+                })
+            })
+            .await
+            .map_err(store_status)
+    }
+
+    /// The authoritative check, the signature and the durable record in ONE transaction: the
+    /// token is spent only together with the stored certificate (the mirror may be stale only
+    /// in the direction of refusing less, never of granting more).
+    async fn enroll_txn(
+        &self,
+        p: &Principal,
+        hash: String,
+        now: i64,
+        csr_pem: String,
+        csr: crate::pki::CsrInfo,
+    ) -> Result<Enrolled, Status> {
+        let app = self.0.clone();
+        let caller = p.name();
+        self.0
+            .store
+            .write(move |conn, ctx| {
                 let row = conn
                     .prepare_cached(
                         "SELECT tenant, role, agent_uuid, relay_region, relay_id, expires_unix_ms, \
-                         used_at_unix_ms FROM enrollment_tokens WHERE hash = ?1",
+                         used_at_unix_ms, issued_spki_sha256, issued_cert_pem \
+                         FROM enrollment_tokens WHERE hash = ?1",
                     )?
                     .query_row(params![hash], |r| {
                         Ok((
@@ -131,34 +248,107 @@ impl PkiService {
                             },
                             r.get::<_, i64>(5)?,
                             r.get::<_, Option<i64>>(6)?,
+                            r.get::<_, Option<String>>(7)?,
+                            r.get::<_, Option<String>>(8)?,
                         ))
                     })
                     .optional()?;
-                let Some((row, expires, used)) = row else {
-                    return Ok(Consumed::Unknown);
+                let Some((row, expires, used, spki, pem)) = row else {
+                    return Ok(Enrolled::Unknown);
                 };
-                if used.is_some() {
-                    return Ok(Consumed::AlreadyUsed);
-                }
                 if expires <= now {
-                    return Ok(Consumed::Expired);
+                    return Ok(Enrolled::Expired);
                 }
+                if used.is_some() {
+                    return Ok(match (spki, pem) {
+                        (Some(k), Some(pem)) if k == csr.spki_sha256 => Enrolled::Replayed(pem),
+                        _ => Enrolled::AlreadyUsed,
+                    });
+                }
+                let identity = match token_identity(&row) {
+                    Ok(i) => i,
+                    Err(why) => return Ok(Enrolled::Damaged(why)),
+                };
+                if app.is_revoked(&identity.to_string()) {
+                    return Ok(Enrolled::Revoked(identity));
+                }
+                let (names, profile) = match identity {
+                    Identity::Relay { .. } => (csr.names.clone(), LeafProfile::ClientServer),
+                    _ => (Vec::new(), LeafProfile::Client),
+                };
+                let issued = match app.ca.issue_from_csr(
+                    &csr_pem,
+                    &identity,
+                    &names,
+                    profile,
+                    app.settings.leaf_lifetime_s,
+                    OffsetDateTime::now_utc(),
+                ) {
+                    Ok(i) => i,
+                    // Nothing written: the token stays unspent.
+                    Err(e) => return Ok(Enrolled::Refused(e)),
+                };
+                let uri = identity.to_string();
                 conn.prepare_cached(
-                    "UPDATE enrollment_tokens SET used_at_unix_ms = ?1 WHERE hash = ?2",
+                    "UPDATE enrollment_tokens SET used_at_unix_ms = ?1, issued_spki_sha256 = ?2, \
+                     issued_cert_pem = ?3 WHERE hash = ?4",
                 )?
-                .execute(params![now, hash])?;
-                Ok(Consumed::Ok(row))
+                .execute(params![now, csr.spki_sha256, issued.cert_pem, hash])?;
+                record_issued(conn, &uri, &issued)?;
+                if matches!(identity, Identity::Relay { .. }) {
+                    conn.prepare_cached(
+                        "INSERT OR REPLACE INTO relay_names (uri, names) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![uri, names.join(" ")])?;
+                }
+                let tenant = identity
+                    .tenant()
+                    .map(Label::to_string)
+                    .unwrap_or_else(|| SYSTEM_TENANT.to_owned());
+                let ev = App::admin_event(
+                    &tenant,
+                    audit::kind::ENROLL,
+                    &caller,
+                    &uri,
+                    "Pki.Enroll",
+                    &format!("issued serial {}", issued.serial_hex),
+                );
+                audit::append(conn, &mut ctx.audit, &ev)?;
+                Ok(Enrolled::Issued(identity, issued))
             })
             .await
             .map_err(store_status)
     }
 
-    /// Signs, records the issued serial and audits; used by Enroll and Renew.
+    /// The names a relay enrolled with (empty for an unknown relay or an agent).
+    async fn names_of(&self, identity: &Identity) -> Result<Vec<String>, Status> {
+        if !matches!(identity, Identity::Relay { .. }) {
+            return Ok(Vec::new());
+        }
+        let uri = identity.to_string();
+        self.0
+            .store
+            .read(move |conn| {
+                let names: Option<String> = conn
+                    .prepare_cached("SELECT names FROM relay_names WHERE uri = ?1")?
+                    .query_row(params![uri], |r| r.get(0))
+                    .optional()?;
+                Ok(names
+                    .map(|n| n.split_whitespace().map(str::to_owned).collect())
+                    .unwrap_or_default())
+            })
+            .await
+            .map_err(store_status)
+    }
+
+    /// Signs, records the issued serial and audits; used by Renew (Enroll signs inside its
+    /// transaction).
     async fn issue(
         &self,
         p: &Principal,
         method: &'static str,
         identity: &Identity,
+        names: &[String],
         csr_pem: &str,
     ) -> Result<pb::CertificateResponse, Status> {
         let app = &self.0;
@@ -169,6 +359,7 @@ impl PkiService {
         let issued = match app.ca.issue_from_csr(
             csr_pem,
             identity,
+            names,
             profile,
             app.settings.leaf_lifetime_s,
             OffsetDateTime::now_utc(),
@@ -192,14 +383,10 @@ impl PkiService {
             method,
             &format!("issued serial {}", issued.serial_hex),
         );
-        let (serial, not_after) = (issued.serial_hex.clone(), issued.not_after_unix_ms);
+        let record = issued.clone();
         app.store
             .write(move |conn, ctx| {
-                conn.prepare_cached(
-                    "INSERT INTO issued_certs (serial, uri, issued_at_unix_ms, not_after_unix_ms) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![serial, uri, now_unix_ms(), not_after])?;
+                record_issued(conn, &uri, &record)?;
                 audit::append(conn, &mut ctx.audit, &ev)
             })
             .await
@@ -370,73 +557,63 @@ impl pki_server::Pki for PkiService {
         }
         let hash = token_hash(secret_hex);
         let now = now_unix_ms();
-        // Checked in memory first: a token that cannot succeed never reaches the writer.
+        // Checked in memory first: a token that cannot succeed never reaches the writer (a
+        // used one is answered from a read: the same key gets its certificate again). A CSR
+        // that does not parse, or asks for bad names, is refused before the token is touched:
+        // it spends nothing.
         let memo = app.tokens.lock().ok().and_then(|t| t.get(&hash).copied());
-        let early = match memo {
-            None => Some(Consumed::Unknown),
-            Some(m) if m.used => Some(Consumed::AlreadyUsed),
-            Some(m) if m.expires_unix_ms <= now => Some(Consumed::Expired),
-            Some(_) => None,
+        let outcome = match memo {
+            None => Enrolled::Unknown,
+            Some(m) if m.expires_unix_ms <= now => Enrolled::Expired,
+            Some(m) => {
+                let csr = crate::pki::inspect_csr(&r.csr_pem).map_err(pki_status)?;
+                if m.used {
+                    self.replay(hash.clone(), csr.spki_sha256, now).await?
+                } else {
+                    self.enroll_txn(&p, hash.clone(), now, r.csr_pem, csr)
+                        .await?
+                }
+            }
         };
-        let consumed = match early {
-            Some(c) => c,
-            None => self.consume(hash.clone(), now).await?,
-        };
-        if matches!(consumed, Consumed::Ok(_) | Consumed::AlreadyUsed)
-            && let Ok(mut t) = app.tokens.lock()
+        if matches!(
+            outcome,
+            Enrolled::Issued(..) | Enrolled::Replayed(_) | Enrolled::AlreadyUsed
+        ) && let Ok(mut t) = app.tokens.lock()
             && let Some(m) = t.get_mut(&hash)
         {
             m.used = true;
         }
-        let row = match consumed {
-            Consumed::Ok(row) => row,
-            Consumed::Unknown => {
-                return Err(app.refuse_as(
-                    &p,
-                    Refusal::TokenUnknown,
-                    M,
-                    "unknown enrollment token",
-                ));
+        match outcome {
+            Enrolled::Issued(identity, issued) => {
+                metrics::counter!("outrelay_controller_certificates_issued_total", "method" => M)
+                    .increment(1);
+                Ok(Response::new(cert_response(app, &identity, issued)))
             }
-            Consumed::AlreadyUsed => {
-                return Err(app.refuse_as(
-                    &p,
-                    Refusal::TokenUsed,
-                    M,
-                    "enrollment token already used",
-                ));
+            Enrolled::Replayed(pem) => {
+                metrics::counter!("outrelay_controller_enroll_replays_total").increment(1);
+                Ok(Response::new(replayed_response(app, pem)?))
             }
-            Consumed::Expired => {
-                return Err(app.refuse_as(
-                    &p,
-                    Refusal::TokenExpired,
-                    M,
-                    "enrollment token expired",
-                ));
+            Enrolled::Unknown => {
+                Err(app.refuse_as(&p, Refusal::TokenUnknown, M, "unknown enrollment token"))
             }
-        };
-        let identity = match row.role.as_str() {
-            "relay" => match (Label::new(&row.relay_region), Label::new(&row.relay_id)) {
-                (Some(region), Some(id)) => Identity::Relay { region, id },
-                _ => return Err(Status::internal("stored relay token is malformed")),
-            },
-            _ => {
-                let tenant = Label::new(&row.tenant)
-                    .ok_or_else(|| Status::internal("stored token tenant is malformed"))?;
-                let uuid = if row.agent_uuid.is_empty() {
-                    AgentUuid::from_bytes(*uuid::Uuid::new_v4().as_bytes())
-                } else {
-                    AgentUuid::new(&row.agent_uuid)
-                        .ok_or_else(|| Status::internal("stored token uuid is malformed"))?
-                };
-                Identity::Agent { tenant, uuid }
+            Enrolled::AlreadyUsed => Err(app.refuse_as(
+                &p,
+                Refusal::TokenUsed,
+                M,
+                "enrollment token already used (by another key)",
+            )),
+            Enrolled::Expired => {
+                Err(app.refuse_as(&p, Refusal::TokenExpired, M, "enrollment token expired"))
             }
-        };
-        if app.is_revoked(&identity.to_string()) {
-            return Err(app.refuse(&p, M, &format!("identity {identity} is revoked")));
+            Enrolled::Revoked(identity) => {
+                Err(app.refuse(&p, M, &format!("identity {identity} is revoked")))
+            }
+            Enrolled::Refused(e @ PkiError::CsrIdentityMismatch { .. }) => {
+                Err(app.refuse_as(&p, Refusal::CsrMismatch, M, &e.to_string()))
+            }
+            Enrolled::Refused(e) => Err(pki_status(e)),
+            Enrolled::Damaged(why) => Err(Status::internal(why)),
         }
-        let resp = self.issue(&p, M, &identity, &r.csr_pem).await?;
-        Ok(Response::new(resp))
     }
 
     async fn renew(
@@ -467,7 +644,8 @@ impl pki_server::Pki for PkiService {
             );
             return Err(Status::resource_exhausted(refused.message().to_owned()));
         }
-        let resp = self.issue(&p, M, &identity, &csr).await?;
+        let names = self.names_of(&identity).await?;
+        let resp = self.issue(&p, M, &identity, &names, &csr).await?;
         Ok(Response::new(resp))
     }
 

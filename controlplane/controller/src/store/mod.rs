@@ -374,7 +374,7 @@ mod tests {
         }
     }
 
-    /// Migration 3: rules stored with text p2p/relay modes (any text was accepted) load as
+    /// Migration 4: rules stored with text p2p/relay modes (any text was accepted) load as
     /// Go's enums; an unknown P2P text becomes FORBIDDEN.
     #[test]
     fn text_policy_modes_migrate_to_go_enums() {
@@ -382,7 +382,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let s = settings(dir.path());
         let conn = Connection::open(&s.path).expect("open");
-        for (i, sql) in schema::MIGRATIONS.iter().take(2).enumerate() {
+        for (i, sql) in schema::MIGRATIONS.iter().take(3).enumerate() {
             conn.execute_batch(&format!("{sql}; PRAGMA user_version = {};", i + 1))
                 .expect("old schema");
         }

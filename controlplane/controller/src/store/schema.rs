@@ -106,7 +106,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         udp_max_leases INTEGER
     );
     ",
-    // 3: a rule's p2p_mode and relay_mode become Go's enums (docs/protocol.md, "Compatibility
+    // 3: idempotent enrollment (review M11: the certificate is stored with the token that
+    // issued it, in the same transaction) and relay names (review M10: the DNS names and IPs a
+    // relay enrolled with, kept by every renewal).
+    r"
+    ALTER TABLE enrollment_tokens ADD COLUMN issued_spki_sha256 TEXT;
+    ALTER TABLE enrollment_tokens ADD COLUMN issued_cert_pem TEXT;
+
+    CREATE TABLE relay_names (
+        uri TEXT PRIMARY KEY,
+        names TEXT NOT NULL
+    );
+    ",
+    // 4: a rule's p2p_mode and relay_mode become Go's enums (docs/protocol.md, "Compatibility
     // with Go OutRelay"). Stored text is mapped; an unknown P2P text becomes FORBIDDEN (the
     // choice that never lets bytes leave the relay's audit), an unknown relay mode SPLICE.
     r"

@@ -292,9 +292,24 @@ impl std::fmt::Debug for Controller {
 }
 
 /// The running client's tasks; dropping this stops them.
-#[derive(Debug)]
 pub struct ControlTasks {
     _tasks: tokio::task::JoinSet<()>,
+    link: Arc<tasks::Link>,
+}
+
+impl std::fmt::Debug for ControlTasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlTasks").finish_non_exhaustive()
+    }
+}
+
+impl ControlTasks {
+    /// The relay's certificate files changed (renewal, SIGHUP): later controller calls and
+    /// reconnecting watch streams use a new channel with the new client certificate;
+    /// established streams run on.
+    pub fn relink(&self) {
+        self.link.relink();
+    }
 }
 
 impl Controller {
@@ -368,7 +383,7 @@ impl Controller {
         let ctx = Arc::new(tasks::TaskCtx {
             relay_id: id.clone(),
             config: self.config,
-            link,
+            link: link.clone(),
             decider: self.decider,
             relay,
         });
@@ -387,7 +402,7 @@ impl Controller {
             set.spawn(mesh::watch_policies(ctx.clone(), m.clone()));
             set.spawn(mesh::watch_services(ctx, m, id.clone()));
         }
-        ControlTasks { _tasks: set }
+        ControlTasks { _tasks: set, link }
     }
 }
 

@@ -128,13 +128,17 @@ impl TaskCtx {
 }
 
 /// One channel to the controller, shared by every task; connected on first use. tonic
-/// reconnects an established channel by itself, so it is kept for the life of the relay.
+/// reconnects an established channel by itself, so it is kept until the relay's certificate
+/// changes ([`Link::relink`]): the next call then connects a new channel with the files as they
+/// are now, and streams on the old one run on until they end.
 pub(super) struct Link {
     url: String,
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
     ca: std::path::PathBuf,
-    channel: Mutex<Option<Channel>>,
+    /// Bumped by [`Link::relink`]; the cached channel is used only while it matches.
+    generation: std::sync::atomic::AtomicU64,
+    channel: Mutex<Option<(u64, Channel)>>,
 }
 
 impl Link {
@@ -144,13 +148,23 @@ impl Link {
             cert: config.cert.clone(),
             key: config.key.clone(),
             ca: config.ca.clone(),
+            generation: std::sync::atomic::AtomicU64::new(0),
             channel: Mutex::new(None),
         }
     }
 
+    /// The certificate files changed: later calls use a new channel.
+    pub(super) fn relink(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub(super) async fn channel(&self) -> Result<Channel, String> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Relaxed);
         let mut slot = self.channel.lock().await;
-        if let Some(c) = &*slot {
+        if let Some((g, c)) = &*slot
+            && *g == generation
+        {
             return Ok(c.clone());
         }
         let target = Target {
@@ -160,7 +174,7 @@ impl Link {
             ca: Some(self.ca.clone()),
         };
         let c = connect(&target).await.map_err(|e| format!("{e:#}"))?;
-        *slot = Some(c.clone());
+        *slot = Some((generation, c.clone()));
         Ok(c)
     }
 }

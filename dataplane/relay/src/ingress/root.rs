@@ -16,7 +16,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -33,8 +34,20 @@ use tokio::task::JoinHandle;
 /// `ingress.root_conn_max_ms` (the SNI side's limit, 5 s by default).
 pub const ROOT_CONN_MAX_MS: u64 = 30_000;
 
-/// The TLS configuration of the root-host listener, built once at config validation.
-pub type RootTls = Arc<rustls::ServerConfig>;
+/// The TLS configuration of the root-host listener, built once at config validation. Its
+/// certificate is read at every handshake from `cert`, which SIGHUP reloads from the files
+/// (`[public_tls]`) without touching established connections.
+#[derive(Debug, Clone)]
+pub struct RootTls {
+    /// The rustls configuration the listener serves.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The certificate new handshakes get.
+    pub cert: Arc<outrelay_client::Reloadable>,
+    /// The certificate chain file (PEM).
+    pub cert_path: PathBuf,
+    /// The key file (PEM).
+    pub key_path: PathBuf,
+}
 
 /// Why the `[public_tls]` certificate could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +65,11 @@ pub enum RootTlsError {
     Tls(#[from] rustls::Error),
 }
 
-/// Loads the root host's certificate chain and private key (PEM) into a rustls server config
-/// (aws-lc-rs, TLS 1.2 and 1.3, ALPN `http/1.1`).
+/// Reads the root host's certificate chain and key (PEM) into a [`CertifiedKey`].
 ///
 /// # Errors
 /// [`RootTlsError`] naming the file or the mismatch.
-pub fn load_tls(cert: &Path, key: &Path) -> Result<RootTls, RootTlsError> {
+pub fn read_certified(cert: &Path, key: &Path) -> Result<CertifiedKey, RootTlsError> {
     let pem = |path: &Path, reason: String| RootTlsError::Pem {
         path: path.display().to_string(),
         reason,
@@ -70,13 +82,42 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<RootTls, RootTlsError> {
         return Err(pem(cert, "no certificate".to_owned()));
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    Ok(CertifiedKey::from_der(chain, key, &provider)?)
+}
+
+/// Loads the root host's certificate chain and private key (PEM) into a rustls server config
+/// (aws-lc-rs, TLS 1.2 and 1.3, ALPN `http/1.1`).
+///
+/// # Errors
+/// [`RootTlsError`] naming the file or the mismatch.
+pub fn load_tls(cert: &Path, key: &Path) -> Result<RootTls, RootTlsError> {
+    let resolver = outrelay_client::Reloadable::from_certified(read_certified(cert, key)?);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(RootTls {
+        config: Arc::new(config),
+        cert: resolver,
+        cert_path: cert.to_owned(),
+        key_path: key.to_owned(),
+    })
+}
+
+impl RootTls {
+    /// Reads the files again and serves them to new handshakes; on error the current
+    /// certificate stays.
+    ///
+    /// # Errors
+    /// [`RootTlsError`].
+    pub fn reload(&self) -> Result<(), RootTlsError> {
+        self.cert
+            .swap_certified(read_certified(&self.cert_path, &self.key_path)?);
+        Ok(())
+    }
 }
 
 /// Binds the root-host listener on `127.0.0.1:0` and serves it until the task is aborted.
@@ -84,14 +125,16 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<RootTls, RootTlsError> {
 ///
 /// # Errors
 /// The loopback bind failed.
-pub async fn spawn(tls: RootTls) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn spawn(
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
     Ok((addr, tokio::spawn(serve(listener, tls))))
 }
 
 /// Accepts TLS connections on `listener` forever and answers `/healthz`.
-pub async fn serve(listener: TcpListener, tls: RootTls) {
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let Ok((stream, _)) = listener.accept().await else {

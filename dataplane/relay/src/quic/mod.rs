@@ -36,7 +36,7 @@ use crate::lease::{
 use crate::state::{ReverseKey, Shared, Snapshot};
 
 pub use stats::{Limit, QuicStats, SignalOutcome};
-pub use tls::{TlsMaterial, cert_identity};
+pub use tls::{TlsMaterial, cert_identity, certified_key};
 
 /// quinn's datagram buffers per agent connection, each way (UDP leases).
 pub const QUIC_DATAGRAM_BUFFER_BYTES: usize = 4 * 1024 * 1024;
@@ -660,6 +660,7 @@ pub struct QuicServer {
     ctx: Arc<Ctx>,
     shutdown_tx: Arc<watch::Sender<Option<orp::GoAway>>>,
     identity: Identity,
+    cert: Arc<outrelay_client::Reloadable>,
 }
 
 impl std::fmt::Debug for QuicServer {
@@ -711,7 +712,11 @@ impl QuicServer {
             )));
         }
         let stats = Arc::new(QuicStats::default());
-        let crypto = tls::server_crypto(&config.tls, stats.clone())?;
+        let cert = outrelay_client::Reloadable::from_certified(certified_key(
+            config.tls.cert_chain.clone(),
+            config.tls.key.clone_key(),
+        )?);
+        let crypto = tls::server_crypto(&config.tls, cert.clone(), stats.clone())?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         let idle = quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
@@ -781,6 +786,7 @@ impl QuicServer {
             ctx,
             shutdown_tx: Arc::new(tx),
             identity,
+            cert,
         })
     }
 
@@ -818,6 +824,12 @@ impl QuicServer {
     /// The relay identity from its certificate.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The certificate new handshakes get: [`outrelay_client::Reloadable::swap`] replaces it
+    /// without touching established connections (renewal, SIGHUP).
+    pub fn cert_resolver(&self) -> Arc<outrelay_client::Reloadable> {
+        self.cert.clone()
     }
 
     /// The endpoint's counters.

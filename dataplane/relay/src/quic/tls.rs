@@ -183,9 +183,26 @@ impl ClientCertVerifier for AgentCertVerifier {
     }
 }
 
+/// The relay's certificate as a rustls [`CertifiedKey`](rustls::sign::CertifiedKey) (what the
+/// swappable resolver serves).
+///
+/// # Errors
+/// [`QuicError::Tls`] when the key does not parse or does not match the leaf.
+pub fn certified_key(
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::sign::CertifiedKey, QuicError> {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    rustls::sign::CertifiedKey::from_der(cert_chain, key, &provider)
+        .map_err(|e| QuicError::Tls(format!("certificate and key: {e}")))
+}
+
 /// The rustls/quinn server crypto: TLS 1.3 only, ALPN `orp/1`, mandatory agent client certs.
+/// The certificate comes from `cert` at every handshake, so a swap reaches new connections
+/// only (established ones keep theirs).
 pub(crate) fn server_crypto(
     material: &TlsMaterial,
+    cert: Arc<outrelay_client::Reloadable>,
     stats: Arc<QuicStats>,
 ) -> Result<QuicServerConfig, QuicError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -203,8 +220,7 @@ pub(crate) fn server_crypto(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| QuicError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(material.cert_chain.clone(), material.key.clone_key())
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
     tls.max_early_data_size = 0;
     QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))

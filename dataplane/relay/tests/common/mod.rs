@@ -956,6 +956,11 @@ pub fn controller_bin() -> Option<PathBuf> {
 /// Starts the real controller with `ca` as its CA (state in a temp dir), waits for its ready
 /// file. `None` (the caller prints SKIP) when the binary is not built.
 pub async fn start_controller(ca: &Ca) -> Option<ControllerProc> {
+    start_controller_with(ca, "").await
+}
+
+/// [`start_controller`] with `extra` appended to its config (whole tables, e.g. `[pki]`).
+pub async fn start_controller_with(ca: &Ca, extra: &str) -> Option<ControllerProc> {
     let bin = controller_bin()?;
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("state");
@@ -968,7 +973,7 @@ pub async fn start_controller(ca: &Ca) -> Option<ControllerProc> {
         &config,
         format!(
             "state_dir = {:?}\n[grpc]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket_path = \"\"\n\
-             [metrics]\nlisten = \"\"\n",
+             [metrics]\nlisten = \"\"\n{extra}\n",
             state.display().to_string()
         ),
     )
