@@ -513,7 +513,11 @@ impl Agent {
         let hello = Frame::Hello(orp::Hello {
             protocol_version: "orp/1".to_owned(),
             agent_uri: uri.to_owned(),
-            capabilities: vec!["leases".to_owned(), "streams".to_owned()],
+            capabilities: vec![
+                "leases".to_owned(),
+                "streams".to_owned(),
+                "stream_accept".to_owned(),
+            ],
         });
         let bytes = hello.to_vec().expect("encode");
         // A write refused because the relay closed is answered below with the close reason.
