@@ -471,14 +471,11 @@ async fn on_frame(
 /// `from` is not on, nor candidates when the policy forbids P2P; a full peer queue drops the
 /// signal (each outcome counted).
 fn forward_signal(ctx: &Ctx, from: &Identity, stream_id: u64, frame: Frame, candidate: bool) {
-    let outcome = match ctx
-        .mesh
-        .get()
-        .and_then(|m| m.joined_pair(stream_id, &from.to_string()))
-    {
+    let from = from.to_string();
+    let outcome = match ctx.mesh.get().and_then(|m| m.joined_pair(stream_id, &from)) {
         None => SignalOutcome::NoPair,
         Some(pair) if candidate && pair.p2p_forbidden => SignalOutcome::Forbidden,
-        Some(pair) => match pair.peer_of(&from.to_string()).control.upgrade() {
+        Some(pair) => match pair.peer_of(&from).control.upgrade() {
             Some(to) if to.try_send(frame).is_ok() => SignalOutcome::Forwarded,
             _ => SignalOutcome::PeerQueueFull,
         },
