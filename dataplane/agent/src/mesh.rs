@@ -401,7 +401,12 @@ async fn provide_one(mut send: quinn::SendStream, mut recv: quinn::RecvStream, c
         }
     };
     let _ = tcp.set_nodelay(true);
-    if let Err(e) = write_frame(&mut send, &Frame::StreamAccept(orp::StreamAccept {})).await {
+    if let Err(e) = write_frame(
+        &mut send,
+        &Frame::StreamAccept(orp::StreamAccept::default()),
+    )
+    .await
+    {
         stats.stream(MeshRole::Provider, e.result());
         return;
     }
@@ -561,6 +566,7 @@ mod tests {
             method: "charge".into(),
             source_agent_uri: "outrelay://demo/agent/0f8fad5b-d9cb-469f-a165-70867728950e".into(),
             stream_id: 42,
+            ..Default::default()
         });
         let mut wire = frame.to_vec().expect("encode");
         let frame_len = wire.len();
@@ -711,6 +717,7 @@ mod tests {
             method: method.into(),
             source_agent_uri: "outrelay://demo/agent/0f8fad5b-d9cb-469f-a165-70867728950e".into(),
             stream_id: 7,
+            ..Default::default()
         })
     }
 
@@ -753,7 +760,7 @@ mod tests {
         send.write_all(b"and late").await.expect("write");
         send.finish().expect("finish");
         let (answer, rest) = frame_and_rest(&mut recv).await;
-        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
         assert_eq!(rest, b"got 14 bytes: early and late");
 
         for (method, code) in [("refund", 502), ("other", 404)] {
@@ -823,7 +830,7 @@ mod tests {
                     ("payments", "charge")
                 );
                 assert_ne!(o.stream_id, 0);
-                let mut answer = encode(&Frame::StreamAccept(orp::StreamAccept {}));
+                let mut answer = encode(&Frame::StreamAccept(orp::StreamAccept::default()));
                 answer.extend_from_slice(b"early ");
                 send.write_all(&answer).await.expect("accept");
                 let rest = recv.read_to_end(1 << 20).await.expect("to end");
@@ -908,7 +915,7 @@ mod tests {
         let (answer, echoed) = frame_and_rest(&mut recv).await;
         writer.await.expect("writer");
         let took = started.elapsed();
-        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
         assert_eq!(echoed.len(), BULK_BYTES);
         assert!(
             echoed

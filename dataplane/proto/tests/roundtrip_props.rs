@@ -35,7 +35,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         }),
         Just(Frame::Ping),
         Just(Frame::Pong),
-        Just(Frame::StreamAccept(orp::StreamAccept {})),
+        Just(Frame::StreamAccept(orp::StreamAccept::default())),
         (".{0,63}", any::<[bool; 5]>(), any::<u32>(), any::<u64>()).prop_map(
             |(name, b, ttl_s, request_id)| {
                 Frame::LeaseRegister(orp::LeaseRegister {
@@ -77,6 +77,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 method: m,
                 source_agent_uri: s,
                 stream_id: id,
+                ..Default::default()
             })
         }),
         (".{0,30}", any::<u32>()).prop_map(|(reason, ms)| {

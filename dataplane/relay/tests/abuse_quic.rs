@@ -59,7 +59,7 @@ async fn b_echo(consumer: &Agent, stream_id: u64, len: usize) -> Duration {
     let (answer, mut send, mut recv) = consumer.open_stream("echo", "", stream_id).await;
     assert_eq!(
         answer,
-        Frame::StreamAccept(orp::StreamAccept {}),
+        Frame::StreamAccept(orp::StreamAccept::default()),
         "tenant b's open"
     );
     let (n, sent, got) = echo_through(&mut send, &mut recv, len, 7).await;
@@ -446,7 +446,7 @@ async fn stalled_joined_streams_are_bounded_and_reset_when_idle() {
         let c = consumer_a.clone();
         tasks.spawn(async move {
             let (answer, mut send, mut recv) = c.open_stream("sink", "x.read", 1000 + i).await;
-            assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+            assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
             let block = vec![0u8; 64 << 10];
             // Writes until the windows are full (then blocks) while watching the read half:
             // the relay resets both halves when the stream has been idle long enough.
@@ -566,7 +566,7 @@ async fn a_tenant_at_its_live_stream_cap_is_refused_429_while_another_is_served(
     let mut held = Vec::new();
     for i in 0..CAP {
         let (answer, send, recv) = consumer_a.open_stream("sink", "x.read", 1 + i).await;
-        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+        assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
         held.push((send, recv));
     }
     let (answer, _, _) = consumer_a.open_stream("sink", "x.read", 100).await;
@@ -588,7 +588,7 @@ async fn a_tenant_at_its_live_stream_cap_is_refused_429_while_another_is_served(
     let start = Instant::now();
     loop {
         let (answer, _, _) = consumer_a.open_stream("sink", "x.read", 300).await;
-        if answer == Frame::StreamAccept(orp::StreamAccept {}) {
+        if answer == Frame::StreamAccept(orp::StreamAccept::default()) {
             break;
         }
         assert!(
@@ -663,7 +663,7 @@ async fn oversized_methods_cannot_wedge_the_audit_and_tenant_b_opens_are_all_aud
     let start = Instant::now();
     loop {
         let (answer, mut send, mut recv) = consumer.open_stream("echo", "", 1).await;
-        if answer == Frame::StreamAccept(orp::StreamAccept {}) {
+        if answer == Frame::StreamAccept(orp::StreamAccept::default()) {
             let (n, sent, got) = echo_through(&mut send, &mut recv, 1024, 1).await;
             assert_eq!((n, got), (1024, sent));
             break;

@@ -1227,12 +1227,12 @@ async fn a_service_stream_is_registered_opened_joined_and_half_closed() {
             ),
             ("pay", "charge", AGENT_1, 42)
         );
-        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
         (send, recv)
     };
     let ((answer, mut c_send, mut c_recv), (mut p_send, mut p_recv)) =
         tokio::join!(opening, accepting);
-    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
     for (agent, peer) in [(&mut consumer, AGENT_2), (&mut provider, AGENT_1)] {
         match agent.recv().await.expect("STREAM_READY") {
             Frame::StreamReady(r) => {
@@ -1346,11 +1346,11 @@ async fn stream_opens_are_refused_with_the_specified_codes() {
     let open = consumer.open("pay", "", 7);
     let accept = async {
         let (_, mut send, recv) = provider.incoming().await;
-        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
         (send, recv)
     };
     let ((answer, _c_send, mut c_recv), (_p_send, _p_recv)) = tokio::join!(open, accept);
-    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
     let (answer, _, _) = consumer.open("pay", "", 7).await;
     assert_eq!(reject_code(&answer), 409);
     for (r, n) in [
@@ -1451,11 +1451,11 @@ async fn join(
     let accepting = async {
         let (inc, mut send, recv) = provider.incoming().await;
         assert_eq!(inc.stream_id, stream_id);
-        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
         (send, recv)
     };
     let ((answer, c_send, c_recv), p) = tokio::join!(opening, accepting);
-    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
     for agent in [consumer, provider] {
         assert!(matches!(
             agent.recv().await.expect("STREAM_READY"),
@@ -1664,7 +1664,11 @@ async fn go_agents_stream_without_stray_bytes_and_their_p2p_signals_reach_the_pe
     .await;
     let (inc, mut p_send, mut p_recv) = provider.incoming().await;
     assert_eq!(inc.stream_id, 42);
-    write_frame(&mut p_send, Frame::StreamAccept(orp::StreamAccept {})).await;
+    write_frame(
+        &mut p_send,
+        Frame::StreamAccept(orp::StreamAccept::default()),
+    )
+    .await;
     p_send
         .write_all(b"hello from the provider")
         .await
@@ -1766,11 +1770,11 @@ async fn a_p2p_forbidden_rule_stops_candidates_and_our_agents_still_get_stream_a
     let opening = consumer.open("pay", "", 77);
     let accepting = async {
         let (_, mut send, recv) = provider.incoming().await;
-        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept {})).await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
         (send, recv)
     };
     let ((answer, _c_send, _c_recv), _p) = tokio::join!(opening, accepting);
-    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept {}));
+    assert_eq!(answer, Frame::StreamAccept(orp::StreamAccept::default()));
     for a in [&mut consumer, &mut provider] {
         assert!(matches!(a.recv().await, Ok(Frame::StreamReady(r)) if r.stream_id == 77));
     }

@@ -62,10 +62,18 @@ pub struct IncomingStream {
     pub source_agent_uri: ::prost::alloc::string::String,
     #[prost(uint64, tag = "4")]
     pub stream_id: u64,
+    /// OutRelay extension (ignored by Go agents): both agents asked for `stream_resume` in their
+    /// HELLO and the relay offers it, so this stream keeps rings and checkpoints (orp.md "Resume").
+    #[prost(bool, tag = "5")]
+    pub resume: bool,
 }
 /// 0x012 STREAM_ACCEPT
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct StreamAccept {}
+pub struct StreamAccept {
+    /// OutRelay extension, on the relay's answer to a consumer only: as IncomingStream.resume.
+    #[prost(bool, tag = "1")]
+    pub resume: bool,
+}
 /// 0x013 STREAM_REJECT
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamReject {
@@ -107,6 +115,14 @@ pub struct StreamResume {
     pub peer_ack_position: u64,
     #[prost(string, tag = "4")]
     pub peer_agent_uri: ::prost::alloc::string::String,
+    /// OutRelay extensions: what the stream was opened for, so the relay can evaluate policy
+    /// again after a restart (closed world), and which end the sender is.
+    #[prost(string, tag = "5")]
+    pub target_service: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub method: ::prost::alloc::string::String,
+    #[prost(bool, tag = "7")]
+    pub consumer: bool,
 }
 /// 0x120 OBSERVED_ADDR_QUERY
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

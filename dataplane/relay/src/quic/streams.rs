@@ -312,6 +312,7 @@ async fn open(
         method: method.to_owned(),
         source_agent_uri: consumer.uri.clone(),
         stream_id: id,
+        ..Default::default()
     });
     let opened = tokio::time::timeout(deadline, async {
         let (mut p_send, p_recv) = provider.conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -349,9 +350,12 @@ async fn open(
 
     // 7. Accept (for agents that asked), tell both control streams, join.
     if consumer.explicit_accept
-        && write_frame(&mut send, &Frame::StreamAccept(orp::StreamAccept {}))
-            .await
-            .is_err()
+        && write_frame(
+            &mut send,
+            &Frame::StreamAccept(orp::StreamAccept::default()),
+        )
+        .await
+        .is_err()
     {
         let _ = p_send.reset(close_code::PEER_FAILED.into());
         let _ = p_recv.stop(close_code::PEER_FAILED.into());

@@ -648,7 +648,7 @@ impl Agent {
                     if !matches!(read_one(&mut recv).await, Frame::IncomingStream(_)) {
                         return;
                     }
-                    let accept = Frame::StreamAccept(orp::StreamAccept {});
+                    let accept = Frame::StreamAccept(orp::StreamAccept::default());
                     if send
                         .write_all(&accept.to_vec().expect("encode"))
                         .await
