@@ -32,6 +32,8 @@
 //!             methods = { charge = "127.0.0.1:8081" }           # per-method targets
 //! [[consume]] service = "payments"  listen = "127.0.0.1:18080"  method = ""   # port 0 allowed
 //! [mesh]      open_timeout_ms = 10000  dial_timeout_ms = 5000
+//! [resume]    enabled = true  ring_bytes = 16777216  checkpoint_interval_ms = 100
+//!             timeout_ms = 60000   # service streams survive a relay restart (orp.md "Resume")
 //! ```
 //! At least one `[[lease]]`, `[[provide]]` or `[[consume]]` is required.
 
@@ -91,6 +93,7 @@ struct Raw {
     provide: Vec<RawProvide>,
     consume: Vec<RawConsume>,
     mesh: RawMesh,
+    resume: RawResume,
 }
 
 impl Default for Raw {
@@ -111,6 +114,7 @@ impl Default for Raw {
             provide: Vec::new(),
             consume: Vec::new(),
             mesh: RawMesh::default(),
+            resume: RawResume::default(),
         }
     }
 }
@@ -173,6 +177,27 @@ impl Default for RawMesh {
         RawMesh {
             open_timeout_ms: ms(d.open_timeout),
             dial_timeout_ms: ms(d.dial_timeout),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawResume {
+    enabled: bool,
+    ring_bytes: usize,
+    checkpoint_interval_ms: u64,
+    timeout_ms: u64,
+}
+
+impl Default for RawResume {
+    fn default() -> Self {
+        let d = ResumeConfig::default();
+        RawResume {
+            enabled: d.enabled,
+            ring_bytes: d.ring_bytes,
+            checkpoint_interval_ms: ms(d.checkpoint_interval),
+            timeout_ms: ms(d.timeout),
         }
     }
 }
@@ -530,6 +555,36 @@ impl Default for MeshConfig {
     }
 }
 
+/// Smallest per-stream resume ring.
+pub const RESUME_RING_MIN_BYTES: usize = 64 * 1024;
+/// Largest per-stream resume ring.
+pub const RESUME_RING_MAX_BYTES: usize = 1 << 30;
+
+/// Stream resume (orp.md "Resume"): every service stream keeps the bytes it sent until the
+/// peer acknowledged them, so it survives a relay restart or a move to another relay.
+#[derive(Debug, Clone)]
+pub struct ResumeConfig {
+    /// Ask relays for resumable streams (HELLO capability `stream_resume`).
+    pub enabled: bool,
+    /// Unacknowledged bytes kept per stream and direction; a full ring blocks the sender.
+    pub ring_bytes: usize,
+    /// STREAM_CHECKPOINT at least this often while bytes move (and at every quarter ring).
+    pub checkpoint_interval: Duration,
+    /// How long a broken stream tries to resume (reconnect, park, peer) before it fails.
+    pub timeout: Duration,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        ResumeConfig {
+            enabled: true,
+            ring_bytes: 16 << 20,
+            checkpoint_interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The engine threads: reverse sessions and their splices.
 #[derive(Debug, Clone)]
 pub struct SpliceConfig {
@@ -565,6 +620,8 @@ pub struct Settings {
     pub consumes: Vec<ConsumeSpec>,
     /// Stream timeouts.
     pub mesh: MeshConfig,
+    /// Stream resume.
+    pub resume: ResumeConfig,
     /// `/metrics` and `/status` listener; `None` when off.
     pub metrics_listen: Option<SocketAddr>,
     /// Reverse-session pools.
@@ -977,6 +1034,19 @@ impl Settings {
             open_timeout: dur("mesh.open_timeout_ms", raw.mesh.open_timeout_ms)?,
             dial_timeout: dur("mesh.dial_timeout_ms", raw.mesh.dial_timeout_ms)?,
         };
+        let r = raw.resume;
+        if !(RESUME_RING_MIN_BYTES..=RESUME_RING_MAX_BYTES).contains(&r.ring_bytes) {
+            return Err(bad(
+                "resume.ring_bytes",
+                format!("must be {RESUME_RING_MIN_BYTES}..={RESUME_RING_MAX_BYTES}"),
+            ));
+        }
+        let resume = ResumeConfig {
+            enabled: r.enabled,
+            ring_bytes: r.ring_bytes,
+            checkpoint_interval: dur("resume.checkpoint_interval_ms", r.checkpoint_interval_ms)?,
+            timeout: dur("resume.timeout_ms", r.timeout_ms)?,
+        };
         Ok(Settings {
             relays: raw.relays,
             server_name: raw.server_name,
@@ -987,6 +1057,7 @@ impl Settings {
             provides,
             consumes,
             mesh,
+            resume,
             metrics_listen,
             pool,
             connection,

@@ -68,11 +68,14 @@ pub struct IncomingStream {
     pub resume: bool,
 }
 /// 0x012 STREAM_ACCEPT
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StreamAccept {
     /// OutRelay extension, on the relay's answer to a consumer only: as IncomingStream.resume.
     #[prost(bool, tag = "1")]
     pub resume: bool,
+    /// With resume: the provider's certificate URI (the consumer names it in STREAM_RESUME).
+    #[prost(string, tag = "2")]
+    pub peer_agent_uri: ::prost::alloc::string::String,
 }
 /// 0x013 STREAM_REJECT
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
