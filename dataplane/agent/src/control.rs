@@ -40,6 +40,18 @@ pub const FEATURE_LEASES: &str = "leases";
 /// HELLO capability: STREAM_ACCEPT on our consumer streams (an explicit answer before the
 /// joined bytes; a relay without it would join silently, as the Go relay does).
 pub const FEATURE_STREAM_ACCEPT: &str = "stream_accept";
+/// HELLO capability: this agent keeps rings and resumes service streams (orp.md "Resume");
+/// sent when `[resume] enabled`.
+pub const FEATURE_STREAM_RESUME: &str = "stream_resume";
+
+/// The HELLO capabilities this agent asks for.
+fn capabilities(settings: &crate::config::Settings) -> Vec<String> {
+    let mut caps = vec![FEATURE_LEASES.to_owned(), FEATURE_STREAM_ACCEPT.to_owned()];
+    if settings.resume.enabled {
+        caps.push(FEATURE_STREAM_RESUME.to_owned());
+    }
+    caps
+}
 /// Reverse-session port when a grant's `reverse_addr` is empty (public-ingress.md).
 pub const DEFAULT_REVERSE_PORT: u16 = 7443;
 /// Bound of the control-stream send and receive queues, in frames.
@@ -418,7 +430,7 @@ async fn connect_once(
     let hello = Frame::Hello(orp::Hello {
         protocol_version: PROTOCOL_VERSION.to_owned(),
         agent_uri: ctx.agent_uri.clone(),
-        capabilities: vec![FEATURE_LEASES.to_owned(), FEATURE_STREAM_ACCEPT.to_owned()],
+        capabilities: capabilities(&ctx.settings),
     });
     if out_tx.send(hello).await.is_err() {
         return lost(Lost::Control("writer ended".into()));
@@ -444,9 +456,19 @@ async fn connect_once(
     let clock_offset_ms = ack.server_time_unix_ms.saturating_sub(unix_ms());
     tracing::info!(relay = %addr, session = %ack.session_id, took_ms = started.elapsed().as_millis(), "connected to relay");
 
-    let incoming = tokio::spawn(mesh::serve_incoming(conn.clone(), ctx.mesh.clone()));
+    let link = Arc::new(mesh::Link {
+        conn: conn.clone(),
+        control: out_tx.clone(),
+    });
+    let incoming = tokio::spawn(mesh::serve_incoming(link, ctx.mesh.clone()));
     let _incoming = AbortOnDrop(vec![incoming]);
-    ctx.mesh.set_connection(index, Some(conn.clone()));
+    ctx.mesh.set_connection(
+        index,
+        Some(mesh::Link {
+            conn: conn.clone(),
+            control: out_tx.clone(),
+        }),
+    );
     let mut c = Conn {
         index,
         addr,
@@ -725,6 +747,7 @@ impl Conn<'_> {
         match frame {
             Frame::Ping => self.send(Frame::Pong),
             Frame::Pong | Frame::HelloAck(_) => {}
+            Frame::StreamCheckpoint(c) => self.ctx.mesh.checkpoint(&c),
             Frame::StreamReady(r) => {
                 self.ctx
                     .stats

@@ -183,6 +183,20 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
             "registered": load(&m.registered),
             "register_rejected": load(&m.register_rejected),
             "stream_ready": load(&m.stream_ready),
+            "resume": {
+                "resumable": load(&m.resume.resumable),
+                "resumed": load(&m.resume.resumed),
+                "failed": load(&m.resume.failed),
+                "lost": load(&m.resume.lost),
+                "resuming": load(&m.resume.resuming),
+                "ring_full": load(&m.resume.ring_full),
+                "budget_full": load(&m.resume.budget_full),
+                "ring_bytes": load(&m.resume.ring_bytes),
+                "retransmitted_bytes": load(&m.resume.retransmitted_bytes),
+                "checkpoints_sent": load(&m.resume.checkpoints_sent),
+                "checkpoints_dropped": load(&m.resume.checkpoints_dropped),
+                "checkpoints_received": load(&m.resume.checkpoints_received),
+            },
         },
         "splice": {
             "pairs_active": splice.pairs_active,
@@ -247,6 +261,29 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_mesh_registrations_total", "result" => "rejected")
         .absolute(load(&m.register_rejected));
     counter!("outrelay_agent_mesh_stream_ready_total").absolute(load(&m.stream_ready));
+    let r = &m.resume;
+    for (result, c) in [
+        ("resumed", &r.resumed),
+        ("failed", &r.failed),
+        ("lost", &r.lost),
+    ] {
+        counter!("outrelay_agent_resume_total", "result" => result).absolute(load(c));
+    }
+    counter!("outrelay_agent_resume_streams_total").absolute(load(&r.resumable));
+    gauge!("outrelay_agent_resume_resuming").set(load(&r.resuming) as f64);
+    for (reason, c) in [("ring_full", &r.ring_full), ("budget_full", &r.budget_full)] {
+        counter!("outrelay_agent_resume_blocked_total", "reason" => reason).absolute(load(c));
+    }
+    gauge!("outrelay_agent_resume_ring_bytes").set(load(&r.ring_bytes) as f64);
+    counter!("outrelay_agent_resume_retransmitted_bytes_total")
+        .absolute(load(&r.retransmitted_bytes));
+    for (result, c) in [
+        ("sent", &r.checkpoints_sent),
+        ("dropped", &r.checkpoints_dropped),
+        ("received", &r.checkpoints_received),
+    ] {
+        counter!("outrelay_agent_resume_checkpoints_total", "result" => result).absolute(load(c));
+    }
 
     let board = s.board.snapshot();
     gauge!("outrelay_agent_relays_connected")

@@ -26,6 +26,7 @@ pub mod mesh;
 pub mod metric_help;
 pub mod pool;
 pub mod ready;
+pub mod resume;
 mod session;
 pub mod splice;
 pub mod stats;

@@ -31,7 +31,7 @@ use outrelay_proto::frame::{Decoded, Frame, FrameError, decode};
 use outrelay_proto::orp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::config::{ConsumeSpec, Settings};
@@ -43,7 +43,7 @@ pub const FIRST_FRAME_MAX_BYTES: usize = 64 * 1024;
 /// TCP to QUIC: bytes read from the local connection per block handed to quinn.
 pub const TCP_READ_BYTES: usize = 128 * 1024;
 /// QUIC to TCP: received chunks (about one packet each) gathered into one `writev`.
-const QUIC_CHUNKS_PER_WRITE: usize = 32;
+pub(crate) const QUIC_CHUNKS_PER_WRITE: usize = 32;
 /// A block with less room than this left is replaced by a fresh [`TCP_READ_BYTES`] one.
 const TCP_READ_MIN_BYTES: usize = 16 * 1024;
 /// Local connections one consumer listener serves at once; more are closed (`overloaded`).
@@ -57,14 +57,24 @@ pub const REJECT_DIAL_FAILED: u32 = 502;
 /// Pause after a failed local `accept` (out of file descriptors, say).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// One live relay connection as the streams see it.
+pub struct Link {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// Its control stream's send queue (STREAM_CHECKPOINT).
+    pub control: mpsc::Sender<Frame>,
+}
+
 /// What the consumer listeners and provider streams share.
 pub struct MeshCtx {
     settings: Arc<Settings>,
     stats: Arc<Stats>,
     /// Relay `i`'s live connection (config order); `None` while it is down.
-    relays: Vec<ArcSwapOption<quinn::Connection>>,
+    relays: Vec<ArcSwapOption<Link>>,
     /// Service name to its index in `settings.provides`.
     providers: HashMap<String, usize>,
+    /// Resumable streams and their shared ring budget.
+    resume: crate::resume::Registry,
 }
 
 impl MeshCtx {
@@ -86,21 +96,39 @@ impl MeshCtx {
             stats,
             relays,
             providers,
+            resume: crate::resume::Registry::default(),
         }
     }
 
     /// Publishes relay `index`'s connection (`None`: down) for consumers.
-    pub fn set_connection(&self, index: usize, conn: Option<quinn::Connection>) {
+    pub fn set_connection(&self, index: usize, link: Option<Link>) {
         if let Some(slot) = self.relays.get(index) {
-            slot.store(conn.map(Arc::new));
+            slot.store(link.map(Arc::new));
         }
     }
 
     /// The first relay connection (config order) that is up.
-    fn current(&self) -> Option<Arc<quinn::Connection>> {
+    pub(crate) fn current_link(&self) -> Option<Arc<Link>> {
         self.relays
             .iter()
-            .find_map(|r| r.load_full().filter(|c| c.close_reason().is_none()))
+            .find_map(|r| r.load_full().filter(|l| l.conn.close_reason().is_none()))
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub(crate) fn mesh_stats(&self) -> &MeshStats {
+        &self.stats.mesh
+    }
+
+    pub(crate) fn resume_registry(&self) -> &crate::resume::Registry {
+        &self.resume
+    }
+
+    /// A STREAM_CHECKPOINT from a peer, forwarded by the relay on a control stream.
+    pub fn checkpoint(&self, c: &orp::StreamCheckpoint) {
+        self.resume.checkpoint(c, &self.stats.mesh.resume);
     }
 
     /// The local target for `service` and `method`; `Err` is the STREAM_REJECT reason.
@@ -261,14 +289,15 @@ fn stream_id() -> u64 {
 /// One local connection: open, wait for the answer, join or close.
 async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
     let stats = ctx.mesh();
-    let Some(conn) = ctx.current() else {
+    let Some(link) = ctx.current_link() else {
         stats.stream(MeshRole::Consumer, MeshResult::NoRelay);
         tracing::debug!(service = %spec.service, "no relay connected: local connection closed");
         return;
     };
     let id = stream_id();
     let open = async {
-        let (mut send, mut recv) = conn
+        let (mut send, mut recv) = link
+            .conn
             .open_bi()
             .await
             .map_err(|e| FirstFrameError::Stream(e.to_string()))?;
@@ -301,10 +330,21 @@ async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
         }
     };
     match answer {
-        Frame::StreamAccept(_) => {
+        Frame::StreamAccept(a) => {
             stats.stream(MeshRole::Consumer, MeshResult::Accepted);
-            tracing::debug!(service = %spec.service, stream_id = id, "stream accepted");
-            join(send, recv, tcp, early.freeze(), MeshRole::Consumer, stats).await;
+            tracing::debug!(service = %spec.service, stream_id = id, resume = a.resume, "stream accepted");
+            if a.resume && ctx.settings.resume.enabled && !a.peer_agent_uri.is_empty() {
+                let info = crate::resume::StreamInfo {
+                    id,
+                    role: MeshRole::Consumer,
+                    peer_uri: a.peer_agent_uri,
+                    service: spec.service.clone(),
+                    method: spec.method.clone(),
+                };
+                crate::resume::join(ctx, link, info, send, recv, tcp, early.freeze()).await;
+            } else {
+                join(send, recv, tcp, early.freeze(), MeshRole::Consumer, stats).await;
+            }
         }
         Frame::StreamReject(r) => {
             stats.stream(MeshRole::Consumer, MeshResult::rejected(r.code));
@@ -321,14 +361,19 @@ async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
 
 /// Accepts the streams the relay opens on `conn` (one task each) until the connection ends.
 /// quinn's stream limit of the connection bounds how many run at once.
-pub async fn serve_incoming(conn: quinn::Connection, ctx: Arc<MeshCtx>) {
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(provide_one(send, recv, ctx.clone()));
+pub async fn serve_incoming(link: Arc<Link>, ctx: Arc<MeshCtx>) {
+    while let Ok((send, recv)) = link.conn.accept_bi().await {
+        tokio::spawn(provide_one(send, recv, link.clone(), ctx.clone()));
     }
 }
 
 /// One relay-initiated stream: INCOMING_STREAM, dial, answer, join.
-async fn provide_one(mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: Arc<MeshCtx>) {
+async fn provide_one(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    link: Arc<Link>,
+    ctx: Arc<MeshCtx>,
+) {
     let stats = ctx.mesh();
     let mut buf = BytesMut::new();
     let first = tokio::time::timeout(
@@ -411,8 +456,19 @@ async fn provide_one(mut send: quinn::SendStream, mut recv: quinn::RecvStream, c
         return;
     }
     stats.stream(MeshRole::Provider, MeshResult::Accepted);
-    tracing::debug!(%service, %method, stream_id = id, %target, source = %incoming.source_agent_uri, "incoming stream joined");
-    join(send, recv, tcp, buf.freeze(), MeshRole::Provider, stats).await;
+    tracing::debug!(%service, %method, stream_id = id, %target, source = %incoming.source_agent_uri, resume = incoming.resume, "incoming stream joined");
+    if incoming.resume && ctx.settings.resume.enabled {
+        let info = crate::resume::StreamInfo {
+            id,
+            role: MeshRole::Provider,
+            peer_uri: incoming.source_agent_uri.clone(),
+            service: service.to_owned(),
+            method: method.to_owned(),
+        };
+        crate::resume::join(&ctx, link, info, send, recv, tcp, buf.freeze()).await;
+    } else {
+        join(send, recv, tcp, buf.freeze(), MeshRole::Provider, stats).await;
+    }
 }
 
 /// Answers STREAM_REJECT and finishes the stream.
@@ -429,7 +485,7 @@ async fn reject(mut send: quinn::SendStream, mut recv: quinn::RecvStream, code: 
 }
 
 /// Writes every chunk (vectored, partial writes resumed); returns the bytes written.
-async fn write_chunks<W: AsyncWriteExt + Unpin>(
+pub(crate) async fn write_chunks<W: AsyncWriteExt + Unpin>(
     w: &mut W,
     chunks: &mut [Bytes],
 ) -> std::io::Result<usize> {
@@ -553,7 +609,7 @@ pub async fn join(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
@@ -608,7 +664,7 @@ mod tests {
         assert!(take_frame(&mut garbage).is_err());
     }
 
-    fn ctx_with(provides: Vec<ProvideSpec>) -> MeshCtx {
+    pub(crate) fn settings_with(provides: Vec<ProvideSpec>) -> Settings {
         let text = "relays = [\"127.0.0.1:7443\"]\n[identity]\ncert = \"a\"\nkey = \"b\"\nca = \"c\"\n\
                     [[consume]]\nservice = \"x\"\nlisten = \"127.0.0.1:0\"\n";
         let dir = tempfile::tempdir().expect("temp dir");
@@ -616,7 +672,14 @@ mod tests {
         std::fs::write(&path, text).expect("write");
         let mut settings = Settings::load(&path).expect("valid");
         settings.provides = provides;
-        MeshCtx::new(Arc::new(settings), Arc::new(Stats::default()))
+        settings
+    }
+
+    pub(crate) fn ctx_with(provides: Vec<ProvideSpec>) -> MeshCtx {
+        MeshCtx::new(
+            Arc::new(settings_with(provides)),
+            Arc::new(Stats::default()),
+        )
     }
 
     #[test]
@@ -656,7 +719,7 @@ mod tests {
     }
 
     /// A "relay" (server) and an "agent" (client) QUIC connection over loopback.
-    async fn quic_pair() -> (
+    pub(crate) async fn quic_pair() -> (
         quinn::Endpoint,
         quinn::Connection,
         quinn::Endpoint,
@@ -697,7 +760,13 @@ mod tests {
         )
     }
 
-    fn encode(frame: &Frame) -> Vec<u8> {
+    /// A link on `conn` and the receiving end of its control queue.
+    pub(crate) fn link(conn: quinn::Connection) -> (Link, mpsc::Receiver<Frame>) {
+        let (control, rx) = mpsc::channel(64);
+        (Link { conn, control }, rx)
+    }
+
+    pub(crate) fn encode(frame: &Frame) -> Vec<u8> {
         frame.to_vec().expect("encode")
     }
 
@@ -750,7 +819,7 @@ mod tests {
             ]),
         }]));
         let (_se, relay, _ce, agent) = quic_pair().await;
-        tokio::spawn(serve_incoming(agent, ctx.clone()));
+        tokio::spawn(serve_incoming(Arc::new(link(agent).0), ctx.clone()));
 
         // Joined: the first frame and raw bytes in ONE write, then FIN.
         let (mut send, mut recv) = relay.open_bi().await.expect("open");
@@ -814,7 +883,7 @@ mod tests {
         );
 
         let (_se, relay, _ce, agent) = quic_pair().await;
-        ctx.set_connection(0, Some(agent));
+        ctx.set_connection(0, Some(link(agent).0));
         let relay_side = tokio::spawn({
             let relay = relay.clone();
             async move {
@@ -898,7 +967,7 @@ mod tests {
             methods: BTreeMap::new(),
         }]));
         let (_se, relay, _ce, agent) = quic_pair().await;
-        tokio::spawn(serve_incoming(agent, ctx.clone()));
+        tokio::spawn(serve_incoming(Arc::new(link(agent).0), ctx.clone()));
         let (mut send, mut recv) = relay.open_bi().await.expect("open");
         send.write_all(&encode(&incoming("bulk", "")))
             .await

@@ -32,6 +32,34 @@ pub fn describe() {
         "outrelay_agent_mesh_stream_ready_total",
         "STREAM_READY frames received on control streams."
     );
+    metrics::describe_counter!(
+        "outrelay_agent_resume_total",
+        "Broken service streams by outcome: resumed, failed (not resumed in resume.timeout_ms or refused), lost (the peer needed bytes no longer in the ring: local connection reset)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_resume_streams_total",
+        "Service streams joined with resume (both agents and the relay agreed)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_resume_resuming",
+        "Service streams waiting to resume now."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_resume_blocked_total",
+        "Times a sender stopped reading its local connection: ring_full (resume.ring_bytes unacknowledged) or budget_full (all rings together at their cap)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_resume_ring_bytes",
+        "Unacknowledged bytes held in resume rings now."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_resume_retransmitted_bytes_total",
+        "Bytes sent again from resume rings after a resume."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_resume_checkpoints_total",
+        "STREAM_CHECKPOINT frames: sent, dropped (control queue full), received."
+    );
     metrics::describe_gauge!(
         "outrelay_agent_mesh_streams_active",
         "Service streams joined now, by role."

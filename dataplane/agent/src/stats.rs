@@ -245,6 +245,38 @@ pub struct MeshStats {
     pub register_rejected: AtomicU64,
     /// STREAM_READY frames received on control streams.
     pub stream_ready: AtomicU64,
+    /// Stream resume (orp.md "Resume").
+    pub resume: ResumeStats,
+}
+
+/// Stream resume counters (`crate::resume`).
+#[derive(Debug, Default)]
+pub struct ResumeStats {
+    /// Joined streams that keep a ring (both agents and the relay agreed), per role.
+    pub resumable: AtomicU64,
+    /// Broken streams that resumed (the peer's STREAM_RESUME arrived, ring retransmitted).
+    pub resumed: AtomicU64,
+    /// Broken streams that could not resume in `resume.timeout_ms` (or were refused).
+    pub failed: AtomicU64,
+    /// Broken streams whose peer asked for bytes older than the ring's tail: lost, the local
+    /// connection was reset.
+    pub lost: AtomicU64,
+    /// Times a sender stopped reading its local connection because its ring was full.
+    pub ring_full: AtomicU64,
+    /// Times a sender waited for the agent-wide ring budget.
+    pub budget_full: AtomicU64,
+    /// Bytes sent again from rings after a resume.
+    pub retransmitted_bytes: AtomicU64,
+    /// STREAM_CHECKPOINT frames queued on control streams.
+    pub checkpoints_sent: AtomicU64,
+    /// STREAM_CHECKPOINT frames not queued (control queue full; the next one carries more).
+    pub checkpoints_dropped: AtomicU64,
+    /// STREAM_CHECKPOINT frames received (forwarded by the relay from the peer).
+    pub checkpoints_received: AtomicU64,
+    /// Streams trying to resume now.
+    pub resuming: AtomicU64,
+    /// Bytes held in rings now (all streams).
+    pub ring_bytes: AtomicU64,
 }
 
 impl MeshStats {
