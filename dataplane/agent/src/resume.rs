@@ -49,6 +49,9 @@ use crate::stats::{MeshRole, MeshStats, ResumeStats};
 
 /// Bytes all rings of one agent may hold together; a sender past it waits (counted).
 pub const RING_BUDGET_BYTES: usize = 1 << 30;
+/// Stream reset code of the relay (`close_code::PEER_LOST`): the other agent's connection
+/// ended, it may resume; every other code ends the stream for good.
+pub const PEER_LOST_CODE: u32 = 17;
 /// Pause between resume attempts (no relay connected, a refused or failed attempt).
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// STREAM_REJECT codes after which a resume is not tried again: the relay's policy denied
@@ -194,6 +197,9 @@ pub enum ResumeError {
     /// The local connection failed.
     #[error("local connection: {0}")]
     Local(std::io::Error),
+    /// The relay ended the stream on purpose (policy cut, idle, the peer failed).
+    #[error("ended by the relay: {0}")]
+    Ended(String),
     /// No relay joined the stream again within `resume.timeout_ms`.
     #[error("not resumed within {0:?}")]
     Timeout(Duration),
@@ -245,10 +251,40 @@ struct Stream<'a> {
 enum Leg {
     /// Both directions ended and every byte sent is acknowledged.
     Done,
-    /// The relay stream failed: resume.
+    /// The relay stream failed because a relay connection ended (ours: the connection error;
+    /// the peer's: the relay's [`PEER_LOST_CODE`]): resume.
     Broken(String),
+    /// The stream was ended on purpose (policy cut, idle timeout, the peer's local connection
+    /// failed): reset the local connection, no resume.
+    Ended(String),
     /// The local connection failed: reset everything.
     Local(std::io::Error),
+}
+
+impl Leg {
+    fn read(e: quinn::ReadError) -> Leg {
+        match e {
+            quinn::ReadError::Reset(code) if code == PEER_LOST_CODE.into() => {
+                Leg::Broken("the peer's relay connection ended".into())
+            }
+            quinn::ReadError::Reset(code) => Leg::Ended(format!("reset by the relay ({code})")),
+            quinn::ReadError::ConnectionLost(e) => Leg::Broken(e.to_string()),
+            other => Leg::Ended(other.to_string()),
+        }
+    }
+
+    fn write(e: quinn::WriteError) -> Leg {
+        match e {
+            quinn::WriteError::Stopped(code) if code == PEER_LOST_CODE.into() => {
+                Leg::Broken("the peer's relay connection ended".into())
+            }
+            quinn::WriteError::Stopped(code) => {
+                Leg::Ended(format!("stopped by the relay ({code})"))
+            }
+            quinn::WriteError::ConnectionLost(e) => Leg::Broken(e.to_string()),
+            other => Leg::Ended(other.to_string()),
+        }
+    }
 }
 
 /// Carries a resumable stream until it ends; resumes it as often as the relay breaks.
@@ -301,6 +337,7 @@ pub async fn join(
         match leg {
             Leg::Done => break None,
             Leg::Local(e) => break Some(ResumeError::Local(e)),
+            Leg::Ended(why) => break Some(ResumeError::Ended(why)),
             Leg::Broken(why) => {
                 let _ = send.reset(STREAM_RESET_CODE.into());
                 let _ = recv.stop(STREAM_RESET_CODE.into());
@@ -330,7 +367,7 @@ pub async fn join(
     if let Some(e) = failed {
         match &e {
             ResumeError::Lost(_) => count(&stats.resume.lost),
-            ResumeError::Local(_) => {}
+            ResumeError::Local(_) | ResumeError::Ended(_) => {}
             _ => count(&stats.resume.failed),
         }
         tracing::warn!(stream_id = id, role = role.label(), error = %e, "service stream failed: local connection reset");
@@ -586,8 +623,9 @@ impl Up<'_, '_> {
                     e = conn.closed() => return Err(Leg::Broken(e.to_string())),
                     s = send.stopped(), if watch_stopped => match s {
                         Ok(None) => watch_stopped = false,
-                        Ok(Some(code)) => return Err(Leg::Broken(format!("stopped by the relay ({code})"))),
-                        Err(e) => return Err(Leg::Broken(e.to_string())),
+                        Ok(Some(code)) => return Err(Leg::write(quinn::WriteError::Stopped(code))),
+                        Err(quinn::StoppedError::ConnectionLost(e)) => return Err(Leg::Broken(e.to_string())),
+                        Err(e) => return Err(Leg::Ended(e.to_string())),
                     },
                 }
                 continue;
@@ -619,7 +657,13 @@ impl Up<'_, '_> {
             };
             if n == 0 {
                 *local_eof = true;
-                send.finish().map_err(|e| Leg::Broken(e.to_string()))?;
+                if send.finish().is_err() {
+                    // Already reset: the connection state says which kind of end it was.
+                    return Err(conn.close_reason().map_or_else(
+                        || Leg::Ended("stream closed under the writer".into()),
+                        |e| Leg::Broken(e.to_string()),
+                    ));
+                }
                 continue;
             }
             let chunk = buf.split().freeze();
@@ -641,7 +685,7 @@ impl Up<'_, '_> {
             sent.store(ring.head, Ordering::Relaxed);
             stats.add_bytes(role, true, as_u64(n));
             tokio::select! {
-                r = send.write_chunk(chunk) => r.map_err(|e| Leg::Broken(e.to_string()))?,
+                r = send.write_chunk(chunk) => r.map_err(Leg::write)?,
                 () = broken(&mut stop) => return Err(Leg::Broken("other direction failed".into())),
             }
         }
@@ -710,7 +754,7 @@ impl Down<'_> {
                     self.checkpoint(acked);
                     return Ok(());
                 }
-                Err(e) => return Err(Leg::Broken(e.to_string())),
+                Err(e) => return Err(Leg::read(e)),
             }
         }
     }
@@ -854,8 +898,8 @@ mod tests {
         }
         // The peer acknowledged 2 of the agent's 4 bytes; then the relay stream breaks.
         ack(&ctx, 2);
-        let _ = send.reset(9u32.into());
-        let _ = recv.stop(9u32.into());
+        let _ = send.reset(PEER_LOST_CODE.into());
+        let _ = recv.stop(PEER_LOST_CODE.into());
         let (mut send, mut recv, mine) = agent_resume(&relay).await;
         assert_eq!(
             (mine.stream_id, mine.my_position, mine.peer_ack_position),
@@ -918,7 +962,7 @@ mod tests {
         // Give the ack to the ring (it trims before each read of the local connection).
         local.write_all(b"x").await.expect("local write");
         assert_eq!(read_exact(&mut recv, 1).await, b"x");
-        let _ = send.reset(9u32.into());
+        let _ = send.reset(PEER_LOST_CODE.into());
         let (mut send, _recv, mine) = agent_resume(&relay).await;
         assert_eq!(mine.my_position, 11);
         // The peer claims it received only 3: bytes 3..6 are no longer in the ring.
@@ -937,6 +981,29 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
         assert!(rest.is_empty());
         assert_eq!(ctx.mesh_stats().resume.lost.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deliberate_reset_ends_the_stream_without_a_resume() {
+        let (ctx, relay, _control, (mut send, mut recv), mut local, _eps) = provider(1 << 20).await;
+        local.write_all(b"abc").await.expect("local write");
+        assert_eq!(read_exact(&mut recv, 3).await, b"abc");
+        // The relay's policy cut (close_code::POLICY_CUT): no STREAM_RESUME may follow.
+        let _ = send.reset(10u32.into());
+        let _ = recv.stop(10u32.into());
+        let mut rest = Vec::new();
+        let err = local.read_to_end(&mut rest).await.expect_err("reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        let opened = tokio::time::timeout(Duration::from_millis(300), relay.accept_bi()).await;
+        assert!(
+            opened.is_err(),
+            "a resume was tried after a deliberate reset"
+        );
+        let r = &ctx.mesh_stats().resume;
+        assert_eq!(
+            r.resumed.load(Ordering::Relaxed) + r.failed.load(Ordering::Relaxed),
+            0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
