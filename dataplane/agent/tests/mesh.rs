@@ -32,6 +32,8 @@ const ADMIN: &str = "outrelay://system/admin/test";
 const RELAY: &str = "outrelay://dev/relay/relay-1";
 /// The relay id the controller lists (from [`RELAY`]).
 const RELAY_ID: &str = "relay-1";
+/// A second relay's identity (the resume tests).
+const RELAY2: &str = "outrelay://dev/relay/relay-2";
 const TENANT_A: &str = "acme";
 const TENANT_B: &str = "globex";
 const PROVIDER_A: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a001";
@@ -85,9 +87,19 @@ fn sibling_binary(name: &str) -> PathBuf {
     bin
 }
 
-/// Spawns `cmd` with stdout and stderr appended to `log`.
-fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
-    let out = std::fs::File::create(log).expect("create log");
+/// Spawns `cmd` with stdout and stderr written to `log` (a new file).
+fn spawn_logged(cmd: Command, log: &Path) -> Proc {
+    let _ = std::fs::remove_file(log);
+    spawn_logged_append(cmd, log)
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log` (a restarted daemon keeps its log).
+fn spawn_logged_append(mut cmd: Command, log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open log");
     let err = out.try_clone().expect("clone log");
     let child = cmd
         .stdin(Stdio::null())
@@ -275,13 +287,45 @@ async fn start_controller_on(d: &Path, ca: &Ca, listen: &str) -> (Proc, String) 
 
 // ---------- the world: controller + relay + CLI ----------
 
+/// Starts relay `name` (certificate `<name>.pem`, config `<name>.toml`, log `<name>.log`) with
+/// QUIC on `quic` and `tail` appended to its config; the process and its ready file.
+async fn spawn_relay(d: &Path, name: &str, quic: &str, tail: &str) -> (Proc, serde_json::Value) {
+    let config = d.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
+             [tls]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\nca = \"ca.pem\"\n\
+             [listen]\nquic = \"{quic}\"\nreverse = \"127.0.0.1:0\"\n\
+             public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
+             [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}"
+        ),
+    )
+    .expect("relay config");
+    let ready = d.join(format!("{name}-ready.json"));
+    let _ = std::fs::remove_file(&ready);
+    let mut cmd = Command::new(sibling_binary("outrelay-relay"));
+    cmd.args(["--log", "info", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready);
+    let started = Instant::now();
+    let log = d.join(format!("{name}.log"));
+    let mut relay = spawn_logged_append(cmd, &log);
+    let info = wait_for_ready(&ready, &mut relay, name).await;
+    eprintln!("{name} ready after {:?}: {info}", started.elapsed());
+    (relay, info)
+}
+
 struct World {
     ca: Ca,
     /// `None` for a standalone relay.
     controller: Option<Proc>,
     /// The controller's gRPC address (`https://…`; empty for a standalone relay).
     grpc_url: String,
-    _relay: Proc,
+    relay: Proc,
+    /// The relay config's `[controller]` or `[[policy]]` part (for restarts and a second relay).
+    relay_tail: String,
     quic: SocketAddr,
     relay_metrics: SocketAddr,
     dir: tempfile::TempDir,
@@ -317,37 +361,38 @@ impl World {
                 (Some(proc), url, tail)
             }
         };
-        let config = d.join("relay.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
-                 [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nca = \"ca.pem\"\n\
-                 [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\n\
-                 public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
-                 [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{relay_tail}"
-            ),
-        )
-        .expect("relay config");
-        let ready = d.join("relay-ready.json");
-        let mut cmd = Command::new(sibling_binary("outrelay-relay"));
-        cmd.args(["--log", "info", "--config"])
-            .arg(&config)
-            .arg("--ready-file")
-            .arg(&ready);
-        let started = Instant::now();
-        let mut relay = spawn_logged(cmd, &d.join("relay.log"));
-        let info = wait_for_ready(&ready, &mut relay, "relay").await;
-        eprintln!("relay ready after {:?}: {info}", started.elapsed());
+        let (relay, info) = spawn_relay(d, "relay", "127.0.0.1:0", &relay_tail).await;
         World {
             quic: addr_in(&info, "quic"),
             relay_metrics: addr_in(&info, "metrics"),
             ca,
             controller,
             grpc_url,
-            _relay: relay,
+            relay,
+            relay_tail,
             dir,
         }
+    }
+
+    /// `kill -9` of the relay, then the same relay again on the same QUIC port (its
+    /// identity on disk, so agents get a stateless reset at once); when the new process was
+    /// started.
+    async fn kill9_and_restart_relay(&mut self) -> Instant {
+        self.relay.kill9();
+        let restarted = Instant::now();
+        let quic = self.quic.to_string();
+        let (relay, info) = spawn_relay(self.dir.path(), "relay", &quic, &self.relay_tail).await;
+        self.relay = relay;
+        self.relay_metrics = addr_in(&info, "metrics");
+        restarted
+    }
+
+    /// A second relay like the first (its own identity and ports; same policy source).
+    async fn second_relay(&self) -> (Proc, SocketAddr, SocketAddr) {
+        let d = self.path();
+        self.ca.write_leaf(d, "relay2", RELAY2, true);
+        let (proc, info) = spawn_relay(d, "relay2", "127.0.0.1:0", &self.relay_tail).await;
+        (proc, addr_in(&info, "quic"), addr_in(&info, "metrics"))
     }
 
     fn path(&self) -> &Path {
@@ -438,16 +483,21 @@ impl World {
     /// Starts `outrelay-agent run` for identity `uri` with `body` ([[provide]] / [[consume]])
     /// under short timeouts.
     fn agent(&self, name: &str, uri: &str, body: &str) -> Agent {
+        self.agent_on(name, uri, &[self.quic], body)
+    }
+
+    /// As [`World::agent`], connected to `relays` (in that order).
+    fn agent_on(&self, name: &str, uri: &str, relays: &[SocketAddr], body: &str) -> Agent {
         let d = self.path();
         let (cert, key) = self.ca.write_leaf(d, name, uri, false);
         let config = format!(
-            "relays = [\"{quic}\"]\nserver_name = \"localhost\"\n\
+            "relays = {relays:?}\nserver_name = \"localhost\"\n\
              [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\
              [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
              reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
              [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
-            quic = self.quic,
+            relays = relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
             cert = cert.display().to_string(),
             key = key.display().to_string(),
             ca = d.join("ca.pem").display().to_string(),
@@ -760,6 +810,103 @@ impl LiveStream {
     }
 }
 
+/// A bulk transfer through a consumer to [`common::hashing_echo_target`]: `bytes` of a
+/// pseudo-random stream written (then FIN) while the echo is read and hashed.
+struct Bulk {
+    writer: JoinHandle<(u64, Vec<u8>, Duration)>,
+    reader: JoinHandle<(u64, Vec<u8>, Vec<u8>, Duration)>,
+    /// Echoed bytes received so far.
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Bulk {
+    async fn start(addr: SocketAddr, bytes: u64) -> Bulk {
+        use std::sync::atomic::Ordering;
+        let client = TcpStream::connect(addr).await.expect("connect consumer");
+        client.set_nodelay(true).expect("nodelay");
+        let (mut r, mut w_half) = client.into_split();
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let mut chunk = vec![0u8; 256 * 1024];
+            let mut sent = 0u64;
+            while sent < bytes {
+                for word in chunk.chunks_exact_mut(8) {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    word.copy_from_slice(&state.to_le_bytes());
+                }
+                let n = usize::try_from((bytes - sent).min(chunk.len() as u64)).expect("fits");
+                hasher.update(&chunk[..n]);
+                w_half.write_all(&chunk[..n]).await.expect("client write");
+                sent += n as u64;
+            }
+            w_half.shutdown().await.expect("client shutdown(Write)");
+            (sent, hasher.finalize().to_vec(), started.elapsed())
+        });
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = received.clone();
+        let reader = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut got = 0u64;
+            let mut trailer = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = r.read(&mut buf).await.expect("client read");
+                if n == 0 {
+                    break;
+                }
+                let data = &buf[..n];
+                let want = usize::try_from((bytes - got).min(n as u64)).expect("fits");
+                hasher.update(&data[..want]);
+                got += want as u64;
+                progress.store(got, Ordering::Relaxed);
+                trailer.extend_from_slice(&data[want..]);
+            }
+            (got, hasher.finalize().to_vec(), trailer, started.elapsed())
+        });
+        Bulk {
+            writer,
+            reader,
+            received,
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until at least `bytes` came back.
+    async fn wait_received(&self, bytes: u64) {
+        let reached = poll(Duration::from_secs(120), || self.received() >= bytes).await;
+        assert!(
+            reached,
+            "only {} of {bytes} bytes came back",
+            self.received()
+        );
+    }
+
+    /// (sent, its SHA-256, write time, echoed, their SHA-256, bytes after them, read time).
+    #[allow(clippy::type_complexity)]
+    async fn finish(self) -> (u64, Vec<u8>, Duration, u64, Vec<u8>, Vec<u8>, Duration) {
+        let (sent, sent_hash, write_took) =
+            tokio::time::timeout(Duration::from_secs(300), self.writer)
+                .await
+                .expect("writer finished within 300 s")
+                .expect("writer task");
+        let (got, got_hash, trailer, read_took) =
+            tokio::time::timeout(Duration::from_secs(300), self.reader)
+                .await
+                .expect("reader finished within 300 s")
+                .expect("reader task");
+        (
+            sent, sent_hash, write_took, got, got_hash, trailer, read_took,
+        )
+    }
+}
+
 /// A consumer of `service` on port 0.
 fn consume(service: &str) -> String {
     format!("[[consume]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\n")
@@ -850,59 +997,8 @@ async fn a_mesh_stream_carries_100_mib_each_way_with_equal_hashes_and_half_close
     // The hashing target takes ONE connection: probe the rule on `web` first.
     let waited = eventually_ok(consumer.consumer(1), Instant::now(), "allow").await;
     eprintln!("allow rule effective after {waited:?}");
-    let client = TcpStream::connect(consumer.consumer(0))
-        .await
-        .expect("connect consumer");
-    client.set_nodelay(true).expect("nodelay");
-    let (mut r, mut w_half) = client.into_split();
-    let started = Instant::now();
-    let writer = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut chunk = vec![0u8; 256 * 1024];
-        let mut sent = 0u64;
-        while sent < BULK_BYTES {
-            for word in chunk.chunks_exact_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes());
-            }
-            let n = usize::try_from((BULK_BYTES - sent).min(chunk.len() as u64)).expect("fits");
-            hasher.update(&chunk[..n]);
-            w_half.write_all(&chunk[..n]).await.expect("client write");
-            sent += n as u64;
-        }
-        w_half.shutdown().await.expect("client shutdown(Write)");
-        (sent, hasher.finalize().to_vec(), started.elapsed())
-    });
-    let reader = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        let mut got = 0u64;
-        let mut trailer = Vec::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).await.expect("client read");
-            if n == 0 {
-                break;
-            }
-            let data = &buf[..n];
-            let want = usize::try_from((BULK_BYTES - got).min(n as u64)).expect("fits");
-            hasher.update(&data[..want]);
-            got += want as u64;
-            trailer.extend_from_slice(&data[want..]);
-        }
-        (got, hasher.finalize().to_vec(), trailer, started.elapsed())
-    });
-    let (sent, sent_hash, write_took) = tokio::time::timeout(Duration::from_secs(300), writer)
-        .await
-        .expect("writer finished within 300 s")
-        .expect("writer task");
-    let (got, got_hash, trailer, read_took) =
-        tokio::time::timeout(Duration::from_secs(300), reader)
-            .await
-            .expect("reader finished within 300 s")
-            .expect("reader task");
+    let bulk = Bulk::start(consumer.consumer(0), BULK_BYTES).await;
+    let (sent, sent_hash, write_took, got, got_hash, trailer, read_took) = bulk.finish().await;
     let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
         .await
         .expect("echo finished")
@@ -1767,4 +1863,190 @@ async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_i
         .await
         .expect("X still serves");
     assert_eq!(x.streams("provider", "accepted"), 2.0);
+}
+
+// ---------- stream resume (issue 19) ----------
+
+/// Bytes each way in the resume tests.
+const RESUME_BULK_BYTES: u64 = 1 << 30;
+
+/// A standalone relay allowing every agent of tenant A to call `service`.
+async fn resume_world(service: &str) -> World {
+    World::standalone(&format!(
+        "[[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"*\"\ntarget = \"{service}\"\n\
+         decision = \"allow\"\n"
+    ))
+    .await
+}
+
+/// `outrelay_agent_resume_total{result}` of `agent`.
+fn agent_resumes(agent: &Agent, result: &str) -> f64 {
+    metric(
+        &agent.scrape(),
+        "outrelay_agent_resume_total",
+        &[("result", result)],
+    )
+}
+
+/// The resume lines of a metrics page (for failure messages).
+fn resume_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains("resume") && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Checks a finished bulk transfer: every byte once, in order, both ways.
+async fn assert_bulk_intact(bulk: Bulk, echo: JoinHandle<(u64, Vec<u8>)>, bytes: u64) {
+    let (sent, sent_hash, write_took, got, got_hash, trailer, read_took) = bulk.finish().await;
+    let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
+        .await
+        .expect("echo finished")
+        .expect("echo task");
+    eprintln!(
+        "{} MiB up in {write_took:?}, back in {read_took:?}; sha256 {}",
+        bytes >> 20,
+        hex(&sent_hash)
+    );
+    assert_eq!(sent, bytes);
+    assert_eq!(echo_total, bytes, "the target got every byte, none twice");
+    assert_eq!(echo_hash, sent_hash, "SHA-256 at the target = SHA-256 sent");
+    assert_eq!(got, bytes, "every byte came back, none twice");
+    assert_eq!(got_hash, sent_hash, "SHA-256 of the echo = SHA-256 sent");
+    assert_eq!(
+        trailer, sent_hash,
+        "the target's answer after our FIN arrived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gigabyte_each_way_survives_kill_9_of_the_relay_and_its_restart() {
+    let mut w = resume_world("bulk").await;
+    let (target, echo) = common::hashing_echo_target().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("bulk", target));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("bulk"));
+    consumer.ready().await;
+    let bulk = Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
+    bulk.wait_received(RESUME_BULK_BYTES / 4).await;
+    let at_kill = bulk.received();
+    let restarted = w.kill9_and_restart_relay().await;
+    let resumed = poll(Duration::from_secs(60), || bulk.received() > at_kill).await;
+    assert!(
+        resumed,
+        "no byte came back within 60 s of the restart:\nconsumer:\n{}\nprovider:\n{}",
+        resume_lines(&consumer.scrape()),
+        resume_lines(&provider.scrape())
+    );
+    eprintln!(
+        "MEASURED relay kill -9 at {} MiB echoed; restart -> echoed bytes again: {:?}",
+        at_kill >> 20,
+        restarted.elapsed()
+    );
+    assert_bulk_intact(bulk, echo, RESUME_BULK_BYTES).await;
+    for agent in [&consumer, &provider] {
+        assert!(
+            agent_resumes(agent, "resumed") >= 1.0,
+            "{}:\n{}",
+            agent.name,
+            resume_lines(&agent.scrape())
+        );
+        assert_eq!(agent_resumes(agent, "lost"), 0.0);
+    }
+    let relay = w.relay_scrape();
+    assert!(
+        metric(
+            &relay,
+            "outrelay_relay_resume_total",
+            &[("result", "resumed")]
+        ) >= 1.0,
+        "{}",
+        resume_lines(&relay)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gigabyte_each_way_moves_to_the_second_relay_when_the_first_gets_sigterm() {
+    let w = resume_world("bulk").await;
+    let (_relay2, quic2, metrics2) = w.second_relay().await;
+    let relays = [w.quic, quic2];
+    let (target, echo) = common::hashing_echo_target().await;
+    let mut provider = w.agent_on("provider", PROVIDER_A, &relays, &provide("bulk", target));
+    provider.ready().await;
+    let mut consumer = w.agent_on("consumer", CONSUMER_A, &relays, &consume("bulk"));
+    consumer.ready().await;
+    let bulk = Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
+    bulk.wait_received(RESUME_BULK_BYTES / 4).await;
+    let at_term = bulk.received();
+    let pid = i32::try_from(w.relay.0.id()).expect("pid");
+    let term = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let resumed = poll(Duration::from_secs(60), || bulk.received() > at_term).await;
+    assert!(resumed, "no byte came back within 60 s of SIGTERM");
+    eprintln!(
+        "MEASURED relay 1 SIGTERM at {} MiB echoed; bytes again through relay 2 after {:?}",
+        at_term >> 20,
+        term.elapsed()
+    );
+    assert_bulk_intact(bulk, echo, RESUME_BULK_BYTES).await;
+    let second = scrape(metrics2);
+    assert_eq!(
+        metric(
+            &second,
+            "outrelay_relay_resume_total",
+            &[("result", "resumed")]
+        ),
+        1.0,
+        "the stream resumed on relay 2:\n{}",
+        resume_lines(&second)
+    );
+    assert!(agent_resumes(&consumer, "resumed") >= 1.0);
+    assert!(agent_resumes(&provider, "resumed") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measure_relay_restart_to_resumed_bytes_over_ten_restarts() {
+    const RESTARTS: usize = 10;
+    let mut w = resume_world("echo").await;
+    let (echo, _echo_task) = common::echo_server().await;
+    let mut provider = w.agent("provider", PROVIDER_A, &provide("echo", echo));
+    provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("echo"));
+    consumer.ready().await;
+    let mut conn = TcpStream::connect(consumer.consumer(0))
+        .await
+        .expect("connect consumer");
+    let mut took = Vec::with_capacity(RESTARTS);
+    for n in 0..=RESTARTS {
+        let restarted = if n == 0 {
+            Instant::now()
+        } else {
+            w.kill9_and_restart_relay().await
+        };
+        // Written at once: the agent keeps it in its ring until the stream resumed.
+        let msg = format!("round {n:010}");
+        conn.write_all(msg.as_bytes()).await.expect("write");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(60), conn.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("restart {n}: no echo within 60 s"))
+            .expect("read");
+        assert_eq!(back, msg.as_bytes(), "restart {n}");
+        if n > 0 {
+            took.push(restarted.elapsed());
+        }
+    }
+    took.sort();
+    let median = took[RESTARTS / 2];
+    eprintln!(
+        "MEASURED relay restart (kill -9, new process started) -> resumed echo, {RESTARTS} \
+         restarts: median {median:?}, min {:?}, max {:?}",
+        took[0],
+        took[RESTARTS - 1]
+    );
+    assert_eq!(agent_resumes(&consumer, "resumed"), RESTARTS as f64);
 }
