@@ -33,7 +33,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::pinning::{CpuList, Pinning};
 use crate::scenario::{RoutePath, ScenarioName, Settings};
-use crate::target::{Availability, Launch, RelayEbpf};
+use crate::target::{AgentResume, Availability, Launch, RelayEbpf};
 
 /// Default round count: the minimum for a median with a spread.
 const DEFAULT_ROUNDS: u32 = 3;
@@ -118,6 +118,13 @@ struct RunArgs {
     /// program or both). Default: no `[ebpf]` section (the relay's own default).
     #[arg(long, value_enum, value_delimiter = ',')]
     relay_ebpf: Vec<RelayEbpf>,
+    /// Comma-separated agent stream resume setups (issue 19): outrelay and outrelay-base run
+    /// once per value in every round (after each worker count and eBPF setup), as setups
+    /// resume=V with every agent's `[resume] enabled = true` (on) or `false` (off); the first
+    /// is the reference of the "x first setup" columns. Default: no `[resume]` section (the
+    /// agent's own default).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    agent_resume: Vec<AgentResume>,
     /// Ports in the leases scenario's lease range, each granted to a TCP lease (default
     /// 10000, quick 200). A setup whose listeners would not fit the relay's open-file limit
     /// stops at the largest count that fits and says so.
@@ -168,6 +175,7 @@ impl RunArgs {
             connrate_paths: self.paths.clone(),
             relay_workers: self.relay_workers.clone(),
             relay_ebpf: self.relay_ebpf.clone(),
+            agent_resume: self.agent_resume.clone(),
             lease_ports: self
                 .lease_ports
                 .unwrap_or(if self.quick { 200 } else { 10_000 })

@@ -275,6 +275,36 @@ fn mesh_quick_moves_bytes_through_quinn_direct_and_the_outrelay_mesh() {
 }
 
 #[test]
+fn mesh_runs_each_agent_resume_setup_and_compares_with_the_first() {
+    // Issue 19: both agents with [resume] enabled = false, then = true, in the same round.
+    // Without a relay that offers resume both carry plain streams; the plumbing is the same.
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "mesh",
+        "--targets",
+        "outrelay",
+        "--agent-resume",
+        "off,on",
+        "--quick",
+        "--duration-s",
+        "1",
+    ]);
+    let rows = doc["result"]["rows"].as_array().expect("rows");
+    let setups: Vec<&str> = rows.iter().filter_map(|r| r["setup"].as_str()).collect();
+    assert_eq!(setups, ["resume=off", "resume=on"], "{doc:#}");
+    for r in rows {
+        assert!(r["status"].is_null(), "not measured: {r:#}");
+        assert!(median(r, "gbps") > 0.0, "{r:#}");
+        assert!(median(r, "helpers_cpu_s_per_gbit") > 0.0, "{r:#}");
+    }
+    assert_eq!(median(&rows[0], "gbps_ratio_to_first_setup"), 1.0);
+    assert!(median(&rows[1], "cpu_s_per_gbit_ratio_to_first_setup") > 0.0);
+    assert!(median(&rows[1], "helpers_cpu_s_per_gbit_ratio_to_first_setup") > 0.0);
+    assert!(md.contains("| outrelay | resume=on | 1 stream |"), "{md}");
+    assert!(md.contains("agents CPU per Gbit x first setup"), "{md}");
+}
+
+#[test]
 fn abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it() {
     // The workspace test run builds the controller, relay, agent and CLI first; a run of this
     // crate alone may not have the controller.

@@ -16,6 +16,11 @@
 //! wake-up, an ACK), and a relayed path runs slower than a direct one; so when
 //! `quinn-direct-paced` is among the targets, OutRelay's rate is measured once before the
 //! rounds ([`Scenario::prepare`]) and that pair writes at it: the comparison at equal rate.
+//!
+//! With several OutRelay setups (`--agent-resume off,on`, issue 19: the agents' stream resume
+//! against plain streams; or `--relay-workers`, `--relay-ebpf`), each outrelay row is one
+//! setup and three columns divide by the first setup in the same round: Gbit/s, relay CPU per
+//! Gbit and the agents' CPU per Gbit (resume's rings and checkpoints are the agents' work).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -53,6 +58,8 @@ pub struct Mesh {
     /// OutRelay's rate from [`Scenario::prepare`], in Mbit/s (0: not measured).
     pace_mbps: u32,
     calibration: Option<String>,
+    /// More than one OutRelay setup: adds the x first setup columns.
+    compare_setups: bool,
 }
 
 impl Mesh {
@@ -63,6 +70,7 @@ impl Mesh {
             duration: Duration::from_secs(settings.bulk_duration_s.max(1)),
             pace_mbps: 0,
             calibration: None,
+            compare_setups: super::several_setups(settings),
         })
     }
 
@@ -191,7 +199,7 @@ impl Scenario for Mesh {
     }
 
     fn columns(&self) -> Vec<Column> {
-        vec![
+        let mut columns = vec![
             Column {
                 header: "Gbit/s",
                 decimals: 2,
@@ -232,7 +240,27 @@ impl Scenario for Mesh {
                 decimals: 3,
                 value: Value::Metric("helpers_cpu_s_per_gbit"),
             },
-        ]
+        ];
+        if self.compare_setups {
+            columns.extend([
+                Column {
+                    header: "Gbit/s x first setup",
+                    decimals: 3,
+                    value: Value::RatioToFirstSetup("gbps"),
+                },
+                Column {
+                    header: "CPU per Gbit x first setup",
+                    decimals: 3,
+                    value: Value::RatioToFirstSetup("cpu_s_per_gbit"),
+                },
+                Column {
+                    header: "agents CPU per Gbit x first setup",
+                    decimals: 3,
+                    value: Value::RatioToFirstSetup("helpers_cpu_s_per_gbit"),
+                },
+            ]);
+        }
+        columns
     }
 
     fn measure(&mut self, target: &mut RunningTarget, _dir: &Path) -> Result<Vec<Measurement>> {

@@ -8,8 +8,9 @@
 //! before the rounds (the UDP scenario measures OutRelay's maximum there, to pace every target
 //! at the same fraction of it).
 //!
-//! Within a round a target may run more than once: once per relay worker count
-//! (`--relay-workers`, OutRelay only: the row's setup `w=N`) and, in a scenario that measures
+//! Within a round a target may run more than once: once per setup (OutRelay only: relay
+//! worker count `--relay-workers`, relay eBPF `--relay-ebpf`, agent stream resume
+//! `--agent-resume`; the row's setup `w=N ebpf=V resume=R`) and, in a scenario that measures
 //! several paths (`connrate`: `sni` and `tcp`), once per path it routes differently. Derived
 //! values compare like with like: the reference sample has the same round and variant, and
 //! the same path and setup where the reference target measured them.
@@ -34,7 +35,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use crate::stats::Summary;
-use crate::target::{Availability, Launch, RelayEbpf, Routing, RunningTarget, Target};
+use crate::target::{AgentResume, Availability, Launch, RelayEbpf, Routing, RunningTarget, Target};
 
 /// Pause between two targets, so sockets in TIME_WAIT and exiting processes settle.
 const BETWEEN_TARGETS_MS: u64 = 300;
@@ -184,6 +185,9 @@ pub struct Settings {
     /// Relay eBPF setups OutRelay targets run with, each a setup `ebpf=V` after the worker
     /// count (empty: no `[ebpf]` section, one setup).
     pub relay_ebpf: Vec<RelayEbpf>,
+    /// Agent stream resume setups OutRelay targets run with, each a setup `resume=V` after
+    /// the eBPF setup (empty: no `[resume]` section, one setup).
+    pub agent_resume: Vec<AgentResume>,
     /// Ports in the leases scenario's range (each granted to a lease).
     pub lease_ports: u16,
     /// Leases the leases scenario times one at a time (grant to routable port).
@@ -217,6 +221,7 @@ impl Settings {
             connrate_paths: vec![RoutePath::Sni, RoutePath::Tcp],
             relay_workers: Vec::new(),
             relay_ebpf: Vec::new(),
+            agent_resume: Vec::new(),
             lease_ports: 10_000,
             lease_grants: 200,
             pin_target_cores: None,
@@ -251,7 +256,7 @@ pub enum Value {
     /// (`RatioToTarget("rathole", "dgram_per_s")`).
     RatioToTarget(&'static str, &'static str),
     /// The metric divided by the same target's first setup (the first `--relay-workers`
-    /// count) in the same round, variant and path.
+    /// count, `--relay-ebpf` and `--agent-resume` value) in the same round, variant and path.
     RatioToFirstSetup(&'static str),
     /// For `outrelay` and `outrelay-base` rows only: the metric divided by `outrelay-base`'s
     /// in the same round and variant (same path and setup where it has them).
@@ -479,7 +484,7 @@ pub fn run(
     let first_setup = setup_labels(settings)
         .into_iter()
         .next()
-        .map_or_else(String::new, |(label, _, _)| label);
+        .map_or_else(String::new, |(label, _)| label);
     derive(&mut samples, &columns, &first_setup);
     let rows = summarise(targets, &samples, &columns, &unavailable, &failures);
     let mut notes = scenario.notes();
@@ -514,47 +519,45 @@ fn comparable_columns(mut columns: Vec<Column>, targets: &[Box<dyn Target>]) -> 
 }
 
 /// The setups `target` runs with in each round: for a target that takes them, one per
-/// `--relay-workers` count and `--relay-ebpf` value, workers outermost (`w=N ebpf=V`, either
-/// part left out when not asked for), else the default (empty label).
+/// `--relay-workers` count, `--relay-ebpf` value and `--agent-resume` value, workers
+/// outermost, resume innermost (`w=N ebpf=V resume=R`, each part left out when not asked
+/// for), else the default (empty label).
 fn setups(target: &dyn Target, settings: &Settings) -> Vec<(String, Launch)> {
     if !target.takes_relay_workers() {
         return vec![(String::new(), settings.launch.clone())];
     }
     setup_labels(settings)
-        .into_iter()
-        .map(|(label, relay_workers, relay_ebpf)| {
-            let launch = Launch {
-                relay_workers,
-                relay_ebpf,
-                ..settings.launch.clone()
-            };
-            (label, launch)
-        })
-        .collect()
 }
 
-/// Every setup of a target that takes relay workers, in run order: label, worker count and
-/// eBPF setup (one unlabelled default when neither list was given).
-fn setup_labels(settings: &Settings) -> Vec<(String, Option<usize>, Option<RelayEbpf>)> {
-    let workers: Vec<Option<usize>> = if settings.relay_workers.is_empty() {
-        vec![None]
-    } else {
-        settings.relay_workers.iter().copied().map(Some).collect()
-    };
-    let ebpf: Vec<Option<RelayEbpf>> = if settings.relay_ebpf.is_empty() {
-        vec![None]
-    } else {
-        settings.relay_ebpf.iter().copied().map(Some).collect()
-    };
+/// Every setup of a target that takes relay workers, in run order: its label and
+/// `settings.launch` with its worker count, eBPF setup and agent resume set (one unlabelled
+/// default when no list was given).
+fn setup_labels(settings: &Settings) -> Vec<(String, Launch)> {
+    fn each<T: Copy>(values: &[T]) -> Vec<Option<T>> {
+        if values.is_empty() {
+            vec![None]
+        } else {
+            values.iter().copied().map(Some).collect()
+        }
+    }
     let mut all = Vec::new();
-    for w in &workers {
-        for e in &ebpf {
-            let parts: Vec<String> = w
-                .map(|n| format!("w={n}"))
-                .into_iter()
-                .chain(e.map(|e| format!("ebpf={}", e.as_str())))
-                .collect();
-            all.push((parts.join(" "), *w, *e));
+    for w in each(&settings.relay_workers) {
+        for e in each(&settings.relay_ebpf) {
+            for r in each(&settings.agent_resume) {
+                let parts: Vec<String> = w
+                    .map(|n| format!("w={n}"))
+                    .into_iter()
+                    .chain(e.map(|e| format!("ebpf={}", e.as_str())))
+                    .chain(r.map(|r| format!("resume={}", r.as_str())))
+                    .collect();
+                let launch = Launch {
+                    relay_workers: w,
+                    relay_ebpf: e,
+                    agent_resume: r,
+                    ..settings.launch.clone()
+                };
+                all.push((parts.join(" "), launch));
+            }
         }
     }
     all
@@ -1052,6 +1055,71 @@ mod tests {
         assert_eq!(setups(&peer, &settings).len(), 1);
         settings.relay_workers = vec![2];
         settings.relay_ebpf = vec![RelayEbpf::Lookup];
+        assert!(!several_setups(&settings));
+    }
+
+    #[test]
+    fn resume_setups_come_last_in_the_label_and_reach_the_launch() {
+        let mut settings = Settings::example();
+        let relay = Fake {
+            sni: true,
+            workers: true,
+        };
+        settings.agent_resume = vec![AgentResume::Off, AgentResume::On];
+        let got = setups(&relay, &settings);
+        let labels: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["resume=off", "resume=on"]);
+        assert_eq!(got[0].1.agent_resume, Some(AgentResume::Off));
+        assert_eq!(got[1].1.agent_resume, Some(AgentResume::On));
+        assert_eq!((got[1].1.relay_workers, got[1].1.relay_ebpf), (None, None));
+        assert!(several_setups(&settings));
+        // Combined with the relay's setups: workers outermost, resume innermost.
+        settings.relay_workers = vec![1, 2];
+        settings.relay_ebpf = vec![RelayEbpf::Off];
+        let got = setups(&relay, &settings);
+        let labels: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "w=1 ebpf=off resume=off",
+                "w=1 ebpf=off resume=on",
+                "w=2 ebpf=off resume=off",
+                "w=2 ebpf=off resume=on"
+            ]
+        );
+        assert_eq!(
+            (
+                got[2].1.relay_workers,
+                got[2].1.relay_ebpf,
+                got[2].1.agent_resume
+            ),
+            (Some(2), Some(RelayEbpf::Off), Some(AgentResume::Off))
+        );
+        // The first setup is the reference of the x first setup columns.
+        let mut samples = vec![
+            labelled("outrelay", "w=1 ebpf=off resume=off", "", 100.0),
+            labelled("outrelay", "w=1 ebpf=off resume=on", "", 97.0),
+        ];
+        let column = Column {
+            header: "x",
+            decimals: 2,
+            value: Value::RatioToFirstSetup("conn_per_s"),
+        };
+        derive(&mut samples, &[column], &setup_labels(&settings)[0].0);
+        assert_eq!(samples[1].metrics["conn_per_s_ratio_to_first_setup"], 0.97);
+        // A peer runs once, unlabelled, without a [resume] section.
+        let peer = Fake {
+            sni: true,
+            workers: false,
+        };
+        assert_eq!(
+            setups(&peer, &settings),
+            [(String::new(), Launch::default())]
+        );
+        // One value alone is one setup: nothing to compare.
+        settings.relay_workers.clear();
+        settings.relay_ebpf.clear();
+        settings.agent_resume = vec![AgentResume::On];
         assert!(!several_setups(&settings));
     }
 }

@@ -102,9 +102,10 @@ impl Routing {
     }
 }
 
-/// How one start of a target launches its processes: CPU pinning, OutRelay's worker count
-/// and its eBPF programs. The default launches as the harness itself runs, with the relay's
-/// default workers and `[ebpf]` section.
+/// How one start of a target launches its processes: CPU pinning, OutRelay's worker count,
+/// its eBPF programs and its agents' stream resume. The default launches as the harness
+/// itself runs, with the relay's default workers and `[ebpf]` section and the agents' default
+/// `[resume]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Launch {
     /// `(taskset, cpus)`: every process of the target runs under `taskset -c cpus`.
@@ -114,6 +115,8 @@ pub struct Launch {
     pub relay_workers: Option<usize>,
     /// OutRelay's relay `[ebpf]` section; `None`: none (the relay's default, `mode = "auto"`).
     pub relay_ebpf: Option<RelayEbpf>,
+    /// OutRelay's agents' `[resume]` section; `None`: none (the agent's default).
+    pub agent_resume: Option<AgentResume>,
 }
 
 /// Which of the relay's eBPF programs a setup runs (`--relay-ebpf`, issue 17). Every value
@@ -153,6 +156,33 @@ impl RelayEbpf {
             Self::All => (true, true),
         };
         format!("[ebpf]\nmode = \"on\"\nreuseport = {reuseport}\nlookup = {lookup}\n")
+    }
+}
+
+/// Whether OutRelay's agents ask for resumable streams (`--agent-resume`, issue 19): every
+/// agent a target starts (the mesh's provider and consumer, the other topologies' one agent)
+/// gets `[resume] enabled = true|false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentResume {
+    /// `enabled = true`: rings, checkpoints, STREAM_RESUME after a broken relay stream.
+    On,
+    /// `enabled = false`: plain streams, as before resume.
+    Off,
+}
+
+impl AgentResume {
+    /// The setup label's value (`resume=<this>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+
+    /// The agent config's `[resume]` section (a whole table, ending in a newline).
+    pub fn config_section(self) -> String {
+        format!("[resume]\nenabled = {}\n", self == Self::On)
     }
 }
 

@@ -17,7 +17,8 @@
 //!
 //! `outrelay-base` is the same target with its binaries taken from the directory in
 //! `OUTRELAY_BASE_BIN` (a build of the commit before a change), so one run measures before and
-//! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`).
+//! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`),
+//! `--relay-ebpf` (the relay's `[ebpf]`) and `--agent-resume` (every agent's `[resume]`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::{
-    AbuseEnds, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayEbpf, Routing,
+    AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayEbpf, Routing,
     RunningTarget, Target, free_loopback_addr, wait_listening, wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
@@ -211,6 +212,7 @@ impl Target for Outrelay {
                 &quic,
                 &pki,
                 "agent-1",
+                launch,
                 &format!("[[lease]]\nname = \"{name}\"\n{lease_line}\n"),
             ),
             &mut processes,
@@ -265,6 +267,13 @@ fn ebpf_section(launch: &Launch) -> String {
     launch
         .relay_ebpf
         .map_or_else(String::new, RelayEbpf::config_section)
+}
+
+/// The agent config's `[resume]` section for `launch` (empty: none, the agent's default).
+fn resume_section(launch: &Launch) -> String {
+    launch
+        .agent_resume
+        .map_or_else(String::new, AgentResume::config_section)
 }
 
 /// A started relay: its process, QUIC address and the eBPF programs its ready file says run.
@@ -340,13 +349,15 @@ fn check_programs(setup: RelayEbpf, running: &[&str]) -> Result<()> {
 }
 
 /// An agent's TOML: relay `quic`, the dev PKI's identity `who` (`agent-1`, `agent-2`), metrics
-/// off, then `sections` ([[lease]], [[provide]], [[consume]]).
-fn agent_config(quic: &str, pki: &Path, who: &str, sections: &str) -> String {
+/// off, the `[resume]` section of `launch` (if any), then `sections` ([[lease]], [[provide]],
+/// [[consume]]).
+fn agent_config(quic: &str, pki: &Path, who: &str, launch: &Launch, sections: &str) -> String {
     format!(
         "relays = [\"{quic}\"]\nserver_name = \"localhost\"\n\
          [identity]\ncert = \"{p}/{who}.pem\"\nkey = \"{p}/{who}-key.pem\"\nca = \"{p}/ca.pem\"\n\
-         [metrics]\nlisten = \"\"\n{sections}",
+         [metrics]\nlisten = \"\"\n{resume}{sections}",
         p = pki.display(),
+        resume = resume_section(launch),
     )
 }
 
@@ -393,7 +404,7 @@ fn start_mesh(
         bins,
         "provider",
         dir,
-        &agent_config(quic, pki, "agent-2", &provide),
+        &agent_config(quic, pki, "agent-2", bins.launch, &provide),
         &mut all,
     )?;
     let consume = format!("[[consume]]\nservice = \"{MESH_SERVICE}\"\nlisten = \"127.0.0.1:0\"\n");
@@ -401,7 +412,7 @@ fn start_mesh(
         bins,
         "consumer",
         dir,
-        &agent_config(quic, pki, "agent-1", &consume),
+        &agent_config(quic, pki, "agent-1", bins.launch, &consume),
         &mut all,
     )?;
     let listen = consumer["consumers"][0]["listen_addr"]
@@ -504,7 +515,7 @@ fn start_abuse(
         bins,
         "agent",
         dir,
-        &agent_config(&quic, pki, "agent-1", &leases),
+        &agent_config(&quic, pki, "agent-1", bins.launch, &leases),
         &mut processes,
     )?;
     let bulk = agent["leases"]
@@ -635,6 +646,27 @@ mod tests {
             ebpf_section(&with(RelayEbpf::All)),
             "[ebpf]\nmode = \"on\"\nreuseport = true\nlookup = true\n"
         );
+    }
+
+    #[test]
+    fn every_agent_config_gets_the_resume_section_only_when_given() {
+        let pki = Path::new("/pki");
+        let plain = agent_config("127.0.0.1:1", pki, "agent-1", &Launch::default(), "");
+        assert!(!plain.contains("[resume]"), "{plain}");
+        for (resume, enabled) in [(AgentResume::On, true), (AgentResume::Off, false)] {
+            let launch = Launch {
+                agent_resume: Some(resume),
+                ..Launch::default()
+            };
+            let sections = "[[consume]]\nservice = \"bulk\"\nlisten = \"127.0.0.1:0\"\n";
+            let text = agent_config("127.0.0.1:1", pki, "agent-1", &launch, sections);
+            // A table of its own before the sections, so [[consume]] does not swallow it.
+            assert!(
+                text.contains(&format!("[resume]\nenabled = {enabled}\n[[consume]]")),
+                "{text}"
+            );
+            assert_eq!(text.matches("[resume]").count(), 1, "{text}");
+        }
     }
 
     #[test]
