@@ -2024,6 +2024,9 @@ async fn a_third_agent_cannot_take_a_parked_half_and_the_right_peer_still_joins(
     assert_eq!(refused_with(&mut r).await.code, 409);
     assert_eq!(w.outcome(ResumeOutcome::RefusedMismatch), 3);
     assert_eq!(w.parked(), 1, "the parked half stays parked");
+    // The parked id is reserved: opening a stream with it is a collision, before any policy.
+    let (answer, _s, _r) = thief.open("pay", "", 88).await;
+    assert_eq!(reject_code(&answer), 409);
 
     // Another tenant is served meanwhile.
     let mut other_p = w.agent(OTHER_TENANT_AGENT).await;
@@ -2250,4 +2253,42 @@ async fn streams_are_marked_resumable_only_when_both_agents_asked() {
             "the consumer did not ask"
         );
     }
+}
+
+/// A parked half whose agent's connection has ended cannot carry the stream: its peer's half
+/// takes the place (the old one counted `expired`), and the agent, reconnected, joins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_half_whose_connection_ended_gives_way_to_its_peer() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let (mut consumer, _) = w.resume_agent(AGENT_1).await;
+    // A service of its own, so the test can see when the relay has noticed the close.
+    assert!(matches!(
+        consumer.provide("marker", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let (provider, _) = w.resume_agent(AGENT_2).await;
+    let _gone = consumer.resume(resume_req(33, 0, 0, AGENT_2, true)).await;
+    eventually("the first half parked", || w.parked() == 1).await;
+    consumer.conn.close(0u32.into(), b"network changed");
+    eventually("the relay saw the connection end", || {
+        matches!(
+            w.mesh.resolve("demo", "marker"),
+            outrelay_relay::mesh::Resolved::NotFound
+        )
+    })
+    .await;
+    let (mut p_send, mut p_recv) = provider.resume(resume_req(33, 0, 0, AGENT_1, false)).await;
+    eventually("the stale half gave way", || {
+        w.outcome(ResumeOutcome::Expired) == 1
+    })
+    .await;
+    assert_eq!(w.parked(), 1, "the provider's half is parked now");
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (mut c_send, mut c_recv) = consumer.resume(resume_req(33, 0, 0, AGENT_2, true)).await;
+    peer_resume(read_one(&mut c_recv).await);
+    peer_resume(read_one(&mut p_recv).await);
+    echo(&mut c_send, &mut p_recv, b"after the network change").await;
+    echo(&mut p_send, &mut c_recv, b"welcome back").await;
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
 }

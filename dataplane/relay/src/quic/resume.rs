@@ -39,7 +39,7 @@ use outrelay_proto::orp;
 use tokio::sync::oneshot;
 
 use super::stats::Limit;
-use super::streams::{Halves, Idle, Peer, Recheck, StreamIdGuard, join, write_frame};
+use super::streams::{Halves, Idle, Peer, Recheck, join, write_frame};
 use super::{Ctx, close_code};
 use crate::mesh::resume::{ResumeOutcome, ResumeStats};
 use crate::mesh::{AuditRow, JoinedPair, Mesh, PairEnd, valid_service_name};
@@ -66,9 +66,35 @@ struct Half {
     recv: quinn::RecvStream,
 }
 
+/// A stream id reserved in the mesh (OPEN_STREAM with it gets 409), given back on drop.
+struct HeldId {
+    mesh: Arc<Mesh>,
+    id: u64,
+}
+
+impl HeldId {
+    /// Reserves `id`; `None` when a live stream (or another parked pair) holds it.
+    fn claim(mesh: &Arc<Mesh>, id: u64) -> Option<HeldId> {
+        mesh.claim_stream_id(id).then(|| HeldId {
+            mesh: mesh.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for HeldId {
+    fn drop(&mut self) {
+        self.mesh.release_stream_id(self.id);
+    }
+}
+
 /// A half waiting for its peer.
 struct Parked {
     half: Half,
+    /// The stream id, reserved while parked when it was free (a stream joined before a restart
+    /// of THIS relay's connection may still hold it until its connection's end is noticed): an
+    /// agent that knows the id cannot block the join by opening a stream with it meanwhile.
+    held: Option<HeldId>,
     /// Which parking this is (a replaced or taken half's timer must not remove its successor).
     token: u64,
     /// Tells the parked half's task that the half was taken (joined or replaced): it gives its
@@ -85,11 +111,23 @@ pub(crate) struct ParkTable {
 }
 
 impl ParkTable {
-    fn insert(&mut self, id: u64, half: Half, taken: oneshot::Sender<()>) -> u64 {
+    fn insert(
+        &mut self,
+        id: u64,
+        half: Half,
+        held: Option<HeldId>,
+        taken: oneshot::Sender<()>,
+    ) -> u64 {
         self.next_token += 1;
         let token = self.next_token;
         *self.per_agent.entry(half.agent.uri.clone()).or_insert(0) += 1;
-        if let Some(old) = self.by_id.insert(id, Parked { half, token, taken }) {
+        let parked = Parked {
+            half,
+            held,
+            token,
+            taken,
+        };
+        if let Some(old) = self.by_id.insert(id, parked) {
             // Callers remove first; keep the counts right whatever happens.
             self.forget(&old.half.agent.uri);
         }
@@ -131,10 +169,11 @@ impl ParkTable {
 
 /// What the table said about a new half.
 enum Arrival {
-    /// Parked as `token` (replacing `replaced`, the same agent's older half, if any).
+    /// Parked as `token`, replacing `old` (counted as its outcome) if any: the same agent's
+    /// older half (`Replaced`), or the peer's half whose connection has ended (`Expired`).
     Parked {
         token: u64,
-        replaced: Option<Parked>,
+        old: Option<(Parked, ResumeOutcome)>,
     },
     /// Its peer was parked: join them.
     Pair(Parked, Half),
@@ -238,14 +277,36 @@ pub(super) async fn resume(
                 Arrival::Full(half, why)
             }
             None => Arrival::Parked {
-                token: table.insert(id, half, taken_tx),
-                replaced: None,
+                token: table.insert(id, half, HeldId::claim(&mesh, id), taken_tx),
+                old: None,
             },
             Some(p) if p.half.agent.uri == half.agent.uri => {
-                let replaced = table.remove(id);
+                // It reconnected once more while parked: the newer half wins.
+                let old = table.remove(id).map(|mut old| {
+                    let held = old.held.take();
+                    (old, held)
+                });
+                let (old, held) = match old {
+                    Some((old, held)) => (Some((old, ResumeOutcome::Replaced)), held),
+                    None => (None, None),
+                };
+                let held = held.or_else(|| HeldId::claim(&mesh, id));
                 Arrival::Parked {
-                    token: table.insert(id, half, taken_tx),
-                    replaced,
+                    token: table.insert(id, half, held, taken_tx),
+                    old,
+                }
+            }
+            Some(p) if pairs_with(&p.half, &half) && p.half.agent.conn.close_reason().is_some() => {
+                // The right peer, but the parked half's connection is gone: that half can
+                // never carry the stream (its agent resumes again, and finds this one).
+                let mut stale = table.remove(id);
+                let held = stale
+                    .as_mut()
+                    .and_then(|s| s.held.take())
+                    .or_else(|| HeldId::claim(&mesh, id));
+                Arrival::Parked {
+                    token: table.insert(id, half, held, taken_tx),
+                    old: stale.map(|s| (s, ResumeOutcome::Expired)),
                 }
             }
             Some(p) if pairs_with(&p.half, &half) => match table.remove(id) {
@@ -276,9 +337,9 @@ pub(super) async fn resume(
             )
             .await;
         }
-        Arrival::Parked { token, replaced } => {
-            if let Some(old) = replaced {
-                stats.count(ResumeOutcome::Replaced);
+        Arrival::Parked { token, old } => {
+            if let Some((old, outcome)) = old {
+                stats.count(outcome);
                 let Parked {
                     mut half, taken, ..
                 } = old;
@@ -366,12 +427,15 @@ async fn join_pair(
     parked: Parked,
     new: Half,
     _slot: crate::mesh::TenantStream<'_>,
-    mesh: &Mesh,
+    mesh: &Arc<Mesh>,
     ctx: &Ctx,
 ) {
     let stats = &mesh.stats.resume;
     let Parked {
-        half: old, taken, ..
+        half: old,
+        held,
+        taken,
+        ..
     } = parked;
     // The parked half's task ends: this task (and its tenant slot) carries the stream now.
     let _ = taken.send(());
@@ -381,7 +445,7 @@ async fn join_pair(
         (new, old)
     };
     let id = c.req.stream_id;
-    if !mesh.claim_stream_id(id) {
+    let Some(_id) = held.or_else(|| HeldId::claim(mesh, id)) else {
         // The old stream still holds the id here (its connection's end is not noticed yet).
         let why = format!("stream id {id} is in use by a live stream");
         return refuse_both(
@@ -393,8 +457,7 @@ async fn join_pair(
             &why,
         )
         .await;
-    }
-    let _id = StreamIdGuard { mesh, id };
+    };
     let tenant = c.agent.tenant.clone();
     let service = c.req.target_service.clone();
     let method = c.req.method.clone();

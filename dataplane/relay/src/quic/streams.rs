@@ -447,9 +447,9 @@ async fn idle_for(start: tokio::time::Instant, last: &AtomicU64, timeout: Durati
 }
 
 /// Gives the stream id back when the stream ends, on every path.
-pub(super) struct StreamIdGuard<'a> {
-    pub(super) mesh: &'a Mesh,
-    pub(super) id: u64,
+struct StreamIdGuard<'a> {
+    mesh: &'a Mesh,
+    id: u64,
 }
 
 impl Drop for StreamIdGuard<'_> {
