@@ -21,7 +21,11 @@
 //! resume is disabled, 403 without `target_service` (closed world) or on a policy deny, 400 for
 //! invalid fields, 503 over `max_parked` / `max_parked_per_agent` (429 over the tenant's stream
 //! cap: a parked half holds one of its tenant's slots). The same agent resuming the same id
-//! again while parked (it reconnected once more) replaces its parked half.
+//! again while parked (it reconnected once more) replaces its parked half; a parked half whose
+//! connection has ended gives way to its peer's half (counted `expired`). A parked half
+//! reserves its stream id when it is free, so an OPEN_STREAM with it meanwhile gets 409; when a
+//! stream joined before still holds the id (its connection's end not noticed yet), the join is
+//! refused with 409 on both halves.
 //!
 //! The park table is a std mutex touched once per STREAM_RESUME, never across an await and
 //! never per byte.
@@ -179,7 +183,7 @@ enum Arrival {
     Pair(Parked, Half),
     /// The id is parked by another pair.
     Mismatch(Half),
-    /// Over a parking cap (`which` names it).
+    /// Over a parking cap (the reason names it).
     Full(Half, String),
 }
 
