@@ -2292,3 +2292,53 @@ async fn a_parked_half_whose_connection_ended_gives_way_to_its_peer() {
     echo(&mut p_send, &mut c_recv, b"welcome back").await;
     assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
 }
+
+/// An agent that reconnects (a network change) before this relay has noticed its old
+/// connection's end resumes at once: the old join is ended (the other end sees a reset, as from
+/// a failed peer), the other end resumes in turn, and the pair joins on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_ends_the_old_join_so_the_other_end_resumes_at_once() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let (mut provider, _) = w.resume_agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let (old_consumer, _) = w.resume_agent(AGENT_1).await;
+    let opening = old_consumer.open("pay", "", 300);
+    let accepting = async {
+        let (inc, mut send, recv) = provider.incoming().await;
+        assert!(inc.resume, "{inc:?}");
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
+        (send, recv)
+    };
+    let ((answer, mut oc_send, _oc_recv), (_op_send, mut op_recv)) =
+        tokio::join!(opening, accepting);
+    assert_eq!(
+        answer,
+        Frame::StreamAccept(orp::StreamAccept { resume: true })
+    );
+    echo(&mut oc_send, &mut op_recv, b"before the network change").await;
+
+    // The same agent on a new connection (the old one still open as far as the relay knows).
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (mut c_send, mut c_recv) = consumer.resume(resume_req(300, 25, 0, AGENT_2, true)).await;
+    let mut byte = [0u8; 1];
+    let old = tokio::time::timeout(WAIT, op_recv.read(&mut byte))
+        .await
+        .expect("the provider's old half ends in time");
+    assert!(
+        matches!(old, Err(quinn::ReadError::Reset(c)) if c.into_inner() == u64::from(close_code::PEER_FAILED)),
+        "old half reset as from a failed peer: {old:?}"
+    );
+    let (mut p_send, mut p_recv) = provider
+        .resume(resume_req(300, 0, 25, AGENT_1, false))
+        .await;
+    assert_eq!(peer_resume(read_one(&mut c_recv).await).my_position, 0);
+    assert_eq!(peer_resume(read_one(&mut p_recv).await).my_position, 25);
+    echo(&mut c_send, &mut p_recv, b"after the network change").await;
+    echo(&mut p_send, &mut c_recv, b"same stream").await;
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
+    assert_eq!(w.mesh.stats.streams_active.load(Ordering::Relaxed), 1);
+}

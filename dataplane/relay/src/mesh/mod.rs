@@ -263,6 +263,9 @@ pub(crate) struct JoinedPair {
     pub(crate) provider: PairEnd,
     /// A deciding rule on either side says `P2P_FORBIDDEN`: candidates are not forwarded.
     pub(crate) p2p_forbidden: bool,
+    /// Ends the join at once: one of its agents resumed this stream on a new connection, so
+    /// this join (whose half on the old connection is dead) must let the other end resume too.
+    pub(crate) superseded: Arc<tokio::sync::Notify>,
 }
 
 impl JoinedPair {

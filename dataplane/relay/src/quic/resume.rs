@@ -262,6 +262,13 @@ pub(super) async fn resume(
         .await;
     };
     let id = half.req.stream_id;
+    // Still joined here (its agent reconnected before this relay noticed the old connection
+    // end): the old join ends now, so the other end sees a reset and resumes too.
+    if let Some(pair) = mesh.joined_pair(id, &half.agent.uri)
+        && pair.peer_of(&half.agent.uri).uri == half.req.peer_agent_uri
+    {
+        pair.superseded.notify_one();
+    }
     let (taken_tx, taken_rx) = oneshot::channel();
     let arrival = {
         let mut table = ctx
@@ -563,6 +570,7 @@ async fn join_pair(
         .bytes_retransmitted
         .fetch_add(retransmitted, Ordering::Relaxed);
     stats.count(ResumeOutcome::Resumed);
+    let superseded = Arc::new(tokio::sync::Notify::new());
     mesh.stream_joined(
         id,
         JoinedPair {
@@ -575,6 +583,7 @@ async fn join_pair(
                 control: p.agent.control.clone(),
             },
             p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
+            superseded: superseded.clone(),
         },
     );
     tracing::debug!(stream_id = id, consumer = %c.agent.uri, provider = %p.agent.uri, service, "stream resumed");
@@ -599,7 +608,14 @@ async fn join_pair(
         timeout: Duration::from_millis(mesh.config.stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
-    join(halves, Bytes::new(), Bytes::new(), check, idle).await;
+    join(
+        halves,
+        (Bytes::new(), Bytes::new()),
+        check,
+        idle,
+        &superseded,
+    )
+    .await;
 }
 
 /// STREAM_REJECT on `half`, then FIN; counted as `outcome`.

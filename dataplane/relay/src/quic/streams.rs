@@ -384,6 +384,7 @@ async fn open(
             bump(&mesh.stats.ready_dropped);
         }
     }
+    let superseded = Arc::new(tokio::sync::Notify::new());
     mesh.stream_joined(
         id,
         crate::mesh::JoinedPair {
@@ -396,6 +397,7 @@ async fn open(
                 control: provider.control.clone(),
             },
             p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
+            superseded: superseded.clone(),
         },
     );
     tracing::debug!(stream_id = id, consumer = %consumer.uri, provider = %provider.uri, service, "stream joined");
@@ -419,7 +421,14 @@ async fn open(
         timeout: Duration::from_millis(mesh.config.stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
-    join(halves, consumer_rest, provider_rest, check, idle).await;
+    join(
+        halves,
+        (consumer_rest, provider_rest),
+        check,
+        idle,
+        &superseded,
+    )
+    .await;
 }
 
 /// The joined stream's idle timeout (M2): a stream that moves no byte either way for
@@ -484,6 +493,8 @@ enum Cut {
     Policy,
     Expired,
     Idle,
+    /// One of its agents resumed the stream on a new connection.
+    Superseded,
 }
 
 impl Recheck<'_> {
@@ -529,13 +540,14 @@ impl Recheck<'_> {
     }
 }
 
-/// Joins the two streams until both directions end or the policy cuts them.
+/// Joins the two streams until both directions end, the policy cuts them, they idle out, or
+/// `superseded` is notified (a resume of this stream on a new connection).
 pub(super) async fn join(
     mut h: Halves,
-    consumer_rest: Bytes,
-    provider_rest: Bytes,
+    (consumer_rest, provider_rest): (Bytes, Bytes),
     mut check: Recheck<'_>,
     idle: Idle<'_>,
+    superseded: &tokio::sync::Notify,
 ) {
     let mesh = check.mesh;
     let stats = &mesh.stats;
@@ -584,9 +596,18 @@ pub(super) async fn join(
             }
             cut = check.until_denied() => Some(cut),
             () = idle_for(start, &last, idle.timeout) => Some(Cut::Idle),
+            () = superseded.notified() => Some(Cut::Superseded),
         }
     };
-    if cut == Some(Cut::Idle) {
+    if cut == Some(Cut::Superseded) {
+        // As a failed peer: the other end sees a reset and resumes in turn.
+        bump(&stats.streams_failed);
+        let code = close_code::PEER_FAILED.into();
+        let _ = h.c_send.reset(code);
+        let _ = h.p_send.reset(code);
+        let _ = h.c_recv.stop(code);
+        let _ = h.p_recv.stop(code);
+    } else if cut == Some(Cut::Idle) {
         // Counted before the resets go out: whoever sees the reset also sees the count.
         idle.stats.limit(Limit::StreamIdle);
         let code = close_code::STREAM_IDLE.into();
@@ -601,7 +622,9 @@ pub(super) async fn join(
         let _ = h.c_recv.stop(code);
         let _ = h.p_recv.stop(code);
         let (counter, reason) = match cut {
-            Cut::Policy | Cut::Idle => (&stats.cut_policy, "stream cut: policy changed"),
+            Cut::Policy | Cut::Idle | Cut::Superseded => {
+                (&stats.cut_policy, "stream cut: policy changed")
+            }
             Cut::Expired => (&stats.cut_expired, "stream cut: allowing rule expired"),
         };
         bump(counter);
