@@ -173,7 +173,7 @@ async fn open(
             // that needs P2P, which this relay does not offer (STREAM_RESUME is the way back).
             bump(&ctx.stats.migrations_to_relay);
             tracing::info!(agent = %consumer.uri, stream_id = m.stream_id, reason = %m.reason, "agent asked to move a stream back to the relay");
-            let why = "streams cannot move back to this relay (no resume)".to_owned();
+            let why = "streams cannot move back to this relay from a direct path (no P2P); resume them with STREAM_RESUME".to_owned();
             return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
         }
         Ok((other, _)) => {
