@@ -845,6 +845,34 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
                 drops.join(" ")
             }
         );
+        // Stream resume: every non-zero result, parked halves, retransmitted bytes, and the
+        // P2P signalling of joined streams (checkpoints, candidates) with the migrations.
+        let resume = &status["resume"];
+        let nonzero = |v: &serde_json::Value| -> String {
+            let list: Vec<String> = v
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, n)| count(n) > 0)
+                        .map(|(k, n)| format!("{k}={}", count(n)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if list.is_empty() {
+                "none".to_owned()
+            } else {
+                list.join(" ")
+            }
+        };
+        println!(
+            "resume: {}; parked {}, {} bytes retransmitted; p2p signals: {}; migrations to p2p {} / to relay {}",
+            nonzero(&resume["results"]),
+            count(&resume["parked"]),
+            count(&resume["bytes_retransmitted"]),
+            nonzero(&resume["p2p_signals"]),
+            count(&resume["migrations"]["to_p2p"]),
+            count(&resume["migrations"]["to_relay"]),
+        );
     }
     let leases = status["leases"].as_array().cloned().unwrap_or_default();
     let cell = |v: &serde_json::Value| match v {

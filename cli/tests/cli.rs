@@ -413,6 +413,7 @@ fn relay_status_reads_the_relay_admin_socket() {
         text.contains(" workers, ")
             && text.contains("ebpf mode ")
             && text.contains("worker 0: accepts")
+            && text.contains("resume: none; parked 0, 0 bytes retransmitted")
             && text.contains("HOSTNAME"),
         "{text}"
     );
@@ -421,6 +422,12 @@ fn relay_status_reads_the_relay_admin_socket() {
     assert_eq!(
         v["worker_stats"][0]["worker"], 0,
         "per-worker counters: {v}"
+    );
+    assert_eq!(v["resume"]["results"]["resumed"], 0, "resume counters: {v}");
+    assert_eq!(v["resume"]["parked"], 0, "resume counters: {v}");
+    assert_eq!(
+        v["resume"]["p2p_signals"]["forwarded"], 0,
+        "P2P signalling counters: {v}"
     );
     assert_eq!(
         missing.status.code(),

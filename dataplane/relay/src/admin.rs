@@ -134,10 +134,36 @@ pub fn status(s: &Sources) -> Value {
             "connections_accepted": q.connections_accepted.load(Ordering::Relaxed),
             "handshakes_failed": q.handshakes_failed.load(Ordering::Relaxed),
         },
+        "resume": resume_status(&s.mesh, q),
         "splice": {
             "pairs_active": splice.pairs_active,
             "bytes": splice.bytes,
             "pipe_held_bytes": splice.pipes.held_bytes,
+        },
+    })
+}
+
+/// Stream resume: outcomes, parked halves, retransmitted bytes, and the P2P signalling the
+/// joined streams carry (STREAM_CHECKPOINT, candidates) with the migrations recorded.
+fn resume_status(mesh: &crate::mesh::MeshStats, q: &crate::quic::QuicStats) -> Value {
+    use crate::mesh::resume::ResumeOutcome;
+    let r = &mesh.resume;
+    let outcomes: BTreeMap<&str, u64> = ResumeOutcome::ALL
+        .iter()
+        .map(|o| (o.label(), r.outcome(*o)))
+        .collect();
+    let signals: BTreeMap<&str, u64> = crate::quic::SignalOutcome::ALL
+        .iter()
+        .map(|o| (o.label(), q.signals(*o)))
+        .collect();
+    json!({
+        "results": outcomes,
+        "parked": r.parked.load(Ordering::Relaxed),
+        "bytes_retransmitted": r.bytes_retransmitted.load(Ordering::Relaxed),
+        "p2p_signals": signals,
+        "migrations": {
+            "to_p2p": q.migrations_to_p2p.load(Ordering::Relaxed),
+            "to_relay": q.migrations_to_relay.load(Ordering::Relaxed),
         },
     })
 }

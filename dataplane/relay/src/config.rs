@@ -36,6 +36,8 @@
 //! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64
 //!            decision_cache_max = 4096  decision_cache_ttl_ms = 5000
 //!            max_streams_per_tenant = 4096  stream_idle_timeout_ms = 300000
+//! [resume]   enabled = true  park_timeout_ms = 30000  # stream resume (restart-only, as [mesh])
+//!            max_parked = 4096  max_parked_per_agent = 256
 //! [[policy]] tenant = "demo"  caller = "*"  target = "payments"  method = ""  decision = "allow"
 //! ```
 //!
@@ -55,6 +57,7 @@ use crate::ingress::IngressConfig;
 use crate::lease::{LeaseConfig, PortLeaseConfig, root_host_from_url};
 use crate::mesh::MeshConfig;
 use crate::mesh::policy::StaticRule;
+use crate::mesh::resume::{MAX_PARK_TIMEOUT_MS, ResumeConfig};
 use crate::quic::{QuicConfig, TlsMaterial};
 use crate::udp::UdpConfig;
 
@@ -87,8 +90,31 @@ struct Raw {
     controller: Option<RawController>,
     lifecycle: RawLifecycle,
     mesh: RawMesh,
+    resume: RawResume,
     policy: Vec<RawPolicy>,
     ebpf: RawEbpf,
+}
+
+/// `[resume]`: stream resume (`crate::mesh::resume`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawResume {
+    enabled: bool,
+    park_timeout_ms: u64,
+    max_parked: usize,
+    max_parked_per_agent: usize,
+}
+
+impl Default for RawResume {
+    fn default() -> Self {
+        let d = ResumeConfig::default();
+        RawResume {
+            enabled: d.enabled,
+            park_timeout_ms: d.park_timeout_ms,
+            max_parked: d.max_parked,
+            max_parked_per_agent: d.max_parked_per_agent,
+        }
+    }
 }
 
 /// `[ebpf]`: optional steering programs ([`crate::steer`]).
@@ -166,6 +192,7 @@ impl Default for Raw {
             controller: None,
             lifecycle: RawLifecycle::default(),
             mesh: RawMesh::default(),
+            resume: RawResume::default(),
             policy: Vec::new(),
             ebpf: RawEbpf::default(),
         }
@@ -474,12 +501,36 @@ pub struct Settings {
     pub ebpf: crate::steer::EbpfConfig,
 }
 
-/// `[mesh]` and `[[policy]]`, checked.
+/// `[resume]`, checked.
+fn resume_config(r: RawResume) -> Result<ResumeConfig, ConfigError> {
+    if !(1..=MAX_PARK_TIMEOUT_MS).contains(&r.park_timeout_ms) {
+        return Err(bad(
+            "resume.park_timeout_ms",
+            format!("must be 1..={MAX_PARK_TIMEOUT_MS} ms"),
+        ));
+    }
+    if r.max_parked == 0 {
+        return Err(bad("resume.max_parked", "must be at least 1"));
+    }
+    if r.max_parked_per_agent == 0 {
+        return Err(bad("resume.max_parked_per_agent", "must be at least 1"));
+    }
+    Ok(ResumeConfig {
+        enabled: r.enabled,
+        park_timeout_ms: r.park_timeout_ms,
+        max_parked: r.max_parked,
+        max_parked_per_agent: r.max_parked_per_agent,
+    })
+}
+
+/// `[mesh]`, `[resume]` and `[[policy]]`, checked.
 fn mesh_config(
     m: RawMesh,
+    resume: RawResume,
     rules: Vec<RawPolicy>,
     standalone: bool,
 ) -> Result<MeshConfig, ConfigError> {
+    let resume = resume_config(resume)?;
     if m.open_timeout_ms < 100 {
         return Err(bad("mesh.open_timeout_ms", "must be at least 100 ms"));
     }
@@ -543,6 +594,7 @@ fn mesh_config(
         max_streams_per_tenant: m.max_streams_per_tenant,
         stream_idle_timeout_ms: m.stream_idle_timeout_ms,
         static_rules,
+        resume,
     })
 }
 
@@ -872,7 +924,7 @@ impl Settings {
         if raw.pipes.budget_bytes < 64 * 1024 {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));
         }
-        let mesh = mesh_config(raw.mesh, raw.policy, controller.is_none())?;
+        let mesh = mesh_config(raw.mesh, raw.resume, raw.policy, controller.is_none())?;
         let ebpf = crate::steer::EbpfConfig {
             mode: match raw.ebpf.mode.as_str() {
                 "auto" => crate::steer::EbpfMode::auto(),

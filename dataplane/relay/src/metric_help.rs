@@ -71,6 +71,21 @@ pub fn describe() {
         "outrelay_relay_mesh_streams_active",
         "Service streams joined right now."
     );
+    metrics::describe_counter!(
+        "outrelay_relay_resume_total",
+        "STREAM_RESUME halves by result (resumed and a policy refusal at the join count once per \
+         pair; expired, replaced, refused_mismatch, refused_invalid, refused_full, disabled once \
+         per half)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_resume_parked",
+        "Halves of resumed streams waiting for their peer right now."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_resume_bytes_retransmitted_total",
+        "Bytes the agents retransmit at resumed joins, from their positions (for each half, the \
+         other's my_position minus its peer_ack_position)."
+    );
     metrics::describe_gauge!(
         "outrelay_relay_cert_expiry_unix_seconds",
         "notAfter of the relay certificate new handshakes get (Unix seconds)."

@@ -182,6 +182,13 @@ fn update(s: &Sources) {
         .absolute(m.audit_truncated.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_ready_dropped_total")
         .absolute(m.ready_dropped.load(Ordering::Relaxed));
+    let r = &m.resume;
+    for o in crate::mesh::resume::ResumeOutcome::ALL {
+        counter!("outrelay_relay_resume_total", "result" => o.label()).absolute(r.outcome(o));
+    }
+    gauge!("outrelay_relay_resume_parked").set(r.parked.load(Ordering::Relaxed) as f64);
+    counter!("outrelay_relay_resume_bytes_retransmitted_total")
+        .absolute(r.bytes_retransmitted.load(Ordering::Relaxed));
     let q = &s.quic;
     counter!("outrelay_relay_quic_connections_accepted_total")
         .absolute(q.connections_accepted.load(Ordering::Relaxed));

@@ -1060,12 +1060,18 @@ struct MeshWorld {
 }
 
 fn mesh_world(policy: &[StaticRule]) -> MeshWorld {
+    mesh_world_with(policy, |_| {})
+}
+
+/// [`mesh_world`] with the mesh settings changed by `tweak` (e.g. `[resume]`).
+fn mesh_world_with(policy: &[StaticRule], tweak: impl FnOnce(&mut MeshConfig)) -> MeshWorld {
     let ca = Ca::new("test CA");
     let audit = Arc::new(AuditLog::default());
-    let config = MeshConfig {
+    let mut config = MeshConfig {
         open_timeout_ms: 2_000,
         ..MeshConfig::default()
     };
+    tweak(&mut config);
     let mesh = Mesh::new(config, "relay-1".into(), audit.clone());
     mesh.set_policy(rules(policy));
     let relay = start_relay_full(
@@ -1794,4 +1800,545 @@ async fn a_p2p_forbidden_rule_stops_candidates_and_our_agents_still_get_stream_a
     assert_eq!(provider.recv().await.expect("checkpoint"), checkpoint);
     use outrelay_relay::quic::SignalOutcome;
     assert_eq!(w.relay.stats.signals(SignalOutcome::Forbidden), 1);
+}
+
+// ---------- stream resume (issue 19 part 2, relay side) ----------
+
+const AGENT_4: &str = "outrelay://demo/agent/00000000-0000-4000-8000-000000000004";
+const OTHER_TENANT_AGENT_2: &str = "outrelay://other/agent/00000000-0000-4000-8000-000000000004";
+
+impl MeshWorld {
+    /// An agent whose HELLO asks for `stream_resume` (and `stream_accept`, as ours does); the
+    /// HELLO_ACK it got.
+    async fn resume_agent(&self, uri: &str) -> (Agent, orp::HelloAck) {
+        let mut a = connect(&self.relay, &self.ca, &self.ca.leaf(uri, &[], Eku::Client))
+            .await
+            .expect("connects");
+        let hello = Frame::Hello(orp::Hello {
+            protocol_version: "orp/1".to_owned(),
+            agent_uri: uri.to_owned(),
+            capabilities: vec![
+                "streams".to_owned(),
+                "stream_accept".to_owned(),
+                "stream_resume".to_owned(),
+            ],
+        });
+        match a.call(hello).await {
+            Frame::HelloAck(ack) => (a, ack),
+            other => panic!("expected HELLO_ACK, got {other:?}"),
+        }
+    }
+
+    fn resume_stats(&self) -> &outrelay_relay::mesh::resume::ResumeStats {
+        &self.mesh.stats.resume
+    }
+
+    fn parked(&self) -> u64 {
+        self.resume_stats().parked.load(Ordering::Relaxed)
+    }
+
+    fn outcome(&self, o: outrelay_relay::mesh::resume::ResumeOutcome) -> u64 {
+        self.resume_stats().outcome(o)
+    }
+}
+
+/// STREAM_RESUME for `pay`/`charge` as our agent sends it.
+fn resume_req(id: u64, my: u64, ack: u64, peer: &str, consumer: bool) -> orp::StreamResume {
+    orp::StreamResume {
+        stream_id: id,
+        my_position: my,
+        peer_ack_position: ack,
+        peer_agent_uri: peer.to_owned(),
+        target_service: "pay".to_owned(),
+        method: "charge".to_owned(),
+        consumer,
+    }
+}
+
+impl Agent {
+    /// Opens a fresh stream whose first frame is `req` (nothing more is written).
+    async fn resume(&self, req: orp::StreamResume) -> (quinn::SendStream, quinn::RecvStream) {
+        let (mut send, recv) = self.conn.open_bi().await.expect("open stream");
+        write_frame(&mut send, Frame::StreamResume(req)).await;
+        (send, recv)
+    }
+}
+
+/// The STREAM_REJECT of a refused resume, and that the stream then ends (FIN).
+async fn refused_with(recv: &mut quinn::RecvStream) -> orp::StreamReject {
+    let reject = match read_one(recv).await {
+        Frame::StreamReject(r) => r,
+        other => panic!("expected STREAM_REJECT, got {other:?}"),
+    };
+    let rest = tokio::time::timeout(WAIT, recv.read_to_end(64))
+        .await
+        .expect("FIN in time")
+        .expect("clean end after STREAM_REJECT");
+    assert!(rest.is_empty(), "bytes after STREAM_REJECT: {rest:?}");
+    reject
+}
+
+fn peer_resume(f: Frame) -> orp::StreamResume {
+    match f {
+        Frame::StreamResume(r) => r,
+        other => panic!("expected the peer's STREAM_RESUME, got {other:?}"),
+    }
+}
+
+/// Both halves resume: each reads the OTHER's STREAM_RESUME (its positions, its certificate
+/// URI, its role), then the pair is joined ONCE and carries bytes both ways with FIN on each
+/// direction; STREAM_CHECKPOINT flows between the control streams again; the policy was
+/// evaluated again and audited as a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_halves_are_joined_once_and_carry_bytes_both_ways() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let (mut consumer, ack) = w.resume_agent(AGENT_1).await;
+    assert!(
+        ack.accepted_features.iter().any(|f| f == "stream_resume"),
+        "{ack:?}"
+    );
+    let (mut provider, _) = w.resume_agent(AGENT_2).await;
+
+    // Consumer sent 100 bytes and got 40; provider sent 50 and got 90.
+    let (mut c_send, mut c_recv) = consumer
+        .resume(resume_req(77, 100, 40, AGENT_2, true))
+        .await;
+    eventually("the first half parked", || w.parked() == 1).await;
+    let (mut p_send, mut p_recv) = provider
+        .resume(resume_req(77, 50, 90, AGENT_1, false))
+        .await;
+    let to_consumer = peer_resume(read_one(&mut c_recv).await);
+    let to_provider = peer_resume(read_one(&mut p_recv).await);
+    assert_eq!(to_consumer, resume_req(77, 50, 90, AGENT_2, false));
+    assert_eq!(to_provider, resume_req(77, 100, 40, AGENT_1, true));
+    assert_eq!(w.parked(), 0);
+
+    // Retransmission from the acknowledged positions, then new bytes, both ways.
+    echo(&mut c_send, &mut p_recv, b"consumer bytes from position 90").await;
+    echo(&mut p_send, &mut c_recv, b"provider bytes from position 40").await;
+    assert_eq!(
+        w.mesh.stats.streams_active.load(Ordering::Relaxed),
+        1,
+        "joined exactly once"
+    );
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
+    // (100 - 90) for the provider + (50 - 40) for the consumer.
+    assert_eq!(
+        w.resume_stats().bytes_retransmitted.load(Ordering::Relaxed),
+        20
+    );
+
+    // The pair is registered: checkpoints reach the other end's control stream.
+    let checkpoint = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 77,
+        my_position: 128,
+        peer_ack_position: 84,
+    });
+    consumer.send(checkpoint.clone()).await.expect("send");
+    assert_eq!(provider.recv().await.expect("checkpoint"), checkpoint);
+    let back = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 77,
+        my_position: 84,
+        peer_ack_position: 128,
+    });
+    provider.send(back.clone()).await.expect("send");
+    assert_eq!(consumer.recv().await.expect("checkpoint"), back);
+    assert_eq!(
+        w.relay
+            .stats
+            .signals(outrelay_relay::quic::SignalOutcome::Forwarded),
+        2
+    );
+
+    // FIN each way, each on its own.
+    c_send.finish().expect("finish");
+    let got = tokio::time::timeout(WAIT, p_recv.read_to_end(1024))
+        .await
+        .expect("FIN in time")
+        .expect("FIN reaches the provider");
+    assert!(got.is_empty());
+    p_send.write_all(b"last words").await.expect("half-closed");
+    p_send.finish().expect("finish");
+    let got = tokio::time::timeout(WAIT, c_recv.read_to_end(1024))
+        .await
+        .expect("FIN in time")
+        .expect("FIN reaches the consumer");
+    assert_eq!(got, b"last words");
+    eventually("the join ended", || {
+        w.mesh.stats.streams_active.load(Ordering::Relaxed) == 0
+    })
+    .await;
+
+    // Policy evaluated again, audited as a resume on both sides.
+    let rows = w.audit.0.lock().expect("audit").clone();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0]
+            .reason
+            .starts_with("resume caller-side: rule static-0")
+    );
+    assert_eq!(
+        (rows[0].caller.as_str(), rows[0].target.as_str()),
+        (AGENT_1, "pay")
+    );
+    assert!(rows[1].reason.starts_with("resume callee-side: "));
+    assert_eq!(
+        (rows[1].caller.as_str(), rows[1].target.as_str()),
+        (AGENT_2, AGENT_1)
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r.stream_id == "77" && r.decision == outrelay_api::pb::Decision::Allow as i32)
+    );
+}
+
+/// Security boundary: an agent of the same tenant that knows a parked stream id and names the
+/// parked half's agent as its peer (or claims a second consumer) gets 409; the parked half
+/// stays parked and its right peer still joins it. Meanwhile another tenant's agents open and
+/// use a normal stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_agent_cannot_take_a_parked_half_and_the_right_peer_still_joins() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay"), allow("other", "*", "pay")]);
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (provider, _) = w.resume_agent(AGENT_2).await;
+    let (thief, _) = w.resume_agent(AGENT_3).await;
+    let (mut c_send, mut c_recv) = consumer.resume(resume_req(88, 10, 20, AGENT_2, true)).await;
+    eventually("the first half parked", || w.parked() == 1).await;
+
+    // The thief claims to be the consumer's peer (it is not AGENT_2).
+    let (_s, mut r) = thief.resume(resume_req(88, 0, 0, AGENT_1, false)).await;
+    let reject = refused_with(&mut r).await;
+    assert_eq!(reject.code, 409, "{reject:?}");
+    // A second consumer naming the right URIs is no better.
+    let (_s, mut r) = thief.resume(resume_req(88, 0, 0, AGENT_1, true)).await;
+    assert_eq!(refused_with(&mut r).await.code, 409);
+    // Nor the right provider with another method.
+    let (_s, mut r) = provider
+        .resume(orp::StreamResume {
+            method: "refund".to_owned(),
+            ..resume_req(88, 0, 0, AGENT_1, false)
+        })
+        .await;
+    assert_eq!(refused_with(&mut r).await.code, 409);
+    assert_eq!(w.outcome(ResumeOutcome::RefusedMismatch), 3);
+    assert_eq!(w.parked(), 1, "the parked half stays parked");
+    // The parked id is reserved: opening a stream with it is a collision, before any policy.
+    let (answer, _s, _r) = thief.open("pay", "", 88).await;
+    assert_eq!(reject_code(&answer), 409);
+
+    // Another tenant is served meanwhile.
+    let mut other_p = w.agent(OTHER_TENANT_AGENT).await;
+    assert!(matches!(
+        other_p.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let mut other_c = w.agent(OTHER_TENANT_AGENT_2).await;
+    let ((mut oc_send, mut oc_recv), (mut op_send, mut op_recv)) =
+        join(&mut other_c, &mut other_p, "pay", 5).await;
+    echo(&mut oc_send, &mut op_recv, b"tenant other, served").await;
+    echo(&mut op_send, &mut oc_recv, b"during the attack").await;
+
+    // The right peer joins the parked half.
+    let (mut p_send, mut p_recv) = provider
+        .resume(resume_req(88, 20, 10, AGENT_1, false))
+        .await;
+    assert_eq!(
+        peer_resume(read_one(&mut c_recv).await).peer_agent_uri,
+        AGENT_2
+    );
+    assert_eq!(
+        peer_resume(read_one(&mut p_recv).await).peer_agent_uri,
+        AGENT_1
+    );
+    echo(&mut c_send, &mut p_recv, b"still ours").await;
+    echo(&mut p_send, &mut c_recv, b"yes").await;
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
+    assert_eq!(w.parked(), 0);
+}
+
+/// A half whose peer never comes gets 404 when the window ends, and its slot is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_half_without_its_peer_expires_with_404() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world_with(&[allow("demo", "*", "pay")], |m| {
+        m.resume.park_timeout_ms = 300;
+    });
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (_s, mut r) = consumer.resume(resume_req(99, 0, 0, AGENT_2, true)).await;
+    let reject = refused_with(&mut r).await;
+    assert_eq!(reject.code, 404);
+    assert_eq!(
+        reject.reason,
+        "resume window of 300 ms expired without the peer"
+    );
+    assert_eq!(w.outcome(ResumeOutcome::Expired), 1);
+    assert_eq!(w.parked(), 0);
+}
+
+/// The policy is evaluated again at the join: a resume the current policy denies is refused
+/// with 403 on both halves (and audited as a resume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_the_current_policy_denies_gets_403_on_both_halves() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    // Only AGENT_3 may call `pay` now.
+    let w = mesh_world(&[allow("demo", AGENT_3, "pay")]);
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (provider, _) = w.resume_agent(AGENT_2).await;
+    let (_cs, mut c_recv) = consumer.resume(resume_req(66, 5, 5, AGENT_2, true)).await;
+    eventually("the first half parked", || w.parked() == 1).await;
+    let (_ps, mut p_recv) = provider.resume(resume_req(66, 5, 5, AGENT_1, false)).await;
+    for recv in [&mut c_recv, &mut p_recv] {
+        let reject = refused_with(recv).await;
+        assert_eq!(reject.code, 403, "{reject:?}");
+        assert!(reject.reason.starts_with("denied: "), "{reject:?}");
+    }
+    assert_eq!(w.outcome(ResumeOutcome::RefusedPolicy), 1);
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 0);
+    let rows = w.audit.0.lock().expect("audit").clone();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].reason.starts_with("resume caller-side: "));
+    assert_eq!(rows[0].decision, outrelay_api::pb::Decision::Deny as i32);
+}
+
+/// The Go agent's STREAM_RESUME names no service: 403 (closed world). Invalid fields: 400.
+/// A relay with resume disabled: 404, and its HELLO_ACK does not offer `stream_resume`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_style_invalid_and_disabled_resumes_are_refused() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let (agent, _) = w.resume_agent(AGENT_1).await;
+    let go_style = orp::StreamResume {
+        stream_id: 5,
+        my_position: 1,
+        peer_ack_position: 1,
+        peer_agent_uri: AGENT_2.to_owned(),
+        ..orp::StreamResume::default()
+    };
+    let (_s, mut r) = agent.resume(go_style).await;
+    let reject = refused_with(&mut r).await;
+    assert_eq!(
+        (reject.code, reject.reason.as_str()),
+        (
+            403,
+            "resume needs target_service: the relay evaluates policy again (closed world)"
+        )
+    );
+    assert_eq!(w.outcome(ResumeOutcome::RefusedPolicy), 1);
+    for bad in [
+        resume_req(0, 0, 0, AGENT_2, true),
+        resume_req(6, 0, 0, AGENT_1, true),
+        resume_req(7, 0, 0, OTHER_TENANT_AGENT, true),
+        resume_req(8, 0, 0, RELAY, true),
+        orp::StreamResume {
+            target_service: "a b".to_owned(),
+            ..resume_req(9, 0, 0, AGENT_2, true)
+        },
+    ] {
+        let (_s, mut r) = agent.resume(bad.clone()).await;
+        assert_eq!(refused_with(&mut r).await.code, 400, "{bad:?}");
+    }
+    assert_eq!(w.outcome(ResumeOutcome::RefusedInvalid), 5);
+    assert_eq!(w.parked(), 0);
+
+    let off = mesh_world_with(&[allow("demo", "*", "pay")], |m| m.resume.enabled = false);
+    let (agent, ack) = off.resume_agent(AGENT_1).await;
+    assert!(
+        !ack.accepted_features.iter().any(|f| f == "stream_resume"),
+        "{ack:?}"
+    );
+    let (_s, mut r) = agent.resume(resume_req(10, 0, 0, AGENT_2, true)).await;
+    let reject = refused_with(&mut r).await;
+    assert_eq!(
+        (reject.code, reject.reason.as_str()),
+        (404, "stream resume is disabled on this relay")
+    );
+    assert_eq!(off.outcome(ResumeOutcome::Disabled), 1);
+}
+
+/// Caps: a second parked half of one agent over `max_parked_per_agent` gets 503 (a counted
+/// limit); the same agent resuming the same id again replaces its parked half (the old one is
+/// reset), and the peer joins the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parking_is_capped_and_a_reconnected_half_replaces_its_old_one() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world_with(&[allow("demo", "*", "pay")], |m| {
+        m.resume.max_parked_per_agent = 1;
+    });
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (provider, _) = w.resume_agent(AGENT_2).await;
+    let (_old_send, mut old_recv) = consumer.resume(resume_req(11, 0, 0, AGENT_2, true)).await;
+    eventually("the first half parked", || w.parked() == 1).await;
+    let (_s, mut r) = consumer.resume(resume_req(12, 0, 0, AGENT_2, true)).await;
+    assert_eq!(refused_with(&mut r).await.code, 503);
+    assert_eq!(w.outcome(ResumeOutcome::RefusedFull), 1);
+    assert_eq!(
+        w.relay
+            .stats
+            .limited(outrelay_relay::quic::Limit::ResumeParked),
+        1
+    );
+
+    // The consumer reconnects again while parked: its new half replaces the old one.
+    let (mut c_send, mut c_recv) = consumer.resume(resume_req(11, 3, 0, AGENT_2, true)).await;
+    let mut byte = [0u8; 1];
+    let old = tokio::time::timeout(WAIT, old_recv.read(&mut byte))
+        .await
+        .expect("old half ended in time");
+    assert!(
+        matches!(old, Err(quinn::ReadError::Reset(_))),
+        "old half reset: {old:?}"
+    );
+    assert_eq!(w.outcome(ResumeOutcome::Replaced), 1);
+    assert_eq!(w.parked(), 1);
+    let (mut p_send, mut p_recv) = provider.resume(resume_req(11, 0, 3, AGENT_1, false)).await;
+    assert_eq!(peer_resume(read_one(&mut c_recv).await).my_position, 0);
+    assert_eq!(peer_resume(read_one(&mut p_recv).await).my_position, 3);
+    echo(&mut c_send, &mut p_recv, b"new half").await;
+    echo(&mut p_send, &mut c_recv, b"joined").await;
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
+}
+
+/// INCOMING_STREAM.resume and STREAM_ACCEPT.resume are true only when both agents asked for
+/// `stream_resume` (and the relay offers it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_marked_resumable_only_when_both_agents_asked() {
+    async fn open_marks(
+        consumer: &Agent,
+        provider: &Agent,
+        service: &str,
+        id: u64,
+    ) -> (bool, bool) {
+        let opening = consumer.open(service, "", id);
+        let accepting = async {
+            let (inc, mut send, recv) = provider.incoming().await;
+            write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
+            (inc.resume, send, recv)
+        };
+        let ((answer, _cs, _cr), (incoming_resume, _ps, _pr)) = tokio::join!(opening, accepting);
+        match answer {
+            Frame::StreamAccept(a) => (incoming_resume, a.resume),
+            other => panic!("expected STREAM_ACCEPT, got {other:?}"),
+        }
+    }
+    for enabled in [true, false] {
+        let w = mesh_world_with(&[allow("demo", "*", "*")], |m| m.resume.enabled = enabled);
+        let (mut resuming_provider, _) = w.resume_agent(AGENT_2).await;
+        assert!(matches!(
+            resuming_provider.provide("pay", 1).await,
+            Frame::RegisterAck(_)
+        ));
+        let mut plain_provider = w.agent(AGENT_3).await;
+        assert!(matches!(
+            plain_provider.provide("ledger", 1).await,
+            Frame::RegisterAck(_)
+        ));
+        let (resuming_consumer, _) = w.resume_agent(AGENT_1).await;
+        let plain_consumer = w.agent(AGENT_4).await;
+        let both = open_marks(&resuming_consumer, &resuming_provider, "pay", 1).await;
+        assert_eq!(
+            both,
+            (enabled, enabled),
+            "both asked, relay enabled={enabled}"
+        );
+        assert_eq!(
+            open_marks(&resuming_consumer, &plain_provider, "ledger", 2).await,
+            (false, false),
+            "the provider did not ask"
+        );
+        assert_eq!(
+            open_marks(&plain_consumer, &resuming_provider, "pay", 3).await,
+            (false, false),
+            "the consumer did not ask"
+        );
+    }
+}
+
+/// A parked half whose agent's connection has ended cannot carry the stream: its peer's half
+/// takes the place (the old one counted `expired`), and the agent, reconnected, joins it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_half_whose_connection_ended_gives_way_to_its_peer() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let (mut consumer, _) = w.resume_agent(AGENT_1).await;
+    // A service of its own, so the test can see when the relay has noticed the close.
+    assert!(matches!(
+        consumer.provide("marker", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let (provider, _) = w.resume_agent(AGENT_2).await;
+    let _gone = consumer.resume(resume_req(33, 0, 0, AGENT_2, true)).await;
+    eventually("the first half parked", || w.parked() == 1).await;
+    consumer.conn.close(0u32.into(), b"network changed");
+    eventually("the relay saw the connection end", || {
+        matches!(
+            w.mesh.resolve("demo", "marker"),
+            outrelay_relay::mesh::Resolved::NotFound
+        )
+    })
+    .await;
+    let (mut p_send, mut p_recv) = provider.resume(resume_req(33, 0, 0, AGENT_1, false)).await;
+    eventually("the stale half gave way", || {
+        w.outcome(ResumeOutcome::Expired) == 1
+    })
+    .await;
+    assert_eq!(w.parked(), 1, "the provider's half is parked now");
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (mut c_send, mut c_recv) = consumer.resume(resume_req(33, 0, 0, AGENT_2, true)).await;
+    peer_resume(read_one(&mut c_recv).await);
+    peer_resume(read_one(&mut p_recv).await);
+    echo(&mut c_send, &mut p_recv, b"after the network change").await;
+    echo(&mut p_send, &mut c_recv, b"welcome back").await;
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
+}
+
+/// An agent that reconnects (a network change) before this relay has noticed its old
+/// connection's end resumes at once: the old join is ended (the other end sees a reset, as from
+/// a failed peer), the other end resumes in turn, and the pair joins on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_ends_the_old_join_so_the_other_end_resumes_at_once() {
+    use outrelay_relay::mesh::resume::ResumeOutcome;
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let (mut provider, _) = w.resume_agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let (old_consumer, _) = w.resume_agent(AGENT_1).await;
+    let opening = old_consumer.open("pay", "", 300);
+    let accepting = async {
+        let (inc, mut send, recv) = provider.incoming().await;
+        assert!(inc.resume, "{inc:?}");
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
+        (send, recv)
+    };
+    let ((answer, mut oc_send, _oc_recv), (_op_send, mut op_recv)) =
+        tokio::join!(opening, accepting);
+    assert_eq!(
+        answer,
+        Frame::StreamAccept(orp::StreamAccept { resume: true })
+    );
+    echo(&mut oc_send, &mut op_recv, b"before the network change").await;
+
+    // The same agent on a new connection (the old one still open as far as the relay knows).
+    let (consumer, _) = w.resume_agent(AGENT_1).await;
+    let (mut c_send, mut c_recv) = consumer.resume(resume_req(300, 25, 0, AGENT_2, true)).await;
+    let mut byte = [0u8; 1];
+    let old = tokio::time::timeout(WAIT, op_recv.read(&mut byte))
+        .await
+        .expect("the provider's old half ends in time");
+    assert!(
+        matches!(old, Err(quinn::ReadError::Reset(c)) if c.into_inner() == u64::from(close_code::PEER_FAILED)),
+        "old half reset as from a failed peer: {old:?}"
+    );
+    let (mut p_send, mut p_recv) = provider
+        .resume(resume_req(300, 0, 25, AGENT_1, false))
+        .await;
+    assert_eq!(peer_resume(read_one(&mut c_recv).await).my_position, 0);
+    assert_eq!(peer_resume(read_one(&mut p_recv).await).my_position, 25);
+    echo(&mut c_send, &mut p_recv, b"after the network change").await;
+    echo(&mut p_send, &mut c_recv, b"same stream").await;
+    assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
+    assert_eq!(w.mesh.stats.streams_active.load(Ordering::Relaxed), 1);
 }

@@ -54,6 +54,31 @@ impl Drop for Relay {
     }
 }
 
+/// Every `[resume]` key at a bound is accepted (the refusals below are not a blanket refusal).
+#[test]
+fn resume_keys_at_their_bounds_are_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_pki(dir.path());
+    for table in [
+        "[resume]\nenabled = false\npark_timeout_ms = 300000\nmax_parked = 1\nmax_parked_per_agent = 1\n",
+        "[resume]\nenabled = true\npark_timeout_ms = 1\n",
+    ] {
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, format!("{}{table}", config(""))).expect("write config");
+        let out = Command::new(binary())
+            .arg("--config")
+            .arg(&path)
+            .arg("--check-config")
+            .output()
+            .expect("run relay");
+        assert!(
+            out.status.success(),
+            "{table}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn invalid_config_exits_64_with_one_line_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -114,6 +139,17 @@ fn invalid_config_exits_64_with_one_line_naming_the_key() {
             "splice.copy_buffer_bytes",
         ),
         ("[splice]\nidle_timeout_ms = 0\n", "splice.idle_timeout_ms"),
+        ("[resume]\npark_timeout_ms = 0\n", "resume.park_timeout_ms"),
+        (
+            "[resume]\npark_timeout_ms = 300001\n",
+            "resume.park_timeout_ms",
+        ),
+        ("[resume]\nmax_parked = 0\n", "resume.max_parked"),
+        (
+            "[resume]\nmax_parked_per_agent = 0\n",
+            "resume.max_parked_per_agent",
+        ),
+        ("[resume]\nenable = true\n", "enable"),
     ];
     for (bad, key) in cases {
         let text = if bad.starts_with("public_url") {

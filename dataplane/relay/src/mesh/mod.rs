@@ -27,6 +27,7 @@
 //! on the stream set-up path, never across an await and never on the byte path.
 
 pub mod policy;
+pub mod resume;
 mod stats;
 
 use std::collections::HashMap;
@@ -89,6 +90,8 @@ pub struct MeshConfig {
     pub stream_idle_timeout_ms: u64,
     /// Standalone relays only (no `[controller]`): the rules, in file order.
     pub static_rules: Vec<StaticRule>,
+    /// Stream resume (`[resume]`).
+    pub resume: resume::ResumeConfig,
 }
 
 impl Default for MeshConfig {
@@ -101,6 +104,7 @@ impl Default for MeshConfig {
             max_streams_per_tenant: DEFAULT_MAX_STREAMS_PER_TENANT,
             stream_idle_timeout_ms: DEFAULT_STREAM_IDLE_TIMEOUT_MS,
             static_rules: Vec::new(),
+            resume: resume::ResumeConfig::default(),
         }
     }
 }
@@ -259,6 +263,9 @@ pub(crate) struct JoinedPair {
     pub(crate) provider: PairEnd,
     /// A deciding rule on either side says `P2P_FORBIDDEN`: candidates are not forwarded.
     pub(crate) p2p_forbidden: bool,
+    /// Ends the join at once: one of its agents resumed this stream on a new connection, so
+    /// this join (whose half on the old connection is dead) must let the other end resume too.
+    pub(crate) superseded: Arc<tokio::sync::Notify>,
 }
 
 impl JoinedPair {

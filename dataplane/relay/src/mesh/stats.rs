@@ -106,6 +106,8 @@ pub struct MeshStats {
     pub ready_dropped: AtomicU64,
     /// Audit events with a field cut to its cap.
     pub audit_truncated: AtomicU64,
+    /// Stream resume (STREAM_RESUME halves, parked halves, retransmitted bytes).
+    pub resume: super::resume::ResumeStats,
 }
 
 impl MeshStats {

@@ -160,6 +160,10 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         ));
     }
     let (tx, rx) = mpsc::channel(ctx.config.control_send_queue_max);
+    // Stream resume is offered only while the mesh's `[resume] enabled` says so.
+    let resume_offered = ctx.mesh.get().is_some_and(|m| m.config.resume.enabled);
+    let asked = |feature: &str| hello.capabilities.iter().any(|c| c == feature);
+    let resume = resume_offered && asked(super::FEATURE_STREAM_RESUME);
     // Registered BEFORE the revocation check: a revocation that lands in between is either
     // seen by `admit` or finds this connection in the registry and closes it.
     ctx.agents().insert(
@@ -168,6 +172,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             uri: cert_uri.clone(),
             conn: conn.clone(),
             control: tx.downgrade(),
+            resume,
         },
     );
     match ctx.decider.admit(&identity) {
@@ -195,6 +200,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             .capabilities
             .iter()
             .filter(|c| IMPLEMENTED_FEATURES.contains(&c.as_str()))
+            .filter(|c| resume_offered || c.as_str() != super::FEATURE_STREAM_RESUME)
             .cloned()
             .collect(),
     }))?;
@@ -208,10 +214,8 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                 uri: cert_uri.clone(),
                 conn: conn.clone(),
                 control: out.tx.downgrade(),
-                explicit_accept: hello
-                    .capabilities
-                    .iter()
-                    .any(|c| c == super::FEATURE_STREAM_ACCEPT),
+                explicit_accept: asked(super::FEATURE_STREAM_ACCEPT),
+                resume,
             });
             tokio::spawn(streams::accept(consumer, mesh.clone(), ctx.clone()))
         }

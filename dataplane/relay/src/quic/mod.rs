@@ -12,9 +12,11 @@
 //! to [`crate::udp::UdpIngress::from_agent`].
 //!
 //! Service streams (REGISTER, OPEN_STREAM and the join) are in `streams` with their state in
-//! [`crate::mesh`]. Not here yet: relay-to-relay connections, resume, keyless signing.
+//! [`crate::mesh`]. Resumed streams (STREAM_RESUME: parked, matched, joined once) are
+//! in `resume`. Not here yet: relay-to-relay connections, keyless signing.
 
 mod conn;
+mod resume;
 mod stats;
 mod streams;
 mod tls;
@@ -94,11 +96,21 @@ pub const PROTOCOL_VERSION: &str = "orp/1";
 /// the only one HELLO_ACK can accept.
 pub const FEATURE_LEASES: &str = "leases";
 /// Every feature this relay implements (what `accepted_features` is drawn from).
-pub const IMPLEMENTED_FEATURES: &[&str] = &[FEATURE_LEASES, FEATURE_STREAMS, FEATURE_STREAM_ACCEPT];
+pub const IMPLEMENTED_FEATURES: &[&str] = &[
+    FEATURE_LEASES,
+    FEATURE_STREAMS,
+    FEATURE_STREAM_ACCEPT,
+    FEATURE_STREAM_RESUME,
+];
 /// HELLO capability: answer this agent's OPEN_STREAM with STREAM_ACCEPT on the stream before the
 /// joined bytes. Without it (Go agents) an accepted stream carries only the provider's bytes, as
 /// from the Go relay; refusals are STREAM_REJECT either way.
 pub const FEATURE_STREAM_ACCEPT: &str = "stream_accept";
+/// HELLO capability: this agent keeps rings and checkpoints for streams the relay marks
+/// `resume` (INCOMING_STREAM / STREAM_ACCEPT), and sends STREAM_RESUME after a reconnect.
+/// Accepted only while `[resume] enabled` (and a mesh is served); a stream is marked only when
+/// both of its agents asked.
+pub const FEATURE_STREAM_RESUME: &str = "stream_resume";
 /// HELLO capability: service streams (REGISTER / OPEN_STREAM).
 pub const FEATURE_STREAMS: &str = "streams";
 
@@ -439,6 +451,9 @@ pub(crate) struct Ctx {
     /// The workers' side, to cut the spliced pairs of banned or revoked leases; unset: no
     /// pairs to cut.
     pub(crate) ingress: std::sync::OnceLock<Arc<crate::ingress::Ingress>>,
+    /// Halves of resumed streams waiting for their peer, by stream id (touched once per
+    /// STREAM_RESUME, never per byte).
+    pub(crate) parked: std::sync::Mutex<resume::ParkTable>,
 }
 
 /// One registered agent connection.
@@ -448,6 +463,8 @@ pub(crate) struct AgentConn {
     /// Its control-stream send queue (STREAM_READY). Weak: the queue closing is what ends the
     /// control-stream writer at GOAWAY, so nothing but the connection's own task may keep it.
     pub(crate) control: tokio::sync::mpsc::WeakSender<outrelay_proto::frame::Frame>,
+    /// Its HELLO asked for [`FEATURE_STREAM_RESUME`] (and the relay accepted it).
+    pub(crate) resume: bool,
 }
 
 impl Ctx {
@@ -780,6 +797,7 @@ impl QuicServer {
             steering: std::sync::OnceLock::new(),
             mesh: std::sync::OnceLock::new(),
             ingress: std::sync::OnceLock::new(),
+            parked: std::sync::Mutex::new(resume::ParkTable::default()),
         });
         Ok(QuicServer {
             endpoint,

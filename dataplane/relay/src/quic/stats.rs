@@ -30,11 +30,13 @@ pub enum Limit {
     TenantStreams,
     /// A joined stream moved no byte for `mesh.stream_idle_timeout_ms` and was reset.
     StreamIdle,
+    /// STREAM_RESUME refused: `resume.max_parked` or `resume.max_parked_per_agent` halves wait.
+    ResumeParked,
 }
 
 impl Limit {
     /// Every limit, in label order.
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 11] = [
         Limit::IdentityConnections,
         Limit::FirstFrameTooLarge,
         Limit::ControlFrameTooLarge,
@@ -45,6 +47,7 @@ impl Limit {
         Limit::LocalAddr,
         Limit::TenantStreams,
         Limit::StreamIdle,
+        Limit::ResumeParked,
     ];
 
     /// The metric label.
@@ -60,6 +63,7 @@ impl Limit {
             Limit::LocalAddr => "invalid_local_addr",
             Limit::TenantStreams => "tenant_streams_max",
             Limit::StreamIdle => "stream_idle_timeout",
+            Limit::ResumeParked => "resume_parked_max",
         }
     }
 }

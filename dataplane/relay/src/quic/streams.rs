@@ -46,6 +46,8 @@ pub(crate) struct Peer {
     pub(crate) control: mpsc::WeakSender<Frame>,
     /// Its HELLO asked for STREAM_ACCEPT on its consumer streams ([`super::FEATURE_STREAM_ACCEPT`]).
     pub(crate) explicit_accept: bool,
+    /// Its HELLO asked for [`super::FEATURE_STREAM_RESUME`] and the relay accepted it.
+    pub(crate) resume: bool,
 }
 
 /// Accepts the consumer's application streams until its connection ends; each gets a task.
@@ -124,7 +126,7 @@ async fn first_frame(
     .unwrap_or(Err(FirstFrame::Timeout))
 }
 
-async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), String> {
+pub(super) async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), String> {
     let mut bytes = Vec::new();
     frame.encode(&mut bytes).map_err(|e| e.to_string())?;
     send.write_all(&bytes).await.map_err(|e| e.to_string())
@@ -162,12 +164,16 @@ async fn open(
     let deadline = Duration::from_millis(mesh.config.open_timeout_ms);
     let (req, consumer_rest) = match first_frame(&mut recv, deadline).await {
         Ok((Frame::OpenStream(req), rest)) => (req, rest),
+        Ok((Frame::StreamResume(req), rest)) => {
+            return super::resume::resume(consumer, send, recv, req, rest, mesh, ctx).await;
+        }
         Ok((Frame::MigrateToRelay(m), _)) => {
-            // A Go agent moving a stream back from a direct path: recorded; joining it again
-            // needs stream resume, which this relay does not offer yet.
+            // A Go agent moving a stream back from a direct path: recorded and refused. The Go
+            // agent follows it with raw bytes at positions only the direct path knew; joining
+            // that needs P2P, which this relay does not offer (STREAM_RESUME is the way back).
             bump(&ctx.stats.migrations_to_relay);
             tracing::info!(agent = %consumer.uri, stream_id = m.stream_id, reason = %m.reason, "agent asked to move a stream back to the relay");
-            let why = "streams cannot move back to this relay (no resume)".to_owned();
+            let why = "streams cannot move back to this relay from a direct path (no P2P); resume them with STREAM_RESUME".to_owned();
             return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
         }
         Ok((other, _)) => {
@@ -274,6 +280,7 @@ async fn open(
             conn: a.conn.clone(),
             control: a.control.clone(),
             explicit_accept: false,
+            resume: a.resume,
         }),
         Resolved::Remote { relay_id } => {
             let why = format!(
@@ -306,13 +313,15 @@ async fn open(
         return reject(send, recv, &mesh, MeshResult::Denied, why).await;
     }
 
-    // 5-6. INCOMING_STREAM to the provider, and its one answer.
+    // 5-6. INCOMING_STREAM to the provider, and its one answer. Both agents keep rings only
+    // when both asked for resume (and the relay offers it).
+    let resume = mesh.config.resume.enabled && consumer.resume && provider.resume;
     let incoming = Frame::IncomingStream(orp::IncomingStream {
         target_service: service.to_owned(),
         method: method.to_owned(),
         source_agent_uri: consumer.uri.clone(),
         stream_id: id,
-        ..Default::default()
+        resume,
     });
     let opened = tokio::time::timeout(deadline, async {
         let (mut p_send, p_recv) = provider.conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -352,7 +361,7 @@ async fn open(
     if consumer.explicit_accept
         && write_frame(
             &mut send,
-            &Frame::StreamAccept(orp::StreamAccept::default()),
+            &Frame::StreamAccept(orp::StreamAccept { resume }),
         )
         .await
         .is_err()
@@ -375,6 +384,7 @@ async fn open(
             bump(&mesh.stats.ready_dropped);
         }
     }
+    let superseded = Arc::new(tokio::sync::Notify::new());
     mesh.stream_joined(
         id,
         crate::mesh::JoinedPair {
@@ -387,6 +397,7 @@ async fn open(
                 control: provider.control.clone(),
             },
             p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
+            superseded: superseded.clone(),
         },
     );
     tracing::debug!(stream_id = id, consumer = %consumer.uri, provider = %provider.uri, service, "stream joined");
@@ -410,14 +421,21 @@ async fn open(
         timeout: Duration::from_millis(mesh.config.stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
-    join(halves, consumer_rest, provider_rest, check, idle).await;
+    join(
+        halves,
+        (consumer_rest, provider_rest),
+        check,
+        idle,
+        &superseded,
+    )
+    .await;
 }
 
 /// The joined stream's idle timeout (M2): a stream that moves no byte either way for
 /// `timeout` gives its slots back (both halves reset with [`close_code::STREAM_IDLE`]).
-struct Idle<'a> {
-    timeout: Duration,
-    stats: &'a super::QuicStats,
+pub(super) struct Idle<'a> {
+    pub(super) timeout: Duration,
+    pub(super) stats: &'a super::QuicStats,
 }
 
 /// Milliseconds since `start`, for the activity stamp (saturating).
@@ -449,24 +467,24 @@ impl Drop for StreamIdGuard<'_> {
     }
 }
 
-struct Halves {
-    c_send: quinn::SendStream,
-    c_recv: quinn::RecvStream,
-    p_send: quinn::SendStream,
-    p_recv: quinn::RecvStream,
+pub(super) struct Halves {
+    pub(super) c_send: quinn::SendStream,
+    pub(super) c_recv: quinn::RecvStream,
+    pub(super) p_send: quinn::SendStream,
+    pub(super) p_recv: quinn::RecvStream,
 }
 
 /// What a joined stream needs to check itself again after a policy change.
-struct Recheck<'a> {
-    mesh: &'a Mesh,
-    tenant: &'a str,
-    consumer: &'a str,
-    provider: &'a str,
-    service: &'a str,
-    method: &'a str,
-    rule_expires_unix_ms: i64,
+pub(super) struct Recheck<'a> {
+    pub(super) mesh: &'a Mesh,
+    pub(super) tenant: &'a str,
+    pub(super) consumer: &'a str,
+    pub(super) provider: &'a str,
+    pub(super) service: &'a str,
+    pub(super) method: &'a str,
+    pub(super) rule_expires_unix_ms: i64,
     /// Policy swaps since the decision was taken (subscribed before the policy was read).
-    changes: tokio::sync::watch::Receiver<u64>,
+    pub(super) changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Why a joined stream was cut.
@@ -475,6 +493,8 @@ enum Cut {
     Policy,
     Expired,
     Idle,
+    /// One of its agents resumed the stream on a new connection.
+    Superseded,
 }
 
 impl Recheck<'_> {
@@ -520,13 +540,14 @@ impl Recheck<'_> {
     }
 }
 
-/// Joins the two streams until both directions end or the policy cuts them.
-async fn join(
+/// Joins the two streams until both directions end, the policy cuts them, they idle out, or
+/// `superseded` is notified (a resume of this stream on a new connection).
+pub(super) async fn join(
     mut h: Halves,
-    consumer_rest: Bytes,
-    provider_rest: Bytes,
+    (consumer_rest, provider_rest): (Bytes, Bytes),
     mut check: Recheck<'_>,
     idle: Idle<'_>,
+    superseded: &tokio::sync::Notify,
 ) {
     let mesh = check.mesh;
     let stats = &mesh.stats;
@@ -575,9 +596,18 @@ async fn join(
             }
             cut = check.until_denied() => Some(cut),
             () = idle_for(start, &last, idle.timeout) => Some(Cut::Idle),
+            () = superseded.notified() => Some(Cut::Superseded),
         }
     };
-    if cut == Some(Cut::Idle) {
+    if cut == Some(Cut::Superseded) {
+        // As a failed peer: the other end sees a reset and resumes in turn.
+        bump(&stats.streams_failed);
+        let code = close_code::PEER_FAILED.into();
+        let _ = h.c_send.reset(code);
+        let _ = h.p_send.reset(code);
+        let _ = h.c_recv.stop(code);
+        let _ = h.p_recv.stop(code);
+    } else if cut == Some(Cut::Idle) {
         // Counted before the resets go out: whoever sees the reset also sees the count.
         idle.stats.limit(Limit::StreamIdle);
         let code = close_code::STREAM_IDLE.into();
@@ -592,7 +622,9 @@ async fn join(
         let _ = h.c_recv.stop(code);
         let _ = h.p_recv.stop(code);
         let (counter, reason) = match cut {
-            Cut::Policy | Cut::Idle => (&stats.cut_policy, "stream cut: policy changed"),
+            Cut::Policy | Cut::Idle | Cut::Superseded => {
+                (&stats.cut_policy, "stream cut: policy changed")
+            }
             Cut::Expired => (&stats.cut_expired, "stream cut: allowing rule expired"),
         };
         bump(counter);
