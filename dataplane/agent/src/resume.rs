@@ -54,10 +54,12 @@ pub const RING_BUDGET_BYTES: usize = 1 << 30;
 pub const PEER_LOST_CODE: u32 = 17;
 /// Pause between resume attempts (no relay connected, a refused or failed attempt).
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// STREAM_REJECT codes after which a resume is not tried again: the relay's policy denied
-/// it (403 other than a relay without its policy yet) or another pair holds the id (409).
+/// STREAM_REJECT codes after which a resume is not tried again: the relay found it invalid
+/// (400) or its policy denied it (403, except a relay still without its policy). Others (404
+/// window expired or resume disabled, 409 the id still held by the old join or parked by
+/// another pair, 429/503 caps) are retried until `resume.timeout_ms`.
+const REJECT_INVALID: u32 = 400;
 const REJECT_DENIED: u32 = 403;
-const REJECT_COLLISION: u32 = 409;
 
 fn count(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -509,7 +511,7 @@ impl Stream<'_> {
                 // A relay that restarted may refuse until its policy snapshot arrives.
                 let waiting_for_policy = r.reason.contains("no policy snapshot");
                 let temporary =
-                    r.code != REJECT_COLLISION && (r.code != REJECT_DENIED || waiting_for_policy);
+                    r.code != REJECT_INVALID && (r.code != REJECT_DENIED || waiting_for_policy);
                 if temporary {
                     return Err(Attempt::Retry(format!("{} {}", r.code, r.reason)));
                 }

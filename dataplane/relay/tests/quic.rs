@@ -2218,7 +2218,11 @@ async fn streams_are_marked_resumable_only_when_both_agents_asked() {
         };
         let ((answer, _cs, _cr), (incoming_resume, _ps, _pr)) = tokio::join!(opening, accepting);
         match answer {
-            Frame::StreamAccept(a) => (incoming_resume, a.resume),
+            Frame::StreamAccept(a) => {
+                // The consumer learns whom to name in its STREAM_RESUME.
+                assert_eq!(a.peer_agent_uri.is_empty(), !a.resume, "{a:?}");
+                (incoming_resume, a.resume)
+            }
             other => panic!("expected STREAM_ACCEPT, got {other:?}"),
         }
     }
@@ -2317,7 +2321,10 @@ async fn a_resume_ends_the_old_join_so_the_other_end_resumes_at_once() {
         tokio::join!(opening, accepting);
     assert_eq!(
         answer,
-        Frame::StreamAccept(orp::StreamAccept { resume: true })
+        Frame::StreamAccept(orp::StreamAccept {
+            resume: true,
+            peer_agent_uri: AGENT_2.to_owned(),
+        })
     );
     echo(&mut oc_send, &mut op_recv, b"before the network change").await;
 
@@ -2329,8 +2336,8 @@ async fn a_resume_ends_the_old_join_so_the_other_end_resumes_at_once() {
         .await
         .expect("the provider's old half ends in time");
     assert!(
-        matches!(old, Err(quinn::ReadError::Reset(c)) if c.into_inner() == u64::from(close_code::PEER_FAILED)),
-        "old half reset as from a failed peer: {old:?}"
+        matches!(old, Err(quinn::ReadError::Reset(c)) if c.into_inner() == u64::from(close_code::PEER_LOST)),
+        "old half reset as from a lost peer (it resumes): {old:?}"
     );
     let (mut p_send, mut p_recv) = provider
         .resume(resume_req(300, 0, 25, AGENT_1, false))

@@ -154,6 +154,10 @@ pub mod close_code {
     /// The agent's certificate passed its notAfter while connected (TLS checks it only at the
     /// handshake): it reconnects with its renewed certificate.
     pub const CERT_EXPIRED: u32 = 16;
+    /// Stream reset: the other agent's CONNECTION ended (or it resumed the stream elsewhere),
+    /// so it may come back with STREAM_RESUME: a resumable agent resumes on this code only
+    /// (every other reset code ends its stream for good).
+    pub const PEER_LOST: u32 = 17;
 }
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least

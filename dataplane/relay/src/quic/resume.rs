@@ -553,7 +553,8 @@ async fn join_pair(
     .unwrap_or_else(|_| Err("timed out".to_owned()));
     if let Err(e) = wrote {
         tracing::debug!(stream_id = id, error = %e, "resumed halves could not be told");
-        let code = close_code::PEER_FAILED.into();
+        // The half still there resumes again (its peer will too, once reconnected).
+        let code = close_code::PEER_LOST.into();
         for h in [&mut c, &mut p] {
             let _ = h.send.reset(code);
             let _ = h.recv.stop(code);

@@ -315,7 +315,11 @@ async fn open(
 
     // 5-6. INCOMING_STREAM to the provider, and its one answer. Both agents keep rings only
     // when both asked for resume (and the relay offers it).
-    let resume = mesh.config.resume.enabled && consumer.resume && provider.resume;
+    // Not for a pair of one agent with itself: its checkpoints could not tell the ends apart.
+    let resume = mesh.config.resume.enabled
+        && consumer.resume
+        && provider.resume
+        && consumer.uri != provider.uri;
     let incoming = Frame::IncomingStream(orp::IncomingStream {
         target_service: service.to_owned(),
         method: method.to_owned(),
@@ -361,7 +365,14 @@ async fn open(
     if consumer.explicit_accept
         && write_frame(
             &mut send,
-            &Frame::StreamAccept(orp::StreamAccept { resume }),
+            &Frame::StreamAccept(orp::StreamAccept {
+                resume,
+                peer_agent_uri: if resume {
+                    provider.uri.clone()
+                } else {
+                    String::new()
+                },
+            }),
         )
         .await
         .is_err()
@@ -576,21 +587,19 @@ pub(super) async fn join(
             tokio::pin!(up, down);
             let (mut up_done, mut down_done) = (false, false);
             while !(up_done && down_done) {
-                let ok = tokio::select! {
-                    ok = &mut up, if !up_done => { up_done = true; ok }
-                    ok = &mut down, if !down_done => { down_done = true; ok }
+                let ended = tokio::select! {
+                    ended = &mut up, if !up_done => { up_done = true; ended }
+                    ended = &mut down, if !down_done => { down_done = true; ended }
                 };
-                if !ok {
-                    return false;
-                }
+                ended?;
             }
-            true
+            Ok(())
         };
         tokio::select! {
-            clean = both => {
-                if !clean {
+            ended = both => {
+                if let Err(code) = ended {
                     bump(&stats.streams_failed);
-                    return end_failed(h, stats);
+                    return end_failed(h, stats, code);
                 }
                 None
             }
@@ -600,9 +609,9 @@ pub(super) async fn join(
         }
     };
     if cut == Some(Cut::Superseded) {
-        // As a failed peer: the other end sees a reset and resumes in turn.
+        // As a lost peer: the other end sees the reset and resumes in turn.
         bump(&stats.streams_failed);
-        let code = close_code::PEER_FAILED.into();
+        let code = close_code::PEER_LOST.into();
         let _ = h.c_send.reset(code);
         let _ = h.p_send.reset(code);
         let _ = h.c_recv.stop(code);
@@ -639,9 +648,9 @@ pub(super) async fn join(
     stats.streams_active.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// One direction failed: reset and stop whatever is left of both halves.
-fn end_failed(mut h: Halves, stats: &crate::mesh::MeshStats) {
-    let code = close_code::PEER_FAILED.into();
+/// One direction failed: reset and stop whatever is left of both halves with `code` (the
+/// failing side's own code, [`close_code::PEER_LOST`] when its connection ended).
+fn end_failed(mut h: Halves, stats: &crate::mesh::MeshStats, code: quinn::VarInt) {
     let _ = h.c_send.reset(code);
     let _ = h.p_send.reset(code);
     let _ = h.c_recv.stop(code);
@@ -649,21 +658,41 @@ fn end_failed(mut h: Halves, stats: &crate::mesh::MeshStats) {
     stats.streams_active.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// The code that tells the other half why a write failed: the stopper's own code, or
+/// [`close_code::PEER_LOST`] when that agent's connection ended (it may resume).
+fn write_failure(e: &quinn::WriteError) -> quinn::VarInt {
+    match e {
+        quinn::WriteError::Stopped(code) => *code,
+        quinn::WriteError::ConnectionLost(_) => close_code::PEER_LOST.into(),
+        _ => close_code::PEER_FAILED.into(),
+    }
+}
+
+/// As [`write_failure`], for a read.
+fn read_failure(e: &quinn::ReadError) -> quinn::VarInt {
+    match e {
+        quinn::ReadError::Reset(code) => *code,
+        quinn::ReadError::ConnectionLost(_) => close_code::PEER_LOST.into(),
+        _ => close_code::PEER_FAILED.into(),
+    }
+}
+
 /// Moves one direction: `rest` first, then every chunk, then FIN. A reset or a lost
 /// connection on the reading side resets the writing side (and the reverse: a writer the peer
-/// stopped stops the reader). True when the direction ended cleanly.
+/// stopped stops the reader). `Err`: the direction failed, with the code the other half gets.
 async fn pipe(
     from: &mut quinn::RecvStream,
     to: &mut quinn::SendStream,
     rest: Bytes,
     bytes: &AtomicU64,
     (start, last): (tokio::time::Instant, &AtomicU64),
-) -> bool {
+) -> Result<(), quinn::VarInt> {
     if !rest.is_empty() {
         bytes.fetch_add(rest.len() as u64, Ordering::Relaxed);
-        if to.write_chunk(rest).await.is_err() {
-            let _ = from.stop(close_code::PEER_FAILED.into());
-            return false;
+        if let Err(e) = to.write_chunk(rest).await {
+            let code = write_failure(&e);
+            let _ = from.stop(code);
+            return Err(code);
         }
     }
     let mut chunks: [Bytes; CHUNKS_PER_MOVE] = Default::default();
@@ -682,27 +711,21 @@ async fn pipe(
                             last.store(ms_since(start), Ordering::Relaxed);
                         }
                         Err(e) => {
-                            let code = match e {
-                                quinn::WriteError::Stopped(code) => code,
-                                _ => close_code::PEER_FAILED.into(),
-                            };
+                            let code = write_failure(&e);
                             let _ = from.stop(code);
-                            return false;
+                            return Err(code);
                         }
                     }
                 }
             }
             Ok(None) => {
                 let _ = to.finish();
-                return true;
+                return Ok(());
             }
             Err(e) => {
-                let code = match e {
-                    quinn::ReadError::Reset(code) => code,
-                    _ => close_code::PEER_FAILED.into(),
-                };
+                let code = read_failure(&e);
                 let _ = to.reset(code);
-                return false;
+                return Err(code);
             }
         }
     }
