@@ -677,56 +677,8 @@ async fn bulk_through_tcp_lease(backend: &str) {
             }
         }
     };
-    client.set_nodelay(true).expect("nodelay");
-    let (mut r, mut w) = client.into_split();
-    let started = Instant::now();
-    let writer = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut chunk = vec![0u8; 256 * 1024];
-        let mut sent = 0u64;
-        while sent < BULK_BYTES {
-            for word in chunk.chunks_exact_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes());
-            }
-            let n = usize::try_from((BULK_BYTES - sent).min(chunk.len() as u64)).expect("fits");
-            hasher.update(&chunk[..n]);
-            w.write_all(&chunk[..n]).await.expect("client write");
-            sent += n as u64;
-        }
-        w.shutdown().await.expect("client shutdown(Write)");
-        (sent, hasher.finalize().to_vec(), started.elapsed())
-    });
-    let reader = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        let mut got = 0u64;
-        let mut trailer = Vec::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = r.read(&mut buf).await.expect("client read");
-            if n == 0 {
-                break;
-            }
-            let data = &buf[..n];
-            let want = usize::try_from((BULK_BYTES - got).min(n as u64)).expect("fits");
-            hasher.update(&data[..want]);
-            got += want as u64;
-            trailer.extend_from_slice(&data[want..]);
-        }
-        (got, hasher.finalize().to_vec(), trailer, started.elapsed())
-    });
-    let (sent, sent_hash, write_took) = tokio::time::timeout(Duration::from_secs(300), writer)
-        .await
-        .expect("writer finished")
-        .expect("writer task");
-    let (got, got_hash, trailer, read_took) =
-        tokio::time::timeout(Duration::from_secs(300), reader)
-            .await
-            .expect("reader finished")
-            .expect("reader task");
+    let bulk = common::Bulk::start_on(client, BULK_BYTES);
+    let (sent, sent_hash, write_took, got, got_hash, trailer, read_took) = bulk.finish().await;
     let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
         .await
         .expect("echo finished")

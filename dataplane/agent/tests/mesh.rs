@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -810,103 +809,6 @@ impl LiveStream {
     }
 }
 
-/// A bulk transfer through a consumer to [`common::hashing_echo_target`]: `bytes` of a
-/// pseudo-random stream written (then FIN) while the echo is read and hashed.
-struct Bulk {
-    writer: JoinHandle<(u64, Vec<u8>, Duration)>,
-    reader: JoinHandle<(u64, Vec<u8>, Vec<u8>, Duration)>,
-    /// Echoed bytes received so far.
-    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Bulk {
-    async fn start(addr: SocketAddr, bytes: u64) -> Bulk {
-        use std::sync::atomic::Ordering;
-        let client = TcpStream::connect(addr).await.expect("connect consumer");
-        client.set_nodelay(true).expect("nodelay");
-        let (mut r, mut w_half) = client.into_split();
-        let started = Instant::now();
-        let writer = tokio::spawn(async move {
-            let mut hasher = Sha256::new();
-            let mut state = 0x9E37_79B9_7F4A_7C15u64;
-            let mut chunk = vec![0u8; 256 * 1024];
-            let mut sent = 0u64;
-            while sent < bytes {
-                for word in chunk.chunks_exact_mut(8) {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    word.copy_from_slice(&state.to_le_bytes());
-                }
-                let n = usize::try_from((bytes - sent).min(chunk.len() as u64)).expect("fits");
-                hasher.update(&chunk[..n]);
-                w_half.write_all(&chunk[..n]).await.expect("client write");
-                sent += n as u64;
-            }
-            w_half.shutdown().await.expect("client shutdown(Write)");
-            (sent, hasher.finalize().to_vec(), started.elapsed())
-        });
-        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let progress = received.clone();
-        let reader = tokio::spawn(async move {
-            let mut hasher = Sha256::new();
-            let mut got = 0u64;
-            let mut trailer = Vec::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = r.read(&mut buf).await.expect("client read");
-                if n == 0 {
-                    break;
-                }
-                let data = &buf[..n];
-                let want = usize::try_from((bytes - got).min(n as u64)).expect("fits");
-                hasher.update(&data[..want]);
-                got += want as u64;
-                progress.store(got, Ordering::Relaxed);
-                trailer.extend_from_slice(&data[want..]);
-            }
-            (got, hasher.finalize().to_vec(), trailer, started.elapsed())
-        });
-        Bulk {
-            writer,
-            reader,
-            received,
-        }
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Waits (bounded) until at least `bytes` came back.
-    async fn wait_received(&self, bytes: u64) {
-        let reached = poll(Duration::from_secs(120), || self.received() >= bytes).await;
-        assert!(
-            reached,
-            "only {} of {bytes} bytes came back",
-            self.received()
-        );
-    }
-
-    /// (sent, its SHA-256, write time, echoed, their SHA-256, bytes after them, read time).
-    #[allow(clippy::type_complexity)]
-    async fn finish(self) -> (u64, Vec<u8>, Duration, u64, Vec<u8>, Vec<u8>, Duration) {
-        let (sent, sent_hash, write_took) =
-            tokio::time::timeout(Duration::from_secs(300), self.writer)
-                .await
-                .expect("writer finished within 300 s")
-                .expect("writer task");
-        let (got, got_hash, trailer, read_took) =
-            tokio::time::timeout(Duration::from_secs(300), self.reader)
-                .await
-                .expect("reader finished within 300 s")
-                .expect("reader task");
-        (
-            sent, sent_hash, write_took, got, got_hash, trailer, read_took,
-        )
-    }
-}
-
 /// A consumer of `service` on port 0.
 fn consume(service: &str) -> String {
     format!("[[consume]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\n")
@@ -997,7 +899,7 @@ async fn a_mesh_stream_carries_100_mib_each_way_with_equal_hashes_and_half_close
     // The hashing target takes ONE connection: probe the rule on `web` first.
     let waited = eventually_ok(consumer.consumer(1), Instant::now(), "allow").await;
     eprintln!("allow rule effective after {waited:?}");
-    let bulk = Bulk::start(consumer.consumer(0), BULK_BYTES).await;
+    let bulk = common::Bulk::start(consumer.consumer(0), BULK_BYTES).await;
     let (sent, sent_hash, write_took, got, got_hash, trailer, read_took) = bulk.finish().await;
     let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
         .await
@@ -1897,7 +1799,7 @@ fn resume_lines(text: &str) -> String {
 }
 
 /// Checks a finished bulk transfer: every byte once, in order, both ways.
-async fn assert_bulk_intact(bulk: Bulk, echo: JoinHandle<(u64, Vec<u8>)>, bytes: u64) {
+async fn assert_bulk_intact(bulk: common::Bulk, echo: JoinHandle<(u64, Vec<u8>)>, bytes: u64) {
     let (sent, sent_hash, write_took, got, got_hash, trailer, read_took) = bulk.finish().await;
     let (echo_total, echo_hash) = tokio::time::timeout(WAIT, echo)
         .await
@@ -1927,7 +1829,7 @@ async fn a_gigabyte_each_way_survives_kill_9_of_the_relay_and_its_restart() {
     provider.ready().await;
     let mut consumer = w.agent("consumer", CONSUMER_A, &consume("bulk"));
     consumer.ready().await;
-    let bulk = Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
+    let bulk = common::Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
     bulk.wait_received(RESUME_BULK_BYTES / 4).await;
     let at_kill = bulk.received();
     let restarted = w.kill9_and_restart_relay().await;
@@ -1975,7 +1877,7 @@ async fn a_gigabyte_each_way_moves_to_the_second_relay_when_the_first_gets_sigte
     provider.ready().await;
     let mut consumer = w.agent_on("consumer", CONSUMER_A, &relays, &consume("bulk"));
     consumer.ready().await;
-    let bulk = Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
+    let bulk = common::Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
     bulk.wait_received(RESUME_BULK_BYTES / 4).await;
     let at_term = bulk.received();
     let pid = i32::try_from(w.relay.0.id()).expect("pid");

@@ -11,8 +11,10 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// A TCP echo server for any number of connections.
@@ -61,6 +63,115 @@ pub async fn hashing_echo_target() -> (SocketAddr, JoinHandle<(u64, Vec<u8>)>) {
         (total, digest)
     });
     (addr, task)
+}
+
+/// A bulk transfer to [`hashing_echo_target`] through whatever is in between: `bytes` of a
+/// pseudo-random stream written (then FIN) while the echo is read and hashed.
+#[allow(dead_code, reason = "used by some of the test files only")]
+pub struct Bulk {
+    writer: JoinHandle<(u64, Vec<u8>, Duration)>,
+    reader: JoinHandle<(u64, Vec<u8>, Vec<u8>, Duration)>,
+    /// Echoed bytes received so far.
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[allow(dead_code, reason = "used by some of the test files only")]
+impl Bulk {
+    /// Connects to `addr` and starts.
+    pub async fn start(addr: SocketAddr, bytes: u64) -> Bulk {
+        let client = TcpStream::connect(addr).await.expect("connect");
+        Bulk::start_on(client, bytes)
+    }
+
+    /// Starts on a connected `client`.
+    pub fn start_on(client: TcpStream, bytes: u64) -> Bulk {
+        use std::sync::atomic::Ordering;
+        client.set_nodelay(true).expect("nodelay");
+        let (mut r, mut w_half) = client.into_split();
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            let mut chunk = vec![0u8; 256 * 1024];
+            let mut sent = 0u64;
+            while sent < bytes {
+                for word in chunk.chunks_exact_mut(8) {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    word.copy_from_slice(&state.to_le_bytes());
+                }
+                let n = usize::try_from((bytes - sent).min(chunk.len() as u64)).expect("fits");
+                hasher.update(&chunk[..n]);
+                w_half.write_all(&chunk[..n]).await.expect("client write");
+                sent += n as u64;
+            }
+            w_half.shutdown().await.expect("client shutdown(Write)");
+            (sent, hasher.finalize().to_vec(), started.elapsed())
+        });
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = received.clone();
+        let reader = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut got = 0u64;
+            let mut trailer = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = r.read(&mut buf).await.expect("client read");
+                if n == 0 {
+                    break;
+                }
+                let data = &buf[..n];
+                let want = usize::try_from((bytes - got).min(n as u64)).expect("fits");
+                hasher.update(&data[..want]);
+                got += want as u64;
+                progress.store(got, Ordering::Relaxed);
+                trailer.extend_from_slice(&data[want..]);
+            }
+            (got, hasher.finalize().to_vec(), trailer, started.elapsed())
+        });
+        Bulk {
+            writer,
+            reader,
+            received,
+        }
+    }
+
+    /// Echoed bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until at least `bytes` came back.
+    pub async fn wait_received(&self, bytes: u64) {
+        let start = Instant::now();
+        while self.received() < bytes {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "only {} of {bytes} bytes came back",
+                self.received()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// (sent, its SHA-256, write time, echoed, their SHA-256, bytes after them, read time).
+    #[allow(clippy::type_complexity)]
+    pub async fn finish(self) -> (u64, Vec<u8>, Duration, u64, Vec<u8>, Vec<u8>, Duration) {
+        let (sent, sent_hash, write_took) =
+            tokio::time::timeout(Duration::from_secs(300), self.writer)
+                .await
+                .expect("writer finished within 300 s")
+                .expect("writer task");
+        let (got, got_hash, trailer, read_took) =
+            tokio::time::timeout(Duration::from_secs(300), self.reader)
+                .await
+                .expect("reader finished within 300 s")
+                .expect("reader task");
+        (
+            sent, sent_hash, write_took, got, got_hash, trailer, read_took,
+        )
+    }
 }
 
 /// A test CA: the controller's role in these tests (it signs relay and agent identities).
