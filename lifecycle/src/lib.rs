@@ -2,12 +2,15 @@
 //! `outrelay-controller`: SIGTERM/SIGINT/SIGHUP as a stream of [`Signal`]s, systemd
 //! notifications (`READY=1`, `STOPPING=1`, `RELOADING=1`) and a [`Watchdog`] that pings only
 //! while every registered worker beats, the diff of two config files for a reload
-//! ([`changed_keys`]), and the bounded wait for in-flight work ([`drain`]).
+//! ([`changed_keys`]), and the bounded wait for in-flight work ([`drain`]). [`config_doc`]
+//! checks docs/config.md against each daemon's config structs (used by their tests).
 //!
 //! Not here: what a daemon applies live on reload (each daemon decides; ARCHITECTURE.md).
 //! Without `NOTIFY_SOCKET` every notification is a no-op, so a daemon behaves the same under
 //! systemd, under a test's notify listener, and on a terminal.
 #![forbid(unsafe_code)]
+
+pub mod config_doc;
 
 use std::sync::Arc;
 use std::sync::Mutex;
