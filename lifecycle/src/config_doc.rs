@@ -9,7 +9,8 @@
 //! part; each `### ` heading names a section in backticks (`` `[leases]` ``, `` `[[lease]]` ``;
 //! no backticks: the top level); each row is `` | `key` | type | default | limits | reload |
 //! meaning | `` with the default either one TOML value in backticks or words (`required`,
-//! `none`, ...) for a key without a plain default.
+//! `none`, ...) for a key without a plain default, and the reload cell one of
+//! [`RELOAD_CELLS`].
 
 use std::fmt::Write as _;
 
@@ -29,6 +30,10 @@ pub struct Key {
     pub plain: bool,
 }
 
+/// What the "reload" column may say: applied live, or needs a restart (optionally with the
+/// file the key names re-read on SIGHUP, e.g. certificates).
+pub const RELOAD_CELLS: [&str; 3] = ["live", "restart", "restart; file re-read"];
+
 /// One row of docs/config.md.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -38,6 +43,8 @@ pub struct Row {
     pub ty: String,
     /// The default cell as written.
     pub default: String,
+    /// The reload cell.
+    pub reload: String,
     /// 1-based line in the markdown.
     pub line: usize,
 }
@@ -100,6 +107,7 @@ pub fn doc_rows(md: &str, daemon: &str) -> Vec<Row> {
             path,
             ty: cells.get(1).copied().unwrap_or("").to_owned(),
             default: cells.get(2).copied().unwrap_or("").to_owned(),
+            reload: cells.get(4).copied().unwrap_or("").to_owned(),
             line: i + 1,
         });
     }
@@ -125,7 +133,8 @@ pub fn default_value(cell: &str) -> Result<Option<toml::Value>, String> {
 /// Every difference between the daemon's accepted `keys` and its part of `md`, one line each
 /// saying what to do. `is_default(path, value)` says whether `value` is the struct's default
 /// of `path` (`None`: this daemon cannot tell, allowed only for keys that are not
-/// [`Key::plain`]). Empty: the docs match.
+/// [`Key::plain`]). The reload cell must be one of [`RELOAD_CELLS`], `live` exactly for the
+/// keys [`crate::applied_live`] names. Empty: the docs match.
 pub fn check(
     md: &str,
     daemon: &str,
@@ -166,6 +175,19 @@ pub fn check(
             ));
             continue;
         };
+        let live = crate::applied_live(&r.path);
+        if !RELOAD_CELLS.contains(&r.reload.as_str()) || (r.reload == "live") != live {
+            let want = if live {
+                "live"
+            } else {
+                "restart (or `restart; file re-read`)"
+            };
+            say(format!(
+                "{at}: reload column says `{}`, but SIGHUP (Reloader::reload) makes it {want}: \
+                 fix the column",
+                r.reload
+            ));
+        }
         if r.ty != k.ty {
             say(format!(
                 "{at}: type column says `{}`, the config reads `{}`: fix the type",
@@ -459,6 +481,7 @@ mod tests {
         peer: Option<Peer>,
         entry: Vec<Entry>,
         names: Vec<String>,
+        lifecycle: crate::RawLifecycle,
     }
 
     impl Default for Raw {
@@ -469,6 +492,7 @@ mod tests {
                 peer: None,
                 entry: Vec::new(),
                 names: Vec::new(),
+                lifecycle: crate::RawLifecycle::default(),
             }
         }
     }
@@ -524,6 +548,8 @@ mod tests {
 ### `[[entry]]`
 | `id` | string | required | | restart | id |
 | `methods` | table | `{}` | | restart | per method |
+### `[lifecycle]`
+| `shutdown_grace_ms` | integer | `30000` | | live | grace |
 ## outrelay-other
 | `stray` | string | `\"\"` | | restart | another daemon's key |
 ";
@@ -562,6 +588,7 @@ mod tests {
                 ("entry.id", "string", false),
                 ("entry.methods", "table", false),
                 ("names", "array of strings", false),
+                ("lifecycle.shutdown_grace_ms", "integer", true),
             ]
         );
     }
@@ -625,7 +652,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_default_type_or_wording_fails() {
+    fn wrong_default_type_reload_or_wording_fails() {
         let keys = keys::<Raw>().expect("walk");
         for (from, to, want) in [
             ("`8`", "`9`", "documented default 9"),
@@ -633,6 +660,13 @@ mod tests {
             ("`5000`", "`500`", "documented default 500"),
             ("| `on` | bool", "| `on` | integer", "type column"),
             ("`\"x\"`", "`x y`", "not one TOML value"),
+            ("`8` | >= 1 | restart", "`8` | >= 1 | live", "reload column"),
+            ("| live |", "| restart |", "makes it live"),
+            (
+                "| `on` | bool | `true` | | restart",
+                "| `on` | bool | `true` | | maybe",
+                "reload column",
+            ),
         ] {
             let problems = check(
                 &DOC.replacen(from, to, 1),
