@@ -2,12 +2,15 @@
 //! `outrelay-controller`: SIGTERM/SIGINT/SIGHUP as a stream of [`Signal`]s, systemd
 //! notifications (`READY=1`, `STOPPING=1`, `RELOADING=1`) and a [`Watchdog`] that pings only
 //! while every registered worker beats, the diff of two config files for a reload
-//! ([`changed_keys`]), and the bounded wait for in-flight work ([`drain`]).
+//! ([`changed_keys`]), and the bounded wait for in-flight work ([`drain`]). [`config_doc`]
+//! checks docs/config.md against each daemon's config structs (used by their tests).
 //!
 //! Not here: what a daemon applies live on reload (each daemon decides; ARCHITECTURE.md).
 //! Without `NOTIFY_SOCKET` every notification is a no-op, so a daemon behaves the same under
 //! systemd, under a test's notify listener, and on a terminal.
 #![forbid(unsafe_code)]
+
+pub mod config_doc;
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -250,6 +253,13 @@ impl Default for RawLifecycle {
     }
 }
 
+/// Whether [`Reloader::reload`] applies the dotted config key `key` live (today: only
+/// `[lifecycle]`); every other changed key is logged `needs_restart`. docs/config.md's
+/// "reload" column is checked against this ([`config_doc::check`]).
+pub fn applied_live(key: &str) -> bool {
+    key.starts_with("lifecycle.")
+}
+
 /// SIGHUP handling for a daemon whose live keys are only `[lifecycle]`: validate the file
 /// again, keep the running config when it is invalid, otherwise apply the grace and name the
 /// changed keys that need a restart.
@@ -302,9 +312,8 @@ impl Reloader {
                     .and_then(|p| std::fs::read_to_string(p).ok())
                     .unwrap_or_default();
                 let changed = changed_keys(&self.started_with, &text).unwrap_or_default();
-                let (live, restart): (Vec<String>, Vec<String>) = changed
-                    .into_iter()
-                    .partition(|k| k.starts_with("lifecycle."));
+                let (live, restart): (Vec<String>, Vec<String>) =
+                    changed.into_iter().partition(|k| applied_live(k));
                 self.shutdown_grace_ms.store(grace_ms, Ordering::Relaxed);
                 if restart.is_empty() {
                     tracing::info!(applied = ?live, "config reloaded");

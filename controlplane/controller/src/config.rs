@@ -610,4 +610,30 @@ mod tests {
         let e = toml::from_str::<RawConfig>("bogus = 1").expect_err("unknown key");
         assert!(e.to_string().contains("bogus"), "{e}");
     }
+
+    /// Every key is an `Option` whose default [`Settings::from_raw`] applies: a documented
+    /// default is right when setting it changes no setting.
+    fn is_default(path: &str, v: &toml::Value) -> Option<bool> {
+        let settings = |text: &str| {
+            let raw: RawConfig = toml::from_str(text).ok()?;
+            Settings::from_raw(raw, &Overrides::default())
+                .ok()
+                .map(|s| format!("{s:?}"))
+        };
+        let text = outrelay_lifecycle::config_doc::with_key("", path, v);
+        Some(settings("")? == settings(&text)?)
+    }
+
+    #[test]
+    fn docs_config_md_lists_every_controller_key_with_its_default() {
+        use outrelay_lifecycle::config_doc;
+        let keys = config_doc::keys::<RawConfig>().expect("walk the raw config");
+        let md = include_str!("../../../docs/config.md");
+        let problems = config_doc::check(md, "outrelay-controller", &keys, is_default);
+        assert!(
+            problems.is_empty(),
+            "docs/config.md no longer matches controlplane/controller/src/config.rs:\n{}",
+            problems.join("\n")
+        );
+    }
 }

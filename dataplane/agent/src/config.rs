@@ -1448,3 +1448,32 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+    use outrelay_lifecycle::config_doc;
+
+    fn is_default(path: &str, v: &toml::Value) -> Option<bool> {
+        // The serde-required keys of each array entry; the rest take their defaults.
+        let context = match path.split_once('.').map(|(s, _)| s) {
+            Some("lease") => "[[lease]]\nname = \"demo\"\n",
+            Some("provide") => "[[provide]]\nservice = \"s\"\n",
+            Some("consume") => "[[consume]]\nservice = \"s\"\nlisten = \"127.0.0.1:0\"\n",
+            _ => "",
+        };
+        config_doc::default_matches::<Raw>(path, v, context)
+    }
+
+    #[test]
+    fn docs_config_md_lists_every_agent_key_with_its_default() {
+        let keys = config_doc::keys::<Raw>().expect("walk the raw config");
+        let md = include_str!("../../../docs/config.md");
+        let problems = config_doc::check(md, "outrelay-agent", &keys, is_default);
+        assert!(
+            problems.is_empty(),
+            "docs/config.md no longer matches dataplane/agent/src/config.rs:\n{}",
+            problems.join("\n")
+        );
+    }
+}

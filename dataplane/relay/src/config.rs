@@ -1003,3 +1003,65 @@ fn ephemeral_range() -> Option<(u16, u16)> {
     let mut it = text.split_whitespace().map(str::parse::<u16>);
     Some((it.next()?.ok()?, it.next()?.ok()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outrelay_lifecycle::config_doc;
+
+    /// The defaults of keys the raw struct leaves `None` (applied in [`Settings::from_raw`]).
+    fn option_default(path: &str) -> Option<toml::Value> {
+        use crate::control as c;
+        use crate::quic as q;
+        let int = |v: u64| i64::try_from(v).ok().map(toml::Value::Integer);
+        match path {
+            "quic.idle_timeout_ms" => int(q::DEFAULT_IDLE_TIMEOUT_MS),
+            "quic.keep_alive_ms" => int(q::DEFAULT_KEEP_ALIVE_MS),
+            "quic.hello_deadline_ms" => int(q::DEFAULT_HELLO_DEADLINE_MS),
+            "quic.drain_grace_ms" => int(q::DEFAULT_DRAIN_GRACE_MS),
+            "quic.max_concurrent_streams" => int(q::DEFAULT_MAX_CONCURRENT_STREAMS.into()),
+            "quic.max_connections_per_identity" => {
+                int(q::DEFAULT_MAX_CONNECTIONS_PER_IDENTITY as u64)
+            }
+            "quic.lease_frames_per_s" => int(q::DEFAULT_LEASE_FRAMES_PER_S.into()),
+            "quic.lease_frames_burst" => int(q::DEFAULT_LEASE_FRAMES_BURST.into()),
+            "quic.stream_opens_per_s" => int(q::DEFAULT_STREAM_OPENS_PER_S.into()),
+            "quic.stream_opens_burst" => int(q::DEFAULT_STREAM_OPENS_BURST.into()),
+            "quic.connection_receive_window_bytes" => {
+                int(q::DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES)
+            }
+            "quic.stream_receive_window_bytes" => int(q::DEFAULT_STREAM_RECEIVE_WINDOW_BYTES),
+            "controller.heartbeat_interval_ms" => int(c::DEFAULT_HEARTBEAT_INTERVAL_MS),
+            "controller.report_timeout_ms" => int(c::DEFAULT_REPORT_TIMEOUT_MS),
+            "controller.reconnect_backoff_ms" => int(c::DEFAULT_RECONNECT_BACKOFF_MS),
+            "controller.reconnect_backoff_max_ms" => int(c::DEFAULT_RECONNECT_BACKOFF_MAX_MS),
+            "controller.report_queue_max" => int(c::DEFAULT_REPORT_QUEUE_MAX as u64),
+            "controller.state_dir" => Some(toml::Value::String(c::DEFAULT_STATE_DIR.into())),
+            _ => None,
+        }
+    }
+
+    fn is_default(path: &str, v: &toml::Value) -> Option<bool> {
+        if path.starts_with("quic.") || path.starts_with("controller.") {
+            return option_default(path).map(|d| d == *v);
+        }
+        let context = if path.starts_with("policy.") {
+            "[[policy]]\ntenant = \"t\"\ncaller = \"*\"\ntarget = \"s\"\ndecision = \"allow\"\n"
+        } else {
+            ""
+        };
+        config_doc::default_matches::<Raw>(path, v, context)
+    }
+
+    #[test]
+    fn docs_config_md_lists_every_relay_key_with_its_default() {
+        let keys = config_doc::keys::<Raw>().expect("walk the raw config");
+        let md = include_str!("../../../docs/config.md");
+        let problems = config_doc::check(md, "outrelay-relay", &keys, is_default);
+        assert!(
+            problems.is_empty(),
+            "docs/config.md no longer matches dataplane/relay/src/config.rs:\n{}",
+            problems.join("\n")
+        );
+    }
+}
