@@ -2014,19 +2014,19 @@ async fn a_gigabyte_each_way_moves_to_the_second_relay_when_the_first_gets_sigte
     assert!(agent_resumes(&provider, "resumed") >= 1.0);
 }
 
-/// `outrelay relay ARGS --relay unix://<relay 1's admin socket>` (a blocking child).
-fn relay_admin(w: &World, args: &[&str]) -> Command {
+/// `outrelay relay ARGS --relay unix://<relay NAME's admin socket>` (a blocking child).
+fn relay_admin(w: &World, name: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(sibling_binary("outrelay"));
-    cmd.arg("relay").args(args).arg("--relay").arg(format!(
-        "unix://{}",
-        admin_socket(w.path(), "relay").display()
-    ));
+    cmd.arg("relay")
+        .args(args)
+        .arg("--relay")
+        .arg(format!("unix://{}", admin_socket(w.path(), name).display()));
     cmd
 }
 
-/// Relay 1's `drain` progress from `outrelay relay status --output json`.
-async fn drain_status(w: &World) -> serde_json::Value {
-    let o = run_blocking(relay_admin(w, &["status", "--output", "json"])).await;
+/// Relay NAME's `drain` progress from `outrelay relay status --output json`.
+async fn drain_status(w: &World, name: &str) -> serde_json::Value {
+    let o = run_blocking(relay_admin(w, name, &["status", "--output", "json"])).await;
     assert!(o.status.success(), "relay status: {}", text(&o));
     let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
     status["drain"].clone()
@@ -2038,15 +2038,38 @@ async fn drain_empties_a_relay_while_a_second_one_takes_its_agents() {
     let (_relay2, quic2, metrics2) = w.second_relay().await;
     let relays = [w.quic, quic2];
     let (echo, _echo_task) = common::echo_server().await;
-    let mut provider = w.agent_on("provider", PROVIDER_A, &relays, &provide("echo", echo));
+    // The provider also holds a public lease (on every relay of its list, as agents do).
+    let mut provider = w.agent_on(
+        "provider",
+        PROVIDER_A,
+        &relays,
+        &format!(
+            "{}[[lease]]\nname = \"drained\"\ntls_to = \"{echo}\"\n",
+            provide("echo", echo)
+        ),
+    );
     provider.ready().await;
     let mut consumer = w.agent_on("consumer", CONSUMER_A, &relays, &consume("echo"));
     consumer.ready().await;
-    let mut live = LiveStream::open(consumer.consumer(0)).await;
+    // Ready means one relay is up: wait for both agents on both relays, so the stream opens
+    // on relay 1 (the first of the list).
+    let t0 = Instant::now();
+    while drain_status(&w, "relay").await["agents"] != 2
+        || drain_status(&w, "relay2").await["agents"] != 2
+    {
+        assert!(t0.elapsed() < WAIT, "the agents never reached both relays");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut live =
+        LiveStream::open_when_allowed(consumer.consumer(0), WAIT, "no echo through relay 1").await;
     live.keep_flowing(Duration::from_millis(300)).await;
-    let before = drain_status(&w).await;
+    let before = drain_status(&w, "relay").await;
     assert_eq!(before["draining"], false, "{before}");
     assert_eq!(before["agents"], 2, "both agents are on relay 1: {before}");
+    assert_eq!(
+        before["leases"], 1,
+        "the provider's lease is on relay 1: {before}"
+    );
     assert_eq!(
         before["streams"], 1,
         "the live stream goes through relay 1: {before}"
@@ -2055,6 +2078,7 @@ async fn drain_empties_a_relay_while_a_second_one_takes_its_agents() {
     // Drain relay 1 while the stream keeps echoing: every echo must come back.
     let drain = tokio::spawn(run_blocking(relay_admin(
         &w,
+        "relay",
         &["drain", "--wait", "--timeout-s", "60"],
     )));
     live.keep_flowing(Duration::from_secs(3)).await;
@@ -2077,7 +2101,7 @@ async fn drain_empties_a_relay_while_a_second_one_takes_its_agents() {
     live.keep_flowing(Duration::from_millis(500)).await;
 
     // Relay 1 stays empty and says so; agents that come back are refused, counted.
-    let after = drain_status(&w).await;
+    let after = drain_status(&w, "relay").await;
     assert_eq!(after["draining"], true, "{after}");
     assert_eq!(
         (after["agents"].as_u64(), after["streams"].as_u64()),
@@ -2118,7 +2142,17 @@ async fn drain_empties_a_relay_while_a_second_one_takes_its_agents() {
         2.0,
         "both streams go through relay 2"
     );
-    assert_eq!(drain_status(&w).await["streams"], 0);
+    assert_eq!(drain_status(&w, "relay").await["streams"], 0);
+    let second = drain_status(&w, "relay2").await;
+    assert_eq!(
+        (&second["draining"], &second["agents"], &second["leases"]),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!(2),
+            &serde_json::json!(1)
+        ),
+        "relay 2 holds both agents and the lease: {second}"
+    );
     assert_eq!(agent_resumes(&consumer, "lost"), 0.0);
     assert_eq!(agent_resumes(&provider, "lost"), 0.0);
 }
