@@ -3,8 +3,9 @@
 //!
 //! Protocol: the client writes one command line (`status`, `drain`), the relay answers one
 //! JSON document and closes. `drain` starts draining (see [`crate::quic::DrainHandle`]) and
-//! answers the drain progress; `status` carries the same progress under `drain`. Only root and members of the `outrelay-admin` group (checked with
-//! SO_PEERCRED) are served; anyone else gets `{"error": "permission denied"}`.
+//! answers the drain progress; `status` carries the same progress under `drain`. Only root and
+//! members of the `outrelay-admin` group (checked with SO_PEERCRED) are served; anyone else
+//! gets `{"error": "permission denied"}`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
