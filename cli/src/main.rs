@@ -4,8 +4,8 @@
 //! `outrelay-admin` are global admins there) or over `https://host:7444` with a client
 //! certificate. Exit codes: 0 ok, 1 remote error or not found, 2 usage error.
 //!
-//! `outrelay relay status|drain` (the relay's admin socket) are not here yet: the relay admin
-//! socket does not exist.
+//! `outrelay relay status|drain` talk to a relay's local admin socket instead
+//! (`--relay unix:///run/outrelay/relay.sock`).
 #![forbid(unsafe_code)]
 
 mod dev_pki;
@@ -247,6 +247,23 @@ enum RelayCmd {
             env = "OUTRELAY_RELAY"
         )]
         relay: String,
+    },
+    /// Drains the relay: no new agent connection or lease, GOAWAY to every agent (they move
+    /// to their other relays); prints what is left (agents, leases, pairs, streams).
+    Drain {
+        /// The relay's admin socket.
+        #[arg(
+            long,
+            default_value = "unix:///run/outrelay/relay.sock",
+            env = "OUTRELAY_RELAY"
+        )]
+        relay: String,
+        /// Polls every 500 ms, printing progress, until nothing is left (exit 1 on timeout).
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, in seconds.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout_s: u64,
     },
 }
 
@@ -603,6 +620,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Relay(RelayCmd::Status { relay }) => relay_status(&relay, out).await,
+        Command::Relay(RelayCmd::Drain {
+            relay,
+            wait,
+            timeout_s,
+        }) => relay_drain(&relay, wait, Duration::from_secs(timeout_s), out).await,
         Command::Relays(RelaysCmd::List) => {
             let mut c = pb::relays_client::RelaysClient::new(client::connect(&target).await?);
             let relays = c
@@ -749,8 +771,15 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     walk(&cmd, "", dir)
 }
 
-/// `outrelay relay status`: one command line to the relay's admin socket, one JSON answer.
-async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
+/// Interval of `outrelay relay drain --wait`'s progress polls.
+const DRAIN_POLL_MS: u64 = 500;
+
+/// One command line to the relay's admin socket, its one JSON answer (`Err(code)`: the relay
+/// refused, already reported).
+async fn admin_command(
+    relay: &str,
+    command: &str,
+) -> anyhow::Result<Result<serde_json::Value, ExitCode>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let path = relay
         .strip_prefix("unix://")
@@ -758,16 +787,92 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
     let mut stream = tokio::net::UnixStream::connect(path)
         .await
         .map_err(|e| anyhow::anyhow!("relay admin socket {path}: {e}"))?;
-    stream.write_all(b"status\n").await?;
+    stream.write_all(format!("{command}\n").as_bytes()).await?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await?;
-    let status: serde_json::Value = serde_json::from_str(answer.trim())?;
-    if let Some(error) = status.get("error") {
+    let answer: serde_json::Value = serde_json::from_str(answer.trim())?;
+    if let Some(error) = answer.get("error") {
         eprintln!("outrelay: relay refused: {error}");
-        return Ok(ExitCode::from(EXIT_REMOTE));
+        return Ok(Err(ExitCode::from(EXIT_REMOTE)));
+    }
+    Ok(Ok(answer))
+}
+
+/// Whether a drain progress document shows nothing left.
+fn drain_empty(p: &serde_json::Value) -> bool {
+    ["agents", "leases", "pairs", "streams"]
+        .iter()
+        .all(|k| p[*k].as_u64() == Some(0))
+}
+
+/// Prints one drain progress document: a line (table) or one JSON document per line.
+fn print_drain(out: Output, p: &serde_json::Value) {
+    match out {
+        Output::Json => println!("{p}"),
+        Output::Table => println!(
+            "draining {}: {} agents, {} leases, {} pairs, {} streams left",
+            p["draining"].as_bool().unwrap_or(false),
+            p["agents"],
+            p["leases"],
+            p["pairs"],
+            p["streams"],
+        ),
+    }
+}
+
+/// `outrelay relay drain`: sends `drain`, then with `--wait` polls `status` every
+/// [`DRAIN_POLL_MS`] until no agent, lease, pair or stream is left (exit 1 at the timeout).
+async fn relay_drain(
+    relay: &str,
+    wait: bool,
+    timeout: Duration,
+    out: Output,
+) -> anyhow::Result<ExitCode> {
+    let mut progress = match admin_command(relay, "drain").await? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    print_drain(out, &progress);
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !drain_empty(&progress) {
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("outrelay: drain not finished after {} s", timeout.as_secs());
+            return Ok(ExitCode::from(EXIT_REMOTE));
+        }
+        tokio::time::sleep(Duration::from_millis(DRAIN_POLL_MS)).await;
+        progress = match admin_command(relay, "status").await? {
+            Ok(status) => status["drain"].clone(),
+            Err(code) => return Ok(code),
+        };
+        print_drain(out, &progress);
     }
     if matches!(out, Output::Table) {
+        println!("drained");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outrelay relay status`: one command line to the relay's admin socket, one JSON answer.
+async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
+    let status = match admin_command(relay, "status").await? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    if matches!(out, Output::Table) {
         let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let drain = &status["drain"];
+        if drain["draining"].as_bool() == Some(true) {
+            println!(
+                "DRAINING: {} agents, {} leases, {} pairs, {} streams left",
+                count(&drain["agents"]),
+                count(&drain["leases"]),
+                count(&drain["pairs"]),
+                count(&drain["streams"]),
+            );
+        }
         println!(
             "io backend {}, {} workers, {} pairs active, {} bytes spliced, {} pipe bytes held",
             status["io_backend"].as_str().unwrap_or("?"),

@@ -401,6 +401,18 @@ fn relay_status_reads_the_relay_admin_socket() {
         ])
         .output()
         .expect("relay status, no relay");
+    let outrelay_relay = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_outrelay"))
+            .arg("relay")
+            .args(args)
+            .args(["--relay", &relay_arg])
+            .output()
+            .expect("outrelay relay")
+    };
+    // An idle relay drains at once; status then says draining.
+    let drain = outrelay_relay(&["drain", "--output", "json", "--wait", "--timeout-s", "10"]);
+    let drained_table = outrelay_relay(&["status"]);
+    let drained_json = outrelay_relay(&["status", "--output", "json"]);
     let _ = relay.kill();
     let _ = relay.wait();
     assert!(
@@ -434,4 +446,41 @@ fn relay_status_reads_the_relay_admin_socket() {
         Some(1),
         "an unreachable relay is a remote error"
     );
+    assert_eq!(v["drain"]["draining"], false, "{v}");
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    let first: serde_json::Value = serde_json::from_slice(
+        String::from_utf8_lossy(&drain.stdout)
+            .lines()
+            .next()
+            .expect("a progress line")
+            .as_bytes(),
+    )
+    .expect("JSON progress");
+    assert_eq!(
+        (
+            &first["draining"],
+            &first["started_now"],
+            &first["agents"],
+            &first["streams"]
+        ),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!(true),
+            &serde_json::json!(0),
+            &serde_json::json!(0)
+        ),
+        "{first}"
+    );
+    let text = String::from_utf8_lossy(&drained_table.stdout);
+    assert!(
+        text.starts_with("DRAINING: 0 agents, 0 leases, 0 pairs, 0 streams left"),
+        "{text}"
+    );
+    let after: serde_json::Value =
+        serde_json::from_slice(&drained_json.stdout).expect("JSON status");
+    assert_eq!(after["drain"]["draining"], true, "{after}");
 }

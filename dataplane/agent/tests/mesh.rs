@@ -286,6 +286,11 @@ async fn start_controller_on(d: &Path, ca: &Ca, listen: &str) -> (Proc, String) 
 
 // ---------- the world: controller + relay + CLI ----------
 
+/// The admin socket of relay `name` (`outrelay relay status|drain --relay unix://…`).
+fn admin_socket(d: &Path, name: &str) -> PathBuf {
+    d.join(format!("{name}.sock"))
+}
+
 /// Starts relay `name` (certificate `<name>.pem`, config `<name>.toml`, log `<name>.log`) with
 /// QUIC on `quic` and `tail` appended to its config; the process and its ready file.
 async fn spawn_relay(d: &Path, name: &str, quic: &str, tail: &str) -> (Proc, serde_json::Value) {
@@ -296,8 +301,9 @@ async fn spawn_relay(d: &Path, name: &str, quic: &str, tail: &str) -> (Proc, ser
             "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
              [tls]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\nca = \"ca.pem\"\n\
              [listen]\nquic = \"{quic}\"\nreverse = \"127.0.0.1:0\"\n\
-             public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
-             [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}"
+             public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = {admin:?}\n\
+             [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}",
+            admin = admin_socket(d, name).display().to_string(),
         ),
     )
     .expect("relay config");
@@ -1908,6 +1914,149 @@ async fn a_gigabyte_each_way_moves_to_the_second_relay_when_the_first_gets_sigte
     );
     assert!(agent_resumes(&consumer, "resumed") >= 1.0);
     assert!(agent_resumes(&provider, "resumed") >= 1.0);
+}
+
+/// `outrelay relay ARGS --relay unix://<relay NAME's admin socket>` (a blocking child).
+fn relay_admin(w: &World, name: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(sibling_binary("outrelay"));
+    cmd.arg("relay")
+        .args(args)
+        .arg("--relay")
+        .arg(format!("unix://{}", admin_socket(w.path(), name).display()));
+    cmd
+}
+
+/// Relay NAME's `drain` progress from `outrelay relay status --output json`.
+async fn drain_status(w: &World, name: &str) -> serde_json::Value {
+    let o = run_blocking(relay_admin(w, name, &["status", "--output", "json"])).await;
+    assert!(o.status.success(), "relay status: {}", text(&o));
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    status["drain"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_empties_a_relay_while_a_second_one_takes_its_agents() {
+    let w = resume_world("echo").await;
+    let (_relay2, quic2, metrics2) = w.second_relay().await;
+    let relays = [w.quic, quic2];
+    let (echo, _echo_task) = common::echo_server().await;
+    // The provider also holds a public lease (on every relay of its list, as agents do).
+    let mut provider = w.agent_on(
+        "provider",
+        PROVIDER_A,
+        &relays,
+        &format!(
+            "{}[[lease]]\nname = \"drained\"\ntls_to = \"{echo}\"\n",
+            provide("echo", echo)
+        ),
+    );
+    provider.ready().await;
+    let mut consumer = w.agent_on("consumer", CONSUMER_A, &relays, &consume("echo"));
+    consumer.ready().await;
+    // Ready means one relay is up: wait for both agents on both relays, so the stream opens
+    // on relay 1 (the first of the list).
+    let t0 = Instant::now();
+    while drain_status(&w, "relay").await["agents"] != 2
+        || drain_status(&w, "relay2").await["agents"] != 2
+    {
+        assert!(t0.elapsed() < WAIT, "the agents never reached both relays");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut live =
+        LiveStream::open_when_allowed(consumer.consumer(0), WAIT, "no echo through relay 1").await;
+    live.keep_flowing(Duration::from_millis(300)).await;
+    let before = drain_status(&w, "relay").await;
+    assert_eq!(before["draining"], false, "{before}");
+    assert_eq!(before["agents"], 2, "both agents are on relay 1: {before}");
+    assert_eq!(
+        before["leases"], 1,
+        "the provider's lease is on relay 1: {before}"
+    );
+    assert_eq!(
+        before["streams"], 1,
+        "the live stream goes through relay 1: {before}"
+    );
+
+    // Drain relay 1 while the stream keeps echoing: every echo must come back.
+    let drain = tokio::spawn(run_blocking(relay_admin(
+        &w,
+        "relay",
+        &["drain", "--wait", "--timeout-s", "60"],
+    )));
+    live.keep_flowing(Duration::from_secs(3)).await;
+    let o = tokio::time::timeout(Duration::from_secs(90), drain)
+        .await
+        .expect("drain --wait returned")
+        .expect("drain task");
+    let out = text(&o);
+    eprintln!("outrelay relay drain --wait:\n{out}");
+    assert!(o.status.success(), "relay drain --wait: {out}");
+    let last = out
+        .lines()
+        .rfind(|l| l.starts_with("draining"))
+        .expect("progress lines");
+    assert_eq!(
+        last, "draining true: 0 agents, 0 leases, 0 pairs, 0 streams left",
+        "{out}"
+    );
+    assert!(out.contains("drained"), "{out}");
+    live.keep_flowing(Duration::from_millis(500)).await;
+
+    // Relay 1 stays empty and says so; agents that come back are refused, counted.
+    let after = drain_status(&w, "relay").await;
+    assert_eq!(after["draining"], true, "{after}");
+    assert_eq!(
+        (after["agents"].as_u64(), after["streams"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let refused = poll(Duration::from_secs(10), || {
+        metric(
+            &w.relay_scrape(),
+            "outrelay_relay_quic_refused_total",
+            &[("reason", "draining")],
+        ) >= 1.0
+    })
+    .await;
+    assert!(refused, "no reconnect refused as draining");
+    assert_eq!(
+        metric(&w.relay_scrape(), "outrelay_relay_draining", &[]),
+        1.0
+    );
+
+    // Relay 2 carries the resumed stream, and new opens go through it.
+    let second = scrape(metrics2);
+    assert_eq!(
+        metric(
+            &second,
+            "outrelay_relay_resume_total",
+            &[("result", "resumed")]
+        ),
+        1.0,
+        "the stream resumed on relay 2:\n{}",
+        resume_lines(&second)
+    );
+    assert_eq!(metric(&second, "outrelay_relay_draining", &[]), 0.0);
+    let mut fresh = LiveStream::open(consumer.consumer(0)).await;
+    fresh.keep_flowing(Duration::from_millis(300)).await;
+    live.keep_flowing(Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&scrape(metrics2), "outrelay_relay_mesh_streams_active", &[]),
+        2.0,
+        "both streams go through relay 2"
+    );
+    assert_eq!(drain_status(&w, "relay").await["streams"], 0);
+    let second = drain_status(&w, "relay2").await;
+    assert_eq!(
+        (&second["draining"], &second["agents"], &second["leases"]),
+        (
+            &serde_json::json!(false),
+            &serde_json::json!(2),
+            &serde_json::json!(1)
+        ),
+        "relay 2 holds both agents and the lease: {second}"
+    );
+    assert_eq!(agent_resumes(&consumer, "lost"), 0.0);
+    assert_eq!(agent_resumes(&provider, "lost"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,11 @@
 //! The relay's local admin socket (`/run/outrelay/relay.sock` by default, mode 0660): lease and
 //! tenant information lives here, never on the public side.
 //!
-//! Protocol: the client writes one command line (`status`), the relay answers one JSON
-//! document and closes. Only root and members of the `outrelay-admin` group (checked with
-//! SO_PEERCRED) are served; anyone else gets `{"error": "permission denied"}`.
+//! Protocol: the client writes one command line (`status`, `drain`), the relay answers one
+//! JSON document and closes. `drain` starts draining (see [`crate::quic::DrainHandle`]) and
+//! answers the drain progress; `status` carries the same progress under `drain`. Only root and
+//! members of the `outrelay-admin` group (checked with SO_PEERCRED) are served; anyone else
+//! gets `{"error": "permission denied"}`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -64,7 +66,20 @@ async fn handle(stream: UnixStream, sources: &Sources) {
     } else {
         match line.trim() {
             "status" => status(sources),
-            other => json!({"error": format!("unknown command {other:?} (known: status)")}),
+            "drain" => {
+                let started = sources.drain.drain(crate::quic::DRAIN_RECONNECT_AFTER_MS);
+                if started {
+                    tracing::warn!(
+                        "draining: GOAWAY to every agent, new connections and leases refused"
+                    );
+                }
+                let mut answer = drain_progress(sources);
+                answer["started_now"] = json!(started);
+                answer
+            }
+            other => {
+                json!({"error": format!("unknown command {other:?} (known: status, drain)")})
+            }
         }
     };
     let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
@@ -85,6 +100,23 @@ fn is_admin(uid: u32, gid: u32) -> bool {
         .ok()
         .flatten()
         .is_some_and(|u| group.mem.contains(&u.name))
+}
+
+/// What a drain still waits for: agent connections, live leases, spliced pairs and service
+/// streams (joined plus parked halves).
+pub fn drain_progress(s: &Sources) -> Value {
+    let snapshot = s.shared.load();
+    let leases = snapshot.reverse_keys.len();
+    let pairs = s.splice_totals().pairs_active;
+    let streams = s.mesh.streams_active.load(Ordering::Relaxed)
+        + s.mesh.resume.parked.load(Ordering::Relaxed);
+    json!({
+        "draining": s.drain.is_draining(),
+        "agents": s.drain.agents(),
+        "leases": leases,
+        "pairs": pairs,
+        "streams": streams,
+    })
 }
 
 /// The status document: workers, leases with their idle sessions, drops, QUIC and splice
@@ -111,6 +143,7 @@ pub fn status(s: &Sources) -> Value {
     let splice = s.splice_totals();
     let q = &s.quic;
     json!({
+        "drain": drain_progress(s),
         "io_backend": s.backend.name(),
         "workers": s.ingress.workers(),
         "worker_stats": s.ingress.worker_stats().iter().enumerate().map(|(i, w)| json!({

@@ -381,6 +381,7 @@ fn run(
             backend: settings.io_backend,
             shared,
             steering: steering.clone(),
+            drain: quic.drain_handle(),
         });
         let metrics_addr = match settings.metrics_listen {
             Some(addr) => {

@@ -272,6 +272,10 @@ pub fn describe() {
         "outrelay_relay_quic_handshakes_failed_total",
         "Agent QUIC handshakes that failed."
     );
+    metrics::describe_gauge!(
+        "outrelay_relay_draining",
+        "1 once `outrelay relay drain` started (new agent connections and leases refused), else 0."
+    );
     metrics::describe_counter!(
         "outrelay_relay_quic_refused_total",
         "Agent connections refused, by reason."

@@ -42,6 +42,8 @@ pub struct Sources {
     pub shared: Arc<Shared>,
     /// The eBPF steering programs (any may be off).
     pub steering: Arc<crate::steer::Steering>,
+    /// Drains the agent endpoint (`outrelay relay drain`) and says whether it is draining.
+    pub drain: crate::quic::DrainHandle,
 }
 
 impl Sources {
@@ -192,6 +194,7 @@ fn update(s: &Sources) {
     let q = &s.quic;
     counter!("outrelay_relay_quic_connections_accepted_total")
         .absolute(q.connections_accepted.load(Ordering::Relaxed));
+    gauge!("outrelay_relay_draining").set(if s.drain.is_draining() { 1.0 } else { 0.0 });
     counter!("outrelay_relay_quic_handshakes_failed_total")
         .absolute(q.handshakes_failed.load(Ordering::Relaxed));
     for (reason, c) in [
@@ -201,6 +204,7 @@ fn update(s: &Sources) {
         ("hello_mismatch", &q.refused_hello_mismatch),
         ("hello_timeout", &q.refused_hello_timeout),
         ("revoked", &q.refused_revoked),
+        ("draining", &q.refused_draining),
         (
             "revocations_unavailable",
             &q.refused_revocations_unavailable,

@@ -18,8 +18,8 @@ use outrelay_relay::mesh::{
     Mesh, MeshBackend, MeshConfig, MeshResult, RegisterFuture, Registration, Standalone,
 };
 use outrelay_relay::quic::{
-    ApproveAll, LeaseDecider, QuicConfig, QuicServer, QuicStats, ShutdownHandle, TlsMaterial,
-    close_code,
+    ApproveAll, DRAIN_REASON, DrainHandle, LeaseDecider, QuicConfig, QuicServer, QuicStats,
+    ShutdownHandle, TlsMaterial, close_code,
 };
 use outrelay_relay::state::Shared;
 use outrelay_relay::udp::stats::UdpDrop;
@@ -115,6 +115,7 @@ struct Relay {
     shared: Arc<Shared>,
     stats: Arc<QuicStats>,
     stop: ShutdownHandle,
+    drain: DrainHandle,
     task: tokio::task::JoinHandle<()>,
     /// UDP leases (ports from a claimed range, `flow_max` = [`UDP_FLOW_MAX`]).
     udp: Arc<UdpIngress>,
@@ -195,12 +196,14 @@ fn start_relay_full(
     let addr = server.local_addr().expect("local addr");
     let stats = server.stats();
     let stop = server.shutdown_handle();
+    let drain = server.drain_handle();
     let task = tokio::spawn(server.run());
     Relay {
         addr,
         shared,
         stats,
         stop,
+        drain,
         task,
         udp,
         _dir: dir,
@@ -660,6 +663,82 @@ async fn shutdown_sends_goaway_then_closes() {
             .routes
             .lookup_sni(&sni("bye.relay.test"))
             .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_sends_goaway_refuses_new_leases_and_new_connections() {
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let mut a = connect(&relay, &ca, &ca.leaf(AGENT_1, &[], Eku::Client))
+        .await
+        .expect("connects");
+    a.hello(AGENT_1).await;
+    let held = a.register("held", 1).await;
+    assert!(!relay.drain.is_draining());
+    assert_eq!(relay.drain.agents(), 1);
+
+    assert!(relay.drain.drain(750), "the first drain starts it");
+    assert!(!relay.drain.drain(750), "a second drain changes nothing");
+    assert!(relay.drain.is_draining());
+    match a.recv().await.expect("GOAWAY") {
+        Frame::GoAway(g) => assert_eq!(
+            (g.reason.as_str(), g.reconnect_after_ms),
+            (DRAIN_REASON, 750)
+        ),
+        other => panic!("expected GOAWAY, got {other:?}"),
+    }
+    // The connection is still served until the agent leaves: a new lease is refused with
+    // `draining`, the held one still renews.
+    match a
+        .call(Frame::LeaseRegister(orp::LeaseRegister {
+            name: "fresh".to_owned(),
+            tls: true,
+            request_id: 2,
+            ..orp::LeaseRegister::default()
+        }))
+        .await
+    {
+        Frame::LeaseError(e) => {
+            assert_eq!((e.code.as_str(), e.request_id), ("draining", 2));
+        }
+        other => panic!("expected LEASE_ERROR, got {other:?}"),
+    }
+    assert_eq!(relay.stats.lease_errors(LeaseErrorCode::Draining), 1);
+    match a
+        .call(Frame::LeaseRenew(orp::LeaseRenew {
+            lease_id: held.lease_id.clone(),
+            ttl_s: 60,
+            request_id: 3,
+        }))
+        .await
+    {
+        Frame::LeaseGrant(g) => assert_eq!(g.lease_id, held.lease_id),
+        other => panic!("expected LEASE_GRANT, got {other:?}"),
+    }
+
+    // A new connection is closed right after the handshake with DRAINING, counted.
+    let b = connect(&relay, &ca, &ca.leaf(AGENT_2, &[], Eku::Client)).await;
+    if let Ok(b) = b {
+        assert_eq!(b.closed_code().await, Some(u64::from(close_code::DRAINING)));
+    }
+    eventually("the refusal is counted", || {
+        relay.stats.refused_draining.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    // An agent that ignores GOAWAY is closed at the drain grace; its lease then ends.
+    assert_eq!(
+        a.closed_code().await,
+        Some(u64::from(close_code::GOING_AWAY))
+    );
+    eventually("the lease ends with its connection", || {
+        relay.shared.load().reverse_keys.is_empty() && relay.drain.agents() == 0
+    })
+    .await;
+    assert!(
+        !relay.task.is_finished(),
+        "draining does not stop the relay"
     );
 }
 
@@ -2287,7 +2366,9 @@ async fn a_parked_half_whose_connection_ended_gives_way_to_its_peer() {
         w.outcome(ResumeOutcome::Expired) == 1
     })
     .await;
-    assert_eq!(w.parked(), 1, "the provider's half is parked now");
+    // The stale half leaves the table when its connection ends (or, if the relay had not
+    // noticed yet, when the provider's half arrives): either way the provider's half parks.
+    eventually("the provider's half is parked now", || w.parked() == 1).await;
     let (consumer, _) = w.resume_agent(AGENT_1).await;
     let (mut c_send, mut c_recv) = consumer.resume(resume_req(33, 0, 0, AGENT_2, true)).await;
     peer_resume(read_one(&mut c_recv).await);

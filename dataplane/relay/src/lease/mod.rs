@@ -301,11 +301,13 @@ pub enum LeaseErrorCode {
     UdpPortExhausted,
     /// 500: the relay failed (e.g. could not draw a fresh lease id).
     Internal,
+    /// 503: the relay is draining (`outrelay relay drain`): register on another relay.
+    Draining,
 }
 
 impl LeaseErrorCode {
     /// Every code, for exhaustive tests and metric label registration.
-    pub const ALL: [LeaseErrorCode; 14] = [
+    pub const ALL: [LeaseErrorCode; 15] = [
         LeaseErrorCode::InvalidRequest,
         LeaseErrorCode::Unauthorized,
         LeaseErrorCode::LeaseNotFound,
@@ -320,6 +322,7 @@ impl LeaseErrorCode {
         LeaseErrorCode::UdpCapacityExceeded,
         LeaseErrorCode::UdpPortExhausted,
         LeaseErrorCode::Internal,
+        LeaseErrorCode::Draining,
     ];
 
     /// The wire string (LEASE_ERROR `code`).
@@ -339,6 +342,7 @@ impl LeaseErrorCode {
             LeaseErrorCode::UdpCapacityExceeded => "udp_capacity_exceeded",
             LeaseErrorCode::UdpPortExhausted => "udp_port_exhausted",
             LeaseErrorCode::Internal => "internal",
+            LeaseErrorCode::Draining => "draining",
         }
     }
 
@@ -357,7 +361,8 @@ impl LeaseErrorCode {
             | LeaseErrorCode::TcpPortCapacityExceeded
             | LeaseErrorCode::TcpPortExhausted
             | LeaseErrorCode::UdpCapacityExceeded
-            | LeaseErrorCode::UdpPortExhausted => 503,
+            | LeaseErrorCode::UdpPortExhausted
+            | LeaseErrorCode::Draining => 503,
         }
     }
 }

@@ -148,6 +148,7 @@ fn every_error_code_has_its_wire_string_and_status() {
         ("udp_capacity_exceeded", 503),
         ("udp_port_exhausted", 503),
         ("internal", 500),
+        ("draining", 503),
     ];
     for (code, (wire, status)) in LeaseErrorCode::ALL.iter().zip(expected) {
         assert_eq!(code.as_str(), wire);

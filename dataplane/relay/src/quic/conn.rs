@@ -1,6 +1,7 @@
 //! One agent connection: handshake, HELLO, then the control-stream loop.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outrelay_proto::frame::{
@@ -11,7 +12,7 @@ use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::stats::{Limit, SignalOutcome, bump};
 use super::{
@@ -57,6 +58,13 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
         }
     };
     bump(&ctx.stats.connections_accepted);
+    if ctx.draining.load(Ordering::Acquire) {
+        // Refused before anything is read: an agent sent away by the drain's GOAWAY must not
+        // come straight back; it goes to its other relays.
+        bump(&ctx.stats.refused_draining);
+        conn.close(close_code::DRAINING.into(), super::DRAIN_REASON.as_bytes());
+        return;
+    }
     // TLS checks the certificate only at the handshake: the connection ends at its notAfter
     // (review M5).
     let expiry = cert_expiry(&conn);
@@ -228,7 +236,13 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         .map(|udp| AbortOnDrop(tokio::spawn(read_datagrams(conn.clone(), conn_id, udp))));
 
     let mut shutdown = ctx.shutdown.clone();
+    let mut drain = ctx.drain.subscribe();
+    // A drain that started before this subscription (between the accept check and here).
+    if drain.borrow().is_some() {
+        drain.mark_changed();
+    }
     let mut bucket = Bucket::new(ctx.config.lease_frames_per_s, ctx.config.lease_frames_burst);
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     let result = loop {
         tokio::select! {
             frame = reader.next(ctx) => {
@@ -251,9 +265,8 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                     Err(end) => break Err(end),
                 }
             }
-            _ = shutdown.changed() => {
-                let goaway = shutdown.borrow().clone();
-                if let Some(goaway) = goaway {
+            changed = goaway_changed(&mut shutdown, &mut drain) => match changed {
+                Some((goaway, true)) => {
                     let _ = out.send(Frame::GoAway(goaway));
                     let deadline = tokio::time::Instant::now()
                         + Duration::from_millis(ctx.config.drain_grace_ms);
@@ -268,6 +281,22 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                     refuser.abort();
                     return Err(End::new(close_code::GOING_AWAY, "relay stopping"));
                 }
+                Some((goaway, false)) => {
+                    // Draining: the connection keeps being served (frames in flight get their
+                    // answers, new leases are refused) until the agent leaves, at most the
+                    // drain grace.
+                    if let Err(end) = out.send(Frame::GoAway(goaway)) {
+                        break Err(end);
+                    }
+                    drain_deadline = Some(
+                        tokio::time::Instant::now()
+                            + Duration::from_millis(ctx.config.drain_grace_ms),
+                    );
+                }
+                None => {}
+            },
+            () = sleep_until_some(drain_deadline) => {
+                break Err(End::new(close_code::GOING_AWAY, super::DRAIN_REASON));
             }
         }
     };
@@ -280,6 +309,26 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         reader.recv.stop(end.code.into()).ok();
     }
     result
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for a GOAWAY to send: the relay stopping (`true`) or draining (`false`). `None`: a
+/// watch changed without one (the caller loops).
+async fn goaway_changed(
+    shutdown: &mut watch::Receiver<Option<orp::GoAway>>,
+    drain: &mut watch::Receiver<Option<orp::GoAway>>,
+) -> Option<(orp::GoAway, bool)> {
+    tokio::select! {
+        _ = shutdown.changed() => shutdown.borrow().clone().map(|g| (g, true)),
+        _ = drain.changed() => drain.borrow().clone().map(|g| (g, false)),
+    }
 }
 
 /// The connection's side of the bounded control-stream send queue.
@@ -328,6 +377,16 @@ async fn on_frame(
     match frame {
         Frame::Ping => out.send(Frame::Pong),
         Frame::Pong => Ok(()),
+        Frame::LeaseRegister(req) if ctx.draining.load(Ordering::Acquire) => {
+            // No new lease while draining; renewals of held ones go on until the agent leaves.
+            out.lease_error(
+                req.request_id,
+                &Refusal {
+                    code: LeaseErrorCode::Draining,
+                    message: super::DRAIN_REASON.into(),
+                },
+            )
+        }
         Frame::LeaseRegister(req) => {
             let decision = ctx.decider.decide(identity, &req);
             let mut ids = || {

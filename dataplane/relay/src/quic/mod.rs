@@ -24,7 +24,7 @@ mod tls;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outrelay_proto::identity::{Identity, Role};
@@ -158,7 +158,15 @@ pub mod close_code {
     /// so it may come back with STREAM_RESUME: a resumable agent resumes on this code only
     /// (every other reset code ends its stream for good).
     pub const PEER_LOST: u32 = 17;
+    /// Connection refused right after the handshake: the relay is draining (`outrelay relay
+    /// drain`), so the agent goes to its other relays instead of coming straight back.
+    pub const DRAINING: u32 = 18;
 }
+
+/// GOAWAY `reconnect_after_ms` sent to every agent when the relay starts draining.
+pub const DRAIN_RECONNECT_AFTER_MS: u32 = 1_000;
+/// GOAWAY `reason` of a drain (and the close reason of refused connections).
+pub const DRAIN_REASON: &str = "relay draining";
 
 /// Configuration of the agent endpoint. Durations are milliseconds, each at least
 /// [`MIN_DURATION_MS`].
@@ -441,6 +449,11 @@ pub(crate) struct Ctx {
     pub(crate) stats: Arc<QuicStats>,
     pub(crate) decider: Arc<dyn LeaseDecider>,
     pub(crate) shutdown: watch::Receiver<Option<orp::GoAway>>,
+    /// Set once by `drain` (never cleared: a restart clears it). New connections are closed
+    /// with [`close_code::DRAINING`] and new LEASE_REGISTERs refused with `draining`.
+    pub(crate) draining: AtomicBool,
+    /// The drain's GOAWAY, published once; every connection task watches it.
+    pub(crate) drain: watch::Sender<Option<orp::GoAway>>,
     /// Agents past HELLO, by connection (to close a revoked identity's connections). A std
     /// mutex: held for map operations only, never across an await.
     pub(crate) agents: std::sync::Mutex<HashMap<ConnId, AgentConn>>,
@@ -658,6 +671,48 @@ impl RelayHandle {
     }
 }
 
+/// Drains a running [`QuicServer`] without stopping it (`outrelay relay drain`): new
+/// connections and new leases are refused, every agent gets GOAWAY and moves to its other
+/// relays; spliced pairs and joined streams finish or resume elsewhere.
+#[derive(Clone)]
+pub struct DrainHandle {
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for DrainHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainHandle")
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DrainHandle {
+    /// Starts draining: sets the flag, then sends GOAWAY{[`DRAIN_REASON`],
+    /// `reconnect_after_ms`} to every connection. Returns false when already draining (the
+    /// GOAWAY went out then; nothing is sent twice).
+    pub fn drain(&self, reconnect_after_ms: u32) -> bool {
+        if self.ctx.draining.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.ctx.drain.send_replace(Some(orp::GoAway {
+            reason: DRAIN_REASON.to_owned(),
+            reconnect_after_ms,
+        }));
+        true
+    }
+
+    /// Whether `drain` was called.
+    pub fn is_draining(&self) -> bool {
+        self.ctx.draining.load(Ordering::Acquire)
+    }
+
+    /// Agent connections past HELLO right now.
+    pub fn agents(&self) -> usize {
+        self.ctx.agents().len()
+    }
+}
+
 /// Stops a running [`QuicServer`]: every connection gets GOAWAY, then is closed.
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
@@ -795,6 +850,8 @@ impl QuicServer {
             stats,
             decider,
             shutdown: rx,
+            draining: AtomicBool::new(false),
+            drain: watch::channel(None).0,
             agents: std::sync::Mutex::new(HashMap::new()),
             identities: std::sync::Mutex::new(HashMap::new()),
             udp: std::sync::OnceLock::new(),
@@ -862,6 +919,13 @@ impl QuicServer {
     /// A handle for the controller client (lease revocation, closing revoked agents).
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// A handle that drains the relay (`outrelay relay drain`) while it keeps running.
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle {
             ctx: self.ctx.clone(),
         }
     }

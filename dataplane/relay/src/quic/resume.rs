@@ -270,6 +270,9 @@ pub(super) async fn resume(
         pair.superseded.notify_one();
     }
     let (taken_tx, taken_rx) = oneshot::channel();
+    // A parked half dies with its connection (GOAWAY, drain): it leaves the table then, not
+    // at the end of the window, so a draining relay empties and the id is free again.
+    let conn = half.agent.conn.clone();
     let arrival = {
         let mut table = ctx
             .parked
@@ -360,10 +363,17 @@ pub(super) async fn resume(
                 let _ = taken.send(());
             }
             let window = Duration::from_millis(config.park_timeout_ms);
-            if tokio::time::timeout(window, taken_rx).await.is_ok() {
-                // Taken: joined (the joining half's task holds the stream now) or replaced.
-                return;
-            }
+            let gone = tokio::select! {
+                taken = tokio::time::timeout(window, taken_rx) => {
+                    if taken.is_ok() {
+                        // Taken: joined (the joining half's task holds the stream now) or
+                        // replaced.
+                        return;
+                    }
+                    false
+                }
+                _ = conn.closed() => true,
+            };
             let expired = {
                 let mut table = ctx
                     .parked
@@ -374,6 +384,12 @@ pub(super) async fn resume(
                 mine
             };
             if let Some(parked) = expired {
+                if gone {
+                    // Nobody to answer: the half's connection ended while it waited.
+                    stats.count(ResumeOutcome::Expired);
+                    drop(parked);
+                    return;
+                }
                 let why = format!(
                     "resume window of {} ms expired without the peer",
                     config.park_timeout_ms

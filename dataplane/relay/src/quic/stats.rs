@@ -122,6 +122,8 @@ pub struct QuicStats {
     pub refused_revoked: AtomicU64,
     /// Connections refused after HELLO because no revocation snapshot is loaded yet.
     pub refused_revocations_unavailable: AtomicU64,
+    /// Connections closed right after the handshake because the relay is draining.
+    pub refused_draining: AtomicU64,
     /// Connections closed for a protocol error on the control stream.
     pub protocol_errors: AtomicU64,
     /// Connections closed because their control-stream send queue was full.
