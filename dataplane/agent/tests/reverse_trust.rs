@@ -283,10 +283,20 @@ async fn metric_reaches(addr: &str, series: &str, want: f64) {
 }
 
 /// Sends [`SECRET`] to the public port and returns what came back (the echo, or nothing when
-/// the relay closed the client).
+/// the relay closed the client). A port the relay has not bound yet (it binds lease ports on
+/// its next route sync) is retried until it listens, so every call reaches the relay.
 async fn send_secret(port: u16) -> Vec<u8> {
+    let start = Instant::now();
+    let mut c = loop {
+        match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(start.elapsed() < WAIT, "port {port} never listened: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     let attempt = async {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         c.write_all(SECRET).await.ok()?;
         let mut got = vec![0u8; SECRET.len()];
         let mut have = 0;
