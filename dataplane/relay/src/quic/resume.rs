@@ -43,11 +43,12 @@ use outrelay_proto::orp;
 use tokio::sync::oneshot;
 
 use super::stats::Limit;
-use super::streams::{Halves, Idle, Peer, Recheck, join, write_frame};
+use super::streams::{
+    Halves, Idle, Peer, Recheck, callee_decision, caller_decision, join, write_frame,
+};
 use super::{Ctx, close_code};
 use crate::mesh::resume::{ResumeOutcome, ResumeStats};
 use crate::mesh::{AuditRow, JoinedPair, Mesh, PairEnd, valid_service_name};
-use crate::unix_ms;
 
 /// STREAM_REJECT code: the id is parked by another pair, or in use by a live stream.
 const REJECT_MISMATCH: u32 = 409;
@@ -498,62 +499,17 @@ async fn join_pair(
         method: &method,
         stream_id: id,
     };
-    let Some(policy) = mesh.policy() else {
-        let why = "resume caller-side: no policy snapshot yet".to_owned();
-        mesh.audit(&caller_row, false, why);
-        let why = "no policy snapshot yet (closed world)";
-        return refuse_both(
-            c,
-            p,
-            stats,
-            ResumeOutcome::RefusedPolicy,
-            REJECT_DENIED,
-            why,
-        )
-        .await;
+    let decided = caller_decision(mesh, &caller_row, "resume ").and_then(|(policy, verdict)| {
+        callee_decision(mesh, &policy, &caller_row, &p.agent.uri, "resume ")
+            .map(|callee| (verdict, callee))
+    });
+    let (verdict, callee) = match decided {
+        Ok(both) => both,
+        Err(why) => {
+            let (outcome, code) = (ResumeOutcome::RefusedPolicy, REJECT_DENIED);
+            return refuse_both(c, p, stats, outcome, code, &why).await;
+        }
     };
-    let verdict = policy.caller_side(&tenant, &c.agent.uri, &service, &method, unix_ms());
-    mesh.audit(
-        &caller_row,
-        verdict.allow,
-        format!("resume caller-side: {}", verdict.reason()),
-    );
-    if !verdict.allow {
-        let why = format!("denied: {}", verdict.reason());
-        return refuse_both(
-            c,
-            p,
-            stats,
-            ResumeOutcome::RefusedPolicy,
-            REJECT_DENIED,
-            &why,
-        )
-        .await;
-    }
-    let callee = policy.callee_side(&tenant, &p.agent.uri, &c.agent.uri, &method, unix_ms());
-    mesh.audit(
-        &AuditRow {
-            tenant: &tenant,
-            caller: &p.agent.uri,
-            target: &c.agent.uri,
-            method: &method,
-            stream_id: id,
-        },
-        callee.allow,
-        format!("resume callee-side: {}", callee.reason()),
-    );
-    if !callee.allow {
-        let why = format!("denied by the provider's policy: {}", callee.reason());
-        return refuse_both(
-            c,
-            p,
-            stats,
-            ResumeOutcome::RefusedPolicy,
-            REJECT_DENIED,
-            &why,
-        )
-        .await;
-    }
 
     // Each half gets the other's positions; from here each retransmits what the other lacks.
     let (to_c, to_p) = (echo_of(&p), echo_of(&c));

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 
 use super::stats::{Limit, bump};
 use super::{Ctx, close_code};
+use crate::mesh::policy::{PolicySnapshot, Verdict};
 use crate::mesh::{AuditRow, Mesh, MeshResult, Resolved, valid_service_name};
 use crate::unix_ms;
 
@@ -232,43 +233,17 @@ async fn open(
     // Subscribed BEFORE the policy is read: a change after this decision, even one that lands
     // before the join starts watching, makes the joined stream check itself again.
     let changes = mesh.policy_changes();
-    let Some(policy) = mesh.policy() else {
-        mesh.audit(
-            &AuditRow {
-                tenant,
-                caller: &consumer.uri,
-                target: service,
-                method,
-                stream_id: id,
-            },
-            false,
-            "caller-side: no policy snapshot yet".to_owned(),
-        );
-        return reject(
-            send,
-            recv,
-            &mesh,
-            MeshResult::Denied,
-            "no policy snapshot yet (closed world)".to_owned(),
-        )
-        .await;
+    let row = AuditRow {
+        tenant,
+        caller: &consumer.uri,
+        target: service,
+        method,
+        stream_id: id,
     };
-    let verdict = policy.caller_side(tenant, &consumer.uri, service, method, unix_ms());
-    mesh.audit(
-        &AuditRow {
-            tenant,
-            caller: &consumer.uri,
-            target: service,
-            method,
-            stream_id: id,
-        },
-        verdict.allow,
-        format!("caller-side: {}", verdict.reason()),
-    );
-    if !verdict.allow {
-        let why = format!("denied: {}", verdict.reason());
-        return reject(send, recv, &mesh, MeshResult::Denied, why).await;
-    }
+    let (policy, verdict) = match caller_decision(&mesh, &row, "") {
+        Ok(decided) => decided,
+        Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
+    };
 
     // 3. The provider, in the caller's tenant only.
     let resolved = mesh.resolve(tenant, service);
@@ -296,22 +271,10 @@ async fn open(
     };
 
     // 4. Callee side: only an explicit deny refuses.
-    let callee = policy.callee_side(tenant, &provider.uri, &consumer.uri, method, unix_ms());
-    mesh.audit(
-        &AuditRow {
-            tenant,
-            caller: &provider.uri,
-            target: &consumer.uri,
-            method,
-            stream_id: id,
-        },
-        callee.allow,
-        format!("callee-side: {}", callee.reason()),
-    );
-    if !callee.allow {
-        let why = format!("denied by the provider's policy: {}", callee.reason());
-        return reject(send, recv, &mesh, MeshResult::Denied, why).await;
-    }
+    let callee = match callee_decision(&mesh, &policy, &row, &provider.uri, "") {
+        Ok(callee) => callee,
+        Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
+    };
 
     // 5-6. INCOMING_STREAM to the provider, and its one answer. Both agents keep rings only
     // when both asked for resume (and the relay offers it).
@@ -440,6 +403,61 @@ async fn open(
         &superseded,
     )
     .await;
+}
+
+/// The caller-side decision of a stream (the closed-world gate), audited with `prefix` in
+/// front of the reason (`""` for an open, `"resume "` for a resume). `Err`: the
+/// STREAM_REJECT 403 reason (no policy snapshot yet, or denied).
+pub(super) fn caller_decision(
+    mesh: &Mesh,
+    row: &AuditRow<'_>,
+    prefix: &str,
+) -> Result<(Arc<PolicySnapshot>, Verdict), String> {
+    let Some(policy) = mesh.policy() else {
+        let why = format!("{prefix}caller-side: no policy snapshot yet");
+        mesh.audit(row, false, why);
+        return Err("no policy snapshot yet (closed world)".to_owned());
+    };
+    let verdict = policy.caller_side(row.tenant, row.caller, row.target, row.method, unix_ms());
+    let why = format!("{prefix}caller-side: {}", verdict.reason());
+    mesh.audit(row, verdict.allow, why);
+    if !verdict.allow {
+        return Err(format!("denied: {}", verdict.reason()));
+    }
+    Ok((policy, verdict))
+}
+
+/// The callee-side decision for the stream of `caller_row` (consumer → service) served by
+/// `provider`: only an explicit deny refuses. Audited as the provider calling the consumer,
+/// with `prefix`. `Err`: the STREAM_REJECT 403 reason.
+pub(super) fn callee_decision(
+    mesh: &Mesh,
+    policy: &PolicySnapshot,
+    caller_row: &AuditRow<'_>,
+    provider: &str,
+    prefix: &str,
+) -> Result<Verdict, String> {
+    let (consumer, method) = (caller_row.caller, caller_row.method);
+    let callee = policy.callee_side(caller_row.tenant, provider, consumer, method, unix_ms());
+    let row = AuditRow {
+        tenant: caller_row.tenant,
+        caller: provider,
+        target: consumer,
+        method,
+        stream_id: caller_row.stream_id,
+    };
+    mesh.audit(
+        &row,
+        callee.allow,
+        format!("{prefix}callee-side: {}", callee.reason()),
+    );
+    if !callee.allow {
+        return Err(format!(
+            "denied by the provider's policy: {}",
+            callee.reason()
+        ));
+    }
+    Ok(callee)
 }
 
 /// The joined stream's idle timeout (M2): a stream that moves no byte either way for
