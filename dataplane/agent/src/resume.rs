@@ -429,32 +429,27 @@ impl Stream<'_> {
         }
         .run(recv, tcp_w, early, broken_rx);
         tokio::pin!(up, down);
-        let (mut up_end, mut down_end) = (None, None);
-        while up_end.is_none() || down_end.is_none() {
+        let (mut up_end, mut down_end) = (false, false);
+        // The first failure; the other direction is then polled to its next wait, where it
+        // sees `broken` and stops.
+        let mut failed = None;
+        while !(up_end && down_end) {
             let end = tokio::select! {
-                end = &mut up, if up_end.is_none() => { up_end = Some(()); end }
-                end = &mut down, if down_end.is_none() => { down_end = Some(()); end }
+                end = &mut up, if !up_end => { up_end = true; end }
+                end = &mut down, if !down_end => { down_end = true; end }
             };
             match end {
                 Ok(()) => {}
                 Err(Leg::Local(e)) => return Leg::Local(e),
                 Err(leg) => {
-                    let _ = broken_tx.send(true);
-                    // The other direction stops at its next wait; keep polling it.
-                    while up_end.is_none() || down_end.is_none() {
-                        let end = tokio::select! {
-                            end = &mut up, if up_end.is_none() => { up_end = Some(()); end }
-                            end = &mut down, if down_end.is_none() => { down_end = Some(()); end }
-                        };
-                        if let Err(Leg::Local(e)) = end {
-                            return Leg::Local(e);
-                        }
+                    if failed.is_none() {
+                        let _ = broken_tx.send(true);
+                        failed = Some(leg);
                     }
-                    return leg;
                 }
             }
         }
-        Leg::Done
+        failed.unwrap_or(Leg::Done)
     }
 
     /// Waits for a relay, sends STREAM_RESUME, reads the peer's, retransmits the ring.
