@@ -488,11 +488,19 @@ impl Agent {
         Agent::connect_as(relay, ca, AGENT).await
     }
 
-    /// [`Agent::connect`] with the identity `uri`.
+    /// [`Agent::connect`] with the identity `uri`. A relay following a controller refuses
+    /// agents ("retry later", code 9) until its first revocation snapshot is loaded, which may
+    /// come just after its ready file: retried for up to 10 s, as a real agent's backoff does.
     pub async fn connect_as(relay: &Relay, ca: &Ca, uri: &str) -> Agent {
-        match Agent::try_connect_as(relay, ca, uri).await {
-            Ok(agent) => agent,
-            Err(e) => panic!("agent {uri} did not get HELLO_ACK: {e}"),
+        let start = std::time::Instant::now();
+        loop {
+            match Agent::try_connect_as(relay, ca, uri).await {
+                Ok(agent) => return agent,
+                Err(e) if e.contains("(code 9)") && start.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("agent {uri} did not get HELLO_ACK: {e}"),
+            }
         }
     }
 
