@@ -2101,3 +2101,431 @@ async fn measure_relay_restart_to_resumed_bytes_over_ten_restarts() {
     );
     assert_eq!(agent_resumes(&consumer, "resumed"), RESTARTS as f64);
 }
+
+// ---------- hitless upgrade (issue 20) ----------
+
+/// Connections per second per public path during the upgrade test (override with
+/// `OUTRELAY_UPGRADE_RATE`; `measure_` runs use a higher one).
+const UPGRADE_RATE_PER_S: u64 = 100;
+/// Each in-flight transfer of the upgrade test, paced so it spans the hand-over.
+const UPGRADE_BULK_BYTES: u64 = 100 * 1024 * 1024;
+const UPGRADE_BULK_BYTES_PER_S: u64 = 16 * 1024 * 1024;
+
+/// What one probe connection saw.
+#[derive(Debug, Clone)]
+enum Probe {
+    /// Every byte came back; the time from connect to the first echoed byte.
+    Echoed(Duration),
+    /// The kernel refused the connect (no listener).
+    Refused,
+    /// Anything else: reset, closed early, wrong bytes, timeout.
+    Failed(String),
+}
+
+/// One connection: connect, write `payload`, read it back.
+async fn probe(addr: SocketAddr, payload: &[u8]) -> Probe {
+    let start = Instant::now();
+    let run = async {
+        let mut s = match TcpStream::connect(addr).await {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Probe::Refused;
+            }
+            Err(e) => return Probe::Failed(format!("connect: {e}")),
+        };
+        if let Err(e) = s.write_all(payload).await {
+            return Probe::Failed(format!("write: {e}"));
+        }
+        let mut back = vec![0u8; payload.len()];
+        if let Err(e) = s.read_exact(&mut back[..1]).await {
+            return Probe::Failed(format!("first byte: {e}"));
+        }
+        let first = start.elapsed();
+        if let Err(e) = s.read_exact(&mut back[1..]).await {
+            return Probe::Failed(format!("read: {e}"));
+        }
+        if back != payload {
+            return Probe::Failed("other bytes came back".into());
+        }
+        Probe::Echoed(first)
+    };
+    tokio::time::timeout(CALL_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Probe::Failed(format!("no echo within {CALL_TIMEOUT:?}")))
+}
+
+/// A steady connection load: every `1/rate` s one probe per path, until stopped (bounded by
+/// `WAIT` x 4 whatever happens).
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<Vec<(&'static str, Instant, Probe)>>,
+}
+
+impl Load {
+    fn start(paths: Vec<(&'static str, SocketAddr, Vec<u8>)>, rate_per_s: u64) -> Load {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let paths = std::sync::Arc::new(paths);
+            let mut probes = tokio::task::JoinSet::new();
+            let mut tick =
+                tokio::time::interval(Duration::from_micros(1_000_000 / rate_per_s.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let bound = Instant::now() + WAIT * 4;
+            while !*stopped.borrow() && Instant::now() < bound {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                for i in 0..paths.len() {
+                    let paths = paths.clone();
+                    probes.spawn(async move {
+                        let (label, addr, payload) = &paths[i];
+                        let at = Instant::now();
+                        (*label, at, probe(*addr, payload).await)
+                    });
+                }
+            }
+            let mut out = Vec::new();
+            while let Some(r) = probes.join_next().await {
+                out.push(r.expect("probe task"));
+            }
+            out
+        });
+        Load { stop, task }
+    }
+
+    async fn finish(self) -> Vec<(&'static str, Instant, Probe)> {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(WAIT * 2, self.task)
+            .await
+            .expect("load finished")
+            .expect("load task")
+    }
+}
+
+/// A UDP client sending a numbered datagram every 10 ms and counting the echoes.
+struct UdpPing {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<(u32, u32)>,
+    /// Echoes received so far.
+    echoed: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl UdpPing {
+    async fn start(port: u16) -> UdpPing {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind UDP client");
+        s.connect(("127.0.0.1", port)).await.expect("connect");
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let echoed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = echoed.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut sent = 0u32;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut buf = [0u8; 64];
+            let bound = Instant::now() + WAIT * 4;
+            let mut ending: Option<Instant> = None;
+            loop {
+                if ending.is_some_and(|e| e.elapsed() > Duration::from_secs(1))
+                    || Instant::now() > bound
+                {
+                    return (sent, u32::try_from(seen.len()).unwrap_or(u32::MAX));
+                }
+                tokio::select! {
+                    _ = tick.tick(), if ending.is_none() => {
+                        let _ = s.send(&sent.to_be_bytes()).await;
+                        sent += 1;
+                    }
+                    r = s.recv(&mut buf) => {
+                        if let Ok(4) = r
+                            && seen.insert(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]))
+                        {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    _ = stopped.changed(), if ending.is_none() => ending = Some(Instant::now()),
+                    _ = tokio::time::sleep(Duration::from_millis(50)), if ending.is_some() => {}
+                }
+            }
+        });
+        UdpPing { stop, task, echoed }
+    }
+
+    fn echoed(&self) -> u32 {
+        self.echoed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// (sent, echoed) after a last second for late echoes.
+    async fn finish(self) -> (u32, u32) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("UDP ping finished")
+            .expect("UDP ping task")
+    }
+}
+
+/// A real TLS ClientHello for `host` (rustls), replayed by every SNI probe.
+fn client_hello(host: &str) -> Vec<u8> {
+    use tokio_rustls::rustls;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).expect("server name");
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).expect("ClientHello");
+    hello
+}
+
+/// A UDP echo service in this process.
+async fn udp_echo_target() -> (SocketAddr, JoinHandle<()>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind UDP echo");
+    let addr = socket.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, task)
+}
+
+/// The port of the `key` address (`tcp_addr`, `udp_addr`) of lease `name` in a ready file.
+fn lease_port_in(ready: &serde_json::Value, name: &str, key: &str) -> u16 {
+    ready["leases"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+        .and_then(|l| l[key].as_str())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{key} of lease {name} in {ready}"))
+}
+
+/// SIGKILLs a process that is not our child (the relay the upgrade started) on drop.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The `q`-quantile of `v` (sorted here); zero when empty.
+fn quantile(v: &mut [Duration], q: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// What the upgrade under load measured.
+struct UpgradeFigures {
+    refused: usize,
+    failed: Vec<String>,
+    probes: usize,
+    p99_before: Duration,
+    p99_during: Duration,
+    agents_moved: Duration,
+    upgrade_took: Duration,
+    udp_sent: u32,
+    udp_echoed: u32,
+    /// Echoes kept coming after the agents moved.
+    udp_echoing_after: bool,
+}
+
+/// A standalone relay with TCP and UDP leases, a provider agent with a TLS, two TCP and a UDP
+/// lease plus a service, and a consumer of that service. Under a steady load through the SNI
+/// path and a TCP lease, with a 100 MiB transfer in flight through a TCP lease and through the
+/// service stream and a UDP ping, `outrelay-relay upgrade` hands the relay over to a new
+/// process; every transfer must finish intact and no connection may be refused or fail.
+async fn upgrade_under_load(rate_per_s: u64) -> UpgradeFigures {
+    let (lo, hi) = outrelay_testkit::claim_port_range();
+    let w = World::standalone(&format!(
+        "[[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"*\"\ntarget = \"svc\"\n\
+         decision = \"allow\"\n\
+         [leases]\ntcp = true\nudp = true\nmin_port = {lo}\nmax_port = {hi}\n\
+         [ingress]\nclaim_timeout_ms = 10000\n[lifecycle]\nshutdown_grace_ms = 60000\n"
+    ))
+    .await;
+    let d = w.path().to_owned();
+    let (echo, _echo_task) = common::echo_server().await;
+    let (bulk_target, bulk_echo) = common::hashing_echo_target().await;
+    let (svc_target, svc_echo) = common::hashing_echo_target().await;
+    let (udp_target, _udp_task) = udp_echo_target().await;
+    let mut provider = w.agent(
+        "provider",
+        PROVIDER_A,
+        &format!(
+            "{}[[lease]]\nname = \"web\"\ntls_to = \"{echo}\"\n\
+             [[lease]]\nname = \"raw\"\ntcp_to = \"{echo}\"\n\
+             [[lease]]\nname = \"bulk\"\ntcp_to = \"{bulk_target}\"\n\
+             [[lease]]\nname = \"ping\"\nudp_to = \"{udp_target}\"\n",
+            provide("svc", svc_target)
+        ),
+    );
+    let ready = provider.ready().await;
+    let mut consumer = w.agent("consumer", CONSUMER_A, &consume("svc"));
+    consumer.ready().await;
+    let relay_info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("relay-ready.json")).expect("relay ready file"),
+    )
+    .expect("relay ready JSON");
+    let public_tls = addr_in(&relay_info, "public_tls");
+    let web_host = ready["leases"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "web"))
+        .and_then(|l| l["hostname"].as_str())
+        .unwrap_or_else(|| panic!("hostname of web in {ready}"))
+        .to_owned();
+    let raw: SocketAddr = ([127, 0, 0, 1], lease_port_in(&ready, "raw", "tcp_addr")).into();
+    let bulk: SocketAddr = ([127, 0, 0, 1], lease_port_in(&ready, "bulk", "tcp_addr")).into();
+    let ping_port = lease_port_in(&ready, "ping", "udp_addr");
+
+    let udp = UdpPing::start(ping_port).await;
+    let load = Load::start(
+        vec![
+            ("sni", public_tls, client_hello(&web_host)),
+            ("tcp", raw, b"0123456789abcdef".to_vec()),
+        ],
+        rate_per_s,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lease_bulk =
+        common::Bulk::start_paced(bulk, UPGRADE_BULK_BYTES, UPGRADE_BULK_BYTES_PER_S).await;
+    let svc_bulk = common::Bulk::start_paced(
+        consumer.consumer(0),
+        UPGRADE_BULK_BYTES,
+        UPGRADE_BULK_BYTES_PER_S,
+    )
+    .await;
+    lease_bulk.wait_received(UPGRADE_BULK_BYTES / 8).await;
+    svc_bulk.wait_received(UPGRADE_BULK_BYTES / 8).await;
+
+    let old_pid = i32::try_from(w.relay.0.id()).expect("pid");
+    let admin = admin_socket(&d, "relay");
+    let upgrade_at = Instant::now();
+    let mut cmd = Command::new(sibling_binary("outrelay-relay"));
+    cmd.arg("upgrade").arg("--admin-socket").arg(&admin);
+    let out = run_blocking(cmd).await;
+    let upgrade_took = upgrade_at.elapsed();
+    assert!(out.status.success(), "upgrade failed: {}", text(&out));
+    let answer: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{}: {e}", text(&out)));
+    let new_pid = answer["new_pid"]
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("new_pid in {answer}"));
+    let _new_relay = KillOnDrop(new_pid);
+    assert_ne!(new_pid, old_pid, "{answer}");
+    // Every agent on the new process: its admin socket (the path moved to it) counts both.
+    let mut agents_moved = None;
+    let mut last = serde_json::Value::Null;
+    while upgrade_at.elapsed() < WAIT {
+        last = drain_status(&w, "relay").await;
+        if last["agents"].as_u64() >= Some(2) {
+            agents_moved = Some(upgrade_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let agents_moved = agents_moved
+        .unwrap_or_else(|| panic!("the agents were not on the new relay within {WAIT:?}: {last}"));
+    let during_until = Instant::now() + Duration::from_secs(1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let udp_after_move = udp.echoed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let udp_echoing_after = udp.echoed() > udp_after_move;
+    let probes = load.finish().await;
+    assert_bulk_intact(lease_bulk, bulk_echo, UPGRADE_BULK_BYTES).await;
+    assert_bulk_intact(svc_bulk, svc_echo, UPGRADE_BULK_BYTES).await;
+    let (udp_sent, udp_echoed) = udp.finish().await;
+    assert!(
+        agent_resumes(&consumer, "resumed") >= 1.0,
+        "the service stream resumed:\n{}",
+        resume_lines(&consumer.scrape())
+    );
+    // The old process ends by itself once its spliced pairs are done.
+    let old_gone = poll(WAIT, || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid), None).is_err()
+            || std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+    })
+    .await;
+    assert!(old_gone, "the old relay {old_pid} still runs {WAIT:?} later");
+
+    let mut before = Vec::new();
+    let mut during = Vec::new();
+    let mut failed = Vec::new();
+    let mut refused = 0;
+    for (label, at, p) in &probes {
+        match p {
+            Probe::Echoed(first) if *at < upgrade_at => before.push(*first),
+            Probe::Echoed(first) if *at < during_until => during.push(*first),
+            Probe::Echoed(_) => {}
+            Probe::Refused => refused += 1,
+            Probe::Failed(e) => failed.push(format!("{label}: {e}")),
+        }
+    }
+    UpgradeFigures {
+        refused,
+        failed,
+        probes: probes.len(),
+        p99_before: quantile(&mut before, 0.99),
+        p99_during: quantile(&mut during, 0.99),
+        agents_moved,
+        upgrade_took,
+        udp_sent,
+        udp_echoed,
+        udp_echoing_after,
+    }
+}
+
+fn report_upgrade(f: &UpgradeFigures, rate_per_s: u64) {
+    eprintln!(
+        "MEASURED upgrade at {rate_per_s} conn/s per path: {} probes, refused {}, failed {}, \
+         first byte p99 before {:?} / during {:?}, upgrade command {:?}, every agent on the \
+         new process after {:?}, UDP lost {} of {}",
+        f.probes,
+        f.refused,
+        f.failed.len(),
+        f.p99_before,
+        f.p99_during,
+        f.upgrade_took,
+        f.agents_moved,
+        f.udp_sent - f.udp_echoed.min(f.udp_sent),
+        f.udp_sent
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_under_load_refuses_nothing_and_every_transfer_finishes() {
+    let rate = std::env::var("OUTRELAY_UPGRADE_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(UPGRADE_RATE_PER_S);
+    let f = upgrade_under_load(rate).await;
+    report_upgrade(&f, rate);
+    assert_eq!(f.refused, 0, "connections refused during the upgrade");
+    assert!(f.failed.is_empty(), "failed connections: {:?}", f.failed);
+    assert!(f.probes > 0);
+    assert!(
+        f.udp_echoing_after,
+        "the UDP lease stopped echoing after the upgrade ({} of {})",
+        f.udp_echoed,
+        f.udp_sent
+    );
+}

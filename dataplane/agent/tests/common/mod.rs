@@ -85,6 +85,18 @@ impl Bulk {
 
     /// Starts on a connected `client`.
     pub fn start_on(client: TcpStream, bytes: u64) -> Bulk {
+        Bulk::start_paced_on(client, bytes, None)
+    }
+
+    /// Connects to `addr` and starts, writing at most `bytes_per_s` (a transfer that lasts a
+    /// known time, e.g. across a relay upgrade).
+    pub async fn start_paced(addr: SocketAddr, bytes: u64, bytes_per_s: u64) -> Bulk {
+        let client = TcpStream::connect(addr).await.expect("connect");
+        Bulk::start_paced_on(client, bytes, Some(bytes_per_s))
+    }
+
+    /// Starts on a connected `client`, writing at most `pace` bytes per second when given.
+    fn start_paced_on(client: TcpStream, bytes: u64, pace: Option<u64>) -> Bulk {
         use std::sync::atomic::Ordering;
         client.set_nodelay(true).expect("nodelay");
         let (mut r, mut w_half) = client.into_split();
@@ -105,6 +117,10 @@ impl Bulk {
                 hasher.update(&chunk[..n]);
                 w_half.write_all(&chunk[..n]).await.expect("client write");
                 sent += n as u64;
+                if let Some(rate) = pace {
+                    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                    tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+                }
             }
             w_half.shutdown().await.expect("client shutdown(Write)");
             (sent, hasher.finalize().to_vec(), started.elapsed())
