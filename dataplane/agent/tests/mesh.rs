@@ -2465,7 +2465,10 @@ async fn upgrade_under_load(rate_per_s: u64) -> UpgradeFigures {
                 .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
     })
     .await;
-    assert!(old_gone, "the old relay {old_pid} still runs {WAIT:?} later");
+    assert!(
+        old_gone,
+        "the old relay {old_pid} still runs {WAIT:?} later"
+    );
 
     let mut before = Vec::new();
     let mut during = Vec::new();
@@ -2525,7 +2528,6 @@ async fn an_upgrade_under_load_refuses_nothing_and_every_transfer_finishes() {
     assert!(
         f.udp_echoing_after,
         "the UDP lease stopped echoing after the upgrade ({} of {})",
-        f.udp_echoed,
-        f.udp_sent
+        f.udp_echoed, f.udp_sent
     );
 }
