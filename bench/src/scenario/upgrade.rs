@@ -284,20 +284,18 @@ impl Scenario for Upgrade {
         vec![
             format!("ClientHello: {}", self.hello.source),
             format!(
-                "per round, target and path: {} at {}; then open-loop load (connect, \
+                "per round, target and path: {}; then open-loop load (connect, \
                  ClientHello, 1 KiB reply, close; RST close) for {} s, the upgrade, and load \
                  until {} s after it ended; refused = ECONNREFUSED, failed = reset, early \
                  close, wrong bytes or no reply within {PROBE_TIMEOUT_MS} ms; client skipped = \
                  ticks with {IN_FLIGHT_MAX} probes already in flight (the load generator fell \
                  behind: not made, not counted as probes)",
                 match self.rate_per_s {
-                    Some(_) => "the given --rate",
-                    None => "half of the maximum of a connrate run",
-                },
-                match self.rate_per_s {
-                    Some(r) => format!("{r} conn/s"),
-                    None =>
-                        format!("{MAX_RATE_CONCURRENCY} connections for {MAX_RATE_PROBE_MS} ms"),
+                    Some(r) => format!("--rate {r} conn/s"),
+                    None => format!(
+                        "half of the maximum of a connrate run ({MAX_RATE_CONCURRENCY} \
+                         connections for {MAX_RATE_PROBE_MS} ms)"
+                    ),
                 },
                 self.before.as_secs(),
                 self.after.as_secs(),
