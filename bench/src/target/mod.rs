@@ -654,6 +654,37 @@ mod tests {
     }
 
     #[test]
+    fn only_outrelay_and_one_hop_haproxy_are_handed_over_and_classic_does_nothing_else() {
+        let upgrade = Routing::Upgrade {
+            sni: Some("demo.outrelay.test"),
+            udp_echo: "127.0.0.1:9".parse().expect("literal address"),
+        };
+        let t = by_names(
+            &[
+                "outrelay",
+                "haproxy",
+                "haproxy-classic",
+                "haproxy-chain",
+                "direct",
+                "nginx",
+            ]
+            .map(str::to_owned),
+        )
+        .expect("known targets");
+        let supports: Vec<bool> = t.iter().map(|t| t.supports(upgrade)).collect();
+        assert_eq!(supports, [true, true, true, false, false, false]);
+        // haproxy-classic exists for the reload only; the others keep their TCP and SNI paths.
+        assert!(!t[2].supports(Routing::Tcp) && !t[2].supports(Routing::Sni("x")));
+        assert!(t[1].supports(Routing::Tcp) && t[3].supports(Routing::Sni("x")));
+        assert_eq!(upgrade.path_label(), "sni");
+        let tcp = Routing::Upgrade {
+            sni: None,
+            udp_echo: "127.0.0.1:9".parse().expect("literal address"),
+        };
+        assert_eq!(tcp.path_label(), "tcp");
+    }
+
+    #[test]
     fn direct_front_is_the_backend_and_has_no_relay() {
         let backend: SocketAddr = "127.0.0.1:9".parse().expect("literal address");
         let dir = tempfile::tempdir().expect("temp dir");
