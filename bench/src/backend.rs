@@ -15,6 +15,8 @@ use crate::client_hello::read_client_hello;
 
 /// Bytes the connrate backend answers each ClientHello with.
 pub const REPLY_BYTES: usize = 1024;
+/// The byte the connrate backend's reply is made of.
+pub const REPLY_BYTE: u8 = 0x17;
 
 /// A backend accepting on 127.0.0.1; stops accepting when dropped. Connections already
 /// accepted end when their client side closes.
@@ -59,7 +61,7 @@ pub fn start(rt: &Handle, behaviour: Behaviour) -> Result<Backend> {
         .block_on(TcpListener::bind("127.0.0.1:0"))
         .context("binding backend")?;
     let addr = listener.local_addr().context("backend address")?;
-    let reply: Arc<[u8]> = vec![0x17; REPLY_BYTES].into();
+    let reply: Arc<[u8]> = vec![REPLY_BYTE; REPLY_BYTES].into();
     let sunk_bytes = Arc::new(AtomicU64::new(0));
     let sunk = Arc::clone(&sunk_bytes);
     let accept_loop = rt.spawn(async move {

@@ -104,7 +104,11 @@ struct RunArgs {
     /// root-host,slowloris,oversized-frames,audit-flood,controller-flood).
     #[arg(long, value_delimiter = ',')]
     attacks: Option<Vec<String>>,
-    /// Paths connrate measures, each a row per target that routes on SNI: sni (routed on the
+    /// Connections per second per path of the upgrade scenario's open-loop load (default:
+    /// half of the maximum a short connrate run of the same target measures first).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Paths connrate and upgrade measure, each a row per target that routes on SNI: sni (routed on the
     /// ClientHello) and tcp (forwarded; outrelay: its TCP port lease).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [RoutePath::Sni, RoutePath::Tcp])]
     paths: Vec<RoutePath>,
@@ -186,6 +190,10 @@ impl RunArgs {
                 .max(1),
             pin_target_cores: pinning.target_cores(),
             compare_base: names.iter().any(|n| n == scenario::BASE_TARGET),
+            upgrade_rate_per_s: self.rate,
+            // The timeline: 3 s of load, the upgrade, 5 s after it ended.
+            upgrade_before_s: if self.quick { 1 } else { 3 },
+            upgrade_after_s: if self.quick { 2 } else { 5 },
             launch: Launch {
                 pin: pinning.taskset.clone().zip(pinning.launch_cpus.clone()),
                 ..Launch::default()

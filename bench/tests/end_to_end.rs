@@ -506,6 +506,8 @@ fn list_shows_every_scenario_and_target() {
         "socat",
         "outrelay",
         "quinn-direct",
+        "upgrade",
+        "haproxy-classic",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
@@ -578,5 +580,124 @@ fn installed_peers_relay_and_route_on_sni() {
             if sni { 1.0 } else { 0.0 },
             "{target}"
         );
+    }
+}
+
+/// The row of `target` on `path` (`sni`, `tcp`).
+fn row_on<'a>(doc: &'a Value, target: &str, path: &str) -> &'a Value {
+    doc["result"]["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["target"] == target && r["path"] == path)
+        .unwrap_or_else(|| panic!("no row for {target} {path}: {doc:#}"))
+}
+
+/// Whether `binary` is on the PATH.
+fn installed(binary: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {binary}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Checks one upgrade row: measured, every probe counted once, a hand-over time, both
+/// latency windows filled.
+fn assert_upgrade_row(doc: &Value, target: &str, path: &str, rate: f64) {
+    let r = row_on(doc, target, path);
+    assert!(r["status"].is_null(), "{target} {path} failed: {r:#}");
+    assert_eq!(median(r, "rate_per_s"), rate, "{r:#}");
+    let probes = median(r, "probes");
+    // 1 s before, the hand-over, 2 s after it (--quick): at least 3 s of probes.
+    assert!(probes >= rate * 2.0, "{probes} probes at {rate}/s: {r:#}");
+    assert!(
+        median(r, "refused") + median(r, "failed") <= probes,
+        "{r:#}"
+    );
+    assert!(median(r, "upgrade_ms") > 0.0, "{r:#}");
+    assert!(
+        median(r, "p99_before_us") >= median(r, "p50_before_us"),
+        "{r:#}"
+    );
+    assert!(
+        median(r, "p99_during_us") >= median(r, "p50_during_us"),
+        "{r:#}"
+    );
+    assert!(median(r, "p99_bump") > 0.0, "{r:#}");
+}
+
+/// HAProxy's seamless reload (master-worker, expose-fd listeners) and its classic one (-sf)
+/// under an open-loop load on both paths. Skipped loudly without haproxy.
+#[test]
+fn upgrade_quick_reloads_haproxy_both_ways_under_load() {
+    if !installed("haproxy") {
+        eprintln!(
+            "SKIPPED upgrade_quick_reloads_haproxy_both_ways_under_load: haproxy is not \
+             installed; run `outrelay-bench run latency --install-peers` to install it"
+        );
+        return;
+    }
+    let (md, _, doc) = harness_json(&[
+        "run",
+        "upgrade",
+        "--targets",
+        "haproxy,haproxy-classic",
+        "--quick",
+        "--rate",
+        "200",
+    ]);
+    for target in ["haproxy", "haproxy-classic"] {
+        for path in ["sni", "tcp"] {
+            assert_upgrade_row(&doc, target, path, 200.0);
+            // HAProxy has no agents and no UDP lease: those cells stay empty.
+            let r = row_on(&doc, target, path);
+            assert!(r["cells"]["agents_moved_ms"].is_null(), "{r:#}");
+            assert!(r["cells"]["udp_sent"].is_null(), "{r:#}");
+        }
+    }
+    assert!(md.contains("| haproxy | sni | open loop | 200 |"), "{md}");
+    assert!(
+        md.contains("| haproxy-classic | tcp | open loop | 200 |"),
+        "{md}"
+    );
+    assert!(md.contains("expose-fd listeners"), "{md}");
+}
+
+/// OutRelay's hand-over (`outrelay-relay upgrade`) under load on both paths, with the UDP
+/// lease pinged and the agent followed to the new process. Needs a relay build with the
+/// `upgrade` command (issue 20); skipped loudly without one.
+#[test]
+fn upgrade_quick_hands_outrelay_over_and_follows_its_agent() {
+    let relay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/outrelay-relay");
+    let has_upgrade = Command::new(&relay)
+        .args(["upgrade", "--help"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_upgrade {
+        eprintln!(
+            "SKIPPED upgrade_quick_hands_outrelay_over_and_follows_its_agent: {} has no \
+             `upgrade` command (build a relay with issue 20's hand-over: cargo build --release \
+             -p outrelay-relay -p outrelay-agent -p outrelay-cli)",
+            relay.display()
+        );
+        return;
+    }
+    let (_, _, doc) = harness_json(&[
+        "run",
+        "upgrade",
+        "--targets",
+        "outrelay",
+        "--quick",
+        "--rate",
+        "200",
+    ]);
+    for path in ["sni", "tcp"] {
+        assert_upgrade_row(&doc, "outrelay", path, 200.0);
+        let r = row_on(&doc, "outrelay", path);
+        assert!(median(r, "agents_moved_ms") > 0.0, "{r:#}");
+        let sent = median(r, "udp_sent");
+        // A datagram every millisecond for more than 3 s.
+        assert!(sent > 1_000.0, "{r:#}");
+        assert!(median(r, "udp_lost") <= sent, "{r:#}");
     }
 }

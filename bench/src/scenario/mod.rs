@@ -24,6 +24,7 @@ mod latency;
 mod leases;
 mod mesh;
 mod udp;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -66,6 +67,9 @@ pub enum ScenarioName {
     /// A lease range served to TCP (and TCP+UDP) leases on every port (outrelay only): relay
     /// descriptors, RSS and sockets per lease, and time from grant to routable port.
     Leases,
+    /// Open-loop connections (and OutRelay's UDP lease) while the target is upgraded (OutRelay)
+    /// or reloaded (HAProxy): refused, failed, first-byte p99 bump, hand-over times, UDP lost.
+    Upgrade,
 }
 
 impl ScenarioName {
@@ -81,11 +85,12 @@ impl ScenarioName {
             Self::Mesh => "mesh",
             Self::Abuse => "abuse",
             Self::Leases => "leases",
+            Self::Upgrade => "upgrade",
         }
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 9] {
+    pub fn all() -> [Self; 10] {
         [
             Self::Bulk,
             Self::BulkSni,
@@ -96,6 +101,7 @@ impl ScenarioName {
             Self::Mesh,
             Self::Abuse,
             Self::Leases,
+            Self::Upgrade,
         ]
     }
 
@@ -104,6 +110,7 @@ impl ScenarioName {
         match self {
             Self::Mesh => &["quinn-direct", "quinn-direct-paced", "outrelay"],
             Self::Abuse | Self::Leases => &["outrelay"],
+            Self::Upgrade => &["haproxy", "haproxy-classic", "outrelay"],
             _ => &[
                 "direct",
                 "haproxy",
@@ -135,6 +142,9 @@ impl ScenarioName {
             }
             Self::Leases => {
                 "N-port lease range all leased: relay fds/RSS per lease, grant -> routable ms"
+            }
+            Self::Upgrade => {
+                "open-loop conns during an upgrade/reload: refused, failed, p99 bump, UDP lost"
             }
         }
     }
@@ -196,6 +206,13 @@ pub struct Settings {
     pub pin_target_cores: Option<usize>,
     /// Whether `outrelay-base` is among the targets (the "x base" columns appear).
     pub compare_base: bool,
+    /// The upgrade scenario's load in connections per second per path (`--rate`; `None`:
+    /// half of the maximum a short connrate run of the same target measured).
+    pub upgrade_rate_per_s: Option<u64>,
+    /// The upgrade scenario's load before the upgrade.
+    pub upgrade_before_s: u64,
+    /// The upgrade scenario's load after the upgrade ended.
+    pub upgrade_after_s: u64,
     /// How targets' processes are launched (pinning); the runner sets the worker count.
     #[serde(skip)]
     pub launch: Launch,
@@ -226,6 +243,9 @@ impl Settings {
             lease_grants: 200,
             pin_target_cores: None,
             compare_base: false,
+            upgrade_rate_per_s: None,
+            upgrade_before_s: 3,
+            upgrade_after_s: 5,
             launch: Launch::default(),
         }
     }
@@ -335,6 +355,7 @@ pub fn build(
         ScenarioName::Mesh => Box::new(mesh::Mesh::start(settings, rt)?),
         ScenarioName::Abuse => Box::new(abuse::Abuse::start(settings, rt)?),
         ScenarioName::Leases => Box::new(leases::Leases::start(settings, rt)),
+        ScenarioName::Upgrade => Box::new(upgrade::Upgrade::start(settings, rt)?),
     })
 }
 

@@ -26,7 +26,10 @@ impl Target for Direct {
 
     fn supports(&self, routing: Routing) -> bool {
         // The abuse scenario attacks the relay's own listeners: there is nothing direct.
-        !matches!(routing, Routing::Abuse { .. } | Routing::Leases { .. })
+        !matches!(
+            routing,
+            Routing::Abuse { .. } | Routing::Leases { .. } | Routing::Upgrade { .. }
+        )
     }
 
     fn start(

@@ -8,7 +8,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{
-    Availability, Launch, Routing, RunningTarget, Target, free_loopback_addr, wait_listening,
+    Availability, Launch, Routing, RunningTarget, Target, UpgradeEnds, free_loopback_addr,
+    wait_listening,
 };
 use crate::peers::find_binary;
 use crate::process::OwnedProcess;
@@ -21,11 +22,25 @@ const SNI_TEMPLATE: &str = include_str!("../../templates/haproxy-sni.cfg");
 pub struct Haproxy {
     /// 1: `haproxy`; 2: `haproxy-chain`.
     pub hops: u8,
+    /// `haproxy-classic` (one hop, upgrade scenario only): reloaded the classic way, a new
+    /// process with `-sf` and no listener hand-over.
+    pub classic: bool,
+}
+
+/// The upgrade scenario's `global` lines for the seamless reload: the stats socket hands the
+/// listeners to the new worker (`expose-fd listeners`).
+fn seamless_global(dir: &Path) -> String {
+    format!(
+        "    stats socket {}/stats.sock mode 600 level admin expose-fd listeners\n",
+        dir.display()
+    )
 }
 
 impl Target for Haproxy {
     fn name(&self) -> &'static str {
-        if self.hops == 1 {
+        if self.classic {
+            "haproxy-classic"
+        } else if self.hops == 1 {
             "haproxy"
         } else {
             "haproxy-chain"
@@ -33,7 +48,9 @@ impl Target for Haproxy {
     }
 
     fn description(&self) -> &'static str {
-        if self.hops == 1 {
+        if self.classic {
+            "HAProxy as `haproxy`, reloaded the classic way (-sf, no expose-fd); upgrade only"
+        } else if self.hops == 1 {
             "HAProxy mode tcp, option splice-auto; SNI routing with req.ssl_sni"
         } else {
             "HAProxy chained twice (two hops): hop 1 as `haproxy`, hop 2 plain TCP forward"
@@ -51,6 +68,14 @@ impl Target for Haproxy {
         true
     }
 
+    fn supports(&self, routing: Routing) -> bool {
+        match routing {
+            Routing::Upgrade { .. } => self.hops == 1,
+            Routing::Tcp | Routing::Sni(_) => !self.classic,
+            _ => false,
+        }
+    }
+
     fn start(
         &self,
         backend: SocketAddr,
@@ -59,6 +84,9 @@ impl Target for Haproxy {
         launch: &Launch,
     ) -> Result<RunningTarget> {
         let binary = find_binary("haproxy").context("haproxy not installed")?;
+        if let Routing::Upgrade { sni, .. } = routing {
+            return self.start_upgradable(&binary, backend, sni, dir, launch);
+        }
         let mut processes = Vec::new();
         let mut listening = Vec::new();
         // Start from the backend side: hop 2 (plain forward) first, then hop 1 in front of it.
@@ -97,6 +125,87 @@ impl Target for Haproxy {
     }
 }
 
+impl Haproxy {
+    /// One hop for the upgrade scenario: master-worker with the listeners exposed to the new
+    /// worker (`haproxy`), or a plain foreground process reloaded with `-sf`
+    /// (`haproxy-classic`).
+    fn start_upgradable(
+        &self,
+        binary: &Path,
+        backend: SocketAddr,
+        sni: Option<&'static str>,
+        dir: &Path,
+        launch: &Launch,
+    ) -> Result<RunningTarget> {
+        let front = free_loopback_addr()?;
+        let routing = sni.map_or(Routing::Tcp, Routing::Sni);
+        let mut config = render_config(front, backend, routing)?;
+        if !self.classic {
+            config = config.replacen("global\n", &format!("global\n{}", seamless_global(dir)), 1);
+        }
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).context("writing haproxy config")?;
+        let master_socket = dir.join("master.sock");
+        let mut args = vec![
+            "-db".to_owned(),
+            "-f".to_owned(),
+            path.display().to_string(),
+        ];
+        if !self.classic {
+            args.extend([
+                "-W".to_owned(),
+                "-S".to_owned(),
+                master_socket.display().to_string(),
+            ]);
+        }
+        let mut processes = vec![launch.spawn("haproxy", binary, &args, dir)?];
+        wait_listening(&[front], &mut processes)?;
+        let pid = processes[0].pid();
+        let mut running = RunningTarget::new(front, sni.is_some(), processes);
+        running.upgrade = Some(if self.classic {
+            UpgradeEnds::HaproxyClassic {
+                binary: binary.to_owned(),
+                config: path,
+                pid,
+                launch: launch.clone(),
+                dir: dir.to_owned(),
+            }
+        } else {
+            UpgradeEnds::HaproxyMaster {
+                master_socket,
+                master_pid: pid,
+            }
+        });
+        Ok(running)
+    }
+}
+
+/// The config of one hop from its template.
+fn render_config(front: SocketAddr, backend: SocketAddr, routing: Routing) -> Result<String> {
+    let (front, backend) = (front.to_string(), backend.to_string());
+    match routing {
+        Routing::Tcp => render(
+            TCP_TEMPLATE,
+            &[("front_addr", &front), ("backend_addr", &backend)],
+        ),
+        Routing::Sni(name) => render(
+            SNI_TEMPLATE,
+            &[
+                ("front_addr", &front),
+                ("backend_addr", &backend),
+                ("sni_name", name),
+            ],
+        ),
+        Routing::Udp
+        | Routing::Mesh { .. }
+        | Routing::Abuse { .. }
+        | Routing::Leases { .. }
+        | Routing::Upgrade { .. } => {
+            anyhow::bail!("haproxy does not forward UDP or QUIC")
+        }
+    }
+}
+
 fn spawn(
     launch: &Launch,
     binary: &Path,
@@ -106,24 +215,7 @@ fn spawn(
     backend: SocketAddr,
     routing: Routing,
 ) -> Result<OwnedProcess> {
-    let (front, backend) = (front.to_string(), backend.to_string());
-    let config = match routing {
-        Routing::Tcp => render(
-            TCP_TEMPLATE,
-            &[("front_addr", &front), ("backend_addr", &backend)],
-        )?,
-        Routing::Udp | Routing::Mesh { .. } | Routing::Abuse { .. } | Routing::Leases { .. } => {
-            anyhow::bail!("haproxy does not forward UDP or QUIC")
-        }
-        Routing::Sni(name) => render(
-            SNI_TEMPLATE,
-            &[
-                ("front_addr", &front),
-                ("backend_addr", &backend),
-                ("sni_name", name),
-            ],
-        )?,
-    };
+    let config = render_config(front, backend, routing)?;
     let path = dir.join(format!("{name}.cfg"));
     std::fs::write(&path, config).context("writing haproxy config")?;
     // -db: stay in the foreground so the harness owns the process.

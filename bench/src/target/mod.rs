@@ -67,6 +67,18 @@ pub enum Routing {
         /// Whether the leases also take a UDP port.
         udp: bool,
     },
+    /// The upgrade scenario's topology (issue 20; outrelay and haproxy only): the SNI path
+    /// (`sni` names the server, as [`Routing::Sni`]) or the TCP path (`None`, as
+    /// [`Routing::Tcp`]), started so that the scenario can hand it over to a new process
+    /// while it serves ([`RunningTarget::upgrade`]): OutRelay with its admin socket and a UDP
+    /// lease to `udp_echo`, HAProxy in master-worker mode or (`haproxy-classic`) ready for a
+    /// `-sf` reload.
+    Upgrade {
+        /// The server name routed on (`None`: the TCP path).
+        sni: Option<&'static str>,
+        /// The UDP echo server behind OutRelay's UDP lease.
+        udp_echo: SocketAddr,
+    },
 }
 
 /// First port of the leases scenario's range (below the kernel's ephemeral range, away from
@@ -81,6 +93,7 @@ impl Routing {
             Self::Mesh { .. } => "no QUIC mesh stream in this harness",
             Self::Abuse { .. } => "the abuse scenario attacks OutRelay's own listeners only",
             Self::Leases { .. } => "the leases scenario measures OutRelay's lease ports only",
+            Self::Upgrade { .. } => "the upgrade scenario hands over outrelay and haproxy only",
             Self::Tcp | Self::Sni(_) => "QUIC mesh scenario only",
         }
     }
@@ -98,6 +111,8 @@ impl Routing {
             Self::Abuse { .. } => "abuse",
             Self::Leases { udp: false, .. } => "tcp",
             Self::Leases { udp: true, .. } => "tcp+udp",
+            Self::Upgrade { sni: Some(_), .. } => "sni",
+            Self::Upgrade { sni: None, .. } => "tcp",
         }
     }
 }
@@ -282,6 +297,53 @@ pub struct RunningTarget {
     pub abuse: Option<AbuseEnds>,
     /// Set by `outrelay` for [`Routing::Leases`]: where the lease driver connects.
     pub leases: Option<LeaseEnds>,
+    /// Set by `outrelay` and `haproxy` for [`Routing::Upgrade`]: how to hand it over.
+    pub upgrade: Option<UpgradeEnds>,
+    /// Processes that were the relay before a hand-over and exit by themselves
+    /// ([`Self::retire`]): no longer checked or measured, still stopped (group) on drop.
+    retired: Vec<OwnedProcess>,
+}
+
+/// How the upgrade scenario hands a started target over to a new process
+/// ([`Routing::Upgrade`]).
+#[derive(Debug, Clone)]
+pub enum UpgradeEnds {
+    /// OutRelay: `outrelay-relay upgrade --admin-socket <admin_socket>`; the new relay runs as
+    /// the old one's child (same process group), the admin socket path moves to it.
+    Outrelay {
+        /// The `outrelay-relay` binary (its `upgrade` subcommand).
+        relay_bin: PathBuf,
+        /// The relay's admin socket (`status`: `drain.agents`).
+        admin_socket: PathBuf,
+        /// The relay process before the upgrade.
+        relay_pid: u32,
+        /// Agents connected to the relay (all must be on the new process).
+        agents: u64,
+        /// The UDP lease's port on the relay (echoed by the agent's UDP target).
+        udp_front: SocketAddr,
+    },
+    /// HAProxy master-worker (`-W -S <master_socket>`, `stats socket … expose-fd listeners`):
+    /// `kill -USR2 <master_pid>`, the new worker takes the listeners (seamless reload).
+    HaproxyMaster {
+        /// The master CLI socket (`show proc`).
+        master_socket: PathBuf,
+        /// The master process (its pid survives the reload: it re-executes itself).
+        master_pid: u32,
+    },
+    /// HAProxy's classic reload: a new `haproxy -db -f <config> -sf <pid>` binds its own
+    /// listeners (SO_REUSEPORT) and tells the old process to stop listening and finish.
+    HaproxyClassic {
+        /// The haproxy binary.
+        binary: PathBuf,
+        /// The config file both processes run.
+        config: PathBuf,
+        /// The process serving now.
+        pid: u32,
+        /// How the target's processes are launched (pinning).
+        launch: Launch,
+        /// The target's directory (logs of the new process).
+        dir: PathBuf,
+    },
 }
 
 /// Where the leases scenario's driver asks for leases ([`Routing::Leases`]) and what it
@@ -345,7 +407,22 @@ impl RunningTarget {
             helpers: Vec::new(),
             abuse: None,
             leases: None,
+            upgrade: None,
+            retired: Vec::new(),
         }
+    }
+
+    /// Moves the relay process `pid` out of the measured and checked processes (it exits by
+    /// itself after a hand-over); it is still stopped, with its process group, on drop.
+    pub fn retire(&mut self, pid: u32) {
+        if let Some(i) = self.processes.iter().position(|p| p.pid() == pid) {
+            self.retired.push(self.processes.remove(i));
+        }
+    }
+
+    /// Adds `process` (the new relay of a hand-over) to the relay's processes.
+    pub fn adopt(&mut self, process: OwnedProcess) {
+        self.processes.push(process);
     }
 
     /// A target with no processes of its own (the direct path).
@@ -381,8 +458,18 @@ impl RunningTarget {
 pub fn all() -> Vec<Box<dyn Target>> {
     vec![
         Box::new(direct::Direct),
-        Box::new(haproxy::Haproxy { hops: 1 }),
-        Box::new(haproxy::Haproxy { hops: 2 }),
+        Box::new(haproxy::Haproxy {
+            hops: 1,
+            classic: false,
+        }),
+        Box::new(haproxy::Haproxy {
+            hops: 2,
+            classic: false,
+        }),
+        Box::new(haproxy::Haproxy {
+            hops: 1,
+            classic: true,
+        }),
         Box::new(nginx::Nginx),
         Box::new(rathole::Rathole),
         Box::new(socat::Socat),
@@ -564,6 +651,37 @@ mod tests {
             t[0].start(backend, Routing::Tcp, dir.path(), &Launch::default())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn only_outrelay_and_one_hop_haproxy_are_handed_over_and_classic_does_nothing_else() {
+        let upgrade = Routing::Upgrade {
+            sni: Some("demo.outrelay.test"),
+            udp_echo: "127.0.0.1:9".parse().expect("literal address"),
+        };
+        let t = by_names(
+            &[
+                "outrelay",
+                "haproxy",
+                "haproxy-classic",
+                "haproxy-chain",
+                "direct",
+                "nginx",
+            ]
+            .map(str::to_owned),
+        )
+        .expect("known targets");
+        let supports: Vec<bool> = t.iter().map(|t| t.supports(upgrade)).collect();
+        assert_eq!(supports, [true, true, true, false, false, false]);
+        // haproxy-classic exists for the reload only; the others keep their TCP and SNI paths.
+        assert!(!t[2].supports(Routing::Tcp) && !t[2].supports(Routing::Sni("x")));
+        assert!(t[1].supports(Routing::Tcp) && t[3].supports(Routing::Sni("x")));
+        assert_eq!(upgrade.path_label(), "sni");
+        let tcp = Routing::Upgrade {
+            sni: None,
+            udp_echo: "127.0.0.1:9".parse().expect("literal address"),
+        };
+        assert_eq!(tcp.path_label(), "tcp");
     }
 
     #[test]

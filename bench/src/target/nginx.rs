@@ -69,7 +69,8 @@ impl Target for Nginx {
             Routing::Udp
             | Routing::Mesh { .. }
             | Routing::Abuse { .. }
-            | Routing::Leases { .. } => {
+            | Routing::Leases { .. }
+            | Routing::Upgrade { .. } => {
                 anyhow::bail!("the nginx target has no UDP or QUIC template")
             }
             Routing::Sni(name) => {

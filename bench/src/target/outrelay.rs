@@ -27,7 +27,8 @@ use anyhow::{Context, Result, bail};
 
 use super::{
     AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayEbpf, Routing,
-    RunningTarget, Target, free_loopback_addr, wait_listening, wait_ready, wait_udp_bound,
+    RunningTarget, Target, UpgradeEnds, free_loopback_addr, wait_listening, wait_ready,
+    wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -156,6 +157,9 @@ impl Target for Outrelay {
         if let Routing::Leases { ports, udp } = routing {
             return start_leases(&bins, ports, udp, dir, &pki);
         }
+        if let Routing::Upgrade { sni, udp_echo } = routing {
+            return start_upgradable(&bins, backend, sni, udp_echo, dir, &pki);
+        }
         let public_tls = free_loopback_addr()?;
         let policy = if matches!(routing, Routing::Mesh { .. }) {
             format!(
@@ -190,8 +194,8 @@ impl Target for Outrelay {
             Routing::Mesh { .. } => {
                 return start_mesh(&bins, backend, dir, &pki, &quic, processes);
             }
-            Routing::Abuse { .. } | Routing::Leases { .. } => {
-                bail!("the abuse and leases topologies have their own relay")
+            Routing::Abuse { .. } | Routing::Leases { .. } | Routing::Upgrade { .. } => {
+                bail!("the abuse, leases and upgrade topologies have their own relay")
             }
         };
         let name = match routing {
@@ -202,7 +206,8 @@ impl Target for Outrelay {
             | Routing::Udp
             | Routing::Mesh { .. }
             | Routing::Abuse { .. }
-            | Routing::Leases { .. } => "bench",
+            | Routing::Leases { .. }
+            | Routing::Upgrade { .. } => "bench",
         };
         let agent = start_agent(
             &bins,
@@ -222,7 +227,10 @@ impl Target for Outrelay {
             // The grant names the relay's public host; the port listens on lease_bind_ip.
             Routing::Tcp => granted_port(&agent, "tcp_addr")?,
             Routing::Udp => granted_port(&agent, "udp_addr")?,
-            Routing::Mesh { .. } | Routing::Abuse { .. } | Routing::Leases { .. } => {
+            Routing::Mesh { .. }
+            | Routing::Abuse { .. }
+            | Routing::Leases { .. }
+            | Routing::Upgrade { .. } => {
                 bail!("no single lease front")
             }
         };
@@ -592,6 +600,81 @@ fn start_leases(
         bind_ip: IpAddr::from([127, 0, 0, 1]),
         lease_sync_interval_ms: LEASE_SYNC_INTERVAL_MS,
         udp,
+    });
+    Ok(running)
+}
+
+/// The upgrade topology ([`Routing::Upgrade`]): a standalone relay with its admin socket
+/// (`dir/relay.sock`) and TCP and UDP leases, and `agent-1` with the lease under test (the
+/// SNI lease `demo` to `backend`, or the TCP lease `bench`) and the UDP lease `ping` to
+/// `udp_echo`. Both processes count as the relay; the scenario runs `outrelay-relay upgrade`
+/// ([`UpgradeEnds::Outrelay`]).
+fn start_upgradable(
+    bins: &Bins<'_>,
+    backend: SocketAddr,
+    sni: Option<&'static str>,
+    udp_echo: SocketAddr,
+    dir: &Path,
+    pki: &Path,
+) -> Result<RunningTarget> {
+    let public_tls = free_loopback_addr()?;
+    let admin_socket = dir.join("relay.sock");
+    let relay_config = format!(
+        "public_url = \"https://{ROOT_HOST}\"\n{workers}\
+         [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
+         [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
+         lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"{admin}\"\n\
+         [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = true\n{ebpf}",
+        p = pki.display(),
+        admin = admin_socket.display(),
+        lo = LEASE_PORTS.0,
+        hi = LEASE_PORTS.1,
+        workers = workers_line(bins.launch),
+        ebpf = ebpf_section(bins.launch),
+    );
+    let StartedRelay {
+        mut processes,
+        quic,
+        lookup,
+    } = start_relay(bins, dir, &relay_config)?;
+    let relay_pid = processes[0].pid();
+    let lease = match sni {
+        Some(server_name) => {
+            let name = server_name
+                .strip_suffix(&format!(".{ROOT_HOST}"))
+                .with_context(|| format!("SNI {server_name} is not under {ROOT_HOST}"))?;
+            format!("[[lease]]\nname = \"{name}\"\ntls_to = \"{backend}\"\n")
+        }
+        None => format!("[[lease]]\nname = \"bench\"\ntcp_to = \"{backend}\"\n"),
+    };
+    let leases = format!("{lease}[[lease]]\nname = \"ping\"\nudp_to = \"{udp_echo}\"\n");
+    let agent = start_agent(
+        bins,
+        "agent",
+        dir,
+        &agent_config(&quic, pki, "agent-1", bins.launch, &leases),
+        &mut processes,
+    )?;
+    let ping = agent["leases"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == "ping"))
+        .context("agent ready file: no lease `ping`")?;
+    let udp_front = granted_port(&serde_json::json!({ "leases": [ping] }), "udp_addr")?;
+    let front = match sni {
+        Some(_) => public_tls,
+        None => granted_port(&agent, "tcp_addr")?,
+    };
+    wait_udp_bound(&[udp_front], &mut processes)?;
+    if sni.is_some() || !lookup {
+        wait_listening(&[front], &mut processes)?;
+    }
+    let mut running = RunningTarget::new(front, sni.is_some(), processes);
+    running.upgrade = Some(UpgradeEnds::Outrelay {
+        relay_bin: bins.path("outrelay-relay"),
+        admin_socket,
+        relay_pid,
+        agents: 1,
+        udp_front,
     });
     Ok(running)
 }
