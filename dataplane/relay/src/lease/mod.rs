@@ -11,6 +11,7 @@
 //! janitor's [`LeaseTable::sweep`] returns the leases that ended so the relay can close their
 //! reverse sessions and republish routes.
 
+mod inherit;
 mod ports;
 mod routes;
 
@@ -25,6 +26,7 @@ use outrelay_proto::orp;
 use outrelay_proto::reverse::LeaseId;
 
 use ports::PortAllocator;
+pub use inherit::{Expected, Inherited, InheritedLease, WantedPorts, expected_until};
 pub use routes::{RouteEntry, RouteTable};
 
 /// Default lease TTL when LEASE_REGISTER or LEASE_RENEW says `ttl_s: 0`.
