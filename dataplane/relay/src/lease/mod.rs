@@ -25,8 +25,8 @@ use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::LeaseId;
 
-use ports::PortAllocator;
 pub use inherit::{Expected, Inherited, InheritedLease, WantedPorts, expected_until};
+use ports::PortAllocator;
 pub use routes::{RouteEntry, RouteTable};
 
 /// Default lease TTL when LEASE_REGISTER or LEASE_RENEW says `ttl_s: 0`.

@@ -1380,8 +1380,24 @@ fn inherited_leases_come_back_to_their_own_agent_with_the_same_ports() {
     let mut old = Fixture::new();
     // Gaps in the ports, so that "same port" differs from "lowest free port".
     let filler = old.ok(9, &c, &tcp("filler"), secs(0));
-    let web = old.ok(1, &a, &orp::LeaseRegister { tcp: true, ..tls("web") }, secs(0));
-    let game = old.ok(2, &b, &orp::LeaseRegister { udp: true, ..tcp("game") }, secs(0));
+    let web = old.ok(
+        1,
+        &a,
+        &orp::LeaseRegister {
+            tcp: true,
+            ..tls("web")
+        },
+        secs(0),
+    );
+    let game = old.ok(
+        2,
+        &b,
+        &orp::LeaseRegister {
+            udp: true,
+            ..tcp("game")
+        },
+        secs(0),
+    );
     old.ok(3, &c, &tls("blog"), secs(0));
     old.table
         .release(ConnId(9), &filler.lease_id.0, old.at(secs(1)))
@@ -1391,14 +1407,30 @@ fn inherited_leases_come_back_to_their_own_agent_with_the_same_ports() {
     let web_entry = list.iter().find(|l| l.name == "web").expect("web");
     assert_eq!(web_entry.tenant, "acme");
     assert_eq!(web_entry.agent_uri, a.to_string());
-    assert_eq!(web_entry.hostname.as_deref(), Some("web.portal.example.com"));
+    assert_eq!(
+        web_entry.hostname.as_deref(),
+        Some("web.portal.example.com")
+    );
     assert_eq!(web_entry.tcp_port, web.tcp_port);
     let game_entry = list.iter().find(|l| l.name == "game").expect("game");
-    assert_eq!(game_entry.hostname, None, "a lease without tls serves no SNI name");
-    assert_eq!((game_entry.tcp_port, game_entry.udp_port), (game.tcp_port, game.udp_port));
+    assert_eq!(
+        game_entry.hostname, None,
+        "a lease without tls serves no SNI name"
+    );
+    assert_eq!(
+        (game_entry.tcp_port, game_entry.udp_port),
+        (game.tcp_port, game.udp_port)
+    );
     // The hand-over carries it as JSON with exactly these field names.
     let json = serde_json::to_string(web_entry).expect("json");
-    for field in ["tenant", "agent_uri", "name", "hostname", "tcp_port", "udp_port"] {
+    for field in [
+        "tenant",
+        "agent_uri",
+        "name",
+        "hostname",
+        "tcp_port",
+        "udp_port",
+    ] {
         assert!(json.contains(&format!("\"{field}\":")), "{field} in {json}");
     }
     let back: InheritedLease = serde_json::from_str(&json).expect("parse");
@@ -1412,7 +1444,13 @@ fn inherited_leases_come_back_to_their_own_agent_with_the_same_ports() {
     assert!(new.table.is_empty(), "reservations route nothing");
     // Another agent of the same tenant, another tenant: neither name is theirs.
     let d = agent("acme", 9);
-    for (who, name) in [(&d, "web"), (&c, "web"), (&d, "game"), (&c, "game"), (&a, "blog")] {
+    for (who, name) in [
+        (&d, "web"),
+        (&c, "web"),
+        (&d, "game"),
+        (&c, "game"),
+        (&a, "blog"),
+    ] {
         assert_eq!(
             new.code(10, who, &tcp(name), secs(1)),
             LeaseErrorCode::HostnameConflict,
@@ -1420,17 +1458,47 @@ fn inherited_leases_come_back_to_their_own_agent_with_the_same_ports() {
         );
     }
     // A newcomer's port is none of the inherited ones.
-    let other = new.ok(11, &d, &orp::LeaseRegister { udp: true, ..tcp("other") }, secs(1));
+    let other = new.ok(
+        11,
+        &d,
+        &orp::LeaseRegister {
+            udp: true,
+            ..tcp("other")
+        },
+        secs(1),
+    );
     assert_ne!(other.tcp_port, web.tcp_port);
     assert_ne!(other.tcp_port, game.tcp_port);
     assert_ne!(other.udp_port, game.udp_port);
     // Each agent comes back (on a new connection) and gets its own name and ports, equal.
-    let web2 = new.ok(12, &a, &orp::LeaseRegister { tcp: true, ..tls("web") }, secs(2));
+    let web2 = new.ok(
+        12,
+        &a,
+        &orp::LeaseRegister {
+            tcp: true,
+            ..tls("web")
+        },
+        secs(2),
+    );
     assert_eq!(web2.hostname, web.hostname);
     assert_eq!(web2.tcp_port, web.tcp_port);
-    let game2 = new.ok(13, &b, &orp::LeaseRegister { udp: true, ..tcp("game") }, secs(2));
-    assert_eq!((game2.tcp_port, game2.udp_port), (game.tcp_port, game.udp_port));
-    assert_eq!(new.ok(14, &c, &tls("blog"), secs(2)).hostname, host("blog.portal.example.com"));
+    let game2 = new.ok(
+        13,
+        &b,
+        &orp::LeaseRegister {
+            udp: true,
+            ..tcp("game")
+        },
+        secs(2),
+    );
+    assert_eq!(
+        (game2.tcp_port, game2.udp_port),
+        (game.tcp_port, game.udp_port)
+    );
+    assert_eq!(
+        new.ok(14, &c, &tls("blog"), secs(2)).hostname,
+        host("blog.portal.example.com")
+    );
     new.table.tcp.check_invariants();
     new.table.udp.check_invariants();
     // Inheriting again changes nothing that is live now.
@@ -1500,13 +1568,22 @@ fn expectations_end_at_their_deadline_or_when_the_lease_is_routed() {
         udp_port: udp,
     };
     let e = Expected::default().with(
-        &[lease("web", Some(MIN), None), lease("game", None, Some(MIN + 1))],
+        &[
+            lease("web", Some(MIN), None),
+            lease("game", None, Some(MIN + 1)),
+        ],
         t0 + secs(2),
     );
     assert!(!e.is_empty());
     assert!(e.host(&host("web.portal.example.com"), t0 + secs(1)));
-    assert!(!e.host(&host("web.portal.example.com"), t0 + secs(2)), "ends at the deadline");
-    assert!(!e.host(&host("x.web.portal.example.com"), t0), "exact names only");
+    assert!(
+        !e.host(&host("web.portal.example.com"), t0 + secs(2)),
+        "ends at the deadline"
+    );
+    assert!(
+        !e.host(&host("x.web.portal.example.com"), t0),
+        "exact names only"
+    );
     assert!(e.tcp(MIN, t0) && !e.tcp(MIN + 1, t0));
     assert!(e.udp(MIN + 1, t0) && !e.udp(MIN, t0));
     assert_eq!(e.next_end(), Some(t0 + secs(2)));
@@ -1517,20 +1594,43 @@ fn expectations_end_at_their_deadline_or_when_the_lease_is_routed() {
     assert!(e3.host(&host("web.portal.example.com"), t0 + secs(4)));
 
     let mut f = Fixture::new();
-    assert!(e.pruned(&f.table.routes(), t0).is_none(), "nothing routed, nothing ended");
+    assert!(
+        e.pruned(&f.table.routes(), t0).is_none(),
+        "nothing routed, nothing ended"
+    );
     let wanted = WantedPorts::of(&f.table.routes(), &e, t0);
     assert_eq!(wanted.tcp.into_iter().collect::<Vec<_>>(), vec![MIN]);
     assert_eq!(wanted.udp.into_iter().collect::<Vec<_>>(), vec![MIN + 1]);
     let ended = WantedPorts::of(&f.table.routes(), &e, t0 + secs(2));
-    assert_eq!(ended, WantedPorts::default(), "expected ports end with the expectation");
+    assert_eq!(
+        ended,
+        WantedPorts::default(),
+        "expected ports end with the expectation"
+    );
     // The web lease appears (tls + its port): its name and port are no longer expected.
-    let g = f.ok(1, &agent("acme", 1), &orp::LeaseRegister { tcp: true, ..tls("web") }, secs(0));
+    let g = f.ok(
+        1,
+        &agent("acme", 1),
+        &orp::LeaseRegister {
+            tcp: true,
+            ..tls("web")
+        },
+        secs(0),
+    );
     assert_eq!(g.tcp_port, Some(MIN));
     let p = e.pruned(&f.table.routes(), t0).expect("changed");
     assert!(!p.host(&host("web.portal.example.com"), t0));
     assert!(!p.tcp(MIN, t0));
     assert!(p.host(&host("game.portal.example.com"), t0) && p.udp(MIN + 1, t0));
     let wanted = WantedPorts::of(&f.table.routes(), &p, t0);
-    assert_eq!(wanted.tcp.into_iter().collect::<Vec<_>>(), vec![MIN], "routed now");
-    assert!(p.pruned(&f.table.routes(), t0 + secs(2)).expect("ended").is_empty());
+    assert_eq!(
+        wanted.tcp.into_iter().collect::<Vec<_>>(),
+        vec![MIN],
+        "routed now"
+    );
+    assert!(
+        p.pruned(&f.table.routes(), t0 + secs(2))
+            .expect("ended")
+            .is_empty()
+    );
 }
