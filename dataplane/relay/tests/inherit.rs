@@ -21,6 +21,9 @@ use outrelay_relay::lease::{
     ConnId, ControllerDecision, Grant, InheritedLease, LeaseConfig, LeaseTable, PortLeaseConfig,
 };
 use outrelay_relay::state::{Shared, Snapshot};
+use outrelay_relay::steer::{EbpfConfig, EbpfMode, Inputs, LeaseRange, RangeSockets, Steering};
+use outrelay_relay::udp::stats::UdpDrop;
+use outrelay_relay::udp::{UdpConfig, UdpIngress};
 use outrelay_relay::worker::{WorkerOptions, bind_reuseport};
 
 const KEY: [u8; 32] = [0x5a; 32];
@@ -51,12 +54,14 @@ fn backends() -> Vec<Backend> {
 struct Relay {
     ingress: Arc<Ingress>,
     shared: Arc<Shared>,
+    udp: Arc<UdpIngress>,
     table: LeaseTable,
     sni: SocketAddr,
     reverse: SocketAddr,
     /// What the old process sent: `demo` (TLS, the captured hellos' SNI) and `echo` (TCP).
     inherited: Vec<InheritedLease>,
     tcp_port: u16,
+    udp_port: u16,
 }
 
 fn lease_config(base: u16) -> LeaseConfig {
@@ -65,6 +70,7 @@ fn lease_config(base: u16) -> LeaseConfig {
         min_port: base,
         max_port: base + 9,
         tcp: PortLeaseConfig::on(),
+        udp: PortLeaseConfig::on(),
         ..LeaseConfig::default()
     }
 }
@@ -95,11 +101,18 @@ fn echo() -> orp::LeaseRegister {
     orp::LeaseRegister {
         name: "echo".into(),
         tcp: true,
+        udp: true,
         ..Default::default()
     }
 }
 
 async fn start(config: IngressConfig, backend: Backend) -> Relay {
+    start_with(config, backend, false).await
+}
+
+/// [`start`], with the eBPF lookup program serving the lease range when `lookup` (the UDP
+/// range sockets then go to a [`UdpIngress`] of their own).
+async fn start_with(config: IngressConfig, backend: Backend, lookup: bool) -> Relay {
     let (base, _) = outrelay_testkit::claim_port_range();
     // The old process: two leases, the TCP one on a port that is not the lowest.
     let mut old = LeaseTable::new(lease_config(base)).expect("lease config");
@@ -114,7 +127,9 @@ async fn start(config: IngressConfig, backend: Backend) -> Relay {
         9,
     );
     register(&mut old, 1, demo(), 1);
-    let tcp_port = register(&mut old, 1, echo(), 2).tcp_port.expect("tcp port");
+    let echo_grant = register(&mut old, 1, echo(), 2);
+    let tcp_port = echo_grant.tcp_port.expect("tcp port");
+    let udp_port = echo_grant.udp_port.expect("udp port");
     let inherited: Vec<InheritedLease> = old
         .inherited_leases()
         .into_iter()
@@ -139,6 +154,34 @@ async fn start(config: IngressConfig, backend: Backend) -> Relay {
         sni[0].local_addr().expect("addr"),
         reverse[0].local_addr().expect("addr"),
     );
+    let (steering, range) = if lookup {
+        Steering::start(
+            &EbpfConfig {
+                mode: EbpfMode::On,
+                reuseport: false,
+                lookup: true,
+            },
+            Inputs {
+                workers: 1,
+                public: &[],
+                reverse: &[],
+                lease_range: Some(LeaseRange {
+                    ports: base..=base + 9,
+                    bind_ip: [127, 0, 0, 1].into(),
+                    tcp: true,
+                    udp: true,
+                }),
+                busy_at: u32::MAX,
+            },
+        )
+        .expect("lookup program")
+    } else {
+        (Steering::off(EbpfMode::Off, 1), RangeSockets::default())
+    };
+    let udp = UdpIngress::new(UdpConfig::default(), shared.clone());
+    if lookup {
+        udp.serve_range(range.udp).expect("udp range sockets");
+    }
     let workers = outrelay_relay::worker::start(
         &ingress,
         WorkerOptions {
@@ -150,24 +193,25 @@ async fn start(config: IngressConfig, backend: Backend) -> Relay {
             reverse,
             runtime: tokio::runtime::Handle::current(),
             beats: Vec::new(),
-            steering: Arc::new(outrelay_relay::steer::Steering::off(
-                outrelay_relay::steer::EbpfMode::Off,
-                1,
-            )),
-            lease_range: Vec::new(),
+            steering: Arc::new(steering),
+            lease_range: range.tcp,
         },
     )
     .expect("workers");
     std::mem::forget(workers); // they run until the test process exits
-    ingress.serve_maintenance();
+    if !lookup {
+        ingress.serve_maintenance();
+    }
     Relay {
         ingress,
         shared,
+        udp,
         table,
         sni: sni_addr,
         reverse: reverse_addr,
         inherited,
         tcp_port,
+        udp_port,
     }
 }
 
@@ -407,4 +451,90 @@ fn with_sni_of_unknown() -> Vec<u8> {
         .expect("SNI in the captured hello");
     records[at..at + 4].copy_from_slice(b"nope");
     records
+}
+
+/// Skips loudly where BPF cannot load, unless `OUTRELAY_REQUIRE_BPF=1` (as in tests/ebpf.rs).
+fn bpf_unavailable(name: &str) -> bool {
+    let Err(why) = outrelay_ebpf::probe() else {
+        return false;
+    };
+    assert!(
+        std::env::var("OUTRELAY_REQUIRE_BPF").as_deref() != Ok("1"),
+        "{name}: OUTRELAY_REQUIRE_BPF=1 but BPF is unavailable: {why}"
+    );
+    eprintln!("SKIP {name}: BPF unavailable here ({why})");
+    true
+}
+
+/// With the eBPF lookup program a port without a lease is refused by the kernel: an expected
+/// port must be open in its map meanwhile, so that its connections reach a worker and wait,
+/// and closed again when the expectation ends. UDP datagrams to it are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_lookup_program_expected_ports_reach_the_workers_until_the_wait_ends() {
+    if bpf_unavailable(
+        "with_the_lookup_program_expected_ports_reach_the_workers_until_the_wait_ends",
+    ) {
+        return;
+    }
+    let mut relay = start_with(IngressConfig::default(), Backend::auto(), true).await;
+    let tcp_addr: SocketAddr = ([127, 0, 0, 1], relay.tcp_port).into();
+    let err = TcpStream::connect(tcp_addr).expect_err("no lease, not expected: refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    relay.ingress.expect_leases(&relay.inherited, 20_000);
+    let tcp_data = vec![0x5c; 50_000];
+    let tcp_client = client(tcp_addr, Vec::new(), tcp_data.clone());
+    eventually("the connection waits", || {
+        relay.ingress.pending_conns() == 1
+    })
+    .await;
+    let udp_client = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    udp_client
+        .send_to(b"early", SocketAddr::from(([127, 0, 0, 1], relay.udp_port)))
+        .expect("send");
+    eventually("udp lease_wait counted", || {
+        relay.udp.stats.drops(UdpDrop::LeaseWait) == 1
+    })
+    .await;
+    assert_eq!(drops(&relay), vec![]);
+
+    let tcp = register(&mut relay.table, 5, echo(), 2);
+    assert_eq!(tcp.tcp_port, Some(relay.tcp_port));
+    relay.shared.publish(Snapshot {
+        routes: relay.table.routes(),
+        reverse_keys: HashMap::from([(tcp.lease_id, KEY)]),
+        udp_conns: HashMap::new(),
+        generation: 1,
+    });
+    let (r, lease) = (relay.reverse, tcp.lease_id);
+    let agent =
+        tokio::task::spawn_blocking(move || echo_agent(open_session(r, lease), 0x01, Vec::new()))
+            .await
+            .expect("session");
+    assert!(join(tcp_client).await == tcp_data, "TCP bytes echoed");
+    join(agent).await;
+
+    // An expectation that ends without its lease closes the port in the map again.
+    let other = InheritedLease {
+        name: "gone".into(),
+        hostname: None,
+        tcp_port: Some(relay.tcp_port + 7),
+        udp_port: None,
+        ..relay.inherited[0].clone()
+    };
+    relay
+        .ingress
+        .expect_leases(std::slice::from_ref(&other), 300);
+    let other_addr: SocketAddr = ([127, 0, 0, 1], relay.tcp_port + 7).into();
+    let waiting = client(other_addr, Vec::new(), Vec::new());
+    eventually("lease_wait_timeout", || {
+        relay.ingress.stats.drops(Drop::LeaseWaitTimeout) == 1
+    })
+    .await;
+    assert!(join(waiting).await.is_empty());
+    eventually(
+        "the ended expectation's port is refused by the kernel",
+        || TcpStream::connect(other_addr).is_err(),
+    )
+    .await;
 }

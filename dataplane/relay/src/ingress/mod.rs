@@ -256,10 +256,11 @@ impl Ingress {
 
     /// The steering the workers run with (its lookup map follows the expected ports too).
     pub(crate) fn set_steering(&self, steering: Arc<crate::steer::Steering>) {
-        if self.steering.set(steering).is_ok() && !self.shared.expected().is_empty() {
-            if let Some(s) = self.steering.get() {
-                s.sync_ports(&self.shared);
-            }
+        if self.steering.set(steering).is_ok()
+            && !self.shared.expected().is_empty()
+            && let Some(s) = self.steering.get()
+        {
+            s.sync_ports(&self.shared);
         }
     }
 

@@ -76,6 +76,9 @@ pub(crate) struct Waiting {
 }
 
 /// What a public connection waits for when its lease is only expected.
+// Inline (no allocation): it lives inside the boxed `AwaitLease` and as a count key, and only
+// while an upgrade's expectations last.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum LeaseTarget {
     /// A TLS lease, by the SNI host name.
