@@ -243,8 +243,13 @@ impl WantedPorts {
     }
 }
 
-/// How long `wait_ms` lasts from `now` (saturating far in the future).
+/// The longest an expectation lasts, whatever `wait_ms` says (a day: an upgrade's agents come
+/// back within seconds; this only keeps `Instant` arithmetic from overflowing).
+pub const EXPECT_WAIT_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// When an expectation of `wait_ms` made at `now` ends (`wait_ms` capped at
+/// [`EXPECT_WAIT_MAX_MS`]).
 pub fn expected_until(now: Instant, wait_ms: u64) -> Instant {
-    now.checked_add(Duration::from_millis(wait_ms))
-        .unwrap_or(now)
+    let wait = Duration::from_millis(wait_ms.min(EXPECT_WAIT_MAX_MS));
+    now.checked_add(wait).unwrap_or(now)
 }

@@ -25,7 +25,9 @@ use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::LeaseId;
 
-pub use inherit::{Expected, Inherited, InheritedLease, WantedPorts, expected_until};
+pub use inherit::{
+    EXPECT_WAIT_MAX_MS, Expected, Inherited, InheritedLease, WantedPorts, expected_until,
+};
 use ports::PortAllocator;
 pub use routes::{RouteEntry, RouteTable};
 
