@@ -107,12 +107,17 @@ fn echo() -> orp::LeaseRegister {
 }
 
 async fn start(config: IngressConfig, backend: Backend) -> Relay {
-    start_with(config, backend, false).await
+    start_with(config, backend, false, 1).await
 }
 
 /// [`start`], with the eBPF lookup program serving the lease range when `lookup` (the UDP
 /// range sockets then go to a [`UdpIngress`] of their own).
-async fn start_with(config: IngressConfig, backend: Backend, lookup: bool) -> Relay {
+async fn start_with(
+    config: IngressConfig,
+    backend: Backend,
+    lookup: bool,
+    workers: usize,
+) -> Relay {
     let (base, _) = outrelay_testkit::claim_port_range();
     // The old process: two leases, the TCP one on a port that is not the lowest.
     let mut old = LeaseTable::new(lease_config(base)).expect("lease config");
@@ -145,11 +150,11 @@ async fn start_with(config: IngressConfig, backend: Backend, lookup: bool) -> Re
             ..config
         },
         shared.clone(),
-        1,
+        workers,
     );
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let sni = bind_reuseport(any, 1).expect("bind sni");
-    let reverse = bind_reuseport(any, 1).expect("bind reverse");
+    let sni = bind_reuseport(any, workers).expect("bind sni");
+    let reverse = bind_reuseport(any, workers).expect("bind reverse");
     let (sni_addr, reverse_addr) = (
         sni[0].local_addr().expect("addr"),
         reverse[0].local_addr().expect("addr"),
@@ -162,7 +167,7 @@ async fn start_with(config: IngressConfig, backend: Backend, lookup: bool) -> Re
                 lookup: true,
             },
             Inputs {
-                workers: 1,
+                workers,
                 public: &[],
                 reverse: &[],
                 lease_range: Some(LeaseRange {
@@ -176,7 +181,10 @@ async fn start_with(config: IngressConfig, backend: Backend, lookup: bool) -> Re
         )
         .expect("lookup program")
     } else {
-        (Steering::off(EbpfMode::Off, 1), RangeSockets::default())
+        (
+            Steering::off(EbpfMode::Off, workers),
+            RangeSockets::default(),
+        )
     };
     let udp = UdpIngress::new(UdpConfig::default(), shared.clone());
     if lookup {
@@ -301,12 +309,18 @@ fn drops(relay: &Relay) -> Vec<(&'static str, u64)> {
 async fn connections_to_an_expected_lease_wait_for_it_and_then_flow() {
     for backend in backends() {
         eprintln!("--- on {backend:?}");
-        connections_to_an_expected_lease_wait_for_it_and_then_flow_on(backend).await;
+        connections_to_an_expected_lease_wait_for_it_and_then_flow_on(backend, 1).await;
     }
+    // Two workers: the waiting connections and the sessions may land on different ones.
+    eprintln!("--- on Epoll, 2 workers");
+    connections_to_an_expected_lease_wait_for_it_and_then_flow_on(Backend::Epoll, 2).await;
 }
 
-async fn connections_to_an_expected_lease_wait_for_it_and_then_flow_on(backend: Backend) {
-    let mut relay = start(IngressConfig::default(), backend).await;
+async fn connections_to_an_expected_lease_wait_for_it_and_then_flow_on(
+    backend: Backend,
+    workers: usize,
+) {
+    let mut relay = start_with(IngressConfig::default(), backend, false, workers).await;
     relay.ingress.expect_leases(&relay.inherited, 20_000);
     // The expected TCP port gets its listeners before any lease holds it.
     let tcp_addr: SocketAddr = ([127, 0, 0, 1], relay.tcp_port).into();
@@ -476,7 +490,7 @@ async fn with_the_lookup_program_expected_ports_reach_the_workers_until_the_wait
     ) {
         return;
     }
-    let mut relay = start_with(IngressConfig::default(), Backend::auto(), true).await;
+    let mut relay = start_with(IngressConfig::default(), Backend::auto(), true, 1).await;
     let tcp_addr: SocketAddr = ([127, 0, 0, 1], relay.tcp_port).into();
     let err = TcpStream::connect(tcp_addr).expect_err("no lease, not expected: refused");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
