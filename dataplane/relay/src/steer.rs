@@ -30,7 +30,7 @@ use std::sync::{Mutex, PoisonError};
 
 use outrelay_ebpf::{EbpfError, LeasePortSteering, LoadWriter, Proto, ReuseportSteering};
 
-use crate::lease::RouteTable;
+use crate::state::Shared;
 use crate::worker::bind_reuseport;
 
 /// Environment variable that decides what `mode = "auto"` means: `off` or `on` forces it
@@ -369,15 +369,18 @@ impl Steering {
             .collect()
     }
 
-    /// Opens the lookup map for every TCP/UDP port `routes` holds and closes the rest. Called
+    /// Opens the lookup map for every TCP/UDP port `shared` wants (routed, or expected for a
+    /// lease inherited at an upgrade: [`Shared::wanted_ports`]) and closes the rest. Called
     /// with the lease lock held, right after a snapshot is published and before any grant
-    /// naming a new port goes out: a granted port routes at once, a released one is refused
-    /// at once. One map update per changed port.
-    pub fn sync_ports(&self, routes: &RouteTable) {
+    /// naming a new port goes out (a granted port routes at once, a released one is refused
+    /// at once), and when leases are expected. The wanted set is read under the map's lock,
+    /// so the last caller's view wins. One map update per changed port.
+    pub fn sync_ports(&self, shared: &Shared) {
         let Some(lookup) = &self.lookup else {
             return;
         };
         let mut guard = lookup.lock().unwrap_or_else(PoisonError::into_inner);
+        let wanted = shared.wanted_ports(std::time::Instant::now());
         let Lookup {
             program,
             range,
@@ -390,8 +393,8 @@ impl Steering {
                 program,
                 Proto::Tcp,
                 tcp,
-                routes.tcp_ports().map(|(p, _)| p),
-                |p| routes.lookup_tcp(p).is_some(),
+                wanted.tcp.iter().copied(),
+                |p| wanted.tcp.contains(&p),
                 &mut errors,
             );
         }
@@ -400,8 +403,8 @@ impl Steering {
                 program,
                 Proto::Udp,
                 udp,
-                routes.udp_ports().map(|(p, _)| p),
-                |p| routes.lookup_udp(p).is_some(),
+                wanted.udp.iter().copied(),
+                |p| wanted.udp.contains(&p),
                 &mut errors,
             );
         }

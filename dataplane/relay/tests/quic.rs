@@ -11,7 +11,7 @@ use outrelay_proto::hostname::HostName;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL, LeaseId};
 use outrelay_proto::udp::DatagramHeader;
-use outrelay_relay::lease::ControllerDecision;
+use outrelay_relay::lease::{ControllerDecision, InheritedLease};
 use outrelay_relay::lease::{LeaseConfig, LeaseErrorCode, LeaseTable, PortLeaseConfig};
 use outrelay_relay::mesh::policy::StaticRule;
 use outrelay_relay::mesh::{
@@ -19,7 +19,7 @@ use outrelay_relay::mesh::{
 };
 use outrelay_relay::quic::{
     ApproveAll, DRAIN_REASON, DrainHandle, LeaseDecider, QuicConfig, QuicServer, QuicStats,
-    ShutdownHandle, TlsMaterial, close_code,
+    RelayHandle, ShutdownHandle, TlsMaterial, close_code,
 };
 use outrelay_relay::state::Shared;
 use outrelay_relay::udp::stats::UdpDrop;
@@ -116,6 +116,7 @@ struct Relay {
     stats: Arc<QuicStats>,
     stop: ShutdownHandle,
     drain: DrainHandle,
+    handle: RelayHandle,
     task: tokio::task::JoinHandle<()>,
     /// UDP leases (ports from a claimed range, `flow_max` = [`UDP_FLOW_MAX`]).
     udp: Arc<UdpIngress>,
@@ -197,6 +198,7 @@ fn start_relay_full(
     let stats = server.stats();
     let stop = server.shutdown_handle();
     let drain = server.drain_handle();
+    let handle = server.handle();
     let task = tokio::spawn(server.run());
     Relay {
         addr,
@@ -204,6 +206,7 @@ fn start_relay_full(
         stats,
         stop,
         drain,
+        handle,
         task,
         udp,
         _dir: dir,
@@ -2429,4 +2432,63 @@ async fn a_resume_ends_the_old_join_so_the_other_end_resumes_at_once() {
     echo(&mut p_send, &mut c_recv, b"same stream").await;
     assert_eq!(w.outcome(ResumeOutcome::Resumed), 1);
     assert_eq!(w.mesh.stats.streams_active.load(Ordering::Relaxed), 1);
+}
+
+/// Issue 20: leases inherited from an old process (through the handle the hand-over uses) are
+/// reserved to their agents: over real LEASE_REGISTER frames, the agent that held one gets its
+/// name and its port back, another agent of the tenant gets `hostname_conflict`, and the list
+/// the next hand-over would send names the live leases.
+#[tokio::test]
+async fn inherited_leases_come_back_to_their_agents_over_quic() {
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let mut b = connect(&relay, &ca, &ca.leaf(AGENT_2, &[], Eku::Client))
+        .await
+        .expect("agent 2 connects");
+    b.hello(AGENT_2).await;
+    // The lowest free port of this relay's range, to pick an inherited port that is not it.
+    let probe = b.register_with(udp_lease("probe", 1)).await;
+    let low = port_of(&probe.udp_addr);
+    let inherited = vec![InheritedLease {
+        tenant: "demo".into(),
+        agent_uri: AGENT_1.into(),
+        name: "game".into(),
+        hostname: Some(format!("game.{ROOT_HOST}")),
+        udp_port: Some(low + 3),
+        tcp_port: None,
+    }];
+    let done = relay.handle.inherit_leases(&inherited).await;
+    assert_eq!((done.names, done.ports, done.skipped), (1, 1, 0));
+    match b
+        .call(Frame::LeaseRegister(orp::LeaseRegister {
+            tls: true,
+            ..udp_lease("game", 2)
+        }))
+        .await
+    {
+        Frame::LeaseError(e) => assert_eq!(e.code, LeaseErrorCode::HostnameConflict.as_str()),
+        other => panic!("expected LEASE_ERROR, got {other:?}"),
+    }
+    let other = b.register_with(udp_lease("other", 3)).await;
+    assert_ne!(port_of(&other.udp_addr), low + 3, "not the inherited port");
+    let mut a = connect(&relay, &ca, &ca.leaf(AGENT_1, &[], Eku::Client))
+        .await
+        .expect("agent 1 connects");
+    a.hello(AGENT_1).await;
+    let game = a
+        .register_with(orp::LeaseRegister {
+            tls: true,
+            ..udp_lease("game", 4)
+        })
+        .await;
+    assert_eq!(game.hostname, format!("game.{ROOT_HOST}"));
+    assert_eq!(port_of(&game.udp_addr), low + 3, "the same port comes back");
+    let names: Vec<String> = relay
+        .handle
+        .inherited_leases()
+        .await
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(names, vec!["game", "other", "probe"]);
 }

@@ -203,6 +203,9 @@ pub struct Ingress {
     handles: OnceLock<(Vec<WorkerHandle>, Vec<Arc<WorkerStats>>)>,
     /// Set once by [`Ingress::stop_accepting`]; every worker closes its listeners on it.
     stopping: AtomicBool,
+    /// The eBPF lookup map, opened for expected lease ports too; set by
+    /// [`crate::worker::start`].
+    steering: OnceLock<Arc<crate::steer::Steering>>,
     /// When a worker last ran out of descriptors (ms since `epoch`; 0: never).
     fd_exhausted_at_ms: AtomicU64,
     epoch: Instant,
@@ -229,10 +232,48 @@ impl Ingress {
             board: Board::new(workers),
             handles: OnceLock::new(),
             stopping: AtomicBool::new(false),
+            steering: OnceLock::new(),
             fd_exhausted_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             stats: IngressStats::default(),
         })
+    }
+
+    /// Public connections to these host names (SNI) and TCP lease ports that arrive while no
+    /// live lease serves them wait up to `wait_ms` for one (then `claim_timeout` as today);
+    /// expectations end when the lease appears or `wait_ms` passes (issue 20: the leases the
+    /// old process held at a hand-over, until their agents re-register here). Bounded per
+    /// name or port by the claim waiters' bound (`lease_wait_full`) and globally by the
+    /// pending budget (a waiting connection keeps its pending place); one that waits in vain
+    /// is closed and counted (`lease_wait_timeout`). Expected TCP and UDP ports are opened in
+    /// the eBPF lookup map (and get plain listeners on the maintenance tick) meanwhile.
+    pub fn expect_leases(&self, leases: &[crate::lease::InheritedLease], wait_ms: u64) {
+        self.shared.expect(leases, wait_ms);
+        if let Some(steering) = self.steering.get() {
+            steering.sync_ports(&self.shared);
+        }
+    }
+
+    /// The steering the workers run with (its lookup map follows the expected ports too).
+    pub(crate) fn set_steering(&self, steering: Arc<crate::steer::Steering>) {
+        if self.steering.set(steering).is_ok()
+            && !self.shared.expected().is_empty()
+            && let Some(s) = self.steering.get()
+        {
+            s.sync_ports(&self.shared);
+        }
+    }
+
+    /// Ends expectations whose time is up (a worker's tick): their ports close in the lookup
+    /// map, so the kernel refuses them again as for any port without a lease.
+    pub(crate) fn end_expired_expectations(&self, now: Instant) {
+        let expected = self.shared.expected();
+        if expected.next_end().is_some_and(|end| end <= now)
+            && self.shared.prune_expected(now)
+            && let Some(steering) = self.steering.get()
+        {
+            steering.sync_ports(&self.shared);
+        }
     }
 
     /// Worker threads this ingress is built for.
@@ -483,11 +524,13 @@ impl Ingress {
         unbindable: &mut HashSet<u16>,
         closing: &mut HashSet<u16>,
     ) {
-        let snapshot = self.shared.load();
-        unbindable.retain(|port| snapshot.routes.lookup_tcp(*port).is_some());
+        // Routed ports and ports expected for an inherited lease (issue 20): one computation
+        // shared with the eBPF lookup map.
+        let wanted = self.shared.wanted_ports(Instant::now()).tcp;
+        unbindable.retain(|port| wanted.contains(port));
         let stopping = self.is_stopping();
         for port in bound.iter() {
-            if snapshot.routes.lookup_tcp(*port).is_none() || stopping {
+            if !wanted.contains(port) || stopping {
                 closing.insert(*port);
             }
         }
@@ -499,7 +542,7 @@ impl Ingress {
         if stopping {
             return;
         }
-        for (port, _) in snapshot.routes.tcp_ports() {
+        for &port in &wanted {
             if bound.contains(&port) || closing.contains(&port) {
                 continue;
             }

@@ -76,11 +76,17 @@ pub enum Drop {
     /// The lease already has `reverse_unauth_per_lease_max` sessions past the preamble whose
     /// MAC is not verified yet.
     ReverseUnauthPerLease,
+    /// A public connection waited for an expected (inherited) lease that did not come within
+    /// its wait (issue 20).
+    LeaseWaitTimeout,
+    /// Already as many public connections wait for this expected name or port on this worker
+    /// as the claim waiters' bound allows.
+    LeaseWaitFull,
 }
 
 impl Drop {
     /// Every reason, in counter order.
-    pub const ALL: [Drop; 33] = [
+    pub const ALL: [Drop; 35] = [
         Drop::NoSni,
         Drop::UnknownHost,
         Drop::BadHello,
@@ -114,6 +120,8 @@ impl Drop {
         Drop::ReversePendingFull,
         Drop::ReversePendingPerSource,
         Drop::ReverseUnauthPerLease,
+        Drop::LeaseWaitTimeout,
+        Drop::LeaseWaitFull,
     ];
 
     /// Whether the connection is reset (SO_LINGER 0) rather than closed: a refusal at a cap,
@@ -134,6 +142,7 @@ impl Drop {
                 | Drop::ReversePendingFull
                 | Drop::ReversePendingPerSource
                 | Drop::ReverseUnauthPerLease
+                | Drop::LeaseWaitFull
         )
     }
 
@@ -173,6 +182,8 @@ impl Drop {
             Drop::ReversePendingFull => "reverse_pending_full",
             Drop::ReversePendingPerSource => "reverse_pending_per_source",
             Drop::ReverseUnauthPerLease => "reverse_unauth_per_lease",
+            Drop::LeaseWaitTimeout => "lease_wait_timeout",
+            Drop::LeaseWaitFull => "lease_wait_full",
         }
     }
 }

@@ -103,6 +103,28 @@ impl PortAllocator {
         self.reserved.insert(port, (key, until));
     }
 
+    /// Reserves `port` to `key` until `until` (a lease inherited at an upgrade): from free, or
+    /// taken over from another reservation; `key`'s older sticky port, if another, becomes
+    /// free. False (nothing changes) when `port` is outside the range or held by a live lease.
+    pub(crate) fn reserve(&mut self, port: u16, key: ReservationKey, until: Instant) -> bool {
+        let in_range = self.range.is_some_and(|(lo, hi)| (lo..=hi).contains(&port));
+        if !in_range || self.held.contains(&port) {
+            return false;
+        }
+        if let Some((old_key, _)) = self.reserved.remove(&port) {
+            self.sticky.remove(&old_key);
+        }
+        self.free.remove(&port);
+        if let Some(old) = self.sticky.insert(key.clone(), port)
+            && old != port
+        {
+            self.reserved.remove(&old);
+            self.free.insert(old);
+        }
+        self.reserved.insert(port, (key, until));
+        true
+    }
+
     /// Panics (tests only) when a port is in two states or outside the range.
     #[cfg(test)]
     pub(crate) fn check_invariants(&self) {

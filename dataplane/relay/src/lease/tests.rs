@@ -1370,3 +1370,267 @@ fn operations_skip_the_expiry_scan_until_the_next_deadline_and_still_expire_on_t
     assert_eq!(f.table.sweep(f.at(secs(59))).len(), 0);
     assert_eq!(f.table.sweep(f.at(secs(60))).len(), 1);
 }
+
+/// Issue 20: a new process that inherits the old one's leases reserves each name and port to
+/// the agent that held it: that agent gets the same name and ports back, another agent of
+/// the same tenant or of another tenant gets neither, until the reservation period ends.
+#[test]
+fn inherited_leases_come_back_to_their_own_agent_with_the_same_ports() {
+    let (a, b, c) = (agent("acme", 1), agent("acme", 2), agent("beta", 1));
+    let mut old = Fixture::new();
+    // Gaps in the ports, so that "same port" differs from "lowest free port".
+    let filler = old.ok(9, &c, &tcp("filler"), secs(0));
+    let web = old.ok(
+        1,
+        &a,
+        &orp::LeaseRegister {
+            tcp: true,
+            ..tls("web")
+        },
+        secs(0),
+    );
+    let game = old.ok(
+        2,
+        &b,
+        &orp::LeaseRegister {
+            udp: true,
+            ..tcp("game")
+        },
+        secs(0),
+    );
+    old.ok(3, &c, &tls("blog"), secs(0));
+    old.table
+        .release(ConnId(9), &filler.lease_id.0, old.at(secs(1)))
+        .expect("release");
+    let list = old.table.inherited_leases();
+    assert_eq!(list.len(), 3, "{list:?}");
+    let web_entry = list.iter().find(|l| l.name == "web").expect("web");
+    assert_eq!(web_entry.tenant, "acme");
+    assert_eq!(web_entry.agent_uri, a.to_string());
+    assert_eq!(
+        web_entry.hostname.as_deref(),
+        Some("web.portal.example.com")
+    );
+    assert_eq!(web_entry.tcp_port, web.tcp_port);
+    let game_entry = list.iter().find(|l| l.name == "game").expect("game");
+    assert_eq!(
+        game_entry.hostname, None,
+        "a lease without tls serves no SNI name"
+    );
+    assert_eq!(
+        (game_entry.tcp_port, game_entry.udp_port),
+        (game.tcp_port, game.udp_port)
+    );
+    // The hand-over carries it as JSON with exactly these field names.
+    let json = serde_json::to_string(web_entry).expect("json");
+    for field in [
+        "tenant",
+        "agent_uri",
+        "name",
+        "hostname",
+        "tcp_port",
+        "udp_port",
+    ] {
+        assert!(json.contains(&format!("\"{field}\":")), "{field} in {json}");
+    }
+    let back: InheritedLease = serde_json::from_str(&json).expect("parse");
+    assert_eq!(&back, web_entry);
+
+    let mut new = Fixture::new();
+    let done = new.table.inherit(&list, new.at(secs(0)));
+    assert_eq!((done.names, done.ports, done.skipped), (3, 3, 0));
+    new.table.tcp.check_invariants();
+    new.table.udp.check_invariants();
+    assert!(new.table.is_empty(), "reservations route nothing");
+    // Another agent of the same tenant, another tenant: neither name is theirs.
+    let d = agent("acme", 9);
+    for (who, name) in [
+        (&d, "web"),
+        (&c, "web"),
+        (&d, "game"),
+        (&c, "game"),
+        (&a, "blog"),
+    ] {
+        assert_eq!(
+            new.code(10, who, &tcp(name), secs(1)),
+            LeaseErrorCode::HostnameConflict,
+            "{name} for {who}"
+        );
+    }
+    // A newcomer's port is none of the inherited ones.
+    let other = new.ok(
+        11,
+        &d,
+        &orp::LeaseRegister {
+            udp: true,
+            ..tcp("other")
+        },
+        secs(1),
+    );
+    assert_ne!(other.tcp_port, web.tcp_port);
+    assert_ne!(other.tcp_port, game.tcp_port);
+    assert_ne!(other.udp_port, game.udp_port);
+    // Each agent comes back (on a new connection) and gets its own name and ports, equal.
+    let web2 = new.ok(
+        12,
+        &a,
+        &orp::LeaseRegister {
+            tcp: true,
+            ..tls("web")
+        },
+        secs(2),
+    );
+    assert_eq!(web2.hostname, web.hostname);
+    assert_eq!(web2.tcp_port, web.tcp_port);
+    let game2 = new.ok(
+        13,
+        &b,
+        &orp::LeaseRegister {
+            udp: true,
+            ..tcp("game")
+        },
+        secs(2),
+    );
+    assert_eq!(
+        (game2.tcp_port, game2.udp_port),
+        (game.tcp_port, game.udp_port)
+    );
+    assert_eq!(
+        new.ok(14, &c, &tls("blog"), secs(2)).hostname,
+        host("blog.portal.example.com")
+    );
+    new.table.tcp.check_invariants();
+    new.table.udp.check_invariants();
+    // Inheriting again changes nothing that is live now.
+    let again = new.table.inherit(&list, new.at(secs(3)));
+    assert_eq!((again.names, again.skipped), (0, 3));
+    assert_eq!(new.table.len(), 4);
+}
+
+#[test]
+fn inherited_reservations_end_after_the_reservation_period_and_bad_entries_are_skipped() {
+    let a = agent("acme", 1);
+    let mut f = Fixture::new();
+    let list = vec![
+        InheritedLease {
+            tenant: "acme".into(),
+            agent_uri: a.to_string(),
+            name: "web".into(),
+            hostname: Some("web.portal.example.com".into()),
+            tcp_port: Some(MIN + 5),
+            udp_port: None,
+        },
+        // The URI's tenant is not the entry's: skipped whole.
+        InheritedLease {
+            tenant: "beta".into(),
+            agent_uri: a.to_string(),
+            name: "evil".into(),
+            hostname: None,
+            tcp_port: Some(MIN + 6),
+            udp_port: None,
+        },
+        // A port outside this relay's range: the name is reserved, the port skipped.
+        InheritedLease {
+            tenant: "acme".into(),
+            agent_uri: a.to_string(),
+            name: "far".into(),
+            hostname: None,
+            tcp_port: Some(1),
+            udp_port: None,
+        },
+    ];
+    let done = f.table.inherit(&list, f.at(secs(0)));
+    assert_eq!((done.names, done.ports, done.skipped), (2, 1, 2));
+    f.table.tcp.check_invariants();
+    let other = agent("acme", 2);
+    assert_eq!(
+        f.code(1, &other, &tcp("web"), secs(299)),
+        LeaseErrorCode::HostnameConflict
+    );
+    // "evil" was not reserved; its port neither.
+    let evil = f.ok(2, &other, &tcp("evil"), secs(1));
+    assert_eq!(evil.tcp_port, Some(MIN));
+    // After 5 minutes the name and port are anyone's.
+    let g = f.ok(3, &other, &tcp("web"), secs(300));
+    assert_eq!(g.hostname, host("web.portal.example.com"));
+    f.table.tcp.check_invariants();
+}
+
+#[test]
+fn expectations_end_at_their_deadline_or_when_the_lease_is_routed() {
+    let t0 = Instant::now();
+    let lease = |name: &str, tcp: Option<u16>, udp: Option<u16>| InheritedLease {
+        tenant: "acme".into(),
+        agent_uri: agent("acme", 1).to_string(),
+        name: name.into(),
+        hostname: Some(format!("{name}.{ROOT}")),
+        tcp_port: tcp,
+        udp_port: udp,
+    };
+    let e = Expected::default().with(
+        &[
+            lease("web", Some(MIN), None),
+            lease("game", None, Some(MIN + 1)),
+        ],
+        t0 + secs(2),
+    );
+    assert!(!e.is_empty());
+    assert!(e.host(&host("web.portal.example.com"), t0 + secs(1)));
+    assert!(
+        !e.host(&host("web.portal.example.com"), t0 + secs(2)),
+        "ends at the deadline"
+    );
+    assert!(
+        !e.host(&host("x.web.portal.example.com"), t0),
+        "exact names only"
+    );
+    assert!(e.tcp(MIN, t0) && !e.tcp(MIN + 1, t0));
+    assert!(e.udp(MIN + 1, t0) && !e.udp(MIN, t0));
+    assert_eq!(e.next_end(), Some(t0 + secs(2)));
+    // A later call extends an entry, never shortens it.
+    let e2 = e.with(&[lease("web", None, None)], t0 + secs(1));
+    assert!(e2.host(&host("web.portal.example.com"), t0 + secs(1)));
+    let e3 = e.with(&[lease("web", None, None)], t0 + secs(5));
+    assert!(e3.host(&host("web.portal.example.com"), t0 + secs(4)));
+
+    let mut f = Fixture::new();
+    assert!(
+        e.pruned(&f.table.routes(), t0).is_none(),
+        "nothing routed, nothing ended"
+    );
+    let wanted = WantedPorts::of(&f.table.routes(), &e, t0);
+    assert_eq!(wanted.tcp.into_iter().collect::<Vec<_>>(), vec![MIN]);
+    assert_eq!(wanted.udp.into_iter().collect::<Vec<_>>(), vec![MIN + 1]);
+    let ended = WantedPorts::of(&f.table.routes(), &e, t0 + secs(2));
+    assert_eq!(
+        ended,
+        WantedPorts::default(),
+        "expected ports end with the expectation"
+    );
+    // The web lease appears (tls + its port): its name and port are no longer expected.
+    let g = f.ok(
+        1,
+        &agent("acme", 1),
+        &orp::LeaseRegister {
+            tcp: true,
+            ..tls("web")
+        },
+        secs(0),
+    );
+    assert_eq!(g.tcp_port, Some(MIN));
+    let p = e.pruned(&f.table.routes(), t0).expect("changed");
+    assert!(!p.host(&host("web.portal.example.com"), t0));
+    assert!(!p.tcp(MIN, t0));
+    assert!(p.host(&host("game.portal.example.com"), t0) && p.udp(MIN + 1, t0));
+    let wanted = WantedPorts::of(&f.table.routes(), &p, t0);
+    assert_eq!(
+        wanted.tcp.into_iter().collect::<Vec<_>>(),
+        vec![MIN],
+        "routed now"
+    );
+    assert!(
+        p.pruned(&f.table.routes(), t0 + secs(2))
+            .expect("ended")
+            .is_empty()
+    );
+}

@@ -16,6 +16,7 @@
 //! in `resume`. Not here yet: relay-to-relay connections, keyless signing.
 
 mod conn;
+mod inherit;
 mod resume;
 mod stats;
 mod streams;
@@ -514,7 +515,7 @@ impl Ctx {
         // Bound (or opened in the lookup map) before any grant naming them goes out: this
         // runs with the lease lock held.
         if let Some(steering) = self.steering.get() {
-            steering.sync_ports(&self.shared.load().routes);
+            steering.sync_ports(&self.shared);
         }
         if let Some(udp) = self.udp.get() {
             udp.sync();

@@ -278,7 +278,14 @@ impl UdpIngress {
         let queues = self.queues.load();
         for (r, payload) in recv.received() {
             let Some(tx) = queues.get(&r.to_port).map(|q| &q.client) else {
-                self.stats.dropped(UdpDrop::NoRoute);
+                // An expected port is open in the lookup map before its lease exists.
+                let expected = self.shared.expected();
+                let reason = if expected.udp(r.to_port, std::time::Instant::now()) {
+                    UdpDrop::LeaseWait
+                } else {
+                    UdpDrop::NoRoute
+                };
+                self.stats.dropped(reason);
                 continue;
             };
             let d = ClientDatagram {

@@ -35,11 +35,14 @@ pub enum UdpDrop {
     /// The lease port's queue of client datagrams from the lease-range sockets (eBPF lookup)
     /// is full (newest dropped).
     ClientQueueFull,
+    /// A client datagram for a port whose lease is expected (inherited at an upgrade, issue
+    /// 20) but not registered here yet: dropped, not buffered.
+    LeaseWait,
 }
 
 impl UdpDrop {
     /// Every reason, in counter order.
-    pub const ALL: [UdpDrop; 13] = [
+    pub const ALL: [UdpDrop; 14] = [
         UdpDrop::NoRoute,
         UdpDrop::NoAgent,
         UdpDrop::TooLarge,
@@ -53,6 +56,7 @@ impl UdpDrop {
         UdpDrop::BadHeader,
         UdpDrop::SendFailed,
         UdpDrop::ClientQueueFull,
+        UdpDrop::LeaseWait,
     ];
 
     /// The metric label.
@@ -71,6 +75,7 @@ impl UdpDrop {
             UdpDrop::BadHeader => "bad_header",
             UdpDrop::SendFailed => "send_failed",
             UdpDrop::ClientQueueFull => "client_queue_full",
+            UdpDrop::LeaseWait => "lease_wait",
         }
     }
 }

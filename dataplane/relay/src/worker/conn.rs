@@ -45,6 +45,9 @@ pub(crate) enum State {
     Hello(Box<Hello>),
     /// Admitted to a lease; waiting for an idle session (not polled).
     Waiting(Box<Waiting>),
+    /// No route yet, but its lease is expected (inherited at an upgrade, issue 20): waiting
+    /// for the lease to be routed (not polled; re-checked at each publish and tick).
+    AwaitLease(Box<AwaitLease>),
     /// Writing the marker and replayed bytes to the claimed `session` (polled for writing).
     Marker(Box<MarkerWrite>),
     /// Reverse session: reading the preamble, then (nonce and proof sent) the MAC.
@@ -68,6 +71,29 @@ pub(crate) struct Hello {
 pub(crate) struct Waiting {
     pub(crate) lease: LeaseId,
     pub(crate) slot: ConnSlot,
+    pub(crate) marker: Marker,
+    pub(crate) replay: Vec<u8>,
+}
+
+/// What a public connection waits for when its lease is only expected.
+// Inline (no allocation): it lives inside the boxed `AwaitLease` and as a count key, and only
+// while an upgrade's expectations last.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum LeaseTarget {
+    /// A TLS lease, by the SNI host name.
+    Host(HostName),
+    /// A TCP lease port.
+    Tcp(u16),
+}
+
+/// A public connection waiting for an expected lease: it keeps its pending place (the global
+/// and per-source budgets) until it is admitted to the lease or refused.
+#[derive(Debug)]
+pub(crate) struct AwaitLease {
+    pub(crate) source: SourceKey,
+    pub(crate) _pending: PendingSlot,
+    pub(crate) target: LeaseTarget,
     pub(crate) marker: Marker,
     pub(crate) replay: Vec<u8>,
 }
@@ -165,6 +191,17 @@ impl Worker {
                                     .ingress
                                     .admit_live(route.lease_id, &route.tenant, source)
                                     .map(|slot| (route.lease_id, slot)),
+                                None if self.ingress.shared.expected().tcp(port, self.now) => {
+                                    let _ = stream.set_nodelay(true);
+                                    let wait = AwaitLease {
+                                        source,
+                                        _pending: pending,
+                                        target: LeaseTarget::Tcp(port),
+                                        marker: Marker::Tcp,
+                                        replay: Vec::new(),
+                                    };
+                                    return self.await_lease(stream, wait);
+                                }
                                 None => Err(Drop::NoTcpRoute),
                             }
                         };
@@ -245,7 +282,7 @@ impl Worker {
                 read_exact_into(&mut conn.socket, &mut r.mac, &mut r.have, Drop::BadMac)
             }
             // Not waiting for reads.
-            State::Waiting(_) | State::Marker(_) => return,
+            State::Waiting(_) | State::AwaitLease(_) | State::Marker(_) => return,
         };
         match step {
             Step::Wait => self.arm(key, Interest::READ),
@@ -301,7 +338,7 @@ impl Worker {
                     None,
                 );
             }
-            State::Waiting(_) | State::Marker(_) => {}
+            State::Waiting(_) | State::AwaitLease(_) | State::Marker(_) => {}
         }
     }
 
@@ -334,6 +371,16 @@ impl Worker {
                     .ingress
                     .admit_live(route.lease_id, &route.tenant, source)
                     .map(|slot| (route.lease_id, slot)),
+                None if self.ingress.shared.expected().host(&server_name, self.now) => {
+                    let wait = AwaitLease {
+                        source,
+                        _pending: pending,
+                        target: LeaseTarget::Host(server_name),
+                        marker: Marker::Tls,
+                        replay,
+                    };
+                    return self.await_lease(conn.socket, wait);
+                }
                 None => Err(Drop::UnknownHost),
             }
         };
@@ -378,9 +425,13 @@ impl Worker {
     /// Refuses connection `key` with `reason` (its places given back on drop).
     pub(crate) fn close(&mut self, key: u64, reason: Drop) {
         if let Some(conn) = self.take(key) {
-            if let State::Waiting(w) = &conn.state {
-                self.pool.waiter_left(&w.lease);
-                self.ingress.board.waiting_changed(&w.lease, self.id, -1);
+            match &conn.state {
+                State::Waiting(w) => {
+                    self.pool.waiter_left(&w.lease);
+                    self.ingress.board.waiting_changed(&w.lease, self.id, -1);
+                }
+                State::AwaitLease(w) => self.lease_waits.left(&w.target),
+                _ => {}
             }
             self.refuse(conn.socket, reason);
         }

@@ -21,6 +21,7 @@
 
 mod claim;
 mod conn;
+mod expect;
 pub mod listen;
 mod pool;
 mod slab;
@@ -198,7 +199,18 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
         inboxes.push(rx);
     }
     let stats: Vec<Arc<WorkerStats>> = (0..n).map(|_| Arc::default()).collect();
+    // While leases are expected (issue 20), every publish wakes the workers, whose waiting
+    // connections then look for their route at once.
+    let wake = handles.clone();
+    ingress
+        .shared
+        .set_publish_hook(crate::state::PublishHook(Box::new(move || {
+            for h in &wake {
+                h.wake();
+            }
+        })));
     ingress.set_workers(handles, stats.clone());
+    ingress.set_steering(options.steering.clone());
     let config = ingress.config();
     let timeouts = Timeouts {
         hello: Duration::from_millis(config.hello_deadline_ms),
@@ -228,6 +240,7 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
             listeners: Vec::new(),
             conns: Slab::default(),
             pool: LocalPool::default(),
+            lease_waits: expect::LeaseWaits::default(),
             timers: Timers::default(),
             timeouts,
             ready_max: config.ready_queue_max,
@@ -327,6 +340,8 @@ pub(crate) struct Worker {
     pub(crate) listeners: Vec<Option<listen::Listening>>,
     pub(crate) conns: Slab<Conn>,
     pub(crate) pool: LocalPool,
+    /// Public connections waiting for an expected lease (issue 20).
+    pub(crate) lease_waits: expect::LeaseWaits,
     pub(crate) timers: Timers,
     pub(crate) timeouts: Timeouts,
     /// Idle sessions kept per lease on this worker.
@@ -375,6 +390,7 @@ impl Worker {
                 self.fired(key, interest);
             }
             self.drain_inbox();
+            self.recheck_lease_waits(false);
             due.clear();
             self.timers.expire(self.now, &mut due);
             for &(kind, key) in &due {
@@ -504,6 +520,8 @@ impl Worker {
             }
         }
         self.unpark_listeners();
+        self.ingress.end_expired_expectations(self.now);
+        self.recheck_lease_waits(true);
         if !self.cut.is_empty() {
             // Long enough for any claim that looked its route up before the cut to end.
             let keep = self.timeouts.claim + self.timeouts.marker + Duration::from_secs(1);
