@@ -119,15 +119,15 @@ fn main() -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    // SIGHUP: the same validation as start-up; `[lifecycle]` applies live (outrelay-lifecycle).
-    let reloader =
-        outrelay_lifecycle::Reloader::new(Some(flags.config.clone()), settings.shutdown_grace_ms);
+    // SIGHUP: the same validation as start-up; the live keys are published as one snapshot
+    // (outrelay_relay::reload), the rest are logged `needs_upgrade`.
+    let reloader = outrelay_lifecycle::Reloader::with_classes(
+        Some(flags.config.clone()),
+        settings.shutdown_grace_ms,
+        outrelay_relay::reload::key_reload,
+    );
     let config = flags.config;
-    let reload = move || {
-        Settings::load(&config, &overrides)
-            .map(|s| s.shutdown_grace_ms)
-            .map_err(|e| e.to_string())
-    };
+    let reload = move || Settings::load(&config, &overrides).map_err(|e| e.to_string());
     match run(settings, flags.ready_file, reloader, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -215,7 +215,7 @@ fn run(
     mut settings: Settings,
     ready_file: Option<PathBuf>,
     reloader: outrelay_lifecycle::Reloader,
-    reload: impl Fn() -> Result<u64, String>,
+    reload: impl Fn() -> Result<Settings, String>,
 ) -> anyhow::Result<()> {
     let metrics_handle = outrelay_relay::metrics::install()?;
     outrelay_relay::metric_help::describe();
@@ -373,6 +373,14 @@ fn run(
                 lease_range: range_sockets.tcp,
             },
         )?;
+        let generation = Arc::new(outrelay_relay::reload::ConfigGeneration::default());
+        let live_settings = outrelay_relay::reload::LiveSettings {
+            ingress: ingress.clone(),
+            quic: quic.reloader(),
+            mesh: mesh.clone(),
+            udp: udp.clone(),
+            generation: generation.clone(),
+        };
         let sources = Arc::new(outrelay_relay::metrics::Sources {
             ingress: ingress.clone(),
             udp: udp.stats.clone(),
@@ -382,6 +390,7 @@ fn run(
             shared,
             steering: steering.clone(),
             drain: quic.drain_handle(),
+            config: generation,
         });
         let metrics_addr = match settings.metrics_listen {
             Some(addr) => {
@@ -425,7 +434,11 @@ fn run(
         outrelay_lifecycle::notify_ready();
         watchdog.start("relay-control");
         while signals.next().await == outrelay_lifecycle::Signal::Reload {
-            reloader.reload(&reload);
+            let outcome = match reload() {
+                Ok(new) => live_settings.apply(new).await,
+                Err(e) => Err(e),
+            };
+            reloader.reload(|| outcome);
             match live.reload() {
                 Ok(changed) => {
                     metrics::counter!("outrelay_relay_cert_reloads_total", "result" => "ok")
