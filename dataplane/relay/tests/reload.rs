@@ -50,10 +50,7 @@ async fn wait_for(relay: &Relay, series: &str, value: f64) {
         if (now - value).abs() < f64::EPSILON {
             return;
         }
-        assert!(
-            start.elapsed() < WAIT,
-            "{series} is {now}, never {value}"
-        );
+        assert!(start.elapsed() < WAIT, "{series} is {now}, never {value}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -153,11 +150,11 @@ async fn a_lowered_source_cap_refuses_the_next_connection_and_keeps_the_live_one
         ping(&mut over).await.is_err(),
         "a third connection from the source was served over the reloaded cap of 2"
     );
-    relay
-        .metric_above(&drops("source_conn_limit"), 0.0)
-        .await;
+    relay.metric_above(&drops("source_conn_limit"), 0.0).await;
     for c in &mut held {
-        ping(c).await.expect("an established connection keeps going");
+        ping(c)
+            .await
+            .expect("an established connection keeps going");
     }
 
     edit(&relay, "source_conn_max = 2", "source_conn_max = 1024");
@@ -207,9 +204,7 @@ async fn a_reloaded_claim_timeout_reaches_the_workers() {
         "after the reload a waiting claim still outlives 3 s (claim_timeout_ms = 200)"
     );
     eprintln!("claim refused {:?} after connect", started.elapsed());
-    relay
-        .metric_above(&drops("claim_timeout"), timeouts)
-        .await;
+    relay.metric_above(&drops("claim_timeout"), timeouts).await;
 }
 
 /// Standalone `[[policy]]` changed by reload: an open that was allowed is refused after, and
@@ -284,7 +279,11 @@ async fn an_invalid_reload_changes_nothing_and_the_next_valid_one_applies() {
         "max_connections_per_identity = 8",
         "max_connections_per_identity = 1",
     );
-    edit(&relay, "keepalive_interval_ms = 1000", "keepalive_interval_ms = 5");
+    edit(
+        &relay,
+        "keepalive_interval_ms = 1000",
+        "keepalive_interval_ms = 5",
+    );
     reload(&relay, None).await;
     let line = log_line(&relay, &["config reload refused", "keepalive_interval_ms"]).await;
     eprintln!("refusal: {line}");
@@ -298,9 +297,17 @@ async fn an_invalid_reload_changes_nothing_and_the_next_valid_one_applies() {
         .expect("the refused file's cap of 1 is not in force");
     drop(third);
 
-    edit(&relay, "keepalive_interval_ms = 5", "keepalive_interval_ms = 1000");
+    edit(
+        &relay,
+        "keepalive_interval_ms = 5",
+        "keepalive_interval_ms = 1000",
+    );
     reload(&relay, Some(2.0)).await;
-    log_line(&relay, &["config reloaded", "quic.max_connections_per_identity"]).await;
+    log_line(
+        &relay,
+        &["config reloaded", "quic.max_connections_per_identity"],
+    )
+    .await;
     let start = Instant::now();
     let why = loop {
         // The third connection's slot is given back when the relay sees its close.
@@ -308,7 +315,10 @@ async fn an_invalid_reload_changes_nothing_and_the_next_valid_one_applies() {
             Err(why) => break why,
             Ok(extra) => drop(extra),
         }
-        assert!(start.elapsed() < WAIT, "the reloaded cap of 1 never applied");
+        assert!(
+            start.elapsed() < WAIT,
+            "the reloaded cap of 1 never applied"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
