@@ -8,14 +8,15 @@
 //! new connections, streams and leases read: `[ingress]` (the workers re-read their cached
 //! timeouts and caps when the generation moves), `[quic]` (a new `ServerConfig` on the same
 //! endpoint plus the relay's own per-identity caps and rates), `[leases]` TTLs, reservation
-//! and per-agent cap, `[udp]` (ports bound from then on), `[mesh]`, `[resume]` and the
-//! standalone `[[policy]]`. What already exists keeps what it started with.
+//! and per-agent cap, `[udp]` (ports bound from then on), `[mesh]`, `[resume]`, the
+//! standalone `[[policy]]`, and the `[splice]` timeouts (every pair, from each engine's next
+//! sweep). Otherwise what already exists keeps what it started with.
 //!
 //! Not live (`needs_upgrade`: a new process, `outrelay-relay upgrade`): anything that decides
 //! a socket or a thread (`[listen]`, `workers`, `control_threads`, `io_backend`, `[ebpf]`, the
 //! lease port range and its TCP/UDP switches, `reverse_advertise`, `public_url`), the splice
-//! engines' `[pipes]`/`[splice]` (budgets and timers are fixed inside each worker's engine when
-//! it is built), `[controller]` (its tasks are started with their url, TLS and intervals) and
+//! engines' budgets (`[pipes]`, `[splice] *_bytes`: each worker's pools are sized when its
+//! engine is built), `[controller]` (its tasks are started with their url, TLS and intervals) and
 //! the `[tls]`/`[public_tls]` paths (their files are re-read on SIGHUP anyway).
 
 use std::sync::Arc;
@@ -42,6 +43,14 @@ pub fn key_reload(key: &str) -> KeyReload {
         }
         // The range sockets' receive batches are sized once, at start.
         ("udp", f) if f != "recv_slot_bytes" => KeyReload::Live,
+        // The engines' timers are read at each sweep; their budgets size pools built once.
+        (
+            "splice",
+            "idle_timeout_ms"
+            | "half_closed_timeout_ms"
+            | "stall_timeout_ms"
+            | "write_stall_timeout_ms",
+        ) => KeyReload::Live,
         _ => KeyReload::Upgrade,
     }
 }
@@ -115,7 +124,7 @@ impl LiveSettings {
             .apply(settings.quic)
             .map_err(|e| format!("invalid config: quic: {e}"))?;
         self.quic.apply_leases(&settings.leases).await;
-        self.ingress.reload(settings.ingress);
+        self.ingress.reload(settings.ingress, settings.engine);
         self.udp.reload(settings.udp);
         self.mesh.reload(settings.mesh);
         self.generation.bump();
@@ -139,7 +148,7 @@ mod tests {
             "leases.min_port",
             "leases.tcp",
             "pipes.budget_bytes",
-            "splice.idle_timeout_ms",
+            "splice.copy_budget_bytes",
             "controller.url",
             "tls.state_dir",
             "udp.recv_slot_bytes",
@@ -156,6 +165,7 @@ mod tests {
             "policy",
             "policy.decision",
             "lifecycle.shutdown_grace_ms",
+            "splice.idle_timeout_ms",
         ] {
             assert_eq!(key_reload(key), KeyReload::Live, "{key}");
         }

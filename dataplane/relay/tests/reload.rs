@@ -390,3 +390,38 @@ async fn admin_status(relay: &Relay) -> serde_json::Value {
         .expect("read status");
     serde_json::from_str(&out).expect("status is JSON")
 }
+
+/// `[splice] idle_timeout_ms` lowered by reload reaches every worker's engine: an idle spliced
+/// pair that the old hour-long timeout kept is closed by the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_splice_idle_timeout_closes_an_idle_pair() {
+    let ca = Ca::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            leases: format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+            tables: "[splice]\nidle_timeout_ms = 3600000\n".to_owned(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (echo, _e) = echo_server().await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let raw = agent.register("raw", false, true).await;
+    let port = lease_port(&raw);
+    agent.serve_lease_with(&relay, &raw, echo, 4);
+    let mut idle = connect_lease_port(LOCAL, port).await;
+    ping(&mut idle).await.expect("spliced");
+    assert!(
+        !closed_within(&mut idle, Duration::from_millis(1000)).await,
+        "an hour-long idle timeout closed a pair within a second"
+    );
+
+    edit(&relay, "idle_timeout_ms = 3600000", "idle_timeout_ms = 300");
+    reload(&relay, Some(2.0)).await;
+    assert!(
+        closed_within(&mut idle, Duration::from_millis(5000)).await,
+        "the reloaded idle timeout of 300 ms never closed the idle pair"
+    );
+}

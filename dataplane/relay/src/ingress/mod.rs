@@ -191,6 +191,9 @@ pub struct Ingress {
     /// Bumped by each [`Ingress::reload`]; workers compare it once per loop round and then
     /// re-read the timeouts and caps they cache.
     config_generation: AtomicU64,
+    /// The splice engines' timeouts as last reloaded (`None`: as the engines were built);
+    /// each worker hands them to its engine when the generation moves.
+    splice_timeouts: arc_swap::ArcSwapOption<outrelay_io::EngineConfig>,
     /// The published routes and reverse-session keys.
     pub(crate) shared: Arc<Shared>,
     /// Worker threads (at least one).
@@ -223,6 +226,7 @@ impl Ingress {
         Arc::new(Ingress {
             config: ArcSwap::from_pointee(config),
             config_generation: AtomicU64::new(0),
+            splice_timeouts: arc_swap::ArcSwapOption::empty(),
             shared,
             workers,
             conns: Arc::default(),
@@ -321,15 +325,22 @@ impl Ingress {
     }
 
     /// Publishes new limits (SIGHUP): every new connection, claim and handshake reads them;
-    /// the workers re-read their cached timeouts and caps on their next loop round. What
+    /// the workers re-read their cached timeouts and caps on their next loop round, and give
+    /// their engines `splice`'s timeouts (`[splice]`: every pair, from the next sweep). What
     /// needs a socket stays as it was: `lease_bind_ip`, the root host and its listener.
-    pub fn reload(&self, mut config: IngressConfig) {
+    pub fn reload(&self, mut config: IngressConfig, splice: outrelay_io::EngineConfig) {
         let old = self.config.load();
         config.lease_bind_ip = old.lease_bind_ip;
         config.root_host.clone_from(&old.root_host);
         config.root_fallback = old.root_fallback;
         self.config.store(Arc::new(config));
+        self.splice_timeouts.store(Some(Arc::new(splice)));
         self.config_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The splice timeouts of the last [`Ingress::reload`] (`None`: none yet).
+    pub(crate) fn splice_timeouts(&self) -> Option<Arc<outrelay_io::EngineConfig>> {
+        self.splice_timeouts.load_full()
     }
 
     /// How many times [`Ingress::reload`] published (0: the start-up config).

@@ -490,7 +490,8 @@ impl Worker {
 
     /// Keep-alives, gone leases, parked listeners, published census.
     /// A reload published new ingress limits: timers armed from now on use the new
-    /// durations (those already armed keep theirs), caps apply to the next claim or session.
+    /// durations (those already armed keep theirs), caps apply to the next claim or session,
+    /// the engine's splice timeouts to every pair from its next sweep.
     fn reread_config(&mut self) {
         self.config_seen = self.ingress.config_generation();
         let config = self.ingress.config();
@@ -499,6 +500,9 @@ impl Worker {
         self.ready_max = config.ready_queue_max;
         self.waiters_max = config.claim_waiters_max.div_ceil(workers).max(1);
         self.load.busy_at = crate::steer::busy_at(config.pending_conn_max, workers);
+        if let Some(splice) = self.ingress.splice_timeouts() {
+            self.engine.set_timeouts(&splice);
+        }
     }
 
     fn tick(&mut self) {
