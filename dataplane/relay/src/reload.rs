@@ -7,8 +7,8 @@
 //! changes nothing. A valid one is published part by part, each part one swap (`ArcSwap`) that
 //! new connections, streams and leases read: `[ingress]` (the workers re-read their cached
 //! timeouts and caps when the generation moves), `[quic]` (a new `ServerConfig` on the same
-//! endpoint plus the relay's own per-identity caps and rates), `[leases]` TTLs, reservation
-//! and per-agent cap, `[udp]` (ports bound from then on), `[mesh]`, `[resume]`, the
+//! endpoint plus the relay's own per-identity caps and rates), `[leases]` TTLs, reservation,
+//! janitor interval and per-agent cap, `[udp]` (ports bound from then on), `[mesh]`, `[resume]`, the
 //! standalone `[[policy]]`, and the `[splice]` timeouts (every pair, from each engine's next
 //! sweep). Otherwise what already exists keeps what it started with.
 //!
@@ -38,9 +38,14 @@ pub fn key_reload(key: &str) -> KeyReload {
     let field = parts.next().unwrap_or("");
     match (section, field) {
         ("lifecycle" | "ingress" | "quic" | "mesh" | "resume" | "policy", _)
-        | ("leases", "ttl_default_s" | "ttl_cap_s" | "reservation_ms" | "max_per_agent") => {
-            KeyReload::Live
-        }
+        | (
+            "leases",
+            "ttl_default_s"
+            | "ttl_cap_s"
+            | "reservation_ms"
+            | "janitor_interval_ms"
+            | "max_per_agent",
+        ) => KeyReload::Live,
         // The range sockets' receive batches are sized once, at start.
         ("udp", f) if f != "recv_slot_bytes" => KeyReload::Live,
         // The engines' timers are read at each sweep; their budgets size pools built once.
@@ -159,6 +164,7 @@ mod tests {
             "ingress.claim_timeout_ms",
             "quic.max_connections_per_identity",
             "leases.ttl_cap_s",
+            "leases.janitor_interval_ms",
             "udp.flow_max",
             "mesh.open_timeout_ms",
             "resume.enabled",

@@ -1030,6 +1030,12 @@ impl QuicServer {
                 }
                 _ = janitor.tick() => {
                     let mut control = ctx.control.lock().await;
+                    // A reload may have changed the interval: the next sweep follows it.
+                    let every = Duration::from_millis(control.table.config().janitor_interval_ms);
+                    if every != janitor.period() {
+                        janitor = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     let before = control.table.generation();
                     let ended = control.table.sweep(Instant::now());
                     if !ended.is_empty() || control.table.generation() != before {
