@@ -10,7 +10,8 @@
 //! endpoint plus the relay's own per-identity caps and rates), `[leases]` TTLs, reservation,
 //! janitor interval and per-agent cap, `[udp]` (ports bound from then on), `[mesh]`, `[resume]`, the
 //! standalone `[[policy]]`, and the `[splice]` timeouts (every pair, from each engine's next
-//! sweep). Otherwise what already exists keeps what it started with.
+//! sweep) and `[log] level` (main's reload filter). Otherwise what already exists keeps what
+//! it started with.
 //!
 //! Not live (`needs_upgrade`: a new process, `outrelay-relay upgrade`): anything that decides
 //! a socket or a thread (`[listen]`, `workers`, `control_threads`, `io_backend`, `[ebpf]`, the
@@ -37,7 +38,7 @@ pub fn key_reload(key: &str) -> KeyReload {
     let section = parts.next().unwrap_or("");
     let field = parts.next().unwrap_or("");
     match (section, field) {
-        ("lifecycle" | "ingress" | "quic" | "mesh" | "resume" | "policy", _)
+        ("lifecycle" | "ingress" | "quic" | "mesh" | "resume" | "policy" | "log", _)
         | (
             "leases",
             "ttl_default_s"

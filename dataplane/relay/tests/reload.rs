@@ -425,3 +425,40 @@ async fn a_reloaded_splice_idle_timeout_closes_an_idle_pair() {
         "the reloaded idle timeout of 300 ms never closed the idle pair"
     );
 }
+
+/// `[log] level` changed by reload: at `warn` the info line of the next reload is not written;
+/// back at `info` it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_log_level_applies() {
+    let ca = Ca::new();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            tables: "[log]\nlevel = \"info\"\n".to_owned(),
+            log_file: true,
+            ..Opts::default()
+        },
+    )
+    .await;
+    log_line(&relay, &["relay ready"]).await;
+    let reloaded = |relay: &Relay| {
+        log_of(relay)
+            .lines()
+            .filter(|l| l.contains("config reloaded"))
+            .count()
+    };
+    edit(&relay, "level = \"info\"", "level = \"warn\"");
+    reload(&relay, Some(2.0)).await;
+    edit(&relay, "claim_timeout_ms = 5000", "claim_timeout_ms = 4000");
+    reload(&relay, Some(3.0)).await;
+    assert_eq!(
+        reloaded(&relay),
+        0,
+        "info lines written at level warn:\n{}",
+        log_of(&relay)
+    );
+    edit(&relay, "level = \"warn\"", "level = \"info\"");
+    reload(&relay, Some(4.0)).await;
+    log_line(&relay, &["config reloaded", "log.level"]).await;
+    assert_eq!(reloaded(&relay), 1, "{}", log_of(&relay));
+}
