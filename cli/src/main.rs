@@ -881,6 +881,19 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
             count(&status["splice"]["bytes"]),
             count(&status["splice"]["pipe_held_bytes"]),
         );
+        if let Some(generation) = status["config"]["generation"].as_u64() {
+            // `systemctl reload` moves it; the age says whether the last reload was taken.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let at_ms = status["config"]["applied_at_unix_ms"]
+                .as_i64()
+                .unwrap_or(now_ms);
+            println!(
+                "config generation {generation}, applied {} s ago",
+                now_ms.saturating_sub(at_ms) / 1000
+            );
+        }
         let ebpf = &status["ebpf"];
         let programs: Vec<&str> = ebpf["programs"]
             .as_object()

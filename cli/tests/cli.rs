@@ -426,11 +426,13 @@ fn relay_status_reads_the_relay_admin_socket() {
             && text.contains("ebpf mode ")
             && text.contains("worker 0: accepts")
             && text.contains("resume: none; parked 0, 0 bytes retransmitted")
+            && text.contains("config generation 1, applied ")
             && text.contains("HOSTNAME"),
         "{text}"
     );
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON status");
     assert_eq!(v["workers"], 1);
+    assert_eq!(v["config"]["generation"], 1, "settings generation: {v}");
     assert_eq!(
         v["worker_stats"][0]["worker"], 0,
         "per-worker counters: {v}"

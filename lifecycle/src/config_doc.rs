@@ -30,9 +30,15 @@ pub struct Key {
     pub plain: bool,
 }
 
-/// What the "reload" column may say: applied live, or needs a restart (optionally with the
-/// file the key names re-read on SIGHUP, e.g. certificates).
-pub const RELOAD_CELLS: [&str; 3] = ["live", "restart", "restart; file re-read"];
+/// What the "reload" column may say: applied live, or needs a restart or (relay) an upgrade
+/// (optionally with the file the key names re-read on SIGHUP, e.g. certificates).
+pub const RELOAD_CELLS: [&str; 5] = [
+    "live",
+    "restart",
+    "restart; file re-read",
+    "upgrade",
+    "upgrade; file re-read",
+];
 
 /// One row of docs/config.md.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +147,18 @@ pub fn check(
     keys: &[Key],
     is_default: impl Fn(&str, &toml::Value) -> Option<bool>,
 ) -> Vec<String> {
+    check_with(md, daemon, keys, is_default, crate::key_reload)
+}
+
+/// [`check`] for a daemon whose keys `classify` sorts (the relay): the reload cell says
+/// `live`, `restart…` or `upgrade…` as `classify` does.
+pub fn check_with(
+    md: &str,
+    daemon: &str,
+    keys: &[Key],
+    is_default: impl Fn(&str, &toml::Value) -> Option<bool>,
+    classify: fn(&str) -> crate::KeyReload,
+) -> Vec<String> {
     let rows = doc_rows(md, daemon);
     let mut problems = Vec::new();
     let mut say = |s: String| problems.push(format!("docs/config.md ({daemon}): {s}"));
@@ -175,13 +193,18 @@ pub fn check(
             ));
             continue;
         };
-        let live = crate::applied_live(&r.path);
-        if !RELOAD_CELLS.contains(&r.reload.as_str()) || (r.reload == "live") != live {
-            let want = if live {
-                "live"
-            } else {
-                "restart (or `restart; file re-read`)"
-            };
+        let (want, fits) = match classify(&r.path) {
+            crate::KeyReload::Live => ("live", r.reload == "live"),
+            crate::KeyReload::Restart => (
+                "restart (or `restart; file re-read`)",
+                r.reload.starts_with("restart"),
+            ),
+            crate::KeyReload::Upgrade => (
+                "upgrade (or `upgrade; file re-read`)",
+                r.reload.starts_with("upgrade"),
+            ),
+        };
+        if !RELOAD_CELLS.contains(&r.reload.as_str()) || !fits {
             say(format!(
                 "{at}: reload column says `{}`, but SIGHUP (Reloader::reload) makes it {want}: \
                  fix the column",

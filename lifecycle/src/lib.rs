@@ -253,35 +253,73 @@ impl Default for RawLifecycle {
     }
 }
 
-/// Whether [`Reloader::reload`] applies the dotted config key `key` live (today: only
-/// `[lifecycle]`); every other changed key is logged `needs_restart`. docs/config.md's
-/// "reload" column is checked against this ([`config_doc::check`]).
+/// Whether [`Reloader::reload`] applies the dotted config key `key` live for the agent and
+/// the controller (only `[lifecycle]`); every other changed key is logged `needs_restart`.
+/// The relay has its own, longer list (`outrelay_relay::reload::key_reload`). docs/config.md's
+/// "reload" column is checked against it ([`config_doc::check`]).
 pub fn applied_live(key: &str) -> bool {
     key.starts_with("lifecycle.")
 }
 
-/// SIGHUP handling for a daemon whose live keys are only `[lifecycle]`: validate the file
-/// again, keep the running config when it is invalid, otherwise apply the grace and name the
-/// changed keys that need a restart.
+/// What SIGHUP does with one changed key of a daemon's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyReload {
+    /// Applied by the reload (to new connections, streams and leases).
+    Live,
+    /// Applied only by a new process: logged `needs_restart`.
+    Restart,
+    /// Applied only by a new process that takes the sockets over (`outrelay-relay upgrade`):
+    /// logged `needs_upgrade`.
+    Upgrade,
+}
+
+/// The agent's and the controller's classes: [`applied_live`] keys are live, the rest need a
+/// restart.
+pub fn key_reload(key: &str) -> KeyReload {
+    if applied_live(key) {
+        KeyReload::Live
+    } else {
+        KeyReload::Restart
+    }
+}
+
+/// SIGHUP handling: validate the file again, keep the running config when it is invalid,
+/// otherwise let the daemon apply its live keys, apply the grace and name the changed keys
+/// that need a restart or an upgrade.
 #[derive(Debug)]
 pub struct Reloader {
     path: Option<std::path::PathBuf>,
     /// The file as read at start-up: what the non-live settings still reflect.
     started_with: String,
+    /// The file as last accepted: live keys changed since are the ones a reload applies.
+    applied: Mutex<String>,
     shutdown_grace_ms: AtomicU64,
+    classify: fn(&str) -> KeyReload,
 }
 
 impl Reloader {
-    /// A reloader for `path` (`None`: no file, SIGHUP only re-validates the defaults).
+    /// A reloader for `path` (`None`: no file, SIGHUP only re-validates the defaults) whose
+    /// live keys are [`applied_live`]'s.
     pub fn new(path: Option<std::path::PathBuf>, shutdown_grace_ms: u64) -> Reloader {
+        Reloader::with_classes(path, shutdown_grace_ms, key_reload)
+    }
+
+    /// A reloader whose keys are classed by `classify` (the relay's).
+    pub fn with_classes(
+        path: Option<std::path::PathBuf>,
+        shutdown_grace_ms: u64,
+        classify: fn(&str) -> KeyReload,
+    ) -> Reloader {
         let started_with = path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default();
         Reloader {
             path,
+            applied: Mutex::new(started_with.clone()),
             started_with,
             shutdown_grace_ms: AtomicU64::new(shutdown_grace_ms),
+            classify,
         }
     }
 
@@ -290,15 +328,20 @@ impl Reloader {
         Duration::from_millis(self.shutdown_grace_ms.load(Ordering::Relaxed))
     }
 
-    /// `RELOADING=1`, then `load()` (the daemon's full validation, returning the new grace in
-    /// ms or the one-line reason), the log line, the counter, `READY=1`. Returns whether the
-    /// new file was accepted.
+    /// `RELOADING=1`, then `load()` (the daemon's full validation, which also publishes its
+    /// live settings, returning the new grace in ms or the one-line reason), the log line,
+    /// the counter, `READY=1`. Returns whether the new file was accepted.
     pub fn reload(&self, load: impl FnOnce() -> Result<u64, String>) -> bool {
         notify_reloading();
         let shown = self
             .path
             .as_ref()
             .map_or_else(|| "(defaults)".to_owned(), |p| p.display().to_string());
+        let text = self
+            .path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
         let ok = match load() {
             Err(e) => {
                 tracing::error!(config = %shown, error = %e,
@@ -306,19 +349,22 @@ impl Reloader {
                 false
             }
             Ok(grace_ms) => {
-                let text = self
-                    .path
-                    .as_ref()
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .unwrap_or_default();
-                let changed = changed_keys(&self.started_with, &text).unwrap_or_default();
-                let (live, restart): (Vec<String>, Vec<String>) =
-                    changed.into_iter().partition(|k| applied_live(k));
+                let mut applied = self
+                    .applied
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (live, restart, upgrade) = self.sort_changes(&applied, &text);
+                *applied = text;
                 self.shutdown_grace_ms.store(grace_ms, Ordering::Relaxed);
-                if restart.is_empty() {
-                    tracing::info!(applied = ?live, "config reloaded");
+                if restart.is_empty() && upgrade.is_empty() {
+                    tracing::info!(config = %shown, applied = ?live, "config reloaded");
+                } else if restart.is_empty() {
+                    tracing::warn!(config = %shown, applied = ?live, needs_upgrade = ?upgrade,
+                        "config reloaded; some changed keys take effect only after an upgrade \
+                         (outrelay-relay upgrade)");
                 } else {
-                    tracing::warn!(applied = ?live, needs_restart = ?restart,
+                    tracing::warn!(config = %shown, applied = ?live, needs_restart = ?restart,
+                        needs_upgrade = ?upgrade,
                         "config reloaded; some changed keys take effect only after a restart");
                 }
                 true
@@ -327,6 +373,25 @@ impl Reloader {
         count_reload(ok);
         notify_ready();
         ok
+    }
+
+    /// Live keys changed since the last accepted file; keys of the other classes that differ
+    /// from the file the process started with.
+    fn sort_changes(&self, applied: &str, text: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let (mut live, mut restart, mut upgrade) = (Vec::new(), Vec::new(), Vec::new());
+        for k in changed_keys(applied, text).unwrap_or_default() {
+            if (self.classify)(&k) == KeyReload::Live {
+                live.push(k);
+            }
+        }
+        for k in changed_keys(&self.started_with, text).unwrap_or_default() {
+            match (self.classify)(&k) {
+                KeyReload::Live => {}
+                KeyReload::Restart => restart.push(k),
+                KeyReload::Upgrade => upgrade.push(k),
+            }
+        }
+        (live, restart, upgrade)
     }
 }
 
@@ -380,5 +445,29 @@ mod tests {
             w.stale(later, Duration::from_secs(1)).as_deref(),
             Some("splice-0")
         );
+    }
+
+    #[test]
+    fn reload_sorts_keys_by_class() {
+        fn relay_like(k: &str) -> KeyReload {
+            match k.split('.').next() {
+                Some("listen") => KeyReload::Upgrade,
+                Some("ingress" | "lifecycle") => KeyReload::Live,
+                _ => KeyReload::Restart,
+            }
+        }
+        let start = "[ingress]\nclaim_timeout_ms = 100\n[listen]\nquic = \"a\"\n";
+        let r = Reloader::with_classes(None, 1, relay_like);
+        let text = "[ingress]\nclaim_timeout_ms = 200\n[listen]\nquic = \"b\"\nworkers = 2\n";
+        let (live, restart, upgrade) = r.sort_changes(start, text);
+        assert_eq!(live, vec!["ingress.claim_timeout_ms".to_owned()]);
+        assert_eq!(restart, Vec::<String>::new());
+        assert_eq!(
+            upgrade,
+            vec!["listen.quic".to_owned(), "listen.workers".to_owned()]
+        );
+        // Nothing changed since the last accepted file: nothing is applied again.
+        let (live, _, _) = r.sort_changes(text, text);
+        assert!(live.is_empty());
     }
 }

@@ -721,6 +721,16 @@ impl Engine {
         self.config.backend
     }
 
+    /// Takes `config`'s four timeouts (idle, half-closed, stall, write stall; validated by the
+    /// caller) from the next sweep on, for every pair, established ones included (a relay's
+    /// live reload). The budgets stay as built: the pools are sized once.
+    pub fn set_timeouts(&mut self, config: &EngineConfig) {
+        self.config.idle_timeout = config.idle_timeout;
+        self.config.half_closed_timeout = config.half_closed_timeout;
+        self.config.stall_timeout = config.stall_timeout;
+        self.config.write_stall_timeout = config.write_stall_timeout;
+    }
+
     /// A handle for other threads.
     pub fn handle(&self) -> EngineHandle {
         self.handle.clone()

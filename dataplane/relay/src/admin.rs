@@ -144,6 +144,10 @@ pub fn status(s: &Sources) -> Value {
     let q = &s.quic;
     json!({
         "drain": drain_progress(s),
+        "config": {
+            "generation": s.config.generation(),
+            "applied_at_unix_ms": s.config.applied_at_unix_ms(),
+        },
         "io_backend": s.backend.name(),
         "workers": s.ingress.workers(),
         "worker_stats": s.ingress.worker_stats().iter().enumerate().map(|(i, w)| json!({

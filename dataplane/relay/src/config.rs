@@ -33,10 +33,11 @@
 //! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
 //! [ebpf]     mode = "auto"  reuseport = true  lookup = true   # optional steering (crate::steer)
+//! [log]      level = ""                  # tracing filter; "" = --log / OUTRELAY_LOG (live)
 //! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64
 //!            decision_cache_max = 4096  decision_cache_ttl_ms = 5000
 //!            max_streams_per_tenant = 4096  stream_idle_timeout_ms = 300000
-//! [resume]   enabled = true  park_timeout_ms = 30000  # stream resume (restart-only, as [mesh])
+//! [resume]   enabled = true  park_timeout_ms = 30000  # stream resume (live, as [mesh])
 //!            max_parked = 4096  max_parked_per_agent = 256
 //! [[policy]] tenant = "demo"  caller = "*"  target = "payments"  method = ""  decision = "allow"
 //! ```
@@ -93,6 +94,14 @@ struct Raw {
     resume: RawResume,
     policy: Vec<RawPolicy>,
     ebpf: RawEbpf,
+    log: RawLog,
+}
+
+/// `[log]`: the log filter (empty: `--log` / `OUTRELAY_LOG`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
 }
 
 /// `[resume]`: stream resume (`crate::mesh::resume`).
@@ -195,6 +204,7 @@ impl Default for Raw {
             resume: RawResume::default(),
             policy: Vec::new(),
             ebpf: RawEbpf::default(),
+            log: RawLog::default(),
         }
     }
 }
@@ -499,6 +509,8 @@ pub struct Settings {
     pub mesh: MeshConfig,
     /// eBPF steering (`[ebpf]`).
     pub ebpf: crate::steer::EbpfConfig,
+    /// `[log] level` (tracing `EnvFilter` syntax); `None`: the `--log` flag's.
+    pub log_level: Option<String>,
 }
 
 /// `[resume]`, checked.
@@ -939,6 +951,13 @@ impl Settings {
             ..PipeLimits::default()
         };
         let engine = engine_config(raw.splice, io_backend, pipes)?;
+        let log_level = match raw.log.level.as_str() {
+            "" => None,
+            level => {
+                tracing_subscriber::EnvFilter::try_new(level).map_err(|e| bad("log.level", e))?;
+                Some(level.to_owned())
+            }
+        };
         Ok(Settings {
             workers,
             control_threads: raw.control_threads,
@@ -966,6 +985,7 @@ impl Settings {
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
             mesh,
             ebpf,
+            log_level,
         })
     }
 }
@@ -1057,7 +1077,13 @@ mod tests {
     fn docs_config_md_lists_every_relay_key_with_its_default() {
         let keys = config_doc::keys::<Raw>().expect("walk the raw config");
         let md = include_str!("../../../docs/config.md");
-        let problems = config_doc::check(md, "outrelay-relay", &keys, is_default);
+        let problems = config_doc::check_with(
+            md,
+            "outrelay-relay",
+            &keys,
+            is_default,
+            crate::reload::key_reload,
+        );
         assert!(
             problems.is_empty(),
             "docs/config.md no longer matches dataplane/relay/src/config.rs:\n{}",

@@ -12,6 +12,7 @@
 //! | [`mesh`] | service streams: local providers, registry view, policy snapshot, audit |
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
+//! | [`reload`] | SIGHUP: which keys apply live, one validated snapshot published part by part |
 //! | [`steer`] | optional eBPF steering: CPU-local accept, the lease port range through one socket per worker |
 //!
 //! Not built yet (and not pretended): `outrelay relay drain`, relay-to-relay stream
@@ -28,6 +29,7 @@ pub mod mesh;
 pub mod metric_help;
 pub mod metrics;
 pub mod quic;
+pub mod reload;
 pub mod state;
 pub mod steer;
 pub mod udp;

@@ -88,11 +88,28 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The filter is a reload layer: `[log] level` replaces it at start and on SIGHUP.
+    let (filter, filter_handle) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&flags.log));
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init();
+    }
+    let flag_level = flags.log.clone();
+    let set_log_level = move |level: Option<&str>| {
+        let filter = tracing_subscriber::EnvFilter::new(level.unwrap_or(&flag_level));
+        if let Err(e) = filter_handle.reload(filter) {
+            tracing::warn!(error = %e, "log level not changed");
+        }
+    };
     if let Some(Command::Enroll {
         controller,
         token,
@@ -119,16 +136,17 @@ fn main() -> ExitCode {
         println!("config ok");
         return ExitCode::SUCCESS;
     }
-    // SIGHUP: the same validation as start-up; `[lifecycle]` applies live (outrelay-lifecycle).
-    let reloader =
-        outrelay_lifecycle::Reloader::new(Some(flags.config.clone()), settings.shutdown_grace_ms);
+    set_log_level(settings.log_level.as_deref());
+    // SIGHUP: the same validation as start-up; the live keys are published as one snapshot
+    // (outrelay_relay::reload), the rest are logged `needs_upgrade`.
+    let reloader = outrelay_lifecycle::Reloader::with_classes(
+        Some(flags.config.clone()),
+        settings.shutdown_grace_ms,
+        outrelay_relay::reload::key_reload,
+    );
     let config = flags.config;
-    let reload = move || {
-        Settings::load(&config, &overrides)
-            .map(|s| s.shutdown_grace_ms)
-            .map_err(|e| e.to_string())
-    };
-    match run(settings, flags.ready_file, reloader, reload) {
+    let reload = move || Settings::load(&config, &overrides).map_err(|e| e.to_string());
+    match run(settings, flags.ready_file, reloader, reload, set_log_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrelay-relay: {e:#}");
@@ -215,7 +233,8 @@ fn run(
     mut settings: Settings,
     ready_file: Option<PathBuf>,
     reloader: outrelay_lifecycle::Reloader,
-    reload: impl Fn() -> Result<u64, String>,
+    reload: impl Fn() -> Result<Settings, String>,
+    set_log_level: impl Fn(Option<&str>),
 ) -> anyhow::Result<()> {
     let metrics_handle = outrelay_relay::metrics::install()?;
     outrelay_relay::metric_help::describe();
@@ -373,6 +392,14 @@ fn run(
                 lease_range: range_sockets.tcp,
             },
         )?;
+        let generation = Arc::new(outrelay_relay::reload::ConfigGeneration::default());
+        let live_settings = outrelay_relay::reload::LiveSettings {
+            ingress: ingress.clone(),
+            quic: quic.reloader(),
+            mesh: mesh.clone(),
+            udp: udp.clone(),
+            generation: generation.clone(),
+        };
         let sources = Arc::new(outrelay_relay::metrics::Sources {
             ingress: ingress.clone(),
             udp: udp.stats.clone(),
@@ -382,6 +409,7 @@ fn run(
             shared,
             steering: steering.clone(),
             drain: quic.drain_handle(),
+            config: generation,
         });
         let metrics_addr = match settings.metrics_listen {
             Some(addr) => {
@@ -425,7 +453,18 @@ fn run(
         outrelay_lifecycle::notify_ready();
         watchdog.start("relay-control");
         while signals.next().await == outrelay_lifecycle::Signal::Reload {
-            reloader.reload(&reload);
+            let outcome = match reload() {
+                Ok(new) => {
+                    let level = new.log_level.clone();
+                    let applied = live_settings.apply(new).await;
+                    if applied.is_ok() {
+                        set_log_level(level.as_deref());
+                    }
+                    applied
+                }
+                Err(e) => Err(e),
+            };
+            reloader.reload(|| outcome);
             match live.reload() {
                 Ok(changed) => {
                     metrics::counter!("outrelay_relay_cert_reloads_total", "result" => "ok")

@@ -273,6 +273,14 @@ pub fn describe() {
         "Agent QUIC handshakes that failed."
     );
     metrics::describe_gauge!(
+        "outrelay_relay_config_generation",
+        "Settings snapshots published: 1 at start, +1 per accepted SIGHUP reload."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_config_applied_timestamp_seconds",
+        "When the settings generation in force was applied (Unix time)."
+    );
+    metrics::describe_gauge!(
         "outrelay_relay_draining",
         "1 once `outrelay relay drain` started (new agent connections and leases refused), else 0."
     );

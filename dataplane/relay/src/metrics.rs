@@ -44,6 +44,8 @@ pub struct Sources {
     pub steering: Arc<crate::steer::Steering>,
     /// Drains the agent endpoint (`outrelay relay drain`) and says whether it is draining.
     pub drain: crate::quic::DrainHandle,
+    /// The settings generation (SIGHUP reloads).
+    pub config: Arc<crate::reload::ConfigGeneration>,
 }
 
 impl Sources {
@@ -194,6 +196,9 @@ fn update(s: &Sources) {
     let q = &s.quic;
     counter!("outrelay_relay_quic_connections_accepted_total")
         .absolute(q.connections_accepted.load(Ordering::Relaxed));
+    gauge!("outrelay_relay_config_generation").set(s.config.generation() as f64);
+    gauge!("outrelay_relay_config_applied_timestamp_seconds")
+        .set(s.config.applied_at_unix_ms() as f64 / 1000.0);
     gauge!("outrelay_relay_draining").set(if s.drain.is_draining() { 1.0 } else { 0.0 });
     counter!("outrelay_relay_quic_handshakes_failed_total")
         .absolute(q.handshakes_failed.load(Ordering::Relaxed));

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use outrelay_proto::reverse::{self, CHALLENGE_BYTES, LeaseId, NONCE_BYTES, Preamble};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -185,7 +186,14 @@ const CUT_RETRY_MS: u64 = 50;
 
 /// The ingress side of a relay: what its workers share.
 pub struct Ingress {
-    config: IngressConfig,
+    /// The limits in force: replaced whole by [`Ingress::reload`], read per connection.
+    config: ArcSwap<IngressConfig>,
+    /// Bumped by each [`Ingress::reload`]; workers compare it once per loop round and then
+    /// re-read the timeouts and caps they cache.
+    config_generation: AtomicU64,
+    /// The splice engines' timeouts as last reloaded (`None`: as the engines were built);
+    /// each worker hands them to its engine when the generation moves.
+    splice_timeouts: arc_swap::ArcSwapOption<outrelay_io::EngineConfig>,
     /// The published routes and reverse-session keys.
     pub(crate) shared: Arc<Shared>,
     /// Worker threads (at least one).
@@ -219,7 +227,9 @@ impl Ingress {
     pub fn new(config: IngressConfig, shared: Arc<Shared>, workers: usize) -> Arc<Ingress> {
         let workers = workers.max(1);
         Arc::new(Ingress {
-            config,
+            config: ArcSwap::from_pointee(config),
+            config_generation: AtomicU64::new(0),
+            splice_timeouts: arc_swap::ArcSwapOption::empty(),
             shared,
             workers,
             conns: Arc::default(),
@@ -350,9 +360,33 @@ impl Ingress {
         self.reverse_pending.count()
     }
 
-    /// The limits this ingress runs with.
-    pub fn config(&self) -> &IngressConfig {
-        &self.config
+    /// The limits this ingress runs with now.
+    pub fn config(&self) -> arc_swap::Guard<Arc<IngressConfig>> {
+        self.config.load()
+    }
+
+    /// Publishes new limits (SIGHUP): every new connection, claim and handshake reads them;
+    /// the workers re-read their cached timeouts and caps on their next loop round, and give
+    /// their engines `splice`'s timeouts (`[splice]`: every pair, from the next sweep). What
+    /// needs a socket stays as it was: `lease_bind_ip`, the root host and its listener.
+    pub fn reload(&self, mut config: IngressConfig, splice: outrelay_io::EngineConfig) {
+        let old = self.config.load();
+        config.lease_bind_ip = old.lease_bind_ip;
+        config.root_host.clone_from(&old.root_host);
+        config.root_fallback = old.root_fallback;
+        self.config.store(Arc::new(config));
+        self.splice_timeouts.store(Some(Arc::new(splice)));
+        self.config_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The splice timeouts of the last [`Ingress::reload`] (`None`: none yet).
+    pub(crate) fn splice_timeouts(&self) -> Option<Arc<outrelay_io::EngineConfig>> {
+        self.splice_timeouts.load_full()
+    }
+
+    /// How many times [`Ingress::reload`] published (0: the start-up config).
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation.load(Ordering::Acquire)
     }
 
     /// Closes every listener (public TLS, reverse sessions, TCP lease ports) and binds no new
@@ -403,21 +437,23 @@ impl Ingress {
     /// Takes the places of a new public connection from `source`: the descriptor budget,
     /// then the pending pool and the source's share of it.
     pub(crate) fn admit_public(&self, source: SourceKey) -> Result<PendingSlot, Drop> {
-        if self.public_conns() >= self.config.public_conn_max {
+        let config = self.config.load();
+        if self.public_conns() >= config.public_conn_max {
             return Err(Drop::PublicConnFull);
         }
         self.pending.acquire(
             source,
-            self.config.pending_conn_max,
-            self.config.pending_per_source_max,
+            config.pending_conn_max,
+            config.pending_per_source_max,
         )
     }
 
     fn live_caps(&self) -> LiveCaps {
+        let config = self.config.load();
         LiveCaps {
-            lease_max: self.config.lease_conn_max,
-            tenant_max: self.config.tenant_conn_max,
-            source_max: self.config.source_conn_max,
+            lease_max: config.lease_conn_max,
+            tenant_max: config.tenant_conn_max,
+            source_max: config.source_conn_max,
         }
     }
 
@@ -439,11 +475,11 @@ impl Ingress {
     ) -> Result<(GaugeSlot, KeyedSlot<SourceKey>), Drop> {
         let global = self
             .reverse_pending
-            .acquire(self.config.reverse_pending_max)
+            .acquire(self.config.load().reverse_pending_max)
             .ok_or(Drop::ReversePendingFull)?;
         let per_source = self
             .reverse_sources
-            .acquire(source, self.config.reverse_pending_per_source_max)
+            .acquire(source, self.config.load().reverse_pending_per_source_max)
             .ok_or(Drop::ReversePendingPerSource)?;
         Ok((global, per_source))
     }
@@ -465,7 +501,7 @@ impl Ingress {
             .ok_or(Drop::UnknownLease)?;
         let unauth = self
             .reverse_unauth
-            .acquire(lease, self.config.reverse_unauth_per_lease_max)
+            .acquire(lease, self.config.load().reverse_unauth_per_lease_max)
             .ok_or(Drop::ReverseUnauthPerLease)?;
         let mut nonce = [0u8; NONCE_BYTES];
         getrandom::fill(&mut nonce).map_err(|_| Drop::BadPreamble)?;
@@ -510,9 +546,9 @@ impl Ingress {
             let mut unbindable: HashSet<u16> = HashSet::new();
             // Ports whose closing could not be sent to every worker yet.
             let mut closing: HashSet<u16> = HashSet::new();
-            let tick = Duration::from_millis(me.config.lease_sync_interval_ms.max(10));
             loop {
                 me.sync_tcp_listeners(&mut bound, &mut unbindable, &mut closing);
+                let tick = Duration::from_millis(me.config.load().lease_sync_interval_ms.max(10));
                 tokio::time::sleep(tick).await;
             }
         })
@@ -546,7 +582,7 @@ impl Ingress {
             if bound.contains(&port) || closing.contains(&port) {
                 continue;
             }
-            let addr = SocketAddr::new(self.config.lease_bind_ip, port);
+            let addr = SocketAddr::new(self.config.load().lease_bind_ip, port);
             let listeners = match bind_reuseport(addr, self.workers) {
                 Ok(l) => l,
                 Err(e) => {
@@ -578,19 +614,19 @@ impl Ingress {
     /// (low volume: a user-space copy), in the root host's own small pool (`root_conn_max`,
     /// `root_per_source_max`) and bounded by `root_conn_max_ms`.
     pub(crate) async fn serve_root(&self, client: TcpStream, replay: &[u8], source: SourceKey) {
-        let Some(addr) = self.config.root_fallback else {
+        let Some(addr) = self.config.load().root_fallback else {
             return self.stats.drop(Drop::RootUnavailable);
         };
-        let per_source = self.config.root_per_source_max;
+        let per_source = self.config.load().root_per_source_max;
         let Some(_source) = self.root_sources.acquire(source, per_source) else {
             self.stats.drop(Drop::RootPerSource);
             return reset(client);
         };
-        let Some(_place) = self.root.acquire(self.config.root_conn_max) else {
+        let Some(_place) = self.root.acquire(self.config.load().root_conn_max) else {
             self.stats.drop(Drop::RootFull);
             return reset(client);
         };
-        let limit = Duration::from_millis(self.config.root_conn_max_ms);
+        let limit = Duration::from_millis(self.config.load().root_conn_max_ms);
         let mut client = client;
         let copied = tokio::time::timeout(limit, async {
             let mut upstream = TcpStream::connect(addr).await.ok()?;

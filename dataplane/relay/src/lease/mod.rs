@@ -643,6 +643,19 @@ impl LeaseTable {
         &self.config
     }
 
+    /// Applies a reloaded `[leases]` (validated) to new grants and renewals: TTL default and
+    /// cap, the reservation after a lease ends, leases per agent, and the janitor's interval
+    /// (from its next sweep). Leases already granted keep
+    /// their expiry and agents over a lowered cap keep theirs (they cannot add more). The root
+    /// host, the port range and the TCP/UDP switches stay (they decide sockets).
+    pub fn reload(&mut self, config: &LeaseConfig) {
+        self.config.ttl_default_s = config.ttl_default_s;
+        self.config.ttl_cap_s = config.ttl_cap_s;
+        self.config.reservation_ms = config.reservation_ms;
+        self.config.janitor_interval_ms = config.janitor_interval_ms;
+        self.config.max_leases_per_agent = config.max_leases_per_agent;
+    }
+
     /// Changes the admin gate of one port transport. Existing leases keep their ports; the
     /// gate applies to new registrations.
     pub fn set_admin_gate(&mut self, transport: PortTransport, gate: AdminGate) {

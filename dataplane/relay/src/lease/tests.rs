@@ -540,6 +540,38 @@ fn expiry_is_seen_by_operations_before_the_sweep() {
     assert_eq!(ended.len(), 1, "the sweep still reports it");
 }
 
+/// A reload's TTLs apply to the next grant and renewal; the lease already granted keeps its
+/// expiry; the root host and the port range stay.
+#[test]
+fn reload_applies_ttls_to_new_grants_only() {
+    let mut f = Fixture::new();
+    let a = agent("acme", 1);
+    let before = f.ok(1, &a, &tls("a"), secs(0));
+    assert_eq!(before.ttl_s, DEFAULT_TTL_S);
+    f.table.reload(&LeaseConfig {
+        root_host: "other.example.com".to_owned(),
+        ttl_default_s: 5,
+        ttl_cap_s: 10,
+        min_port: 1,
+        max_port: 2,
+        ..config()
+    });
+    let after = f.ok(1, &a, &tls("b"), secs(0));
+    assert_eq!((after.ttl_s, after.expires_at), (5, f.at(secs(5))));
+    let long = orp::LeaseRegister {
+        ttl_s: 3_600,
+        ..tls("c")
+    };
+    assert_eq!(f.ok(1, &a, &long, secs(0)).ttl_s, 10, "the new cap");
+    assert_eq!(
+        f.table.sweep(f.at(secs(6))).len(),
+        1,
+        "only the lease granted after the reload ended at 5 s"
+    );
+    assert_eq!(f.table.config().root_host, ROOT);
+    assert_eq!(f.table.config().min_port, MIN);
+}
+
 #[test]
 fn ttl_default_and_cap() {
     let mut f = Fixture::new();

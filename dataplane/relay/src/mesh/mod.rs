@@ -279,9 +279,22 @@ impl JoinedPair {
     }
 }
 
+/// The config's `[[policy]]` rules as policy rules (standalone).
+fn static_policy(config: &MeshConfig) -> Vec<pb::PolicyRule> {
+    config
+        .static_rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.to_rule(i))
+        .collect()
+}
+
 /// The mesh state shared by every connection of the relay.
 pub struct Mesh {
-    pub(crate) config: MeshConfig,
+    /// The settings in force: replaced whole by [`Mesh::reload`].
+    config: arc_swap::ArcSwap<MeshConfig>,
+    /// The policy is the config's `[[policy]]` rules (no controller).
+    standalone: bool,
     relay_id: String,
     backend: Arc<dyn MeshBackend>,
     policy: ArcSwapOption<PolicySnapshot>,
@@ -312,9 +325,19 @@ impl Mesh {
     /// `config` are the policy from the start; with a controller the policy arrives with its
     /// first `Policy.Watch` snapshot (until then opens are refused).
     pub fn new(config: MeshConfig, relay_id: String, backend: Arc<dyn MeshBackend>) -> Arc<Mesh> {
+        Mesh::build(config, relay_id, backend, false)
+    }
+
+    fn build(
+        config: MeshConfig,
+        relay_id: String,
+        backend: Arc<dyn MeshBackend>,
+        standalone: bool,
+    ) -> Arc<Mesh> {
         let (generation, _) = watch::channel(0);
         Arc::new(Mesh {
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
+            standalone,
             relay_id,
             backend,
             policy: ArcSwapOption::empty(),
@@ -329,15 +352,27 @@ impl Mesh {
 
     /// A standalone mesh whose policy is the config's `[[policy]]` rules.
     pub fn standalone(config: MeshConfig, relay_id: String) -> Arc<Mesh> {
-        let rules = config
-            .static_rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| r.to_rule(i))
-            .collect();
-        let mesh = Mesh::new(config, relay_id, Arc::new(Standalone));
+        let rules = static_policy(&config);
+        let mesh = Mesh::build(config, relay_id, Arc::new(Standalone), true);
         mesh.set_policy(rules);
         mesh
+    }
+
+    /// The settings in force now.
+    pub fn config(&self) -> Arc<MeshConfig> {
+        self.config.load_full()
+    }
+
+    /// Publishes reloaded `[mesh]`/`[resume]` settings for new streams (their open deadline,
+    /// caps, idle timeout, resume) and, standalone, the new `[[policy]]` rules as the policy
+    /// (one swap; live streams check themselves again, as after a controller update). With a
+    /// controller, the decision cache's size and TTL apply from its next policy snapshot.
+    pub fn reload(&self, config: MeshConfig) {
+        let rules = self.standalone.then(|| static_policy(&config));
+        self.config.store(Arc::new(config));
+        if let Some(rules) = rules {
+            self.set_policy(rules);
+        }
     }
 
     /// This relay's id (as in its certificate).
@@ -352,10 +387,11 @@ impl Mesh {
     /// Replaces the policy with `rules` (one swap; the decision cache starts empty) and
     /// wakes every live stream to check itself again.
     pub fn set_policy(&self, rules: Vec<pb::PolicyRule>) {
+        let config = self.config.load();
         let snapshot = PolicySnapshot::new(
             rules,
-            self.config.decision_cache_max,
-            Duration::from_millis(self.config.decision_cache_ttl_ms),
+            config.decision_cache_max,
+            Duration::from_millis(config.decision_cache_ttl_ms),
         );
         self.policy.store(Some(Arc::new(snapshot)));
         self.policy_generation.send_modify(|g| *g += 1);
@@ -396,7 +432,7 @@ impl Mesh {
         let mut local = self.local();
         let live = local.by_conn.get(&conn).map_or(0, Vec::len);
         let pending = local.pending.entry(conn).or_insert(0);
-        if live + *pending >= self.config.max_services_per_agent {
+        if live + *pending >= self.config().max_services_per_agent {
             return None;
         }
         *pending += 1;
@@ -413,7 +449,7 @@ impl Mesh {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let n = map.entry(tenant.to_owned()).or_insert(0);
-        if *n >= self.config.max_streams_per_tenant {
+        if *n >= self.config().max_streams_per_tenant {
             return None;
         }
         *n += 1;

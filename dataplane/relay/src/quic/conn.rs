@@ -119,13 +119,13 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             close_code::TOO_MANY_CONNECTIONS,
             format!(
                 "at most {} connections per agent identity",
-                ctx.config.max_connections_per_identity
+                ctx.config().max_connections_per_identity
             ),
         ));
     };
 
     // HELLO: the first bidirectional stream, within the deadline.
-    let deadline = Duration::from_millis(ctx.config.hello_deadline_ms);
+    let deadline = Duration::from_millis(ctx.config().hello_deadline_ms);
     let hello = tokio::time::timeout(deadline, async {
         let (send, recv) = conn
             .accept_bi()
@@ -167,9 +167,9 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
             "HELLO does not match the certificate or protocol",
         ));
     }
-    let (tx, rx) = mpsc::channel(ctx.config.control_send_queue_max);
+    let (tx, rx) = mpsc::channel(ctx.config().control_send_queue_max);
     // Stream resume is offered only while the mesh's `[resume] enabled` says so.
-    let resume_offered = ctx.mesh.get().is_some_and(|m| m.config.resume.enabled);
+    let resume_offered = ctx.mesh.get().is_some_and(|m| m.config().resume.enabled);
     let asked = |feature: &str| hello.capabilities.iter().any(|c| c == feature);
     let resume = resume_offered && asked(super::FEATURE_STREAM_RESUME);
     // Registered BEFORE the revocation check: a revocation that lands in between is either
@@ -198,7 +198,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
         }
     }
 
-    let drain = Duration::from_millis(ctx.config.drain_grace_ms);
+    let drain = Duration::from_millis(ctx.config().drain_grace_ms);
     let writer = tokio::spawn(write_frames(send, rx, drain));
     let out = Out { tx, ctx };
     out.send(Frame::HelloAck(orp::HelloAck {
@@ -241,7 +241,10 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
     if drain.borrow().is_some() {
         drain.mark_changed();
     }
-    let mut bucket = Bucket::new(ctx.config.lease_frames_per_s, ctx.config.lease_frames_burst);
+    let mut bucket = {
+        let config = ctx.config();
+        Bucket::new(config.lease_frames_per_s, config.lease_frames_burst)
+    };
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let result = loop {
         tokio::select! {
@@ -269,7 +272,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                 Some((goaway, true)) => {
                     let _ = out.send(Frame::GoAway(goaway));
                     let deadline = tokio::time::Instant::now()
-                        + Duration::from_millis(ctx.config.drain_grace_ms);
+                        + Duration::from_millis(ctx.config().drain_grace_ms);
                     // Closing the queue makes the writer finish the stream and wait (up to the
                     // drain grace) for the agent's transport to acknowledge it.
                     drop(out);
@@ -290,7 +293,7 @@ async fn serve(conn: &quinn::Connection, conn_id: ConnId, ctx: &Arc<Ctx>) -> Res
                     }
                     drain_deadline = Some(
                         tokio::time::Instant::now()
-                            + Duration::from_millis(ctx.config.drain_grace_ms),
+                            + Duration::from_millis(ctx.config().drain_grace_ms),
                     );
                 }
                 None => {}
@@ -370,9 +373,10 @@ async fn on_frame(
 ) -> Result<(), End> {
     let ctx = out.ctx;
     ctx.stats.count_frame(frame.frame_type());
+    let config = ctx.config();
     let addrs = GrantAddrs {
-        public_host: &ctx.config.public_host,
-        reverse_addr: &ctx.config.reverse_addr,
+        public_host: &config.public_host,
+        reverse_addr: &config.reverse_addr,
     };
     match frame {
         Frame::Ping => out.send(Frame::Pong),
@@ -594,7 +598,7 @@ fn register(
             REJECT_TOO_MANY,
             format!(
                 "at most {} services per agent connection",
-                mesh.config.max_services_per_agent
+                mesh.config().max_services_per_agent
             ),
         );
     };
@@ -804,7 +808,7 @@ impl<'a> IdentitySlot<'a> {
     fn take(ctx: &'a Ctx, uri: &str) -> Option<IdentitySlot<'a>> {
         let mut map = ctx.identities();
         let n = map.entry(uri.to_owned()).or_insert(0);
-        if *n >= ctx.config.max_connections_per_identity {
+        if *n >= ctx.config().max_connections_per_identity {
             return None;
         }
         *n += 1;

@@ -444,7 +444,9 @@ pub(crate) struct Control {
 
 /// State shared by the accept loop, the janitor and every connection.
 pub(crate) struct Ctx {
-    pub(crate) config: QuicConfig,
+    /// The settings in force: replaced whole by [`QuicReload::apply`]; read per connection,
+    /// stream bucket and lease frame.
+    config: arc_swap::ArcSwap<QuicConfig>,
     pub(crate) control: Mutex<Control>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) stats: Arc<QuicStats>,
@@ -486,6 +488,11 @@ pub(crate) struct AgentConn {
 }
 
 impl Ctx {
+    /// The settings in force now.
+    pub(crate) fn config(&self) -> Arc<QuicConfig> {
+        self.config.load_full()
+    }
+
     /// Drops keys of leases that no longer exist and publishes a new snapshot. Call with the
     /// lock held (publishing is a pointer swap, not I/O).
     pub(crate) fn publish(&self, control: &mut Control) {
@@ -738,6 +745,78 @@ pub struct QuicServer {
     shutdown_tx: Arc<watch::Sender<Option<orp::GoAway>>>,
     identity: Identity,
     cert: Arc<outrelay_client::Reloadable>,
+    /// The TLS side of every `ServerConfig` (its certificate resolver swaps on its own).
+    crypto: Arc<dyn quinn::crypto::ServerConfig>,
+}
+
+/// Applies a reloaded `[quic]` to the running endpoint ([`QuicServer::reloader`]).
+pub struct QuicReload {
+    endpoint: quinn::Endpoint,
+    ctx: Arc<Ctx>,
+    crypto: Arc<dyn quinn::crypto::ServerConfig>,
+}
+
+impl std::fmt::Debug for QuicReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicReload").finish_non_exhaustive()
+    }
+}
+
+impl QuicReload {
+    /// Publishes `config` (validated): new connections get its transport limits (a new
+    /// `ServerConfig` on the same endpoint: idle timeout, keep-alive, stream and window
+    /// limits), and its per-identity cap, HELLO deadline, drain grace and frame rates apply
+    /// to connections accepted from now on. Established connections keep what they
+    /// negotiated. What needs the socket or the certificate stays: `listen`, `tls`, the
+    /// public host and the advertised reverse address.
+    ///
+    /// # Errors
+    /// A [`QuicError::Config`] (the running config stays).
+    pub fn apply(&self, mut config: QuicConfig) -> Result<(), QuicError> {
+        config.validate()?;
+        let old = self.ctx.config.load();
+        config.listen = old.listen;
+        config.tls = old.tls.clone();
+        config.public_host.clone_from(&old.public_host);
+        config.reverse_addr.clone_from(&old.reverse_addr);
+        config.control_send_queue_max = old.control_send_queue_max;
+        let server = server_config(&config, self.crypto.clone())?;
+        self.endpoint.set_server_config(Some(server));
+        self.ctx.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Applies a reloaded `[leases]` to the lease table ([`LeaseTable::reload`]).
+    pub async fn apply_leases(&self, config: &crate::lease::LeaseConfig) {
+        self.ctx.control.lock().await.table.reload(config);
+    }
+}
+
+/// The endpoint's `ServerConfig`: `crypto` with `config`'s transport limits.
+fn server_config(
+    config: &QuicConfig,
+    crypto: Arc<dyn quinn::crypto::ServerConfig>,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
+        .map_err(|e| QuicError::Config(format!("idle_timeout_ms: {e}")))?;
+    transport
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)))
+        .max_concurrent_bidi_streams(config.max_concurrent_streams.into())
+        .max_concurrent_uni_streams(0u32.into())
+        // M2: what one connection can make the relay buffer (all streams together), and
+        // what the relay keeps unacknowledged toward it.
+        .receive_window(varint(config.connection_receive_window_bytes)?)
+        .stream_receive_window(varint(config.stream_receive_window_bytes)?)
+        .send_window(config.connection_receive_window_bytes)
+        // UDP leases: room for bursts (quinn drops the oldest received datagram when full,
+        // and a full send buffer makes the port task drop the newest, counted).
+        .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER_BYTES))
+        .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER_BYTES);
+    server_config.transport_config(Arc::new(transport));
+    Ok(server_config)
 }
 
 impl std::fmt::Debug for QuicServer {
@@ -794,25 +873,8 @@ impl QuicServer {
             config.tls.key.clone_key(),
         )?);
         let crypto = tls::server_crypto(&config.tls, cert.clone(), stats.clone())?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        let idle = quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
-            .map_err(|e| QuicError::Config(format!("idle_timeout_ms: {e}")))?;
-        transport
-            .max_idle_timeout(Some(idle))
-            .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)))
-            .max_concurrent_bidi_streams(config.max_concurrent_streams.into())
-            .max_concurrent_uni_streams(0u32.into())
-            // M2: what one connection can make the relay buffer (all streams together), and
-            // what the relay keeps unacknowledged toward it.
-            .receive_window(varint(config.connection_receive_window_bytes)?)
-            .stream_receive_window(varint(config.stream_receive_window_bytes)?)
-            .send_window(config.connection_receive_window_bytes)
-            // UDP leases: room for bursts (quinn drops the oldest received datagram when full,
-            // and a full send buffer makes the port task drop the newest, counted).
-            .datagram_receive_buffer_size(Some(QUIC_DATAGRAM_BUFFER_BYTES))
-            .datagram_send_buffer_size(QUIC_DATAGRAM_BUFFER_BYTES);
-        server_config.transport_config(Arc::new(transport));
+        let crypto: Arc<dyn quinn::crypto::ServerConfig> = Arc::new(crypto);
+        let server_config = server_config(&config, crypto.clone())?;
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         let reset_key = tls::ResetKey::derive(&provider, &config.tls.key)?;
         // Connection ids keyed from the same secret: after a restart the new process still
@@ -840,7 +902,7 @@ impl QuicServer {
         })?;
         let (tx, rx) = watch::channel(None);
         let ctx = Arc::new(Ctx {
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
             control: Mutex::new(Control {
                 table: leases,
                 keys: HashMap::new(),
@@ -867,6 +929,7 @@ impl QuicServer {
             shutdown_tx: Arc::new(tx),
             identity,
             cert,
+            crypto,
         })
     }
 
@@ -910,6 +973,15 @@ impl QuicServer {
     /// without touching established connections (renewal, SIGHUP).
     pub fn cert_resolver(&self) -> Arc<outrelay_client::Reloadable> {
         self.cert.clone()
+    }
+
+    /// Applies reloaded `[quic]` settings to this endpoint (SIGHUP).
+    pub fn reloader(&self) -> QuicReload {
+        QuicReload {
+            endpoint: self.endpoint.clone(),
+            ctx: self.ctx.clone(),
+            crypto: self.crypto.clone(),
+        }
     }
 
     /// The endpoint's counters.
@@ -959,6 +1031,12 @@ impl QuicServer {
                 }
                 _ = janitor.tick() => {
                     let mut control = ctx.control.lock().await;
+                    // A reload may have changed the interval: the next sweep follows it.
+                    let every = Duration::from_millis(control.table.config().janitor_interval_ms);
+                    if every != janitor.period() {
+                        janitor = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                        janitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     let before = control.table.generation();
                     let ended = control.table.sweep(Instant::now());
                     if !ended.is_empty() || control.table.generation() != before {
@@ -978,7 +1056,7 @@ impl QuicServer {
             }
         }
         // Connections saw the same signal and send GOAWAY; wait for them to finish.
-        let grace = Duration::from_millis(ctx.config.drain_grace_ms.saturating_mul(2));
+        let grace = Duration::from_millis(ctx.config().drain_grace_ms.saturating_mul(2));
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();

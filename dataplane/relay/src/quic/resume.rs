@@ -199,7 +199,8 @@ pub(super) async fn resume(
     ctx: Arc<Ctx>,
 ) {
     let stats = &mesh.stats.resume;
-    let config = &mesh.config.resume;
+    let config = mesh.config().resume.clone();
+    let config = &config;
     let half = Half {
         agent,
         req,
@@ -251,7 +252,7 @@ pub(super) async fn resume(
         ctx.stats.limit(Limit::TenantStreams);
         let why = format!(
             "at most {} live streams per tenant",
-            mesh.config.max_streams_per_tenant
+            mesh.config().max_streams_per_tenant
         );
         return refuse(
             half,
@@ -513,7 +514,7 @@ async fn join_pair(
 
     // Each half gets the other's positions; from here each retransmits what the other lacks.
     let (to_c, to_p) = (echo_of(&p), echo_of(&c));
-    let deadline = Duration::from_millis(mesh.config.open_timeout_ms);
+    let deadline = Duration::from_millis(mesh.config().open_timeout_ms);
     let wrote = tokio::time::timeout(deadline, async {
         let (a, b) = tokio::join!(
             write_frame(&mut c.send, &to_c),
@@ -578,7 +579,7 @@ async fn join_pair(
         changes,
     };
     let idle = Idle {
-        timeout: Duration::from_millis(mesh.config.stream_idle_timeout_ms),
+        timeout: Duration::from_millis(mesh.config().stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
     join(

@@ -58,8 +58,10 @@ pub(crate) struct Peer {
 /// costing the relay a policy check, an audit row and a controller write per stream (review
 /// M13, the `audit-flood` bench attack). Paced, never refused: nothing is lost.
 pub(crate) async fn accept(consumer: Arc<Peer>, mesh: Arc<Mesh>, ctx: Arc<Ctx>) {
-    let mut bucket =
-        super::conn::Bucket::new(ctx.config.stream_opens_per_s, ctx.config.stream_opens_burst);
+    let mut bucket = {
+        let config = ctx.config();
+        super::conn::Bucket::new(config.stream_opens_per_s, config.stream_opens_burst)
+    };
     while let Ok((send, recv)) = consumer.conn.accept_bi().await {
         if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
             ctx.stats.limit(super::stats::Limit::StreamOpenRate);
@@ -162,7 +164,7 @@ async fn open(
     mesh: Arc<Mesh>,
     ctx: Arc<Ctx>,
 ) {
-    let deadline = Duration::from_millis(mesh.config.open_timeout_ms);
+    let deadline = Duration::from_millis(mesh.config().open_timeout_ms);
     let (req, consumer_rest) = match first_frame(&mut recv, deadline).await {
         Ok((Frame::OpenStream(req), rest)) => (req, rest),
         Ok((Frame::StreamResume(req), rest)) => {
@@ -212,7 +214,7 @@ async fn open(
         ctx.stats.limit(Limit::TenantStreams);
         let why = format!(
             "at most {} live streams per tenant",
-            mesh.config.max_streams_per_tenant
+            mesh.config().max_streams_per_tenant
         );
         return reject(send, recv, &mesh, MeshResult::TenantLimit, why).await;
     };
@@ -279,7 +281,7 @@ async fn open(
     // 5-6. INCOMING_STREAM to the provider, and its one answer. Both agents keep rings only
     // when both asked for resume (and the relay offers it).
     // Not for a pair of one agent with itself: its checkpoints could not tell the ends apart.
-    let resume = mesh.config.resume.enabled
+    let resume = mesh.config().resume.enabled
         && consumer.resume
         && provider.resume
         && consumer.uri != provider.uri;
@@ -392,7 +394,7 @@ async fn open(
         changes,
     };
     let idle = Idle {
-        timeout: Duration::from_millis(mesh.config.stream_idle_timeout_ms),
+        timeout: Duration::from_millis(mesh.config().stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
     join(

@@ -119,7 +119,9 @@ struct Ports {
 
 /// The UDP side of a relay.
 pub struct UdpIngress {
-    config: UdpConfig,
+    /// The limits in force: replaced whole by [`UdpIngress::reload`]; each port task takes a
+    /// copy when its port is bound.
+    config: ArcSwap<UdpConfig>,
     shared: Arc<Shared>,
     /// Each bound port's queue, published by the sync loop for the agents' datagram readers.
     queues: ArcSwap<HashMap<u16, PortQueues>>,
@@ -144,13 +146,20 @@ impl UdpIngress {
     /// UDP ingress reading routes from `shared`.
     pub fn new(config: UdpConfig, shared: Arc<Shared>) -> Arc<UdpIngress> {
         Arc::new(UdpIngress {
-            config,
+            config: ArcSwap::from_pointee(config),
             shared,
             queues: ArcSwap::default(),
             ports: std::sync::Mutex::default(),
             flow_ids: Arc::default(),
             stats: Arc::default(),
         })
+    }
+
+    /// Publishes reloaded `[udp]` limits: ports bound from now on (new UDP leases) run with
+    /// them; bound ports keep theirs. The bind address stays (`listen.lease_bind_ip`).
+    pub fn reload(&self, mut config: UdpConfig) {
+        config.bind_ip = self.config.load().bind_ip;
+        self.config.store(Arc::new(config));
     }
 
     /// Keeps one bound socket and task per routed UDP port until the runtime stops: binds new
@@ -160,9 +169,9 @@ impl UdpIngress {
         let me = self.clone();
         tokio::spawn(async move {
             let mut changed = me.shared.subscribe();
-            let tick = Duration::from_millis(me.config.sync_interval_ms.max(10));
             loop {
                 me.sync();
+                let tick = Duration::from_millis(me.config.load().sync_interval_ms.max(10));
                 let _ = tokio::time::timeout(tick, changed.changed()).await;
             }
         })
@@ -192,15 +201,15 @@ impl UdpIngress {
             }
             match self.bind(port) {
                 Ok(socket) => {
-                    let (tx, rx) = mpsc::channel(self.config.queue_max.max(1));
-                    let (client_tx, client_rx) = mpsc::channel(self.config.queue_max.max(1));
+                    let (tx, rx) = mpsc::channel(self.config.load().queue_max.max(1));
+                    let (client_tx, client_rx) = mpsc::channel(self.config.load().queue_max.max(1));
                     let port_task = Port::new(
                         port,
                         socket,
                         (rx, client_rx),
                         self.shared.clone(),
                         self.stats.clone(),
-                        self.config.clone(),
+                        UdpConfig::clone(&self.config.load()),
                         self.flow_ids.clone(),
                     );
                     let task = tokio::spawn(port_task.run());
@@ -260,7 +269,7 @@ impl UdpIngress {
 
     async fn range_task(self: Arc<Self>, socket: tokio::net::UdpSocket) {
         use std::os::fd::AsFd;
-        let mut recv = batch::RecvBatch::with_orig_dst(self.config.recv_slot_bytes);
+        let mut recv = batch::RecvBatch::with_orig_dst(self.config.load().recv_slot_bytes);
         loop {
             if socket.readable().await.is_err() {
                 return;
@@ -304,15 +313,15 @@ impl UdpIngress {
     }
 
     fn bind(&self, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
-        let addr = SocketAddr::new(self.config.bind_ip, port);
+        let addr = SocketAddr::new(self.config.load().bind_ip, port);
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::DGRAM,
             Some(socket2::Protocol::UDP),
         )?;
         // Larger buffers absorb bursts between two batches; the kernel caps them silently.
-        let _ = socket.set_recv_buffer_size(self.config.socket_buffer_bytes);
-        let _ = socket.set_send_buffer_size(self.config.socket_buffer_bytes);
+        let _ = socket.set_recv_buffer_size(self.config.load().socket_buffer_bytes);
+        let _ = socket.set_send_buffer_size(self.config.load().socket_buffer_bytes);
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         tokio::net::UdpSocket::from_std(socket.into())

@@ -212,14 +212,8 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
     ingress.set_workers(handles, stats.clone());
     ingress.set_steering(options.steering.clone());
     let config = ingress.config();
-    let timeouts = Timeouts {
-        hello: Duration::from_millis(config.hello_deadline_ms),
-        handshake: Duration::from_millis(config.reverse_handshake_deadline_ms),
-        claim: Duration::from_millis(config.claim_timeout_ms),
-        marker: Duration::from_millis(config.marker_write_deadline_ms),
-        keepalive: Duration::from_millis(config.keepalive_interval_ms),
-        tick: Duration::from_millis(config.lease_sync_interval_ms.max(10)),
-    };
+    let config_seen = ingress.config_generation();
+    let timeouts = Timeouts::of(&config);
     let mut sni = options.sni.into_iter();
     let mut reverse = options.reverse.into_iter();
     let mut beats = options.beats.into_iter();
@@ -243,6 +237,7 @@ pub fn start(ingress: &Arc<Ingress>, options: WorkerOptions) -> std::io::Result<
             lease_waits: expect::LeaseWaits::default(),
             timers: Timers::default(),
             timeouts,
+            config_seen,
             ready_max: config.ready_queue_max,
             waiters_max: config.claim_waiters_max.div_ceil(n).max(1),
             stats,
@@ -331,6 +326,19 @@ pub(crate) struct Timeouts {
     pub(crate) tick: Duration,
 }
 
+impl Timeouts {
+    fn of(config: &crate::ingress::IngressConfig) -> Timeouts {
+        Timeouts {
+            hello: Duration::from_millis(config.hello_deadline_ms),
+            handshake: Duration::from_millis(config.reverse_handshake_deadline_ms),
+            claim: Duration::from_millis(config.claim_timeout_ms),
+            marker: Duration::from_millis(config.marker_write_deadline_ms),
+            keepalive: Duration::from_millis(config.keepalive_interval_ms),
+            tick: Duration::from_millis(config.lease_sync_interval_ms.max(10)),
+        }
+    }
+}
+
 /// One worker (see the module docs).
 pub(crate) struct Worker {
     pub(crate) id: usize,
@@ -344,6 +352,9 @@ pub(crate) struct Worker {
     pub(crate) lease_waits: expect::LeaseWaits,
     pub(crate) timers: Timers,
     pub(crate) timeouts: Timeouts,
+    /// The ingress config generation `timeouts`, `ready_max`, `waiters_max` and the load
+    /// threshold were read from (a reload bumps it; one relaxed compare per loop round).
+    config_seen: u64,
     /// Idle sessions kept per lease on this worker.
     pub(crate) ready_max: usize,
     /// Claims waiting per lease on this worker (`claim_waiters_max` split over the workers).
@@ -384,6 +395,9 @@ impl Worker {
                 std::process::exit(1);
             }
             self.now = Instant::now();
+            if self.ingress.config_generation() != self.config_seen {
+                self.reread_config();
+            }
             self.ingress.lease_conns().finished(&finished);
             finished.clear();
             for &(key, interest) in &fired {
@@ -491,6 +505,22 @@ impl Worker {
     }
 
     /// Keep-alives, gone leases, parked listeners, published census.
+    /// A reload published new ingress limits: timers armed from now on use the new
+    /// durations (those already armed keep theirs), caps apply to the next claim or session,
+    /// the engine's splice timeouts to every pair from its next sweep.
+    fn reread_config(&mut self) {
+        self.config_seen = self.ingress.config_generation();
+        let config = self.ingress.config();
+        let workers = self.ingress.workers();
+        self.timeouts = Timeouts::of(&config);
+        self.ready_max = config.ready_queue_max;
+        self.waiters_max = config.claim_waiters_max.div_ceil(workers).max(1);
+        self.load.busy_at = crate::steer::busy_at(config.pending_conn_max, workers);
+        if let Some(splice) = self.ingress.splice_timeouts() {
+            self.engine.set_timeouts(&splice);
+        }
+    }
+
     fn tick(&mut self) {
         let snapshot = self.ingress.shared.load();
         let mut changed = Vec::new();

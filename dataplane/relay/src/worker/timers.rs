@@ -1,7 +1,8 @@
 //! The worker's timers: one FIFO deadline queue per kind of timeout.
 //!
 //! Every timer of a kind has the same duration (a config value), so deadlines pushed in time
-//! order are already sorted: arming is a push at the back, expiry pops from the front, and a
+//! order are already sorted: arming is a push at the back, expiry pops from the front (after a
+//! reload shortened a duration, a new deadline is inserted in order instead), and a
 //! timer whose connection moved on is skipped when it comes up (its key's generation or phase
 //! no longer matches). No syscall and no task per timer, O(1) per event, exact to the loop's
 //! wake-up; the loop sleeps until the earliest front deadline.
@@ -31,10 +32,17 @@ pub(crate) struct Timers {
 }
 
 impl Timers {
-    /// Arms a timer for connection `key` at `deadline` (later than every earlier deadline of
-    /// the same kind, as all of a kind share one duration).
+    /// Arms a timer for connection `key` at `deadline`: at the back, as all of a kind share
+    /// one duration, unless a reload shortened it and earlier timers end later.
     pub(crate) fn arm(&mut self, kind: TimerKind, key: u64, deadline: Instant) {
-        self.queues[kind as usize].push_back((key, deadline));
+        let queue = &mut self.queues[kind as usize];
+        match queue.back() {
+            Some(&(_, last)) if last > deadline => {
+                let at = queue.partition_point(|&(_, d)| d <= deadline);
+                queue.insert(at, (key, deadline));
+            }
+            _ => queue.push_back((key, deadline)),
+        }
     }
 
     /// The earliest deadline armed, if any.
@@ -91,5 +99,29 @@ mod tests {
         assert_eq!(due, vec![(TimerKind::Hello, 1), (TimerKind::Claim, 3)]);
         assert_eq!(timers.len(), 1);
         assert_eq!(timers.next_deadline(), Some(t0 + Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_shorter_duration_after_a_reload_comes_up_first() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut timers = Timers::default();
+        timers.arm(TimerKind::Claim, 1, ms(10_000));
+        timers.arm(TimerKind::Claim, 2, ms(10_010));
+        // claim_timeout_ms lowered to 100 by a reload.
+        timers.arm(TimerKind::Claim, 3, ms(120));
+        assert_eq!(timers.next_deadline(), Some(ms(120)));
+        let mut due = Vec::new();
+        timers.expire(ms(200), &mut due);
+        assert_eq!(due, vec![(TimerKind::Claim, 3)]);
+        timers.expire(ms(10_010), &mut due);
+        assert_eq!(
+            due,
+            vec![
+                (TimerKind::Claim, 3),
+                (TimerKind::Claim, 1),
+                (TimerKind::Claim, 2)
+            ]
+        );
     }
 }
