@@ -13,6 +13,7 @@
 //! | [`metrics`] | Prometheus `/metrics` |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //! | [`steer`] | optional eBPF steering: CPU-local accept, the lease port range through one socket per worker |
+//! | [`upgrade`] | hitless binary upgrade: sockets handed to a new process over a socketpair |
 //!
 //! Not built yet (and not pretended): `outrelay relay drain`, relay-to-relay stream
 //! forwarding and stream resume.
@@ -31,6 +32,7 @@ pub mod quic;
 pub mod state;
 pub mod steer;
 pub mod udp;
+pub mod upgrade;
 pub mod worker;
 
 /// Milliseconds since the Unix epoch (0 before it; saturates far in the future).

@@ -336,6 +336,44 @@ impl Steering {
         ]
     }
 
+    /// Attaches CPU-local accept to `public` and `reverse` after start-up: a new process at a
+    /// hand-over, once the old one detached its programs from the same groups (`RELEASED`).
+    /// Workers started before have no load writers (they are never skipped when busy).
+    /// Failures are logged: the groups keep the kernel's hash.
+    pub fn attach_reuseport(
+        &self,
+        config: &EbpfConfig,
+        public: &[TcpListener],
+        reverse: &[TcpListener],
+        busy_at: u32,
+    ) {
+        if config.mode == EbpfMode::Off || !config.reuseport || self.unavailable.is_some() {
+            return;
+        }
+        let plan = match cpu_plan(self.cpus.len()) {
+            Ok(p) => p,
+            Err(e) => return tracing::warn!(error = %e, "reuseport steering not attached"),
+        };
+        let mut groups = self
+            .reuseport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (slot, listeners) in groups.iter_mut().zip([public, reverse]) {
+            if listeners.is_empty() || slot.is_some() {
+                continue;
+            }
+            match ReuseportSteering::attach(listeners, &plan.cpu_worker, busy_at) {
+                Ok(p) => *slot = Some(p),
+                Err(e) => tracing::warn!(error = %e, "reuseport steering not attached"),
+            }
+        }
+        tracing::info!(
+            public = groups[0].is_some(),
+            reverse = groups[1].is_some(),
+            "upgrade: reuseport steering attached"
+        );
+    }
+
     /// Stopping: detaches CPU-local accept, so the groups' sockets close with the workers'
     /// listeners (connections arriving meanwhile are refused, not queued).
     pub fn detach_reuseport(&self) {

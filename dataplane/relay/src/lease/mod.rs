@@ -11,6 +11,7 @@
 //! janitor's [`LeaseTable::sweep`] returns the leases that ended so the relay can close their
 //! reverse sessions and republish routes.
 
+pub mod inherit;
 mod ports;
 mod routes;
 
@@ -24,6 +25,7 @@ use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use outrelay_proto::reverse::LeaseId;
 
+pub use inherit::InheritedLease;
 use ports::PortAllocator;
 pub use routes::{RouteEntry, RouteTable};
 

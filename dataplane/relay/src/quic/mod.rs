@@ -51,7 +51,11 @@ fn varint(v: u64) -> Result<quinn::VarInt, QuicError> {
 }
 
 /// The agents' UDP socket, with buffers for datagram bursts (best effort: the kernel caps them).
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Binds the agents' QUIC UDP socket on `addr` (the endpoint's buffers).
+///
+/// # Errors
+/// The socket's.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -625,6 +629,11 @@ impl RelayHandle {
         }
     }
 
+    /// The leases to hand to a new process at an upgrade.
+    pub async fn inherited_leases(&self) -> Vec<crate::lease::InheritedLease> {
+        self.ctx.control.lock().await.table.inherited_leases()
+    }
+
     /// The identity URIs of every agent connection past HELLO.
     pub fn agent_uris(&self) -> Vec<String> {
         self.ctx.agents().values().map(|a| a.uri.clone()).collect()
@@ -775,6 +784,21 @@ impl QuicServer {
         shared: Arc<Shared>,
         decider: Arc<dyn LeaseDecider>,
     ) -> Result<QuicServer, QuicError> {
+        QuicServer::bind_with_socket(config, leases, shared, decider, None)
+    }
+
+    /// [`QuicServer::bind_with_decider`] on `socket` when given (bound by [`bind_udp`], or
+    /// inherited from the old process at a hand-over) instead of binding `config.listen`.
+    ///
+    /// # Errors
+    /// Any [`QuicError`].
+    pub fn bind_with_socket(
+        config: QuicConfig,
+        leases: LeaseTable,
+        shared: Arc<Shared>,
+        decider: Arc<dyn LeaseDecider>,
+        socket: Option<std::net::UdpSocket>,
+    ) -> Result<QuicServer, QuicError> {
         config.validate()?;
         let leaf = config
             .tls
@@ -823,10 +847,13 @@ impl QuicServer {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let socket = bind_udp(config.listen).map_err(|source| QuicError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let socket = match socket {
+            Some(s) => s,
+            None => bind_udp(config.listen).map_err(|source| QuicError::Bind {
+                addr: config.listen,
+                source,
+            })?,
+        };
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server_config),
