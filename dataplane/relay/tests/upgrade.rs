@@ -20,8 +20,9 @@ use tokio::task::JoinHandle;
 
 use common::*;
 
-/// Short grace for agents' GOAWAY: the old process closes its QUIC endpoint soon after.
-const TABLES: &str = "[quic]\ndrain_grace_ms = 300\n[lifecycle]\nshutdown_grace_ms = 20000\n";
+/// A long GOAWAY grace: after a hand-over the old process must close its QUIC endpoint well
+/// before it (the new one reads the same socket).
+const TABLES: &str = "[quic]\ndrain_grace_ms = 2000\n[lifecycle]\nshutdown_grace_ms = 20000\n";
 
 fn opts() -> Opts {
     Opts {
@@ -140,6 +141,29 @@ async fn exited(child: &mut std::process::Child) -> Option<i32> {
     }
 }
 
+/// The inode of the UDP socket bound on 127.0.0.1:`port` (`/proc/net/udp`).
+fn udp_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/udp").expect("read /proc/net/udp");
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.get(1) == Some(&local.as_str())).then(|| cols.get(9).map(|s| (*s).to_owned()))?
+    })
+}
+
+/// The socket inodes process `pid` holds descriptors of.
+fn socket_inodes(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect()
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -171,6 +195,7 @@ async fn an_upgrade_refuses_no_connection_and_keeps_the_spliced_pairs_of_the_old
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let (code, answer) = relay.upgrade(20).await;
+    let answered = Instant::now();
     assert_eq!(code, Some(0), "upgrade succeeded: {answer}");
     assert_eq!(answer["upgraded"], true, "{answer}");
     assert_eq!(
@@ -183,7 +208,7 @@ async fn an_upgrade_refuses_no_connection_and_keeps_the_spliced_pairs_of_the_old
     // QUIC + (reverse + public) per worker; UDP: the QUIC socket.
     assert_eq!(answer["handed_over"]["tcp_listeners"], 4, "{answer}");
     assert_eq!(answer["handed_over"]["udp_sockets"], 1, "{answer}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     public_loop.await.expect("public loop");
     reverse_loop.await.expect("reverse loop");
@@ -214,6 +239,25 @@ async fn an_upgrade_refuses_no_connection_and_keeps_the_spliced_pairs_of_the_old
     );
     let new_pid = u32::try_from(new_pid).expect("pid");
     assert!(alive(new_pid), "the new process runs");
+
+    // The old process stops reading the shared QUIC socket within a second (its endpoint is
+    // dropped), while the new one holds it.
+    let quic_inode = udp_inode(relay.quic.port()).expect("the QUIC socket in /proc/net/udp");
+    assert!(
+        socket_inodes(new_pid).contains(&quic_inode),
+        "the new process holds the QUIC socket"
+    );
+    while socket_inodes(old_pid).contains(&quic_inode) {
+        assert!(
+            answered.elapsed() < Duration::from_secs(1),
+            "the old process still holds the QUIC socket a second after the hand-over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "old process let go of the QUIC socket within {:?} of the answer",
+        answered.elapsed()
+    );
 
     // The old process keeps its pair: bytes still echo, and it waits for the pair to end.
     echo_once(&mut before, b"after the upgrade").await;

@@ -1003,8 +1003,19 @@ impl QuicServer {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        // Connections saw the same signal and send GOAWAY; wait for them to finish.
-        let grace = Duration::from_millis(ctx.config.drain_grace_ms.saturating_mul(2));
+        // Connections saw the same signal and send GOAWAY; wait for them to finish. After a
+        // hand-over only briefly: the new process reads the same UDP socket, and this endpoint
+        // must stop reading it (be dropped) before the agents' new Initials arrive.
+        let upgrading = ctx
+            .shutdown
+            .borrow()
+            .as_ref()
+            .is_some_and(|g| g.reason == crate::upgrade::UPGRADE_REASON);
+        let grace = if upgrading {
+            Duration::from_millis(u64::from(crate::upgrade::UPGRADE_RECONNECT_AFTER_MS))
+        } else {
+            Duration::from_millis(ctx.config.drain_grace_ms.saturating_mul(2))
+        };
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
