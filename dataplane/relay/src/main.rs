@@ -519,8 +519,22 @@ fn run(
                 reverse: if upgrading { &[] } else { &reverse },
                 lease_range,
                 busy_at,
+                inherited: inherited.as_mut().map(|i| {
+                    i.take_range(
+                        Instant::now() + Duration::from_millis(ingress_config.claim_timeout_ms),
+                    )
+                }),
             },
         )?;
+        {
+            use std::os::fd::AsFd;
+            for l in &range_sockets.tcp {
+                sockets.hold(FdKind::RangeTcp, l.as_fd(), l.local_addr()?)?;
+            }
+            for u in &range_sockets.udp {
+                sockets.hold(FdKind::RangeUdp, u.as_fd(), u.local_addr()?)?;
+            }
+        }
         let steering = Arc::new(steering);
         quic.serve_steering(steering.clone());
         if !range_sockets.udp.is_empty() {

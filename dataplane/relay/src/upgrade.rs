@@ -72,11 +72,18 @@ pub enum FdKind {
     TcpLease,
     /// The UDP socket of a UDP lease port.
     UdpLease,
+    /// One worker's TCP range socket of the eBPF lookup program.
+    RangeTcp,
+    /// One worker's UDP range socket of the eBPF lookup program.
+    RangeUdp,
 }
 
 impl FdKind {
     fn is_tcp(self) -> bool {
-        matches!(self, FdKind::Reverse | FdKind::PublicTls | FdKind::TcpLease)
+        matches!(
+            self,
+            FdKind::Reverse | FdKind::PublicTls | FdKind::TcpLease | FdKind::RangeTcp
+        )
     }
 }
 
@@ -98,6 +105,12 @@ pub struct Inventory {
     pub fds: Vec<FdEntry>,
     /// The leases the old process held.
     pub leases: Vec<InheritedLease>,
+    /// TCP ports open in the old lookup map (eBPF lookup mode).
+    #[serde(default)]
+    pub lookup_tcp_ports: Vec<u16>,
+    /// UDP ports open in the old lookup map.
+    #[serde(default)]
+    pub lookup_udp_ports: Vec<u16>,
 }
 
 /// Why an upgrade failed (the old process keeps serving).
@@ -348,6 +361,7 @@ pub struct Inherited {
     pub old_pid: u32,
     /// The leases it held.
     pub leases: Vec<InheritedLease>,
+    lookup_ports: (Vec<u16>, Vec<u16>),
     fds: Vec<(FdEntry, Option<OwnedFd>)>,
     channel: OwnedFd,
 }
@@ -429,6 +443,7 @@ impl Inherited {
         Ok(Inherited {
             old_pid: inventory.old_pid,
             leases: inventory.leases,
+            lookup_ports: (inventory.lookup_tcp_ports, inventory.lookup_udp_ports),
             fds: inventory
                 .fds
                 .into_iter()
@@ -497,6 +512,27 @@ impl Inherited {
             .map(|(addr, fd)| (addr.port(), UdpSocket::from(fd)))
             .collect();
         (tcp, udp)
+    }
+
+    /// The lookup program's range sockets and open ports, kept open until `until`.
+    pub fn take_range(&mut self, until: Instant) -> crate::steer::InheritedRange {
+        let tcp = self
+            .take(FdKind::RangeTcp, None)
+            .into_iter()
+            .map(|(_, fd)| TcpListener::from(fd))
+            .collect();
+        let udp = self
+            .take(FdKind::RangeUdp, None)
+            .into_iter()
+            .map(|(_, fd)| UdpSocket::from(fd))
+            .collect();
+        let (tcp_ports, udp_ports) = std::mem::take(&mut self.lookup_ports);
+        crate::steer::InheritedRange {
+            sockets: crate::steer::RangeSockets { tcp, udp },
+            tcp_ports,
+            udp_ports,
+            until: Some(until),
+        }
     }
 
     /// Says READY to the old process; descriptors nothing adopted are closed here (a listen
@@ -679,10 +715,13 @@ impl Upgrader {
         let leases = self.relay.inherited_leases().await;
         let (entries, fds, counts) = self.sockets.to_send()?;
         let old_pid = std::process::id();
+        let (lookup_tcp_ports, lookup_udp_ports) = self.steering.open_ports();
         let inventory = Inventory {
             old_pid,
             fds: entries,
             leases,
+            lookup_tcp_ports,
+            lookup_udp_ports,
         };
         let lease_count = inventory.leases.len();
         let json = serde_json::to_vec(&inventory)
@@ -737,6 +776,9 @@ impl Upgrader {
         self.state.store(HANDED_OVER, Ordering::Release);
         self.ingress.stop_accepting();
         self.steering.detach_reuseport();
+        // The new process attached its lookup program with the same ports open, over the
+        // same range sockets, before it said READY.
+        self.steering.detach_lookup();
         self.sockets.release_all();
         if let Err(e) = send_with_fds(ours.as_fd(), RELEASED, &[]) {
             tracing::warn!(error = %e, "upgrade: RELEASED not delivered");
@@ -865,6 +907,8 @@ mod tests {
                 .collect(),
             // Longer than one chunk.
             leases: vec![lease; 2 * CHUNK_BYTES / 100],
+            lookup_tcp_ports: vec![1],
+            lookup_udp_ports: Vec::new(),
         };
         let json = serde_json::to_vec(&inventory).expect("json");
         assert!(json.len() > CHUNK_BYTES);

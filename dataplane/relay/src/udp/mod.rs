@@ -286,7 +286,8 @@ impl UdpIngress {
         use std::os::fd::AsFd;
         let mut recv = batch::RecvBatch::with_orig_dst(self.config.recv_slot_bytes);
         loop {
-            if socket.readable().await.is_err() {
+            // After a hand-over the new process reads this (shared) socket: let go of it.
+            if socket.readable().await.is_err() || self.stopped.load(Ordering::Acquire) {
                 return;
             }
             match socket.try_io(tokio::io::Interest::READABLE, || recv.recv(socket.as_fd())) {
