@@ -159,7 +159,7 @@ pub struct Sockets {
 struct Held {
     fixed: Vec<(FdEntry, OwnedFd)>,
     tcp_ports: HashMap<u16, Vec<(SocketAddr, OwnedFd)>>,
-    udp_ports: HashMap<u16, (SocketAddr, OwnedFd)>,
+    udp_ports: HashMap<u16, (SocketAddr, Arc<tokio::net::UdpSocket>)>,
     spare_tcp: HashMap<u16, Vec<TcpListener>>,
     spare_udp: HashMap<u16, UdpSocket>,
     spare_until: Option<Instant>,
@@ -215,12 +215,11 @@ impl Sockets {
         self.lock().tcp_ports.remove(&port);
     }
 
-    /// Holds a duplicate of a UDP lease port's socket.
-    pub fn hold_udp_port(&self, port: u16, socket: BorrowedFd<'_>, addr: SocketAddr) {
-        let Ok(fd) = dup(socket) else { return };
+    /// Holds a UDP lease port's socket (shared with its port task: no extra descriptor).
+    pub fn hold_udp_port(&self, port: u16, socket: Arc<tokio::net::UdpSocket>, addr: SocketAddr) {
         let mut held = self.lock();
         if !held.released {
-            held.udp_ports.insert(port, (addr, fd));
+            held.udp_ports.insert(port, (addr, socket));
         }
     }
 

@@ -200,6 +200,9 @@ impl UdpIngress {
         unbindable.retain(|p| snapshot.routes.lookup_udp(*p).is_some());
         let stopped = self.stopped.load(Ordering::Acquire);
         let handover = self.handover.get();
+        if let Some(h) = handover {
+            h.expire_spares(std::time::Instant::now());
+        }
         bound.retain(|port, b| {
             let keep = snapshot.routes.lookup_udp(*port).is_some() && !stopped;
             if !keep {
@@ -321,8 +324,7 @@ impl UdpIngress {
         }
     }
 
-    fn bind(&self, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
-        use std::os::fd::AsFd;
+    fn bind(&self, port: u16) -> std::io::Result<Arc<tokio::net::UdpSocket>> {
         let handover = self.handover.get();
         let socket = match handover.and_then(|h| h.adopt_udp_port(port)) {
             Some(s) => {
@@ -331,10 +333,13 @@ impl UdpIngress {
             }
             None => self.bind_new(port)?,
         };
+        let addr = socket.local_addr()?;
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
         if let Some(h) = handover {
-            h.hold_udp_port(port, socket.as_fd(), socket.local_addr()?);
+            // The same socket, not a duplicate: a UDP lease costs one descriptor.
+            h.hold_udp_port(port, socket.clone(), addr);
         }
-        tokio::net::UdpSocket::from_std(socket)
+        Ok(socket)
     }
 
     fn bind_new(&self, port: u16) -> std::io::Result<std::net::UdpSocket> {
