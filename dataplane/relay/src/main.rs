@@ -27,7 +27,7 @@ use outrelay_relay::quic::QuicServer;
 use outrelay_relay::state::Shared;
 use outrelay_relay::steer::{Inputs, LeaseRange, Steering};
 use outrelay_relay::upgrade::{FdKind, Inherited, Sockets, Upgrader, UpgraderParts};
-use outrelay_relay::worker::{WorkerOptions, bind_reuseport};
+use outrelay_relay::worker::WorkerOptions;
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -269,17 +269,8 @@ fn enroll(
 /// `outrelay-relay upgrade`: sends `upgrade <timeout_s>` to the admin socket and prints the
 /// answer.
 fn upgrade_command(config: PathBuf, admin_socket: Option<PathBuf>, timeout_s: u64) -> ExitCode {
-    use std::io::{Read, Write};
-    let path = admin_socket.unwrap_or_else(|| admin_socket_of(&config));
-    let answer = (|| -> std::io::Result<String> {
-        let mut stream = std::os::unix::net::UnixStream::connect(&path)?;
-        stream.set_read_timeout(Some(Duration::from_secs(timeout_s.saturating_add(10))))?;
-        stream.write_all(format!("upgrade {timeout_s}\n").as_bytes())?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
-        Ok(answer)
-    })();
-    match answer {
+    let path = admin_socket.unwrap_or_else(|| outrelay_relay::upgrade::admin_socket_of(&config));
+    match outrelay_relay::upgrade::request(&path, timeout_s) {
         Ok(answer) => {
             println!("{}", answer.trim());
             let ok = serde_json::from_str::<serde_json::Value>(&answer)
@@ -298,54 +289,6 @@ fn upgrade_command(config: PathBuf, admin_socket: Option<PathBuf>, timeout_s: u6
             ExitCode::FAILURE
         }
     }
-}
-
-/// `listen.admin_socket` of the config at `path` (read as plain TOML: the config may be the
-/// new, not yet valid one), else the default.
-fn admin_socket_of(path: &std::path::Path) -> PathBuf {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|text| text.parse::<toml::Table>().ok())
-        .and_then(|t| {
-            t.get("listen")?
-                .get("admin_socket")?
-                .as_str()
-                .map(PathBuf::from)
-        })
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| PathBuf::from("/run/outrelay/relay.sock"))
-}
-
-/// Adopts the inherited listeners of `kind` where the config's address matches, else binds.
-fn listeners(
-    inherited: &mut Option<Inherited>,
-    kind: FdKind,
-    addr: std::net::SocketAddr,
-    workers: usize,
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    if let Some(i) = inherited
-        && let Some(group) = i.take_listeners(kind, addr, workers)?
-    {
-        return Ok(group);
-    }
-    bind_reuseport(addr, workers)
-}
-
-/// Duplicates of `group` (held for the next hand-over, and for the reuseport programs that
-/// a new process attaches after RELEASED).
-fn hold_group(
-    sockets: &Sockets,
-    kind: FdKind,
-    group: &[std::net::TcpListener],
-) -> std::io::Result<Vec<std::net::TcpListener>> {
-    use std::os::fd::AsFd;
-    group
-        .iter()
-        .map(|l| {
-            sockets.hold(kind, l.as_fd(), l.local_addr()?)?;
-            l.try_clone()
-        })
-        .collect()
 }
 
 fn run(
@@ -389,8 +332,8 @@ fn run(
         // reverse listener on a specific address is advertised as bound (port 0 resolved); one
         // on a wildcard address as `<root host>:<port>`.
         // One SO_REUSEPORT socket per worker for each public listener.
-        let reverse = listeners(&mut inherited, FdKind::Reverse, settings.reverse_listen, settings.workers)?;
-        let reverse_copies = hold_group(&sockets, FdKind::Reverse, &reverse)?;
+        let reverse = outrelay_relay::upgrade::listeners(&mut inherited, FdKind::Reverse, settings.reverse_listen, settings.workers)?;
+        let reverse_copies = outrelay_relay::upgrade::hold_group(&sockets, FdKind::Reverse, &reverse)?;
         let reverse_bound = reverse[0].local_addr()?;
         if settings.quic.reverse_addr.is_empty() {
             let bound = reverse_bound;
@@ -485,13 +428,13 @@ fn run(
             let (addr, _task) = outrelay_relay::ingress::root::spawn(tls.config).await?;
             ingress_config.root_fallback = Some(addr);
         }
-        let public_tls = listeners(
+        let public_tls = outrelay_relay::upgrade::listeners(
             &mut inherited,
             FdKind::PublicTls,
             settings.public_tls_listen,
             settings.workers,
         )?;
-        let public_copies = hold_group(&sockets, FdKind::PublicTls, &public_tls)?;
+        let public_copies = outrelay_relay::upgrade::hold_group(&sockets, FdKind::PublicTls, &public_tls)?;
         let public_tls_bound = public_tls[0].local_addr()?;
         // Optional eBPF steering: CPU-local accept on both groups, the lease port range through
         // one socket per worker. `auto` falls back to plain listeners with one log line.

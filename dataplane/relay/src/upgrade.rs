@@ -353,6 +353,75 @@ fn matches(have: SocketAddr, want: SocketAddr) -> bool {
     have.ip() == want.ip() && (want.port() == 0 || want.port() == have.port())
 }
 
+/// `listen.admin_socket` of the config at `path` (read as plain TOML: the config may be the
+/// new, not yet valid one), else the default.
+pub fn admin_socket_of(path: &std::path::Path) -> PathBuf {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| {
+            t.get("listen")?
+                .get("admin_socket")?
+                .as_str()
+                .map(PathBuf::from)
+        })
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("/run/outrelay/relay.sock"))
+}
+
+/// `outrelay-relay upgrade`'s request: `upgrade <timeout_s>` to the admin socket at `path`;
+/// the relay's answer as text.
+///
+/// # Errors
+/// The socket's.
+pub fn request(path: &std::path::Path, timeout_s: u64) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(timeout_s.saturating_add(10))))?;
+    stream.write_all(format!("upgrade {timeout_s}\n").as_bytes())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// Adopts the inherited listeners of `kind` where the config's address matches, else binds
+/// `workers` SO_REUSEPORT listeners on `addr`.
+///
+/// # Errors
+/// A bind failed.
+pub fn listeners(
+    inherited: &mut Option<Inherited>,
+    kind: FdKind,
+    addr: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<TcpListener>> {
+    if let Some(i) = inherited
+        && let Some(group) = i.take_listeners(kind, addr, workers)?
+    {
+        return Ok(group);
+    }
+    crate::worker::bind_reuseport(addr, workers)
+}
+
+/// Holds duplicates of `group` in `sockets` for the next hand-over; returns more duplicates
+/// (for the reuseport programs a new process attaches after RELEASED).
+///
+/// # Errors
+/// `dup` failed (out of descriptors).
+pub fn hold_group(
+    sockets: &Sockets,
+    kind: FdKind,
+    group: &[TcpListener],
+) -> std::io::Result<Vec<TcpListener>> {
+    group
+        .iter()
+        .map(|l| {
+            sockets.hold(kind, l.as_fd(), l.local_addr()?)?;
+            l.try_clone()
+        })
+        .collect()
+}
+
 /// The new process's side: what the old one handed over, until adopted.
 #[derive(Debug)]
 pub struct Inherited {
