@@ -1011,14 +1011,20 @@ impl QuicServer {
             .borrow()
             .as_ref()
             .is_some_and(|g| g.reason == crate::upgrade::UPGRADE_REASON);
+        // Upgrading: a third of the agents' reconnect delay for the GOAWAYs to go out, the
+        // same again for the closes, well within UPGRADE_RECONNECT_AFTER_MS in all.
         let grace = if upgrading {
-            Duration::from_millis(u64::from(crate::upgrade::UPGRADE_RECONNECT_AFTER_MS))
+            Duration::from_millis(u64::from(crate::upgrade::UPGRADE_RECONNECT_AFTER_MS) / 3)
         } else {
             Duration::from_millis(ctx.config.drain_grace_ms.saturating_mul(2))
         };
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
+        if upgrading {
+            // Aborted tasks did not remove their connections: drop the handles here.
+            ctx.agents().clear();
+        }
         self.endpoint
             .close(close_code::GOING_AWAY.into(), b"relay stopping");
         let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;
