@@ -4,7 +4,7 @@
 //! `outrelay-admin` are global admins there) or over `https://host:7444` with a client
 //! certificate. Exit codes: 0 ok, 1 remote error or not found, 2 usage error.
 //!
-//! `outrelay relay status|drain` talk to a relay's local admin socket instead
+//! `outrelay relay status|drain|upgrade` talk to a relay's local admin socket instead
 //! (`--relay unix:///run/outrelay/relay.sock`).
 #![forbid(unsafe_code)]
 
@@ -263,6 +263,21 @@ enum RelayCmd {
         wait: bool,
         /// How long `--wait` waits, in seconds.
         #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout_s: u64,
+    },
+    /// Hitless binary upgrade: the relay starts its binary again, hands the new process its
+    /// listening sockets and leases, and exits once its spliced pairs end. A new process
+    /// that fails leaves the old one serving (exit 1 with the reason).
+    Upgrade {
+        /// The relay's admin socket.
+        #[arg(
+            long,
+            default_value = "unix:///run/outrelay/relay.sock",
+            env = "OUTRELAY_RELAY"
+        )]
+        relay: String,
+        /// How long the new process has to become ready, in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout_s: u64,
     },
 }
@@ -625,6 +640,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             timeout_s,
         }) => relay_drain(&relay, wait, Duration::from_secs(timeout_s), out).await,
+        Command::Relay(RelayCmd::Upgrade { relay, timeout_s }) => {
+            relay_upgrade(&relay, timeout_s, out).await
+        }
         Command::Relays(RelaysCmd::List) => {
             let mut c = pb::relays_client::RelaysClient::new(client::connect(&target).await?);
             let relays = c
@@ -855,6 +873,30 @@ async fn relay_drain(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `outrelay relay upgrade`: sends `upgrade <timeout_s>` and prints the hand-over; a failed
+/// upgrade is the relay's refusal (its `error`).
+async fn relay_upgrade(relay: &str, timeout_s: u64, out: Output) -> anyhow::Result<ExitCode> {
+    let answer = match admin_command(relay, &format!("upgrade {timeout_s}")).await? {
+        Ok(a) => a,
+        Err(code) => return Ok(code),
+    };
+    match out {
+        Output::Json => println!("{answer}"),
+        Output::Table => {
+            let h = &answer["handed_over"];
+            println!(
+                "upgraded: pid {} -> {}; handed over {} TCP listeners, {} UDP sockets, {} leases",
+                answer["old_pid"],
+                answer["new_pid"],
+                h["tcp_listeners"],
+                h["udp_sockets"],
+                h["leases"],
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `outrelay relay status`: one command line to the relay's admin socket, one JSON answer.
 async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
     let status = match admin_command(relay, "status").await? {
@@ -864,6 +906,14 @@ async fn relay_status(relay: &str, out: Output) -> anyhow::Result<ExitCode> {
     if matches!(out, Output::Table) {
         let count = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         let drain = &status["drain"];
+        if let Some(state) = status["upgrade"]["state"].as_str()
+            && state != "serving"
+        {
+            println!(
+                "UPGRADE: {state} (new pid {})",
+                status["upgrade"]["new_pid"]
+            );
+        }
         if drain["draining"].as_bool() == Some(true) {
             println!(
                 "DRAINING: {} agents, {} leases, {} pairs, {} streams left",

@@ -413,6 +413,8 @@ fn relay_status_reads_the_relay_admin_socket() {
     let drain = outrelay_relay(&["drain", "--output", "json", "--wait", "--timeout-s", "10"]);
     let drained_table = outrelay_relay(&["status"]);
     let drained_json = outrelay_relay(&["status", "--output", "json"]);
+    // A draining relay refuses a hitless upgrade, and says why.
+    let upgrade = outrelay_relay(&["upgrade", "--timeout-s", "5"]);
     let _ = relay.kill();
     let _ = relay.wait();
     assert!(
@@ -485,4 +487,8 @@ fn relay_status_reads_the_relay_admin_socket() {
     let after: serde_json::Value =
         serde_json::from_slice(&drained_json.stdout).expect("JSON status");
     assert_eq!(after["drain"]["draining"], true, "{after}");
+    assert_eq!(after["upgrade"]["state"], "serving", "{after}");
+    assert_eq!(upgrade.status.code(), Some(1), "{upgrade:?}");
+    let why = String::from_utf8_lossy(&upgrade.stderr);
+    assert!(why.contains("draining or stopping"), "{why}");
 }

@@ -69,6 +69,13 @@ pub fn notify_ready() {
     send(&[NotifyState::Ready]);
 }
 
+/// `MAINPID=<pid>` and `READY=1`: a new relay process that took over the running one's
+/// sockets (hitless upgrade) becomes the service's main process (the unit needs
+/// `NotifyAccess=all`).
+pub fn notify_main_pid_ready(pid: u32) {
+    send(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+}
+
 /// `STOPPING=1`: shutdown has begun.
 pub fn notify_stopping() {
     send(&[NotifyState::Stopping]);

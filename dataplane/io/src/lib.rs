@@ -7,12 +7,14 @@
 //! One [`Engine`] per worker thread; readiness from io_uring ([`Backend::Uring`]) or epoll
 //! ([`Backend::Epoll`], the fallback, forceable so the test suite runs on both).
 //!
-//! Unsafe policy: `unsafe` is denied everywhere except the io_uring module (`uring.rs`),
-//! where each block carries a `// SAFETY:` comment.
+//! Unsafe policy: `unsafe` is denied everywhere except the io_uring module (`uring.rs`) and
+//! `fdpass` (owning descriptors received with SCM_RIGHTS), where each block carries a
+//! `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
 pub mod buffer;
 pub mod engine;
+pub mod fdpass;
 pub mod pipe;
 pub mod poller;
 mod uring;

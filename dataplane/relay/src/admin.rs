@@ -1,11 +1,13 @@
 //! The relay's local admin socket (`/run/outrelay/relay.sock` by default, mode 0660): lease and
 //! tenant information lives here, never on the public side.
 //!
-//! Protocol: the client writes one command line (`status`, `drain`), the relay answers one
-//! JSON document and closes. `drain` starts draining (see [`crate::quic::DrainHandle`]) and
-//! answers the drain progress; `status` carries the same progress under `drain`. Only root and
-//! members of the `outrelay-admin` group (checked with SO_PEERCRED) are served; anyone else
-//! gets `{"error": "permission denied"}`.
+//! Protocol: the client writes one command line (`status`, `drain`, `upgrade [timeout_s]`),
+//! the relay answers one JSON document and closes. `upgrade` hands the sockets to a new
+//! process (see [`crate::upgrade`]) and answers when it is ready or failed. `drain` starts
+//! draining (see [`crate::quic::DrainHandle`]) and answers the drain progress; `status`
+//! carries the same progress under `drain` (and `upgrade`: its state). Only root and members
+//! of the `outrelay-admin` group (checked with SO_PEERCRED) are served; anyone else gets
+//! `{"error": "permission denied"}`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -44,17 +46,46 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves admin commands until the task is dropped.
 pub async fn serve(listener: UnixListener, sources: Arc<Sources>) {
+    serve_with(listener, sources, None).await;
+}
+
+/// [`serve`], with `upgrade [timeout_s]` served by `upgrader` (hitless upgrade, issue 20).
+pub async fn serve_with(
+    listener: UnixListener,
+    sources: Arc<Sources>,
+    upgrader: Option<Arc<crate::upgrade::Upgrader>>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let sources = sources.clone();
-        tokio::spawn(async move { handle(stream, &sources).await });
+        let upgrader = upgrader.clone();
+        tokio::spawn(async move { handle(stream, &sources, upgrader.as_deref()).await });
     }
 }
 
-async fn handle(stream: UnixStream, sources: &Sources) {
+/// `upgrade` or `upgrade <timeout_s>`: the upgrade's answer.
+async fn upgrade(upgrader: Option<&crate::upgrade::Upgrader>, arg: Option<&str>) -> Value {
+    let Some(upgrader) = upgrader else {
+        return json!({"upgraded": false, "error": "upgrade is not available here"});
+    };
+    let timeout_s = match arg.map(str::parse::<u64>) {
+        None => crate::upgrade::DEFAULT_TIMEOUT_S,
+        Some(Ok(s)) if s > 0 => s,
+        Some(_) => {
+            return json!({"upgraded": false, "error": "upgrade [timeout_s]: a positive number of seconds"});
+        }
+    };
+    upgrader.upgrade_answer(timeout_s).await
+}
+
+async fn handle(
+    stream: UnixStream,
+    sources: &Sources,
+    upgrader: Option<&crate::upgrade::Upgrader>,
+) {
     let allowed = stream.peer_cred().is_ok_and(|c| is_admin(c.uid(), c.gid()));
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -64,8 +95,18 @@ async fn handle(stream: UnixStream, sources: &Sources) {
     } else if reader.read_line(&mut line).await.is_err() {
         json!({"error": "unreadable command"})
     } else {
+        let mut words = line.split_whitespace();
         match line.trim() {
-            "status" => status(sources),
+            "status" => {
+                let mut answer = status(sources);
+                if let Some(u) = upgrader {
+                    answer["upgrade"] = u.status();
+                }
+                answer
+            }
+            command if command.starts_with("upgrade") && words.next() == Some("upgrade") => {
+                upgrade(upgrader, words.next()).await
+            }
             "drain" => {
                 let started = sources.drain.drain(crate::quic::DRAIN_RECONNECT_AFTER_MS);
                 if started {
@@ -78,7 +119,7 @@ async fn handle(stream: UnixStream, sources: &Sources) {
                 answer
             }
             other => {
-                json!({"error": format!("unknown command {other:?} (known: status, drain)")})
+                json!({"error": format!("unknown command {other:?} (known: status, drain, upgrade)")})
             }
         }
     };

@@ -14,6 +14,7 @@
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //! | [`reload`] | SIGHUP: which keys apply live, one validated snapshot published part by part |
 //! | [`steer`] | optional eBPF steering: CPU-local accept, the lease port range through one socket per worker |
+//! | [`upgrade`] | hitless binary upgrade: sockets handed to a new process over a socketpair |
 //!
 //! Not built yet (and not pretended): `outrelay relay drain`, relay-to-relay stream
 //! forwarding and stream resume.
@@ -33,6 +34,7 @@ pub mod reload;
 pub mod state;
 pub mod steer;
 pub mod udp;
+pub mod upgrade;
 pub mod worker;
 
 /// Milliseconds since the Unix epoch (0 before it; saturates far in the future).

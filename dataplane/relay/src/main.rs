@@ -6,7 +6,13 @@
 //! `outrelay-relay enroll --controller URL --token T --state-dir D [--name DNS]... [--ip IP]...`
 //! enrolls the relay's identity into `D` (see [`outrelay_relay::identity`]); usage errors exit
 //! 64.
+//!
+//! `outrelay-relay upgrade [--config FILE] [--admin-socket PATH] [--timeout-s N]` asks the
+//! running relay for a hitless upgrade (see [`outrelay_relay::upgrade`]) and prints its
+//! answer: exit 0 when handed over, 1 when it failed (the old process serves on), 64 on usage.
+//! A process started with `OUTRELAY_UPGRADE_FD` is the new side of such a hand-over.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,7 +26,8 @@ use outrelay_relay::lease::LeaseTable;
 use outrelay_relay::quic::QuicServer;
 use outrelay_relay::state::Shared;
 use outrelay_relay::steer::{Inputs, LeaseRange, Steering};
-use outrelay_relay::worker::{WorkerOptions, bind_reuseport};
+use outrelay_relay::upgrade::{FdKind, Inherited, Sockets, Upgrader, UpgraderParts};
+use outrelay_relay::worker::WorkerOptions;
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -77,9 +84,36 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
     },
+    /// Hitless upgrade: the running relay starts this binary again (same arguments), hands
+    /// it its listening sockets and leases, and exits once its spliced pairs end. Prints the
+    /// relay's JSON answer; exit 1 when the upgrade failed (the old process serves on).
+    Upgrade {
+        /// The relay's config, to find `listen.admin_socket`.
+        #[arg(long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The admin socket (overrides the config's).
+        #[arg(long, value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+        /// How long the new process has to become ready.
+        #[arg(long, value_name = "N", default_value_t = outrelay_relay::upgrade::DEFAULT_TIMEOUT_S,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        timeout_s: u64,
+    },
+}
+
+/// What the upgrade needs from start-up: the binary and argv to start again, and what an old
+/// process handed over to this one.
+struct Launch {
+    exe: Option<PathBuf>,
+    args: Vec<OsString>,
+    inherited: Option<Inherited>,
 }
 
 fn main() -> ExitCode {
+    // Resolved now: after a package upgrade this path holds the new binary, while
+    // /proc/self/exe names the deleted one.
+    let exe = std::env::current_exe().ok();
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let flags = match Flags::try_parse() {
         Ok(f) => f,
         Err(e) if e.use_stderr() => {
@@ -122,6 +156,14 @@ fn main() -> ExitCode {
     {
         return enroll(controller, token, state_dir, names, ips, names_from, ca);
     }
+    if let Some(Command::Upgrade {
+        config,
+        admin_socket,
+        timeout_s,
+    }) = flags.command
+    {
+        return upgrade_command(config.unwrap_or(flags.config), admin_socket, timeout_s);
+    }
     let overrides = Overrides {
         io_backend: flags.io_backend.clone(),
     };
@@ -137,6 +179,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     set_log_level(settings.log_level.as_deref());
+    // The new side of a hitless upgrade: the old process's sockets and leases.
+    let inherited = match Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("outrelay-relay: upgrade hand-over: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let launch = Launch {
+        exe,
+        args,
+        inherited,
+    };
     // SIGHUP: the same validation as start-up; the live keys are published as one snapshot
     // (outrelay_relay::reload), the rest are logged `needs_upgrade`.
     let reloader = outrelay_lifecycle::Reloader::with_classes(
@@ -146,7 +201,7 @@ fn main() -> ExitCode {
     );
     let config = flags.config;
     let reload = move || Settings::load(&config, &overrides).map_err(|e| e.to_string());
-    match run(settings, flags.ready_file, reloader, reload, set_log_level) {
+    match run(settings, flags.ready_file, reloader, reload, set_log_level, launch) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrelay-relay: {e:#}");
@@ -229,13 +284,46 @@ fn enroll(
     }
 }
 
+/// `outrelay-relay upgrade`: sends `upgrade <timeout_s>` to the admin socket and prints the
+/// answer.
+fn upgrade_command(config: PathBuf, admin_socket: Option<PathBuf>, timeout_s: u64) -> ExitCode {
+    let path = admin_socket.unwrap_or_else(|| outrelay_relay::upgrade::admin_socket_of(&config));
+    match outrelay_relay::upgrade::request(&path, timeout_s) {
+        Ok(answer) => {
+            println!("{}", answer.trim());
+            let ok = serde_json::from_str::<serde_json::Value>(&answer)
+                .is_ok_and(|v| v["upgraded"] == serde_json::json!(true));
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "outrelay-relay upgrade: admin socket {}: {e}",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn run(
     mut settings: Settings,
     ready_file: Option<PathBuf>,
     reloader: outrelay_lifecycle::Reloader,
     reload: impl Fn() -> Result<Settings, String>,
     set_log_level: impl Fn(Option<&str>),
+    launch: Launch,
 ) -> anyhow::Result<()> {
+    let Launch {
+        exe,
+        args,
+        mut inherited,
+    } = launch;
+    let upgrading = inherited.is_some();
+    let sockets = Arc::new(Sockets::default());
     let metrics_handle = outrelay_relay::metrics::install()?;
     outrelay_relay::metric_help::describe();
     // WATCHDOG=1 only while every worker thread and the control runtime beat.
@@ -248,7 +336,10 @@ fn run(
     runtime.block_on(async move {
         let mut signals = outrelay_lifecycle::Signals::install()?;
         let shared = Arc::new(Shared::default());
-        let leases = LeaseTable::new(settings.leases.clone())?;
+        let mut leases = LeaseTable::new(settings.leases.clone())?;
+        if let Some(i) = &inherited {
+            leases.inherit(&i.leases, Instant::now());
+        }
         // With `[controller]`: decisions, reports and revocations from the controller;
         // without: standalone (every lease approved, no revocation list).
         let controller_url = settings.controller.as_ref().map(|c| c.url.clone());
@@ -260,7 +351,8 @@ fn run(
         // reverse listener on a specific address is advertised as bound (port 0 resolved); one
         // on a wildcard address as `<root host>:<port>`.
         // One SO_REUSEPORT socket per worker for each public listener.
-        let reverse = bind_reuseport(settings.reverse_listen, settings.workers)?;
+        let reverse = outrelay_relay::upgrade::listeners(&mut inherited, FdKind::Reverse, settings.reverse_listen, settings.workers)?;
+        let reverse_copies = outrelay_relay::upgrade::hold_group(&sockets, FdKind::Reverse, &reverse)?;
         let reverse_bound = reverse[0].local_addr()?;
         if settings.quic.reverse_addr.is_empty() {
             let bound = reverse_bound;
@@ -270,13 +362,34 @@ fn run(
                 bound.to_string()
             };
         }
-        let quic = match &controller {
-            Some(c) => {
-                QuicServer::bind_with_decider(settings.quic, leases, shared.clone(), c.decider())?
-            }
-            None => QuicServer::bind(settings.quic, leases, shared.clone())?,
+        let quic_socket = match inherited.as_mut().and_then(|i| i.take_quic(settings.quic.listen)) {
+            Some(s) => s,
+            None => outrelay_relay::quic::bind_udp(settings.quic.listen).map_err(|e| {
+                anyhow::anyhow!("QUIC listen {}: {e}", settings.quic.listen)
+            })?,
         };
+        {
+            use std::os::fd::AsFd;
+            sockets.hold(FdKind::Quic, quic_socket.as_fd(), quic_socket.local_addr()?)?;
+        }
+        let decider: Arc<dyn outrelay_relay::quic::LeaseDecider> = match &controller {
+            Some(c) => c.decider(),
+            None => Arc::new(outrelay_relay::quic::ApproveAll),
+        };
+        let quic = QuicServer::bind_with_socket(
+            settings.quic,
+            leases,
+            shared.clone(),
+            decider,
+            Some(quic_socket),
+        )?;
         let udp = outrelay_relay::udp::UdpIngress::new(settings.udp, shared.clone());
+        udp.set_handover(sockets.clone());
+        if let Some(i) = &mut inherited {
+            let (tcp, udp_ports) = i.take_lease_ports();
+            let until = Instant::now() + Duration::from_millis(settings.ingress.claim_timeout_ms);
+            sockets.set_spares(tcp, udp_ports, until);
+        }
         quic.serve_udp(udp.clone());
         let _udp_sync = udp.serve();
         // Service streams: the controller's registry, policy and audit, or standalone with the
@@ -334,7 +447,13 @@ fn run(
             let (addr, _task) = outrelay_relay::ingress::root::spawn(tls.config).await?;
             ingress_config.root_fallback = Some(addr);
         }
-        let public_tls = bind_reuseport(settings.public_tls_listen, settings.workers)?;
+        let public_tls = outrelay_relay::upgrade::listeners(
+            &mut inherited,
+            FdKind::PublicTls,
+            settings.public_tls_listen,
+            settings.workers,
+        )?;
+        let public_copies = outrelay_relay::upgrade::hold_group(&sockets, FdKind::PublicTls, &public_tls)?;
         let public_tls_bound = public_tls[0].local_addr()?;
         // Optional eBPF steering: CPU-local accept on both groups, the lease port range through
         // one socket per worker. `auto` falls back to plain listeners with one log line.
@@ -347,26 +466,48 @@ fn run(
                 udp: settings.leases.udp.feature_enabled,
             })
             .filter(|r| r.ports.start() <= r.ports.end() && *r.ports.start() != 0);
+        let busy_at = u32::try_from(outrelay_relay::steer::busy_at(
+            ingress_config.pending_conn_max,
+            settings.workers,
+        ))
+        .unwrap_or(u32::MAX);
+        // A new process at a hand-over attaches CPU-local accept only after the old one
+        // detached its programs from the same groups (RELEASED).
         let (steering, range_sockets) = Steering::start(
             &settings.ebpf,
             Inputs {
                 workers: settings.workers,
-                public: &public_tls,
-                reverse: &reverse,
+                public: if upgrading { &[] } else { &public_tls },
+                reverse: if upgrading { &[] } else { &reverse },
                 lease_range,
-                busy_at: u32::try_from(outrelay_relay::steer::busy_at(
-                    ingress_config.pending_conn_max,
-                    settings.workers,
-                ))
-                .unwrap_or(u32::MAX),
+                busy_at,
+                inherited: inherited.as_mut().map(|i| {
+                    i.take_range(
+                        Instant::now() + Duration::from_millis(ingress_config.claim_timeout_ms),
+                    )
+                }),
             },
         )?;
+        {
+            use std::os::fd::AsFd;
+            for l in &range_sockets.tcp {
+                sockets.hold(FdKind::RangeTcp, l.as_fd(), l.local_addr()?)?;
+            }
+            for u in &range_sockets.udp {
+                sockets.hold(FdKind::RangeUdp, u.as_fd(), u.local_addr()?)?;
+            }
+        }
         let steering = Arc::new(steering);
         quic.serve_steering(steering.clone());
         if !range_sockets.udp.is_empty() {
             udp.serve_range(range_sockets.udp)?;
         }
+        let claim_timeout_ms = ingress_config.claim_timeout_ms;
         let ingress = Ingress::new(ingress_config, shared.clone(), settings.workers);
+        ingress.set_handover(sockets.clone());
+        if let Some(i) = &inherited {
+            ingress.expect_leases(&i.leases, claim_timeout_ms);
+        }
         quic.serve_ingress(ingress.clone());
         // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe
         // limit is per user, not per thread): each worker's engine gets an equal share.
@@ -424,12 +565,28 @@ fn run(
             }
             None => None,
         };
+        let upgrader = exe.map(|exe| {
+            Upgrader::new(UpgraderParts {
+                exe,
+                args,
+                sockets: sockets.clone(),
+                relay: quic.handle(),
+                drain: quic.drain_handle(),
+                ingress: ingress.clone(),
+                steering: steering.clone(),
+            })
+        });
         if let Some(path) = &settings.admin_socket {
             let listener = outrelay_relay::admin::bind(path)
                 .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))?;
-            tokio::spawn(outrelay_relay::admin::serve(listener, sources));
+            tokio::spawn(outrelay_relay::admin::serve_with(
+                listener,
+                sources,
+                upgrader.clone(),
+            ));
         }
         let ready = serde_json::json!({
+            "pid": std::process::id(),
             "quic": quic_addr.to_string(),
             "reverse": reverse_bound.to_string(),
             "public_tls": public_tls_bound.to_string(),
@@ -450,9 +607,46 @@ fn run(
             std::fs::rename(&tmp, &path)?;
         }
         tracing::info!(%ready, "relay ready");
-        outrelay_lifecycle::notify_ready();
+        match inherited.take() {
+            Some(i) => {
+                let pid = std::process::id();
+                let old_pid = i.old_pid;
+                let channel = i.ready(pid)?;
+                outrelay_lifecycle::notify_main_pid_ready(pid);
+                tracing::info!(old_pid, "upgrade: READY sent; waiting for RELEASED");
+                let steering = steering.clone();
+                let ebpf = settings.ebpf.clone();
+                tokio::task::spawn_blocking(move || {
+                    let wait = Duration::from_millis(outrelay_relay::upgrade::RELEASED_WAIT_MS);
+                    let released = channel.wait_released(wait);
+                    tracing::info!(released, "upgrade: the old process let go of its sockets");
+                    steering.attach_reuseport(&ebpf, &public_copies, &reverse_copies, busy_at);
+                });
+            }
+            None => {
+                drop((public_copies, reverse_copies));
+                outrelay_lifecycle::notify_ready();
+            }
+        }
         watchdog.start("relay-control");
-        while signals.next().await == outrelay_lifecycle::Signal::Reload {
+        // Without an upgrader the channel never changes (its sender lives here).
+        let (_no_upgrader, idle) = tokio::sync::watch::channel(None);
+        let mut handed_over = upgrader.as_ref().map_or(idle, |u| u.handed_over());
+        let new_pid = loop {
+            tokio::select! {
+                signal = signals.next() => {
+                    if signal != outrelay_lifecycle::Signal::Reload {
+                        break None;
+                    }
+                }
+                Ok(()) = handed_over.changed() => {
+                    let pid = *handed_over.borrow();
+                    if pid.is_some() {
+                        break pid;
+                    }
+                    continue;
+                }
+            }
             let outcome = match reload() {
                 Ok(new) => {
                     let level = new.log_level.clone();
@@ -477,19 +671,36 @@ fn run(
                     tracing::warn!(error = %e, "certificate reload refused; serving the previous one");
                 }
             }
-        }
-        // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.
-        outrelay_lifecycle::notify_stopping();
+        };
         let grace = reloader.shutdown_grace();
-        tracing::info!(
-            grace_ms = grace.as_millis(),
-            in_flight = ingress.in_flight(),
-            "stopping: listeners closed, GOAWAY to agents, draining"
-        );
         let started = Instant::now();
-        ingress.stop_accepting();
-        steering.detach_reuseport();
-        shutdown.shutdown("relay stopping", 1000);
+        if let Some(new_pid) = new_pid {
+            // Handed over: the listeners are closed here already and the new process is the
+            // service's main process (no STOPPING=1). GOAWAY so agents move their QUIC
+            // connections, leases and idle sessions over; the UDP lease tasks stop reading.
+            tracing::info!(
+                new_pid,
+                grace_ms = grace.as_millis(),
+                in_flight = ingress.in_flight(),
+                "upgrade: GOAWAY to agents, UDP lease ports stopped, draining spliced pairs"
+            );
+            udp.stop();
+            shutdown.shutdown(
+                outrelay_relay::upgrade::UPGRADE_REASON,
+                outrelay_relay::upgrade::UPGRADE_RECONNECT_AFTER_MS,
+            );
+        } else {
+            // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.
+            outrelay_lifecycle::notify_stopping();
+            tracing::info!(
+                grace_ms = grace.as_millis(),
+                in_flight = ingress.in_flight(),
+                "stopping: listeners closed, GOAWAY to agents, draining"
+            );
+            ingress.stop_accepting();
+            steering.detach_reuseport();
+            shutdown.shutdown("relay stopping", 1000);
+        }
         let left = outrelay_lifecycle::drain(grace, || ingress.in_flight()).await;
         let drain_ms = started.elapsed().as_millis();
         if left == 0 {

@@ -5,6 +5,10 @@
 pub fn describe() {
     for (name, help) in [
         (
+            "outrelay_relay_upgrades_total",
+            "Hitless upgrades this process started, by result (ok: handed over; failed: serving on).",
+        ),
+        (
             "outrelay_relay_mesh_streams_total",
             "Service stream opens, by result (accepted or the reject code).",
         ),

@@ -134,6 +134,25 @@ pub struct Inputs<'a> {
     pub lease_range: Option<LeaseRange>,
     /// A worker with this many connections in set-up is skipped by CPU-local accept.
     pub busy_at: u32,
+    /// At a hand-over: the old process's range sockets and open ports (see
+    /// [`InheritedRange`]).
+    pub inherited: Option<InheritedRange>,
+}
+
+/// What a new process inherits for the lookup program at a hand-over: the range sockets
+/// (used instead of binding when there is one per worker) and the ports the old process had
+/// open, opened in the new map before anything else and kept without a route until `until`
+/// (the agents' leases come back meanwhile).
+#[derive(Debug, Default)]
+pub struct InheritedRange {
+    /// The old process's range sockets.
+    pub sockets: RangeSockets,
+    /// TCP ports open in the old map.
+    pub tcp_ports: Vec<u16>,
+    /// UDP ports open in the old map.
+    pub udp_ports: Vec<u16>,
+    /// When the ports not routed again close.
+    pub until: Option<std::time::Instant>,
 }
 
 /// The lookup program's sockets, one per worker each (empty when it does not run).
@@ -152,10 +171,14 @@ pub struct SteerError(String);
 
 /// The lookup program and the ports open in its map.
 struct Lookup {
-    program: LeasePortSteering,
+    /// `None` once detached (the old process after a hand-over).
+    program: Option<LeasePortSteering>,
     range: LeaseRange,
     tcp: HashSet<u16>,
     udp: HashSet<u16>,
+    /// Ports inherited at a hand-over, kept open without a route until `keep_until`.
+    keep: HashSet<(bool, u16)>,
+    keep_until: Option<std::time::Instant>,
 }
 
 /// The running programs (any may be absent) and what they count.
@@ -275,9 +298,19 @@ impl Steering {
         if config.lookup
             && let Some(range) = range
         {
-            sockets = bind_range_sockets(&range, inputs.workers)
-                .map_err(|e| format!("range sockets: {e}"))?;
-            let program = LeasePortSteering::attach(
+            let inherited = inputs.inherited.unwrap_or_default();
+            let fits = |n: usize, on: bool| if on { n == inputs.workers } else { n == 0 };
+            sockets = if fits(inherited.sockets.tcp.len(), range.tcp)
+                && fits(inherited.sockets.udp.len(), range.udp)
+                && inherited.sockets.tcp.len() + inherited.sockets.udp.len() > 0
+            {
+                tracing::info!("upgrade: lookup range sockets adopted");
+                inherited.sockets
+            } else {
+                bind_range_sockets(&range, inputs.workers)
+                    .map_err(|e| format!("range sockets: {e}"))?
+            };
+            let mut program = LeasePortSteering::attach(
                 range.ports.clone(),
                 range.bind_ip,
                 &sockets.tcp,
@@ -285,11 +318,36 @@ impl Steering {
                 &cpu_worker,
             )
             .map_err(text)?;
+            let (mut tcp, mut udp, mut keep) = (HashSet::new(), HashSet::new(), HashSet::new());
+            for (is_tcp, port) in inherited
+                .tcp_ports
+                .iter()
+                .map(|p| (true, *p))
+                .chain(inherited.udp_ports.iter().map(|p| (false, *p)))
+            {
+                let proto = if is_tcp { Proto::Tcp } else { Proto::Udp };
+                if program.open(proto, port).is_ok() {
+                    keep.insert((is_tcp, port));
+                    if is_tcp {
+                        tcp.insert(port)
+                    } else {
+                        udp.insert(port)
+                    };
+                }
+            }
+            if !keep.is_empty() {
+                tracing::info!(
+                    ports = keep.len(),
+                    "upgrade: inherited lease ports open in the lookup map"
+                );
+            }
             me.lookup = Some(Mutex::new(Lookup {
-                program,
+                program: Some(program),
                 range,
-                tcp: HashSet::new(),
-                udp: HashSet::new(),
+                tcp,
+                udp,
+                keep,
+                keep_until: inherited.until,
             }));
         }
         let reuseport = me.programs()[..2].iter().any(|(_, on)| *on);
@@ -334,6 +392,63 @@ impl Steering {
             ("reuseport_reverse", groups[1].is_some()),
             ("lookup", self.lookup.is_some()),
         ]
+    }
+
+    /// Attaches CPU-local accept to `public` and `reverse` after start-up: a new process at a
+    /// hand-over, once the old one detached its programs from the same groups (`RELEASED`).
+    /// Workers started before have no load writers (they are never skipped when busy).
+    /// Failures are logged: the groups keep the kernel's hash.
+    pub fn attach_reuseport(
+        &self,
+        config: &EbpfConfig,
+        public: &[TcpListener],
+        reverse: &[TcpListener],
+        busy_at: u32,
+    ) {
+        if config.mode == EbpfMode::Off || !config.reuseport || self.unavailable.is_some() {
+            return;
+        }
+        let plan = match cpu_plan(self.cpus.len()) {
+            Ok(p) => p,
+            Err(e) => return tracing::warn!(error = %e, "reuseport steering not attached"),
+        };
+        let mut groups = self
+            .reuseport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (slot, listeners) in groups.iter_mut().zip([public, reverse]) {
+            if listeners.is_empty() || slot.is_some() {
+                continue;
+            }
+            match ReuseportSteering::attach(listeners, &plan.cpu_worker, busy_at) {
+                Ok(p) => *slot = Some(p),
+                Err(e) => tracing::warn!(error = %e, "reuseport steering not attached"),
+            }
+        }
+        tracing::info!(
+            public = groups[0].is_some(),
+            reverse = groups[1].is_some(),
+            "upgrade: reuseport steering attached"
+        );
+    }
+
+    /// The lease ports open in the lookup map now: (TCP, UDP).
+    pub fn open_ports(&self) -> (Vec<u16>, Vec<u16>) {
+        self.lookup.as_ref().map_or_else(Default::default, |l| {
+            let l = l.lock().unwrap_or_else(PoisonError::into_inner);
+            (
+                l.tcp.iter().copied().collect(),
+                l.udp.iter().copied().collect(),
+            )
+        })
+    }
+
+    /// After a hand-over: detaches the lookup program (the new process attached its own, with
+    /// the same ports open, over the same range sockets).
+    pub fn detach_lookup(&self) {
+        if let Some(l) = &self.lookup {
+            l.lock().unwrap_or_else(PoisonError::into_inner).program = None;
+        }
     }
 
     /// Stopping: detaches CPU-local accept, so the groups' sockets close with the workers'
@@ -386,7 +501,16 @@ impl Steering {
             range,
             tcp,
             udp,
+            keep,
+            keep_until,
         } = &mut *guard;
+        let Some(program) = program.as_mut() else {
+            return;
+        };
+        if keep_until.is_some_and(|t| std::time::Instant::now() >= t) {
+            keep.clear();
+            *keep_until = None;
+        }
         let mut errors = 0u64;
         if range.tcp {
             sync_one(
@@ -394,7 +518,7 @@ impl Steering {
                 Proto::Tcp,
                 tcp,
                 wanted.tcp.iter().copied(),
-                |p| wanted.tcp.contains(&p),
+                |p| wanted.tcp.contains(&p) || keep.contains(&(true, p)),
                 &mut errors,
             );
         }
@@ -404,7 +528,7 @@ impl Steering {
                 Proto::Udp,
                 udp,
                 wanted.udp.iter().copied(),
-                |p| wanted.udp.contains(&p),
+                |p| wanted.udp.contains(&p) || keep.contains(&(false, p)),
                 &mut errors,
             );
         }
@@ -430,12 +554,13 @@ impl Steering {
             }
         }
         drop(groups);
-        if let Some(lookup) = &self.lookup {
-            let s = lookup
+        if let Some(lookup) = &self.lookup
+            && let Some(program) = &lookup
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .program
-                .stats();
+        {
+            let s = program.stats();
             c.lookup = [
                 [s.tcp_steered, s.tcp_refused],
                 [s.udp_steered, s.udp_refused],

@@ -219,6 +219,8 @@ pub struct Ingress {
     epoch: Instant,
     /// Counters by reason.
     pub stats: IngressStats,
+    /// TCP lease listeners held for a hand-over and inherited ones (issue 20 upgrade).
+    handover: OnceLock<Arc<crate::upgrade::Sockets>>,
 }
 
 impl Ingress {
@@ -246,6 +248,7 @@ impl Ingress {
             fd_exhausted_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             stats: IngressStats::default(),
+            handover: OnceLock::new(),
         })
     }
 
@@ -284,6 +287,12 @@ impl Ingress {
         {
             steering.sync_ports(&self.shared);
         }
+    }
+
+    /// Holds the TCP lease listeners bound from now on for a hand-over, and adopts the
+    /// inherited ones (upgrade). Call before [`Ingress::serve_maintenance`].
+    pub fn set_handover(&self, sockets: Arc<crate::upgrade::Sockets>) {
+        let _ = self.handover.set(sockets);
     }
 
     /// Worker threads this ingress is built for.
@@ -571,19 +580,27 @@ impl Ingress {
             }
         }
         bound.retain(|port| !closing.contains(port));
+        let handover = self.handover.get();
         closing.retain(|port| {
+            if let Some(h) = handover {
+                h.unhold_tcp_port(*port);
+            }
             // Every worker must hear it; retry the ones whose inbox was full next round.
             (0..self.workers).any(|w| self.send_to(w, Msg::Unlisten(*port)).is_err())
         });
         if stopping {
             return;
         }
+        if let Some(h) = handover {
+            h.expire_spares(Instant::now());
+        }
         for &port in &wanted {
             if bound.contains(&port) || closing.contains(&port) {
                 continue;
             }
             let addr = SocketAddr::new(self.config.load().lease_bind_ip, port);
-            let listeners = match bind_reuseport(addr, self.workers) {
+            let inherited = handover.and_then(|h| h.adopt_tcp_port(port, self.workers));
+            let listeners = match inherited.map_or_else(|| bind_reuseport(addr, self.workers), Ok) {
                 Ok(l) => l,
                 Err(e) => {
                     if unbindable.insert(port) {
@@ -592,6 +609,9 @@ impl Ingress {
                     continue;
                 }
             };
+            if let Some(h) = handover {
+                h.hold_tcp_port(port, &listeners);
+            }
             for (w, l) in listeners.into_iter().enumerate() {
                 if self
                     .send_to(w, Msg::Listen(ListenerKind::Tcp(port), l))

@@ -52,7 +52,11 @@ fn varint(v: u64) -> Result<quinn::VarInt, QuicError> {
 }
 
 /// The agents' UDP socket, with buffers for datagram bursts (best effort: the kernel caps them).
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+/// Binds the agents' QUIC UDP socket on `addr` (the endpoint's buffers).
+///
+/// # Errors
+/// The socket's.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -855,6 +859,21 @@ impl QuicServer {
         shared: Arc<Shared>,
         decider: Arc<dyn LeaseDecider>,
     ) -> Result<QuicServer, QuicError> {
+        QuicServer::bind_with_socket(config, leases, shared, decider, None)
+    }
+
+    /// [`QuicServer::bind_with_decider`] on `socket` when given (bound by [`bind_udp`], or
+    /// inherited from the old process at a hand-over) instead of binding `config.listen`.
+    ///
+    /// # Errors
+    /// Any [`QuicError`].
+    pub fn bind_with_socket(
+        config: QuicConfig,
+        leases: LeaseTable,
+        shared: Arc<Shared>,
+        decider: Arc<dyn LeaseDecider>,
+        socket: Option<std::net::UdpSocket>,
+    ) -> Result<QuicServer, QuicError> {
         config.validate()?;
         let leaf = config
             .tls
@@ -886,10 +905,13 @@ impl QuicServer {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let socket = bind_udp(config.listen).map_err(|source| QuicError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let socket = match socket {
+            Some(s) => s,
+            None => bind_udp(config.listen).map_err(|source| QuicError::Bind {
+                addr: config.listen,
+                source,
+            })?,
+        };
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server_config),
@@ -1055,11 +1077,28 @@ impl QuicServer {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        // Connections saw the same signal and send GOAWAY; wait for them to finish.
-        let grace = Duration::from_millis(ctx.config().drain_grace_ms.saturating_mul(2));
+        // Connections saw the same signal and send GOAWAY; wait for them to finish. After a
+        // hand-over only briefly: the new process reads the same UDP socket, and this endpoint
+        // must stop reading it (be dropped) before the agents' new Initials arrive.
+        let upgrading = ctx
+            .shutdown
+            .borrow()
+            .as_ref()
+            .is_some_and(|g| g.reason == crate::upgrade::UPGRADE_REASON);
+        // Upgrading: a third of the agents' reconnect delay for the GOAWAYs to go out, the
+        // same again for the closes, well within UPGRADE_RECONNECT_AFTER_MS in all.
+        let grace = if upgrading {
+            Duration::from_millis(u64::from(crate::upgrade::UPGRADE_RECONNECT_AFTER_MS) / 3)
+        } else {
+            Duration::from_millis(ctx.config().drain_grace_ms.saturating_mul(2))
+        };
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
+        if upgrading {
+            // Aborted tasks did not remove their connections: drop the handles here.
+            ctx.agents().clear();
+        }
         self.endpoint
             .close(close_code::GOING_AWAY.into(), b"relay stopping");
         let _ = tokio::time::timeout(grace, self.endpoint.wait_idle()).await;

@@ -132,6 +132,10 @@ pub struct UdpIngress {
     flow_ids: Arc<FlowIds>,
     /// Counters by reason.
     pub stats: Arc<UdpStats>,
+    /// Lease sockets held for a hand-over and inherited ones (issue 20 upgrade).
+    handover: std::sync::OnceLock<Arc<crate::upgrade::Sockets>>,
+    /// Set after a hand-over: every port task ends and no port is bound again.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for UdpIngress {
@@ -152,6 +156,8 @@ impl UdpIngress {
             ports: std::sync::Mutex::default(),
             flow_ids: Arc::default(),
             stats: Arc::default(),
+            handover: std::sync::OnceLock::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -160,6 +166,19 @@ impl UdpIngress {
     pub fn reload(&self, mut config: UdpConfig) {
         config.bind_ip = self.config.load().bind_ip;
         self.config.store(Arc::new(config));
+    }
+
+    /// Holds the lease sockets bound from now on for a hand-over, and adopts the inherited
+    /// ones (upgrade). Call before [`UdpIngress::serve`].
+    pub fn set_handover(&self, sockets: Arc<crate::upgrade::Sockets>) {
+        let _ = self.handover.set(sockets);
+    }
+
+    /// After a hand-over: ends every port task (the sockets live on in the new process) and
+    /// binds no port again.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.sync();
     }
 
     /// Keeps one bound socket and task per routed UDP port until the runtime stops: binds new
@@ -188,15 +207,23 @@ impl UdpIngress {
         let snapshot = self.shared.load();
         let before: Vec<u16> = bound.keys().copied().collect();
         unbindable.retain(|p| snapshot.routes.lookup_udp(*p).is_some());
+        let stopped = self.stopped.load(Ordering::Acquire);
+        let handover = self.handover.get();
+        if let Some(h) = handover {
+            h.expire_spares(std::time::Instant::now());
+        }
         bound.retain(|port, b| {
-            let keep = snapshot.routes.lookup_udp(*port).is_some();
+            let keep = snapshot.routes.lookup_udp(*port).is_some() && !stopped;
             if !keep {
                 b.task.abort();
+                if let Some(h) = handover {
+                    h.unhold_udp_port(*port);
+                }
             }
             keep
         });
         for (port, _) in snapshot.routes.udp_ports() {
-            if bound.contains_key(&port) {
+            if bound.contains_key(&port) || stopped {
                 continue;
             }
             match self.bind(port) {
@@ -271,7 +298,8 @@ impl UdpIngress {
         use std::os::fd::AsFd;
         let mut recv = batch::RecvBatch::with_orig_dst(self.config.load().recv_slot_bytes);
         loop {
-            if socket.readable().await.is_err() {
+            // After a hand-over the new process reads this (shared) socket: let go of it.
+            if socket.readable().await.is_err() || self.stopped.load(Ordering::Acquire) {
                 return;
             }
             match socket.try_io(tokio::io::Interest::READABLE, || recv.recv(socket.as_fd())) {
@@ -312,7 +340,25 @@ impl UdpIngress {
         }
     }
 
-    fn bind(&self, port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+    fn bind(&self, port: u16) -> std::io::Result<Arc<tokio::net::UdpSocket>> {
+        let handover = self.handover.get();
+        let socket = match handover.and_then(|h| h.adopt_udp_port(port)) {
+            Some(s) => {
+                s.set_nonblocking(true)?;
+                s
+            }
+            None => self.bind_new(port)?,
+        };
+        let addr = socket.local_addr()?;
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(socket)?);
+        if let Some(h) = handover {
+            // The same socket, not a duplicate: a UDP lease costs one descriptor.
+            h.hold_udp_port(port, socket.clone(), addr);
+        }
+        Ok(socket)
+    }
+
+    fn bind_new(&self, port: u16) -> std::io::Result<std::net::UdpSocket> {
         let addr = SocketAddr::new(self.config.load().bind_ip, port);
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -324,7 +370,7 @@ impl UdpIngress {
         let _ = socket.set_send_buffer_size(self.config.load().socket_buffer_bytes);
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
-        tokio::net::UdpSocket::from_std(socket.into())
+        Ok(socket.into())
     }
 
     /// A datagram from agent connection `conn`: routed to the lease port of its slot on that

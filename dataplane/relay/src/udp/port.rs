@@ -82,7 +82,7 @@ struct Flow {
 /// The state of one lease port.
 pub(crate) struct Port {
     pub(crate) port: u16,
-    pub(crate) socket: tokio::net::UdpSocket,
+    pub(crate) socket: Arc<tokio::net::UdpSocket>,
     pub(crate) rx: mpsc::Receiver<AgentDatagram>,
     pub(crate) client_rx: mpsc::Receiver<ClientDatagram>,
     pub(crate) shared: Arc<Shared>,
@@ -103,7 +103,7 @@ impl Port {
     /// `queues`: from the lease's agent, and from the lease-range sockets (eBPF lookup).
     pub(crate) fn new(
         port: u16,
-        socket: tokio::net::UdpSocket,
+        socket: Arc<tokio::net::UdpSocket>,
         (rx, client_rx): (
             mpsc::Receiver<AgentDatagram>,
             mpsc::Receiver<ClientDatagram>,
@@ -448,7 +448,7 @@ mod tests {
         let (_client_tx, client_rx) = mpsc::channel(1);
         let mut port = Port::new(
             0,
-            socket,
+            Arc::new(socket),
             (rx, client_rx),
             Arc::default(),
             Arc::default(),
@@ -510,7 +510,7 @@ mod tests {
             let (_client_tx, client_rx) = mpsc::channel(1);
             Port::new(
                 0,
-                socket,
+                Arc::new(socket),
                 (rx, client_rx),
                 Arc::default(),
                 Arc::default(),

@@ -141,12 +141,18 @@ pub struct Relay {
     pub metrics: String,
     pub opts: Opts,
     pub dir: tempfile::TempDir,
+    /// Processes that took over from this one (`outrelay-relay upgrade`): killed on drop too.
+    pub successors: Vec<u32>,
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in &self.successors {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(*pid).expect("pid"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -358,6 +364,7 @@ pub async fn spawn_relay(dir: tempfile::TempDir, opts: Opts) -> Relay {
         metrics: String::new(),
         opts,
         dir,
+        successors: Vec::new(),
     };
     while !ready.exists() {
         if let Some(status) = relay.child.try_wait().expect("poll relay") {
@@ -378,6 +385,51 @@ pub async fn spawn_relay(dir: tempfile::TempDir, opts: Opts) -> Relay {
 }
 
 impl Relay {
+    /// `outrelay-relay upgrade --admin-socket <dir>/admin.sock --timeout-s <timeout_s>`: its
+    /// exit code and the JSON answer it printed. A new pid is remembered (killed on drop).
+    pub async fn upgrade(&mut self, timeout_s: u64) -> (Option<i32>, serde_json::Value) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-relay"));
+        cmd.arg("upgrade")
+            .arg("--admin-socket")
+            .arg(self.dir.path().join("admin.sock"))
+            .arg("--timeout-s")
+            .arg(timeout_s.to_string());
+        let out = run_blocking(cmd).await;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "outrelay-relay upgrade: {:?} {text} {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_str(text.trim())
+            .unwrap_or_else(|e| panic!("upgrade printed JSON ({e}): {text}"));
+        if let Some(pid) = answer["new_pid"].as_u64() {
+            self.successors
+                .push(u32::try_from(pid).expect("pid fits u32"));
+        }
+        (out.status.code(), answer)
+    }
+
+    /// The ready file as it is now (a new process after an upgrade rewrites it).
+    pub fn ready_info(&self) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("ready.json")).expect("read ready file");
+        serde_json::from_str(&text).expect("ready file is JSON")
+    }
+
+    /// One admin command's JSON answer.
+    pub async fn admin(&self, command: &str) -> serde_json::Value {
+        let mut s = tokio::net::UnixStream::connect(self.dir.path().join("admin.sock"))
+            .await
+            .expect("connect admin socket");
+        s.write_all(format!("{command}\n").as_bytes())
+            .await
+            .expect("write command");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.expect("read answer");
+        serde_json::from_str(answer.trim()).expect("admin answers JSON")
+    }
+
     /// Kills the relay (SIGKILL: nothing is saved) and starts it again on the same config.
     pub async fn restart(self) -> Relay {
         let mut me = self;
