@@ -201,7 +201,14 @@ fn main() -> ExitCode {
     );
     let config = flags.config;
     let reload = move || Settings::load(&config, &overrides).map_err(|e| e.to_string());
-    match run(settings, flags.ready_file, reloader, reload, set_log_level, launch) {
+    match run(
+        settings,
+        flags.ready_file,
+        reloader,
+        reload,
+        set_log_level,
+        launch,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("outrelay-relay: {e:#}");
@@ -672,6 +679,10 @@ fn run(
                 }
             }
         };
+        // No reload after this; its `[quic]` side holds an endpoint handle, and after a
+        // hand-over the endpoint must be dropped so this process stops reading the shared
+        // QUIC socket.
+        drop(live_settings);
         let grace = reloader.shutdown_grace();
         let started = Instant::now();
         if let Some(new_pid) = new_pid {

@@ -177,6 +177,7 @@ async fn start_with(
                     udp: true,
                 }),
                 busy_at: u32::MAX,
+                inherited: None,
             },
         )
         .expect("lookup program")
