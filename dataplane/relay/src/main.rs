@@ -369,16 +369,34 @@ fn run(
                 bound.to_string()
             };
         }
-        let quic_socket = match inherited.as_mut().and_then(|i| i.take_quic(settings.quic.listen)) {
-            Some(s) => s,
-            None => outrelay_relay::quic::bind_udp(settings.quic.listen).map_err(|e| {
-                anyhow::anyhow!("QUIC listen {}: {e}", settings.quic.listen)
-            })?,
-        };
-        {
+        // An inherited QUIC socket is read by the old process until it says RELEASED: the
+        // endpoint starts on a placeholder and moves to it then (upgrade.rs).
+        let (quic_socket, inherited_quic) =
+            match inherited.as_mut().and_then(|i| i.take_quic(settings.quic.listen)) {
+                Some(s) => {
+                    let loopback: std::net::IpAddr = if s.local_addr()?.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    };
+                    let placeholder =
+                        outrelay_relay::quic::bind_udp(std::net::SocketAddr::new(loopback, 0))?;
+                    (placeholder, Some(s))
+                }
+                None => (
+                    outrelay_relay::quic::bind_udp(settings.quic.listen).map_err(|e| {
+                        anyhow::anyhow!("QUIC listen {}: {e}", settings.quic.listen)
+                    })?,
+                    None,
+                ),
+            };
+        let quic_bound = {
             use std::os::fd::AsFd;
-            sockets.hold(FdKind::Quic, quic_socket.as_fd(), quic_socket.local_addr()?)?;
-        }
+            let real = inherited_quic.as_ref().unwrap_or(&quic_socket);
+            let bound = real.local_addr()?;
+            sockets.hold(FdKind::Quic, real.as_fd(), bound)?;
+            bound
+        };
         let decider: Arc<dyn outrelay_relay::quic::LeaseDecider> = match &controller {
             Some(c) => c.decider(),
             None => Arc::new(outrelay_relay::quic::ApproveAll),
@@ -415,7 +433,8 @@ fn run(
             None => outrelay_relay::mesh::Mesh::standalone(settings.mesh, relay_id),
         };
         quic.serve_mesh(mesh.clone());
-        let quic_addr = quic.local_addr()?;
+        let quic_addr = quic_bound;
+        let rebind_quic = inherited_quic.map(|socket| (quic.rebinder(), socket));
         let control_tasks = controller.map(|c| {
             let endpoint = format!("{}:{}", settings.leases.root_host, quic_addr.port());
             Arc::new(c.start(quic.handle(), quic.identity(), endpoint))
@@ -607,7 +626,7 @@ fn run(
             // Without the lookup program every TCP lease port is a listener per worker.
             ingress.serve_maintenance();
         }
-        let server = tokio::spawn(quic.run());
+        let mut server = tokio::spawn(quic.run());
         if let Some(path) = ready_file {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, ready.to_string())?;
@@ -623,10 +642,20 @@ fn run(
                 tracing::info!(old_pid, "upgrade: READY sent; waiting for RELEASED");
                 let steering = steering.clone();
                 let ebpf = settings.ebpf.clone();
-                tokio::task::spawn_blocking(move || {
-                    let wait = Duration::from_millis(outrelay_relay::upgrade::RELEASED_WAIT_MS);
-                    let released = channel.wait_released(wait);
+                tokio::spawn(async move {
+                    let released = tokio::task::spawn_blocking(move || {
+                        let wait =
+                            Duration::from_millis(outrelay_relay::upgrade::RELEASED_WAIT_MS);
+                        channel.wait_released(wait)
+                    })
+                    .await
+                    .unwrap_or(false);
                     tracing::info!(released, "upgrade: the old process let go of its sockets");
+                    if let Some((rebind, socket)) = rebind_quic
+                        && let Err(e) = rebind(socket)
+                    {
+                        tracing::error!(error = %e, "upgrade: the QUIC endpoint cannot take the inherited socket");
+                    }
                     steering.attach_reuseport(&ebpf, &public_copies, &reverse_copies, busy_at);
                 });
             }
@@ -685,6 +714,7 @@ fn run(
         drop(live_settings);
         let grace = reloader.shutdown_grace();
         let started = Instant::now();
+        let mut server_done = false;
         if let Some(new_pid) = new_pid {
             // Handed over: the listeners are closed here already and the new process is the
             // service's main process (no STOPPING=1). GOAWAY so agents move their QUIC
@@ -700,6 +730,16 @@ fn run(
                 outrelay_relay::upgrade::UPGRADE_REASON,
                 outrelay_relay::upgrade::UPGRADE_RECONNECT_AFTER_MS,
             );
+            // The endpoint closes its connections within the GOAWAY's delay and is dropped
+            // with the server task; only then may the new process read the QUIC socket.
+            let bound = Duration::from_millis(
+                u64::from(outrelay_relay::upgrade::UPGRADE_RECONNECT_AFTER_MS) * 3,
+            );
+            server_done = tokio::time::timeout(bound, &mut server).await.is_ok();
+            if let Some(u) = &upgrader {
+                u.release();
+            }
+            tracing::info!(server_done, "upgrade: QUIC endpoint dropped, RELEASED sent");
         } else {
             // SIGTERM: no new connection, GOAWAY to agents, established ones get the grace.
             outrelay_lifecycle::notify_stopping();
@@ -724,7 +764,9 @@ fn run(
             );
         }
         let rest = grace.saturating_sub(started.elapsed());
-        let _ = tokio::time::timeout(rest.max(Duration::from_secs(1)), server).await;
+        if !server_done {
+            let _ = tokio::time::timeout(rest.max(Duration::from_secs(1)), server).await;
+        }
         anyhow::Ok(())
     })
 }

@@ -7,14 +7,21 @@
 //!  socketpair(SEQPACKET); spawn exe, stdin = it ─► loads and validates its config (64: EOF)
 //!  [len u32][inventory JSON] in chunks ─────────► Inventory { old_pid, fds, leases }
 //!  fds with SCM_RIGHTS, ≤ 64 a message ─────────► adopts those whose address matches its
-//!                                                  config; binds the rest; leases inherited
+//!                                                  config; binds the rest; leases inherited;
+//!                                                  its QUIC endpoint on a placeholder socket
 //!                              ◄──────────────── "READY <pid>" (after the ready file;
 //!                                                  sd_notify MAINPID=<pid> READY=1)
 //!  stops accepting, detaches reuseport programs,
-//!  drops its copies, "RELEASED" ────────────────► attaches its own reuseport programs
-//!  GOAWAY{"relay upgrading", 300 ms} to agents,
-//!  QUIC endpoint closed, UDP lease tasks stopped,
+//!  drops its copies, GOAWAY{"relay upgrading",
+//!  300 ms} to agents, UDP lease tasks stopped,
+//!  QUIC endpoint closed and dropped, "RELEASED" ─► rebinds its endpoint to the QUIC socket,
+//!                                                  attaches its own reuseport programs
 //!  spliced pairs finish (shutdown grace), exit 0
+//!
+//! One process at a time reads the QUIC socket: packets of the old process's connections that
+//! reached the new one would be answered with stateless resets (and the old one refuses new
+//! connections once closed). Agents reconnect after the GOAWAY's 300 ms; datagrams that arrive
+//! before the new endpoint reads wait in the socket's receive buffer.
 //! ```
 //!
 //! EOF, a bad message or no READY within the timeout: the old kills the child (if alive),
@@ -670,6 +677,8 @@ pub struct Upgrader {
     state: AtomicU8,
     new_pid: AtomicU32,
     done: tokio::sync::watch::Sender<Option<u32>>,
+    /// The channel to the new process after READY, until [`Upgrader::release`] says RELEASED.
+    channel: Mutex<Option<OwnedFd>>,
 }
 
 impl std::fmt::Debug for Upgrader {
@@ -713,7 +722,24 @@ impl Upgrader {
             state: AtomicU8::new(SERVING),
             new_pid: AtomicU32::new(0),
             done: tokio::sync::watch::channel(None).0,
+            channel: Mutex::new(None),
         })
+    }
+
+    /// After the hand-over, once this process's QUIC endpoint is dropped: tells the new process
+    /// RELEASED (it then reads the QUIC socket and attaches its reuseport programs).
+    pub fn release(&self) {
+        let Some(channel) = self
+            .channel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        if let Err(e) = send_with_fds(channel.as_fd(), RELEASED, &[]) {
+            tracing::warn!(error = %e, "upgrade: RELEASED not delivered");
+        }
     }
 
     /// Resolves with the new pid once this process has handed over.
@@ -848,9 +874,10 @@ impl Upgrader {
         // same range sockets, before it said READY.
         self.steering.detach_lookup();
         self.sockets.release_all();
-        if let Err(e) = send_with_fds(ours.as_fd(), RELEASED, &[]) {
-            tracing::warn!(error = %e, "upgrade: RELEASED not delivered");
-        }
+        // RELEASED waits for the QUIC endpoint to be gone ([`Upgrader::release`]): until then
+        // this process reads the shared QUIC socket, and so must not the new one (it would
+        // answer the old connections' packets with stateless resets).
+        *self.channel.lock().unwrap_or_else(PoisonError::into_inner) = Some(ours);
         tracing::info!(
             new_pid,
             "upgrade: handed over; listeners closed here, GOAWAY to agents next"

@@ -986,6 +986,16 @@ impl QuicServer {
         self.endpoint.local_addr()
     }
 
+    /// Moves the endpoint (before it has connections) to `socket`: a new process after an
+    /// upgrade binds on a placeholder and takes the inherited QUIC socket once the old one has
+    /// let go of it (RELEASED). The handle is for that one call: drop it after.
+    pub fn rebinder(
+        &self,
+    ) -> impl FnOnce(std::net::UdpSocket) -> std::io::Result<()> + Send + use<> {
+        let endpoint = self.endpoint.clone();
+        move |socket| endpoint.rebind(socket)
+    }
+
     /// The relay identity from its certificate.
     pub fn identity(&self) -> &Identity {
         &self.identity
