@@ -1,4 +1,4 @@
-//! The lease table's side of a hitless upgrade (issue 20), for the hand-over (U1): the old
+//! The lease table's side of a hitless upgrade (issue 20, [`crate::upgrade`]): the old
 //! process lists its live leases, the new one reserves their names and ports to their agents
 //! before it serves. Public connections waiting for them are the ingress's side
 //! ([`crate::ingress::Ingress::expect_leases`]).

@@ -1088,8 +1088,8 @@ impl QuicServer {
             }
         }
         // Connections saw the same signal and send GOAWAY; wait for them to finish. After a
-        // hand-over only briefly: the new process reads the same UDP socket, and this endpoint
-        // must stop reading it (be dropped) before the agents' new Initials arrive.
+        // hand-over only briefly: the new process reads the same UDP socket once this endpoint
+        // is dropped (RELEASED), and the agents' new Initials come after the GOAWAY's delay.
         let upgrading = ctx
             .shutdown
             .borrow()
