@@ -604,6 +604,12 @@ fn start_leases(
     Ok(running)
 }
 
+/// `[ingress] pending_per_source_max` of the upgrade topology: the load generator is one
+/// address, and the public connections that wait for the agents to move (about half a second
+/// of the load) keep their pending place; at the default (256) that one source would shed its
+/// own waiting connections (`pending_per_source`), which many real clients would not.
+const UPGRADE_PENDING_PER_SOURCE_MAX: usize = 8192;
+
 /// The upgrade topology ([`Routing::Upgrade`]): a standalone relay with its admin socket
 /// (`dir/relay.sock`) and TCP and UDP leases, and `agent-1` with the lease under test (the
 /// SNI lease `demo` to `backend`, or the TCP lease `bench`) and the UDP lease `ping` to
@@ -624,7 +630,8 @@ fn start_upgradable(
          [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
          [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
          lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"{admin}\"\n\
-         [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = true\n{ebpf}",
+         [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = true\n\
+         [ingress]\npending_per_source_max = {UPGRADE_PENDING_PER_SOURCE_MAX}\n{ebpf}",
         p = pki.display(),
         admin = admin_socket.display(),
         lo = LEASE_PORTS.0,
