@@ -69,11 +69,11 @@ pub fn notify_ready() {
     send(&[NotifyState::Ready]);
 }
 
-/// `MAINPID=<pid>` and `READY=1`: a new relay process that took over the running one's
-/// sockets (hitless upgrade) becomes the service's main process (the unit needs
-/// `NotifyAccess=all`).
-pub fn notify_main_pid_ready(pid: u32) {
-    send(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+/// `MAINPID=<pid>`, sent by the service's main process: after a hitless upgrade the relay
+/// names the new process that took its sockets as the main process, so the unit keeps
+/// `NotifyAccess=main` (the new process then says `READY=1` itself, as the main one).
+pub fn notify_main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
 }
 
 /// `STOPPING=1`: shutdown has begun.

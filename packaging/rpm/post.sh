@@ -9,7 +9,7 @@ set -e
 relay_handover() {
     sock=/run/outrelay/relay.sock
     [ -S "$sock" ] || return 0
-    if ! /usr/bin/outrelay-relay upgrade --admin-socket "$sock" --timeout-s 30; then
+    if ! outrelay-relay upgrade --admin-socket "$sock" --timeout-s 30; then
         echo "outrelay: the running relay was not handed over to the new binary; it keeps" \
             "serving the old one until restarted" >&2
     fi

@@ -638,7 +638,7 @@ fn run(
                 let pid = std::process::id();
                 let old_pid = i.old_pid;
                 let channel = i.ready(pid)?;
-                outrelay_lifecycle::notify_main_pid_ready(pid);
+
                 tracing::info!(old_pid, "upgrade: READY sent; waiting for RELEASED");
                 let steering = steering.clone();
                 let ebpf = settings.ebpf.clone();
@@ -651,6 +651,9 @@ fn run(
                     .await
                     .unwrap_or(false);
                     tracing::info!(released, "upgrade: the old process let go of its sockets");
+                    // The old process named this one the main process (MAINPID) before it
+                    // said RELEASED: READY=1 now comes from the main process.
+                    outrelay_lifecycle::notify_ready();
                     if let Some((rebind, socket)) = rebind_quic
                         && let Err(e) = rebind(socket)
                     {

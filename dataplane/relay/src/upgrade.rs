@@ -9,8 +9,8 @@
 //!  fds with SCM_RIGHTS, ≤ 64 a message ─────────► adopts those whose address matches its
 //!                                                  config; binds the rest; leases inherited;
 //!                                                  its QUIC endpoint on a placeholder socket
-//!                              ◄──────────────── "READY <pid>" (after the ready file;
-//!                                                  sd_notify MAINPID=<pid> READY=1)
+//!                              ◄──────────────── "READY <pid>" (after the ready file)
+//!  sd_notify MAINPID=<new pid> (it is the main process now; READY=1 from it after RELEASED)
 //!  stops accepting, detaches reuseport programs,
 //!  drops its copies, GOAWAY{"relay upgrading",
 //!  300 ms} to agents, UDP lease tasks stopped,
@@ -868,6 +868,9 @@ impl Upgrader {
         // reuseport programs, then let it attach its own.
         self.new_pid.store(new_pid, Ordering::Release);
         self.state.store(HANDED_OVER, Ordering::Release);
+        // Under systemd the new process becomes the service's main process; only the main
+        // process may say so with `NotifyAccess=main`.
+        outrelay_lifecycle::notify_main_pid(new_pid);
         self.ingress.stop_accepting();
         self.steering.detach_reuseport();
         // The new process attached its lookup program with the same ports open, over the
