@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rcgen::ExtendedKeyUsagePurpose;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use common::*;
@@ -33,39 +32,12 @@ fn opts() -> Opts {
 
 /// A TLS target for `DEMO_HOST` that echoes every byte back.
 async fn tls_echo_target(ca: &Ca) -> (std::net::SocketAddr, JoinHandle<()>) {
-    let leaf = ca.leaf(
-        DEMO_HOST,
-        &[DEMO_HOST],
-        None,
-        vec![ExtendedKeyUsagePurpose::ServerAuth],
-    );
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(leaf.chain, leaf.key)
-        .expect("server cert");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
-    let addr = listener.local_addr().expect("target addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let (mut r, mut w) = tokio::io::split(tls);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    (addr, task)
+    common::tls_server(ca, |tls| async move {
+        let (mut r, mut w) = tokio::io::split(tls);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
 }
 
 /// A TLS client to the relay's public port with SNI `DEMO_HOST`.

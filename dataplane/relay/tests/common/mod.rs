@@ -1093,8 +1093,13 @@ impl ControllerProc {
 
 // ---------- targets ----------
 
-/// An in-process TLS server for `demo` that answers any HTTP request with [`BODY`].
-pub async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
+/// An in-process TLS server for `DEMO_HOST` (a leaf of `ca`) that runs `serve` on each
+/// accepted TLS stream, on its own task.
+pub async fn tls_server<F, Fut>(ca: &Ca, serve: F) -> (SocketAddr, JoinHandle<()>)
+where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let leaf = ca.leaf(
         DEMO_HOST,
         &[DEMO_HOST],
@@ -1111,35 +1116,44 @@ pub async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
     let addr = listener.local_addr().expect("target addr");
+    let serve = Arc::new(serve);
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
             let acceptor = acceptor.clone();
+            let serve = serve.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
                 }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{BODY}",
-                    BODY.len()
-                );
-                let _ = tls.write_all(response.as_bytes()).await;
-                let _ = tls.shutdown().await;
             });
         }
     });
     (addr, task)
+}
+
+/// An in-process TLS server for `demo` that answers any HTTP request with [`BODY`].
+pub async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
+    tls_server(ca, |mut tls| async move {
+        let mut req = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{BODY}",
+            BODY.len()
+        );
+        let _ = tls.write_all(response.as_bytes()).await;
+        let _ = tls.shutdown().await;
+    })
+    .await
 }
 
 /// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
