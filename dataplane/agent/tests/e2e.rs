@@ -1331,21 +1331,6 @@ fn udp_lease_port(ready: &serde_json::Value, name: &str) -> u16 {
     port_in_ready(ready, name, "udp_addr")
 }
 
-/// A UDP echo service in this process.
-async fn udp_echo() -> (SocketAddr, JoinHandle<()>) {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind UDP echo");
-    let addr = socket.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let _ = socket.send_to(&buf[..n], from).await;
-        }
-    });
-    (addr, task)
-}
-
 async fn udp_client(port: u16) -> tokio::net::UdpSocket {
     let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
         .await
@@ -1420,7 +1405,7 @@ async fn udp_echo_matches_1000_datagrams_of_varied_sizes_on_two_flows() {
         free_port_range(),
     )
     .await;
-    let (target, _echo) = udp_echo().await;
+    let (target, _echo) = common::udp_echo_server().await;
     let mut agent = start_agent(
         &pki,
         &relay.addrs,
@@ -1611,7 +1596,7 @@ async fn a_udp_lease_keeps_its_port_when_the_agent_connection_comes_back() {
         free_port_range(),
     )
     .await;
-    let (target, _echo) = udp_echo().await;
+    let (target, _echo) = common::udp_echo_server().await;
     let two = format!(
         "[[lease]]\nname = \"first\"\nudp_to = \"{target}\"\n\
          [[lease]]\nname = \"second\"\nudp_to = \"{target}\"\n"

@@ -2284,21 +2284,6 @@ fn client_hello(host: &str) -> Vec<u8> {
     hello
 }
 
-/// A UDP echo service in this process.
-async fn udp_echo_target() -> (SocketAddr, JoinHandle<()>) {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind UDP echo");
-    let addr = socket.local_addr().expect("echo addr");
-    let task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let _ = socket.send_to(&buf[..n], from).await;
-        }
-    });
-    (addr, task)
-}
-
 /// The port of the `key` address (`tcp_addr`, `udp_addr`) of lease `name` in a ready file.
 fn lease_port_in(ready: &serde_json::Value, name: &str, key: &str) -> u16 {
     ready["leases"]
@@ -2368,7 +2353,7 @@ async fn upgrade_under_load(rate_per_s: u64) -> (UpgradeFigures, World, KillOnDr
     let (echo, _echo_task) = common::echo_server().await;
     let (bulk_target, bulk_echo) = common::hashing_echo_target().await;
     let (svc_target, svc_echo) = common::hashing_echo_target().await;
-    let (udp_target, _udp_task) = udp_echo_target().await;
+    let (udp_target, _udp_task) = common::udp_echo_server().await;
     let mut provider = w.agent(
         "provider",
         PROVIDER_A,

@@ -35,6 +35,22 @@ pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
+/// A UDP echo service in this process (any number of peers).
+#[allow(dead_code, reason = "used by some of the test files only")]
+pub async fn udp_echo_server() -> (SocketAddr, JoinHandle<()>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind UDP echo");
+    let addr = socket.local_addr().expect("echo addr");
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, task)
+}
+
 /// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
 /// the SHA-256 of what it received and closes. Yields (bytes received, their SHA-256).
 #[allow(dead_code, reason = "used by some of the test files only")]
