@@ -2383,6 +2383,16 @@ async fn upgrade_under_load(rate_per_s: u64) -> (UpgradeFigures, World, KillOnDr
     let bulk: SocketAddr = ([127, 0, 0, 1], lease_port_in(&ready, "bulk", "tcp_addr")).into();
     let ping_port = lease_port_in(&ready, "ping", "udp_addr");
 
+    // Without the eBPF lookup program a TCP lease port gets its listener on the relay's next
+    // lease sync tick after the grant: the load starts once `raw` accepts (its echo answers).
+    let routed_from = Instant::now();
+    while !matches!(probe(raw, b"routed?").await, Probe::Echoed(_)) {
+        assert!(
+            routed_from.elapsed() < WAIT,
+            "lease port {raw} not routed within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let udp = UdpPing::start(ping_port).await;
     let load = Load::start(
         vec![
