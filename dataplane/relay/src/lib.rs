@@ -11,6 +11,7 @@
 //! | [`udp`] | UDP lease ports: flows, batched socket I/O, QUIC datagrams to the agents |
 //! | [`mesh`] | service streams: local providers, registry view, policy snapshot, audit |
 //! | [`metrics`] | Prometheus `/metrics` |
+//! | [`bandwidth`] | bandwidth limits per lease and tenant (issue 21) |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //! | [`reload`] | SIGHUP: which keys apply live, one validated snapshot published part by part |
 //! | [`steer`] | optional eBPF steering: CPU-local accept, the lease port range through one socket per worker |
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bandwidth;
 pub mod config;
 pub mod control;
 pub mod identity;

@@ -478,6 +478,8 @@ pub(crate) struct Ctx {
     /// Halves of resumed streams waiting for their peer, by stream id (touched once per
     /// STREAM_RESUME, never per byte).
     pub(crate) parked: std::sync::Mutex<resume::ParkTable>,
+    /// Bandwidth limits (issue 21): controller overrides over the configured defaults.
+    pub(crate) bandwidth: Arc<crate::bandwidth::Bandwidth>,
 }
 
 /// One registered agent connection.
@@ -640,6 +642,15 @@ impl RelayHandle {
     /// The identity URIs of every agent connection past HELLO.
     pub fn agent_uris(&self) -> Vec<String> {
         self.ctx.agents().values().map(|a| a.uri.clone()).collect()
+    }
+
+    /// Replaces the controller's bandwidth limits (`Leases.SetLimit` records) at once; running
+    /// transfers follow within a second.
+    pub fn set_bandwidth_overrides(
+        &self,
+        overrides: HashMap<crate::bandwidth::Scope, crate::bandwidth::Limit>,
+    ) {
+        self.ctx.bandwidth.replace_overrides(overrides);
     }
 
     /// Sets the port lease admin gates (`None`: the configured gate). Existing leases keep
@@ -944,6 +955,7 @@ impl QuicServer {
             mesh: std::sync::OnceLock::new(),
             ingress: std::sync::OnceLock::new(),
             parked: std::sync::Mutex::new(resume::ParkTable::default()),
+            bandwidth: Arc::new(crate::bandwidth::Bandwidth::default()),
         });
         Ok(QuicServer {
             endpoint,
