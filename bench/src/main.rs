@@ -33,7 +33,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::pinning::{CpuList, Pinning};
 use crate::scenario::{RoutePath, ScenarioName, Settings};
-use crate::target::{AgentResume, Availability, Launch, RelayEbpf};
+use crate::target::{AgentResume, Availability, Launch, RelayBandwidth, RelayEbpf};
 
 /// Default round count: the minimum for a median with a spread.
 const DEFAULT_ROUNDS: u32 = 3;
@@ -129,6 +129,13 @@ struct RunArgs {
     /// agent's own default).
     #[arg(long, value_enum, value_delimiter = ',')]
     agent_resume: Vec<AgentResume>,
+    /// Comma-separated relay bandwidth setups (issue 21): outrelay and outrelay-base run once
+    /// per value in every round (innermost), as setups bw=V with the relay's `[bandwidth]`
+    /// lease and tenant defaults, both directions, set to V: off (every limit 0) or a rate
+    /// like 200mbit, 10gbit, 1tbit (decimal bits per second). Default: no `[bandwidth]`
+    /// section (the relay's own default, no limit).
+    #[arg(long, value_delimiter = ',', value_parser = RelayBandwidth::parse)]
+    relay_bandwidth: Vec<RelayBandwidth>,
     /// Ports in the leases scenario's lease range, each granted to a TCP lease (default
     /// 10000, quick 200). A setup whose listeners would not fit the relay's open-file limit
     /// stops at the largest count that fits and says so.
@@ -180,6 +187,7 @@ impl RunArgs {
             relay_workers: self.relay_workers.clone(),
             relay_ebpf: self.relay_ebpf.clone(),
             agent_resume: self.agent_resume.clone(),
+            relay_bandwidth: self.relay_bandwidth.clone(),
             lease_ports: self
                 .lease_ports
                 .unwrap_or(if self.quick { 200 } else { 10_000 })

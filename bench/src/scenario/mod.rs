@@ -36,7 +36,9 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use crate::stats::Summary;
-use crate::target::{AgentResume, Availability, Launch, RelayEbpf, Routing, RunningTarget, Target};
+use crate::target::{
+    AgentResume, Availability, Launch, RelayBandwidth, RelayEbpf, Routing, RunningTarget, Target,
+};
 
 /// Pause between two targets, so sockets in TIME_WAIT and exiting processes settle.
 const BETWEEN_TARGETS_MS: u64 = 300;
@@ -198,6 +200,9 @@ pub struct Settings {
     /// Agent stream resume setups OutRelay targets run with, each a setup `resume=V` after
     /// the eBPF setup (empty: no `[resume]` section, one setup).
     pub agent_resume: Vec<AgentResume>,
+    /// Relay bandwidth setups OutRelay targets run with, each a setup `bw=V` after the resume
+    /// setup (empty: no `[bandwidth]` section, one setup).
+    pub relay_bandwidth: Vec<RelayBandwidth>,
     /// Ports in the leases scenario's range (each granted to a lease).
     pub lease_ports: u16,
     /// Leases the leases scenario times one at a time (grant to routable port).
@@ -239,6 +244,7 @@ impl Settings {
             relay_workers: Vec::new(),
             relay_ebpf: Vec::new(),
             agent_resume: Vec::new(),
+            relay_bandwidth: Vec::new(),
             lease_ports: 10_000,
             lease_grants: 200,
             pin_target_cores: None,
@@ -540,9 +546,9 @@ fn comparable_columns(mut columns: Vec<Column>, targets: &[Box<dyn Target>]) -> 
 }
 
 /// The setups `target` runs with in each round: for a target that takes them, one per
-/// `--relay-workers` count, `--relay-ebpf` value and `--agent-resume` value, workers
-/// outermost, resume innermost (`w=N ebpf=V resume=R`, each part left out when not asked
-/// for), else the default (empty label).
+/// `--relay-workers` count, `--relay-ebpf`, `--agent-resume` and `--relay-bandwidth` value,
+/// workers outermost, bandwidth innermost (`w=N ebpf=V resume=R bw=B`, each part left out when
+/// not asked for), else the default (empty label).
 fn setups(target: &dyn Target, settings: &Settings) -> Vec<(String, Launch)> {
     if !target.takes_relay_workers() {
         return vec![(String::new(), settings.launch.clone())];
@@ -565,19 +571,23 @@ fn setup_labels(settings: &Settings) -> Vec<(String, Launch)> {
     for w in each(&settings.relay_workers) {
         for e in each(&settings.relay_ebpf) {
             for r in each(&settings.agent_resume) {
-                let parts: Vec<String> = w
-                    .map(|n| format!("w={n}"))
-                    .into_iter()
-                    .chain(e.map(|e| format!("ebpf={}", e.as_str())))
-                    .chain(r.map(|r| format!("resume={}", r.as_str())))
-                    .collect();
-                let launch = Launch {
-                    relay_workers: w,
-                    relay_ebpf: e,
-                    agent_resume: r,
-                    ..settings.launch.clone()
-                };
-                all.push((parts.join(" "), launch));
+                for b in each(&settings.relay_bandwidth) {
+                    let parts: Vec<String> = w
+                        .map(|n| format!("w={n}"))
+                        .into_iter()
+                        .chain(e.map(|e| format!("ebpf={}", e.as_str())))
+                        .chain(r.map(|r| format!("resume={}", r.as_str())))
+                        .chain(b.map(|b| format!("bw={}", b.as_label())))
+                        .collect();
+                    let launch = Launch {
+                        relay_workers: w,
+                        relay_ebpf: e,
+                        agent_resume: r,
+                        relay_bandwidth: b,
+                        ..settings.launch.clone()
+                    };
+                    all.push((parts.join(" "), launch));
+                }
             }
         }
     }
@@ -1077,6 +1087,48 @@ mod tests {
         settings.relay_workers = vec![2];
         settings.relay_ebpf = vec![RelayEbpf::Lookup];
         assert!(!several_setups(&settings));
+    }
+
+    #[test]
+    fn bandwidth_setups_come_after_resume_and_reach_the_launch() {
+        let mut settings = Settings::example();
+        settings.agent_resume = vec![AgentResume::Off];
+        settings.relay_bandwidth = vec![
+            RelayBandwidth { bits_per_s: 0 },
+            RelayBandwidth {
+                bits_per_s: 200_000_000,
+            },
+        ];
+        let got = setup_labels(&settings);
+        let labels: Vec<&str> = got.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(labels, ["resume=off bw=off", "resume=off bw=200mbit"]);
+        assert_eq!(
+            got[1].1.relay_bandwidth.map(|b| b.bits_per_s),
+            Some(200_000_000)
+        );
+    }
+
+    #[test]
+    fn bandwidth_rates_parse_in_decimal_bits_and_print_back() {
+        let p = |t: &str| RelayBandwidth::parse(t).map(|b| b.bits_per_s);
+        assert_eq!(p("off"), Ok(0));
+        assert_eq!(p("200mbit"), Ok(200_000_000));
+        assert_eq!(p("1.5Gbit"), Ok(1_500_000_000));
+        assert_eq!(p("10gbit"), Ok(10_000_000_000));
+        assert!(p("10gb").is_err() && p("fast").is_err() && p("-1mbit").is_err());
+        assert!(p("100tbit").is_err());
+        let b = RelayBandwidth {
+            bits_per_s: 8_000_000,
+        };
+        assert_eq!(b.as_label(), "8mbit");
+        assert!(
+            b.config_section()
+                .contains("lease_to_client_bytes_per_s = 1000000\n")
+        );
+        assert!(
+            b.config_section()
+                .contains("tenant_to_service_bytes_per_s = 1000000\n")
+        );
     }
 
     #[test]

@@ -132,6 +132,75 @@ pub struct Launch {
     pub relay_ebpf: Option<RelayEbpf>,
     /// OutRelay's agents' `[resume]` section; `None`: none (the agent's default).
     pub agent_resume: Option<AgentResume>,
+    /// OutRelay's relay `[bandwidth]` section; `None`: none (the relay's default, no limit).
+    pub relay_bandwidth: Option<RelayBandwidth>,
+}
+
+/// A relay bandwidth setup (`--relay-bandwidth`, issue 21): `off` (an explicit `[bandwidth]`
+/// with every limit 0) or a rate in bits per second that the relay's lease AND tenant
+/// defaults are set to, both directions, so every byte of a limited transfer takes tokens
+/// from two buckets (the worst case a configured limit costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RelayBandwidth {
+    /// The limit in bits per second; 0 = off.
+    pub bits_per_s: u64,
+}
+
+impl RelayBandwidth {
+    /// Parses `off`, `0` or `<number><k|m|g|t>bit` (decimal units: 1 mbit = 10^6 bit/s).
+    ///
+    /// # Errors
+    /// Anything else, as one line for clap.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim().to_ascii_lowercase();
+        if t == "off" || t == "0" {
+            return Ok(Self { bits_per_s: 0 });
+        }
+        let Some(number) = t.strip_suffix("bit") else {
+            return Err(format!(
+                "{text:?}: expected off or a rate like 200mbit, 10gbit"
+            ));
+        };
+        let (digits, scale) = match number.chars().last() {
+            Some('k') => (&number[..number.len() - 1], 1e3),
+            Some('m') => (&number[..number.len() - 1], 1e6),
+            Some('g') => (&number[..number.len() - 1], 1e9),
+            Some('t') => (&number[..number.len() - 1], 1e12),
+            _ => (number, 1.0),
+        };
+        let value: f64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?}: {digits:?} is not a number"))?;
+        let bits = value * scale;
+        if !(bits.is_finite() && bits >= 8.0 && bits <= 1e13) {
+            return Err(format!("{text:?}: out of range (8 bit/s to 10 Tbit/s)"));
+        }
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked above
+        Ok(Self {
+            bits_per_s: bits.round() as u64,
+        })
+    }
+
+    /// The setup label's value (`bw=<this>`): `off`, or the rate in the largest whole unit.
+    pub fn as_label(self) -> String {
+        let b = self.bits_per_s;
+        match b {
+            0 => "off".to_owned(),
+            _ if b % 1_000_000_000 == 0 => format!("{}gbit", b / 1_000_000_000),
+            _ if b % 1_000_000 == 0 => format!("{}mbit", b / 1_000_000),
+            _ if b % 1_000 == 0 => format!("{}kbit", b / 1_000),
+            _ => format!("{b}bit"),
+        }
+    }
+
+    /// The relay config's `[bandwidth]` section (a whole table, ending in a newline).
+    pub fn config_section(self) -> String {
+        let bytes = self.bits_per_s / 8;
+        format!(
+            "[bandwidth]\nlease_to_service_bytes_per_s = {bytes}\nlease_to_client_bytes_per_s = {bytes}\n\
+             tenant_to_service_bytes_per_s = {bytes}\ntenant_to_client_bytes_per_s = {bytes}\n"
+        )
+    }
 }
 
 /// Which of the relay's eBPF programs a setup runs (`--relay-ebpf`, issue 17). Every value

@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::{
-    AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayEbpf, Routing,
-    RunningTarget, Target, UpgradeEnds, free_loopback_addr, wait_listening, wait_ready,
-    wait_udp_bound,
+    AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayBandwidth,
+    RelayEbpf, Routing, RunningTarget, Target, UpgradeEnds, free_loopback_addr, wait_listening,
+    wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -270,11 +270,15 @@ fn workers_line(launch: &Launch) -> String {
         .map_or_else(String::new, |n| format!("workers = {n}\n"))
 }
 
-/// The relay config's `[ebpf]` section for `launch` (empty: none, the relay's default).
+/// The relay config's `[ebpf]` and `[bandwidth]` sections for `launch` (empty: none, the
+/// relay's defaults).
 fn ebpf_section(launch: &Launch) -> String {
     launch
         .relay_ebpf
         .map_or_else(String::new, RelayEbpf::config_section)
+        + &launch
+            .relay_bandwidth
+            .map_or_else(String::new, RelayBandwidth::config_section)
 }
 
 /// The agent config's `[resume]` section for `launch` (empty: none, the agent's default).
