@@ -172,7 +172,7 @@ impl RelayBandwidth {
             .parse()
             .map_err(|_| format!("{text:?}: {digits:?} is not a number"))?;
         let bits = value * scale;
-        if !(bits.is_finite() && bits >= 8.0 && bits <= 1e13) {
+        if !(bits.is_finite() && (8.0..=1e13).contains(&bits)) {
             return Err(format!("{text:?}: out of range (8 bit/s to 10 Tbit/s)"));
         }
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked above
@@ -186,9 +186,9 @@ impl RelayBandwidth {
         let b = self.bits_per_s;
         match b {
             0 => "off".to_owned(),
-            _ if b % 1_000_000_000 == 0 => format!("{}gbit", b / 1_000_000_000),
-            _ if b % 1_000_000 == 0 => format!("{}mbit", b / 1_000_000),
-            _ if b % 1_000 == 0 => format!("{}kbit", b / 1_000),
+            _ if b.is_multiple_of(1_000_000_000) => format!("{}gbit", b / 1_000_000_000),
+            _ if b.is_multiple_of(1_000_000) => format!("{}mbit", b / 1_000_000),
+            _ if b.is_multiple_of(1_000) => format!("{}kbit", b / 1_000),
             _ => format!("{b}bit"),
         }
     }
