@@ -1517,29 +1517,7 @@ async fn dig_resolves_through_the_relay_from_dnsmasq_behind_the_agent() {
         free_port_range(),
     )
     .await;
-    // A UDP port that was free a moment ago for dnsmasq.
-    let dns_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("free UDP port")
-        .port();
-    let user = if nix_is_root() { "root" } else { "nobody" };
-    let dnsmasq = Command::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--pid-file=",
-            &format!("--user={user}"),
-            &format!("--port={dns_port}"),
-            "--address=/svc.outrelay.test/10.9.8.7",
-        ])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start dnsmasq");
-    let _dnsmasq = Proc(dnsmasq);
+    let (_dnsmasq, dns_port) = start_dnsmasq().await;
     let mut agent = start_agent(
         &pki,
         &relay.addrs,
@@ -1549,26 +1527,13 @@ async fn dig_resolves_through_the_relay_from_dnsmasq_behind_the_agent() {
     let port = udp_lease_port(&ready, "dns");
     let start = Instant::now();
     loop {
-        let mut cmd = Command::new("dig");
-        cmd.args([
-            "@127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "svc.outrelay.test",
-            "A",
-            "+short",
-            "+tries=1",
-            "+time=1",
-        ]);
-        let out = run_blocking(cmd).await;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (text, stderr) = dig_once(port).await;
         if text == "10.9.8.7" {
             break;
         }
         assert!(
             start.elapsed() < WAIT,
-            "dig through the relay: {text:?} {}",
-            String::from_utf8_lossy(&out.stderr)
+            "dig through the relay (dnsmasq answers directly): {text:?} {stderr}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1576,6 +1541,69 @@ async fn dig_resolves_through_the_relay_from_dnsmasq_behind_the_agent() {
         "MEASURED dig answered through the relay {:?} after the agent was ready",
         start.elapsed()
     );
+}
+
+/// One `dig` query for svc.outrelay.test at `port`, one try of one second: the answer's text.
+async fn dig_once(port: u16) -> (String, String) {
+    let mut cmd = Command::new("dig");
+    cmd.args([
+        "@127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "svc.outrelay.test",
+        "A",
+        "+short",
+        "+tries=1",
+        "+time=1",
+    ]);
+    let out = run_blocking(cmd).await;
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts dnsmasq answering svc.outrelay.test = 10.9.8.7 on a free loopback UDP port and
+/// returns once it answers `dig` directly. The port was free a moment before dnsmasq binds
+/// it: when another test took it meanwhile (dnsmasq exits), it tries another one. Without
+/// this check a dnsmasq that never came up looked like a relay that never answered.
+async fn start_dnsmasq() -> (Proc, u16) {
+    let user = if nix_is_root() { "root" } else { "nobody" };
+    for _ in 0..5 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free UDP port")
+            .port();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--pid-file=",
+                &format!("--user={user}"),
+                &format!("--port={port}"),
+                "--address=/svc.outrelay.test/10.9.8.7",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        let mut dnsmasq = Proc(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if dnsmasq.0.try_wait().ok().flatten().is_some() {
+                break; // it could not bind: another port
+            }
+            if dig_once(port).await.0 == "10.9.8.7" {
+                return (dnsmasq, port);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("dnsmasq did not answer on 127.0.0.1:{port}; another port");
+    }
+    panic!("dnsmasq never answered dig directly on five ports");
 }
 
 fn nix_is_root() -> bool {
