@@ -37,7 +37,8 @@ use crate::pipe::{Pipe, PipeLimits, PipePool, PipeStats};
 use crate::poller::{Backend, INTEREST_BITS, Interest, Poller, WAKE_TOKEN};
 use crate::rate::{self, Bucket};
 
-/// Bytes a throttled direction waits for before it is pumped again (one default pipe).
+/// At most this many bytes a throttled direction waits for before it is pumped again (one
+/// default pipe; less at low rates, see the throttle in `Engine::service`).
 const THROTTLE_CHUNK_BYTES: u64 = 64 * 1024;
 /// The longest a throttled direction sleeps before it looks again (a rate raised live is
 /// followed within this).
@@ -1133,7 +1134,12 @@ impl Engine {
                     for (i, b) in dir.limits.buckets.iter().enumerate() {
                         if let Some(b) = b.as_ref().filter(|b| b.available(now_ns) == 0) {
                             by |= 1 << i;
-                            wait_ns = wait_ns.max(b.wait_ns(THROTTLE_CHUNK_BYTES, now_ns));
+                            // A quarter burst, not a whole one: the bucket keeps room
+                            // for three quarters of a burst of lateness (a busy CPU) before
+                            // tokens are lost.
+                            let chunk = (rate::burst_bytes(b.rate_bytes_per_s()) / 4)
+                                .min(THROTTLE_CHUNK_BYTES);
+                            wait_ns = wait_ns.max(b.wait_ns(chunk, now_ns));
                         }
                     }
                     let until = now + Duration::from_nanos(wait_ns).min(THROTTLE_WAIT_MAX);
