@@ -185,3 +185,54 @@ async fn udp_datagrams_over_the_lease_limit_are_dropped_rate_limited() {
     assert!(dropped > 0, "counted per lease: {lease}");
     assert_eq!(lease["bandwidth"]["to_service_bytes_per_s"], 100_000);
 }
+
+/// A service stream is held to the provider tenant's `to_service` limit: it waits for tokens
+/// (every byte arrives, in order), and the wait is the tenant's throttled time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_stream_waits_for_its_tenants_limit() {
+    const LIMIT: u64 = 2_000_000;
+    const LEN: usize = 6_000_000;
+    let ca = Ca::new();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            tables: format!(
+                "[bandwidth]\ntenant_to_service_bytes_per_s = {LIMIT}\n\
+                 [[policy]]\ntenant = \"b\"\ncaller = \"*\"\ntarget = \"echo\"\ndecision = \"allow\"\n"
+            ),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let uri = |n: u8| format!("outrelay://b/agent/00000000-0000-4000-8000-0000000000{n:02x}");
+    let mut provider = Agent::connect_as(&relay, &ca, &uri(1)).await;
+    provider.provide("echo").await;
+    provider.serve_streams(true);
+    let consumer = Agent::connect_as(&relay, &ca, &uri(2)).await;
+    let started = Instant::now();
+    let (answer, mut send, mut recv) = consumer.open_stream("echo", "", 1).await;
+    assert_eq!(
+        answer,
+        outrelay_proto::frame::Frame::StreamAccept(orp::StreamAccept::default())
+    );
+    let (n, sent, got) = echo_through(&mut send, &mut recv, LEN, 7).await;
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!((n, &got), (LEN, &sent), "every byte, in order");
+    let want = LEN as f64 / LIMIT as f64;
+    eprintln!("{LEN} bytes through a {LIMIT} B/s tenant limit in {took:.2} s (want {want:.2} s)");
+    assert!(
+        (took - want).abs() / want < 0.10,
+        "{took} s for {LEN} bytes at {LIMIT} B/s"
+    );
+    let status = relay.admin("status").await;
+    let b = status["bandwidth_tenants"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["tenant"] == "b"))
+        .cloned()
+        .unwrap_or_else(|| panic!("tenant b in {status}"));
+    assert_eq!(b["to_service_bytes_per_s"], LIMIT, "{b}");
+    assert!(
+        b["throttled_ms"]["to_service"].as_u64().unwrap_or(0) > 1000,
+        "{b}"
+    );
+}
