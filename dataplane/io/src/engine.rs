@@ -37,13 +37,6 @@ use crate::pipe::{Pipe, PipeLimits, PipePool, PipeStats};
 use crate::poller::{Backend, INTEREST_BITS, Interest, Poller, WAKE_TOKEN};
 use crate::rate::{self, Bucket};
 
-/// At most this many bytes a throttled direction waits for before it is pumped again (one
-/// default pipe; less at low rates, see the throttle in `Engine::service`).
-const THROTTLE_CHUNK_BYTES: u64 = 64 * 1024;
-/// The longest a throttled direction sleeps before it looks again (a rate raised live is
-/// followed within this).
-const THROTTLE_WAIT_MAX: Duration = Duration::from_millis(500);
-
 /// The token buckets one direction of a pair is held to: up to two (the relay: a lease's and
 /// its tenant's). Every read from the source is capped to the tokens all of them grant.
 #[derive(Debug, Clone, Default)]
@@ -394,9 +387,11 @@ struct Direction {
     limits: Limits,
     /// Out of tokens: not pumped before this (an entry in the engine's throttle queue).
     throttled_until: Option<Instant>,
-    /// When it ran out of tokens, and which buckets were empty then (bit per bucket).
+    /// When it ran out of tokens, and which buckets it waits for (bit per bucket).
     throttled_since: Option<Instant>,
     throttled_by: u8,
+    /// Bytes reserved (charged) from its buckets while throttled, read before taking more.
+    credit: u64,
 }
 
 /// What a direction needs next.
@@ -449,7 +444,12 @@ impl Direction {
             // A limited direction reads at most what its buckets grant (zero copy stays: the
             // splice into the pipe is only shorter). Unlimited directions pay this branch.
             let grant = if limited && !self.src_eof {
-                usize::try_from(self.limits.available(now_ns)).unwrap_or(usize::MAX)
+                let tokens = if self.credit > 0 {
+                    self.credit
+                } else {
+                    self.limits.available(now_ns)
+                };
+                usize::try_from(tokens).unwrap_or(usize::MAX)
             } else {
                 usize::MAX
             };
@@ -490,7 +490,7 @@ impl Direction {
                             }
                             Ok(n) => {
                                 if limited {
-                                    self.limits.consume(n, now_ns);
+                                    charge(&mut self.credit, &self.limits, n, now_ns);
                                 }
                                 self.in_pipe += n;
                                 progressed = true;
@@ -523,7 +523,7 @@ impl Direction {
                         }
                         Ok(n) => {
                             if limited {
-                                self.limits.consume(n, now_ns);
+                                charge(&mut self.credit, &self.limits, n, now_ns);
                             }
                             buf.filled(n);
                             progressed = true;
@@ -685,6 +685,15 @@ impl Direction {
         }
         self.buf = Some(buf);
         Ok(true)
+    }
+}
+
+/// Charges `n` bytes read: from the reserved `credit` first, else from the buckets.
+fn charge(credit: &mut u64, limits: &Limits, n: usize, now_ns: u64) {
+    if *credit > 0 {
+        *credit = credit.saturating_sub(n as u64);
+    } else {
+        limits.consume(n, now_ns);
     }
 }
 
@@ -1129,20 +1138,30 @@ impl Engine {
                     if write {
                         want[1 - d] = want[1 - d].union(Interest::WRITE);
                     }
+                    // Reserve the next chunk from every bucket (charged now) and sleep until
+                    // it conforms: holders of one bucket queue in it and take turns.
                     let now_ns = rate::clock_ns(now);
+                    let chunk = dir
+                        .limits
+                        .buckets
+                        .iter()
+                        .flatten()
+                        .filter(|b| b.rate_bytes_per_s() > 0)
+                        .map(|b| b.chunk_bytes())
+                        .min()
+                        .unwrap_or(0);
                     let (mut wait_ns, mut by) = (0u64, 0u8);
                     for (i, b) in dir.limits.buckets.iter().enumerate() {
-                        if let Some(b) = b.as_ref().filter(|b| b.available(now_ns) == 0) {
-                            by |= 1 << i;
-                            // A quarter burst, not a whole one: the bucket keeps room
-                            // for three quarters of a burst of lateness (a busy CPU) before
-                            // tokens are lost.
-                            let chunk = (rate::burst_bytes(b.rate_bytes_per_s()) / 4)
-                                .min(THROTTLE_CHUNK_BYTES);
-                            wait_ns = wait_ns.max(b.wait_ns(chunk, now_ns));
+                        if let Some(b) = b {
+                            let w = b.reserve(chunk, now_ns);
+                            if w > 0 {
+                                by |= 1 << i;
+                            }
+                            wait_ns = wait_ns.max(w);
                         }
                     }
-                    let until = now + Duration::from_nanos(wait_ns).min(THROTTLE_WAIT_MAX);
+                    dir.credit = chunk;
+                    let until = now + Duration::from_nanos(wait_ns);
                     dir.throttled_until = Some(until);
                     if dir.throttled_since.is_none() {
                         dir.throttled_since = Some(now);

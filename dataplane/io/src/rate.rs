@@ -127,6 +127,39 @@ impl Bucket {
         granted
     }
 
+    /// Charges `bytes` now and returns the nanoseconds until they conform (0: at once), so
+    /// the caller waits, then sends them. Waiters queue in `tat_ns` itself: each reservation
+    /// comes after the ones before it, so holders of one bucket take turns instead of the
+    /// first to wake taking everything.
+    pub fn reserve(&self, bytes: u64, now_ns: u64) -> u64 {
+        let rate = self.rate_bytes_per_s();
+        if rate == 0 || bytes == 0 {
+            return 0;
+        }
+        let tau = cost_ns(burst_bytes(rate), rate);
+        let cost = cost_ns(bytes, rate);
+        let old = self
+            .tat_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                Some(tat.max(now_ns).saturating_add(cost))
+            })
+            .unwrap_or(now_ns);
+        old.max(now_ns)
+            .saturating_add(cost)
+            .saturating_sub(tau)
+            .saturating_sub(now_ns)
+    }
+
+    /// Bytes a holder out of tokens should reserve at a time at this rate: a quarter burst
+    /// (so three quarters of a burst is slack for late wake-ups), at most 64 KiB (one pipe),
+    /// at most a tenth of a second of the rate (short waits at low rates).
+    pub fn chunk_bytes(&self) -> u64 {
+        let rate = self.rate_bytes_per_s();
+        (burst_bytes(rate) / 4)
+            .min(BURST_MIN_BYTES)
+            .min((rate / 10).max(1))
+    }
+
     /// Nanoseconds from `now_ns` until `bytes` (capped to the burst) may go; 0 when they may
     /// go now or the bucket is unlimited.
     pub fn wait_ns(&self, bytes: u64, now_ns: u64) -> u64 {
@@ -232,6 +265,23 @@ mod tests {
         assert!((580_000..=610_000).contains(&got), "{got}");
         b.set_rate(0);
         assert_eq!(b.take(7, t), 7);
+    }
+
+    #[test]
+    fn reservations_queue_their_holders() {
+        let rate = 1_000_000;
+        let b = Bucket::new(rate);
+        let t = 10_000 * MS;
+        assert_eq!(b.take(u64::MAX, t), BURST_MIN_BYTES);
+        // Two holders out of tokens reserve 10 kB each: the second waits behind the first.
+        assert_eq!(b.reserve(10_000, t), 10 * MS);
+        assert_eq!(b.reserve(10_000, t), 20 * MS);
+        assert_eq!(b.available(t + 20 * MS), 0);
+        assert_eq!(b.reserve(0, t), 0);
+        assert_eq!(Bucket::new(0).reserve(1 << 30, t), 0);
+        assert_eq!(b.chunk_bytes(), 16_384);
+        assert_eq!(Bucket::new(10_000).chunk_bytes(), 1000);
+        assert_eq!(Bucket::new(1_250_000_000).chunk_bytes(), BURST_MIN_BYTES);
     }
 
     #[test]

@@ -236,3 +236,70 @@ async fn a_service_stream_waits_for_its_tenants_limit() {
         "{b}"
     );
 }
+
+/// Starts a reader of `client` counting into the returned counter.
+fn count_reads(mut client: tokio::net::TcpStream) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n) = client.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            c.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    });
+    (count, task)
+}
+
+/// A tenant limit holds two of its leases together: their sum is at the limit (within 10 %),
+/// and each gets a share of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_limit_caps_two_leases_together() {
+    const LIMIT: u64 = 16_000_000;
+    let ca = Ca::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            leases: format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+            tables: format!("[bandwidth]\ntenant_to_client_bytes_per_s = {LIMIT}\n"),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (zeros, _z) = zeros_target().await;
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let mut flows = Vec::new();
+    for name in ["one", "two"] {
+        let grant = agent.register(name, false, true).await;
+        agent.serve_lease_with(&relay, &grant, zeros, 2);
+        let client = connect_lease_port(LOCAL, lease_port(&grant)).await;
+        flows.push(count_reads(client));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (a, b) = tokio::join!(
+        rate_over(&flows[0].0, Duration::from_secs(2)),
+        rate_over(&flows[1].0, Duration::from_secs(2))
+    );
+    let sum = a + b;
+    eprintln!(
+        "two leases under a {} MB/s tenant limit: {:.2} + {:.2} = {:.2} MB/s",
+        LIMIT / 1_000_000,
+        a / 1e6,
+        b / 1e6,
+        sum / 1e6
+    );
+    assert!(
+        (sum - LIMIT as f64).abs() / (LIMIT as f64) < 0.10,
+        "sum {sum} B/s, limit {LIMIT}"
+    );
+    assert!(
+        a > 0.1 * LIMIT as f64 && b > 0.1 * LIMIT as f64,
+        "each gets a share: {a} {b}"
+    );
+    for (_, task) in flows {
+        task.abort();
+    }
+}

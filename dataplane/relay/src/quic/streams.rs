@@ -760,19 +760,17 @@ async fn pipe(
     }
 }
 
-/// Waits until `limit` has tokens for `len` bytes already read, then charges them (a chunk
-/// larger than the burst leaves a debt the next one waits for). Never drops; the wait is
-/// counted as the bucket's throttled time. Unlimited (rate 0): one load, no wait.
+/// Charges `len` bytes already read to `limit` and waits until they conform. Never drops; the
+/// wait is counted as the bucket's throttled time. Unlimited (rate 0): one load, no wait.
 async fn throttle(limit: &outrelay_io::Bucket, len: usize) {
     if limit.rate_bytes_per_s() == 0 {
         return;
     }
-    let now = std::time::Instant::now();
-    let now_ns = outrelay_io::rate::clock_ns(now);
-    let wait_ns = limit.wait_ns(len as u64, now_ns);
+    let now_ns = outrelay_io::rate::clock_ns(std::time::Instant::now());
+    // Reserved in the bucket: streams waiting on one tenant take turns.
+    let wait_ns = limit.reserve(len as u64, now_ns);
     if wait_ns > 0 {
         tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
         limit.add_throttled_ns(wait_ns);
     }
-    limit.consume(len as u64, now_ns.saturating_add(wait_ns));
 }
