@@ -1550,3 +1550,36 @@ mod doc_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proxy_flag_tests {
+    use super::*;
+
+    fn expose(udp: bool, proxy_protocol: &str) -> Result<Settings, ConfigError> {
+        Settings::from_expose(ExposeArgs {
+            common: CommonArgs {
+                relay: "127.0.0.1:7443".into(),
+                state_dir: Some(PathBuf::from("/var/lib/outrelay-agent")),
+                ..CommonArgs::default()
+            },
+            name: "demo".into(),
+            tcp_to: Some("127.0.0.1:9000".into()),
+            udp_to: udp.then(|| "127.0.0.1:9053".into()),
+            proxy_protocol: proxy_protocol.into(),
+            ..ExposeArgs::default()
+        })
+    }
+
+    #[test]
+    fn expose_proxy_protocol_maps_to_the_lease_and_v1_with_udp_is_refused() {
+        let s = expose(true, "v2").expect("v2 with udp");
+        assert_eq!(s.leases[0].proxy_protocol, Some(ProxyProtocol::V2));
+        assert_eq!(
+            expose(false, "").expect("off").leases[0].proxy_protocol,
+            None
+        );
+        let e = expose(true, "v1").expect_err("v1 has no datagram form");
+        assert!(e.to_string().contains("proxy_protocol"), "{e}");
+        assert!(expose(false, "v9").is_err());
+    }
+}
