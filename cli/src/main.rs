@@ -111,6 +111,10 @@ enum Command {
         /// Write the bound addresses here as JSON.
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
+        /// Expect a PROXY protocol header (v1 or v2) on the HTTPS and TCP echo listeners and
+        /// report the client address it names (HTTPS: in the answer; echo: on stderr).
+        #[arg(long)]
+        proxy_protocol: bool,
     },
     /// Prints shell completions.
     Completions {
@@ -450,8 +454,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             echo,
             udp_echo,
             ready_file,
+            proxy_protocol,
         } => {
-            dev_serve::run(https, &cert, &key, echo, udp_echo, ready_file.as_deref()).await?;
+            let listen = dev_serve::Listen {
+                https,
+                echo,
+                udp_echo,
+                proxy_protocol,
+            };
+            dev_serve::run(listen, &cert, &key, ready_file.as_deref()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy(cmd) => {

@@ -143,6 +143,8 @@ struct RawLease {
     wildcard: bool,
     #[serde(default = "default_ttl")]
     ttl_s: u32,
+    #[serde(default)]
+    proxy_protocol: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +155,8 @@ struct RawProvide {
     to: String,
     #[serde(default)]
     methods: BTreeMap<String, String>,
+    #[serde(default)]
+    proxy_protocol: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -392,6 +396,33 @@ pub struct LeaseSpec {
     pub wildcard: bool,
     /// TTL asked for, in seconds.
     pub ttl_s: u32,
+    /// PROXY protocol header written to the local target before the client's first byte
+    /// (`proxy_protocol`); the agent then asks the relay for the client's addresses.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// The PROXY protocol version written to a local service (`proxy_protocol = "v1" | "v2"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// The text header (`PROXY TCP4 ...\r\n`; `PROXY UNKNOWN` without addresses). TCP only.
+    V1,
+    /// The binary header (addresses, TLVs; DGRAM for UDP).
+    V2,
+}
+
+impl ProxyProtocol {
+    /// Parses `"v1"`, `"v2"`; `""` is off.
+    ///
+    /// # Errors
+    /// Any other value, naming `key`.
+    pub fn parse(key: &str, v: &str) -> Result<Option<ProxyProtocol>, ConfigError> {
+        match v {
+            "" => Ok(None),
+            "v1" => Ok(Some(ProxyProtocol::V1)),
+            "v2" => Ok(Some(ProxyProtocol::V2)),
+            other => Err(bad(key, format!("{other:?}: want \"v1\" or \"v2\""))),
+        }
+    }
 }
 
 /// The reverse-session pool of each lease.
@@ -513,6 +544,9 @@ pub struct ProvideSpec {
     pub to: Option<String>,
     /// Per-method local targets.
     pub methods: BTreeMap<String, String>,
+    /// PROXY protocol header written to the target before the consumer's first byte (v2:
+    /// LOCAL with the consumer's URI as TLV 0xE0; v1: `PROXY UNKNOWN`).
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl ProvideSpec {
@@ -666,6 +700,8 @@ pub struct ExposeArgs {
     pub tcp_to: Option<String>,
     /// `--udp-to`.
     pub udp_to: Option<String>,
+    /// `--proxy-protocol` (`""`: off).
+    pub proxy_protocol: String,
 }
 
 /// The flags of `outrelay-agent provide`.
@@ -679,6 +715,8 @@ pub struct ProvideArgs {
     pub to: Option<String>,
     /// `--method M --to ADDR` pairs.
     pub methods: Vec<(String, String)>,
+    /// `--proxy-protocol` (`""`: off).
+    pub proxy_protocol: String,
 }
 
 /// The flags of `outrelay-agent consume`.
@@ -770,6 +808,7 @@ impl Settings {
             udp_to: args.udp_to.unwrap_or_default(),
             wildcard: false,
             ttl_s: DEFAULT_LEASE_TTL_S,
+            proxy_protocol: args.proxy_protocol,
         });
         Settings::from_flags(raw)
     }
@@ -787,6 +826,7 @@ impl Settings {
             service: args.service,
             to: args.to.unwrap_or_default(),
             methods: args.methods.into_iter().collect(),
+            proxy_protocol: args.proxy_protocol,
         });
         Settings::from_flags(raw)
     }
@@ -912,6 +952,14 @@ impl Settings {
             if l.ttl_s == 0 {
                 return Err(bad(&format!("{key}.ttl_s"), "must be at least 1"));
             }
+            let proxy_protocol =
+                ProxyProtocol::parse(&format!("{key}.proxy_protocol"), &l.proxy_protocol)?;
+            if proxy_protocol == Some(ProxyProtocol::V1) && udp_to.is_some() {
+                return Err(bad(
+                    &format!("{key}.proxy_protocol"),
+                    "\"v1\" has no datagram form: use \"v2\" with udp_to",
+                ));
+            }
             leases.push(LeaseSpec {
                 name: l.name,
                 tls_to,
@@ -919,6 +967,7 @@ impl Settings {
                 udp_to,
                 wildcard: l.wildcard,
                 ttl_s: l.ttl_s,
+                proxy_protocol,
             });
         }
         let metrics_listen = match raw.metrics.listen.as_str() {
@@ -1147,10 +1196,13 @@ fn provides(raw: Vec<RawProvide>) -> Result<Vec<ProvideSpec>, ConfigError> {
         if to.is_none() && p.methods.is_empty() {
             return Err(bad(&format!("{key}.to"), "give to or methods"));
         }
+        let proxy_protocol =
+            ProxyProtocol::parse(&format!("{key}.proxy_protocol"), &p.proxy_protocol)?;
         out.push(ProvideSpec {
             service: p.service,
             to,
             methods: p.methods,
+            proxy_protocol,
         });
     }
     Ok(out)
@@ -1247,7 +1299,14 @@ mod tests {
             Some("127.0.0.1:7462".parse().expect("addr"))
         );
         assert_eq!(s.leases[0].tcp_to, None);
+        assert_eq!(s.leases[0].proxy_protocol, None);
         assert_eq!(s.server_name, "localhost");
+        let pp = parse(&MINIMAL.replace(
+            "tls_to = \"127.0.0.1:8443\"",
+            "tls_to = \"127.0.0.1:8443\"\nudp_to = \"127.0.0.1:53\"\nproxy_protocol = \"v2\"",
+        ))
+        .expect("v2 with udp_to is valid");
+        assert_eq!(pp.leases[0].proxy_protocol, Some(ProxyProtocol::V2));
     }
 
     #[test]
@@ -1274,6 +1333,20 @@ mod tests {
             ),
             (&MINIMAL.replace("ca = \"/ca.pem\"", ""), "identity"),
             (&format!("{MINIMAL}bogus = 1\n"), "config"),
+            (
+                &MINIMAL.replace(
+                    "tls_to = \"127.0.0.1:8443\"",
+                    "udp_to = \"127.0.0.1:53\"\nproxy_protocol = \"v1\"",
+                ),
+                "lease[0].proxy_protocol",
+            ),
+            (
+                &MINIMAL.replace(
+                    "tls_to = \"127.0.0.1:8443\"",
+                    "tls_to = \"127.0.0.1:8443\"\nproxy_protocol = \"v3\"",
+                ),
+                "lease[0].proxy_protocol",
+            ),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(key).to_string();
@@ -1475,5 +1548,38 @@ mod doc_tests {
             "docs/config.md no longer matches dataplane/agent/src/config.rs:\n{}",
             problems.join("\n")
         );
+    }
+}
+
+#[cfg(test)]
+mod proxy_flag_tests {
+    use super::*;
+
+    fn expose(udp: bool, proxy_protocol: &str) -> Result<Settings, ConfigError> {
+        Settings::from_expose(ExposeArgs {
+            common: CommonArgs {
+                relay: "127.0.0.1:7443".into(),
+                state_dir: Some(PathBuf::from("/var/lib/outrelay-agent")),
+                ..CommonArgs::default()
+            },
+            name: "demo".into(),
+            tcp_to: Some("127.0.0.1:9000".into()),
+            udp_to: udp.then(|| "127.0.0.1:9053".into()),
+            proxy_protocol: proxy_protocol.into(),
+            ..ExposeArgs::default()
+        })
+    }
+
+    #[test]
+    fn expose_proxy_protocol_maps_to_the_lease_and_v1_with_udp_is_refused() {
+        let s = expose(true, "v2").expect("v2 with udp");
+        assert_eq!(s.leases[0].proxy_protocol, Some(ProxyProtocol::V2));
+        assert_eq!(
+            expose(false, "").expect("off").leases[0].proxy_protocol,
+            None
+        );
+        let e = expose(true, "v1").expect_err("v1 has no datagram form");
+        assert!(e.to_string().contains("proxy_protocol"), "{e}");
+        assert!(expose(false, "v9").is_err());
     }
 }

@@ -651,6 +651,7 @@ impl Conn<'_> {
             reverse_tls: false,
             request_id: 0,
             wildcard: spec.wildcard,
+            client_addr: spec.proxy_protocol.is_some(),
         };
         let id = self.request_id(Request::Register(i));
         self.live[i].state = LeaseState::Registering;
@@ -831,7 +832,7 @@ impl Conn<'_> {
             l.last_error = None;
             l.due = Some(Instant::now() + renew);
         }
-        self.serve_udp(i, lease_id, g.udp_slot);
+        self.serve_udp(i, lease_id, g.udp_slot, g.client_addr);
         if same {
             return;
         }
@@ -904,6 +905,7 @@ impl Conn<'_> {
             key,
             tls_to: slot.tls_to.clone(),
             tcp_to: slot.tcp_to.clone(),
+            proxy_protocol: slot.spec.proxy_protocol,
             gauge: l.gauge.clone(),
             fail_log: slot.fail_log.clone(),
         };
@@ -912,7 +914,11 @@ impl Conn<'_> {
 
     /// Points the mux at the lease's local UDP service for the granted slot (0: no UDP). A new
     /// `lease_id` on the same slot closes the slot's flows (the mux compares it).
-    fn serve_udp(&mut self, i: usize, lease_id: LeaseId, slot: u32) {
+    fn serve_udp(&mut self, i: usize, lease_id: LeaseId, slot: u32, client_addr: bool) {
+        let proxy = match self.slots[i].spec.proxy_protocol {
+            Some(_) => crate::udp::UdpProxy::V2 { client_addr },
+            None => crate::udp::UdpProxy::Off,
+        };
         let target = self.slots[i]
             .udp_to
             .as_deref()
@@ -926,7 +932,7 @@ impl Conn<'_> {
         }
         l.udp_slot = want.map(|(s, _)| s);
         if let Some((slot, target)) = want {
-            self.udp.set(slot, lease_id, target);
+            self.udp.set(slot, lease_id, target, proxy);
         }
     }
 

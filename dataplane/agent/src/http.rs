@@ -175,6 +175,8 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
             "lease_errors": load(&st.lease_errors),
             "reverse_addr_refused": load(&st.reverse_addr_refused),
             "lease_reregistered": load(&st.lease_reregistered),
+            "proxy_headers": load(&st.proxy_headers),
+            "client_addr_missing": load(&st.client_addr_missing),
         },
         "consumers": s.board.consumers(),
         "mesh": {
@@ -222,6 +224,8 @@ fn update(s: &Sources) {
             .absolute(st.session_failures(r));
     }
     counter!("outrelay_agent_splices_total").absolute(load(&st.splices));
+    counter!("outrelay_agent_proxy_headers_total").absolute(load(&st.proxy_headers));
+    counter!("outrelay_agent_client_addr_missing_total").absolute(load(&st.client_addr_missing));
     for r in LocalFail::ALL {
         counter!("outrelay_agent_local_connect_failed_total", "reason" => r.label())
             .absolute(st.local_failures(r));
@@ -241,6 +245,7 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_udp_datagrams_total", "direction" => "to_relay")
         .absolute(load(&u.to_relay));
     counter!("outrelay_agent_udp_flows_total").absolute(load(&u.flows_opened));
+    counter!("outrelay_agent_udp_proxy_headers_total").absolute(load(&u.proxy_headers));
     counter!("outrelay_agent_udp_flows_expired_total").absolute(load(&u.flows_expired));
 
     let m = &st.mesh;

@@ -25,6 +25,7 @@ pub mod http;
 pub mod mesh;
 pub mod metric_help;
 pub mod pool;
+pub mod proxy;
 pub mod ready;
 pub mod resume;
 mod session;

@@ -64,6 +64,10 @@ enum Command {
         /// Local UDP service (ip:port) for a public UDP port.
         #[arg(long, value_name = "ADDR")]
         udp_to: Option<String>,
+        /// Write a PROXY protocol header (v1 or v2; v2 only with --udp-to) with the public
+        /// client's address to the local service before its first byte.
+        #[arg(long, value_name = "VERSION", default_value = "")]
+        proxy_protocol: String,
     },
     /// Provide a service to other agents' streams: register it and join incoming streams to
     /// local targets.
@@ -81,6 +85,10 @@ enum Command {
         /// target, or get 404 without one.
         #[arg(long, value_name = "M")]
         method: Vec<String>,
+        /// Write a PROXY protocol header (v2: the consumer's identity URI as TLV 0xE0; v1:
+        /// `PROXY UNKNOWN`) to the local target before the stream's first byte.
+        #[arg(long, value_name = "VERSION", default_value = "")]
+        proxy_protocol: String,
     },
     /// Consume a service: every connection to the local listener becomes a stream to it.
     Consume {
@@ -182,6 +190,7 @@ fn indexed(m: &ArgMatches, id: &str) -> Vec<(usize, String)> {
 fn provide_args(
     common: CommonArgs,
     service: String,
+    proxy_protocol: String,
     matches: Option<&ArgMatches>,
 ) -> Result<ProvideArgs, ConfigError> {
     let (methods, tos) = matches.map_or_else(Default::default, |m| {
@@ -193,6 +202,7 @@ fn provide_args(
         service,
         to,
         methods,
+        proxy_protocol,
     })
 }
 
@@ -238,6 +248,7 @@ fn main() -> ExitCode {
             tls_to,
             tcp_to,
             udp_to,
+            proxy_protocol,
         } => {
             let (common, ready_file) = common.split();
             let args = ExposeArgs {
@@ -246,6 +257,7 @@ fn main() -> ExitCode {
                 tls_to,
                 tcp_to,
                 udp_to,
+                proxy_protocol,
             };
             match Settings::from_expose(args) {
                 Ok(s) => (s, ready_file),
@@ -253,11 +265,16 @@ fn main() -> ExitCode {
             }
         }
         Command::Provide {
-            common, service, ..
+            common,
+            service,
+            proxy_protocol,
+            ..
         } => {
             let (common, ready_file) = common.split();
             let sub = matches.subcommand_matches("provide");
-            match provide_args(common, service, sub).and_then(Settings::from_provide) {
+            match provide_args(common, service, proxy_protocol, sub)
+                .and_then(Settings::from_provide)
+            {
                 Ok(s) => (s, ready_file),
                 Err(e) => return config_error(&e),
             }
@@ -510,6 +527,7 @@ mod tests {
         provide_args(
             common.split().0,
             service,
+            String::new(),
             matches.subcommand_matches("provide"),
         )
     }

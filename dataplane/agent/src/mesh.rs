@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -139,6 +140,14 @@ impl MeshCtx {
             .and_then(|i| self.settings.provides.get(*i))
             .ok_or("no handler for this service")?;
         spec.target(method).ok_or("no handler for this method")
+    }
+
+    /// The PROXY protocol version the provider of `service` writes to its targets.
+    pub fn proxy_protocol(&self, service: &str) -> Option<crate::config::ProxyProtocol> {
+        self.providers
+            .get(service)
+            .and_then(|i| self.settings.provides.get(*i))
+            .and_then(|spec| spec.proxy_protocol)
     }
 
     fn mesh(&self) -> &MeshStats {
@@ -430,6 +439,21 @@ async fn provide_one(
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("connect timed out".to_owned()),
     };
+    // `proxy_protocol`: the header goes before the consumer's first byte, naming the
+    // consumer's identity (TLV 0xE0) and the service (authority); no addresses (LOCAL).
+    let dialled = match (dialled, ctx.proxy_protocol(service)) {
+        (Ok(mut t), Some(version)) => {
+            let header = crate::proxy::service_header(version, &incoming.source_agent_uri, service);
+            match t.write_all(&header).await {
+                Ok(()) => {
+                    ctx.stats.proxy_headers.fetch_add(1, Ordering::Relaxed);
+                    Ok(t)
+                }
+                Err(e) => Err(format!("PROXY header: {e}")),
+            }
+        }
+        (d, _) => d,
+    };
     let tcp = match dialled {
         Ok(t) => t,
         Err(e) => {
@@ -689,11 +713,13 @@ pub(crate) mod tests {
                 service: "payments".into(),
                 to: Some("127.0.0.1:8080".into()),
                 methods: BTreeMap::from([("charge".into(), "127.0.0.1:8081".into())]),
+                proxy_protocol: None,
             },
             ProvideSpec {
                 service: "ledger".into(),
                 to: None,
                 methods: BTreeMap::from([("read".into(), "127.0.0.1:9001".into())]),
+                proxy_protocol: None,
             },
         ]);
         assert_eq!(ctx.target("payments", "charge"), Ok("127.0.0.1:8081"));
@@ -817,6 +843,7 @@ pub(crate) mod tests {
                 ("charge".into(), target_addr.to_string()),
                 ("refund".into(), closed_addr.to_string()),
             ]),
+            proxy_protocol: None,
         }]));
         let (_se, relay, _ce, agent) = quic_pair().await;
         tokio::spawn(serve_incoming(Arc::new(link(agent).0), ctx.clone()));
@@ -965,6 +992,7 @@ pub(crate) mod tests {
             service: "bulk".into(),
             to: Some(target_addr.to_string()),
             methods: BTreeMap::new(),
+            proxy_protocol: None,
         }]));
         let (_se, relay, _ce, agent) = quic_pair().await;
         tokio::spawn(serve_incoming(Arc::new(link(agent).0), ctx.clone()));

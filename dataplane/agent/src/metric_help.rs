@@ -17,6 +17,18 @@ pub fn describe() {
         "Grants whose reverse address is neither the dialled relay host nor in reverse_allow (no pool)."
     );
     metrics::describe_counter!(
+        "outrelay_agent_proxy_headers_total",
+        "PROXY protocol headers written to local services (sessions, datagrams, service streams)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_udp_proxy_headers_total",
+        "Datagrams sent to local UDP services behind a PROXY protocol v2 DGRAM header."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_client_addr_missing_total",
+        "Claims and datagrams of proxy_protocol leases without the client's addresses (the relay did not grant client_addr): a LOCAL/UNKNOWN header was written."
+    );
+    metrics::describe_counter!(
         "outrelay_agent_local_connect_failed_total",
         "Connections to local targets that failed."
     );

@@ -68,6 +68,8 @@ pub struct PoolParams {
     pub tls_to: Option<Arc<str>>,
     /// Target of TCP port claims.
     pub tcp_to: Option<Arc<str>>,
+    /// The PROXY protocol header written to the targets before the client's first byte.
+    pub proxy_protocol: Option<crate::config::ProxyProtocol>,
     /// Live sizes for `/status` and `/metrics`.
     pub gauge: Arc<PoolGauge>,
     /// Log throttle of this lease's local connect failures (shared across grants).

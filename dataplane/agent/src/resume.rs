@@ -831,6 +831,7 @@ mod tests {
             service: "svc".into(),
             to: Some(target.local_addr().expect("addr").to_string()),
             methods: BTreeMap::new(),
+            proxy_protocol: None,
         }]);
         settings.resume.ring_bytes = ring_bytes;
         settings.resume.timeout = Duration::from_secs(20);

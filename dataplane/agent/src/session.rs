@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use outrelay_io::{Engine, Interest};
+use outrelay_proto::client_addr::{ClientAddr, MAX_BLOCK_BYTES, block_len};
 use outrelay_proto::reverse::{self, Marker};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -86,6 +87,12 @@ enum State {
     },
     /// Authenticated, waiting for a marker.
     Idle,
+    /// Marker 0x03/0x04 read: `got` bytes of the client's address block so far.
+    ClientAddr {
+        marker: Marker,
+        got: usize,
+        block: [u8; MAX_BLOCK_BYTES],
+    },
     /// Claimed: connecting the local target `addrs[addr]` (waiting for writability).
     Local {
         local: Socket,
@@ -93,6 +100,8 @@ enum State {
         addrs: Arc<[SocketAddr]>,
         addr: usize,
         name: Arc<str>,
+        /// The PROXY protocol header to write once connected (empty: none).
+        header: Vec<u8>,
     },
 }
 
@@ -101,7 +110,8 @@ impl State {
         match self {
             State::Connecting { .. } => RELAY_CONNECT,
             State::Challenge { .. } => HANDSHAKE,
-            State::Idle => DEAD,
+            // The block comes with its marker; a relay that stops inside it is dead.
+            State::Idle | State::ClientAddr { .. } => DEAD,
             State::Local { .. } => LOCAL_CONNECT,
         }
     }
@@ -433,6 +443,9 @@ impl Sessions {
         let Some(s) = slot(&mut self.slots, index, generation) else {
             return Ok(());
         };
+        if matches!(s.state, State::ClientAddr { .. }) {
+            return self.read_client_addr(engine, index, generation, now);
+        }
         // ONE byte at a time: the bytes after a marker are the public client's, for the splice.
         let mut alive = false;
         let marker = loop {
@@ -458,7 +471,53 @@ impl Sessions {
                 Err(_) => return Err(End::Idle(Some(SessionFail::ClosedByRelay))),
             }
         };
-        self.claim(engine, index, generation, marker, now)
+        if marker.carries_client_addr() {
+            s.state = State::ClientAddr {
+                marker,
+                got: 0,
+                block: [0; MAX_BLOCK_BYTES],
+            };
+            return self.read_client_addr(engine, index, generation, now);
+        }
+        self.claim(engine, index, generation, marker, None, now)
+    }
+
+    /// Reads the client's address block after marker 0x03/0x04, in as many pieces as it
+    /// comes, never a byte past it (the client's bytes follow, for the splice). A bad family
+    /// or an end inside the block closes the session (`bad_client_addr`).
+    fn read_client_addr(
+        &mut self,
+        engine: &mut Engine,
+        index: u32,
+        generation: u32,
+        now: Instant,
+    ) -> Result<(), End> {
+        let Some(s) = slot(&mut self.slots, index, generation) else {
+            return Ok(());
+        };
+        let State::ClientAddr { marker, got, block } = &mut s.state else {
+            return Ok(());
+        };
+        loop {
+            let want = match ClientAddr::decode_partial(&block[..*got]) {
+                Err(_) => return Err(End::Idle(Some(SessionFail::BadClientAddr))),
+                Ok(Some((addr, _))) => {
+                    let marker = *marker;
+                    return self.claim(engine, index, generation, marker, Some(addr), now);
+                }
+                Ok(None) if *got == 0 => 1,
+                Ok(None) => block_len(block[0]).unwrap_or(1),
+            };
+            match (&s.fd).read(&mut block[*got..want]) {
+                Ok(0) => return Err(End::Idle(Some(SessionFail::BadClientAddr))),
+                Ok(n) => *got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return self.arm(engine, index, generation, false, Interest::READ);
+                }
+                Err(_) => return Err(End::Idle(Some(SessionFail::ClosedByRelay))),
+            }
+        }
     }
 
     /// A marker arrived: the session is the public client's from here on; its replacements
@@ -469,12 +528,13 @@ impl Sessions {
         index: u32,
         generation: u32,
         marker: Marker,
+        client: Option<ClientAddr>,
         now: Instant,
     ) -> Result<(), End> {
         let Some(pool) = slot(&mut self.slots, index, generation).map(|s| s.pool.clone()) else {
             return Ok(());
         };
-        let joining = self.join_target(engine, index, generation, marker, now);
+        let joining = self.join_target(engine, index, generation, marker, client, now);
         self.replenish(engine, &pool, now);
         joining
     }
@@ -486,6 +546,7 @@ impl Sessions {
         index: u32,
         generation: u32,
         marker: Marker,
+        client: Option<ClientAddr>,
         now: Instant,
     ) -> Result<(), End> {
         let Some(s) = slot(&mut self.slots, index, generation) else {
@@ -493,7 +554,7 @@ impl Sessions {
         };
         let resolved = s.pool.resolved.load();
         let (counter, target) = match marker {
-            Marker::Tls => (&self.stats.sessions_claimed_tls, &resolved.tls),
+            Marker::Tls | Marker::TlsAddr => (&self.stats.sessions_claimed_tls, &resolved.tls),
             _ => (&self.stats.sessions_claimed_tcp, &resolved.tcp),
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -514,12 +575,24 @@ impl Sessions {
         };
         let local = stream_socket(first)
             .map_err(|e| End::Local(LocalFail::Other, Some(e), Some(name.clone())))?;
+        let header = match s.pool.params.proxy_protocol {
+            None => Vec::new(),
+            Some(version) => {
+                if client.is_none() {
+                    self.stats
+                        .client_addr_missing
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                crate::proxy::stream_header(version, client.as_ref())
+            }
+        };
         s.state = State::Local {
             local,
             armed: Interest::NONE,
             addrs,
             addr: 0,
             name,
+            header,
         };
         self.set_timer(index, generation, now);
         self.connect_local(engine, index, generation, now)
@@ -622,6 +695,23 @@ impl Sessions {
         generation: u32,
         now: Instant,
     ) -> Result<(), End> {
+        // The PROXY protocol header goes first, before any byte of the client's (for TLS
+        // passthrough: before the ClientHello). A fresh connection's send buffer takes it whole;
+        // anything less fails the claim (`proxy_header`) rather than blocking the thread.
+        if let Some(Session {
+            state: State::Local { local, header, .. },
+            ..
+        }) = slot(&mut self.slots, index, generation)
+            && !header.is_empty()
+        {
+            match local.send(header) {
+                Ok(n) if n == header.len() => {
+                    self.stats.proxy_headers.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => return Err(End::Local(LocalFail::ProxyHeader, None, None)),
+                Err(e) => return Err(End::Local(LocalFail::ProxyHeader, Some(e), None)),
+            }
+        }
         // The keys are not forgotten: the engine re-arms both descriptors under its own tokens
         // (an epoll MOD, a new ring poll), which saves two epoll_ctl calls per connection.
         let Some(s) = self.take(index, generation) else {
@@ -762,7 +852,7 @@ impl Sessions {
         armed.map_err(|e| match s.state {
             State::Connecting { .. } => End::Setup(SessionFail::Connect),
             State::Challenge { .. } => End::Setup(SessionFail::Handshake),
-            State::Idle => End::Idle(Some(SessionFail::ClosedByRelay)),
+            State::Idle | State::ClientAddr { .. } => End::Idle(Some(SessionFail::ClosedByRelay)),
             State::Local { .. } => End::Local(LocalFail::Other, Some(e), None),
         })
     }
@@ -825,6 +915,17 @@ mod tests {
     /// One engine thread, a fake relay listener and a pool link whose TCP target is `tcp`
     /// (its target 0 and `max` as given: a claim grows it to at most `max`).
     fn rig(backend: Backend, pool: PoolConfig, tcp: Target, max: usize) -> Rig {
+        rig_with(backend, pool, tcp, max, None)
+    }
+
+    /// [`rig`] whose lease writes `proxy_protocol` headers.
+    fn rig_with(
+        backend: Backend,
+        pool: PoolConfig,
+        tcp: Target,
+        max: usize,
+        proxy_protocol: Option<crate::config::ProxyProtocol>,
+    ) -> Rig {
         let relay = TcpListener::bind("127.0.0.1:0").expect("relay listener");
         let stats = Arc::new(Stats::default());
         let splice = SpliceConfig {
@@ -848,6 +949,7 @@ mod tests {
                 key,
                 tls_to: None,
                 tcp_to: None,
+                proxy_protocol,
                 gauge: Arc::new(PoolGauge::default()),
                 fail_log: Arc::new(FailLog::default()),
             }),
@@ -1022,6 +1124,78 @@ mod tests {
             drop(local);
             drop(relay);
             rig.wait_in_flight(0);
+        }
+    }
+
+    /// Marker 0x03 and the client's address block arriving in pieces: the local target gets
+    /// the v2 header naming the client, then exactly the client's bytes. A session whose
+    /// block has a bad family, or ends inside the block, is closed and counted.
+    #[test]
+    fn a_client_addr_block_in_pieces_becomes_a_proxy_header_and_a_bad_one_closes() {
+        use outrelay_proto::client_addr::ClientAddr;
+        for backend in backends() {
+            let target = TcpListener::bind("127.0.0.1:0").expect("target");
+            let addr = target.local_addr().expect("addr");
+            let mut rig = rig_with(
+                backend,
+                PoolConfig::default(),
+                Target::Addrs(Arc::from("t"), Arc::from(vec![addr])),
+                1,
+                Some(crate::config::ProxyProtocol::V2),
+            );
+            let mut relay = rig.handshake();
+            let client = ClientAddr::new(
+                "203.0.113.9:40123".parse().expect("addr"),
+                "198.51.100.1:443".parse().expect("addr"),
+            );
+            let (block, n) = client.to_bytes();
+            relay
+                .write_all(&[0x03, block[0], block[1]])
+                .expect("marker");
+            std::thread::sleep(Duration::from_millis(20));
+            relay.write_all(&block[2..7]).expect("block piece");
+            std::thread::sleep(Duration::from_millis(20));
+            relay.write_all(&block[7..n]).expect("block rest");
+            relay.write_all(b"hello").expect("client bytes");
+            let (mut local, _) = target.accept().expect("local connect");
+            local.set_read_timeout(Some(BOUND)).expect("timeout");
+            let want = crate::proxy::stream_header(crate::config::ProxyProtocol::V2, Some(&client));
+            let mut got = vec![0u8; want.len() + 5];
+            local.read_exact(&mut got).expect("header and bytes");
+            assert_eq!(
+                &got[..want.len()],
+                &want[..],
+                "{backend:?}: the v2 header first"
+            );
+            assert_eq!(&got[want.len()..], b"hello", "{backend:?}");
+            let parsed = ppp::v2::Header::try_from(&got[..want.len()]).expect("ppp parses it");
+            assert_eq!(
+                parsed.addresses,
+                ppp::v2::Addresses::from((client.source, client.destination))
+            );
+            assert_eq!(rig.stats.proxy_headers.load(Ordering::Relaxed), 1);
+            drop(local);
+            drop(relay);
+            rig.wait_in_flight(0);
+
+            for (round, bad) in [&[0x03u8, 5][..], &[0x04, 4, 1, 2]].into_iter().enumerate() {
+                let mut relay = rig.handshake();
+                relay.write_all(bad).expect("bad block");
+                if round == 1 {
+                    relay
+                        .shutdown(std::net::Shutdown::Write)
+                        .expect("fin inside the block");
+                }
+                assert!(
+                    closed(&mut relay),
+                    "{backend:?}: a bad block closes the session"
+                );
+                let want = u64::try_from(round + 1).expect("small");
+                rig.wait_for(
+                    || rig.stats.session_failures(SessionFail::BadClientAddr) == want,
+                    "bad_client_addr counted",
+                );
+            }
         }
     }
 

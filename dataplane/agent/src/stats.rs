@@ -26,17 +26,20 @@ pub enum LocalFail {
     NoTarget,
     /// The splice engine refused the pair (full or stopped).
     EngineRefused,
+    /// The PROXY protocol header could not be written to the fresh local connection at once.
+    ProxyHeader,
 }
 
 impl LocalFail {
     /// Every reason, for metric label registration.
-    pub const ALL: [LocalFail; 6] = [
+    pub const ALL: [LocalFail; 7] = [
         LocalFail::Refused,
         LocalFail::Timeout,
         LocalFail::Resolve,
         LocalFail::Other,
         LocalFail::NoTarget,
         LocalFail::EngineRefused,
+        LocalFail::ProxyHeader,
     ];
 
     /// The metric label.
@@ -48,6 +51,7 @@ impl LocalFail {
             LocalFail::Other => "other",
             LocalFail::NoTarget => "no_target",
             LocalFail::EngineRefused => "engine_refused",
+            LocalFail::ProxyHeader => "proxy_header",
         }
     }
 
@@ -69,18 +73,21 @@ pub enum SessionFail {
     ClosedByRelay,
     /// A byte that is neither a keep-alive nor a marker.
     BadByte,
+    /// The client address block after marker 0x03/0x04 was malformed or cut short.
+    BadClientAddr,
     /// The engine threads' queue of sessions to open was full (never opened).
     EngineFull,
 }
 
 impl SessionFail {
     /// Every reason.
-    pub const ALL: [SessionFail; 6] = [
+    pub const ALL: [SessionFail; 7] = [
         SessionFail::Connect,
         SessionFail::Handshake,
         SessionFail::RelayProof,
         SessionFail::ClosedByRelay,
         SessionFail::BadByte,
+        SessionFail::BadClientAddr,
         SessionFail::EngineFull,
     ];
 
@@ -92,6 +99,7 @@ impl SessionFail {
             SessionFail::RelayProof => "relay_proof",
             SessionFail::ClosedByRelay => "closed_by_relay",
             SessionFail::BadByte => "bad_byte",
+            SessionFail::BadClientAddr => "bad_client_addr",
             SessionFail::EngineFull => "engine_full",
         }
     }
@@ -113,7 +121,12 @@ pub struct Stats {
     session_failed: [AtomicU64; SessionFail::ALL.len()],
     /// Claimed sessions handed to a splice engine with their local target.
     pub splices: AtomicU64,
-    local_connect_failed: [AtomicU64; 6],
+    local_connect_failed: [AtomicU64; LocalFail::ALL.len()],
+    /// PROXY protocol headers written to local targets (sessions, datagrams, service streams).
+    pub proxy_headers: AtomicU64,
+    /// Claims and datagrams of a `proxy_protocol` lease that came without the client's
+    /// addresses (a relay that does not grant `client_addr`): a LOCAL / UNKNOWN header went.
+    pub client_addr_missing: AtomicU64,
     /// QUIC connection attempts to relays.
     pub connect_attempts: AtomicU64,
     /// Attempts that failed before HELLO_ACK.

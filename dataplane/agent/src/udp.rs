@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use outrelay_proto::client_addr::ClientAddr;
 use outrelay_proto::reverse::LeaseId;
 use outrelay_proto::udp::DatagramHeader;
 use tokio::net::UdpSocket;
@@ -55,17 +56,20 @@ pub enum UdpDrop {
     QueueFull,
     /// The local service could not be reached (socket error, ICMP unreachable).
     LocalError,
+    /// A `client_addr` slot's datagram whose client address block does not decode.
+    BadClientAddr,
 }
 
 impl UdpDrop {
     /// Every reason, in counter order.
-    pub const ALL: [UdpDrop; 6] = [
+    pub const ALL: [UdpDrop; 7] = [
         UdpDrop::BadHeader,
         UdpDrop::UnknownSlot,
         UdpDrop::FlowLimit,
         UdpDrop::TooLarge,
         UdpDrop::QueueFull,
         UdpDrop::LocalError,
+        UdpDrop::BadClientAddr,
     ];
 
     /// The metric label.
@@ -77,6 +81,7 @@ impl UdpDrop {
             UdpDrop::TooLarge => "udp_too_large",
             UdpDrop::QueueFull => "queue_full",
             UdpDrop::LocalError => "local_error",
+            UdpDrop::BadClientAddr => "bad_client_addr",
         }
     }
 }
@@ -93,6 +98,25 @@ pub struct UdpStats {
     pub flows_opened: AtomicU64,
     /// Flows closed after the idle timeout.
     pub flows_expired: AtomicU64,
+    /// Datagrams sent to local services behind a PROXY protocol v2 DGRAM header.
+    pub proxy_headers: AtomicU64,
+    /// Of those, datagrams without the client's addresses (the relay did not grant
+    /// `client_addr`): a LOCAL header.
+    pub client_addr_missing: AtomicU64,
+}
+
+/// What a slot's datagrams carry for the PROXY protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UdpProxy {
+    /// Payloads go to the local service as they come.
+    #[default]
+    Off,
+    /// A v2 DGRAM header before each payload; `client_addr`: the relay granted it, so each
+    /// relay datagram carries the client's address block after its `(slot, flow)` header.
+    V2 {
+        /// The relay prefixes the client's address block.
+        client_addr: bool,
+    },
 }
 
 impl UdpStats {
@@ -112,6 +136,7 @@ enum Command {
         slot: u32,
         lease: LeaseId,
         target: SocketAddr,
+        proxy: UdpProxy,
     },
     Remove {
         slot: u32,
@@ -120,19 +145,21 @@ enum Command {
 
 /// The slots a connection's mux serves: the lease each was granted for and its local service.
 #[derive(Debug, Default)]
-struct Slots(HashMap<u32, (LeaseId, SocketAddr)>);
+struct Slots(HashMap<u32, (LeaseId, SocketAddr, UdpProxy)>);
 
 impl Slots {
     /// `slot` now serves `lease` with `target`. True when the slot's flows must close: any
     /// change, including a new lease id with the same target (review M4: a re-registration
     /// on the same connection gets the same slot, and an earlier lease's flow sockets must not
     /// serve the new lease's clients). A renewal (same lease, same target) keeps them.
-    fn set(&mut self, slot: u32, lease: LeaseId, target: SocketAddr) -> bool {
-        self.0.insert(slot, (lease, target)) != Some((lease, target))
+    fn set(&mut self, slot: u32, lease: LeaseId, target: SocketAddr, proxy: UdpProxy) -> bool {
+        self.0.insert(slot, (lease, target, proxy)) != Some((lease, target, proxy))
     }
 
-    fn target(&self, slot: u32) -> Option<SocketAddr> {
-        self.0.get(&slot).map(|(_, target)| *target)
+    fn target(&self, slot: u32) -> Option<(SocketAddr, UdpProxy)> {
+        self.0
+            .get(&slot)
+            .map(|(_, target, proxy)| (*target, *proxy))
     }
 
     fn remove(&mut self, slot: u32) {
@@ -149,12 +176,13 @@ pub struct Mux {
 impl Mux {
     /// Serves `slot` of `lease` (from LEASE_GRANT) with the local service `target`. A new lease
     /// or target on the slot closes its flows; a renewal keeps them.
-    pub fn set(&self, slot: u32, lease: LeaseId, target: SocketAddr) {
+    pub fn set(&self, slot: u32, lease: LeaseId, target: SocketAddr, proxy: UdpProxy) {
         // The queue only fills if the mux stopped; then the connection is ending anyway.
         let _ = self.tx.try_send(Command::Set {
             slot,
             lease,
             target,
+            proxy,
         });
     }
 
@@ -214,9 +242,20 @@ async fn run(
                     stats.dropped(UdpDrop::BadHeader);
                     continue;
                 };
-                let Some(target) = slots.target(header.udp_slot) else {
+                let Some((target, proxy)) = slots.target(header.udp_slot) else {
                     stats.dropped(UdpDrop::UnknownSlot);
                     continue;
+                };
+                // A client_addr slot: the client's address block comes first.
+                let (client, payload) = match proxy {
+                    UdpProxy::V2 { client_addr: true } => match ClientAddr::decode(payload) {
+                        Ok((client, rest)) => (Some(client), rest),
+                        Err(_) => {
+                            stats.dropped(UdpDrop::BadClientAddr);
+                            continue;
+                        }
+                    },
+                    _ => (None, payload),
                 };
                 let key = (header.udp_slot, header.flow_id);
                 let now_ms = ms_since(epoch);
@@ -243,7 +282,19 @@ async fn run(
                     }
                 };
                 flow.last_active_ms.store(now_ms, Ordering::Relaxed);
-                match flow.socket.send(payload) {
+                let sent = match proxy {
+                    UdpProxy::Off => flow.socket.send(payload),
+                    UdpProxy::V2 { .. } => {
+                        if client.is_none() {
+                            stats.client_addr_missing.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let mut d = crate::proxy::datagram_header(client.as_ref());
+                        d.extend_from_slice(payload);
+                        stats.proxy_headers.fetch_add(1, Ordering::Relaxed);
+                        flow.socket.send(&d)
+                    }
+                };
+                match sent {
                     Ok(_) => {
                         stats.to_local.fetch_add(1, Ordering::Relaxed);
                     }
@@ -253,8 +304,8 @@ async fn run(
             }
             c = commands.recv() => match c {
                 None => break,
-                Some(Command::Set { slot, lease, target }) => {
-                    if slots.set(slot, lease, target) {
+                Some(Command::Set { slot, lease, target, proxy }) => {
+                    if slots.set(slot, lease, target, proxy) {
                         close_slot(slot, &mut flows, &mut per_slot);
                     }
                 }
@@ -387,16 +438,25 @@ mod tests {
         let target: SocketAddr = "127.0.0.1:53".parse().expect("addr");
         let other: SocketAddr = "127.0.0.1:54".parse().expect("addr");
         let (first, second) = (LeaseId([1; 16]), LeaseId([2; 16]));
-        assert!(slots.set(1, first, target), "a new slot");
-        assert!(!slots.set(1, first, target), "a renewal keeps the flows");
+        assert!(slots.set(1, first, target, UdpProxy::Off), "a new slot");
         assert!(
-            slots.set(1, second, target),
+            !slots.set(1, first, target, UdpProxy::Off),
+            "a renewal keeps the flows"
+        );
+        assert!(
+            slots.set(1, second, target, UdpProxy::Off),
             "a re-registration (new lease id, same slot and target) closes the flows"
         );
-        assert!(slots.set(1, second, other), "a new target closes the flows");
-        assert_eq!(slots.target(1), Some(other));
+        assert!(
+            slots.set(1, second, other, UdpProxy::Off),
+            "a new target closes the flows"
+        );
+        assert_eq!(slots.target(1), Some((other, UdpProxy::Off)));
         slots.remove(1);
         assert_eq!(slots.target(1), None);
-        assert!(slots.set(1, second, other), "released, then granted again");
+        assert!(
+            slots.set(1, second, other, UdpProxy::Off),
+            "released, then granted again"
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! | [`frame`] | ORP framing (8-byte header + protobuf payload), incremental decoder, encoder |
 //! | [`fields`] | bounds on ORP string fields (service, method, REGISTER `local_addr`) |
 //! | [`orp`] | the `outrelay.orp.v1` protobuf messages (generated, checked in) |
+//! | [`client_addr`] | the public client's address block (PROXY protocol to the service) |
 //! | [`client_hello`] | incremental TLS ClientHello parser: SNI, ALPN, ECH presence |
 //! | [`hostname`] | host-name and lease-name normalisation shared by SNI and leases |
 //! | [`reverse`] | reverse-session preamble, exporter-keyed MAC, marker bytes |
@@ -18,6 +19,7 @@
 //! `docs/protocol.md` points here.
 #![forbid(unsafe_code)]
 
+pub mod client_addr;
 pub mod client_hello;
 pub mod fields;
 pub mod frame;
@@ -34,6 +36,7 @@ pub mod orp {
     include!("gen/outrelay.orp.v1.rs");
 }
 
+pub use client_addr::{ClientAddr, ClientAddrError};
 pub use client_hello::{ClientHello, ClientHelloParser, HelloError, Progress};
 pub use frame::{Decoded, Frame, FrameError, FrameType, RawFrame};
 pub use hostname::{HostName, LeaseName, NameError};

@@ -18,6 +18,10 @@
 //! relay -> agent   0x00 keep-alive ... then exactly one marker 0x01 (TCP) or 0x02 (TLS)
 //! ```
 //!
+//! On a lease granted with `client_addr` (an OutRelay extension of LEASE_REGISTER/LEASE_GRANT)
+//! the relay writes 0x03 (TCP) or 0x04 (TLS) instead, each followed by the public client's
+//! address block ([`crate::client_addr`]) and then the client's bytes.
+//!
 //! Version 1 (one-way, refused by a relay unless configured to accept it during an upgrade):
 //!
 //! ```text
@@ -91,6 +95,10 @@ pub enum Marker {
     Tcp = 0x01,
     /// Claimed by TLS passthrough: the client's TLS stream follows, starting with its ClientHello.
     Tls = 0x02,
+    /// [`Marker::Tcp`] followed by the client's address block (leases granted `client_addr`).
+    TcpAddr = 0x03,
+    /// [`Marker::Tls`] followed by the client's address block (leases granted `client_addr`).
+    TlsAddr = 0x04,
 }
 
 impl Marker {
@@ -100,7 +108,24 @@ impl Marker {
             0x00 => Some(Marker::KeepAlive),
             0x01 => Some(Marker::Tcp),
             0x02 => Some(Marker::Tls),
+            0x03 => Some(Marker::TcpAddr),
+            0x04 => Some(Marker::TlsAddr),
             _ => None,
+        }
+    }
+
+    /// Whether an address block follows this marker.
+    pub fn carries_client_addr(self) -> bool {
+        matches!(self, Marker::TcpAddr | Marker::TlsAddr)
+    }
+
+    /// The marker for a claim: TLS passthrough or raw TCP, with or without the address block.
+    pub fn claim(tls: bool, client_addr: bool) -> Marker {
+        match (tls, client_addr) {
+            (false, false) => Marker::Tcp,
+            (true, false) => Marker::Tls,
+            (false, true) => Marker::TcpAddr,
+            (true, true) => Marker::TlsAddr,
         }
     }
 }
@@ -567,6 +592,10 @@ mod tests {
         assert_eq!(Marker::from_byte(0), Some(Marker::KeepAlive));
         assert_eq!(Marker::from_byte(1), Some(Marker::Tcp));
         assert_eq!(Marker::from_byte(2), Some(Marker::Tls));
-        assert_eq!(Marker::from_byte(3), None);
+        assert_eq!(Marker::from_byte(3), Some(Marker::TcpAddr));
+        assert_eq!(Marker::from_byte(4), Some(Marker::TlsAddr));
+        assert_eq!(Marker::from_byte(5), None);
+        assert_eq!(Marker::claim(true, true) as u8, 0x04);
+        assert!(!Marker::Tls.carries_client_addr());
     }
 }

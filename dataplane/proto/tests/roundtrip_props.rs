@@ -1,6 +1,7 @@
 //! Encode/decode round trips for every codec, under arbitrary values and arbitrary
 //! segmentation of the byte stream.
 
+use outrelay_proto::client_addr::{ClientAddr, ClientAddrError, MAX_BLOCK_BYTES};
 use outrelay_proto::frame::{self, Decoded, Frame, FrameType};
 use outrelay_proto::identity::{AgentUuid, Identity};
 use outrelay_proto::orp;
@@ -36,7 +37,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         Just(Frame::Ping),
         Just(Frame::Pong),
         Just(Frame::StreamAccept(orp::StreamAccept::default())),
-        (".{0,63}", any::<[bool; 5]>(), any::<u32>(), any::<u64>()).prop_map(
+        (".{0,63}", any::<[bool; 6]>(), any::<u32>(), any::<u64>()).prop_map(
             |(name, b, ttl_s, request_id)| {
                 Frame::LeaseRegister(orp::LeaseRegister {
                     name,
@@ -47,6 +48,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                     reverse_tls: b[3],
                     request_id,
                     wildcard: b[4],
+                    client_addr: b[5],
                 })
             }
         ),
@@ -68,6 +70,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         reverse_addr: "relay.example:7443".into(),
                         expires_unix_ms,
                         udp_slot,
+                        client_addr: udp_slot % 2 == 1,
                     })
                 }
             ),
@@ -185,6 +188,54 @@ proptest! {
         match Identity::parse(&uri) {
             Ok(parsed) => prop_assert_eq!(parsed.to_string(), uri),
             Err(e) => prop_assert!(role == 0 && tenant == "system", "{uri}: {e}"),
+        }
+    }
+
+    #[test]
+    fn client_addr_blocks_round_trip_in_any_pieces(
+        v6 in any::<bool>(),
+        s4 in any::<[u8; 4]>(), d4 in any::<[u8; 4]>(),
+        s6 in any::<[u8; 16]>(), d6 in any::<[u8; 16]>(),
+        sp in any::<u16>(), dp in any::<u16>(),
+        cut in 0usize..=MAX_BLOCK_BYTES,
+        payload in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        let (src, dst) = if v6 {
+            (IpAddr::V6(Ipv6Addr::from(s6)), IpAddr::V6(Ipv6Addr::from(d6)))
+        } else {
+            (IpAddr::V4(Ipv4Addr::from(s4)), IpAddr::V4(Ipv4Addr::from(d4)))
+        };
+        let addr = ClientAddr::new(SocketAddr::new(src, sp), SocketAddr::new(dst, dp));
+        let (block, n) = addr.to_bytes();
+        prop_assert_eq!(n, addr.encoded_len());
+        // A stream reader that got `cut` bytes so far waits or has the whole block.
+        let got = ClientAddr::decode_partial(&block[..cut.min(n)]);
+        if cut < n {
+            prop_assert_eq!(got, Ok(None));
+        } else {
+            prop_assert_eq!(got, Ok(Some((addr, n))));
+        }
+        // A datagram: the block, then the payload untouched.
+        let mut datagram = block[..n].to_vec();
+        datagram.extend_from_slice(&payload);
+        let (back, rest) = ClientAddr::decode(&datagram).expect("decodes");
+        prop_assert_eq!(back, addr);
+        prop_assert_eq!(rest, &payload[..]);
+        // Decoding then re-encoding gives the same bytes: one spelling.
+        let (again, m) = back.to_bytes();
+        prop_assert_eq!(&again[..m], &block[..n]);
+    }
+
+    #[test]
+    fn client_addr_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..48)) {
+        match ClientAddr::decode(&bytes) {
+            Ok((addr, rest)) => {
+                let (again, m) = addr.to_bytes();
+                prop_assert_eq!(&again[..m], &bytes[..bytes.len() - rest.len()]);
+            }
+            Err(ClientAddrError::BadFamily(f)) => prop_assert!(f != 4 && f != 6),
+            Err(ClientAddrError::Truncated) => prop_assert!(bytes.len() < MAX_BLOCK_BYTES),
         }
     }
 }

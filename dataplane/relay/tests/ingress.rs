@@ -38,6 +38,8 @@ struct Relay {
     tls_lease: LeaseId,
     wild_lease: LeaseId,
     tcp_port: u16,
+    /// A TCP lease granted `client_addr` (marker 0x03 + the client's address block).
+    addr_port: u16,
 }
 
 /// Starts ingress with one TLS lease `demo`, one TLS lease `wild` with a wildcard, and one
@@ -127,12 +129,34 @@ async fn start_on(config: IngressConfig, workers: usize, backend: Backend) -> Re
             now,
         )
         .expect("tcp lease");
+    let addr = table
+        .register(
+            ConnId(1),
+            &agent,
+            &orp::LeaseRegister {
+                name: "addr".into(),
+                tcp: true,
+                client_addr: true,
+                ttl_s: 300,
+                ..Default::default()
+            },
+            &ControllerDecision::Approved,
+            &mut ids,
+            now,
+        )
+        .expect("client_addr lease");
+    assert!(addr.client_addr, "the grant echoes client_addr");
     let shared = Arc::new(Shared::default());
     let tls_lease = tls.lease_id;
     let tcp_port = tcp.tcp_port.expect("tcp port");
     shared.publish(Snapshot {
         routes: table.routes(),
-        reverse_keys: HashMap::from([(tls_lease, KEY), (wild.lease_id, KEY), (tcp.lease_id, KEY)]),
+        reverse_keys: HashMap::from([
+            (tls_lease, KEY),
+            (wild.lease_id, KEY),
+            (tcp.lease_id, KEY),
+            (addr.lease_id, KEY),
+        ]),
         udp_conns: HashMap::new(),
         generation: 1,
     });
@@ -180,6 +204,7 @@ async fn start_on(config: IngressConfig, workers: usize, backend: Backend) -> Re
         tls_lease,
         wild_lease: wild.lease_id,
         tcp_port,
+        addr_port: addr.tcp_port.expect("tcp port"),
     }
 }
 
@@ -1180,5 +1205,67 @@ async fn sessions_on_one_worker_serve_connections_accepted_by_another() {
             handed,
             "{backend:?}: no session landed on the other worker in 20 rounds"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_addr_lease_gets_marker_0x03_and_the_clients_addresses() {
+    use outrelay_proto::client_addr::{BLOCK_V4_BYTES, ClientAddr};
+    let relay = start(IngressConfig::default()).await;
+    let lease_of = |port: u16| {
+        relay
+            .shared
+            .load()
+            .routes
+            .lookup_tcp(port)
+            .expect("route")
+            .lease_id
+    };
+    for (port, client_addr) in [(relay.addr_port, true), (relay.tcp_port, false)] {
+        let agent = {
+            let (r, lease) = (relay.reverse, lease_of(port));
+            tokio::task::spawn_blocking(move || open_session(r, lease, &KEY))
+                .await
+                .expect("session")
+        };
+        let target: SocketAddr = ([127, 0, 0, 1], port).into();
+        eventually("TCP lease port listening", || {
+            std::net::TcpListener::bind(target).is_err()
+        })
+        .await;
+        let (client, mut agent) = tokio::task::spawn_blocking(move || {
+            let mut agent = agent;
+            let mut client = TcpStream::connect(target).expect("connect public");
+            client.write_all(b"hello").expect("client bytes");
+            let mut marker = [0u8; 1];
+            agent.read_exact(&mut marker).expect("marker");
+            let mut block = [0u8; BLOCK_V4_BYTES];
+            if client_addr {
+                assert_eq!(marker[0], 0x03, "a client_addr lease's marker");
+                agent.read_exact(&mut block).expect("address block");
+                let want = ClientAddr::new(
+                    client.local_addr().expect("client addr"),
+                    client.peer_addr().expect("dialled addr"),
+                );
+                assert_eq!(ClientAddr::decode(&block), Ok((want, &[][..])));
+                eprintln!("block names the client {}", want.source);
+            } else {
+                assert_eq!(marker[0], 0x01, "a plain lease's marker is unchanged");
+            }
+            let mut first = [0u8; 5];
+            agent.read_exact(&mut first).expect("client bytes");
+            assert_eq!(&first, b"hello", "the client's bytes follow the block");
+            agent.write_all(b"back").expect("answer");
+            let mut back = [0u8; 4];
+            client
+                .read_exact(&mut back)
+                .expect("answer through the pair");
+            assert_eq!(&back, b"back");
+            (client, agent)
+        })
+        .await
+        .expect("join");
+        drop(client);
+        let _ = agent.flush();
     }
 }

@@ -1,6 +1,8 @@
 //! What the agent's end-to-end test files share (`mod common;` in each): a test CA and the local
 //! echo targets.
 
+pub mod daemons;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// A TCP echo server for any number of connections.
+#[allow(dead_code, reason = "used by some of the test files only")]
 pub async fn echo_server() -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
     let addr = listener.local_addr().expect("echo addr");

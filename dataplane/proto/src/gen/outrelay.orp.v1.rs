@@ -223,6 +223,10 @@ pub struct LeaseRegister {
     pub request_id: u64,
     #[prost(bool, tag = "8")]
     pub wildcard: bool,
+    /// OutRelay extension: pass the public client's addresses on this lease's sessions (markers
+    /// 0x03/0x04 + address block) and datagrams. A relay that does not know it never echoes it.
+    #[prost(bool, tag = "9")]
+    pub client_addr: bool,
 }
 /// 0x201 LEASE_GRANT
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -245,6 +249,9 @@ pub struct LeaseGrant {
     pub expires_unix_ms: i64,
     #[prost(uint32, tag = "8")]
     pub udp_slot: u32,
+    /// Echo of LeaseRegister.client_addr when this relay will pass the client's addresses.
+    #[prost(bool, tag = "9")]
+    pub client_addr: bool,
 }
 /// 0x202 LEASE_RENEW
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -477,6 +477,9 @@ pub struct Lease {
     pub tls: bool,
     /// Also routes `*.<hostname>` (one level).
     pub wildcard: bool,
+    /// The agent asked for the public client's addresses (`LeaseRegister.client_addr`): its
+    /// sessions get markers 0x03/0x04 + address block, its datagrams the block.
+    pub client_addr: bool,
     /// The public TCP port, if a TCP lease.
     pub tcp_port: Option<u16>,
     /// The public UDP port, if a UDP lease.
@@ -498,6 +501,7 @@ impl Lease {
             tcp_port: self.tcp_port,
             udp_port: self.udp_port,
             udp_slot: self.udp_slot,
+            client_addr: self.client_addr,
             ttl_s: self.ttl_s,
             expires_at: self.expires_at,
         }
@@ -517,6 +521,8 @@ pub struct Grant {
     pub udp_port: Option<u16>,
     /// The UDP slot (0 without UDP).
     pub udp_slot: u32,
+    /// The relay passes the client's addresses (echoed in LEASE_GRANT).
+    pub client_addr: bool,
     /// The effective TTL.
     pub ttl_s: u32,
     /// When the lease expires unless renewed.
@@ -557,6 +563,7 @@ impl Grant {
             reverse_addr: addrs.reverse_addr.to_owned(),
             expires_unix_ms: now_unix_ms.saturating_add(left_ms),
             udp_slot: self.udp_slot,
+            client_addr: self.client_addr,
         }
     }
 }
@@ -856,6 +863,7 @@ impl LeaseTable {
             hostname,
             tls: req.tls,
             wildcard: req.wildcard,
+            client_addr: req.client_addr,
             tcp_port,
             udp_port,
             udp_slot,
@@ -950,6 +958,7 @@ impl LeaseTable {
                 tenant: lease.owner.tenant.clone(),
                 hostname: lease.hostname.as_str().to_owned(),
                 udp_slot: lease.udp_slot,
+                client_addr: lease.client_addr,
             };
             if lease.tls {
                 let host: Box<str> = lease.hostname.as_str().into();

@@ -21,6 +21,8 @@ pub struct RouteEntry {
     pub hostname: String,
     /// The lease's UDP slot on its connection (0 when the lease has no UDP port).
     pub udp_slot: u32,
+    /// Claims write marker 0x03/0x04 + the client's address block, datagrams carry the block.
+    pub client_addr: bool,
 }
 
 /// An immutable snapshot of every live lease's routes. There is no default route: the root

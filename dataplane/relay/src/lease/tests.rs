@@ -859,6 +859,7 @@ fn frames_are_built_from_grants_and_refusals() {
             reverse_addr: "relay.example.com:7443".to_owned(),
             expires_unix_ms: 1_030_000,
             udp_slot: 1,
+            client_addr: false,
         }
     );
     let rel = release_frame(43, g.lease_id);

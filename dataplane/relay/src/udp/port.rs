@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use outrelay_proto::client_addr::{ClientAddr, MAX_BLOCK_BYTES};
 use outrelay_proto::reverse::LeaseId;
 use outrelay_proto::udp::DatagramHeader;
 use tokio::io::Interest;
@@ -97,6 +98,9 @@ pub(crate) struct Port {
     no_evict_before: Option<Instant>,
     /// Relay-wide: ids keep growing across leases and port tasks.
     flow_ids: Arc<FlowIds>,
+    /// The destination of the client address block (leases granted `client_addr`): the port's
+    /// bound address (its IP is the unspecified address when the relay binds the wildcard).
+    dst: SocketAddr,
 }
 
 impl Port {
@@ -115,7 +119,6 @@ impl Port {
     ) -> Port {
         Port {
             port,
-            socket,
             rx,
             client_rx,
             shared,
@@ -127,6 +130,12 @@ impl Port {
             per_source: HashMap::new(),
             no_evict_before: None,
             flow_ids,
+            dst: socket
+                .local_addr()
+                .map_or(SocketAddr::from(([0, 0, 0, 0], port)), |a| {
+                    SocketAddr::new(a.ip(), port)
+                }),
+            socket,
         }
     }
 
@@ -236,7 +245,13 @@ impl Port {
                 udp_slot: route.udp_slot,
                 flow_id,
             };
-            let header_len = header.encoded_len();
+            // Leases granted client_addr: the client's address block follows the header.
+            let (block, block_len) = if route.client_addr {
+                ClientAddr::new(from, self.dst).to_bytes()
+            } else {
+                ([0; MAX_BLOCK_BYTES], 0)
+            };
+            let header_len = header.encoded_len() + block_len;
             self.stats
                 .payload_max_bytes
                 .store(max.saturating_sub(header_len) as u64, Ordering::Relaxed);
@@ -257,8 +272,9 @@ impl Port {
                 continue;
             }
             let mut datagram = BytesMut::with_capacity(len);
-            datagram.resize(header_len, 0);
+            datagram.resize(header_len - block_len, 0);
             header.encode(&mut datagram);
+            datagram.put_slice(&block[..block_len]);
             datagram.put_slice(payload);
             match conn.send_datagram(datagram.freeze()) {
                 Ok(()) => {

@@ -19,6 +19,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 
 use outrelay_io::Interest;
+use outrelay_proto::client_addr::{ClientAddr, MAX_BLOCK_BYTES};
 use outrelay_proto::reverse::{LeaseId, Marker};
 
 use super::conn::{Conn, MarkerWrite, State, Waiting};
@@ -183,15 +184,30 @@ impl Worker {
         marker: Marker,
         replay: &[u8],
     ) {
-        let head = [marker as u8];
-        let total = 1 + replay.len();
+        // The marker, then (leases granted client_addr only: two getsockname-like calls, no
+        // cost otherwise) the client's address block: source = the accepted peer, destination
+        // = the relay address it dialled.
+        let mut head = [0u8; 1 + MAX_BLOCK_BYTES];
+        head[0] = marker as u8;
+        let mut head_len = 1;
+        if marker.carries_client_addr() {
+            match (client.peer_addr(), client.local_addr()) {
+                (Ok(peer), Ok(local)) => {
+                    head_len += ClientAddr::new(peer, local).encode(&mut head[1..]);
+                }
+                // The client is gone already.
+                _ => return self.ingress.stats.drop(Drop::MarkerWriteFailed),
+            }
+        }
+        let head = &head[..head_len];
+        let total = head_len + replay.len();
         let mut written = 0;
         let mut s = &session;
         while written < total {
-            let r = if written == 0 {
-                s.write_vectored(&[IoSlice::new(&head), IoSlice::new(replay)])
+            let r = if written < head_len {
+                s.write_vectored(&[IoSlice::new(&head[written..]), IoSlice::new(replay)])
             } else {
-                s.write(replay.get(written - 1..).unwrap_or_default())
+                s.write(replay.get(written - head_len..).unwrap_or_default())
             };
             match r {
                 Ok(0) => return self.ingress.stats.drop(Drop::MarkerWriteFailed),
@@ -206,11 +222,11 @@ impl Worker {
         }
         // The session's send buffer was full (rare: it is fresh): keep the rest and wait.
         let mut rest = Vec::with_capacity(total - written);
-        if written == 0 {
-            rest.push(head[0]);
+        if written < head_len {
+            rest.extend_from_slice(&head[written..]);
             rest.extend_from_slice(replay);
         } else {
-            rest.extend_from_slice(replay.get(written - 1..).unwrap_or_default());
+            rest.extend_from_slice(replay.get(written - head_len..).unwrap_or_default());
         }
         let conn = Conn {
             socket: client,

@@ -190,7 +190,7 @@ impl Worker {
                                 Some(route) => self
                                     .ingress
                                     .admit_live(route.lease_id, &route.tenant, source)
-                                    .map(|slot| (route.lease_id, slot)),
+                                    .map(|slot| (route.lease_id, slot, route.client_addr)),
                                 None if self.ingress.shared.expected().tcp(port, self.now) => {
                                     let _ = stream.set_nodelay(true);
                                     let wait = AwaitLease {
@@ -207,9 +207,10 @@ impl Worker {
                         };
                         drop(pending);
                         match admitted {
-                            Ok((lease, slot)) => {
+                            Ok((lease, slot, client_addr)) => {
                                 let _ = stream.set_nodelay(true);
-                                self.wait_for_session(stream, lease, slot, Marker::Tcp, Vec::new());
+                                let marker = Marker::claim(false, client_addr);
+                                self.wait_for_session(stream, lease, slot, marker, Vec::new());
                             }
                             Err(reason) => self.refuse(stream, reason),
                         }
@@ -370,7 +371,7 @@ impl Worker {
                 Some(route) => self
                     .ingress
                     .admit_live(route.lease_id, &route.tenant, source)
-                    .map(|slot| (route.lease_id, slot)),
+                    .map(|slot| (route.lease_id, slot, route.client_addr)),
                 None if self.ingress.shared.expected().host(&server_name, self.now) => {
                     let wait = AwaitLease {
                         source,
@@ -386,9 +387,10 @@ impl Worker {
         };
         drop(pending);
         match admitted {
-            Ok((lease, slot)) => {
+            Ok((lease, slot, client_addr)) => {
                 let _ = conn.socket.set_nodelay(true);
-                self.wait_for_session(conn.socket, lease, slot, Marker::Tls, replay);
+                let marker = Marker::claim(true, client_addr);
+                self.wait_for_session(conn.socket, lease, slot, marker, replay);
             }
             Err(reason) => self.refuse(conn.socket, reason),
         }

@@ -16,6 +16,8 @@
 use std::collections::HashMap;
 
 use super::Worker;
+use outrelay_proto::reverse::Marker;
+
 use super::conn::{AwaitLease, Conn, LeaseTarget, State};
 use crate::ingress::stats::Drop;
 
@@ -104,7 +106,7 @@ impl Worker {
                 Some(route) => self
                     .ingress
                     .admit_live(route.lease_id, &route.tenant, w.source)
-                    .map(|slot| (route.lease_id, slot)),
+                    .map(|slot| (route.lease_id, slot, route.client_addr)),
                 None => {
                     let still = match &w.target {
                         LeaseTarget::Host(host) => expected.host(host, self.now),
@@ -130,8 +132,9 @@ impl Worker {
             } = *w;
             drop(pending);
             match admitted {
-                Ok((lease, slot)) => {
+                Ok((lease, slot, client_addr)) => {
                     let _ = conn.socket.set_nodelay(true);
+                    let marker = Marker::claim(marker == Marker::Tls, client_addr);
                     self.wait_for_session(conn.socket, lease, slot, marker, replay);
                 }
                 Err(reason) => self.refuse(conn.socket, reason),

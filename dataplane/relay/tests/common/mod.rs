@@ -881,8 +881,8 @@ pub async fn session_worker(
             continue;
         };
         match marker {
-            Marker::Tls => claims.tls.fetch_add(1, Ordering::Relaxed),
-            Marker::Tcp => claims.tcp.fetch_add(1, Ordering::Relaxed),
+            Marker::Tls | Marker::TlsAddr => claims.tls.fetch_add(1, Ordering::Relaxed),
+            Marker::Tcp | Marker::TcpAddr => claims.tcp.fetch_add(1, Ordering::Relaxed),
             Marker::KeepAlive => unreachable!("keep-alives are skipped"),
         };
         tokio::spawn(pipe_to_target(session, target, marker));
