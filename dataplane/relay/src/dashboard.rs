@@ -55,7 +55,7 @@ const LEASE_LABELS: &[&str] = &[
 
 /// The page of one status document.
 pub fn render(status: &Value) -> Markup {
-    let n = |v: &Value| text(v);
+    let n = text;
     let mut summary = vec![
         format!(
             "io backend {}, {} workers, route snapshot generation {}, config generation {}",
