@@ -316,7 +316,7 @@ p{margin:.2em 0}.note{color:#57606a;font-size:.9em}.summary{font-family:ui-monos
 table{border-collapse:collapse;margin:.3em 0;font-size:.92em}\
 th,td{border:1px solid #d0d7de;padding:.2em .5em;text-align:left;vertical-align:top}\
 thead th{background:#eef1f4}table.kv th{background:#f3f5f7;font-weight:normal}\
-td{font-family:ui-monospace,monospace;word-break:break-all}\
+td{font-family:ui-monospace,monospace;overflow-wrap:anywhere}\
 td.details{color:#57606a;font-size:.9em}.warn{color:#9a3412;font-weight:bold}";
 
 #[cfg(test)]
