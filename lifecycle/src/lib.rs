@@ -4,6 +4,8 @@
 //! while every registered worker beats, the diff of two config files for a reload
 //! ([`changed_keys`]), and the bounded wait for in-flight work ([`drain`]). [`config_doc`]
 //! checks docs/config.md against each daemon's config structs (used by their tests).
+//! [`dashboard`] is the relay's and the controller's read-only HTML page and JSON snapshot on
+//! their metrics listener (routes, headers, layout).
 //!
 //! Not here: what a daemon applies live on reload (each daemon decides; ARCHITECTURE.md).
 //! Without `NOTIFY_SOCKET` every notification is a no-op, so a daemon behaves the same under
@@ -11,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config_doc;
+pub mod dashboard;
 
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;
+pub mod dashboard;
 pub mod grpc;
 pub mod leases;
 pub mod metrics;

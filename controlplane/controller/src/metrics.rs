@@ -1,14 +1,18 @@
-//! Prometheus `/metrics`: the `metrics` facade with the Prometheus recorder, served by a tiny
-//! HTTP/1.0 responder on its own listener (so a port-0 bind can be reported in the ready file).
+//! Prometheus `/metrics`: the `metrics` facade with the Prometheus recorder, served with hyper
+//! ([`outrelay_lifecycle::dashboard::serve`]) on its own listener (so a port-0 bind can be
+//! reported in the ready file), next to the read-only dashboard (`/`, `/status.json`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use http_body_util::Full;
+use hyper::Response;
+use hyper::body::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use outrelay_lifecycle::dashboard::{self, Route};
 use tokio::net::TcpListener;
 
-/// Largest request head read, in bytes.
-pub const MAX_REQUEST_BYTES: usize = 4096;
+use crate::app::App;
 
 /// Installs the global recorder.
 ///
@@ -136,40 +140,36 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     Ok((l, a))
 }
 
-/// Serves `GET /metrics` forever.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
-    loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-            let mut n = 0;
-            while n < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..]))
-                    .await
-                {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
+/// Serves the metrics listener forever: `GET /metrics` (Prometheus), and with `app` the
+/// read-only dashboard, `GET /status.json` and `GET /` ([`crate::dashboard`]); any other
+/// method is 405, any other path 404.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, app: Option<Arc<App>>) {
+    outrelay_lifecycle::dashboard::serve(listener, move |route| {
+        let (handle, app) = (handle.clone(), app.clone());
+        async move {
+            match (route, app) {
+                (Route::Metrics, _) => dashboard::metrics(handle.render()),
+                (Route::Snapshot, Some(app)) => match crate::dashboard::snapshot(&app).await {
+                    Ok(snapshot) => dashboard::json(&snapshot),
+                    Err(e) => unavailable(&e),
+                },
+                (Route::Page, Some(app)) => match crate::dashboard::snapshot(&app).await {
+                    Ok(snapshot) => dashboard::page(crate::dashboard::render(&snapshot)),
+                    Err(e) => unavailable(&e),
+                },
+                (other, _) => dashboard::refusal(other),
             }
-            let ok = buf.starts_with(b"GET /metrics ") || buf.starts_with(b"GET /metrics?");
-            let (status, body) = if ok {
-                ("200 OK", handle.render())
-            } else {
-                ("404 Not Found", "not found\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.shutdown().await;
-        });
-    }
+        }
+    })
+    .await;
+}
+
+/// A 503 naming why the snapshot could not be read.
+fn unavailable(e: &crate::store::StoreError) -> Response<Full<Bytes>> {
+    tracing::warn!(error = %e, "dashboard: the store could not be read");
+    let mut r = Response::new(Full::new(Bytes::from(format!(
+        "the store could not be read: {e}\n"
+    ))));
+    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+    r
 }

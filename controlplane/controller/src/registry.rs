@@ -77,6 +77,41 @@ impl RegistryState {
         names.len()
     }
 
+    /// The dashboard's view (issue 21): at most `rows_max` relays (by id, as `ListRelays`
+    /// answers them) and providers (by tenant, service, agent, relay, as `ListServices`, each
+    /// with whether its relay is up), and the totals of each.
+    pub fn dashboard_view(
+        &self,
+        now: i64,
+        down_after_ms: u64,
+        rows_max: usize,
+    ) -> (usize, Vec<pb::RelayInfo>, usize, Vec<(pb::Provider, bool)>) {
+        let relays = self
+            .relays
+            .iter()
+            .take(rows_max)
+            .map(|(id, r)| pb::RelayInfo {
+                id: id.clone(),
+                region: r.region.clone(),
+                endpoint: r.endpoint.clone(),
+                last_seen_unix_ms: r.last_seen_unix_ms,
+                up: self.relay_up(id, now, down_after_ms),
+            })
+            .collect();
+        let providers = self
+            .providers
+            .iter()
+            .take(rows_max)
+            .map(|(k, (addr, updated))| {
+                (
+                    self.provider(k, addr, *updated),
+                    self.relay_up(&k.3, now, down_after_ms),
+                )
+            })
+            .collect();
+        (self.relays.len(), relays, self.providers.len(), providers)
+    }
+
     fn relay_up(&self, id: &str, now: i64, down_after_ms: u64) -> bool {
         self.relays.get(id).is_some_and(|r| {
             now.saturating_sub(r.last_seen_unix_ms)

@@ -90,7 +90,7 @@ pub async fn run(
             let (l, a) = crate::metrics::bind(addr)
                 .await
                 .map_err(bind_err(format!("metrics {addr}")))?;
-            tokio::spawn(crate::metrics::serve(l, handle));
+            tokio::spawn(crate::metrics::serve(l, handle, Some(app.clone())));
             Some(a)
         }
         _ => None,

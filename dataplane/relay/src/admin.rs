@@ -97,13 +97,7 @@ async fn handle(
     } else {
         let mut words = line.split_whitespace();
         match line.trim() {
-            "status" => {
-                let mut answer = status(sources);
-                if let Some(u) = upgrader {
-                    answer["upgrade"] = u.status();
-                }
-                answer
-            }
+            "status" => status_document(sources, upgrader),
             command if command.starts_with("upgrade") && words.next() == Some("upgrade") => {
                 upgrade(upgrader, words.next()).await
             }
@@ -158,6 +152,16 @@ pub fn drain_progress(s: &Sources) -> Value {
         "pairs": pairs,
         "streams": streams,
     })
+}
+
+/// The `status` command's answer: [`status`], plus the upgrade's state (`upgrade`) where this
+/// process can upgrade. The dashboard's `/status.json` serves the same document.
+pub fn status_document(s: &Sources, upgrader: Option<&crate::upgrade::Upgrader>) -> Value {
+    let mut answer = status(s);
+    if let Some(u) = upgrader {
+        answer["upgrade"] = u.status();
+    }
+    answer
 }
 
 /// The status document: workers, leases with their idle sessions, drops, QUIC and splice
@@ -299,6 +303,8 @@ fn lease_entry<'a>(
                     "udp_rate_limited_datagrams": c.udp_rate_limited,
                 })
             }),
+            // Live public connections (spliced pairs and those being set up).
+            "live_connections": s.ingress.lease_conns().count(&route.lease_id),
         })
     })
 }

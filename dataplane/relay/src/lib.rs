@@ -10,7 +10,8 @@
 //! | [`ingress`] | reverse sessions, SNI and TCP lease listeners, hand-off to the splice engine |
 //! | [`udp`] | UDP lease ports: flows, batched socket I/O, QUIC datagrams to the agents |
 //! | [`mesh`] | service streams: local providers, registry view, policy snapshot, audit |
-//! | [`metrics`] | Prometheus `/metrics` |
+//! | [`metrics`] | Prometheus `/metrics`, and the dashboard's `/` and `/status.json` on the same listener |
+//! | [`dashboard`] | the dashboard page rendered from the admin `status` document (issue 21) |
 //! | [`bandwidth`] | bandwidth limits per lease and tenant (issue 21) |
 //! | [`admin`] | the local admin socket (`outrelay relay status`) |
 //! | [`reload`] | SIGHUP: which keys apply live, one validated snapshot published part by part |
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod bandwidth;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod identity;
 pub mod ingress;
 pub mod lease;

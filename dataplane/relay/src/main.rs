@@ -579,19 +579,6 @@ fn run(
             drain: quic.drain_handle(),
             config: generation,
         });
-        let metrics_addr = match settings.metrics_listen {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await?;
-                let bound = listener.local_addr()?;
-                tokio::spawn(outrelay_relay::metrics::serve(
-                    listener,
-                    metrics_handle,
-                    sources.clone(),
-                ));
-                Some(bound.to_string())
-            }
-            None => None,
-        };
         let upgrader = exe.map(|exe| {
             Upgrader::new(UpgraderParts {
                 exe,
@@ -603,6 +590,22 @@ fn run(
                 steering: steering.clone(),
             })
         });
+        // After the upgrader: the dashboard's status.json carries its state, as the admin
+        // socket's `status` does.
+        let metrics_addr = match settings.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                let bound = listener.local_addr()?;
+                tokio::spawn(outrelay_relay::metrics::serve_with(
+                    listener,
+                    metrics_handle,
+                    sources.clone(),
+                    upgrader.clone(),
+                ));
+                Some(bound.to_string())
+            }
+            None => None,
+        };
         if let Some(path) = &settings.admin_socket {
             let listener = outrelay_relay::admin::bind(path)
                 .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))?;

@@ -1,20 +1,21 @@
-//! Prometheus `/metrics` on its own loopback listener (default 127.0.0.1:7460).
+//! Prometheus `/metrics` on its own loopback listener (default 127.0.0.1:7460), next to the
+//! read-only dashboard (`/` and `/status.json`, issue 21; see [`serve_with`]).
 //!
 //! The data path only bumps plain atomics (ingress and QUIC counters) or publishes a stats
 //! struct once a second (splice engines); a scrape copies them into the `metrics` recorder and
-//! renders it. Nothing on the hot path touches the recorder. Served with hyper (HTTP/1.1).
+//! renders it. Nothing on the hot path touches the recorder. Served with hyper (HTTP/1.1) by
+//! [`outrelay_lifecycle::dashboard::serve`].
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use http_body_util::Full;
+use hyper::Response;
 use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use outrelay_io::{Backend, EngineStats};
+use outrelay_lifecycle::dashboard::{self, Route};
 use outrelay_proto::frame::FrameType;
 use tokio::net::TcpListener;
 
@@ -67,42 +68,45 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
     PrometheusBuilder::new().install_recorder()
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Serves `GET /metrics` (and the dashboard, without the upgrade's state) on `listener` until
+/// the task is dropped. See [`serve_with`].
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sources: Arc<Sources>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let (handle, sources) = (handle.clone(), sources.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (handle, sources) = (handle.clone(), sources.clone());
-                async move { Ok::<_, Infallible>(respond(&req, &handle, &sources)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    serve_with(listener, handle, sources, None).await;
+}
+
+/// Serves the metrics listener until the task is dropped: `GET /metrics` (Prometheus),
+/// `GET /status.json` (the admin socket's `status` document, [`crate::admin::status_document`],
+/// with `upgrader`'s state as `relay status` shows it) and `GET /` (the dashboard page rendered
+/// from that document, [`crate::dashboard`]); any other method is 405, any other path 404.
+pub async fn serve_with(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    sources: Arc<Sources>,
+    upgrader: Option<Arc<crate::upgrade::Upgrader>>,
+) {
+    outrelay_lifecycle::dashboard::serve(listener, move |route| {
+        std::future::ready(respond(route, &handle, &sources, upgrader.as_deref()))
+    })
+    .await;
 }
 
 fn respond(
-    req: &Request<hyper::body::Incoming>,
+    route: Route,
     handle: &PrometheusHandle,
     sources: &Sources,
+    upgrader: Option<&crate::upgrade::Upgrader>,
 ) -> Response<Full<Bytes>> {
-    if req.method() != hyper::Method::GET || req.uri().path() != "/metrics" {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-        *r.status_mut() = StatusCode::NOT_FOUND;
-        return r;
+    match route {
+        Route::Metrics => {
+            update(sources);
+            dashboard::metrics(handle.render())
+        }
+        Route::Snapshot => dashboard::json(&crate::admin::status_document(sources, upgrader)),
+        Route::Page => dashboard::page(crate::dashboard::render(&crate::admin::status_document(
+            sources, upgrader,
+        ))),
+        other => dashboard::refusal(other),
     }
-    update(sources);
-    let mut r = Response::new(Full::new(Bytes::from(handle.render())));
-    if let Ok(v) = hyper::header::HeaderValue::from_str("text/plain; version=0.0.4") {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
 }
 
 /// Copies every counter into the recorder.
