@@ -20,7 +20,8 @@
 //! through a small user-space copy buffer instead of waiting; only when that budget is spent too
 //! does it wait for a pipe (FIFO). All timers are checked in the engine's sweep.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -34,6 +35,50 @@ use nix::sys::socket::{Shutdown, shutdown};
 use crate::buffer::{Buf, BufKind, BufferLimits, BufferPool, BufferStats};
 use crate::pipe::{Pipe, PipeLimits, PipePool, PipeStats};
 use crate::poller::{Backend, INTEREST_BITS, Interest, Poller, WAKE_TOKEN};
+use crate::rate::{self, Bucket};
+
+/// Bytes a throttled direction waits for before it is pumped again (one default pipe).
+const THROTTLE_CHUNK_BYTES: u64 = 64 * 1024;
+/// The longest a throttled direction sleeps before it looks again (a rate raised live is
+/// followed within this).
+const THROTTLE_WAIT_MAX: Duration = Duration::from_millis(500);
+
+/// The token buckets one direction of a pair is held to: up to two (the relay: a lease's and
+/// its tenant's). Every read from the source is capped to the tokens all of them grant.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// The buckets (`None`: no limit from that scope).
+    pub buckets: [Option<Arc<Bucket>>; 2],
+}
+
+impl Limits {
+    /// Held to `buckets` (either may be `None`).
+    pub fn new(first: Option<Arc<Bucket>>, second: Option<Arc<Bucket>>) -> Limits {
+        Limits {
+            buckets: [first, second],
+        }
+    }
+
+    /// Whether any bucket is attached (its rate may still be 0 = unlimited, live).
+    pub fn is_limited(&self) -> bool {
+        self.buckets[0].is_some() || self.buckets[1].is_some()
+    }
+
+    fn available(&self, now_ns: u64) -> u64 {
+        self.buckets
+            .iter()
+            .flatten()
+            .map(|b| b.available(now_ns))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    fn consume(&self, bytes: usize, now_ns: u64) {
+        for b in self.buckets.iter().flatten() {
+            b.consume(bytes as u64, now_ns);
+        }
+    }
+}
 
 /// Settings of one engine.
 #[derive(Debug, Clone)]
@@ -236,6 +281,8 @@ pub struct EngineStats {
     pub pipes: PipeStats,
     /// The copy-path and spill buffers' counters.
     pub buffers: BufferStats,
+    /// Times a limited direction waited for tokens ([`Engine::add_limited`]).
+    pub throttles: u64,
 }
 
 impl EngineStats {
@@ -252,6 +299,7 @@ impl EngineStats {
         self.pipe_waits += other.pipe_waits;
         self.spills += other.spills;
         self.spill_refusals += other.spill_refusals;
+        self.throttles += other.throttles;
         let (p, q) = (&mut self.pipes, &other.pipes);
         p.created += q.created;
         p.grown += q.grown;
@@ -272,6 +320,7 @@ struct NewPair {
     a: OwnedFd,
     b: OwnedFd,
     tag: u64,
+    limits: [Limits; 2],
 }
 
 /// Hands pairs to an engine running on another thread.
@@ -288,7 +337,21 @@ impl EngineHandle {
     /// [`AddError::Full`] when the inbox is full (counted by the caller), [`AddError::Stopped`]
     /// when the engine has exited.
     pub fn add(&self, a: OwnedFd, b: OwnedFd, tag: u64) -> Result<(), AddError> {
-        match self.tx.try_send(NewPair { a, b, tag }) {
+        self.add_limited(a, b, tag, [Limits::default(), Limits::default()])
+    }
+
+    /// [`EngineHandle::add`] for a pair held to token buckets ([`Engine::add_limited`]).
+    ///
+    /// # Errors
+    /// As [`EngineHandle::add`].
+    pub fn add_limited(
+        &self,
+        a: OwnedFd,
+        b: OwnedFd,
+        tag: u64,
+        limits: [Limits; 2],
+    ) -> Result<(), AddError> {
+        match self.tx.try_send(NewPair { a, b, tag, limits }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(AddError::Full),
             Err(TrySendError::Disconnected(_)) => return Err(AddError::Stopped),
@@ -326,6 +389,13 @@ struct Direction {
     /// The spill budget refused this stall (counted once per stall).
     spill_refused: bool,
     bytes: u64,
+    /// The buckets this direction is held to ([`Engine::add_limited`]).
+    limits: Limits,
+    /// Out of tokens: not pumped before this (an entry in the engine's throttle queue).
+    throttled_until: Option<Instant>,
+    /// When it ran out of tokens, and which buckets were empty then (bit per bucket).
+    throttled_since: Option<Instant>,
+    throttled_by: u8,
 }
 
 /// What a direction needs next.
@@ -338,6 +408,8 @@ enum Pump {
     NeedPipe,
     /// EOF forwarded; this direction is over.
     Finished,
+    /// Out of tokens (a limited direction); `write`: also arm the destination.
+    Throttled { write: bool },
 }
 
 /// What [`Direction::pump`] borrows from the engine.
@@ -365,13 +437,23 @@ impl Direction {
         use nix::sys::socket::{MsgFlags, recv, send};
         let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
         let mut moved = 0usize;
+        let limited = self.limits.is_limited();
+        let now_ns = if limited { rate::clock_ns(cx.now) } else { 0 };
         loop {
             let mut progressed = false;
             let mut read_blocked = false;
             let mut write_blocked = false;
             // The pipe was filled (bytes, or all its buffer slots) by this round's read.
             let mut filled = false;
-            if !self.src_eof && self.pipe.is_none() && self.buf.is_none() {
+            // A limited direction reads at most what its buckets grant (zero copy stays: the
+            // splice into the pipe is only shorter). Unlimited directions pay this branch.
+            let grant = if limited && !self.src_eof {
+                usize::try_from(self.limits.available(now_ns)).unwrap_or(usize::MAX)
+            } else {
+                usize::MAX
+            };
+            let throttled = grant == 0;
+            if !self.src_eof && !throttled && self.pipe.is_none() && self.buf.is_none() {
                 // Idle directions hold no pipe: look before taking one. When others already
                 // wait for a pipe, queue behind them (FIFO) instead of overtaking them. With
                 // the pipe budget spent, copy through a small buffer rather than wait.
@@ -398,14 +480,17 @@ impl Direction {
             if !self.src_eof {
                 if let Some(pipe) = self.pipe.as_mut() {
                     let room = pipe.capacity_bytes() - self.in_pipe;
-                    if room > 0 {
+                    if room > 0 && !throttled {
                         *cx.splice_calls += 1;
-                        match splice(src, None, pipe.write_end(), None, room, flags) {
+                        match splice(src, None, pipe.write_end(), None, room.min(grant), flags) {
                             Ok(0) => {
                                 self.src_eof = true;
                                 progressed = true;
                             }
                             Ok(n) => {
+                                if limited {
+                                    self.limits.consume(n, now_ns);
+                                }
                                 self.in_pipe += n;
                                 progressed = true;
                                 filled = self.in_pipe == pipe.capacity_bytes();
@@ -424,16 +509,21 @@ impl Direction {
                 } else if let Some(buf) = self
                     .buf
                     .as_mut()
-                    .filter(|b| b.kind() == BufKind::Copy && b.is_empty())
+                    .filter(|b| b.kind() == BufKind::Copy && b.is_empty() && !throttled)
                 {
                     // The copy path reads only into an empty buffer: while it holds unwritten
                     // bytes the rest waits in the source socket. A spill is never refilled.
-                    match recv(src.as_fd_raw(), buf.space(), MsgFlags::MSG_DONTWAIT) {
+                    let space = buf.space();
+                    let len = space.len().min(grant);
+                    match recv(src.as_fd_raw(), &mut space[..len], MsgFlags::MSG_DONTWAIT) {
                         Ok(0) => {
                             self.src_eof = true;
                             progressed = true;
                         }
                         Ok(n) => {
+                            if limited {
+                                self.limits.consume(n, now_ns);
+                            }
                             buf.filled(n);
                             progressed = true;
                         }
@@ -496,7 +586,7 @@ impl Direction {
                 }
             }
             let turn_over = cx.others_waiting && moved >= cx.budget_bytes;
-            let at_rest = read_blocked || self.src_eof || turn_over;
+            let at_rest = read_blocked || throttled || self.src_eof || turn_over;
             if self.in_pipe == 0 && at_rest {
                 // Nothing in flight: hold no pipe while idle, nor across a yield while others
                 // wait for one (the pipe budget is shared round-robin, not held by the first
@@ -526,6 +616,11 @@ impl Direction {
             }
             if moved >= cx.budget_bytes {
                 return Ok(Pump::Yield);
+            }
+            if !progressed && throttled {
+                return Ok(Pump::Throttled {
+                    write: write_blocked,
+                });
             }
             if !progressed {
                 return Ok(Pump::Wait {
@@ -679,6 +774,8 @@ pub struct Engine {
     free: Vec<u32>,
     ready: VecDeque<(u32, u32)>,
     pipe_waiters: VecDeque<(u32, u32)>,
+    /// Limited directions out of tokens, by when they are due (index, generation, side).
+    throttled: BinaryHeap<Reverse<(Instant, u32, u32, u8)>>,
     stats: EngineStats,
     fired: Vec<u64>,
     inbox: Receiver<NewPair>,
@@ -707,6 +804,7 @@ impl Engine {
             free: Vec::new(),
             ready: VecDeque::new(),
             pipe_waiters: VecDeque::new(),
+            throttled: BinaryHeap::new(),
             stats: EngineStats::default(),
             fired: Vec::with_capacity(256),
             inbox,
@@ -750,6 +848,24 @@ impl Engine {
     /// # Errors
     /// [`AddError::Full`] at `max_pairs` (the sockets are closed), or a socket error.
     pub fn add(&mut self, a: OwnedFd, b: OwnedFd, tag: u64, now: Instant) -> Result<(), AddError> {
+        self.add_limited(a, b, tag, [Limits::default(), Limits::default()], now)
+    }
+
+    /// [`Engine::add`], with each direction (`limits[0]`: a → b, `limits[1]`: b → a) held to
+    /// its token buckets: a direction out of tokens arms nothing and waits in the engine's
+    /// throttle queue until they are due; the time it waits is added to the empty buckets'
+    /// throttled time. A bucket's rate is read on every read, so a change applies at once.
+    ///
+    /// # Errors
+    /// As [`Engine::add`].
+    pub fn add_limited(
+        &mut self,
+        a: OwnedFd,
+        b: OwnedFd,
+        tag: u64,
+        limits: [Limits; 2],
+        now: Instant,
+    ) -> Result<(), AddError> {
         if self.stats.pairs_active >= self.config.max_pairs {
             self.stats.pairs_refused += 1;
             return Err(AddError::Full);
@@ -765,7 +881,10 @@ impl Engine {
         let pair = Pair {
             fds: [a, b],
             armed: [Interest::NONE; 2],
-            dirs: [Direction::default(), Direction::default()],
+            dirs: limits.map(|limits| Direction {
+                limits,
+                ..Direction::default()
+            }),
             tag,
             last_activity: now,
             half_closed_since: None,
@@ -845,15 +964,24 @@ impl Engine {
         finished: &mut Vec<Finished>,
         user: &mut Vec<(u64, Interest)>,
     ) -> std::io::Result<()> {
-        let wait = if self.ready.is_empty() {
+        let mut wait = if self.ready.is_empty() {
             timeout.min(self.config.sweep_interval)
         } else {
             Duration::ZERO
         };
+        if let Some(Reverse((due, ..))) = self.throttled.peek() {
+            // Whole milliseconds, rounded up (epoll's unit; never a busy wait).
+            let ms = due
+                .saturating_duration_since(Instant::now())
+                .as_micros()
+                .div_ceil(1000);
+            wait = wait.min(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)));
+        }
         let mut fired = std::mem::take(&mut self.fired);
         fired.clear();
         self.poller.wait(Some(wait), &mut fired)?;
         let now = clock();
+        self.wake_throttled(now);
         for &t in &fired {
             if t == WAKE_TOKEN {
                 self.drain_inbox(now, finished);
@@ -941,7 +1069,10 @@ impl Engine {
             // A refused pair's sockets are dropped (closed) here; the count is in the stats,
             // and the caller hears about the tag like any finished pair.
             let tag = new.tag;
-            if self.add(new.a, new.b, tag, now).is_err() {
+            if self
+                .add_limited(new.a, new.b, tag, new.limits, now)
+                .is_err()
+            {
                 finished.push(Finished {
                     tag,
                     bytes: [0, 0],
@@ -966,7 +1097,7 @@ impl Engine {
         let bytes_before = pair.dirs[0].bytes + pair.dirs[1].bytes;
         for d in 0..2 {
             let dir = &mut pair.dirs[d];
-            if dir.finished || dir.waiting_pipe {
+            if dir.finished || dir.waiting_pipe || dir.throttled_until.is_some() {
                 continue;
             }
             let (src, dst) = (pair.fds[d].as_fd(), pair.fds[1 - d].as_fd());
@@ -992,6 +1123,29 @@ impl Engine {
                     dir.waiting_pipe = true;
                     self.stats.pipe_waits += 1;
                     self.pipe_waiters.push_back((index, generation));
+                }
+                Ok(Pump::Throttled { write }) => {
+                    if write {
+                        want[1 - d] = want[1 - d].union(Interest::WRITE);
+                    }
+                    let now_ns = rate::clock_ns(now);
+                    let (mut wait_ns, mut by) = (0u64, 0u8);
+                    for (i, b) in dir.limits.buckets.iter().enumerate() {
+                        if let Some(b) = b.as_ref().filter(|b| b.available(now_ns) == 0) {
+                            by |= 1 << i;
+                            wait_ns = wait_ns.max(b.wait_ns(THROTTLE_CHUNK_BYTES, now_ns));
+                        }
+                    }
+                    let until = now + Duration::from_nanos(wait_ns).min(THROTTLE_WAIT_MAX);
+                    dir.throttled_until = Some(until);
+                    if dir.throttled_since.is_none() {
+                        dir.throttled_since = Some(now);
+                        dir.throttled_by = by;
+                    }
+                    self.stats.throttles += 1;
+                    let side = u8::try_from(d).unwrap_or(0);
+                    self.throttled
+                        .push(Reverse((until, index, generation, side)));
                 }
                 Ok(Pump::Finished) => {
                     if pair.half_closed_since.is_none() {
@@ -1042,6 +1196,40 @@ impl Engine {
             }
         }
         self.wake_pipe_waiters();
+    }
+
+    /// Requeues throttled directions whose tokens are due, and adds the time they waited to
+    /// the buckets that held them back.
+    fn wake_throttled(&mut self, now: Instant) {
+        while let Some(&Reverse((until, index, generation, side))) = self.throttled.peek() {
+            if until > now {
+                break;
+            }
+            self.throttled.pop();
+            let Some(pair) = self.pair_mut(index, generation) else {
+                continue;
+            };
+            let dir = &mut pair.dirs[usize::from(side & 1)];
+            if dir.throttled_until != Some(until) {
+                continue;
+            }
+            dir.throttled_until = None;
+            if let Some(since) = dir.throttled_since.take() {
+                let ns = u64::try_from(now.saturating_duration_since(since).as_nanos())
+                    .unwrap_or(u64::MAX);
+                for (i, b) in dir.limits.buckets.iter().enumerate() {
+                    if dir.throttled_by & (1 << i) != 0
+                        && let Some(b) = b
+                    {
+                        b.add_throttled_ns(ns);
+                    }
+                }
+            }
+            if !pair.queued {
+                pair.queued = true;
+                self.ready.push_back((index, generation));
+            }
+        }
     }
 
     /// Requeues directions that waited for a pipe, now that one (or a copy buffer) may be

@@ -17,12 +17,14 @@ pub mod engine;
 pub mod fdpass;
 pub mod pipe;
 pub mod poller;
+pub mod rate;
 mod uring;
 
 pub use buffer::{BufferLimits, BufferStats};
 pub use engine::{
     AddError, CLOSED_LABELS, CloseReason, Engine, EngineConfig, EngineHandle, EngineStats,
-    Finished, USER_KEY_LIMIT,
+    Finished, Limits, USER_KEY_LIMIT,
 };
 pub use pipe::{PipeLimits, PipeStats};
 pub use poller::{BACKEND_ENV, Backend, Interest};
+pub use rate::Bucket;

@@ -205,6 +205,12 @@ pub fn status(s: &Sources) -> Value {
         "ebpf": ebpf_status(&s.steering),
         "snapshot_generation": snapshot.generation,
         "leases": leases.into_values().collect::<Vec<_>>(),
+        "bandwidth_tenants": s.shared.bandwidth.tenant_counters().iter().map(|t| json!({
+            "tenant": t.tenant,
+            "to_service_bytes_per_s": t.limit.to_service_bytes_per_s,
+            "to_client_bytes_per_s": t.limit.to_client_bytes_per_s,
+            "throttled_ms": {"to_service": t.throttled_ms[0], "to_client": t.throttled_ms[1]},
+        })).collect::<Vec<_>>(),
         "drops": drops,
         "sessions_authenticated": s.ingress.stats.sessions_authenticated.load(Ordering::Relaxed),
         "public_connections_spliced": s.ingress.stats.spliced.load(Ordering::Relaxed),
@@ -284,6 +290,15 @@ fn lease_entry<'a>(
             "tcp_port": null,
             "udp_port": null,
             "idle_sessions": s.ingress.idle_sessions(&route.lease_id),
+            "bandwidth": s.shared.bandwidth.lease(&route.lease_id).map(|b| {
+                let c = b.counters();
+                json!({
+                    "to_service_bytes_per_s": c.limit.to_service_bytes_per_s,
+                    "to_client_bytes_per_s": c.limit.to_client_bytes_per_s,
+                    "throttled_ms": {"to_service": c.throttled_ms[0], "to_client": c.throttled_ms[1]},
+                    "udp_rate_limited_datagrams": c.udp_rate_limited,
+                })
+            }),
         })
     })
 }

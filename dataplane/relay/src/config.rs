@@ -29,6 +29,8 @@
 //! [splice]   idle_timeout_ms = 3600000  half_closed_timeout_ms = 60000
 //!            stall_timeout_ms = 2000  write_stall_timeout_ms = 30000
 //!            copy_budget_bytes = 8388608  copy_buffer_bytes = 16384  spill_budget_bytes = 16777216
+//! [bandwidth] lease_to_service_bytes_per_s = 0  lease_to_client_bytes_per_s = 0  # 0 = none
+//!            tenant_to_service_bytes_per_s = 0  tenant_to_client_bytes_per_s = 0   # (live)
 //! [public_tls] cert = "root.pem"  key = "root-key.pem"   # root host /healthz; optional
 //! [controller] url = "https://controller:7444"  heartbeat_interval_ms = 10000 ...  # optional
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
@@ -87,6 +89,7 @@ struct Raw {
     quic: RawQuic,
     pipes: RawPipes,
     splice: RawSplice,
+    bandwidth: RawBandwidth,
     public_tls: RawPublicTls,
     controller: Option<RawController>,
     lifecycle: RawLifecycle,
@@ -197,6 +200,7 @@ impl Default for Raw {
             quic: RawQuic::default(),
             pipes: RawPipes::default(),
             splice: RawSplice::default(),
+            bandwidth: RawBandwidth::default(),
             public_tls: RawPublicTls::default(),
             controller: None,
             lifecycle: RawLifecycle::default(),
@@ -462,6 +466,17 @@ impl Default for RawSplice {
     }
 }
 
+/// `[bandwidth]`: the default limits of each lease and each tenant, bytes per second each
+/// way (0 = none); a controller record for a lease or tenant replaces its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBandwidth {
+    lease_to_service_bytes_per_s: u64,
+    lease_to_client_bytes_per_s: u64,
+    tenant_to_service_bytes_per_s: u64,
+    tenant_to_client_bytes_per_s: u64,
+}
+
 /// Most worker threads (each holds a ring, a listener per port and a board column).
 const MAX_WORKERS: usize = 256;
 
@@ -511,6 +526,8 @@ pub struct Settings {
     pub ebpf: crate::steer::EbpfConfig,
     /// `[log] level` (tracing `EnvFilter` syntax); `None`: the `--log` flag's.
     pub log_level: Option<String>,
+    /// `[bandwidth]`: default limits per lease and per tenant (live).
+    pub bandwidth: crate::bandwidth::Defaults,
 }
 
 /// `[resume]`, checked.
@@ -986,6 +1003,16 @@ impl Settings {
             mesh,
             ebpf,
             log_level,
+            bandwidth: crate::bandwidth::Defaults {
+                lease: crate::bandwidth::Limit {
+                    to_service_bytes_per_s: raw.bandwidth.lease_to_service_bytes_per_s,
+                    to_client_bytes_per_s: raw.bandwidth.lease_to_client_bytes_per_s,
+                },
+                tenant: crate::bandwidth::Limit {
+                    to_service_bytes_per_s: raw.bandwidth.tenant_to_service_bytes_per_s,
+                    to_client_bytes_per_s: raw.bandwidth.tenant_to_client_bytes_per_s,
+                },
+            },
         })
     }
 }

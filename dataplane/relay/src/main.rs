@@ -343,6 +343,7 @@ fn run(
     runtime.block_on(async move {
         let mut signals = outrelay_lifecycle::Signals::install()?;
         let shared = Arc::new(Shared::default());
+        shared.bandwidth.set_defaults(settings.bandwidth);
         let mut leases = LeaseTable::new(settings.leases.clone())?;
         if let Some(i) = &inherited {
             leases.inherit(&i.leases, Instant::now());

@@ -366,8 +366,16 @@ pub fn describe() {
         "UDP lease datagrams, by direction."
     );
     metrics::describe_counter!(
+        "outrelay_relay_bandwidth_throttled_seconds_total",
+        "Time transfers waited for bandwidth tokens (whole seconds), by scope (lease, tenant) and direction (to_service, to_client)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_splice_throttles_total",
+        "Times a limited splice direction ran out of bandwidth tokens and waited."
+    );
+    metrics::describe_counter!(
         "outrelay_relay_udp_drops_total",
-        "UDP lease datagrams dropped, by reason."
+        "UDP lease datagrams dropped, by reason (rate_limited: over a bandwidth limit)."
     );
     metrics::describe_gauge!(
         "outrelay_relay_udp_flows_active",

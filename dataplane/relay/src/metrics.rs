@@ -276,6 +276,19 @@ fn update(s: &Sources) {
         counter!("outrelay_relay_splice_closed_total", "reason" => reason).absolute(n);
     }
     gauge!("outrelay_relay_io_backend_info", "backend" => s.backend.name()).set(1.0);
+    counter!("outrelay_relay_splice_throttles_total").absolute(total.throttles);
+    // Bandwidth limits (issue 21): by scope and direction only; per lease in `relay status`.
+    let throttled = s.shared.bandwidth.throttled_ns_total();
+    for (scope, by_dir) in ["lease", "tenant"].into_iter().zip(throttled) {
+        for (direction, ns) in ["to_service", "to_client"].into_iter().zip(by_dir) {
+            counter!(
+                "outrelay_relay_bandwidth_throttled_seconds_total",
+                "scope" => scope,
+                "direction" => direction
+            )
+            .absolute(ns / 1_000_000_000);
+        }
+    }
 
     for (i, w) in s.ingress.worker_stats().iter().enumerate() {
         let worker = i.to_string();

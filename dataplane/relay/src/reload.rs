@@ -38,7 +38,10 @@ pub fn key_reload(key: &str) -> KeyReload {
     let section = parts.next().unwrap_or("");
     let field = parts.next().unwrap_or("");
     match (section, field) {
-        ("lifecycle" | "ingress" | "quic" | "mesh" | "resume" | "policy" | "log", _)
+        (
+            "lifecycle" | "ingress" | "quic" | "mesh" | "resume" | "policy" | "log" | "bandwidth",
+            _,
+        )
         | (
             "leases",
             "ttl_default_s"
@@ -133,6 +136,10 @@ impl LiveSettings {
         self.ingress.reload(settings.ingress, settings.engine);
         self.udp.reload(settings.udp);
         self.mesh.reload(settings.mesh);
+        self.ingress
+            .shared
+            .bandwidth
+            .set_defaults(settings.bandwidth);
         self.generation.bump();
         Ok(settings.shutdown_grace_ms)
     }
@@ -173,6 +180,8 @@ mod tests {
             "policy.decision",
             "lifecycle.shutdown_grace_ms",
             "splice.idle_timeout_ms",
+            "bandwidth.lease_to_client_bytes_per_s",
+            "bandwidth.tenant_to_service_bytes_per_s",
         ] {
             assert_eq!(key_reload(key), KeyReload::Live, "{key}");
         }

@@ -55,6 +55,9 @@ pub struct Shared {
     publishes: AtomicU64,
     /// See [`PublishHook`]; set once by [`crate::worker::start`].
     hook: OnceLock<PublishHook>,
+    /// Bandwidth limits (issue 21): the buckets of every live lease and tenant, read by the
+    /// workers at each claim, by UDP ports per datagram, by service streams.
+    pub bandwidth: Arc<crate::bandwidth::Bandwidth>,
 }
 
 impl Default for Shared {
@@ -65,6 +68,7 @@ impl Default for Shared {
             expected: ArcSwap::default(),
             publishes: AtomicU64::new(0),
             hook: OnceLock::new(),
+            bandwidth: Arc::default(),
         }
     }
 }

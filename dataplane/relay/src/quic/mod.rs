@@ -512,6 +512,11 @@ impl Ctx {
         *published += 1;
         *published_generation = table.generation();
         let routes = table.routes();
+        self.bandwidth.sync_leases(
+            table
+                .leases()
+                .map(|l| (l.id, l.owner.tenant.as_str(), l.name.as_str())),
+        );
         let udp_conns = {
             let agents = self.agents();
             routes
@@ -942,7 +947,6 @@ impl QuicServer {
                 published: 0,
                 published_generation: 0,
             }),
-            shared,
             stats,
             decider,
             shutdown: rx,
@@ -955,7 +959,8 @@ impl QuicServer {
             mesh: std::sync::OnceLock::new(),
             ingress: std::sync::OnceLock::new(),
             parked: std::sync::Mutex::new(resume::ParkTable::default()),
-            bandwidth: Arc::new(crate::bandwidth::Bandwidth::default()),
+            bandwidth: shared.bandwidth.clone(),
+            shared,
         });
         Ok(QuicServer {
             endpoint,

@@ -582,12 +582,15 @@ async fn join_pair(
         timeout: Duration::from_millis(mesh.config().stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
+    // The provider tenant's bandwidth limit, as for an open (issue 21).
+    let limit = ctx.bandwidth.tenant(&tenant);
     join(
         halves,
         (Bytes::new(), Bytes::new()),
         check,
         idle,
         &superseded,
+        &limit,
     )
     .await;
 }

@@ -397,12 +397,16 @@ async fn open(
         timeout: Duration::from_millis(mesh.config().stream_idle_timeout_ms),
         stats: &ctx.stats,
     };
+    // Held to the provider tenant's bandwidth limit (issue 21; the caller's tenant: a
+    // provider is resolved in it only). Leases' limits do not apply to service streams.
+    let limit = ctx.bandwidth.tenant(tenant);
     join(
         halves,
         (consumer_rest, provider_rest),
         check,
         idle,
         &superseded,
+        &limit,
     )
     .await;
 }
@@ -579,6 +583,7 @@ pub(super) async fn join(
     mut check: Recheck<'_>,
     idle: Idle<'_>,
     superseded: &tokio::sync::Notify,
+    limit: &crate::bandwidth::Buckets,
 ) {
     let mesh = check.mesh;
     let stats = &mesh.stats;
@@ -592,6 +597,7 @@ pub(super) async fn join(
             consumer_rest,
             &stats.bytes_to_provider,
             (start, &last),
+            &limit.to_service,
         );
         let down = pipe(
             &mut h.p_recv,
@@ -599,6 +605,7 @@ pub(super) async fn join(
             provider_rest,
             &stats.bytes_to_consumer,
             (start, &last),
+            &limit.to_client,
         );
         // Both directions to their end; the first one that FAILS ends the stream (a reset on
         // one side must not leave the other direction, and the tenant's stream slot, waiting
@@ -706,6 +713,7 @@ async fn pipe(
     rest: Bytes,
     bytes: &AtomicU64,
     (start, last): (tokio::time::Instant, &AtomicU64),
+    limit: &outrelay_io::Bucket,
 ) -> Result<(), quinn::VarInt> {
     if !rest.is_empty() {
         bytes.fetch_add(rest.len() as u64, Ordering::Relaxed);
@@ -721,6 +729,7 @@ async fn pipe(
             Ok(Some(n)) => {
                 let mut left = chunks.get_mut(..n).unwrap_or_default();
                 let len: usize = left.iter().map(Bytes::len).sum();
+                throttle(limit, len).await;
                 bytes.fetch_add(len as u64, Ordering::Relaxed);
                 last.store(ms_since(start), Ordering::Relaxed);
                 while !left.is_empty() {
@@ -749,4 +758,21 @@ async fn pipe(
             }
         }
     }
+}
+
+/// Waits until `limit` has tokens for `len` bytes already read, then charges them (a chunk
+/// larger than the burst leaves a debt the next one waits for). Never drops; the wait is
+/// counted as the bucket's throttled time. Unlimited (rate 0): one load, no wait.
+async fn throttle(limit: &outrelay_io::Bucket, len: usize) {
+    if limit.rate_bytes_per_s() == 0 {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let now_ns = outrelay_io::rate::clock_ns(now);
+    let wait_ns = limit.wait_ns(len as u64, now_ns);
+    if wait_ns > 0 {
+        tokio::time::sleep(Duration::from_nanos(wait_ns)).await;
+        limit.add_throttled_ns(wait_ns);
+    }
+    limit.consume(len as u64, now_ns.saturating_add(wait_ns));
 }

@@ -212,6 +212,8 @@ impl Port {
         let Some((conn, max)) = conn.and_then(|c| Some((c, c.max_datagram_size()?))) else {
             return self.stats.dropped_n(UdpDrop::NoAgent, batch);
         };
+        // Bandwidth limits (issue 21): one lookup per batch, one check per datagram.
+        let bandwidth = self.shared.bandwidth.lease(&route.lease_id);
         for (from, payload, truncated) in datagrams {
             let flow_id = match self.flows.get_mut(&from) {
                 Some(flow) => {
@@ -245,6 +247,13 @@ impl Port {
             }
             if conn.datagram_send_buffer_space() < len {
                 self.stats.dropped(UdpDrop::ToAgentQueueFull);
+                continue;
+            }
+            if bandwidth
+                .as_ref()
+                .is_some_and(|b| !b.admit_datagram(true, payload.len()))
+            {
+                self.stats.dropped(UdpDrop::RateLimited);
                 continue;
             }
             let mut datagram = BytesMut::with_capacity(len);
@@ -344,6 +353,7 @@ impl Port {
         let now = Instant::now();
         let snapshot = self.shared.load();
         let route = snapshot.routes.lookup_udp(self.port);
+        let bandwidth = route.and_then(|r| self.shared.bandwidth.lease(&r.lease_id));
         for d in datagrams.drain(..) {
             // Only the connection that holds the lease now, only for the lease this port's
             // flows belong to.
@@ -367,6 +377,13 @@ impl Port {
             let len = d.payload.len() as u64;
             if len > flow.budget_bytes {
                 self.stats.dropped(UdpDrop::Amplification);
+                continue;
+            }
+            if bandwidth
+                .as_ref()
+                .is_some_and(|b| !b.admit_datagram(false, d.payload.len()))
+            {
+                self.stats.dropped(UdpDrop::RateLimited);
                 continue;
             }
             flow.budget_bytes -= len;

@@ -38,11 +38,14 @@ pub enum UdpDrop {
     /// A client datagram for a port whose lease is expected (inherited at an upgrade, issue
     /// 20) but not registered here yet: dropped, not buffered.
     LeaseWait,
+    /// Over the lease's or its tenant's bandwidth limit (`[bandwidth]`, controller records):
+    /// dropped, never queued (also counted per lease).
+    RateLimited,
 }
 
 impl UdpDrop {
     /// Every reason, in counter order.
-    pub const ALL: [UdpDrop; 14] = [
+    pub const ALL: [UdpDrop; 15] = [
         UdpDrop::NoRoute,
         UdpDrop::NoAgent,
         UdpDrop::TooLarge,
@@ -57,6 +60,7 @@ impl UdpDrop {
         UdpDrop::SendFailed,
         UdpDrop::ClientQueueFull,
         UdpDrop::LeaseWait,
+        UdpDrop::RateLimited,
     ];
 
     /// The metric label.
@@ -76,6 +80,7 @@ impl UdpDrop {
             UdpDrop::SendFailed => "send_failed",
             UdpDrop::ClientQueueFull => "client_queue_full",
             UdpDrop::LeaseWait => "lease_wait",
+            UdpDrop::RateLimited => "rate_limited",
         }
     }
 }

@@ -274,11 +274,21 @@ impl Worker {
         for socket in [&client, &session] {
             let _ = socket2::SockRef::from(socket).set_keepalive(true);
         }
+        // Bandwidth limits (issue 21): client → agent is to_service, agent → client to_client,
+        // each held to the lease's and its tenant's buckets (rates live, 0 = none).
+        let limits = slot
+            .lease()
+            .and_then(|id| self.ingress.shared.bandwidth.lease(id))
+            .map(|b| [b.to_service(), b.to_client()])
+            .unwrap_or_default();
         let tag = slot.into_tag();
-        match self
-            .engine
-            .add(OwnedFd::from(client), OwnedFd::from(session), tag, self.now)
-        {
+        match self.engine.add_limited(
+            OwnedFd::from(client),
+            OwnedFd::from(session),
+            tag,
+            limits,
+            self.now,
+        ) {
             Ok(()) => {
                 self.ingress.stats.spliced.fetch_add(1, Ordering::Relaxed);
             }
