@@ -2613,6 +2613,13 @@ async fn iperf3_received_bits_per_s(to: SocketAddr, secs: u32) -> f64 {
         .unwrap_or_else(|| panic!("end.sum_received.bits_per_second in {v}"))
 }
 
+/// `leases limit --tenant TENANT_A ARGS`.
+fn limit<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["leases", "limit", "--tenant", TENANT_A];
+    all.extend_from_slice(args);
+    all
+}
+
 /// Asserts `got` (bits per second) is within [`LIMIT_TOLERANCE`] of `want`.
 fn assert_near(what: &str, got: f64, want: f64) {
     let off = (got - want).abs() / want;
@@ -2667,11 +2674,6 @@ async fn controller_bandwidth_limits_hold_iperf3_to_the_limit_and_apply_live() {
     let free: SocketAddr = ([127, 0, 0, 1], lease_port_in(&ready, "free", "tcp_addr")).into();
     wait_until_accepting(lim).await;
     wait_until_accepting(free).await;
-    let limit = |args: &[&str]| {
-        let mut all = vec!["leases", "limit", "--tenant", TENANT_A];
-        all.extend_from_slice(args);
-        all
-    };
 
     // 1. One lease limited, one not, at the same time.
     let set = w.cli(&limit(&["--name", "lim", "--rate", "200Mbit"])).await;
