@@ -11,6 +11,7 @@
 mod dev_pki;
 mod dev_serve;
 mod output;
+mod rate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -365,6 +366,43 @@ enum LeasesCmd {
         #[arg(long, default_value = "")]
         relay: String,
     },
+    /// Sets or clears the bandwidth limit of one lease, or of a whole tenant (global admins).
+    ///
+    /// RATE is per second: decimal bits (`200Mbit`, `1.5Gbit`, `10Gbit`; Mbit = 10^6 bit),
+    /// bytes (`50MB`, `1MiB`, or a plain number of bytes), `0` or `unlimited` for no limit.
+    /// A lease limit (`--name`) and its tenant's limit both apply; relays follow within a
+    /// second, running transfers included.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["rate", "to_service", "clear"])))]
+    Limit {
+        #[arg(long)]
+        tenant: String,
+        /// The lease name as registered (not the hostname); absent: every lease of the tenant
+        /// together.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// The same RATE both ways.
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        rate: Option<u64>,
+        /// RATE from the public client (or consumer) to the service.
+        #[arg(long, value_name = "RATE", value_parser = parse_rate, requires = "to_client")]
+        to_service: Option<u64>,
+        /// RATE from the service to the public client (or consumer).
+        #[arg(long, value_name = "RATE", value_parser = parse_rate, requires = "to_service")]
+        to_client: Option<u64>,
+        /// Removes the record (the relay's `[bandwidth]` default applies again).
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Lists bandwidth limit records (a tenant admin sees its own tenant's).
+    Limits {
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+}
+
+/// `--rate` and friends, in bytes per second.
+fn parse_rate(s: &str) -> Result<u64, rate::RateError> {
+    rate::parse_bytes_per_s(s)
 }
 
 fn main() -> ExitCode {
@@ -751,6 +789,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         vec![vec![relay.clone(), t.clone(), u.clone()]],
                         json!({"relay": relay, "tcp": t, "udp": u}),
                     );
+                }
+                LeasesCmd::Limit {
+                    tenant,
+                    name,
+                    rate,
+                    to_service,
+                    to_client,
+                    clear,
+                } => {
+                    let (to_service, to_client) = match rate {
+                        Some(r) => (r, r),
+                        None => (to_service.unwrap_or(0), to_client.unwrap_or(0)),
+                    };
+                    let set = c
+                        .set_limit(pb::SetLimitRequest {
+                            limit: Some(pb::BandwidthLimit {
+                                tenant,
+                                name,
+                                to_service_bytes_per_s: to_service,
+                                to_client_bytes_per_s: to_client,
+                            }),
+                            clear,
+                        })
+                        .await?
+                        .into_inner();
+                    if set.cleared {
+                        let l = set.limit.unwrap_or_default();
+                        let name = if l.name.is_empty() { "*" } else { &l.name };
+                        print_rows(
+                            out,
+                            &["tenant", "name", "limit"],
+                            vec![vec![
+                                l.tenant.clone(),
+                                name.to_owned(),
+                                "cleared".to_owned(),
+                            ]],
+                            json!({"tenant": l.tenant, "name": l.name, "cleared": true}),
+                        );
+                    } else {
+                        output::limits(out, &set.limit.into_iter().collect::<Vec<_>>());
+                    }
+                }
+                LeasesCmd::Limits { tenant } => {
+                    let limits = c
+                        .list_limits(pb::ListLimitsRequest { tenant })
+                        .await?
+                        .into_inner()
+                        .limits;
+                    output::limits(out, &limits);
                 }
                 LeasesCmd::Mode { tenant, mode } => {
                     let (m, name) = match mode {

@@ -235,3 +235,36 @@ pub fn leases(out: Output, ls: &[pb::Lease]) {
         Value::Array(j),
     );
 }
+
+/// Bandwidth limit records (`*`: the whole tenant). JSON: one object per record with the rates
+/// in bytes per second (0 = unlimited).
+pub fn limits(out: Output, ls: &[pb::BandwidthLimit]) {
+    let name = |l: &pb::BandwidthLimit| {
+        if l.name.is_empty() {
+            "*".to_owned()
+        } else {
+            l.name.clone()
+        }
+    };
+    let rows = ls
+        .iter()
+        .map(|l| {
+            vec![
+                l.tenant.clone(),
+                name(l),
+                crate::rate::show(l.to_service_bytes_per_s),
+                crate::rate::show(l.to_client_bytes_per_s),
+            ]
+        })
+        .collect();
+    let j = ls
+        .iter()
+        .map(|l| json!({"tenant": l.tenant, "name": l.name, "to_service_bytes_per_s": l.to_service_bytes_per_s, "to_client_bytes_per_s": l.to_client_bytes_per_s}))
+        .collect::<Vec<_>>();
+    print_rows(
+        out,
+        &["tenant", "name", "to_service", "to_client"],
+        rows,
+        Value::Array(j),
+    );
+}

@@ -305,6 +305,104 @@ fn policy_audit_and_tamper_detection_end_to_end() {
     assert_eq!(o.status.code(), Some(2), "a gate is required: {}", text(&o));
 }
 
+/// Issue 21: `outrelay leases limit` / `limits` against a real controller: RATE units reach the
+/// controller as bytes per second, a record can be listed and cleared, and bad RATEs or flag
+/// combinations are usage errors (exit 2) that never reach it.
+#[test]
+fn leases_limit_sets_lists_and_clears_bandwidth_records() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = dev_pki(dir.path());
+    let c = start(dir.path(), &pki);
+    let json = |args: &[&str]| {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let o = outrelay(&c, &pki, &all);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")
+    };
+    let set = json(&[
+        "leases", "limit", "--tenant", "acme", "--name", "web", "--rate", "1.5Gbit",
+    ]);
+    assert_eq!(
+        set,
+        serde_json::json!([{"tenant": "acme", "name": "web",
+            "to_service_bytes_per_s": 187_500_000u64, "to_client_bytes_per_s": 187_500_000u64}])
+    );
+    json(&[
+        "leases",
+        "limit",
+        "--tenant",
+        "acme",
+        "--to-service",
+        "10Gbit",
+        "--to-client",
+        "50MB",
+    ]);
+    let listed = json(&["leases", "limits"]);
+    assert_eq!(
+        listed,
+        serde_json::json!([
+            {"tenant": "acme", "name": "", "to_service_bytes_per_s": 1_250_000_000u64,
+             "to_client_bytes_per_s": 50_000_000u64},
+            {"tenant": "acme", "name": "web", "to_service_bytes_per_s": 187_500_000u64,
+             "to_client_bytes_per_s": 187_500_000u64},
+        ])
+    );
+    let o = outrelay(&c, &pki, &["leases", "limits", "--tenant", "acme"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("1.5 Gbit/s (187500000 B/s)"),
+        "{}",
+        text(&o)
+    );
+    let cleared = json(&[
+        "leases", "limit", "--tenant", "acme", "--name", "web", "--clear",
+    ]);
+    assert_eq!(
+        cleared,
+        serde_json::json!({"tenant": "acme", "name": "web", "cleared": true})
+    );
+    assert_eq!(
+        json(&["leases", "limits"]).as_array().map(Vec::len),
+        Some(1)
+    );
+    // Clearing it again: the controller's NOT_FOUND, exit 1.
+    let o = outrelay(
+        &c,
+        &pki,
+        &[
+            "leases", "limit", "--tenant", "acme", "--name", "web", "--clear",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // Usage errors: a bad unit, no rate at all, two ways of saying it, half of a pair.
+    for args in [
+        &["leases", "limit", "--tenant", "acme", "--rate", "200Mbyte"][..],
+        &["leases", "limit", "--tenant", "acme", "--rate", "fast"],
+        &["leases", "limit", "--tenant", "acme"],
+        &[
+            "leases", "limit", "--tenant", "acme", "--rate", "1Mbit", "--clear",
+        ],
+        &[
+            "leases",
+            "limit",
+            "--tenant",
+            "acme",
+            "--to-service",
+            "1Mbit",
+        ],
+    ] {
+        let o = outrelay(&c, &pki, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+    }
+    let o = outrelay(
+        &c,
+        &pki,
+        &["leases", "limit", "--tenant", "acme", "--rate", "200Mbyte"],
+    );
+    assert!(text(&o).contains("unknown unit `Mbyte`"), "{}", text(&o));
+}
+
 #[test]
 fn completions_and_man_pages() {
     let o = Command::new(env!("CARGO_BIN_EXE_outrelay"))
@@ -325,6 +423,8 @@ fn completions_and_man_pages() {
         "outrelay-policy-add.1",
         "outrelay-audit-verify.1",
         "outrelay-leases-mode.1",
+        "outrelay-leases-limit.1",
+        "outrelay-leases-limits.1",
     ] {
         assert!(dir.path().join(page).exists(), "{page}");
     }

@@ -72,6 +72,8 @@ pub struct LeaseState {
     tenants: BTreeMap<String, TenantSettings>,
     /// Admin gates by relay id (`` = every relay).
     gates: BTreeMap<String, Gates>,
+    /// Bandwidth limit records by (tenant, lease name; `` = the whole tenant).
+    pub(crate) limits: crate::bandwidth::Limits,
 }
 
 impl LeaseState {
@@ -203,6 +205,7 @@ pub fn load_state(conn: &Connection) -> Result<LeaseState, StoreError> {
         let (relay, g) = g?;
         s.gates.insert(relay, g);
     }
+    s.limits = crate::bandwidth::load(conn)?;
     Ok(s)
 }
 
@@ -285,7 +288,7 @@ fn stripe(key: impl std::hash::Hash, stripes: usize) -> usize {
 
 impl WriteLocks {
     /// Holds writes to one (tenant, name).
-    async fn name(&self, tenant: &str, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(crate) async fn name(&self, tenant: &str, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
         self.names[stripe((tenant, name), NAME_STRIPES)]
             .lock()
             .await
@@ -718,6 +721,7 @@ impl leases_server::Leases for LeasesService {
                 if t2.is_none() {
                     out.extend(s.gates.iter().map(|(relay, g)| gate_event(relay, *g)));
                 }
+                out.extend(crate::bandwidth::snapshot(s, t2.as_deref()));
                 out
             },
             move |(t, _): &(String, pb::LeaseDecision)| tenant.as_deref().is_none_or(|x| x == t),
@@ -908,5 +912,21 @@ impl leases_server::Leases for LeasesService {
             tcp: g.tcp,
             udp: g.udp,
         }))
+    }
+
+    async fn set_limit(
+        &self,
+        req: Request<pb::SetLimitRequest>,
+    ) -> Result<Response<pb::SetLimitResponse>, Status> {
+        let p = self.0.authenticate(&req, "Leases.SetLimit")?;
+        crate::bandwidth::set_limit(&self.0, &p, req.into_inner()).await
+    }
+
+    async fn list_limits(
+        &self,
+        req: Request<pb::ListLimitsRequest>,
+    ) -> Result<Response<pb::ListLimitsResponse>, Status> {
+        let p = self.0.authenticate(&req, "Leases.ListLimits")?;
+        crate::bandwidth::list_limits(&self.0, &p, req.get_ref())
     }
 }

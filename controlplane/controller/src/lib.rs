@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod bandwidth;
 pub mod config;
 pub mod dashboard;
 pub mod grpc;

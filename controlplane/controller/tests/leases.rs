@@ -421,3 +421,187 @@ async fn all<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<
     }
     out
 }
+
+/// Issue 21: bandwidth limits are operator controls: a tenant admin's SetLimit is refused
+/// (PERMISSION_DENIED), a global admin's is stored, validated, listed, pushed live to a relay's
+/// Watch and in its snapshot after a controller restart (kill -9); a clear is pushed and
+/// persisted too.
+#[tokio::test]
+async fn only_a_global_admin_sets_limits_and_they_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = Controller::start(dir.path(), "");
+    let mut ops = client(&c, GLOBAL, LeafProfile::Client).await;
+    let mut adm = client(&c, TENANT_ADMIN, LeafProfile::Client).await;
+    let limit = |name: &str, to_service: u64, to_client: u64| pb::BandwidthLimit {
+        tenant: "acme".into(),
+        name: name.into(),
+        to_service_bytes_per_s: to_service,
+        to_client_bytes_per_s: to_client,
+    };
+    let set = |l: pb::BandwidthLimit, clear: bool| pb::SetLimitRequest {
+        limit: Some(l),
+        clear,
+    };
+    let e = adm
+        .set_limit(set(limit("web", 25_000_000, 25_000_000), false))
+        .await
+        .expect_err("tenant admin");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // A relay watching live sees the global admin's record.
+    let mut rel = client(&c, RELAY, LeafProfile::ClientServer).await;
+    let mut live = rel
+        .watch(pb::WatchLeasesRequest {
+            tenant: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(10), live.message())
+            .await
+            .expect("snapshot in time")
+            .expect("stream")
+            .expect("event");
+        if d.kind == pb::lease_decision::Kind::SnapshotEnd as i32 {
+            break;
+        }
+    }
+    let web = limit("web", 25_000_000, 12_500_000);
+    let got = ops
+        .set_limit(set(web.clone(), false))
+        .await
+        .expect("global SetLimit")
+        .into_inner();
+    assert_eq!(got.limit.as_ref(), Some(&web));
+    assert!(!got.cleared);
+    let d = tokio::time::timeout(Duration::from_secs(10), live.message())
+        .await
+        .expect("live in time")
+        .expect("stream")
+        .expect("event");
+    assert_eq!(d.kind, pb::lease_decision::Kind::Limit as i32, "{d:?}");
+    assert_eq!(d.limit.as_ref(), Some(&web));
+    assert!(!d.limit_cleared);
+    ops.set_limit(set(limit("", 50_000_000, 0), false))
+        .await
+        .expect("tenant record");
+    ops.set_limit(set(limit("db", 1, 1), false))
+        .await
+        .expect("db record");
+
+    // Validation: above 1 Tbit/s, rates with clear, a bad name, clearing nothing.
+    for (what, r, code) in [
+        (
+            "too fast",
+            set(limit("web", 125_000_000_001, 0), false),
+            Code::InvalidArgument,
+        ),
+        (
+            "rates with clear",
+            set(limit("web", 1, 0), true),
+            Code::InvalidArgument,
+        ),
+        (
+            "bad name",
+            set(limit("a b", 1, 1), false),
+            Code::InvalidArgument,
+        ),
+        (
+            "clear nothing",
+            set(limit("nope", 0, 0), true),
+            Code::NotFound,
+        ),
+    ] {
+        let e = ops.set_limit(r).await.expect_err(what);
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+    }
+    let e = ops
+        .set_limit(pb::SetLimitRequest {
+            limit: Some(pb::BandwidthLimit {
+                tenant: "system".into(),
+                ..pb::BandwidthLimit::default()
+            }),
+            clear: false,
+        })
+        .await
+        .expect_err("system tenant");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Clearing `db` is pushed live and durable.
+    ops.set_limit(set(limit("db", 0, 0), true))
+        .await
+        .expect("clear db");
+    let kinds: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                tokio::time::timeout(Duration::from_secs(10), live.message())
+                    .await
+                    .expect("live in time")
+                    .expect("stream")
+                    .expect("event"),
+            );
+        }
+        v
+    };
+    let last = kinds.last().expect("three events");
+    assert_eq!(last.limit.as_ref().map(|l| l.name.as_str()), Some("db"));
+    assert!(last.limit_cleared, "{last:?}");
+
+    // A tenant admin may list its own tenant's records, not another's.
+    let mine = adm
+        .list_limits(pb::ListLimitsRequest {
+            tenant: String::new(),
+        })
+        .await
+        .expect("own list")
+        .into_inner()
+        .limits;
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    let e = adm
+        .list_limits(pb::ListLimitsRequest {
+            tenant: "other".into(),
+        })
+        .await
+        .expect_err("other tenant");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // After kill -9 and a restart: the same records, in order (tenant record first), in the
+    // list and in a relay's snapshot.
+    let c = c.restart();
+    let mut ops = client(&c, GLOBAL, LeafProfile::Client).await;
+    let listed = ops
+        .list_limits(pb::ListLimitsRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .expect("list after restart")
+        .into_inner()
+        .limits;
+    assert_eq!(listed, vec![limit("", 50_000_000, 0), web.clone()]);
+    let mut rel = client(&c, RELAY, LeafProfile::ClientServer).await;
+    let mut s = rel
+        .watch(pb::WatchLeasesRequest {
+            tenant: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut snap = Vec::new();
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("snapshot in time")
+            .expect("stream")
+            .expect("event");
+        if d.kind == pb::lease_decision::Kind::SnapshotEnd as i32 {
+            break;
+        }
+        if d.kind == pb::lease_decision::Kind::Limit as i32 {
+            assert!(!d.limit_cleared);
+            snap.extend(d.limit);
+        }
+    }
+    assert_eq!(snap, vec![limit("", 50_000_000, 0), web]);
+}

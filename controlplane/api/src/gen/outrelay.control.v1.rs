@@ -681,6 +681,12 @@ pub struct LeaseDecision {
     /// With GATE: the UDP lease gate; absent: the relay's configured gate.
     #[prost(message, optional, tag = "8")]
     pub udp: ::core::option::Option<PortGate>,
+    /// With LIMIT: the record set, or the one cleared (then `limit_cleared`).
+    #[prost(message, optional, tag = "9")]
+    pub limit: ::core::option::Option<BandwidthLimit>,
+    /// With LIMIT: the record of `limit`'s tenant and name was removed.
+    #[prost(bool, tag = "10")]
+    pub limit_cleared: bool,
 }
 /// Nested message and enum types in `LeaseDecision`.
 pub mod lease_decision {
@@ -707,6 +713,9 @@ pub mod lease_decision {
         Mode = 6,
         /// The port lease admin gates of `relay_id` (empty: every relay); `tenant` is empty.
         Gate = 7,
+        /// One bandwidth limit record set (`limit`) or cleared (`limit` with both rates 0 and
+        /// `cleared`); `tenant` is the record's tenant.
+        Limit = 8,
     }
     impl Kind {
         /// String value of the enum field names used in the ProtoBuf definition.
@@ -723,6 +732,7 @@ pub mod lease_decision {
                 Self::SnapshotEnd => "SNAPSHOT_END",
                 Self::Mode => "MODE",
                 Self::Gate => "GATE",
+                Self::Limit => "LIMIT",
             }
         }
         /// Creates an enum from field names used in the ProtoBuf definition.
@@ -736,10 +746,27 @@ pub mod lease_decision {
                 "SNAPSHOT_END" => Some(Self::SnapshotEnd),
                 "MODE" => Some(Self::Mode),
                 "GATE" => Some(Self::Gate),
+                "LIMIT" => Some(Self::Limit),
                 _ => None,
             }
         }
     }
+}
+/// A bandwidth limit of one lease (`name`) or of a whole tenant (`name` empty), each direction
+/// in bytes per second; 0 = no limit in that direction.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BandwidthLimit {
+    #[prost(string, tag = "1")]
+    pub tenant: ::prost::alloc::string::String,
+    /// The lease name as registered (not the hostname); empty: every lease of the tenant together.
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
+    /// Public client (or consumer) -> service.
+    #[prost(uint64, tag = "3")]
+    pub to_service_bytes_per_s: u64,
+    /// Service -> public client (or consumer).
+    #[prost(uint64, tag = "4")]
+    pub to_client_bytes_per_s: u64,
 }
 /// The admin enablement of one port lease transport (`public-ingress.md` "Gating").
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -818,6 +845,34 @@ pub struct SetGateResponse {
     pub tcp: ::core::option::Option<PortGate>,
     #[prost(message, optional, tag = "3")]
     pub udp: ::core::option::Option<PortGate>,
+}
+/// Sets (or with `clear` removes) one bandwidth limit record. Global admins only.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetLimitRequest {
+    #[prost(message, optional, tag = "1")]
+    pub limit: ::core::option::Option<BandwidthLimit>,
+    #[prost(bool, tag = "2")]
+    pub clear: bool,
+}
+/// The record after the change (`cleared`: it no longer exists).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SetLimitResponse {
+    #[prost(message, optional, tag = "1")]
+    pub limit: ::core::option::Option<BandwidthLimit>,
+    #[prost(bool, tag = "2")]
+    pub cleared: bool,
+}
+/// Lists the bandwidth limit records of one tenant (every tenant when empty).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListLimitsRequest {
+    #[prost(string, tag = "1")]
+    pub tenant: ::prost::alloc::string::String,
+}
+/// Records ordered by tenant, then name (the tenant record, empty name, first).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListLimitsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub limits: ::prost::alloc::vec::Vec<BandwidthLimit>,
 }
 /// A rule's verdict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -3844,6 +3899,54 @@ pub mod leases_client {
                 .insert(GrpcMethod::new("outrelay.control.v1.Leases", "SetGate"));
             self.inner.unary(req, path, codec).await
         }
+        pub async fn set_limit(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetLimitRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetLimitResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/outrelay.control.v1.Leases/SetLimit",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("outrelay.control.v1.Leases", "SetLimit"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_limits(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListLimitsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListLimitsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/outrelay.control.v1.Leases/ListLimits",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("outrelay.control.v1.Leases", "ListLimits"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3922,6 +4025,20 @@ pub mod leases_server {
             &self,
             request: tonic::Request<super::SetGateRequest>,
         ) -> std::result::Result<tonic::Response<super::SetGateResponse>, tonic::Status>;
+        async fn set_limit(
+            &self,
+            request: tonic::Request<super::SetLimitRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetLimitResponse>,
+            tonic::Status,
+        >;
+        async fn list_limits(
+            &self,
+            request: tonic::Request<super::ListLimitsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListLimitsResponse>,
+            tonic::Status,
+        >;
     }
     /// Public lease records and their approval.
     #[derive(Debug)]
@@ -4385,6 +4502,92 @@ pub mod leases_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SetGateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/outrelay.control.v1.Leases/SetLimit" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetLimitSvc<T: Leases>(pub Arc<T>);
+                    impl<T: Leases> tonic::server::UnaryService<super::SetLimitRequest>
+                    for SetLimitSvc<T> {
+                        type Response = super::SetLimitResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetLimitRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Leases>::set_limit(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetLimitSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/outrelay.control.v1.Leases/ListLimits" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListLimitsSvc<T: Leases>(pub Arc<T>);
+                    impl<T: Leases> tonic::server::UnaryService<super::ListLimitsRequest>
+                    for ListLimitsSvc<T> {
+                        type Response = super::ListLimitsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListLimitsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Leases>::list_limits(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListLimitsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -138,4 +138,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     ALTER TABLE policies RENAME COLUMN p2p TO p2p_mode;
     ALTER TABLE policies RENAME COLUMN relay TO relay_mode;
     ",
+    // 5: bandwidth limit records set by `Leases.SetLimit` (issue 21): `name` empty is the
+    // tenant's record; rates in bytes per second, 0 = no limit in that direction.
+    r"
+    CREATE TABLE bandwidth_limits (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        to_service_bytes_per_s INTEGER NOT NULL,
+        to_client_bytes_per_s INTEGER NOT NULL,
+        PRIMARY KEY (tenant, name)
+    );
+    ",
 ];

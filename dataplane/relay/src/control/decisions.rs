@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 
+use crate::bandwidth::{Limit, Scope};
 use crate::lease::{AdminGate, ControllerDecision};
 use outrelay_api::pb::{self, lease, lease_decision};
 
@@ -93,6 +94,9 @@ pub struct Decisions {
     pub records: HashMap<(String, String), Record>,
     /// Port lease admin gates by relay id (`` = every relay).
     pub gates: HashMap<String, GateRule>,
+    /// The controller's bandwidth limit records (`Leases.SetLimit`): a tenant's (empty lease
+    /// name) and single leases'.
+    pub limits: HashMap<Scope, Limit>,
 }
 
 /// What applying one decision asks the relay to do to its live leases.
@@ -109,6 +113,8 @@ pub enum Enforce {
     },
     /// Apply this relay's port lease admin gates ([`Decisions::gates_for`]) to the lease table.
     Gates,
+    /// Hand the whole set of bandwidth limit records ([`Decisions::limits`]) to the data path.
+    Limits,
     /// End the live lease of (tenant, name) held by `agent_uri` (a denial).
     EndAgentName {
         /// Tenant.
@@ -210,6 +216,24 @@ impl Decisions {
                 );
                 Enforce::Gates
             }
+            lease_decision::Kind::Limit => match &d.limit {
+                Some(l) if !l.tenant.is_empty() => {
+                    let scope = limit_scope(l);
+                    if d.limit_cleared {
+                        self.limits.remove(&scope);
+                    } else {
+                        self.limits.insert(
+                            scope,
+                            Limit {
+                                to_service_bytes_per_s: l.to_service_bytes_per_s,
+                                to_client_bytes_per_s: l.to_client_bytes_per_s,
+                            },
+                        );
+                    }
+                    Enforce::Limits
+                }
+                _ => Enforce::Nothing,
+            },
             lease_decision::Kind::SnapshotEnd | lease_decision::Kind::Unspecified => {
                 Enforce::Nothing
             }
@@ -246,8 +270,10 @@ impl Decisions {
 
     /// Everything to enforce after a fresh snapshot replaced the decisions.
     pub fn enforce_all(&self) -> Vec<Enforce> {
-        // Gates first, always: a fresh snapshot without any puts the configured ones back.
-        std::iter::once(Enforce::Gates)
+        // Gates and limits first, always: a fresh snapshot without any puts the configured
+        // ones back (and clears every controller limit).
+        [Enforce::Gates, Enforce::Limits]
+            .into_iter()
             .chain(
                 self.records
                     .iter()
@@ -265,6 +291,18 @@ impl Decisions {
                     }),
             )
             .collect()
+    }
+}
+
+/// What a limit record applies to: its tenant (empty name) or one lease.
+fn limit_scope(l: &pb::BandwidthLimit) -> Scope {
+    if l.name.is_empty() {
+        Scope::Tenant(l.tenant.clone())
+    } else {
+        Scope::Lease {
+            tenant: l.tenant.clone(),
+            name: l.name.clone(),
+        }
     }
 }
 
@@ -338,7 +376,7 @@ mod tests {
             }
         );
         assert_eq!(d.decide("demo", "web", A2, 0), ControllerDecision::Banned);
-        assert_eq!(d.enforce_all(), vec![Enforce::Gates, e]);
+        assert_eq!(d.enforce_all(), vec![Enforce::Gates, Enforce::Limits, e]);
     }
 
     #[test]
@@ -428,5 +466,86 @@ mod tests {
         r.state = 42;
         assert_eq!(d.apply_record(&r), Enforce::Nothing);
         assert_eq!(d, Decisions::default());
+    }
+
+    fn limit(name: &str, to_service: u64, to_client: u64, cleared: bool) -> pb::LeaseDecision {
+        pb::LeaseDecision {
+            kind: lease_decision::Kind::Limit as i32,
+            tenant: "demo".into(),
+            limit: Some(pb::BandwidthLimit {
+                tenant: "demo".into(),
+                name: name.into(),
+                to_service_bytes_per_s: to_service,
+                to_client_bytes_per_s: to_client,
+            }),
+            limit_cleared: cleared,
+            ..pb::LeaseDecision::default()
+        }
+    }
+
+    #[test]
+    fn limits_are_kept_by_scope_replaced_and_cleared() {
+        let mut d = Decisions::default();
+        assert_eq!(d.apply(&limit("", 100, 200, false)), Enforce::Limits);
+        assert_eq!(
+            d.apply(&limit("web", 25_000_000, 0, false)),
+            Enforce::Limits
+        );
+        let tenant = Scope::Tenant("demo".into());
+        let web = Scope::Lease {
+            tenant: "demo".into(),
+            name: "web".into(),
+        };
+        assert_eq!(
+            d.limits.get(&tenant),
+            Some(&Limit {
+                to_service_bytes_per_s: 100,
+                to_client_bytes_per_s: 200
+            })
+        );
+        assert_eq!(
+            d.limits.get(&web),
+            Some(&Limit {
+                to_service_bytes_per_s: 25_000_000,
+                to_client_bytes_per_s: 0
+            })
+        );
+        // A second record for the same scope replaces the first.
+        d.apply(&limit("web", 1, 2, false));
+        assert_eq!(d.limits.len(), 2);
+        assert_eq!(d.limits[&web].to_client_bytes_per_s, 2);
+        // Clearing the lease record leaves the tenant's.
+        assert_eq!(d.apply(&limit("web", 0, 0, true)), Enforce::Limits);
+        assert_eq!(d.limits.keys().collect::<Vec<_>>(), vec![&tenant]);
+        // Clearing one that does not exist still hands the (unchanged) set over.
+        assert_eq!(d.apply(&limit("db", 0, 0, true)), Enforce::Limits);
+        assert_eq!(d.limits.len(), 1);
+    }
+
+    #[test]
+    fn a_limit_without_a_record_or_tenant_changes_nothing() {
+        let mut d = Decisions::default();
+        let mut e = limit("web", 1, 1, false);
+        e.limit = None;
+        assert_eq!(d.apply(&e), Enforce::Nothing);
+        let mut e = limit("web", 1, 1, false);
+        if let Some(l) = e.limit.as_mut() {
+            l.tenant.clear();
+        }
+        assert_eq!(d.apply(&e), Enforce::Nothing);
+        assert_eq!(d, Decisions::default());
+    }
+
+    #[test]
+    fn a_fresh_snapshot_always_hands_its_limits_over_even_none() {
+        // A snapshot without records must clear what an earlier one set: enforce_all always
+        // asks for Limits, and the fresh Decisions has none.
+        let fresh = Decisions::default();
+        assert!(fresh.enforce_all().contains(&Enforce::Limits));
+        assert!(fresh.limits.is_empty());
+        let mut with = Decisions::default();
+        with.apply(&limit("", 5, 5, false));
+        assert!(with.enforce_all().contains(&Enforce::Limits));
+        assert_eq!(with.limits.len(), 1);
     }
 }

@@ -78,6 +78,16 @@ impl TaskCtx {
                 self.relay.set_admin_gates(g.tcp, g.udp).await;
                 return;
             }
+            Enforce::Limits => {
+                // The whole set each time (contract: `replace_overrides` swaps it at once).
+                let limits = self
+                    .decider
+                    .decisions()
+                    .map(|d| d.limits.clone())
+                    .unwrap_or_default();
+                self.relay.set_bandwidth_overrides(limits);
+                return;
+            }
             Enforce::EndName { tenant, name } => (
                 self.relay
                     .revoke_leases(|l| l.owner.tenant == tenant && l.name.as_str() == name)
