@@ -688,8 +688,12 @@ impl Direction {
     }
 }
 
-/// Charges `n` bytes read: from the reserved `credit` first, else from the buckets.
+/// Charges `n` bytes read: from the reserved `credit` first, else from the buckets; counts
+/// them on every bucket either way.
 fn charge(credit: &mut u64, limits: &Limits, n: usize, now_ns: u64) {
+    for b in limits.buckets.iter().flatten() {
+        b.add_moved_bytes(n as u64);
+    }
     if *credit > 0 {
         *credit = credit.saturating_sub(n as u64);
     } else {

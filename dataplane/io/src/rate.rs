@@ -46,6 +46,7 @@ pub struct Bucket {
     rate_bytes_per_s: AtomicU64,
     tat_ns: AtomicU64,
     throttled_ns: AtomicU64,
+    moved_bytes: AtomicU64,
 }
 
 fn cost_ns(bytes: u64, rate: u64) -> u64 {
@@ -63,6 +64,7 @@ impl Bucket {
             rate_bytes_per_s: AtomicU64::new(rate_bytes_per_s),
             tat_ns: AtomicU64::new(0),
             throttled_ns: AtomicU64::new(0),
+            moved_bytes: AtomicU64::new(0),
         }
     }
 
@@ -183,6 +185,17 @@ impl Bucket {
     pub fn throttled_ns(&self) -> u64 {
         self.throttled_ns.load(Ordering::Relaxed)
     }
+
+    /// Counts `bytes` that went through a holder (limited or not: the per-lease byte counts
+    /// of `relay status` and the dashboard). One relaxed add per read, never per byte.
+    pub fn add_moved_bytes(&self, bytes: u64) {
+        self.moved_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes counted by [`Bucket::add_moved_bytes`].
+    pub fn moved_bytes(&self) -> u64 {
+        self.moved_bytes.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +303,9 @@ mod tests {
         b.add_throttled_ns(5);
         b.add_throttled_ns(7);
         assert_eq!(b.throttled_ns(), 12);
+        b.add_moved_bytes(3);
+        b.add_moved_bytes(4);
+        assert_eq!(b.moved_bytes(), 7);
     }
 
     #[test]

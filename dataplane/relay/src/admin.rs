@@ -303,6 +303,11 @@ fn lease_entry<'a>(
                     "udp_rate_limited_datagrams": c.udp_rate_limited,
                 })
             }),
+            // Bytes of its spliced pairs (read from the source) and admitted UDP datagrams.
+            "bytes": s.shared.bandwidth.lease(&route.lease_id).map(|b| {
+                let [to_service, to_client] = b.counters().bytes;
+                json!({"to_service": to_service, "to_client": to_client})
+            }),
             // Live public connections (spliced pairs and those being set up).
             "live_connections": s.ingress.lease_conns().count(&route.lease_id),
         })

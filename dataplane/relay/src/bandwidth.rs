@@ -84,6 +84,11 @@ impl Buckets {
         }
     }
 
+    /// Bytes that went through these buckets: `[to_service, to_client]`.
+    pub fn moved_bytes(&self) -> [u64; 2] {
+        [self.to_service.moved_bytes(), self.to_client.moved_bytes()]
+    }
+
     /// Time transfers waited for these buckets, ns: `[to_service, to_client]`.
     pub fn throttled_ns(&self) -> [u64; 2] {
         [
@@ -131,6 +136,7 @@ impl LeaseBandwidth {
             limit: self.lease.limit(),
             throttled_ms: self.lease.throttled_ns().map(|ns| ns / 1_000_000),
             udp_rate_limited: self.udp_rate_limited.load(Ordering::Relaxed),
+            bytes: self.lease.moved_bytes(),
         }
     }
 
@@ -144,6 +150,8 @@ impl LeaseBandwidth {
             (&self.lease.to_client, &self.tenant_buckets.to_client)
         };
         if lease.rate_bytes_per_s() == 0 && tenant.rate_bytes_per_s() == 0 {
+            lease.add_moved_bytes(bytes as u64);
+            tenant.add_moved_bytes(bytes as u64);
             return true;
         }
         let now_ns = clock_ns(std::time::Instant::now());
@@ -154,6 +162,8 @@ impl LeaseBandwidth {
         }
         lease.consume(want, now_ns);
         tenant.consume(want, now_ns);
+        lease.add_moved_bytes(want);
+        tenant.add_moved_bytes(want);
         true
     }
 }
@@ -217,6 +227,9 @@ pub struct LeaseCounters {
     pub throttled_ms: [u64; 2],
     /// UDP datagrams dropped over the limit.
     pub udp_rate_limited: u64,
+    /// Bytes of its spliced pairs (read from the source) and UDP datagrams (admitted):
+    /// `[to_service, to_client]`.
+    pub bytes: [u64; 2],
 }
 
 /// A tenant's limit and throttled time for `relay status`.

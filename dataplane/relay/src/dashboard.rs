@@ -40,6 +40,7 @@ const LEASE_COLUMNS: &[&str] = &[
     "wildcard",
     "idle_sessions",
     "live_connections",
+    "bytes",
 ];
 const LEASE_LABELS: &[&str] = &[
     "name",
@@ -51,6 +52,7 @@ const LEASE_LABELS: &[&str] = &[
     "wildcard",
     "idle sessions",
     "live connections",
+    "bytes",
 ];
 
 /// The page of one status document.

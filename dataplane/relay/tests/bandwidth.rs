@@ -129,6 +129,14 @@ async fn a_lease_limit_holds_a_download_and_a_reload_changes_it_mid_transfer() {
         let tenants = status["bandwidth_tenants"].as_array().expect("tenants");
         assert!(tenants.iter().any(|t| t["tenant"] == "test"), "{status}");
         assert!(relay.metric("outrelay_relay_splice_throttles_total").await > 0.0);
+        // The lease's byte count (the dashboard's bytes column) has every byte the client
+        // read so far; the relay may have read a little more from the agent side.
+        let received = count.load(Ordering::SeqCst);
+        let counted = lease["bytes"]["to_client"].as_u64().unwrap_or(0);
+        assert!(
+            counted >= received && counted <= received + 8 * 1024 * 1024,
+            "lease bytes to_client {counted}, the client read {received}: {lease}"
+        );
         reader.abort();
     }
 }
