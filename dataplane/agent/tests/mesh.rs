@@ -1892,6 +1892,14 @@ async fn a_gigabyte_each_way_moves_to_the_second_relay_when_the_first_gets_sigte
     provider.ready().await;
     let mut consumer = w.agent_on("consumer", CONSUMER_A, &relays, &consume("bulk"));
     consumer.ready().await;
+    // A consumer opens its streams on the first CONNECTED relay in config order, and it is
+    // ready once any relay answers: under load relay 2 can come first, and then the stream
+    // never touched relay 1 (CI saw exactly that: no resume). Start once both are connected.
+    let both = poll(WAIT, || {
+        metric(&consumer.scrape(), "outrelay_agent_relays_connected", &[]) == 2.0
+    })
+    .await;
+    assert!(both, "the consumer never connected to both relays");
     let bulk = common::Bulk::start(consumer.consumer(0), RESUME_BULK_BYTES).await;
     bulk.wait_received(RESUME_BULK_BYTES / 4).await;
     let at_term = bulk.received();
