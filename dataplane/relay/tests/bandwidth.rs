@@ -117,6 +117,9 @@ async fn a_lease_limit_holds_a_download_and_a_reload_changes_it_mid_transfer() {
         eprintln!("{backend}: {:.2} MB/s after the reload", half / 1e6);
         assert!(err < 0.10, "{backend}: {half} B/s after the reload");
 
+        // What the client has read BEFORE the status is taken: the relay read every one of
+        // those bytes earlier (it may have read more, still in flight to the client).
+        let received = count.load(Ordering::SeqCst);
         let status = relay.admin("status").await;
         let lease = lease_status(&status, &grant.hostname);
         let bw = &lease["bandwidth"];
@@ -130,11 +133,10 @@ async fn a_lease_limit_holds_a_download_and_a_reload_changes_it_mid_transfer() {
         assert!(tenants.iter().any(|t| t["tenant"] == "test"), "{status}");
         assert!(relay.metric("outrelay_relay_splice_throttles_total").await > 0.0);
         // The lease's byte count (the dashboard's bytes column) has every byte the client
-        // read so far; the relay may have read a little more from the agent side.
-        let received = count.load(Ordering::SeqCst);
+        // had read; at most socket buffers and a pipe more (32 MiB is far above both).
         let counted = lease["bytes"]["to_client"].as_u64().unwrap_or(0);
         assert!(
-            counted >= received && counted <= received + 8 * 1024 * 1024,
+            counted >= received && counted <= received + 32 * 1024 * 1024,
             "lease bytes to_client {counted}, the client read {received}: {lease}"
         );
         reader.abort();
