@@ -67,6 +67,31 @@ impl Limits {
             .unwrap_or(u64::MAX)
     }
 
+    /// The chunk a direction out of tokens reserves: the smallest [`Bucket::chunk_bytes`] of
+    /// its limited buckets (0: none limited now).
+    fn chunk_bytes(&self) -> u64 {
+        self.buckets
+            .iter()
+            .flatten()
+            .filter(|b| b.rate_bytes_per_s() > 0)
+            .map(|b| b.chunk_bytes())
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Bytes the direction may read now: all its buckets grant, or 0 when that is less than
+    /// one chunk. A sliver is not read: each read is a system call, and a direction that
+    /// read every few bytes its bucket refilled would spend the engine on tiny splices. It
+    /// reserves a whole chunk instead (the tokens it leaves are part of that chunk).
+    fn grant(&self, now_ns: u64) -> u64 {
+        let available = self.available(now_ns);
+        if available < self.chunk_bytes() {
+            0
+        } else {
+            available
+        }
+    }
+
     fn consume(&self, bytes: usize, now_ns: u64) {
         for b in self.buckets.iter().flatten() {
             b.consume(bytes as u64, now_ns);
@@ -447,7 +472,7 @@ impl Direction {
                 let tokens = if self.credit > 0 {
                     self.credit
                 } else {
-                    self.limits.available(now_ns)
+                    self.limits.grant(now_ns)
                 };
                 usize::try_from(tokens).unwrap_or(usize::MAX)
             } else {
@@ -1145,15 +1170,7 @@ impl Engine {
                     // Reserve the next chunk from every bucket (charged now) and sleep until
                     // it conforms: holders of one bucket queue in it and take turns.
                     let now_ns = rate::clock_ns(now);
-                    let chunk = dir
-                        .limits
-                        .buckets
-                        .iter()
-                        .flatten()
-                        .filter(|b| b.rate_bytes_per_s() > 0)
-                        .map(|b| b.chunk_bytes())
-                        .min()
-                        .unwrap_or(0);
+                    let chunk = dir.limits.chunk_bytes();
                     let (mut wait_ns, mut by) = (0u64, 0u8);
                     for (i, b) in dir.limits.buckets.iter().enumerate() {
                         if let Some(b) = b {

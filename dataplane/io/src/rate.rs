@@ -49,8 +49,12 @@ pub struct Bucket {
     moved_bytes: AtomicU64,
 }
 
+/// What `bytes` cost in time at `rate`, rounded UP: above 1 GB/s a byte takes less than a
+/// nanosecond, and a cost rounded down to 0 would let a holder take one byte after another
+/// for free (the 10 Gbit/s collapse of issue 21: a pump looping on 1-byte grants).
 fn cost_ns(bytes: u64, rate: u64) -> u64 {
-    u64::try_from(u128::from(bytes) * NS_PER_S / u128::from(rate.max(1))).unwrap_or(u64::MAX)
+    u64::try_from((u128::from(bytes) * NS_PER_S).div_ceil(u128::from(rate.max(1))))
+        .unwrap_or(u64::MAX)
 }
 
 fn bytes_in(ns: u64, rate: u64) -> u64 {
@@ -236,6 +240,28 @@ mod tests {
                 let err = got.abs_diff(want) as f64 / (rate * 2) as f64;
                 assert!(err < 0.01, "rate {rate} step {step_ns}: {got} vs {want}");
             }
+        }
+    }
+
+    /// Above 1 GB/s a byte costs less than a nanosecond: no byte may come for free, or a
+    /// holder re-reading its bucket at one instant takes byte after byte without limit (the
+    /// 10 Gbit/s collapse of issue 21: a pump looping on 1-byte splices).
+    #[test]
+    fn above_a_gigabyte_per_second_no_byte_is_free() {
+        for rate in [1_250_000_000u64, 5_000_000_000, 12_500_000_000] {
+            let b = Bucket::new(rate);
+            let t = 10_000 * MS;
+            b.take(u64::MAX, t);
+            let now = t + 1; // one nanosecond: at most a byte or two of room
+            let taken: u64 = (0..1000).map(|_| b.take(1, now)).sum();
+            assert!(taken <= 2, "rate {rate}: take gave {taken} bytes in 1 ns");
+            let mut read = 0;
+            for _ in 0..1000 {
+                let g = b.available(now).min(1);
+                b.consume(g, now);
+                read += g;
+            }
+            assert!(read <= 2, "rate {rate}: available/consume gave {read} bytes");
         }
     }
 
