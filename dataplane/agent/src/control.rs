@@ -29,7 +29,7 @@ use crate::mesh::{self, MeshCtx};
 use crate::pool::{self, FailLog, PoolCtx, PoolParams};
 use crate::stats::{
     Board, LeaseState, LeaseStatus, MeshRole, PoolGauge, RelayStatus, ServiceState, ServiceStatus,
-    Stats,
+    Stats, Transport,
 };
 use crate::udp;
 
@@ -346,6 +346,7 @@ fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]
         RelayStatus {
             addr: addr.to_owned(),
             connected: false,
+            transport: Transport::Quic,
             leases: slots
                 .iter()
                 .map(|s| LeaseStatus {
@@ -1025,6 +1026,7 @@ impl Conn<'_> {
             RelayStatus {
                 addr: self.addr.to_owned(),
                 connected: true,
+                transport: Transport::Quic,
                 leases: self
                     .slots
                     .iter()

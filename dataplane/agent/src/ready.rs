@@ -115,6 +115,7 @@ mod tests {
         RelayStatus {
             addr: addr.to_owned(),
             connected,
+            transport: crate::stats::Transport::Quic,
             leases: states
                 .iter()
                 .enumerate()

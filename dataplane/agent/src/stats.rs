@@ -470,6 +470,17 @@ pub struct LeaseStatus {
     pub pool: Option<Arc<PoolGauge>>,
 }
 
+/// How the agent reaches a relay (`agent status`, the ready file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// QUIC over UDP (the normal case).
+    #[default]
+    Quic,
+    /// The TCP fallback: ORP over TLS on TCP (issue 22), while UDP cannot reach the relay.
+    TlsTcp,
+}
+
 /// One relay connection.
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayStatus {
@@ -477,6 +488,8 @@ pub struct RelayStatus {
     pub addr: String,
     /// HELLO_ACK received and the connection is up.
     pub connected: bool,
+    /// The transport of the current (or last) connection.
+    pub transport: Transport,
     /// The leases.
     pub leases: Vec<LeaseStatus>,
     /// The provided services.
@@ -514,6 +527,7 @@ impl Board {
             .map(|addr| RelayStatus {
                 addr: addr.clone(),
                 connected: false,
+                transport: Transport::Quic,
                 leases: leases
                     .iter()
                     .map(|l| LeaseStatus {

@@ -223,6 +223,7 @@ impl RemoteProviders {
                 service_id: String::new(),
                 agent_uri: p.agent_uri.clone(),
                 relay_id: p.relay_id.clone(),
+                relay_endpoint: p.relay_endpoint.clone(),
                 ..pb::Provider::default()
             });
         }
@@ -241,6 +242,10 @@ pub enum Resolved {
     Remote {
         /// That relay's id.
         relay_id: String,
+        /// That relay's QUIC endpoint (`host:port`, from its heartbeat; empty when unknown).
+        endpoint: String,
+        /// The provider's identity URI.
+        agent_uri: String,
     },
     /// Nobody provides it in this tenant.
     NotFound,
@@ -631,6 +636,8 @@ impl Mesh {
         {
             Some(p) => Resolved::Remote {
                 relay_id: p.relay_id.clone(),
+                endpoint: p.relay_endpoint.clone(),
+                agent_uri: p.agent_uri.clone(),
             },
             None => Resolved::NotFound,
         }
@@ -920,7 +927,9 @@ mod tests {
         assert_eq!(
             mesh.resolve("a", "pay"),
             Resolved::Remote {
-                relay_id: "r2".into()
+                relay_id: "r2".into(),
+                endpoint: String::new(),
+                agent_uri: U1.into(),
             }
         );
         mesh.update_remote(|r| r.apply(&event("r2", pb::watch_event::Kind::Deregister)));

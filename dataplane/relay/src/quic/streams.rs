@@ -259,7 +259,7 @@ async fn open(
             explicit_accept: false,
             resume: a.resume,
         }),
-        Resolved::Remote { relay_id } => {
+        Resolved::Remote { relay_id, .. } => {
             let why = format!(
                 "provider of {service} is on relay {relay_id}; forwarding is not available"
             );
