@@ -2,6 +2,7 @@
 //! echo targets.
 
 pub mod daemons;
+pub mod world;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,833 @@
+//! The service-mesh world the agent's end-to-end tests share (`mod common;` then
+//! `use common::world::*;`): the REAL `outrelay-controller`, `outrelay-relay`, `outrelay-agent`
+//! and `outrelay` binaries as processes, a CA made here, relays following the controller,
+//! agents with certificates from the CA, and helpers to call through consumers, poll, scrape
+//! and read logs. Moved out of `tests/mesh.rs` so every multi-relay test (issue 22) starts
+//! its daemons the same way.
+#![allow(dead_code, reason = "each test file uses part of the world")]
+
+use super::Ca;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub const ADMIN: &str = "outrelay://system/admin/test";
+pub const RELAY: &str = "outrelay://dev/relay/relay-1";
+/// The relay id the controller lists (from [`RELAY`]).
+pub const RELAY_ID: &str = "relay-1";
+/// A second relay's identity (the resume tests).
+pub const RELAY2: &str = "outrelay://dev/relay/relay-2";
+pub const TENANT_A: &str = "acme";
+pub const TENANT_B: &str = "globex";
+pub const PROVIDER_A: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a001";
+pub const CONSUMER_A: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a002";
+pub const CONSUMER_A2: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a003";
+pub const PROVIDER_A2: &str = "outrelay://acme/agent/00000000-0000-4000-8000-00000000a004";
+pub const CONSUMER_B: &str = "outrelay://globex/agent/00000000-0000-4000-8000-00000000b001";
+/// Every agent of tenant A.
+pub const ANY_A: &str = "outrelay://acme/agent/*";
+/// Bound on single waits (process start, ready files, eventual conditions).
+pub const WAIT: Duration = Duration::from_secs(30);
+/// Bound on one call through a consumer (the agents' open timeout is 5 s here).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bound on a policy change reaching the relay / cutting a stream (20 × the 1 s target).
+pub const POLICY_BOUND: Duration = Duration::from_secs(20);
+/// Bytes sent each way in the bulk test.
+pub const BULK_BYTES: u64 = 100 * 1024 * 1024;
+/// What the in-test HTTP server answers.
+pub const BODY: &str = "hello from the provider behind the mesh\n";
+
+// ---------- PKI ----------
+
+// ---------- processes ----------
+
+/// A child process, SIGKILLed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A binary next to `outrelay-agent` in `target/release/`.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_outrelay-agent")).with_file_name(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p outrelay-controller -p outrelay-relay \
+         -p outrelay-agent -p outrelay-cli` first",
+        bin.display()
+    );
+    bin
+}
+
+/// Spawns `cmd` with stdout and stderr written to `log` (a new file).
+pub fn spawn_logged(cmd: Command, log: &Path) -> Proc {
+    let _ = std::fs::remove_file(log);
+    spawn_logged_append(cmd, log)
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log` (a restarted daemon keeps its log).
+pub fn spawn_logged_append(mut cmd: Command, log: &Path) -> Proc {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open log");
+    let err = out.try_clone().expect("clone log");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    Proc(child)
+}
+
+pub async fn wait_for_ready(path: &Path, proc: &mut Proc, what: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            return v;
+        }
+        if let Some(status) = proc.0.try_wait().expect("poll child") {
+            panic!("{what} exited before it was ready: {status}");
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "{what}: no ready file within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn addr_in(info: &serde_json::Value, key: &str) -> SocketAddr {
+    info[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ready file names {key}: {info}"))
+        .parse()
+        .expect("socket address")
+}
+
+/// A port that was free a moment ago (for a local target that must NOT listen).
+pub fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+pub async fn run_blocking(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.stdin(Stdio::null()).output())
+        .await
+        .expect("join")
+        .expect("run command")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn have(bin: &str, arg: &str) -> bool {
+    Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------- metrics ----------
+
+/// GET `/metrics` from `addr` (blocking; short).
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to a metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+/// The sum of the samples of `name` whose labels include every `k="v"` of `labels`, in any
+/// order (0 when none).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The `mesh` lines of a metrics page (for failure messages).
+pub fn mesh_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| l.contains("mesh") && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------- local targets ----------
+
+/// An HTTP/1.1 server answering every request with [`BODY`] and closing.
+pub async fn http_target() -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let addr = listener.local_addr().expect("http addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Starts the controller with `ca` as its CA (in its state directory under `d`; it issues
+/// itself a server certificate from it); the process and its gRPC URL.
+pub async fn start_controller(d: &Path, ca: &Ca) -> (Proc, String) {
+    start_controller_on(d, ca, "127.0.0.1:0").await
+}
+
+/// [`start_controller`] on a given gRPC address (a restart keeps the relay's URL valid). The
+/// state directory is kept: a restart finds its CA, database and audit key.
+pub async fn start_controller_on(d: &Path, ca: &Ca, listen: &str) -> (Proc, String) {
+    let state = d.join("controller-state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
+    std::fs::write(state.join("ca-key.pem"), &ca.key_pem).expect("ca-key.pem");
+    let config = d.join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\n[grpc]\nlisten = {listen:?}\n[admin]\nsocket_path = \"\"\n\
+             [metrics]\nlisten = \"\"\n",
+            state = state.display().to_string(),
+        ),
+    )
+    .expect("controller config");
+    let ready = d.join("controller-ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let mut cmd = Command::new(sibling_binary("outrelay-controller"));
+    cmd.args(["--log", "info", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready);
+    let started = Instant::now();
+    let mut controller = spawn_logged(cmd, &d.join("controller.log"));
+    let info = wait_for_ready(&ready, &mut controller, "controller").await;
+    eprintln!("controller ready after {:?}: {info}", started.elapsed());
+    (controller, format!("https://{}", addr_in(&info, "grpc")))
+}
+
+// ---------- the world: controller + relay + CLI ----------
+
+/// The admin socket of relay `name` (`outrelay relay status|drain --relay unix://…`).
+pub fn admin_socket(d: &Path, name: &str) -> PathBuf {
+    d.join(format!("{name}.sock"))
+}
+
+/// Starts relay `name` (certificate `<name>.pem`, config `<name>.toml`, log `<name>.log`) with
+/// QUIC on `quic` and `tail` appended to its config; the process and its ready file.
+pub async fn spawn_relay(d: &Path, name: &str, quic: &str, tail: &str) -> (Proc, serde_json::Value) {
+    let config = d.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
+             [tls]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\nca = \"ca.pem\"\n\
+             [listen]\nquic = \"{quic}\"\nreverse = \"127.0.0.1:0\"\n\
+             public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = {admin:?}\n\
+             [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}",
+            admin = admin_socket(d, name).display().to_string(),
+        ),
+    )
+    .expect("relay config");
+    let ready = d.join(format!("{name}-ready.json"));
+    let _ = std::fs::remove_file(&ready);
+    let mut cmd = Command::new(sibling_binary("outrelay-relay"));
+    cmd.args(["--log", "info", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready);
+    let started = Instant::now();
+    let log = d.join(format!("{name}.log"));
+    let mut relay = spawn_logged_append(cmd, &log);
+    let info = wait_for_ready(&ready, &mut relay, name).await;
+    eprintln!("{name} ready after {:?}: {info}", started.elapsed());
+    (relay, info)
+}
+
+pub struct World {
+    pub ca: Ca,
+    /// `None` for a standalone relay.
+    pub controller: Option<Proc>,
+    /// The controller's gRPC address (`https://…`; empty for a standalone relay).
+    pub grpc_url: String,
+    pub relay: Proc,
+    /// The relay config's `[controller]` or `[[policy]]` part (for restarts and a second relay).
+    pub relay_tail: String,
+    pub quic: SocketAddr,
+    pub relay_metrics: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    /// A controller, and a relay following it.
+    pub async fn new() -> World {
+        World::start(None).await
+    }
+
+    /// A relay without a controller, with `policy` (`[[policy]]` tables) as its static rules.
+    pub async fn standalone(policy: &str) -> World {
+        World::start(Some(policy)).await
+    }
+
+    /// A controller, and a relay following it with `extra` (TOML tables) in its config.
+    pub async fn with_relay_config(extra: &str) -> World {
+        World::start_with(None, extra).await
+    }
+
+    pub async fn start(standalone_policy: Option<&str>) -> World {
+        World::start_with(standalone_policy, "").await
+    }
+
+    pub async fn start_with(standalone_policy: Option<&str>, extra: &str) -> World {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let ca = Ca::new("outrelay mesh e2e CA");
+        std::fs::write(d.join("ca.pem"), &ca.pem).expect("ca.pem");
+        ca.write_leaf(d, "relay", RELAY, true);
+        let (controller, grpc_url, relay_tail) = match standalone_policy {
+            Some(policy) => (None, String::new(), format!("{policy}{extra}")),
+            None => {
+                let (proc, url) = start_controller(d, &ca).await;
+                let tail = format!(
+                    "[controller]\nurl = \"{url}\"\nheartbeat_interval_ms = 200\n\
+                     reconnect_backoff_ms = 100\nreconnect_backoff_max_ms = 500\n\
+                     state_dir = \"relay-state\"\n{extra}"
+                );
+                ca.write_leaf(d, "admin", ADMIN, false);
+                (Some(proc), url, tail)
+            }
+        };
+        let (relay, info) = spawn_relay(d, "relay", "127.0.0.1:0", &relay_tail).await;
+        World {
+            quic: addr_in(&info, "quic"),
+            relay_metrics: addr_in(&info, "metrics"),
+            ca,
+            controller,
+            grpc_url,
+            relay,
+            relay_tail,
+            dir,
+        }
+    }
+
+    /// `kill -9` of the relay, then the same relay again on the same QUIC port (its
+    /// identity on disk, so agents get a stateless reset at once); when the new process was
+    /// started.
+    pub async fn kill9_and_restart_relay(&mut self) -> Instant {
+        self.relay.kill9();
+        let restarted = Instant::now();
+        let quic = self.quic.to_string();
+        let (relay, info) = spawn_relay(self.dir.path(), "relay", &quic, &self.relay_tail).await;
+        self.relay = relay;
+        self.relay_metrics = addr_in(&info, "metrics");
+        restarted
+    }
+
+    /// A second relay like the first (its own identity and ports; same policy source).
+    pub async fn second_relay(&self) -> (Proc, SocketAddr, SocketAddr) {
+        let d = self.path();
+        self.ca.write_leaf(d, "relay2", RELAY2, true);
+        let (proc, info) = spawn_relay(d, "relay2", "127.0.0.1:0", &self.relay_tail).await;
+        (proc, addr_in(&info, "quic"), addr_in(&info, "metrics"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `outrelay --output json ARGS` as the global admin; the output whatever the exit code.
+    pub async fn cli_raw(&self, args: &[&str]) -> Output {
+        let d = self.path();
+        let mut cmd = Command::new(sibling_binary("outrelay"));
+        cmd.arg("--controller")
+            .arg(&self.grpc_url)
+            .arg("--cert")
+            .arg(d.join("admin.pem"))
+            .arg("--key")
+            .arg(d.join("admin-key.pem"))
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .args(["--output", "json"])
+            .args(args);
+        run_blocking(cmd).await
+    }
+
+    /// As [`World::cli_raw`], asserting success; stdout parsed as JSON.
+    pub async fn cli(&self, args: &[&str]) -> serde_json::Value {
+        let o = self.cli_raw(args).await;
+        assert!(o.status.success(), "outrelay {args:?}: {}", text(&o));
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("outrelay {args:?}: not JSON ({e}): {}", text(&o)))
+    }
+
+    /// `outrelay policy add`; the rule id.
+    pub async fn rule(
+        &self,
+        tenant: &str,
+        caller: &str,
+        target: &str,
+        decision: &str,
+        expires: Option<&str>,
+    ) -> String {
+        let mut args = vec![
+            "policy",
+            "add",
+            "--tenant",
+            tenant,
+            "--caller",
+            caller,
+            "--target",
+            target,
+            "--decision",
+            decision,
+        ];
+        if let Some(e) = expires {
+            args.extend(["--expires", e]);
+        }
+        let v = self.cli(&args).await;
+        let id = v["id"].as_str().expect("rule id").to_owned();
+        eprintln!("policy add {tenant} {caller} -> {target} {decision} {expires:?}: {id}");
+        id
+    }
+
+    pub async fn remove_rule(&self, tenant: &str, id: &str) {
+        self.cli(&["policy", "remove", "--tenant", tenant, "--id", id])
+            .await;
+    }
+
+    /// `outrelay services list --tenant T`.
+    pub async fn services(&self, tenant: &str) -> Vec<serde_json::Value> {
+        self.cli(&["services", "list", "--tenant", tenant])
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The `stream` rows of `outrelay audit query --tenant T` (newest first).
+    pub async fn stream_audit(&self, tenant: &str) -> Vec<serde_json::Value> {
+        self.cli(&["audit", "query", "--tenant", tenant, "--limit", "1000"])
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["kind"] == "stream")
+            .collect()
+    }
+
+    /// Starts `outrelay-agent run` for identity `uri` with `body` ([[provide]] / [[consume]])
+    /// under short timeouts.
+    pub fn agent(&self, name: &str, uri: &str, body: &str) -> Agent {
+        self.agent_on(name, uri, &[self.quic], body)
+    }
+
+    /// As [`World::agent`], connected to `relays` (in that order).
+    pub fn agent_on(&self, name: &str, uri: &str, relays: &[SocketAddr], body: &str) -> Agent {
+        let d = self.path();
+        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
+        let config = format!(
+            "relays = {relays:?}\nserver_name = \"localhost\"\n\
+             [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
+             reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
+             [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
+            relays = relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            cert = cert.display().to_string(),
+            key = key.display().to_string(),
+            ca = d.join("ca.pem").display().to_string(),
+        );
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("agent config");
+        let ready = d.join(format!("{name}-ready.json"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        cmd.args(["--log", "info", "run", "--config"])
+            .arg(&path)
+            .arg("--ready-file")
+            .arg(&ready);
+        Agent {
+            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
+            name: name.to_owned(),
+            ready,
+            started: Instant::now(),
+            info: serde_json::Value::Null,
+        }
+    }
+
+    /// Starts `outrelay-agent SUBCOMMAND ARGS` (`provide` / `consume` from flags) for identity
+    /// `uri`, with the common flags.
+    pub fn agent_cli(&self, name: &str, uri: &str, subcommand: &str, args: &[&str]) -> Agent {
+        let d = self.path();
+        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
+        let ready = d.join(format!("{name}-ready.json"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        cmd.args(["--log", "info", subcommand, "--relay"])
+            .arg(self.quic.to_string())
+            .args(["--server-name", "localhost", "--metrics", "127.0.0.1:0"])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--ca")
+            .arg(d.join("ca.pem"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(args);
+        Agent {
+            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
+            name: name.to_owned(),
+            ready,
+            started: Instant::now(),
+            info: serde_json::Value::Null,
+        }
+    }
+
+    pub fn relay_scrape(&self) -> String {
+        scrape(self.relay_metrics)
+    }
+}
+
+impl Drop for World {
+    /// On a failing test: the tail of every daemon's log (they live in the temp dir).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "----- {} (last {} lines)\n{}",
+                log.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub name: String,
+    pub ready: PathBuf,
+    pub started: Instant,
+    pub info: serde_json::Value,
+}
+
+impl Agent {
+    /// Waits for the ready file (every service registered, every consumer listening).
+    pub async fn ready(&mut self) -> serde_json::Value {
+        let info = wait_for_ready(&self.ready, &mut self.proc, &self.name).await;
+        eprintln!(
+            "agent {} ready after {:?}: {info}",
+            self.name,
+            self.started.elapsed()
+        );
+        self.info = info.clone();
+        info
+    }
+
+    /// The listen address of the `i`-th consumer in the ready file.
+    pub fn consumer(&self, i: usize) -> SocketAddr {
+        self.info["consumers"][i]["listen_addr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("consumers[{i}].listen_addr in {}", self.info))
+            .parse()
+            .expect("listen address")
+    }
+
+    pub fn scrape(&self) -> String {
+        scrape(addr_in(&self.info, "metrics"))
+    }
+
+    /// `outrelay_agent_mesh_streams_total{role, result}`.
+    pub fn streams(&self, role: &str, result: &str) -> f64 {
+        metric(
+            &self.scrape(),
+            "outrelay_agent_mesh_streams_total",
+            &[("role", role), ("result", result)],
+        )
+    }
+}
+
+// ---------- calls through a consumer ----------
+
+/// One HTTP GET through the consumer listening on `addr`: `Ok` with the response when the
+/// provider's HTTP server answered, `Err` with what happened otherwise.
+pub async fn http_call(addr: SocketAddr) -> Result<String, String> {
+    let attempt = async {
+        let mut c = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        c.write_all(b"GET /mesh HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        c.read_to_end(&mut out)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.starts_with("HTTP/1.1 200") && text.ends_with(BODY) {
+            Ok(text)
+        } else if text.is_empty() {
+            Err("closed without a response".to_owned())
+        } else {
+            Err(format!("unexpected response {text:?}"))
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {CALL_TIMEOUT:?}")))
+}
+
+/// Calls through `addr` until one succeeds; the time since `from`.
+pub async fn eventually_ok(addr: SocketAddr, from: Instant, what: &str) -> Duration {
+    loop {
+        match http_call(addr).await {
+            Ok(_) => return from.elapsed(),
+            Err(e) => assert!(
+                from.elapsed() < POLICY_BOUND,
+                "{what}: still failing after {POLICY_BOUND:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cond` every 20 ms up to `bound`; whether it became true.
+pub async fn poll(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > bound {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One call through the consumer `agent`'s `i`-th listener must fail with `code`: the local
+/// connection is closed without an answer and the agent counts `rejected_<code>`.
+pub async fn expect_rejected(agent: &Agent, i: usize, code: u16) {
+    let result = format!("rejected_{code}");
+    let before = agent.streams("consumer", &result);
+    let r = http_call(agent.consumer(i)).await;
+    assert!(
+        r.is_err(),
+        "a call expected to be rejected with {code} went through"
+    );
+    let counted = poll(Duration::from_secs(10), || {
+        agent.streams("consumer", &result) > before
+    })
+    .await;
+    assert!(
+        counted,
+        "call failed ({r:?}) but {} did not count consumer {result}:\n{}",
+        agent.name,
+        mesh_lines(&agent.scrape())
+    );
+}
+
+/// Calls through the consumer `agent`'s `i`-th listener until one is rejected with `code`;
+/// the time since `from`. Calls that fail otherwise (another code, a timeout) are retried.
+pub async fn eventually_rejected(agent: &Agent, i: usize, code: u16, from: Instant) -> Duration {
+    let result = format!("rejected_{code}");
+    loop {
+        let before = agent.streams("consumer", &result);
+        let r = http_call(agent.consumer(i)).await;
+        if r.is_err()
+            && poll(Duration::from_secs(2), || {
+                agent.streams("consumer", &result) > before
+            })
+            .await
+        {
+            return from.elapsed();
+        }
+        assert!(
+            from.elapsed() < WAIT,
+            "no {result} within {WAIT:?} (last call: {r:?}):\n{}",
+            mesh_lines(&agent.scrape())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A long-lived stream through a consumer to an echo target.
+pub struct LiveStream {
+    pub conn: TcpStream,
+    pub n: u64,
+}
+
+impl LiveStream {
+    pub async fn open(addr: SocketAddr) -> LiveStream {
+        let conn = TcpStream::connect(addr).await.expect("connect consumer");
+        let mut s = LiveStream { conn, n: 0 };
+        s.ping().await.expect("first echo through the live stream");
+        s
+    }
+
+    /// Retries [`LiveStream::open`] until a rule lets the stream through, for up to `bound`.
+    pub async fn open_when_allowed(addr: SocketAddr, bound: Duration, what: &str) -> LiveStream {
+        let t0 = Instant::now();
+        loop {
+            let conn = TcpStream::connect(addr).await.expect("connect consumer");
+            let mut s = LiveStream { conn, n: 0 };
+            if s.ping().await.is_ok() {
+                return s;
+            }
+            assert!(t0.elapsed() < bound, "{what}: not allowed within {bound:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// One 16-byte echo round trip.
+    pub async fn ping(&mut self) -> Result<(), String> {
+        self.n += 1;
+        let msg = format!("ping {:011}", self.n);
+        let attempt = async {
+            self.conn
+                .write_all(msg.as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let mut buf = [0u8; 16];
+            self.conn
+                .read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if buf == msg.as_bytes() {
+                Ok(())
+            } else {
+                Err(format!("wrong echo {:?}", String::from_utf8_lossy(&buf)))
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt)
+            .await
+            .unwrap_or_else(|_| Err("no echo within 5 s".to_owned()))
+    }
+
+    /// Pings every 20 ms until the stream breaks; the time since `from` and the error.
+    pub async fn wait_cut(&mut self, from: Instant, bound: Duration) -> (Duration, String) {
+        loop {
+            if let Err(e) = self.ping().await {
+                return (from.elapsed(), e);
+            }
+            assert!(
+                from.elapsed() < bound,
+                "the live stream still flows {bound:?} after the change"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Keeps pinging for `d`: every round trip must work.
+    pub async fn keep_flowing(&mut self, d: Duration) {
+        let start = Instant::now();
+        let mut pings = 0u32;
+        while start.elapsed() < d {
+            self.ping()
+                .await
+                .unwrap_or_else(|e| panic!("the live stream broke after {pings} pings: {e}"));
+            pings += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A consumer of `service` on port 0.
+pub fn consume(service: &str) -> String {
+    format!("[[consume]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\n")
+}
+
+/// A consumer of `service` calling `method`, on port 0.
+pub fn consume_method(service: &str, method: &str) -> String {
+    format!(
+        "[[consume]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\nmethod = \"{method}\"\n"
+    )
+}
+
+/// A provider of `service` with default target `to`.
+pub fn provide(service: &str, to: SocketAddr) -> String {
+    format!("[[provide]]\nservice = \"{service}\"\nto = \"{to}\"\n")
+}
+
