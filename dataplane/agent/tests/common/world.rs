@@ -393,10 +393,19 @@ impl World {
 
     /// A second relay like the first (its own identity and ports; same policy source).
     pub async fn second_relay(&self) -> (Proc, SocketAddr, SocketAddr) {
-        let d = self.path();
-        self.ca.write_leaf(d, "relay2", RELAY2, true);
-        let (proc, info) = spawn_relay(d, "relay2", "127.0.0.1:0", &self.relay_tail).await;
+        let (proc, info) = self.extra_relay("relay2", "relay-2", "").await;
         (proc, addr_in(&info, "quic"), addr_in(&info, "metrics"))
+    }
+
+    /// Another relay like the first, named `name` (config, log, ready file) with identity
+    /// `outrelay://dev/relay/<id>` and `extra` (TOML) after its `[controller]` part; returns
+    /// the process and its ready file (`quic`, `reverse`, `public_tls`, `metrics`, …).
+    pub async fn extra_relay(&self, name: &str, id: &str, extra: &str) -> (Proc, serde_json::Value) {
+        let d = self.path();
+        self.ca
+            .write_leaf(d, name, &format!("outrelay://dev/relay/{id}"), true);
+        let tail = format!("{}{extra}", self.relay_tail);
+        spawn_relay(d, name, "127.0.0.1:0", &tail).await
     }
 
     pub fn path(&self) -> &Path {
