@@ -70,8 +70,10 @@ pub struct Link {
 pub struct MeshCtx {
     settings: Arc<Settings>,
     stats: Arc<Stats>,
-    /// Relay `i`'s live connection (config order); `None` while it is down.
+    /// HA slot `i`'s live connection; `None` while it is down.
     relays: Vec<ArcSwapOption<Link>>,
+    /// Round-robin cursor over the slots for new consumer streams.
+    next_link: std::sync::atomic::AtomicUsize,
     /// Service name to its index in `settings.provides`.
     providers: HashMap<String, usize>,
     /// Resumable streams and their shared ring budget.
@@ -81,9 +83,7 @@ pub struct MeshCtx {
 impl MeshCtx {
     /// A context with every relay disconnected.
     pub fn new(settings: Arc<Settings>, stats: Arc<Stats>) -> MeshCtx {
-        let relays = settings
-            .relays
-            .iter()
+        let relays = (0..settings.ha_connections)
             .map(|_| ArcSwapOption::empty())
             .collect();
         let providers = settings
@@ -96,23 +96,47 @@ impl MeshCtx {
             settings,
             stats,
             relays,
+            next_link: std::sync::atomic::AtomicUsize::new(0),
             providers,
             resume: crate::resume::Registry::default(),
         }
     }
 
-    /// Publishes relay `index`'s connection (`None`: down) for consumers.
+    /// Publishes HA slot `index`'s connection (`None`: down) for consumers.
     pub fn set_connection(&self, index: usize, link: Option<Link>) {
         if let Some(slot) = self.relays.get(index) {
             slot.store(link.map(Arc::new));
         }
     }
 
-    /// The first relay connection (config order) that is up.
+    /// A relay connection that is up, taking the slots in turn (round-robin: new streams
+    /// spread over every held relay).
     pub(crate) fn current_link(&self) -> Option<Arc<Link>> {
-        self.relays
-            .iter()
-            .find_map(|r| r.load_full().filter(|l| l.conn.close_reason().is_none()))
+        self.link_except(None)
+    }
+
+    /// Like [`MeshCtx::current_link`], but not `avoid` (a link a stream just lost) while
+    /// another connection is up.
+    pub(crate) fn link_except(&self, avoid: Option<&Arc<Link>>) -> Option<Arc<Link>> {
+        let n = self.relays.len();
+        let start = self
+            .next_link
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut fallback = None;
+        for k in 0..n {
+            let Some(slot) = self.relays.get(start.wrapping_add(k) % n.max(1)) else {
+                continue;
+            };
+            let Some(link) = slot.load_full().filter(|l| l.conn.close_reason().is_none()) else {
+                continue;
+            };
+            if avoid.is_some_and(|a| Arc::ptr_eq(a, &link)) {
+                fallback = Some(link);
+                continue;
+            }
+            return Some(link);
+        }
+        fallback
     }
 
     pub(crate) fn settings(&self) -> &Settings {

@@ -462,7 +462,8 @@ impl Stream<'_> {
             if Instant::now() >= deadline {
                 return Err(ResumeError::Timeout(self.cfg.timeout));
             }
-            let Some(link) = ctx.current_link() else {
+            // Another relay than the one this stream lost, while one is up.
+            let Some(link) = ctx.link_except(Some(&self.link)) else {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             };

@@ -283,7 +283,12 @@ pub fn admin_socket(d: &Path, name: &str) -> PathBuf {
 
 /// Starts relay `name` (certificate `<name>.pem`, config `<name>.toml`, log `<name>.log`) with
 /// QUIC on `quic` and `tail` appended to its config; the process and its ready file.
-pub async fn spawn_relay(d: &Path, name: &str, quic: &str, tail: &str) -> (Proc, serde_json::Value) {
+pub async fn spawn_relay(
+    d: &Path,
+    name: &str,
+    quic: &str,
+    tail: &str,
+) -> (Proc, serde_json::Value) {
     let config = d.join(format!("{name}.toml"));
     std::fs::write(
         &config,
@@ -400,7 +405,12 @@ impl World {
     /// Another relay like the first, named `name` (config, log, ready file) with identity
     /// `outrelay://dev/relay/<id>` and `extra` (TOML) after its `[controller]` part; returns
     /// the process and its ready file (`quic`, `reverse`, `public_tls`, `metrics`, …).
-    pub async fn extra_relay(&self, name: &str, id: &str, extra: &str) -> (Proc, serde_json::Value) {
+    pub async fn extra_relay(
+        &self,
+        name: &str,
+        id: &str,
+        extra: &str,
+    ) -> (Proc, serde_json::Value) {
         let d = self.path();
         self.ca
             .write_leaf(d, name, &format!("outrelay://dev/relay/{id}"), true);
@@ -839,4 +849,3 @@ pub fn consume_method(service: &str, method: &str) -> String {
 pub fn provide(service: &str, to: SocketAddr) -> String {
     format!("[[provide]]\nservice = \"{service}\"\nto = \"{to}\"\n")
 }
-
