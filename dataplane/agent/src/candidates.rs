@@ -28,6 +28,8 @@ pub struct Target {
     pub name: String,
     /// The resolved address.
     pub addr: SocketAddr,
+    /// Its position in the candidate list (config order, then resolution order).
+    pub rank: usize,
 }
 
 /// What a slot does next.
@@ -249,6 +251,7 @@ impl Candidates {
             return Pick::Dial(Target {
                 name: c.name.clone(),
                 addr: c.addr,
+                rank: i,
             });
         }
         let wait = free

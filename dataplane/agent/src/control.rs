@@ -513,18 +513,12 @@ async fn connect_once(
     }
     *last_relay = Some(relay_id.clone());
 
-    let link = Arc::new(mesh::Link {
-        conn: conn.clone(),
-        control: out_tx.clone(),
-    });
+    let link = Arc::new(mesh::Link::new(conn.clone(), out_tx.clone(), target.rank));
     let incoming = tokio::spawn(mesh::serve_incoming(link, ctx.mesh.clone()));
     let _incoming = AbortOnDrop(vec![incoming]);
     ctx.mesh.set_connection(
         index,
-        Some(mesh::Link {
-            conn: conn.clone(),
-            control: out_tx.clone(),
-        }),
+        Some(mesh::Link::new(conn.clone(), out_tx.clone(), target.rank)),
     );
     let mut c = Conn {
         index,

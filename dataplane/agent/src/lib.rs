@@ -9,7 +9,8 @@
 //!
 //! Service-to-service streams ([`mesh`]): provided services are registered on every relay
 //! and the relay's INCOMING_STREAMs joined to their local targets; each consumer listener
-//! turns local connections into ORP streams on the connected relays in turn (round-robin). Their bytes are
+//! turns local connections into ORP streams on the held relay with the fewest live consumer
+//! streams (ties: config order). Their bytes are
 //! QUIC stream data, so they pass through user space (quinn's buffers, handed over without
 //! further copies).
 //!

@@ -1,7 +1,8 @@
 //! Service-to-service streams (orp.md, "Open a stream"): the agent's two halves.
 //!
 //! - **Consumer.** Each `[[consume]]` listener is bound at start. Every accepted local TCP
-//!   connection becomes one bidirectional QUIC stream on the first relay connection that is up:
+//!   connection becomes one bidirectional QUIC stream on the held relay connection that is up
+//!   with the fewest live consumer streams (ties: the earlier relay candidate in config order):
 //!   OPEN_STREAM{service, method, random non-zero stream id}, then exactly one answer within
 //!   `mesh.open_timeout_ms`: STREAM_ACCEPT (raw bytes both ways) or STREAM_REJECT (logged,
 //!   counted as `rejected_<code>`, local connection closed).
@@ -64,6 +65,41 @@ pub struct Link {
     pub conn: quinn::Connection,
     /// Its control stream's send queue (STREAM_CHECKPOINT).
     pub control: mpsc::Sender<Frame>,
+    /// Preference on ties (lower first): the relay candidate's position in config order.
+    pub rank: usize,
+    /// Consumer streams opened on this link that are still running.
+    pub consumer_streams: std::sync::atomic::AtomicUsize,
+}
+
+impl Link {
+    /// A link on `conn` with control queue `control`, ranked `rank` among equally loaded ones.
+    pub fn new(conn: quinn::Connection, control: mpsc::Sender<Frame>, rank: usize) -> Link {
+        Link {
+            conn,
+            control,
+            rank,
+            consumer_streams: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Counts one consumer stream on a link while it lives.
+pub(crate) struct LinkLoad(Arc<Link>);
+
+impl LinkLoad {
+    pub(crate) fn new(link: &Arc<Link>) -> LinkLoad {
+        link.consumer_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LinkLoad(link.clone())
+    }
+}
+
+impl Drop for LinkLoad {
+    fn drop(&mut self) {
+        self.0
+            .consumer_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What the consumer listeners and provider streams share.
@@ -72,8 +108,6 @@ pub struct MeshCtx {
     stats: Arc<Stats>,
     /// HA slot `i`'s live connection; `None` while it is down.
     relays: Vec<ArcSwapOption<Link>>,
-    /// Round-robin cursor over the slots for new consumer streams.
-    next_link: std::sync::atomic::AtomicUsize,
     /// Service name to its index in `settings.provides`.
     providers: HashMap<String, usize>,
     /// Resumable streams and their shared ring budget.
@@ -96,7 +130,6 @@ impl MeshCtx {
             settings,
             stats,
             relays,
-            next_link: std::sync::atomic::AtomicUsize::new(0),
             providers,
             resume: crate::resume::Registry::default(),
         }
@@ -109,8 +142,9 @@ impl MeshCtx {
         }
     }
 
-    /// A relay connection that is up, taking the slots in turn (round-robin: new streams
-    /// spread over every held relay).
+    /// The relay connection that is up with the fewest live consumer streams opened on it
+    /// (ties: the earlier candidate in config order), so new streams spread over every held
+    /// relay.
     pub(crate) fn current_link(&self) -> Option<Arc<Link>> {
         self.link_except(None)
     }
@@ -118,15 +152,16 @@ impl MeshCtx {
     /// Like [`MeshCtx::current_link`], but not `avoid` (a link a stream just lost) while
     /// another connection is up.
     pub(crate) fn link_except(&self, avoid: Option<&Arc<Link>>) -> Option<Arc<Link>> {
-        let n = self.relays.len();
-        let start = self
-            .next_link
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let load = |l: &Arc<Link>| {
+            (
+                l.consumer_streams
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                l.rank,
+            )
+        };
+        let mut best: Option<Arc<Link>> = None;
         let mut fallback = None;
-        for k in 0..n {
-            let Some(slot) = self.relays.get(start.wrapping_add(k) % n.max(1)) else {
-                continue;
-            };
+        for slot in &self.relays {
             let Some(link) = slot.load_full().filter(|l| l.conn.close_reason().is_none()) else {
                 continue;
             };
@@ -134,9 +169,11 @@ impl MeshCtx {
                 fallback = Some(link);
                 continue;
             }
-            return Some(link);
+            if best.as_ref().is_none_or(|b| load(&link) < load(b)) {
+                best = Some(link);
+            }
         }
-        fallback
+        best.or(fallback)
     }
 
     pub(crate) fn settings(&self) -> &Settings {
@@ -327,6 +364,7 @@ async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
         tracing::debug!(service = %spec.service, "no relay connected: local connection closed");
         return;
     };
+    let _load = LinkLoad::new(&link);
     let id = stream_id();
     let open = async {
         let (mut send, mut recv) = link
@@ -813,7 +851,7 @@ pub(crate) mod tests {
     /// A link on `conn` and the receiving end of its control queue.
     pub(crate) fn link(conn: quinn::Connection) -> (Link, mpsc::Receiver<Frame>) {
         let (control, rx) = mpsc::channel(64);
-        (Link { conn, control }, rx)
+        (Link::new(conn, control, 0), rx)
     }
 
     pub(crate) fn encode(frame: &Frame) -> Vec<u8> {

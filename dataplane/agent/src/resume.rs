@@ -840,13 +840,7 @@ mod tests {
         let (se, relay, ce, agent) = quic_pair().await;
         let (l, control) = link(agent.clone());
         let l = Arc::new(l);
-        ctx.set_connection(
-            0,
-            Some(Link {
-                conn: agent,
-                control: l.control.clone(),
-            }),
-        );
+        ctx.set_connection(0, Some(Link::new(agent, l.control.clone(), 0)));
         tokio::spawn(serve_incoming(l, ctx.clone()));
         let (mut send, mut recv) = relay.open_bi().await.expect("open");
         send.write_all(&encode(&incoming())).await.expect("write");
