@@ -469,6 +469,7 @@ async fn connect_once(
         let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
         return Outcome::Duplicate(relay_id);
     }
+    ctx.board.set_candidates(cands.statuses());
     let (out_tx, out_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE_FRAMES);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, String>>(CONTROL_QUEUE_FRAMES);

@@ -356,7 +356,30 @@ fn stream_id() -> u64 {
     }
 }
 
-/// One local connection: open, wait for the answer, join or close.
+/// OPEN_STREAM on `link` and its first answer (with any bytes that came after it).
+async fn open_on(
+    link: &Link,
+    spec: &ConsumeSpec,
+    id: u64,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Frame, BytesMut), FirstFrameError> {
+    let (mut send, mut recv) = link
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| FirstFrameError::Stream(e.to_string()))?;
+    let frame = Frame::OpenStream(orp::OpenStream {
+        target_service: spec.service.clone(),
+        method: spec.method.clone(),
+        stream_id: id,
+    });
+    write_frame(&mut send, &frame).await?;
+    let mut buf = BytesMut::new();
+    let answer = read_first_frame(&mut recv, &mut buf).await?;
+    Ok((send, recv, answer, buf))
+}
+
+/// One local connection: open, wait for the answer, join or close. When the relay connection
+/// dies under the open, the open is made once more on another held relay.
 async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
     let stats = ctx.mesh();
     let Some(link) = ctx.current_link() else {
@@ -364,40 +387,36 @@ async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
         tracing::debug!(service = %spec.service, "no relay connected: local connection closed");
         return;
     };
-    let _load = LinkLoad::new(&link);
-    let id = stream_id();
-    let open = async {
-        let (mut send, mut recv) = link
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| FirstFrameError::Stream(e.to_string()))?;
-        let frame = Frame::OpenStream(orp::OpenStream {
-            target_service: spec.service.clone(),
-            method: spec.method.clone(),
-            stream_id: id,
-        });
-        write_frame(&mut send, &frame).await?;
-        let mut buf = BytesMut::new();
-        let answer = read_first_frame(&mut recv, &mut buf).await?;
-        Ok::<_, FirstFrameError>((send, recv, answer, buf))
-    };
-    let (mut send, mut recv, answer, early) = match tokio::time::timeout(
-        ctx.settings.mesh.open_timeout,
-        open,
-    )
-    .await
-    {
-        Ok(Ok(done)) => done,
-        Ok(Err(e)) => {
-            stats.stream(MeshRole::Consumer, e.result());
-            tracing::info!(service = %spec.service, stream_id = id, error = %e, "stream open failed");
+    let mut link = link;
+    let mut _load = LinkLoad::new(&link);
+    let mut id = stream_id();
+    let mut reopened = false;
+    let (mut send, mut recv, answer, early) = loop {
+        match tokio::time::timeout(ctx.settings.mesh.open_timeout, open_on(&link, spec, id)).await {
+            Ok(Ok(done)) => break done,
+            Ok(Err(e)) => {
+                stats.stream(MeshRole::Consumer, e.result());
+                tracing::info!(service = %spec.service, stream_id = id, error = %e, "stream open failed");
+            }
+            Err(_) => {
+                stats.stream(MeshRole::Consumer, MeshResult::Timeout);
+                tracing::info!(service = %spec.service, stream_id = id, "no answer to OPEN_STREAM in time");
+            }
+        }
+        // The relay connection died under the open (nothing of the local connection has been
+        // read yet): once more, with a new stream id, on another held relay.
+        if reopened || link.conn.close_reason().is_none() {
             return;
         }
-        Err(_) => {
-            stats.stream(MeshRole::Consumer, MeshResult::Timeout);
-            tracing::info!(service = %spec.service, stream_id = id, "no answer to OPEN_STREAM in time");
-            return;
+        match ctx.link_except(Some(&link)) {
+            Some(other) if !Arc::ptr_eq(&other, &link) => {
+                reopened = true;
+                link = other;
+                _load = LinkLoad::new(&link);
+                id = stream_id();
+                tracing::info!(service = %spec.service, stream_id = id, "relay lost under the open: opening on another relay");
+            }
+            _ => return,
         }
     };
     match answer {
