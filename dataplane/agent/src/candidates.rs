@@ -70,6 +70,26 @@ pub enum CandidateState {
     Duplicate,
 }
 
+impl CandidateState {
+    /// Every state, for gauges.
+    pub const ALL: [CandidateState; 4] = [
+        CandidateState::Held,
+        CandidateState::Standby,
+        CandidateState::Backoff,
+        CandidateState::Duplicate,
+    ];
+
+    /// The metric label (as serialised).
+    pub fn label(self) -> &'static str {
+        match self {
+            CandidateState::Held => "held",
+            CandidateState::Standby => "standby",
+            CandidateState::Backoff => "backoff",
+            CandidateState::Duplicate => "duplicate",
+        }
+    }
+}
+
 /// One candidate in `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CandidateStatus {

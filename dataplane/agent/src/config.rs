@@ -4,7 +4,8 @@
 //! [`Settings`] from flags ([`Settings::from_expose`]).
 //!
 //! ```toml
-//! relays = ["relay.example.com:7443"]   # QUIC addresses, one or more (each gets every lease)
+//! relays = ["relay.example.com:7443"]   # QUIC addresses or names, one or more (candidates)
+//! ha_connections = 2                    # distinct relays held at once (each gets every lease)
 //! server_name = "localhost"             # name checked in the relay certificate
 //! reverse_allow = ["relay2.example.com:8443"]   # reverse addresses a grant may name besides
 //!                                       # the relay's own dialled host (default: none)

@@ -300,18 +300,9 @@ fn update(s: &Sources) {
         .set(board.iter().filter(|r| r.connected).count() as f64);
     gauge!("outrelay_agent_relays_held").set(board.iter().filter(|r| r.connected).count() as f64);
     let cands = s.board.candidates();
-    for state in ["held", "standby", "backoff", "duplicate"] {
-        let n = cands
-            .iter()
-            .filter(|c| {
-                serde_json::to_value(c.state)
-                    .ok()
-                    .as_ref()
-                    .and_then(|v| v.as_str())
-                    == Some(state)
-            })
-            .count();
-        gauge!("outrelay_agent_relay_candidates", "state" => state).set(n as f64);
+    for state in crate::candidates::CandidateState::ALL {
+        let n = cands.iter().filter(|c| c.state == state).count();
+        gauge!("outrelay_agent_relay_candidates", "state" => state.label()).set(n as f64);
     }
     counter!("outrelay_agent_relay_replacements_total").absolute(load(&st.relay_replacements));
     counter!("outrelay_agent_relay_candidates_dropped_total")
