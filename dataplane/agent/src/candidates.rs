@@ -274,14 +274,21 @@ impl Candidates {
                 rank: i,
             });
         }
+        // Nothing resolved yet: look again soon. Nothing free (every candidate held, or held
+        // through another address): after `max` (a DNS change). Else when a backoff ends.
+        let idle = if list.is_empty() {
+            self.initial
+        } else {
+            self.max
+        };
         let wait = free
             .iter()
             .filter_map(|&i| list[i].retry_at)
             .min()
-            .map_or(self.initial, |t| t.saturating_duration_since(now))
+            .map_or(idle, |t| t.saturating_duration_since(now))
             .clamp(
                 Duration::from_millis(50),
-                self.initial.max(Duration::from_millis(50)),
+                self.max.max(Duration::from_millis(50)),
             );
         Pick::Wait(wait)
     }

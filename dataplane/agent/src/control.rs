@@ -237,7 +237,6 @@ pub async fn run(
         let target = match cands.pick(index, avoid) {
             Pick::Dial(t) => t,
             Pick::Wait(d) => {
-                ctx.board.set_candidates(cands.statuses());
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = stop.changed() => return,
@@ -245,7 +244,6 @@ pub async fn run(
                 continue;
             }
         };
-        ctx.board.set_candidates(cands.statuses());
         ctx.stats.connect_attempts.fetch_add(1, Ordering::Relaxed);
         let outcome = connect_once(
             index,
@@ -287,7 +285,6 @@ pub async fn run(
             }
         };
         cands.release(index, target.addr, ended, error);
-        ctx.board.set_candidates(cands.statuses());
     }
 }
 
@@ -469,7 +466,6 @@ async fn connect_once(
         let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
         return Outcome::Duplicate(relay_id);
     }
-    ctx.board.set_candidates(cands.statuses());
     let (out_tx, out_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE_FRAMES);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, String>>(CONTROL_QUEUE_FRAMES);

@@ -48,6 +48,8 @@ pub struct Sources {
     pub stats: Arc<Stats>,
     /// Status board.
     pub board: Arc<Board>,
+    /// The relay candidates (read live).
+    pub candidates: Arc<crate::candidates::Candidates>,
     /// The splice engines' last published stats.
     pub engines: Vec<Arc<Mutex<EngineStats>>>,
 }
@@ -164,7 +166,7 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
     json!({
         "agent_uri": s.agent_uri,
         "relays": relays,
-        "candidates": s.board.candidates(),
+        "candidates": s.candidates.statuses(),
         "counters": {
             "sessions_opened": load(&st.sessions_opened),
             "sessions_claimed_tls": load(&st.sessions_claimed_tls),
@@ -299,7 +301,7 @@ fn update(s: &Sources) {
     gauge!("outrelay_agent_relays_connected")
         .set(board.iter().filter(|r| r.connected).count() as f64);
     gauge!("outrelay_agent_relays_held").set(board.iter().filter(|r| r.connected).count() as f64);
-    let cands = s.board.candidates();
+    let cands = s.candidates.statuses();
     for state in crate::candidates::CandidateState::ALL {
         let n = cands.iter().filter(|c| c.state == state).count();
         gauge!("outrelay_agent_relay_candidates", "state" => state.label()).set(n as f64);

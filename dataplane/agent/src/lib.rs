@@ -112,6 +112,13 @@ pub async fn run(
     .map_err(io("splice engine"))?;
     let in_flight = splicer.in_flight.clone();
     let board = Arc::new(Board::new(&settings));
+    let cands = Arc::new(candidates::Candidates::new(
+        settings.relays.clone(),
+        settings.ha_connections,
+        settings.connection.reconnect_initial,
+        settings.connection.reconnect_max,
+        &stats,
+    ));
     let consumers = mesh::bind_consumers(&settings.consumes)
         .await
         .map_err(|(addr, source)| AgentError::Listen { addr, source })?;
@@ -134,6 +141,7 @@ pub async fn run(
                 agent_uri: identity.uri.clone(),
                 stats: stats.clone(),
                 board: board.clone(),
+                candidates: cands.clone(),
                 engines: splicer.stats.clone(),
             });
             tokio::spawn(http::serve(listener, metrics, sources));
@@ -160,13 +168,6 @@ pub async fn run(
         mesh,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cands = Arc::new(candidates::Candidates::new(
-        settings.relays.clone(),
-        settings.ha_connections,
-        settings.connection.reconnect_initial,
-        settings.connection.reconnect_max,
-        &ctx.stats,
-    ));
     let mut relays = Vec::with_capacity(settings.ha_connections);
     for i in 0..settings.ha_connections {
         relays.push(tokio::spawn(control::run(

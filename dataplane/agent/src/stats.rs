@@ -520,7 +520,6 @@ impl RelayStatus {
 #[derive(Debug, Default)]
 pub struct Board {
     relays: Mutex<Vec<RelayStatus>>,
-    candidates: Mutex<Vec<crate::candidates::CandidateStatus>>,
     consumers: Mutex<Vec<ConsumerStatus>>,
     /// Notified after every change.
     pub changed: Notify,
@@ -558,7 +557,6 @@ impl Board {
             .collect();
         Board {
             relays: Mutex::new(entries),
-            candidates: Mutex::new(Vec::new()),
             consumers: Mutex::new(Vec::new()),
             changed: Notify::new(),
         }
@@ -576,22 +574,6 @@ impl Board {
     /// The bound consumer listeners.
     pub fn consumers(&self) -> Vec<ConsumerStatus> {
         self.consumers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Replaces the candidate list (`/status`).
-    pub fn set_candidates(&self, candidates: Vec<crate::candidates::CandidateStatus>) {
-        *self
-            .candidates
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = candidates;
-    }
-
-    /// The relay candidates as last published.
-    pub fn candidates(&self) -> Vec<crate::candidates::CandidateStatus> {
-        self.candidates
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
