@@ -4,7 +4,8 @@
 //! [`Settings`] from flags ([`Settings::from_expose`]).
 //!
 //! ```toml
-//! relays = ["relay.example.com:7443"]   # QUIC addresses, one or more (each gets every lease)
+//! relays = ["relay.example.com:7443"]   # QUIC addresses or names, one or more (candidates)
+//! ha_connections = 2                    # distinct relays held at once (each gets every lease)
 //! server_name = "localhost"             # name checked in the relay certificate
 //! reverse_allow = ["relay2.example.com:8443"]   # reverse addresses a grant may name besides
 //!                                       # the relay's own dialled host (default: none)
@@ -71,6 +72,11 @@ pub const METHOD_MAX_BYTES: usize = 255;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Default of `ha_connections`: relays held at once.
+pub const DEFAULT_HA_CONNECTIONS: usize = 2;
+/// Largest `ha_connections`.
+pub const MAX_HA_CONNECTIONS: usize = 16;
+
 fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("invalid config: {key}: {why}"))
 }
@@ -79,6 +85,7 @@ fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
 #[serde(deny_unknown_fields, default)]
 struct Raw {
     relays: Vec<String>,
+    ha_connections: u64,
     server_name: String,
     reverse_allow: Vec<String>,
     identity: RawIdentity,
@@ -100,6 +107,7 @@ impl Default for Raw {
     fn default() -> Self {
         Raw {
             relays: Vec::new(),
+            ha_connections: DEFAULT_HA_CONNECTIONS as u64,
             server_name: "localhost".into(),
             reverse_allow: Vec::new(),
             identity: RawIdentity::default(),
@@ -634,8 +642,11 @@ pub struct SpliceConfig {
 /// Validated settings; nothing here can be wrong any more.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Relay QUIC addresses (`host:port`), each dialled and given every lease.
+    /// Relay QUIC addresses (`host:port`); a name may resolve to several relays. Every
+    /// resolved address is a candidate (`control::Candidates`).
     pub relays: Vec<String>,
+    /// How many distinct relays (by certificate identity) the agent holds connections to.
+    pub ha_connections: usize,
     /// Server name checked against the relay certificate's DNS names.
     pub server_name: String,
     /// `host:port` reverse addresses a grant may name besides the dialled relay host
@@ -858,6 +869,12 @@ impl Settings {
         }
         for r in &raw.relays {
             check_host_port("relays", r)?;
+        }
+        if raw.ha_connections == 0 || raw.ha_connections > MAX_HA_CONNECTIONS as u64 {
+            return Err(bad(
+                "ha_connections",
+                format!("must be 1..={MAX_HA_CONNECTIONS}"),
+            ));
         }
         for r in &raw.reverse_allow {
             check_host_port("reverse_allow", r)?;
@@ -1098,6 +1115,7 @@ impl Settings {
         };
         Ok(Settings {
             relays: raw.relays,
+            ha_connections: usize::try_from(raw.ha_connections).unwrap_or(MAX_HA_CONNECTIONS),
             server_name: raw.server_name,
             reverse_allow: raw.reverse_allow,
             identity,
@@ -1301,6 +1319,7 @@ mod tests {
         assert_eq!(s.leases[0].tcp_to, None);
         assert_eq!(s.leases[0].proxy_protocol, None);
         assert_eq!(s.server_name, "localhost");
+        assert_eq!(s.ha_connections, DEFAULT_HA_CONNECTIONS);
         let pp = parse(&MINIMAL.replace(
             "tls_to = \"127.0.0.1:8443\"",
             "tls_to = \"127.0.0.1:8443\"\nudp_to = \"127.0.0.1:53\"\nproxy_protocol = \"v2\"",
@@ -1313,6 +1332,8 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             ("relays = []", "relays"),
+            (&format!("ha_connections = 0\n{MINIMAL}"), "ha_connections"),
+            (&format!("ha_connections = 17\n{MINIMAL}"), "ha_connections"),
             (
                 &format!("reverse_allow = [\"relay2.example.com\"]\n{MINIMAL}"),
                 "reverse_allow",

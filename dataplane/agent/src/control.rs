@@ -24,6 +24,7 @@ use outrelay_proto::reverse::{EXPORTER_KEY_BYTES, EXPORTER_LABEL, LeaseId};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::candidates::{Candidates, Ended, Pick, Target};
 use crate::config::{LeaseSpec, Settings};
 use crate::mesh::{self, MeshCtx};
 use crate::pool::{self, FailLog, PoolCtx, PoolParams};
@@ -88,8 +89,6 @@ pub struct RelayCtx {
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 enum Lost {
-    #[error("resolve {0}")]
-    Resolve(String),
     #[error("QUIC endpoint: {0}")]
     Endpoint(std::io::Error),
     #[error("connect: {0}")]
@@ -109,6 +108,8 @@ enum Outcome {
     Stopped,
     /// GOAWAY: reconnect after the relay's delay.
     GoAway(Duration),
+    /// The relay (this identity) is already held by another slot.
+    Duplicate(String),
     /// The connection failed or ended; `established` when HELLO_ACK had arrived.
     Lost { error: Lost, established: bool },
 }
@@ -204,9 +205,14 @@ enum Request {
     Service(usize),
 }
 
-/// Runs relay `index` until `stop` turns true.
-pub async fn run(index: usize, ctx: Arc<RelayCtx>, mut stop: watch::Receiver<bool>) {
-    let addr = ctx.settings.relays[index].clone();
+/// Runs HA slot `index` until `stop` turns true: picks a candidate ([`Candidates::pick`]),
+/// holds a connection to it until it ends, then refills the slot from the other candidates.
+pub async fn run(
+    index: usize,
+    ctx: Arc<RelayCtx>,
+    cands: Arc<Candidates>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots: Vec<Slot> = ctx
         .settings
         .leases
@@ -220,46 +226,70 @@ pub async fn run(index: usize, ctx: Arc<RelayCtx>, mut stop: watch::Receiver<boo
             fail_log: Arc::new(FailLog::default()),
         })
         .collect();
-    let conn_cfg = ctx.settings.connection.clone();
-    let mut backoff = conn_cfg.reconnect_initial;
+    // The relay this slot last held, and the candidate it last dialled.
+    let mut last_relay: Option<String> = None;
+    let mut avoid: Option<SocketAddr> = None;
     loop {
         if *stop.borrow() {
             return;
         }
+        cands.refresh().await;
+        let target = match cands.pick(index, avoid) {
+            Pick::Dial(t) => t,
+            Pick::Wait(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+        };
         ctx.stats.connect_attempts.fetch_add(1, Ordering::Relaxed);
-        let outcome = connect_once(index, &addr, &ctx, &slots, &mut stop).await;
+        let outcome = connect_once(
+            index,
+            &target,
+            &ctx,
+            &cands,
+            &slots,
+            &mut stop,
+            &mut last_relay,
+        )
+        .await;
+        let addr = target.addr.to_string();
         publish_disconnected(index, &addr, &ctx, &slots);
-        let delay = match outcome {
-            Outcome::Stopped => return,
+        avoid = Some(target.addr);
+        let (ended, error) = match outcome {
+            Outcome::Stopped => {
+                cands.release(index, target.addr, Ended::Stopped, None);
+                return;
+            }
+            Outcome::Duplicate(id) => {
+                tracing::info!(relay = %addr, relay_id = %id, "relay already held through another address: trying another candidate");
+                (Ended::Duplicate, None)
+            }
             Outcome::GoAway(after) => {
                 ctx.stats.goaways.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(relay = %addr, after_ms = after.as_millis(), "GOAWAY: reconnecting");
-                backoff = conn_cfg.reconnect_initial;
-                after
+                tracing::info!(relay = %addr, after_ms = after.as_millis(), "GOAWAY: replacing the relay");
+                (Ended::GoAway(after), Some("goaway".to_owned()))
             }
             Outcome::Lost { error, established } => {
                 if established {
                     ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    backoff = conn_cfg.reconnect_initial;
-                    tracing::warn!(relay = %addr, %error, "relay connection lost: reconnecting");
+                    tracing::warn!(relay = %addr, %error, "relay connection lost: replacing it");
+                    (Ended::Lost, Some(error.to_string()))
                 } else {
                     ctx.stats.connect_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(relay = %addr, %error, retry_ms = backoff.as_millis(), "cannot connect to relay");
+                    tracing::warn!(relay = %addr, %error, "cannot connect to relay candidate");
+                    (Ended::Failed, Some(error.to_string()))
                 }
-                let d = backoff;
-                backoff = (backoff * 2).min(conn_cfg.reconnect_max);
-                d
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(jitter(delay)) => {}
-            _ = stop.changed() => return,
-        }
+        cands.release(index, target.addr, ended, error);
     }
 }
 
 /// `d` ± 20 %.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let mut b = [0u8; 2];
     let r = if getrandom::fill(&mut b).is_ok() {
         f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX)
@@ -269,15 +299,21 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.8 + 0.4 * r)
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, Lost> {
-    if let Ok(a) = addr.parse() {
-        return Ok(a);
-    }
-    tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| Lost::Resolve(format!("{addr}: {e}")))?
-        .next()
-        .ok_or_else(|| Lost::Resolve(format!("{addr}: no address")))
+/// The relay's identity URI from its certificate (verified by `tls::RelayCertVerifier`);
+/// the remote address when it cannot be read (never the case with that verifier).
+fn relay_identity(conn: &quinn::Connection) -> String {
+    conn.peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| {
+            certs
+                .first()
+                .and_then(|c| crate::tls::cert_identity(c).ok())
+                .map(|(_, uri)| uri)
+        })
+        .unwrap_or_else(|| format!("addr:{}", conn.remote_address()))
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal kept).
@@ -341,10 +377,16 @@ fn unix_ms() -> i64 {
 }
 
 fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]) {
+    let previous = ctx.board.snapshot().into_iter().nth(index);
     ctx.board.set(
         index,
         RelayStatus {
             addr: addr.to_owned(),
+            name: previous
+                .as_ref()
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+            relay_id: previous.map(|p| p.relay_id).unwrap_or_default(),
             connected: false,
             transport: Transport::Quic,
             leases: slots
@@ -372,20 +414,21 @@ fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]
 /// One connection from dial to its end.
 async fn connect_once(
     index: usize,
-    addr: &str,
+    target: &Target,
     ctx: &Arc<RelayCtx>,
+    cands: &Candidates,
     slots: &[Slot],
     stop: &mut watch::Receiver<bool>,
+    last_relay: &mut Option<String>,
 ) -> Outcome {
+    // The configured entry: its host is the one reverse addresses are pinned to.
+    let addr = target.name.as_str();
     let lost = |error| Outcome::Lost {
         error,
         established: false,
     };
     let cfg = &ctx.settings.connection;
-    let remote = match resolve(addr).await {
-        Ok(a) => a,
-        Err(e) => return lost(e),
-    };
+    let remote = target.addr;
     let bind: SocketAddr = if remote.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
@@ -417,6 +460,12 @@ async fn connect_once(
         },
         _ = stop.changed() => return Outcome::Stopped,
     };
+    let relay_id = relay_identity(&conn);
+    if !cands.claim(index, remote, &relay_id) {
+        conn.close(0u32.into(), b"relay already held");
+        let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
+        return Outcome::Duplicate(relay_id);
+    }
     let (out_tx, out_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE_FRAMES);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, String>>(CONTROL_QUEUE_FRAMES);
@@ -455,24 +504,24 @@ async fn connect_once(
     }
     // Relay clock minus ours, for reading grant expiry times.
     let clock_offset_ms = ack.server_time_unix_ms.saturating_sub(unix_ms());
-    tracing::info!(relay = %addr, session = %ack.session_id, took_ms = started.elapsed().as_millis(), "connected to relay");
+    tracing::info!(relay = %addr, remote = %remote, relay_id = %relay_id, slot = index, session = %ack.session_id, took_ms = started.elapsed().as_millis(), "connected to relay");
+    if last_relay.as_ref().is_some_and(|r| *r != relay_id) {
+        cands.replacements.fetch_add(1, Ordering::Relaxed);
+    }
+    *last_relay = Some(relay_id.clone());
 
-    let link = Arc::new(mesh::Link {
-        conn: conn.clone(),
-        control: out_tx.clone(),
-    });
+    let link = Arc::new(mesh::Link::new(conn.clone(), out_tx.clone(), target.rank));
     let incoming = tokio::spawn(mesh::serve_incoming(link, ctx.mesh.clone()));
     let _incoming = AbortOnDrop(vec![incoming]);
     ctx.mesh.set_connection(
         index,
-        Some(mesh::Link {
-            conn: conn.clone(),
-            control: out_tx.clone(),
-        }),
+        Some(mesh::Link::new(conn.clone(), out_tx.clone(), target.rank)),
     );
     let mut c = Conn {
         index,
         addr,
+        remote: remote.to_string(),
+        relay_id: relay_id.clone(),
         ctx,
         slots,
         conn: &conn,
@@ -607,7 +656,12 @@ impl Drop for AbortOnDrop {
 /// One established connection's state machine.
 struct Conn<'a> {
     index: usize,
+    /// The configured entry dialled (logs, reverse pinning).
     addr: &'a str,
+    /// The resolved address dialled (`/status`).
+    remote: String,
+    /// The relay's certificate URI.
+    relay_id: String,
     ctx: &'a Arc<RelayCtx>,
     slots: &'a [Slot],
     conn: &'a quinn::Connection,
@@ -1024,7 +1078,9 @@ impl Conn<'_> {
         self.ctx.board.set(
             self.index,
             RelayStatus {
-                addr: self.addr.to_owned(),
+                addr: self.remote.clone(),
+                name: self.addr.to_owned(),
+                relay_id: self.relay_id.clone(),
                 connected: true,
                 transport: Transport::Quic,
                 leases: self

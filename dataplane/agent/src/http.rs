@@ -17,7 +17,10 @@
 //!           "provider": { …same… }, "registered": 0, "register_rejected": 0, "stream_ready": 0},
 //!  "splice": {"pairs_active": 0, "pairs_total": 0, "bytes": 0}}
 //! ```
-//! Each relay entry also lists `"services": [{"service", "state", "service_id", "last_error"}]`.
+//! Each relay entry (one per HA slot) also lists `"services": [{"service", "state",
+//! "service_id", "last_error"}]`, `"name"` (the configured entry), `"relay_id"` (certificate
+//! URI) and `"transport"`; `"candidates": [{"name", "addr", "relay_id", "state": "held" |
+//! "standby" | "backoff" | "duplicate", "retry_in_ms", "last_error"}]` lists every candidate.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -45,6 +48,8 @@ pub struct Sources {
     pub stats: Arc<Stats>,
     /// Status board.
     pub board: Arc<Board>,
+    /// The relay candidates (read live).
+    pub candidates: Arc<crate::candidates::Candidates>,
     /// The splice engines' last published stats.
     pub engines: Vec<Arc<Mutex<EngineStats>>>,
 }
@@ -129,7 +134,8 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
                     })
                 })
                 .collect();
-            json!({"addr": r.addr, "connected": r.connected, "leases": leases,
+            json!({"addr": r.addr, "name": r.name, "relay_id": r.relay_id,
+                   "transport": r.transport, "connected": r.connected, "leases": leases,
                    "services": r.services})
         })
         .collect();
@@ -160,6 +166,7 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
     json!({
         "agent_uri": s.agent_uri,
         "relays": relays,
+        "candidates": s.candidates.statuses(),
         "counters": {
             "sessions_opened": load(&st.sessions_opened),
             "sessions_claimed_tls": load(&st.sessions_claimed_tls),
@@ -293,6 +300,15 @@ fn update(s: &Sources) {
     let board = s.board.snapshot();
     gauge!("outrelay_agent_relays_connected")
         .set(board.iter().filter(|r| r.connected).count() as f64);
+    gauge!("outrelay_agent_relays_held").set(board.iter().filter(|r| r.connected).count() as f64);
+    let cands = s.candidates.statuses();
+    for state in crate::candidates::CandidateState::ALL {
+        let n = cands.iter().filter(|c| c.state == state).count();
+        gauge!("outrelay_agent_relay_candidates", "state" => state.label()).set(n as f64);
+    }
+    counter!("outrelay_agent_relay_replacements_total").absolute(load(&st.relay_replacements));
+    counter!("outrelay_agent_relay_candidates_dropped_total")
+        .absolute(load(&st.relay_candidates_dropped));
     for state in LeaseState::ALL {
         let n = board
             .iter()

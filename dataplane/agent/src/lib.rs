@@ -1,6 +1,7 @@
 //! `outrelay-agent`: runs next to a workload and exposes it through OutRelay relays.
 //!
-//! It dials every configured relay over QUIC mTLS (ALPN `orp/1`), says HELLO with the identity
+//! It holds QUIC mTLS connections (ALPN `orp/1`) to `ha_connections` distinct relays picked
+//! from the configured relay addresses ([`candidates`]), says HELLO with the identity
 //! URI of its certificate, registers each configured lease, and per granted lease keeps a pool
 //! of authenticated idle reverse TCP sessions to the relay. A claimed session is joined to the
 //! lease's local target and spliced in the kernel by the same engine as the relay's
@@ -8,7 +9,8 @@
 //!
 //! Service-to-service streams ([`mesh`]): provided services are registered on every relay
 //! and the relay's INCOMING_STREAMs joined to their local targets; each consumer listener
-//! turns local connections into ORP streams on the first connected relay. Their bytes are
+//! turns local connections into ORP streams on the held relay with the fewest live consumer
+//! streams (ties: config order). Their bytes are
 //! QUIC stream data, so they pass through user space (quinn's buffers, handed over without
 //! further copies).
 //!
@@ -19,6 +21,7 @@
 //! (`splice-N`), which runs its reverse sessions from connect to splice.
 #![forbid(unsafe_code)]
 
+pub mod candidates;
 pub mod config;
 pub mod control;
 pub mod http;
@@ -109,6 +112,13 @@ pub async fn run(
     .map_err(io("splice engine"))?;
     let in_flight = splicer.in_flight.clone();
     let board = Arc::new(Board::new(&settings));
+    let cands = Arc::new(candidates::Candidates::new(
+        settings.relays.clone(),
+        settings.ha_connections,
+        settings.connection.reconnect_initial,
+        settings.connection.reconnect_max,
+        &stats,
+    ));
     let consumers = mesh::bind_consumers(&settings.consumes)
         .await
         .map_err(|(addr, source)| AgentError::Listen { addr, source })?;
@@ -131,6 +141,7 @@ pub async fn run(
                 agent_uri: identity.uri.clone(),
                 stats: stats.clone(),
                 board: board.clone(),
+                candidates: cands.clone(),
                 engines: splicer.stats.clone(),
             });
             tokio::spawn(http::serve(listener, metrics, sources));
@@ -157,9 +168,14 @@ pub async fn run(
         mesh,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut relays = Vec::with_capacity(settings.relays.len());
-    for i in 0..settings.relays.len() {
-        relays.push(tokio::spawn(control::run(i, ctx.clone(), stop_rx.clone())));
+    let mut relays = Vec::with_capacity(settings.ha_connections);
+    for i in 0..settings.ha_connections {
+        relays.push(tokio::spawn(control::run(
+            i,
+            ctx.clone(),
+            cands.clone(),
+            stop_rx.clone(),
+        )));
     }
     let ready_task = tokio::spawn(ready::run(board, ready_file, metrics_addr));
     outrelay_lifecycle::Watchdog::default().start("agent-control");

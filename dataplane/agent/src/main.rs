@@ -427,7 +427,20 @@ fn summary(doc: &serde_json::Value) -> String {
         } else {
             "DISCONNECTED"
         };
-        let _ = writeln!(out, "relay {} {up}", s(&r["addr"]));
+        let mut head = format!("relay {} {up}", s(&r["addr"]));
+        if let Some(id) = r["relay_id"].as_str().filter(|i| !i.is_empty()) {
+            let _ = write!(head, " {id}");
+        }
+        if let Some(t) = r["transport"].as_str() {
+            let _ = write!(head, " via {t}");
+        }
+        if let Some(n) = r["name"]
+            .as_str()
+            .filter(|n| !n.is_empty() && Some(*n) != r["addr"].as_str())
+        {
+            let _ = write!(head, " (from {n})");
+        }
+        let _ = writeln!(out, "{head}");
         for l in r["leases"].as_array().into_iter().flatten() {
             let mut line = format!("  lease {} {}", s(&l["name"]), s(&l["state"]));
             if let Some(h) = l["hostname"].as_str().filter(|h| !h.is_empty()) {
@@ -459,6 +472,22 @@ fn summary(doc: &serde_json::Value) -> String {
             }
             let _ = writeln!(out, "{line}");
         }
+    }
+    for c in doc["candidates"].as_array().into_iter().flatten() {
+        if c["state"].as_str() == Some("held") {
+            continue;
+        }
+        let mut line = format!("candidate {} {}", s(&c["addr"]), s(&c["state"]));
+        if let Some(id) = c["relay_id"].as_str().filter(|i| !i.is_empty()) {
+            let _ = write!(line, " {id}");
+        }
+        if c["state"].as_str() == Some("backoff") {
+            let _ = write!(line, " retry in {} ms", c["retry_in_ms"]);
+        }
+        if let Some(e) = c["last_error"].as_str() {
+            let _ = write!(line, " last error: {e}");
+        }
+        let _ = writeln!(out, "{line}");
     }
     for c in doc["consumers"].as_array().into_iter().flatten() {
         let _ = writeln!(

@@ -1,7 +1,8 @@
 //! Service-to-service streams (orp.md, "Open a stream"): the agent's two halves.
 //!
 //! - **Consumer.** Each `[[consume]]` listener is bound at start. Every accepted local TCP
-//!   connection becomes one bidirectional QUIC stream on the first relay connection that is up:
+//!   connection becomes one bidirectional QUIC stream on the held relay connection that is up
+//!   with the fewest live consumer streams (ties: the earlier relay candidate in config order):
 //!   OPEN_STREAM{service, method, random non-zero stream id}, then exactly one answer within
 //!   `mesh.open_timeout_ms`: STREAM_ACCEPT (raw bytes both ways) or STREAM_REJECT (logged,
 //!   counted as `rejected_<code>`, local connection closed).
@@ -64,13 +65,48 @@ pub struct Link {
     pub conn: quinn::Connection,
     /// Its control stream's send queue (STREAM_CHECKPOINT).
     pub control: mpsc::Sender<Frame>,
+    /// Preference on ties (lower first): the relay candidate's position in config order.
+    pub rank: usize,
+    /// Consumer streams opened on this link that are still running.
+    pub consumer_streams: std::sync::atomic::AtomicUsize,
+}
+
+impl Link {
+    /// A link on `conn` with control queue `control`, ranked `rank` among equally loaded ones.
+    pub fn new(conn: quinn::Connection, control: mpsc::Sender<Frame>, rank: usize) -> Link {
+        Link {
+            conn,
+            control,
+            rank,
+            consumer_streams: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Counts one consumer stream on a link while it lives.
+pub(crate) struct LinkLoad(Arc<Link>);
+
+impl LinkLoad {
+    pub(crate) fn new(link: &Arc<Link>) -> LinkLoad {
+        link.consumer_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LinkLoad(link.clone())
+    }
+}
+
+impl Drop for LinkLoad {
+    fn drop(&mut self) {
+        self.0
+            .consumer_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What the consumer listeners and provider streams share.
 pub struct MeshCtx {
     settings: Arc<Settings>,
     stats: Arc<Stats>,
-    /// Relay `i`'s live connection (config order); `None` while it is down.
+    /// HA slot `i`'s live connection; `None` while it is down.
     relays: Vec<ArcSwapOption<Link>>,
     /// Service name to its index in `settings.provides`.
     providers: HashMap<String, usize>,
@@ -81,9 +117,7 @@ pub struct MeshCtx {
 impl MeshCtx {
     /// A context with every relay disconnected.
     pub fn new(settings: Arc<Settings>, stats: Arc<Stats>) -> MeshCtx {
-        let relays = settings
-            .relays
-            .iter()
+        let relays = (0..settings.ha_connections)
             .map(|_| ArcSwapOption::empty())
             .collect();
         let providers = settings
@@ -101,18 +135,45 @@ impl MeshCtx {
         }
     }
 
-    /// Publishes relay `index`'s connection (`None`: down) for consumers.
+    /// Publishes HA slot `index`'s connection (`None`: down) for consumers.
     pub fn set_connection(&self, index: usize, link: Option<Link>) {
         if let Some(slot) = self.relays.get(index) {
             slot.store(link.map(Arc::new));
         }
     }
 
-    /// The first relay connection (config order) that is up.
+    /// The relay connection that is up with the fewest live consumer streams opened on it
+    /// (ties: the earlier candidate in config order), so new streams spread over every held
+    /// relay.
     pub(crate) fn current_link(&self) -> Option<Arc<Link>> {
-        self.relays
-            .iter()
-            .find_map(|r| r.load_full().filter(|l| l.conn.close_reason().is_none()))
+        self.link_except(None)
+    }
+
+    /// Like [`MeshCtx::current_link`], but not `avoid` (a link a stream just lost) while
+    /// another connection is up.
+    pub(crate) fn link_except(&self, avoid: Option<&Arc<Link>>) -> Option<Arc<Link>> {
+        let load = |l: &Arc<Link>| {
+            (
+                l.consumer_streams
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                l.rank,
+            )
+        };
+        let mut best: Option<Arc<Link>> = None;
+        let mut fallback = None;
+        for slot in &self.relays {
+            let Some(link) = slot.load_full().filter(|l| l.conn.close_reason().is_none()) else {
+                continue;
+            };
+            if avoid.is_some_and(|a| Arc::ptr_eq(a, &link)) {
+                fallback = Some(link);
+                continue;
+            }
+            if best.as_ref().is_none_or(|b| load(&link) < load(b)) {
+                best = Some(link);
+            }
+        }
+        best.or(fallback)
     }
 
     pub(crate) fn settings(&self) -> &Settings {
@@ -295,7 +356,30 @@ fn stream_id() -> u64 {
     }
 }
 
-/// One local connection: open, wait for the answer, join or close.
+/// OPEN_STREAM on `link` and its first answer (with any bytes that came after it).
+async fn open_on(
+    link: &Link,
+    spec: &ConsumeSpec,
+    id: u64,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Frame, BytesMut), FirstFrameError> {
+    let (mut send, mut recv) = link
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| FirstFrameError::Stream(e.to_string()))?;
+    let frame = Frame::OpenStream(orp::OpenStream {
+        target_service: spec.service.clone(),
+        method: spec.method.clone(),
+        stream_id: id,
+    });
+    write_frame(&mut send, &frame).await?;
+    let mut buf = BytesMut::new();
+    let answer = read_first_frame(&mut recv, &mut buf).await?;
+    Ok((send, recv, answer, buf))
+}
+
+/// One local connection: open, wait for the answer, join or close. When the relay connection
+/// dies under the open, the open is made once more on another held relay.
 async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
     let stats = ctx.mesh();
     let Some(link) = ctx.current_link() else {
@@ -303,39 +387,36 @@ async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
         tracing::debug!(service = %spec.service, "no relay connected: local connection closed");
         return;
     };
-    let id = stream_id();
-    let open = async {
-        let (mut send, mut recv) = link
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| FirstFrameError::Stream(e.to_string()))?;
-        let frame = Frame::OpenStream(orp::OpenStream {
-            target_service: spec.service.clone(),
-            method: spec.method.clone(),
-            stream_id: id,
-        });
-        write_frame(&mut send, &frame).await?;
-        let mut buf = BytesMut::new();
-        let answer = read_first_frame(&mut recv, &mut buf).await?;
-        Ok::<_, FirstFrameError>((send, recv, answer, buf))
-    };
-    let (mut send, mut recv, answer, early) = match tokio::time::timeout(
-        ctx.settings.mesh.open_timeout,
-        open,
-    )
-    .await
-    {
-        Ok(Ok(done)) => done,
-        Ok(Err(e)) => {
-            stats.stream(MeshRole::Consumer, e.result());
-            tracing::info!(service = %spec.service, stream_id = id, error = %e, "stream open failed");
+    let mut link = link;
+    let mut _load = LinkLoad::new(&link);
+    let mut id = stream_id();
+    let mut reopened = false;
+    let (mut send, mut recv, answer, early) = loop {
+        match tokio::time::timeout(ctx.settings.mesh.open_timeout, open_on(&link, spec, id)).await {
+            Ok(Ok(done)) => break done,
+            Ok(Err(e)) => {
+                stats.stream(MeshRole::Consumer, e.result());
+                tracing::info!(service = %spec.service, stream_id = id, error = %e, "stream open failed");
+            }
+            Err(_) => {
+                stats.stream(MeshRole::Consumer, MeshResult::Timeout);
+                tracing::info!(service = %spec.service, stream_id = id, "no answer to OPEN_STREAM in time");
+            }
+        }
+        // The relay connection died under the open (nothing of the local connection has been
+        // read yet): once more, with a new stream id, on another held relay.
+        if reopened || link.conn.close_reason().is_none() {
             return;
         }
-        Err(_) => {
-            stats.stream(MeshRole::Consumer, MeshResult::Timeout);
-            tracing::info!(service = %spec.service, stream_id = id, "no answer to OPEN_STREAM in time");
-            return;
+        match ctx.link_except(Some(&link)) {
+            Some(other) if !Arc::ptr_eq(&other, &link) => {
+                reopened = true;
+                link = other;
+                _load = LinkLoad::new(&link);
+                id = stream_id();
+                tracing::info!(service = %spec.service, stream_id = id, "relay lost under the open: opening on another relay");
+            }
+            _ => return,
         }
     };
     match answer {
@@ -789,7 +870,7 @@ pub(crate) mod tests {
     /// A link on `conn` and the receiving end of its control queue.
     pub(crate) fn link(conn: quinn::Connection) -> (Link, mpsc::Receiver<Frame>) {
         let (control, rx) = mpsc::channel(64);
-        (Link { conn, control }, rx)
+        (Link::new(conn, control, 0), rx)
     }
 
     pub(crate) fn encode(frame: &Frame) -> Vec<u8> {

@@ -97,6 +97,22 @@ pub fn describe() {
         "Reconnections to relays."
     );
     metrics::describe_gauge!("outrelay_agent_relays_connected", "Relays connected now.");
+    metrics::describe_gauge!(
+        "outrelay_agent_relays_held",
+        "Distinct relays (by certificate identity) the agent holds a connection to now (at most ha_connections)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_agent_relay_candidates",
+        "Relay candidates (resolved relay addresses), by state: held, standby, backoff, duplicate."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_relay_replacements_total",
+        "HA slots that connected to another relay than the one they lost."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_relay_candidates_dropped_total",
+        "Resolved relay addresses dropped because the candidate list was full (64)."
+    );
     metrics::describe_counter!(
         "outrelay_agent_reverse_sessions_claimed_total",
         "Reverse sessions claimed by a public connection."

@@ -13,8 +13,10 @@
 //!  "consumers": [{"service": "payments", "listen_addr": "127.0.0.1:18080"}]}
 //! ```
 //! A relay is ready when connected with every lease granted and every provided service
-//! registered (REGISTER_ACK). `relay`, `leases` and `services` describe the first ready relay
-//! in config order; `relays` lists every ready relay; `consumers` are the bound listeners.
+//! registered (REGISTER_ACK). The agent is ready when it holds at least one relay and every
+//! held (connected) relay is ready. `relay`, `leases` and `services` describe the first held
+//! relay (HA slot order); `relays` lists every held relay (`addr` is the address dialled);
+//! `consumers` are the bound listeners.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,7 +47,11 @@ pub fn document(
             .map(|s| json!({"service": s.service, "service_id": s.service_id}))
             .collect()
     };
-    let ready: Vec<&RelayStatus> = relays.iter().filter(|r| r.ready()).collect();
+    let held: Vec<&RelayStatus> = relays.iter().filter(|r| r.connected).collect();
+    if !held.iter().all(|r| r.ready()) {
+        return None;
+    }
+    let ready = held;
     let first = ready.first()?;
     Some(json!({
         "metrics": metrics.map(|m| m.to_string()),
@@ -114,6 +120,8 @@ mod tests {
     fn relay(addr: &str, connected: bool, states: &[LeaseState]) -> RelayStatus {
         RelayStatus {
             addr: addr.to_owned(),
+            name: addr.to_owned(),
+            relay_id: String::new(),
             connected,
             transport: crate::stats::Transport::Quic,
             leases: states
@@ -144,9 +152,21 @@ mod tests {
             document(&[relay("a:1", true, &[Granted, Registering])], &[], None),
             None
         );
+        // Every held relay must be ready (HA: the agent is ready on all of them).
+        assert_eq!(
+            document(
+                &[
+                    relay("a:1", true, &[Granted, Registering]),
+                    relay("b:1", true, &[Granted, Granted]),
+                ],
+                &[],
+                None
+            ),
+            None
+        );
         let doc = document(
             &[
-                relay("a:1", true, &[Granted, Registering]),
+                relay("a:1", false, &[Granted, Registering]),
                 relay("b:1", true, &[Granted, Granted]),
             ],
             &[],

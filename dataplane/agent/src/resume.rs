@@ -462,7 +462,8 @@ impl Stream<'_> {
             if Instant::now() >= deadline {
                 return Err(ResumeError::Timeout(self.cfg.timeout));
             }
-            let Some(link) = ctx.current_link() else {
+            // Another relay than the one this stream lost, while one is up.
+            let Some(link) = ctx.link_except(Some(&self.link)) else {
                 tokio::time::sleep(RETRY_PAUSE).await;
                 continue;
             };
@@ -839,13 +840,7 @@ mod tests {
         let (se, relay, ce, agent) = quic_pair().await;
         let (l, control) = link(agent.clone());
         let l = Arc::new(l);
-        ctx.set_connection(
-            0,
-            Some(Link {
-                conn: agent,
-                control: l.control.clone(),
-            }),
-        );
+        ctx.set_connection(0, Some(Link::new(agent, l.control.clone(), 0)));
         tokio::spawn(serve_incoming(l, ctx.clone()));
         let (mut send, mut recv) = relay.open_bi().await.expect("open");
         send.write_all(&encode(&incoming())).await.expect("write");

@@ -135,6 +135,10 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// GOAWAY frames received.
     pub goaways: AtomicU64,
+    /// HA slots that connected to another relay than the one they lost.
+    pub relay_replacements: Arc<AtomicU64>,
+    /// Resolved relay addresses dropped because the candidate list was full.
+    pub relay_candidates_dropped: Arc<AtomicU64>,
     /// LEASE_ERROR answers received.
     pub lease_errors: AtomicU64,
     /// Leases registered again after `lease_not_found`.
@@ -484,8 +488,12 @@ pub enum Transport {
 /// One relay connection.
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayStatus {
-    /// The configured address.
+    /// The address dialled (resolved from `name`).
     pub addr: String,
+    /// The configured `relays` entry it was resolved from (empty before a first connection).
+    pub name: String,
+    /// The relay's identity URI from its certificate (empty before a first handshake).
+    pub relay_id: String,
     /// HELLO_ACK received and the connection is up.
     pub connected: bool,
     /// The transport of the current (or last) connection.
@@ -518,14 +526,14 @@ pub struct Board {
 }
 
 impl Board {
-    /// A board with one disconnected entry per relay.
+    /// A board with one disconnected entry per HA slot (`ha_connections`).
     pub fn new(settings: &crate::config::Settings) -> Board {
         let leases = &settings.leases;
-        let entries = settings
-            .relays
-            .iter()
-            .map(|addr| RelayStatus {
-                addr: addr.clone(),
+        let entries = (0..settings.ha_connections)
+            .map(|_| RelayStatus {
+                addr: String::new(),
+                name: String::new(),
+                relay_id: String::new(),
                 connected: false,
                 transport: Transport::Quic,
                 leases: leases
@@ -571,7 +579,7 @@ impl Board {
             .clone()
     }
 
-    /// Replaces relay `index`'s entry.
+    /// Replaces HA slot `index`'s entry.
     pub fn set(&self, index: usize, status: RelayStatus) {
         {
             let mut relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);

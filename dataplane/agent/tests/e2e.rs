@@ -1269,11 +1269,21 @@ async fn every_lease_is_served_by_every_configured_relay() {
         free_port_range(),
     )
     .await;
-    // The second relay: same CA and certificate, its own directory.
+    // The second relay: same CA, its own identity (the agent holds distinct relays by
+    // certificate identity, issue 22) and directory.
     let other = tempfile::tempdir().expect("temp dir");
-    for f in ["ca.pem", "relay.pem", "relay-key.pem"] {
-        std::fs::copy(pki.path().join(f), other.path().join(f)).expect("copy PKI");
-    }
+    std::fs::copy(pki.path().join("ca.pem"), other.path().join("ca.pem")).expect("copy CA");
+    let leaf = pki.ca.leaf(
+        "relay r2",
+        &["localhost"],
+        Some("outrelay://test/relay/r2"),
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    std::fs::write(other.path().join("relay.pem"), &leaf.cert_pem).expect("relay.pem");
+    std::fs::write(other.path().join("relay-key.pem"), &leaf.key_pem).expect("relay key");
     let relay_b = start_relay_in(
         other.path(),
         "127.0.0.1:0",

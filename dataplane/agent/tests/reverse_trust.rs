@@ -52,6 +52,16 @@ fn pki() -> tempfile::TempDir {
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
     );
+    // A second relay's own identity (an agent holds relays once per identity, issue 22).
+    let relay2 = ca.leaf(
+        "relay r2",
+        &["localhost"],
+        Some("outrelay://test/relay/r2"),
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
     let agent = ca.leaf(
         AGENT,
         &[],
@@ -62,6 +72,8 @@ fn pki() -> tempfile::TempDir {
         ("ca.pem", &ca.pem),
         ("relay.pem", &relay.cert_pem),
         ("relay-key.pem", &relay.key_pem),
+        ("relay2.pem", &relay2.cert_pem),
+        ("relay2-key.pem", &relay2.key_pem),
         ("agent.pem", &agent.cert_pem),
         ("agent-key.pem", &agent.key_pem),
     ] {
@@ -161,11 +173,15 @@ async fn start_relay(dir: &Path, advertise: Option<String>) -> Relay {
     }
 }
 
-/// A second relay directory with the same PKI.
+/// A second relay directory: the same CA, the second relay identity (`relay2.pem`).
 fn copy_pki(from: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    for f in ["ca.pem", "relay.pem", "relay-key.pem"] {
-        std::fs::copy(from.join(f), dir.path().join(f)).expect("copy PKI");
+    for (f, to) in [
+        ("ca.pem", "ca.pem"),
+        ("relay2.pem", "relay.pem"),
+        ("relay2-key.pem", "relay-key.pem"),
+    ] {
+        std::fs::copy(from.join(f), dir.path().join(to)).expect("copy PKI");
     }
     dir
 }

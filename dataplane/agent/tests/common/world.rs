@@ -283,7 +283,12 @@ pub fn admin_socket(d: &Path, name: &str) -> PathBuf {
 
 /// Starts relay `name` (certificate `<name>.pem`, config `<name>.toml`, log `<name>.log`) with
 /// QUIC on `quic` and `tail` appended to its config; the process and its ready file.
-pub async fn spawn_relay(d: &Path, name: &str, quic: &str, tail: &str) -> (Proc, serde_json::Value) {
+pub async fn spawn_relay(
+    d: &Path,
+    name: &str,
+    quic: &str,
+    tail: &str,
+) -> (Proc, serde_json::Value) {
     let config = d.join(format!("{name}.toml"));
     std::fs::write(
         &config,
@@ -400,7 +405,12 @@ impl World {
     /// Another relay like the first, named `name` (config, log, ready file) with identity
     /// `outrelay://dev/relay/<id>` and `extra` (TOML) after its `[controller]` part; returns
     /// the process and its ready file (`quic`, `reverse`, `public_tls`, `metrics`, …).
-    pub async fn extra_relay(&self, name: &str, id: &str, extra: &str) -> (Proc, serde_json::Value) {
+    pub async fn extra_relay(
+        &self,
+        name: &str,
+        id: &str,
+        extra: &str,
+    ) -> (Proc, serde_json::Value) {
         let d = self.path();
         self.ca
             .write_leaf(d, name, &format!("outrelay://dev/relay/{id}"), true);
@@ -840,3 +850,79 @@ pub fn provide(service: &str, to: SocketAddr) -> String {
     format!("[[provide]]\nservice = \"{service}\"\nto = \"{to}\"\n")
 }
 
+// ---------- HA agents (issue 22) ----------
+
+impl World {
+    /// As [`World::agent_on`], with `relays` written as given (addresses or `host:port`
+    /// names) and `top` (top-level keys such as `ha_connections = 2`) before the tables.
+    pub fn agent_ha(
+        &self,
+        name: &str,
+        uri: &str,
+        relays: &[String],
+        top: &str,
+        body: &str,
+    ) -> Agent {
+        let d = self.path();
+        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
+        let config = format!(
+            "relays = {relays:?}\nserver_name = \"localhost\"\n{top}\n\
+             [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
+             reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
+             [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
+            cert = cert.display().to_string(),
+            key = key.display().to_string(),
+            ca = d.join("ca.pem").display().to_string(),
+        );
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("agent config");
+        let ready = d.join(format!("{name}-ready.json"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        cmd.args(["--log", "info", "run", "--config"])
+            .arg(&path)
+            .arg("--ready-file")
+            .arg(&ready);
+        Agent {
+            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
+            name: name.to_owned(),
+            ready,
+            started: Instant::now(),
+            info: serde_json::Value::Null,
+        }
+    }
+
+    /// A relay named `name` with identity `outrelay://dev/relay/<id>` on QUIC `quic` (an
+    /// earlier one's port to restart it there) with `tail` as its whole config tail (build it
+    /// from [`World::relay_tail`] to follow the controller); its ready file.
+    pub async fn relay_with_tail(
+        &self,
+        name: &str,
+        id: &str,
+        quic: &str,
+        tail: &str,
+    ) -> (Proc, serde_json::Value) {
+        let d = self.path();
+        self.ca
+            .write_leaf(d, name, &format!("outrelay://dev/relay/{id}"), true);
+        spawn_relay(d, name, quic, tail).await
+    }
+
+    /// `GET /status` of an agent (its metrics listener).
+    pub fn agent_status(agent: &Agent) -> serde_json::Value {
+        let addr = addr_in(&agent.info, "metrics");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the agent's /status");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        std::io::Write::write_all(
+            &mut s,
+            format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("request");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).expect("response");
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/status JSON: {e}: {text}"))
+    }
+}
