@@ -268,3 +268,64 @@ async fn forwarded_streams_are_refused_by_deny_rules_and_the_per_peer_cap_and_a_
     assert!(connect_failed >= 1.0, "connect_failed counted: {connect_failed}");
     drop(provider);
 }
+
+/// The issue's measurement, in-test: one stream of `OUTRELAY_FWD_MEASURE_MIB` (default 100)
+/// each way through relay 1 alone (provider on relay 1) and then through relay 1 → relay 2
+/// (provider on relay 2), with both relays' CPU from `/proc/<pid>/stat`. Prints `MEASURED`
+/// lines; asserts only the hashes (no wall-clock gate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_forwarded_stream_against_a_single_relay_stream() {
+    let mib: u64 = std::env::var("OUTRELAY_FWD_MEASURE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let bytes = mib * 1024 * 1024;
+    let w = World::with_relay_config(FAST).await;
+    let (r2, info2) = w.extra_relay("relay2", RELAY2_ID, "").await;
+    let q2 = addr_in(&info2, "quic");
+    let (local_target, local_echo) = common::hashing_echo_target().await;
+    let (remote_target, remote_echo) = common::hashing_echo_target().await;
+    let (web, _web_task) = http_target().await;
+    let mut local = w.agent("provider-local", PROVIDER_A2, &provide("bulk-local", local_target));
+    local.ready().await;
+    let mut remote = w.agent_on(
+        "provider-remote",
+        PROVIDER_A,
+        &[q2],
+        &format!("{}{}", provide("bulk", remote_target), provide("web", web)),
+    );
+    remote.ready().await;
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!("{}{}{}", consume("bulk-local"), consume("bulk"), consume("web")),
+    );
+    consumer.ready().await;
+    w.rule(TENANT_A, ANY_A, "*", "allow", None).await;
+    eventually_ok(consumer.consumer(2), Instant::now(), "forwarded call").await;
+    let (pid1, pid2) = (w.relay.0.id(), r2.0.id());
+    let tps = ticks_per_s();
+    let gbit = 2.0 * bytes as f64 * 8.0 / 1e9;
+    for (path, i, echo) in [
+        ("single-relay", 0, local_echo),
+        ("forwarded", 1, remote_echo),
+    ] {
+        let (c1, c2) = (cpu_ticks(pid1), cpu_ticks(pid2));
+        let t0 = Instant::now();
+        let (up_s, down_s) = bulk_both_ways(&consumer, i, echo, bytes).await;
+        let wall = t0.elapsed().as_secs_f64();
+        let used1 = (cpu_ticks(pid1) - c1) as f64 / tps;
+        let used2 = (cpu_ticks(pid2) - c2) as f64 / tps;
+        eprintln!(
+            "MEASURED {path} stream {mib} MiB each way: up {:.0} MiB/s, down {:.0} MiB/s, \
+             {:.2} Gbit/s both ways together; relay-1 CPU {used1:.2} s ({:.3} s/Gbit), relay-2 CPU \
+             {used2:.2} s ({:.3} s/Gbit), both relays {:.3} CPU-s/Gbit",
+            mib as f64 / up_s,
+            mib as f64 / down_s,
+            gbit / wall,
+            used1 / gbit,
+            used2 / gbit,
+            (used1 + used2) / gbit,
+        );
+    }
+}

@@ -616,16 +616,38 @@ async fn refused(relay: &Relay, ca: &Ca, leaf: &Leaf) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_certificate_is_refused_at_the_handshake() {
+async fn an_admin_certificate_is_refused_at_the_handshake() {
     let ca = Ca::new("test CA");
     let relay = start_relay(&ca, 10_000);
     refused(
         &relay,
         &ca,
-        &ca.leaf("outrelay://dev/relay/other", &[], Eku::Both),
+        &ca.leaf("outrelay://system/admin/ops", &[], Eku::Both),
     )
     .await;
     assert_eq!(relay.stats.refused_bad_role.load(Ordering::Relaxed), 1);
+}
+
+/// A relay certificate passes the handshake (peer relays forward streams, issue 22) but never
+/// gets an agent session: without forwarding served, its connection is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_certificate_gets_no_agent_session() {
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let mut a = connect(
+        &relay,
+        &ca,
+        &ca.leaf("outrelay://dev/relay/other", &[], Eku::Both),
+    )
+    .await
+    .expect("a relay certificate passes the handshake");
+    let _ = a.send(hello(AGENT_1)).await;
+    assert!(a.recv().await.is_err(), "a relay got a HELLO_ACK");
+    assert_eq!(
+        a.closed_code().await,
+        Some(u64::from(close_code::STREAM_UNSUPPORTED))
+    );
+    assert_eq!(relay.stats.refused_bad_role.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
