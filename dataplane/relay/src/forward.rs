@@ -247,7 +247,9 @@ pub struct Peers {
     config: ForwardConfig,
     /// This relay's id (for audits and logs).
     relay_id: String,
-    endpoint: Option<quinn::Endpoint>,
+    /// Where connections are dialled from (the relay's own endpoint); taken by
+    /// [`Peers::shutdown`] so a stopping (or handed-over) process stops reading the socket.
+    endpoint: Mutex<Option<quinn::Endpoint>>,
     cert: Arc<dyn rustls::client::ResolvesClientCert>,
     roots: Arc<RootCertStore>,
     transport: Arc<quinn::TransportConfig>,
@@ -302,7 +304,7 @@ impl Peers {
         Ok(Arc::new(Peers {
             config,
             relay_id,
-            endpoint,
+            endpoint: Mutex::new(endpoint),
             cert,
             roots: Arc::new(roots),
             transport: Arc::new(transport),
@@ -435,8 +437,13 @@ impl Peers {
     }
 
     async fn connect(&self, peer: &str, endpoint: &str) -> Result<quinn::Connection, String> {
-        let Some(ep) = &self.endpoint else {
-            return Err("no QUIC endpoint".to_owned());
+        let Some(ep) = self
+            .endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return Err("no QUIC endpoint (stopping)".to_owned());
         };
         let addr = tokio::net::lookup_host(endpoint)
             .await
@@ -477,6 +484,23 @@ impl Peers {
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(self.transport.clone());
         Ok(client)
+    }
+
+    /// The relay is stopping (or handing its socket over): drops this pool's endpoint handle
+    /// and closes every pooled connection, so nothing here keeps the QUIC socket read. New
+    /// forwarded streams fail with [`Refusal::ConnectFailed`] from now on.
+    pub fn shutdown(&self) {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        for e in self.peers().values() {
+            if let Ok(conn) = e.conn.try_lock()
+                && let Some(c) = conn.as_ref()
+            {
+                c.close(0u32.into(), b"relay stopping");
+            }
+        }
     }
 
     /// Takes an inbound relay connection's place (at most `max_peers` at once).

@@ -1169,6 +1169,11 @@ impl QuicServer {
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
+        // The forwarding pool holds a handle of this endpoint: let go of it (and of its
+        // connections), or the socket stays read here after a hand-over.
+        if let Some(peers) = ctx.forward.get() {
+            peers.shutdown();
+        }
         if upgrading {
             // Aborted tasks did not remove their connections: drop the handles here.
             ctx.agents().clear();
