@@ -25,7 +25,12 @@ fn cpu_ticks(pid: u32) -> u64 {
     // The command name may hold spaces: fields are counted after its closing parenthesis.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // Field 14 is the 12th after the name (state is field 3).
     field(11) + field(12)
 }
@@ -64,7 +69,10 @@ async fn bulk_both_ways(
     assert_eq!(echo_hash, sent_hash, "SHA-256 at the target = SHA-256 sent");
     assert_eq!(got, bytes, "every byte came back");
     assert_eq!(got_hash, sent_hash, "SHA-256 of the echo = SHA-256 sent");
-    assert_eq!(trailer, sent_hash, "the target's answer after our FIN (half-close)");
+    assert_eq!(
+        trailer, sent_hash,
+        "the target's answer after our FIN (half-close)"
+    );
     (write_took.as_secs_f64(), read_took.as_secs_f64())
 }
 
@@ -125,7 +133,10 @@ async fn a_consumer_on_relay_1_streams_100_mib_each_way_to_a_provider_on_relay_2
         "outrelay_relay_forward_streams_total",
         &[("direction", "in"), ("peer", RELAY_ID)],
     );
-    assert!(out >= 2.0 && inbound >= 2.0, "forwarded streams counted: out {out}, in {inbound}");
+    assert!(
+        out >= 2.0 && inbound >= 2.0,
+        "forwarded streams counted: out {out}, in {inbound}"
+    );
 
     // The audit pair: relay 1's caller-side decision and relay 2's callee-side one, each
     // naming both relays.
@@ -163,7 +174,10 @@ async fn a_consumer_on_relay_1_streams_100_mib_each_way_to_a_provider_on_relay_2
     for r in rows.iter().take(6) {
         eprintln!("audit: {r}");
     }
-    assert!(found, "no caller-side + callee-side audit pair naming {pair}");
+    assert!(
+        found,
+        "no caller-side + callee-side audit pair naming {pair}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,9 +218,9 @@ async fn forwarded_streams_are_refused_by_deny_rules_and_the_per_peer_cap_and_a_
     assert!(
         rows.iter().any(|r| r["decision"] == "deny"
             && r["caller"] == PROVIDER_A
-            && r["reason"]
-                .as_str()
-                .is_some_and(|s| s.starts_with(&format!("forward {RELAY_ID}->{RELAY2_ID} callee-side")))),
+            && r["reason"].as_str().is_some_and(
+                |s| s.starts_with(&format!("forward {RELAY_ID}->{RELAY2_ID} callee-side"))
+            )),
         "no callee-side deny row naming both relays"
     );
     w.remove_rule(TENANT_A, &deny).await;
@@ -233,7 +247,10 @@ async fn forwarded_streams_are_refused_by_deny_rules_and_the_per_peer_cap_and_a_
     // 429 (too many streams, as the tenant cap): the agent counts it as `rejected_other`.
     let other_before = consumer.streams("consumer", "rejected_other");
     let r = http_call(consumer.consumer(0)).await;
-    assert!(r.is_err(), "a third forwarded stream went through the cap of 2");
+    assert!(
+        r.is_err(),
+        "a third forwarded stream went through the cap of 2"
+    );
     let counted = poll(Duration::from_secs(10), || {
         consumer.streams("consumer", "rejected_other") > other_before
     })
@@ -244,7 +261,10 @@ async fn forwarded_streams_are_refused_by_deny_rules_and_the_per_peer_cap_and_a_
         "outrelay_relay_forward_refused_total",
         &[("reason", "peer_streams_full"), ("peer", RELAY2_ID)],
     );
-    assert!(refused > refused_before, "peer_streams_full {refused_before} -> {refused}");
+    assert!(
+        refused > refused_before,
+        "peer_streams_full {refused_before} -> {refused}"
+    );
     live1.keep_flowing(Duration::from_millis(300)).await;
     live2.keep_flowing(Duration::from_millis(300)).await;
     let mut local = LiveStream::open(consumer_b.consumer(0)).await;
@@ -265,7 +285,10 @@ async fn forwarded_streams_are_refused_by_deny_rules_and_the_per_peer_cap_and_a_
         "outrelay_relay_forward_refused_total",
         &[("reason", "connect_failed"), ("peer", RELAY2_ID)],
     );
-    assert!(connect_failed >= 1.0, "connect_failed counted: {connect_failed}");
+    assert!(
+        connect_failed >= 1.0,
+        "connect_failed counted: {connect_failed}"
+    );
     drop(provider);
 }
 
@@ -286,7 +309,11 @@ async fn measured_forwarded_stream_against_a_single_relay_stream() {
     let (local_target, local_echo) = common::hashing_echo_target().await;
     let (remote_target, remote_echo) = common::hashing_echo_target().await;
     let (web, _web_task) = http_target().await;
-    let mut local = w.agent("provider-local", PROVIDER_A2, &provide("bulk-local", local_target));
+    let mut local = w.agent(
+        "provider-local",
+        PROVIDER_A2,
+        &provide("bulk-local", local_target),
+    );
     local.ready().await;
     let mut remote = w.agent_on(
         "provider-remote",
@@ -298,7 +325,12 @@ async fn measured_forwarded_stream_against_a_single_relay_stream() {
     let mut consumer = w.agent(
         "consumer",
         CONSUMER_A,
-        &format!("{}{}{}", consume("bulk-local"), consume("bulk"), consume("web")),
+        &format!(
+            "{}{}{}",
+            consume("bulk-local"),
+            consume("bulk"),
+            consume("web")
+        ),
     );
     consumer.ready().await;
     w.rule(TENANT_A, ANY_A, "*", "allow", None).await;

@@ -112,7 +112,9 @@ fn valid_host_port(s: &str) -> bool {
     s.len() <= 255
         && s.is_ascii()
         && !host.is_empty()
-        && !s.chars().any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+        && !s
+            .chars()
+            .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
         && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
@@ -363,8 +365,7 @@ impl Peers {
                     {
                         c.close(0u32.into(), b"peer pool full");
                     }
-                    metrics::gauge!("outrelay_relay_forward_streams_active", "peer" => id)
-                        .set(0.0);
+                    metrics::gauge!("outrelay_relay_forward_streams_active", "peer" => id).set(0.0);
                 }
                 None => return refused(Refusal::PeersFull(self.config.max_peers)),
             }
@@ -405,7 +406,11 @@ impl Peers {
     /// # Errors
     /// A reason when the endpoint does not resolve or the connection fails in time
     /// (counted as [`Refusal::ConnectFailed`] or [`Refusal::NoEndpoint`]).
-    pub async fn connection(&self, peer: &str, endpoint: &str) -> Result<quinn::Connection, String> {
+    pub async fn connection(
+        &self,
+        peer: &str,
+        endpoint: &str,
+    ) -> Result<quinn::Connection, String> {
         let Some(cell) = self.peers().get(peer).map(|e| e.conn.clone()) else {
             return Err("not in the peer pool".to_owned());
         };
@@ -672,7 +677,10 @@ mod tests {
             .iter()
             .map(|peer| p.stream_slot(peer).expect("room"))
             .collect();
-        assert_eq!(p.stream_slot("d").expect_err("refused"), Refusal::StreamsFull(3));
+        assert_eq!(
+            p.stream_slot("d").expect_err("refused"),
+            Refusal::StreamsFull(3)
+        );
         assert_eq!(p.stats.refused(Refusal::StreamsFull(0)), 1);
         drop(slots);
         assert_eq!(p.streams(), 0);
@@ -687,7 +695,10 @@ mod tests {
         drop(idle);
         let _four = p.stream_slot("relay-4").expect("relay-3 is idle: evicted");
         assert_eq!(p.peer_count(), 2);
-        assert_eq!(p.stream_slot("relay-5").expect_err("refused"), Refusal::PeersFull(2));
+        assert_eq!(
+            p.stream_slot("relay-5").expect_err("refused"),
+            Refusal::PeersFull(2)
+        );
         assert_eq!(p.stats.refused(Refusal::PeersFull(0)), 1);
         drop(busy);
         assert!(p.stream_slot("relay-5").is_ok(), "relay-2 is idle now");

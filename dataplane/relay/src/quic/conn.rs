@@ -73,7 +73,10 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
     {
         let Some(_slot) = IdentitySlot::take(&ctx, &uri) else {
             ctx.stats.limit(Limit::IdentityConnections);
-            conn.close(close_code::TOO_MANY_CONNECTIONS.into(), b"too many connections");
+            conn.close(
+                close_code::TOO_MANY_CONNECTIONS.into(),
+                b"too many connections",
+            );
             return;
         };
         tokio::select! {

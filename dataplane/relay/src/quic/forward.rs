@@ -26,8 +26,8 @@ use outrelay_proto::orp;
 use tokio::sync::mpsc;
 
 use super::streams::{
-    Answer, FirstFrame, Halves, Pair, Peer, StreamIdGuard, callee_decision, first_frame,
-    join_pair, local_peer, open_answered, reject, write_frame,
+    Answer, FirstFrame, Halves, Pair, Peer, StreamIdGuard, callee_decision, first_frame, join_pair,
+    local_peer, open_answered, reject, write_frame,
 };
 use super::{Ctx, close_code};
 use crate::forward::{Peers, Refusal};

@@ -246,7 +246,9 @@ async fn open(
     // of a forwarded stream names both relays; a denied caller still learns nothing of it.
     let resolved = mesh.resolve(tenant, service);
     let prefix = match &resolved {
-        Resolved::Remote { relay_id, .. } => super::forward::audit_prefix(mesh.relay_id(), relay_id),
+        Resolved::Remote { relay_id, .. } => {
+            super::forward::audit_prefix(mesh.relay_id(), relay_id)
+        }
         _ => String::new(),
     };
     let (policy, verdict) = match caller_decision(&mesh, &row, &prefix) {
