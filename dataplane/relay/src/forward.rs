@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use outrelay_proto::frame::ORP_ALPN;
-use outrelay_proto::identity::{Identity, Role};
+use outrelay_proto::identity::Identity;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -367,7 +367,13 @@ impl Peers {
                     }
                     metrics::gauge!("outrelay_relay_forward_streams_active", "peer" => id).set(0.0);
                 }
-                None => return refused(Refusal::PeersFull(self.config.max_peers)),
+                None => {
+                    // Labelled with no peer: only relays in the pool name a label value, so
+                    // the series stay bounded by `max_peers`.
+                    let r = Refusal::PeersFull(self.config.max_peers);
+                    self.stats.refuse(r, "");
+                    return Err(r);
+                }
             }
         }
         let entry = peers.entry(peer.to_owned()).or_insert_with(|| PeerEntry {
@@ -612,11 +618,6 @@ fn check_peer_identity(cert: &CertificateDer<'_>, expected_id: &str) -> Result<(
             other.role().as_str()
         )),
     }
-}
-
-/// The role check of an inbound relay connection's certificate identity.
-pub fn is_relay(identity: &Identity) -> bool {
-    identity.role() == Role::Relay
 }
 
 #[cfg(test)]
