@@ -41,6 +41,8 @@
 //!            max_streams_per_tenant = 4096  stream_idle_timeout_ms = 300000
 //! [resume]   enabled = true  park_timeout_ms = 30000  # stream resume (live, as [mesh])
 //!            max_parked = 4096  max_parked_per_agent = 256
+//! [forward]  advertise = ""  max_peers = 64  max_streams_per_peer = 1024  # relay-to-relay
+//!            max_streams = 8192  connect_timeout_ms = 3000
 //! [[policy]] tenant = "demo"  caller = "*"  target = "payments"  method = ""  decision = "allow"
 //! ```
 //!
@@ -95,9 +97,34 @@ struct Raw {
     lifecycle: RawLifecycle,
     mesh: RawMesh,
     resume: RawResume,
+    forward: RawForward,
     policy: Vec<RawPolicy>,
     ebpf: RawEbpf,
     log: RawLog,
+}
+
+/// `[forward]`: relay-to-relay forwarding ([`crate::forward`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawForward {
+    advertise: String,
+    max_peers: usize,
+    max_streams_per_peer: usize,
+    max_streams: usize,
+    connect_timeout_ms: u64,
+}
+
+impl Default for RawForward {
+    fn default() -> Self {
+        let d = crate::forward::ForwardConfig::default();
+        RawForward {
+            advertise: d.advertise,
+            max_peers: d.max_peers,
+            max_streams_per_peer: d.max_streams_per_peer,
+            max_streams: d.max_streams,
+            connect_timeout_ms: d.connect_timeout_ms,
+        }
+    }
 }
 
 /// `[log]`: the log filter (empty: `--log` / `OUTRELAY_LOG`).
@@ -206,6 +233,7 @@ impl Default for Raw {
             lifecycle: RawLifecycle::default(),
             mesh: RawMesh::default(),
             resume: RawResume::default(),
+            forward: RawForward::default(),
             policy: Vec::new(),
             ebpf: RawEbpf::default(),
             log: RawLog::default(),
@@ -522,6 +550,8 @@ pub struct Settings {
     pub shutdown_grace_ms: u64,
     /// Service streams (`[mesh]`, and `[[policy]]` when standalone).
     pub mesh: MeshConfig,
+    /// Relay-to-relay forwarding (`[forward]`).
+    pub forward: crate::forward::ForwardConfig,
     /// eBPF steering (`[ebpf]`).
     pub ebpf: crate::steer::EbpfConfig,
     /// `[log] level` (tracing `EnvFilter` syntax); `None`: the `--log` flag's.
@@ -954,6 +984,14 @@ impl Settings {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));
         }
         let mesh = mesh_config(raw.mesh, raw.resume, raw.policy, controller.is_none())?;
+        let forward = crate::forward::ForwardConfig {
+            advertise: raw.forward.advertise,
+            max_peers: raw.forward.max_peers,
+            max_streams_per_peer: raw.forward.max_streams_per_peer,
+            max_streams: raw.forward.max_streams,
+            connect_timeout_ms: raw.forward.connect_timeout_ms,
+        };
+        forward.validate().map_err(|(key, why)| bad(key, why))?;
         let ebpf = crate::steer::EbpfConfig {
             mode: match raw.ebpf.mode.as_str() {
                 "auto" => crate::steer::EbpfMode::auto(),
@@ -1001,6 +1039,7 @@ impl Settings {
             controller,
             shutdown_grace_ms: raw.lifecycle.shutdown_grace_ms,
             mesh,
+            forward,
             ebpf,
             log_level,
             bandwidth: crate::bandwidth::Defaults {

@@ -27,6 +27,7 @@ pub mod bandwidth;
 pub mod config;
 pub mod control;
 pub mod dashboard;
+pub mod forward;
 pub mod identity;
 pub mod ingress;
 pub mod lease;

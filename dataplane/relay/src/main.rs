@@ -434,10 +434,12 @@ fn run(
             None => outrelay_relay::mesh::Mesh::standalone(settings.mesh, relay_id),
         };
         quic.serve_mesh(mesh.clone());
+        quic.serve_forward(settings.forward.clone())?;
         let quic_addr = quic_bound;
         let rebind_quic = inherited_quic.map(|socket| (quic.rebinder(), socket));
         let control_tasks = controller.map(|c| {
-            let endpoint = format!("{}:{}", settings.leases.root_host, quic_addr.port());
+            // What peer relays dial for forwarded streams (`[forward] advertise`).
+            let endpoint = settings.forward.advertised(quic_addr, &settings.leases.root_host);
             Arc::new(c.start(quic.handle(), quic.identity(), endpoint))
         });
         // The relay's own certificate: swapped on SIGHUP and after each renewal.

@@ -13,6 +13,26 @@ pub fn describe() {
             "Service stream opens, by result (accepted or the reject code).",
         ),
         (
+            "outrelay_relay_forward_streams_total",
+            "Forwarded service streams accepted, by direction (out: to a peer relay; in: from one) and peer relay id.",
+        ),
+        (
+            "outrelay_relay_forward_refused_total",
+            "Forwarded streams and relay connections refused, by reason and peer relay id.",
+        ),
+        (
+            "outrelay_relay_forward_streams_active",
+            "Forwarded streams open now to each peer relay (peers in the pool).",
+        ),
+        (
+            "outrelay_relay_forward_peers",
+            "Peer relays in the forwarding pool (at most forward.max_peers).",
+        ),
+        (
+            "outrelay_relay_forward_connects_total",
+            "Connections established to a peer relay, by peer relay id.",
+        ),
+        (
             "outrelay_relay_mesh_bytes_total",
             "Bytes carried by joined service streams, by direction.",
         ),

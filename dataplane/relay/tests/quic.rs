@@ -191,6 +191,9 @@ fn start_relay_full(
     server.serve_udp(udp.clone());
     if let Some(mesh) = mesh {
         server.serve_mesh(mesh);
+        server
+            .serve_forward(outrelay_relay::forward::ForwardConfig::default())
+            .expect("forwarding");
     }
     udp.serve();
     assert_eq!(server.identity().to_string(), RELAY);
@@ -616,16 +619,39 @@ async fn refused(relay: &Relay, ca: &Ca, leaf: &Leaf) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_certificate_is_refused_at_the_handshake() {
+async fn an_admin_certificate_is_refused_at_the_handshake() {
     let ca = Ca::new("test CA");
     let relay = start_relay(&ca, 10_000);
     refused(
         &relay,
         &ca,
-        &ca.leaf("outrelay://dev/relay/other", &[], Eku::Both),
+        &ca.leaf("outrelay://system/admin/ops", &[], Eku::Both),
     )
     .await;
     assert_eq!(relay.stats.refused_bad_role.load(Ordering::Relaxed), 1);
+}
+
+/// A relay certificate passes the handshake (peer relays forward streams, issue 22) but never
+/// gets an agent session: without forwarding served, its connection is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_certificate_gets_no_agent_session() {
+    let ca = Ca::new("test CA");
+    let relay = start_relay(&ca, 10_000);
+    let leaf = ca.leaf("outrelay://dev/relay/other", &[], Eku::Both);
+    match connect(&relay, &ca, &leaf).await {
+        // Closed by the relay after the handshake, with the reason.
+        Err(e) => assert!(e.contains("forwarding is not served"), "{e}"),
+        Ok(mut a) => {
+            let _ = a.send(hello(AGENT_1)).await;
+            assert!(a.recv().await.is_err(), "a relay got a HELLO_ACK");
+            assert_eq!(
+                a.closed_code().await,
+                Some(u64::from(close_code::STREAM_UNSUPPORTED))
+            );
+        }
+    }
+    assert_eq!(relay.stats.connections_accepted.load(Ordering::Relaxed), 1);
+    assert_eq!(relay.stats.refused_bad_role.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2491,4 +2517,65 @@ async fn inherited_leases_come_back_to_their_agents_over_quic() {
         .map(|l| l.name)
         .collect();
     assert_eq!(names, vec!["game", "other", "probe"]);
+}
+
+/// A peer relay's connection (issue 22) may only open streams that start with FORWARD_STREAM:
+/// HELLO there is a protocol error (the stream is reset, counted); a FORWARD_STREAM whose
+/// `source_agent_uri` is not an agent's is one too; a valid one for a service with no LOCAL
+/// provider is answered STREAM_REJECT 404 (never forwarded again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_connection_may_only_open_forward_streams() {
+    let w = mesh_world(&[allow("acme", "*", "*")]);
+    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+    let mut a = connect(&w.relay, &w.ca, &peer)
+        .await
+        .expect("a peer relay connects");
+    a.send(hello(AGENT_1)).await.expect("send");
+    assert!(
+        a.recv().await.is_err(),
+        "HELLO on a relay connection was served"
+    );
+    let counted = async {
+        while w.mesh.stats.result(MeshResult::ProtocolError) < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, counted)
+        .await
+        .expect("protocol error counted");
+
+    let forward = |source: &str| {
+        Frame::ForwardStream(orp::IncomingStream {
+            target_service: "nobody-here".to_owned(),
+            method: String::new(),
+            source_agent_uri: source.to_owned(),
+            stream_id: 77,
+            resume: false,
+        })
+    };
+    let (send, recv) = a.conn.open_bi().await.expect("stream");
+    let mut s = Agent {
+        _endpoint: client_endpoint(&w.ca, &peer),
+        conn: a.conn.clone(),
+        send,
+        recv,
+        buf: Vec::new(),
+    };
+    s.send(forward("outrelay://dev/relay/relay-9"))
+        .await
+        .expect("send");
+    assert!(s.recv().await.is_err(), "a relay as source was served");
+    let (send, recv) = a.conn.open_bi().await.expect("stream");
+    s.send = send;
+    s.recv = recv;
+    s.buf.clear();
+    match s.call(forward(AGENT_1)).await {
+        Frame::StreamReject(r) => assert_eq!(r.code, 404, "{r:?}"),
+        other => panic!("expected STREAM_REJECT, got {other:?}"),
+    }
+    assert!(w.mesh.stats.result(MeshResult::ProtocolError) >= 2);
+    assert!(
+        a.conn.close_reason().is_none(),
+        "the relay connection stays up"
+    );
 }

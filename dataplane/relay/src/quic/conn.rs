@@ -68,6 +68,23 @@ pub(crate) async fn handle(incoming: quinn::Incoming, conn_id: ConnId, ctx: Arc<
     // TLS checks the certificate only at the handshake: the connection ends at its notAfter
     // (review M5).
     let expiry = cert_expiry(&conn);
+    // A peer relay (forwarded streams only): no HELLO, no leases, no registry entry.
+    if let Some((outrelay_proto::identity::Identity::Relay { id, .. }, uri)) = peer_identity(&conn)
+    {
+        let Some(_slot) = IdentitySlot::take(&ctx, &uri) else {
+            ctx.stats.limit(Limit::IdentityConnections);
+            conn.close(
+                close_code::TOO_MANY_CONNECTIONS.into(),
+                b"too many connections",
+            );
+            return;
+        };
+        tokio::select! {
+            () = super::forward::serve_relay(&conn, id.as_str().to_owned(), &ctx) => {}
+            () = expiry => conn.close(close_code::CERT_EXPIRED.into(), b"certificate expired"),
+        }
+        return;
+    }
     let end = tokio::select! {
         served = serve(&conn, conn_id, &ctx) => match served {
             Ok(()) => End::new(close_code::NO_ERROR, "control stream ended"),

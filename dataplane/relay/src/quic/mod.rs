@@ -13,9 +13,11 @@
 //!
 //! Service streams (REGISTER, OPEN_STREAM and the join) are in `streams` with their state in
 //! [`crate::mesh`]. Resumed streams (STREAM_RESUME: parked, matched, joined once) are
-//! in `resume`. Not here yet: relay-to-relay connections, keyless signing.
+//! in `resume`. Relay-to-relay forwarding (FORWARD_STREAM, both relays' sides) is in
+//! `forward`, its connection pool in [`crate::forward`]. Not here yet: keyless signing.
 
 mod conn;
+mod forward;
 mod inherit;
 mod resume;
 mod stats;
@@ -480,6 +482,9 @@ pub(crate) struct Ctx {
     pub(crate) parked: std::sync::Mutex<resume::ParkTable>,
     /// Bandwidth limits (issue 21): controller overrides over the configured defaults.
     pub(crate) bandwidth: Arc<crate::bandwidth::Bandwidth>,
+    /// Relay-to-relay forwarding (issue 22); unset: remote providers answer 502 and relay
+    /// connections are closed.
+    pub(crate) forward: std::sync::OnceLock<Arc<crate::forward::Peers>>,
 }
 
 /// One registered agent connection.
@@ -960,6 +965,7 @@ impl QuicServer {
             ingress: std::sync::OnceLock::new(),
             parked: std::sync::Mutex::new(resume::ParkTable::default()),
             bandwidth: shared.bandwidth.clone(),
+            forward: std::sync::OnceLock::new(),
             shared,
         });
         Ok(QuicServer {
@@ -993,6 +999,47 @@ impl QuicServer {
     /// it REGISTER is answered with STREAM_REJECT 503 and application streams are refused.
     pub fn serve_mesh(&self, mesh: Arc<crate::mesh::Mesh>) {
         let _ = self.ctx.mesh.set(mesh);
+    }
+
+    /// Serves relay-to-relay forwarding with `config`: remote providers are reached through
+    /// a pooled connection per peer relay dialled from this endpoint (this relay's
+    /// certificate as the client's), and relay-role connections may open FORWARD_STREAMs.
+    /// Call after [`QuicServer::serve_mesh`] and before [`QuicServer::run`].
+    ///
+    /// # Errors
+    /// A [`QuicError`] when the client TLS or transport cannot be built.
+    pub fn serve_forward(
+        &self,
+        config: crate::forward::ForwardConfig,
+    ) -> Result<Arc<crate::forward::Peers>, QuicError> {
+        let quic = self.ctx.config();
+        let relay_id = match &self.identity {
+            Identity::Relay { id, .. } => id.as_str().to_owned(),
+            other => other.to_string(),
+        };
+        let mut transport = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(Duration::from_millis(quic.idle_timeout_ms))
+            .map_err(|e| QuicError::Config(format!("idle_timeout_ms: {e}")))?;
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(Duration::from_millis(quic.keep_alive_ms)))
+            // The peer never opens streams toward the dialling relay.
+            .max_concurrent_bidi_streams(0u32.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .receive_window(varint(quic.connection_receive_window_bytes)?)
+            .stream_receive_window(varint(quic.stream_receive_window_bytes)?)
+            .send_window(quic.connection_receive_window_bytes);
+        let peers = crate::forward::Peers::new(
+            config,
+            relay_id,
+            Some(self.endpoint.clone()),
+            self.cert.clone(),
+            &quic.tls.ca_roots,
+            transport,
+        )
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+        let _ = self.ctx.forward.set(peers.clone());
+        Ok(peers)
     }
 
     /// The bound UDP address.
@@ -1122,6 +1169,11 @@ impl QuicServer {
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         tasks.abort_all();
+        // The forwarding pool holds a handle of this endpoint: let go of it (and of its
+        // connections), or the socket stays read here after a hand-over.
+        if let Some(peers) = ctx.forward.get() {
+            peers.shutdown();
+        }
         if upgrading {
             // Aborted tasks did not remove their connections: drop the handles here.
             ctx.agents().clear();

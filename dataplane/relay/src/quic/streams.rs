@@ -79,7 +79,7 @@ pub(crate) async fn accept(consumer: Arc<Peer>, mesh: Arc<Mesh>, ctx: Arc<Ctx>) 
 
 /// Why a stream's first frame did not arrive.
 #[derive(Debug, thiserror::Error)]
-enum FirstFrame {
+pub(super) enum FirstFrame {
     #[error("timed out")]
     Timeout,
     #[error("stream closed: {0}")]
@@ -94,7 +94,7 @@ enum FirstFrame {
 /// after it (raw payload, forwarded as is). A header declaring more than
 /// [`MAX_FIRST_FRAME_PAYLOAD_BYTES`] is refused before its payload is read, so at most one
 /// header, the limit and one read chunk are ever buffered.
-async fn first_frame(
+pub(super) async fn first_frame(
     recv: &mut quinn::RecvStream,
     deadline: Duration,
 ) -> Result<(Frame, Bytes), FirstFrame> {
@@ -136,7 +136,7 @@ pub(super) async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> 
 }
 
 /// Answers the consumer with STREAM_REJECT and closes its stream.
-async fn reject(
+pub(super) async fn reject(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mesh: &Mesh,
@@ -242,28 +242,46 @@ async fn open(
         method,
         stream_id: id,
     };
-    let (policy, verdict) = match caller_decision(&mesh, &row, "") {
+    // The provider is looked up first (a local table, nothing is taken) so that the audit row
+    // of a forwarded stream names both relays; a denied caller still learns nothing of it.
+    let resolved = mesh.resolve(tenant, service);
+    let prefix = match &resolved {
+        Resolved::Remote { relay_id, .. } => {
+            super::forward::audit_prefix(mesh.relay_id(), relay_id)
+        }
+        _ => String::new(),
+    };
+    let (policy, verdict) = match caller_decision(&mesh, &row, &prefix) {
         Ok(decided) => decided,
         Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
     };
 
     // 3. The provider, in the caller's tenant only.
-    let resolved = mesh.resolve(tenant, service);
     let provider = match resolved {
         // A local provider whose connection ended meanwhile is as good as none.
-        Resolved::Local(p) => ctx.agents().get(&p.conn).map(|a| Peer {
-            tenant: tenant.to_owned(),
-            uri: a.uri.clone(),
-            conn: a.conn.clone(),
-            control: a.control.clone(),
-            explicit_accept: false,
-            resume: a.resume,
-        }),
-        Resolved::Remote { relay_id, .. } => {
-            let why = format!(
-                "provider of {service} is on relay {relay_id}; forwarding is not available"
-            );
-            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+        Resolved::Local(p) => local_peer(&ctx, tenant, &p),
+        Resolved::Remote {
+            relay_id,
+            endpoint,
+            agent_uri,
+        } => {
+            let remote = super::forward::Remote {
+                relay_id,
+                endpoint,
+                agent_uri,
+            };
+            let opened = super::forward::Opened {
+                consumer: &consumer,
+                send,
+                recv,
+                consumer_rest,
+                id,
+                service,
+                method,
+                verdict,
+                changes,
+            };
+            return super::forward::open_remote(opened, remote, &mesh, &ctx).await;
         }
         Resolved::NotFound => None,
     };
@@ -292,39 +310,18 @@ async fn open(
         stream_id: id,
         resume,
     });
-    let opened = tokio::time::timeout(deadline, async {
-        let (mut p_send, p_recv) = provider.conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(&mut p_send, &incoming).await?;
-        Ok::<_, String>((p_send, p_recv))
-    })
-    .await
-    .unwrap_or_else(|_| Err("timed out opening a stream".to_owned()));
-    let (mut p_send, mut p_recv) = match opened {
-        Ok(s) => s,
-        Err(e) => {
-            let why = format!("provider unreachable: {e}");
-            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
-        }
-    };
-    let provider_rest = match first_frame(&mut p_recv, deadline).await {
-        Ok((Frame::StreamAccept(_), rest)) => rest,
-        Ok((Frame::StreamReject(r), _)) => {
-            let _ = p_send.finish();
-            let why = format!("provider rejected the stream: {} {}", r.code, r.reason);
-            return reject(send, recv, &mesh, MeshResult::ProviderRejected, why).await;
-        }
-        Ok((other, _)) => {
-            let _ = p_send.reset(close_code::PROTOCOL_ERROR.into());
-            let _ = p_recv.stop(close_code::PROTOCOL_ERROR.into());
-            let why = format!("provider answered {}", other.frame_type().name());
-            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
-        }
-        Err(e) => {
-            let _ = p_send.reset(close_code::OPEN_TIMEOUT.into());
-            let why = format!("provider did not answer: {e}");
-            return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
-        }
-    };
+    let (mut p_send, mut p_recv, provider_rest) =
+        match open_answered(&provider.conn, &incoming, deadline).await {
+            Answer::Accepted(s, r, rest) => (s, r, rest),
+            Answer::Rejected(code, reason) => {
+                let why = format!("provider rejected the stream: {code} {reason}");
+                return reject(send, recv, &mesh, MeshResult::ProviderRejected, why).await;
+            }
+            Answer::Failed(e) => {
+                let why = format!("provider unreachable: {e}");
+                return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+            }
+        };
 
     // 7. Accept (for agents that asked), tell both control streams, join.
     if consumer.explicit_accept
@@ -347,11 +344,68 @@ async fn open(
         mesh.stats.count(MeshResult::ProtocolError);
         return;
     }
+    let pair = Pair {
+        tenant,
+        service,
+        method,
+        id,
+        consumer: crate::mesh::PairEnd {
+            uri: consumer.uri.clone(),
+            control: consumer.control.clone(),
+        },
+        provider: crate::mesh::PairEnd {
+            uri: provider.uri.clone(),
+            control: provider.control.clone(),
+        },
+        ready_to: (true, true),
+        p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
+        rule_expires_unix_ms: verdict.rule_expires_unix_ms,
+        changes,
+    };
+    let halves = Halves {
+        c_send: send,
+        c_recv: recv,
+        p_send,
+        p_recv,
+    };
+    join_pair(pair, halves, (consumer_rest, provider_rest), &mesh, &ctx).await;
+}
+
+/// An accepted stream about to be joined: its names and its two ends.
+pub(super) struct Pair<'a> {
+    pub(super) tenant: &'a str,
+    pub(super) service: &'a str,
+    pub(super) method: &'a str,
+    pub(super) id: u64,
+    pub(super) consumer: crate::mesh::PairEnd,
+    pub(super) provider: crate::mesh::PairEnd,
+    /// Which ends (consumer, provider) are connected here and get STREAM_READY (the end of
+    /// a forwarded stream on another relay gets it from that relay).
+    pub(super) ready_to: (bool, bool),
+    pub(super) p2p_forbidden: bool,
+    pub(super) rule_expires_unix_ms: i64,
+    /// Policy swaps since the decision was taken.
+    pub(super) changes: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Counts the stream accepted, tells the local ends' control streams (STREAM_READY), records
+/// the pair and joins the halves until the stream ends.
+pub(super) async fn join_pair(
+    pair: Pair<'_>,
+    halves: Halves,
+    rests: (Bytes, Bytes),
+    mesh: &Mesh,
+    ctx: &Ctx,
+) {
+    let id = pair.id;
     mesh.stats.count(MeshResult::Accepted);
-    for (to, peer_uri) in [
-        (&consumer.control, &provider.uri),
-        (&provider.control, &consumer.uri),
+    for (local, to, peer_uri) in [
+        (pair.ready_to.0, &pair.consumer.control, &pair.provider.uri),
+        (pair.ready_to.1, &pair.provider.control, &pair.consumer.uri),
     ] {
+        if !local {
+            continue;
+        }
         let ready = Frame::StreamReady(orp::StreamReady {
             stream_id: id,
             peer_agent_uri: peer_uri.clone(),
@@ -361,37 +415,26 @@ async fn open(
         }
     }
     let superseded = Arc::new(tokio::sync::Notify::new());
+    let (consumer, provider) = (pair.consumer.uri.clone(), pair.provider.uri.clone());
     mesh.stream_joined(
         id,
         crate::mesh::JoinedPair {
-            consumer: crate::mesh::PairEnd {
-                uri: consumer.uri.clone(),
-                control: consumer.control.clone(),
-            },
-            provider: crate::mesh::PairEnd {
-                uri: provider.uri.clone(),
-                control: provider.control.clone(),
-            },
-            p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
+            consumer: pair.consumer,
+            provider: pair.provider,
+            p2p_forbidden: pair.p2p_forbidden,
             superseded: superseded.clone(),
         },
     );
-    tracing::debug!(stream_id = id, consumer = %consumer.uri, provider = %provider.uri, service, "stream joined");
-    let halves = Halves {
-        c_send: send,
-        c_recv: recv,
-        p_send,
-        p_recv,
-    };
+    tracing::debug!(stream_id = id, %consumer, %provider, service = pair.service, "stream joined");
     let check = Recheck {
-        mesh: &mesh,
-        tenant,
-        consumer: &consumer.uri,
-        provider: &provider.uri,
-        service,
-        method,
-        rule_expires_unix_ms: verdict.rule_expires_unix_ms,
-        changes,
+        mesh,
+        tenant: pair.tenant,
+        consumer: &consumer,
+        provider: &provider,
+        service: pair.service,
+        method: pair.method,
+        rule_expires_unix_ms: pair.rule_expires_unix_ms,
+        changes: pair.changes,
     };
     let idle = Idle {
         timeout: Duration::from_millis(mesh.config().stream_idle_timeout_ms),
@@ -399,16 +442,67 @@ async fn open(
     };
     // Held to the provider tenant's bandwidth limit (issue 21; the caller's tenant: a
     // provider is resolved in it only). Leases' limits do not apply to service streams.
-    let limit = ctx.bandwidth.tenant(tenant);
-    join(
-        halves,
-        (consumer_rest, provider_rest),
-        check,
-        idle,
-        &superseded,
-        &limit,
-    )
-    .await;
+    let limit = ctx.bandwidth.tenant(pair.tenant);
+    join(halves, rests, check, idle, &superseded, &limit).await;
+}
+
+/// The provider `p` (registered in `tenant`) as a stream end; `None` when its connection
+/// ended meanwhile.
+pub(super) fn local_peer(ctx: &Ctx, tenant: &str, p: &crate::mesh::LocalProvider) -> Option<Peer> {
+    ctx.agents().get(&p.conn).map(|a| Peer {
+        tenant: tenant.to_owned(),
+        uri: a.uri.clone(),
+        conn: a.conn.clone(),
+        control: a.control.clone(),
+        explicit_accept: false,
+        resume: a.resume,
+    })
+}
+
+/// How a stream opened with [`open_answered`] was answered.
+pub(super) enum Answer {
+    /// STREAM_ACCEPT: the stream's halves and whatever came after the frame.
+    Accepted(quinn::SendStream, quinn::RecvStream, Bytes),
+    /// STREAM_REJECT: its code and reason (the stream is finished).
+    Rejected(u32, String),
+    /// No stream, no answer in time, or another frame (the stream is reset).
+    Failed(String),
+}
+
+/// Opens a stream on `conn`, writes `first` (INCOMING_STREAM to a provider, FORWARD_STREAM to
+/// a peer relay) and reads its one answer, each within `deadline`.
+pub(super) async fn open_answered(
+    conn: &quinn::Connection,
+    first: &Frame,
+    deadline: Duration,
+) -> Answer {
+    let opened = tokio::time::timeout(deadline, async {
+        let (mut p_send, p_recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut p_send, first).await?;
+        Ok::<_, String>((p_send, p_recv))
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out opening a stream".to_owned()));
+    let (mut p_send, mut p_recv) = match opened {
+        Ok(s) => s,
+        Err(e) => return Answer::Failed(e),
+    };
+    match first_frame(&mut p_recv, deadline).await {
+        Ok((Frame::StreamAccept(_), rest)) => Answer::Accepted(p_send, p_recv, rest),
+        Ok((Frame::StreamReject(r), _)) => {
+            let _ = p_send.finish();
+            Answer::Rejected(r.code, r.reason)
+        }
+        Ok((other, _)) => {
+            let _ = p_send.reset(close_code::PROTOCOL_ERROR.into());
+            let _ = p_recv.stop(close_code::PROTOCOL_ERROR.into());
+            Answer::Failed(format!("answered {}", other.frame_type().name()))
+        }
+        Err(e) => {
+            let _ = p_send.reset(close_code::OPEN_TIMEOUT.into());
+            Answer::Failed(format!("no answer: {e}"))
+        }
+    }
 }
 
 /// The caller-side decision of a stream (the closed-world gate), audited with `prefix` in
@@ -491,9 +585,9 @@ async fn idle_for(start: tokio::time::Instant, last: &AtomicU64, timeout: Durati
 }
 
 /// Gives the stream id back when the stream ends, on every path.
-struct StreamIdGuard<'a> {
-    mesh: &'a Mesh,
-    id: u64,
+pub(super) struct StreamIdGuard<'a> {
+    pub(super) mesh: &'a Mesh,
+    pub(super) id: u64,
 }
 
 impl Drop for StreamIdGuard<'_> {

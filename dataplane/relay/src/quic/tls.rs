@@ -114,9 +114,9 @@ pub(crate) fn cert_not_after_unix_s(cert: &CertificateDer<'_>) -> Option<i64> {
 }
 
 /// Client-certificate verifier: webpki checks the chain to the controller CA (and the
-/// clientAuth EKU), then the leaf must carry exactly one valid identity URI with role `agent`.
-/// Relay-to-relay connections (role `relay`) are not served by this endpoint yet, so they are
-/// refused here too.
+/// clientAuth EKU), then the leaf must carry exactly one valid identity URI with role `agent`
+/// or `relay` (a peer relay forwarding streams: such a connection may only open
+/// FORWARD_STREAMs, see `quic::forward`).
 #[derive(Debug)]
 pub(crate) struct AgentCertVerifier {
     chain: Arc<dyn ClientCertVerifier>,
@@ -142,13 +142,13 @@ impl ClientCertVerifier for AgentCertVerifier {
             return Err(e);
         }
         match cert_identity(end_entity) {
-            Ok((identity, _)) if identity.role() == Role::Agent => {
+            Ok((identity, _)) if matches!(identity.role(), Role::Agent | Role::Relay) => {
                 Ok(ClientCertVerified::assertion())
             }
             Ok(_) => {
                 self.stats.refused_bad_role.fetch_add(1, Ordering::Relaxed);
                 Err(rustls::Error::General(
-                    "client certificate role is not agent".to_owned(),
+                    "client certificate role is not agent or relay".to_owned(),
                 ))
             }
             Err(e) => {
