@@ -249,16 +249,21 @@ async fn open(
 
     // 3. The provider, in the caller's tenant only.
     let resolved = mesh.resolve(tenant, service);
+    // The chosen local provider's live-stream count (the next choice's load) while this lives.
+    let mut _provider_slot = None;
     let provider = match resolved {
         // A local provider whose connection ended meanwhile is as good as none.
-        Resolved::Local(p) => ctx.agents().get(&p.conn).map(|a| Peer {
-            tenant: tenant.to_owned(),
-            uri: a.uri.clone(),
-            conn: a.conn.clone(),
-            control: a.control.clone(),
-            explicit_accept: false,
-            resume: a.resume,
-        }),
+        Resolved::Local(p) => {
+            _provider_slot = Some(mesh.provider_stream(tenant, service, &p));
+            ctx.agents().get(&p.conn).map(|a| Peer {
+                tenant: tenant.to_owned(),
+                uri: a.uri.clone(),
+                conn: a.conn.clone(),
+                control: a.control.clone(),
+                explicit_accept: false,
+                resume: a.resume,
+            })
+        }
         Resolved::Remote { relay_id, .. } => {
             let why = format!(
                 "provider of {service} is on relay {relay_id}; forwarding is not available"
