@@ -133,6 +133,23 @@ async fn payment_providers(w: &World) -> Vec<String> {
     agents
 }
 
+/// Live providers of `acme/payments` in the relay's `outrelay relay status --output json`.
+async fn relay_status_providers(w: &World) -> u64 {
+    let mut cmd = std::process::Command::new(sibling_binary("outrelay"));
+    cmd.args(["relay", "status", "--output", "json", "--relay"])
+        .arg(format!("unix://{}", admin_socket(w.path(), "relay").display()));
+    let o = run_blocking(cmd).await;
+    assert!(o.status.success(), "relay status: {}", text(&o));
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    status["services"]["providers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["tenant"] == TENANT_A && s["service"] == "payments")
+        .and_then(|s| s["providers"].as_u64())
+        .unwrap_or(0)
+}
+
 /// `outrelay policy add --method @provide` allowing `uri` to provide `payments`.
 async fn provide_rule(w: &World, uri: &str) {
     w.cli(&[
@@ -197,6 +214,8 @@ async fn two_providers_share_the_calls_and_the_survivor_takes_all_after_one_dies
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    assert_eq!(relay_status_providers(&w).await, 2, "relay status");
+
     // Sequential, then concurrent: each gets a fair share.
     for (round, seen) in [
         ("sequential", sequential(addr, CALLS).await),
@@ -240,6 +259,7 @@ async fn two_providers_share_the_calls_and_the_survivor_takes_all_after_one_dies
          {between_failed} failed",
         noticed.as_millis()
     );
+    assert_eq!(relay_status_providers(&w).await, 1, "relay status after the kill");
     let after = sequential(addr, CALLS).await;
     println!("MEASURED providers after the kill: {after:?} of {CALLS}");
     assert_eq!(

@@ -37,6 +37,8 @@ pub struct Sources {
     pub quic: Arc<QuicStats>,
     /// Service-stream counters.
     pub mesh: Arc<MeshStats>,
+    /// The mesh itself (live providers per service, for the status).
+    pub services: Arc<crate::mesh::Mesh>,
     /// The engines' readiness backend.
     pub backend: Backend,
     /// The published snapshot (lease counts).
