@@ -674,13 +674,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Services(ServicesCmd::List { tenant }) => {
-            let mut c = pb::registry_client::RegistryClient::new(client::connect(&target).await?);
+            let channel = client::connect(&target).await?;
+            let mut c = pb::registry_client::RegistryClient::new(channel.clone());
             let providers = c
                 .list_services(pb::ListServicesRequest { tenant })
                 .await?
                 .into_inner()
                 .providers;
-            output::providers(out, &providers);
+            // Whether each provider's relay is up (the controller's view of its heartbeats).
+            let relays = pb::relays_client::RelaysClient::new(channel)
+                .list_relays(pb::ListRelaysRequest {})
+                .await?
+                .into_inner()
+                .relays;
+            output::providers(out, &providers, &relays);
             Ok(ExitCode::SUCCESS)
         }
         Command::Relay(RelayCmd::Status { relay }) => relay_status(&relay, out).await,

@@ -139,8 +139,10 @@ pub fn audit_events(out: Output, events: &[pb::AuditEvent]) {
     );
 }
 
-/// Registered providers.
-pub fn providers(out: Output, ps: &[pb::Provider]) {
+/// Registered providers, one row per (service, agent, relay): every provider of a service,
+/// with whether its relay is up (`relays`: the controller's relay list).
+pub fn providers(out: Output, ps: &[pb::Provider], relays: &[pb::RelayInfo]) {
+    let up = |p: &pb::Provider| relays.iter().any(|r| r.id == p.relay_id && r.up);
     let rows = ps
         .iter()
         .map(|p| {
@@ -148,14 +150,16 @@ pub fn providers(out: Output, ps: &[pb::Provider]) {
                 p.service_id.clone(),
                 p.agent_uri.clone(),
                 p.relay_id.clone(),
+                p.relay_endpoint.clone(),
                 p.local_addr.clone(),
                 p.updated_at_unix_ms.to_string(),
+                if up(p) { "up" } else { "down" }.to_owned(),
             ]
         })
         .collect();
     let j = ps
         .iter()
-        .map(|p| json!({"service_id": p.service_id, "agent_uri": p.agent_uri, "relay_id": p.relay_id, "local_addr": p.local_addr, "updated_at_unix_ms": p.updated_at_unix_ms, "relay_endpoint": p.relay_endpoint}))
+        .map(|p| json!({"service_id": p.service_id, "agent_uri": p.agent_uri, "relay_id": p.relay_id, "local_addr": p.local_addr, "updated_at_unix_ms": p.updated_at_unix_ms, "relay_endpoint": p.relay_endpoint, "relay_up": up(p)}))
         .collect::<Vec<_>>();
     print_rows(
         out,
@@ -163,8 +167,10 @@ pub fn providers(out: Output, ps: &[pb::Provider]) {
             "service",
             "agent",
             "relay",
+            "endpoint",
             "local_addr",
             "updated_at_unix_ms",
+            "up",
         ],
         rows,
         Value::Array(j),

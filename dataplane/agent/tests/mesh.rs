@@ -832,7 +832,7 @@ async fn sigterm_lets_a_joined_service_stream_finish_before_the_agent_exits() {
 
 /// Review M12, real binaries: agent X of the tenant cannot take `payments` over from agent P
 /// (409 `service_taken`, counted; every call still reaches P), until an operator writes a
-/// provide rule with `outrelay policy add --method @provide`: then X takes over.
+/// provide rule with `outrelay policy add --method @provide`: then X joins P (issue 22).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_agent_cannot_take_a_service_over_until_a_provide_rule_allows_it() {
     let w = World::new().await;
@@ -876,7 +876,8 @@ async fn another_agent_cannot_take_a_service_over_until_a_provide_rule_allows_it
     );
     assert!(!x.ready.exists(), "X registered `payments` without a rule");
 
-    // The operator lets X provide it: X's next retry is granted and it takes over.
+    // The operator lets X provide it: X's next retry is granted and it joins P (P was picked
+    // last, so the next call goes to X).
     let o = w
         .cli_raw(&[
             "policy",
@@ -903,17 +904,18 @@ async fn another_agent_cannot_take_a_service_over_until_a_provide_rule_allows_it
     eventually_ok(
         consumer.consumer(0),
         took_over,
-        "the consumer after the takeover",
+        "the consumer after X joined",
     )
     .await;
     assert!(
         poll(WAIT, || x.streams("provider", "accepted") >= 1.0).await,
-        "no call reached X after its takeover"
+        "no call reached X after it joined"
     );
 }
 
-/// Review M12 on a standalone relay: a `[[policy]]` provide rule in relay.toml lets X take
-/// `payments` over from P, and pins it (a third agent of the tenant is refused).
+/// Review M12 on a standalone relay: a `[[policy]]` provide rule in relay.toml lets X join P
+/// as a provider of `payments` (issue 22: they share the calls), and pins it (a third agent of
+/// the tenant is refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_it() {
     let w = World::standalone(&format!(
@@ -938,7 +940,7 @@ async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_i
     .await;
     assert_eq!(p.streams("provider", "accepted"), 1.0);
 
-    // X is allowed: it takes over, new calls reach X.
+    // X is allowed: it joins P; P was picked last, so the next call reaches X.
     let mut x = w.agent("provider-x", PROVIDER_A2, &provide("payments", web));
     x.ready().await;
     http_call(consumer.consumer(0))
@@ -962,9 +964,13 @@ async fn a_standalone_provide_rule_lets_one_agent_take_a_service_over_and_pins_i
         mesh_lines(&w.relay_scrape())
     );
     assert!(!y.ready.exists(), "the third agent registered `payments`");
-    http_call(consumer.consumer(0))
-        .await
-        .expect("X still serves");
+    // Both serve, in turn (issue 22): P, then X.
+    for i in 0..2 {
+        http_call(consumer.consumer(0))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after the refusal: {e}"));
+    }
+    assert_eq!(p.streams("provider", "accepted"), 2.0);
     assert_eq!(x.streams("provider", "accepted"), 2.0);
 }
 

@@ -223,11 +223,30 @@ pub fn status(s: &Sources) -> Value {
             "handshakes_failed": q.handshakes_failed.load(Ordering::Relaxed),
         },
         "resume": resume_status(&s.mesh, q),
+        "services": services_status(&s.services),
         "splice": {
             "pairs_active": splice.pairs_active,
             "bytes": splice.bytes,
             "pipe_held_bytes": splice.pipes.held_bytes,
         },
+    })
+}
+
+/// Services listed in the status at most (the rest are counted as `truncated`).
+pub const STATUS_SERVICES_MAX: usize = 1000;
+
+/// Live local providers per service (issue 22: several per service), at most
+/// [`STATUS_SERVICES_MAX`] services.
+fn services_status(mesh: &crate::mesh::Mesh) -> Value {
+    let counts = mesh.provider_counts();
+    let truncated = counts.len().saturating_sub(STATUS_SERVICES_MAX);
+    json!({
+        "providers": counts.iter().take(STATUS_SERVICES_MAX).map(|(tenant, service, n)| json!({
+            "tenant": tenant,
+            "service": service,
+            "providers": n,
+        })).collect::<Vec<_>>(),
+        "truncated": truncated,
     })
 }
 

@@ -36,7 +36,7 @@
 //! [lifecycle] shutdown_grace_ms = 30000      # SIGTERM: time for established connections
 //! [ebpf]     mode = "auto"  reuseport = true  lookup = true   # optional steering (crate::steer)
 //! [log]      level = ""                  # tracing filter; "" = --log / OUTRELAY_LOG (live)
-//! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64
+//! [mesh]     open_timeout_ms = 10000  max_services_per_agent = 64  max_providers_per_service = 64
 //!            decision_cache_max = 4096  decision_cache_ttl_ms = 5000
 //!            max_streams_per_tenant = 4096  stream_idle_timeout_ms = 300000
 //! [resume]   enabled = true  park_timeout_ms = 30000  # stream resume (live, as [mesh])
@@ -180,6 +180,7 @@ impl Default for RawEbpf {
 struct RawMesh {
     open_timeout_ms: u64,
     max_services_per_agent: usize,
+    max_providers_per_service: usize,
     decision_cache_max: usize,
     decision_cache_ttl_ms: u64,
     max_streams_per_tenant: usize,
@@ -192,6 +193,7 @@ impl Default for RawMesh {
         RawMesh {
             open_timeout_ms: d.open_timeout_ms,
             max_services_per_agent: d.max_services_per_agent,
+            max_providers_per_service: d.max_providers_per_service,
             decision_cache_max: d.decision_cache_max,
             decision_cache_ttl_ms: d.decision_cache_ttl_ms,
             max_streams_per_tenant: d.max_streams_per_tenant,
@@ -596,6 +598,9 @@ fn mesh_config(
     if m.max_services_per_agent == 0 {
         return Err(bad("mesh.max_services_per_agent", "must be at least 1"));
     }
+    if m.max_providers_per_service == 0 {
+        return Err(bad("mesh.max_providers_per_service", "must be at least 1"));
+    }
     if m.max_streams_per_tenant == 0 {
         return Err(bad("mesh.max_streams_per_tenant", "must be at least 1"));
     }
@@ -648,6 +653,7 @@ fn mesh_config(
     Ok(MeshConfig {
         open_timeout_ms: m.open_timeout_ms,
         max_services_per_agent: m.max_services_per_agent,
+        max_providers_per_service: m.max_providers_per_service,
         decision_cache_max: m.decision_cache_max,
         decision_cache_ttl_ms: m.decision_cache_ttl_ms,
         max_streams_per_tenant: m.max_streams_per_tenant,

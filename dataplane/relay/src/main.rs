@@ -575,6 +575,7 @@ fn run(
             udp: udp.stats.clone(),
             quic: quic.stats(),
             mesh: mesh.stats.clone(),
+            services: mesh.clone(),
             backend: settings.io_backend,
             shared,
             steering: steering.clone(),

@@ -37,6 +37,8 @@ pub struct Sources {
     pub quic: Arc<QuicStats>,
     /// Service-stream counters.
     pub mesh: Arc<MeshStats>,
+    /// The mesh itself (live providers per service, for the status).
+    pub services: Arc<crate::mesh::Mesh>,
     /// The engines' readiness backend.
     pub backend: Backend,
     /// The published snapshot (lease counts).
@@ -182,6 +184,8 @@ fn update(s: &Sources) {
         .absolute(m.registrations_taken.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_registrations_total", "result" => "provide_denied")
         .absolute(m.registrations_provide_denied.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_registrations_total", "result" => "providers_full")
+        .absolute(m.registrations_providers_full.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_policy_updates_total")
         .absolute(m.policy_updates.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_audit_events_total")

@@ -1625,8 +1625,8 @@ async fn another_agent_of_the_tenant_cannot_take_a_service_without_a_provide_rul
         Frame::RegisterAck(_)
     ));
 
-    // An operator rule lets X provide `payments`: X takes over (newest wins), P's live
-    // streams are untouched by the policy change.
+    // An operator rule lets X provide `payments`: X joins P (issue 22) and, with no live
+    // stream against P's two, takes the next one; P's live streams are untouched.
     w.mesh.set_policy(rules(&[
         allow("demo", "*", "payments"),
         provide("demo", AGENT_3, "payments"),

@@ -4,19 +4,23 @@
 //! This module holds the state; the streams themselves are driven in `crate::quic::streams`.
 //!
 //! - **Local providers** ([`Mesh::register_local`]): services registered by agents connected
-//!   to THIS relay, by `(tenant, name)`; an agent's entries go when its connection ends, and the
-//!   backend is told to deregister the agent (re-registering what its other live connections
-//!   still provide, so a reconnect that overtook the old connection's end keeps its services).
+//!   to THIS relay, by `(tenant, name)`: a SET of live providers (one per agent connection,
+//!   at most `max_providers_per_service`, beyond: 429 `providers_full`); an agent's entries go
+//!   the moment its connection ends (it takes no new stream), and the backend is told to
+//!   deregister the agent (re-registering what its other live connections still provide, so a
+//!   reconnect that overtook the old connection's end keeps its services).
 //! - **Who may provide** ([`Mesh::check_provider`]): a service held by one identity (a live
 //!   local registration) is refused to another identity of the tenant (409 `service_taken`)
-//!   unless a provide rule (method [`policy::PROVIDE_METHOD`]) allows it, which then takes
-//!   over (the newest allowed registration wins); a provide rule can also deny an identity, or
+//!   unless a provide rule (method [`policy::PROVIDE_METHOD`]) allows it, which then JOINS the
+//!   set of providers (the holders keep theirs); a provide rule can also deny an identity, or
 //!   close a service to every identity it does not allow (403 `provide_denied`). The same
-//!   identity registering again (a reconnect) always keeps its service. Checked before the
-//!   backend is asked and again, atomically, when the registration is recorded.
-//! - **Remote providers**: the controller's registry (`Registry.Watch`), consulted only when no
-//!   local agent provides the name; a provider on another relay gets 502 (relay-to-relay
-//!   forwarding is not built).
+//!   identity on another connection (a reconnect, a second connection) always joins. Checked
+//!   before the backend is asked and again, atomically, when the registration is recorded.
+//! - **Choice** ([`Mesh::resolve`], per OPEN_STREAM): the local provider with the fewest live
+//!   streams (counted by [`Mesh::provider_stream`] guards while a stream to it lives), ties to
+//!   the one picked longest ago (round-robin); each pick is recorded under the lock, so
+//!   concurrent opens spread too. Only without a local provider: the controller's registry
+//!   (`Registry.Watch`), the providers on other relays in turn (their load is unknown here).
 //! - **Policy**: one [`policy::PolicySnapshot`] swapped whole (the decision cache lives inside
 //!   it, so a swap flushes it); every swap bumps a generation that live streams watch, so a
 //!   stream no longer allowed is cut at once. Before the first snapshot every open is refused.
@@ -33,7 +37,7 @@ mod stats;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +54,8 @@ pub use stats::{MeshResult, MeshStats};
 pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 10_000;
 /// Default bound on services one agent connection may register.
 pub const DEFAULT_MAX_SERVICES_PER_AGENT: usize = 64;
+/// Default bound on live local providers (agent connections) of one service.
+pub const DEFAULT_MAX_PROVIDERS_PER_SERVICE: usize = 64;
 /// Default bound of the caller-side decision cache, in decisions.
 pub const DEFAULT_DECISION_CACHE_MAX: usize = 4096;
 /// Default lifetime of a cached decision.
@@ -68,6 +74,10 @@ pub const AUDIT_REASON_MAX_BYTES: usize = 1024;
 pub const REJECT_SERVICE_TAKEN: u32 = 409;
 /// STREAM_REJECT code of a REGISTER a provide rule refuses.
 pub const REJECT_PROVIDE_DENIED: u32 = 403;
+/// STREAM_REJECT code of a REGISTER for a service at `max_providers_per_service`.
+pub const REJECT_PROVIDERS_FULL: u32 = 429;
+/// The reason of [`REJECT_PROVIDERS_FULL`] starts with this.
+pub const PROVIDERS_FULL: &str = "providers_full";
 /// The reason of [`REJECT_SERVICE_TAKEN`] starts with this.
 pub const SERVICE_TAKEN: &str = "service_taken";
 /// The reason of [`REJECT_PROVIDE_DENIED`] starts with this.
@@ -80,6 +90,8 @@ pub struct MeshConfig {
     pub open_timeout_ms: u64,
     /// Services one agent connection may register.
     pub max_services_per_agent: usize,
+    /// Live local providers (agent connections) of one service.
+    pub max_providers_per_service: usize,
     /// Caller-side decisions cached (0: no cache).
     pub decision_cache_max: usize,
     /// Lifetime of a cached decision.
@@ -99,6 +111,7 @@ impl Default for MeshConfig {
         MeshConfig {
             open_timeout_ms: DEFAULT_OPEN_TIMEOUT_MS,
             max_services_per_agent: DEFAULT_MAX_SERVICES_PER_AGENT,
+            max_providers_per_service: DEFAULT_MAX_PROVIDERS_PER_SERVICE,
             decision_cache_max: DEFAULT_DECISION_CACHE_MAX,
             decision_cache_ttl_ms: DEFAULT_DECISION_CACHE_TTL_MS,
             max_streams_per_tenant: DEFAULT_MAX_STREAMS_PER_TENANT,
@@ -179,8 +192,18 @@ pub struct LocalProvider {
     pub conn: ConnId,
     /// Its identity URI.
     pub agent_uri: String,
-    /// Registration order (the newest registration is preferred).
+    /// Registration order.
     pub seq: u64,
+}
+
+/// A local provider in its service's set, with what the choice reads.
+#[derive(Debug)]
+struct Slot {
+    provider: LocalProvider,
+    /// Streams to it that live now ([`ProviderStream`] guards).
+    active: usize,
+    /// When it was last picked (the mesh's pick counter; 0: never).
+    picked: u64,
 }
 
 #[derive(Debug, Default)]
@@ -188,11 +211,13 @@ struct Local {
     /// Connections past HELLO that have not ended (a registration finishing after its
     /// connection ended must not leave a stale entry).
     live: HashMap<ConnId, (String, String)>,
-    by_name: HashMap<(String, String), Vec<LocalProvider>>,
+    by_name: HashMap<(String, String), Vec<Slot>>,
     by_conn: HashMap<ConnId, Vec<Registration>>,
     /// REGISTERs accepted on a connection and still waiting for the backend.
     pending: HashMap<ConnId, usize>,
     seq: u64,
+    /// Picks so far ([`Slot::picked`]).
+    picks: u64,
 }
 
 /// The registry as the controller last told it: providers by (tenant, service).
@@ -312,6 +337,8 @@ pub struct Mesh {
     active_ids: Mutex<HashMap<u64, Option<Arc<JoinedPair>>>>,
     /// Live streams per tenant (`max_streams_per_tenant`).
     tenant_streams: Mutex<HashMap<String, usize>>,
+    /// Remote picks so far (round-robin over other relays' providers).
+    remote_picks: AtomicUsize,
     /// Counters (exported by the metrics scrape).
     pub stats: Arc<MeshStats>,
 }
@@ -351,6 +378,7 @@ impl Mesh {
             local: Mutex::new(Local::default()),
             active_ids: Mutex::new(HashMap::new()),
             tenant_streams: Mutex::new(HashMap::new()),
+            remote_picks: AtomicUsize::new(0),
             stats: Arc::new(MeshStats::default()),
         })
     }
@@ -482,10 +510,17 @@ impl Mesh {
     /// The STREAM_REJECT to answer: 409 `service_taken` or 403 `provide_denied`.
     pub fn check_provider(&self, reg: &Registration) -> Result<(), Rejection> {
         let local = self.local();
-        self.may_provide(&local, reg)
+        self.may_provide(&local, reg, None)
     }
 
-    fn may_provide(&self, local: &Local, reg: &Registration) -> Result<(), Rejection> {
+    /// [`Mesh::check_provider`]; `conn`: the connection recording it (its own entry does not
+    /// count against `max_providers_per_service`; `None`: any entry of the same identity).
+    fn may_provide(
+        &self,
+        local: &Local,
+        reg: &Registration,
+        conn: Option<ConnId>,
+    ) -> Result<(), Rejection> {
         let verdict = self.policy().map_or(ProvideVerdict::Unruled, |p| {
             p.provide(&reg.tenant, &reg.agent_uri, &reg.service, crate::unix_ms())
         });
@@ -498,8 +533,8 @@ impl Mesh {
                 reason: format!("{PROVIDE_DENIED}: {why}"),
             })
         };
-        match verdict {
-            ProvideVerdict::Allowed { .. } => return Ok(()),
+        match &verdict {
+            ProvideVerdict::Allowed { .. } | ProvideVerdict::Unruled => {}
             ProvideVerdict::Denied { rule_id } => return denied(format!("rule {rule_id}")),
             ProvideVerdict::NotAllowed => {
                 return denied(format!(
@@ -508,13 +543,33 @@ impl Mesh {
                     reg.service
                 ));
             }
-            ProvideVerdict::Unruled => {}
         }
         let key = (reg.tenant.clone(), reg.service.clone());
-        let taken = local
-            .by_name
-            .get(&key)
-            .is_some_and(|list| list.iter().any(|p| p.agent_uri != reg.agent_uri));
+        let list = local.by_name.get(&key).map_or(&[][..], Vec::as_slice);
+        let max = self.config().max_providers_per_service;
+        let known = |s: &Slot| match conn {
+            Some(c) => s.provider.conn == c,
+            None => s.provider.agent_uri == reg.agent_uri,
+        };
+        if list.len() >= max && !list.iter().any(known) {
+            self.stats
+                .registrations_providers_full
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Rejection {
+                code: REJECT_PROVIDERS_FULL,
+                reason: format!(
+                    "{PROVIDERS_FULL}: {:?} has {max} providers on this relay (mesh.max_providers_per_service)",
+                    reg.service
+                ),
+            });
+        }
+        if matches!(verdict, ProvideVerdict::Allowed { .. }) {
+            // An allowed identity joins the set.
+            return Ok(());
+        }
+        let taken = list
+            .iter()
+            .any(|s| s.provider.agent_uri != reg.agent_uri);
         if taken {
             self.stats
                 .registrations_taken
@@ -522,7 +577,7 @@ impl Mesh {
             return Err(Rejection {
                 code: REJECT_SERVICE_TAKEN,
                 reason: format!(
-                    "{SERVICE_TAKEN}: another agent provides {:?} (a {} rule may allow a takeover)",
+                    "{SERVICE_TAKEN}: another agent provides {:?} (a {} rule may let this one join)",
                     reg.service,
                     policy::PROVIDE_METHOD
                 ),
@@ -547,7 +602,7 @@ impl Mesh {
         if !local.live.contains_key(&conn) {
             return Ok(false);
         }
-        if let Err(rejection) = self.may_provide(&local, reg) {
+        if let Err(rejection) = self.may_provide(&local, reg, Some(conn)) {
             let remaining: Vec<Registration> = local
                 .by_conn
                 .values()
@@ -564,12 +619,17 @@ impl Mesh {
         let seq = local.seq;
         let key = (reg.tenant.clone(), reg.service.clone());
         let list = local.by_name.entry(key).or_default();
-        list.retain(|p| p.conn != conn);
-        list.push(LocalProvider {
-            conn,
-            agent_uri: reg.agent_uri.clone(),
-            seq,
-        });
+        if !list.iter().any(|s| s.provider.conn == conn) {
+            list.push(Slot {
+                provider: LocalProvider {
+                    conn,
+                    agent_uri: reg.agent_uri.clone(),
+                    seq,
+                },
+                active: 0,
+                picked: 0,
+            });
+        }
         let mine = local.by_conn.entry(conn).or_default();
         mine.retain(|r| r.service != reg.service);
         mine.push(reg.clone());
@@ -586,7 +646,7 @@ impl Mesh {
             for reg in &removed {
                 let key = (reg.tenant.clone(), reg.service.clone());
                 if let Some(list) = local.by_name.get_mut(&key) {
-                    list.retain(|p| p.conn != conn);
+                    list.retain(|s| s.provider.conn != conn);
                     if list.is_empty() {
                         local.by_name.remove(&key);
                     }
@@ -616,23 +676,35 @@ impl Mesh {
         self.local().by_conn.values().flatten().cloned().collect()
     }
 
-    /// Finds the provider of `service` in `tenant`: a local agent first (the newest
-    /// registration), else the registry.
+    /// Picks the provider of `service` in `tenant` for one stream (see the module docs): the
+    /// live local provider with the fewest live streams, ties to the one picked longest ago;
+    /// without one, the providers on other relays in turn. The pick is recorded; a caller
+    /// that goes on to a local provider holds a [`Mesh::provider_stream`] guard meanwhile.
     pub fn resolve(&self, tenant: &str, service: &str) -> Resolved {
         let key = (tenant.to_owned(), service.to_owned());
-        if let Some(p) = self
-            .local()
-            .by_name
-            .get(&key)
-            .and_then(|list| list.iter().max_by_key(|p| p.seq))
         {
-            return Resolved::Local(p.clone());
+            let mut local = self.local();
+            let Local { by_name, picks, .. } = &mut *local;
+            if let Some(slot) = by_name
+                .get_mut(&key)
+                .and_then(|list| list.iter_mut().min_by_key(|s| (s.active, s.picked)))
+            {
+                *picks += 1;
+                slot.picked = *picks;
+                return Resolved::Local(slot.provider.clone());
+            }
         }
         let remote = self.remote();
-        match remote
-            .by_name
-            .get(&key)
-            .and_then(|list| list.iter().find(|p| p.relay_id != self.relay_id))
+        let others = remote.by_name.get(&key).map_or(&[][..], Vec::as_slice);
+        let n = others.iter().filter(|p| p.relay_id != self.relay_id).count();
+        let turn = match n {
+            0 => 0,
+            n => self.remote_picks.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        match others
+            .iter()
+            .filter(|p| p.relay_id != self.relay_id)
+            .nth(turn)
         {
             Some(p) => Resolved::Remote {
                 relay_id: p.relay_id.clone(),
@@ -641,6 +713,42 @@ impl Mesh {
             },
             None => Resolved::NotFound,
         }
+    }
+
+    /// Counts a stream to the local provider `p` of `service` until the guard drops (the
+    /// choice's load). A provider that left the set meanwhile counts nothing.
+    pub(crate) fn provider_stream(
+        &self,
+        tenant: &str,
+        service: &str,
+        p: &LocalProvider,
+    ) -> ProviderStream<'_> {
+        let key = (tenant.to_owned(), service.to_owned());
+        if let Some(slot) = self
+            .local()
+            .by_name
+            .get_mut(&key)
+            .and_then(|list| list.iter_mut().find(|s| s.provider.conn == p.conn))
+        {
+            slot.active += 1;
+        }
+        ProviderStream {
+            mesh: self,
+            key,
+            conn: p.conn,
+        }
+    }
+
+    /// Live local providers of each service, by `(tenant, service)` (for the status).
+    pub fn provider_counts(&self) -> Vec<(String, String, usize)> {
+        let mut counts: Vec<(String, String, usize)> = self
+            .local()
+            .by_name
+            .iter()
+            .map(|((t, s), list)| (t.clone(), s.clone(), list.len()))
+            .collect();
+        counts.sort();
+        counts
     }
 
     /// Reserves a stream id for the life of its stream; false when it is already in use.
@@ -783,6 +891,28 @@ impl Drop for TenantStream<'_> {
     }
 }
 
+/// A live stream counted against its local provider ([`Mesh::provider_stream`]), given back
+/// on drop.
+pub(crate) struct ProviderStream<'a> {
+    mesh: &'a Mesh,
+    key: (String, String),
+    conn: ConnId,
+}
+
+impl Drop for ProviderStream<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self
+            .mesh
+            .local()
+            .by_name
+            .get_mut(&self.key)
+            .and_then(|list| list.iter_mut().find(|s| s.provider.conn == self.conn))
+        {
+            slot.active = slot.active.saturating_sub(1);
+        }
+    }
+}
+
 /// Who called whom on which stream, for [`Mesh::audit`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AuditRow<'a> {
@@ -824,18 +954,31 @@ mod tests {
         fn audit(&self, _: pb::AuditEvent) {}
     }
 
+    /// The local connection `resolve` picks (panics on anything else).
+    fn pick(mesh: &Mesh, service: &str) -> u64 {
+        match mesh.resolve("a", service) {
+            Resolved::Local(p) => p.conn.0,
+            other => panic!("not local: {other:?}"),
+        }
+    }
+
     #[test]
-    fn local_first_newest_wins_and_a_closed_connection_takes_its_services() {
+    fn local_providers_all_serve_and_a_closed_connection_takes_its_services() {
         let rec = Arc::new(Recorder::default());
         let mesh = Mesh::new(MeshConfig::default(), "r1".into(), rec.clone());
         mesh.connection_opened(ConnId(1), "a", U1);
         mesh.connection_opened(ConnId(2), "a", U1);
         assert_eq!(mesh.register_local(ConnId(1), &reg("pay")), Ok(true));
         assert_eq!(mesh.register_local(ConnId(2), &reg("pay")), Ok(true));
-        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(2)));
+        // Registering again on the same connection adds no second entry.
+        assert_eq!(mesh.register_local(ConnId(2), &reg("pay")), Ok(true));
+        let picks: Vec<u64> = (0..4).map(|_| pick(&mesh, "pay")).collect();
+        assert_eq!(picks, vec![1, 2, 1, 2]);
+        assert_eq!(mesh.provider_counts(), vec![("a".into(), "pay".into(), 2)]);
         assert_eq!(mesh.resolve("b", "pay"), Resolved::NotFound);
         mesh.connection_closed(ConnId(2));
-        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(1)));
+        // Gone at once: never chosen again.
+        assert!((0..4).all(|_| pick(&mesh, "pay") == 1));
         // The agent still provides `pay` on connection 1: it is registered again.
         assert_eq!(*rec.0.lock().expect("lock"), vec![(U1.to_owned(), 1)]);
         mesh.connection_closed(ConnId(1));
@@ -875,10 +1018,10 @@ mod tests {
         assert_eq!(err.code, REJECT_SERVICE_TAKEN);
         assert_eq!(*rec.0.lock().expect("lock"), vec![(U2.to_owned(), 1)]);
         assert_eq!(mesh.stats.registrations_taken.load(Ordering::Relaxed), 2);
-        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(1)));
-        // The same identity on another connection (a reconnect) keeps it.
+        assert_eq!(pick(&mesh, "pay"), 1);
+        // The same identity on another connection (a reconnect) joins.
         assert_eq!(mesh.register_local(ConnId(3), &reg_of(U1, "pay")), Ok(true));
-        // A provide rule allowing U2 makes the takeover an explicit choice: newest wins.
+        // A provide rule allowing U2 lets it JOIN the set: the holder keeps its share.
         let rule = |caller: &str, allow: bool| StaticRule {
             tenant: "a".into(),
             caller: caller.into(),
@@ -888,7 +1031,9 @@ mod tests {
         };
         mesh.set_policy(vec![rule(U2, true).to_rule(0)]);
         assert_eq!(mesh.register_local(ConnId(2), &reg_of(U2, "pay")), Ok(true));
-        assert!(matches!(mesh.resolve("a", "pay"), Resolved::Local(p) if p.conn == ConnId(2)));
+        let mut picks: Vec<u64> = (0..6).map(|_| pick(&mesh, "pay")).collect();
+        picks.sort_unstable();
+        assert_eq!(picks, vec![1, 1, 2, 2, 3, 3]);
         // That rule pins `pay`: U1 (no rule) may not register it again; a deny says so by id.
         let err = mesh.check_provider(&reg_of(U1, "pay")).expect_err("pinned");
         assert_eq!(err.code, REJECT_PROVIDE_DENIED);
@@ -904,6 +1049,76 @@ mod tests {
                 .load(Ordering::Relaxed),
             2
         );
+    }
+
+    #[test]
+    fn the_least_active_provider_is_chosen_ties_in_turn() {
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), Arc::new(Standalone));
+        for c in 1..=3 {
+            mesh.connection_opened(ConnId(c), "a", U1);
+            assert_eq!(mesh.register_local(ConnId(c), &reg("pay")), Ok(true));
+        }
+        let provider = |c: u64| LocalProvider {
+            conn: ConnId(c),
+            agent_uri: U1.into(),
+            seq: 0,
+        };
+        // Two live streams on 1, one on 2: 3 until it has as many as 2, and so on.
+        let g1 = mesh.provider_stream("a", "pay", &provider(1));
+        let g2 = mesh.provider_stream("a", "pay", &provider(1));
+        let g3 = mesh.provider_stream("a", "pay", &provider(2));
+        assert_eq!(pick(&mesh, "pay"), 3);
+        let g4 = mesh.provider_stream("a", "pay", &provider(3));
+        // 2 and 3 tie at one stream: 2 was picked longest ago (never).
+        assert_eq!(pick(&mesh, "pay"), 2);
+        let g5 = mesh.provider_stream("a", "pay", &provider(2));
+        assert_eq!(pick(&mesh, "pay"), 3);
+        // Every stream ends: all three are equal, so they come in turn, least recent first.
+        drop((g1, g2, g3, g4, g5));
+        let picks: Vec<u64> = (0..6).map(|_| pick(&mesh, "pay")).collect();
+        assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
+        // N concurrent streams (each holding its guard) spread evenly.
+        let mut guards = Vec::new();
+        let mut per = std::collections::BTreeMap::new();
+        for _ in 0..30 {
+            let c = pick(&mesh, "pay");
+            *per.entry(c).or_insert(0) += 1;
+            guards.push(mesh.provider_stream("a", "pay", &provider(c)));
+        }
+        assert_eq!(per.into_iter().collect::<Vec<_>>(), [(1, 10), (2, 10), (3, 10)]);
+        // A closed connection's provider is never chosen, and its guards drop harmlessly.
+        mesh.connection_closed(ConnId(1));
+        assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
+        drop(guards);
+        assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
+    }
+
+    #[test]
+    fn providers_per_service_are_bounded_and_counted() {
+        let config = MeshConfig {
+            max_providers_per_service: 2,
+            ..MeshConfig::default()
+        };
+        let mesh = Mesh::new(config, "r1".into(), Arc::new(Standalone));
+        for c in 1..=3 {
+            mesh.connection_opened(ConnId(c), "a", U1);
+        }
+        assert_eq!(mesh.register_local(ConnId(1), &reg("pay")), Ok(true));
+        assert_eq!(mesh.register_local(ConnId(2), &reg("pay")), Ok(true));
+        let err = mesh.register_local(ConnId(3), &reg("pay")).expect_err("full");
+        assert_eq!(err.code, REJECT_PROVIDERS_FULL);
+        assert!(err.reason.starts_with(PROVIDERS_FULL), "{}", err.reason);
+        // A connection already in the set registers again; another service has its own cap.
+        assert_eq!(mesh.register_local(ConnId(2), &reg("pay")), Ok(true));
+        assert_eq!(mesh.register_local(ConnId(3), &reg("other")), Ok(true));
+        assert_eq!(
+            mesh.stats
+                .registrations_providers_full
+                .load(Ordering::Relaxed),
+            1
+        );
+        mesh.connection_closed(ConnId(1));
+        assert_eq!(mesh.register_local(ConnId(3), &reg("pay")), Ok(true));
     }
 
     #[test]
@@ -932,6 +1147,22 @@ mod tests {
                 agent_uri: U1.into(),
             }
         );
+        // Several relays: taken in turn.
+        mesh.update_remote(|r| r.apply(&event("r3", pb::watch_event::Kind::Register)));
+        let relays: Vec<String> = (0..4)
+            .map(|_| match mesh.resolve("a", "pay") {
+                Resolved::Remote { relay_id, .. } => relay_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(relays[0..2], relays[2..4]);
+        assert_ne!(relays[0], relays[1]);
+        // A local provider comes first.
+        mesh.connection_opened(ConnId(1), "a", U1);
+        assert_eq!(mesh.register_local(ConnId(1), &reg("pay")), Ok(true));
+        assert_eq!(pick(&mesh, "pay"), 1);
+        mesh.connection_closed(ConnId(1));
+        mesh.update_remote(|r| r.apply(&event("r3", pb::watch_event::Kind::Deregister)));
         mesh.update_remote(|r| r.apply(&event("r2", pb::watch_event::Kind::Deregister)));
         assert_eq!(mesh.resolve("a", "pay"), Resolved::NotFound);
     }

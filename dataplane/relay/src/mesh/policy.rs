@@ -22,7 +22,7 @@ pub const PROVIDE_METHOD: &str = "@provide";
 /// What the tenant's provide rules say about one identity registering one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProvideVerdict {
-    /// A provide rule allows it: it may take the service over from another identity.
+    /// A provide rule allows it: it may join the providers of a service another identity holds.
     Allowed {
         /// The deciding rule.
         rule_id: String,

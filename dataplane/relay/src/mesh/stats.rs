@@ -98,6 +98,8 @@ pub struct MeshStats {
     pub registrations_taken: AtomicU64,
     /// REGISTERs refused by a provide rule (403 `provide_denied`).
     pub registrations_provide_denied: AtomicU64,
+    /// REGISTERs refused at `max_providers_per_service` (429 `providers_full`).
+    pub registrations_providers_full: AtomicU64,
     /// Policy snapshots installed.
     pub policy_updates: AtomicU64,
     /// Audit events produced.

@@ -307,9 +307,14 @@ async fn forwarded(
         let why = "no policy snapshot yet (closed world)".to_owned();
         return reject(send, recv, &mesh, MeshResult::Denied, why).await;
     };
-    // LOCAL providers only: a forwarded stream is never forwarded again (no loops).
+    // LOCAL providers only: a forwarded stream is never forwarded again (no loops). The
+    // chosen provider's live-stream count is held while the stream lives, as for local opens.
+    let mut _provider_slot = None;
     let provider = match mesh.resolve(&tenant, service) {
-        Resolved::Local(p) => local_peer(&ctx, &tenant, &p),
+        Resolved::Local(p) => {
+            _provider_slot = Some(mesh.provider_stream(&tenant, service, &p));
+            local_peer(&ctx, &tenant, &p)
+        }
         Resolved::Remote { .. } | Resolved::NotFound => None,
     };
     let Some(provider) = provider else {

@@ -257,9 +257,14 @@ async fn open(
     };
 
     // 3. The provider, in the caller's tenant only.
+    // The chosen local provider's live-stream count (the next choice's load) while this lives.
+    let mut _provider_slot = None;
     let provider = match resolved {
         // A local provider whose connection ended meanwhile is as good as none.
-        Resolved::Local(p) => local_peer(&ctx, tenant, &p),
+        Resolved::Local(p) => {
+            _provider_slot = Some(mesh.provider_stream(tenant, service, &p));
+            local_peer(&ctx, tenant, &p)
+        }
         Resolved::Remote {
             relay_id,
             endpoint,
