@@ -427,7 +427,7 @@ fn summary(doc: &serde_json::Value) -> String {
         } else {
             "DISCONNECTED"
         };
-        let _ = writeln!(out, "relay {} {up}", s(&r["addr"]));
+        let _ = writeln!(out, "relay {} {up} via {}", s(&r["addr"]), s(&r["transport"]));
         for l in r["leases"].as_array().into_iter().flatten() {
             let mut line = format!("  lease {} {}", s(&l["name"]), s(&l["state"]));
             if let Some(h) = l["hostname"].as_str().filter(|h| !h.is_empty()) {

@@ -135,6 +135,8 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// GOAWAY frames received.
     pub goaways: AtomicU64,
+    /// The TCP/443 fallback's tunnels.
+    pub fallback: Arc<crate::fallback::FallbackStats>,
     /// LEASE_ERROR answers received.
     pub lease_errors: AtomicU64,
     /// Leases registered again after `lease_not_found`.
