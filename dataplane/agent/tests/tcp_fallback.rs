@@ -268,3 +268,111 @@ async fn agent_behind_a_udp_drop_serves_over_tcp_443_then_moves_to_quic() {
     .await;
     assert!(gone, "the tunnel closes after the move to QUIC");
 }
+
+/// Bytes sent through each provider in the throughput comparison.
+const MEASURE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// A target that reads to EOF and answers the byte count (u64, big-endian).
+async fn counting_sink() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sink");
+    let addr = listener.local_addr().expect("sink addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = s.write_all(&total.to_be_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends [`MEASURE_BYTES`] through `consumer`; Gbit/s once the sink's count came back.
+async fn bulk_gbps(consumer: SocketAddr) -> f64 {
+    let mut s = TcpStream::connect(consumer).await.expect("consumer");
+    let chunk = vec![0x5au8; 256 * 1024];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < MEASURE_BYTES {
+        s.write_all(&chunk).await.expect("send");
+        sent += chunk.len() as u64;
+    }
+    s.shutdown().await.expect("shutdown");
+    let mut count = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut count))
+        .await
+        .expect("count in time")
+        .expect("count");
+    let took = started.elapsed();
+    assert_eq!(u64::from_be_bytes(count), MEASURE_BYTES, "every byte arrived");
+    MEASURE_BYTES as f64 * 8.0 / took.as_secs_f64() / 1e9
+}
+
+/// Bulk throughput of a service stream whose provider is on the TCP fallback against one whose
+/// provider is on QUIC (same relay, loopback; the consumer is on QUIC in both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_bulk_throughput_against_quic() {
+    let w = World::standalone(&format!(
+        "[[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"*\"\ntarget = \"*\"\ndecision = \"allow\"\n"
+    ))
+    .await;
+    let relay_info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(w.path().join("relay-ready.json")).expect("relay ready file"),
+    )
+    .expect("relay ready JSON");
+    let public_tls = addr_in(&relay_info, "public_tls");
+    let sink = counting_sink().await;
+    let mut quic_provider = w.agent(
+        "provider-quic",
+        PROVIDER_A,
+        &format!("{}[fallback]\nmode = \"off\"\n", provide("bulkq", sink)),
+    );
+    let mut tcp_provider = w.agent(
+        "provider-tcp",
+        PROVIDER_A2,
+        &format!(
+            "{}[fallback]\nmode = \"only\"\nserver_name = \"relay.mesh.test\"\n\
+             addrs = {{ \"{quic}\" = \"{public_tls}\" }}\n",
+            provide("bulkt", sink),
+            quic = w.quic,
+        ),
+    );
+    quic_provider.ready().await;
+    tcp_provider.ready().await;
+    let status = agent_status(&addr_in(&tcp_provider.info, "metrics").to_string());
+    assert!(status.contains("via tls-tcp"), "{status}");
+    let mut consumer = w.agent(
+        "consumer",
+        CONSUMER_A,
+        &format!("{}{}", consume("bulkq"), consume("bulkt")),
+    );
+    consumer.ready().await;
+    let (to_quic, to_tcp) = (consumer.consumer(0), consumer.consumer(1));
+    // Warm both paths (first stream, congestion windows), then measure.
+    let _ = bulk_gbps(to_quic).await;
+    let _ = bulk_gbps(to_tcp).await;
+    let quic_gbps = bulk_gbps(to_quic).await;
+    let tcp_gbps = bulk_gbps(to_tcp).await;
+    let drops = metric(
+        &tcp_provider.scrape(),
+        "outrelay_agent_fallback_packets_dropped_total",
+        &[("reason", "queue_full")],
+    );
+    let relay_drops = metric(
+        &w.relay_scrape(),
+        "outrelay_relay_fallback_packets_dropped_total",
+        &[("reason", "queue_full")],
+    );
+    eprintln!(
+        "MEASURED tcp_fallback_gbps={tcp_gbps:.3} quic_gbps={quic_gbps:.3} bytes={MEASURE_BYTES} \
+         agent_queue_drops={drops} relay_queue_drops={relay_drops}"
+    );
+    assert!(tcp_gbps > 0.0 && quic_gbps > 0.0);
+}
