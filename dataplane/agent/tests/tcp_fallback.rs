@@ -180,7 +180,15 @@ async fn agent_behind_a_udp_drop_serves_over_tcp_443_then_moves_to_quic() {
          [leases]\ntcp = true\nudp = true\nmin_port = {lo}\nmax_port = {hi}\n"
     ))
     .await;
-    let (_relay, info) = w.relay_on_ip("relay-veth", "relay-veth", &host_ip, "").await;
+    // The root host's connection cap is short here: a tunnel must outlive it.
+    let (_relay, info) = w
+        .relay_on_ip(
+            "relay-veth",
+            "relay-veth",
+            &host_ip,
+            "[ingress]\nroot_conn_max_ms = 300\n",
+        )
+        .await;
     let quic = addr_in(&info, "quic");
     let public_tls = addr_in(&info, "public_tls");
     eprintln!("relay on the veth: quic {quic}, public TLS {public_tls}");
@@ -240,6 +248,15 @@ async fn agent_behind_a_udp_drop_serves_over_tcp_443_then_moves_to_quic() {
     eprintln!("MEASURED fallback tunnels_live={tunnels} packets_in={packets_in}");
     assert_eq!(tunnels, 1.0, "one tunnel on the relay:\n{relay_metrics}");
     assert!(packets_in > 0.0, "packets came through the tunnel");
+    // Well past the root host's 300 ms cap: the same tunnel still serves.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    serve_all(public_tls, &web_host, tcp_lease, udp_lease, consumer_addr, "after 1 s").await;
+    let opened = metric(
+        &scrape(addr_in(&info, "metrics")),
+        "outrelay_relay_fallback_tunnels_total",
+        &[],
+    );
+    assert_eq!(opened, 1.0, "the first tunnel lived on (no second one)");
 
     // UDP allowed again: the background QUIC attempt succeeds and the agent moves over.
     ns.allow_udp().expect("remove the UDP drop");
