@@ -128,6 +128,8 @@ pub struct FallbackStats {
 /// One tunnel's bounded send queue.
 #[derive(Debug)]
 struct TunnelTx {
+    /// The tunnel's TCP peer.
+    peer: SocketAddr,
     queue: mpsc::Sender<Bytes>,
     queued_bytes: Arc<AtomicUsize>,
 }
@@ -222,13 +224,14 @@ impl Tunnels {
     }
 
     /// Registers a tunnel: its synthetic peer, its send queue's receiver and byte count.
-    fn open(&self) -> (SocketAddr, mpsc::Receiver<Bytes>, Arc<AtomicUsize>) {
+    fn open(&self, peer: SocketAddr) -> (SocketAddr, mpsc::Receiver<Bytes>, Arc<AtomicUsize>) {
         let limits = self.limits.load();
         let addr = synthetic_addr(self.next_id.fetch_add(1, Ordering::Relaxed));
         // The byte bound is the real one; the packet bound only has to be above it.
         let (tx, rx) = mpsc::channel((limits.queue_bytes / 64).max(16));
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         let entry = Arc::new(TunnelTx {
+            peer,
             queue: tx,
             queued_bytes: queued_bytes.clone(),
         });
@@ -246,6 +249,15 @@ impl Tunnels {
             routes.remove(&addr);
             routes
         });
+    }
+
+    /// The real address behind `addr`: a live tunnel's TCP peer for its synthetic address,
+    /// else `addr` itself.
+    pub fn real_peer(&self, addr: SocketAddr) -> SocketAddr {
+        if !is_synthetic(&addr) {
+            return addr;
+        }
+        self.routes.load().get(&addr).map_or(addr, |t| t.peer)
     }
 
     /// Queues `t`'s packets (split at its segment size) for the tunnel of its destination;
@@ -535,7 +547,7 @@ impl FallbackAcceptor {
             }
         };
         stats.tunnels_opened.fetch_add(1, Ordering::Relaxed);
-        let (addr, queue, queued_bytes) = self.tunnels.open();
+        let (addr, queue, queued_bytes) = self.tunnels.open(peer);
         tracing::info!(%peer, synthetic = %addr, "fallback tunnel open");
         let (rd, wr) = tokio::io::split(tls);
         tokio::select! {
@@ -598,7 +610,10 @@ mod tests {
             ..FallbackLimits::default()
         };
         let tunnels = Tunnels::new(limits, stats.clone());
-        let (addr, mut rx, queued) = tunnels.open();
+        let peer: SocketAddr = "192.0.2.7:40000".parse().expect("addr");
+        let (addr, mut rx, queued) = tunnels.open(peer);
+        assert_eq!(tunnels.real_peer(addr), peer);
+        assert_eq!(tunnels.real_peer(peer), peer);
         // Two GSO segments of 1200 and a tail of 100: three packets, 2500 bytes.
         let data = vec![7u8; 2500];
         tunnels.send(&transmit(addr, &data, Some(1200)));

@@ -468,6 +468,8 @@ pub(crate) struct Control {
 
 /// State shared by the accept loop, the janitor and every connection.
 pub(crate) struct Ctx {
+    /// The TCP fallback's tunnels (a tunnel peer's real address).
+    pub(crate) tunnels: Arc<fallback::Tunnels>,
     /// The settings in force: replaced whole by [`QuicReload::apply`]; read per connection,
     /// stream bucket and lease frame.
     config: arc_swap::ArcSwap<QuicConfig>,
@@ -989,6 +991,7 @@ impl QuicServer {
             ingress: std::sync::OnceLock::new(),
             parked: std::sync::Mutex::new(resume::ParkTable::default()),
             bandwidth: shared.bandwidth.clone(),
+            tunnels: tunnels.clone(),
             shared,
         });
         Ok(QuicServer {
