@@ -9,6 +9,7 @@
 //! [`notify::NotifyListener`]: a `NOTIFY_SOCKET` of the test's own, to check systemd
 //! readiness and watchdog notifications without systemd.
 
+pub mod netns;
 pub mod notify;
 
 use std::fs::File;

@@ -33,6 +33,10 @@
 //!             methods = { charge = "127.0.0.1:8081" }           # per-method targets
 //! [[consume]] service = "payments"  listen = "127.0.0.1:18080"  method = ""   # port 0 allowed
 //! [mesh]      open_timeout_ms = 10000  dial_timeout_ms = 5000
+//! [fallback]  mode = "auto"  quic_timeout_ms = 3000  connect_timeout_ms = 5000
+//!             quic_retry_initial_ms = 5000  quic_retry_max_ms = 60000  server_name = ""
+//!             queue_bytes = 1048576  addrs = { "relay.example.com:7443" = "relay.example.com:443" }
+//!             # TCP/443 fallback when UDP is blocked (ORP over QUIC over TLS/TCP)
 //! [resume]    enabled = true  ring_bytes = 16777216  checkpoint_interval_ms = 100
 //!             timeout_ms = 60000   # service streams survive a relay restart (orp.md "Resume")
 //! ```
@@ -101,6 +105,87 @@ struct Raw {
     consume: Vec<RawConsume>,
     mesh: RawMesh,
     resume: RawResume,
+    fallback: RawFallback,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawFallback {
+    mode: String,
+    quic_timeout_ms: u64,
+    connect_timeout_ms: u64,
+    quic_retry_initial_ms: u64,
+    quic_retry_max_ms: u64,
+    server_name: String,
+    queue_bytes: usize,
+    addrs: BTreeMap<String, String>,
+}
+
+impl Default for RawFallback {
+    fn default() -> Self {
+        let d = FallbackConfig::default();
+        RawFallback {
+            mode: "auto".into(),
+            quic_timeout_ms: ms(d.quic_timeout),
+            connect_timeout_ms: ms(d.connect_timeout),
+            quic_retry_initial_ms: ms(d.quic_retry_initial),
+            quic_retry_max_ms: ms(d.quic_retry_max),
+            server_name: String::new(),
+            queue_bytes: d.queue_bytes,
+            addrs: BTreeMap::new(),
+        }
+    }
+}
+
+/// When the agent carries its QUIC connection inside TLS on TCP (`[fallback] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FallbackMode {
+    /// QUIC first; the TCP fallback when QUIC does not connect within `quic_timeout`, and back
+    /// to QUIC when a background attempt succeeds.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Off,
+    /// The TCP fallback only.
+    Only,
+}
+
+/// The TCP/443 fallback (issue 22): ORP over QUIC over mutual TLS on TCP (ALPN `orp/1`).
+#[derive(Debug, Clone)]
+pub struct FallbackConfig {
+    /// auto, off or only.
+    pub mode: FallbackMode,
+    /// How long QUIC may take to connect before the fallback is tried (auto).
+    pub quic_timeout: Duration,
+    /// TCP connect plus TLS handshake of the tunnel.
+    pub connect_timeout: Duration,
+    /// First delay of the background QUIC attempts while on the fallback (doubles).
+    pub quic_retry_initial: Duration,
+    /// Longest delay between background QUIC attempts.
+    pub quic_retry_max: Duration,
+    /// SNI of the tunnel (the relay's root host); `None`: the relay address's host, or the
+    /// top-level `server_name` when that host is an IP literal.
+    pub server_name: Option<String>,
+    /// Bound of the tunnel's send queue; a packet that does not fit is dropped (counted).
+    pub queue_bytes: usize,
+    /// Relay address (as in `relays`) → TCP address of its public TLS port; unlisted relays:
+    /// the relay address's host, port 443.
+    pub addrs: BTreeMap<String, String>,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        FallbackConfig {
+            mode: FallbackMode::Auto,
+            quic_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(5),
+            quic_retry_initial: Duration::from_secs(5),
+            quic_retry_max: Duration::from_secs(60),
+            server_name: None,
+            queue_bytes: 1024 * 1024,
+            addrs: BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for Raw {
@@ -123,6 +208,7 @@ impl Default for Raw {
             consume: Vec::new(),
             mesh: RawMesh::default(),
             resume: RawResume::default(),
+            fallback: RawFallback::default(),
         }
     }
 }
@@ -681,6 +767,8 @@ pub struct Settings {
     pub splice: SpliceConfig,
     /// After SIGTERM, how long spliced connections may take to finish.
     pub shutdown_grace_ms: u64,
+    /// The TCP/443 fallback.
+    pub fallback: FallbackConfig,
 }
 
 /// The flags `expose`, `provide` and `consume` share.
@@ -1113,7 +1201,42 @@ impl Settings {
             checkpoint_interval: dur("resume.checkpoint_interval_ms", r.checkpoint_interval_ms)?,
             timeout: dur("resume.timeout_ms", r.timeout_ms)?,
         };
+        let f = raw.fallback;
+        let fallback = FallbackConfig {
+            mode: match f.mode.as_str() {
+                "auto" => FallbackMode::Auto,
+                "off" => FallbackMode::Off,
+                "only" => FallbackMode::Only,
+                other => {
+                    return Err(bad(
+                        "fallback.mode",
+                        format!("{other:?} is not auto, off or only"),
+                    ));
+                }
+            },
+            quic_timeout: dur("fallback.quic_timeout_ms", f.quic_timeout_ms)?,
+            connect_timeout: dur("fallback.connect_timeout_ms", f.connect_timeout_ms)?,
+            quic_retry_initial: dur("fallback.quic_retry_initial_ms", f.quic_retry_initial_ms)?,
+            quic_retry_max: dur("fallback.quic_retry_max_ms", f.quic_retry_max_ms)?,
+            server_name: (!f.server_name.is_empty()).then_some(f.server_name),
+            queue_bytes: f.queue_bytes,
+            addrs: f.addrs,
+        };
+        if fallback.quic_retry_max < fallback.quic_retry_initial {
+            return Err(bad(
+                "fallback.quic_retry_max_ms",
+                "must be at least quic_retry_initial_ms",
+            ));
+        }
+        if fallback.queue_bytes < 64 * 1024 {
+            return Err(bad("fallback.queue_bytes", "must be at least 65536"));
+        }
+        for (relay, tcp) in &fallback.addrs {
+            check_host_port("fallback.addrs", relay)?;
+            check_host_port("fallback.addrs", tcp)?;
+        }
         Ok(Settings {
+            fallback,
             relays: raw.relays,
             ha_connections: usize::try_from(raw.ha_connections).unwrap_or(MAX_HA_CONNECTIONS),
             server_name: raw.server_name,

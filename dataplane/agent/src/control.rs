@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::candidates::{Candidates, Ended, Pick, Target};
 use crate::config::{LeaseSpec, Settings};
+use crate::fallback;
 use crate::mesh::{self, MeshCtx};
 use crate::pool::{self, FailLog, PoolCtx, PoolParams};
 use crate::stats::{
@@ -76,6 +77,8 @@ pub struct RelayCtx {
     pub agent_uri: String,
     /// quinn client configuration (mTLS, relay-role verifier).
     pub client: quinn::ClientConfig,
+    /// TLS of the TCP fallback (same certificate and verifier; `crate::fallback`).
+    pub fallback_tls: Arc<rustls::ClientConfig>,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Status board.
@@ -89,8 +92,6 @@ pub struct RelayCtx {
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 enum Lost {
-    #[error("QUIC endpoint: {0}")]
-    Endpoint(std::io::Error),
     #[error("connect: {0}")]
     Connect(String),
     #[error("no HELLO_ACK in time")]
@@ -429,43 +430,33 @@ async fn connect_once(
     };
     let cfg = &ctx.settings.connection;
     let remote = target.addr;
-    let bind: SocketAddr = if remote.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let mut endpoint = match client_endpoint(bind) {
-        Ok(e) => e,
-        Err(e) => return lost(Lost::Endpoint(e)),
-    };
-    endpoint.set_default_client_config(ctx.client.clone());
     let started = Instant::now();
-    let handshake = async {
-        let conn = endpoint
-            .connect(remote, &ctx.settings.server_name)
-            .map_err(|e| Lost::Connect(e.to_string()))?
-            .await
-            .map_err(|e| Lost::Connect(e.to_string()))?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| Lost::Control(e.to_string()))?;
-        Ok::<_, Lost>((conn, send, recv))
-    };
-    let (conn, send, recv) = tokio::select! {
-        r = tokio::time::timeout(cfg.hello_timeout, handshake) => match r {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return lost(e),
+    // QUIC, or QUIC inside the TCP/443 fallback (`[fallback]`).
+    let dialled = tokio::select! {
+        r = tokio::time::timeout(cfg.hello_timeout, fallback::dial(addr, remote, ctx)) => match r {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return lost(Lost::Connect(e.to_string())),
             Err(_) => return lost(Lost::HelloTimeout),
         },
         _ = stop.changed() => return Outcome::Stopped,
     };
+    // `_tunnel`: the fallback's TCP connection, closed when this connection ends.
+    let fallback::Dialled {
+        endpoint,
+        conn,
+        send,
+        recv,
+        transport,
+        tunnel: _tunnel,
+    } = dialled;
     let relay_id = relay_identity(&conn);
     if !cands.claim(index, remote, &relay_id) {
         conn.close(0u32.into(), b"relay already held");
         let _ = tokio::time::timeout(CLOSE_FLUSH, endpoint.wait_idle()).await;
         return Outcome::Duplicate(relay_id);
     }
+    let back_to_quic = fallback::quic_returns(transport, remote, ctx);
+    let mut back_to_quic = std::pin::pin!(back_to_quic);
     let (out_tx, out_rx) = mpsc::channel::<Frame>(CONTROL_QUEUE_FRAMES);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Frame, String>>(CONTROL_QUEUE_FRAMES);
@@ -539,6 +530,7 @@ async fn connect_once(
         clock_offset_ms,
         default_reverse: format!("{}:{DEFAULT_REVERSE_PORT}", host_of(addr)),
         broken: false,
+        transport,
     };
     for i in 0..slots.len() {
         c.register(i);
@@ -592,6 +584,11 @@ async fn connect_once(
             e = conn.closed() => {
                 break Outcome::Lost { error: Lost::Control(e.to_string()), established: true };
             }
+            () = &mut back_to_quic => {
+                // A clean switch back from the TCP fallback: the GOAWAY path (resume included).
+                tracing::info!(relay = %addr, "QUIC reachable again: leaving the TCP fallback");
+                break Outcome::GoAway(Duration::ZERO);
+            }
             _ = stop.changed() => {
                 c.release_all(&mut in_rx).await;
                 // Joined service streams finish within the grace before the connection closes
@@ -622,7 +619,7 @@ async fn connect_once(
 }
 
 /// A client endpoint on `bind` whose socket has room for datagram bursts.
-fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+pub(crate) fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(bind),
         socket2::Type::DGRAM,
@@ -677,6 +674,8 @@ struct Conn<'a> {
     default_reverse: String,
     /// A frame could not be queued: end this connection.
     broken: bool,
+    /// QUIC, or QUIC inside the TCP fallback (`agent status`).
+    transport: Transport,
 }
 
 impl Conn<'_> {
@@ -1082,7 +1081,7 @@ impl Conn<'_> {
                 name: self.addr.to_owned(),
                 relay_id: self.relay_id.clone(),
                 connected: true,
-                transport: Transport::Quic,
+                transport: self.transport,
                 leases: self
                     .slots
                     .iter()

@@ -6,7 +6,7 @@
 //!
 //! ```json
 //! {"agent_uri": "outrelay://t/agent/…",
-//!  "relays": [{"addr": "…", "connected": true,
+//!  "relays": [{"addr": "…", "connected": true, "transport": "quic" | "tls-tcp",
 //!              "leases": [{"name": "demo", "state": "granted", "hostname": "demo.example.com",
 //!                          "tcp_addr": "example.com:20000" | null, "last_error": null,
 //!                          "pool": {"open": 2, "idle": 2, "target": 2}}]}],
@@ -241,6 +241,18 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_relay_connect_failed_total").absolute(load(&st.connect_failed));
     counter!("outrelay_agent_relay_reconnects_total").absolute(load(&st.reconnects));
     counter!("outrelay_agent_relay_goaways_total").absolute(load(&st.goaways));
+    let f = &st.fallback;
+    counter!("outrelay_agent_fallback_tunnels_total", "result" => "opened")
+        .absolute(load(&f.tunnels_opened));
+    counter!("outrelay_agent_fallback_tunnels_total", "result" => "failed")
+        .absolute(load(&f.tunnels_failed));
+    counter!("outrelay_agent_fallback_quic_returns_total").absolute(load(&f.quic_returns));
+    counter!("outrelay_agent_fallback_packets_dropped_total", "reason" => "queue_full")
+        .absolute(load(&f.queue_drops));
+    counter!("outrelay_agent_fallback_packets_total", "direction" => "out")
+        .absolute(load(&f.packets_out));
+    counter!("outrelay_agent_fallback_packets_total", "direction" => "in")
+        .absolute(load(&f.packets_in));
     counter!("outrelay_agent_lease_errors_total").absolute(load(&st.lease_errors));
     counter!("outrelay_agent_lease_reregistered_total").absolute(load(&st.lease_reregistered));
     let u = &st.udp;

@@ -24,6 +24,7 @@
 pub mod candidates;
 pub mod config;
 pub mod control;
+pub mod fallback;
 pub mod http;
 pub mod mesh;
 pub mod metric_help;
@@ -101,6 +102,8 @@ pub async fn run(
     let settings = Arc::new(settings);
     let identity = AgentIdentity::load(&settings.identity)?;
     let reloadable = start_renewal(&settings)?;
+    let fallback_tls =
+        Arc::new(identity.fallback_client_config(reloadable.clone(), &settings.server_name)?);
     let client = identity.quic_client_config(&settings.connection, reloadable)?;
     let stats = Arc::new(Stats::default());
     let splicer = Splicer::start(
@@ -162,6 +165,7 @@ pub async fn run(
         settings: settings.clone(),
         agent_uri: identity.uri.clone(),
         client,
+        fallback_tls,
         stats,
         board: board.clone(),
         pools,

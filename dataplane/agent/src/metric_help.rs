@@ -89,6 +89,23 @@ pub fn describe() {
         "Connection attempts to relays that failed."
     );
     metrics::describe_counter!(
+        "outrelay_agent_fallback_tunnels_total",
+        "TCP/443 fallback tunnels to relays (QUIC inside TLS on TCP), by result (opened, failed)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_fallback_quic_returns_total",
+        "Times a background QUIC attempt succeeded and a relay connection left the TCP fallback."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_fallback_packets_dropped_total",
+        "QUIC packets dropped before the TCP fallback tunnel, by reason (queue_full: \
+         fallback.queue_bytes was full, so QUIC sees loss and backs off)."
+    );
+    metrics::describe_counter!(
+        "outrelay_agent_fallback_packets_total",
+        "QUIC packets carried by TCP fallback tunnels, by direction."
+    );
+    metrics::describe_counter!(
         "outrelay_agent_relay_goaways_total",
         "GOAWAY frames received from relays."
     );

@@ -139,6 +139,8 @@ pub struct Stats {
     pub relay_replacements: Arc<AtomicU64>,
     /// Resolved relay addresses dropped because the candidate list was full.
     pub relay_candidates_dropped: Arc<AtomicU64>,
+    /// The TCP/443 fallback's tunnels.
+    pub fallback: Arc<crate::fallback::FallbackStats>,
     /// LEASE_ERROR answers received.
     pub lease_errors: AtomicU64,
     /// Leases registered again after `lease_not_found`.

@@ -87,31 +87,7 @@ impl AgentIdentity {
         conn: &ConnectionConfig,
         reloadable: Option<Arc<outrelay_client::Reloadable>>,
     ) -> Result<quinn::ClientConfig, TlsError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut roots = RootCertStore::empty();
-        for ca in &self.roots {
-            roots
-                .add(ca.clone())
-                .map_err(|e| TlsError::Setup(format!("CA root: {e}")))?;
-        }
-        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Setup(format!("server verifier: {e}")))?;
-        let verifier = Arc::new(RelayCertVerifier { chain });
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| TlsError::Setup(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier);
-        // A renewing agent presents whatever certificate the renewal loop swapped in last, so
-        // new connections use the fresh one and established ones are not dropped.
-        let mut tls = match reloadable {
-            Some(r) => builder.with_client_cert_resolver(r),
-            None => builder
-                .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-                .map_err(|e| TlsError::Setup(format!("client certificate: {e}")))?,
-        };
-        tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
+        let tls = self.rustls_client(reloadable, None)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Setup(e.to_string()))?;
         let mut transport = quinn::TransportConfig::default();
@@ -128,6 +104,55 @@ impl AgentIdentity {
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport));
         Ok(client)
+    }
+
+    /// The TLS client of the TCP fallback: the same certificate, verifier and ALPN as QUIC's,
+    /// but the relay certificate is checked against `verify_as` (the `server_name` QUIC checks)
+    /// whatever SNI the tunnel sends (the relay's root host, which routes it).
+    ///
+    /// # Errors
+    /// [`TlsError::Setup`].
+    pub fn fallback_client_config(
+        &self,
+        reloadable: Option<Arc<outrelay_client::Reloadable>>,
+        verify_as: &str,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let name = ServerName::try_from(verify_as.to_owned())
+            .map_err(|e| TlsError::Setup(format!("server_name {verify_as:?}: {e}")))?;
+        self.rustls_client(reloadable, Some(name))
+    }
+
+    fn rustls_client(
+        &self,
+        reloadable: Option<Arc<outrelay_client::Reloadable>>,
+        verify_as: Option<ServerName<'static>>,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = RootCertStore::empty();
+        for ca in &self.roots {
+            roots
+                .add(ca.clone())
+                .map_err(|e| TlsError::Setup(format!("CA root: {e}")))?;
+        }
+        let chain = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Setup(format!("server verifier: {e}")))?;
+        let verifier = Arc::new(RelayCertVerifier { chain, verify_as });
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        // A renewing agent presents whatever certificate the renewal loop swapped in last, so
+        // new connections use the fresh one and established ones are not dropped.
+        let mut tls = match reloadable {
+            Some(r) => builder.with_client_cert_resolver(r),
+            None => builder
+                .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+                .map_err(|e| TlsError::Setup(format!("client certificate: {e}")))?,
+        };
+        tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
+        Ok(tls)
     }
 }
 
@@ -174,6 +199,8 @@ pub fn cert_identity(cert: &CertificateDer<'_>) -> Result<(Identity, String), St
 #[derive(Debug)]
 struct RelayCertVerifier {
     chain: Arc<WebPkiServerVerifier>,
+    /// The name checked instead of the SNI (the TCP fallback).
+    verify_as: Option<ServerName<'static>>,
 }
 
 impl ServerCertVerifier for RelayCertVerifier {
@@ -188,7 +215,7 @@ impl ServerCertVerifier for RelayCertVerifier {
         self.chain.verify_server_cert(
             end_entity,
             intermediates,
-            server_name,
+            self.verify_as.as_ref().unwrap_or(server_name),
             ocsp_response,
             now,
         )?;

@@ -137,7 +137,10 @@ async fn payment_providers(w: &World) -> Vec<String> {
 async fn relay_status_providers(w: &World) -> u64 {
     let mut cmd = std::process::Command::new(sibling_binary("outrelay"));
     cmd.args(["relay", "status", "--output", "json", "--relay"])
-        .arg(format!("unix://{}", admin_socket(w.path(), "relay").display()));
+        .arg(format!(
+            "unix://{}",
+            admin_socket(w.path(), "relay").display()
+        ));
     let o = run_blocking(cmd).await;
     assert!(o.status.success(), "relay status: {}", text(&o));
     let status: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
@@ -259,7 +262,11 @@ async fn two_providers_share_the_calls_and_the_survivor_takes_all_after_one_dies
          {between_failed} failed",
         noticed.as_millis()
     );
-    assert_eq!(relay_status_providers(&w).await, 1, "relay status after the kill");
+    assert_eq!(
+        relay_status_providers(&w).await,
+        1,
+        "relay status after the kill"
+    );
     let after = sequential(addr, CALLS).await;
     println!("MEASURED providers after the kill: {after:?} of {CALLS}");
     assert_eq!(

@@ -261,7 +261,10 @@ mod tests {
                 b.consume(g, now);
                 read += g;
             }
-            assert!(read <= 2, "rate {rate}: available/consume gave {read} bytes");
+            assert!(
+                read <= 2,
+                "rate {rate}: available/consume gave {read} bytes"
+            );
         }
     }
 

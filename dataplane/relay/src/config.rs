@@ -445,6 +445,10 @@ struct RawQuic {
     stream_opens_burst: Option<u32>,
     connection_receive_window_bytes: Option<u64>,
     stream_receive_window_bytes: Option<u64>,
+    fallback_max_tunnels: Option<usize>,
+    fallback_per_source_max: Option<usize>,
+    fallback_queue_bytes: Option<usize>,
+    fallback_handshake_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -985,6 +989,11 @@ impl Settings {
         quic.stream_receive_window_bytes = q
             .stream_receive_window_bytes
             .unwrap_or(quic.stream_receive_window_bytes);
+        let f = &mut quic.fallback;
+        f.max_tunnels = q.fallback_max_tunnels.unwrap_or(f.max_tunnels);
+        f.per_source_max = q.fallback_per_source_max.unwrap_or(f.per_source_max);
+        f.queue_bytes = q.fallback_queue_bytes.unwrap_or(f.queue_bytes);
+        f.handshake_ms = q.fallback_handshake_ms.unwrap_or(f.handshake_ms);
         quic.validate().map_err(|e| bad("quic", e))?;
         if raw.pipes.budget_bytes < 64 * 1024 {
             return Err(bad("pipes.budget_bytes", "must be at least 65536"));
@@ -1123,6 +1132,10 @@ mod tests {
                 int(q::DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES)
             }
             "quic.stream_receive_window_bytes" => int(q::DEFAULT_STREAM_RECEIVE_WINDOW_BYTES),
+            "quic.fallback_max_tunnels" => int(q::fallback::DEFAULT_MAX_TUNNELS as u64),
+            "quic.fallback_per_source_max" => int(q::fallback::DEFAULT_PER_SOURCE_MAX as u64),
+            "quic.fallback_queue_bytes" => int(q::fallback::DEFAULT_QUEUE_BYTES as u64),
+            "quic.fallback_handshake_ms" => int(q::fallback::DEFAULT_HANDSHAKE_MS),
             "controller.heartbeat_interval_ms" => int(c::DEFAULT_HEARTBEAT_INTERVAL_MS),
             "controller.report_timeout_ms" => int(c::DEFAULT_REPORT_TIMEOUT_MS),
             "controller.reconnect_backoff_ms" => int(c::DEFAULT_RECONNECT_BACKOFF_MS),

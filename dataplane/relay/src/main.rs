@@ -538,6 +538,8 @@ fn run(
             ingress.expect_leases(&i.leases, claim_timeout_ms);
         }
         quic.serve_ingress(ingress.clone());
+        // Agents whose UDP is blocked: their QUIC inside TLS on the public TLS port.
+        ingress.serve_fallback(quic.fallback_acceptor()?);
         // The budgets (pipes, copy path, spills) are the whole relay's (the kernel's pipe
         // limit is per user, not per thread): each worker's engine gets an equal share.
         let engine = EngineConfig {

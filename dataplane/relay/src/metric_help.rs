@@ -289,6 +289,28 @@ pub fn describe() {
         "MIGRATE_TO_P2P and MIGRATE_TO_RELAY frames recorded, by direction."
     );
     metrics::describe_counter!(
+        "outrelay_relay_fallback_tunnels_total",
+        "Agent TCP/443 fallback tunnels opened (TLS with ALPN orp/1 on the public TLS port)."
+    );
+    metrics::describe_gauge!(
+        "outrelay_relay_fallback_tunnels",
+        "Agent TCP/443 fallback tunnels open now."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_fallback_refused_total",
+        "Fallback tunnels refused or ended, by reason (tunnels_max, per_source_max, handshake: \
+         TLS failed or missed fallback_handshake_ms, bad_frame: a zero-length frame)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_fallback_packets_dropped_total",
+        "QUIC packets for fallback tunnels dropped, by reason (queue_full: the tunnel's \
+         fallback_queue_bytes was full, so QUIC sees loss; no_tunnel: the tunnel is gone)."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_fallback_packets_total",
+        "QUIC packets carried by fallback tunnels, by direction (in: from agents)."
+    );
+    metrics::describe_counter!(
         "outrelay_relay_quic_observed_addr_answers_total",
         "OBSERVED_ADDR_QUERY frames answered with the agent's observed address."
     );

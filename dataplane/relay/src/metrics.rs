@@ -254,6 +254,30 @@ fn update(s: &Sources) {
     }
     counter!("outrelay_relay_quic_observed_addr_answers_total")
         .absolute(q.observed_addr_answers.load(Ordering::Relaxed));
+    let f = &q.fallback;
+    counter!("outrelay_relay_fallback_tunnels_total")
+        .absolute(f.tunnels_opened.load(Ordering::Relaxed));
+    gauge!("outrelay_relay_fallback_tunnels").set(f.tunnels_live.load(Ordering::Relaxed) as f64);
+    for (reason, c) in [
+        ("tunnels_max", &f.refused_full),
+        ("per_source_max", &f.refused_per_source),
+        ("handshake", &f.refused_handshake),
+        ("bad_frame", &f.bad_frames),
+    ] {
+        counter!("outrelay_relay_fallback_refused_total", "reason" => reason)
+            .absolute(c.load(Ordering::Relaxed));
+    }
+    for (reason, c) in [
+        ("queue_full", &f.queue_drops),
+        ("no_tunnel", &f.no_tunnel_drops),
+    ] {
+        counter!("outrelay_relay_fallback_packets_dropped_total", "reason" => reason)
+            .absolute(c.load(Ordering::Relaxed));
+    }
+    for (dir, c) in [("in", &f.packets_in), ("out", &f.packets_out)] {
+        counter!("outrelay_relay_fallback_packets_total", "direction" => dir)
+            .absolute(c.load(Ordering::Relaxed));
+    }
     for code in LeaseErrorCode::ALL {
         counter!("outrelay_relay_lease_errors_total", "code" => code.as_str())
             .absolute(q.lease_errors(code));

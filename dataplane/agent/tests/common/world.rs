@@ -926,3 +926,99 @@ impl World {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("/status JSON: {e}: {text}"))
     }
 }
+
+// ---------- issue 22: TCP/443 fallback (network namespaces) ----------
+
+/// As [`spawn_relay`], with its QUIC, reverse and public TLS listeners on `ip` (port 0 each)
+/// instead of loopback, so an agent in another network namespace reaches them over a veth.
+pub async fn spawn_relay_on_ip(
+    d: &Path,
+    name: &str,
+    ip: &str,
+    tail: &str,
+) -> (Proc, serde_json::Value) {
+    let config = d.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
+             [tls]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\nca = \"ca.pem\"\n\
+             [listen]\nquic = \"{ip}:0\"\nreverse = \"{ip}:0\"\n\
+             public_tls = \"{ip}:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = {admin:?}\n\
+             [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}",
+            admin = admin_socket(d, name).display().to_string(),
+        ),
+    )
+    .expect("relay config");
+    let ready = d.join(format!("{name}-ready.json"));
+    let _ = std::fs::remove_file(&ready);
+    let mut cmd = Command::new(sibling_binary("outrelay-relay"));
+    cmd.args(["--log", "info", "--config"])
+        .arg(&config)
+        .arg("--ready-file")
+        .arg(&ready);
+    let log = d.join(format!("{name}.log"));
+    let mut relay = spawn_logged_append(cmd, &log);
+    let info = wait_for_ready(&ready, &mut relay, name).await;
+    (relay, info)
+}
+
+impl World {
+    /// Another relay (identity `outrelay://dev/relay/<id>`, this world's policy or controller
+    /// part, then `extra`) with its listeners on `ip` ([`spawn_relay_on_ip`]).
+    pub async fn relay_on_ip(
+        &self,
+        name: &str,
+        id: &str,
+        ip: &str,
+        extra: &str,
+    ) -> (Proc, serde_json::Value) {
+        let d = self.path();
+        self.ca
+            .write_leaf(d, name, &format!("outrelay://dev/relay/{id}"), true);
+        let tail = format!("{}{extra}", self.relay_tail);
+        spawn_relay_on_ip(d, name, ip, &tail).await
+    }
+
+    /// As [`World::agent_on`], but run by `cmd` (a command whose last argument so far is the
+    /// agent binary, e.g. `ip netns exec NS outrelay-agent`) with its metrics and status
+    /// listener on `metrics_ip`.
+    pub fn agent_via(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        uri: &str,
+        relays: &[SocketAddr],
+        metrics_ip: &str,
+        body: &str,
+    ) -> Agent {
+        let d = self.path();
+        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
+        let config = format!(
+            "relays = {relays:?}\nserver_name = \"localhost\"\n\
+             [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
+             [metrics]\nlisten = \"{metrics_ip}:0\"\n\
+             [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
+             reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
+             [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
+            relays = relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            cert = cert.display().to_string(),
+            key = key.display().to_string(),
+            ca = d.join("ca.pem").display().to_string(),
+        );
+        let path = d.join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("agent config");
+        let ready = d.join(format!("{name}-ready.json"));
+        cmd.args(["--log", "info", "run", "--config"])
+            .arg(&path)
+            .arg("--ready-file")
+            .arg(&ready);
+        Agent {
+            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
+            name: name.to_owned(),
+            ready,
+            started: Instant::now(),
+            info: serde_json::Value::Null,
+        }
+    }
+}

@@ -221,6 +221,8 @@ pub struct Ingress {
     pub stats: IngressStats,
     /// TCP lease listeners held for a hand-over and inherited ones (issue 20 upgrade).
     handover: OnceLock<Arc<crate::upgrade::Sockets>>,
+    /// The TCP/443 fallback: root-host ClientHellos offering ALPN `orp/1` go here.
+    fallback: OnceLock<crate::quic::fallback::FallbackAcceptor>,
 }
 
 impl Ingress {
@@ -248,6 +250,7 @@ impl Ingress {
             fd_exhausted_at_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             stats: IngressStats::default(),
+            fallback: OnceLock::new(),
             handover: OnceLock::new(),
         })
     }
@@ -628,6 +631,17 @@ impl Ingress {
             }
             bound.insert(port);
         }
+    }
+
+    /// Serves agents' TCP/443 fallback tunnels with `acceptor` (once; before the workers see
+    /// traffic). Without it a root-host ClientHello offering `orp/1` goes to the root listener.
+    pub fn serve_fallback(&self, acceptor: crate::quic::fallback::FallbackAcceptor) {
+        let _ = self.fallback.set(acceptor);
+    }
+
+    /// The fallback acceptor, when one is served.
+    pub(crate) fn fallback(&self) -> Option<&crate::quic::fallback::FallbackAcceptor> {
+        self.fallback.get()
     }
 
     /// The root host: replay the ClientHello to the loopback HTTPS listener and copy both ways

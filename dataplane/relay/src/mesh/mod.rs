@@ -567,9 +567,7 @@ impl Mesh {
             // An allowed identity joins the set.
             return Ok(());
         }
-        let taken = list
-            .iter()
-            .any(|s| s.provider.agent_uri != reg.agent_uri);
+        let taken = list.iter().any(|s| s.provider.agent_uri != reg.agent_uri);
         if taken {
             self.stats
                 .registrations_taken
@@ -696,7 +694,10 @@ impl Mesh {
         }
         let remote = self.remote();
         let others = remote.by_name.get(&key).map_or(&[][..], Vec::as_slice);
-        let n = others.iter().filter(|p| p.relay_id != self.relay_id).count();
+        let n = others
+            .iter()
+            .filter(|p| p.relay_id != self.relay_id)
+            .count();
         let turn = match n {
             0 => 0,
             n => self.remote_picks.fetch_add(1, Ordering::Relaxed) % n,
@@ -1085,7 +1086,10 @@ mod tests {
             *per.entry(c).or_insert(0) += 1;
             guards.push(mesh.provider_stream("a", "pay", &provider(c)));
         }
-        assert_eq!(per.into_iter().collect::<Vec<_>>(), [(1, 10), (2, 10), (3, 10)]);
+        assert_eq!(
+            per.into_iter().collect::<Vec<_>>(),
+            [(1, 10), (2, 10), (3, 10)]
+        );
         // A closed connection's provider is never chosen, and its guards drop harmlessly.
         mesh.connection_closed(ConnId(1));
         assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
@@ -1105,7 +1109,9 @@ mod tests {
         }
         assert_eq!(mesh.register_local(ConnId(1), &reg("pay")), Ok(true));
         assert_eq!(mesh.register_local(ConnId(2), &reg("pay")), Ok(true));
-        let err = mesh.register_local(ConnId(3), &reg("pay")).expect_err("full");
+        let err = mesh
+            .register_local(ConnId(3), &reg("pay"))
+            .expect_err("full");
         assert_eq!(err.code, REJECT_PROVIDERS_FULL);
         assert!(err.reason.starts_with(PROVIDERS_FULL), "{}", err.reason);
         // A connection already in the set registers again; another service has its own cap.

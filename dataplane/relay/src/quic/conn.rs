@@ -513,7 +513,8 @@ async fn on_frame(
         Frame::ObservedAddrQuery(q) => {
             // The agent's address as this relay sees it (Go agents use it as their
             // server-reflexive P2P candidate).
-            let addr = conn.remote_address();
+            // Through the TCP fallback: the tunnel's TCP peer, not its synthetic address.
+            let addr = ctx.tunnels.real_peer(conn.remote_address());
             let ip = addr.ip().to_canonical();
             bump(&ctx.stats.observed_addr_answers);
             out.send(Frame::ObservedAddrResp(orp::ObservedAddrResp {

@@ -17,6 +17,7 @@
 //! `forward`, its connection pool in [`crate::forward`]. Not here yet: keyless signing.
 
 mod conn;
+pub mod fallback;
 mod forward;
 mod inherit;
 mod resume;
@@ -213,6 +214,8 @@ pub struct QuicConfig {
     pub connection_receive_window_bytes: u64,
     /// QUIC stream receive window, bytes (16 KiB ..= the connection window).
     pub stream_receive_window_bytes: u64,
+    /// Bounds of the TCP/443 fallback's tunnels.
+    pub fallback: fallback::FallbackLimits,
 }
 
 impl QuicConfig {
@@ -236,6 +239,7 @@ impl QuicConfig {
             stream_opens_burst: DEFAULT_STREAM_OPENS_BURST,
             connection_receive_window_bytes: DEFAULT_CONNECTION_RECEIVE_WINDOW_BYTES,
             stream_receive_window_bytes: DEFAULT_STREAM_RECEIVE_WINDOW_BYTES,
+            fallback: fallback::FallbackLimits::default(),
         }
     }
 
@@ -292,6 +296,22 @@ impl QuicConfig {
                 "stream_receive_window_bytes must be 16384..=connection_receive_window_bytes"
                     .to_owned(),
             ));
+        }
+        let f = &self.fallback;
+        if f.max_tunnels == 0 || f.per_source_max == 0 {
+            return Err(QuicError::Config(
+                "fallback_max_tunnels and fallback_per_source_max must be at least 1".to_owned(),
+            ));
+        }
+        if f.queue_bytes < 64 * 1024 {
+            return Err(QuicError::Config(
+                "fallback_queue_bytes must be at least 65536".to_owned(),
+            ));
+        }
+        if f.handshake_ms < MIN_DURATION_MS {
+            return Err(QuicError::Config(format!(
+                "fallback_handshake_ms must be at least {MIN_DURATION_MS} ms"
+            )));
         }
         Ok(())
     }
@@ -450,6 +470,8 @@ pub(crate) struct Control {
 
 /// State shared by the accept loop, the janitor and every connection.
 pub(crate) struct Ctx {
+    /// The TCP fallback's tunnels (a tunnel peer's real address).
+    pub(crate) tunnels: Arc<fallback::Tunnels>,
     /// The settings in force: replaced whole by [`QuicReload::apply`]; read per connection,
     /// stream bucket and lease frame.
     config: arc_swap::ArcSwap<QuicConfig>,
@@ -766,6 +788,8 @@ impl ShutdownHandle {
 /// The bound agent endpoint.
 pub struct QuicServer {
     endpoint: quinn::Endpoint,
+    /// The TCP fallback's tunnels (synthetic peers of `endpoint`).
+    tunnels: Arc<fallback::Tunnels>,
     ctx: Arc<Ctx>,
     shutdown_tx: Arc<watch::Sender<Option<orp::GoAway>>>,
     identity: Identity,
@@ -777,6 +801,7 @@ pub struct QuicServer {
 /// Applies a reloaded `[quic]` to the running endpoint ([`QuicServer::reloader`]).
 pub struct QuicReload {
     endpoint: quinn::Endpoint,
+    tunnels: Arc<fallback::Tunnels>,
     ctx: Arc<Ctx>,
     crypto: Arc<dyn quinn::crypto::ServerConfig>,
 }
@@ -807,6 +832,7 @@ impl QuicReload {
         config.control_send_queue_max = old.control_send_queue_max;
         let server = server_config(&config, self.crypto.clone())?;
         self.endpoint.set_server_config(Some(server));
+        self.tunnels.set_limits(config.fallback.clone());
         self.ctx.config.store(Arc::new(config));
         Ok(())
     }
@@ -933,16 +959,22 @@ impl QuicServer {
                 source,
             })?,
         };
-        let endpoint = quinn::Endpoint::new(
-            endpoint_config,
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|source| QuicError::Bind {
+        // The real socket stays quinn's own (GSO/GRO); the wrapper adds the TCP fallback's
+        // tunnels as synthetic peers.
+        let bind_err = |source| QuicError::Bind {
             addr: config.listen,
             source,
-        })?;
+        };
+        let tunnels = fallback::Tunnels::new(config.fallback.clone(), stats.fallback.clone());
+        let real =
+            quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket).map_err(bind_err)?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server_config),
+            Arc::new(fallback::RelaySocket::new(real, tunnels.clone())),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
         let (tx, rx) = watch::channel(None);
         let ctx = Arc::new(Ctx {
             config: arc_swap::ArcSwap::from_pointee(config),
@@ -966,10 +998,12 @@ impl QuicServer {
             parked: std::sync::Mutex::new(resume::ParkTable::default()),
             bandwidth: shared.bandwidth.clone(),
             forward: std::sync::OnceLock::new(),
+            tunnels: tunnels.clone(),
             shared,
         });
         Ok(QuicServer {
             endpoint,
+            tunnels,
             ctx,
             shutdown_tx: Arc::new(tx),
             identity,
@@ -1057,7 +1091,26 @@ impl QuicServer {
         &self,
     ) -> impl FnOnce(std::net::UdpSocket) -> std::io::Result<()> + Send + use<> {
         let endpoint = self.endpoint.clone();
-        move |socket| endpoint.rebind(socket)
+        let tunnels = self.tunnels.clone();
+        move |socket| {
+            let real = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, socket)?;
+            endpoint.rebind_abstract(Arc::new(fallback::RelaySocket::new(real, tunnels)))
+        }
+    }
+
+    /// The TCP/443 fallback's acceptor: TLS with this relay's identity certificate (swapped
+    /// with it), ALPN `orp/1`, agent client certificates checked like QUIC's, packets into this
+    /// endpoint. Give it to [`crate::ingress::Ingress::serve_fallback`].
+    ///
+    /// # Errors
+    /// [`QuicError::Tls`] when the TLS configuration cannot be built.
+    pub fn fallback_acceptor(&self) -> Result<fallback::FallbackAcceptor, QuicError> {
+        let config = self.ctx.config();
+        let tls = tls::server_tls(&config.tls, self.cert.clone(), self.ctx.stats.clone())?;
+        Ok(fallback::FallbackAcceptor::new(
+            Arc::new(tls),
+            self.tunnels.clone(),
+        ))
     }
 
     /// The relay identity from its certificate.
@@ -1075,6 +1128,7 @@ impl QuicServer {
     pub fn reloader(&self) -> QuicReload {
         QuicReload {
             endpoint: self.endpoint.clone(),
+            tunnels: self.tunnels.clone(),
             ctx: self.ctx.clone(),
             crypto: self.crypto.clone(),
         }

@@ -1,5 +1,6 @@
 //! Counters of the agent endpoint: plain atomics, read by the admin socket and tests.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use outrelay_proto::frame::FrameType;
@@ -104,6 +105,8 @@ impl SignalOutcome {
 /// Every counter of the agent endpoint. Relaxed atomics: they are statistics, not sync.
 #[derive(Debug, Default)]
 pub struct QuicStats {
+    /// The TCP/443 fallback's tunnels (`fallback`).
+    pub fallback: Arc<super::fallback::FallbackStats>,
     /// Connections whose handshake completed with an agent certificate.
     pub connections_accepted: AtomicU64,
     /// Handshakes that failed for any reason (including the refusals below).

@@ -205,6 +205,16 @@ pub(crate) fn server_crypto(
     cert: Arc<outrelay_client::Reloadable>,
     stats: Arc<QuicStats>,
 ) -> Result<QuicServerConfig, QuicError> {
+    let tls = server_tls(material, cert, stats)?;
+    QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))
+}
+
+/// The rustls side of [`server_crypto`] (also what the TCP fallback's TLS terminates with).
+pub(crate) fn server_tls(
+    material: &TlsMaterial,
+    cert: Arc<outrelay_client::Reloadable>,
+    stats: Arc<QuicStats>,
+) -> Result<rustls::ServerConfig, QuicError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in &material.ca_roots {
@@ -223,7 +233,7 @@ pub(crate) fn server_crypto(
         .with_cert_resolver(cert);
     tls.alpn_protocols = vec![ORP_ALPN.as_bytes().to_vec()];
     tls.max_early_data_size = 0;
-    QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))
+    Ok(tls)
 }
 
 /// The QUIC stateless-reset key: HMAC-SHA256 keyed with HKDF-SHA256(salt, certificate key

@@ -64,6 +64,8 @@ pub(crate) struct Hello {
     pub(crate) replay: Vec<u8>,
     /// Set when the hello is complete.
     pub(crate) server_name: Option<HostName>,
+    /// The hello offers ALPN `orp/1` (an agent's TCP fallback when SNI is the root host).
+    pub(crate) orp_alpn: bool,
 }
 
 /// A connection admitted to a lease, waiting for a session.
@@ -170,6 +172,7 @@ impl Worker {
                         parser: None,
                         replay: Vec::new(),
                         server_name: None,
+                        orp_alpn: false,
                     }));
                     self.start(stream, state, TimerKind::Hello, self.timeouts.hello);
                 }
@@ -355,14 +358,19 @@ impl Worker {
             parser,
             replay,
             server_name,
+            orp_alpn,
         } = *hello;
         drop(parser);
         let Some(server_name) = server_name else {
             return self.refuse(conn.socket, Drop::NoSni);
         };
         if server_name.as_str() == self.ingress.config().root_host {
-            // Handed off: the root host's own pool holds it from here.
             drop(pending);
+            if orp_alpn && self.ingress.fallback().is_some() {
+                // An agent's TCP fallback tunnel: its own bounds, not the root host's pool.
+                return self.spawn_fallback(conn.socket, replay);
+            }
+            // Handed off: the root host's own pool holds it from here.
             return self.spawn_root(conn.socket, replay, source);
         }
         let admitted = {
@@ -481,6 +489,9 @@ fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize) -> Step {
         match parser.feed(&h.replay[start..]) {
             Ok(Progress::NeedMore) => {}
             Ok(Progress::Done { hello, .. }) => {
+                h.orp_alpn = hello
+                    .alpn()
+                    .any(|p| p == crate::quic::fallback::FALLBACK_ALPN);
                 h.server_name = hello.server_name;
                 return Step::Done;
             }

@@ -565,6 +565,19 @@ impl Worker {
         self.load.publish(self.conns.len(), true);
     }
 
+    /// Serves an agent's TCP fallback tunnel on tokio (TLS, then QUIC packets both ways).
+    pub(crate) fn spawn_fallback(&self, client: std::net::TcpStream, replay: Vec<u8>) {
+        let ingress = self.ingress.clone();
+        self.runtime.spawn(async move {
+            let Some(acceptor) = ingress.fallback() else {
+                return;
+            };
+            if let Ok(stream) = tokio::net::TcpStream::from_std(client) {
+                acceptor.serve(stream, replay).await;
+            }
+        });
+    }
+
     /// Serves a root-host connection on tokio (low volume: a user-space copy to the loopback
     /// HTTPS listener).
     pub(crate) fn spawn_root(
