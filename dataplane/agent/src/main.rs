@@ -422,6 +422,11 @@ fn summary(doc: &serde_json::Value) -> String {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     let _ = writeln!(out, "agent {}", s(&doc["agent_uri"]));
     for r in doc["relays"].as_array().into_iter().flatten() {
+        if r["addr"].as_str().is_none_or(str::is_empty) && r["connected"].as_bool() != Some(true) {
+            // An HA slot with no relay to hold (fewer distinct relays than ha_connections).
+            let _ = writeln!(out, "relay slot idle: no other relay candidate free");
+            continue;
+        }
         let up = if r["connected"].as_bool() == Some(true) {
             "connected"
         } else {
