@@ -64,8 +64,6 @@ pub(crate) struct Hello {
     pub(crate) replay: Vec<u8>,
     /// Set when the hello is complete.
     pub(crate) server_name: Option<HostName>,
-    /// The hello offers ALPN `orp/1` (an agent's TCP fallback when SNI is the root host).
-    pub(crate) orp_alpn: bool,
 }
 
 /// A connection admitted to a lease, waiting for a session.
@@ -172,7 +170,6 @@ impl Worker {
                         parser: None,
                         replay: Vec::new(),
                         server_name: None,
-                        orp_alpn: false,
                     }));
                     self.start(stream, state, TimerKind::Hello, self.timeouts.hello);
                 }
@@ -358,7 +355,6 @@ impl Worker {
             parser,
             replay,
             server_name,
-            orp_alpn,
         } = *hello;
         drop(parser);
         let Some(server_name) = server_name else {
@@ -366,7 +362,7 @@ impl Worker {
         };
         if server_name.as_str() == self.ingress.config().root_host {
             drop(pending);
-            if orp_alpn && self.ingress.fallback().is_some() {
+            if self.ingress.fallback().is_some() && offers_orp_alpn(&replay) {
                 // An agent's TCP fallback tunnel: its own bounds, not the root host's pool.
                 return self.spawn_fallback(conn.socket, replay);
             }
@@ -463,6 +459,16 @@ impl Worker {
     }
 }
 
+/// Whether the buffered ClientHello (`replay`, complete) offers ALPN `orp/1`: an agent's TCP
+/// fallback when the SNI is the root host. Parsed again here, only for root-host connections,
+/// so a pending connection carries no flag for it (a silent one stays small).
+fn offers_orp_alpn(replay: &[u8]) -> bool {
+    matches!(
+        outrelay_proto::client_hello::parse_client_hello(replay, replay.len().max(1)),
+        Ok(Some(hello)) if hello.alpn().any(|p| p == crate::quic::fallback::FALLBACK_ALPN)
+    )
+}
+
 /// Reads what is there of the ClientHello into `h.replay` and feeds it to the parser.
 fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize) -> Step {
     loop {
@@ -489,9 +495,6 @@ fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize) -> Step {
         match parser.feed(&h.replay[start..]) {
             Ok(Progress::NeedMore) => {}
             Ok(Progress::Done { hello, .. }) => {
-                h.orp_alpn = hello
-                    .alpn()
-                    .any(|p| p == crate::quic::fallback::FALLBACK_ALPN);
                 h.server_name = hello.server_name;
                 return Step::Done;
             }
