@@ -289,14 +289,26 @@ pub async fn spawn_relay(
     quic: &str,
     tail: &str,
 ) -> (Proc, serde_json::Value) {
+    spawn_relay_at(d, name, quic, "127.0.0.1", tail).await
+}
+
+/// The one relay spawner: QUIC on `quic`, the reverse and public TLS listeners on `ip` (port
+/// 0), metrics on loopback, short QUIC timeouts, `tail` after; waits for its ready file.
+pub async fn spawn_relay_at(
+    d: &Path,
+    name: &str,
+    quic: &str,
+    ip: &str,
+    tail: &str,
+) -> (Proc, serde_json::Value) {
     let config = d.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
             "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
              [tls]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\nca = \"ca.pem\"\n\
-             [listen]\nquic = \"{quic}\"\nreverse = \"127.0.0.1:0\"\n\
-             public_tls = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = {admin:?}\n\
+             [listen]\nquic = \"{quic}\"\nreverse = \"{ip}:0\"\n\
+             public_tls = \"{ip}:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = {admin:?}\n\
              [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}",
             admin = admin_socket(d, name).display().to_string(),
         ),
@@ -511,16 +523,35 @@ impl World {
 
     /// As [`World::agent`], connected to `relays` (in that order).
     pub fn agent_on(&self, name: &str, uri: &str, relays: &[SocketAddr], body: &str) -> Agent {
+        let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
+        let cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        self.agent_with(cmd, name, uri, &relays, "", "127.0.0.1", body)
+    }
+
+    /// The one agent spawner: `cmd` (the agent binary, possibly behind a prefix such as
+    /// `ip netns exec NS`) runs `run --config` for identity `uri` with `relays` written as
+    /// given, `top` (top-level keys) before the tables, the metrics and status listener on
+    /// `metrics_ip`, short timeouts, and `body` ([[provide]] / [[consume]] / [[lease]] ...).
+    #[allow(clippy::too_many_arguments)]
+    pub fn agent_with(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        uri: &str,
+        relays: &[String],
+        top: &str,
+        metrics_ip: &str,
+        body: &str,
+    ) -> Agent {
         let d = self.path();
         let (cert, key) = self.ca.write_leaf(d, name, uri, false);
         let config = format!(
-            "relays = {relays:?}\nserver_name = \"localhost\"\n\
+            "relays = {relays:?}\nserver_name = \"localhost\"\n{top}\n\
              [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [metrics]\nlisten = \"{metrics_ip}:0\"\n\
              [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
              reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
              [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
-            relays = relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
             cert = cert.display().to_string(),
             key = key.display().to_string(),
             ca = d.join("ca.pem").display().to_string(),
@@ -528,7 +559,6 @@ impl World {
         let path = d.join(format!("{name}.toml"));
         std::fs::write(&path, config).expect("agent config");
         let ready = d.join(format!("{name}-ready.json"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
         cmd.args(["--log", "info", "run", "--config"])
             .arg(&path)
             .arg("--ready-file")
@@ -863,34 +893,8 @@ impl World {
         top: &str,
         body: &str,
     ) -> Agent {
-        let d = self.path();
-        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
-        let config = format!(
-            "relays = {relays:?}\nserver_name = \"localhost\"\n{top}\n\
-             [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n\
-             [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
-             reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
-             [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
-            cert = cert.display().to_string(),
-            key = key.display().to_string(),
-            ca = d.join("ca.pem").display().to_string(),
-        );
-        let path = d.join(format!("{name}.toml"));
-        std::fs::write(&path, config).expect("agent config");
-        let ready = d.join(format!("{name}-ready.json"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
-        cmd.args(["--log", "info", "run", "--config"])
-            .arg(&path)
-            .arg("--ready-file")
-            .arg(&ready);
-        Agent {
-            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
-            name: name.to_owned(),
-            ready,
-            started: Instant::now(),
-            info: serde_json::Value::Null,
-        }
+        let cmd = Command::new(env!("CARGO_BIN_EXE_outrelay-agent"));
+        self.agent_with(cmd, name, uri, relays, top, "127.0.0.1", body)
     }
 
     /// A relay named `name` with identity `outrelay://dev/relay/<id>` on QUIC `quic` (an
@@ -937,30 +941,7 @@ pub async fn spawn_relay_on_ip(
     ip: &str,
     tail: &str,
 ) -> (Proc, serde_json::Value) {
-    let config = d.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "public_url = \"https://relay.mesh.test\"\nworkers = 1\n\
-             [tls]\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\nca = \"ca.pem\"\n\
-             [listen]\nquic = \"{ip}:0\"\nreverse = \"{ip}:0\"\n\
-             public_tls = \"{ip}:0\"\nmetrics = \"127.0.0.1:0\"\nadmin_socket = {admin:?}\n\
-             [quic]\nidle_timeout_ms = 2000\nkeep_alive_ms = 500\n{tail}",
-            admin = admin_socket(d, name).display().to_string(),
-        ),
-    )
-    .expect("relay config");
-    let ready = d.join(format!("{name}-ready.json"));
-    let _ = std::fs::remove_file(&ready);
-    let mut cmd = Command::new(sibling_binary("outrelay-relay"));
-    cmd.args(["--log", "info", "--config"])
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready);
-    let log = d.join(format!("{name}.log"));
-    let mut relay = spawn_logged_append(cmd, &log);
-    let info = wait_for_ready(&ready, &mut relay, name).await;
-    (relay, info)
+    spawn_relay_at(d, name, &format!("{ip}:0"), ip, tail).await
 }
 
 impl World {
@@ -985,40 +966,14 @@ impl World {
     /// listener on `metrics_ip`.
     pub fn agent_via(
         &self,
-        mut cmd: Command,
+        cmd: Command,
         name: &str,
         uri: &str,
         relays: &[SocketAddr],
         metrics_ip: &str,
         body: &str,
     ) -> Agent {
-        let d = self.path();
-        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
-        let config = format!(
-            "relays = {relays:?}\nserver_name = \"localhost\"\n\
-             [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
-             [metrics]\nlisten = \"{metrics_ip}:0\"\n\
-             [connection]\nkeepalive_ms = 500\nidle_timeout_ms = 3000\nping_interval_ms = 1000\n\
-             reconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
-             [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{body}\n",
-            relays = relays.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            cert = cert.display().to_string(),
-            key = key.display().to_string(),
-            ca = d.join("ca.pem").display().to_string(),
-        );
-        let path = d.join(format!("{name}.toml"));
-        std::fs::write(&path, config).expect("agent config");
-        let ready = d.join(format!("{name}-ready.json"));
-        cmd.args(["--log", "info", "run", "--config"])
-            .arg(&path)
-            .arg("--ready-file")
-            .arg(&ready);
-        Agent {
-            proc: spawn_logged(cmd, &d.join(format!("{name}.log"))),
-            name: name.to_owned(),
-            ready,
-            started: Instant::now(),
-            info: serde_json::Value::Null,
-        }
+        let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
+        self.agent_with(cmd, name, uri, &relays, "", metrics_ip, body)
     }
 }
