@@ -31,8 +31,7 @@ use crate::config::{FallbackConfig, FallbackMode};
 use crate::control::RelayCtx;
 use crate::stats::Transport;
 
-/// Bytes of a tunnel frame's length prefix (big-endian u16).
-pub const FRAME_HEADER_BYTES: usize = 2;
+pub use outrelay_proto::tunnel::{FRAME_HEADER_BYTES, frame_header};
 /// The relay's public TLS port, where an unlisted relay's fallback goes.
 pub const DEFAULT_TLS_PORT: u16 = 443;
 /// Packets received from the tunnel waiting for the endpoint (backpressure on the TCP read).
@@ -94,14 +93,6 @@ pub(crate) struct Tunnel(tokio::task::JoinHandle<()>);
 impl Drop for Tunnel {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// The frame header for a packet of `len` bytes; `None` for 0 or above 65535.
-pub fn frame_header(len: usize) -> Option<[u8; FRAME_HEADER_BYTES]> {
-    match u16::try_from(len) {
-        Ok(0) | Err(_) => None,
-        Ok(n) => Some(n.to_be_bytes()),
     }
 }
 
@@ -458,14 +449,6 @@ pub async fn pump_out<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-
-    #[test]
-    fn frame_header_is_big_endian_and_bounded() {
-        assert_eq!(frame_header(1200), Some([0x04, 0xb0]));
-        assert_eq!(frame_header(65535), Some([0xff, 0xff]));
-        assert_eq!(frame_header(0), None);
-        assert_eq!(frame_header(65536), None);
-    }
 
     #[test]
     fn addresses_and_names_default_from_the_relay_address() {

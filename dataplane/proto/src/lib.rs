@@ -12,6 +12,7 @@
 //! | [`client_hello`] | incremental TLS ClientHello parser: SNI, ALPN, ECH presence |
 //! | [`hostname`] | host-name and lease-name normalisation shared by SNI and leases |
 //! | [`reverse`] | reverse-session preamble, exporter-keyed MAC, marker bytes |
+//! | [`tunnel`] | TCP/443 fallback tunnel framing (`[u16 len][QUIC packet]`) and its ALPN |
 //! | [`udp`] | UDP datagram header (`uvarint udp_slot`, `uvarint flow_id`) |
 //! | [`identity`] | strict parser for `outrelay://` identity URIs |
 //!
@@ -26,6 +27,7 @@ pub mod frame;
 pub mod hostname;
 pub mod identity;
 pub mod reverse;
+pub mod tunnel;
 pub mod udp;
 
 /// The `outrelay.orp.v1` protobuf messages, generated from `proto/orp.proto` by prost-build

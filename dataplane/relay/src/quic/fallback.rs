@@ -33,10 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// The ALPN a fallback ClientHello offers (the same as QUIC's).
-pub const FALLBACK_ALPN: &[u8] = b"orp/1";
-/// Bytes of a tunnel frame's length prefix (big-endian u16).
-pub const FRAME_HEADER_BYTES: usize = 2;
+pub use outrelay_proto::tunnel::{FALLBACK_ALPN, FRAME_HEADER_BYTES, frame_header};
 /// Default bound of tunnels at once.
 pub const DEFAULT_MAX_TUNNELS: usize = 1024;
 /// Default bound of tunnels per source IP.
@@ -51,14 +48,6 @@ const INBOUND_PACKETS_MAX: usize = 4096;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// The synthetic peers' /64 (`100::/64`, discard-only: no real packet comes from it).
 const SYNTHETIC_PREFIX: u128 = 0x0100_u128 << 112;
-
-/// The frame header for a packet of `len` bytes; `None` above 65535 or for 0 (never framed).
-pub fn frame_header(len: usize) -> Option<[u8; FRAME_HEADER_BYTES]> {
-    match u16::try_from(len) {
-        Ok(0) | Err(_) => None,
-        Ok(n) => Some(n.to_be_bytes()),
-    }
-}
 
 /// The synthetic peer address of tunnel `id`.
 pub fn synthetic_addr(id: u64) -> SocketAddr {
@@ -566,15 +555,6 @@ impl FallbackAcceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frame_header_is_big_endian_and_bounded() {
-        assert_eq!(frame_header(1), Some([0, 1]));
-        assert_eq!(frame_header(1200), Some([0x04, 0xb0]));
-        assert_eq!(frame_header(65535), Some([0xff, 0xff]));
-        assert_eq!(frame_header(0), None);
-        assert_eq!(frame_header(65536), None);
-    }
 
     #[test]
     fn synthetic_addresses_never_collide_with_real_peers() {
