@@ -2803,3 +2803,45 @@ async fn a_forwarded_stream_is_resumable_only_when_both_ends_asked_and_its_check
     assert_eq!(forward.stats.checkpoints(CheckpointOutcome::Sent), 1);
     drop(plain);
 }
+
+/// Relay B arms the rule-expiry timer of a forwarded stream from its own callee-side verdict:
+/// when the one rule allowing the stream (both sides) expires, B cuts both halves with
+/// POLICY_CUT by itself (relay A, here a silent test peer, never does), counted `cut_expired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_b_cuts_a_forwarded_stream_when_its_allowing_rule_expires() {
+    let w = mesh_world(&[]);
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let mut rule = allow("demo", "*", "*").to_rule(0);
+    rule.expires_unix_ms = now_ms + 1_500;
+    w.mesh.set_policy(vec![rule]);
+    let (mut provider, _) = w.resume_agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+    let relay9 = connect(&w.relay, &w.ca, &peer)
+        .await
+        .expect("a peer relay connects");
+    let (_, _, _, (_cs, mut cr, _ps, mut pr)) =
+        forward_marks(&relay9.conn, &provider, "pay", 21, false).await;
+    let mut buf = [0u8; 64];
+    for (side, recv) in [("provider", &mut pr), ("relay A", &mut cr)] {
+        let read = tokio::time::timeout(WAIT, recv.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{side}: the forwarded stream was never cut"));
+        match read {
+            Err(quinn::ReadError::Reset(code)) => {
+                assert_eq!(u64::from(code), u64::from(close_code::POLICY_CUT), "{side}");
+            }
+            other => panic!("{side}: expected a POLICY_CUT reset, got {other:?}"),
+        }
+    }
+    assert_eq!(w.mesh.stats.cut_expired.load(Ordering::Relaxed), 1);
+}
