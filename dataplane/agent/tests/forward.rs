@@ -492,17 +492,30 @@ async fn forwarded_stream_survives(dies: Dies) {
         }
     };
     other_tenant.keep_flowing(Duration::from_millis(500)).await;
-    let resumed = poll(Duration::from_secs(60), || bulk.received() > at_kill).await;
+    let resumed_by = |agent: &Agent| {
+        metric(
+            &agent.scrape(),
+            "outrelay_agent_resume_total",
+            &[("result", "resumed")],
+        ) >= 1.0
+    };
+    let resumed = poll(Duration::from_secs(60), || {
+        resumed_by(&consumer) && resumed_by(&provider)
+    })
+    .await;
     assert!(
         resumed,
-        "no byte came back within 60 s of the kill:\nconsumer:\n{}\nprovider:\n{}",
+        "the stream did not resume within 60 s of the kill:\nconsumer:\n{}\nprovider:\n{}",
         resume_lines(&consumer.scrape()),
         resume_lines(&provider.scrape())
     );
+    let took = killed.elapsed();
+    let flowing = poll(Duration::from_secs(60), || bulk.received() > at_kill).await;
+    assert!(flowing, "no byte came back within 60 s of the kill");
     eprintln!(
-        "MEASURED forwarded stream, kill -9 of the {dies:?} at {} MiB echoed; bytes again after {:?}",
+        "MEASURED forwarded stream, kill -9 of the {dies:?} at {} MiB echoed; both agents \
+         resumed within {took:?} (agent idle timeout 3 s)",
         at_kill >> 20,
-        killed.elapsed()
     );
     other_tenant.keep_flowing(Duration::from_millis(300)).await;
     finish_intact(bulk, echo, BULK_BYTES).await;
