@@ -2725,7 +2725,8 @@ async fn forward_marks(
 /// provider as resumable only when relay A asked (`resume`) and the provider keeps rings, and
 /// B's STREAM_ACCEPT says what was agreed (with the provider's URI). For the resumable pair,
 /// checkpoints cross the hop on the lanes: relay A's reach the provider's control stream, the
-/// provider's reach relay A on the lane B opens toward it.
+/// provider's reach relay A on the lane B opens toward it. When relay A's connection ends, the
+/// provider's half is reset with PEER_LOST, so the provider resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_stream_is_resumable_only_when_both_ends_asked_and_its_checkpoints_cross_the_hop()
  {
@@ -2759,7 +2760,8 @@ async fn a_forwarded_stream_is_resumable_only_when_both_ends_asked_and_its_check
         (false, false, ""),
         "the provider did not ask"
     );
-    let (inc, acc, uri, _live) = forward_marks(&relay9.conn, &resuming, "pay", 13, true).await;
+    let (inc, acc, uri, (_cs, _cr, _ps, mut pr)) =
+        forward_marks(&relay9.conn, &resuming, "pay", 13, true).await;
     assert_eq!(
         (inc, acc, uri.as_str()),
         (true, true, AGENT_2),
@@ -2801,6 +2803,20 @@ async fn a_forwarded_stream_is_resumable_only_when_both_ends_asked_and_its_check
         .expect("lane");
     assert_eq!(read_one(&mut back).await, from_provider);
     assert_eq!(forward.stats.checkpoints(CheckpointOutcome::Sent), 1);
+
+    // Relay A's connection ends (as when it dies): the provider's half is reset with
+    // PEER_LOST (17), the code after which an agent resumes.
+    relay9.conn.close(0u32.into(), b"relay A went away");
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(WAIT, pr.read(&mut buf))
+        .await
+        .expect("the provider's half is reset in time")
+    {
+        Err(quinn::ReadError::Reset(code)) => {
+            assert_eq!(u64::from(code), u64::from(close_code::PEER_LOST));
+        }
+        other => panic!("expected a PEER_LOST reset, got {other:?}"),
+    }
     drop(plain);
 }
 
