@@ -59,6 +59,16 @@ async fn bulk_both_ways(
     bytes: u64,
 ) -> (f64, f64) {
     let bulk = common::Bulk::start(consumer.consumer(i), bytes).await;
+    finish_intact(bulk, echo, bytes).await
+}
+
+/// Waits for `bulk` to end; asserts every byte arrived once, in order, both ways (SHA-256 at
+/// the target, of the echo, and the target's trailer after our FIN); (seconds up, down).
+async fn finish_intact(
+    bulk: common::Bulk,
+    echo: tokio::task::JoinHandle<(u64, Vec<u8>)>,
+    bytes: u64,
+) -> (f64, f64) {
     let (sent, sent_hash, write_took, got, got_hash, trailer, read_took) = bulk.finish().await;
     let (echo_total, echo_hash) = tokio::time::timeout(Duration::from_secs(300), echo)
         .await
@@ -360,4 +370,191 @@ async fn measured_forwarded_stream_against_a_single_relay_stream() {
             (used1 + used2) / gbit,
         );
     }
+}
+
+// ---------- resume across the forwarded hop ----------
+
+/// The pace of the resumed transfers: 100 MiB each way lasts about 5 s, so the kill lands
+/// mid-stream whatever the machine's speed.
+const RESUME_PACE_BYTES_PER_S: u64 = 20 * 1024 * 1024;
+
+/// Which relay of the forwarded stream dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dies {
+    /// Relay 1: the consumer reconnects to relay 2, where the halves meet.
+    ConsumersRelay,
+    /// Relay 2: the provider reconnects to relay 1, where the halves meet.
+    ProvidersRelay,
+}
+
+/// The resume lines of a metrics page (for failure messages).
+fn resume_lines(text: &str) -> String {
+    text.lines()
+        .filter(|l| (l.contains("resume") || l.contains("checkpoint")) && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A 100 MiB stream each way, forwarded consumer -> relay 1 -> relay 2 -> provider with both
+/// agents resuming (each holds one relay, the other is its fallback); `dies` is killed with
+/// `kill -9` a quarter of the way in. The stream completes with equal hashes, both agents
+/// count a resume, the surviving relay joined the halves, and tenant B's stream on the
+/// surviving relay flows meanwhile.
+async fn forwarded_stream_survives(dies: Dies) {
+    let mut w = World::with_relay_config(FAST).await;
+    let (mut r2, info2) = w.extra_relay("relay2", RELAY2_ID, "").await;
+    let (q1, q2) = (w.quic.to_string(), addr_in(&info2, "quic").to_string());
+    let (target, echo) = common::hashing_echo_target().await;
+    let (web, _web_task) = http_target().await;
+    let (b_echo, _b_echo_task) = common::echo_server().await;
+    let one = "ha_connections = 1";
+    let mut provider = w.agent_ha(
+        "provider",
+        PROVIDER_A,
+        &[q2.clone(), q1.clone()],
+        one,
+        &format!("{}{}", provide("bulk", target), provide("web", web)),
+    );
+    provider.ready().await;
+    let mut consumer = w.agent_ha(
+        "consumer",
+        CONSUMER_A,
+        &[q1.clone(), q2.clone()],
+        one,
+        &format!("{}{}", consume("bulk"), consume("web")),
+    );
+    consumer.ready().await;
+    // Tenant B, both ends on the relay that survives.
+    let survivor = match dies {
+        Dies::ConsumersRelay => q2.clone(),
+        Dies::ProvidersRelay => q1.clone(),
+    };
+    let mut provider_b = w.agent_ha(
+        "provider-b",
+        PROVIDER_B,
+        std::slice::from_ref(&survivor),
+        one,
+        &provide("local-echo", b_echo),
+    );
+    provider_b.ready().await;
+    let mut consumer_b = w.agent_ha(
+        "consumer-b",
+        CONSUMER_B,
+        std::slice::from_ref(&survivor),
+        one,
+        &consume("local-echo"),
+    );
+    consumer_b.ready().await;
+    w.rule(TENANT_A, ANY_A, "*", "allow", None).await;
+    w.rule(TENANT_B, ANY_B, "*", "allow", None).await;
+    eventually_ok(consumer.consumer(1), Instant::now(), "forwarded call").await;
+    let mut other_tenant =
+        LiveStream::open_when_allowed(consumer_b.consumer(0), WAIT, "tenant B").await;
+
+    let bulk =
+        common::Bulk::start_paced(consumer.consumer(0), BULK_BYTES, RESUME_PACE_BYTES_PER_S).await;
+    bulk.wait_received(BULK_BYTES / 4).await;
+    // More than a ring (16 MiB) came back: checkpoints crossed the hop both ways.
+    let (page1, page2) = (w.relay_scrape(), scrape(addr_in(&info2, "metrics")));
+    let delivered1 = metric(
+        &page1,
+        "outrelay_relay_forward_checkpoints_total",
+        &[("result", "delivered"), ("peer", RELAY2_ID)],
+    );
+    let delivered2 = metric(
+        &page2,
+        "outrelay_relay_forward_checkpoints_total",
+        &[("result", "delivered"), ("peer", RELAY_ID)],
+    );
+    assert!(
+        delivered1 >= 1.0 && delivered2 >= 1.0,
+        "checkpoints across the hop: relay 1 delivered {delivered1}, relay 2 {delivered2}\n{}\n{}",
+        resume_lines(&page1),
+        resume_lines(&page2)
+    );
+    let forwarded = metric(
+        &page1,
+        "outrelay_relay_forward_streams_total",
+        &[("direction", "out"), ("peer", RELAY2_ID)],
+    );
+    assert!(forwarded >= 2.0, "the streams were forwarded: {forwarded}");
+
+    let at_kill = bulk.received();
+    let killed = Instant::now();
+    let survivor_metrics = match dies {
+        Dies::ConsumersRelay => {
+            w.relay.kill9();
+            addr_in(&info2, "metrics")
+        }
+        Dies::ProvidersRelay => {
+            r2.kill9();
+            w.relay_metrics
+        }
+    };
+    other_tenant.keep_flowing(Duration::from_millis(500)).await;
+    let resumed_by = |agent: &Agent| {
+        metric(
+            &agent.scrape(),
+            "outrelay_agent_resume_total",
+            &[("result", "resumed")],
+        ) >= 1.0
+    };
+    let resumed = poll(Duration::from_secs(60), || {
+        resumed_by(&consumer) && resumed_by(&provider)
+    })
+    .await;
+    assert!(
+        resumed,
+        "the stream did not resume within 60 s of the kill:\nconsumer:\n{}\nprovider:\n{}",
+        resume_lines(&consumer.scrape()),
+        resume_lines(&provider.scrape())
+    );
+    let took = killed.elapsed();
+    let flowing = poll(Duration::from_secs(60), || bulk.received() > at_kill).await;
+    assert!(flowing, "no byte came back within 60 s of the kill");
+    eprintln!(
+        "MEASURED forwarded stream, kill -9 of the {dies:?} at {} MiB echoed; both agents \
+         resumed within {took:?} (agent idle timeout 3 s)",
+        at_kill >> 20,
+    );
+    other_tenant.keep_flowing(Duration::from_millis(300)).await;
+    finish_intact(bulk, echo, BULK_BYTES).await;
+    for agent in [&consumer, &provider] {
+        let page = agent.scrape();
+        let count = |result| metric(&page, "outrelay_agent_resume_total", &[("result", result)]);
+        assert!(
+            count("resumed") >= 1.0,
+            "{}:\n{}",
+            agent.name,
+            resume_lines(&page)
+        );
+        assert_eq!(
+            count("lost"),
+            0.0,
+            "{}:\n{}",
+            agent.name,
+            resume_lines(&page)
+        );
+    }
+    let page = scrape(survivor_metrics);
+    assert!(
+        metric(
+            &page,
+            "outrelay_relay_resume_total",
+            &[("result", "resumed")]
+        ) >= 1.0,
+        "the halves met on the surviving relay:\n{}",
+        resume_lines(&page)
+    );
+    drop((provider_b, r2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_100_mib_stream_each_way_survives_kill_9_of_the_consumers_relay() {
+    forwarded_stream_survives(Dies::ConsumersRelay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_100_mib_stream_each_way_survives_kill_9_of_the_providers_relay() {
+    forwarded_stream_survives(Dies::ProvidersRelay).await;
 }

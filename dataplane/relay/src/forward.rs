@@ -183,10 +183,47 @@ impl Refusal {
     }
 }
 
+/// What became of a STREAM_CHECKPOINT on a checkpoint lane (one unidirectional stream per
+/// direction of a relay connection, carrying the checkpoints of the resumable forwarded
+/// streams it shares with the peer relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointOutcome {
+    /// Written to the lane toward the peer relay.
+    Sent,
+    /// From the peer relay, put on the local agent's control queue.
+    Delivered,
+    /// From the peer relay, for a stream this relay does not share with it: dropped.
+    NoPair,
+    /// From the peer relay, but the local agent's control queue was full (or its connection
+    /// gone): dropped (checkpoints are cumulative: the next one says it all again).
+    QueueFull,
+}
+
+impl CheckpointOutcome {
+    /// Every outcome (counter index order).
+    pub const ALL: [CheckpointOutcome; 4] = [
+        CheckpointOutcome::Sent,
+        CheckpointOutcome::Delivered,
+        CheckpointOutcome::NoPair,
+        CheckpointOutcome::QueueFull,
+    ];
+
+    /// The `result` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckpointOutcome::Sent => "sent",
+            CheckpointOutcome::Delivered => "delivered",
+            CheckpointOutcome::NoPair => "no_pair",
+            CheckpointOutcome::QueueFull => "queue_full",
+        }
+    }
+}
+
 /// Counters of forwarding (also exported as Prometheus metrics).
 #[derive(Debug, Default)]
 pub struct ForwardStats {
     refused: [AtomicU64; Refusal::ALL.len()],
+    checkpoints: [AtomicU64; CheckpointOutcome::ALL.len()],
     /// Connections to peer relays established.
     pub connects: AtomicU64,
     /// Forwarded streams this relay opened to peers (accepted by them).
@@ -207,6 +244,26 @@ impl ForwardStats {
             "peer" => peer.to_owned()
         )
         .increment(1);
+    }
+
+    /// Counts one checkpoint on a lane of `peer` (a relay id) as `o`.
+    pub fn checkpoint(&self, o: CheckpointOutcome, peer: &str) {
+        if let Some(c) = self.checkpoints.get(o as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::counter!(
+            "outrelay_relay_forward_checkpoints_total",
+            "result" => o.label(),
+            "peer" => peer.to_owned()
+        )
+        .increment(1);
+    }
+
+    /// Checkpoints counted as `o`.
+    pub fn checkpoints(&self, o: CheckpointOutcome) -> u64 {
+        self.checkpoints
+            .get(o as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Refusals counted for `r`.

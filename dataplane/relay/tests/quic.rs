@@ -118,6 +118,8 @@ struct Relay {
     drain: DrainHandle,
     handle: RelayHandle,
     task: tokio::task::JoinHandle<()>,
+    /// The forwarding pool (relays with a mesh).
+    forward: Option<Arc<outrelay_relay::forward::Peers>>,
     /// UDP leases (ports from a claimed range, `flow_max` = [`UDP_FLOW_MAX`]).
     udp: Arc<UdpIngress>,
     _dir: tempfile::TempDir,
@@ -189,12 +191,12 @@ fn start_relay_full(
         shared.clone(),
     );
     server.serve_udp(udp.clone());
-    if let Some(mesh) = mesh {
+    let forward = mesh.map(|mesh| {
         server.serve_mesh(mesh);
         server
             .serve_forward(outrelay_relay::forward::ForwardConfig::default())
-            .expect("forwarding");
-    }
+            .expect("forwarding")
+    });
     udp.serve();
     assert_eq!(server.identity().to_string(), RELAY);
     let addr = server.local_addr().expect("local addr");
@@ -211,6 +213,7 @@ fn start_relay_full(
         drain,
         handle,
         task,
+        forward,
         udp,
         _dir: dir,
     }
@@ -2578,4 +2581,283 @@ async fn a_relay_connection_may_only_open_forward_streams() {
         a.conn.close_reason().is_none(),
         "the relay connection stays up"
     );
+}
+
+/// A peer relay's checkpoint lane (resume across the forwarded hop): a STREAM_CHECKPOINT for a
+/// stream that relay does not share with this one (here: a local pair of two agents on the
+/// same stream id) is dropped and counted `no_pair`, and never reaches either agent; anything
+/// but a checkpoint on a lane is a protocol error (counted, the lane stopped), while the
+/// relay connection stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_relays_checkpoint_for_a_stream_it_does_not_share_is_dropped_and_counted() {
+    use outrelay_relay::forward::{CheckpointOutcome, Refusal};
+    let w = mesh_world(&[allow("demo", "*", "pay")]);
+    let forward = w.relay.forward.clone().expect("forwarding served");
+    let mut provider = w.go_agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 0).await,
+        Frame::RegisterAck(_)
+    ));
+    let mut consumer = w.go_agent(AGENT_1).await;
+    let (mut c_send, _c_recv) = consumer.conn.open_bi().await.expect("open");
+    write_frame(
+        &mut c_send,
+        Frame::OpenStream(orp::OpenStream {
+            target_service: "pay".to_owned(),
+            method: String::new(),
+            stream_id: 42,
+        }),
+    )
+    .await;
+    let (_inc, mut p_send, _p_recv) = provider.incoming().await;
+    write_frame(
+        &mut p_send,
+        Frame::StreamAccept(orp::StreamAccept::default()),
+    )
+    .await;
+    for a in [&mut consumer, &mut provider] {
+        assert!(matches!(a.recv().await, Ok(Frame::StreamReady(r)) if r.stream_id == 42));
+    }
+
+    // Relay 9 writes a checkpoint for stream 42 on its lane: not a stream it shares.
+    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+    let relay9 = connect(&w.relay, &w.ca, &peer)
+        .await
+        .expect("a peer relay connects");
+    let mut lane = tokio::time::timeout(WAIT, relay9.conn.open_uni())
+        .await
+        .expect("the relay grants a lane")
+        .expect("lane");
+    let checkpoint = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 42,
+        my_position: 1 << 20,
+        peer_ack_position: 1 << 20,
+    });
+    lane.write_all(&checkpoint.to_vec().expect("encode"))
+        .await
+        .expect("write");
+    let counted = async {
+        while forward.stats.checkpoints(CheckpointOutcome::NoPair) < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, counted)
+        .await
+        .expect("the checkpoint counted as no_pair");
+    assert_eq!(forward.stats.checkpoints(CheckpointOutcome::Delivered), 0);
+    for a in [&mut consumer, &mut provider] {
+        assert_eq!(
+            a.call(Frame::Ping).await,
+            Frame::Pong,
+            "the foreign checkpoint reached an agent"
+        );
+    }
+
+    // Anything else on the lane: a protocol error, the lane stopped, the connection up.
+    lane.write_all(&Frame::Ping.to_vec().expect("encode"))
+        .await
+        .expect("write");
+    let stopped = tokio::time::timeout(WAIT, lane.stopped())
+        .await
+        .expect("the lane is stopped");
+    assert_eq!(
+        stopped.expect("stopped").map(u64::from),
+        Some(u64::from(close_code::PROTOCOL_ERROR))
+    );
+    assert!(forward.stats.refused(Refusal::ProtocolError) >= 1);
+    assert!(
+        relay9.conn.close_reason().is_none(),
+        "the relay connection stays up"
+    );
+}
+
+/// Both halves of a joined stream, kept open (a dropped receive half stops the stream).
+type LiveHalves = (
+    quinn::SendStream,
+    quinn::RecvStream,
+    quinn::SendStream,
+    quinn::RecvStream,
+);
+
+/// Relay 9 (a test peer relay on `conn`) forwards AGENT_1's stream `id` to `service`, which
+/// `provider` accepts: (INCOMING_STREAM.resume, the answer's resume, its peer_agent_uri) and
+/// the four live halves.
+async fn forward_marks(
+    conn: &quinn::Connection,
+    provider: &Agent,
+    service: &str,
+    id: u64,
+    asked: bool,
+) -> (bool, bool, String, LiveHalves) {
+    let opening = async {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        write_frame(
+            &mut send,
+            Frame::ForwardStream(orp::IncomingStream {
+                target_service: service.to_owned(),
+                method: String::new(),
+                source_agent_uri: AGENT_1.to_owned(),
+                stream_id: id,
+                resume: asked,
+            }),
+        )
+        .await;
+        (read_one(&mut recv).await, send, recv)
+    };
+    let accepting = async {
+        let (inc, mut send, recv) = provider.incoming().await;
+        write_frame(&mut send, Frame::StreamAccept(orp::StreamAccept::default())).await;
+        (inc.resume, send, recv)
+    };
+    let ((answer, cs, cr), (incoming_resume, ps, pr)) = tokio::join!(opening, accepting);
+    match answer {
+        Frame::StreamAccept(a) => (
+            incoming_resume,
+            a.resume,
+            a.peer_agent_uri,
+            (cs, cr, ps, pr),
+        ),
+        other => panic!("expected STREAM_ACCEPT, got {other:?}"),
+    }
+}
+
+/// Resume across the forwarded hop, relay B's side: a FORWARD_STREAM is offered to the
+/// provider as resumable only when relay A asked (`resume`) and the provider keeps rings, and
+/// B's STREAM_ACCEPT says what was agreed (with the provider's URI). For the resumable pair,
+/// checkpoints cross the hop on the lanes: relay A's reach the provider's control stream, the
+/// provider's reach relay A on the lane B opens toward it. When relay A's connection ends, the
+/// provider's half is reset with PEER_LOST, so the provider resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_stream_is_resumable_only_when_both_ends_asked_and_its_checkpoints_cross_the_hop()
+ {
+    use outrelay_relay::forward::CheckpointOutcome;
+    let w = mesh_world(&[allow("demo", "*", "*")]);
+    let forward = w.relay.forward.clone().expect("forwarding served");
+    let (mut resuming, _) = w.resume_agent(AGENT_2).await;
+    assert!(matches!(
+        resuming.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let mut plain = w.agent(AGENT_3).await;
+    assert!(matches!(
+        plain.provide("ledger", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+    let relay9 = connect(&w.relay, &w.ca, &peer)
+        .await
+        .expect("a peer relay connects");
+    let (inc, acc, uri, _not_asked) =
+        forward_marks(&relay9.conn, &resuming, "pay", 11, false).await;
+    assert_eq!(
+        (inc, acc, uri.as_str()),
+        (false, false, ""),
+        "relay A did not ask"
+    );
+    let (inc, acc, uri, _plain) = forward_marks(&relay9.conn, &plain, "ledger", 12, true).await;
+    assert_eq!(
+        (inc, acc, uri.as_str()),
+        (false, false, ""),
+        "the provider did not ask"
+    );
+    let (inc, acc, uri, (_cs, _cr, _ps, mut pr)) =
+        forward_marks(&relay9.conn, &resuming, "pay", 13, true).await;
+    assert_eq!(
+        (inc, acc, uri.as_str()),
+        (true, true, AGENT_2),
+        "both asked"
+    );
+
+    // The consumer's checkpoint (on relay 9's lane) reaches the provider's control stream.
+    let mut lane = tokio::time::timeout(WAIT, relay9.conn.open_uni())
+        .await
+        .expect("the relay grants a lane")
+        .expect("lane");
+    let from_consumer = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 13,
+        my_position: 5,
+        peer_ack_position: 7,
+    });
+    lane.write_all(&from_consumer.to_vec().expect("encode"))
+        .await
+        .expect("write");
+    let got = loop {
+        match resuming.recv().await.expect("control frame") {
+            Frame::StreamReady(_) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(got, from_consumer);
+    assert_eq!(forward.stats.checkpoints(CheckpointOutcome::Delivered), 1);
+
+    // The provider's checkpoint reaches relay 9 on the lane the relay opens toward it.
+    let from_provider = Frame::StreamCheckpoint(orp::StreamCheckpoint {
+        stream_id: 13,
+        my_position: 7,
+        peer_ack_position: 5,
+    });
+    resuming.send(from_provider.clone()).await.expect("send");
+    let mut back = tokio::time::timeout(WAIT, relay9.conn.accept_uni())
+        .await
+        .expect("the relay opens its lane")
+        .expect("lane");
+    assert_eq!(read_one(&mut back).await, from_provider);
+    assert_eq!(forward.stats.checkpoints(CheckpointOutcome::Sent), 1);
+
+    // Relay A's connection ends (as when it dies): the provider's half is reset with
+    // PEER_LOST (17), the code after which an agent resumes.
+    relay9.conn.close(0u32.into(), b"relay A went away");
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(WAIT, pr.read(&mut buf))
+        .await
+        .expect("the provider's half is reset in time")
+    {
+        Err(quinn::ReadError::Reset(code)) => {
+            assert_eq!(u64::from(code), u64::from(close_code::PEER_LOST));
+        }
+        other => panic!("expected a PEER_LOST reset, got {other:?}"),
+    }
+    drop(plain);
+}
+
+/// Relay B arms the rule-expiry timer of a forwarded stream from its own callee-side verdict:
+/// when the one rule allowing the stream (both sides) expires, B cuts both halves with
+/// POLICY_CUT by itself (relay A, here a silent test peer, never does), counted `cut_expired`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_b_cuts_a_forwarded_stream_when_its_allowing_rule_expires() {
+    let w = mesh_world(&[]);
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let mut rule = allow("demo", "*", "*").to_rule(0);
+    rule.expires_unix_ms = now_ms + 1_500;
+    w.mesh.set_policy(vec![rule]);
+    let (mut provider, _) = w.resume_agent(AGENT_2).await;
+    assert!(matches!(
+        provider.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+    let relay9 = connect(&w.relay, &w.ca, &peer)
+        .await
+        .expect("a peer relay connects");
+    let (_, _, _, (_cs, mut cr, _ps, mut pr)) =
+        forward_marks(&relay9.conn, &provider, "pay", 21, false).await;
+    let mut buf = [0u8; 64];
+    for (side, recv) in [("provider", &mut pr), ("relay A", &mut cr)] {
+        let read = tokio::time::timeout(WAIT, recv.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{side}: the forwarded stream was never cut"));
+        match read {
+            Err(quinn::ReadError::Reset(code)) => {
+                assert_eq!(u64::from(code), u64::from(close_code::POLICY_CUT), "{side}");
+            }
+            other => panic!("{side}: expected a POLICY_CUT reset, got {other:?}"),
+        }
+    }
+    assert_eq!(w.mesh.stats.cut_expired.load(Ordering::Relaxed), 1);
 }

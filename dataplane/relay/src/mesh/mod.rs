@@ -281,8 +281,12 @@ pub enum Resolved {
 pub(crate) struct PairEnd {
     /// The agent's certificate URI.
     pub(crate) uri: String,
-    /// Its control stream's send queue (weak: the connection owns it).
+    /// Its control stream's send queue (weak: the connection owns it); for the end of a
+    /// forwarded stream on another relay, the checkpoint lane toward that relay.
     pub(crate) control: tokio::sync::mpsc::WeakSender<outrelay_proto::frame::Frame>,
+    /// The peer relay (its id) this end is on, for the far end of a forwarded stream; `None`
+    /// for an agent connected here.
+    pub(crate) relay: Option<Arc<str>>,
 }
 
 /// The two ends of a joined stream, and whether the policy that allowed it lets the agents
@@ -299,6 +303,17 @@ pub(crate) struct JoinedPair {
 }
 
 impl JoinedPair {
+    /// The end on another relay (a forwarded stream) and the local end opposite it.
+    pub(crate) fn remote_end(&self) -> Option<(&PairEnd, &PairEnd)> {
+        if self.consumer.relay.is_some() {
+            Some((&self.consumer, &self.provider))
+        } else if self.provider.relay.is_some() {
+            Some((&self.provider, &self.consumer))
+        } else {
+            None
+        }
+    }
+
     /// The end opposite `agent_uri`.
     pub(crate) fn peer_of(&self, agent_uri: &str) -> &PairEnd {
         if self.consumer.uri == agent_uri {
@@ -789,6 +804,21 @@ impl Mesh {
             .get(&id)
             .and_then(Option::clone)
             .filter(|p| p.consumer.uri == agent_uri || p.provider.uri == agent_uri)
+    }
+
+    /// The joined stream `id` when one of its ends is on peer relay `relay` (a forwarded
+    /// stream that relay shares with this one): a checkpoint from that relay for any other
+    /// stream finds nothing.
+    pub(crate) fn joined_via(&self, id: u64, relay: &str) -> Option<Arc<JoinedPair>> {
+        self.active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .and_then(Option::clone)
+            .filter(|p| {
+                p.remote_end()
+                    .is_some_and(|(end, _)| end.relay.as_deref() == Some(relay))
+            })
     }
 
     /// Gives a stream id back.

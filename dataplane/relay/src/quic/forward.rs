@@ -7,20 +7,36 @@
 //!   consumer gets what it would get from a local provider, then the two streams are joined
 //!   like local ones (recheck, idle timeout, bandwidth).
 //! - **Relay B** (the provider's), in [`serve_relay`]: a connection whose certificate has role
-//!   `relay` may only open streams starting with FORWARD_STREAM (anything else is a protocol
-//!   error, counted). B takes the tenant from the strictly parsed `source_agent_uri`, runs the
-//!   callee-side decision, resolves LOCAL providers only (a forwarded stream is never
-//!   forwarded again), sends INCOMING_STREAM, relays the answer and joins.
+//!   `relay` may only open streams starting with FORWARD_STREAM, and one checkpoint lane
+//!   (anything else is a protocol error, counted). B takes the tenant from the strictly parsed
+//!   `source_agent_uri`, runs the callee-side decision, resolves LOCAL providers only (a
+//!   forwarded stream is never forwarded again), sends INCOMING_STREAM, relays the answer and
+//!   joins.
 //!
-//! Both audit rows name the two relays in their reason ([`audit_prefix`]). Forwarded streams
-//! are not resumable: INCOMING_STREAM and STREAM_ACCEPT say `resume = false`.
+//! Both audit rows name the two relays in their reason ([`audit_prefix`]).
+//!
+//! **Resume across the hop.** A forwarded stream is resumable when the consumer asked for it
+//! (A puts the consumer's capability in FORWARD_STREAM's `resume`), B and the provider agree
+//! (B's STREAM_ACCEPT says what was agreed), and both relays have resume enabled; A tells the
+//! consumer in its STREAM_ACCEPT. Go agents and agents without resume get `resume = false` as
+//! before. The agents' STREAM_CHECKPOINTs cross the hop on **checkpoint lanes** ([`Lanes`]):
+//! per relay connection, each relay opens (lazily) one unidirectional QUIC stream toward the
+//! other and writes STREAM_CHECKPOINT frames on it (the far end of a forwarded pair has the
+//! lane as its control queue, bounded by [`LANE_QUEUE_MAX`]; full: dropped and counted by the
+//! signal counters). The receiving relay routes each by `stream_id` to the local end of the
+//! joined pair whose far end is on that relay ([`crate::mesh::Mesh::joined_via`]); a
+//! checkpoint for a stream it does not share with that relay, or for a full control queue, is
+//! dropped and counted (`outrelay_relay_forward_checkpoints_total{result}`). When a relay of
+//! the pair dies, the hop's ConnectionLost resets the surviving agent's half with PEER_LOST
+//! (17) and both agents resume on the relay they (re)connect to, where the halves meet.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use outrelay_proto::fields::valid_method;
-use outrelay_proto::frame::Frame;
+use outrelay_proto::frame::{Decoded, Frame, decode_limited};
 use outrelay_proto::identity::Identity;
 use outrelay_proto::orp;
 use tokio::sync::mpsc;
@@ -30,7 +46,7 @@ use super::streams::{
     local_peer, open_answered, reject, write_frame,
 };
 use super::{Ctx, close_code};
-use crate::forward::{Peers, Refusal};
+use crate::forward::{CheckpointOutcome, Peers, Refusal};
 use crate::mesh::policy::Verdict;
 use crate::mesh::{AuditRow, Mesh, MeshResult, PairEnd, Resolved, valid_service_name};
 
@@ -59,10 +75,153 @@ pub(super) struct Opened<'a> {
     pub(super) changes: tokio::sync::watch::Receiver<u64>,
 }
 
-/// A control queue that is already closed: the end of a pair on another relay (signals to it
-/// are dropped here; its own relay tells it).
-fn no_control() -> mpsc::WeakSender<Frame> {
-    mpsc::channel::<Frame>(1).0.downgrade()
+/// Checkpoints queued toward one relay connection's lane; a full lane drops (counted as
+/// `peer_queue_full` by the signal counters; the next checkpoint says it all again).
+pub(super) const LANE_QUEUE_MAX: usize = 1024;
+/// Unidirectional streams a relay connection may open toward this relay: its one lane.
+pub(super) const LANE_STREAMS: u32 = 1;
+/// Largest frame payload on a lane (a STREAM_CHECKPOINT is three varints, at most 33 bytes).
+const LANE_FRAME_MAX_BYTES: u32 = 64;
+/// Bytes read per call from a lane.
+const LANE_READ_BYTES: usize = 4096;
+
+/// The checkpoint lanes of this relay's relay connections (outbound pooled ones and inbound
+/// ones), by connection. A std mutex, touched once per forwarded stream, never per byte.
+#[derive(Default)]
+pub(crate) struct Lanes {
+    by_conn: Mutex<HashMap<usize, mpsc::Sender<Frame>>>,
+}
+
+impl Lanes {
+    /// The lane toward the relay `peer` at the other end of `conn`: on first use, starts its
+    /// writer (one unidirectional stream, opened with the first checkpoint) and the reader of
+    /// the peer's lane. Weak: it lives as long as the connection.
+    pub(super) fn lane(
+        &self,
+        conn: &quinn::Connection,
+        peer: &Arc<str>,
+        ctx: &Arc<Ctx>,
+    ) -> mpsc::WeakSender<Frame> {
+        let mut map = self.by_conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = map.get(&conn.stable_id()) {
+            return tx.downgrade();
+        }
+        let (tx, rx) = mpsc::channel(LANE_QUEUE_MAX);
+        let weak = tx.downgrade();
+        map.insert(conn.stable_id(), tx);
+        drop(map);
+        tokio::spawn(write_lane(conn.clone(), rx, peer.clone(), ctx.clone()));
+        tokio::spawn(read_lanes(conn.clone(), peer.clone(), ctx.clone()));
+        weak
+    }
+
+    fn remove(&self, conn: &quinn::Connection) {
+        self.by_conn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&conn.stable_id());
+    }
+}
+
+/// Writes the checkpoints queued for `peer` on one unidirectional stream of `conn`, until the
+/// connection ends (the lane is forgotten then).
+async fn write_lane(
+    conn: quinn::Connection,
+    mut rx: mpsc::Receiver<Frame>,
+    peer: Arc<str>,
+    ctx: Arc<Ctx>,
+) {
+    let mut send: Option<quinn::SendStream> = None;
+    let mut bytes = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv() => f,
+            _ = conn.closed() => None,
+        };
+        let Some(frame) = frame else { break };
+        // Only checkpoints reach a lane (candidates of forwarded streams are refused as
+        // P2P-forbidden, STREAM_READY goes to local ends only).
+        if !matches!(frame, Frame::StreamCheckpoint(_)) {
+            continue;
+        }
+        let lane = match send.as_mut() {
+            Some(s) => s,
+            None => match conn.open_uni().await {
+                Ok(s) => send.insert(s),
+                Err(_) => break,
+            },
+        };
+        bytes.clear();
+        if frame.encode(&mut bytes).is_err() || lane.write_all(&bytes).await.is_err() {
+            break;
+        }
+        if let Some(peers) = ctx.forward.get() {
+            peers.stats.checkpoint(CheckpointOutcome::Sent, &peer);
+        }
+    }
+    ctx.lanes.remove(&conn);
+}
+
+/// Accepts the peer's lane(s) on `conn` (at most [`LANE_STREAMS`] at once).
+async fn read_lanes(conn: quinn::Connection, peer: Arc<str>, ctx: Arc<Ctx>) {
+    while let Ok(recv) = conn.accept_uni().await {
+        tokio::spawn(read_lane(recv, peer.clone(), ctx.clone()));
+    }
+}
+
+/// Reads one lane of `peer`: STREAM_CHECKPOINT frames only (anything else, or a frame over
+/// [`LANE_FRAME_MAX_BYTES`], is a protocol error: counted, the lane stopped).
+async fn read_lane(mut recv: quinn::RecvStream, peer: Arc<str>, ctx: Arc<Ctx>) {
+    let (Some(peers), Some(mesh)) = (ctx.forward.get(), ctx.mesh.get()) else {
+        let _ = recv.stop(close_code::STREAM_UNSUPPORTED.into());
+        return;
+    };
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; LANE_READ_BYTES];
+    loop {
+        // `Some(Some(c))`: a checkpoint; `Some(None)`: anything else; `None`: read more.
+        let decoded = match decode_limited(&buf, LANE_FRAME_MAX_BYTES) {
+            Ok(Decoded::Frame { frame, used }) => match Frame::decode(&frame) {
+                Ok(Frame::StreamCheckpoint(c)) => Some(Some((c, used))),
+                _ => Some(None),
+            },
+            Ok(Decoded::NeedMore { .. }) => None,
+            Err(_) => Some(None),
+        };
+        match decoded {
+            Some(Some((c, used))) => {
+                buf.advance(used);
+                let outcome = deliver(mesh, &peer, c);
+                peers.stats.checkpoint(outcome, &peer);
+            }
+            Some(None) => {
+                peers.stats.refuse(Refusal::ProtocolError, &peer);
+                mesh.stats.count(MeshResult::ProtocolError);
+                tracing::debug!(peer = %peer, "checkpoint lane carried something else");
+                let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
+                return;
+            }
+            None => match recv.read(&mut chunk).await {
+                Ok(Some(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// Puts a checkpoint from `peer` on the control queue of the local end of the joined pair
+/// whose far end is on `peer`.
+fn deliver(mesh: &Mesh, peer: &str, c: orp::StreamCheckpoint) -> CheckpointOutcome {
+    let Some(pair) = mesh.joined_via(c.stream_id, peer) else {
+        return CheckpointOutcome::NoPair;
+    };
+    let Some((_, local)) = pair.remote_end() else {
+        return CheckpointOutcome::NoPair;
+    };
+    match local.control.upgrade() {
+        Some(to) if to.try_send(Frame::StreamCheckpoint(c)).is_ok() => CheckpointOutcome::Delivered,
+        _ => CheckpointOutcome::QueueFull,
+    }
 }
 
 /// The STREAM_REJECT code of a peer relay as this relay's result (the consumer sees the code
@@ -81,7 +240,7 @@ fn result_of(code: u32) -> MeshResult {
 
 /// Relay A: forwards the consumer's stream to the relay the registry names, answers the
 /// consumer and joins the two streams.
-pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx: &Ctx) {
+pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx: &Arc<Ctx>) {
     let Opened {
         consumer,
         mut send,
@@ -117,18 +276,20 @@ pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx:
             return reject(send, recv, mesh, MeshResult::Unreachable, why).await;
         }
     };
+    // Resume is asked for when the consumer keeps rings (and this relay offers resume, as
+    // for a local open); the peer relay answers what it and the provider agreed.
+    let asked = mesh.config().resume.enabled && consumer.resume && consumer.uri != remote.agent_uri;
     let forward = Frame::ForwardStream(orp::IncomingStream {
         target_service: service.to_owned(),
         method: method.to_owned(),
         source_agent_uri: consumer.uri.clone(),
         stream_id: id,
-        // Resume across the forwarded hop is not offered.
-        resume: false,
+        resume: asked,
     });
     let deadline = Duration::from_millis(mesh.config().open_timeout_ms);
-    let (mut p_send, mut p_recv, provider_rest) =
+    let (mut p_send, mut p_recv, provider_rest, agreed) =
         match open_answered(&conn, &forward, deadline).await {
-            Answer::Accepted(s, r, rest) => (s, r, rest),
+            Answer::Accepted(s, r, rest, agreed) => (s, r, rest, agreed),
             Answer::Rejected(code, reason) => {
                 let why = format!("relay {peer}: {reason}");
                 return reject(send, recv, mesh, result_of(code), why).await;
@@ -139,12 +300,17 @@ pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx:
                 return reject(send, recv, mesh, MeshResult::Unreachable, why).await;
             }
         };
+    let resume = asked && agreed;
     if consumer.explicit_accept
         && write_frame(
             &mut send,
             &Frame::StreamAccept(orp::StreamAccept {
-                resume: false,
-                peer_agent_uri: String::new(),
+                resume,
+                peer_agent_uri: if resume {
+                    remote.agent_uri.clone()
+                } else {
+                    String::new()
+                },
             }),
         )
         .await
@@ -169,10 +335,13 @@ pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx:
         consumer: PairEnd {
             uri: consumer.uri.clone(),
             control: consumer.control.clone(),
+            relay: None,
         },
+        // Its checkpoints go to the peer relay's lane; its own relay tells it the rest.
         provider: PairEnd {
             uri: remote.agent_uri.clone(),
-            control: no_control(),
+            control: ctx.lanes.lane(&conn, &peer.into(), ctx),
+            relay: Some(peer.into()),
         },
         ready_to: (true, false),
         // No direct path across relays.
@@ -210,13 +379,16 @@ pub(super) async fn serve_relay(conn: &quinn::Connection, peer_id: String, ctx: 
     conn.set_max_concurrent_bi_streams(
         quinn::VarInt::from_u64(per_peer).unwrap_or(quinn::VarInt::MAX),
     );
+    conn.set_max_concurrent_uni_streams(LANE_STREAMS.into());
     tracing::info!(peer = %peer_id, "peer relay connected");
     let peer_id: Arc<str> = peer_id.into();
+    // The lanes (ours to the peer, the peer's to us) start with the connection.
+    let lane = ctx.lanes.lane(conn, &peer_id, ctx);
     while let Ok((send, recv)) = conn.accept_bi().await {
         tokio::spawn(forwarded(
             peer_id.clone(),
-            send,
-            recv,
+            (send, recv),
+            lane.clone(),
             peers.clone(),
             mesh.clone(),
             ctx.clone(),
@@ -241,16 +413,17 @@ fn protocol_error(
     let _ = recv.stop(close_code::PROTOCOL_ERROR.into());
 }
 
-/// Relay B: one FORWARD_STREAM from `peer`, to its end.
+/// Relay B: one FORWARD_STREAM from `peer`, to its end (`lane`: the connection's checkpoint
+/// lane toward `peer`).
 async fn forwarded(
-    peer: Arc<str>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    peer_id: Arc<str>,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    lane: mpsc::WeakSender<Frame>,
     peers: Arc<Peers>,
     mesh: Arc<Mesh>,
     ctx: Arc<Ctx>,
 ) {
-    let peer = &*peer;
+    let peer = &*peer_id;
     let deadline = Duration::from_millis(mesh.config().open_timeout_ms);
     let (req, consumer_rest) = match first_frame(&mut recv, deadline).await {
         Ok((Frame::ForwardStream(req), rest)) => (req, rest),
@@ -329,19 +502,24 @@ async fn forwarded(
         stream_id: id,
     };
     let prefix = audit_prefix(peer, mesh.relay_id());
-    if let Err(why) = callee_decision(&mesh, &policy, &row, &provider.uri, &prefix) {
-        return reject(send, recv, &mesh, MeshResult::Denied, why).await;
-    }
+    let callee = match callee_decision(&mesh, &policy, &row, &provider.uri, &prefix) {
+        Ok(callee) => callee,
+        Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
+    };
+    // Resumable only when relay A asked (its consumer keeps rings), this relay offers resume
+    // and the provider keeps rings too.
+    let resume =
+        req.resume && mesh.config().resume.enabled && provider.resume && consumer != provider.uri;
     let incoming = Frame::IncomingStream(orp::IncomingStream {
         target_service: service.to_owned(),
         method: method.to_owned(),
         source_agent_uri: consumer.to_owned(),
         stream_id: id,
-        resume: false,
+        resume,
     });
     let (mut p_send, mut p_recv, provider_rest) =
         match open_answered(&provider.conn, &incoming, deadline).await {
-            Answer::Accepted(s, r, rest) => (s, r, rest),
+            Answer::Accepted(s, r, rest, _) => (s, r, rest),
             Answer::Rejected(code, reason) => {
                 let why = format!("provider rejected the stream: {code} {reason}");
                 return reject(send, recv, &mesh, MeshResult::ProviderRejected, why).await;
@@ -351,10 +529,14 @@ async fn forwarded(
                 return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
             }
         };
-    // Relay A always waits for one answer.
+    // Relay A always waits for one answer; it says whether the stream is resumable.
     let accept = Frame::StreamAccept(orp::StreamAccept {
-        resume: false,
-        peer_agent_uri: String::new(),
+        resume,
+        peer_agent_uri: if resume {
+            provider.uri.clone()
+        } else {
+            String::new()
+        },
     });
     if write_frame(&mut send, &accept).await.is_err() {
         let _ = p_send.reset(close_code::PEER_FAILED.into());
@@ -373,17 +555,21 @@ async fn forwarded(
         service,
         method,
         id,
+        // Its checkpoints go to relay A's lane; relay A tells it the rest.
         consumer: PairEnd {
             uri: consumer.to_owned(),
-            control: no_control(),
+            control: lane,
+            relay: Some(peer_id.clone()),
         },
         provider: PairEnd {
             uri: provider.uri.clone(),
             control: provider.control.clone(),
+            relay: None,
         },
         ready_to: (false, true),
         p2p_forbidden: true,
-        rule_expires_unix_ms: 0,
+        // Relay A watches its caller-side rule; this relay its own callee-side one.
+        rule_expires_unix_ms: callee.rule_expires_unix_ms,
         changes,
     };
     let halves = Halves {

@@ -507,6 +507,8 @@ pub(crate) struct Ctx {
     /// Relay-to-relay forwarding (issue 22); unset: remote providers answer 502 and relay
     /// connections are closed.
     pub(crate) forward: std::sync::OnceLock<Arc<crate::forward::Peers>>,
+    /// The checkpoint lanes of relay connections (resumable forwarded streams).
+    pub(crate) lanes: forward::Lanes,
 }
 
 /// One registered agent connection.
@@ -996,6 +998,7 @@ impl QuicServer {
             mesh: std::sync::OnceLock::new(),
             ingress: std::sync::OnceLock::new(),
             parked: std::sync::Mutex::new(resume::ParkTable::default()),
+            lanes: forward::Lanes::default(),
             bandwidth: shared.bandwidth.clone(),
             forward: std::sync::OnceLock::new(),
             tunnels: tunnels.clone(),
@@ -1057,9 +1060,9 @@ impl QuicServer {
         transport
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(Duration::from_millis(quic.keep_alive_ms)))
-            // The peer never opens streams toward the dialling relay.
+            // The peer opens no stream toward the dialling relay but its checkpoint lane.
             .max_concurrent_bidi_streams(0u32.into())
-            .max_concurrent_uni_streams(0u32.into())
+            .max_concurrent_uni_streams(forward::LANE_STREAMS.into())
             .receive_window(varint(quic.connection_receive_window_bytes)?)
             .stream_receive_window(varint(quic.stream_receive_window_bytes)?)
             .send_window(quic.connection_receive_window_bytes);

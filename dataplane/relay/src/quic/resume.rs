@@ -551,10 +551,12 @@ async fn join_pair(
             consumer: PairEnd {
                 uri: c.agent.uri.clone(),
                 control: c.agent.control.clone(),
+                relay: None,
             },
             provider: PairEnd {
                 uri: p.agent.uri.clone(),
                 control: p.agent.control.clone(),
+                relay: None,
             },
             p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
             superseded: superseded.clone(),

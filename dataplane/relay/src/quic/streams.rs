@@ -317,7 +317,7 @@ async fn open(
     });
     let (mut p_send, mut p_recv, provider_rest) =
         match open_answered(&provider.conn, &incoming, deadline).await {
-            Answer::Accepted(s, r, rest) => (s, r, rest),
+            Answer::Accepted(s, r, rest, _) => (s, r, rest),
             Answer::Rejected(code, reason) => {
                 let why = format!("provider rejected the stream: {code} {reason}");
                 return reject(send, recv, &mesh, MeshResult::ProviderRejected, why).await;
@@ -357,10 +357,12 @@ async fn open(
         consumer: crate::mesh::PairEnd {
             uri: consumer.uri.clone(),
             control: consumer.control.clone(),
+            relay: None,
         },
         provider: crate::mesh::PairEnd {
             uri: provider.uri.clone(),
             control: provider.control.clone(),
+            relay: None,
         },
         ready_to: (true, true),
         p2p_forbidden: verdict.p2p_forbidden || callee.p2p_forbidden,
@@ -466,8 +468,9 @@ pub(super) fn local_peer(ctx: &Ctx, tenant: &str, p: &crate::mesh::LocalProvider
 
 /// How a stream opened with [`open_answered`] was answered.
 pub(super) enum Answer {
-    /// STREAM_ACCEPT: the stream's halves and whatever came after the frame.
-    Accepted(quinn::SendStream, quinn::RecvStream, Bytes),
+    /// STREAM_ACCEPT: the stream's halves, whatever came after the frame, and the accept's
+    /// `resume` (what a peer relay agreed for a forwarded stream).
+    Accepted(quinn::SendStream, quinn::RecvStream, Bytes, bool),
     /// STREAM_REJECT: its code and reason (the stream is finished).
     Rejected(u32, String),
     /// No stream, no answer in time, or another frame (the stream is reset).
@@ -493,7 +496,7 @@ pub(super) async fn open_answered(
         Err(e) => return Answer::Failed(e),
     };
     match first_frame(&mut p_recv, deadline).await {
-        Ok((Frame::StreamAccept(_), rest)) => Answer::Accepted(p_send, p_recv, rest),
+        Ok((Frame::StreamAccept(a), rest)) => Answer::Accepted(p_send, p_recv, rest, a.resume),
         Ok((Frame::StreamReject(r), _)) => {
             let _ = p_send.finish();
             Answer::Rejected(r.code, r.reason)
