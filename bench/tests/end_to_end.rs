@@ -337,6 +337,12 @@ fn mesh_quick_forwards_between_two_relays_and_runs_over_the_tcp_fallback() {
         assert!(median(r, "cpu_s_per_gbit_ratio_to_outrelay") > 0.0, "{r:#}");
         assert!(median(r, "helpers_cpu_s_per_gbit") > 0.0, "{r:#}");
     }
+    // The forwarded row's relay CPU is its two relays', each also reported apart.
+    let forward = row(&doc, "mesh-forward");
+    let each =
+        median(forward, "relay_1_cpu_s_per_gbit") + median(forward, "relay_2_cpu_s_per_gbit");
+    assert!(each > 0.0, "{forward:#}");
+    assert!(row(&doc, "outrelay")["cells"]["relay_1_cpu_s_per_gbit"].is_null());
     // The fallback row reports the relay's tunnel queue drops; the QUIC rows have none.
     assert!(median(row(&doc, "fallback"), "tunnel_drops") >= 0.0);
     assert!(row(&doc, "outrelay")["cells"]["tunnel_drops"].is_null());

@@ -65,6 +65,9 @@ const SINGLE_RELAY: &str = "outrelay";
 const FALLBACK: &str = "fallback";
 /// The forwarded mesh.
 const FORWARD: &str = "mesh-forward";
+/// CPU s per Gbit of each relay of a target with several (relay 1 = the consumer's), by
+/// position in its relay processes; the sum is `cpu_s_per_gbit`.
+const PER_RELAY_KEYS: [&str; 2] = ["relay_1_cpu_s_per_gbit", "relay_2_cpu_s_per_gbit"];
 
 /// The mesh scenario: owns the sink backend.
 pub struct Mesh {
@@ -114,15 +117,27 @@ impl Mesh {
         target.ensure_running()?;
         let (relay, helpers) = (target.relay_roots(), target.helper_roots());
         let bytes_before = self.delivered(target)?;
-        let (cpu_before_s, helpers_before_s, start) = (
+        // mesh-forward's relay 1 and relay 2 apart too (quinn-direct's two processes are a
+        // client and a server, not relays).
+        let forwarded = check.is_some_and(|c| c.via == MeshVia::Forward);
+        let each = |roots: &[u32]| -> Vec<f64> {
+            if forwarded {
+                roots.iter().map(|r| tree_cpu_seconds(&[*r])).collect()
+            } else {
+                Vec::new()
+            }
+        };
+        let (cpu_before_s, each_before_s, helpers_before_s, start) = (
             tree_cpu_seconds(&relay),
+            each(&relay),
             tree_cpu_seconds(&helpers),
             Instant::now(),
         );
         std::thread::sleep(self.duration);
         let bytes = self.delivered(target)? - bytes_before;
-        let (cpu_s, helpers_s, seconds) = (
+        let (cpu_s, each_s, helpers_s, seconds) = (
             tree_cpu_seconds(&relay) - cpu_before_s,
+            each(&relay),
             tree_cpu_seconds(&helpers) - helpers_before_s,
             start.elapsed().as_secs_f64(),
         );
@@ -151,6 +166,11 @@ impl Mesh {
         }
         if let Some(drops) = tunnel_drops {
             metrics.insert("tunnel_drops".to_owned(), drops);
+        }
+        for (i, (after, before)) in each_s.iter().zip(&each_before_s).enumerate() {
+            if let Some(key) = PER_RELAY_KEYS.get(i) {
+                metrics.insert((*key).to_owned(), (after - before) / gbit);
+            }
         }
         Ok(metrics)
     }
@@ -287,6 +307,20 @@ impl Scenario for Mesh {
                 value: Value::Metric("helpers_cpu_s_per_gbit"),
             },
         ];
+        if self.with_forward {
+            columns.extend([
+                Column {
+                    header: "relay-1 CPU s per Gbit",
+                    decimals: 3,
+                    value: Value::Metric(PER_RELAY_KEYS[0]),
+                },
+                Column {
+                    header: "relay-2 CPU s per Gbit",
+                    decimals: 3,
+                    value: Value::Metric(PER_RELAY_KEYS[1]),
+                },
+            ]);
+        }
         if self.with_fallback {
             columns.push(Column {
                 header: "relay tunnel drops",
@@ -338,7 +372,7 @@ impl Scenario for Mesh {
         if self.with_forward || self.with_fallback {
             notes.push(
                 "mesh-forward: controller + relay-1 + relay-2 (enrolled, [forward]); consumer on \
-             relay-1, provider on relay-2; relay CPU = relay-1 + relay-2; every measurement \
+             relay-1, provider on relay-2; relay CPU = relay-1 + relay-2 (each also apart); every measurement \
              checked forwarded (relay-1's outrelay_relay_forward_streams_total rose). fallback: \
              the outrelay mesh with both agents on [fallback] mode = \"only\" (QUIC inside TLS \
              on TCP to the relay's public TLS port), checked by the relay's \
