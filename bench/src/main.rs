@@ -19,6 +19,7 @@ mod peers;
 mod pinning;
 mod proc_stats;
 mod process;
+mod prom;
 mod quic_peer;
 mod report;
 mod scenario;

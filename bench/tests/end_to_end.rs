@@ -304,6 +304,53 @@ fn mesh_runs_each_agent_resume_setup_and_compares_with_the_first() {
     assert!(md.contains("agents CPU per Gbit x first setup"), "{md}");
 }
 
+/// Issue 22: the forwarded mesh (controller, two enrolled relays, provider on relay 2,
+/// consumer on relay 1) and the mesh over the TCP fallback, in one quick run next to the
+/// single-relay mesh; each row counts only if the relay saw the stream take its path.
+#[test]
+fn mesh_quick_forwards_between_two_relays_and_runs_over_the_tcp_fallback() {
+    let controller =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/outrelay-controller");
+    if !controller.exists() {
+        eprintln!(
+            "SKIP mesh_quick_forwards_between_two_relays_and_runs_over_the_tcp_fallback: \
+             {} not built (cargo build --release -p outrelay-controller)",
+            controller.display()
+        );
+        return;
+    }
+    let (md, _stderr, doc) = harness_json(&[
+        "run",
+        "mesh",
+        "--targets",
+        "outrelay,mesh-forward,fallback",
+        "--quick",
+        "--duration-s",
+        "1",
+    ]);
+    for target in ["outrelay", "mesh-forward", "fallback"] {
+        let r = row(&doc, target);
+        assert!(r["status"].is_null(), "{target} not measured: {r:#}");
+        assert!(median(r, "gbps") > 0.0, "{r:#}");
+        assert!(median(r, "cpu_s_per_gbit") > 0.0, "{r:#}");
+        assert!(median(r, "gbps_ratio_to_outrelay") > 0.0, "{r:#}");
+        assert!(median(r, "cpu_s_per_gbit_ratio_to_outrelay") > 0.0, "{r:#}");
+        assert!(median(r, "helpers_cpu_s_per_gbit") > 0.0, "{r:#}");
+    }
+    // The forwarded row's relay CPU is its two relays', each also reported apart.
+    let forward = row(&doc, "mesh-forward");
+    let each =
+        median(forward, "relay_1_cpu_s_per_gbit") + median(forward, "relay_2_cpu_s_per_gbit");
+    assert!(each > 0.0, "{forward:#}");
+    assert!(row(&doc, "outrelay")["cells"]["relay_1_cpu_s_per_gbit"].is_null());
+    // The fallback row reports the relay's tunnel queue drops; the QUIC rows have none.
+    assert!(median(row(&doc, "fallback"), "tunnel_drops") >= 0.0);
+    assert!(row(&doc, "outrelay")["cells"]["tunnel_drops"].is_null());
+    assert!(md.contains("| mesh-forward | 1 stream |"), "{md}");
+    assert!(md.contains("| fallback | 1 stream |"), "{md}");
+    assert!(md.contains("CPU per Gbit x outrelay"), "{md}");
+}
+
 #[test]
 fn abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it() {
     // The workspace test run builds the controller, relay, agent and CLI first; a run of this
@@ -508,6 +555,8 @@ fn list_shows_every_scenario_and_target() {
         "quinn-direct",
         "upgrade",
         "haproxy-classic",
+        "mesh-forward",
+        "fallback",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }

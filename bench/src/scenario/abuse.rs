@@ -20,8 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -39,6 +38,7 @@ use crate::attack::{self, QuicAgent, Stop};
 use crate::backend::{self, Backend, Behaviour};
 use crate::client_hello::{self, ClientHello};
 use crate::proc_stats::rss_bytes;
+use crate::prom::{metric_sum, scrape};
 use crate::stats::{Summary, latency_histogram, quantile_us, record_ns};
 use crate::target::{AbuseEnds, Routing, RunningTarget};
 
@@ -653,29 +653,6 @@ fn controller_db_bytes(state_dir: &Path) -> u64 {
         .sum()
 }
 
-/// The relay's `/metrics` text (Prometheus exposition).
-fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
-
-/// The sum of every sample of the metric `name` (all label sets); `None` when absent.
-fn metric_sum(body: &str, name: &str) -> Option<f64> {
-    let values: Vec<f64> = body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            (series.split('{').next()? == name).then(|| value.parse().ok())?
-        })
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
-
 /// Words in a counter's name that make it a refusal (`*_drops_total`, `*_refused_total`,
 /// `*_rejected_total`, `*_failed_total`, `*_dropped_total`); close reasons are not refusals.
 const REFUSAL_WORDS: [&str; 4] = ["drop", "refus", "reject", "fail"];
@@ -746,15 +723,5 @@ mod tests {
             top.starts_with("`outrelay_relay_ingress_drops_total{reason=\"pending_full\"}` +7")
         );
         assert!(!top.contains("no_route"), "{top}");
-    }
-
-    #[test]
-    fn a_metric_is_summed_over_its_label_sets() {
-        let body = "# TYPE outrelay_relay_pipe_held_bytes gauge\n\
-                    outrelay_relay_pipe_held_bytes{worker=\"0\"} 1048576\n\
-                    outrelay_relay_pipe_held_bytes{worker=\"1\"} 1048576\n\
-                    outrelay_relay_pipe_held_bytes_max 9\n";
-        assert_eq!(metric_sum(body, PIPE_HELD_METRIC), Some(2_097_152.0));
-        assert_eq!(metric_sum(body, "absent"), None);
     }
 }

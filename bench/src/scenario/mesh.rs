@@ -17,6 +17,15 @@
 //! `quinn-direct-paced` is among the targets, OutRelay's rate is measured once before the
 //! rounds ([`Scenario::prepare`]) and that pair writes at it: the comparison at equal rate.
 //!
+//! Issue 22's two mesh-only targets run in the same rounds: `mesh-forward` (the consumer on
+//! relay 1, the provider on relay 2, a controller between them: the stream is forwarded; its
+//! relay CPU is both relays' sum) and `fallback` (the `outrelay` mesh with both agents on the
+//! TCP/443 fallback). Their rows divide by `outrelay`'s of the same round (Gbit/s and relay
+//! CPU per Gbit "x outrelay"), and each measurement counts only if a counter on the
+//! consumer's relay shows the stream took that path ([`crate::target::MeshCheck`]): relay 1's
+//! forwarded streams, or the packets through fallback tunnels; `fallback` also reports the
+//! relay's tunnel queue drops in the window (QUIC's loss signal on that path).
+//!
 //! With several OutRelay setups (`--agent-resume off,on`, issue 19: the agents' stream resume
 //! against plain streams; or `--relay-workers`, `--relay-ebpf`), each outrelay row is one
 //! setup and three columns divide by the first setup in the same round: Gbit/s, relay CPU per
@@ -37,7 +46,7 @@ use super::{Column, Measurement, Metrics, Scenario, Settings, Value};
 use crate::backend::{self, Backend, Behaviour};
 use crate::proc_stats::tree_cpu_seconds;
 use crate::quic_peer;
-use crate::target::{Launch, Routing, RunningTarget, Target};
+use crate::target::{Launch, MeshVia, Routing, RunningTarget, Target};
 
 /// Bytes per write of the TCP sender.
 const WRITE_BYTES: usize = 256 * 1024;
@@ -50,6 +59,15 @@ const WRITE_TIMEOUT_S: u64 = 10;
 const BASELINE: &str = "quinn-direct";
 /// The same at OutRelay's rate.
 const BASELINE_PACED: &str = "quinn-direct-paced";
+/// The single-relay mesh the issue 22 targets are compared with.
+const SINGLE_RELAY: &str = "outrelay";
+/// The target whose rows have a tunnel drop count.
+const FALLBACK: &str = "fallback";
+/// The forwarded mesh.
+const FORWARD: &str = "mesh-forward";
+/// CPU s per Gbit of each relay of a target with several (relay 1 = the consumer's), by
+/// position in its relay processes; the sum is `cpu_s_per_gbit`.
+const PER_RELAY_KEYS: [&str; 2] = ["relay_1_cpu_s_per_gbit", "relay_2_cpu_s_per_gbit"];
 
 /// The mesh scenario: owns the sink backend.
 pub struct Mesh {
@@ -60,6 +78,10 @@ pub struct Mesh {
     calibration: Option<String>,
     /// More than one OutRelay setup: adds the x first setup columns.
     compare_setups: bool,
+    /// `fallback` is among the targets: adds its tunnel drop column.
+    with_fallback: bool,
+    /// `mesh-forward` is among the targets.
+    with_forward: bool,
 }
 
 impl Mesh {
@@ -71,6 +93,8 @@ impl Mesh {
             pace_mbps: 0,
             calibration: None,
             compare_setups: super::several_setups(settings),
+            with_fallback: false,
+            with_forward: false,
         })
     }
 
@@ -83,6 +107,8 @@ impl Mesh {
     }
 
     fn one(&self, target: &mut RunningTarget) -> Result<Metrics> {
+        let check = target.mesh_check;
+        let counters_before = check.map(|c| c.read()).transpose()?;
         let sender = match target.delivered {
             Some(_) => None,
             None => Some(Sender::start(target.front)?),
@@ -91,15 +117,27 @@ impl Mesh {
         target.ensure_running()?;
         let (relay, helpers) = (target.relay_roots(), target.helper_roots());
         let bytes_before = self.delivered(target)?;
-        let (cpu_before_s, helpers_before_s, start) = (
+        // mesh-forward's relay 1 and relay 2 apart too (quinn-direct's two processes are a
+        // client and a server, not relays).
+        let forwarded = check.is_some_and(|c| c.via == MeshVia::Forward);
+        let each = |roots: &[u32]| -> Vec<f64> {
+            if forwarded {
+                roots.iter().map(|r| tree_cpu_seconds(&[*r])).collect()
+            } else {
+                Vec::new()
+            }
+        };
+        let (cpu_before_s, each_before_s, helpers_before_s, start) = (
             tree_cpu_seconds(&relay),
+            each(&relay),
             tree_cpu_seconds(&helpers),
             Instant::now(),
         );
         std::thread::sleep(self.duration);
         let bytes = self.delivered(target)? - bytes_before;
-        let (cpu_s, helpers_s, seconds) = (
+        let (cpu_s, each_s, helpers_s, seconds) = (
             tree_cpu_seconds(&relay) - cpu_before_s,
+            each(&relay),
             tree_cpu_seconds(&helpers) - helpers_before_s,
             start.elapsed().as_secs_f64(),
         );
@@ -107,6 +145,14 @@ impl Mesh {
             sender.stop()?;
         }
         ensure!(bytes > 0, "no byte was delivered in the timed window");
+        let mut tunnel_drops = None;
+        if let (Some(check), Some(before)) = (check, counters_before) {
+            let after = check.read()?;
+            check.verify(before, after)?;
+            if check.via == MeshVia::Fallback {
+                tunnel_drops = Some(after.tunnel_drops - before.tunnel_drops);
+            }
+        }
         let gbit = bytes as f64 * 8.0 / 1e9;
         let gbps = gbit / seconds;
         let mut metrics = Metrics::from([("gbps".to_owned(), gbps)]);
@@ -117,6 +163,14 @@ impl Mesh {
         }
         if !helpers.is_empty() {
             metrics.insert("helpers_cpu_s_per_gbit".to_owned(), helpers_s / gbit);
+        }
+        if let Some(drops) = tunnel_drops {
+            metrics.insert("tunnel_drops".to_owned(), drops);
+        }
+        for (i, (after, before)) in each_s.iter().zip(&each_before_s).enumerate() {
+            if let Some(key) = PER_RELAY_KEYS.get(i) {
+                metrics.insert((*key).to_owned(), (after - before) / gbit);
+            }
         }
         Ok(metrics)
     }
@@ -164,6 +218,8 @@ impl Scenario for Mesh {
     }
 
     fn prepare(&mut self, targets: &[&dyn Target], work: &Path, launch: &Launch) -> Result<()> {
+        self.with_fallback = targets.iter().any(|t| t.name() == FALLBACK);
+        self.with_forward = targets.iter().any(|t| t.name() == FORWARD);
         if !targets.iter().any(|t| t.name() == BASELINE_PACED) {
             return Ok(());
         }
@@ -231,6 +287,16 @@ impl Scenario for Mesh {
                 value: Value::RatioToTarget(BASELINE_PACED, "cpu_s_per_gbit"),
             },
             Column {
+                header: "Gbit/s x outrelay",
+                decimals: 2,
+                value: Value::RatioToTarget(SINGLE_RELAY, "gbps"),
+            },
+            Column {
+                header: "CPU per Gbit x outrelay",
+                decimals: 2,
+                value: Value::RatioToTarget(SINGLE_RELAY, "cpu_s_per_gbit"),
+            },
+            Column {
                 header: "Gbit/s per core",
                 decimals: 1,
                 value: Value::Metric("gbps_per_core"),
@@ -241,6 +307,27 @@ impl Scenario for Mesh {
                 value: Value::Metric("helpers_cpu_s_per_gbit"),
             },
         ];
+        if self.with_forward {
+            columns.extend([
+                Column {
+                    header: "relay-1 CPU s per Gbit",
+                    decimals: 3,
+                    value: Value::Metric(PER_RELAY_KEYS[0]),
+                },
+                Column {
+                    header: "relay-2 CPU s per Gbit",
+                    decimals: 3,
+                    value: Value::Metric(PER_RELAY_KEYS[1]),
+                },
+            ]);
+        }
+        if self.with_fallback {
+            columns.push(Column {
+                header: "relay tunnel drops",
+                decimals: 0,
+                value: Value::Metric("tunnel_drops"),
+            });
+        }
         if self.compare_setups {
             columns.extend([
                 Column {
@@ -282,6 +369,19 @@ impl Scenario for Mesh {
              together (quinn-direct); agents = consumer + provider, not counted as the relay",
             self.duration.as_secs()
         )];
+        if self.with_forward || self.with_fallback {
+            notes.push(
+                "mesh-forward: controller + relay-1 + relay-2 (enrolled, [forward]); consumer on \
+             relay-1, provider on relay-2; relay CPU = relay-1 + relay-2 (each also apart); every measurement \
+             checked forwarded (relay-1's outrelay_relay_forward_streams_total rose). fallback: \
+             the outrelay mesh with both agents on [fallback] mode = \"only\" (QUIC inside TLS \
+             on TCP to the relay's public TLS port), checked by the relay's \
+             outrelay_relay_fallback_packets_total; relay tunnel drops = the relay's \
+             outrelay_relay_fallback_packets_dropped_total in the window. x outrelay = the \
+             single-relay QUIC mesh of the same round"
+                    .to_owned(),
+            );
+        }
         notes.extend(self.calibration.clone());
         notes
     }

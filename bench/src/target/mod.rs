@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use outrelay::ABUSE_PENDING_CONN_MAX;
+pub use outrelay::{ABUSE_PENDING_CONN_MAX, MeshPath};
 
 use crate::pinning::CpuList;
 use crate::proc_stats;
@@ -371,6 +371,85 @@ pub struct RunningTarget {
     /// Processes that were the relay before a hand-over and exit by themselves
     /// ([`Self::retire`]): no longer checked or measured, still stopped (group) on drop.
     retired: Vec<OwnedProcess>,
+    /// Processes the target needs that are neither the relay nor the path's ends (the
+    /// controller of `mesh-forward`): checked for being alive, never measured.
+    support: Vec<OwnedProcess>,
+    /// Set by `mesh-forward` and `fallback` ([`Routing::Mesh`]): the relay counter that proves
+    /// a measured stream took that path.
+    pub mesh_check: Option<MeshCheck>,
+}
+
+/// The path a mesh target's stream must take for its measurement to count, and where to read
+/// the proof: a counter on the consumer's relay that rises only on that path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshCheck {
+    /// The metrics listener of the relay the consumer agent is connected to.
+    pub relay_metrics: SocketAddr,
+    /// The path.
+    pub via: MeshVia,
+}
+
+/// See [`MeshCheck`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshVia {
+    /// Relay 1 forwards the stream to relay 2 (`outrelay_relay_forward_streams_total` rises
+    /// by one per stream).
+    Forward,
+    /// The agents reach the relay over the TCP/443 fallback
+    /// (`outrelay_relay_fallback_packets_total` rises with every QUIC packet tunnelled).
+    Fallback,
+}
+
+/// [`MeshCheck::read`]: the counter that must rise, and the relay's fallback tunnel drops
+/// (queue full: QUIC's loss signal on the fallback; 0 on the forwarded path).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeshCounters {
+    /// The path's counter ([`MeshVia`]).
+    pub path: f64,
+    /// `outrelay_relay_fallback_packets_dropped_total`, all reasons.
+    pub tunnel_drops: f64,
+}
+
+impl MeshCheck {
+    /// The counter [`MeshVia`] names.
+    pub fn counter(self) -> &'static str {
+        match self.via {
+            MeshVia::Forward => "outrelay_relay_forward_streams_total",
+            MeshVia::Fallback => "outrelay_relay_fallback_packets_total",
+        }
+    }
+
+    /// Reads the relay's counters now (a missing metric reads 0: nothing counted yet).
+    pub fn read(self) -> Result<MeshCounters> {
+        let body = crate::prom::scrape(self.relay_metrics)
+            .with_context(|| format!("scraping the relay's metrics on {}", self.relay_metrics))?;
+        Ok(MeshCounters {
+            path: crate::prom::metric_sum(&body, self.counter()).unwrap_or(0.0),
+            tunnel_drops: crate::prom::metric_sum(
+                &body,
+                "outrelay_relay_fallback_packets_dropped_total",
+            )
+            .unwrap_or(0.0),
+        })
+    }
+
+    /// Errors unless the path's counter rose from `before` to `after` (the stream measured
+    /// in between took the path).
+    pub fn verify(self, before: MeshCounters, after: MeshCounters) -> Result<()> {
+        if after.path > before.path {
+            return Ok(());
+        }
+        bail!(
+            "{} did not rise ({} -> {}): the measured stream did not take the {} path",
+            self.counter(),
+            before.path,
+            after.path,
+            match self.via {
+                MeshVia::Forward => "forwarded",
+                MeshVia::Fallback => "TCP fallback",
+            }
+        )
+    }
 }
 
 /// How the upgrade scenario hands a started target over to a new process
@@ -478,7 +557,15 @@ impl RunningTarget {
             leases: None,
             upgrade: None,
             retired: Vec::new(),
+            support: Vec::new(),
+            mesh_check: None,
         }
+    }
+
+    /// Adds `process` to the processes that are checked for being alive but never measured
+    /// (neither relay nor helper: a controller).
+    pub fn add_support(&mut self, process: OwnedProcess) {
+        self.support.push(process);
     }
 
     /// Moves the relay process `pid` out of the measured and checked processes (it exits by
@@ -519,6 +606,7 @@ impl RunningTarget {
         self.processes
             .iter_mut()
             .chain(self.helpers.iter_mut())
+            .chain(self.support.iter_mut())
             .try_for_each(OwnedProcess::ensure_running)
     }
 }
@@ -546,8 +634,22 @@ pub fn all() -> Vec<Box<dyn Target>> {
             backend: "io_uring",
         }),
         Box::new(engine::Engine { backend: "epoll" }),
-        Box::new(outrelay::Outrelay { base: false }),
-        Box::new(outrelay::Outrelay { base: true }),
+        Box::new(outrelay::Outrelay {
+            base: false,
+            path: MeshPath::Single,
+        }),
+        Box::new(outrelay::Outrelay {
+            base: true,
+            path: MeshPath::Single,
+        }),
+        Box::new(outrelay::Outrelay {
+            base: false,
+            path: MeshPath::Forward,
+        }),
+        Box::new(outrelay::Outrelay {
+            base: false,
+            path: MeshPath::Fallback,
+        }),
         Box::new(quinn_direct::QuinnDirect { paced: false }),
         Box::new(quinn_direct::QuinnDirect { paced: true }),
     ]
@@ -720,6 +822,57 @@ mod tests {
             t[0].start(backend, Routing::Tcp, dir.path(), &Launch::default())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_issue_22_targets_run_the_mesh_only_and_need_their_binaries() {
+        const MESH: Routing = Routing::Mesh { pace_mbps: 0 };
+        let t =
+            by_names(&["mesh-forward".to_owned(), "fallback".to_owned()]).expect("known targets");
+        for target in &t {
+            assert!(target.supports(MESH), "{}", target.name());
+            assert!(
+                !target.supports(Routing::Tcp)
+                    && !target.supports(Routing::Udp)
+                    && !target.supports(Routing::Sni("demo.outrelay.test")),
+                "{}",
+                target.name()
+            );
+            assert!(target.takes_relay_workers() && !target.routes_sni());
+        }
+        // The forwarded mesh also needs the controller, and says how to build it.
+        if let Availability::NotAvailable(why) = t[0].availability() {
+            assert!(why.contains("cargo build --release"), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_mesh_check_passes_only_when_its_counter_rose() {
+        let check = MeshCheck {
+            relay_metrics: "127.0.0.1:9".parse().expect("literal address"),
+            via: MeshVia::Forward,
+        };
+        let at = |path| MeshCounters {
+            path,
+            tunnel_drops: 0.0,
+        };
+        assert!(check.verify(at(3.0), at(4.0)).is_ok());
+        let err = check
+            .verify(at(4.0), at(4.0))
+            .expect_err("no forwarded stream");
+        assert!(
+            err.to_string()
+                .contains("outrelay_relay_forward_streams_total"),
+            "{err}"
+        );
+        let fallback = MeshCheck {
+            via: MeshVia::Fallback,
+            ..check
+        };
+        assert_eq!(fallback.counter(), "outrelay_relay_fallback_packets_total");
+        assert!(fallback.verify(at(0.0), at(0.0)).is_err());
+        // Nothing listens on the discard port: reading fails instead of reading 0.
+        assert!(check.read().is_err());
     }
 
     #[test]

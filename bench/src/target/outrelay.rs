@@ -15,6 +15,21 @@
 //! the relay process counts as the relay; the two agents are helpers (the ends of the path).
 //! Build them with `cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli`.
 //!
+//! Issue 22 adds two more mesh-only targets, each the same one stream from the consumer's
+//! listen address to the sink:
+//!
+//! - `mesh-forward`: `outrelay-controller` (state and CA in the dev PKI dir), two relays
+//!   enrolled with it (`outrelay token create --role relay` + `outrelay-relay enroll`, ids
+//!   `relay-1` and `relay-2`, `[forward]` written out), the provider on relay 2 only and the
+//!   consumer on relay 1 only, an allow rule added with `outrelay policy add`: every stream
+//!   goes consumer → relay 1 → FORWARD_STREAM → relay 2 → provider. Both relays count as the
+//!   relay (the figure is their sum); the controller is neither relay nor helper.
+//! - `fallback`: the single-relay mesh with both agents on the TCP/443 fallback (`[fallback]
+//!   mode = "only"`: ORP over QUIC inside mutual TLS on TCP to the relay's public TLS port).
+//!
+//! Each checks on the consumer's relay that a measured stream took its path
+//! ([`super::MeshCheck`]).
+//!
 //! `outrelay-base` is the same target with its binaries taken from the directory in
 //! `OUTRELAY_BASE_BIN` (a build of the commit before a change), so one run measures before and
 //! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`),
@@ -22,13 +37,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::{
-    AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, RelayBandwidth,
-    RelayEbpf, Routing, RunningTarget, Target, UpgradeEnds, free_loopback_addr, wait_listening,
-    wait_ready, wait_udp_bound,
+    AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, MeshCheck, MeshVia,
+    RelayBandwidth, RelayEbpf, Routing, RunningTarget, Target, UpgradeEnds, free_loopback_addr,
+    wait_listening, wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -59,11 +75,34 @@ const LEASE_SYNC_INTERVAL_MS: u64 = 100;
 /// The environment variable naming `outrelay-base`'s binary directory.
 pub const BASE_BIN_ENV: &str = "OUTRELAY_BASE_BIN";
 
-/// OutRelay's relay and agent: `outrelay` (this tree's release build) or `outrelay-base`
-/// (binaries from [`BASE_BIN_ENV`]).
+/// The region of the forwarded mesh's relays (enrolled as `outrelay://dev/relay/relay-1` and
+/// `relay-2`).
+const FORWARD_REGION: &str = "dev";
+/// The caller pattern of the forwarded mesh's allow rule (every agent of the dev tenant).
+const MESH_CALLERS: &str = "outrelay://demo/agent/*";
+/// How long `mesh-forward` may take from its agents being ready to the first forwarded stream
+/// (the provider's registration reaching relay 1 through the controller, the rule reaching
+/// both relays).
+const FORWARD_ROUTE_TIMEOUT_MS: u64 = 20_000;
+
+/// Which mesh path an OutRelay target measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshPath {
+    /// One standalone relay (`outrelay`, `outrelay-base`); every routing.
+    Single,
+    /// `mesh-forward`: controller, two relays, the stream forwarded relay 1 → relay 2.
+    Forward,
+    /// `fallback`: the single relay with both agents on the TCP/443 fallback.
+    Fallback,
+}
+
+/// OutRelay's relay and agent: `outrelay` (this tree's release build), `outrelay-base`
+/// (binaries from [`BASE_BIN_ENV`]), or one of the mesh-only paths of this tree's build.
 pub struct Outrelay {
     /// Whether this is `outrelay-base`.
     pub base: bool,
+    /// The mesh path (anything but [`MeshPath::Single`] runs [`Routing::Mesh`] only).
+    pub path: MeshPath,
 }
 
 const BINARIES: [&str; 3] = ["outrelay-relay", "outrelay-agent", "outrelay"];
@@ -84,18 +123,28 @@ impl Outrelay {
 
 impl Target for Outrelay {
     fn name(&self) -> &'static str {
-        if self.base {
-            "outrelay-base"
-        } else {
-            "outrelay"
+        match (self.path, self.base) {
+            (MeshPath::Single, false) => "outrelay",
+            (MeshPath::Single, true) => "outrelay-base",
+            (MeshPath::Forward, _) => "mesh-forward",
+            (MeshPath::Fallback, _) => "fallback",
         }
     }
 
     fn description(&self) -> &'static str {
-        if self.base {
-            "outrelay with the binaries in $OUTRELAY_BASE_BIN (a build to compare against in the same run)"
-        } else {
-            "OutRelay relay + agent (two hops over a reverse session, splice on both hops); routes by SNI"
+        match (self.path, self.base) {
+            (MeshPath::Single, false) => {
+                "OutRelay relay + agent (two hops over a reverse session, splice on both hops); routes by SNI"
+            }
+            (MeshPath::Single, true) => {
+                "outrelay with the binaries in $OUTRELAY_BASE_BIN (a build to compare against in the same run)"
+            }
+            (MeshPath::Forward, _) => {
+                "mesh only: controller + 2 enrolled relays, consumer on relay 1, provider on relay 2 (forwarded)"
+            }
+            (MeshPath::Fallback, _) => {
+                "mesh only: the outrelay mesh with both agents on the TCP/443 fallback ([fallback] mode = only)"
+            }
         }
     }
 
@@ -105,24 +154,35 @@ impl Target for Outrelay {
                 "{BASE_BIN_ENV} not set (a directory with outrelay-relay, outrelay-agent, outrelay)"
             ));
         };
-        match BINARIES.iter().find(|b| !dir.join(b).exists()) {
+        let controller = (self.path == MeshPath::Forward).then_some("outrelay-controller");
+        match BINARIES
+            .iter()
+            .copied()
+            .chain(controller)
+            .find(|b| !dir.join(b).exists())
+        {
             None => Availability::Available,
             Some(missing) if self.base => Availability::NotAvailable(format!(
                 "{missing} not in {BASE_BIN_ENV}={}",
                 dir.display()
             )),
             Some(missing) => Availability::NotAvailable(format!(
-                "{missing} not built: cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli"
+                "{missing} not built: cargo build --release -p outrelay-relay -p outrelay-agent -p outrelay-cli{}",
+                if controller.is_some() {
+                    " -p outrelay-controller"
+                } else {
+                    ""
+                }
             )),
         }
     }
 
-    fn supports(&self, _routing: Routing) -> bool {
-        true
+    fn supports(&self, routing: Routing) -> bool {
+        self.path == MeshPath::Single || matches!(routing, Routing::Mesh { .. })
     }
 
     fn routes_sni(&self) -> bool {
-        true
+        self.path == MeshPath::Single
     }
 
     fn takes_relay_workers(&self) -> bool {
@@ -160,6 +220,10 @@ impl Target for Outrelay {
         if let Routing::Upgrade { sni, udp_echo } = routing {
             return start_upgradable(&bins, backend, sni, udp_echo, dir, &pki);
         }
+        if matches!(routing, Routing::Mesh { .. }) && self.path == MeshPath::Forward {
+            return start_mesh_forward(&bins, backend, dir, &pki);
+        }
+        let fallback = self.path == MeshPath::Fallback;
         let public_tls = free_loopback_addr()?;
         let policy = if matches!(routing, Routing::Mesh { .. }) {
             format!(
@@ -173,9 +237,11 @@ impl Target for Outrelay {
             "public_url = \"https://{ROOT_HOST}\"\n{workers}\
              [tls]\ncert = \"{p}/relay.pem\"\nkey = \"{p}/relay-key.pem\"\nca = \"{p}/ca.pem\"\n\
              [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\npublic_tls = \"{public_tls}\"\n\
-             lease_bind_ip = \"127.0.0.1\"\nmetrics = \"\"\nadmin_socket = \"\"\n\
+             lease_bind_ip = \"127.0.0.1\"\nmetrics = \"{metrics}\"\nadmin_socket = \"\"\n\
              [leases]\nmin_port = {lo}\nmax_port = {hi}\ntcp = true\nudp = {udp}\n{ebpf}{policy}",
             p = pki.display(),
+            // The fallback's check reads the relay's counters; the recorder runs either way.
+            metrics = if fallback { "127.0.0.1:0" } else { "" },
             lo = LEASE_PORTS.0,
             hi = LEASE_PORTS.1,
             udp = routing == Routing::Udp,
@@ -186,13 +252,33 @@ impl Target for Outrelay {
             mut processes,
             quic,
             lookup,
+            metrics,
         } = start_relay(&bins, dir, &relay_config)?;
         let (lease_line, sni_routed) = match routing {
             Routing::Tcp => (format!("tcp_to = \"{backend}\""), false),
             Routing::Sni(_) => (format!("tls_to = \"{backend}\""), true),
             Routing::Udp => (format!("udp_to = \"{backend}\""), false),
+            Routing::Mesh { .. } if fallback => {
+                let tail = fallback_section(&quic, public_tls);
+                let ends = MeshEnds {
+                    provider_quic: &quic,
+                    consumer_quic: &quic,
+                    agent_tail: &tail,
+                };
+                let mut running = start_mesh(&bins, backend, dir, &pki, &ends, processes)?;
+                running.mesh_check = Some(MeshCheck {
+                    relay_metrics: metrics.context("relay ready file: metrics")?,
+                    via: MeshVia::Fallback,
+                });
+                return Ok(running);
+            }
             Routing::Mesh { .. } => {
-                return start_mesh(&bins, backend, dir, &pki, &quic, processes);
+                let ends = MeshEnds {
+                    provider_quic: &quic,
+                    consumer_quic: &quic,
+                    agent_tail: "",
+                };
+                return start_mesh(&bins, backend, dir, &pki, &ends, processes);
             }
             Routing::Abuse { .. } | Routing::Leases { .. } | Routing::Upgrade { .. } => {
                 bail!("the abuse, leases and upgrade topologies have their own relay")
@@ -288,10 +374,13 @@ fn resume_section(launch: &Launch) -> String {
         .map_or_else(String::new, AgentResume::config_section)
 }
 
-/// A started relay: its process, QUIC address and the eBPF programs its ready file says run.
+/// A started relay: its process, QUIC address, the eBPF programs its ready file says run and
+/// its metrics listener (when the config has one).
 struct StartedRelay {
     processes: Vec<OwnedProcess>,
     quic: String,
+    /// The metrics listener from the ready file (`None`: `metrics = ""`).
+    metrics: Option<SocketAddr>,
     /// Whether TCP lease ports are served by the sk_lookup program: they then have no
     /// listener of their own (nothing in `/proc/net/tcp` to wait for) and route before their
     /// grant goes out. Read from the ready file, so the relay's `auto` default counts too.
@@ -330,9 +419,11 @@ fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<StartedRelay
     if let Some(setup) = bins.launch.relay_ebpf {
         check_programs(setup, &programs)?;
     }
+    let metrics = relay["metrics"].as_str().and_then(|m| m.parse().ok());
     Ok(StartedRelay {
         processes,
         quic,
+        metrics,
         lookup: programs.contains(&"lookup"),
     })
 }
@@ -400,31 +491,50 @@ fn start_agent(
     wait_ready(&ready, processes, READY_TIMEOUT_MS)
 }
 
+/// Where the mesh's two agents connect, and what else their configs say.
+struct MeshEnds<'a> {
+    /// The provider's relay (QUIC address).
+    provider_quic: &'a str,
+    /// The consumer's relay.
+    consumer_quic: &'a str,
+    /// Tables both agents' configs get before their `[[provide]]` / `[[consume]]`
+    /// (`[fallback]`), or empty.
+    agent_tail: &'a str,
+}
+
 /// The mesh (P6): provider `agent-2` serving [`MESH_SERVICE`] to `backend`, consumer `agent-1`
-/// listening for it on 127.0.0.1:0; `relay` (already started) is the only measured process.
+/// listening for it on 127.0.0.1:0, each on its relay in `ends`; `relays` (already started)
+/// are the measured processes.
 fn start_mesh(
     bins: &Bins<'_>,
     backend: SocketAddr,
     dir: &Path,
     pki: &Path,
-    quic: &str,
-    relay: Vec<OwnedProcess>,
+    ends: &MeshEnds<'_>,
+    relays: Vec<OwnedProcess>,
 ) -> Result<RunningTarget> {
-    let mut all = relay;
-    let provide = format!("[[provide]]\nservice = \"{MESH_SERVICE}\"\nto = \"{backend}\"\n");
+    let mut all = relays;
+    let measured = all.len();
+    let provide = format!(
+        "{}[[provide]]\nservice = \"{MESH_SERVICE}\"\nto = \"{backend}\"\n",
+        ends.agent_tail
+    );
     start_agent(
         bins,
         "provider",
         dir,
-        &agent_config(quic, pki, "agent-2", bins.launch, &provide),
+        &agent_config(ends.provider_quic, pki, "agent-2", bins.launch, &provide),
         &mut all,
     )?;
-    let consume = format!("[[consume]]\nservice = \"{MESH_SERVICE}\"\nlisten = \"127.0.0.1:0\"\n");
+    let consume = format!(
+        "{}[[consume]]\nservice = \"{MESH_SERVICE}\"\nlisten = \"127.0.0.1:0\"\n",
+        ends.agent_tail
+    );
     let consumer = start_agent(
         bins,
         "consumer",
         dir,
-        &agent_config(quic, pki, "agent-1", bins.launch, &consume),
+        &agent_config(ends.consumer_quic, pki, "agent-1", bins.launch, &consume),
         &mut all,
     )?;
     let listen = consumer["consumers"][0]["listen_addr"]
@@ -434,10 +544,249 @@ fn start_mesh(
         .parse()
         .with_context(|| format!("consumer listen_addr {listen}"))?;
     wait_listening(&[front], &mut all)?;
-    let helpers = all.split_off(1);
+    let helpers = all.split_off(measured);
     let mut running = RunningTarget::new(front, false, all);
     running.helpers = helpers;
     Ok(running)
+}
+
+/// The agents' `[fallback]` for the `fallback` target: the TCP fallback only, to the relay's
+/// public TLS listener (`public_tls`) for its QUIC address `quic`, SNI the root host.
+fn fallback_section(quic: &str, public_tls: SocketAddr) -> String {
+    format!(
+        "[fallback]\nmode = \"only\"\nserver_name = \"{ROOT_HOST}\"\n\
+         addrs = {{ \"{quic}\" = \"{public_tls}\" }}\n"
+    )
+}
+
+/// A started `outrelay-controller` (state and CA in the dev PKI dir, so it issues from the
+/// same CA as the dev certificates).
+struct StartedController {
+    process: OwnedProcess,
+    /// Its gRPC (mutual TLS) address.
+    grpc: SocketAddr,
+    /// Its admin socket (`outrelay --controller unix://…`).
+    admin_socket: PathBuf,
+}
+
+/// Starts the controller in `dir` with `pki` (the dev PKI) as its state directory.
+fn start_controller(bins: &Bins<'_>, dir: &Path, pki: &Path) -> Result<StartedController> {
+    if !bins.path("outrelay-controller").exists() {
+        bail!("outrelay-controller not built: cargo build --release -p outrelay-controller");
+    }
+    let admin_socket = dir.join("controller.sock");
+    let controller_config = dir.join("controller.toml");
+    std::fs::write(
+        &controller_config,
+        format!(
+            "state_dir = \"{p}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n\
+             [tls]\ncert_file = \"{p}/controller.pem\"\nkey_file = \"{p}/controller-key.pem\"\n\
+             [admin]\nsocket_path = \"{s}\"\n[metrics]\nlisten = \"\"\n",
+            p = pki.display(),
+            s = admin_socket.display(),
+        ),
+    )?;
+    let controller_ready = dir.join("controller.ready");
+    let mut processes = vec![bins.spawn(
+        "outrelay-controller",
+        "outrelay-controller",
+        &[
+            "--log".to_owned(),
+            "warn".to_owned(),
+            "--config".to_owned(),
+            controller_config.display().to_string(),
+            "--ready-file".to_owned(),
+            controller_ready.display().to_string(),
+        ],
+        dir,
+    )?];
+    let ready = wait_ready(&controller_ready, &mut processes, READY_TIMEOUT_MS)?;
+    let grpc: SocketAddr = ready["grpc"]
+        .as_str()
+        .context("controller ready file: grpc")?
+        .parse()
+        .context("controller ready file: grpc address")?;
+    let process = processes.pop().context("the controller process")?;
+    Ok(StartedController {
+        process,
+        grpc,
+        admin_socket,
+    })
+}
+
+/// Runs `outrelay --controller unix://<admin socket> --output json ARGS`; its JSON answer.
+fn controller_cli(
+    bins: &Bins<'_>,
+    controller: &StartedController,
+    args: &[&str],
+) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(bins.path("outrelay"))
+        .arg("--controller")
+        .arg(format!("unix://{}", controller.admin_socket.display()))
+        .args(["--output", "json"])
+        .args(args)
+        .output()
+        .with_context(|| format!("running outrelay {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "outrelay {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("outrelay {args:?}: not JSON"))
+}
+
+/// Enrolls relay `id` with the controller the way an operator does (a one-time relay token,
+/// then `outrelay-relay enroll`, names localhost and 127.0.0.1); the identity's state
+/// directory (`[tls] state_dir`).
+fn enroll_relay(
+    bins: &Bins<'_>,
+    controller: &StartedController,
+    id: &str,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let answer = controller_cli(
+        bins,
+        controller,
+        &[
+            "token",
+            "create",
+            "--role",
+            "relay",
+            "--region",
+            FORWARD_REGION,
+            "--relay-id",
+            id,
+            "--ttl",
+            "10m",
+        ],
+    )?;
+    let token = answer["token"]
+        .as_str()
+        .with_context(|| format!("token create: no token in {answer}"))?;
+    let identity = dir.join(format!("{id}-identity"));
+    let out = std::process::Command::new(bins.path("outrelay-relay"))
+        .arg("enroll")
+        .arg("--controller")
+        .arg(format!("https://{}", controller.grpc))
+        .arg("--state-dir")
+        .arg(&identity)
+        .args(["--name", "localhost", "--ip", "127.0.0.1"])
+        .env("OUTRELAY_TOKEN", token)
+        .output()
+        .context("running outrelay-relay enroll")?;
+    if !out.status.success() {
+        bail!(
+            "outrelay-relay enroll ({id}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(identity)
+}
+
+/// The forwarded mesh (`mesh-forward`): the controller, relays `relay-1` and `relay-2`
+/// enrolled with it and following it (`[forward]` written out, metrics on), the allow rule
+/// for the dev tenant's agents to open [`MESH_SERVICE`], the provider on relay 2 and the
+/// consumer on relay 1. Returns once one stream was forwarded (relay 1 counted it): the
+/// provider's registration and the rule have reached the relays.
+fn start_mesh_forward(
+    bins: &Bins<'_>,
+    backend: SocketAddr,
+    dir: &Path,
+    pki: &Path,
+) -> Result<RunningTarget> {
+    let controller = start_controller(bins, dir, pki)?;
+    controller_cli(
+        bins,
+        &controller,
+        &[
+            "policy",
+            "add",
+            "--tenant",
+            MESH_TENANT,
+            "--caller",
+            MESH_CALLERS,
+            "--target",
+            MESH_SERVICE,
+            "--decision",
+            "allow",
+        ],
+    )?;
+    let mut relays = Vec::new();
+    let mut quic = Vec::new();
+    let mut metrics = Vec::new();
+    for id in ["relay-1", "relay-2"] {
+        let identity = enroll_relay(bins, &controller, id, dir)?;
+        let relay_dir = dir.join(id);
+        std::fs::create_dir_all(&relay_dir).context("creating the relay's dir")?;
+        let config = format!(
+            "public_url = \"https://{ROOT_HOST}\"\n{workers}\
+             [tls]\nstate_dir = \"{identity}\"\n\
+             [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\n\
+             public_tls = \"{public_tls}\"\nlease_bind_ip = \"127.0.0.1\"\n\
+             metrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
+             [controller]\nurl = \"https://{grpc}\"\nstate_dir = \"{state}\"\n\
+             [forward]\nmax_streams_per_peer = 1024\nconnect_timeout_ms = 3000\n{ebpf}",
+            identity = identity.display(),
+            public_tls = free_loopback_addr()?,
+            grpc = controller.grpc,
+            state = relay_dir.join("state").display(),
+            workers = workers_line(bins.launch),
+            ebpf = ebpf_section(bins.launch),
+        );
+        let started = start_relay(bins, &relay_dir, &config)?;
+        quic.push(started.quic);
+        metrics.push(started.metrics.context("relay ready file: metrics")?);
+        relays.extend(started.processes);
+    }
+    let ends = MeshEnds {
+        provider_quic: &quic[1],
+        consumer_quic: &quic[0],
+        agent_tail: "",
+    };
+    let mut running = start_mesh(bins, backend, dir, pki, &ends, relays)?;
+    running.add_support(controller.process);
+    let check = MeshCheck {
+        relay_metrics: metrics[0],
+        via: MeshVia::Forward,
+    };
+    wait_forwarded(running.front, check, &mut running)?;
+    running.mesh_check = Some(check);
+    Ok(running)
+}
+
+/// Opens streams through the consumer (`front`) until relay 1 counts one forwarded, or
+/// errors after [`FORWARD_ROUTE_TIMEOUT_MS`]. A stream refused meanwhile (no provider known
+/// yet, no rule yet) is closed by the consumer and retried.
+fn wait_forwarded(front: SocketAddr, check: MeshCheck, running: &mut RunningTarget) -> Result<()> {
+    use std::io::Write;
+    let deadline = Instant::now() + Duration::from_millis(FORWARD_ROUTE_TIMEOUT_MS);
+    let before = check.read()?;
+    loop {
+        running.ensure_running()?;
+        let mut s = std::net::TcpStream::connect(front)
+            .with_context(|| format!("connecting to the consumer on {front}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(2)))
+            .context("write timeout")?;
+        // A refused stream may reset the connection: a failed write is one more try.
+        let _ = s.write_all(&[0x17; 4096]);
+        let tried = Instant::now();
+        while tried.elapsed() < Duration::from_secs(2) {
+            if check.verify(before, check.read()?).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(s);
+        if Instant::now() >= deadline {
+            bail!(
+                "no stream forwarded relay-1 -> relay-2 within {FORWARD_ROUTE_TIMEOUT_MS} ms \
+                 ({} on relay 1 did not rise)",
+                check.counter()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The abuse topology ([`Routing::Abuse`]): `outrelay-controller` (state and CA in the dev
@@ -452,40 +801,9 @@ fn start_abuse(
     dir: &Path,
     pki: &Path,
 ) -> Result<RunningTarget> {
-    if !bins.path("outrelay-controller").exists() {
-        bail!("outrelay-controller not built: cargo build --release -p outrelay-controller");
-    }
-    let controller_config = dir.join("controller.toml");
-    std::fs::write(
-        &controller_config,
-        format!(
-            "state_dir = \"{p}\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n\
-             [tls]\ncert_file = \"{p}/controller.pem\"\nkey_file = \"{p}/controller-key.pem\"\n\
-             [admin]\nsocket_path = \"{d}/controller.sock\"\n[metrics]\nlisten = \"\"\n",
-            p = pki.display(),
-            d = dir.display(),
-        ),
-    )?;
-    let controller_ready = dir.join("controller.ready");
-    let mut helpers = vec![bins.spawn(
-        "outrelay-controller",
-        "outrelay-controller",
-        &[
-            "--log".to_owned(),
-            "warn".to_owned(),
-            "--config".to_owned(),
-            controller_config.display().to_string(),
-            "--ready-file".to_owned(),
-            controller_ready.display().to_string(),
-        ],
-        dir,
-    )?];
-    let ready = wait_ready(&controller_ready, &mut helpers, READY_TIMEOUT_MS)?;
-    let controller_grpc: SocketAddr = ready["grpc"]
-        .as_str()
-        .context("controller ready file: grpc")?
-        .parse()
-        .context("controller ready file: grpc address")?;
+    let controller = start_controller(bins, dir, pki)?;
+    let controller_grpc = controller.grpc;
+    let helpers = vec![controller.process];
 
     let public_tls = free_loopback_addr()?;
     let relay_config = format!(
@@ -508,16 +826,9 @@ fn start_abuse(
         mut processes,
         quic,
         lookup,
+        metrics,
     } = start_relay(bins, dir, &relay_config)?;
-    let relay_ready: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("relay.ready")).context("reading relay.ready")?,
-    )
-    .context("relay.ready")?;
-    let relay_metrics: SocketAddr = relay_ready["metrics"]
-        .as_str()
-        .context("relay ready file: metrics")?
-        .parse()
-        .context("relay ready file: metrics address")?;
+    let relay_metrics = metrics.context("relay ready file: metrics")?;
     let relay_pid = processes[0].pid();
     let leases = format!(
         "[[lease]]\nname = \"demo\"\ntls_to = \"{backend}\"\n\
@@ -647,6 +958,7 @@ fn start_upgradable(
         mut processes,
         quic,
         lookup,
+        ..
     } = start_relay(bins, dir, &relay_config)?;
     let relay_pid = processes[0].pid();
     let lease = match sni {
@@ -778,7 +1090,10 @@ mod tests {
 
     #[test]
     fn the_base_target_needs_its_bin_dir() {
-        let base = Outrelay { base: true };
+        let base = Outrelay {
+            base: true,
+            path: MeshPath::Single,
+        };
         assert_eq!(base.name(), "outrelay-base");
         // Decided by the environment the tests run in; both answers are checked.
         match std::env::var_os(BASE_BIN_ENV) {
@@ -790,6 +1105,13 @@ mod tests {
             }
             Some(dir) => assert_eq!(base.bin_dir(), Some(PathBuf::from(dir))),
         }
-        assert!(Outrelay { base: false }.bin_dir().is_some());
+        assert!(
+            Outrelay {
+                base: false,
+                path: MeshPath::Single
+            }
+            .bin_dir()
+            .is_some()
+        );
     }
 }

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 22's measurements (many relays), one outrelay-bench command:
+#
+#   p6-relays  the mesh scenario (P6: one bulk stream over QUIC into the consumer agent's
+#              listen address, out of the provider agent into the harness's sink) through
+#              four targets interleaved in every round:
+#                quinn-direct  a plain quinn client -> server transfer (P6's baseline)
+#                outrelay      consumer -> relay -> provider (one standalone relay)
+#                mesh-forward  consumer -> relay 1 -> FORWARD_STREAM -> relay 2 -> provider:
+#                              a real outrelay-controller, both relays enrolled with it
+#                              (token + `outrelay-relay enroll`), `[forward]` written out;
+#                              relay CPU = both relays' sum
+#                fallback      the outrelay mesh with both agents on the TCP/443 fallback
+#                              (`[fallback] mode = "only"`)
+#              Read "Gbit/s x outrelay" and "CPU per Gbit x outrelay" (forwarded vs single
+#              relay, fallback vs QUIC) and "CPU per Gbit x quinn-direct" (P6: within 1.5 x).
+#              Each mesh-forward / fallback measurement counts only if a relay counter shows
+#              the stream took that path.
+#
+# Writes OUT/p6-relays.md (the Markdown table), OUT/p6-relays.json (every sample, for
+# re-analysis) and OUT/p6-relays.log (progress), then prints the table.
+#
+# Usage:
+#   bench/issue22.sh run OUT
+#
+# Knobs (environment): ROUNDS (3), DURATION_S (5: seconds of each timed window, after a 1 s
+# warm-up; a round takes about 4 x (DURATION_S + 3) s plus mesh-forward's set-up), TARGETS
+# (quinn-direct,outrelay,mesh-forward,fallback; add quinn-direct-paced for P6 at equal rate),
+# WORKERS (unset: the relay's default worker count), PIN_TARGETS / PIN_LOAD (unset: no
+# pinning; taskset lists, e.g. on the 16-core device PIN_TARGETS=0-11 PIN_LOAD=12-15).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The outrelay targets run the binaries in <repo>/target/release: build there.
+export CARGO_TARGET_DIR="$repo/target"
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 64
+}
+
+case "${1:-}" in
+run) out=${2:?run needs an output directory} ;;
+*) usage ;;
+esac
+
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cargo build --release -q -p outrelay-relay -p outrelay-agent -p outrelay-cli \
+    -p outrelay-controller -p outrelay-bench
+
+rounds=${ROUNDS:-3}
+duration_s=${DURATION_S:-5}
+targets=${TARGETS:-quinn-direct,outrelay,mesh-forward,fallback}
+bench="$CARGO_TARGET_DIR/release/outrelay-bench"
+
+args=(run mesh --targets "$targets" --rounds "$rounds" --duration-s "$duration_s")
+if [ -n "${WORKERS:-}" ]; then
+    args+=(--relay-workers "$WORKERS")
+fi
+if [ -n "${PIN_TARGETS:-}" ]; then
+    args+=(--pin-targets "$PIN_TARGETS")
+fi
+if [ -n "${PIN_LOAD:-}" ]; then
+    args+=(--pin-load "$PIN_LOAD")
+fi
+
+start=$SECONDS
+echo "issue22: p6-relays: outrelay-bench ${args[*]}" >&2
+"$bench" "${args[@]}" --json "$out/p6-relays.json" >"$out/p6-relays.md" 2>"$out/p6-relays.log"
+echo "issue22: p6-relays done in $((SECONDS - start)) s; $out/p6-relays.{md,json,log}" >&2
+cat "$out/p6-relays.md"
