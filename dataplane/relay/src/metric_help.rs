@@ -88,6 +88,10 @@ pub fn describe() {
             "outrelay_relay_mesh_ready_dropped_total",
             "STREAM_READY frames not sent because a control queue was full.",
         ),
+        (
+            "outrelay_relay_mesh_provider_retries_total",
+            "Opens passed to another provider after one did not answer.",
+        ),
     ] {
         metrics::describe_counter!(name, help);
     }

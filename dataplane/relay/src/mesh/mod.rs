@@ -679,14 +679,31 @@ impl Mesh {
     /// without one, the providers on other relays in turn. The pick is recorded; a caller
     /// that goes on to a local provider holds a [`Mesh::provider_stream`] guard meanwhile.
     pub fn resolve(&self, tenant: &str, service: &str) -> Resolved {
+        self.resolve_skipping(tenant, service, &[])
+    }
+
+    /// Live local providers of `service` in `tenant` but those on the connections in `skip`.
+    pub fn local_providers_left(&self, tenant: &str, service: &str, skip: &[ConnId]) -> usize {
+        let key = (tenant.to_owned(), service.to_owned());
+        self.local().by_name.get(&key).map_or(0, |list| {
+            list.iter()
+                .filter(|s| !skip.contains(&s.provider.conn))
+                .count()
+        })
+    }
+
+    /// [`Mesh::resolve`] without the local providers on the connections in `skip` (those
+    /// that failed to answer this stream already).
+    pub fn resolve_skipping(&self, tenant: &str, service: &str, skip: &[ConnId]) -> Resolved {
         let key = (tenant.to_owned(), service.to_owned());
         {
             let mut local = self.local();
             let Local { by_name, picks, .. } = &mut *local;
-            if let Some(slot) = by_name
-                .get_mut(&key)
-                .and_then(|list| list.iter_mut().min_by_key(|s| (s.active, s.picked)))
-            {
+            if let Some(slot) = by_name.get_mut(&key).and_then(|list| {
+                list.iter_mut()
+                    .filter(|s| !skip.contains(&s.provider.conn))
+                    .min_by_key(|s| (s.active, s.picked))
+            }) {
                 *picks += 1;
                 slot.picked = *picks;
                 return Resolved::Local(slot.provider.clone());
@@ -1095,6 +1112,28 @@ mod tests {
         assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
         drop(guards);
         assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
+    }
+
+    #[test]
+    fn a_provider_that_failed_this_stream_is_skipped_then_none_is_left() {
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), Arc::new(Standalone));
+        for c in 1..=2 {
+            mesh.connection_opened(ConnId(c), "a", U1);
+            assert_eq!(mesh.register_local(ConnId(c), &reg("pay")), Ok(true));
+        }
+        let first = pick(&mesh, "pay");
+        let other = 3 - first;
+        assert_eq!(mesh.local_providers_left("a", "pay", &[ConnId(first)]), 1);
+        // The retry takes the other one, even though `first` is not busier.
+        for _ in 0..3 {
+            match mesh.resolve_skipping("a", "pay", &[ConnId(first)]) {
+                Resolved::Local(p) => assert_eq!(p.conn.0, other),
+                r => panic!("not local: {r:?}"),
+            }
+        }
+        let both = [ConnId(1), ConnId(2)];
+        assert_eq!(mesh.local_providers_left("a", "pay", &both), 0);
+        assert_eq!(mesh.resolve_skipping("a", "pay", &both), Resolved::NotFound);
     }
 
     #[test]
