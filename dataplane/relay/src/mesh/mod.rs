@@ -34,12 +34,12 @@ pub mod policy;
 pub mod resume;
 mod stats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use outrelay_api::pb;
@@ -52,6 +52,14 @@ pub use stats::{MeshResult, MeshStats};
 /// Default deadline for the first frame of a stream (OPEN_STREAM from the consumer, the
 /// provider's answer to INCOMING_STREAM).
 pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 10_000;
+/// How long the two ends of a stream whose join ended cleanly stay known for its last
+/// STREAM_CHECKPOINTs: an agent sends its final one on the control stream when the FIN
+/// arrives, after the relay has seen both FINs, and its peer ends the stream only when it
+/// arrives (orp.md "Resume").
+pub const ENDED_PAIR_LINGER: Duration = Duration::from_secs(5);
+/// Most ended pairs kept at once; the oldest gives way first (counted
+/// `outrelay_relay_mesh_ended_pairs_evicted_total`).
+pub const ENDED_PAIRS_MAX: usize = 16_384;
 /// Default bound on services one agent connection may register.
 pub const DEFAULT_MAX_SERVICES_PER_AGENT: usize = 64;
 /// Default bound on live local providers (agent connections) of one service.
@@ -335,6 +343,8 @@ pub struct Mesh {
     local: Mutex<Local>,
     /// Stream ids in use; a joined stream's two ends once it is joined (P2P signalling).
     active_ids: Mutex<HashMap<u64, Option<Arc<JoinedPair>>>>,
+    /// Streams whose join ended cleanly, for their last checkpoints ([`ENDED_PAIR_LINGER`]).
+    ended: Mutex<EndedPairs>,
     /// Live streams per tenant (`max_streams_per_tenant`).
     tenant_streams: Mutex<HashMap<String, usize>>,
     /// Remote picks so far (round-robin over other relays' providers).
@@ -377,6 +387,7 @@ impl Mesh {
             remote: Mutex::new(RemoteProviders::default()),
             local: Mutex::new(Local::default()),
             active_ids: Mutex::new(HashMap::new()),
+            ended: Mutex::new(EndedPairs::default()),
             tenant_streams: Mutex::new(HashMap::new()),
             remote_picks: AtomicUsize::new(0),
             stats: Arc::new(MeshStats::default()),
@@ -808,6 +819,37 @@ impl Mesh {
             .filter(|p| p.consumer.uri == agent_uri || p.provider.uri == agent_uri)
     }
 
+    /// The joined stream `id` ended cleanly (both FINs through): its id is given back and its
+    /// two ends stay known for [`ENDED_PAIR_LINGER`] (see [`Mesh::ended_pair`]).
+    pub(crate) fn stream_ended(&self, id: u64) {
+        let pair = self
+            .active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+            .flatten();
+        if let Some(pair) = pair {
+            let evicted = self
+                .ended
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, pair, Instant::now());
+            self.stats
+                .ended_pairs_evicted
+                .fetch_add(evicted, Ordering::Relaxed);
+        }
+    }
+
+    /// The stream `id` that ended cleanly less than [`ENDED_PAIR_LINGER`] ago, when
+    /// `agent_uri` is one of its ends: where its last STREAM_CHECKPOINTs go.
+    pub(crate) fn ended_pair(&self, id: u64, agent_uri: &str) -> Option<Arc<JoinedPair>> {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id, Instant::now())
+            .filter(|p| p.consumer.uri == agent_uri || p.provider.uri == agent_uri)
+    }
+
     /// Gives a stream id back.
     pub(crate) fn release_stream_id(&self, id: u64) {
         self.active_ids
@@ -939,6 +981,46 @@ pub(crate) struct AuditRow<'a> {
     pub(crate) target: &'a str,
     pub(crate) method: &'a str,
     pub(crate) stream_id: u64,
+}
+
+/// Joined pairs whose stream ended cleanly, oldest first, at most [`ENDED_PAIRS_MAX`], each
+/// for [`ENDED_PAIR_LINGER`]. Touched once per ended stream and per late checkpoint.
+#[derive(Debug, Default)]
+struct EndedPairs {
+    by_id: HashMap<u64, (Instant, Arc<JoinedPair>)>,
+    order: VecDeque<(Instant, u64)>,
+}
+
+impl EndedPairs {
+    /// Records `pair`, dropping the expired ones and, at the cap, the oldest; returns how
+    /// many were dropped before their time.
+    fn insert(&mut self, id: u64, pair: Arc<JoinedPair>, now: Instant) -> u64 {
+        let mut evicted = 0;
+        while let Some(&(at, old)) = self.order.front() {
+            let expired = now.saturating_duration_since(at) >= ENDED_PAIR_LINGER;
+            if !expired && self.order.len() < ENDED_PAIRS_MAX {
+                break;
+            }
+            self.order.pop_front();
+            // An id ended twice is removed by its newer entry only.
+            if self.by_id.get(&old).is_some_and(|(t, _)| *t == at) {
+                self.by_id.remove(&old);
+                if !expired {
+                    evicted += 1;
+                }
+            }
+        }
+        self.by_id.insert(id, (now, pair));
+        self.order.push_back((now, id));
+        evicted
+    }
+
+    fn get(&self, id: u64, now: Instant) -> Option<Arc<JoinedPair>> {
+        self.by_id
+            .get(&id)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < ENDED_PAIR_LINGER)
+            .map(|(_, p)| p.clone())
+    }
 }
 
 #[cfg(test)]

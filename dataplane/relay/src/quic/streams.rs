@@ -485,7 +485,9 @@ pub(super) async fn join_pair(
     // Held to the provider tenant's bandwidth limit (issue 21; the caller's tenant: a
     // provider is resolved in it only). Leases' limits do not apply to service streams.
     let limit = ctx.bandwidth.tenant(pair.tenant);
-    join(halves, rests, check, idle, &superseded, &limit).await;
+    if join(halves, rests, check, idle, &superseded, &limit).await {
+        mesh.stream_ended(id);
+    }
 }
 
 /// The provider `p` (registered in `tenant`) as a stream end; `None` when its connection
@@ -712,7 +714,8 @@ impl Recheck<'_> {
 }
 
 /// Joins the two streams until both directions end, the policy cuts them, they idle out, or
-/// `superseded` is notified (a resume of this stream on a new connection).
+/// `superseded` is notified (a resume of this stream on a new connection); true when both
+/// directions ended cleanly.
 pub(super) async fn join(
     mut h: Halves,
     (consumer_rest, provider_rest): (Bytes, Bytes),
@@ -720,7 +723,7 @@ pub(super) async fn join(
     idle: Idle<'_>,
     superseded: &tokio::sync::Notify,
     limit: &crate::bandwidth::Buckets,
-) {
+) -> bool {
     let mesh = check.mesh;
     let stats = &mesh.stats;
     stats.streams_active.fetch_add(1, Ordering::Relaxed);
@@ -762,7 +765,8 @@ pub(super) async fn join(
             ended = both => {
                 if let Err(code) = ended {
                     bump(&stats.streams_failed);
-                    return end_failed(h, stats, code);
+                    end_failed(h, stats, code);
+                    return false;
                 }
                 None
             }
@@ -809,6 +813,7 @@ pub(super) async fn join(
         );
     }
     stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+    cut.is_none()
 }
 
 /// One direction failed: reset and stop whatever is left of both halves with `code` (the
