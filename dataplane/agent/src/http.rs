@@ -14,7 +14,8 @@
 //!  "consumers": [{"service": "payments", "listen_addr": "127.0.0.1:18080"}],
 //!  "mesh": {"consumer": {"streams": {"accepted": 0, "rejected_403": 0, …}, "active": 0,
 //!                        "bytes_to_relay": 0, "bytes_to_local": 0},
-//!           "provider": { …same… }, "registered": 0, "register_rejected": 0, "stream_ready": 0},
+//!           "provider": { …same… }, "registered": 0, "register_rejected": 0, "stream_ready": 0,
+//!           "reopened": 0},
 //!  "splice": {"pairs_active": 0, "pairs_total": 0, "bytes": 0}}
 //! ```
 //! Each relay entry (one per HA slot) also lists `"services": [{"service", "state",
@@ -192,6 +193,7 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
             "registered": load(&m.registered),
             "register_rejected": load(&m.register_rejected),
             "stream_ready": load(&m.stream_ready),
+            "reopened": load(&m.reopened),
             "resume": {
                 "resumable": load(&m.resume.resumable),
                 "resumed": load(&m.resume.resumed),
@@ -285,6 +287,7 @@ fn update(s: &Sources) {
     counter!("outrelay_agent_mesh_registrations_total", "result" => "rejected")
         .absolute(load(&m.register_rejected));
     counter!("outrelay_agent_mesh_stream_ready_total").absolute(load(&m.stream_ready));
+    counter!("outrelay_agent_mesh_reopened_total").absolute(load(&m.reopened));
     let r = &m.resume;
     for (result, c) in [
         ("resumed", &r.resumed),

@@ -411,6 +411,9 @@ async fn consume_one(tcp: TcpStream, spec: &ConsumeSpec, ctx: &MeshCtx) {
         match ctx.link_except(Some(&link)) {
             Some(other) if !Arc::ptr_eq(&other, &link) => {
                 reopened = true;
+                stats
+                    .reopened
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 link = other;
                 _load = LinkLoad::new(&link);
                 id = stream_id();

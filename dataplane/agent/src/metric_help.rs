@@ -45,6 +45,10 @@ pub fn describe() {
         "STREAM_READY frames received on control streams."
     );
     metrics::describe_counter!(
+        "outrelay_agent_mesh_reopened_total",
+        "Consumer opens made again on another relay after the relay connection died under them."
+    );
+    metrics::describe_counter!(
         "outrelay_agent_resume_total",
         "Broken service streams by outcome: resumed, failed (not resumed in resume.timeout_ms or refused), lost (the peer needed bytes no longer in the ring: local connection reset)."
     );

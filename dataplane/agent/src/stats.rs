@@ -264,6 +264,9 @@ pub struct MeshStats {
     pub register_rejected: AtomicU64,
     /// STREAM_READY frames received on control streams.
     pub stream_ready: AtomicU64,
+    /// Consumer opens made once more on another relay because the relay connection died
+    /// under the first attempt (high availability, `ha_connections`).
+    pub reopened: AtomicU64,
     /// Stream resume (orp.md "Resume").
     pub resume: ResumeStats,
 }

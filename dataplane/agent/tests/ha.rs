@@ -575,4 +575,13 @@ async fn measure_new_streams_after_relay_death() {
         took.iter().all(|d| *d < Duration::from_secs(15)),
         "{took:?}"
     );
+    // The calls that waited for the dead relay were opened again on the survivor (counted).
+    let reopened = World::agent_status(&consumer)["mesh"]["reopened"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!("MEASURED consumer opens made again on the other relay: {reopened}");
+    assert!(
+        took.iter().all(|d| *d < Duration::from_millis(500)) || reopened >= 1,
+        "calls waited for the dead relay ({took:?}) but none was opened again elsewhere"
+    );
 }

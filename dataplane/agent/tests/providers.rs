@@ -2,7 +2,8 @@
 //! `common/world.rs`): two agents of different identities provide `payments` on one relay (a
 //! provide rule allows both), each target answering with its own name; a consumer's calls are
 //! spread over both (least active streams, ties in turn), `outrelay services list` shows both,
-//! and after one is killed (-9) and the relay notices, every call reaches the survivor.
+//! and after one is killed (-9) every call reaches the survivor: before the relay notices,
+//! a stream the dead provider does not answer is passed on to the survivor.
 //!
 //! Build the binaries first (`cargo build --release -p outrelay-controller -p outrelay-relay
 //! -p outrelay-agent -p outrelay-cli`). Shares are printed as `MEASURED` lines and asserted
@@ -261,6 +262,22 @@ async fn two_providers_share_the_calls_and_the_survivor_takes_all_after_one_dies
         "MEASURED provider killed -9: noticed after {} ms; calls meanwhile: {between_ok} ok, \
          {between_failed} failed",
         noticed.as_millis()
+    );
+    // Until the relay noticed, a stream sent to the dead provider went on to the survivor
+    // within the open deadline (the relay's retry), so no call failed.
+    let retries = metric(
+        &w.relay_scrape(),
+        "outrelay_relay_mesh_provider_retries_total",
+        &[],
+    );
+    println!("MEASURED provider retries while p1 was dead but listed: {retries}");
+    assert_eq!(
+        between_failed, 0,
+        "calls failed while the dead provider was listed: the relay must pass them on"
+    );
+    assert!(
+        between_ok < 2 || retries >= 1.0,
+        "{between_ok} calls while p1 was listed, none retried: did any go to p1?"
     );
     assert_eq!(
         relay_status_providers(&w).await,

@@ -88,6 +88,14 @@ pub fn describe() {
             "outrelay_relay_mesh_ready_dropped_total",
             "STREAM_READY frames not sent because a control queue was full.",
         ),
+        (
+            "outrelay_relay_mesh_provider_retries_total",
+            "Opens passed to another provider after one did not answer.",
+        ),
+        (
+            "outrelay_relay_mesh_ended_pairs_evicted_total",
+            "Cleanly ended streams forgotten before their last checkpoints' linger was over.",
+        ),
     ] {
         metrics::describe_counter!(name, help);
     }

@@ -194,6 +194,10 @@ fn update(s: &Sources) {
         .absolute(m.audit_truncated.load(Ordering::Relaxed));
     counter!("outrelay_relay_mesh_ready_dropped_total")
         .absolute(m.ready_dropped.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_provider_retries_total")
+        .absolute(m.provider_retries.load(Ordering::Relaxed));
+    counter!("outrelay_relay_mesh_ended_pairs_evicted_total")
+        .absolute(m.ended_pairs_evicted.load(Ordering::Relaxed));
     let r = &m.resume;
     for o in crate::mesh::resume::ResumeOutcome::ALL {
         counter!("outrelay_relay_resume_total", "result" => o.label()).absolute(r.outcome(o));

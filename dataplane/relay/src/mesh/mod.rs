@@ -34,12 +34,12 @@ pub mod policy;
 pub mod resume;
 mod stats;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use outrelay_api::pb;
@@ -52,6 +52,14 @@ pub use stats::{MeshResult, MeshStats};
 /// Default deadline for the first frame of a stream (OPEN_STREAM from the consumer, the
 /// provider's answer to INCOMING_STREAM).
 pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 10_000;
+/// How long the two ends of a stream whose join ended cleanly stay known for its last
+/// STREAM_CHECKPOINTs: an agent sends its final one on the control stream when the FIN
+/// arrives, after the relay has seen both FINs, and its peer ends the stream only when it
+/// arrives (orp.md "Resume").
+pub const ENDED_PAIR_LINGER: Duration = Duration::from_secs(5);
+/// Most ended pairs kept at once; the oldest gives way first (counted
+/// `outrelay_relay_mesh_ended_pairs_evicted_total`).
+pub const ENDED_PAIRS_MAX: usize = 16_384;
 /// Default bound on services one agent connection may register.
 pub const DEFAULT_MAX_SERVICES_PER_AGENT: usize = 64;
 /// Default bound on live local providers (agent connections) of one service.
@@ -350,6 +358,8 @@ pub struct Mesh {
     local: Mutex<Local>,
     /// Stream ids in use; a joined stream's two ends once it is joined (P2P signalling).
     active_ids: Mutex<HashMap<u64, Option<Arc<JoinedPair>>>>,
+    /// Streams whose join ended cleanly, for their last checkpoints ([`ENDED_PAIR_LINGER`]).
+    ended: Mutex<EndedPairs>,
     /// Live streams per tenant (`max_streams_per_tenant`).
     tenant_streams: Mutex<HashMap<String, usize>>,
     /// Remote picks so far (round-robin over other relays' providers).
@@ -392,6 +402,7 @@ impl Mesh {
             remote: Mutex::new(RemoteProviders::default()),
             local: Mutex::new(Local::default()),
             active_ids: Mutex::new(HashMap::new()),
+            ended: Mutex::new(EndedPairs::default()),
             tenant_streams: Mutex::new(HashMap::new()),
             remote_picks: AtomicUsize::new(0),
             stats: Arc::new(MeshStats::default()),
@@ -694,14 +705,31 @@ impl Mesh {
     /// without one, the providers on other relays in turn. The pick is recorded; a caller
     /// that goes on to a local provider holds a [`Mesh::provider_stream`] guard meanwhile.
     pub fn resolve(&self, tenant: &str, service: &str) -> Resolved {
+        self.resolve_skipping(tenant, service, &[])
+    }
+
+    /// Live local providers of `service` in `tenant` but those on the connections in `skip`.
+    pub fn local_providers_left(&self, tenant: &str, service: &str, skip: &[ConnId]) -> usize {
+        let key = (tenant.to_owned(), service.to_owned());
+        self.local().by_name.get(&key).map_or(0, |list| {
+            list.iter()
+                .filter(|s| !skip.contains(&s.provider.conn))
+                .count()
+        })
+    }
+
+    /// [`Mesh::resolve`] without the local providers on the connections in `skip` (those
+    /// that failed to answer this stream already).
+    pub fn resolve_skipping(&self, tenant: &str, service: &str, skip: &[ConnId]) -> Resolved {
         let key = (tenant.to_owned(), service.to_owned());
         {
             let mut local = self.local();
             let Local { by_name, picks, .. } = &mut *local;
-            if let Some(slot) = by_name
-                .get_mut(&key)
-                .and_then(|list| list.iter_mut().min_by_key(|s| (s.active, s.picked)))
-            {
+            if let Some(slot) = by_name.get_mut(&key).and_then(|list| {
+                list.iter_mut()
+                    .filter(|s| !skip.contains(&s.provider.conn))
+                    .min_by_key(|s| (s.active, s.picked))
+            }) {
                 *picks += 1;
                 slot.picked = *picks;
                 return Resolved::Local(slot.provider.clone());
@@ -808,17 +836,57 @@ impl Mesh {
 
     /// The joined stream `id` when one of its ends is on peer relay `relay` (a forwarded
     /// stream that relay shares with this one): a checkpoint from that relay for any other
-    /// stream finds nothing.
+    /// stream finds nothing. A stream that ended cleanly moments ago still counts (its last
+    /// checkpoints, [`ENDED_PAIR_LINGER`]).
     pub(crate) fn joined_via(&self, id: u64, relay: &str) -> Option<Arc<JoinedPair>> {
-        self.active_ids
+        let via = |p: &Arc<JoinedPair>| {
+            p.remote_end()
+                .is_some_and(|(end, _)| end.relay.as_deref() == Some(relay))
+        };
+        let live = self
+            .active_ids
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
-            .and_then(Option::clone)
-            .filter(|p| {
-                p.remote_end()
-                    .is_some_and(|(end, _)| end.relay.as_deref() == Some(relay))
-            })
+            .and_then(Option::clone);
+        live.or_else(|| {
+            self.ended
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(id, Instant::now())
+        })
+        .filter(via)
+    }
+
+    /// The joined stream `id` ended cleanly (both FINs through): its id is given back and its
+    /// two ends stay known for [`ENDED_PAIR_LINGER`] (see [`Mesh::ended_pair`]).
+    pub(crate) fn stream_ended(&self, id: u64) {
+        let pair = self
+            .active_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+            .flatten();
+        if let Some(pair) = pair {
+            let evicted = self
+                .ended
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, pair, Instant::now());
+            self.stats
+                .ended_pairs_evicted
+                .fetch_add(evicted, Ordering::Relaxed);
+        }
+    }
+
+    /// The stream `id` that ended cleanly less than [`ENDED_PAIR_LINGER`] ago, when
+    /// `agent_uri` is one of its ends: where its last STREAM_CHECKPOINTs go.
+    pub(crate) fn ended_pair(&self, id: u64, agent_uri: &str) -> Option<Arc<JoinedPair>> {
+        self.ended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id, Instant::now())
+            .filter(|p| p.consumer.uri == agent_uri || p.provider.uri == agent_uri)
     }
 
     /// Gives a stream id back.
@@ -952,6 +1020,46 @@ pub(crate) struct AuditRow<'a> {
     pub(crate) target: &'a str,
     pub(crate) method: &'a str,
     pub(crate) stream_id: u64,
+}
+
+/// Joined pairs whose stream ended cleanly, oldest first, at most [`ENDED_PAIRS_MAX`], each
+/// for [`ENDED_PAIR_LINGER`]. Touched once per ended stream and per late checkpoint.
+#[derive(Debug, Default)]
+struct EndedPairs {
+    by_id: HashMap<u64, (Instant, Arc<JoinedPair>)>,
+    order: VecDeque<(Instant, u64)>,
+}
+
+impl EndedPairs {
+    /// Records `pair`, dropping the expired ones and, at the cap, the oldest; returns how
+    /// many were dropped before their time.
+    fn insert(&mut self, id: u64, pair: Arc<JoinedPair>, now: Instant) -> u64 {
+        let mut evicted = 0;
+        while let Some(&(at, old)) = self.order.front() {
+            let expired = now.saturating_duration_since(at) >= ENDED_PAIR_LINGER;
+            if !expired && self.order.len() < ENDED_PAIRS_MAX {
+                break;
+            }
+            self.order.pop_front();
+            // An id ended twice is removed by its newer entry only.
+            if self.by_id.get(&old).is_some_and(|(t, _)| *t == at) {
+                self.by_id.remove(&old);
+                if !expired {
+                    evicted += 1;
+                }
+            }
+        }
+        self.by_id.insert(id, (now, pair));
+        self.order.push_back((now, id));
+        evicted
+    }
+
+    fn get(&self, id: u64, now: Instant) -> Option<Arc<JoinedPair>> {
+        self.by_id
+            .get(&id)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < ENDED_PAIR_LINGER)
+            .map(|(_, p)| p.clone())
+    }
 }
 
 #[cfg(test)]
@@ -1125,6 +1233,85 @@ mod tests {
         assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
         drop(guards);
         assert!((0..10).all(|_| pick(&mesh, "pay") != 1));
+    }
+
+    fn joined(consumer: &str, provider: &str) -> JoinedPair {
+        let end = |uri: &str| PairEnd {
+            uri: uri.into(),
+            control: tokio::sync::mpsc::channel(1).0.downgrade(),
+            relay: None,
+        };
+        JoinedPair {
+            consumer: end(consumer),
+            provider: end(provider),
+            p2p_forbidden: false,
+            superseded: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    #[test]
+    fn a_cleanly_ended_stream_is_known_to_its_two_ends_for_the_linger_only() {
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), Arc::new(Standalone));
+        assert!(mesh.claim_stream_id(7));
+        mesh.stream_joined(7, joined(U1, U2));
+        mesh.stream_ended(7);
+        // The id is free again; the ends still find the pair, nobody else does.
+        assert!(mesh.joined_pair(7, U1).is_none());
+        assert!(mesh.ended_pair(7, U1).is_some() && mesh.ended_pair(7, U2).is_some());
+        assert!(mesh.ended_pair(7, "outrelay://a/agent/other").is_none());
+        assert!(mesh.claim_stream_id(7));
+        mesh.release_stream_id(7);
+        // A stream that never joined leaves nothing behind.
+        assert!(mesh.claim_stream_id(8));
+        mesh.stream_ended(8);
+        assert!(mesh.ended_pair(8, U1).is_none());
+
+        // The table itself: expiry, the cap (counted), and an id that ended twice.
+        let t0 = Instant::now();
+        let mut t = EndedPairs::default();
+        let pair = Arc::new(joined(U1, U2));
+        assert_eq!(t.insert(1, pair.clone(), t0), 0);
+        assert!(t.get(1, t0 + ENDED_PAIR_LINGER / 2).is_some());
+        assert!(t.get(1, t0 + ENDED_PAIR_LINGER).is_none());
+        let later = t0 + ENDED_PAIR_LINGER;
+        assert_eq!(
+            t.insert(2, pair.clone(), later),
+            0,
+            "the expired one is not counted"
+        );
+        assert_eq!(t.by_id.len(), 1);
+        for id in 3..(3 + ENDED_PAIRS_MAX as u64) {
+            t.insert(id, pair.clone(), later);
+        }
+        assert_eq!(t.by_id.len(), ENDED_PAIRS_MAX);
+        assert!(t.get(2, later).is_none(), "the oldest gave way at the cap");
+        assert_eq!(t.insert(5, pair.clone(), later), 1);
+        assert!(
+            t.get(5, later).is_some(),
+            "the newer entry of an id is kept"
+        );
+    }
+
+    #[test]
+    fn a_provider_that_failed_this_stream_is_skipped_then_none_is_left() {
+        let mesh = Mesh::new(MeshConfig::default(), "r1".into(), Arc::new(Standalone));
+        for c in 1..=2 {
+            mesh.connection_opened(ConnId(c), "a", U1);
+            assert_eq!(mesh.register_local(ConnId(c), &reg("pay")), Ok(true));
+        }
+        let first = pick(&mesh, "pay");
+        let other = 3 - first;
+        assert_eq!(mesh.local_providers_left("a", "pay", &[ConnId(first)]), 1);
+        // The retry takes the other one, even though `first` is not busier.
+        for _ in 0..3 {
+            match mesh.resolve_skipping("a", "pay", &[ConnId(first)]) {
+                Resolved::Local(p) => assert_eq!(p.conn.0, other),
+                r => panic!("not local: {r:?}"),
+            }
+        }
+        let both = [ConnId(1), ConnId(2)];
+        assert_eq!(mesh.local_providers_left("a", "pay", &both), 0);
+        assert_eq!(mesh.resolve_skipping("a", "pay", &both), Resolved::NotFound);
     }
 
     #[test]

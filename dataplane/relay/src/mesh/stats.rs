@@ -106,6 +106,12 @@ pub struct MeshStats {
     pub audit_events: AtomicU64,
     /// STREAM_READY frames not sent because a control queue was full.
     pub ready_dropped: AtomicU64,
+    /// Opens that went on to another provider after one did not answer (a provider whose
+    /// connection died before the relay noticed).
+    pub provider_retries: AtomicU64,
+    /// Ended pairs dropped at `ENDED_PAIRS_MAX` before their linger was over (their last
+    /// checkpoints, if any, then find no pair).
+    pub ended_pairs_evicted: AtomicU64,
     /// Audit events with a field cut to its cap.
     pub audit_truncated: AtomicU64,
     /// Stream resume (STREAM_RESUME halves, parked halves, retransmitted bytes).

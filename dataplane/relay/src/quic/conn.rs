@@ -557,7 +557,15 @@ async fn on_frame(
 /// signal (each outcome counted).
 fn forward_signal(ctx: &Ctx, from: &Identity, stream_id: u64, frame: Frame, candidate: bool) {
     let from = from.to_string();
-    let outcome = match ctx.mesh.get().and_then(|m| m.joined_pair(stream_id, &from)) {
+    // A checkpoint may come after the join ended cleanly (the last one is sent on FIN).
+    let pair = ctx.mesh.get().and_then(|m| {
+        m.joined_pair(stream_id, &from).or_else(|| {
+            (!candidate)
+                .then(|| m.ended_pair(stream_id, &from))
+                .flatten()
+        })
+    });
+    let outcome = match pair {
         None => SignalOutcome::NoPair,
         Some(pair) if candidate && pair.p2p_forbidden => SignalOutcome::Forbidden,
         Some(pair) => match pair.peer_of(&from).control.upgrade() {

@@ -36,6 +36,9 @@ use crate::unix_ms;
 const CHUNKS_PER_MOVE: usize = 32;
 /// Bytes read per call while waiting for a stream's first frame.
 const FIRST_FRAME_READ_BYTES: usize = 4096;
+/// Local providers one open tries before it answers 502: a provider whose connection died
+/// unnoticed (no QUIC close yet) fails one attempt, not the stream.
+const MAX_PROVIDER_ATTEMPTS: usize = 3;
 
 /// The agent on one side of a stream.
 #[derive(Clone)]
@@ -256,77 +259,111 @@ async fn open(
         Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
     };
 
-    // 3. The provider, in the caller's tenant only.
-    // The chosen local provider's live-stream count (the next choice's load) while this lives.
-    let mut _provider_slot = None;
-    let provider = match resolved {
-        // A local provider whose connection ended meanwhile is as good as none.
-        Resolved::Local(p) => {
-            _provider_slot = Some(mesh.provider_stream(tenant, service, &p));
-            local_peer(&ctx, tenant, &p)
-        }
-        Resolved::Remote {
-            relay_id,
-            endpoint,
-            agent_uri,
-        } => {
-            let remote = super::forward::Remote {
+    // 3-6. The provider, in the caller's tenant only, and its one answer. A local provider
+    // that does not answer (its connection died before the relay noticed) passes the stream
+    // to the next one: at most MAX_PROVIDER_ATTEMPTS, all within the one open deadline.
+    let open_until = tokio::time::Instant::now() + deadline;
+    let mut resolved = resolved;
+    let mut tried: Vec<crate::lease::ConnId> = Vec::new();
+    let mut unreachable: Option<String> = None;
+    let (provider, callee, resume, mut p_send, mut p_recv, provider_rest, _provider_slot) = loop {
+        // The chosen local provider's live-stream count (the next choice's load) while this
+        // lives.
+        let (provider, provider_slot) = match resolved {
+            Resolved::Local(p) => {
+                tried.push(p.conn);
+                let slot = mesh.provider_stream(tenant, service, &p);
+                // A local provider whose connection ended meanwhile is as good as none.
+                (local_peer(&ctx, tenant, &p), Some(slot))
+            }
+            Resolved::Remote {
                 relay_id,
                 endpoint,
                 agent_uri,
+            } => {
+                let remote = super::forward::Remote {
+                    relay_id,
+                    endpoint,
+                    agent_uri,
+                };
+                let opened = super::forward::Opened {
+                    consumer: &consumer,
+                    send,
+                    recv,
+                    consumer_rest,
+                    id,
+                    service,
+                    method,
+                    verdict,
+                    changes,
+                };
+                return super::forward::open_remote(opened, remote, &mesh, &ctx).await;
+            }
+            Resolved::NotFound => (None, None),
+        };
+        let Some(provider) = provider else {
+            if tried.len() < MAX_PROVIDER_ATTEMPTS && provider_slot.is_some() {
+                resolved = mesh.resolve_skipping(tenant, service, &tried);
+                continue;
+            }
+            return match unreachable {
+                Some(why) => reject(send, recv, &mesh, MeshResult::Unreachable, why).await,
+                None => {
+                    let why = format!("service {service} not found");
+                    reject(send, recv, &mesh, MeshResult::NotFound, why).await
+                }
             };
-            let opened = super::forward::Opened {
-                consumer: &consumer,
-                send,
-                recv,
-                consumer_rest,
-                id,
-                service,
-                method,
-                verdict,
-                changes,
-            };
-            return super::forward::open_remote(opened, remote, &mesh, &ctx).await;
+        };
+
+        // 4. Callee side: only an explicit deny refuses.
+        let callee = match callee_decision(&mesh, &policy, &row, &provider.uri, "") {
+            Ok(callee) => callee,
+            Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
+        };
+
+        // 5-6. INCOMING_STREAM to the provider, and its one answer. Both agents keep rings
+        // only when both asked for resume (and the relay offers it). Not for a pair of one
+        // agent with itself: its checkpoints could not tell the ends apart.
+        let resume = mesh.config().resume.enabled
+            && consumer.resume
+            && provider.resume
+            && consumer.uri != provider.uri;
+        let incoming = Frame::IncomingStream(orp::IncomingStream {
+            target_service: service.to_owned(),
+            method: method.to_owned(),
+            source_agent_uri: consumer.uri.clone(),
+            stream_id: id,
+            resume,
+        });
+        // Half of what is left while another local provider could take the stream, all of
+        // it for the last one (a provider answers after dialing its target, up to seconds).
+        let mut left = open_until.saturating_duration_since(tokio::time::Instant::now());
+        if tried.len() < MAX_PROVIDER_ATTEMPTS
+            && mesh.local_providers_left(tenant, service, &tried) > 0
+        {
+            left /= 2;
         }
-        Resolved::NotFound => None,
-    };
-    let Some(provider) = provider else {
-        let why = format!("service {service} not found");
-        return reject(send, recv, &mesh, MeshResult::NotFound, why).await;
-    };
-
-    // 4. Callee side: only an explicit deny refuses.
-    let callee = match callee_decision(&mesh, &policy, &row, &provider.uri, "") {
-        Ok(callee) => callee,
-        Err(why) => return reject(send, recv, &mesh, MeshResult::Denied, why).await,
-    };
-
-    // 5-6. INCOMING_STREAM to the provider, and its one answer. Both agents keep rings only
-    // when both asked for resume (and the relay offers it).
-    // Not for a pair of one agent with itself: its checkpoints could not tell the ends apart.
-    let resume = mesh.config().resume.enabled
-        && consumer.resume
-        && provider.resume
-        && consumer.uri != provider.uri;
-    let incoming = Frame::IncomingStream(orp::IncomingStream {
-        target_service: service.to_owned(),
-        method: method.to_owned(),
-        source_agent_uri: consumer.uri.clone(),
-        stream_id: id,
-        resume,
-    });
-    let (mut p_send, mut p_recv, provider_rest) =
-        match open_answered(&provider.conn, &incoming, deadline).await {
-            Answer::Accepted(s, r, rest, _) => (s, r, rest),
+        match open_answered(&provider.conn, &incoming, left).await {
+            Answer::Accepted(s, r, rest, _) => {
+                break (provider, callee, resume, s, r, rest, provider_slot);
+            }
             Answer::Rejected(code, reason) => {
                 let why = format!("provider rejected the stream: {code} {reason}");
                 return reject(send, recv, &mesh, MeshResult::ProviderRejected, why).await;
             }
             Answer::Failed(e) => {
                 let why = format!("provider unreachable: {e}");
-                return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+                if tried.len() >= MAX_PROVIDER_ATTEMPTS || tokio::time::Instant::now() >= open_until
+                {
+                    return reject(send, recv, &mesh, MeshResult::Unreachable, why).await;
+                }
+                tracing::debug!(stream_id = id, service, error = %e, "provider did not answer: trying the next one");
+                bump(&mesh.stats.provider_retries);
+                unreachable = Some(why);
+                resolved = mesh.resolve_skipping(tenant, service, &tried);
             }
-        };
+        }
+    };
 
     // 7. Accept (for agents that asked), tell both control streams, join.
     if consumer.explicit_accept
@@ -450,7 +487,9 @@ pub(super) async fn join_pair(
     // Held to the provider tenant's bandwidth limit (issue 21; the caller's tenant: a
     // provider is resolved in it only). Leases' limits do not apply to service streams.
     let limit = ctx.bandwidth.tenant(pair.tenant);
-    join(halves, rests, check, idle, &superseded, &limit).await;
+    if join(halves, rests, check, idle, &superseded, &limit).await {
+        mesh.stream_ended(id);
+    }
 }
 
 /// The provider `p` (registered in `tenant`) as a stream end; `None` when its connection
@@ -678,7 +717,8 @@ impl Recheck<'_> {
 }
 
 /// Joins the two streams until both directions end, the policy cuts them, they idle out, or
-/// `superseded` is notified (a resume of this stream on a new connection).
+/// `superseded` is notified (a resume of this stream on a new connection); true when both
+/// directions ended cleanly.
 pub(super) async fn join(
     mut h: Halves,
     (consumer_rest, provider_rest): (Bytes, Bytes),
@@ -686,7 +726,7 @@ pub(super) async fn join(
     idle: Idle<'_>,
     superseded: &tokio::sync::Notify,
     limit: &crate::bandwidth::Buckets,
-) {
+) -> bool {
     let mesh = check.mesh;
     let stats = &mesh.stats;
     stats.streams_active.fetch_add(1, Ordering::Relaxed);
@@ -728,7 +768,8 @@ pub(super) async fn join(
             ended = both => {
                 if let Err(code) = ended {
                     bump(&stats.streams_failed);
-                    return end_failed(h, stats, code);
+                    end_failed(h, stats, code);
+                    return false;
                 }
                 None
             }
@@ -775,6 +816,7 @@ pub(super) async fn join(
         );
     }
     stats.streams_active.fetch_sub(1, Ordering::Relaxed);
+    cut.is_none()
 }
 
 /// One direction failed: reset and stop whatever is left of both halves with `code` (the
