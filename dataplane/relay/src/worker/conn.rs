@@ -8,8 +8,8 @@
 //!         └─ reverse ── preamble ── nonce + proof ── MAC ── verified → idle session (claim.rs: offer)
 //! ```
 //!
-//! The first byte decides between the two handshakes on either port (agents allowed only one
-//! TCP port, issue 22): `O` (`ORRS`) on the public TLS port becomes a reverse handshake (the
+//! The first bytes decide between the two handshakes on either port (agents allowed only one
+//! TCP port, issue 22): `ORRS` on the public TLS port becomes a reverse handshake (the
 //! reverse port's bounds, deadline and drop reasons; counted `reverse_via_tls_port`), and
 //! `0x16` (a TLS record) on the reverse port becomes a ClientHello read (the public pending
 //! bounds), handed to the TCP fallback acceptor when its SNI is the root host and it offers
@@ -160,7 +160,7 @@ enum Step {
     Drop(Drop),
     /// Done reading: the caller moves the connection on.
     Done,
-    /// The public TLS port saw `ORRS`'s first byte: a reverse session.
+    /// The public TLS port saw `ORRS` (or its start): a reverse session.
     ToReverse,
     /// The reverse port saw a TLS record: maybe an agent's fallback tunnel.
     ToTls,
@@ -595,8 +595,8 @@ fn offers_orp_alpn(replay: &[u8]) -> bool {
 }
 
 /// Reads what is there of the ClientHello into `h.replay` and feeds it to the parser (first
-/// the bytes already there when it came from the reverse port). On the public TLS port, a
-/// first byte `O` is a reverse session's preamble ([`Step::ToReverse`]).
+/// the bytes already there when it came from the reverse port). On the public TLS port,
+/// first bytes `ORRS` are a reverse session's preamble ([`Step::ToReverse`]).
 fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize, via_reverse_port: bool) -> Step {
     if h.parser.is_none() && !h.replay.is_empty() {
         let parser = h.parser.insert(Box::new(ClientHelloParser::new(max)));
@@ -622,7 +622,7 @@ fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize, via_reverse_por
             Err(_) => return Step::Drop(Drop::BadHello),
         };
         h.replay.truncate(start + n);
-        if start == 0 && !via_reverse_port && h.replay[0] == reverse::PREAMBLE_MAGIC[0] {
+        if start == 0 && !via_reverse_port && starts_like_preamble(&h.replay) {
             return Step::ToReverse;
         }
         let parser = h
@@ -633,6 +633,14 @@ fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize, via_reverse_por
             return step;
         }
     }
+}
+
+/// Whether the first bytes read on the public TLS port are `ORRS` (or as much of it as came):
+/// a reverse session. Plain HTTP such as `OPTIONS` still counts as `plain_http` (only a
+/// first segment of exactly `O` is taken for a preamble, and then refused as one).
+fn starts_like_preamble(first: &[u8]) -> bool {
+    let n = first.len().min(reverse::PREAMBLE_MAGIC.len());
+    n > 0 && first[..n] == reverse::PREAMBLE_MAGIC[..n]
 }
 
 /// What the parser's answer means: `None` to read on.
@@ -708,6 +716,26 @@ fn read_preamble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only `ORRS` (and its prefixes) on the TLS port is a reverse session; TLS and plain HTTP
+    /// starting with `O` are not.
+    #[test]
+    fn only_the_preamble_magic_turns_a_tls_port_connection_into_a_reverse_session() {
+        let preamble = reverse::encode_preamble(&LeaseId([1; 16]), &[2; NONCE_BYTES]);
+        for n in 1..=preamble.len() {
+            assert!(starts_like_preamble(&preamble[..n]), "prefix of {n} bytes");
+        }
+        assert!(starts_like_preamble(b"ORRS\x7f garbage version"));
+        for other in [
+            &b"OPTIONS * HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01",
+            b"GET /",
+            b"ORS",
+            b"",
+        ] {
+            assert!(!starts_like_preamble(other), "{other:?}");
+        }
+    }
 
     /// L1 / R2: a silent pending public connection holds its slab entry, its boxed hello state
     /// without a parser (allocated at the first byte) and one timer entry.
