@@ -436,9 +436,13 @@ async fn connect_once(
     let cfg = &ctx.settings.connection;
     let remote = target.addr;
     let started = Instant::now();
+    // The handshake deadline, plus what the fallback may spend before its QUIC handshake
+    // starts (QUIC's own try, then each TCP address in turn): a blocked first address must
+    // not eat the time of the next one.
+    let hello_timeout = cfg.hello_timeout + fallback::setup_budget(addr, &ctx.settings.fallback);
     // QUIC, or QUIC inside the TCP/443 fallback (`[fallback]`).
     let dialled = tokio::select! {
-        r = tokio::time::timeout(cfg.hello_timeout, fallback::dial(addr, remote, ctx)) => match r {
+        r = tokio::time::timeout(hello_timeout, fallback::dial(addr, remote, ctx)) => match r {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => return lost(Lost::Connect(e.to_string())),
             Err(_) => return lost(Lost::HelloTimeout),
@@ -482,7 +486,7 @@ async fn connect_once(
     if out_tx.send(hello).await.is_err() {
         return lost(Lost::Control("writer ended".into()));
     }
-    let remaining = cfg.hello_timeout.saturating_sub(started.elapsed());
+    let remaining = hello_timeout.saturating_sub(started.elapsed());
     let ack = tokio::select! {
         r = tokio::time::timeout(remaining, in_rx.recv()) => r,
         _ = stop.changed() => return Outcome::Stopped,

@@ -116,6 +116,19 @@ pub fn tcp_addrs(relay: &str, cfg: &FallbackConfig) -> Vec<String> {
     ]
 }
 
+/// The longest the fallback may take to reach the point where the tunnel's QUIC handshake
+/// starts, beyond what QUIC alone takes: `quic_timeout` (auto: QUIC is tried first) plus
+/// `connect_timeout` for each TCP address; nothing with `mode = "off"`. The agent adds it to
+/// `hello_timeout`, so the last address gets its full time.
+pub fn setup_budget(relay: &str, cfg: &FallbackConfig) -> std::time::Duration {
+    let tcp = cfg.connect_timeout * u32::try_from(tcp_addrs(relay, cfg).len()).unwrap_or(u32::MAX);
+    match cfg.mode {
+        FallbackMode::Off => std::time::Duration::ZERO,
+        FallbackMode::Only => tcp,
+        FallbackMode::Auto => cfg.quic_timeout + tcp,
+    }
+}
+
 /// The tunnel's SNI: `[fallback] server_name`, else the relay address's host when it is a
 /// name, else `default` (the top-level `server_name`).
 pub fn sni(relay: &str, cfg: &FallbackConfig, default: &str) -> String {
@@ -510,6 +523,26 @@ mod tests {
             ["10.0.0.1:8443", "10.0.0.1:9443"]
         );
         assert_eq!(sni("10.0.0.1:7443", &cfg, "localhost"), "relay.test");
+    }
+
+    #[test]
+    fn the_setup_budget_covers_quic_and_every_tcp_address() {
+        let mut cfg = FallbackConfig::default();
+        // auto: 3 s of QUIC, then 443 and 7443 at 5 s each.
+        assert_eq!(
+            setup_budget("relay.example.com:4433", &cfg),
+            std::time::Duration::from_secs(13)
+        );
+        cfg.mode = FallbackMode::Only;
+        assert_eq!(
+            setup_budget("relay.example.com:4433", &cfg),
+            std::time::Duration::from_secs(10)
+        );
+        cfg.mode = FallbackMode::Off;
+        assert_eq!(
+            setup_budget("relay.example.com:4433", &cfg),
+            std::time::Duration::ZERO
+        );
     }
 
     fn transmit(contents: &[u8], segment: Option<usize>) -> Transmit<'_> {
