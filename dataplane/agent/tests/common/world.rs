@@ -258,7 +258,11 @@ pub async fn start_controller_named(
     extra_names: &[&str],
 ) -> (Proc, String) {
     let mut names = vec!["localhost", "127.0.0.1"];
-    names.extend_from_slice(extra_names);
+    for name in extra_names {
+        if !names.contains(name) {
+            names.push(name);
+        }
+    }
     let state = d.join("controller-state");
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
