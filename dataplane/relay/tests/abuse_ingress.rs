@@ -613,22 +613,38 @@ async fn sent_and_closed(from: IpAddr, to: std::net::SocketAddr, bytes: &[u8]) -
 /// MAC) are refused and counted exactly as on the reverse port, while another tenant's lease
 /// (its sessions on the reverse port) and the first lease keep being served. The reverse port
 /// hands a root-host ClientHello offering `orp/1` to the fallback acceptor and refuses any
-/// other TLS (`reverse_port_tls`). Both worker backends.
+/// other TLS (`reverse_port_tls`). Both worker backends, and with the eBPF reuseport programs
+/// on both ports where BPF loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reverse_sessions_through_the_tls_port_serve_and_forged_ones_are_refused() {
     for backend in io_backends() {
         eprintln!("--- io backend {backend}");
-        reverse_sessions_through_the_tls_port_on(backend).await;
+        reverse_sessions_through_the_tls_port_on(backend, "").await;
+    }
+    match outrelay_ebpf::probe() {
+        Ok(_) => {
+            eprintln!("--- eBPF reuseport on");
+            reverse_sessions_through_the_tls_port_on(
+                "epoll",
+                "[ebpf]\nmode = \"on\"\nreuseport = true\n",
+            )
+            .await;
+        }
+        Err(e) => eprintln!("SKIP the eBPF pass: BPF unavailable here ({e})"),
     }
 }
 
-async fn reverse_sessions_through_the_tls_port_on(backend: &str) {
+async fn reverse_sessions_through_the_tls_port_on(backend: &str, tables: &str) {
     let ca = Ca::new();
     let (lo, hi) = free_port_range();
-    let relay = start_relay(
+    let relay = start_relay_with(
         &ca,
-        &format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
-        Some(backend),
+        Opts {
+            leases: format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+            backend: Some(backend.to_owned()),
+            tables: tables.to_owned(),
+            ..Opts::default()
+        },
     )
     .await;
     let (target, _t) = tls_target(&ca).await;
