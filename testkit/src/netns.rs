@@ -133,7 +133,29 @@ impl Netns {
         self.exec_ok(&["nft", "-f", &path]).map(|_| ())
     }
 
-    /// Removes [`Netns::drop_udp`]'s rule.
+    /// Lets only TCP to `ports` (any address) and replies to connections made into the
+    /// namespace leave it through its veth; drops everything else leaving it (UDP, other TCP
+    /// ports): a firewall that allows only, say, 443/tcp. Loopback inside still works.
+    ///
+    /// # Errors
+    /// The failing command and its stderr.
+    pub fn allow_only_tcp(&self, ports: &[u16]) -> Result<(), String> {
+        let list = ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rules = format!(
+            "table inet {NFT_TABLE} {{\n chain out {{\n  type filter hook output priority 0; policy accept;\n  oifname \"{ifname}\" ct state established,related accept\n  oifname \"{ifname}\" tcp dport {{ {list} }} accept\n  oifname \"{ifname}\" drop\n }}\n}}\n",
+            ifname = self.ns_if
+        );
+        let path = std::env::temp_dir().join(format!("{}-nft.conf", self.name));
+        std::fs::write(&path, rules).map_err(|e| format!("{}: {e}", path.display()))?;
+        let path = path.display().to_string();
+        self.exec_ok(&["nft", "-f", &path]).map(|_| ())
+    }
+
+    /// Removes [`Netns::drop_udp`]'s (or [`Netns::allow_only_tcp`]'s) rules.
     ///
     /// # Errors
     /// The failing command and its stderr.

@@ -36,7 +36,8 @@
 //! [fallback]  mode = "auto"  quic_timeout_ms = 3000  connect_timeout_ms = 5000
 //!             quic_retry_initial_ms = 5000  quic_retry_max_ms = 60000  server_name = ""
 //!             queue_bytes = 1048576  addrs = { "relay.example.com:7443" = "relay.example.com:443" }
-//!             # TCP/443 fallback when UDP is blocked (ORP over QUIC over TLS/TCP)
+//!             # TCP/443 fallback when UDP is blocked (ORP over QUIC over TLS/TCP); an addrs
+//!             # value may be a list, tried in order (default: host:443, then host:7443)
 //! [resume]    enabled = true  ring_bytes = 16777216  checkpoint_interval_ms = 100
 //!             timeout_ms = 60000   # service streams survive a relay restart (orp.md "Resume")
 //! ```
@@ -118,7 +119,15 @@ struct RawFallback {
     quic_retry_max_ms: u64,
     server_name: String,
     queue_bytes: usize,
-    addrs: BTreeMap<String, String>,
+    addrs: BTreeMap<String, RawAddrs>,
+}
+
+/// One TCP address, or several tried in order (`[fallback] addrs` values).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAddrs {
+    One(String),
+    Many(Vec<String>),
 }
 
 impl Default for RawFallback {
@@ -168,9 +177,10 @@ pub struct FallbackConfig {
     pub server_name: Option<String>,
     /// Bound of the tunnel's send queue; a packet that does not fit is dropped (counted).
     pub queue_bytes: usize,
-    /// Relay address (as in `relays`) → TCP address of its public TLS port; unlisted relays:
-    /// the relay address's host, port 443.
-    pub addrs: BTreeMap<String, String>,
+    /// Relay address (as in `relays`) → TCP addresses tried in order (its public TLS port,
+    /// then its reverse-session port, which also accepts the tunnel); unlisted relays: the
+    /// relay address's host with port 443, then 7443.
+    pub addrs: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for FallbackConfig {
@@ -1220,7 +1230,14 @@ impl Settings {
             quic_retry_max: dur("fallback.quic_retry_max_ms", f.quic_retry_max_ms)?,
             server_name: (!f.server_name.is_empty()).then_some(f.server_name),
             queue_bytes: f.queue_bytes,
-            addrs: f.addrs,
+            addrs: f
+                .addrs
+                .into_iter()
+                .map(|(relay, a)| match a {
+                    RawAddrs::One(one) => (relay, vec![one]),
+                    RawAddrs::Many(many) => (relay, many),
+                })
+                .collect(),
         };
         if fallback.quic_retry_max < fallback.quic_retry_initial {
             return Err(bad(
@@ -1233,7 +1250,12 @@ impl Settings {
         }
         for (relay, tcp) in &fallback.addrs {
             check_host_port("fallback.addrs", relay)?;
-            check_host_port("fallback.addrs", tcp)?;
+            if tcp.is_empty() {
+                return Err(bad("fallback.addrs", format!("{relay:?} lists no address")));
+            }
+            for a in tcp {
+                check_host_port("fallback.addrs", a)?;
+            }
         }
         Ok(Settings {
             fallback,
@@ -1421,6 +1443,27 @@ mod tests {
     const MINIMAL: &str = "relays = [\"127.0.0.1:7443\"]\n\
         [identity]\ncert = \"a.pem\"\nkey = \"k.pem\"\nca = \"/ca.pem\"\n\
         [[lease]]\nname = \"demo\"\ntls_to = \"127.0.0.1:8443\"\n";
+
+    #[test]
+    fn fallback_addrs_take_one_address_or_an_ordered_list() {
+        let one = parse(&format!(
+            "{MINIMAL}[fallback]\naddrs = {{ \"127.0.0.1:7443\" = \"127.0.0.1:443\" }}\n"
+        ))
+        .expect("one address");
+        assert_eq!(one.fallback.addrs["127.0.0.1:7443"], ["127.0.0.1:443"]);
+        let list = parse(&format!(
+            "{MINIMAL}[fallback]\naddrs = {{ \"127.0.0.1:7443\" = [\"127.0.0.1:443\", \"127.0.0.1:7443\"] }}\n"
+        ))
+        .expect("a list");
+        assert_eq!(
+            list.fallback.addrs["127.0.0.1:7443"],
+            ["127.0.0.1:443", "127.0.0.1:7443"]
+        );
+        for bad in ["[]", "[\"no-port\"]", "\"no-port\""] {
+            let text = format!("{MINIMAL}[fallback]\naddrs = {{ \"127.0.0.1:7443\" = {bad} }}\n");
+            assert!(parse(&text).is_err(), "{bad} must be refused");
+        }
+    }
 
     #[test]
     fn minimal_config_gets_defaults_and_relative_paths() {

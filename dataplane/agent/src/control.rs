@@ -132,6 +132,8 @@ struct Live {
     hostname: String,
     tcp_addr: Option<String>,
     udp_addr: Option<String>,
+    /// Where its reverse sessions go (`agent status`).
+    reverse_addr: Option<String>,
     /// The slot this connection's mux serves for the lease.
     udp_slot: Option<u32>,
     last_error: Option<String>,
@@ -151,6 +153,7 @@ impl Live {
             hostname: String::new(),
             tcp_addr: None,
             udp_addr: None,
+            reverse_addr: None,
             udp_slot: None,
             last_error: None,
             refused_reverse: None,
@@ -390,6 +393,7 @@ fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]
             relay_id: previous.map(|p| p.relay_id).unwrap_or_default(),
             connected: false,
             transport: Transport::Quic,
+            tunnel_addr: None,
             leases: slots
                 .iter()
                 .map(|s| LeaseStatus {
@@ -398,6 +402,7 @@ fn publish_disconnected(index: usize, addr: &str, ctx: &RelayCtx, slots: &[Slot]
                     hostname: String::new(),
                     tcp_addr: None,
                     udp_addr: None,
+                    reverse_addr: None,
                     last_error: None,
                     pool: None,
                 })
@@ -431,9 +436,13 @@ async fn connect_once(
     let cfg = &ctx.settings.connection;
     let remote = target.addr;
     let started = Instant::now();
+    // The handshake deadline, plus what the fallback may spend before its QUIC handshake
+    // starts (QUIC's own try, then each TCP address in turn): a blocked first address must
+    // not eat the time of the next one.
+    let hello_timeout = cfg.hello_timeout + fallback::setup_budget(addr, &ctx.settings.fallback);
     // QUIC, or QUIC inside the TCP/443 fallback (`[fallback]`).
     let dialled = tokio::select! {
-        r = tokio::time::timeout(cfg.hello_timeout, fallback::dial(addr, remote, ctx)) => match r {
+        r = tokio::time::timeout(hello_timeout, fallback::dial(addr, remote, ctx)) => match r {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => return lost(Lost::Connect(e.to_string())),
             Err(_) => return lost(Lost::HelloTimeout),
@@ -448,6 +457,7 @@ async fn connect_once(
         recv,
         transport,
         tunnel: _tunnel,
+        tunnel_addr,
     } = dialled;
     let relay_id = relay_identity(&conn);
     if !cands.claim(index, remote, &relay_id) {
@@ -476,7 +486,7 @@ async fn connect_once(
     if out_tx.send(hello).await.is_err() {
         return lost(Lost::Control("writer ended".into()));
     }
-    let remaining = cfg.hello_timeout.saturating_sub(started.elapsed());
+    let remaining = hello_timeout.saturating_sub(started.elapsed());
     let ack = tokio::select! {
         r = tokio::time::timeout(remaining, in_rx.recv()) => r,
         _ = stop.changed() => return Outcome::Stopped,
@@ -531,6 +541,7 @@ async fn connect_once(
         default_reverse: format!("{}:{DEFAULT_REVERSE_PORT}", host_of(addr)),
         broken: false,
         transport,
+        tunnel_addr,
     };
     for i in 0..slots.len() {
         c.register(i);
@@ -676,6 +687,10 @@ struct Conn<'a> {
     broken: bool,
     /// QUIC, or QUIC inside the TCP fallback (`agent status`).
     transport: Transport,
+    /// On the TCP fallback: the relay TCP address the tunnel reached. Reverse sessions dial
+    /// it instead of the grant's `reverse_addr` (a network that lets the tunnel through may
+    /// allow nothing else; the relay tells a reverse session from a tunnel by its first byte).
+    tunnel_addr: Option<SocketAddr>,
 }
 
 impl Conn<'_> {
@@ -904,12 +919,18 @@ impl Conn<'_> {
         } else {
             g.reverse_addr.as_str()
         };
-        let reverse_addr = match pin_reverse(
-            granted,
-            host_of(self.addr),
-            self.conn.remote_address().ip(),
-            &self.ctx.settings.reverse_allow,
-        ) {
+        // On the TCP fallback the sessions follow the tunnel: the address the agent dialled
+        // itself (from its config) and that got through, so no pinning is needed.
+        let reverse_addr = match self.tunnel_addr.map(|a| a.to_string()) {
+            Some(tunnel) => Ok(tunnel),
+            None => pin_reverse(
+                granted,
+                host_of(self.addr),
+                self.conn.remote_address().ip(),
+                &self.ctx.settings.reverse_allow,
+            ),
+        };
+        let reverse_addr = match reverse_addr {
             Ok(a) => a,
             Err(why) => {
                 let l = &mut self.live[i];
@@ -948,6 +969,8 @@ impl Conn<'_> {
         let l = &mut self.live[i];
         l.stop_pool();
         l.lease_id = Some(lease_id);
+        l.reverse_addr =
+            (slot.tls_to.is_some() || slot.tcp_to.is_some()).then(|| reverse_addr.clone());
         if slot.tls_to.is_none() && slot.tcp_to.is_none() {
             // A UDP-only lease has no reverse sessions.
             return;
@@ -1082,6 +1105,7 @@ impl Conn<'_> {
                 relay_id: self.relay_id.clone(),
                 connected: true,
                 transport: self.transport,
+                tunnel_addr: self.tunnel_addr.map(|a| a.to_string()),
                 leases: self
                     .slots
                     .iter()
@@ -1092,6 +1116,7 @@ impl Conn<'_> {
                         hostname: l.hostname.clone(),
                         tcp_addr: l.tcp_addr.clone(),
                         udp_addr: l.udp_addr.clone(),
+                        reverse_addr: l.reverse_addr.clone(),
                         last_error: l.last_error.clone(),
                         pool: Some(l.gauge.clone()),
                     })

@@ -5,7 +5,11 @@
 //! so leases, reverse sessions, services, resume and UDP datagrams work unchanged.
 //!
 //! [`dial`] is one connection attempt: QUIC first (`[fallback] mode = "auto"`), the tunnel when
-//! QUIC does not connect within `quic_timeout`. While on the tunnel, [`quic_returns`] retries
+//! QUIC does not connect within `quic_timeout`. The tunnel tries the relay's TCP addresses in
+//! order ([`tcp_addrs`]: its public TLS port, then its reverse-session port, which also
+//! accepts tunnels) and keeps the first that completes TLS; while on it, the connection's
+//! reverse sessions dial that same address (the relay tells them apart by their first byte),
+//! so a network that allows one TCP port to the relay is enough for every path. While on the tunnel, [`quic_returns`] retries
 //! QUIC in the background (backoff) and completes when it connects, so the control loop moves
 //! back through its reconnect/resume path.
 //!
@@ -84,6 +88,8 @@ pub(crate) struct Dialled {
     pub(crate) transport: Transport,
     /// The tunnel's TCP connection (TLS pumps): closed when this is dropped.
     pub(crate) tunnel: Option<Tunnel>,
+    /// The relay TCP address the tunnel reached (`None` on QUIC).
+    pub(crate) tunnel_addr: Option<SocketAddr>,
 }
 
 /// The tunnel's pump task; dropping it closes the TCP connection.
@@ -96,12 +102,31 @@ impl Drop for Tunnel {
     }
 }
 
-/// The TCP address of relay `relay`'s fallback: `addrs[relay]`, else its host with port 443.
-pub fn tcp_addr(relay: &str, cfg: &FallbackConfig) -> String {
+/// The TCP addresses of relay `relay`'s fallback, in the order they are tried: `addrs[relay]`
+/// (one address or a list), else its host with port 443 (the public TLS port), then with
+/// port 7443 (the reverse-session port).
+pub fn tcp_addrs(relay: &str, cfg: &FallbackConfig) -> Vec<String> {
     if let Some(a) = cfg.addrs.get(relay) {
         return a.clone();
     }
-    format!("{}:{DEFAULT_TLS_PORT}", host_of(relay))
+    let host = host_of(relay);
+    vec![
+        format!("{host}:{DEFAULT_TLS_PORT}"),
+        format!("{host}:{}", crate::control::DEFAULT_REVERSE_PORT),
+    ]
+}
+
+/// The longest the fallback may take to reach the point where the tunnel's QUIC handshake
+/// starts, beyond what QUIC alone takes: `quic_timeout` (auto: QUIC is tried first) plus
+/// `connect_timeout` for each TCP address; nothing with `mode = "off"`. The agent adds it to
+/// `hello_timeout`, so the last address gets its full time.
+pub fn setup_budget(relay: &str, cfg: &FallbackConfig) -> std::time::Duration {
+    let tcp = cfg.connect_timeout * u32::try_from(tcp_addrs(relay, cfg).len()).unwrap_or(u32::MAX);
+    match cfg.mode {
+        FallbackMode::Off => std::time::Duration::ZERO,
+        FallbackMode::Only => tcp,
+        FallbackMode::Auto => cfg.quic_timeout + tcp,
+    }
 }
 
 /// The tunnel's SNI: `[fallback] server_name`, else the relay address's host when it is a
@@ -142,7 +167,7 @@ pub(crate) async fn dial(
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no QUIC handshake within {:?}", cfg.quic_timeout),
             };
-            tracing::warn!(relay = %addr, %error, tcp = %tcp_addr(addr, cfg), "QUIC cannot connect: trying the TCP fallback");
+            tracing::warn!(relay = %addr, %error, tcp = ?tcp_addrs(addr, cfg), "QUIC cannot connect: trying the TCP fallback");
             tunnel(addr, ctx).await
         }
     }
@@ -202,45 +227,68 @@ async fn handshake(
         recv,
         transport,
         tunnel: None,
+        tunnel_addr: None,
     })
 }
 
-/// TCP, TLS (SNI = root host, ALPN `orp/1`, the agent's certificate), then QUIC inside.
+/// TCP, TLS (SNI = root host, ALPN `orp/1`, the agent's certificate) to the first of the
+/// relay's fallback addresses that answers (each within `connect_timeout`), then QUIC inside.
 async fn tunnel(addr: &str, ctx: &RelayCtx) -> Result<Dialled, DialError> {
     let cfg = &ctx.settings.fallback;
-    let target = tcp_addr(addr, cfg);
-    let fail = |reason: String| {
+    let targets = tcp_addrs(addr, cfg);
+    let fail_at = |target: &str, reason: String| {
         ctx.stats
             .fallback
             .tunnels_failed
             .fetch_add(1, Ordering::Relaxed);
         DialError::Tunnel {
-            addr: target.clone(),
+            addr: target.to_owned(),
             reason,
         }
     };
     let name = rustls::pki_types::ServerName::try_from(sni(addr, cfg, &ctx.settings.server_name))
-        .map_err(|e| fail(format!("server name: {e}")))?;
+        .map_err(|e| fail_at(&targets.join(","), format!("server name: {e}")))?;
     let connector = tokio_rustls::TlsConnector::from(ctx.fallback_tls.clone());
-    let opened = tokio::time::timeout(cfg.connect_timeout, async {
-        let tcp = TcpStream::connect(&target)
-            .await
-            .map_err(|e| format!("tcp: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let local = tcp.local_addr().map_err(|e| e.to_string())?;
-        let peer = tcp.peer_addr().map_err(|e| e.to_string())?;
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("tls: {e}"))?;
-        Ok::<_, String>((tls, local, peer))
-    })
-    .await;
-    let (tls, local, peer) = match opened {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Err(fail(e)),
-        Err(_) => return Err(fail(format!("no TLS within {:?}", cfg.connect_timeout))),
+    let mut errors = Vec::with_capacity(targets.len());
+    let mut opened = None;
+    for target in &targets {
+        let attempt = tokio::time::timeout(cfg.connect_timeout, async {
+            let tcp = TcpStream::connect(target.as_str())
+                .await
+                .map_err(|e| format!("tcp: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().map_err(|e| e.to_string())?;
+            let peer = tcp.peer_addr().map_err(|e| e.to_string())?;
+            let tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| format!("tls: {e}"))?;
+            Ok::<_, String>((tls, local, peer))
+        })
+        .await;
+        let error = match attempt {
+            Ok(Ok(t)) => {
+                opened = Some(t);
+                break;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!("no TLS within {:?}", cfg.connect_timeout),
+        };
+        tracing::debug!(relay = %addr, tcp = %target, %error, "TCP fallback address failed");
+        ctx.stats
+            .fallback
+            .tunnels_failed
+            .fetch_add(1, Ordering::Relaxed);
+        errors.push(format!("{target}: {error}"));
+    }
+    let Some((tls, local, peer)) = opened else {
+        return Err(DialError::Tunnel {
+            addr: targets.join(","),
+            reason: errors.join("; "),
+        });
     };
+    let target = peer.to_string();
+    let fail = |reason: String| fail_at(&target, reason);
     ctx.stats
         .fallback
         .tunnels_opened
@@ -269,6 +317,7 @@ async fn tunnel(addr: &str, ctx: &RelayCtx) -> Result<Dialled, DialError> {
     tracing::info!(relay = %addr, tcp = %peer, "TCP fallback tunnel open");
     let mut dialled = handshake(endpoint, peer, ctx, Transport::TlsTcp).await?;
     dialled.tunnel = Some(pumps);
+    dialled.tunnel_addr = Some(peer);
     Ok(dialled)
 }
 
@@ -454,20 +503,46 @@ mod tests {
     fn addresses_and_names_default_from_the_relay_address() {
         let mut cfg = FallbackConfig::default();
         assert_eq!(
-            tcp_addr("relay.example.com:7443", &cfg),
-            "relay.example.com:443"
+            tcp_addrs("relay.example.com:4433", &cfg),
+            ["relay.example.com:443", "relay.example.com:7443"]
         );
-        assert_eq!(tcp_addr("[::1]:7443", &cfg), "[::1]:443");
+        assert_eq!(tcp_addrs("[::1]:4433", &cfg), ["[::1]:443", "[::1]:7443"]);
         assert_eq!(
             sni("relay.example.com:7443", &cfg, "localhost"),
             "relay.example.com"
         );
         assert_eq!(sni("10.0.0.1:7443", &cfg, "localhost"), "localhost");
         assert_eq!(sni("[::1]:7443", &cfg, "localhost"), "localhost");
-        cfg.addrs = BTreeMap::from([("10.0.0.1:7443".into(), "10.0.0.1:8443".into())]);
+        cfg.addrs = BTreeMap::from([(
+            "10.0.0.1:7443".into(),
+            vec!["10.0.0.1:8443".into(), "10.0.0.1:9443".into()],
+        )]);
         cfg.server_name = Some("relay.test".into());
-        assert_eq!(tcp_addr("10.0.0.1:7443", &cfg), "10.0.0.1:8443");
+        assert_eq!(
+            tcp_addrs("10.0.0.1:7443", &cfg),
+            ["10.0.0.1:8443", "10.0.0.1:9443"]
+        );
         assert_eq!(sni("10.0.0.1:7443", &cfg, "localhost"), "relay.test");
+    }
+
+    #[test]
+    fn the_setup_budget_covers_quic_and_every_tcp_address() {
+        let mut cfg = FallbackConfig::default();
+        // auto: 3 s of QUIC, then 443 and 7443 at 5 s each.
+        assert_eq!(
+            setup_budget("relay.example.com:4433", &cfg),
+            std::time::Duration::from_secs(13)
+        );
+        cfg.mode = FallbackMode::Only;
+        assert_eq!(
+            setup_budget("relay.example.com:4433", &cfg),
+            std::time::Duration::from_secs(10)
+        );
+        cfg.mode = FallbackMode::Off;
+        assert_eq!(
+            setup_budget("relay.example.com:4433", &cfg),
+            std::time::Duration::ZERO
+        );
     }
 
     fn transmit(contents: &[u8], segment: Option<usize>) -> Transmit<'_> {

@@ -7,8 +7,10 @@
 //! ```json
 //! {"agent_uri": "outrelay://t/agent/…",
 //!  "relays": [{"addr": "…", "connected": true, "transport": "quic" | "tls-tcp",
+//!              "tunnel_addr": "192.0.2.7:443" | null,
 //!              "leases": [{"name": "demo", "state": "granted", "hostname": "demo.example.com",
-//!                          "tcp_addr": "example.com:20000" | null, "last_error": null,
+//!                          "tcp_addr": "example.com:20000" | null,
+//!                          "reverse_addr": "192.0.2.7:7443" | null, "last_error": null,
 //!                          "pool": {"open": 2, "idle": 2, "target": 2}}]}],
 //!  "counters": {"sessions_opened": 0, …, "local_connect_failed": {"refused": 0, …}},
 //!  "consumers": [{"service": "payments", "listen_addr": "127.0.0.1:18080"}],
@@ -130,13 +132,15 @@ pub fn status_json(s: &Sources) -> serde_json::Value {
                         "state": l.state,
                         "hostname": l.hostname,
                         "tcp_addr": l.tcp_addr,
+                        "reverse_addr": l.reverse_addr,
                         "last_error": l.last_error,
                         "pool": pool,
                     })
                 })
                 .collect();
             json!({"addr": r.addr, "name": r.name, "relay_id": r.relay_id,
-                   "transport": r.transport, "connected": r.connected, "leases": leases,
+                   "transport": r.transport, "tunnel_addr": r.tunnel_addr,
+                   "connected": r.connected, "leases": leases,
                    "services": r.services})
         })
         .collect();

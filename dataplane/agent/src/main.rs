@@ -439,6 +439,9 @@ fn summary(doc: &serde_json::Value) -> String {
         if let Some(t) = r["transport"].as_str() {
             let _ = write!(head, " via {t}");
         }
+        if let Some(t) = r["tunnel_addr"].as_str() {
+            let _ = write!(head, " (tunnel to {t})");
+        }
         if let Some(n) = r["name"]
             .as_str()
             .filter(|n| !n.is_empty() && Some(*n) != r["addr"].as_str())
@@ -453,6 +456,9 @@ fn summary(doc: &serde_json::Value) -> String {
             }
             if let Some(t) = l["tcp_addr"].as_str() {
                 let _ = write!(line, " tcp {t}");
+            }
+            if let Some(r) = l["reverse_addr"].as_str() {
+                let _ = write!(line, " reverse sessions to {r}");
             }
             if l["pool"].is_object() {
                 let p = &l["pool"];

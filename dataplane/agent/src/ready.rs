@@ -124,6 +124,7 @@ mod tests {
             relay_id: String::new(),
             connected,
             transport: crate::stats::Transport::Quic,
+            tunnel_addr: None,
             leases: states
                 .iter()
                 .enumerate()
@@ -132,6 +133,7 @@ mod tests {
                     state: *s,
                     hostname: format!("l{i}.example.com"),
                     tcp_addr: (i == 0).then(|| "example.com:20000".to_owned()),
+                    reverse_addr: None,
                     udp_addr: None,
                     last_error: None,
                     pool: None,

@@ -472,6 +472,9 @@ pub struct LeaseStatus {
     pub tcp_addr: Option<String>,
     /// Public UDP address from the grant.
     pub udp_addr: Option<String>,
+    /// The relay address its reverse sessions dial (the grant's `reverse_addr`, or the TCP
+    /// fallback tunnel's address while on it); `None` before a grant or without TLS/TCP.
+    pub reverse_addr: Option<String>,
     /// The last refusal, `code: message`.
     pub last_error: Option<String>,
     /// Pool sizes (not serialised directly).
@@ -503,6 +506,9 @@ pub struct RelayStatus {
     pub connected: bool,
     /// The transport of the current (or last) connection.
     pub transport: Transport,
+    /// On the TCP fallback: the relay TCP address the tunnel runs to (its public TLS port or
+    /// its reverse port, whichever connected first).
+    pub tunnel_addr: Option<String>,
     /// The leases.
     pub leases: Vec<LeaseStatus>,
     /// The provided services.
@@ -541,6 +547,7 @@ impl Board {
                 relay_id: String::new(),
                 connected: false,
                 transport: Transport::Quic,
+                tunnel_addr: None,
                 leases: leases
                     .iter()
                     .map(|l| LeaseStatus {
@@ -549,6 +556,7 @@ impl Board {
                         hostname: String::new(),
                         tcp_addr: None,
                         udp_addr: None,
+                        reverse_addr: None,
                         last_error: None,
                         pool: None,
                     })

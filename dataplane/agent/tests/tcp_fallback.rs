@@ -439,3 +439,260 @@ fn held_via(status: &str, transport: &str) -> bool {
             && l.contains(&format!(" via {transport}"))
     })
 }
+
+/// A namespace for one of the "one TCP port only" tests (`suffix` keeps names apart), a relay
+/// on its veth (TCP and UDP leases) and that relay's ready file. With `controller`, the world
+/// has a controller whose enrollment port is on the veth too (policy: add rules), else the
+/// relay is standalone with a rule letting tenant A call `svc`.
+async fn one_port_world(
+    suffix: u32,
+    controller: bool,
+) -> Option<(Netns, World, Proc, serde_json::Value)> {
+    if let Some(why) = Netns::probe() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    let tag = format!("{}{suffix}", std::process::id() % 10_000);
+    let subnet = u8::try_from((std::process::id() + suffix * 83) % 250).expect("subnet") + 1;
+    let ns = Netns::create(&tag, subnet).expect("namespace with veth");
+    let host_ip = ns.host_ip.to_string();
+    let (lo, hi) = outrelay_testkit::claim_port_range();
+    let leases = format!("[leases]\ntcp = true\nudp = true\nmin_port = {lo}\nmax_port = {hi}\n");
+    let (w, extra) = if controller {
+        let w = World::with_controller_on(&host_ip, "").await;
+        w.rule(TENANT_A, ANY_A, "svc", "allow", None).await;
+        (w, leases)
+    } else {
+        let policy = format!(
+            "[[policy]]\ntenant = \"{TENANT_A}\"\ncaller = \"*\"\ntarget = \"svc\"\n\
+             decision = \"allow\"\n{leases}"
+        );
+        (World::standalone(&policy).await, String::new())
+    };
+    let (relay, info) = w
+        .relay_on_ip("relay-veth", "relay-veth", &host_ip, &extra)
+        .await;
+    Some((ns, w, relay, info))
+}
+
+/// The `[fallback]` table of an agent that may reach the relay only over TCP: `addrs` lists
+/// the public TLS port first, then the reverse port.
+fn fallback_table(quic: SocketAddr, public_tls: SocketAddr, reverse: SocketAddr) -> String {
+    format!(
+        "[fallback]\nquic_timeout_ms = 1000\nconnect_timeout_ms = 1000\n\
+         quic_retry_initial_ms = 5000\nquic_retry_max_ms = 10000\n\
+         server_name = \"relay.mesh.test\"\n\
+         addrs = {{ \"{quic}\" = [\"{public_tls}\", \"{reverse}\"] }}\n"
+    )
+}
+
+/// Issue 22, only 443/tcp open: the agent's namespace lets out ONLY TCP to the relay's public
+/// TLS port and the controller's enrollment port (no UDP, not the reverse port). The agent
+/// enrolls, then its tunnel runs to the TLS port, and so do the reverse
+/// sessions (first bytes `ORRS` on the TLS port): a TLS passthrough lease (curl through the
+/// relay's TLS port to a real TLS server behind the agent), a TCP lease, a service stream and a
+/// UDP lease all work; `agent status` names the port; the relay counts the sessions as having
+/// come through its TLS port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_allowed_only_the_tls_port_serves_every_path_through_it() {
+    let Some((ns, w, _relay, info)) = one_port_world(1, true).await else {
+        eprintln!("SKIP agent_allowed_only_the_tls_port_serves_every_path_through_it");
+        return;
+    };
+    let host_ip = ns.host_ip.to_string();
+    let (quic, public_tls, reverse) = (
+        addr_in(&info, "quic"),
+        addr_in(&info, "public_tls"),
+        addr_in(&info, "reverse"),
+    );
+    let enroll_port = w
+        .grpc_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("controller port");
+    ns.allow_only_tcp(&[public_tls.port(), enroll_port])
+        .expect("nftables: only the TLS and enrollment ports");
+    let (cert, key) = w
+        .enroll(
+            ns.command(env!("CARGO_BIN_EXE_outrelay-agent")),
+            "provider-443",
+            TENANT_A,
+        )
+        .await;
+    let (echo, udp_target) = targets_in(&ns);
+    let web_host = "web.relay.mesh.test";
+    let https = ns
+        .within(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind HTTPS target"))
+        .expect("enter the namespace");
+    let https_addr = https.local_addr().expect("addr");
+    let _https = https_target_on(https, &w.ca, web_host);
+    let body = format!(
+        "[[lease]]\nname = \"web\"\ntls_to = \"{https_addr}\"\n\
+         [[lease]]\nname = \"raw\"\ntcp_to = \"{echo}\"\n\
+         [[lease]]\nname = \"ping\"\nudp_to = \"{udp_target}\"\n\
+         {provide}{fallback}",
+        provide = provide("svc", echo),
+        fallback = fallback_table(quic, public_tls, reverse),
+    );
+    let mut provider = w.agent_with_identity(
+        ns.command(env!("CARGO_BIN_EXE_outrelay-agent")),
+        "provider-443",
+        &cert,
+        &key,
+        &[quic.to_string()],
+        "",
+        &ns.ns_ip.to_string(),
+        &body,
+    );
+    let ready = provider.ready().await;
+    let metrics = addr_in(&ready, "metrics").to_string();
+    let status = agent_status(&metrics);
+    eprintln!("agent status:\n{status}");
+    assert!(held_via(&status, "tls-tcp"), "{status}");
+    assert!(
+        status.contains(&format!("tunnel to {public_tls}")),
+        "status names the tunnel's port:\n{status}"
+    );
+    assert!(
+        status.contains(&format!("reverse sessions to {public_tls}")),
+        "status names where reverse sessions go:\n{status}"
+    );
+    assert_eq!(
+        ready["leases"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["name"] == "web"))
+            .and_then(|l| l["hostname"].as_str()),
+        Some(web_host)
+    );
+    let tcp_lease: SocketAddr = format!("{host_ip}:{}", lease_port(&ready, "raw", "tcp_addr"))
+        .parse()
+        .expect("tcp lease addr");
+    let udp_lease: SocketAddr = format!("{host_ip}:{}", lease_port(&ready, "ping", "udp_addr"))
+        .parse()
+        .expect("udp lease addr");
+    let mut consumer = w.agent_on("consumer", CONSUMER_A, &[quic], &consume("svc"));
+    consumer.ready().await;
+    let consumer_addr = consumer.consumer(0);
+
+    // TLS passthrough: curl through the relay's TLS port, verified end to end.
+    let from = Instant::now();
+    loop {
+        match curl_https(w.path(), web_host, &host_ip, public_tls.port()).await {
+            None => {
+                eprintln!("SKIP the curl part: no curl here; a raw ClientHello instead");
+                eventually("TLS lease", || tcp_echo_hello(public_tls, web_host)).await;
+                break;
+            }
+            Some(Ok(got)) => {
+                assert_eq!(got, BODY);
+                break;
+            }
+            Some(Err(e)) => {
+                assert!(from.elapsed() < WAIT, "curl through the TLS port: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eventually("TCP lease", || tcp_echo(tcp_lease, b"tcp lease bytes")).await;
+    eventually("service stream", || {
+        tcp_echo(consumer_addr, b"service stream bytes")
+    })
+    .await;
+    eventually("UDP lease", || udp_echo(udp_lease, b"udp lease datagram")).await;
+
+    let m = scrape(addr_in(&info, "metrics"));
+    let via = metric(
+        &m,
+        "outrelay_relay_reverse_via_tls_port_total",
+        &[("phase", "authenticated")],
+    );
+    let all = metric(
+        &m,
+        "outrelay_relay_reverse_sessions_authenticated_total",
+        &[],
+    );
+    eprintln!("MEASURED reverse sessions via the TLS port {via} of {all} authenticated");
+    assert!(via >= 2.0, "sessions came through the TLS port:\n{m}");
+    assert_eq!(via, all, "every session came through the TLS port");
+    assert_eq!(metric(&m, "outrelay_relay_fallback_tunnels", &[]), 1.0);
+}
+
+/// The ClientHello for `host` to `addr` comes back from the echo target behind a TLS lease
+/// (a stand-in for curl where it is missing).
+async fn tcp_echo_hello(addr: SocketAddr, host: &str) -> Result<(), String> {
+    tcp_echo(addr, &client_hello(host)).await
+}
+
+/// Issue 22, only the reverse port open: the public TLS port is blocked too, so the fallback
+/// moves on to the next address, the relay's reverse-session port, which hands the tunnel to
+/// the fallback acceptor; a service stream and a TCP lease work through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_allowed_only_the_reverse_port_tunnels_through_it() {
+    let Some((ns, w, _relay, info)) = one_port_world(2, false).await else {
+        eprintln!("SKIP agent_allowed_only_the_reverse_port_tunnels_through_it");
+        return;
+    };
+    let host_ip = ns.host_ip.to_string();
+    let (quic, public_tls, reverse) = (
+        addr_in(&info, "quic"),
+        addr_in(&info, "public_tls"),
+        addr_in(&info, "reverse"),
+    );
+    ns.allow_only_tcp(&[reverse.port()])
+        .expect("nftables: only the reverse port");
+    let (echo, _udp) = targets_in(&ns);
+    let body = format!(
+        "[[lease]]\nname = \"raw\"\ntcp_to = \"{echo}\"\n{provide}{fallback}",
+        provide = provide("svc", echo),
+        fallback = fallback_table(quic, public_tls, reverse),
+    );
+    let mut provider = w.agent_via(
+        ns.command(env!("CARGO_BIN_EXE_outrelay-agent")),
+        "provider-rev",
+        PROVIDER_A,
+        &[quic],
+        &ns.ns_ip.to_string(),
+        &body,
+    );
+    let ready = provider.ready().await;
+    let status = agent_status(&addr_in(&ready, "metrics").to_string());
+    eprintln!("agent status:\n{status}");
+    assert!(held_via(&status, "tls-tcp"), "{status}");
+    assert!(
+        status.contains(&format!("tunnel to {reverse}")),
+        "the tunnel runs to the reverse port:\n{status}"
+    );
+    let tcp_lease: SocketAddr = format!("{host_ip}:{}", lease_port(&ready, "raw", "tcp_addr"))
+        .parse()
+        .expect("tcp lease addr");
+    let mut consumer = w.agent_on("consumer", CONSUMER_A, &[quic], &consume("svc"));
+    consumer.ready().await;
+    let consumer_addr = consumer.consumer(0);
+    eventually("service stream", || {
+        tcp_echo(consumer_addr, b"service stream bytes")
+    })
+    .await;
+    eventually("TCP lease", || tcp_echo(tcp_lease, b"tcp lease bytes")).await;
+    let m = scrape(addr_in(&info, "metrics"));
+    let via_reverse = metric(&m, "outrelay_relay_fallback_via_reverse_port_total", &[]);
+    let failed = metric(
+        &provider.scrape(),
+        "outrelay_agent_fallback_tunnels_total",
+        &[("result", "failed")],
+    );
+    eprintln!(
+        "MEASURED tunnels via the reverse port {via_reverse}; agent attempts failed {failed}"
+    );
+    assert!(via_reverse >= 1.0, "{m}");
+    assert!(failed >= 1.0, "the blocked TLS port was tried first");
+    assert_eq!(
+        metric(
+            &m,
+            "outrelay_relay_reverse_via_tls_port_total",
+            &[("phase", "handshake")]
+        ),
+        0.0,
+        "no session went to the blocked TLS port"
+    );
+}

@@ -217,6 +217,11 @@ pub fn status(s: &Sources) -> Value {
         })).collect::<Vec<_>>(),
         "drops": drops,
         "sessions_authenticated": s.ingress.stats.sessions_authenticated.load(Ordering::Relaxed),
+        "reverse_via_tls_port": {
+            "handshakes": s.ingress.stats.reverse_via_tls_port.load(Ordering::Relaxed),
+            "authenticated": s.ingress.stats.sessions_via_tls_port.load(Ordering::Relaxed),
+        },
+        "fallback_via_reverse_port": s.ingress.stats.fallback_via_reverse_port.load(Ordering::Relaxed),
         "public_connections_spliced": s.ingress.stats.spliced.load(Ordering::Relaxed),
         "quic": {
             "connections_accepted": q.connections_accepted.load(Ordering::Relaxed),

@@ -355,6 +355,16 @@ pub fn describe() {
         "outrelay_relay_reverse_sessions_authenticated_total",
         "Reverse sessions that passed the handshake."
     );
+    metrics::describe_counter!(
+        "outrelay_relay_reverse_via_tls_port_total",
+        "Reverse sessions that came through the public TLS port (first bytes ORRS, for agents \
+         allowed only 443/tcp), by phase: handshake (started), authenticated."
+    );
+    metrics::describe_counter!(
+        "outrelay_relay_fallback_via_reverse_port_total",
+        "Agents' TCP fallback tunnels that came through the reverse-session port (a root-host \
+         ClientHello offering orp/1 there)."
+    );
     metrics::describe_gauge!(
         "outrelay_relay_routes",
         "Routes in the published snapshot, by kind."

@@ -130,6 +130,12 @@ fn update(s: &Sources) {
         .absolute(stats.sessions_authenticated.load(Ordering::Relaxed));
     counter!("outrelay_relay_ingress_root_host_total")
         .absolute(stats.root_host.load(Ordering::Relaxed));
+    counter!("outrelay_relay_reverse_via_tls_port_total", "phase" => "handshake")
+        .absolute(stats.reverse_via_tls_port.load(Ordering::Relaxed));
+    counter!("outrelay_relay_reverse_via_tls_port_total", "phase" => "authenticated")
+        .absolute(stats.sessions_via_tls_port.load(Ordering::Relaxed));
+    counter!("outrelay_relay_fallback_via_reverse_port_total")
+        .absolute(stats.fallback_via_reverse_port.load(Ordering::Relaxed));
     gauge!("outrelay_relay_ingress_pending_connections").set(s.ingress.pending_conns() as f64);
     gauge!("outrelay_relay_ingress_public_connections").set(s.ingress.public_conns() as f64);
     gauge!("outrelay_relay_ingress_public_conn_max").set(s.ingress.config().public_conn_max as f64);

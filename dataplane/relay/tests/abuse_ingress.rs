@@ -580,3 +580,173 @@ async fn out_of_descriptors_the_accept_loop_sheds_with_its_reserve_and_stays_coo
     eprintln!("fd_exhausted {shed}");
     probe_demo(&relay, &ca).await;
 }
+
+/// The raw ClientHello of an agent's TCP fallback tunnel: SNI `host`, ALPN `orp/1`.
+fn tunnel_hello_bytes(host: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![outrelay_proto::tunnel::FALLBACK_ALPN.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned()).expect("server name");
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("hello bytes");
+    }
+    out
+}
+
+/// Connects from `from` to `to`, writes `bytes`, and says whether the relay closed it within
+/// 5 s (a refusal), reading whatever it answered first (a nonce, a TLS alert).
+async fn sent_and_closed(from: IpAddr, to: std::net::SocketAddr, bytes: &[u8]) -> bool {
+    let mut s = connect_from(from, to).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    closed_within(&mut s, Duration::from_secs(5)).await
+}
+
+/// Issue 22 (only 443/tcp open): reverse sessions opened to the PUBLIC TLS port serve a lease
+/// (counted `reverse_via_tls_port`); forged ones there (garbage preamble, unknown lease, wrong
+/// MAC) are refused and counted exactly as on the reverse port, while another tenant's lease
+/// (its sessions on the reverse port) and the first lease keep being served. The reverse port
+/// hands a root-host ClientHello offering `orp/1` to the fallback acceptor and refuses any
+/// other TLS (`reverse_port_tls`). Both worker backends, and with the eBPF reuseport programs
+/// on both ports where BPF loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reverse_sessions_through_the_tls_port_serve_and_forged_ones_are_refused() {
+    for backend in io_backends() {
+        eprintln!("--- io backend {backend}");
+        reverse_sessions_through_the_tls_port_on(backend, "").await;
+    }
+    match outrelay_ebpf::probe() {
+        Ok(_) => {
+            eprintln!("--- eBPF reuseport on");
+            reverse_sessions_through_the_tls_port_on(
+                "epoll",
+                "[ebpf]\nmode = \"on\"\nreuseport = true\n",
+            )
+            .await;
+        }
+        Err(e) => eprintln!("SKIP the eBPF pass: BPF unavailable here ({e})"),
+    }
+}
+
+async fn reverse_sessions_through_the_tls_port_on(backend: &str, tables: &str) {
+    let ca = Ca::new();
+    let (lo, hi) = free_port_range();
+    let relay = start_relay_with(
+        &ca,
+        Opts {
+            leases: format!("tcp = true\nmin_port = {lo}\nmax_port = {hi}\n"),
+            backend: Some(backend.to_owned()),
+            tables: tables.to_owned(),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (target, _t) = tls_target(&ca).await;
+    let (echo, _e) = echo_server().await;
+    // Tenant `test`: `demo` served ONLY by sessions through the public TLS port.
+    let mut agent = Agent::connect(&relay, &ca).await;
+    let demo = agent.register("demo", true, false).await;
+    agent.serve_lease_at(relay.public_tls, &demo, target, SESSIONS);
+    // Another tenant: a TCP lease, its sessions on the reverse port.
+    let mut other = Agent::connect_as(
+        &relay,
+        &ca,
+        "outrelay://other/agent/00000000-0000-4000-8000-0000000000e4",
+    )
+    .await;
+    let raw = other.register("raw", false, true).await;
+    other.serve_lease(&relay, &raw, echo);
+    probe_demo(&relay, &ca).await;
+    echo_round_trip(
+        connect_lease_port(LEGIT, port_of(&raw.tcp_addr)).await,
+        4096,
+    )
+    .await;
+    let via = "outrelay_relay_reverse_via_tls_port_total";
+    let authed = relay
+        .metric_above(&format!("{via}{{phase=\"authenticated\"}}"), 0.0)
+        .await;
+    assert!(
+        relay
+            .metric("outrelay_relay_reverse_sessions_authenticated_total")
+            .await
+            >= authed,
+        "sessions via :443 are also counted as authenticated"
+    );
+    assert_eq!(
+        relay.metric(&drops("bad_hello")).await,
+        0.0,
+        "no session was taken for a ClientHello"
+    );
+
+    // The attacker, on :443: garbage after the magic, an unknown lease, a wrong MAC.
+    let mut garbage = reverse::PREAMBLE_MAGIC.to_vec();
+    garbage.extend_from_slice(&[0x7f; 40]);
+    assert!(sent_and_closed(attacker(2), relay.public_tls, &garbage).await);
+    relay.metric_above(&drops("bad_preamble"), 0.0).await;
+    let nonce = [7u8; reverse::NONCE_BYTES];
+    let unknown = reverse::encode_preamble(&LeaseId([0xee; 16]), &nonce);
+    assert!(sent_and_closed(attacker(2), relay.public_tls, &unknown).await);
+    relay.metric_above(&drops("unknown_lease"), 0.0).await;
+    let lease = LeaseId::from_slice(&demo.lease_id).expect("lease id");
+    let mut s = connect_from(attacker(3), relay.public_tls)
+        .await
+        .expect("connect");
+    s.write_all(&reverse::encode_preamble(&lease, &nonce))
+        .await
+        .expect("preamble");
+    let mut challenge = [0u8; reverse::CHALLENGE_BYTES];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut challenge)
+        .await
+        .expect("the relay answers a live lease's preamble with its challenge");
+    s.write_all(&[0u8; reverse::MAC_BYTES]).await.expect("MAC");
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    relay.metric_above(&drops("bad_mac"), 0.0).await;
+    let handshakes = relay.metric(&format!("{via}{{phase=\"handshake\"}}")).await;
+    assert!(
+        handshakes >= authed + 3.0,
+        "the three forged handshakes came via :443: {handshakes} (authenticated {authed})"
+    );
+
+    // The reverse port: a tenant's ClientHello is refused; an agent's tunnel hello is handed
+    // to the fallback acceptor (which then wants a client certificate this one lacks).
+    assert!(sent_and_closed(attacker(2), relay.reverse, &client_hello_bytes(DEMO_HOST)).await);
+    relay.metric_above(&drops("reverse_port_tls"), 0.0).await;
+    let _ = sent_and_closed(attacker(2), relay.reverse, &tunnel_hello_bytes(ROOT_HOST)).await;
+    relay
+        .metric_above("outrelay_relay_fallback_via_reverse_port_total", 0.0)
+        .await;
+    assert_eq!(
+        relay.metric(&drops("reverse_port_tls")).await,
+        1.0,
+        "the tunnel hello was not refused as tenant TLS"
+    );
+
+    // Both tenants are still served.
+    for _ in 0..5 {
+        probe_demo(&relay, &ca).await;
+    }
+    echo_round_trip(
+        connect_lease_port(LEGIT, port_of(&raw.tcp_addr)).await,
+        4096,
+    )
+    .await;
+    eprintln!(
+        "{backend}: via :443 handshakes {} authenticated {}; drops bad_preamble {} \
+         unknown_lease {} bad_mac {} reverse_port_tls {}",
+        relay.metric(&format!("{via}{{phase=\"handshake\"}}")).await,
+        relay
+            .metric(&format!("{via}{{phase=\"authenticated\"}}"))
+            .await,
+        relay.metric(&drops("bad_preamble")).await,
+        relay.metric(&drops("unknown_lease")).await,
+        relay.metric(&drops("bad_mac")).await,
+        relay.metric(&drops("reverse_port_tls")).await,
+    );
+}

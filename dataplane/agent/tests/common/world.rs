@@ -246,6 +246,23 @@ pub async fn start_controller(d: &Path, ca: &Ca) -> (Proc, String) {
 /// [`start_controller`] on a given gRPC address (a restart keeps the relay's URL valid). The
 /// state directory is kept: a restart finds its CA, database and audit key.
 pub async fn start_controller_on(d: &Path, ca: &Ca, listen: &str) -> (Proc, String) {
+    start_controller_named(d, ca, listen, &[]).await
+}
+
+/// [`start_controller_on`] whose self-issued server certificate also names `extra_names`
+/// (e.g. a veth address that agents in a namespace enroll through).
+pub async fn start_controller_named(
+    d: &Path,
+    ca: &Ca,
+    listen: &str,
+    extra_names: &[&str],
+) -> (Proc, String) {
+    let mut names = vec!["localhost", "127.0.0.1"];
+    for name in extra_names {
+        if !names.contains(name) {
+            names.push(name);
+        }
+    }
     let state = d.join("controller-state");
     std::fs::create_dir_all(&state).expect("state dir");
     std::fs::write(state.join("ca.pem"), &ca.pem).expect("ca.pem");
@@ -255,7 +272,7 @@ pub async fn start_controller_on(d: &Path, ca: &Ca, listen: &str) -> (Proc, Stri
         &config,
         format!(
             "state_dir = {state:?}\n[grpc]\nlisten = {listen:?}\n[admin]\nsocket_path = \"\"\n\
-             [metrics]\nlisten = \"\"\n",
+             [metrics]\nlisten = \"\"\n[tls]\nserver_names = {names:?}\n",
             state = state.display().to_string(),
         ),
     )
@@ -364,6 +381,20 @@ impl World {
     }
 
     pub async fn start_with(standalone_policy: Option<&str>, extra: &str) -> World {
+        World::start_full(standalone_policy, extra, "127.0.0.1").await
+    }
+
+    /// A controller with its gRPC (enrollment) port on `ip` (e.g. a veth address, so agents in
+    /// a namespace can enroll), and a relay following it with `extra` in its config.
+    pub async fn with_controller_on(ip: &str, extra: &str) -> World {
+        World::start_full(None, extra, ip).await
+    }
+
+    async fn start_full(
+        standalone_policy: Option<&str>,
+        extra: &str,
+        controller_ip: &str,
+    ) -> World {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();
         let ca = Ca::new("outrelay mesh e2e CA");
@@ -372,7 +403,9 @@ impl World {
         let (controller, grpc_url, relay_tail) = match standalone_policy {
             Some(policy) => (None, String::new(), format!("{policy}{extra}")),
             None => {
-                let (proc, url) = start_controller(d, &ca).await;
+                let (proc, url) =
+                    start_controller_named(d, &ca, &format!("{controller_ip}:0"), &[controller_ip])
+                        .await;
                 let tail = format!(
                     "[controller]\nurl = \"{url}\"\nheartbeat_interval_ms = 200\n\
                      reconnect_backoff_ms = 100\nreconnect_backoff_max_ms = 500\n\
@@ -459,6 +492,28 @@ impl World {
             .unwrap_or_else(|e| panic!("outrelay {args:?}: not JSON ({e}): {}", text(&o)))
     }
 
+    /// `outrelay token create --tenant TENANT`, then `outrelay-agent enroll` run by `cmd` (a
+    /// command whose last argument so far is the agent binary, e.g. inside a namespace) into
+    /// `<world>/<name>-identity`; the issued certificate and key.
+    pub async fn enroll(&self, mut cmd: Command, name: &str, tenant: &str) -> (PathBuf, PathBuf) {
+        let t = self.cli(&["token", "create", "--tenant", tenant]).await;
+        let token = t["token"].as_str().expect("token").to_owned();
+        let dir = self.path().join(format!("{name}-identity"));
+        cmd.args(["enroll", "--controller", &self.grpc_url, "--token", &token])
+            .arg("--state-dir")
+            .arg(&dir)
+            .arg("--ca")
+            .arg(self.path().join("ca.pem"));
+        let out = run_blocking(cmd).await;
+        assert!(
+            out.status.success(),
+            "outrelay-agent enroll: {}",
+            text(&out)
+        );
+        eprintln!("enrolled {name}: {}", text(&out).trim());
+        (dir.join("cert.pem"), dir.join("key.pem"))
+    }
+
     /// `outrelay policy add`; the rule id.
     pub async fn rule(
         &self,
@@ -535,7 +590,7 @@ impl World {
     #[allow(clippy::too_many_arguments)]
     pub fn agent_with(
         &self,
-        mut cmd: Command,
+        cmd: Command,
         name: &str,
         uri: &str,
         relays: &[String],
@@ -543,8 +598,28 @@ impl World {
         metrics_ip: &str,
         body: &str,
     ) -> Agent {
+        let (cert, key) = self.ca.write_leaf(self.path(), name, uri, false);
+        self.agent_with_identity(cmd, name, &cert, &key, relays, top, metrics_ip, body)
+    }
+
+    /// As [`World::agent_with`], with the identity in `cert` and `key` (e.g. from
+    /// `outrelay-agent enroll`) instead of a leaf made here.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one spawner, every knob explicit"
+    )]
+    pub fn agent_with_identity(
+        &self,
+        mut cmd: Command,
+        name: &str,
+        cert: &Path,
+        key: &Path,
+        relays: &[String],
+        top: &str,
+        metrics_ip: &str,
+        body: &str,
+    ) -> Agent {
         let d = self.path();
-        let (cert, key) = self.ca.write_leaf(d, name, uri, false);
         let config = format!(
             "relays = {relays:?}\nserver_name = \"localhost\"\n{top}\n\
              [identity]\ncert = {cert:?}\nkey = {key:?}\nca = {ca:?}\n\
@@ -976,4 +1051,76 @@ impl World {
         let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
         self.agent_with(cmd, name, uri, &relays, "", metrics_ip, body)
     }
+}
+
+/// An HTTPS server for `host` (a server leaf of `ca`) on `listener` (bound wherever the test
+/// needs it, e.g. inside a namespace) answering every request with [`BODY`]: the real TLS
+/// server behind a TLS passthrough lease.
+pub fn https_target_on(listener: std::net::TcpListener, ca: &Ca, host: &str) -> JoinHandle<()> {
+    let leaf = ca.leaf(
+        host,
+        &[host],
+        None,
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+    );
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain, leaf.key)
+        .expect("server cert");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    })
+}
+
+/// `curl` GET of `https://host:port/` through `ip` (`--resolve`), trusting the world's CA in
+/// `dir`; the body, or why not. `None`: no curl here (the caller skips loudly).
+pub async fn curl_https(
+    dir: &Path,
+    host: &str,
+    ip: &str,
+    port: u16,
+) -> Option<Result<String, String>> {
+    if !have("curl", "--version") {
+        return None;
+    }
+    let mut cmd = Command::new("curl");
+    cmd.args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(dir.join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:{ip}"))
+        .arg(format!("https://{host}:{port}/"));
+    let out = run_blocking(cmd).await;
+    Some(if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    })
 }

@@ -109,6 +109,13 @@ impl<K: Eq + Hash + Copy> KeyedCounts<K> {
     }
 }
 
+impl<K: Eq + Hash + Copy> KeyedSlot<K> {
+    /// The key this place is counted under.
+    pub(crate) fn key(&self) -> K {
+        self.key
+    }
+}
+
 impl<K: Eq + Hash> Drop for KeyedSlot<K> {
     fn drop(&mut self) {
         let mut map = self

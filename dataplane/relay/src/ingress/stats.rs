@@ -82,11 +82,14 @@ pub enum Drop {
     /// Already as many public connections wait for this expected name or port on this worker
     /// as the claim waiters' bound allows.
     LeaseWaitFull,
+    /// TLS on the reverse-session port that is not an agent's TCP fallback tunnel (SNI not the
+    /// root host, no ALPN `orp/1`, or no fallback acceptor).
+    ReversePortTls,
 }
 
 impl Drop {
     /// Every reason, in counter order.
-    pub const ALL: [Drop; 35] = [
+    pub const ALL: [Drop; 36] = [
         Drop::NoSni,
         Drop::UnknownHost,
         Drop::BadHello,
@@ -122,6 +125,7 @@ impl Drop {
         Drop::ReverseUnauthPerLease,
         Drop::LeaseWaitTimeout,
         Drop::LeaseWaitFull,
+        Drop::ReversePortTls,
     ];
 
     /// Whether the connection is reset (SO_LINGER 0) rather than closed: a refusal at a cap,
@@ -184,6 +188,7 @@ impl Drop {
             Drop::ReverseUnauthPerLease => "reverse_unauth_per_lease",
             Drop::LeaseWaitTimeout => "lease_wait_timeout",
             Drop::LeaseWaitFull => "lease_wait_full",
+            Drop::ReversePortTls => "reverse_port_tls",
         }
     }
 }
@@ -228,6 +233,14 @@ pub struct IngressStats {
     pub sessions_authenticated: AtomicU64,
     /// Public connections for the root host handed to the root-host listener.
     pub root_host: AtomicU64,
+    /// Reverse-session handshakes that arrived on the public TLS port (first bytes `ORRS`
+    /// instead of a TLS record): agents whose network allows only 443/tcp.
+    pub reverse_via_tls_port: AtomicU64,
+    /// Of those, sessions authenticated (also counted in `sessions_authenticated`).
+    pub sessions_via_tls_port: AtomicU64,
+    /// Agents' TCP fallback tunnels that arrived on the reverse-session port (a root-host
+    /// ClientHello offering `orp/1` there) and were handed to the fallback acceptor.
+    pub fallback_via_reverse_port: AtomicU64,
 }
 
 // By hand: `Default` is derived for arrays of at most 32 elements.
@@ -240,6 +253,9 @@ impl Default for IngressStats {
             spliced: AtomicU64::new(0),
             sessions_authenticated: AtomicU64::new(0),
             root_host: AtomicU64::new(0),
+            reverse_via_tls_port: AtomicU64::new(0),
+            sessions_via_tls_port: AtomicU64::new(0),
+            fallback_via_reverse_port: AtomicU64::new(0),
         }
     }
 }

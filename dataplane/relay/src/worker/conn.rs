@@ -8,6 +8,13 @@
 //!         └─ reverse ── preamble ── nonce + proof ── MAC ── verified → idle session (claim.rs: offer)
 //! ```
 //!
+//! The first bytes decide between the two handshakes on either port (agents allowed only one
+//! TCP port, issue 22): `ORRS` on the public TLS port becomes a reverse handshake (the
+//! reverse port's bounds, deadline and drop reasons; counted `reverse_via_tls_port`), and
+//! `0x16` (a TLS record) on the reverse port becomes a ClientHello read (the public pending
+//! bounds), handed to the TCP fallback acceptor when its SNI is the root host and it offers
+//! ALPN `orp/1`, refused (`reverse_port_tls`) otherwise.
+//!
 //! Every phase waits on the worker's ring (one-shot readiness under the connection's key) and
 //! is bounded by a timer of its kind (timers.rs); every refusal is a named drop reason.
 
@@ -43,6 +50,10 @@ pub(crate) struct Conn {
 pub(crate) enum State {
     /// Public TLS: reading the ClientHello.
     Hello(Box<Hello>),
+    /// TLS on the reverse-session port: reading the ClientHello (only an agent's fallback
+    /// tunnel may pass). A variant, not a flag in [`Hello`]: a silent pending connection
+    /// stays within its size.
+    ReverseHello(Box<Hello>),
     /// Admitted to a lease; waiting for an idle session (not polled).
     Waiting(Box<Waiting>),
     /// No route yet, but its lease is expected (inherited at an upgrade, issue 20): waiting
@@ -124,6 +135,8 @@ pub(crate) struct Reverse {
     pub(crate) have: usize,
     /// After the preamble: what the MAC must prove.
     pub(crate) challenge: Option<Challenge>,
+    /// Arrived on the public TLS port (counted apart).
+    pub(crate) via_tls_port: bool,
 }
 
 /// The nonce sent for a lease, and the key its MAC must use.
@@ -147,7 +160,14 @@ enum Step {
     Drop(Drop),
     /// Done reading: the caller moves the connection on.
     Done,
+    /// The public TLS port saw `ORRS` (or its start): a reverse session.
+    ToReverse,
+    /// The reverse port saw a TLS record: maybe an agent's fallback tunnel.
+    ToTls,
 }
+
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 impl Worker {
     /// A connection `kind`'s listener accepted from `peer`.
@@ -229,6 +249,7 @@ impl Worker {
                         mac: [0; MAC_BYTES],
                         have: 0,
                         challenge: None,
+                        via_tls_port: false,
                     }));
                     self.start(stream, state, TimerKind::Handshake, self.timeouts.handshake);
                 }
@@ -275,10 +296,15 @@ impl Worker {
             return;
         };
         let step = match &mut conn.state {
-            State::Hello(h) => read_hello(&mut conn.socket, h, max_hello),
-            State::Reverse(r) if r.challenge.is_none() => {
-                read_preamble(&mut conn.socket, &mut r.preamble, &mut r.have, accept_v1)
-            }
+            State::Hello(h) => read_hello(&mut conn.socket, h, max_hello, false),
+            State::ReverseHello(h) => read_hello(&mut conn.socket, h, max_hello, true),
+            State::Reverse(r) if r.challenge.is_none() => read_preamble(
+                &mut conn.socket,
+                &mut r.preamble,
+                &mut r.have,
+                accept_v1,
+                !r.via_tls_port,
+            ),
             State::Reverse(r) => {
                 read_exact_into(&mut conn.socket, &mut r.mac, &mut r.have, Drop::BadMac)
             }
@@ -289,7 +315,82 @@ impl Worker {
             Step::Wait => self.arm(key, Interest::READ),
             Step::Drop(reason) => self.close(key, reason),
             Step::Done => self.advance(key),
+            Step::ToReverse => self.hello_to_reverse(key),
+            Step::ToTls => self.reverse_to_hello(key),
         }
+    }
+
+    /// The public TLS port's connection `key` began with `ORRS`'s first byte: it becomes a
+    /// reverse handshake with the reverse port's places (its public pending place given back),
+    /// deadline and drop reasons.
+    fn hello_to_reverse(&mut self, key: u64) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let State::Hello(h) = &mut conn.state else {
+            return;
+        };
+        self.ingress
+            .stats
+            .reverse_via_tls_port
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seen = std::mem::take(&mut h.replay);
+        // The agent sends nothing past its preamble before the relay's nonce.
+        if seen.len() > reverse::preamble_len(&seen) {
+            return self.close(key, Drop::BadPreamble);
+        }
+        let source = h.source;
+        let places = match self.ingress.admit_reverse(source) {
+            Ok((global, per_source)) => ReversePlaces {
+                _global: global,
+                _source: per_source,
+            },
+            Err(reason) => return self.close(key, reason),
+        };
+        let mut preamble = [0; PREAMBLE_BYTES];
+        preamble[..seen.len()].copy_from_slice(&seen);
+        // Replacing the hello gives its pending place back.
+        conn.state = State::Reverse(Box::new(Reverse {
+            _places: places,
+            preamble,
+            mac: [0; MAC_BYTES],
+            have: seen.len(),
+            challenge: None,
+            via_tls_port: true,
+        }));
+        self.timers.arm(
+            TimerKind::Handshake,
+            key,
+            self.now + self.timeouts.handshake,
+        );
+        self.readable(key);
+    }
+
+    /// The reverse port's connection `key` began with a TLS record: it becomes a ClientHello
+    /// read with the public pending places (its reverse places given back) and deadline.
+    fn reverse_to_hello(&mut self, key: u64) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let State::Reverse(r) = &mut conn.state else {
+            return;
+        };
+        let source = r._places._source.key();
+        let seen = r.preamble[..r.have].to_vec();
+        let pending = match self.ingress.admit_public(source) {
+            Ok(p) => p,
+            Err(reason) => return self.close(key, reason),
+        };
+        conn.state = State::ReverseHello(Box::new(Hello {
+            source,
+            _pending: pending,
+            parser: None,
+            replay: seen,
+            server_name: None,
+        }));
+        self.timers
+            .arm(TimerKind::Hello, key, self.now + self.timeouts.hello);
+        self.readable(key);
     }
 
     /// A read phase finished: route the hello, answer the preamble, or check the MAC.
@@ -298,7 +399,7 @@ impl Worker {
             return;
         };
         match &mut conn.state {
-            State::Hello(_) => self.route_hello(key),
+            State::Hello(_) | State::ReverseHello(_) => self.route_hello(key),
             State::Reverse(r) if r.challenge.is_none() => {
                 let Ok(Some(preamble)) = reverse::decode_preamble(&r.preamble[..r.have]) else {
                     return self.close(key, Drop::BadPreamble);
@@ -324,6 +425,12 @@ impl Worker {
                     return self.close(key, Drop::BadMac);
                 }
                 let lease = c.lease;
+                if r.via_tls_port {
+                    self.ingress
+                        .stats
+                        .sessions_via_tls_port
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let Some(conn) = self.take(key) else { return };
                 let _ = conn.socket.set_nodelay(true);
                 self.ingress
@@ -346,8 +453,10 @@ impl Worker {
     /// The ClientHello is complete: the root host, or the lease its SNI names.
     fn route_hello(&mut self, key: u64) {
         let Some(conn) = self.take(key) else { return };
-        let State::Hello(hello) = conn.state else {
-            return;
+        let (hello, via_reverse_port) = match conn.state {
+            State::Hello(h) => (h, false),
+            State::ReverseHello(h) => (h, true),
+            _ => return,
         };
         let Hello {
             source,
@@ -357,6 +466,22 @@ impl Worker {
             server_name,
         } = *hello;
         drop(parser);
+        if via_reverse_port {
+            // The reverse port serves agents only: their fallback tunnel, nothing public.
+            drop(pending);
+            let root = self.ingress.config().root_host.clone();
+            let tunnel = self.ingress.fallback().is_some()
+                && server_name.is_some_and(|n| n.as_str() == root)
+                && offers_orp_alpn(&replay);
+            if !tunnel {
+                return self.refuse(conn.socket, Drop::ReversePortTls);
+            }
+            self.ingress
+                .stats
+                .fallback_via_reverse_port
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.spawn_fallback(conn.socket, replay);
+        }
         let Some(server_name) = server_name else {
             return self.refuse(conn.socket, Drop::NoSni);
         };
@@ -449,7 +574,7 @@ impl Worker {
             return;
         };
         let reason = match (&conn.state, kind) {
-            (State::Hello(_), TimerKind::Hello) => Drop::HelloTimeout,
+            (State::Hello(_) | State::ReverseHello(_), TimerKind::Hello) => Drop::HelloTimeout,
             (State::Reverse(_), TimerKind::Handshake) => Drop::HandshakeTimeout,
             (State::Waiting(_), TimerKind::Claim) => Drop::ClaimTimeout,
             (State::Marker(_), TimerKind::Marker) => Drop::MarkerWriteFailed,
@@ -469,8 +594,16 @@ fn offers_orp_alpn(replay: &[u8]) -> bool {
     )
 }
 
-/// Reads what is there of the ClientHello into `h.replay` and feeds it to the parser.
-fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize) -> Step {
+/// Reads what is there of the ClientHello into `h.replay` and feeds it to the parser (first
+/// the bytes already there when it came from the reverse port). On the public TLS port,
+/// first bytes `ORRS` are a reverse session's preamble ([`Step::ToReverse`]).
+fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize, via_reverse_port: bool) -> Step {
+    if h.parser.is_none() && !h.replay.is_empty() {
+        let parser = h.parser.insert(Box::new(ClientHelloParser::new(max)));
+        if let Some(step) = hello_progress(parser.feed(&h.replay), h) {
+            return step;
+        }
+    }
     loop {
         let start = h.replay.len();
         let step = max.saturating_sub(start).clamp(1, HELLO_READ_STEP_BYTES);
@@ -489,19 +622,38 @@ fn read_hello(socket: &mut TcpStream, h: &mut Hello, max: usize) -> Step {
             Err(_) => return Step::Drop(Drop::BadHello),
         };
         h.replay.truncate(start + n);
+        if start == 0 && !via_reverse_port && starts_like_preamble(&h.replay) {
+            return Step::ToReverse;
+        }
         let parser = h
             .parser
             .get_or_insert_with(|| Box::new(ClientHelloParser::new(max)));
-        match parser.feed(&h.replay[start..]) {
-            Ok(Progress::NeedMore) => {}
-            Ok(Progress::Done { hello, .. }) => {
-                h.server_name = hello.server_name;
-                return Step::Done;
-            }
-            Err(HelloError::PlainHttp) => return Step::Drop(Drop::PlainHttp),
-            Err(HelloError::IpLiteral) => return Step::Drop(Drop::IpLiteralSni),
-            Err(_) => return Step::Drop(Drop::BadHello),
+        let progress = parser.feed(&h.replay[start..]);
+        if let Some(step) = hello_progress(progress, h) {
+            return step;
         }
+    }
+}
+
+/// Whether the first bytes read on the public TLS port are `ORRS` (or as much of it as came):
+/// a reverse session. Plain HTTP such as `OPTIONS` still counts as `plain_http` (only a
+/// first segment of exactly `O` is taken for a preamble, and then refused as one).
+fn starts_like_preamble(first: &[u8]) -> bool {
+    let n = first.len().min(reverse::PREAMBLE_MAGIC.len());
+    n > 0 && first[..n] == reverse::PREAMBLE_MAGIC[..n]
+}
+
+/// What the parser's answer means: `None` to read on.
+fn hello_progress(progress: Result<Progress, HelloError>, h: &mut Hello) -> Option<Step> {
+    match progress {
+        Ok(Progress::NeedMore) => None,
+        Ok(Progress::Done { hello, .. }) => {
+            h.server_name = hello.server_name;
+            Some(Step::Done)
+        }
+        Err(HelloError::PlainHttp) => Some(Step::Drop(Drop::PlainHttp)),
+        Err(HelloError::IpLiteral) => Some(Step::Drop(Drop::IpLiteralSni)),
+        Err(_) => Some(Step::Drop(Drop::BadHello)),
     }
 }
 
@@ -527,15 +679,20 @@ fn read_exact_into(
 /// Reads the preamble into `buf[*have..]`, never past its end (its version byte says how long
 /// it is), and refuses it at its first wrong byte (a scanner on the reverse port is not kept
 /// waiting for 37 bytes), a version 1 preamble as soon as its version byte when `accept_v1`
-/// is off.
+/// is off. With `tls_allowed` (the reverse port), a first byte `0x16` is a TLS record
+/// ([`Step::ToTls`]).
 fn read_preamble(
     socket: &mut TcpStream,
     buf: &mut [u8; PREAMBLE_BYTES],
     have: &mut usize,
     accept_v1: bool,
+    tls_allowed: bool,
 ) -> Step {
     loop {
         let seen = &buf[..*have];
+        if tls_allowed && seen.first() == Some(&TLS_HANDSHAKE_RECORD) {
+            return Step::ToTls;
+        }
         if reverse::decode_preamble(seen).is_err() {
             return Step::Drop(Drop::BadPreamble);
         }
@@ -559,6 +716,26 @@ fn read_preamble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only `ORRS` (and its prefixes) on the TLS port is a reverse session; TLS and plain HTTP
+    /// starting with `O` are not.
+    #[test]
+    fn only_the_preamble_magic_turns_a_tls_port_connection_into_a_reverse_session() {
+        let preamble = reverse::encode_preamble(&LeaseId([1; 16]), &[2; NONCE_BYTES]);
+        for n in 1..=preamble.len() {
+            assert!(starts_like_preamble(&preamble[..n]), "prefix of {n} bytes");
+        }
+        assert!(starts_like_preamble(b"ORRS\x7f garbage version"));
+        for other in [
+            &b"OPTIONS * HTTP/1.1\r\n"[..],
+            b"\x16\x03\x01",
+            b"GET /",
+            b"ORS",
+            b"",
+        ] {
+            assert!(!starts_like_preamble(other), "{other:?}");
+        }
+    }
 
     /// L1 / R2: a silent pending public connection holds its slab entry, its boxed hello state
     /// without a parser (allocated at the first byte) and one timer entry.

@@ -793,11 +793,22 @@ impl Agent {
         target: SocketAddr,
         sessions: usize,
     ) {
+        self.serve_lease_at(relay.reverse, grant, target, sessions);
+    }
+
+    /// [`Agent::serve_lease_with`], with the sessions opened to `reverse_addr` (the relay's
+    /// public TLS port takes reverse sessions too: issue 22, only 443/tcp open).
+    pub fn serve_lease_at(
+        &mut self,
+        reverse_addr: SocketAddr,
+        grant: &orp::LeaseGrant,
+        target: SocketAddr,
+        sessions: usize,
+    ) {
         let lease = LeaseId::from_slice(&grant.lease_id).expect("16-byte lease id");
         let key = self.key(grant);
         for _ in 0..sessions {
             let claims = self.claims.clone();
-            let reverse_addr = relay.reverse;
             self.workers.push(tokio::spawn(async move {
                 session_worker(reverse_addr, lease, key, target, claims).await;
             }));
