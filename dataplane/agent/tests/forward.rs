@@ -147,6 +147,11 @@ async fn a_consumer_on_relay_1_streams_100_mib_each_way_to_a_provider_on_relay_2
         out >= 2.0 && inbound >= 2.0,
         "forwarded streams counted: out {out}, in {inbound}"
     );
+    // Both agents ended their streams: the last checkpoints crossed the hop after the joins.
+    assert_streams_end(&consumer, &provider, || {
+        vec![w.relay_scrape(), scrape(addr_in(&info2, "metrics"))]
+    })
+    .await;
 
     // The audit pair: relay 1's caller-side decision and relay 2's callee-side one, each
     // naming both relays.

@@ -77,31 +77,8 @@ async fn curl_gets_http_through_consumer_relay_provider() {
         "relay accepted {relay}:\n{}",
         mesh_lines(&w.relay_scrape())
     );
-    // Every stream ENDED on both agents. A resumable stream's direction ends only when the
-    // peer acknowledged its last byte, and that last STREAM_CHECKPOINT travels on the control
-    // stream after the relay has already joined both FINs: the relay must still route it.
-    let active = |a: &Agent, role: &str| {
-        metric(
-            &a.scrape(),
-            "outrelay_agent_mesh_streams_active",
-            &[("role", role)],
-        )
-    };
-    let ended = poll(Duration::from_secs(10), || {
-        active(&consumer, "consumer") == 0.0 && active(&provider, "provider") == 0.0
-    })
-    .await;
-    assert!(
-        ended,
-        "streams still active after the calls: consumer {}, provider {}; relay signals:\n{}",
-        active(&consumer, "consumer"),
-        active(&provider, "provider"),
-        w.relay_scrape()
-            .lines()
-            .filter(|l| l.starts_with("outrelay_relay_quic_p2p_signals_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    // Every stream ENDED on both agents (their last checkpoints crossed the relay).
+    assert_streams_end(&consumer, &provider, || vec![w.relay_scrape()]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

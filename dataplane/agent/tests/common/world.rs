@@ -811,6 +811,43 @@ pub async fn poll(bound: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Every service stream has ENDED on both agents within 10 s (`mesh.{consumer,provider}.active`
+/// back to 0). A resumable stream's direction ends only when the peer acknowledged its last
+/// byte, and that last STREAM_CHECKPOINT travels after the relays joined both FINs: a relay
+/// that forgets the pair too early leaves both agents holding the stream for ever.
+/// `relay_scrapes`: the relays' `/metrics` texts, for the failure message.
+pub async fn assert_streams_end(
+    consumer: &Agent,
+    provider: &Agent,
+    relay_scrapes: impl Fn() -> Vec<String>,
+) {
+    let active = |a: &Agent, role: &str| {
+        metric(
+            &a.scrape(),
+            "outrelay_agent_mesh_streams_active",
+            &[("role", role)],
+        )
+    };
+    let ended = poll(Duration::from_secs(10), || {
+        active(consumer, "consumer") == 0.0 && active(provider, "provider") == 0.0
+    })
+    .await;
+    if !ended {
+        let signals: Vec<String> = relay_scrapes()
+            .iter()
+            .flat_map(|t| t.lines())
+            .filter(|l| l.contains("signals_total") || l.contains("checkpoints_total"))
+            .map(str::to_owned)
+            .collect();
+        panic!(
+            "streams still active: consumer {}, provider {}; relay signals:\n{}",
+            active(consumer, "consumer"),
+            active(provider, "provider"),
+            signals.join("\n")
+        );
+    }
+}
+
 /// One call through the consumer `agent`'s `i`-th listener must fail with `code`: the local
 /// connection is closed without an answer and the agent counts `rejected_<code>`.
 pub async fn expect_rejected(agent: &Agent, i: usize, code: u16) {
