@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use rcgen::ExtendedKeyUsagePurpose;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 const PUBLIC_URL: &str = "https://relay.outrelay.test";
@@ -406,50 +406,9 @@ fn metric(text: &str, series: &str) -> f64 {
 
 /// An HTTPS server for `demo` answering every request with [`BODY`].
 async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
-    let leaf = ca.leaf(
-        DEMO_HOST,
-        &[DEMO_HOST],
-        None,
-        vec![ExtendedKeyUsagePurpose::ServerAuth],
-    );
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(leaf.chain, leaf.key)
-        .expect("server cert");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind target");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind target");
     let addr = listener.local_addr().expect("target addr");
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{BODY}",
-                    BODY.len()
-                );
-                let _ = tls.write_all(response.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
+    let task = common::world::https_target_with(listener, ca, DEMO_HOST, BODY);
     (addr, task)
 }
 

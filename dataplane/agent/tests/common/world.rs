@@ -206,32 +206,38 @@ pub fn mesh_lines(text: &str) -> String {
 
 // ---------- local targets ----------
 
+/// Reads one HTTP/1.1 request head from `s`, answers `200` with `body`, closes.
+pub async fn answer_http<S>(mut s: S, body: &'static str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut req = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(response.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
 /// An HTTP/1.1 server answering every request with [`BODY`] and closing.
 pub async fn http_target() -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
     let addr = listener.local_addr().expect("http addr");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{BODY}",
-                    BODY.len()
-                );
-                let _ = s.write_all(response.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+            tokio::spawn(answer_http(s, BODY));
         }
     });
     (addr, task)
@@ -1094,6 +1100,16 @@ impl World {
 /// needs it, e.g. inside a namespace) answering every request with [`BODY`]: the real TLS
 /// server behind a TLS passthrough lease.
 pub fn https_target_on(listener: std::net::TcpListener, ca: &Ca, host: &str) -> JoinHandle<()> {
+    https_target_with(listener, ca, host, BODY)
+}
+
+/// [`https_target_on`] answering with `body`.
+pub fn https_target_with(
+    listener: std::net::TcpListener,
+    ca: &Ca,
+    host: &str,
+    body: &'static str,
+) -> JoinHandle<()> {
     let leaf = ca.leaf(
         host,
         &[host],
@@ -1114,24 +1130,9 @@ pub fn https_target_on(listener: std::net::TcpListener, ca: &Ca, host: &str) -> 
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut req = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    answer_http(tls, body).await;
                 }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{BODY}",
-                    BODY.len()
-                );
-                let _ = tls.write_all(response.as_bytes()).await;
-                let _ = tls.shutdown().await;
             });
         }
     })
