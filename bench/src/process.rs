@@ -139,6 +139,12 @@ impl OwnedProcess {
         }
     }
 
+    /// SIGTERM to the child's group (an orderly stop: OutRelay's relay sends GOAWAY and
+    /// drains); [`Self::wait_timeout`] reaps it.
+    pub fn terminate(&self) {
+        self.kill_group(Signal::SIGTERM);
+    }
+
     fn kill_group(&self, signal: Signal) {
         // ESRCH (already gone) is the expected outcome of a second signal.
         let _ = killpg(Pid::from_raw(pid_i32(self.child.id())), signal);

@@ -351,16 +351,17 @@ fn mesh_quick_forwards_between_two_relays_and_runs_over_the_tcp_fallback() {
     assert!(md.contains("CPU per Gbit x outrelay"), "{md}");
 }
 
-/// Issue 22: `failover --quick` kills relay 1 under two HA agents twice and times the first
-/// new stream through the consumer after each kill; every kill is a sample, the relay comes
-/// back on its port in between (or the run fails). Targets other than outrelay are skipped.
+/// Issue 22: `failover --quick` stops relay 1 under two HA agents four times (kill -9, SIGTERM
+/// with GOAWAY, twice) and times the first new stream through the consumer after each stop;
+/// every stop is a sample of its row, the relay comes back on its port in between (or the run
+/// fails). Targets other than outrelay are skipped.
 #[test]
-fn failover_quick_kills_the_consumers_relay_twice_and_times_the_first_new_stream() {
+fn failover_quick_stops_the_consumers_relay_both_ways_and_times_the_first_new_stream() {
     let controller =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/outrelay-controller");
     if !controller.exists() {
         eprintln!(
-            "SKIP failover_quick_kills_the_consumers_relay_twice_and_times_the_first_new_stream: \
+            "SKIP failover_quick_stops_the_consumers_relay_both_ways_and_times_the_first_new_stream: \
              {} not built (cargo build --release -p outrelay-controller)",
             controller.display()
         );
@@ -370,14 +371,18 @@ fn failover_quick_kills_the_consumers_relay_twice_and_times_the_first_new_stream
         harness_json(&["run", "failover", "--targets", "direct,outrelay", "--quick"]);
     let r = row(&doc, "outrelay");
     assert!(r["status"].is_null(), "outrelay not measured: {r:#}");
-    let kills: Vec<&Value> = doc["result"]["samples"]
+    let stops: Vec<&Value> = doc["result"]["samples"]
         .as_array()
         .expect("samples")
         .iter()
         .filter(|s| s["target"] == "outrelay")
         .collect();
-    assert_eq!(kills.len(), 2, "one sample per kill: {doc:#}");
-    for k in &kills {
+    assert_eq!(stops.len(), 4, "one sample per stop: {doc:#}");
+    for variant in ["kill -9 of relay 1", "SIGTERM of relay 1 (GOAWAY, drain)"] {
+        let n = stops.iter().filter(|s| s["variant"] == variant).count();
+        assert_eq!(n, 2, "{variant}: {doc:#}");
+    }
+    for k in &stops {
         let m = &k["metrics"];
         assert!(
             m["new_stream_ms"].as_f64().expect("new_stream_ms") > 0.0,
@@ -395,6 +400,10 @@ fn failover_quick_kills_the_consumers_relay_twice_and_times_the_first_new_stream
         "{doc:#}"
     );
     assert!(md.contains("| outrelay | kill -9 of relay 1 |"), "{md}");
+    assert!(
+        md.contains("| outrelay | SIGTERM of relay 1 (GOAWAY, drain) |"),
+        "{md}"
+    );
     assert!(md.contains("QUIC idle timeout 2000 ms"), "{md}");
 }
 

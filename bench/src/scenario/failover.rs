@@ -4,7 +4,7 @@
 //! `ha_connections = 2`, short QUIC timeouts (the end-to-end test's: relay `[quic]
 //! idle_timeout_ms = 2000`, agents `[connection] idle_timeout_ms = 3000`).
 //!
-//! Per kill, as `dataplane/agent/tests/ha.rs` `measure_new_streams_after_relay_death` does:
+//! Per kill (and, after each, a SIGTERM: GOAWAY and drain, reported as its own row), as `dataplane/agent/tests/ha.rs` `measure_new_streams_after_relay_death` does:
 //! wait until both agents hold both relays with every service registered; one call through the
 //! consumer succeeds; `kill -9` of relay 1 (the relay the consumer's new streams use: with no
 //! stream running the least loaded relay is the first in config order); from the kill, calls
@@ -29,7 +29,10 @@ use tokio::runtime::Handle;
 
 use super::{Column, Measurement, Metrics, Scenario, Settings, Value};
 use crate::backend::{self, Backend, Behaviour};
-use crate::target::{FailoverEnds, Routing, RunningTarget, restart_relay};
+use crate::target::{
+    FAILOVER_RELAY_SHUTDOWN_GRACE_MS, FailoverEnds, FailoverRelay, Routing, RunningTarget,
+    restart_relay,
+};
 
 /// Bytes of one call (written, then read back from the echo backend).
 const CALL_BYTES: usize = 64;
@@ -45,8 +48,23 @@ const SETTLE_BOUND_MS: u64 = 30_000;
 const BEFORE_KILL_MS: u64 = 200;
 /// The relay killed: relay 1, the first in the agents' config.
 const VICTIM: usize = 0;
-/// The one variant.
-const VARIANT: &str = "kill -9 of relay 1";
+/// How relay 1 stops.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// `kill -9`: the agents learn nothing until QUIC does.
+    Kill9,
+    /// SIGTERM: the relay sends GOAWAY to its agents and drains, then exits.
+    Goaway,
+}
+
+impl Stop {
+    fn variant(self) -> &'static str {
+        match self {
+            Self::Kill9 => "kill -9 of relay 1",
+            Self::Goaway => "SIGTERM of relay 1 (GOAWAY, drain)",
+        }
+    }
+}
 
 /// The failover scenario: owns the echo backend.
 pub struct Failover {
@@ -163,6 +181,66 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+impl Failover {
+    /// One stop of relay 1 (`victim`) and its restart: a call succeeds, relay 1 stops, calls
+    /// until one succeeds, relay 1 starts again, both agents hold it again.
+    fn one(
+        &self,
+        target: &mut RunningTarget,
+        ends: &FailoverEnds,
+        victim: &FailoverRelay,
+        stop: Stop,
+    ) -> Result<Metrics> {
+        let front = target.front;
+        until_a_call_succeeds(front, Instant::now(), SETTLE_BOUND_MS)
+            .context("the call before the stop")?;
+        std::thread::sleep(Duration::from_millis(BEFORE_KILL_MS));
+        let reopened_before = reopened(ends)?;
+        match stop {
+            Stop::Kill9 => target.kill9_relay(VICTIM)?,
+            Stop::Goaway => target.terminate_relay(VICTIM)?,
+        }
+        let stopped = Instant::now();
+        let new_stream = until_a_call_succeeds(front, stopped, NEW_CALL_BOUND_MS)
+            .context("a new stream after the stop")?;
+        let reopened_now = reopened(ends)? - reopened_before;
+        if matches!(stop, Stop::Goaway) {
+            // Drained: it exits within its shutdown grace (a margin for a loaded machine).
+            target
+                .wait_relay_exit(
+                    VICTIM,
+                    Duration::from_millis(FAILOVER_RELAY_SHUTDOWN_GRACE_MS + SETTLE_BOUND_MS),
+                )
+                .context("relay 1 did not exit after SIGTERM")?;
+        }
+        let restarting = Instant::now();
+        let process = restart_relay(&ends.restart, victim).context("starting relay 1 again")?;
+        let restart = restarting.elapsed();
+        target.replace_relay(VICTIM, process)?;
+        let rejoin = until_both_hold_all(ends, target).context("after relay 1 came back")?;
+        eprintln!(
+            "    {}: new stream after {:.0} ms, relay back after {:.0} ms, agents on both \
+             after {:.0} ms more",
+            stop.variant(),
+            ms(new_stream),
+            ms(restart),
+            ms(rejoin)
+        );
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a timeout in ms is far below 2^52"
+        )]
+        let idle = ends.quic_idle_timeout_ms as f64;
+        Ok(Metrics::from([
+            ("new_stream_ms".to_owned(), ms(new_stream)),
+            ("restart_ms".to_owned(), ms(restart)),
+            ("rejoin_ms".to_owned(), ms(rejoin)),
+            ("reopened".to_owned(), reopened_now),
+            ("quic_idle_timeout_ms".to_owned(), idle),
+        ]))
+    }
+}
+
 impl Scenario for Failover {
     fn name(&self) -> &'static str {
         "failover"
@@ -179,7 +257,7 @@ impl Scenario for Failover {
     fn columns(&self) -> Vec<Column> {
         vec![
             Column {
-                header: "new stream ok after kill, ms",
+                header: "new stream ok after the stop, ms",
                 decimals: 0,
                 value: Value::Metric("new_stream_ms"),
             },
@@ -194,7 +272,7 @@ impl Scenario for Failover {
                 value: Value::Metric("rejoin_ms"),
             },
             Column {
-                header: "consumer opens made again (per kill)",
+                header: "consumer opens made again (per stop)",
                 decimals: 0,
                 value: Value::Metric("reopened"),
             },
@@ -217,49 +295,18 @@ impl Scenario for Failover {
             ends.agent_idle_timeout_ms,
         ));
         let victim = ends.relays.get(VICTIM).context("no relay 1")?.clone();
-        let front = target.front;
         until_both_hold_all(&ends, target)?;
         let mut out = Vec::new();
         for kill in 1..=self.kills {
-            until_a_call_succeeds(front, Instant::now(), SETTLE_BOUND_MS)
-                .with_context(|| format!("kill {kill}: the call before the kill"))?;
-            std::thread::sleep(Duration::from_millis(BEFORE_KILL_MS));
-            let reopened_before = reopened(&ends)?;
-            target.kill9_relay(VICTIM)?;
-            let killed = Instant::now();
-            let new_stream = until_a_call_succeeds(front, killed, NEW_CALL_BOUND_MS)
-                .with_context(|| format!("kill {kill}: a new stream after the kill"))?;
-            let reopened_now = reopened(&ends)? - reopened_before;
-            let restarting = Instant::now();
-            let process = restart_relay(&ends.restart, &victim)
-                .with_context(|| format!("kill {kill}: starting relay 1 again"))?;
-            let restart = restarting.elapsed();
-            target.replace_relay(VICTIM, process)?;
-            let rejoin = until_both_hold_all(&ends, target)
-                .with_context(|| format!("kill {kill}: after relay 1 came back"))?;
-            eprintln!(
-                "    kill {kill}/{}: new stream after {:.0} ms, relay back after {:.0} ms, \
-                 agents on both after {:.0} ms more",
-                self.kills,
-                ms(new_stream),
-                ms(restart),
-                ms(rejoin)
-            );
-            #[expect(
-                clippy::cast_precision_loss,
-                reason = "a timeout in ms is far below 2^52"
-            )]
-            let idle = ends.quic_idle_timeout_ms as f64;
-            out.push(Measurement {
-                variant: VARIANT.to_owned(),
-                metrics: Metrics::from([
-                    ("new_stream_ms".to_owned(), ms(new_stream)),
-                    ("restart_ms".to_owned(), ms(restart)),
-                    ("rejoin_ms".to_owned(), ms(rejoin)),
-                    ("reopened".to_owned(), reopened_now),
-                    ("quic_idle_timeout_ms".to_owned(), idle),
-                ]),
-            });
+            for stop in [Stop::Kill9, Stop::Goaway] {
+                let metrics = self
+                    .one(target, &ends, &victim, stop)
+                    .with_context(|| format!("{} {kill}/{}", stop.variant(), self.kills))?;
+                out.push(Measurement {
+                    variant: stop.variant().to_owned(),
+                    metrics,
+                });
+            }
         }
         target.ensure_running()?;
         Ok(out)
@@ -268,22 +315,27 @@ impl Scenario for Failover {
     fn notes(&self) -> Vec<String> {
         let mut notes = vec![format!(
             "controller + relay-1 + relay-2 (enrolled), provider and consumer agents on both \
-             relays (ha_connections = 2), echo backend; {} kill(s) per start. Per kill: both \
-             agents on both relays, one call ok, {BEFORE_KILL_MS} ms, kill -9 of relay 1 (the \
-             relay the consumer's new streams use: the least loaded, first in config order), \
-             then new calls (a new TCP connection to the consumer = a new stream; {CALL_BYTES} B \
-             echoed) until one succeeds: \"new stream ok after kill\" (bound \
-             {NEW_CALL_BOUND_MS} ms). Relay 1 then starts again on the same QUIC port; \"agents \
-             on both relays again\" is from its ready file to both agents holding it with their \
-             services registered. Median and min-max over every kill",
+             relays (ha_connections = 2), echo backend; {} kill(s) per start, each a kill -9 \
+             of relay 1, then a SIGTERM of it (the relay sends GOAWAY to its agents and \
+             drains; [lifecycle] shutdown_grace_ms = {FAILOVER_RELAY_SHUTDOWN_GRACE_MS}). Per \
+             stop: both agents on both relays, one call ok, {BEFORE_KILL_MS} ms, relay 1 stops \
+             (the relay the consumer's new streams use: the least loaded, first in config \
+             order), then new calls (a new TCP connection to the consumer = a new stream; \
+             {CALL_BYTES} B echoed) until one succeeds: \"new stream ok after the stop\" (bound \
+             {NEW_CALL_BOUND_MS} ms). Relay 1 then starts again on the same QUIC port (after \
+             it exited); \"agents on both relays again\" is from its ready file to both agents \
+             holding it with their services registered. Median and min-max over every stop of \
+             the row's kind",
             self.kills
         )];
         if let Some((quic, relay, agent)) = self.timeouts {
             notes.push(format!(
                 "QUIC idle timeout {quic} ms (relay [quic] idle_timeout_ms = {relay}, agents \
-                 [connection] idle_timeout_ms = {agent}; keep-alive 500 ms): a call on a \
-                 connection the consumer has not yet seen die waits at most that long before \
-                 the consumer opens it on the other relay, so the figure is bounded by it"
+                 [connection] idle_timeout_ms = {agent}; keep-alive 500 ms): after a kill -9 a \
+                 new stream opened on the dead relay's connection waits until QUIC declares it \
+                 dead, then the consumer opens it again on the other relay, so the kill -9 \
+                 figure is bounded by (and here equals) the idle timeout; a GOAWAY tells the \
+                 agents at once"
             ));
         }
         notes

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use outrelay::{ABUSE_PENDING_CONN_MAX, MeshPath, restart_relay};
+pub use outrelay::{
+    ABUSE_PENDING_CONN_MAX, FAILOVER_RELAY_SHUTDOWN_GRACE_MS, MeshPath, restart_relay,
+};
 
 use crate::pinning::CpuList;
 use crate::proc_stats;
@@ -649,6 +651,25 @@ impl RunningTarget {
             .get_mut(i)
             .with_context(|| format!("no relay process {i}"))?
             .kill9();
+        Ok(())
+    }
+
+    /// SIGTERM to relay process `i` (OutRelay: GOAWAY to its agents, then a drain); it stays
+    /// in place until [`Self::wait_relay_exit`] and [`Self::replace_relay`].
+    pub fn terminate_relay(&self, i: usize) -> Result<()> {
+        self.processes
+            .get(i)
+            .with_context(|| format!("no relay process {i}"))?
+            .terminate();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for relay process `i` to exit (killed after it, with an error).
+    pub fn wait_relay_exit(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        self.processes
+            .get_mut(i)
+            .with_context(|| format!("no relay process {i}"))?
+            .wait_timeout(timeout)?;
         Ok(())
     }
 

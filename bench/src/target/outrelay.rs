@@ -832,6 +832,9 @@ fn wait_forwarded(front: SocketAddr, check: MeshCheck, running: &mut RunningTarg
 const FAILOVER_RELAY_IDLE_TIMEOUT_MS: u64 = 2_000;
 /// Its `[quic] keep_alive_ms`.
 const FAILOVER_RELAY_KEEP_ALIVE_MS: u64 = 500;
+/// The failover topology's relay `[lifecycle] shutdown_grace_ms`: a relay stopped with SIGTERM
+/// (GOAWAY, drain) exits within it.
+pub const FAILOVER_RELAY_SHUTDOWN_GRACE_MS: u64 = 2_000;
 /// The failover agents' `[connection] idle_timeout_ms` (the end-to-end test's value).
 const FAILOVER_AGENT_IDLE_TIMEOUT_MS: u64 = 3_000;
 
@@ -915,7 +918,8 @@ fn start_failover(
              reconnect_backoff_max_ms = 500\n",
             &format!(
                 "[quic]\nidle_timeout_ms = {FAILOVER_RELAY_IDLE_TIMEOUT_MS}\n\
-                 keep_alive_ms = {FAILOVER_RELAY_KEEP_ALIVE_MS}\n"
+                 keep_alive_ms = {FAILOVER_RELAY_KEEP_ALIVE_MS}\n\
+                 [lifecycle]\nshutdown_grace_ms = {FAILOVER_RELAY_SHUTDOWN_GRACE_MS}\n"
             ),
         )?;
         let started = start_relay(bins, &relay_dir, &config)?;
