@@ -30,6 +30,11 @@
 //! Each checks on the consumer's relay that a measured stream took its path
 //! ([`super::MeshCheck`]).
 //!
+//! [`Routing::Failover`] (the failover scenario) starts `mesh-forward`'s controller and two
+//! enrolled relays again, with a short QUIC idle timeout, each relay's config then fixed to the
+//! QUIC port it got, and both agents on both relays (`ha_connections = 2`, metrics on for
+//! `/status`); [`restart_relay`] starts a killed relay again on that port.
+//!
 //! `outrelay-base` is the same target with its binaries taken from the directory in
 //! `OUTRELAY_BASE_BIN` (a build of the commit before a change), so one run measures before and
 //! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`),
