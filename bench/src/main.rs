@@ -72,7 +72,7 @@ struct RunArgs {
     /// direct,haproxy,haproxy-chain,nginx,rathole,socat,outrelay).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
-    /// Rounds over all targets (default 3; 1 with --quick).
+    /// Rounds over all targets (default 3, failover 1; 1 with --quick).
     #[arg(long)]
     rounds: Option<u32>,
     /// Short smoke run: 1 round, short durations, few connections.
@@ -146,6 +146,9 @@ struct RunArgs {
     /// (default 200, quick 20).
     #[arg(long)]
     grants: Option<usize>,
+    /// Relay kills of the failover scenario per round (default 10, quick 2).
+    #[arg(long)]
+    kills: Option<u32>,
     /// CPUs (taskset list, e.g. 0 or 0-3) every process a target starts runs on
     /// (`taskset -c`); adds conn/s per target core to connrate.
     #[arg(long)]
@@ -164,7 +167,11 @@ impl RunArgs {
         Settings {
             rounds: self
                 .rounds
-                .unwrap_or(if self.quick { 1 } else { DEFAULT_ROUNDS })
+                .unwrap_or(if self.quick || self.scenario == ScenarioName::Failover {
+                    1
+                } else {
+                    DEFAULT_ROUNDS
+                })
                 .max(1),
             bulk_duration_s: pick(self.duration_s, 10, 2),
             connrate_duration_s: pick(self.duration_s, 5, 1),
@@ -203,6 +210,7 @@ impl RunArgs {
             // The timeline: 3 s of load, the upgrade, 5 s after it ended.
             upgrade_before_s: if self.quick { 1 } else { 3 },
             upgrade_after_s: if self.quick { 2 } else { 5 },
+            failover_kills: self.kills.unwrap_or(if self.quick { 2 } else { 10 }).max(1),
             launch: Launch {
                 pin: pinning.taskset.clone().zip(pinning.launch_cpus.clone()),
                 ..Launch::default()

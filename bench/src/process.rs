@@ -130,6 +130,21 @@ impl OwnedProcess {
         tail
     }
 
+    /// `kill -9` of the child's group, then reaps it (a relay that dies without a goodbye).
+    pub fn kill9(&mut self) {
+        self.kill_group(Signal::SIGKILL);
+        if !self.reaped {
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+    }
+
+    /// SIGTERM to the child's group (an orderly stop: OutRelay's relay sends GOAWAY and
+    /// drains); [`Self::wait_timeout`] reaps it.
+    pub fn terminate(&self) {
+        self.kill_group(Signal::SIGTERM);
+    }
+
     fn kill_group(&self, signal: Signal) {
         // ESRCH (already gone) is the expected outcome of a second signal.
         let _ = killpg(Pid::from_raw(pid_i32(self.child.id())), signal);

@@ -351,6 +351,62 @@ fn mesh_quick_forwards_between_two_relays_and_runs_over_the_tcp_fallback() {
     assert!(md.contains("CPU per Gbit x outrelay"), "{md}");
 }
 
+/// Issue 22: `failover --quick` stops relay 1 under two HA agents four times (kill -9, SIGTERM
+/// with GOAWAY, twice) and times the first new stream through the consumer after each stop;
+/// every stop is a sample of its row, the relay comes back on its port in between (or the run
+/// fails). Targets other than outrelay are skipped.
+#[test]
+fn failover_quick_stops_the_consumers_relay_both_ways_and_times_the_first_new_stream() {
+    let controller =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/outrelay-controller");
+    if !controller.exists() {
+        eprintln!(
+            "SKIP failover_quick_stops_the_consumers_relay_both_ways_and_times_the_first_new_stream: \
+             {} not built (cargo build --release -p outrelay-controller)",
+            controller.display()
+        );
+        return;
+    }
+    let (md, _stderr, doc) =
+        harness_json(&["run", "failover", "--targets", "direct,outrelay", "--quick"]);
+    let r = row(&doc, "outrelay");
+    assert!(r["status"].is_null(), "outrelay not measured: {r:#}");
+    let stops: Vec<&Value> = doc["result"]["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter(|s| s["target"] == "outrelay")
+        .collect();
+    assert_eq!(stops.len(), 4, "one sample per stop: {doc:#}");
+    for variant in ["kill -9 of relay 1", "SIGTERM of relay 1 (GOAWAY, drain)"] {
+        let n = stops.iter().filter(|s| s["variant"] == variant).count();
+        assert_eq!(n, 2, "{variant}: {doc:#}");
+    }
+    for k in &stops {
+        let m = &k["metrics"];
+        assert!(
+            m["new_stream_ms"].as_f64().expect("new_stream_ms") > 0.0,
+            "{k:#}"
+        );
+        assert!(m["restart_ms"].as_f64().expect("restart_ms") > 0.0, "{k:#}");
+        assert!(m["rejoin_ms"].as_f64().expect("rejoin_ms") >= 0.0, "{k:#}");
+        assert!(m["reopened"].as_f64().expect("reopened") >= 0.0, "{k:#}");
+        assert_eq!(m["quic_idle_timeout_ms"].as_f64(), Some(2000.0), "{k:#}");
+    }
+    assert!(
+        row(&doc, "direct")["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("not available")),
+        "{doc:#}"
+    );
+    assert!(md.contains("| outrelay | kill -9 of relay 1 |"), "{md}");
+    assert!(
+        md.contains("| outrelay | SIGTERM of relay 1 (GOAWAY, drain) |"),
+        "{md}"
+    );
+    assert!(md.contains("QUIC idle timeout 2000 ms"), "{md}");
+}
+
 #[test]
 fn abuse_quick_mounts_one_attack_and_measures_the_client_with_and_without_it() {
     // The workspace test run builds the controller, relay, agent and CLI first; a run of this
@@ -557,6 +613,7 @@ fn list_shows_every_scenario_and_target() {
         "haproxy-classic",
         "mesh-forward",
         "fallback",
+        "failover",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }

@@ -19,6 +19,7 @@ mod abuse;
 mod bulk;
 mod bulk_sni;
 mod connrate;
+mod failover;
 mod idle_memory;
 mod latency;
 mod leases;
@@ -72,6 +73,9 @@ pub enum ScenarioName {
     /// Open-loop connections (and OutRelay's UDP lease) while the target is upgraded (OutRelay)
     /// or reloaded (HAProxy): refused, failed, first-byte p99 bump, hand-over times, UDP lost.
     Upgrade,
+    /// Time for new streams through an HA consumer to succeed after `kill -9` of its relay
+    /// (controller, 2 relays, both agents on both; outrelay only), relay restarted per kill.
+    Failover,
 }
 
 impl ScenarioName {
@@ -88,11 +92,12 @@ impl ScenarioName {
             Self::Abuse => "abuse",
             Self::Leases => "leases",
             Self::Upgrade => "upgrade",
+            Self::Failover => "failover",
         }
     }
 
     /// Every scenario, in documentation order.
-    pub fn all() -> [Self; 10] {
+    pub fn all() -> [Self; 11] {
         [
             Self::Bulk,
             Self::BulkSni,
@@ -104,6 +109,7 @@ impl ScenarioName {
             Self::Abuse,
             Self::Leases,
             Self::Upgrade,
+            Self::Failover,
         ]
     }
 
@@ -111,7 +117,7 @@ impl ScenarioName {
     pub fn default_targets(self) -> &'static [&'static str] {
         match self {
             Self::Mesh => &["quinn-direct", "quinn-direct-paced", "outrelay"],
-            Self::Abuse | Self::Leases => &["outrelay"],
+            Self::Abuse | Self::Leases | Self::Failover => &["outrelay"],
             Self::Upgrade => &["haproxy", "haproxy-classic", "outrelay"],
             _ => &[
                 "direct",
@@ -147,6 +153,9 @@ impl ScenarioName {
             }
             Self::Upgrade => {
                 "open-loop conns during an upgrade/reload: refused, failed, p99 bump, UDP lost"
+            }
+            Self::Failover => {
+                "kill -9 of an HA consumer's relay: ms to a new stream ok (median of N kills)"
             }
         }
     }
@@ -218,6 +227,8 @@ pub struct Settings {
     pub upgrade_before_s: u64,
     /// The upgrade scenario's load after the upgrade ended.
     pub upgrade_after_s: u64,
+    /// Relay kills of the failover scenario per started target.
+    pub failover_kills: u32,
     /// How targets' processes are launched (pinning); the runner sets the worker count.
     #[serde(skip)]
     pub launch: Launch,
@@ -252,6 +263,7 @@ impl Settings {
             upgrade_rate_per_s: None,
             upgrade_before_s: 3,
             upgrade_after_s: 5,
+            failover_kills: 10,
             launch: Launch::default(),
         }
     }
@@ -362,6 +374,7 @@ pub fn build(
         ScenarioName::Abuse => Box::new(abuse::Abuse::start(settings, rt)?),
         ScenarioName::Leases => Box::new(leases::Leases::start(settings, rt)),
         ScenarioName::Upgrade => Box::new(upgrade::Upgrade::start(settings, rt)?),
+        ScenarioName::Failover => Box::new(failover::Failover::start(settings, rt)?),
     })
 }
 

@@ -28,7 +28,10 @@ impl Target for Direct {
         // The abuse scenario attacks the relay's own listeners: there is nothing direct.
         !matches!(
             routing,
-            Routing::Abuse { .. } | Routing::Leases { .. } | Routing::Upgrade { .. }
+            Routing::Abuse { .. }
+                | Routing::Leases { .. }
+                | Routing::Upgrade { .. }
+                | Routing::Failover
         )
     }
 

@@ -200,7 +200,8 @@ fn render_config(front: SocketAddr, backend: SocketAddr, routing: Routing) -> Re
         | Routing::Mesh { .. }
         | Routing::Abuse { .. }
         | Routing::Leases { .. }
-        | Routing::Upgrade { .. } => {
+        | Routing::Upgrade { .. }
+        | Routing::Failover => {
             anyhow::bail!("haproxy does not forward UDP or QUIC")
         }
     }

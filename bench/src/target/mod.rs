@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use outrelay::{ABUSE_PENDING_CONN_MAX, MeshPath};
+pub use outrelay::{
+    ABUSE_PENDING_CONN_MAX, FAILOVER_RELAY_SHUTDOWN_GRACE_MS, MeshPath, restart_relay,
+};
 
 use crate::pinning::CpuList;
 use crate::proc_stats;
@@ -79,6 +81,12 @@ pub enum Routing {
         /// The UDP echo server behind OutRelay's UDP lease.
         udp_echo: SocketAddr,
     },
+    /// The failover scenario's topology (issue 22; outrelay only): a controller, two relays
+    /// enrolled with it, a provider of the service to the backend (an echo server) and a
+    /// consumer, both agents on both relays with `ha_connections = 2` and short QUIC timeouts;
+    /// the front is the consumer's listen address. The started target says how to kill and
+    /// restart a relay in [`RunningTarget::failover`].
+    Failover,
 }
 
 /// First port of the leases scenario's range (below the kernel's ephemeral range, away from
@@ -94,6 +102,7 @@ impl Routing {
             Self::Abuse { .. } => "the abuse scenario attacks OutRelay's own listeners only",
             Self::Leases { .. } => "the leases scenario measures OutRelay's lease ports only",
             Self::Upgrade { .. } => "the upgrade scenario hands over outrelay and haproxy only",
+            Self::Failover => "the failover scenario kills OutRelay's own relays only",
             Self::Tcp | Self::Sni(_) => "QUIC mesh scenario only",
         }
     }
@@ -113,6 +122,7 @@ impl Routing {
             Self::Leases { udp: true, .. } => "tcp+udp",
             Self::Upgrade { sni: Some(_), .. } => "sni",
             Self::Upgrade { sni: None, .. } => "tcp",
+            Self::Failover => "",
         }
     }
 }
@@ -377,7 +387,44 @@ pub struct RunningTarget {
     /// Set by `mesh-forward` and `fallback` ([`Routing::Mesh`]): the relay counter that proves
     /// a measured stream took that path.
     pub mesh_check: Option<MeshCheck>,
+    /// Set by `outrelay` for [`Routing::Failover`]: the relays to kill and restart, the
+    /// agents' status listeners.
+    pub failover: Option<FailoverEnds>,
 }
+
+/// The failover topology's ends ([`Routing::Failover`]).
+#[derive(Debug, Clone)]
+pub struct FailoverEnds {
+    /// The relays, in the agents' config order (relay 1 first); relay `i` is the relay
+    /// process `i` of the [`RunningTarget`].
+    pub relays: Vec<FailoverRelay>,
+    /// The consumer agent's metrics listener (`GET /status`).
+    pub consumer_status: SocketAddr,
+    /// The provider agent's metrics listener.
+    pub provider_status: SocketAddr,
+    /// The QUIC idle timeout of the agents' connections to the relays: the smaller of the
+    /// relay's `[quic] idle_timeout_ms` and the agent's `[connection] idle_timeout_ms`.
+    pub quic_idle_timeout_ms: u64,
+    /// The relay's `[quic] idle_timeout_ms`.
+    pub relay_idle_timeout_ms: u64,
+    /// The agents' `[connection] idle_timeout_ms`.
+    pub agent_idle_timeout_ms: u64,
+    /// How the relays were started (binaries, launch), to start one again.
+    pub restart: RelayRestart,
+}
+
+/// One relay of [`FailoverEnds`]: its QUIC address (kept across restarts).
+#[derive(Debug, Clone)]
+pub struct FailoverRelay {
+    /// The QUIC listener the agents dial.
+    pub quic: SocketAddr,
+    /// Its directory (config, ready file, controller state).
+    pub dir: PathBuf,
+    /// Its config text, with the QUIC address fixed to [`Self::quic`].
+    pub config: String,
+}
+
+pub use outrelay::RelayRestart;
 
 /// The path a mesh target's stream must take for its measurement to count, and where to read
 /// the proof: a counter on the consumer's relay that rises only on that path.
@@ -559,6 +606,7 @@ impl RunningTarget {
             retired: Vec::new(),
             support: Vec::new(),
             mesh_check: None,
+            failover: None,
         }
     }
 
@@ -594,6 +642,45 @@ impl RunningTarget {
     /// The leaders of the relay's process trees (pass to the `tree_*` functions).
     pub fn relay_roots(&self) -> Vec<u32> {
         self.processes.iter().map(OwnedProcess::pid).collect()
+    }
+
+    /// `kill -9` of relay process `i` (its group), reaped; it stays in place, dead, until
+    /// [`Self::replace_relay`].
+    pub fn kill9_relay(&mut self, i: usize) -> Result<()> {
+        self.processes
+            .get_mut(i)
+            .with_context(|| format!("no relay process {i}"))?
+            .kill9();
+        Ok(())
+    }
+
+    /// SIGTERM to relay process `i` (OutRelay: GOAWAY to its agents, then a drain); it stays
+    /// in place until [`Self::wait_relay_exit`] and [`Self::replace_relay`].
+    pub fn terminate_relay(&self, i: usize) -> Result<()> {
+        self.processes
+            .get(i)
+            .with_context(|| format!("no relay process {i}"))?
+            .terminate();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for relay process `i` to exit (killed after it, with an error).
+    pub fn wait_relay_exit(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        self.processes
+            .get_mut(i)
+            .with_context(|| format!("no relay process {i}"))?
+            .wait_timeout(timeout)?;
+        Ok(())
+    }
+
+    /// Puts `process` (a relay started again) in place of relay process `i`.
+    pub fn replace_relay(&mut self, i: usize, process: OwnedProcess) -> Result<()> {
+        let slot = self
+            .processes
+            .get_mut(i)
+            .with_context(|| format!("no relay process {i}"))?;
+        *slot = process;
+        Ok(())
     }
 
     /// Whether the target has relay processes to measure.

@@ -70,7 +70,8 @@ impl Target for Nginx {
             | Routing::Mesh { .. }
             | Routing::Abuse { .. }
             | Routing::Leases { .. }
-            | Routing::Upgrade { .. } => {
+            | Routing::Upgrade { .. }
+            | Routing::Failover => {
                 anyhow::bail!("the nginx target has no UDP or QUIC template")
             }
             Routing::Sni(name) => {

@@ -30,6 +30,11 @@
 //! Each checks on the consumer's relay that a measured stream took its path
 //! ([`super::MeshCheck`]).
 //!
+//! [`Routing::Failover`] (the failover scenario) starts `mesh-forward`'s controller and two
+//! enrolled relays again, with a short QUIC idle timeout, each relay's config then fixed to the
+//! QUIC port it got, and both agents on both relays (`ha_connections = 2`, metrics on for
+//! `/status`); [`restart_relay`] starts a killed relay again on that port.
+//!
 //! `outrelay-base` is the same target with its binaries taken from the directory in
 //! `OUTRELAY_BASE_BIN` (a build of the commit before a change), so one run measures before and
 //! after side by side. Both take `--relay-workers` (the relay's top-level `workers = N`),
@@ -42,9 +47,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::{
-    AbuseEnds, AgentResume, Availability, LEASE_RANGE_FIRST, Launch, LeaseEnds, MeshCheck, MeshVia,
-    RelayBandwidth, RelayEbpf, Routing, RunningTarget, Target, UpgradeEnds, free_loopback_addr,
-    wait_listening, wait_ready, wait_udp_bound,
+    AbuseEnds, AgentResume, Availability, FailoverEnds, FailoverRelay, LEASE_RANGE_FIRST, Launch,
+    LeaseEnds, MeshCheck, MeshVia, RelayBandwidth, RelayEbpf, Routing, RunningTarget, Target,
+    UpgradeEnds, free_loopback_addr, wait_listening, wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
@@ -220,6 +225,9 @@ impl Target for Outrelay {
         if let Routing::Upgrade { sni, udp_echo } = routing {
             return start_upgradable(&bins, backend, sni, udp_echo, dir, &pki);
         }
+        if routing == Routing::Failover {
+            return start_failover(&bins, backend, dir, &pki);
+        }
         if matches!(routing, Routing::Mesh { .. }) && self.path == MeshPath::Forward {
             return start_mesh_forward(&bins, backend, dir, &pki);
         }
@@ -280,8 +288,11 @@ impl Target for Outrelay {
                 };
                 return start_mesh(&bins, backend, dir, &pki, &ends, processes);
             }
-            Routing::Abuse { .. } | Routing::Leases { .. } | Routing::Upgrade { .. } => {
-                bail!("the abuse, leases and upgrade topologies have their own relay")
+            Routing::Abuse { .. }
+            | Routing::Leases { .. }
+            | Routing::Upgrade { .. }
+            | Routing::Failover => {
+                bail!("the abuse, leases, upgrade and failover topologies have their own relay")
             }
         };
         let name = match routing {
@@ -293,7 +304,8 @@ impl Target for Outrelay {
             | Routing::Mesh { .. }
             | Routing::Abuse { .. }
             | Routing::Leases { .. }
-            | Routing::Upgrade { .. } => "bench",
+            | Routing::Upgrade { .. }
+            | Routing::Failover => "bench",
         };
         let agent = start_agent(
             &bins,
@@ -316,7 +328,8 @@ impl Target for Outrelay {
             Routing::Mesh { .. }
             | Routing::Abuse { .. }
             | Routing::Leases { .. }
-            | Routing::Upgrade { .. } => {
+            | Routing::Upgrade { .. }
+            | Routing::Failover => {
                 bail!("no single lease front")
             }
         };
@@ -394,6 +407,8 @@ fn start_relay(bins: &Bins<'_>, dir: &Path, config: &str) -> Result<StartedRelay
     let relay_config = dir.join("relay.toml");
     std::fs::write(&relay_config, config)?;
     let relay_ready = dir.join("relay.ready");
+    // A relay started again in the same dir (failover) must not find its last ready file.
+    let _ = std::fs::remove_file(&relay_ready);
     let mut processes = vec![bins.spawn(
         "outrelay-relay",
         "outrelay-relay",
@@ -684,21 +699,12 @@ fn enroll_relay(
     Ok(identity)
 }
 
-/// The forwarded mesh (`mesh-forward`): the controller, relays `relay-1` and `relay-2`
-/// enrolled with it and following it (`[forward]` written out, metrics on), the allow rule
-/// for the dev tenant's agents to open [`MESH_SERVICE`], the provider on relay 2 and the
-/// consumer on relay 1. Returns once one stream was forwarded (relay 1 counted it): the
-/// provider's registration and the rule have reached the relays.
-fn start_mesh_forward(
-    bins: &Bins<'_>,
-    backend: SocketAddr,
-    dir: &Path,
-    pki: &Path,
-) -> Result<RunningTarget> {
-    let controller = start_controller(bins, dir, pki)?;
+/// Adds the allow rule for the dev tenant's agents ([`MESH_CALLERS`]) to open
+/// [`MESH_SERVICE`] (`outrelay policy add`).
+fn allow_mesh_service(bins: &Bins<'_>, controller: &StartedController) -> Result<()> {
     controller_cli(
         bins,
-        &controller,
+        controller,
         &[
             "policy",
             "add",
@@ -712,28 +718,66 @@ fn start_mesh_forward(
             "allow",
         ],
     )?;
+    Ok(())
+}
+
+/// Enrolls relay `id` with `controller` and writes nothing yet: its dir (`dir/<id>`, made) and
+/// its config (QUIC on port 0, metrics on, following the controller, `controller_extra` in its
+/// `[controller]` table, `tail` after the tables, the launch's workers and `[ebpf]`).
+fn enrolled_relay(
+    bins: &Bins<'_>,
+    controller: &StartedController,
+    id: &str,
+    dir: &Path,
+    controller_extra: &str,
+    tail: &str,
+) -> Result<(PathBuf, String)> {
+    let identity = enroll_relay(bins, controller, id, dir)?;
+    let relay_dir = dir.join(id);
+    std::fs::create_dir_all(&relay_dir).context("creating the relay's dir")?;
+    let config = format!(
+        "public_url = \"https://{ROOT_HOST}\"\n{workers}\
+         [tls]\nstate_dir = \"{identity}\"\n\
+         [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\n\
+         public_tls = \"{public_tls}\"\nlease_bind_ip = \"127.0.0.1\"\n\
+         metrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
+         [controller]\nurl = \"https://{grpc}\"\nstate_dir = \"{state}\"\n{controller_extra}\
+         {tail}{ebpf}",
+        identity = identity.display(),
+        public_tls = free_loopback_addr()?,
+        grpc = controller.grpc,
+        state = relay_dir.join("state").display(),
+        workers = workers_line(bins.launch),
+        ebpf = ebpf_section(bins.launch),
+    );
+    Ok((relay_dir, config))
+}
+
+/// The forwarded mesh (`mesh-forward`): the controller, relays `relay-1` and `relay-2`
+/// enrolled with it and following it (`[forward]` written out, metrics on), the allow rule
+/// for the dev tenant's agents to open [`MESH_SERVICE`], the provider on relay 2 and the
+/// consumer on relay 1. Returns once one stream was forwarded (relay 1 counted it): the
+/// provider's registration and the rule have reached the relays.
+fn start_mesh_forward(
+    bins: &Bins<'_>,
+    backend: SocketAddr,
+    dir: &Path,
+    pki: &Path,
+) -> Result<RunningTarget> {
+    let controller = start_controller(bins, dir, pki)?;
+    allow_mesh_service(bins, &controller)?;
     let mut relays = Vec::new();
     let mut quic = Vec::new();
     let mut metrics = Vec::new();
     for id in ["relay-1", "relay-2"] {
-        let identity = enroll_relay(bins, &controller, id, dir)?;
-        let relay_dir = dir.join(id);
-        std::fs::create_dir_all(&relay_dir).context("creating the relay's dir")?;
-        let config = format!(
-            "public_url = \"https://{ROOT_HOST}\"\n{workers}\
-             [tls]\nstate_dir = \"{identity}\"\n\
-             [listen]\nquic = \"127.0.0.1:0\"\nreverse = \"127.0.0.1:0\"\n\
-             public_tls = \"{public_tls}\"\nlease_bind_ip = \"127.0.0.1\"\n\
-             metrics = \"127.0.0.1:0\"\nadmin_socket = \"\"\n\
-             [controller]\nurl = \"https://{grpc}\"\nstate_dir = \"{state}\"\n\
-             [forward]\nmax_streams_per_peer = 1024\nconnect_timeout_ms = 3000\n{ebpf}",
-            identity = identity.display(),
-            public_tls = free_loopback_addr()?,
-            grpc = controller.grpc,
-            state = relay_dir.join("state").display(),
-            workers = workers_line(bins.launch),
-            ebpf = ebpf_section(bins.launch),
-        );
+        let (relay_dir, config) = enrolled_relay(
+            bins,
+            &controller,
+            id,
+            dir,
+            "",
+            "[forward]\nmax_streams_per_peer = 1024\nconnect_timeout_ms = 3000\n",
+        )?;
         let started = start_relay(bins, &relay_dir, &config)?;
         quic.push(started.quic);
         metrics.push(started.metrics.context("relay ready file: metrics")?);
@@ -787,6 +831,154 @@ fn wait_forwarded(front: SocketAddr, check: MeshCheck, running: &mut RunningTarg
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The failover topology's relay `[quic] idle_timeout_ms` (the end-to-end test's value).
+const FAILOVER_RELAY_IDLE_TIMEOUT_MS: u64 = 2_000;
+/// Its `[quic] keep_alive_ms`.
+const FAILOVER_RELAY_KEEP_ALIVE_MS: u64 = 500;
+/// The failover topology's relay `[lifecycle] shutdown_grace_ms`: a relay stopped with SIGTERM
+/// (GOAWAY, drain) exits within it.
+pub const FAILOVER_RELAY_SHUTDOWN_GRACE_MS: u64 = 2_000;
+/// The failover agents' `[connection] idle_timeout_ms` (the end-to-end test's value).
+const FAILOVER_AGENT_IDLE_TIMEOUT_MS: u64 = 3_000;
+
+/// How [`restart_relay`] starts a relay of the failover topology again: the binaries'
+/// directory and the launch of the first start.
+#[derive(Debug, Clone)]
+pub struct RelayRestart {
+    bin_dir: PathBuf,
+    launch: Launch,
+}
+
+/// Starts `relay` again (same config, dir, identity and controller state, so the same QUIC
+/// address); errors unless its ready file names that address. The new process.
+pub fn restart_relay(restart: &RelayRestart, relay: &FailoverRelay) -> Result<OwnedProcess> {
+    let bins = Bins {
+        dir: restart.bin_dir.clone(),
+        launch: &restart.launch,
+    };
+    let mut started = start_relay(&bins, &relay.dir, &relay.config)?;
+    let quic: SocketAddr = started.quic.parse().context("relay ready file: quic")?;
+    if quic != relay.quic {
+        bail!("relay restarted on {quic}, not on {}", relay.quic);
+    }
+    started.processes.pop().context("the relay process")
+}
+
+/// An HA agent's TOML for the failover topology: both relays, `ha_connections = 2`, metrics
+/// (its `/status`) on loopback, the end-to-end test's short connection and mesh timeouts, then
+/// `sections`.
+fn ha_agent_config(
+    relays: &[SocketAddr],
+    pki: &Path,
+    who: &str,
+    launch: &Launch,
+    sections: &str,
+) -> String {
+    let relays: Vec<String> = relays.iter().map(ToString::to_string).collect();
+    format!(
+        "relays = {relays:?}\nserver_name = \"localhost\"\nha_connections = 2\n\
+         [identity]\ncert = \"{p}/{who}.pem\"\nkey = \"{p}/{who}-key.pem\"\nca = \"{p}/ca.pem\"\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [connection]\nkeepalive_ms = 500\nidle_timeout_ms = {FAILOVER_AGENT_IDLE_TIMEOUT_MS}\n\
+         ping_interval_ms = 1000\nreconnect_initial_ms = 200\nreconnect_max_ms = 1000\n\
+         [mesh]\nopen_timeout_ms = 5000\ndial_timeout_ms = 2000\n{resume}{sections}",
+        p = pki.display(),
+        resume = resume_section(launch),
+    )
+}
+
+/// The metrics listener (`/status`) in an agent's ready file.
+fn agent_metrics(ready: &serde_json::Value, who: &str) -> Result<SocketAddr> {
+    ready["metrics"]
+        .as_str()
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("{who} ready file: metrics"))
+}
+
+/// The failover topology ([`Routing::Failover`]): the controller with the allow rule of
+/// `mesh-forward`, relays `relay-1` and `relay-2` enrolled with it (short QUIC idle timeout,
+/// quick controller reconnects), each started once on port 0 and its config then fixed to the
+/// QUIC port it got (so a restart comes back there); provider `agent-2` of [`MESH_SERVICE`] to
+/// `backend` and consumer `agent-1`, both on both relays with `ha_connections = 2`. The relays
+/// count as the relay, the agents are helpers, the controller is support.
+fn start_failover(
+    bins: &Bins<'_>,
+    backend: SocketAddr,
+    dir: &Path,
+    pki: &Path,
+) -> Result<RunningTarget> {
+    let controller = start_controller(bins, dir, pki)?;
+    allow_mesh_service(bins, &controller)?;
+    let mut all = Vec::new();
+    let mut relays = Vec::new();
+    for id in ["relay-1", "relay-2"] {
+        let (relay_dir, config) = enrolled_relay(
+            bins,
+            &controller,
+            id,
+            dir,
+            "heartbeat_interval_ms = 200\nreconnect_backoff_ms = 100\n\
+             reconnect_backoff_max_ms = 500\n",
+            &format!(
+                "[quic]\nidle_timeout_ms = {FAILOVER_RELAY_IDLE_TIMEOUT_MS}\n\
+                 keep_alive_ms = {FAILOVER_RELAY_KEEP_ALIVE_MS}\n\
+                 [lifecycle]\nshutdown_grace_ms = {FAILOVER_RELAY_SHUTDOWN_GRACE_MS}\n"
+            ),
+        )?;
+        let started = start_relay(bins, &relay_dir, &config)?;
+        let quic: SocketAddr = started.quic.parse().context("relay ready file: quic")?;
+        let config = config.replacen("quic = \"127.0.0.1:0\"", &format!("quic = \"{quic}\""), 1);
+        all.extend(started.processes);
+        relays.push(FailoverRelay {
+            quic,
+            dir: relay_dir,
+            config,
+        });
+    }
+    let quics: Vec<SocketAddr> = relays.iter().map(|r| r.quic).collect();
+    let measured = all.len();
+    let provide = format!("[[provide]]\nservice = \"{MESH_SERVICE}\"\nto = \"{backend}\"\n");
+    let provider = start_agent(
+        bins,
+        "provider",
+        dir,
+        &ha_agent_config(&quics, pki, "agent-2", bins.launch, &provide),
+        &mut all,
+    )?;
+    let consume = format!("[[consume]]\nservice = \"{MESH_SERVICE}\"\nlisten = \"127.0.0.1:0\"\n");
+    let consumer = start_agent(
+        bins,
+        "consumer",
+        dir,
+        &ha_agent_config(&quics, pki, "agent-1", bins.launch, &consume),
+        &mut all,
+    )?;
+    let listen = consumer["consumers"][0]["listen_addr"]
+        .as_str()
+        .context("consumer ready file: consumers[0].listen_addr")?;
+    let front: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("consumer listen_addr {listen}"))?;
+    wait_listening(&[front], &mut all)?;
+    let helpers = all.split_off(measured);
+    let mut running = RunningTarget::new(front, false, all);
+    running.helpers = helpers;
+    running.add_support(controller.process);
+    running.failover = Some(FailoverEnds {
+        relays,
+        consumer_status: agent_metrics(&consumer, "consumer")?,
+        provider_status: agent_metrics(&provider, "provider")?,
+        quic_idle_timeout_ms: FAILOVER_RELAY_IDLE_TIMEOUT_MS.min(FAILOVER_AGENT_IDLE_TIMEOUT_MS),
+        relay_idle_timeout_ms: FAILOVER_RELAY_IDLE_TIMEOUT_MS,
+        agent_idle_timeout_ms: FAILOVER_AGENT_IDLE_TIMEOUT_MS,
+        restart: RelayRestart {
+            bin_dir: bins.dir.clone(),
+            launch: bins.launch.clone(),
+        },
+    });
+    Ok(running)
 }
 
 /// The abuse topology ([`Routing::Abuse`]): `outrelay-controller` (state and CA in the dev
