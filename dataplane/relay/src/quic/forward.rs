@@ -42,8 +42,8 @@ use outrelay_proto::orp;
 use tokio::sync::mpsc;
 
 use super::streams::{
-    Answer, FirstFrame, Halves, Pair, Peer, StreamIdGuard, callee_decision, first_frame, join_pair,
-    local_peer, open_answered, reject, write_frame,
+    Answer, FirstFrame, Halves, Pair, Peer, StreamIdGuard, accept_consumer, callee_decision,
+    first_frame, join_pair, local_peer, open_answered, reject, write_frame,
 };
 use super::{Ctx, close_code};
 use crate::forward::{CheckpointOutcome, Peers, Refusal};
@@ -301,24 +301,17 @@ pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx:
             }
         };
     let resume = asked && agreed;
-    if consumer.explicit_accept
-        && write_frame(
-            &mut send,
-            &Frame::StreamAccept(orp::StreamAccept {
-                resume,
-                peer_agent_uri: if resume {
-                    remote.agent_uri.clone()
-                } else {
-                    String::new()
-                },
-            }),
-        )
-        .await
-        .is_err()
+    let accepted = (&mut p_send, &mut p_recv);
+    if !accept_consumer(
+        consumer,
+        &mut send,
+        resume,
+        &remote.agent_uri,
+        accepted,
+        mesh,
+    )
+    .await
     {
-        let _ = p_send.reset(close_code::PEER_FAILED.into());
-        let _ = p_recv.stop(close_code::PEER_FAILED.into());
-        mesh.stats.count(MeshResult::ProtocolError);
         return;
     }
     peers

@@ -366,24 +366,8 @@ async fn open(
     };
 
     // 7. Accept (for agents that asked), tell both control streams, join.
-    if consumer.explicit_accept
-        && write_frame(
-            &mut send,
-            &Frame::StreamAccept(orp::StreamAccept {
-                resume,
-                peer_agent_uri: if resume {
-                    provider.uri.clone()
-                } else {
-                    String::new()
-                },
-            }),
-        )
-        .await
-        .is_err()
-    {
-        let _ = p_send.reset(close_code::PEER_FAILED.into());
-        let _ = p_recv.stop(close_code::PEER_FAILED.into());
-        mesh.stats.count(MeshResult::ProtocolError);
+    let accepted = (&mut p_send, &mut p_recv);
+    if !accept_consumer(&consumer, &mut send, resume, &provider.uri, accepted, &mesh).await {
         return;
     }
     let pair = Pair {
@@ -413,6 +397,37 @@ async fn open(
         p_recv,
     };
     join_pair(pair, halves, (consumer_rest, provider_rest), &mesh, &ctx).await;
+}
+
+/// Sends STREAM_ACCEPT to a consumer that asked for it, naming the provider when the stream
+/// is resumable. `false`: the consumer's stream broke; the provider's half is reset and the
+/// open counted as a protocol error.
+pub(super) async fn accept_consumer(
+    consumer: &Peer,
+    send: &mut quinn::SendStream,
+    resume: bool,
+    provider_uri: &str,
+    (p_send, p_recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
+    mesh: &Mesh,
+) -> bool {
+    if !consumer.explicit_accept {
+        return true;
+    }
+    let accept = Frame::StreamAccept(orp::StreamAccept {
+        resume,
+        peer_agent_uri: if resume {
+            provider_uri.to_owned()
+        } else {
+            String::new()
+        },
+    });
+    if write_frame(send, &accept).await.is_ok() {
+        return true;
+    }
+    let _ = p_send.reset(close_code::PEER_FAILED.into());
+    let _ = p_recv.stop(close_code::PEER_FAILED.into());
+    mesh.stats.count(MeshResult::ProtocolError);
+    false
 }
 
 /// An accepted stream about to be joined: its names and its two ends.
