@@ -37,22 +37,8 @@
 # KILLS (10: relay stops of each kind in failover, about 4 s each; 0 skips failover).
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# The outrelay targets run the binaries in <repo>/target/release: build there.
-export CARGO_TARGET_DIR="$repo/target"
-
-usage() {
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 64
-}
-
-case "${1:-}" in
-run) out=${2:?run needs an output directory} ;;
-*) usage ;;
-esac
-
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cargo build --release -q -p outrelay-relay -p outrelay-agent -p outrelay-cli \
     -p outrelay-controller -p outrelay-bench
 
