@@ -1227,15 +1227,7 @@ impl Agent {
         method: &str,
         stream_id: u64,
     ) -> (Frame, quinn::SendStream, quinn::RecvStream) {
-        let (mut send, mut recv) = self.conn.open_bi().await.expect("open stream");
-        let open = Frame::OpenStream(orp::OpenStream {
-            target_service: service.to_owned(),
-            method: method.to_owned(),
-            stream_id,
-        });
-        send.write_all(&open.to_vec().expect("encode"))
-            .await
-            .expect("write OPEN_STREAM");
+        let (send, mut recv) = send_open(&self.conn, service, method, stream_id).await;
         let answer = read_one(&mut recv).await;
         (answer, send, recv)
     }
@@ -1271,6 +1263,24 @@ async fn read_one(recv: &mut quinn::RecvStream) -> Frame {
     })
     .await
     .expect("a frame in time")
+}
+
+/// Opens a stream on `conn` and writes OPEN_STREAM (as a Go consumer does, waiting for no
+/// answer): the stream.
+async fn send_open(
+    conn: &quinn::Connection,
+    service: &str,
+    method: &str,
+    stream_id: u64,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = conn.open_bi().await.expect("open stream");
+    let open = Frame::OpenStream(orp::OpenStream {
+        target_service: service.to_owned(),
+        method: method.to_owned(),
+        stream_id,
+    });
+    write_frame(&mut send, open).await;
+    (send, recv)
 }
 
 async fn write_frame(send: &mut quinn::SendStream, frame: Frame) {
@@ -1769,16 +1779,7 @@ async fn go_agents_stream_without_stray_bytes_and_their_p2p_signals_reach_the_pe
     let mut consumer = w.go_agent(AGENT_1).await;
 
     // The Go consumer writes OPEN_STREAM and copies the stream raw into its application.
-    let (mut c_send, mut c_recv) = consumer.conn.open_bi().await.expect("open");
-    write_frame(
-        &mut c_send,
-        Frame::OpenStream(orp::OpenStream {
-            target_service: "pay".to_owned(),
-            method: String::new(),
-            stream_id: 42,
-        }),
-    )
-    .await;
+    let (mut c_send, mut c_recv) = send_open(&consumer.conn, "pay", "", 42).await;
     let (inc, mut p_send, mut p_recv) = provider.incoming().await;
     assert_eq!(inc.stream_id, 42);
     write_frame(
@@ -2599,16 +2600,7 @@ async fn a_peer_relays_checkpoint_for_a_stream_it_does_not_share_is_dropped_and_
         Frame::RegisterAck(_)
     ));
     let mut consumer = w.go_agent(AGENT_1).await;
-    let (mut c_send, _c_recv) = consumer.conn.open_bi().await.expect("open");
-    write_frame(
-        &mut c_send,
-        Frame::OpenStream(orp::OpenStream {
-            target_service: "pay".to_owned(),
-            method: String::new(),
-            stream_id: 42,
-        }),
-    )
-    .await;
+    let (_c_send, _c_recv) = send_open(&consumer.conn, "pay", "", 42).await;
     let (_inc, mut p_send, _p_recv) = provider.incoming().await;
     write_frame(
         &mut p_send,
