@@ -97,3 +97,27 @@ fn try_lock(path: PathBuf) -> Option<Flock<File>> {
         .ok()?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
 }
+
+/// Reads one HTTP/1.1 request head from `s`, answers `200` with `body` and closes: the local
+/// HTTP(S) targets of the end-to-end tests (plain TCP, or inside a TLS server).
+pub async fn answer_http<S>(mut s: S, body: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(response.as_bytes()).await;
+    let _ = s.shutdown().await;
+}

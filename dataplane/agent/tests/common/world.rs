@@ -206,27 +206,7 @@ pub fn mesh_lines(text: &str) -> String {
 
 // ---------- local targets ----------
 
-/// Reads one HTTP/1.1 request head from `s`, answers `200` with `body`, closes.
-pub async fn answer_http<S>(mut s: S, body: &'static str)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut req = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => req.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = s.write_all(response.as_bytes()).await;
-    let _ = s.shutdown().await;
-}
+pub use outrelay_testkit::answer_http;
 
 /// An HTTP/1.1 server answering every request with [`BODY`] and closing.
 pub async fn http_target() -> (SocketAddr, JoinHandle<()>) {

@@ -1147,24 +1147,7 @@ where
 
 /// An in-process TLS server for `demo` that answers any HTTP request with [`BODY`].
 pub async fn tls_target(ca: &Ca) -> (SocketAddr, JoinHandle<()>) {
-    tls_server(ca, |mut tls| async move {
-        let mut req = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-            match tls.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => req.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{BODY}",
-            BODY.len()
-        );
-        let _ = tls.write_all(response.as_bytes()).await;
-        let _ = tls.shutdown().await;
-    })
-    .await
+    tls_server(ca, |tls| outrelay_testkit::answer_http(tls, BODY)).await
 }
 
 /// A TCP echo target for ONE connection: echoes everything, and after the client's FIN writes
