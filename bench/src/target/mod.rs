@@ -10,6 +10,7 @@ mod engine;
 mod haproxy;
 mod nginx;
 mod outrelay;
+mod ports;
 mod quinn_direct;
 mod rathole;
 mod socat;
@@ -90,7 +91,8 @@ pub enum Routing {
 }
 
 /// First port of the leases scenario's range (below the kernel's ephemeral range, away from
-/// the tests' 20000-30000 and the other scenarios' 31000-31199; 10,000 ports end at 19999).
+/// the tests' 20000-30000 and the other scenarios' claimed ranges in 20000-30000 ([`ports`]); 10,000 ports
+/// end at 19999; one bench process at a time holds it).
 pub const LEASE_RANGE_FIRST: u16 = 10_000;
 
 impl Routing {

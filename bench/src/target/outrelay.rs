@@ -49,17 +49,12 @@ use anyhow::{Context, Result, bail};
 use super::{
     AbuseEnds, AgentResume, Availability, FailoverEnds, FailoverRelay, LEASE_RANGE_FIRST, Launch,
     LeaseEnds, MeshCheck, MeshVia, RelayBandwidth, RelayEbpf, Routing, RunningTarget, Target,
-    UpgradeEnds, free_loopback_addr, wait_listening, wait_ready, wait_udp_bound,
+    UpgradeEnds, free_loopback_addr, ports, wait_listening, wait_ready, wait_udp_bound,
 };
 use crate::process::OwnedProcess;
 
 /// The relay's public root host in the bench PKI.
 const ROOT_HOST: &str = "outrelay.test";
-/// TCP lease port range (below the kernel's ephemeral range, away from the tests' 20000-30000).
-const LEASE_PORTS: (u16, u16) = (31_000, 31_099);
-/// The abuse topology's lease ports: apart from [`LEASE_PORTS`], so an abuse run and another
-/// scenario's run (the smoke tests run in parallel) never share a lease port.
-const ABUSE_LEASE_PORTS: (u16, u16) = (31_100, 31_199);
 /// How long the relay and the agent get to write their ready files.
 const READY_TIMEOUT_MS: u64 = 20_000;
 /// The service the mesh's provider offers and its consumer opens.
@@ -232,6 +227,7 @@ impl Target for Outrelay {
             return start_mesh_forward(&bins, backend, dir, &pki);
         }
         let fallback = self.path == MeshPath::Fallback;
+        let lease_ports = ports::lease_ports().scenario;
         let public_tls = free_loopback_addr()?;
         let policy = if matches!(routing, Routing::Mesh { .. }) {
             format!(
@@ -250,8 +246,8 @@ impl Target for Outrelay {
             p = pki.display(),
             // The fallback's check reads the relay's counters; the recorder runs either way.
             metrics = if fallback { "127.0.0.1:0" } else { "" },
-            lo = LEASE_PORTS.0,
-            hi = LEASE_PORTS.1,
+            lo = lease_ports.0,
+            hi = lease_ports.1,
             udp = routing == Routing::Udp,
             workers = workers_line(launch),
             ebpf = ebpf_section(launch),
@@ -997,6 +993,7 @@ fn start_abuse(
     let controller_grpc = controller.grpc;
     let helpers = vec![controller.process];
 
+    let lease_ports = ports::lease_ports().abuse;
     let public_tls = free_loopback_addr()?;
     let relay_config = format!(
         "public_url = \"https://{ROOT_HOST}\"\n{workers}\
@@ -1009,8 +1006,8 @@ fn start_abuse(
          [controller]\nurl = \"https://{controller_grpc}\"\nstate_dir = \"{d}/relay-state\"\n{ebpf}",
         p = pki.display(),
         d = dir.display(),
-        lo = ABUSE_LEASE_PORTS.0,
-        hi = ABUSE_LEASE_PORTS.1,
+        lo = lease_ports.0,
+        hi = lease_ports.1,
         workers = workers_line(bins.launch),
         ebpf = ebpf_section(bins.launch),
     );
@@ -1076,6 +1073,7 @@ fn start_leases(
     pki: &Path,
 ) -> Result<RunningTarget> {
     let first = LEASE_RANGE_FIRST;
+    ports::hold_leases_range(first)?;
     let last = first
         .checked_add(ports.max(1) - 1)
         .context("lease range past port 65535")?;
@@ -1130,6 +1128,7 @@ fn start_upgradable(
     dir: &Path,
     pki: &Path,
 ) -> Result<RunningTarget> {
+    let lease_ports = ports::lease_ports().scenario;
     let public_tls = free_loopback_addr()?;
     let admin_socket = dir.join("relay.sock");
     let relay_config = format!(
@@ -1141,8 +1140,8 @@ fn start_upgradable(
          [ingress]\npending_per_source_max = {UPGRADE_PENDING_PER_SOURCE_MAX}\n{ebpf}",
         p = pki.display(),
         admin = admin_socket.display(),
-        lo = LEASE_PORTS.0,
-        hi = LEASE_PORTS.1,
+        lo = lease_ports.0,
+        hi = lease_ports.1,
         workers = workers_line(bins.launch),
         ebpf = ebpf_section(bins.launch),
     );
