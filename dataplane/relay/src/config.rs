@@ -42,7 +42,7 @@
 //! [resume]   enabled = true  park_timeout_ms = 30000  # stream resume (live, as [mesh])
 //!            max_parked = 4096  max_parked_per_agent = 256
 //! [forward]  advertise = ""  max_peers = 64  max_streams_per_peer = 1024  # relay-to-relay
-//!            max_streams = 8192  connect_timeout_ms = 3000
+//!            max_streams_per_peer_per_tenant = 64  max_streams = 8192  connect_timeout_ms = 3000
 //! [[policy]] tenant = "demo"  caller = "*"  target = "payments"  method = ""  decision = "allow"
 //! ```
 //!
@@ -110,6 +110,7 @@ struct RawForward {
     advertise: String,
     max_peers: usize,
     max_streams_per_peer: usize,
+    max_streams_per_peer_per_tenant: usize,
     max_streams: usize,
     connect_timeout_ms: u64,
 }
@@ -121,6 +122,7 @@ impl Default for RawForward {
             advertise: d.advertise,
             max_peers: d.max_peers,
             max_streams_per_peer: d.max_streams_per_peer,
+            max_streams_per_peer_per_tenant: d.max_streams_per_peer_per_tenant,
             max_streams: d.max_streams,
             connect_timeout_ms: d.connect_timeout_ms,
         }
@@ -1003,6 +1005,7 @@ impl Settings {
             advertise: raw.forward.advertise,
             max_peers: raw.forward.max_peers,
             max_streams_per_peer: raw.forward.max_streams_per_peer,
+            max_streams_per_peer_per_tenant: raw.forward.max_streams_per_peer_per_tenant,
             max_streams: raw.forward.max_streams,
             connect_timeout_ms: raw.forward.connect_timeout_ms,
         };

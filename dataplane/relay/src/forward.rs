@@ -6,8 +6,15 @@
 //! is served by a FORWARD_STREAM (frame 0x140, payload `IncomingStream`) on ONE pooled
 //! connection per peer relay (`quic::forward` opens and joins it). The pool is bounded:
 //! at most [`ForwardConfig::max_peers`] peers, [`ForwardConfig::max_streams_per_peer`]
-//! forwarded streams per peer and [`ForwardConfig::max_streams`] in all; each refusal is a
-//! named [`Refusal`] with a counter. Per-peer metrics carry a `peer` label whose values are
+//! forwarded streams per peer, [`ForwardConfig::max_streams_per_peer_per_tenant`] of them one
+//! tenant's (each way: the receiving relay checks it too) and [`ForwardConfig::max_streams`]
+//! in all; each refusal is a named [`Refusal`] with a counter.
+//!
+//! All forwarded streams to one peer share its connection's flow-control window, and a
+//! stream whose reader stalls holds its whole stream window of it. A relay connection's
+//! receive window is therefore [`ForwardConfig::connection_receive_window_bytes`]: twice what
+//! one tenant's streams to the peer can hold, so one tenant whose agents stop reading stalls
+//! only its own streams. Per-peer metrics carry a `peer` label whose values are
 //! the relay ids in the pool (at most `max_peers` at a time).
 
 use std::collections::HashMap;
@@ -28,6 +35,10 @@ pub const DEFAULT_MAX_PEERS: usize = 64;
 pub const DEFAULT_MAX_STREAMS_PER_PEER: usize = 1024;
 /// Default bound of concurrent forwarded streams, all peers together.
 pub const DEFAULT_MAX_STREAMS: usize = 8192;
+/// The largest QUIC variable-length integer (flow-control limits are sent as one).
+const VARINT_MAX: u64 = (1 << 62) - 1;
+/// Default bound of one tenant's concurrent forwarded streams to (or from) one peer relay.
+pub const DEFAULT_MAX_STREAMS_PER_PEER_PER_TENANT: usize = 64;
 /// Default deadline of a connection to a peer relay (resolution, handshake).
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 3_000;
 /// The TLS server name sent to peer relays (they serve one certificate whatever the name;
@@ -44,6 +55,9 @@ pub struct ForwardConfig {
     pub max_peers: usize,
     /// Concurrent forwarded streams per peer relay, each way (at least 1).
     pub max_streams_per_peer: usize,
+    /// One tenant's concurrent forwarded streams per peer relay, each way (at least 1; above
+    /// `max_streams_per_peer` that bound is the tenant's too).
+    pub max_streams_per_peer_per_tenant: usize,
     /// Concurrent forwarded streams, all peers together (at least 1).
     pub max_streams: usize,
     /// Deadline of a connection to a peer relay, milliseconds (at least 100).
@@ -56,6 +70,7 @@ impl Default for ForwardConfig {
             advertise: String::new(),
             max_peers: DEFAULT_MAX_PEERS,
             max_streams_per_peer: DEFAULT_MAX_STREAMS_PER_PEER,
+            max_streams_per_peer_per_tenant: DEFAULT_MAX_STREAMS_PER_PEER_PER_TENANT,
             max_streams: DEFAULT_MAX_STREAMS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
         }
@@ -71,6 +86,10 @@ impl ForwardConfig {
         for (key, v) in [
             ("forward.max_peers", self.max_peers),
             ("forward.max_streams_per_peer", self.max_streams_per_peer),
+            (
+                "forward.max_streams_per_peer_per_tenant",
+                self.max_streams_per_peer_per_tenant,
+            ),
             ("forward.max_streams", self.max_streams),
         ] {
             if v == 0 {
@@ -102,6 +121,28 @@ impl ForwardConfig {
             bound.to_string()
         }
     }
+
+    /// The receive window of a relay connection, bytes (each relay sets it for the data it
+    /// receives): twice what one tenant's streams to the peer can hold
+    /// (`max_streams_per_peer_per_tenant` × `stream_window_bytes`), and never below an agent
+    /// connection's `agent_window_bytes`. A stalled stream holds its whole stream window of the
+    /// connection's; with this window one tenant whose agents stop reading leaves half of it
+    /// to the others, where the agents' 8 MiB would let 8 stalled streams stop every tenant's.
+    pub fn connection_receive_window_bytes(
+        &self,
+        stream_window_bytes: u64,
+        agent_window_bytes: u64,
+    ) -> u64 {
+        let share = self
+            .max_streams_per_peer_per_tenant
+            .min(self.max_streams_per_peer);
+        let per_tenant = u64::try_from(share).unwrap_or(u64::MAX);
+        per_tenant
+            .saturating_mul(stream_window_bytes)
+            .saturating_mul(2)
+            .max(agent_window_bytes)
+            .min(VARINT_MAX)
+    }
 }
 
 /// `host:port` with a non-empty host and a port 1..=65535 (the controller keeps 255 bytes).
@@ -127,6 +168,10 @@ pub enum Refusal {
     /// The peer already carries `max_streams_per_peer` forwarded streams.
     #[error("at most {0} forwarded streams per peer relay")]
     PeerStreamsFull(usize),
+    /// The stream's tenant already has `max_streams_per_peer_per_tenant` forwarded streams
+    /// to (or from) the peer.
+    #[error("at most {0} forwarded streams per peer relay for one tenant")]
+    TenantStreamsFull(usize),
     /// The relay already carries `max_streams` forwarded streams.
     #[error("at most {0} forwarded streams in all")]
     StreamsFull(usize),
@@ -147,9 +192,10 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every refusal (counter index order).
-    pub const ALL: [Refusal; 7] = [
+    pub const ALL: [Refusal; 8] = [
         Refusal::PeersFull(0),
         Refusal::PeerStreamsFull(0),
+        Refusal::TenantStreamsFull(0),
         Refusal::StreamsFull(0),
         Refusal::NoEndpoint,
         Refusal::ConnectFailed,
@@ -162,6 +208,7 @@ impl Refusal {
         match self {
             Refusal::PeersFull(_) => "peers_full",
             Refusal::PeerStreamsFull(_) => "peer_streams_full",
+            Refusal::TenantStreamsFull(_) => "tenant_streams_full",
             Refusal::StreamsFull(_) => "streams_full",
             Refusal::NoEndpoint => "no_endpoint",
             Refusal::ConnectFailed => "connect_failed",
@@ -179,6 +226,7 @@ impl Refusal {
             Refusal::ConnectFailed => 4,
             Refusal::ProtocolError => 5,
             Refusal::InboundFull => 6,
+            Refusal::TenantStreamsFull(_) => 7,
         }
     }
 }
@@ -284,12 +332,46 @@ struct PeerEntry {
     streams: Arc<AtomicUsize>,
 }
 
-/// A forwarded stream's slot in the per-peer and global bounds; given back on drop.
+/// A forwarded stream's slot in the per-peer, per-tenant and global bounds; given back on
+/// drop.
 #[derive(Debug)]
 pub struct StreamSlot {
     peer: Arc<AtomicUsize>,
     total: Arc<AtomicUsize>,
     peer_id: String,
+    _tenant: TenantSlot,
+}
+
+/// Which way a forwarded stream goes, for the per-tenant bound (each way has its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Way {
+    /// Opened by this relay toward the peer.
+    Out,
+    /// Opened by the peer toward this relay.
+    In,
+}
+
+/// Live forwarded streams per (peer relay id, tenant, way); an entry leaves at 0, so the
+/// table holds at most one entry per live forwarded stream. Touched at stream open and end.
+type TenantCounts = Arc<Mutex<HashMap<(String, String, Way), usize>>>;
+
+/// A forwarded stream's place in its tenant's per-peer bound; given back on drop.
+#[derive(Debug)]
+pub struct TenantSlot {
+    counts: TenantCounts,
+    key: (String, String, Way),
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Drop for StreamSlot {
@@ -314,6 +396,7 @@ pub struct Peers {
     transport: Arc<quinn::TransportConfig>,
     peers: Mutex<HashMap<String, PeerEntry>>,
     total: Arc<AtomicUsize>,
+    tenants: TenantCounts,
     /// Inbound relay connections being served.
     inbound: AtomicUsize,
     /// The counters.
@@ -369,6 +452,7 @@ impl Peers {
             transport: Arc::new(transport),
             peers: Mutex::new(HashMap::new()),
             total: Arc::new(AtomicUsize::new(0)),
+            tenants: TenantCounts::default(),
             inbound: AtomicUsize::new(0),
             stats: ForwardStats::default(),
         }))
@@ -398,12 +482,13 @@ impl Peers {
         self.total.load(Ordering::Acquire)
     }
 
-    /// Takes a stream slot toward `peer` (adding it to the pool when there is room: a full
-    /// pool evicts a peer without streams first). Counted on refusal.
+    /// Takes a slot for a stream of `tenant` toward `peer` (adding the peer to the pool when
+    /// there is room: a full pool evicts a peer without streams first). Counted on refusal.
     ///
     /// # Errors
-    /// [`Refusal::PeersFull`], [`Refusal::PeerStreamsFull`] or [`Refusal::StreamsFull`].
-    pub fn stream_slot(&self, peer: &str) -> Result<StreamSlot, Refusal> {
+    /// [`Refusal::PeersFull`], [`Refusal::PeerStreamsFull`], [`Refusal::TenantStreamsFull`]
+    /// or [`Refusal::StreamsFull`].
+    pub fn stream_slot(&self, peer: &str, tenant: &str) -> Result<StreamSlot, Refusal> {
         let refused = |r: Refusal| {
             self.stats.refuse(r, peer);
             Err(r)
@@ -443,6 +528,7 @@ impl Peers {
         if streams.load(Ordering::Acquire) >= self.config.max_streams_per_peer {
             return refused(Refusal::PeerStreamsFull(self.config.max_streams_per_peer));
         }
+        let tenant_slot = self.tenant_slot(peer, tenant, Way::Out)?;
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.config.max_streams {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return refused(Refusal::StreamsFull(self.config.max_streams));
@@ -460,6 +546,36 @@ impl Peers {
             peer: streams,
             total: self.total.clone(),
             peer_id: peer.to_owned(),
+            _tenant: tenant_slot,
+        })
+    }
+
+    /// Takes a place for a stream of `tenant` that `peer` forwards here (the peer bounds its
+    /// own side too; this keeps a peer that does not from letting one tenant take every
+    /// stream credit of the connection). Counted on refusal.
+    ///
+    /// # Errors
+    /// [`Refusal::TenantStreamsFull`].
+    pub fn inbound_stream(&self, peer: &str, tenant: &str) -> Result<TenantSlot, Refusal> {
+        self.tenant_slot(peer, tenant, Way::In)
+    }
+
+    /// One place in `tenant`'s bound of streams with `peer` going `way`.
+    fn tenant_slot(&self, peer: &str, tenant: &str, way: Way) -> Result<TenantSlot, Refusal> {
+        let cap = self.config.max_streams_per_peer_per_tenant;
+        let key = (peer.to_owned(), tenant.to_owned(), way);
+        let mut counts = self.tenants.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(key.clone()).or_insert(0);
+        if *n >= cap {
+            drop(counts);
+            let r = Refusal::TenantStreamsFull(cap);
+            self.stats.refuse(r, peer);
+            return Err(r);
+        }
+        *n += 1;
+        Ok(TenantSlot {
+            counts: self.tenants.clone(),
+            key,
         })
     }
 
@@ -687,6 +803,7 @@ mod tests {
             ForwardConfig {
                 max_peers,
                 max_streams_per_peer: per_peer,
+                max_streams_per_peer_per_tenant: per_peer,
                 max_streams: total,
                 ..ForwardConfig::default()
             },
@@ -715,17 +832,67 @@ mod tests {
     #[test]
     fn per_peer_stream_cap_refuses_the_excess_and_counts_it_while_other_peers_are_served() {
         let p = pool(4, 2, 100);
-        let a1 = p.stream_slot("relay-2").expect("first");
-        let _a2 = p.stream_slot("relay-2").expect("second");
+        let a1 = p.stream_slot("relay-2", "demo").expect("first");
+        let _a2 = p.stream_slot("relay-2", "demo").expect("second");
         assert_eq!(
-            p.stream_slot("relay-2").expect_err("refused"),
+            p.stream_slot("relay-2", "demo").expect_err("refused"),
             Refusal::PeerStreamsFull(2)
         );
         assert_eq!(p.stats.refused(Refusal::PeerStreamsFull(0)), 1);
-        let _b = p.stream_slot("relay-3").expect("another peer is served");
+        let _b = p
+            .stream_slot("relay-3", "demo")
+            .expect("another peer is served");
         drop(a1);
-        let _a3 = p.stream_slot("relay-2").expect("a slot came back");
+        let _a3 = p.stream_slot("relay-2", "demo").expect("a slot came back");
         assert_eq!(p.streams(), 3);
+    }
+
+    #[test]
+    fn one_tenant_fills_only_its_share_of_a_peer_each_way_and_another_tenant_is_served() {
+        let cert = outrelay_client::Reloadable::from_certified(test_key());
+        let p = Peers::new(
+            ForwardConfig {
+                max_streams_per_peer: 10,
+                max_streams_per_peer_per_tenant: 2,
+                ..ForwardConfig::default()
+            },
+            "relay-1".to_owned(),
+            None,
+            cert,
+            &[],
+            quinn::TransportConfig::default(),
+        )
+        .expect("pool");
+        let x1 = p.stream_slot("relay-2", "x").expect("x 1");
+        let _x2 = p.stream_slot("relay-2", "x").expect("x 2");
+        assert_eq!(
+            p.stream_slot("relay-2", "x")
+                .expect_err("x is at its share"),
+            Refusal::TenantStreamsFull(2)
+        );
+        let _y = p
+            .stream_slot("relay-2", "y")
+            .expect("another tenant is served");
+        let _x_elsewhere = p
+            .stream_slot("relay-3", "x")
+            .expect("x toward another peer");
+        // Inbound streams from the peer have their own share.
+        let i1 = p.inbound_stream("relay-2", "x").expect("in 1");
+        let _i2 = p.inbound_stream("relay-2", "x").expect("in 2");
+        assert_eq!(
+            p.inbound_stream("relay-2", "x")
+                .expect_err("x is at its inbound share"),
+            Refusal::TenantStreamsFull(2)
+        );
+        assert!(p.inbound_stream("relay-2", "y").is_ok());
+        assert_eq!(p.stats.refused(Refusal::TenantStreamsFull(0)), 2);
+        drop((x1, i1));
+        let _x3 = p.stream_slot("relay-2", "x").expect("a slot came back");
+        assert!(
+            p.inbound_stream("relay-2", "x").is_ok(),
+            "a place came back"
+        );
+        assert_eq!(p.streams(), 4);
     }
 
     #[test]
@@ -733,33 +900,38 @@ mod tests {
         let p = pool(8, 10, 3);
         let slots: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|peer| p.stream_slot(peer).expect("room"))
+            .map(|peer| p.stream_slot(peer, "demo").expect("room"))
             .collect();
         assert_eq!(
-            p.stream_slot("d").expect_err("refused"),
+            p.stream_slot("d", "demo").expect_err("refused"),
             Refusal::StreamsFull(3)
         );
         assert_eq!(p.stats.refused(Refusal::StreamsFull(0)), 1);
         drop(slots);
         assert_eq!(p.streams(), 0);
-        assert!(p.stream_slot("d").is_ok());
+        assert!(p.stream_slot("d", "demo").is_ok());
     }
 
     #[test]
     fn a_full_pool_evicts_an_idle_peer_and_refuses_when_every_peer_is_busy() {
         let p = pool(2, 10, 100);
-        let busy = p.stream_slot("relay-2").expect("2");
-        let idle = p.stream_slot("relay-3").expect("3");
+        let busy = p.stream_slot("relay-2", "demo").expect("2");
+        let idle = p.stream_slot("relay-3", "demo").expect("3");
         drop(idle);
-        let _four = p.stream_slot("relay-4").expect("relay-3 is idle: evicted");
+        let _four = p
+            .stream_slot("relay-4", "demo")
+            .expect("relay-3 is idle: evicted");
         assert_eq!(p.peer_count(), 2);
         assert_eq!(
-            p.stream_slot("relay-5").expect_err("refused"),
+            p.stream_slot("relay-5", "demo").expect_err("refused"),
             Refusal::PeersFull(2)
         );
         assert_eq!(p.stats.refused(Refusal::PeersFull(0)), 1);
         drop(busy);
-        assert!(p.stream_slot("relay-5").is_ok(), "relay-2 is idle now");
+        assert!(
+            p.stream_slot("relay-5", "demo").is_ok(),
+            "relay-2 is idle now"
+        );
         assert_eq!(p.peer_count(), 2);
     }
 
@@ -776,7 +948,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_endpoint_or_unreachable_is_refused_and_counted() {
         let p = pool(2, 10, 100);
-        let _slot = p.stream_slot("relay-2").expect("slot");
+        let _slot = p.stream_slot("relay-2", "demo").expect("slot");
         assert!(p.connection("relay-2", "").await.is_err());
         assert_eq!(p.stats.refused(Refusal::NoEndpoint), 1);
         assert!(p.connection("relay-2", "127.0.0.1:1").await.is_err());
@@ -801,6 +973,13 @@ mod tests {
                     ..ok.clone()
                 },
                 "forward.max_streams_per_peer",
+            ),
+            (
+                ForwardConfig {
+                    max_streams_per_peer_per_tenant: 0,
+                    ..ok.clone()
+                },
+                "forward.max_streams_per_peer_per_tenant",
             ),
             (
                 ForwardConfig {

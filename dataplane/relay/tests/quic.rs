@@ -2860,3 +2860,143 @@ async fn relay_b_cuts_a_forwarded_stream_when_its_allowing_rule_expires() {
     }
     assert_eq!(w.mesh.stats.cut_expired.load(Ordering::Relaxed), 1);
 }
+
+/// Relay 9 (a test peer relay on `conn`) opens a FORWARD_STREAM of `consumer`'s stream `id` to
+/// `service`: the open stream, once its FORWARD_STREAM is written.
+async fn forward_open(
+    conn: &quinn::Connection,
+    consumer: &str,
+    service: &str,
+    id: u64,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, recv) = conn.open_bi().await.expect("stream");
+    write_frame(
+        &mut send,
+        Frame::ForwardStream(orp::IncomingStream {
+            target_service: service.to_owned(),
+            method: String::new(),
+            source_agent_uri: consumer.to_owned(),
+            stream_id: id,
+            resume: false,
+        }),
+    )
+    .await;
+    (send, recv)
+}
+
+/// All forwarded streams between two relays share one QUIC connection, and a stream whose
+/// reader stops holds its whole stream window of the connection's. Tenant demo's provider
+/// never reads: relay 9 forwards demo streams up to `max_streams_per_peer_per_tenant` to it
+/// and writes into each until nothing moves (each holds its window at the relay); the next
+/// demo stream is refused 429 (`tenant_streams_full`). Meanwhile tenant acme's forwarded
+/// stream on the same connection still carries its bytes: with an agent-sized 8 MiB
+/// connection window, 8 stalled demo streams stopped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_stalled_forwarded_streams_leave_another_tenants_stream_flowing() {
+    use outrelay_relay::forward::Refusal;
+    const ACME_1: &str = "outrelay://acme/agent/00000000-0000-4000-8000-000000000001";
+    const ACME_2: &str = "outrelay://acme/agent/00000000-0000-4000-8000-000000000002";
+    const WRITE_BYTES: usize = 4 << 20;
+    let w = mesh_world(&[allow("demo", "*", "*"), allow("acme", "*", "*")]);
+    let forward = w.relay.forward.clone().expect("forwarding served");
+    let cap = outrelay_relay::forward::ForwardConfig::default().max_streams_per_peer_per_tenant;
+    let mut stalled = w.agent(AGENT_2).await;
+    assert!(matches!(
+        stalled.provide("pay", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let mut acme = w.agent(ACME_2).await;
+    assert!(matches!(
+        acme.provide("ledger", 1).await,
+        Frame::RegisterAck(_)
+    ));
+    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+    let relay9 = connect(&w.relay, &w.ca, &peer)
+        .await
+        .expect("a peer relay connects");
+
+    // Demo's streams: accepted by a provider that never reads, written into until stuck.
+    let mut held = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..cap {
+        let id = 1_000 + u64::try_from(i).expect("small");
+        let opening = async {
+            let (send, mut recv) = forward_open(&relay9.conn, AGENT_1, "pay", id).await;
+            let (_inc, mut p_send, p_recv) = stalled.incoming().await;
+            write_frame(
+                &mut p_send,
+                Frame::StreamAccept(orp::StreamAccept::default()),
+            )
+            .await;
+            assert!(matches!(read_one(&mut recv).await, Frame::StreamAccept(_)));
+            (send, recv, p_send, p_recv)
+        };
+        let (mut send, recv, p_send, p_recv) = tokio::time::timeout(WAIT, opening)
+            .await
+            .unwrap_or_else(|_| panic!("demo stream {i} could not open: the connection is stuck"));
+        held.push((recv, p_send, p_recv));
+        writers.push(tokio::spawn(async move {
+            let chunk = vec![0x5a_u8; WRITE_BYTES];
+            let _ = send.write_all(&chunk).await;
+            send
+        }));
+    }
+    // Stuck: relay 9's bytes on the wire stop growing (every demo stream holds its windows).
+    let sent = || relay9.conn.stats().udp_tx.bytes;
+    let mut last = sent();
+    let mut still_since = Instant::now();
+    let started = Instant::now();
+    while still_since.elapsed() < Duration::from_millis(500) {
+        assert!(started.elapsed() < WAIT * 3, "demo's writes never stalled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = sent();
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        }
+    }
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "a demo stream took {WRITE_BYTES} bytes without its provider reading"
+    );
+    assert!(
+        last > u64::try_from(cap).expect("small") << 20,
+        "each stalled demo stream holds at least its 1 MiB window: {last} bytes sent"
+    );
+
+    // Demo is at its share of this peer: refused, counted.
+    let refused = async {
+        let (_s, mut r) = forward_open(&relay9.conn, AGENT_1, "pay", 5_000).await;
+        read_one(&mut r).await
+    };
+    let answer = tokio::time::timeout(WAIT, refused)
+        .await
+        .expect("the refusal came back");
+    assert_eq!(reject_code(&answer), 429);
+    assert_eq!(
+        forward.stats.refused(Refusal::TenantStreamsFull(0)),
+        1,
+        "counted tenant_streams_full"
+    );
+
+    // Acme's stream on the same connection carries its bytes.
+    let message = vec![0xa5_u8; 256 << 10];
+    let crossing = async {
+        let (mut send, mut recv) = forward_open(&relay9.conn, ACME_1, "ledger", 6_000).await;
+        let (_inc, mut p_send, mut p_recv) = acme.incoming().await;
+        write_frame(
+            &mut p_send,
+            Frame::StreamAccept(orp::StreamAccept::default()),
+        )
+        .await;
+        assert!(matches!(read_one(&mut recv).await, Frame::StreamAccept(_)));
+        send.write_all(&message).await.expect("write");
+        send.finish().expect("finish");
+        p_recv.read_to_end(1 << 20).await.expect("read")
+    };
+    let got = tokio::time::timeout(WAIT, crossing)
+        .await
+        .expect("acme's bytes crossed while demo's streams were stalled");
+    assert_eq!(got, message);
+    drop((held, writers));
+}

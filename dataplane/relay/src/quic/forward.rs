@@ -258,12 +258,14 @@ pub(super) async fn open_remote(o: Opened<'_>, remote: Remote, mesh: &Mesh, ctx:
         return reject(send, recv, mesh, MeshResult::Unreachable, why).await;
     };
     // Bounds first: per peer, then in all (named refusals, counted by the pool).
-    let _slot = match peers.stream_slot(peer) {
+    let _slot = match peers.stream_slot(peer, &consumer.tenant) {
         Ok(slot) => slot,
         Err(r) => {
             let why = format!("forwarding to relay {peer} refused: {r}");
             let result = match r {
-                Refusal::PeerStreamsFull(_) | Refusal::StreamsFull(_) => MeshResult::TenantLimit,
+                Refusal::PeerStreamsFull(_)
+                | Refusal::TenantStreamsFull(_)
+                | Refusal::StreamsFull(_) => MeshResult::TenantLimit,
                 _ => MeshResult::Unreachable,
             };
             return reject(send, recv, mesh, result, why).await;
@@ -373,6 +375,14 @@ pub(super) async fn serve_relay(conn: &quinn::Connection, peer_id: String, ctx: 
         quinn::VarInt::from_u64(per_peer).unwrap_or(quinn::VarInt::MAX),
     );
     conn.set_max_concurrent_uni_streams(LANE_STREAMS.into());
+    // The endpoint's window is an agent's: a relay connection gets the one sized so a
+    // tenant's stalled streams hold at most half of it (`ForwardConfig`).
+    let quic = ctx.config();
+    let window = peers.config().connection_receive_window_bytes(
+        quic.stream_receive_window_bytes,
+        quic.connection_receive_window_bytes,
+    );
+    conn.set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
     tracing::info!(peer = %peer_id, "peer relay connected");
     let peer_id: Arc<str> = peer_id.into();
     // The lanes (ours to the peer, the peer's to us) start with the connection.
@@ -449,6 +459,13 @@ async fn forwarded(
         let why = "target_service must be 1 to 253 and method at most 512 printable ASCII bytes";
         return reject(send, recv, &mesh, MeshResult::Invalid, why.to_owned()).await;
     }
+    let Ok(_peer_tenant_slot) = peers.inbound_stream(peer, &tenant) else {
+        let why = format!(
+            "at most {} forwarded streams of one tenant from relay {peer}",
+            peers.config().max_streams_per_peer_per_tenant
+        );
+        return reject(send, recv, &mesh, MeshResult::TenantLimit, why).await;
+    };
     let Some(_tenant_slot) = mesh.tenant_stream(&tenant) else {
         ctx.stats.limit(super::Limit::TenantStreams);
         let why = format!(

@@ -1057,13 +1057,18 @@ impl QuicServer {
         let mut transport = quinn::TransportConfig::default();
         let idle = quinn::IdleTimeout::try_from(Duration::from_millis(quic.idle_timeout_ms))
             .map_err(|e| QuicError::Config(format!("idle_timeout_ms: {e}")))?;
+        let window = config.connection_receive_window_bytes(
+            quic.stream_receive_window_bytes,
+            quic.connection_receive_window_bytes,
+        );
         transport
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(Duration::from_millis(quic.keep_alive_ms)))
             // The peer opens no stream toward the dialling relay but its checkpoint lane.
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(forward::LANE_STREAMS.into())
-            .receive_window(varint(quic.connection_receive_window_bytes)?)
+            // One tenant's stalled streams hold at most half of it (`[forward]`).
+            .receive_window(varint(window)?)
             .stream_receive_window(varint(quic.stream_receive_window_bytes)?)
             .send_window(quic.connection_receive_window_bytes);
         let peers = crate::forward::Peers::new(
