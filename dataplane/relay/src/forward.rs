@@ -798,15 +798,20 @@ mod tests {
     use super::*;
 
     fn pool(max_peers: usize, per_peer: usize, total: usize) -> Arc<Peers> {
+        pool_with(ForwardConfig {
+            max_peers,
+            max_streams_per_peer: per_peer,
+            max_streams_per_peer_per_tenant: per_peer,
+            max_streams: total,
+            ..ForwardConfig::default()
+        })
+    }
+
+    /// A pool with `config` that dials nowhere.
+    fn pool_with(config: ForwardConfig) -> Arc<Peers> {
         let cert = outrelay_client::Reloadable::from_certified(test_key());
         Peers::new(
-            ForwardConfig {
-                max_peers,
-                max_streams_per_peer: per_peer,
-                max_streams_per_peer_per_tenant: per_peer,
-                max_streams: total,
-                ..ForwardConfig::default()
-            },
+            config,
             "relay-1".to_owned(),
             None,
             cert,
@@ -849,20 +854,11 @@ mod tests {
 
     #[test]
     fn one_tenant_fills_only_its_share_of_a_peer_each_way_and_another_tenant_is_served() {
-        let cert = outrelay_client::Reloadable::from_certified(test_key());
-        let p = Peers::new(
-            ForwardConfig {
-                max_streams_per_peer: 10,
-                max_streams_per_peer_per_tenant: 2,
-                ..ForwardConfig::default()
-            },
-            "relay-1".to_owned(),
-            None,
-            cert,
-            &[],
-            quinn::TransportConfig::default(),
-        )
-        .expect("pool");
+        let p = pool_with(ForwardConfig {
+            max_streams_per_peer: 10,
+            max_streams_per_peer_per_tenant: 2,
+            ..ForwardConfig::default()
+        });
         let x1 = p.stream_slot("relay-2", "x").expect("x 1");
         let _x2 = p.stream_slot("relay-2", "x").expect("x 2");
         assert_eq!(

@@ -1201,6 +1201,14 @@ fn mesh_world_with(policy: &[StaticRule], tweak: impl FnOnce(&mut MeshConfig)) -
 }
 
 impl MeshWorld {
+    /// A test peer relay (`relay-9`, a relay certificate of the CA) connected to the relay.
+    async fn peer_relay(&self) -> Agent {
+        let peer = self.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
+        connect(&self.relay, &self.ca, &peer)
+            .await
+            .expect("a peer relay connects")
+    }
+
     async fn agent(&self, uri: &str) -> Agent {
         let mut a = connect(&self.relay, &self.ca, &self.ca.leaf(uri, &[], Eku::Client))
             .await
@@ -2612,10 +2620,7 @@ async fn a_peer_relays_checkpoint_for_a_stream_it_does_not_share_is_dropped_and_
     }
 
     // Relay 9 writes a checkpoint for stream 42 on its lane: not a stream it shares.
-    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
-    let relay9 = connect(&w.relay, &w.ca, &peer)
-        .await
-        .expect("a peer relay connects");
+    let relay9 = w.peer_relay().await;
     let mut lane = tokio::time::timeout(WAIT, relay9.conn.open_uni())
         .await
         .expect("the relay grants a lane")
@@ -2682,18 +2687,7 @@ async fn forward_marks(
     asked: bool,
 ) -> (bool, bool, String, LiveHalves) {
     let opening = async {
-        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-        write_frame(
-            &mut send,
-            Frame::ForwardStream(orp::IncomingStream {
-                target_service: service.to_owned(),
-                method: String::new(),
-                source_agent_uri: AGENT_1.to_owned(),
-                stream_id: id,
-                resume: asked,
-            }),
-        )
-        .await;
+        let (send, mut recv) = forward_open(conn, AGENT_1, service, id, asked).await;
         (read_one(&mut recv).await, send, recv)
     };
     let accepting = async {
@@ -2735,10 +2729,7 @@ async fn a_forwarded_stream_is_resumable_only_when_both_ends_asked_and_its_check
         plain.provide("ledger", 1).await,
         Frame::RegisterAck(_)
     ));
-    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
-    let relay9 = connect(&w.relay, &w.ca, &peer)
-        .await
-        .expect("a peer relay connects");
+    let relay9 = w.peer_relay().await;
     let (inc, acc, uri, _not_asked) =
         forward_marks(&relay9.conn, &resuming, "pay", 11, false).await;
     assert_eq!(
@@ -2840,10 +2831,7 @@ async fn relay_b_cuts_a_forwarded_stream_when_its_allowing_rule_expires() {
         provider.provide("pay", 1).await,
         Frame::RegisterAck(_)
     ));
-    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
-    let relay9 = connect(&w.relay, &w.ca, &peer)
-        .await
-        .expect("a peer relay connects");
+    let relay9 = w.peer_relay().await;
     let (_, _, _, (_cs, mut cr, _ps, mut pr)) =
         forward_marks(&relay9.conn, &provider, "pay", 21, false).await;
     let mut buf = [0u8; 64];
@@ -2862,12 +2850,14 @@ async fn relay_b_cuts_a_forwarded_stream_when_its_allowing_rule_expires() {
 }
 
 /// Relay 9 (a test peer relay on `conn`) opens a FORWARD_STREAM of `consumer`'s stream `id` to
-/// `service`: the open stream, once its FORWARD_STREAM is written.
+/// `service` (`resume`: the consumer asked for resume): the open stream, once its
+/// FORWARD_STREAM is written.
 async fn forward_open(
     conn: &quinn::Connection,
     consumer: &str,
     service: &str,
     id: u64,
+    resume: bool,
 ) -> (quinn::SendStream, quinn::RecvStream) {
     let (mut send, recv) = conn.open_bi().await.expect("stream");
     write_frame(
@@ -2877,7 +2867,7 @@ async fn forward_open(
             method: String::new(),
             source_agent_uri: consumer.to_owned(),
             stream_id: id,
-            resume: false,
+            resume,
         }),
     )
     .await;
@@ -2910,10 +2900,7 @@ async fn one_tenants_stalled_forwarded_streams_leave_another_tenants_stream_flow
         acme.provide("ledger", 1).await,
         Frame::RegisterAck(_)
     ));
-    let peer = w.ca.leaf("outrelay://dev/relay/relay-9", &[], Eku::Both);
-    let relay9 = connect(&w.relay, &w.ca, &peer)
-        .await
-        .expect("a peer relay connects");
+    let relay9 = w.peer_relay().await;
 
     // Demo's streams: accepted by a provider that never reads, written into until stuck.
     let mut held = Vec::new();
@@ -2921,7 +2908,7 @@ async fn one_tenants_stalled_forwarded_streams_leave_another_tenants_stream_flow
     for i in 0..cap {
         let id = 1_000 + u64::try_from(i).expect("small");
         let opening = async {
-            let (send, mut recv) = forward_open(&relay9.conn, AGENT_1, "pay", id).await;
+            let (send, mut recv) = forward_open(&relay9.conn, AGENT_1, "pay", id, false).await;
             let (_inc, mut p_send, p_recv) = stalled.incoming().await;
             write_frame(
                 &mut p_send,
@@ -2966,7 +2953,7 @@ async fn one_tenants_stalled_forwarded_streams_leave_another_tenants_stream_flow
 
     // Demo is at its share of this peer: refused, counted.
     let refused = async {
-        let (_s, mut r) = forward_open(&relay9.conn, AGENT_1, "pay", 5_000).await;
+        let (_s, mut r) = forward_open(&relay9.conn, AGENT_1, "pay", 5_000, false).await;
         read_one(&mut r).await
     };
     let answer = tokio::time::timeout(WAIT, refused)
@@ -2982,7 +2969,7 @@ async fn one_tenants_stalled_forwarded_streams_leave_another_tenants_stream_flow
     // Acme's stream on the same connection carries its bytes.
     let message = vec![0xa5_u8; 256 << 10];
     let crossing = async {
-        let (mut send, mut recv) = forward_open(&relay9.conn, ACME_1, "ledger", 6_000).await;
+        let (mut send, mut recv) = forward_open(&relay9.conn, ACME_1, "ledger", 6_000, false).await;
         let (_inc, mut p_send, mut p_recv) = acme.incoming().await;
         write_frame(
             &mut p_send,
