@@ -33,26 +33,11 @@ async fn named_target(name: &'static str) -> (SocketAddr, JoinHandle<()>) {
     let addr = listener.local_addr().expect("target addr");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let body = format!("{name}\n");
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(response.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
+            let body = format!("{name}\n");
+            tokio::spawn(async move { outrelay_testkit::answer_http(s, &body).await });
         }
     });
     (addr, task)
