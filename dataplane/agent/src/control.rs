@@ -98,10 +98,26 @@ enum Lost {
     HelloTimeout,
     #[error("control stream: {0}")]
     Control(String),
+    /// The relay closed the connection with a reason before HELLO_ACK (revoked identity, no
+    /// revocation list yet, HELLO mismatch, too many connections: its close codes).
+    #[error("relay refused the connection (close code {code}): {reason}")]
+    Refused { code: u64, reason: String },
     #[error("relay sent {0} where HELLO_ACK was expected")]
     NotHelloAck(&'static str),
     #[error("no frame for {0:?}")]
     Silent(Duration),
+}
+
+/// Why the control stream ended before HELLO_ACK: the relay's close code and reason when it
+/// closed the connection itself, else `error`.
+fn refused_or(conn: &quinn::Connection, error: String) -> Lost {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => Lost::Refused {
+            code: c.error_code.into_inner(),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        },
+        _ => Lost::Control(error),
+    }
 }
 
 enum Outcome {
@@ -493,8 +509,8 @@ async fn connect_once(
     };
     let ack = match ack {
         Err(_) => return lost(Lost::HelloTimeout),
-        Ok(None) => return lost(Lost::Control("ended before HELLO_ACK".into())),
-        Ok(Some(Err(e))) => return lost(Lost::Control(e)),
+        Ok(None) => return lost(refused_or(&conn, "ended before HELLO_ACK".into())),
+        Ok(Some(Err(e))) => return lost(refused_or(&conn, e)),
         Ok(Some(Ok(Frame::HelloAck(ack)))) => ack,
         Ok(Some(Ok(other))) => return lost(Lost::NotHelloAck(other.frame_type().name())),
     };

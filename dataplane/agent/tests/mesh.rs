@@ -795,6 +795,19 @@ async fn revoking_the_consumer_cuts_its_live_stream_and_the_provider_keeps_servi
     eprintln!("MEASURED revoke (CLI included) -> live stream cut: {cut:?} ({why}) (target 1 s)");
     // The other consumer's stream is untouched.
     bystander.keep_flowing(Duration::from_millis(500)).await;
+    // The revoked agent dials again and is refused at HELLO; its log says why (the relay's
+    // close code and reason, not "connection lost").
+    let log = w.path().join("consumer.log");
+    let says = || {
+        std::fs::read_to_string(&log).is_ok_and(|t| {
+            t.contains("relay refused the connection (close code 8): identity revoked")
+        })
+    };
+    assert!(
+        poll(WAIT, says).await,
+        "the revoked agent's log does not name the refusal:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

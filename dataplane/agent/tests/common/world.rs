@@ -328,8 +328,30 @@ pub async fn spawn_relay_at(
     let log = d.join(format!("{name}.log"));
     let mut relay = spawn_logged_append(cmd, &log);
     let info = wait_for_ready(&ready, &mut relay, name).await;
+    if tail.contains("[controller]") {
+        wait_admitting(&info, name).await;
+    }
     eprintln!("{name} ready after {:?}: {info}", started.elapsed());
     (relay, info)
+}
+
+/// Waits until a relay that follows a controller admits agents: it refuses HELLO (close code
+/// 9, `revocations_unavailable`) until its revocation snapshot is in, and an agent refused
+/// there takes its next relay candidate, so a test that puts agents on given relays starts
+/// them only after this (the ready file is written once the listeners are bound).
+async fn wait_admitting(info: &serde_json::Value, name: &str) {
+    let metrics = addr_in(info, "metrics");
+    let admitting = || {
+        metric(
+            &scrape(metrics),
+            "outrelay_relay_controller_connected",
+            &[("stream", "revocations")],
+        ) >= 1.0
+    };
+    assert!(
+        poll(Duration::from_secs(15), admitting).await,
+        "{name}: no revocation snapshot from the controller within 15 s (it refuses agents)"
+    );
 }
 
 pub struct World {
