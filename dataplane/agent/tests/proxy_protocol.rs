@@ -166,10 +166,21 @@ async fn nginx_behind_tcp_and_tls_passthrough_leases_logs_the_public_clients_por
         "TLS passthrough, v2"
     );
 
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    // nginx writes an access line in its log phase, which may come after curl has read the
+    // response: wait (bounded) for both lines.
+    let lines = [(port, tcp_port), (port_tls, tls_port)]
+        .map(|(port, server)| format!("pp 127.0.0.1:{port} {server}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        let all = lines.iter().all(|want| logged.lines().any(|l| l == want));
+        if all || std::time::Instant::now() > deadline {
+            break logged;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     eprintln!("nginx access log:\n{logged}");
-    for (port, server) in [(port, tcp_port), (port_tls, tls_port)] {
-        let line = format!("pp 127.0.0.1:{port} {server}");
+    for line in &lines {
         assert!(
             logged.lines().any(|l| l == line),
             "nginx logged {line:?}; relay log:\n{}\nagent log:\n{}",
