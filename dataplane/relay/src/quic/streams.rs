@@ -810,18 +810,19 @@ pub(super) async fn join(
         let _ = h.c_recv.stop(code);
         let _ = h.p_recv.stop(code);
     } else if let Some(cut) = cut {
-        let code = close_code::POLICY_CUT.into();
-        let _ = h.c_send.reset(code);
-        let _ = h.p_send.reset(code);
-        let _ = h.c_recv.stop(code);
-        let _ = h.p_recv.stop(code);
         let (counter, reason) = match cut {
             Cut::Policy | Cut::Idle | Cut::Superseded => {
                 (&stats.cut_policy, "stream cut: policy changed")
             }
             Cut::Expired => (&stats.cut_expired, "stream cut: allowing rule expired"),
         };
+        // Counted before the resets go out, as above.
         bump(counter);
+        let code = close_code::POLICY_CUT.into();
+        let _ = h.c_send.reset(code);
+        let _ = h.p_send.reset(code);
+        let _ = h.c_recv.stop(code);
+        let _ = h.p_recv.stop(code);
         tracing::info!(
             consumer = check.consumer,
             provider = check.provider,
