@@ -10,6 +10,7 @@
 mod common;
 
 use common::daemons::{Proc, Stand, free_tcp_port, lease_port, spawn_logged};
+use common::world::poll;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -170,15 +171,12 @@ async fn nginx_behind_tcp_and_tls_passthrough_leases_logs_the_public_clients_por
     // response: wait (bounded) for both lines.
     let lines = [(port, tcp_port), (port_tls, tls_port)]
         .map(|(port, server)| format!("pp 127.0.0.1:{port} {server}"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let logged = loop {
+    let has_all = || {
         let logged = std::fs::read_to_string(&log).unwrap_or_default();
-        let all = lines.iter().all(|want| logged.lines().any(|l| l == want));
-        if all || std::time::Instant::now() > deadline {
-            break logged;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        lines.iter().all(|want| logged.lines().any(|l| l == want))
     };
+    poll(Duration::from_secs(5), has_all).await;
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!("nginx access log:\n{logged}");
     for line in &lines {
         assert!(
